@@ -1,0 +1,260 @@
+//! The 8250 UART on COM1 (port 0x3f8, IRQ 4), built on `vm-superio`, and the event-loop
+//! subscriber that feeds it input from a host file descriptor.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vm_superio::Serial;
+use vm_superio::serial::SerialEvents;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::BusDevice;
+use crate::trigger::IrqTrigger;
+
+/// COM1's first I/O port.
+pub const SERIAL_PORT_BASE: u16 = 0x3f8;
+/// Number of UART registers.
+pub const SERIAL_PORT_LEN: u16 = 8;
+/// COM1's legacy interrupt line.
+pub const SERIAL_IRQ: u32 = 4;
+
+/// Wakes the input subscriber once the guest has drained the receive FIFO.
+struct FifoDrained(EventFd);
+
+impl SerialEvents for FifoDrained {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        // A failed wake-up only delays input until the next one; nothing to recover here.
+        let _ = self.0.write(1);
+    }
+}
+
+/// An 8250 UART whose output goes to `W` and whose interrupt is an irqfd.
+pub struct SerialPort {
+    uart: Serial<IrqTrigger, FifoDrained, Box<dyn Write + Send>>,
+}
+
+impl SerialPort {
+    /// Creates the UART writing guest output to `out`, raising `irq` for the guest.
+    pub fn new(irq: IrqTrigger, out: Box<dyn Write + Send>) -> io::Result<Self> {
+        let drained = FifoDrained(EventFd::new(libc::EFD_NONBLOCK)?);
+        Ok(Self {
+            uart: Serial::with_events(irq, drained, out),
+        })
+    }
+
+    /// The interrupt line to register with KVM.
+    pub fn irq(&self) -> &IrqTrigger {
+        self.uart.interrupt_evt()
+    }
+
+    /// Queues host input for the guest; returns how many bytes fit in the FIFO.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        match self.uart.enqueue_raw_bytes(bytes) {
+            Ok(n) => n,
+            Err(vm_superio::serial::Error::FullFifo) => 0,
+            Err(e) => {
+                log::warn!("serial: raising the receive interrupt failed: {e}");
+                bytes.len().min(self.uart.fifo_capacity())
+            }
+        }
+    }
+
+    /// Free space in the receive FIFO.
+    pub fn input_capacity(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+
+    fn drained_event(&self) -> io::Result<EventFd> {
+        self.uart.events().0.try_clone()
+    }
+}
+
+impl BusDevice for SerialPort {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match data {
+            [byte] if offset < u64::from(SERIAL_PORT_LEN) => *byte = self.uart.read(offset as u8),
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let [value] = data {
+            if offset < u64::from(SERIAL_PORT_LEN) {
+                if let Err(e) = self.uart.write(offset as u8, *value) {
+                    log::warn!("serial: guest write dropped: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Event-loop subscriber that moves bytes from a host fd into the UART's receive FIFO, pausing
+/// while the FIFO is full (so a fast producer never buffers without bound) and stopping at EOF.
+pub struct SerialInput {
+    port: Arc<Mutex<SerialPort>>,
+    source: File,
+    drained: EventFd,
+    reading: bool,
+    eof: bool,
+}
+
+impl SerialInput {
+    /// Feeds `source` (a pipe, terminal, socket or file) into `port`.
+    pub fn new(port: Arc<Mutex<SerialPort>>, source: OwnedFd) -> io::Result<Self> {
+        let drained = lock(&port).drained_event()?;
+        Ok(Self {
+            port,
+            source: File::from(source),
+            drained,
+            reading: false,
+            eof: false,
+        })
+    }
+
+    fn set_reading(&mut self, ops: &mut EventOps, on: bool) {
+        if self.reading == on || (on && self.eof) {
+            return;
+        }
+        let events = Events::new(&self.source, EventSet::IN);
+        let result = if on {
+            ops.add(events)
+        } else {
+            ops.remove(events)
+        };
+        match result {
+            Ok(()) => self.reading = on,
+            Err(e) => {
+                // A regular file cannot be polled; treat it like a closed input.
+                log::warn!("serial input: cannot watch the input fd: {e:?}");
+                self.eof = true;
+            }
+        }
+    }
+
+    fn pump(&mut self, ops: &mut EventOps) {
+        let capacity = lock(&self.port).input_capacity();
+        if capacity == 0 {
+            self.set_reading(ops, false);
+            return;
+        }
+        let mut buf = [0u8; 64];
+        let want = capacity.min(buf.len());
+        match self.source.read(&mut buf[..want]) {
+            Ok(0) => {
+                self.set_reading(ops, false);
+                self.eof = true;
+            }
+            Ok(n) => {
+                // `n` never exceeds the capacity checked under the same single consumer.
+                lock(&self.port).enqueue_input(&buf[..n]);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                log::warn!("serial input: read failed, input closed: {e}");
+                self.set_reading(ops, false);
+                self.eof = true;
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for SerialInput {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.drained, EventSet::IN)) {
+            log::warn!("serial input: cannot watch the FIFO wake-up: {e:?}");
+        }
+        self.set_reading(ops, true);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.drained.as_raw_fd() {
+            let _ = self.drained.read();
+            self.set_reading(ops, true);
+        } else if events.event_set().contains(EventSet::IN) {
+            self.pump(ops);
+        } else {
+            // Hang-up or error without data: the input is gone.
+            self.set_reading(ops, false);
+            self.eof = true;
+        }
+    }
+}
+
+fn lock(port: &Mutex<SerialPort>) -> std::sync::MutexGuard<'_, SerialPort> {
+    port.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `Write` whose bytes the test can read back.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn port(out: Shared) -> SerialPort {
+        SerialPort::new(IrqTrigger::new().unwrap(), Box::new(out)).unwrap()
+    }
+
+    #[test]
+    fn guest_output_reaches_the_sink() {
+        let out = Shared::default();
+        let mut port = port(out.clone());
+        for b in b"hi\n" {
+            port.write(0, &[*b]);
+        }
+        assert_eq!(&*out.0.lock().unwrap(), b"hi\n");
+    }
+
+    #[test]
+    fn host_input_is_readable_by_the_guest_and_raises_the_irq() {
+        let mut port = port(Shared::default());
+        port.write(1, &[0x01]); // IER: receive-data-available interrupt
+        assert_eq!(port.enqueue_input(b"ab"), 2);
+        assert_eq!(port.irq().eventfd().read().unwrap(), 1);
+        let mut lsr = [0u8];
+        port.read(5, &mut lsr);
+        assert_eq!(lsr[0] & 1, 1, "data ready");
+        let mut byte = [0u8];
+        port.read(0, &mut byte);
+        assert_eq!(byte, [b'a']);
+    }
+
+    #[test]
+    fn a_full_fifo_accepts_nothing_more() {
+        let mut port = port(Shared::default());
+        let cap = port.input_capacity();
+        assert_eq!(port.enqueue_input(&vec![b'x'; cap + 10]), cap);
+        assert_eq!(port.enqueue_input(b"y"), 0);
+    }
+
+    #[test]
+    fn wide_and_out_of_range_accesses_are_harmless() {
+        let out = Shared::default();
+        let mut port = port(out.clone());
+        let mut word = [0u8; 2];
+        port.read(0, &mut word);
+        assert_eq!(word, [0xff, 0xff]);
+        port.write(0, &[b'a', b'b']);
+        port.write(9, &[b'c']);
+        assert!(out.0.lock().unwrap().is_empty());
+    }
+}
