@@ -1,1 +1,39 @@
-pub fn x() {}
+//! forkvm: an embeddable, in-process KVM virtual machine monitor.
+//!
+//! Build a VM with [`VmBuilder`], [`Vm::start`] it, and [`Vm::wait`] for how the guest ended:
+//!
+//! ```no_run
+//! use forkvm::{ConsoleBuffer, ConsoleOutput, VmBuilder};
+//!
+//! let console = ConsoleBuffer::new();
+//! let vm = VmBuilder::new()
+//!     .kernel("vmlinux")
+//!     .memory_mib(256)
+//!     .console(ConsoleOutput::Buffer(console.clone()))
+//!     .build()?;
+//! vm.start()?;
+//! println!("{}: {}", vm.wait()?, console.text());
+//! # Ok::<(), forkvm::Error>(())
+//! ```
+
+pub mod arch;
+pub mod boot;
+mod builder;
+mod console;
+mod error;
+mod event_loop;
+mod exit;
+pub mod layout;
+pub mod memory;
+mod run_state;
+mod vcpu;
+mod vm;
+
+pub use builder::{
+    DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB, EMULATED_HOST_CMDLINE, PLATFORM_CMDLINE, VmBuilder,
+};
+pub use console::{ConsoleBuffer, ConsoleInput, ConsoleOutput, DEFAULT_CONSOLE_BUFFER_LIMIT};
+pub use error::Error;
+pub use exit::{CpuRegisters, Crash, CrashReason, GuestExit};
+pub use vcpu::{KICK_SIGNAL_OFFSET, kick_signal};
+pub use vm::Vm;

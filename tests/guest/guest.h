@@ -1,0 +1,92 @@
+/*
+ * Shared definitions for the forkvm test guest (C and assembly).
+ *
+ * The guest runs almost everything in ring 3: on the target host KVM emulates
+ * every ring-0 instruction (~1 M instructions/s) while ring-3 code runs
+ * natively, so ring 0 only does the setup and tiny interrupt handlers.
+ */
+#ifndef FORKVM_GUEST_H
+#define FORKVM_GUEST_H
+
+/* GDT selectors (see gdt[] in kernel.c). */
+#define KERNEL_CS 0x08
+#define KERNEL_DS 0x10
+#define USER_DS   (0x18 | 3)
+#define USER_CS   (0x20 | 3)
+#define TSS_SEL   0x28
+
+/* Interrupt vectors. */
+#define TIMER_VECTOR    0x20
+#define SYSCALL_VECTOR  0x80    /* `int $0x80` from ring 3 (DPL 3 gate) */
+#define SPURIOUS_VECTOR 0xff
+
+/* Requests for the int 0x80 gate, passed in eax. */
+#define SYS_HALT     0  /* cli; hlt forever */
+#define SYS_NULL_IDT 1  /* load an IDT with limit 0, return to ring 3 */
+
+/* A 32-bit write of a status to this port ends the VM (0 = success). */
+#define DEBUG_EXIT_PORT 0xf4
+
+#define LAPIC_BASE 0xfee00000
+#define LAPIC_EOI  0xb0
+
+/* Exit status codes written to the debug-exit port. */
+#define EXIT_OK           0
+#define EXIT_UNKNOWN_MODE 2
+#define EXIT_NO_TICKS     3
+#define EXIT_MEMCHECK     4
+#define EXIT_BOOT_INFO    5     /* bad start_info magic / no usable memory map */
+#define EXIT_BAD_ARG      6     /* malformed command-line value */
+#define EXIT_BAD_SYSCALL  7     /* unknown int 0x80 request */
+#define EXIT_NO_FAULT     8     /* mode=fault did not fault */
+#define EXIT_EXCEPTION    0x100 /* + CPU exception vector */
+
+#ifndef __ASSEMBLER__
+
+#include <stdint.h>
+#include <stddef.h>
+
+#define NORETURN __attribute__((noreturn))
+
+/* Ports; ring 3 may only use the ones allowed in the TSS I/O bitmap. */
+#define COM1      0x3f8
+#define COM1_LSR  (COM1 + 5)
+#define LSR_DATA_READY 0x01
+#define LSR_THR_EMPTY  0x20
+#define I8042_CMD 0x64
+
+static inline void outb(uint16_t port, uint8_t v)
+{
+    __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
+}
+
+static inline void outl(uint16_t port, uint32_t v)
+{
+    __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port));
+}
+
+static inline uint8_t inb(uint16_t port)
+{
+    uint8_t v;
+    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+
+static inline void cpu_relax(void)
+{
+    __asm__ volatile("pause" ::: "memory");
+}
+
+/* serial.c: polled 8250 output, usable from ring 0 and ring 3. */
+void serial_putc(char c);
+void serial_puts(const char *s);
+void serial_put_hex(uint64_t v);
+void serial_put_dec(uint64_t v);
+NORETURN void guest_exit(uint32_t status);
+
+/* Shared between ring 0 and ring 3 (all pages are user-accessible). */
+extern uint64_t boot_info_paddr;        /* ebx at PVH entry */
+extern volatile uint64_t timer_ticks;   /* bumped by the LAPIC timer handler */
+
+#endif /* __ASSEMBLER__ */
+#endif /* FORKVM_GUEST_H */

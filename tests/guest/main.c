@@ -1,0 +1,323 @@
+/*
+ * Ring-3 part of the test guest: command-line parsing and the test modes.
+ * This code runs natively on the target host (ring-0 code is emulated).
+ */
+#include "guest.h"
+
+/* PVH boot information (xen/include/public/arch-x86/hvm/start_info.h). */
+#define HVM_START_MAGIC 0x336ec578
+
+struct hvm_start_info {
+    uint32_t magic, version, flags, nr_modules;
+    uint64_t modlist_paddr, cmdline_paddr, rsdp_paddr, memmap_paddr;
+    uint32_t memmap_entries, reserved;
+};
+
+struct hvm_memmap_entry {
+    uint64_t addr, size;
+    uint32_t type, reserved;
+};
+
+#define E820_RAM 1
+#define MiB (1ull << 20)
+#define MEMCHECK_START (4 * MiB)
+#define MAPPED_END (4ull << 30)     /* the page tables map only the first 4 GiB */
+
+/* A slice of the command line. */
+struct str {
+    const char *p;
+    size_t len;
+};
+
+static const struct hvm_start_info *start_info;
+
+static int is_space(char c)
+{
+    return c == ' ' || c == '\t' || c == '\n';
+}
+
+/* Finds `key=value` in the command line (the last one wins); 1 if found. */
+static int get_arg(const char *key, struct str *val)
+{
+    const char *s = (const char *)(uintptr_t)start_info->cmdline_paddr;
+    size_t klen = 0;
+    int found = 0;
+
+    if (!s)
+        return 0;
+    while (key[klen])
+        klen++;
+    while (*s) {
+        while (is_space(*s))
+            s++;
+        const char *tok = s;
+        while (*s && !is_space(*s))
+            s++;
+        size_t n = 0;
+        while (n < klen && tok + n < s && tok[n] == key[n])
+            n++;
+        if (n == klen && tok + klen < s && tok[klen] == '=') {
+            val->p = tok + klen + 1;
+            val->len = (size_t)(s - val->p);
+            found = 1;
+        }
+    }
+    return found;
+}
+
+static int str_eq(struct str s, const char *lit)
+{
+    size_t i = 0;
+    for (; i < s.len; i++)
+        if (lit[i] != s.p[i])
+            return 0;
+    return lit[i] == '\0';
+}
+
+static NORETURN void fail(const char *msg, uint32_t code)
+{
+    serial_puts(msg);
+    guest_exit(code);
+}
+
+/* Decimal or 0x-prefixed hex; fails the run on malformed input. */
+static uint64_t parse_u64(struct str s, const char *what)
+{
+    uint64_t v = 0;
+    unsigned base = 10;
+    size_t i = 0;
+
+    if (s.len > 2 && s.p[0] == '0' && (s.p[1] == 'x' || s.p[1] == 'X')) {
+        base = 16;
+        i = 2;
+    }
+    if (i == s.len)
+        goto bad;
+    for (; i < s.len; i++) {
+        char c = s.p[i];
+        unsigned d;
+        if (c >= '0' && c <= '9')
+            d = (unsigned)(c - '0');
+        else if (base == 16 && c >= 'a' && c <= 'f')
+            d = (unsigned)(c - 'a' + 10);
+        else if (base == 16 && c >= 'A' && c <= 'F')
+            d = (unsigned)(c - 'A' + 10);
+        else
+            goto bad;
+        if (v > (UINT64_MAX - d) / base)
+            goto bad;
+        v = v * base + d;
+    }
+    return v;
+bad:
+    serial_puts("bad value for ");
+    fail(what, EXIT_BAD_ARG);
+}
+
+static inline uint64_t rdtsc(void)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return (uint64_t)hi << 32 | lo;
+}
+
+static inline void syscall0(uint32_t nr)
+{
+    __asm__ volatile("int %1" : : "a"(nr), "i"(SYSCALL_VECTOR) : "memory");
+}
+
+static void wait_ticks(void)
+{
+    /* ~2 s at 2.5 GHz; the timer fires every ~1 ms. */
+    const uint64_t timeout = 5000000000ull;
+    uint64_t start = timer_ticks, t0 = rdtsc();
+
+    while (timer_ticks - start < 5) {
+        if (rdtsc() - t0 > timeout)
+            fail("timer ticks not arriving\n", EXIT_NO_TICKS);
+        cpu_relax();
+    }
+    serial_puts("ticks ok\n");
+}
+
+/* Shrink [*lo, *hi) so it does not overlap [base, base + len). */
+static int avoid(uint64_t *lo, uint64_t *hi, uint64_t base, uint64_t len)
+{
+    uint64_t end = base + len;
+
+    if (len == 0 || end <= *lo || base >= *hi)
+        return 0;
+    if (base <= *lo)
+        *lo = end < *hi ? end : *hi;
+    else
+        *hi = base;
+    return 1;
+}
+
+static uint64_t memcheck_pattern(uint64_t addr)
+{
+    return addr ^ 0x5a5a5a5a5a5a5a5aull;
+}
+
+static void memcheck(void)
+{
+    const struct hvm_memmap_entry *map =
+        (const void *)(uintptr_t)start_info->memmap_paddr;
+    uint32_t n = start_info->version >= 1 ? start_info->memmap_entries : 0;
+    uint64_t region_end = 0;
+
+    for (uint32_t i = 0; i < n && map; i++) {
+        if (map[i].type == E820_RAM && map[i].addr <= MEMCHECK_START &&
+            MEMCHECK_START < map[i].addr + map[i].size)
+            region_end = map[i].addr + map[i].size;
+    }
+    if (!region_end)
+        fail("memcheck: no RAM region at 4 MiB in the memory map\n", EXIT_BOOT_INFO);
+    if (region_end > MAPPED_END)
+        region_end = MAPPED_END;
+
+    /* memcheck=N MiB (default 8) or memcheck=all, starting at 4 MiB. */
+    uint64_t lo = MEMCHECK_START, avail_mib = (region_end - lo) / MiB;
+    uint64_t mib = 8, hi;
+    struct str arg;
+    if (get_arg("memcheck", &arg))
+        mib = str_eq(arg, "all") ? UINT64_MAX : parse_u64(arg, "memcheck\n");
+    if (mib == UINT64_MAX) {
+        hi = region_end;
+    } else if (mib > avail_mib) {
+        serial_puts("memcheck: clamped to ");
+        serial_put_dec(avail_mib);
+        serial_puts(" MiB (RAM region ends at ");
+        serial_put_hex(region_end);
+        serial_puts(")\n");
+        hi = region_end;
+    } else {
+        hi = lo + mib * MiB;
+    }
+
+    /* Never overwrite what the VMM handed us (normally below 1 MiB anyway). */
+    const char *cmdline = (const char *)(uintptr_t)start_info->cmdline_paddr;
+    size_t cmdline_len = 0;
+    while (cmdline && cmdline[cmdline_len])
+        cmdline_len++;
+    if (avoid(&lo, &hi, (uintptr_t)start_info, sizeof(*start_info)) |
+        avoid(&lo, &hi, (uintptr_t)cmdline, cmdline_len + 1) |
+        avoid(&lo, &hi, (uintptr_t)map, n * sizeof(*map)))
+        serial_puts("memcheck: range shrunk around boot info\n");
+
+    for (uint64_t a = lo; a < hi; a += 8)
+        *(volatile uint64_t *)a = memcheck_pattern(a);
+    for (uint64_t a = lo; a < hi; a += 8) {
+        uint64_t v = *(volatile uint64_t *)a;
+        if (v != memcheck_pattern(a)) {
+            serial_puts("memcheck FAILED at ");
+            serial_put_hex(a);
+            serial_puts(": got ");
+            serial_put_hex(v);
+            serial_puts(" expected ");
+            serial_put_hex(memcheck_pattern(a));
+            fail("\n", EXIT_MEMCHECK);
+        }
+    }
+    serial_puts("memcheck ok ");
+    serial_put_dec((hi - lo) / MiB);
+    serial_puts(" MiB\n");
+}
+
+static NORETURN void mode_exit(void)
+{
+    struct str arg;
+    uint32_t status = EXIT_OK;
+
+    if (get_arg("exit_code", &arg))
+        status = (uint32_t)parse_u64(arg, "exit_code\n");
+    wait_ticks();
+    memcheck();
+    serial_puts("test guest: done\n");
+    guest_exit(status);
+}
+
+static NORETURN void mode_echo(void)
+{
+    for (;;) {
+        while (!(inb(COM1_LSR) & LSR_DATA_READY))
+            ;
+        char c = (char)inb(COM1);
+        serial_putc(c);
+        if (c == 'q') {
+            serial_puts("\necho done\n");
+            guest_exit(EXIT_OK);
+        }
+    }
+}
+
+static NORETURN void mode_spin(void)
+{
+    static volatile uint64_t spins;
+
+    serial_puts("spinning\n");
+    for (;;)
+        spins++;
+}
+
+static NORETURN void mode_reset(void)
+{
+    serial_puts("resetting\n");
+    outb(I8042_CMD, 0xfe);  /* i8042 "pulse reset line" */
+    for (;;)
+        cpu_relax();
+}
+
+static NORETURN void mode_triple_fault(void)
+{
+    serial_puts("triple fault\n");
+    syscall0(SYS_NULL_IDT);
+    /* #DE -> IDT limit exceeded -> #GP -> #DF -> shutdown. */
+    __asm__ volatile("divl %0" : : "r"(0), "a"(1), "d"(0));
+    for (;;)
+        cpu_relax();
+}
+
+/* Port 0x80 is not in the TSS I/O bitmap: #GP, reported as 0x100 + 13. */
+static NORETURN void mode_fault(void)
+{
+    serial_puts("faulting\n");
+    outb(0x80, 0);
+    fail("port 0x80 was not blocked\n", EXIT_NO_FAULT);
+}
+
+static NORETURN void mode_halt(void)
+{
+    serial_puts("halting\n");
+    syscall0(SYS_HALT);
+    for (;;)
+        cpu_relax();
+}
+
+NORETURN void user_main(void)
+{
+    serial_puts("forkvm test guest\n");
+
+    start_info = (const struct hvm_start_info *)(uintptr_t)boot_info_paddr;
+    if (!start_info || start_info->magic != HVM_START_MAGIC)
+        fail("bad hvm_start_info magic\n", EXIT_BOOT_INFO);
+
+    struct str mode = { "exit", 4 };
+    get_arg("mode", &mode);
+
+    if (str_eq(mode, "exit"))
+        mode_exit();
+    if (str_eq(mode, "spin"))
+        mode_spin();
+    if (str_eq(mode, "echo"))
+        mode_echo();
+    if (str_eq(mode, "reset"))
+        mode_reset();
+    if (str_eq(mode, "triple-fault"))
+        mode_triple_fault();
+    if (str_eq(mode, "halt"))
+        mode_halt();
+    if (str_eq(mode, "fault"))
+        mode_fault();
+    fail("unknown mode\n", EXIT_UNKNOWN_MODE);
+}

@@ -1,0 +1,309 @@
+//! [`VmBuilder`]: what a VM is made of, validated and turned into a ready [`Vm`].
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use forkvm_devices::bus::Bus;
+use forkvm_devices::legacy::{
+    DEBUG_EXIT_PORT, DebugExit, I8042, I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_IRQ,
+    SERIAL_PORT_BASE, SERIAL_PORT_LEN, SerialInput, SerialPort,
+};
+use forkvm_devices::trigger::{ExitTrigger, IrqTrigger};
+use kvm_bindings::{
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use crate::arch::probe::{HostCaps, host_caps};
+use crate::arch::{cpuid, regs};
+use crate::boot::{self, BootSpec, mptable::MAX_MPTABLE_VCPUS};
+use crate::console::{ConsoleInput, ConsoleOutput};
+use crate::error::{Error, kvm_err};
+use crate::event_loop::EventLoop;
+use crate::exit::GuestExit;
+use crate::layout::KVM_TSS_ADDR;
+use crate::memory::{GuestRam, MIN_MEMORY_MIB};
+use crate::run_state::RunState;
+use crate::vcpu::{Vcpu, install_kick_handler};
+use crate::vm::Vm;
+
+/// Arguments forkvm gives every guest kernel, before the caller's: a reset request ends the VM
+/// through the i8042 (`reboot=k`), and a kernel panic ends it at once (`panic=-1`).
+pub const PLATFORM_CMDLINE: &str = "reboot=k panic=-1";
+/// The caller's part of the command line when none is set: the console on the 8250 UART.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
+/// Added on hosts that emulate guest ring 0 (see [`crate::arch::probe`]): skips boot-time checks
+/// that only cost time there (the timer-IRQ check, TSC calibration against other clocks).
+pub const EMULATED_HOST_CMDLINE: &str = "no_timer_check tsc=reliable";
+/// Default guest memory.
+pub const DEFAULT_MEMORY_MIB: u64 = 128;
+
+/// Configuration of a VM; [`VmBuilder::build`] checks it and loads the guest.
+#[derive(Debug)]
+pub struct VmBuilder {
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    cmdline: String,
+    vcpus: u32,
+    memory_mib: u64,
+    console: ConsoleOutput,
+    console_input: Option<ConsoleInputDebug>,
+    debug_exit: bool,
+}
+
+/// [`ConsoleInput`] with a `Debug` impl for the builder.
+struct ConsoleInputDebug(ConsoleInput);
+
+impl std::fmt::Debug for ConsoleInputDebug {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConsoleInput")
+    }
+}
+
+impl Default for VmBuilder {
+    fn default() -> Self {
+        Self {
+            kernel: None,
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.to_owned(),
+            vcpus: 1,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            console: ConsoleOutput::Stdout,
+            console_input: None,
+            debug_exit: false,
+        }
+    }
+}
+
+impl VmBuilder {
+    /// A VM with 1 vCPU, [`DEFAULT_MEMORY_MIB`] of memory and its console on standard output.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The kernel: an ELF `vmlinux` (PVH entry when it has the note) or a bzImage.
+    pub fn kernel(mut self, path: impl Into<PathBuf>) -> Self {
+        self.kernel = Some(path.into());
+        self
+    }
+
+    /// An initrd / initramfs image.
+    pub fn initrd(mut self, path: impl Into<PathBuf>) -> Self {
+        self.initrd = Some(path.into());
+        self
+    }
+
+    /// The caller's kernel command line (replaces [`DEFAULT_CMDLINE`]; forkvm prepends
+    /// [`PLATFORM_CMDLINE`]).
+    pub fn cmdline(mut self, cmdline: impl Into<String>) -> Self {
+        self.cmdline = cmdline.into();
+        self
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpus(mut self, count: u32) -> Self {
+        self.vcpus = count;
+        self
+    }
+
+    /// Guest memory in MiB.
+    pub fn memory_mib(mut self, mib: u64) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// Where the serial console's output goes.
+    pub fn console(mut self, output: ConsoleOutput) -> Self {
+        self.console = output;
+        self
+    }
+
+    /// Where the serial console's input comes from (none by default).
+    pub fn console_input(mut self, input: ConsoleInput) -> Self {
+        self.console_input = Some(ConsoleInputDebug(input));
+        self
+    }
+
+    /// Adds the debug-exit port (0xf4) through which test guests end the VM with a status.
+    pub fn debug_exit(mut self, enabled: bool) -> Self {
+        self.debug_exit = enabled;
+        self
+    }
+
+    /// The full command line the guest receives on a host with `caps`.
+    fn full_cmdline(&self, caps: &HostCaps) -> String {
+        let mut parts = vec![PLATFORM_CMDLINE];
+        if caps.ring0_emulated {
+            parts.push(EMULATED_HOST_CMDLINE);
+        }
+        if !self.cmdline.is_empty() {
+            parts.push(&self.cmdline);
+        }
+        parts.join(" ")
+    }
+
+    /// Checks the configuration, creates the VM and loads the guest. Nothing runs until
+    /// [`Vm::start`]. On error everything created so far is released.
+    pub fn build(self) -> Result<Vm, Error> {
+        let kernel = self.kernel.clone().ok_or(Error::NoKernel)?;
+        if self.vcpus == 0 {
+            return Err(Error::NoVcpus);
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(Error::MemoryTooSmall {
+                mib: self.memory_mib,
+                min: MIN_MEMORY_MIB,
+            });
+        }
+        let kvm = open_kvm()?;
+        let max_vcpus = (kvm.get_max_vcpus() as u32).min(u32::from(MAX_MPTABLE_VCPUS));
+        if self.vcpus > max_vcpus {
+            return Err(Error::TooManyVcpus {
+                requested: self.vcpus,
+                max: max_vcpus,
+            });
+        }
+        let caps = host_caps(&kvm)?;
+        install_kick_handler()?;
+
+        let ram = GuestRam::new(self.memory_mib << 20)?;
+        let cmdline = self.full_cmdline(&caps);
+        let vcpu_count = self.vcpus as u8; // checked against MAX_MPTABLE_VCPUS above
+        let entry = boot::load(
+            &ram,
+            &BootSpec {
+                kernel: &kernel,
+                initrd: self.initrd.as_deref(),
+                cmdline: &cmdline,
+                vcpus: vcpu_count,
+            },
+        )?;
+
+        let vm = create_vm(&kvm, &ram)?;
+        let state = Arc::new(RunState::new().map_err(|e| device_err("VM run state", e))?);
+        let mut event_loop = EventLoop::new(&state)?;
+        let mut pio = Bus::new();
+
+        let serial_irq = IrqTrigger::new().map_err(|e| device_err("serial IRQ", e))?;
+        vm.register_irqfd(serial_irq.eventfd(), SERIAL_IRQ)
+            .map_err(kvm_err("KVM_IRQFD"))?;
+        let serial_out = self.console.into_writer()?;
+        let serial = Arc::new(Mutex::new(
+            SerialPort::new(serial_irq, serial_out).map_err(|e| device_err("serial port", e))?,
+        ));
+        insert(&mut pio, serial.clone(), SERIAL_PORT_BASE, SERIAL_PORT_LEN)?;
+        if let Some(ConsoleInputDebug(input)) = self.console_input {
+            let fd = input
+                .into_fd()
+                .map_err(|e| device_err("console input", e))?;
+            let feeder =
+                SerialInput::new(serial, fd).map_err(|e| device_err("console input", e))?;
+            event_loop.add(Arc::new(Mutex::new(feeder)));
+        }
+
+        let reset_state = state.clone();
+        let reset = ExitTrigger::new(move || reset_state.finish(GuestExit::Reset));
+        insert(
+            &mut pio,
+            Arc::new(Mutex::new(I8042::new(reset))),
+            I8042_PORT_BASE,
+            I8042_PORT_LEN,
+        )?;
+        if self.debug_exit {
+            let exit_state = state.clone();
+            let debug_exit = DebugExit::new(move |status| {
+                exit_state.finish(GuestExit::PoweredOff {
+                    status: Some(status),
+                })
+            });
+            insert(
+                &mut pio,
+                Arc::new(Mutex::new(debug_exit)),
+                DEBUG_EXIT_PORT,
+                4,
+            )?;
+        }
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::with_capacity(self.vcpus as usize);
+        for id in 0..vcpu_count {
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            fd.set_cpuid2(&cpuid::guest_cpuid(&supported, &caps, id, vcpu_count))
+                .map_err(kvm_err("KVM_SET_CPUID2"))?;
+            regs::setup_common(&fd)?;
+            if id == 0 {
+                regs::setup_boot_vcpu(&fd, &ram.memory, entry)?;
+            }
+            vcpus.push(Vcpu {
+                fd,
+                id: u32::from(id),
+            });
+        }
+        Ok(Vm::new(vm, ram, vcpus, Arc::new(pio), event_loop, state))
+    }
+}
+
+fn open_kvm() -> Result<Kvm, Error> {
+    Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT => Error::KvmMissing,
+        libc::EACCES | libc::EPERM => Error::KvmPermission,
+        _ => Error::KvmOpen(e),
+    })
+}
+
+/// Creates the KVM VM with its in-kernel interrupt controllers, PIT and memory slots.
+fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, Error> {
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDR as usize)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    for (slot, range) in ram.ranges.iter().enumerate() {
+        let host = ram
+            .memory
+            .get_host_address(GuestAddress(range.guest_addr))
+            .map_err(|e| Error::Device {
+                device: "memory slot",
+                reason: e.to_string(),
+            })?;
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: range.guest_addr,
+            memory_size: range.size,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the slot covers exactly one mapping of `ram`, which the returned `Vm` owns
+        // alongside the VM fd and drops only after it.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(vm)
+}
+
+fn device_err(device: &'static str, e: impl std::fmt::Display) -> Error {
+    Error::Device {
+        device,
+        reason: e.to_string(),
+    }
+}
+
+fn insert(
+    bus: &mut Bus,
+    device: forkvm_devices::bus::SharedDevice,
+    base: u16,
+    len: u16,
+) -> Result<(), Error> {
+    bus.insert(device, u64::from(base), u64::from(len))
+        .map_err(|e| device_err("port I/O bus", e))
+}

@@ -1,0 +1,103 @@
+//! The errors the public API returns, each saying what failed and what to do about it.
+
+use std::io;
+
+use thiserror::Error;
+
+use crate::boot::BootError;
+use crate::memory::MemoryError;
+
+/// Everything that can go wrong building, starting or running a VM.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// `/dev/kvm` does not exist.
+    #[error(
+        "/dev/kvm does not exist: this host has no KVM (enable virtualization and load kvm_intel or kvm_amd)"
+    )]
+    KvmMissing,
+    /// `/dev/kvm` exists but cannot be opened by this user.
+    #[error(
+        "permission denied opening /dev/kvm: run as a user in the group that owns it (usually 'kvm')"
+    )]
+    KvmPermission,
+    /// `/dev/kvm` could not be opened for another reason.
+    #[error("cannot open /dev/kvm: {0}")]
+    KvmOpen(#[source] kvm_ioctls::Error),
+    /// The configuration names no kernel.
+    #[error("no kernel given: set one with VmBuilder::kernel")]
+    NoKernel,
+    /// Zero vCPUs were requested.
+    #[error("a VM needs at least one vCPU")]
+    NoVcpus,
+    /// More vCPUs were requested than KVM (or the MP table) allows.
+    #[error("{requested} vCPUs requested but this host allows at most {max}")]
+    TooManyVcpus {
+        /// Requested count.
+        requested: u32,
+        /// Host limit.
+        max: u32,
+    },
+    /// Less memory than a guest can boot in.
+    #[error("{mib} MiB of guest memory is too little: at least {min} MiB are needed")]
+    MemoryTooSmall {
+        /// Requested size in MiB.
+        mib: u64,
+        /// Minimum in MiB.
+        min: u64,
+    },
+    /// Guest memory could not be created.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The kernel, initrd or boot parameters could not be loaded.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// A KVM ioctl failed.
+    #[error("{op} failed: {source}")]
+    Kvm {
+        /// The ioctl.
+        op: &'static str,
+        /// The kernel's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A device could not be set up.
+    #[error("cannot set up {device}: {reason}")]
+    Device {
+        /// Which device.
+        device: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The host probe VM failed.
+    #[error("probing the host's KVM failed: {0}")]
+    Probe(String),
+    /// The console output file could not be opened.
+    #[error("cannot open console output {path}: {source}")]
+    ConsoleFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A VMM thread could not be started.
+    #[error("cannot start the {what} thread: {source}")]
+    Thread {
+        /// Which thread.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// `start()` was called on a VM that already started or was stopped.
+    #[error("the VM was already started or stopped; build a new one")]
+    AlreadyStarted,
+    /// `wait()` was called on a VM that was never started.
+    #[error("the VM was not started: call start() first")]
+    NotStarted,
+}
+
+/// Maps a failed KVM ioctl named `op` to [`Error::Kvm`].
+pub(crate) fn kvm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { op, source }
+}

@@ -1,0 +1,224 @@
+//! Guest RAM: one memfd, mapped shared and split around the 32-bit MMIO hole.
+//!
+//! The memfd is the single owner of guest memory. Mapping it `MAP_SHARED` lets the VMM, devices
+//! and KVM see the same pages; the fork and snapshot features later map the same file privately,
+//! which is why anonymous memory is not used.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::sync::Arc;
+
+use thiserror::Error;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
+
+use crate::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
+
+/// Guest memory as the VMM and devices access it.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// Smallest guest RAM accepted: room for the boot structures and a tiny kernel.
+pub const MIN_MEMORY_MIB: u64 = 2;
+
+/// Errors creating guest memory.
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    /// `memfd_create` failed.
+    #[error("cannot create the guest memory file (memfd_create): {0}")]
+    Memfd(#[source] std::io::Error),
+    /// Sizing the memfd failed.
+    #[error("cannot size the guest memory file to {size} bytes: {source}")]
+    Resize {
+        /// Requested size.
+        size: u64,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Mapping a region of the memfd failed.
+    #[error("cannot map {size} bytes of guest memory at {addr:#x}: {source}")]
+    Map {
+        /// Guest address of the region.
+        addr: u64,
+        /// Size of the region.
+        size: u64,
+        /// Why it failed.
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    /// A region would wrap around the guest address space.
+    #[error("guest memory region at {addr:#x} of {size} bytes wraps the address space")]
+    RegionOverflow {
+        /// Guest address of the region.
+        addr: u64,
+        /// Size of the region.
+        size: u64,
+    },
+    /// The regions did not form a valid guest memory.
+    #[error("invalid guest memory layout: {0}")]
+    Layout(#[source] vm_memory::GuestRegionCollectionError),
+}
+
+/// One contiguous piece of guest RAM and where it lives in the memory file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamRange {
+    /// Guest-physical start.
+    pub guest_addr: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Offset of the range in the memory file.
+    pub file_offset: u64,
+}
+
+/// Splits `size` bytes of RAM around the MMIO hole: up to 3 GiB at address 0, the rest at 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<RamRange> {
+    let low = size.min(MMIO_HOLE_START);
+    let mut ranges = vec![RamRange {
+        guest_addr: 0,
+        size: low,
+        file_offset: 0,
+    }];
+    if size > low {
+        ranges.push(RamRange {
+            guest_addr: MMIO_HOLE_END,
+            size: size - low,
+            file_offset: low,
+        });
+    }
+    ranges
+}
+
+/// Guest RAM backed by one memfd.
+pub struct GuestRam {
+    /// The mapped regions, shared with devices.
+    pub memory: GuestMemoryMmap,
+    /// The ranges the regions cover, in guest-address order.
+    pub ranges: Vec<RamRange>,
+    /// The file behind every region.
+    pub file: Arc<File>,
+}
+
+impl GuestRam {
+    /// Creates `size` bytes of zeroed guest RAM in a new memfd.
+    pub fn new(size: u64) -> Result<Self, MemoryError> {
+        let file = Arc::new(create_memfd()?);
+        file.set_len(size)
+            .map_err(|source| MemoryError::Resize { size, source })?;
+        let ranges = ram_ranges(size);
+        let regions = ranges
+            .iter()
+            .map(|r| map_shared(&file, r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let memory = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Layout)?;
+        Ok(Self {
+            memory,
+            ranges,
+            file,
+        })
+    }
+
+    /// Total RAM in bytes.
+    pub fn size(&self) -> u64 {
+        self.ranges.iter().map(|r| r.size).sum()
+    }
+
+    /// End of RAM below the MMIO hole.
+    pub fn low_end(&self) -> u64 {
+        self.ranges[0].size
+    }
+}
+
+fn create_memfd() -> Result<File, MemoryError> {
+    // SAFETY: the name is a valid NUL-terminated string and the flags are valid; the call has no
+    // other memory effects.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"forkvm-guest-ram".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+fn map_shared(file: &Arc<File>, range: &RamRange) -> Result<GuestRegionMmap<()>, MemoryError> {
+    let map_err = |source| MemoryError::Map {
+        addr: range.guest_addr,
+        size: range.size,
+        source,
+    };
+    let region = MmapRegionBuilder::new(range.size as usize)
+        .with_file_offset(FileOffset::from_arc(file.clone(), range.file_offset))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+        .build()
+        .map_err(map_err)?;
+    GuestRegionMmap::new(region, GuestAddress(range.guest_addr)).ok_or(
+        MemoryError::RegionOverflow {
+            addr: range.guest_addr,
+            size: range.size,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    #[test]
+    fn small_ram_is_one_range_at_zero() {
+        assert_eq!(
+            ram_ranges(256 << 20),
+            vec![RamRange {
+                guest_addr: 0,
+                size: 256 << 20,
+                file_offset: 0
+            }]
+        );
+    }
+
+    #[test]
+    fn large_ram_skips_the_mmio_hole() {
+        let r = ram_ranges(4 << 30);
+        assert_eq!(r.len(), 2);
+        assert_eq!(
+            r[0],
+            RamRange {
+                guest_addr: 0,
+                size: MMIO_HOLE_START,
+                file_offset: 0
+            }
+        );
+        assert_eq!(
+            r[1],
+            RamRange {
+                guest_addr: MMIO_HOLE_END,
+                size: (4 << 30) - MMIO_HOLE_START,
+                file_offset: MMIO_HOLE_START
+            }
+        );
+    }
+
+    #[test]
+    fn regions_share_one_file() {
+        let ram = GuestRam::new(MMIO_HOLE_START + (1 << 20)).unwrap();
+        assert_eq!(ram.memory.num_regions(), 2);
+        ram.memory
+            .write_obj(0xabcdu32, GuestAddress(MMIO_HOLE_END))
+            .unwrap();
+        let mut word = [0u8; 4];
+        use std::os::unix::fs::FileExt;
+        ram.file.read_exact_at(&mut word, MMIO_HOLE_START).unwrap();
+        assert_eq!(u32::from_le_bytes(word), 0xabcd);
+        assert!(
+            ram.memory
+                .read_obj::<u8>(GuestAddress(MMIO_HOLE_START))
+                .is_err(),
+            "hole is not RAM"
+        );
+    }
+}

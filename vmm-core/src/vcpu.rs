@@ -1,0 +1,141 @@
+//! vCPU threads: each runs `KVM_RUN` in a loop, routes port and MMIO exits to the device buses and
+//! turns terminal exits into a [`GuestExit`]. Another thread stops a vCPU by setting the VM's
+//! exiting flag and sending the kick signal, whose handler sets `immediate_exit` in that vCPU's
+//! `kvm_run` so `KVM_RUN` returns `EINTR` whether the signal lands inside or just before it.
+
+use std::cell::Cell;
+use std::sync::OnceLock;
+
+use forkvm_devices::bus::Bus;
+use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
+
+use crate::error::Error;
+use crate::exit::{CpuRegisters, Crash, CrashReason, GuestExit};
+use crate::run_state::RunState;
+
+/// Offset from `SIGRTMIN` of the signal that kicks vCPU threads out of `KVM_RUN`. An embedding
+/// program must leave this real-time signal to forkvm.
+pub const KICK_SIGNAL_OFFSET: i32 = 2;
+
+/// The signal number used to kick vCPU threads.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN() + KICK_SIGNAL_OFFSET
+}
+
+thread_local! {
+    /// This thread's `kvm_run.immediate_exit`, while it runs a vCPU.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let flag = IMMEDIATE_EXIT.with(Cell::get);
+    if !flag.is_null() {
+        // SAFETY: a non-null pointer is set only by this thread's `run` while it owns the vCPU,
+        // whose `kvm_run` mapping stays valid until `run` clears the pointer again.
+        unsafe { flag.write_volatile(1) };
+    }
+}
+
+/// Installs the kick handler once per process.
+pub fn install_kick_handler() -> Result<(), Error> {
+    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
+    INSTALLED
+        .get_or_init(|| register_signal_handler(kick_signal(), on_kick).map_err(|e| e.to_string()))
+        .clone()
+        .map_err(|reason| Error::Device {
+            device: "vCPU kick signal handler",
+            reason,
+        })
+}
+
+/// A vCPU ready to run on its own thread.
+pub struct Vcpu {
+    /// KVM's handle.
+    pub fd: VcpuFd,
+    /// Index, equal to its APIC ID.
+    pub id: u32,
+}
+
+impl Vcpu {
+    /// Runs the vCPU until the VM is exiting or this vCPU ends it.
+    pub fn run(mut self, pio: &Bus, state: &RunState) {
+        let flag: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
+        IMMEDIATE_EXIT.with(|cell| cell.set(flag));
+        let exit = self.run_loop(pio, state);
+        IMMEDIATE_EXIT.with(|cell| cell.set(std::ptr::null_mut()));
+        if let Some(exit) = exit {
+            state.finish(exit);
+        }
+    }
+
+    fn run_loop(&mut self, pio: &Bus, state: &RunState) -> Option<GuestExit> {
+        loop {
+            if state.is_exiting() {
+                return None;
+            }
+            let reason = match self.fd.run() {
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    pio.read(u64::from(port), data);
+                    continue;
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    pio.write(u64::from(port), data);
+                    continue;
+                }
+                Ok(VcpuExit::MmioRead(_, data)) => {
+                    data.fill(0xff);
+                    continue;
+                }
+                Ok(VcpuExit::MmioWrite(..) | VcpuExit::IrqWindowOpen | VcpuExit::Intr) => continue,
+                Ok(VcpuExit::Shutdown) => {
+                    return Some(GuestExit::TripleFault {
+                        vcpu: self.id,
+                        registers: self.registers().map(Box::new),
+                    });
+                }
+                Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => {
+                    return Some(GuestExit::PoweredOff { status: None });
+                }
+                Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _)) => {
+                    return Some(GuestExit::Reset);
+                }
+                Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_CRASH, _)) => CrashReason::GuestCrash,
+                Ok(VcpuExit::FailEntry(reason, cpu)) => CrashReason::FailedEntry { reason, cpu },
+                Ok(VcpuExit::InternalError) => self.internal_error(),
+                Ok(other) => CrashReason::UnexpectedExit(format!("{other:?}")),
+                Err(e) if e.errno() == libc::EINTR => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    continue;
+                }
+                Err(e) if e.errno() == libc::EAGAIN => continue,
+                Err(e) => CrashReason::RunFailed(e.to_string()),
+            };
+            let registers = self.registers();
+            return Some(GuestExit::Crashed(Box::new(Crash {
+                vcpu: self.id,
+                reason,
+                registers,
+            })));
+        }
+    }
+
+    fn internal_error(&mut self) -> CrashReason {
+        // SAFETY: KVM fills the `internal` member of the exit union for KVM_EXIT_INTERNAL_ERROR,
+        // the exit just returned.
+        let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        CrashReason::InternalError {
+            suberror: internal.suberror,
+            data: internal.data[..n].to_vec(),
+        }
+    }
+
+    fn registers(&self) -> Option<CpuRegisters> {
+        Some(CpuRegisters {
+            regs: self.fd.get_regs().ok()?,
+            sregs: self.fd.get_sregs().ok()?,
+        })
+    }
+}

@@ -1,0 +1,141 @@
+//! [`Vm`]: the handle to a built VM — start it, wait for it, stop it. Dropping it stops the guest
+//! and releases every thread, fd and mapping.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+
+use forkvm_devices::bus::Bus;
+use kvm_ioctls::VmFd;
+
+use crate::error::Error;
+use crate::event_loop::EventLoop;
+use crate::exit::GuestExit;
+use crate::memory::GuestRam;
+use crate::run_state::RunState;
+use crate::vcpu::Vcpu;
+
+/// Where a VM is in its life.
+enum Phase {
+    /// Built, not started: the vCPUs and event loop wait for their threads.
+    Built {
+        vcpus: Vec<Vcpu>,
+        event_loop: EventLoop,
+    },
+    /// Threads running.
+    Running { event_thread: JoinHandle<()> },
+    /// Ended and joined (or stopped before it started).
+    Ended,
+}
+
+/// A VM built by [`crate::VmBuilder`]. `Send + Sync`: any thread may wait for or stop it.
+pub struct Vm {
+    phase: Mutex<Phase>,
+    state: Arc<RunState>,
+    pio: Arc<Bus>,
+    // Declared before `ram`, so the VM (and its memory slots) is destroyed before the mapping.
+    _vm_fd: VmFd,
+    ram: GuestRam,
+}
+
+impl Vm {
+    pub(crate) fn new(
+        vm_fd: VmFd,
+        ram: GuestRam,
+        vcpus: Vec<Vcpu>,
+        pio: Arc<Bus>,
+        event_loop: EventLoop,
+        state: Arc<RunState>,
+    ) -> Self {
+        Self {
+            phase: Mutex::new(Phase::Built { vcpus, event_loop }),
+            state,
+            pio,
+            _vm_fd: vm_fd,
+            ram,
+        }
+    }
+
+    /// Starts the vCPU threads and the event loop.
+    pub fn start(&self) -> Result<(), Error> {
+        let mut phase = self.lock_phase();
+        let Phase::Built { vcpus, event_loop } = std::mem::replace(&mut *phase, Phase::Ended)
+        else {
+            return Err(Error::AlreadyStarted);
+        };
+        let state = self.state.clone();
+        let event_thread = thread::Builder::new()
+            .name("forkvm-events".into())
+            .spawn(move || event_loop.run(&state))
+            .map_err(|source| Error::Thread {
+                what: "event loop",
+                source,
+            })?;
+        *phase = Phase::Running { event_thread };
+        drop(phase);
+
+        let mut threads = self.state.threads();
+        for vcpu in vcpus {
+            let (state, pio) = (self.state.clone(), self.pio.clone());
+            let spawned = thread::Builder::new()
+                .name(format!("forkvm-vcpu{}", vcpu.id))
+                .spawn(move || vcpu.run(&pio, &state));
+            match spawned {
+                Ok(handle) => threads.push(handle),
+                Err(source) => {
+                    drop(threads);
+                    self.stop();
+                    return Err(Error::Thread {
+                        what: "vCPU",
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Blocks until the guest ends (or [`Vm::stop`] is called) and returns how it ended.
+    /// Every VMM thread has exited when this returns.
+    pub fn wait(&self) -> Result<GuestExit, Error> {
+        if matches!(*self.lock_phase(), Phase::Built { .. }) && !self.state.is_exiting() {
+            return Err(Error::NotStarted);
+        }
+        let exit = self.state.wait();
+        if let Phase::Running { event_thread } =
+            std::mem::replace(&mut *self.lock_phase(), Phase::Ended)
+        {
+            // The event loop only returns; a panic in it has nothing to add to `exit`.
+            let _ = event_thread.join();
+        }
+        Ok(exit)
+    }
+
+    /// Ends the VM from the host, from any thread, and waits for its threads. Returns how it
+    /// ended: [`GuestExit::Stopped`], or the guest's own end if that came first.
+    pub fn stop(&self) -> GuestExit {
+        self.state.finish(GuestExit::Stopped);
+        self.wait().unwrap_or(GuestExit::Stopped)
+    }
+
+    /// How the guest ended, without blocking; `None` while it runs.
+    pub fn exit(&self) -> Option<GuestExit> {
+        self.state.exit()
+    }
+
+    /// Guest memory size in bytes.
+    pub fn memory_size(&self) -> u64 {
+        self.ram.size()
+    }
+
+    fn lock_phase(&self) -> MutexGuard<'_, Phase> {
+        self.phase
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
