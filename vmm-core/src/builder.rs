@@ -1,6 +1,8 @@
 //! [`VmBuilder`]: what a VM is made of, validated and turned into a ready [`Vm`].
 
-use std::path::PathBuf;
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use forkvm_devices::bus::Bus;
@@ -50,7 +52,11 @@ pub struct VmBuilder {
     console: ConsoleOutput,
     console_input: Option<ConsoleInputDebug>,
     debug_exit: bool,
+    kvm_device: PathBuf,
 }
+
+/// The KVM device opened unless [`VmBuilder::kvm_device`] says otherwise.
+pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
 
 /// [`ConsoleInput`] with a `Debug` impl for the builder.
 struct ConsoleInputDebug(ConsoleInput);
@@ -72,6 +78,7 @@ impl Default for VmBuilder {
             console: ConsoleOutput::Stdout,
             console_input: None,
             debug_exit: false,
+            kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
         }
     }
 }
@@ -131,6 +138,12 @@ impl VmBuilder {
         self
     }
 
+    /// Opens KVM through another device node than [`DEFAULT_KVM_DEVICE`] (e.g. in a container).
+    pub fn kvm_device(mut self, path: impl Into<PathBuf>) -> Self {
+        self.kvm_device = path.into();
+        self
+    }
+
     /// The full command line the guest receives on a host with `caps`.
     fn full_cmdline(&self, caps: &HostCaps) -> String {
         let mut parts = vec![PLATFORM_CMDLINE];
@@ -156,7 +169,7 @@ impl VmBuilder {
                 min: MIN_MEMORY_MIB,
             });
         }
-        let kvm = open_kvm()?;
+        let kvm = open_kvm(&self.kvm_device)?;
         let max_vcpus = (kvm.get_max_vcpus() as u32).min(u32::from(MAX_MPTABLE_VCPUS));
         if self.vcpus > max_vcpus {
             return Err(Error::TooManyVcpus {
@@ -248,11 +261,16 @@ impl VmBuilder {
     }
 }
 
-fn open_kvm() -> Result<Kvm, Error> {
-    Kvm::new().map_err(|e| match e.errno() {
-        libc::ENOENT => Error::KvmMissing,
-        libc::EACCES | libc::EPERM => Error::KvmPermission,
-        _ => Error::KvmOpen(e),
+fn open_kvm(path: &Path) -> Result<Kvm, Error> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::KvmMissing(path.to_owned()))?;
+    Kvm::new_with_path(&c_path).map_err(|e| match e.errno() {
+        libc::ENOENT | libc::ENOTDIR => Error::KvmMissing(path.to_owned()),
+        libc::EACCES | libc::EPERM => Error::KvmPermission(path.to_owned()),
+        _ => Error::KvmOpen {
+            path: path.to_owned(),
+            source: e,
+        },
     })
 }
 

@@ -1,6 +1,7 @@
 //! The errors the public API returns, each saying what failed and what to do about it.
 
 use std::io;
+use std::path::PathBuf;
 
 use thiserror::Error;
 
@@ -10,19 +11,25 @@ use crate::memory::MemoryError;
 /// Everything that can go wrong building, starting or running a VM.
 #[derive(Debug, Error)]
 pub enum Error {
-    /// `/dev/kvm` does not exist.
+    /// The KVM device does not exist.
     #[error(
-        "/dev/kvm does not exist: this host has no KVM (enable virtualization and load kvm_intel or kvm_amd)"
+        "{0} does not exist: this host has no KVM (enable virtualization and load kvm_intel or kvm_amd)"
     )]
-    KvmMissing,
-    /// `/dev/kvm` exists but cannot be opened by this user.
+    KvmMissing(PathBuf),
+    /// The KVM device exists but this user may not open it.
     #[error(
-        "permission denied opening /dev/kvm: run as a user in the group that owns it (usually 'kvm')"
+        "permission denied opening {0}: run as a user in the group that owns it (usually 'kvm')"
     )]
-    KvmPermission,
-    /// `/dev/kvm` could not be opened for another reason.
-    #[error("cannot open /dev/kvm: {0}")]
-    KvmOpen(#[source] kvm_ioctls::Error),
+    KvmPermission(PathBuf),
+    /// The KVM device could not be opened for another reason.
+    #[error("cannot open {path}: {source}")]
+    KvmOpen {
+        /// The device path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     /// The configuration names no kernel.
     #[error("no kernel given: set one with VmBuilder::kernel")]
     NoKernel,
@@ -75,7 +82,7 @@ pub enum Error {
     #[error("cannot open console output {path}: {source}")]
     ConsoleFile {
         /// The file.
-        path: std::path::PathBuf,
+        path: PathBuf,
         /// Why.
         #[source]
         source: io::Error,

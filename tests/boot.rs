@@ -1,0 +1,261 @@
+//! The test guest and generated images boot through each entry path on this host's KVM and end
+//! the way they ask to.
+
+use forkvm::{ConsoleBuffer, ConsoleInput, ConsoleOutput, GuestExit, VmBuilder};
+use forkvm_tests::{
+    REPORT_RSI, TempFile, fake_bzimage, fake_elf, run_test_guest, test_guest, test_guest_vm,
+};
+
+#[test]
+fn test_guest_boots_through_pvh_takes_timer_interrupts_and_checks_memory() {
+    let (exit, console) = run_test_guest("mode=exit");
+    assert_eq!(
+        exit,
+        GuestExit::PoweredOff { status: Some(0) },
+        "console:\n{console}"
+    );
+    assert!(console.starts_with("forkvm test guest\n"), "{console}");
+    for line in ["ticks ok", "memcheck ok 8 MiB", "test guest: done"] {
+        assert!(console.contains(line), "missing {line:?} in:\n{console}");
+    }
+}
+
+#[test]
+fn guest_status_reaches_the_host() {
+    let (exit, _) = run_test_guest("mode=exit memcheck=1 exit_code=42");
+    assert_eq!(exit, GuestExit::PoweredOff { status: Some(42) });
+}
+
+#[test]
+fn i8042_reset_ends_the_vm_as_reset() {
+    let (exit, console) = run_test_guest("mode=reset");
+    assert_eq!(exit, GuestExit::Reset, "{console}");
+}
+
+#[test]
+fn triple_fault_is_reported_with_registers() {
+    let (exit, console) = run_test_guest("mode=triple-fault");
+    let GuestExit::TripleFault { vcpu, registers } = exit else {
+        panic!("{exit:?}\n{console}")
+    };
+    assert_eq!(vcpu, 0);
+    let registers = registers.expect("registers at the fault");
+    assert_eq!(
+        registers.sregs.cs.selector & 3,
+        3,
+        "the fault was raised in ring 3"
+    );
+    assert_ne!(registers.sregs.efer & (1 << 10), 0, "in long mode");
+}
+
+#[test]
+fn without_debug_exit_the_guest_falls_back_to_reset() {
+    let console = ConsoleBuffer::new();
+    let vm = test_guest_vm("mode=exit memcheck=1", &console)
+        .debug_exit(false)
+        .build()
+        .unwrap();
+    vm.start().unwrap();
+    assert_eq!(vm.wait().unwrap(), GuestExit::Reset, "{}", console.text());
+}
+
+#[test]
+fn bzimage_boots_through_the_64_bit_protocol_with_the_zero_page_in_rsi() {
+    let image = TempFile::with_contents("bzImage", &fake_bzimage(&REPORT_RSI));
+    let vm = VmBuilder::new()
+        .kernel(image.path())
+        .memory_mib(16)
+        .debug_exit(true)
+        .console(ConsoleOutput::Discard)
+        .build()
+        .unwrap();
+    vm.start().unwrap();
+    assert_eq!(
+        vm.wait().unwrap(),
+        GuestExit::PoweredOff {
+            status: Some(forkvm::layout::ZERO_PAGE_ADDR as u32)
+        }
+    );
+}
+
+#[test]
+fn elf_without_pvh_note_boots_through_the_64_bit_protocol() {
+    let image = TempFile::with_contents("vmlinux", &fake_elf(0x20_0000, &REPORT_RSI, 0));
+    let vm = VmBuilder::new()
+        .kernel(image.path())
+        .memory_mib(16)
+        .debug_exit(true)
+        .console(ConsoleOutput::Discard)
+        .build()
+        .unwrap();
+    vm.start().unwrap();
+    assert_eq!(
+        vm.wait().unwrap(),
+        GuestExit::PoweredOff {
+            status: Some(forkvm::layout::ZERO_PAGE_ADDR as u32)
+        }
+    );
+}
+
+#[test]
+fn memory_above_the_mmio_hole_boots() {
+    let console = ConsoleBuffer::new();
+    let vm = test_guest_vm("mode=exit memcheck=1", &console)
+        .memory_mib(4096 + 64)
+        .build()
+        .unwrap();
+    assert_eq!(vm.memory_size(), (4096 + 64) << 20);
+    vm.start().unwrap();
+    assert_eq!(
+        vm.wait().unwrap(),
+        GuestExit::PoweredOff { status: Some(0) },
+        "{}",
+        console.text()
+    );
+}
+
+#[test]
+fn several_vcpus_boot_with_an_mp_table() {
+    let console = ConsoleBuffer::new();
+    let vm = test_guest_vm("mode=exit memcheck=1", &console)
+        .vcpus(4)
+        .build()
+        .unwrap();
+    vm.start().unwrap();
+    assert_eq!(
+        vm.wait().unwrap(),
+        GuestExit::PoweredOff { status: Some(0) },
+        "{}",
+        console.text()
+    );
+}
+
+#[test]
+fn serial_input_reaches_the_guest_and_its_echo_comes_back() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    let console = ConsoleBuffer::new();
+    let vm = test_guest_vm("mode=echo", &console)
+        .console_input(ConsoleInput::Fd(reader.into()))
+        .build()
+        .unwrap();
+    vm.start().unwrap();
+    // More than the UART's 64-byte FIFO, so input must pause and resume.
+    let input: String = (0..200)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .filter(|c| *c != 'q')
+        .collect();
+    std::io::Write::write_all(&mut &writer, format!("{input}q").as_bytes()).unwrap();
+    assert_eq!(
+        vm.wait().unwrap(),
+        GuestExit::PoweredOff { status: Some(0) }
+    );
+    let text = console.text();
+    assert!(text.contains(&format!("{input}q")), "{text}");
+    assert!(text.contains("echo done"), "{text}");
+}
+
+#[test]
+fn console_goes_to_a_file_or_a_callback() {
+    let file = TempFile::with_contents("console.log", b"");
+    let vm = VmBuilder::new()
+        .kernel(test_guest())
+        .memory_mib(32)
+        .cmdline("mode=exit memcheck=1")
+        .debug_exit(true)
+        .console(ConsoleOutput::File(file.path().to_owned()))
+        .build()
+        .unwrap();
+    vm.start().unwrap();
+    vm.wait().unwrap();
+    assert!(
+        std::fs::read_to_string(file.path())
+            .unwrap()
+            .starts_with("forkvm test guest\n")
+    );
+
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let vm = VmBuilder::new()
+        .kernel(test_guest())
+        .memory_mib(32)
+        .cmdline("mode=exit memcheck=1")
+        .debug_exit(true)
+        .console(ConsoleOutput::Callback(Box::new(move |bytes| {
+            sender.send(bytes.to_vec()).unwrap()
+        })))
+        .build()
+        .unwrap();
+    vm.start().unwrap();
+    vm.wait().unwrap();
+    drop(vm);
+    let text: Vec<u8> = receiver.iter().flatten().collect();
+    assert!(text.starts_with(b"forkvm test guest\n"));
+}
+
+#[test]
+fn stop_ends_a_spinning_guest() {
+    let console = ConsoleBuffer::new();
+    let vm = test_guest_vm("mode=spin", &console)
+        .vcpus(2)
+        .build()
+        .unwrap();
+    vm.start().unwrap();
+    forkvm_tests::wait_for_output(&console, "spinning");
+    assert_eq!(vm.exit(), None);
+    assert_eq!(vm.stop(), GuestExit::Stopped);
+    assert_eq!(
+        vm.wait().unwrap(),
+        GuestExit::Stopped,
+        "waiting again returns the same end"
+    );
+}
+
+#[test]
+fn stop_from_another_thread_ends_a_halted_guest_and_wakes_the_waiter() {
+    let console = ConsoleBuffer::new();
+    let vm = std::sync::Arc::new(test_guest_vm("mode=halt", &console).build().unwrap());
+    vm.start().unwrap();
+    forkvm_tests::wait_for_output(&console, "halting");
+    let waiter = {
+        let vm = vm.clone();
+        std::thread::spawn(move || vm.wait().unwrap())
+    };
+    let stopper = {
+        let vm = vm.clone();
+        std::thread::spawn(move || vm.stop())
+    };
+    assert_eq!(stopper.join().unwrap(), GuestExit::Stopped);
+    assert_eq!(waiter.join().unwrap(), GuestExit::Stopped);
+}
+
+#[test]
+fn dropping_a_running_vm_stops_it() {
+    let console = ConsoleBuffer::new();
+    let vm = test_guest_vm("mode=spin", &console).build().unwrap();
+    vm.start().unwrap();
+    forkvm_tests::wait_for_output(&console, "spinning");
+    drop(vm);
+}
+
+#[test]
+fn lifecycle_misuse_is_an_error() {
+    let console = ConsoleBuffer::new();
+    let vm = test_guest_vm("mode=exit memcheck=1", &console)
+        .build()
+        .unwrap();
+    assert!(matches!(vm.wait(), Err(forkvm::Error::NotStarted)));
+    vm.start().unwrap();
+    assert!(matches!(vm.start(), Err(forkvm::Error::AlreadyStarted)));
+    vm.wait().unwrap();
+    let stopped_early = test_guest_vm("mode=exit", &console).build().unwrap();
+    assert_eq!(stopped_early.stop(), GuestExit::Stopped);
+    assert!(matches!(
+        stopped_early.start(),
+        Err(forkvm::Error::AlreadyStarted)
+    ));
+}
+
+#[test]
+fn the_vm_handle_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<forkvm::Vm>();
+}

@@ -1,0 +1,177 @@
+//! Helpers shared by the integration tests: building guests and images, temporary files, and
+//! running a guest to its end.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use forkvm::{ConsoleBuffer, ConsoleOutput, GuestExit, VmBuilder};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
+}
+
+/// Runs a build script that prints the path of what it built, and returns that path.
+pub fn built_artifact(script: &str) -> PathBuf {
+    let output = Command::new("bash")
+        .arg(repo_root().join(script))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+    assert!(
+        output.status.success(),
+        "{script} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    assert!(
+        path.is_file(),
+        "{script} printed {path:?}, which is not a file"
+    );
+    path
+}
+
+/// The freestanding test guest (built once per test binary).
+pub fn test_guest() -> &'static Path {
+    static GUEST: OnceLock<PathBuf> = OnceLock::new();
+    GUEST.get_or_init(|| built_artifact("tests/guest/build.sh"))
+}
+
+/// A builder for the test guest with `cmdline`, 32 MiB, the debug-exit port and its console in
+/// `console`.
+pub fn test_guest_vm(cmdline: &str, console: &ConsoleBuffer) -> VmBuilder {
+    VmBuilder::new()
+        .kernel(test_guest())
+        .memory_mib(32)
+        .cmdline(cmdline)
+        .debug_exit(true)
+        .console(ConsoleOutput::Buffer(console.clone()))
+}
+
+/// Builds, starts and waits for the test guest; returns how it ended and its console.
+pub fn run_test_guest(cmdline: &str) -> (GuestExit, String) {
+    let console = ConsoleBuffer::new();
+    let vm = test_guest_vm(cmdline, &console)
+        .build()
+        .expect("build the test guest VM");
+    vm.start().expect("start");
+    let exit = vm.wait().expect("wait");
+    (exit, console.text())
+}
+
+/// Polls `console` until it contains `needle` (the guest runs on other threads).
+pub fn wait_for_output(console: &ConsoleBuffer, needle: &str) {
+    for _ in 0..2000 {
+        if console.text().contains(needle) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    panic!(
+        "the guest never printed {needle:?}; console:\n{}",
+        console.text()
+    );
+}
+
+/// A file in the temporary directory, removed on drop.
+pub struct TempFile(PathBuf);
+
+impl TempFile {
+    /// Creates a uniquely named file holding `contents`.
+    pub fn with_contents(name: &str, contents: &[u8]) -> Self {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let path =
+            std::env::temp_dir().join(format!("forkvm-test-{}-{n}-{name}", std::process::id()));
+        std::fs::write(&path, contents).expect("write temp file");
+        Self(path)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// 64-bit code that reports `rsi` (the boot-params pointer) through the debug-exit port:
+/// `mov eax, esi; mov dx, 0xf4; out dx, eax; jmp $`.
+pub const REPORT_RSI: [u8; 9] = [0x89, 0xf0, 0x66, 0xba, 0xf4, 0x00, 0xef, 0xeb, 0xfe];
+
+/// A minimal bzImage (boot protocol 2.15) whose 64-bit entry runs `code`.
+pub fn fake_bzimage(code: &[u8]) -> Vec<u8> {
+    let setup_sects = 1u8;
+    let mut image = vec![0u8; (usize::from(setup_sects) + 1) * 512];
+    image[0x1f1] = setup_sects;
+    image[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    image[0x202..0x206].copy_from_slice(b"HdrS");
+    image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    image[0x211] = 1; // loadflags: LOADED_HIGH
+    image[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+    image[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
+    image[0x260..0x264].copy_from_slice(&0x10000u32.to_le_bytes()); // init_size
+    // The protected-mode kernel: the 64-bit entry is 0x200 bytes in.
+    let mut kernel = vec![0xf4u8; 0x200];
+    kernel.extend_from_slice(code);
+    image.extend_from_slice(&kernel);
+    image
+}
+
+/// A minimal ELF64 executable with one PT_LOAD segment of `code` at `paddr` spanning `memsz`
+/// bytes in memory, entered at `paddr`, and no PVH note.
+pub fn fake_elf(paddr: u64, code: &[u8], memsz: u64) -> Vec<u8> {
+    const EHDR: usize = 64;
+    const PHDR: usize = 56;
+    let mut elf = Vec::new();
+    elf.extend_from_slice(b"\x7fELF");
+    elf.extend_from_slice(&[2, 1, 1, 0]); // 64-bit, little endian, version 1, SysV
+    elf.extend_from_slice(&[0; 8]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&paddr.to_le_bytes()); // e_entry
+    elf.extend_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    elf.extend_from_slice(&(EHDR as u16).to_le_bytes());
+    elf.extend_from_slice(&(PHDR as u16).to_le_bytes());
+    elf.extend_from_slice(&1u16.to_le_bytes()); // e_phnum
+    elf.extend_from_slice(&[0; 6]); // no section headers
+    let offset = (EHDR + PHDR) as u64;
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    elf.extend_from_slice(&offset.to_le_bytes());
+    elf.extend_from_slice(&paddr.to_le_bytes()); // p_vaddr
+    elf.extend_from_slice(&paddr.to_le_bytes()); // p_paddr
+    elf.extend_from_slice(&(code.len() as u64).to_le_bytes()); // p_filesz
+    elf.extend_from_slice(&memsz.max(code.len() as u64).to_le_bytes()); // p_memsz
+    elf.extend_from_slice(&0x1000u64.to_le_bytes()); // p_align
+    elf.extend_from_slice(code);
+    elf
+}
+
+/// Number of open file descriptors of this process.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// A field of /proc/self/status, in its unit (kB for memory).
+pub fn proc_status(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
+}

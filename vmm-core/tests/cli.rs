@@ -1,0 +1,72 @@
+//! The `forkvm run` command: boots the test guest with the console on stdout and exits with the
+//! guest's end state.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+fn test_guest() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/guest/build.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .output()
+        .expect("run tests/guest/build.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+fn forkvm(args: &[&str], kernel: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_forkvm"))
+        .arg("run")
+        .arg("--kernel")
+        .arg(kernel)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run forkvm")
+}
+
+#[test]
+fn run_prints_the_banner_and_exits_zero() {
+    let out = forkvm(&[], &test_guest());
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("forkvm test guest\n"));
+}
+
+#[test]
+fn exit_status_follows_the_guest() {
+    let guest = test_guest();
+    let status = forkvm(
+        &[
+            "--debug-exit",
+            "--cmdline",
+            "mode=exit memcheck=1 exit_code=9",
+        ],
+        &guest,
+    );
+    assert_eq!(status.status.code(), Some(9));
+    let fault = forkvm(&["--cmdline", "mode=triple-fault"], &guest);
+    assert_eq!(fault.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&fault.stderr).contains("triple-faulted"));
+}
+
+#[test]
+fn bad_arguments_print_usage() {
+    let out = Command::new(env!("CARGO_BIN_EXE_forkvm"))
+        .args(["run", "--vcpus", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("usage: forkvm run"));
+    let missing = forkvm(&[], Path::new("/nonexistent/vmlinux"));
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/vmlinux"));
+}
