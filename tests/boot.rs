@@ -259,3 +259,23 @@ fn the_vm_handle_is_send_and_sync() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<forkvm::Vm>();
 }
+
+#[test]
+fn generated_pvh_image_runs_its_first_instruction() {
+    let image = TempFile::with_contents(
+        "pvh",
+        &forkvm_tests::fake_pvh_elf(0x10_0000, &forkvm_tests::EXIT_AT_ONCE),
+    );
+    let vm = VmBuilder::new()
+        .kernel(image.path())
+        .memory_mib(16)
+        .debug_exit(true)
+        .console(ConsoleOutput::Discard)
+        .build()
+        .unwrap();
+    vm.start().unwrap();
+    assert_eq!(
+        vm.wait().unwrap(),
+        GuestExit::PoweredOff { status: Some(0) }
+    );
+}

@@ -129,8 +129,25 @@ pub fn fake_bzimage(code: &[u8]) -> Vec<u8> {
 /// A minimal ELF64 executable with one PT_LOAD segment of `code` at `paddr` spanning `memsz`
 /// bytes in memory, entered at `paddr`, and no PVH note.
 pub fn fake_elf(paddr: u64, code: &[u8], memsz: u64) -> Vec<u8> {
-    const EHDR: usize = 64;
-    const PHDR: usize = 56;
+    elf_image(paddr, code, memsz, false)
+}
+
+/// Like [`fake_elf`], with a PVH note naming `paddr` as the 32-bit entry point.
+pub fn fake_pvh_elf(paddr: u64, code: &[u8]) -> Vec<u8> {
+    elf_image(paddr, code, 0, true)
+}
+
+/// 32-bit code that ends the VM through the debug-exit port with status 0 as its first
+/// instruction: `out 0xf4, eax` (eax is 0 at the PVH entry), then `jmp $`.
+pub const EXIT_AT_ONCE: [u8; 4] = [0xe7, 0xf4, 0xeb, 0xfe];
+
+fn elf_image(paddr: u64, code: &[u8], memsz: u64, pvh: bool) -> Vec<u8> {
+    const EHDR: u64 = 64;
+    const PHDR: u64 = 56;
+    const NOTE_LEN: u64 = 20; // namesz, descsz, type, "Xen\0", 32-bit entry
+    let phnum: u64 = if pvh { 2 } else { 1 };
+    let note_offset = EHDR + phnum * PHDR;
+    let code_offset = note_offset + if pvh { NOTE_LEN } else { 0 };
     let mut elf = Vec::new();
     elf.extend_from_slice(b"\x7fELF");
     elf.extend_from_slice(&[2, 1, 1, 0]); // 64-bit, little endian, version 1, SysV
@@ -139,22 +156,33 @@ pub fn fake_elf(paddr: u64, code: &[u8], memsz: u64) -> Vec<u8> {
     elf.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
     elf.extend_from_slice(&1u32.to_le_bytes());
     elf.extend_from_slice(&paddr.to_le_bytes()); // e_entry
-    elf.extend_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
+    elf.extend_from_slice(&EHDR.to_le_bytes()); // e_phoff
     elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
     elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
     elf.extend_from_slice(&(EHDR as u16).to_le_bytes());
     elf.extend_from_slice(&(PHDR as u16).to_le_bytes());
-    elf.extend_from_slice(&1u16.to_le_bytes()); // e_phnum
+    elf.extend_from_slice(&(phnum as u16).to_le_bytes());
     elf.extend_from_slice(&[0; 6]); // no section headers
-    let offset = (EHDR + PHDR) as u64;
-    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
-    elf.extend_from_slice(&offset.to_le_bytes());
-    elf.extend_from_slice(&paddr.to_le_bytes()); // p_vaddr
-    elf.extend_from_slice(&paddr.to_le_bytes()); // p_paddr
-    elf.extend_from_slice(&(code.len() as u64).to_le_bytes()); // p_filesz
-    elf.extend_from_slice(&memsz.max(code.len() as u64).to_le_bytes()); // p_memsz
-    elf.extend_from_slice(&0x1000u64.to_le_bytes()); // p_align
+    let mut phdr = |p_type: u32, offset: u64, addr: u64, filesz: u64, memsz: u64| {
+        elf.extend_from_slice(&p_type.to_le_bytes());
+        elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+        elf.extend_from_slice(&offset.to_le_bytes());
+        elf.extend_from_slice(&addr.to_le_bytes()); // p_vaddr
+        elf.extend_from_slice(&addr.to_le_bytes()); // p_paddr
+        elf.extend_from_slice(&filesz.to_le_bytes());
+        elf.extend_from_slice(&memsz.to_le_bytes());
+        elf.extend_from_slice(&4u64.to_le_bytes()); // p_align
+    };
+    let len = code.len() as u64;
+    phdr(1, code_offset, paddr, len, memsz.max(len)); // PT_LOAD
+    if pvh {
+        phdr(4, note_offset, 0, NOTE_LEN, NOTE_LEN); // PT_NOTE
+        elf.extend_from_slice(&4u32.to_le_bytes());
+        elf.extend_from_slice(&4u32.to_le_bytes());
+        elf.extend_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+        elf.extend_from_slice(b"Xen\0");
+        elf.extend_from_slice(&(paddr as u32).to_le_bytes());
+    }
     elf.extend_from_slice(code);
     elf
 }

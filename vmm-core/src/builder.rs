@@ -274,18 +274,13 @@ fn open_kvm(path: &Path) -> Result<Kvm, Error> {
     })
 }
 
-/// Creates the KVM VM with its in-kernel interrupt controllers, PIT and memory slots.
+/// Creates the KVM VM with its memory slots, in-kernel interrupt controllers and PIT.
+///
+/// The memory slots go in before the irqchip: on some hosts (seen on kvm_pvm) adding the first
+/// slot to a VM that already has an irqchip waits ~7 ms for KVM to synchronise, against ~0.1 ms
+/// before it.
 fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, Error> {
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    vm.set_tss_address(KVM_TSS_ADDR as usize)
-        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-    vm.create_irq_chip()
-        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
     for (slot, range) in ram.ranges.iter().enumerate() {
         let host = ram
             .memory
@@ -306,6 +301,15 @@ fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, Error> {
         unsafe { vm.set_user_memory_region(region) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
+    vm.set_tss_address(KVM_TSS_ADDR as usize)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
     Ok(vm)
 }
 

@@ -102,3 +102,20 @@ fn xrstor_is_emulated(kvm: &Kvm) -> Result<bool, Error> {
     };
     Ok(emulated)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_is_cached_and_recognises_an_emulating_host() {
+        let kvm = Kvm::new().expect("/dev/kvm");
+        let first = host_caps(&kvm).unwrap();
+        assert_eq!(host_caps(&kvm).unwrap(), first);
+        eprintln!("host caps: {first:?}");
+        // kvm_pvm runs guest ring 0 through KVM's emulator; the probe must notice.
+        if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+            assert!(first.ring0_emulated, "{first:?}");
+        }
+    }
+}
