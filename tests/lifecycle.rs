@@ -18,7 +18,7 @@ fn cycle(i: usize) {
         .build()
         .unwrap();
     vm.start().unwrap();
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         assert_eq!(
             vm.wait().unwrap(),
             GuestExit::PoweredOff { status: Some(0) },

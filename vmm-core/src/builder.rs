@@ -194,24 +194,21 @@ impl VmBuilder {
         )?;
 
         let vm = create_vm(&kvm, &ram)?;
-        let state = Arc::new(RunState::new().map_err(|e| device_err("VM run state", e))?);
+        let state = Arc::new(RunState::new().map_err(|e| setup_err("VM run state", e))?);
         let mut event_loop = EventLoop::new(&state)?;
         let mut pio = Bus::new();
 
-        let serial_irq = IrqTrigger::new().map_err(|e| device_err("serial IRQ", e))?;
+        let serial_irq = IrqTrigger::new().map_err(|e| setup_err("serial IRQ", e))?;
         vm.register_irqfd(serial_irq.eventfd(), SERIAL_IRQ)
             .map_err(kvm_err("KVM_IRQFD"))?;
         let serial_out = self.console.into_writer()?;
         let serial = Arc::new(Mutex::new(
-            SerialPort::new(serial_irq, serial_out).map_err(|e| device_err("serial port", e))?,
+            SerialPort::new(serial_irq, serial_out).map_err(|e| setup_err("serial port", e))?,
         ));
         insert(&mut pio, serial.clone(), SERIAL_PORT_BASE, SERIAL_PORT_LEN)?;
         if let Some(ConsoleInputDebug(input)) = self.console_input {
-            let fd = input
-                .into_fd()
-                .map_err(|e| device_err("console input", e))?;
-            let feeder =
-                SerialInput::new(serial, fd).map_err(|e| device_err("console input", e))?;
+            let fd = input.into_fd().map_err(|e| setup_err("console input", e))?;
+            let feeder = SerialInput::new(serial, fd).map_err(|e| setup_err("console input", e))?;
             event_loop.add(Arc::new(Mutex::new(feeder)));
         }
 
@@ -285,8 +282,8 @@ fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, Error> {
         let host = ram
             .memory
             .get_host_address(GuestAddress(range.guest_addr))
-            .map_err(|e| Error::Device {
-                device: "memory slot",
+            .map_err(|e| Error::Setup {
+                what: "memory slot",
                 reason: e.to_string(),
             })?;
         let region = kvm_userspace_memory_region {
@@ -313,9 +310,9 @@ fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, Error> {
     Ok(vm)
 }
 
-fn device_err(device: &'static str, e: impl std::fmt::Display) -> Error {
-    Error::Device {
-        device,
+fn setup_err(what: &'static str, e: impl std::fmt::Display) -> Error {
+    Error::Setup {
+        what,
         reason: e.to_string(),
     }
 }
@@ -327,5 +324,5 @@ fn insert(
     len: u16,
 ) -> Result<(), Error> {
     bus.insert(device, u64::from(base), u64::from(len))
-        .map_err(|e| device_err("port I/O bus", e))
+        .map_err(|e| setup_err("port I/O bus", e))
 }

@@ -9,6 +9,9 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::Error;
 
+/// A function receiving console output.
+pub type ConsoleCallback = Box<dyn FnMut(&[u8]) + Send>;
+
 /// Destination of the guest's serial console output.
 pub enum ConsoleOutput {
     /// The host process's standard output.
@@ -18,7 +21,7 @@ pub enum ConsoleOutput {
     /// An in-memory buffer the caller reads through its [`ConsoleBuffer`] handle.
     Buffer(ConsoleBuffer),
     /// A callback receiving each chunk of output (called on a vCPU thread: keep it short).
-    Callback(Box<dyn FnMut(&[u8]) + Send>),
+    Callback(ConsoleCallback),
     /// Dropped.
     Discard,
 }
@@ -136,7 +139,7 @@ impl Write for ConsoleBuffer {
     }
 }
 
-struct CallbackWriter(Box<dyn FnMut(&[u8]) + Send>);
+struct CallbackWriter(ConsoleCallback);
 
 impl Write for CallbackWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {

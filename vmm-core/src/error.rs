@@ -67,11 +67,11 @@ pub enum Error {
         #[source]
         source: kvm_ioctls::Error,
     },
-    /// A device could not be set up.
-    #[error("cannot set up {device}: {reason}")]
-    Device {
-        /// Which device.
-        device: &'static str,
+    /// A device or other part of the VM could not be set up.
+    #[error("cannot set up {what}: {reason}")]
+    Setup {
+        /// What failed.
+        what: &'static str,
         /// Why.
         reason: String,
     },

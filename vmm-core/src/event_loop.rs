@@ -35,8 +35,8 @@ impl MutEventSubscriber for Wakeup {
 impl EventLoop {
     /// An event loop that stops when `state` says the VM is exiting.
     pub fn new(state: &Arc<RunState>) -> Result<Self, Error> {
-        let mut manager = EventManager::new().map_err(|e| Error::Device {
-            device: "event loop",
+        let mut manager = EventManager::new().map_err(|e| Error::Setup {
+            what: "event loop",
             reason: format!("{e:?}"),
         })?;
         let wakeup: Subscriber = Arc::new(Mutex::new(Wakeup(state.clone())));

@@ -32,7 +32,9 @@ mod vm;
 pub use builder::{
     DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB, EMULATED_HOST_CMDLINE, PLATFORM_CMDLINE, VmBuilder,
 };
-pub use console::{ConsoleBuffer, ConsoleInput, ConsoleOutput, DEFAULT_CONSOLE_BUFFER_LIMIT};
+pub use console::{
+    ConsoleBuffer, ConsoleCallback, ConsoleInput, ConsoleOutput, DEFAULT_CONSOLE_BUFFER_LIMIT,
+};
 pub use error::Error;
 pub use exit::{CpuRegisters, Crash, CrashReason, GuestExit};
 pub use vcpu::{KICK_SIGNAL_OFFSET, kick_signal};

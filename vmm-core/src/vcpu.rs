@@ -44,8 +44,8 @@ pub fn install_kick_handler() -> Result<(), Error> {
     INSTALLED
         .get_or_init(|| register_signal_handler(kick_signal(), on_kick).map_err(|e| e.to_string()))
         .clone()
-        .map_err(|reason| Error::Device {
-            device: "vCPU kick signal handler",
+        .map_err(|reason| Error::Setup {
+            what: "vCPU kick signal handler",
             reason,
         })
 }

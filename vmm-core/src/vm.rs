@@ -19,7 +19,7 @@ enum Phase {
     /// Built, not started: the vCPUs and event loop wait for their threads.
     Built {
         vcpus: Vec<Vcpu>,
-        event_loop: EventLoop,
+        event_loop: Box<EventLoop>,
     },
     /// Threads running.
     Running { event_thread: JoinHandle<()> },
@@ -47,7 +47,10 @@ impl Vm {
         state: Arc<RunState>,
     ) -> Self {
         Self {
-            phase: Mutex::new(Phase::Built { vcpus, event_loop }),
+            phase: Mutex::new(Phase::Built {
+                vcpus,
+                event_loop: Box::new(event_loop),
+            }),
             state,
             pio,
             _vm_fd: vm_fd,

@@ -85,12 +85,11 @@ impl BusDevice for SerialPort {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if let [value] = data {
-            if offset < u64::from(SERIAL_PORT_LEN) {
-                if let Err(e) = self.uart.write(offset as u8, *value) {
-                    log::warn!("serial: guest write dropped: {e}");
-                }
-            }
+        if let [value] = data
+            && offset < u64::from(SERIAL_PORT_LEN)
+            && let Err(e) = self.uart.write(offset as u8, *value)
+        {
+            log::warn!("serial: guest write dropped: {e}");
         }
     }
 }
@@ -253,8 +252,8 @@ mod tests {
         let mut word = [0u8; 2];
         port.read(0, &mut word);
         assert_eq!(word, [0xff, 0xff]);
-        port.write(0, &[b'a', b'b']);
-        port.write(9, &[b'c']);
+        port.write(0, b"ab");
+        port.write(9, b"c");
         assert!(out.0.lock().unwrap().is_empty());
     }
 }

@@ -193,14 +193,14 @@ pub fn setup_common(vcpu: &VcpuFd) -> Result<(), Error> {
             ..Default::default()
         })
         .collect();
-    let msrs = Msrs::from_entries(&entries).map_err(|e| Error::Device {
-        device: "boot MSRs",
+    let msrs = Msrs::from_entries(&entries).map_err(|e| Error::Setup {
+        what: "boot MSRs",
         reason: format!("{e:?}"),
     })?;
     let written = vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
     if written != entries.len() {
-        return Err(Error::Device {
-            device: "boot MSRs",
+        return Err(Error::Setup {
+            what: "boot MSRs",
             reason: format!("KVM refused MSR {:#x}", entries[written].index),
         });
     }

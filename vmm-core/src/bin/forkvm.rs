@@ -1,5 +1,6 @@
 //! `forkvm`: boot a guest from the command line, its serial console on this terminal.
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -66,8 +67,11 @@ fn run(args: RunArgs) -> Result<GuestExit, forkvm::Error> {
         .memory_mib(args.memory_mib)
         .vcpus(args.vcpus)
         .debug_exit(args.debug_exit)
-        .console(ConsoleOutput::Stdout)
-        .console_input(ConsoleInput::Stdin);
+        .console(ConsoleOutput::Stdout);
+    // Standard input feeds the guest's console when there is one (CI may run us without).
+    if let Ok(stdin) = std::io::stdin().as_fd().try_clone_to_owned() {
+        builder = builder.console_input(ConsoleInput::Fd(stdin));
+    }
     if let Some(initrd) = args.initrd {
         builder = builder.initrd(initrd);
     }

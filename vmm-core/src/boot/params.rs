@@ -95,8 +95,10 @@ pub fn write_zero_page(
     cmdline_len: u32,
     initrd: Option<InitrdPlacement>,
 ) -> Result<(), BootError> {
-    let mut zero_page = boot_params::default();
-    zero_page.hdr = header.unwrap_or_default();
+    let mut zero_page = boot_params {
+        hdr: header.unwrap_or_default(),
+        ..Default::default()
+    };
     let hdr = &mut zero_page.hdr;
     hdr.type_of_loader = KERNEL_LOADER_OTHER;
     hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;

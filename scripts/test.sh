@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The full test command (README): installs what the tests need on a fresh machine, builds the
+# guests, then runs lints and every test, including the Linux boot test on this host's KVM.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s\n' "$*" >&2; }
+
+step "host prerequisites"
+[ -e /dev/kvm ] || { echo "no /dev/kvm on this machine: forkvm's tests need KVM" >&2; exit 1; }
+command -v gcc >/dev/null || { apt-get update -qq && apt-get install -y -qq gcc; }
+
+step "lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "guests"
+tests/guest/build.sh >/dev/null
+start=$(date +%s)
+kernel=$(guest/kernel/build.sh)
+initramfs=$(guest/initramfs/build.sh)
+echo "Linux guest ready in $(( $(date +%s) - start )) s: $kernel, $initramfs" >&2
+
+step "tests"
+cargo test --workspace
