@@ -37,7 +37,7 @@ pub const PLATFORM_CMDLINE: &str = "reboot=k panic=-1";
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
 /// Added on hosts that emulate guest ring 0 (see [`crate::arch::probe`]): skips boot-time checks
 /// that only cost time there (the timer-IRQ check, TSC calibration against other clocks).
-pub const EMULATED_HOST_CMDLINE: &str = "no_timer_check tsc=reliable";
+pub const EMULATED_HOST_CMDLINE: &str = "no_timer_check tsc=reliable no_int3_selftest";
 /// Default guest memory.
 pub const DEFAULT_MEMORY_MIB: u64 = 128;
 
@@ -149,6 +149,9 @@ impl VmBuilder {
         let mut parts = vec![PLATFORM_CMDLINE];
         if caps.ring0_emulated {
             parts.push(EMULATED_HOST_CMDLINE);
+        }
+        if !caps.linux_switches.is_empty() {
+            parts.push(&caps.linux_switches);
         }
         if !self.cmdline.is_empty() {
             parts.push(&self.cmdline);

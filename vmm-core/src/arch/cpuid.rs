@@ -35,45 +35,121 @@ const fn feature(leaf: u32, subleaf: u32, reg: Reg, bit: u8) -> Feature {
 }
 
 const HYPERVISOR: Feature = feature(1, 0, Reg::Ecx, 31);
+const XSAVE: Feature = feature(1, 0, Reg::Ecx, 26);
 /// The LAPIC's TSC-deadline timer mode. KVM emulates it in the in-kernel LAPIC but, like every
 /// VMM, forkvm must advertise it itself; without it a Linux guest on an emulating host fails its
 /// APIC timer calibration and its clock never advances.
 const TSC_DEADLINE: Feature = feature(1, 0, Reg::Ecx, 24);
 
-/// Hidden on a host whose KVM emulates guest ring 0 (see [`super::probe`]): the guest kernel
-/// would execute these instructions in ring 0, where that emulator cannot run them (or runs them
-/// byte by byte). Guest user code runs natively there and is unaffected.
-const EMULATOR_GAPS: &[(Feature, &str)] = &[
-    (
-        feature(1, 0, Reg::Ecx, 26),
-        "XSAVE: xsave/xrstor are not emulated",
-    ),
-    (feature(1, 0, Reg::Ecx, 27), "OSXSAVE: follows XSAVE"),
-    (
-        feature(1, 0, Reg::Ecx, 13),
-        "CX16: lock cmpxchg16b is not emulated",
-    ),
-    (
-        feature(1, 0, Reg::Ecx, 23),
-        "POPCNT: popcnt is not emulated",
-    ),
-    (
-        feature(7, 0, Reg::Ebx, 20),
-        "SMAP: clac/stac are not emulated",
-    ),
-    (
-        feature(7, 0, Reg::Ebx, 9),
-        "ERMS: rep movsb would be emulated byte by byte (slow)",
-    ),
-    (feature(7, 0, Reg::Edx, 4), "FSRM: as ERMS"),
+/// How a Linux guest kernel can be told to leave a feature alone when hiding it in CPUID does not
+/// work (see [`unhidden_gap_switches`]).
+#[derive(Clone, Copy, Debug)]
+enum KernelSwitch {
+    /// A parameter of its own, e.g. `noxsave`.
+    Param(&'static str),
+    /// A name for `clearcpuid=`.
+    ClearCpuid(&'static str),
+    /// Nothing to switch off: the bit follows another one.
+    Follows,
+}
+
+/// A feature hidden on a host whose KVM emulates guest ring 0 (see [`super::probe`]): the guest
+/// kernel would execute these instructions in ring 0, where that emulator cannot run them (or
+/// runs them byte by byte). Guest user code runs natively there and is unaffected.
+struct Gap {
+    feature: Feature,
+    switch: KernelSwitch,
+}
+
+const EMULATOR_GAPS: &[Gap] = &[
+    // XSAVE: xsave/xrstor are not emulated
+    Gap {
+        feature: XSAVE,
+        switch: KernelSwitch::Param("noxsave"),
+    },
+    // OSXSAVE: follows XSAVE (and reflects CR4)
+    Gap {
+        feature: feature(1, 0, Reg::Ecx, 27),
+        switch: KernelSwitch::Follows,
+    },
+    // CX16: lock cmpxchg16b is not emulated
+    Gap {
+        feature: feature(1, 0, Reg::Ecx, 13),
+        switch: KernelSwitch::ClearCpuid("cx16"),
+    },
+    // POPCNT: popcnt is not emulated
+    Gap {
+        feature: feature(1, 0, Reg::Ecx, 23),
+        switch: KernelSwitch::ClearCpuid("popcnt"),
+    },
+    // SMAP: clac/stac are not emulated
+    Gap {
+        feature: feature(7, 0, Reg::Ebx, 20),
+        switch: KernelSwitch::ClearCpuid("smap"),
+    },
+    // ERMS: rep movsb would be emulated byte by byte (slow)
+    Gap {
+        feature: feature(7, 0, Reg::Ebx, 9),
+        switch: KernelSwitch::ClearCpuid("erms"),
+    },
+    // FSRM: as ERMS
+    Gap {
+        feature: feature(7, 0, Reg::Edx, 4),
+        switch: KernelSwitch::ClearCpuid("fsrm"),
+    },
 ];
+
+/// The CPUID registers the probe reads back from a guest to see which hidden gaps still show.
+pub const PROBED_REGISTERS: [(u32, &str); 3] = [(1, "ecx"), (7, "ebx"), (7, "edx")];
+
+/// What a probe guest saw in [`PROBED_REGISTERS`]: leaf 1 ECX, leaf 7 EBX, leaf 7 EDX.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeenCpuid {
+    /// Leaf 1 ECX.
+    pub leaf1_ecx: u32,
+    /// Leaf 7 subleaf 0 EBX.
+    pub leaf7_ebx: u32,
+    /// Leaf 7 subleaf 0 EDX.
+    pub leaf7_edx: u32,
+}
+
+impl SeenCpuid {
+    fn shows(&self, f: Feature) -> bool {
+        let value = match (f.leaf, f.subleaf, f.reg) {
+            (1, 0, Reg::Ecx) => self.leaf1_ecx,
+            (7, 0, Reg::Ebx) => self.leaf7_ebx,
+            (7, 0, Reg::Edx) => self.leaf7_edx,
+            _ => return true, // not probed: assume the worst
+        };
+        value & (1 << f.bit) != 0
+    }
+}
+
+/// Kernel parameters that switch off the emulator gaps a guest still sees although forkvm
+/// hid them. Some hosts (seen on kvm_pvm) fill every CPUID bit KVM does not list as supported
+/// from the host CPU, so a feature KVM never offered (XSAVE, POPCNT here) cannot be hidden;
+/// Linux is then told with `noxsave` and `clearcpuid=`.
+pub fn unhidden_gap_switches(seen: &SeenCpuid) -> Vec<String> {
+    let mut params = Vec::new();
+    let mut clear = Vec::new();
+    for gap in EMULATOR_GAPS.iter().filter(|g| seen.shows(g.feature)) {
+        match gap.switch {
+            KernelSwitch::Param(p) => params.push(p.to_owned()),
+            KernelSwitch::ClearCpuid(name) => clear.push(name),
+            KernelSwitch::Follows => {}
+        }
+    }
+    if !clear.is_empty() {
+        params.push(format!("clearcpuid={}", clear.join(",")));
+    }
+    params
+}
 
 /// Added on such a host: the AMD "always saves FP error pointers" bit. Without it Linux runs
 /// `fnclex; emms; fild` on every FPU restore to scrub stale pointers, which the emulator rejects.
-const EMULATOR_WORKAROUNDS: &[(Feature, &str)] = &[(
-    feature(0x8000_0008, 0, Reg::Ebx, 2),
-    "XSAVEERPTR: lets Linux skip its FXSAVE-leak workaround",
-)];
+const EMULATOR_WORKAROUNDS: &[Feature] = &[
+    feature(0x8000_0008, 0, Reg::Ebx, 2), // XSAVEERPTR
+];
 
 /// State saved by XSAVE that is unusable without it: hidden together with XSAVE.
 const XSAVE_DEPENDENTS: &[Feature] = &[
@@ -120,14 +196,14 @@ pub fn guest_cpuid(supported: &CpuId, host: &HostCaps, vcpu_id: u8, vcpus: u8) -
         set(entries, TSC_DEADLINE, true);
     }
     if host.ring0_emulated {
-        for (f, _) in EMULATOR_GAPS {
-            set(entries, *f, false);
+        for gap in EMULATOR_GAPS {
+            set(entries, gap.feature, false);
         }
-        for (f, _) in EMULATOR_WORKAROUNDS {
+        for f in EMULATOR_WORKAROUNDS {
             set(entries, *f, true);
         }
     }
-    if !has(entries, feature(1, 0, Reg::Ecx, 26)) {
+    if !has(entries, XSAVE) {
         for f in XSAVE_DEPENDENTS {
             set(entries, *f, false);
         }
@@ -261,6 +337,7 @@ mod tests {
         let caps = HostCaps {
             ring0_emulated: true,
             tsc_deadline_timer: true,
+            linux_switches: String::new(),
         };
         let c = guest_cpuid(&host_like(), &caps, 0, 1);
         let l1 = get(&c, 1, 0);
@@ -280,6 +357,7 @@ mod tests {
         let caps = HostCaps {
             ring0_emulated: false,
             tsc_deadline_timer: false,
+            linux_switches: String::new(),
         };
         let c = guest_cpuid(&host_like(), &caps, 0, 1);
         let l1 = get(&c, 1, 0);
@@ -295,6 +373,7 @@ mod tests {
         let caps = HostCaps {
             ring0_emulated: false,
             tsc_deadline_timer: false,
+            linux_switches: String::new(),
         };
         let c = guest_cpuid(&host_like(), &caps, 2, 3);
         assert_eq!(get(&c, 1, 0).ebx >> 24, 2);
@@ -304,5 +383,37 @@ mod tests {
         assert_eq!(get(&c, 0x8000_0008, 0).ecx & 0xf0ff, (2 << 12) | 2);
         let brand = get(&c, 0x8000_0002, 0);
         assert_eq!(brand.eax.to_le_bytes(), *b"fork");
+    }
+
+    #[test]
+    fn gaps_the_guest_still_sees_become_kernel_switches() {
+        let all_hidden = SeenCpuid::default();
+        assert!(unhidden_gap_switches(&all_hidden).is_empty());
+        let leaky = SeenCpuid {
+            leaf1_ecx: (1 << 26) | (1 << 27) | (1 << 23),
+            leaf7_ebx: 1 << 20,
+            leaf7_edx: 0,
+        };
+        assert_eq!(
+            unhidden_gap_switches(&leaky),
+            vec!["noxsave", "clearcpuid=popcnt,smap"]
+        );
+    }
+
+    #[test]
+    fn every_gap_lies_in_a_probed_register() {
+        for gap in EMULATOR_GAPS {
+            let f = gap.feature;
+            let name = match f.reg {
+                Reg::Ebx => "ebx",
+                Reg::Ecx => "ecx",
+                Reg::Edx => "edx",
+                Reg::Eax => "eax",
+            };
+            assert!(
+                f.subleaf == 0 && PROBED_REGISTERS.contains(&(f.leaf, name)),
+                "{f:?}"
+            );
+        }
     }
 }

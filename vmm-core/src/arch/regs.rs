@@ -253,7 +253,7 @@ mod tests {
         let data = segment(gdt_entry(DATA, 0, 0xfffff), 2);
         assert_eq!((data.selector, data.type_, data.db), (16, 3, 1));
         let tss = segment(gdt_entry(TSS, 0, 0xfffff), 3);
-        assert_eq!((tss.type_, tss.s, tss.g), (0xb, 0, 0));
+        assert_eq!((tss.type_, tss.s, tss.present), (0xb, 0, 1));
         assert_eq!(segment(0, 0).unusable, 1);
     }
 
