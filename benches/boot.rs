@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use forkvm::{ConsoleOutput, GuestExit, VmBuilder};
-use forkvm_tests::{EXIT_AT_ONCE, TempFile, fake_pvh_elf, test_guest};
+use forkvm_tests::{EXIT_AT_ONCE, TempFile, fake_pvh_elf, image_vm, test_guest};
 
 const MEMORY_MIB: u64 = 256;
 const BANNER: &[u8] = b"forkvm test guest\n";
@@ -19,15 +19,14 @@ fn first_instruction_image() -> TempFile {
     TempFile::with_contents("bench-pvh", &fake_pvh_elf(0x10_0000, &EXIT_AT_ONCE))
 }
 
+/// Runs `once` `iters` times and adds up the durations it reports (its timed part).
+fn sum_of(iters: u64, mut once: impl FnMut() -> Duration) -> Duration {
+    (0..iters).map(|_| once()).sum()
+}
+
 fn bench_boot(c: &mut Criterion) {
     let image = first_instruction_image();
-    let builder = || {
-        VmBuilder::new()
-            .kernel(image.path())
-            .memory_mib(MEMORY_MIB)
-            .debug_exit(true)
-            .console(ConsoleOutput::Discard)
-    };
+    let builder = || image_vm(image.path()).memory_mib(MEMORY_MIB);
     let mut group = c.benchmark_group("boot_256MiB_1vcpu");
     group
         .sample_size(50)
@@ -36,36 +35,33 @@ fn bench_boot(c: &mut Criterion) {
     // Only the build is timed; tearing the VM down (KVM's VM destruction) happens after.
     group.bench_function("build", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
+            sum_of(iters, || {
                 let t0 = Instant::now();
                 let vm = builder().build().unwrap();
-                total += t0.elapsed();
+                let elapsed = t0.elapsed();
                 drop(vm);
-            }
-            total
+                elapsed
+            })
         })
     });
 
     group.bench_function("build_to_first_instruction", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
+            sum_of(iters, || {
                 let t0 = Instant::now();
                 let vm = builder().build().unwrap();
                 vm.start().unwrap();
                 let exit = vm.wait().unwrap();
-                total += t0.elapsed();
+                let elapsed = t0.elapsed();
                 assert_eq!(exit, GuestExit::PoweredOff { status: Some(0) });
-            }
-            total
+                elapsed
+            })
         })
     });
 
     group.bench_function("build_to_test_guest_banner", |b| {
         b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
+            sum_of(iters, || {
                 let (tx, rx) = mpsc::channel::<Vec<u8>>();
                 let t0 = Instant::now();
                 let vm = VmBuilder::new()
@@ -82,10 +78,10 @@ fn bench_boot(c: &mut Criterion) {
                 while !seen.ends_with(BANNER) {
                     seen.extend(rx.recv().expect("the guest printed its banner"));
                 }
-                total += t0.elapsed();
+                let elapsed = t0.elapsed();
                 vm.stop();
-            }
-            total
+                elapsed
+            })
         })
     });
     group.finish();

@@ -3,7 +3,8 @@
 
 use forkvm::{ConsoleBuffer, ConsoleInput, ConsoleOutput, GuestExit, VmBuilder};
 use forkvm_tests::{
-    REPORT_RSI, TempFile, fake_bzimage, fake_elf, run_test_guest, test_guest, test_guest_vm,
+    REPORT_RSI, TempFile, fake_bzimage, fake_elf, run_image, run_test_guest, test_guest,
+    test_guest_vm,
 };
 
 #[test]
@@ -61,17 +62,9 @@ fn without_debug_exit_the_guest_falls_back_to_reset() {
 
 #[test]
 fn bzimage_boots_through_the_64_bit_protocol_with_the_zero_page_in_rsi() {
-    let image = TempFile::with_contents("bzImage", &fake_bzimage(&REPORT_RSI));
-    let vm = VmBuilder::new()
-        .kernel(image.path())
-        .memory_mib(16)
-        .debug_exit(true)
-        .console(ConsoleOutput::Discard)
-        .build()
-        .unwrap();
-    vm.start().unwrap();
+    let exit = run_image("bzImage", &fake_bzimage(&REPORT_RSI));
     assert_eq!(
-        vm.wait().unwrap(),
+        exit,
         GuestExit::PoweredOff {
             status: Some(forkvm::layout::ZERO_PAGE_ADDR as u32)
         }
@@ -80,17 +73,9 @@ fn bzimage_boots_through_the_64_bit_protocol_with_the_zero_page_in_rsi() {
 
 #[test]
 fn elf_without_pvh_note_boots_through_the_64_bit_protocol() {
-    let image = TempFile::with_contents("vmlinux", &fake_elf(0x20_0000, &REPORT_RSI, 0));
-    let vm = VmBuilder::new()
-        .kernel(image.path())
-        .memory_mib(16)
-        .debug_exit(true)
-        .console(ConsoleOutput::Discard)
-        .build()
-        .unwrap();
-    vm.start().unwrap();
+    let exit = run_image("vmlinux", &fake_elf(0x20_0000, &REPORT_RSI, 0));
     assert_eq!(
-        vm.wait().unwrap(),
+        exit,
         GuestExit::PoweredOff {
             status: Some(forkvm::layout::ZERO_PAGE_ADDR as u32)
         }
@@ -105,6 +90,11 @@ fn memory_above_the_mmio_hole_boots() {
         .build()
         .unwrap();
     assert_eq!(vm.memory_size(), (4096 + 64) << 20);
+    assert_succeeds(&vm, &console);
+}
+
+/// Runs a built test-guest VM and checks it ends with status 0.
+fn assert_succeeds(vm: &forkvm::Vm, console: &ConsoleBuffer) {
     vm.start().unwrap();
     assert_eq!(
         vm.wait().unwrap(),
@@ -121,13 +111,7 @@ fn several_vcpus_boot_with_an_mp_table() {
         .vcpus(4)
         .build()
         .unwrap();
-    vm.start().unwrap();
-    assert_eq!(
-        vm.wait().unwrap(),
-        GuestExit::PoweredOff { status: Some(0) },
-        "{}",
-        console.text()
-    );
+    assert_succeeds(&vm, &console);
 }
 
 #[test]
@@ -262,20 +246,9 @@ fn the_vm_handle_is_send_and_sync() {
 
 #[test]
 fn generated_pvh_image_runs_its_first_instruction() {
-    let image = TempFile::with_contents(
+    let exit = run_image(
         "pvh",
         &forkvm_tests::fake_pvh_elf(0x10_0000, &forkvm_tests::EXIT_AT_ONCE),
     );
-    let vm = VmBuilder::new()
-        .kernel(image.path())
-        .memory_mib(16)
-        .debug_exit(true)
-        .console(ConsoleOutput::Discard)
-        .build()
-        .unwrap();
-    vm.start().unwrap();
-    assert_eq!(
-        vm.wait().unwrap(),
-        GuestExit::PoweredOff { status: Some(0) }
-    );
+    assert_eq!(exit, GuestExit::PoweredOff { status: Some(0) });
 }

@@ -63,6 +63,23 @@ pub fn run_test_guest(cmdline: &str) -> (GuestExit, String) {
     (exit, console.text())
 }
 
+/// A builder for a generated image: 16 MiB, the debug-exit port, no console.
+pub fn image_vm(image: &Path) -> VmBuilder {
+    VmBuilder::new()
+        .kernel(image)
+        .memory_mib(16)
+        .debug_exit(true)
+        .console(ConsoleOutput::Discard)
+}
+
+/// Writes a generated kernel image to a temporary file, boots it and returns how it ended.
+pub fn run_image(name: &str, image: &[u8]) -> GuestExit {
+    let file = TempFile::with_contents(name, image);
+    let vm = image_vm(file.path()).build().expect("build the VM");
+    vm.start().expect("start");
+    vm.wait().expect("wait")
+}
+
 /// Polls `console` until it contains `needle` (the guest runs on other threads).
 pub fn wait_for_output(console: &ConsoleBuffer, needle: &str) {
     for _ in 0..2000 {

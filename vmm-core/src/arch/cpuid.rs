@@ -325,6 +325,14 @@ mod tests {
         .unwrap()
     }
 
+    fn caps(ring0_emulated: bool, tsc_deadline_timer: bool) -> HostCaps {
+        HostCaps {
+            ring0_emulated,
+            tsc_deadline_timer,
+            linux_switches: String::new(),
+        }
+    }
+
     fn get(c: &CpuId, leaf: u32, index: u32) -> kvm_cpuid_entry2 {
         *c.as_slice()
             .iter()
@@ -334,11 +342,7 @@ mod tests {
 
     #[test]
     fn emulating_host_hides_every_gap_and_xsave_state() {
-        let caps = HostCaps {
-            ring0_emulated: true,
-            tsc_deadline_timer: true,
-            linux_switches: String::new(),
-        };
+        let caps = caps(true, true);
         let c = guest_cpuid(&host_like(), &caps, 0, 1);
         let l1 = get(&c, 1, 0);
         assert_eq!(l1.ecx & ((1 << 26) | (1 << 13) | (1 << 23) | (1 << 28)), 0);
@@ -354,11 +358,7 @@ mod tests {
 
     #[test]
     fn native_host_keeps_what_kvm_supports() {
-        let caps = HostCaps {
-            ring0_emulated: false,
-            tsc_deadline_timer: false,
-            linux_switches: String::new(),
-        };
+        let caps = caps(false, false);
         let c = guest_cpuid(&host_like(), &caps, 0, 1);
         let l1 = get(&c, 1, 0);
         assert_ne!(l1.ecx & (1 << 26), 0);
@@ -370,11 +370,7 @@ mod tests {
 
     #[test]
     fn topology_and_brand_are_per_vcpu() {
-        let caps = HostCaps {
-            ring0_emulated: false,
-            tsc_deadline_timer: false,
-            linux_switches: String::new(),
-        };
+        let caps = caps(false, false);
         let c = guest_cpuid(&host_like(), &caps, 2, 3);
         assert_eq!(get(&c, 1, 0).ebx >> 24, 2);
         assert_eq!((get(&c, 1, 0).ebx >> 16) & 0xff, 3);
