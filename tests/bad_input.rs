@@ -1,5 +1,6 @@
 //! Bad configuration and bad files get a typed error that says what is wrong.
 
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 
 use forkvm::boot::BootError;
@@ -148,7 +149,8 @@ fn no_kvm_device() {
     );
 }
 
-/// Runs [`kvm_permission_child`] as user `nobody`, who may not open /dev/kvm.
+/// Runs [`kvm_permission_child`] as user `nobody`, who may not open /dev/kvm. The test binary is
+/// copied where `nobody` can execute it (the checkout may not be readable by other users).
 #[test]
 fn no_permission_for_kvm() {
     // SAFETY: geteuid has no preconditions and touches no memory.
@@ -157,13 +159,19 @@ fn no_permission_for_kvm() {
         euid, 0,
         "this test switches to user nobody and must run as root"
     );
-    let status = std::process::Command::new(std::env::current_exe().unwrap())
+    let exe = TempFile::with_contents(
+        "bad-input-test",
+        &std::fs::read(std::env::current_exe().unwrap()).unwrap(),
+    );
+    std::fs::set_permissions(exe.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let status = std::process::Command::new(exe.path())
         .args([
             "--ignored",
             "--exact",
             "kvm_permission_child",
             "--test-threads=1",
         ])
+        .current_dir("/")
         .uid(65534)
         .gid(65534)
         .status()
