@@ -4,9 +4,10 @@
 //! validates it and answers a bad access with a defined result (reads of unknown registers return
 //! all-ones, writes are ignored), never a host panic.
 //!
-//! Today: the legacy PC devices a microVM needs ([`legacy`]) and the [`bus`] that routes the
-//! guest's port accesses to them. The virtio devices over virtio-mmio follow.
+//! The legacy PC devices a microVM needs ([`legacy`]), virtio devices over virtio-mmio
+//! ([`virtio`]), and the [`bus`] that routes the guest's port and MMIO accesses to them.
 
 pub mod bus;
 pub mod legacy;
 pub mod trigger;
+pub mod virtio;

@@ -1,0 +1,680 @@
+//! The virtio-mmio transport, version 2: the register window through which a driver discovers
+//! a device, negotiates features, programs its queues and drives its status.
+//!
+//! Every register write is checked against the status state machine of the virtio 1.x spec
+//! (§2.1, §3.1, §4.2.2): features only before `FEATURES_OK`, queues only between `FEATURES_OK`
+//! and `DRIVER_OK` and only while not ready, status bits only added (0 resets). Writes that break
+//! these rules are ignored; queues that turn out unusable when the driver says `DRIVER_OK`, and
+//! requests a device cannot parse, put the device into `DEVICE_NEEDS_RESET`.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{GuestMemoryMmap, INT_CONFIG, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice};
+use crate::bus::BusDevice;
+
+/// Size of one device's register window.
+pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
+/// Offset of the queue-notify register, where KVM ioeventfds are attached.
+pub const QUEUE_NOTIFY_OFFSET: u64 = 0x050;
+
+const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x6d76_6b66; // "fkvm"
+const CONFIG_SPACE_OFFSET: u64 = 0x100;
+
+mod reg {
+    pub const MAGIC: u64 = 0x000;
+    pub const VERSION: u64 = 0x004;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const VENDOR_ID: u64 = 0x00c;
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = super::QUEUE_NOTIFY_OFFSET;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+}
+
+const S_ACKNOWLEDGE: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+const S_DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
+const S_FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
+const S_DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
+const S_NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
+const S_FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
+
+/// A virtio device with its virtio-mmio register state and queues.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    memory: GuestMemoryMmap,
+    interrupt: Interrupt,
+    queues: Vec<Queue>,
+    queue_events: Vec<EventFd>,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+}
+
+impl MmioTransport {
+    /// Wraps `device`, whose queues live in `memory` and whose interrupt is `interrupt`.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        memory: GuestMemoryMmap,
+        interrupt: Interrupt,
+    ) -> Result<Self, std::io::Error> {
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|max| {
+                Queue::new(*max)
+                    .map_err(|e| std::io::Error::other(format!("queue size {max}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let queue_events = queues
+            .iter()
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            device,
+            memory,
+            interrupt,
+            queues,
+            queue_events,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+        })
+    }
+
+    /// One eventfd per queue, signalled when the driver notifies that queue; register each as a
+    /// KVM ioeventfd on [`QUEUE_NOTIFY_OFFSET`] with the queue index as data.
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    /// The device's interrupt.
+    pub fn interrupt(&self) -> &Interrupt {
+        &self.interrupt
+    }
+
+    /// The device status register as the driver sees it.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    /// The virtio device type.
+    pub fn device_type(&self) -> u32 {
+        self.device.device_type()
+    }
+
+    fn is_active(&self) -> bool {
+        self.status & (S_DRIVER_OK | S_NEEDS_RESET | S_FAILED) == S_DRIVER_OK
+    }
+
+    fn needs_reset(&mut self, why: &dyn std::fmt::Display) {
+        log::warn!(
+            "virtio device type {}: {why}; needs reset",
+            self.device.device_type()
+        );
+        if self.status & S_NEEDS_RESET == 0 {
+            self.status |= S_NEEDS_RESET;
+            self.interrupt.raise(INT_CONFIG);
+        }
+    }
+
+    /// Serves queue `index` after a notification: the device processes what the driver made
+    /// available. A device error moves the device into `DEVICE_NEEDS_RESET`.
+    pub fn process_queue(&mut self, index: usize) {
+        if !self.is_active() {
+            return;
+        }
+        let Some(queue) = self.queues.get_mut(index).filter(|q| q.ready()) else {
+            return;
+        };
+        if let Err(e) = self
+            .device
+            .process_queue(index, queue, &self.memory, &self.interrupt)
+        {
+            self.needs_reset(&format_args!("queue {index}: {e}"));
+        }
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// Queue registers may change only after feature negotiation, before `DRIVER_OK`, and only
+    /// while the selected queue is not ready.
+    fn queue_config_writable(&mut self) -> Option<&mut Queue> {
+        let in_setup = self.status & (S_FEATURES_OK | S_DRIVER_OK | S_FAILED) == S_FEATURES_OK;
+        self.selected_queue().filter(|q| in_setup && !q.ready())
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        for queue in &mut self.queues {
+            queue.reset();
+        }
+        self.status = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.interrupt.acknowledge(u32::MAX);
+    }
+
+    fn set_status(&mut self, new: u32) {
+        if new == 0 {
+            self.reset();
+            return;
+        }
+        // The driver only adds bits; dropping one (other than by a reset) is ignored.
+        if new & self.status != self.status {
+            return;
+        }
+        let added = new & !self.status;
+        let ordered = |bit: u32, needs: u32| added & bit == 0 || new & needs == needs;
+        if !ordered(S_DRIVER, S_ACKNOWLEDGE)
+            || !ordered(S_FEATURES_OK, S_ACKNOWLEDGE | S_DRIVER)
+            || !ordered(S_DRIVER_OK, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK)
+        {
+            return;
+        }
+        let mut new = new & !S_NEEDS_RESET | (self.status & S_NEEDS_RESET);
+        if added & S_FEATURES_OK != 0 && !self.features_acceptable() {
+            // Left clear: the driver reads it back and gives up on the device (§3.1.1).
+            new &= !S_FEATURES_OK;
+        }
+        self.status = new;
+        if added & S_DRIVER_OK != 0 {
+            self.activate();
+        }
+    }
+
+    fn features_acceptable(&self) -> bool {
+        let offered = self.device.features();
+        self.driver_features & !offered == 0
+            && self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0
+    }
+
+    fn activate(&mut self) {
+        let bad = self
+            .queues
+            .iter()
+            .position(|q| q.ready() && !q.is_valid(&self.memory));
+        if let Some(index) = bad {
+            self.needs_reset(&format_args!(
+                "queue {index} lies outside guest memory or is malformed"
+            ));
+            return;
+        }
+        for index in 0..self.queues.len() {
+            self.process_queue(index);
+        }
+    }
+
+    fn read_register(&mut self, offset: u64) -> u32 {
+        match offset {
+            reg::MAGIC => MAGIC_VALUE,
+            reg::VERSION => VERSION,
+            reg::DEVICE_ID => self.device.device_type(),
+            reg::VENDOR_ID => VENDOR_ID,
+            reg::DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device.features() as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            reg::QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
+            reg::QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
+            reg::INTERRUPT_STATUS => self.interrupt.status(),
+            reg::STATUS => self.status,
+            reg::CONFIG_GENERATION => 0,
+            _ => 0,
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        let driver_may_negotiate = self.status & (S_DRIVER | S_FEATURES_OK | S_FAILED) == S_DRIVER;
+        match offset {
+            reg::DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            reg::DRIVER_FEATURES if driver_may_negotiate => match self.driver_features_sel {
+                0 => {
+                    self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value)
+                }
+                1 => {
+                    self.driver_features =
+                        (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+                }
+                _ => {}
+            },
+            reg::QUEUE_SEL => self.queue_sel = value,
+            reg::QUEUE_NUM => {
+                if let Some(q) = self.queue_config_writable() {
+                    // Sizes that are zero, above the maximum or not a power of two are refused
+                    // by the queue; `is_valid` then fails at DRIVER_OK.
+                    q.set_size(value.try_into().unwrap_or(0));
+                }
+            }
+            reg::QUEUE_READY => {
+                let in_setup =
+                    self.status & (S_FEATURES_OK | S_DRIVER_OK | S_FAILED) == S_FEATURES_OK;
+                if let Some(q) = self.selected_queue().filter(|_| in_setup) {
+                    q.set_ready(value == 1);
+                }
+            }
+            reg::QUEUE_DESC_LOW => {
+                self.queue_address(|q, v| q.set_desc_table_address(Some(v), None), value)
+            }
+            reg::QUEUE_DESC_HIGH => {
+                self.queue_address(|q, v| q.set_desc_table_address(None, Some(v)), value)
+            }
+            reg::QUEUE_DRIVER_LOW => {
+                self.queue_address(|q, v| q.set_avail_ring_address(Some(v), None), value)
+            }
+            reg::QUEUE_DRIVER_HIGH => {
+                self.queue_address(|q, v| q.set_avail_ring_address(None, Some(v)), value)
+            }
+            reg::QUEUE_DEVICE_LOW => {
+                self.queue_address(|q, v| q.set_used_ring_address(Some(v), None), value)
+            }
+            reg::QUEUE_DEVICE_HIGH => {
+                self.queue_address(|q, v| q.set_used_ring_address(None, Some(v)), value)
+            }
+            reg::QUEUE_NOTIFY => {
+                // Reached only without a KVM ioeventfd (tests, or a host without the capability).
+                if let Some(event) = self.queue_events.get(value as usize) {
+                    let _ = event.write(1);
+                }
+            }
+            reg::INTERRUPT_ACK => self.interrupt.acknowledge(value),
+            reg::STATUS => self.set_status(value),
+            _ => {}
+        }
+    }
+
+    fn queue_address(&mut self, set: impl FnOnce(&mut Queue, u32), value: u32) {
+        if let Some(q) = self.queue_config_writable() {
+            set(q, value);
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE_OFFSET {
+            self.device.read_config(offset - CONFIG_SPACE_OFFSET, data);
+        } else if let Ok(bytes) = <&mut [u8; 4]>::try_from(&mut *data) {
+            *bytes = if offset.is_multiple_of(4) {
+                self.read_register(offset)
+            } else {
+                u32::MAX
+            }
+            .to_le_bytes();
+        } else {
+            // Registers are 32 bits wide and aligned (§4.2.2.2); anything else reads as ones.
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE_OFFSET {
+            if self.status & S_FAILED == 0 {
+                self.device.write_config(offset - CONFIG_SPACE_OFFSET, data);
+            }
+        } else if let (Ok(bytes), 0) = (<[u8; 4]>::try_from(data), offset % 4) {
+            self.write_register(offset, u32::from_le_bytes(bytes));
+        }
+    }
+}
+
+/// Event-loop subscriber that serves a transport's queues when their eventfds fire.
+pub struct QueueEvents {
+    transport: Arc<Mutex<MmioTransport>>,
+    events: Vec<EventFd>,
+}
+
+impl QueueEvents {
+    /// Watches the queue eventfds of `transport`.
+    pub fn new(transport: Arc<Mutex<MmioTransport>>) -> std::io::Result<Self> {
+        let events = lock(&transport)
+            .queue_events()
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<_, _>>()?;
+        Ok(Self { transport, events })
+    }
+}
+
+impl MutEventSubscriber for QueueEvents {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (index, event) in self.events.iter().enumerate() {
+            if let Err(e) = ops.add(Events::with_data(event, index as u32, EventSet::IN)) {
+                log::error!("virtio: cannot watch queue {index}: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let index = events.data() as usize;
+        if let Some(event) = self
+            .events
+            .get(index)
+            .filter(|e| e.as_raw_fd() == events.fd())
+        {
+            let _ = event.read();
+            lock(&self.transport).process_queue(index);
+        }
+    }
+}
+
+fn lock(transport: &Mutex<MmioTransport>) -> MutexGuard<'_, MmioTransport> {
+    transport
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::trigger::IrqTrigger;
+    use crate::virtio::rng::{RNG_DEVICE_TYPE, Rng};
+    use crate::virtio::{INT_USED_RING, VIRTIO_F_VERSION_1};
+
+    const MEM_SIZE: usize = 0x10_0000;
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+    const BUF: u64 = 0x8000;
+    const QUEUE_SIZE: u16 = 16;
+
+    /// A driver poking the transport through its registers, as a guest would.
+    struct Driver {
+        transport: MmioTransport,
+        memory: GuestMemoryMmap,
+    }
+
+    impl Driver {
+        fn new() -> Self {
+            let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+            let interrupt = Interrupt::new(IrqTrigger::new().unwrap());
+            let transport =
+                MmioTransport::new(Box::new(Rng::new()), memory.clone(), interrupt).unwrap();
+            Self { transport, memory }
+        }
+
+        fn read(&mut self, offset: u64) -> u32 {
+            let mut data = [0u8; 4];
+            self.transport.read(offset, &mut data);
+            u32::from_le_bytes(data)
+        }
+
+        fn write(&mut self, offset: u64, value: u32) {
+            self.transport.write(offset, &value.to_le_bytes());
+        }
+
+        fn negotiate(&mut self, features: u64) -> u32 {
+            self.write(reg::STATUS, 0);
+            self.write(reg::STATUS, S_ACKNOWLEDGE);
+            self.write(reg::STATUS, S_ACKNOWLEDGE | S_DRIVER);
+            self.write(reg::DRIVER_FEATURES_SEL, 0);
+            self.write(reg::DRIVER_FEATURES, features as u32);
+            self.write(reg::DRIVER_FEATURES_SEL, 1);
+            self.write(reg::DRIVER_FEATURES, (features >> 32) as u32);
+            self.write(reg::STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
+            self.read(reg::STATUS)
+        }
+
+        fn setup_queue(&mut self, desc: u64, avail: u64, used: u64) {
+            self.write(reg::QUEUE_SEL, 0);
+            self.write(reg::QUEUE_NUM, u32::from(QUEUE_SIZE));
+            for (low, value) in [
+                (reg::QUEUE_DESC_LOW, desc),
+                (reg::QUEUE_DRIVER_LOW, avail),
+                (reg::QUEUE_DEVICE_LOW, used),
+            ] {
+                self.write(low, value as u32);
+                self.write(low + 4, (value >> 32) as u32);
+            }
+            self.write(reg::QUEUE_READY, 1);
+        }
+
+        fn start(&mut self) {
+            assert_ne!(self.negotiate(1 << VIRTIO_F_VERSION_1) & S_FEATURES_OK, 0);
+            self.setup_queue(DESC, AVAIL, USED);
+            self.write(
+                reg::STATUS,
+                S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
+            );
+        }
+
+        /// Makes descriptor `index` (addr, len, flags, next) available as a chain head.
+        fn descriptor(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+            let at = GuestAddress(DESC + 16 * u64::from(index));
+            self.memory.write_obj(addr, at).unwrap();
+            self.memory.write_obj(len, GuestAddress(at.0 + 8)).unwrap();
+            self.memory
+                .write_obj(flags, GuestAddress(at.0 + 12))
+                .unwrap();
+            self.memory
+                .write_obj(next, GuestAddress(at.0 + 14))
+                .unwrap();
+        }
+
+        fn make_available(&self, head: u16) {
+            let idx: u16 = self.memory.read_obj(GuestAddress(AVAIL + 2)).unwrap();
+            let slot = AVAIL + 4 + 2 * u64::from(idx % QUEUE_SIZE);
+            self.memory.write_obj(head, GuestAddress(slot)).unwrap();
+            self.memory
+                .write_obj(idx.wrapping_add(1), GuestAddress(AVAIL + 2))
+                .unwrap();
+        }
+
+        /// Notifies queue 0 and lets the "event loop" serve it.
+        fn notify(&mut self) {
+            self.write(reg::QUEUE_NOTIFY, 0);
+            assert_eq!(self.transport.queue_events()[0].read().unwrap(), 1);
+            self.transport.process_queue(0);
+        }
+
+        fn used(&self) -> (u16, u32) {
+            let idx: u16 = self.memory.read_obj(GuestAddress(USED + 2)).unwrap();
+            let len: u32 = self.memory.read_obj(GuestAddress(USED + 4 + 4)).unwrap();
+            (idx, len)
+        }
+    }
+
+    #[test]
+    fn identifies_itself_as_a_version_2_entropy_device() {
+        let mut d = Driver::new();
+        assert_eq!(d.read(reg::MAGIC), MAGIC_VALUE);
+        assert_eq!(d.read(reg::VERSION), 2);
+        assert_eq!(d.read(reg::DEVICE_ID), RNG_DEVICE_TYPE);
+        d.write(reg::DEVICE_FEATURES_SEL, 1);
+        assert_eq!(d.read(reg::DEVICE_FEATURES), 1, "VERSION_1 is bit 32");
+        d.write(reg::QUEUE_SEL, 0);
+        assert_eq!(d.read(reg::QUEUE_NUM_MAX), 256);
+        d.write(reg::QUEUE_SEL, 1);
+        assert_eq!(d.read(reg::QUEUE_NUM_MAX), 0, "no second queue");
+    }
+
+    #[test]
+    fn serves_random_bytes_and_interrupts() {
+        let mut d = Driver::new();
+        d.start();
+        assert_eq!(d.transport.status() & S_NEEDS_RESET, 0);
+        d.descriptor(0, BUF, 64, 2 /* WRITE */, 0);
+        d.make_available(0);
+        d.notify();
+        assert_eq!(d.used(), (1, 64));
+        let mut bytes = [0u8; 64];
+        d.memory.read_slice(&mut bytes, GuestAddress(BUF)).unwrap();
+        assert!(bytes.iter().any(|b| *b != 0));
+        assert_eq!(d.read(reg::INTERRUPT_STATUS), INT_USED_RING);
+        assert_eq!(d.transport.interrupt().irq().eventfd().read().unwrap(), 1);
+        d.write(reg::INTERRUPT_ACK, INT_USED_RING);
+        assert_eq!(d.read(reg::INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
+    fn features_without_version_1_or_not_offered_are_refused() {
+        let mut d = Driver::new();
+        assert_eq!(d.negotiate(0) & S_FEATURES_OK, 0, "legacy driver");
+        assert_eq!(
+            d.negotiate((1 << VIRTIO_F_VERSION_1) | (1 << 5)) & S_FEATURES_OK,
+            0,
+            "unoffered bit"
+        );
+        assert_ne!(d.negotiate(1 << VIRTIO_F_VERSION_1) & S_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn out_of_order_status_and_late_writes_are_ignored() {
+        let mut d = Driver::new();
+        d.write(reg::STATUS, S_DRIVER_OK);
+        assert_eq!(d.read(reg::STATUS), 0, "DRIVER_OK before negotiation");
+        d.write(reg::STATUS, S_ACKNOWLEDGE);
+        d.write(reg::QUEUE_NUM, 8);
+        d.write(reg::QUEUE_READY, 1);
+        assert_eq!(
+            d.read(reg::QUEUE_READY),
+            0,
+            "queue set-up before FEATURES_OK"
+        );
+        d.start();
+        d.write(reg::STATUS, S_ACKNOWLEDGE);
+        assert_ne!(
+            d.read(reg::STATUS) & S_DRIVER_OK,
+            0,
+            "status bits cannot be dropped"
+        );
+        d.write(reg::QUEUE_DESC_LOW, 0x5000);
+        assert_eq!(
+            d.transport.queues[0].desc_table(),
+            DESC,
+            "queue address frozen once live"
+        );
+        d.write(reg::STATUS, 0);
+        assert_eq!(d.read(reg::STATUS), 0);
+        assert_eq!(d.read(reg::QUEUE_READY), 0, "reset clears the queues");
+    }
+
+    #[test]
+    fn a_queue_outside_guest_memory_needs_reset() {
+        let mut d = Driver::new();
+        assert_ne!(d.negotiate(1 << VIRTIO_F_VERSION_1) & S_FEATURES_OK, 0);
+        d.setup_queue(MEM_SIZE as u64 - 16, AVAIL, USED);
+        d.write(
+            reg::STATUS,
+            S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
+        );
+        assert_ne!(d.read(reg::STATUS) & S_NEEDS_RESET, 0);
+        assert_eq!(d.read(reg::INTERRUPT_STATUS) & INT_CONFIG, INT_CONFIG);
+    }
+
+    #[test]
+    fn a_buffer_outside_guest_memory_needs_reset() {
+        let mut d = Driver::new();
+        d.start();
+        d.descriptor(0, MEM_SIZE as u64 - 16, 64, 2, 0);
+        d.make_available(0);
+        d.notify();
+        assert_ne!(d.read(reg::STATUS) & S_NEEDS_RESET, 0);
+        assert_eq!(d.used().0, 0, "nothing was used");
+        // A device needing reset ignores further notifications until the driver resets it.
+        d.descriptor(1, BUF, 64, 2, 0);
+        d.make_available(1);
+        d.notify();
+        assert_eq!(d.used().0, 0);
+    }
+
+    #[test]
+    fn a_looping_chain_is_cut_off() {
+        let mut d = Driver::new();
+        d.start();
+        d.descriptor(0, BUF, 64, 2 | 1 /* NEXT */, 1);
+        d.descriptor(1, BUF + 64, 64, 2 | 1, 0);
+        d.make_available(0);
+        d.notify();
+        // Either refused (needs reset) or served with a bounded length: never a hang.
+        let (idx, len) = d.used();
+        assert!(
+            d.read(reg::STATUS) & S_NEEDS_RESET != 0
+                || (idx == 1 && len <= 64 * u32::from(QUEUE_SIZE))
+        );
+    }
+
+    #[test]
+    fn odd_width_and_unaligned_register_accesses_are_harmless() {
+        let mut d = Driver::new();
+        let mut byte = [0u8; 1];
+        d.transport.read(reg::MAGIC, &mut byte);
+        assert_eq!(byte, [0xff]);
+        assert_eq!(d.read(reg::MAGIC + 1), u32::MAX);
+        d.transport.write(reg::STATUS, &[1]);
+        assert_eq!(d.read(reg::STATUS), 0);
+        let mut config = [0xaau8; 8];
+        d.transport.read(0x100, &mut config);
+        assert_eq!(config, [0; 8], "the entropy device has no config space");
+    }
+
+    /// xorshift64: deterministic pseudo-random register traffic.
+    fn next(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    #[test]
+    fn random_register_traffic_never_panics() {
+        let mut d = Driver::new();
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..200_000 {
+            let r = next(&mut rng);
+            let offset = (r % 0x110) & !3;
+            let value = match r >> 60 {
+                0..=3 => (r >> 16) as u32 & 0xff,
+                4..=7 => (r >> 16) as u32 & 0xffff,
+                _ => (r >> 16) as u32,
+            };
+            if r & (1 << 9) == 0 {
+                d.read(offset);
+            } else {
+                d.write(offset, value);
+                if offset == reg::QUEUE_NOTIFY {
+                    let _ = d.transport.queue_events()[0].read();
+                    d.transport.process_queue(0);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! Virtio devices over the virtio-mmio transport (virtio 1.x, MMIO version 2).
+//!
+//! A device implements [`VirtioDevice`]: what it offers (type, features, queues, config space)
+//! and how it serves its queues once the driver has set them up. [`mmio::MmioTransport`] owns the
+//! device and the queue state the driver programs through its registers, validates every value
+//! the guest writes, and moves the device into `DEVICE_NEEDS_RESET` when the guest breaks the
+//! rules. Queue notifications arrive on one eventfd per queue (a KVM ioeventfd in a VM) and are
+//! served on the VM's event loop; interrupts leave through an irqfd.
+
+pub mod mmio;
+pub mod rng;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use thiserror::Error;
+use virtio_queue::Queue;
+
+use crate::trigger::IrqTrigger;
+
+/// Guest memory as devices access it.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// Feature bit every forkvm device offers: virtio 1.x, no legacy interface.
+pub const VIRTIO_F_VERSION_1: u32 = virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+
+/// Why a device could not serve its queues; the transport answers with `DEVICE_NEEDS_RESET`.
+#[derive(Debug, Error)]
+pub enum DeviceError {
+    /// The guest's queue structures are unusable (bad addresses, indexes or chains).
+    #[error("virtqueue error: {0}")]
+    Queue(#[from] virtio_queue::Error),
+    /// A request was malformed.
+    #[error("malformed request: {0}")]
+    BadRequest(String),
+    /// The host side of the device failed.
+    #[error("host I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The interrupt line of one device, with the interrupt status register the driver reads.
+#[derive(Clone)]
+pub struct Interrupt {
+    status: Arc<AtomicU32>,
+    irq: Arc<IrqTrigger>,
+}
+
+/// Interrupt status bit: a used buffer was added to a queue.
+pub const INT_USED_RING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+/// Interrupt status bit: the configuration (or device status) changed.
+pub const INT_CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
+
+impl Interrupt {
+    /// An interrupt raised through `irq`.
+    pub fn new(irq: IrqTrigger) -> Self {
+        Self {
+            status: Arc::default(),
+            irq: Arc::new(irq),
+        }
+    }
+
+    /// The line to register with KVM as an irqfd.
+    pub fn irq(&self) -> &IrqTrigger {
+        &self.irq
+    }
+
+    /// Sets `bits` in the interrupt status and raises the line.
+    pub fn raise(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        if let Err(e) = vm_superio::Trigger::trigger(&*self.irq) {
+            log::warn!("virtio: cannot raise the interrupt: {e}");
+        }
+    }
+
+    /// The interrupt status register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// Clears the bits the driver acknowledged.
+    pub fn acknowledge(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    /// Virtio device type (e.g. 4 for entropy).
+    fn device_type(&self) -> u32;
+    /// Largest size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered to the driver (must include [`VIRTIO_F_VERSION_1`]).
+    fn features(&self) -> u64;
+    /// Reads device configuration space at `offset`; bytes past its end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let _ = offset;
+        data.fill(0);
+    }
+    /// Writes device configuration space; devices without writable fields ignore it.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let _ = (offset, data);
+    }
+    /// Serves the available buffers of queue `index` (called on the event loop after a notify).
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        memory: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+    ) -> Result<(), DeviceError>;
+    /// Returns to the state before the driver's first access (the transport resets the queues).
+    fn reset(&mut self) {}
+}

@@ -1,0 +1,86 @@
+//! virtio-rng (entropy device, type 4): fills the guest's buffers from the host's `getrandom`.
+
+use std::io::Write;
+
+use virtio_queue::{Queue, QueueT};
+
+use super::{
+    DeviceError, GuestMemoryMmap, INT_USED_RING, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice,
+};
+
+/// Virtio device type of the entropy device.
+pub const RNG_DEVICE_TYPE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
+const QUEUE_SIZE: u16 = 256;
+/// Most bytes served per request, so one request cannot make the host fill gigabytes.
+pub const MAX_BYTES_PER_REQUEST: usize = 64 * 1024;
+
+/// The entropy device: one request queue of write-only buffers.
+#[derive(Default)]
+pub struct Rng {
+    buffer: Vec<u8>,
+}
+
+impl Rng {
+    /// A new entropy device.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        RNG_DEVICE_TYPE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+    }
+
+    fn process_queue(
+        &mut self,
+        _index: usize,
+        queue: &mut Queue,
+        memory: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        let mut used_any = false;
+        while let Some(chain) = queue.pop_descriptor_chain(memory) {
+            let head = chain.head_index();
+            let mut writer = chain.writer(memory)?;
+            let len = writer.available_bytes().min(MAX_BYTES_PER_REQUEST);
+            self.buffer.resize(len, 0);
+            fill_random(&mut self.buffer)?;
+            writer.write_all(&self.buffer)?;
+            // `len` is at most MAX_BYTES_PER_REQUEST, so it fits in u32.
+            queue.add_used(memory, head, len as u32)?;
+            used_any = true;
+        }
+        if used_any && queue.needs_notification(memory)? {
+            interrupt.raise(INT_USED_RING);
+        }
+        Ok(())
+    }
+}
+
+/// Fills `buf` from the kernel's CSPRNG.
+fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: the pointer and length describe the writable slice `rest`.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() != std::io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        } else {
+            filled += n as usize;
+        }
+    }
+    Ok(())
+}
