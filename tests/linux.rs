@@ -1,6 +1,6 @@
 //! A real Linux guest on this host's KVM: the kernel from `guest/kernel/build.sh` and the busybox
 //! initramfs from `guest/initramfs/build.sh` boot through the PVH entry; /init prints its marker
-//! and reboots, which forkvm reports as a reset.
+//! and reboots, which forkvm reports as a reset. Its kernel drives forkvm's virtio-rng device.
 //!
 //! Here guest ring 0 is emulated, so the boot takes ~15–20 s; the build scripts reuse their cache
 //! (`scripts/test.sh` builds both before the tests run).
@@ -22,6 +22,7 @@ fn linux_boots_to_init_and_shuts_down() {
         .initrd(&initramfs)
         .cmdline("console=ttyS0")
         .memory_mib(128)
+        .rng()
         .console(ConsoleOutput::Buffer(console.clone()))
         .build()
         .expect("build the Linux VM");

@@ -11,6 +11,8 @@ use forkvm_devices::legacy::{
     SERIAL_PORT_BASE, SERIAL_PORT_LEN, SerialInput, SerialPort,
 };
 use forkvm_devices::trigger::{ExitTrigger, IrqTrigger};
+use forkvm_devices::virtio::VirtioDevice;
+use forkvm_devices::virtio::rng::Rng;
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
 };
@@ -27,7 +29,9 @@ use crate::exit::GuestExit;
 use crate::layout::KVM_TSS_ADDR;
 use crate::memory::{GuestRam, MIN_MEMORY_MIB};
 use crate::run_state::RunState;
+use crate::vcpu::IoBuses;
 use crate::vcpu::{Vcpu, install_kick_handler};
+use crate::virtio::VirtioPlan;
 use crate::vm::Vm;
 
 /// Arguments forkvm gives every guest kernel, before the caller's: a reset request ends the VM
@@ -53,6 +57,21 @@ pub struct VmBuilder {
     console_input: Option<ConsoleInputDebug>,
     debug_exit: bool,
     kvm_device: PathBuf,
+    virtio: Vec<VirtioConfig>,
+}
+
+/// A virtio device requested from the builder.
+#[derive(Debug)]
+enum VirtioConfig {
+    Rng,
+}
+
+impl VirtioConfig {
+    fn create(&self) -> Box<dyn VirtioDevice> {
+        match self {
+            Self::Rng => Box::new(Rng::new()),
+        }
+    }
 }
 
 /// The KVM device opened unless [`VmBuilder::kvm_device`] says otherwise.
@@ -79,6 +98,7 @@ impl Default for VmBuilder {
             console_input: None,
             debug_exit: false,
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
+            virtio: Vec::new(),
         }
     }
 }
@@ -138,6 +158,12 @@ impl VmBuilder {
         self
     }
 
+    /// Adds a virtio-rng device: the guest's `/dev/hwrng`, fed by the host's `getrandom`.
+    pub fn rng(mut self) -> Self {
+        self.virtio.push(VirtioConfig::Rng);
+        self
+    }
+
     /// Opens KVM through another device node than [`DEFAULT_KVM_DEVICE`] (e.g. in a container).
     pub fn kvm_device(mut self, path: impl Into<PathBuf>) -> Self {
         self.kvm_device = path.into();
@@ -145,13 +171,17 @@ impl VmBuilder {
     }
 
     /// The full command line the guest receives on a host with `caps`.
-    fn full_cmdline(&self, caps: &HostCaps) -> String {
+    fn full_cmdline(&self, caps: &HostCaps, virtio: &VirtioPlan) -> String {
         let mut parts = vec![PLATFORM_CMDLINE];
         if caps.ring0_emulated {
             parts.push(EMULATED_HOST_CMDLINE);
         }
         if !caps.linux_switches.is_empty() {
             parts.push(&caps.linux_switches);
+        }
+        let devices = virtio.cmdline();
+        if !devices.is_empty() {
+            parts.push(&devices);
         }
         if !self.cmdline.is_empty() {
             parts.push(&self.cmdline);
@@ -184,7 +214,8 @@ impl VmBuilder {
         install_kick_handler()?;
 
         let ram = GuestRam::new(self.memory_mib << 20)?;
-        let cmdline = self.full_cmdline(&caps);
+        let virtio = VirtioPlan::new(self.virtio.iter().map(VirtioConfig::create).collect())?;
+        let cmdline = self.full_cmdline(&caps, &virtio);
         let vcpu_count = self.vcpus as u8; // checked against MAX_MPTABLE_VCPUS above
         let entry = boot::load(
             &ram,
@@ -238,6 +269,9 @@ impl VmBuilder {
             )?;
         }
 
+        let mut mmio = Bus::new();
+        let devices = virtio.attach(&vm, &mut mmio, &mut event_loop, &ram.memory)?;
+
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -257,7 +291,15 @@ impl VmBuilder {
                 id: u32::from(id),
             });
         }
-        Ok(Vm::new(vm, ram, vcpus, Arc::new(pio), event_loop, state))
+        Ok(Vm::new(
+            vm,
+            ram,
+            vcpus,
+            Arc::new(IoBuses { pio, mmio }),
+            devices,
+            event_loop,
+            state,
+        ))
     }
 }
 

@@ -27,6 +27,7 @@ pub mod layout;
 pub mod memory;
 mod run_state;
 mod vcpu;
+mod virtio;
 mod vm;
 
 pub use builder::{
@@ -38,4 +39,5 @@ pub use console::{
 pub use error::Error;
 pub use exit::{CpuRegisters, Crash, CrashReason, GuestExit};
 pub use vcpu::{KICK_SIGNAL_OFFSET, kick_signal};
+pub use virtio::DeviceInfo;
 pub use vm::Vm;

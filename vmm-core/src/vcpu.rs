@@ -50,6 +50,14 @@ pub fn install_kick_handler() -> Result<(), Error> {
         })
 }
 
+/// The buses a vCPU routes its port and MMIO exits to.
+pub struct IoBuses {
+    /// Port I/O devices.
+    pub pio: Bus,
+    /// MMIO devices (virtio windows).
+    pub mmio: Bus,
+}
+
 /// A vCPU ready to run on its own thread.
 pub struct Vcpu {
     /// KVM's handle.
@@ -60,35 +68,39 @@ pub struct Vcpu {
 
 impl Vcpu {
     /// Runs the vCPU until the VM is exiting or this vCPU ends it.
-    pub fn run(mut self, pio: &Bus, state: &RunState) {
+    pub fn run(mut self, buses: &IoBuses, state: &RunState) {
         let flag: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
         IMMEDIATE_EXIT.with(|cell| cell.set(flag));
-        let exit = self.run_loop(pio, state);
+        let exit = self.run_loop(buses, state);
         IMMEDIATE_EXIT.with(|cell| cell.set(std::ptr::null_mut()));
         if let Some(exit) = exit {
             state.finish(exit);
         }
     }
 
-    fn run_loop(&mut self, pio: &Bus, state: &RunState) -> Option<GuestExit> {
+    fn run_loop(&mut self, buses: &IoBuses, state: &RunState) -> Option<GuestExit> {
         loop {
             if state.is_exiting() {
                 return None;
             }
             let reason = match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
-                    pio.read(u64::from(port), data);
+                    buses.pio.read(u64::from(port), data);
                     continue;
                 }
                 Ok(VcpuExit::IoOut(port, data)) => {
-                    pio.write(u64::from(port), data);
+                    buses.pio.write(u64::from(port), data);
                     continue;
                 }
-                Ok(VcpuExit::MmioRead(_, data)) => {
-                    data.fill(0xff);
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    buses.mmio.read(addr, data);
                     continue;
                 }
-                Ok(VcpuExit::MmioWrite(..) | VcpuExit::IrqWindowOpen | VcpuExit::Intr) => continue,
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    buses.mmio.write(addr, data);
+                    continue;
+                }
+                Ok(VcpuExit::IrqWindowOpen | VcpuExit::Intr) => continue,
                 Ok(VcpuExit::Shutdown) => {
                     return Some(GuestExit::TripleFault {
                         vcpu: self.id,

@@ -4,7 +4,6 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 
-use forkvm_devices::bus::Bus;
 use kvm_ioctls::VmFd;
 
 use crate::error::Error;
@@ -12,7 +11,8 @@ use crate::event_loop::EventLoop;
 use crate::exit::GuestExit;
 use crate::memory::GuestRam;
 use crate::run_state::RunState;
-use crate::vcpu::Vcpu;
+use crate::vcpu::{IoBuses, Vcpu};
+use crate::virtio::{AttachedDevice, DeviceInfo};
 
 /// Where a VM is in its life.
 enum Phase {
@@ -31,7 +31,8 @@ enum Phase {
 pub struct Vm {
     phase: Mutex<Phase>,
     state: Arc<RunState>,
-    pio: Arc<Bus>,
+    buses: Arc<IoBuses>,
+    devices: Vec<AttachedDevice>,
     // Declared before `ram`, so the VM (and its memory slots) is destroyed before the mapping.
     _vm_fd: VmFd,
     ram: GuestRam,
@@ -42,7 +43,8 @@ impl Vm {
         vm_fd: VmFd,
         ram: GuestRam,
         vcpus: Vec<Vcpu>,
-        pio: Arc<Bus>,
+        buses: Arc<IoBuses>,
+        devices: Vec<AttachedDevice>,
         event_loop: EventLoop,
         state: Arc<RunState>,
     ) -> Self {
@@ -52,7 +54,8 @@ impl Vm {
                 event_loop: Box::new(event_loop),
             }),
             state,
-            pio,
+            buses,
+            devices,
             _vm_fd: vm_fd,
             ram,
         }
@@ -78,10 +81,10 @@ impl Vm {
 
         let mut threads = self.state.threads();
         for vcpu in vcpus {
-            let (state, pio) = (self.state.clone(), self.pio.clone());
+            let (state, buses) = (self.state.clone(), self.buses.clone());
             let spawned = thread::Builder::new()
                 .name(format!("forkvm-vcpu{}", vcpu.id))
-                .spawn(move || vcpu.run(&pio, &state));
+                .spawn(move || vcpu.run(&buses, &state));
             match spawned {
                 Ok(handle) => threads.push(handle),
                 Err(source) => {
@@ -123,6 +126,11 @@ impl Vm {
     /// How the guest ended, without blocking; `None` while it runs.
     pub fn exit(&self) -> Option<GuestExit> {
         self.state.exit()
+    }
+
+    /// The VM's virtio devices: type, window, IRQ and driver status.
+    pub fn devices(&self) -> Vec<DeviceInfo> {
+        self.devices.iter().map(AttachedDevice::info).collect()
     }
 
     /// Guest memory size in bytes.

@@ -1,0 +1,165 @@
+//! Places virtio devices in a VM: one MMIO window and one IRQ each (from `vm-allocator`), the
+//! KVM ioeventfds and irqfd that connect them, the event-loop subscriber that serves their
+//! queues, and the `virtio_mmio.device=` entries that tell the guest kernel where they are.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use forkvm_devices::bus::Bus;
+use forkvm_devices::trigger::IrqTrigger;
+use forkvm_devices::virtio::mmio::{
+    MMIO_WINDOW_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, QueueEvents,
+};
+use forkvm_devices::virtio::{Interrupt, VirtioDevice};
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_allocator::{AddressAllocator, AllocPolicy, IdAllocator};
+
+use crate::error::{Error, kvm_err};
+use crate::event_loop::EventLoop;
+use crate::layout::{VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
+use crate::memory::GuestMemoryMmap;
+
+/// First IRQ given to virtio devices (0–4 are the PIT, keyboard, cascade and serial ports).
+pub const FIRST_VIRTIO_IRQ: u32 = 5;
+/// Last IRQ: the in-kernel IOAPIC has 24 pins.
+pub const LAST_VIRTIO_IRQ: u32 = 23;
+
+/// A virtio device and where it will appear in the guest.
+struct Placed {
+    device: Box<dyn VirtioDevice>,
+    base: u64,
+    irq: u32,
+}
+
+/// What the VM handle reports about one of its virtio devices.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Virtio device type (2 block, 3 console, 4 entropy, 5 balloon, 19 vsock).
+    pub device_type: u32,
+    /// Guest-physical base of its virtio-mmio window.
+    pub mmio_base: u64,
+    /// Its interrupt line.
+    pub irq: u32,
+    /// The driver's status register (0 until a driver touches it; bit 0x40 = needs reset).
+    pub status: u32,
+}
+
+/// Virtio devices with their windows and IRQs chosen, not yet attached to a VM.
+pub struct VirtioPlan {
+    placed: Vec<Placed>,
+}
+
+impl VirtioPlan {
+    /// Gives each device a window and an IRQ.
+    pub fn new(devices: Vec<Box<dyn VirtioDevice>>) -> Result<Self, Error> {
+        let place_err = |e: vm_allocator::Error| Error::Setup {
+            what: "virtio device placement",
+            reason: e.to_string(),
+        };
+        let mut windows =
+            AddressAllocator::new(VIRTIO_MMIO_START, VIRTIO_MMIO_SIZE).map_err(place_err)?;
+        let mut irqs = IdAllocator::new(FIRST_VIRTIO_IRQ, LAST_VIRTIO_IRQ).map_err(place_err)?;
+        let placed = devices
+            .into_iter()
+            .map(|device| {
+                let window = windows.allocate(
+                    MMIO_WINDOW_SIZE,
+                    MMIO_WINDOW_SIZE,
+                    AllocPolicy::FirstMatch,
+                )?;
+                Ok(Placed {
+                    device,
+                    base: window.start(),
+                    irq: irqs.allocate_id()?,
+                })
+            })
+            .collect::<Result<Vec<_>, vm_allocator::Error>>()
+            .map_err(place_err)?;
+        Ok(Self { placed })
+    }
+
+    /// The kernel command-line entries announcing the devices.
+    pub fn cmdline(&self) -> String {
+        self.placed
+            .iter()
+            .map(|p| {
+                format!(
+                    "virtio_mmio.device={}K@{:#x}:{}",
+                    MMIO_WINDOW_SIZE >> 10,
+                    p.base,
+                    p.irq
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Connects every device to the VM: MMIO window on `mmio`, irqfd, one ioeventfd per queue,
+    /// queue service on `event_loop`.
+    pub fn attach(
+        self,
+        vm: &VmFd,
+        mmio: &mut Bus,
+        event_loop: &mut EventLoop,
+        memory: &GuestMemoryMmap,
+    ) -> Result<Vec<AttachedDevice>, Error> {
+        self.placed
+            .into_iter()
+            .map(|Placed { device, base, irq }| {
+                let setup_err = |e: std::io::Error| Error::Setup {
+                    what: "virtio device",
+                    reason: e.to_string(),
+                };
+                let line = IrqTrigger::new().map_err(setup_err)?;
+                vm.register_irqfd(line.eventfd(), irq)
+                    .map_err(kvm_err("KVM_IRQFD"))?;
+                let transport = MmioTransport::new(device, memory.clone(), Interrupt::new(line))
+                    .map_err(setup_err)?;
+                for (index, event) in transport.queue_events().iter().enumerate() {
+                    let notify = IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
+                    vm.register_ioevent(event, &notify, index as u32)
+                        .map_err(kvm_err("KVM_IOEVENTFD"))?;
+                }
+                let transport = Arc::new(Mutex::new(transport));
+                mmio.insert(transport.clone(), base, MMIO_WINDOW_SIZE)
+                    .map_err(|e| Error::Setup {
+                        what: "MMIO bus",
+                        reason: e.to_string(),
+                    })?;
+                event_loop.add(Arc::new(Mutex::new(
+                    QueueEvents::new(transport.clone()).map_err(setup_err)?,
+                )));
+                Ok(AttachedDevice {
+                    transport,
+                    base,
+                    irq,
+                })
+            })
+            .collect()
+    }
+}
+
+/// A virtio device attached to a running VM.
+pub struct AttachedDevice {
+    transport: Arc<Mutex<MmioTransport>>,
+    base: u64,
+    irq: u32,
+}
+
+impl AttachedDevice {
+    /// Where the device is and what state its driver left it in.
+    pub fn info(&self) -> DeviceInfo {
+        let transport = self.lock();
+        DeviceInfo {
+            device_type: transport.device_type(),
+            mmio_base: self.base,
+            irq: self.irq,
+            status: transport.status(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, MmioTransport> {
+        self.transport
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
