@@ -163,3 +163,34 @@ impl AttachedDevice {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use forkvm_devices::virtio::rng::Rng;
+
+    use super::*;
+
+    fn rngs(n: usize) -> Vec<Box<dyn VirtioDevice>> {
+        (0..n)
+            .map(|_| Box::new(Rng::new()) as Box<dyn VirtioDevice>)
+            .collect()
+    }
+
+    #[test]
+    fn each_device_gets_its_own_window_irq_and_command_line_entry() {
+        let plan = VirtioPlan::new(rngs(2)).unwrap();
+        assert_eq!(
+            plan.cmdline(),
+            "virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+        );
+        assert_eq!(VirtioPlan::new(Vec::new()).unwrap().cmdline(), "");
+    }
+
+    #[test]
+    fn more_devices_than_irqs_is_an_error() {
+        let pins = (LAST_VIRTIO_IRQ - FIRST_VIRTIO_IRQ + 1) as usize;
+        assert!(VirtioPlan::new(rngs(pins)).is_ok());
+        let err = VirtioPlan::new(rngs(pins + 1)).err().expect("out of IRQs");
+        assert!(err.to_string().contains("virtio device placement"), "{err}");
+    }
+}

@@ -8,7 +8,7 @@ use forkvm::{ConsoleInput, ConsoleOutput, DEFAULT_MEMORY_MIB, GuestExit, VmBuild
 
 const USAGE: &str =
     "usage: forkvm run --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MIB] \
-[--vcpus N] [--debug-exit]
+[--vcpus N] [--rng] [--debug-exit]
 
 Boots the kernel with the serial console on this terminal and exits with the guest's end state:
   0    the guest powered off or reset (Linux `reboot`)
@@ -29,6 +29,7 @@ struct RunArgs {
     memory_mib: u64,
     vcpus: u32,
     debug_exit: bool,
+    rng: bool,
 }
 
 fn parse(mut args: impl Iterator<Item = String>) -> Result<RunArgs, String> {
@@ -36,7 +37,8 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<RunArgs, String> {
         return Err("expected the `run` command".into());
     }
     let (mut kernel, mut initrd, mut cmdline) = (None, None, None);
-    let (mut memory_mib, mut vcpus, mut debug_exit) = (DEFAULT_MEMORY_MIB, 1, false);
+    let (mut memory_mib, mut vcpus, mut debug_exit, mut rng) =
+        (DEFAULT_MEMORY_MIB, 1, false, false);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
@@ -46,6 +48,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<RunArgs, String> {
             "--memory" => memory_mib = value()?.parse().map_err(|e| format!("--memory: {e}"))?,
             "--vcpus" => vcpus = value()?.parse().map_err(|e| format!("--vcpus: {e}"))?,
             "--debug-exit" => debug_exit = true,
+            "--rng" => rng = true,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown option {other}")),
         }
@@ -58,6 +61,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<RunArgs, String> {
         memory_mib,
         vcpus,
         debug_exit,
+        rng,
     })
 }
 
@@ -71,6 +75,9 @@ fn run(args: RunArgs) -> Result<GuestExit, forkvm::Error> {
     // Standard input feeds the guest's console when there is one (CI may run us without).
     if let Ok(stdin) = std::io::stdin().as_fd().try_clone_to_owned() {
         builder = builder.console_input(ConsoleInput::Fd(stdin));
+    }
+    if args.rng {
+        builder = builder.rng();
     }
     if let Some(initrd) = args.initrd {
         builder = builder.initrd(initrd);
