@@ -252,3 +252,30 @@ fn generated_pvh_image_runs_its_first_instruction() {
     );
     assert_eq!(exit, GuestExit::PoweredOff { status: Some(0) });
 }
+
+#[test]
+fn test_guest_reads_entropy_from_virtio_rng() {
+    let console = ConsoleBuffer::new();
+    let vm = test_guest_vm("mode=virtio-rng", &console)
+        .rng()
+        .build()
+        .unwrap();
+    let devices = vm.devices();
+    assert_eq!(devices.len(), 1);
+    assert_eq!(
+        (devices[0].device_type, devices[0].mmio_base, devices[0].irq),
+        (4, 0xd000_0000, 5)
+    );
+    assert_eq!(devices[0].status, 0, "no driver yet");
+    assert_succeeds(&vm, &console);
+    assert!(
+        console.text().contains("virtio-rng ok"),
+        "{}",
+        console.text()
+    );
+    assert_eq!(
+        vm.devices()[0].status,
+        0xf,
+        "the driver brought the device live"
+    );
+}

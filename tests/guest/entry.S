@@ -197,8 +197,12 @@ pdpt:
 pd:
     .set addr, 0
     .rept 2048
-    /* Uncached for the top 32 MiB: IOAPIC (0xfec00000) and LAPIC (0xfee00000). */
-    .if addr >= 0xfe000000
+    /*
+     * Uncached from 3 GiB up: the 32-bit MMIO hole (RAM stops below it) with
+     * the virtio-mmio windows (0xd0000000 in forkvm, 0xfeb00000 in QEMU
+     * microvm), IOAPIC (0xfec00000) and LAPIC (0xfee00000).
+     */
+    .if addr >= 0xc0000000
     .quad addr + (PTE_P | PTE_W | PTE_U | PTE_PS | PTE_PCD | PTE_PWT)
     .else
     .quad addr + (PTE_P | PTE_W | PTE_U | PTE_PS)

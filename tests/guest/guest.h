@@ -39,6 +39,15 @@
 #define EXIT_BAD_ARG      6     /* malformed command-line value */
 #define EXIT_BAD_SYSCALL  7     /* unknown int 0x80 request */
 #define EXIT_NO_FAULT     8     /* mode=fault did not fault */
+/* virtio (virtio.c, mode=virtio-*) */
+#define EXIT_VIRTIO_NO_DEVICE   9   /* no command-line device with the wanted DeviceID */
+#define EXIT_VIRTIO_BAD_DEVICE  10  /* window without virtio magic or not version 2 */
+#define EXIT_VIRTIO_FEATURES    11  /* VERSION_1 not offered, or FEATURES_OK rejected */
+#define EXIT_VIRTIO_QUEUE       12  /* queue 0 unavailable (QueueNumMax 0) or already live */
+#define EXIT_VIRTIO_TIMEOUT     13  /* device did not complete (or reset) within ~2 s */
+#define EXIT_VIRTIO_USED_LEN    14  /* used ring entry: bad length or descriptor id */
+#define EXIT_VIRTIO_NOT_RANDOM  15  /* virtio-rng data all zero or repeated */
+#define EXIT_VIRTIO_NEEDS_RESET 16  /* device set DEVICE_NEEDS_RESET */
 #define EXIT_EXCEPTION    0x100 /* + CPU exception vector */
 
 #ifndef __ASSEMBLER__
@@ -71,6 +80,16 @@ static inline uint8_t inb(uint16_t port)
     __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
     return v;
 }
+
+static inline uint64_t rdtsc(void)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return (uint64_t)hi << 32 | lo;
+}
+
+/* ~2 s of TSC at 2.5 GHz, for polling timeouts. */
+#define TSC_TIMEOUT_2S 5000000000ull
 
 static inline void cpu_relax(void)
 {

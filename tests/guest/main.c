@@ -3,6 +3,7 @@
  * This code runs natively on the target host (ring-0 code is emulated).
  */
 #include "guest.h"
+#include "virtio.h"
 
 /* PVH boot information (xen/include/public/arch-x86/hvm/start_info.h). */
 #define HVM_START_MAGIC 0x336ec578
@@ -114,13 +115,6 @@ bad:
     fail(what, EXIT_BAD_ARG);
 }
 
-static inline uint64_t rdtsc(void)
-{
-    uint32_t lo, hi;
-    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-    return (uint64_t)hi << 32 | lo;
-}
-
 static inline void syscall0(uint32_t nr)
 {
     __asm__ volatile("int %1" : : "a"(nr), "i"(SYSCALL_VECTOR) : "memory");
@@ -128,8 +122,8 @@ static inline void syscall0(uint32_t nr)
 
 static void wait_ticks(void)
 {
-    /* ~2 s at 2.5 GHz; the timer fires every ~1 ms. */
-    const uint64_t timeout = 5000000000ull;
+    /* The timer fires every ~1 ms. */
+    const uint64_t timeout = TSC_TIMEOUT_2S;
     uint64_t start = timer_ticks, t0 = rdtsc();
 
     while (timer_ticks - start < 5) {
@@ -294,6 +288,60 @@ static NORETURN void mode_halt(void)
         cpu_relax();
 }
 
+static int all_zero(const uint8_t *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (p[i])
+            return 0;
+    return 1;
+}
+
+/*
+ * Entropy device: two 64-byte reads, one device-writable descriptor each.
+ * Each must return 1..64 bytes, not all zero, and the two must differ.
+ */
+static NORETURN void mode_virtio_rng(void)
+{
+    static uint8_t data[2][64];
+    struct virtio_mmio_dev dev;
+    struct virtq vq;
+    uint32_t len[2];
+
+    if (!virtio_mmio_find((const char *)(uintptr_t)start_info->cmdline_paddr,
+                          VIRTIO_ID_ENTROPY, &dev))
+        fail("virtio-rng: no entropy device (DeviceID 4) among the virtio_mmio.device= "
+             "entries\n", EXIT_VIRTIO_NO_DEVICE);
+    virtio_init(&dev, &vq);
+
+    for (int r = 0; r < 2; r++) {
+        struct virtio_buf buf = { data[r], sizeof(data[r]), 1 };
+        for (size_t i = 0; i < sizeof(data[r]); i++)
+            ((volatile uint8_t *)data[r])[i] = 0;
+        len[r] = virtio_transfer(&dev, &vq, &buf, 1);
+        __asm__ volatile("" ::: "memory");  /* the device wrote data[r] behind our back */
+        if (len[r] == 0 || len[r] > sizeof(data[r])) {
+            serial_puts("virtio-rng: used length ");
+            serial_put_dec(len[r]);
+            serial_putc('\n');
+            virtio_fail(&dev, "rng used length not in 1..64", EXIT_VIRTIO_USED_LEN);
+        }
+        if (all_zero(data[r], len[r]))
+            virtio_fail(&dev, "rng read returned only zero bytes",
+                        EXIT_VIRTIO_NOT_RANDOM);
+    }
+    uint32_t common = len[0] < len[1] ? len[0] : len[1], same = 1;
+    for (uint32_t i = 0; i < common; i++)
+        if (data[0][i] != data[1][i])
+            same = 0;
+    if (same)
+        virtio_fail(&dev, "rng reads returned the same bytes twice", EXIT_VIRTIO_NOT_RANDOM);
+
+    serial_puts("virtio-rng ok ");
+    serial_put_dec(len[0] + len[1]);
+    serial_puts(" bytes\n");
+    guest_exit(EXIT_OK);
+}
+
 NORETURN void user_main(void)
 {
     serial_puts("forkvm test guest\n");
@@ -319,5 +367,7 @@ NORETURN void user_main(void)
         mode_halt();
     if (str_eq(mode, "fault"))
         mode_fault();
+    if (str_eq(mode, "virtio-rng"))
+        mode_virtio_rng();
     fail("unknown mode\n", EXIT_UNKNOWN_MODE);
 }

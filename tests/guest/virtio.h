@@ -1,0 +1,147 @@
+/*
+ * Minimal polled virtio-mmio (transport version 2, virtio 1.x) driver for the
+ * test guest. Runs in ring 3: the device windows are identity-mapped,
+ * user-accessible and uncached (see the page tables in entry.S).
+ *
+ * Devices are found the way Linux finds them without ACPI/DT: one
+ * `virtio_mmio.device=<size>@<base>:<irq>[:<id>]` token per device on the
+ * command line. Only split virtqueue 0 is set up, and completions are found by
+ * polling the used ring; interrupts stay unused (but are acknowledged).
+ */
+#ifndef FORKVM_GUEST_VIRTIO_H
+#define FORKVM_GUEST_VIRTIO_H
+
+#include "guest.h"
+
+/* virtio-mmio registers (virtio 1.1, 4.2.2). */
+#define VIRTIO_MMIO_MAGIC_VALUE         0x000
+#define VIRTIO_MMIO_VERSION             0x004
+#define VIRTIO_MMIO_DEVICE_ID           0x008
+#define VIRTIO_MMIO_VENDOR_ID           0x00c
+#define VIRTIO_MMIO_DEVICE_FEATURES     0x010
+#define VIRTIO_MMIO_DEVICE_FEATURES_SEL 0x014
+#define VIRTIO_MMIO_DRIVER_FEATURES     0x020
+#define VIRTIO_MMIO_DRIVER_FEATURES_SEL 0x024
+#define VIRTIO_MMIO_QUEUE_SEL           0x030
+#define VIRTIO_MMIO_QUEUE_NUM_MAX       0x034
+#define VIRTIO_MMIO_QUEUE_NUM           0x038
+#define VIRTIO_MMIO_QUEUE_READY         0x044
+#define VIRTIO_MMIO_QUEUE_NOTIFY        0x050
+#define VIRTIO_MMIO_INTERRUPT_STATUS    0x060
+#define VIRTIO_MMIO_INTERRUPT_ACK       0x064
+#define VIRTIO_MMIO_STATUS              0x070
+#define VIRTIO_MMIO_QUEUE_DESC_LOW      0x080
+#define VIRTIO_MMIO_QUEUE_DESC_HIGH     0x084
+#define VIRTIO_MMIO_QUEUE_DRIVER_LOW    0x090
+#define VIRTIO_MMIO_QUEUE_DRIVER_HIGH   0x094
+#define VIRTIO_MMIO_QUEUE_DEVICE_LOW    0x0a0
+#define VIRTIO_MMIO_QUEUE_DEVICE_HIGH   0x0a4
+#define VIRTIO_MMIO_CONFIG_GENERATION   0x0fc
+#define VIRTIO_MMIO_CONFIG              0x100
+
+#define VIRTIO_MMIO_MAGIC   0x74726976  /* "virt" */
+#define VIRTIO_MMIO_VERSION_MODERN 2
+
+/* Device status bits (2.1). */
+#define VIRTIO_STATUS_ACKNOWLEDGE        0x01
+#define VIRTIO_STATUS_DRIVER             0x02
+#define VIRTIO_STATUS_DRIVER_OK          0x04
+#define VIRTIO_STATUS_FEATURES_OK        0x08
+#define VIRTIO_STATUS_DEVICE_NEEDS_RESET 0x40
+#define VIRTIO_STATUS_FAILED             0x80
+
+#define VIRTIO_F_VERSION_1 32
+
+/* Device IDs (5). */
+#define VIRTIO_ID_NET     1
+#define VIRTIO_ID_BLOCK   2
+#define VIRTIO_ID_CONSOLE 3
+#define VIRTIO_ID_ENTROPY 4
+
+/* Split virtqueue (2.6). */
+#define VIRTQ_DESC_F_NEXT  1
+#define VIRTQ_DESC_F_WRITE 2
+
+struct virtq_desc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags;
+    uint16_t next;
+};
+
+struct virtq_avail {
+    uint16_t flags;
+    uint16_t idx;
+    uint16_t ring[];    /* queue size entries, then used_event */
+};
+
+struct virtq_used_elem {
+    uint32_t id;
+    uint32_t len;
+};
+
+struct virtq_used {
+    uint16_t flags;
+    uint16_t idx;
+    struct virtq_used_elem ring[];  /* queue size entries, then avail_event */
+};
+
+/* One device window from the command line. */
+struct virtio_mmio_dev {
+    uintptr_t base;
+    uint64_t size;
+    uint32_t irq;
+    uint32_t device_id;
+};
+
+/* Driver state of one split virtqueue. */
+struct virtq {
+    uint16_t index;         /* queue number on the device */
+    uint16_t num;           /* queue size (power of 2) */
+    uint16_t avail_idx;     /* next avail->idx to publish */
+    uint16_t last_used;     /* used->idx already consumed */
+    volatile struct virtq_desc *desc;
+    volatile struct virtq_avail *avail;
+    volatile struct virtq_used *used;
+};
+
+/* A buffer to hand to the device. */
+struct virtio_buf {
+    void *addr;             /* guest-physical == virtual */
+    uint32_t len;
+    int device_writes;      /* 1: write-only for the device (VIRTQ_DESC_F_WRITE) */
+};
+
+uint32_t virtio_read32(const struct virtio_mmio_dev *dev, uint32_t reg);
+void virtio_write32(const struct virtio_mmio_dev *dev, uint32_t reg, uint32_t v);
+
+/*
+ * Finds the first command-line device whose DeviceID is `device_id`. Every
+ * window looked at on the way must have the virtio magic and version 2, or the
+ * run fails (EXIT_VIRTIO_BAD_DEVICE); malformed tokens fail with EXIT_BAD_ARG.
+ * Returns 1 and fills *dev if found, 0 if not.
+ */
+int virtio_mmio_find(const char *cmdline, uint32_t device_id, struct virtio_mmio_dev *dev);
+
+/*
+ * Full initialisation (3.1.1): reset, ACKNOWLEDGE, DRIVER, feature negotiation
+ * (VIRTIO_F_VERSION_1 only), FEATURES_OK, queue 0 setup, DRIVER_OK.
+ * Fails the run on any error.
+ */
+void virtio_init(const struct virtio_mmio_dev *dev, struct virtq *vq);
+
+/* Fails the run (EXIT_VIRTIO_NEEDS_RESET) if the device set DEVICE_NEEDS_RESET. */
+void virtio_check_status(const struct virtio_mmio_dev *dev);
+
+/*
+ * Puts one descriptor chain made of `bufs` on the queue, notifies the device
+ * and polls the used ring (~2 s timeout: EXIT_VIRTIO_TIMEOUT). Acknowledges
+ * the interrupt status. Returns the used length the device reported.
+ */
+uint32_t virtio_transfer(const struct virtio_mmio_dev *dev, struct virtq *vq,
+                         const struct virtio_buf *bufs, unsigned nbufs);
+
+/* Sets FAILED in the device status, prints `msg` and ends the run with `code`. */
+NORETURN void virtio_fail(const struct virtio_mmio_dev *dev, const char *msg, uint32_t code);
+
+#endif /* FORKVM_GUEST_VIRTIO_H */
