@@ -21,7 +21,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::arch::probe::{HostCaps, host_caps};
 use crate::arch::{cpuid, regs};
-use crate::boot::{self, BootSpec, mptable::MAX_MPTABLE_VCPUS};
+use crate::boot::{self, BootEntry, BootSpec, mptable::MAX_MPTABLE_VCPUS};
 use crate::console::{ConsoleInput, ConsoleOutput};
 use crate::error::{Error, kvm_err};
 use crate::event_loop::EventLoop;
@@ -230,67 +230,18 @@ impl VmBuilder {
         let vm = create_vm(&kvm, &ram)?;
         let state = Arc::new(RunState::new().map_err(|e| setup_err("VM run state", e))?);
         let mut event_loop = EventLoop::new(&state)?;
-        let mut pio = Bus::new();
-
-        let serial_irq = IrqTrigger::new().map_err(|e| setup_err("serial IRQ", e))?;
-        vm.register_irqfd(serial_irq.eventfd(), SERIAL_IRQ)
-            .map_err(kvm_err("KVM_IRQFD"))?;
-        let serial_out = self.console.into_writer()?;
-        let serial = Arc::new(Mutex::new(
-            SerialPort::new(serial_irq, serial_out).map_err(|e| setup_err("serial port", e))?,
-        ));
-        insert(&mut pio, serial.clone(), SERIAL_PORT_BASE, SERIAL_PORT_LEN)?;
-        if let Some(ConsoleInputDebug(input)) = self.console_input {
-            let fd = input.into_fd().map_err(|e| setup_err("console input", e))?;
-            let feeder = SerialInput::new(serial, fd).map_err(|e| setup_err("console input", e))?;
-            event_loop.add(Arc::new(Mutex::new(feeder)));
-        }
-
-        let reset_state = state.clone();
-        let reset = ExitTrigger::new(move || reset_state.finish(GuestExit::Reset));
-        insert(
-            &mut pio,
-            Arc::new(Mutex::new(I8042::new(reset))),
-            I8042_PORT_BASE,
-            I8042_PORT_LEN,
+        let pio = legacy_devices(
+            &vm,
+            &state,
+            &mut event_loop,
+            self.console,
+            self.console_input,
+            self.debug_exit,
         )?;
-        if self.debug_exit {
-            let exit_state = state.clone();
-            let debug_exit = DebugExit::new(move |status| {
-                exit_state.finish(GuestExit::PoweredOff {
-                    status: Some(status),
-                })
-            });
-            insert(
-                &mut pio,
-                Arc::new(Mutex::new(debug_exit)),
-                DEBUG_EXIT_PORT,
-                4,
-            )?;
-        }
-
         let mut mmio = Bus::new();
         let devices = virtio.attach(&vm, &mut mmio, &mut event_loop, &ram.memory)?;
 
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let mut vcpus = Vec::with_capacity(self.vcpus as usize);
-        for id in 0..vcpu_count {
-            let fd = vm
-                .create_vcpu(u64::from(id))
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            fd.set_cpuid2(&cpuid::guest_cpuid(&supported, &caps, id, vcpu_count))
-                .map_err(kvm_err("KVM_SET_CPUID2"))?;
-            regs::setup_common(&fd)?;
-            if id == 0 {
-                regs::setup_boot_vcpu(&fd, &ram.memory, entry)?;
-            }
-            vcpus.push(Vcpu {
-                fd,
-                id: u32::from(id),
-            });
-        }
+        let vcpus = create_vcpus(&kvm, &vm, &ram, &caps, vcpu_count, entry)?;
         Ok(Vm::new(
             vm,
             ram,
@@ -301,6 +252,82 @@ impl VmBuilder {
             state,
         ))
     }
+}
+
+/// Puts the legacy devices on a new port-I/O bus: the UART (irqfd on IRQ 4, input fed by the
+/// event loop), the i8042 whose reset ends the VM, and the debug-exit port when asked for.
+fn legacy_devices(
+    vm: &VmFd,
+    state: &Arc<RunState>,
+    event_loop: &mut EventLoop,
+    console: ConsoleOutput,
+    console_input: Option<ConsoleInputDebug>,
+    debug_exit: bool,
+) -> Result<Bus, Error> {
+    let mut pio = Bus::new();
+    let serial_irq = IrqTrigger::new().map_err(|e| setup_err("serial IRQ", e))?;
+    vm.register_irqfd(serial_irq.eventfd(), SERIAL_IRQ)
+        .map_err(kvm_err("KVM_IRQFD"))?;
+    let serial_out = console.into_writer()?;
+    let serial = Arc::new(Mutex::new(
+        SerialPort::new(serial_irq, serial_out).map_err(|e| setup_err("serial port", e))?,
+    ));
+    insert(&mut pio, serial.clone(), SERIAL_PORT_BASE, SERIAL_PORT_LEN)?;
+    if let Some(ConsoleInputDebug(input)) = console_input {
+        let fd = input.into_fd().map_err(|e| setup_err("console input", e))?;
+        let feeder = SerialInput::new(serial, fd).map_err(|e| setup_err("console input", e))?;
+        event_loop.add(Arc::new(Mutex::new(feeder)));
+    }
+    let reset_state = state.clone();
+    let reset = ExitTrigger::new(move || reset_state.finish(GuestExit::Reset));
+    insert(
+        &mut pio,
+        Arc::new(Mutex::new(I8042::new(reset))),
+        I8042_PORT_BASE,
+        I8042_PORT_LEN,
+    )?;
+    if debug_exit {
+        let exit_state = state.clone();
+        let device = DebugExit::new(move |status| {
+            exit_state.finish(GuestExit::PoweredOff {
+                status: Some(status),
+            })
+        });
+        insert(&mut pio, Arc::new(Mutex::new(device)), DEBUG_EXIT_PORT, 4)?;
+    }
+    Ok(pio)
+}
+
+/// Creates the vCPUs with their CPUID and boot state; vCPU 0 starts at `entry`, the others wait
+/// for the guest to start them.
+fn create_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    ram: &GuestRam,
+    caps: &HostCaps,
+    count: u8,
+    entry: BootEntry,
+) -> Result<Vec<Vcpu>, Error> {
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    (0..count)
+        .map(|id| {
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            fd.set_cpuid2(&cpuid::guest_cpuid(&supported, caps, id, count))
+                .map_err(kvm_err("KVM_SET_CPUID2"))?;
+            regs::setup_common(&fd)?;
+            if id == 0 {
+                regs::setup_boot_vcpu(&fd, &ram.memory, entry)?;
+            }
+            Ok(Vcpu {
+                fd,
+                id: u32::from(id),
+            })
+        })
+        .collect()
 }
 
 fn open_kvm(path: &Path) -> Result<Kvm, Error> {
