@@ -107,5 +107,44 @@ NORETURN void guest_exit(uint32_t status);
 extern uint64_t boot_info_paddr;        /* ebx at PVH entry */
 extern volatile uint64_t timer_ticks;   /* bumped by the LAPIC timer handler */
 
+/* A slice of the command line. */
+struct str {
+    const char *p;
+    size_t len;
+};
+
+static inline int is_space(char c)
+{
+    return c == ' ' || c == '\t' || c == '\n';
+}
+
+/*
+ * Finds the next `key=value` token at or after *s, stores its value in *val and moves *s past
+ * it; 0 when there is none. The token is the whole space-separated word.
+ */
+static inline int cmdline_next(const char **s, const char *key, struct str *val)
+{
+    size_t klen = 0;
+
+    while (key[klen])
+        klen++;
+    while (**s) {
+        while (is_space(**s))
+            (*s)++;
+        const char *tok = *s;
+        while (**s && !is_space(**s))
+            (*s)++;
+        size_t n = 0;
+        while (n < klen && tok + n < *s && tok[n] == key[n])
+            n++;
+        if (n == klen && tok + klen < *s && tok[klen] == '=') {
+            val->p = tok + klen + 1;
+            val->len = (size_t)(*s - val->p);
+            return 1;
+        }
+    }
+    return 0;
+}
+
 #endif /* __ASSEMBLER__ */
 #endif /* FORKVM_GUEST_H */

@@ -24,45 +24,18 @@ struct hvm_memmap_entry {
 #define MEMCHECK_START (4 * MiB)
 #define MAPPED_END (4ull << 30)     /* the page tables map only the first 4 GiB */
 
-/* A slice of the command line. */
-struct str {
-    const char *p;
-    size_t len;
-};
-
 static const struct hvm_start_info *start_info;
-
-static int is_space(char c)
-{
-    return c == ' ' || c == '\t' || c == '\n';
-}
 
 /* Finds `key=value` in the command line (the last one wins); 1 if found. */
 static int get_arg(const char *key, struct str *val)
 {
     const char *s = (const char *)(uintptr_t)start_info->cmdline_paddr;
-    size_t klen = 0;
     int found = 0;
 
     if (!s)
         return 0;
-    while (key[klen])
-        klen++;
-    while (*s) {
-        while (is_space(*s))
-            s++;
-        const char *tok = s;
-        while (*s && !is_space(*s))
-            s++;
-        size_t n = 0;
-        while (n < klen && tok + n < s && tok[n] == key[n])
-            n++;
-        if (n == klen && tok + klen < s && tok[klen] == '=') {
-            val->p = tok + klen + 1;
-            val->len = (size_t)(s - val->p);
-            found = 1;
-        }
-    }
+    while (cmdline_next(&s, key, val))
+        found = 1;
     return found;
 }
 

@@ -78,11 +78,6 @@ void virtio_check_status(const struct virtio_mmio_dev *dev)
 
 /* ---- command line: virtio_mmio.device=<size>@<base>:<irq>[:<id>] ---- */
 
-static int is_space(char c)
-{
-    return c == ' ' || c == '\t' || c == '\n';
-}
-
 static int digit_value(char c)
 {
     if (c >= '0' && c <= '9')
@@ -201,26 +196,14 @@ static void parse_device(const char *tok, const char *val, const char *end,
 
 int virtio_mmio_find(const char *cmdline, uint32_t device_id, struct virtio_mmio_dev *dev)
 {
-    static const char key[] = "virtio_mmio.device=";
-    const size_t klen = sizeof(key) - 1;
     const char *s = cmdline;
+    struct str val;
 
     if (!s)
         return 0;
-    while (*s) {
-        while (is_space(*s))
-            s++;
-        const char *tok = s;
-        while (*s && !is_space(*s))
-            s++;
-        size_t n = 0;
-        while (n < klen && tok + n < s && tok[n] == key[n])
-            n++;
-        if (n != klen)
-            continue;
-
+    while (cmdline_next(&s, "virtio_mmio.device", &val)) {
         struct virtio_mmio_dev d;
-        parse_device(tok, tok + klen, s, &d);
+        parse_device(val.p, val.p, val.p + val.len, &d);
         uint32_t magic = virtio_read32(&d, VIRTIO_MMIO_MAGIC_VALUE);
         if (magic != VIRTIO_MMIO_MAGIC)
             fail_reg(&d, "bad MagicValue", magic, EXIT_VIRTIO_BAD_DEVICE);
