@@ -28,12 +28,12 @@ export LC_ALL=C
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 init_script=$here/init
-busybox_pkg=busybox-static
+busybox_pkg="busybox-static"
 busybox=/bin/busybox
 
 log() { printf 'guest/initramfs: %s\n' "$*" >&2; }
 
-if ! dpkg-query -W -f='${Status}' "$busybox_pkg" 2>/dev/null | grep -q 'ok installed'; then
+if [[ $(dpkg-query -W -f='${Status}' "$busybox_pkg" 2>/dev/null) != *' ok installed' ]]; then
     sudo=()
     [[ $(id -u) -eq 0 ]] || sudo=(sudo)
     log "installing $busybox_pkg"
