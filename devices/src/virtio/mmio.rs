@@ -405,116 +405,17 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
-    use crate::trigger::IrqTrigger;
     use crate::virtio::rng::{RNG_DEVICE_TYPE, Rng};
+    use crate::virtio::test_driver::{AVAIL, BUF, DESC, Driver, MEM_SIZE, QUEUE_SIZE, USED, reg};
     use crate::virtio::{INT_USED_RING, VIRTIO_F_VERSION_1};
 
-    const MEM_SIZE: usize = 0x10_0000;
-    const DESC: u64 = 0x1000;
-    const AVAIL: u64 = 0x2000;
-    const USED: u64 = 0x3000;
-    const BUF: u64 = 0x8000;
-    const QUEUE_SIZE: u16 = 16;
-
-    /// A driver poking the transport through its registers, as a guest would.
-    struct Driver {
-        transport: MmioTransport,
-        memory: GuestMemoryMmap,
-    }
-
-    impl Driver {
-        fn new() -> Self {
-            let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-            let interrupt = Interrupt::new(IrqTrigger::new().unwrap());
-            let transport =
-                MmioTransport::new(Box::new(Rng::new()), memory.clone(), interrupt).unwrap();
-            Self { transport, memory }
-        }
-
-        fn read(&mut self, offset: u64) -> u32 {
-            let mut data = [0u8; 4];
-            self.transport.read(offset, &mut data);
-            u32::from_le_bytes(data)
-        }
-
-        fn write(&mut self, offset: u64, value: u32) {
-            self.transport.write(offset, &value.to_le_bytes());
-        }
-
-        fn negotiate(&mut self, features: u64) -> u32 {
-            self.write(reg::STATUS, 0);
-            self.write(reg::STATUS, S_ACKNOWLEDGE);
-            self.write(reg::STATUS, S_ACKNOWLEDGE | S_DRIVER);
-            self.write(reg::DRIVER_FEATURES_SEL, 0);
-            self.write(reg::DRIVER_FEATURES, features as u32);
-            self.write(reg::DRIVER_FEATURES_SEL, 1);
-            self.write(reg::DRIVER_FEATURES, (features >> 32) as u32);
-            self.write(reg::STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
-            self.read(reg::STATUS)
-        }
-
-        fn setup_queue(&mut self, desc: u64, avail: u64, used: u64) {
-            self.write(reg::QUEUE_SEL, 0);
-            self.write(reg::QUEUE_NUM, u32::from(QUEUE_SIZE));
-            for (low, value) in [
-                (reg::QUEUE_DESC_LOW, desc),
-                (reg::QUEUE_DRIVER_LOW, avail),
-                (reg::QUEUE_DEVICE_LOW, used),
-            ] {
-                self.write(low, value as u32);
-                self.write(low + 4, (value >> 32) as u32);
-            }
-            self.write(reg::QUEUE_READY, 1);
-        }
-
-        fn start(&mut self) {
-            assert_ne!(self.negotiate(1 << VIRTIO_F_VERSION_1) & S_FEATURES_OK, 0);
-            self.setup_queue(DESC, AVAIL, USED);
-            self.write(
-                reg::STATUS,
-                S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
-            );
-        }
-
-        /// Makes descriptor `index` (addr, len, flags, next) available as a chain head.
-        fn descriptor(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-            let at = GuestAddress(DESC + 16 * u64::from(index));
-            self.memory.write_obj(addr, at).unwrap();
-            self.memory.write_obj(len, GuestAddress(at.0 + 8)).unwrap();
-            self.memory
-                .write_obj(flags, GuestAddress(at.0 + 12))
-                .unwrap();
-            self.memory
-                .write_obj(next, GuestAddress(at.0 + 14))
-                .unwrap();
-        }
-
-        fn make_available(&self, head: u16) {
-            let idx: u16 = self.memory.read_obj(GuestAddress(AVAIL + 2)).unwrap();
-            let slot = AVAIL + 4 + 2 * u64::from(idx % QUEUE_SIZE);
-            self.memory.write_obj(head, GuestAddress(slot)).unwrap();
-            self.memory
-                .write_obj(idx.wrapping_add(1), GuestAddress(AVAIL + 2))
-                .unwrap();
-        }
-
-        /// Notifies queue 0 and lets the "event loop" serve it.
-        fn notify(&mut self) {
-            self.write(reg::QUEUE_NOTIFY, 0);
-            assert_eq!(self.transport.queue_events()[0].read().unwrap(), 1);
-            self.transport.process_queue(0);
-        }
-
-        fn used(&self) -> (u16, u32) {
-            let idx: u16 = self.memory.read_obj(GuestAddress(USED + 2)).unwrap();
-            let len: u32 = self.memory.read_obj(GuestAddress(USED + 4 + 4)).unwrap();
-            (idx, len)
-        }
+    fn rng_driver() -> Driver {
+        Driver::new(Box::new(Rng::new()))
     }
 
     #[test]
     fn identifies_itself_as_a_version_2_entropy_device() {
-        let mut d = Driver::new();
+        let mut d = rng_driver();
         assert_eq!(d.read(reg::MAGIC), MAGIC_VALUE);
         assert_eq!(d.read(reg::VERSION), 2);
         assert_eq!(d.read(reg::DEVICE_ID), RNG_DEVICE_TYPE);
@@ -528,13 +429,13 @@ mod tests {
 
     #[test]
     fn serves_random_bytes_and_interrupts() {
-        let mut d = Driver::new();
+        let mut d = rng_driver();
         d.start();
         assert_eq!(d.transport.status() & S_NEEDS_RESET, 0);
         d.descriptor(0, BUF, 64, 2 /* WRITE */, 0);
         d.make_available(0);
         d.notify();
-        assert_eq!(d.used(), (1, 64));
+        assert_eq!(d.used(0), (1, 64));
         let mut bytes = [0u8; 64];
         d.memory.read_slice(&mut bytes, GuestAddress(BUF)).unwrap();
         assert!(bytes.iter().any(|b| *b != 0));
@@ -546,7 +447,7 @@ mod tests {
 
     #[test]
     fn features_without_version_1_or_not_offered_are_refused() {
-        let mut d = Driver::new();
+        let mut d = rng_driver();
         assert_eq!(d.negotiate(0) & S_FEATURES_OK, 0, "legacy driver");
         assert_eq!(
             d.negotiate((1 << VIRTIO_F_VERSION_1) | (1 << 5)) & S_FEATURES_OK,
@@ -558,7 +459,7 @@ mod tests {
 
     #[test]
     fn out_of_order_status_and_late_writes_are_ignored() {
-        let mut d = Driver::new();
+        let mut d = rng_driver();
         d.write(reg::STATUS, S_DRIVER_OK);
         assert_eq!(d.read(reg::STATUS), 0, "DRIVER_OK before negotiation");
         d.write(reg::STATUS, S_ACKNOWLEDGE);
@@ -589,7 +490,7 @@ mod tests {
 
     #[test]
     fn a_queue_outside_guest_memory_needs_reset() {
-        let mut d = Driver::new();
+        let mut d = rng_driver();
         assert_ne!(d.negotiate(1 << VIRTIO_F_VERSION_1) & S_FEATURES_OK, 0);
         d.setup_queue(MEM_SIZE as u64 - 16, AVAIL, USED);
         d.write(
@@ -602,30 +503,30 @@ mod tests {
 
     #[test]
     fn a_buffer_outside_guest_memory_needs_reset() {
-        let mut d = Driver::new();
+        let mut d = rng_driver();
         d.start();
         d.descriptor(0, MEM_SIZE as u64 - 16, 64, 2, 0);
         d.make_available(0);
         d.notify();
         assert_ne!(d.read(reg::STATUS) & S_NEEDS_RESET, 0);
-        assert_eq!(d.used().0, 0, "nothing was used");
+        assert_eq!(d.used(0).0, 0, "nothing was used");
         // A device needing reset ignores further notifications until the driver resets it.
         d.descriptor(1, BUF, 64, 2, 0);
         d.make_available(1);
         d.notify();
-        assert_eq!(d.used().0, 0);
+        assert_eq!(d.used(0).0, 0);
     }
 
     #[test]
     fn a_looping_chain_is_cut_off() {
-        let mut d = Driver::new();
+        let mut d = rng_driver();
         d.start();
         d.descriptor(0, BUF, 64, 2 | 1 /* NEXT */, 1);
         d.descriptor(1, BUF + 64, 64, 2 | 1, 0);
         d.make_available(0);
         d.notify();
         // Either refused (needs reset) or served with a bounded length: never a hang.
-        let (idx, len) = d.used();
+        let (idx, len) = d.used(0);
         assert!(
             d.read(reg::STATUS) & S_NEEDS_RESET != 0
                 || (idx == 1 && len <= 64 * u32::from(QUEUE_SIZE))
@@ -634,7 +535,7 @@ mod tests {
 
     #[test]
     fn odd_width_and_unaligned_register_accesses_are_harmless() {
-        let mut d = Driver::new();
+        let mut d = rng_driver();
         let mut byte = [0u8; 1];
         d.transport.read(reg::MAGIC, &mut byte);
         assert_eq!(byte, [0xff]);
@@ -656,7 +557,7 @@ mod tests {
 
     #[test]
     fn random_register_traffic_never_panics() {
-        let mut d = Driver::new();
+        let mut d = rng_driver();
         let mut rng = 0x2545_f491_4f6c_dd1du64;
         for _ in 0..200_000 {
             let r = next(&mut rng);

@@ -7,8 +7,11 @@
 //! rules. Queue notifications arrive on one eventfd per queue (a KVM ioeventfd in a VM) and are
 //! served on the VM's event loop; interrupts leave through an irqfd.
 
+pub mod block;
 pub mod mmio;
 pub mod rng;
+#[cfg(test)]
+mod test_driver;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -1,0 +1,164 @@
+//! A virtio driver for unit tests: programs a transport through its registers and builds
+//! descriptor chains in guest memory, the way a guest would.
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use super::{GuestMemoryMmap, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice};
+use crate::bus::BusDevice;
+use crate::trigger::IrqTrigger;
+
+pub const MEM_SIZE: usize = 0x10_0000;
+pub const DESC: u64 = 0x1000;
+pub const AVAIL: u64 = 0x2000;
+pub const USED: u64 = 0x3000;
+pub const BUF: u64 = 0x8000;
+pub const QUEUE_SIZE: u16 = 16;
+
+/// Register offsets a driver uses.
+pub mod reg {
+    pub const MAGIC: u64 = 0x000;
+    pub const VERSION: u64 = 0x004;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = super::QUEUE_NOTIFY_OFFSET;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+}
+
+/// Device status bits.
+pub const S_ACKNOWLEDGE: u32 = 1;
+pub const S_DRIVER: u32 = 2;
+pub const S_DRIVER_OK: u32 = 4;
+pub const S_FEATURES_OK: u32 = 8;
+pub const S_NEEDS_RESET: u32 = 0x40;
+/// Descriptor flags.
+pub const F_NEXT: u16 = 1;
+pub const F_WRITE: u16 = 2;
+
+/// A transport and the guest memory its driver works in.
+pub struct Driver {
+    pub transport: MmioTransport,
+    pub memory: GuestMemoryMmap,
+}
+
+impl Driver {
+    pub fn new(device: Box<dyn VirtioDevice>) -> Self {
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let interrupt = Interrupt::new(IrqTrigger::new().unwrap());
+        let transport = MmioTransport::new(device, memory.clone(), interrupt).unwrap();
+        Self { transport, memory }
+    }
+
+    pub fn read(&mut self, offset: u64) -> u32 {
+        let mut data = [0u8; 4];
+        self.transport.read(offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    pub fn write(&mut self, offset: u64, value: u32) {
+        self.transport.write(offset, &value.to_le_bytes());
+    }
+
+    /// Resets the device and negotiates `features`; returns the status read back.
+    pub fn negotiate(&mut self, features: u64) -> u32 {
+        self.write(reg::STATUS, 0);
+        self.write(reg::STATUS, S_ACKNOWLEDGE);
+        self.write(reg::STATUS, S_ACKNOWLEDGE | S_DRIVER);
+        self.write(reg::DRIVER_FEATURES_SEL, 0);
+        self.write(reg::DRIVER_FEATURES, features as u32);
+        self.write(reg::DRIVER_FEATURES_SEL, 1);
+        self.write(reg::DRIVER_FEATURES, (features >> 32) as u32);
+        self.write(reg::STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
+        self.read(reg::STATUS)
+    }
+
+    pub fn setup_queue(&mut self, desc: u64, avail: u64, used: u64) {
+        self.write(reg::QUEUE_SEL, 0);
+        self.write(reg::QUEUE_NUM, u32::from(QUEUE_SIZE));
+        for (low, value) in [
+            (reg::QUEUE_DESC_LOW, desc),
+            (reg::QUEUE_DRIVER_LOW, avail),
+            (reg::QUEUE_DEVICE_LOW, used),
+        ] {
+            self.write(low, value as u32);
+            self.write(low + 4, (value >> 32) as u32);
+        }
+        self.write(reg::QUEUE_READY, 1);
+    }
+
+    /// Negotiates VERSION_1 plus `extra` features, sets up queue 0 and goes live.
+    pub fn start_with(&mut self, extra: u64) {
+        assert_ne!(
+            self.negotiate((1 << VIRTIO_F_VERSION_1) | extra) & S_FEATURES_OK,
+            0
+        );
+        self.setup_queue(DESC, AVAIL, USED);
+        self.write(
+            reg::STATUS,
+            S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
+        );
+    }
+
+    pub fn start(&mut self) {
+        self.start_with(0);
+    }
+
+    /// Writes descriptor `index`.
+    pub fn descriptor(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = DESC + 16 * u64::from(index);
+        self.memory.write_obj(addr, GuestAddress(at)).unwrap();
+        self.memory.write_obj(len, GuestAddress(at + 8)).unwrap();
+        self.memory.write_obj(flags, GuestAddress(at + 12)).unwrap();
+        self.memory.write_obj(next, GuestAddress(at + 14)).unwrap();
+    }
+
+    /// Writes a chain of (address, length, device-writable) buffers starting at descriptor
+    /// `head` and makes it available.
+    pub fn chain(&self, head: u16, parts: &[(u64, u32, bool)]) {
+        for (i, (addr, len, writable)) in parts.iter().enumerate() {
+            let index = head + i as u16;
+            let last = i + 1 == parts.len();
+            let flags = if *writable { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
+            self.descriptor(index, *addr, *len, flags, index + 1);
+        }
+        self.make_available(head);
+    }
+
+    pub fn make_available(&self, head: u16) {
+        let idx: u16 = self.memory.read_obj(GuestAddress(AVAIL + 2)).unwrap();
+        let slot = AVAIL + 4 + 2 * u64::from(idx % QUEUE_SIZE);
+        self.memory.write_obj(head, GuestAddress(slot)).unwrap();
+        self.memory
+            .write_obj(idx.wrapping_add(1), GuestAddress(AVAIL + 2))
+            .unwrap();
+    }
+
+    /// Notifies queue 0 and lets the "event loop" serve it.
+    pub fn notify(&mut self) {
+        self.write(reg::QUEUE_NOTIFY, 0);
+        assert_eq!(self.transport.queue_events()[0].read().unwrap(), 1);
+        self.transport.process_queue(0);
+    }
+
+    /// The used ring's index and the length of used element `n`.
+    pub fn used(&self, n: u16) -> (u16, u32) {
+        let idx: u16 = self.memory.read_obj(GuestAddress(USED + 2)).unwrap();
+        let len: u32 = self
+            .memory
+            .read_obj(GuestAddress(USED + 4 + 8 * u64::from(n) + 4))
+            .unwrap();
+        (idx, len)
+    }
+}
