@@ -128,7 +128,7 @@ impl Block {
     }
 
     fn checked_len(&self, sector: u64, len: usize) -> Result<u64, RequestError> {
-        if len > MAX_REQUEST_BYTES || len as u64 % SECTOR_SIZE != 0 {
+        if len > MAX_REQUEST_BYTES || !(len as u64).is_multiple_of(SECTOR_SIZE) {
             return Err(RequestError::BadLength(len));
         }
         self.range(sector, len as u64)
