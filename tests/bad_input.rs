@@ -192,3 +192,10 @@ fn kvm_permission_child() {
         "{e}"
     );
 }
+
+#[test]
+fn missing_disk_image() {
+    let e = build(guest().block("/nonexistent/disk.img", false));
+    assert!(matches!(e, Error::BlockImage { .. }), "{e:?}");
+    assert!(e.to_string().contains("/nonexistent/disk.img"), "{e}");
+}

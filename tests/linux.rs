@@ -1,6 +1,6 @@
 //! A real Linux guest on this host's KVM: the kernel from `guest/kernel/build.sh` and the busybox
 //! initramfs from `guest/initramfs/build.sh` boot through the PVH entry; /init prints its marker
-//! and reboots, which forkvm reports as a reset. Its kernel drives forkvm's virtio-rng device.
+//! and reboots, which forkvm reports as a reset. Its kernel drives forkvm's virtio-rng and virtio-blk devices.
 //!
 //! Here guest ring 0 is emulated, so the boot takes ~15–20 s; the build scripts reuse their cache
 //! (`scripts/test.sh` builds both before the tests run).
@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use forkvm::{ConsoleBuffer, ConsoleOutput, GuestExit, VmBuilder};
-use forkvm_tests::built_artifact;
+use forkvm_tests::{TempFile, built_artifact};
 
 const MARKER: &str = "FORKVM-LINUX-INIT-OK";
 
@@ -16,6 +16,7 @@ const MARKER: &str = "FORKVM-LINUX-INIT-OK";
 fn linux_boots_to_init_and_shuts_down() {
     let kernel = built_artifact("guest/kernel/build.sh");
     let initramfs = built_artifact("guest/initramfs/build.sh");
+    let disk = TempFile::with_contents("linux-disk", &vec![0u8; 1 << 20]);
     let console = ConsoleBuffer::new();
     let vm = VmBuilder::new()
         .kernel(&kernel)
@@ -23,17 +24,21 @@ fn linux_boots_to_init_and_shuts_down() {
         .cmdline("console=ttyS0")
         .memory_mib(128)
         .rng()
+        .block(disk.path(), false)
         .console(ConsoleOutput::Buffer(console.clone()))
         .build()
         .expect("build the Linux VM");
     let t0 = Instant::now();
     vm.start().unwrap();
-    let (mut to_init, mut rng_status_seen) = (None, 0);
+    let mut to_init = None;
+    let mut status_seen = [0u32; 2];
     while vm.exit().is_none() {
         if to_init.is_none() && console.text().contains(MARKER) {
             to_init = Some(t0.elapsed());
         }
-        rng_status_seen |= vm.devices()[0].status;
+        for (seen, device) in status_seen.iter_mut().zip(vm.devices()) {
+            *seen |= device.status;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     let exit = vm.wait().unwrap();
@@ -44,10 +49,11 @@ fn linux_boots_to_init_and_shuts_down() {
         "no {MARKER} on the console ({exit}); console:\n{text}"
     );
     assert_eq!(exit, GuestExit::Reset, "console:\n{text}");
-    // Linux's virtio-mmio and virtio-rng drivers found the device from the command line,
-    // negotiated features, set up its queue and went live (ACKNOWLEDGE|DRIVER|FEATURES_OK|DRIVER_OK,
-    // no NEEDS_RESET); the kernel resets its devices on the way down, so look at what was seen.
-    assert_eq!(rng_status_seen, 0xf, "{:?}", vm.devices());
+    // Linux's virtio-mmio, virtio-rng and virtio-blk drivers found the devices from the command
+    // line, negotiated features, set up their queues and went live (ACKNOWLEDGE|DRIVER|FEATURES_OK|
+    // DRIVER_OK, never NEEDS_RESET); the kernel resets its devices on the way down, so look at
+    // what was seen while it ran.
+    assert_eq!(status_seen, [0xf, 0xf], "{:?}", vm.devices());
     let to_init = to_init.unwrap_or(elapsed).as_secs_f64();
     eprintln!(
         "Linux guest: /init after {to_init:.1} s, shut down after {:.1} s",

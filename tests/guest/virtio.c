@@ -287,7 +287,7 @@ static void setup_queue(const struct virtio_mmio_dev *dev, struct virtq *vq, uin
         virtio_fail(dev, "queue 0 did not become ready", EXIT_VIRTIO_QUEUE);
 }
 
-void virtio_init(const struct virtio_mmio_dev *dev, struct virtq *vq)
+uint64_t virtio_init(const struct virtio_mmio_dev *dev, struct virtq *vq, uint64_t want)
 {
     uint32_t status = 0;
 
@@ -314,7 +314,7 @@ void virtio_init(const struct virtio_mmio_dev *dev, struct virtq *vq)
         virtio_fail(dev, "device does not offer VIRTIO_F_VERSION_1", EXIT_VIRTIO_FEATURES);
     }
 
-    uint64_t accepted = 1ull << VIRTIO_F_VERSION_1;
+    uint64_t accepted = features & (want | 1ull << VIRTIO_F_VERSION_1);
     virtio_write32(dev, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
     virtio_write32(dev, VIRTIO_MMIO_DRIVER_FEATURES, (uint32_t)accepted);
     virtio_write32(dev, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
@@ -334,6 +334,44 @@ void virtio_init(const struct virtio_mmio_dev *dev, struct virtq *vq)
 
     set_status(dev, &status, VIRTIO_STATUS_DRIVER_OK);
     virtio_check_status(dev);
+    return accepted;
+}
+
+/* ---- device-specific configuration space ---- */
+
+static volatile uint32_t *config_reg(const struct virtio_mmio_dev *dev, uint32_t offset)
+{
+    if (offset % 4 || offset >= dev->size - VIRTIO_MMIO_CONFIG ||
+        dev->size - VIRTIO_MMIO_CONFIG - offset < 4) {
+        serial_puts("virtio: config offset ");
+        serial_put_hex(offset);
+        serial_puts(" outside the window of size ");
+        serial_put_hex(dev->size);
+        serial_putc('\n');
+        virtio_fail(dev, "config space access out of range", EXIT_VIRTIO_BAD_DEVICE);
+    }
+    return (volatile uint32_t *)(dev->base + VIRTIO_MMIO_CONFIG + offset);
+}
+
+uint32_t virtio_config_read32(const struct virtio_mmio_dev *dev, uint32_t offset)
+{
+    return *config_reg(dev, offset);
+}
+
+uint64_t virtio_config_read64(const struct virtio_mmio_dev *dev, uint32_t offset)
+{
+    volatile uint32_t *lo = config_reg(dev, offset), *hi = config_reg(dev, offset + 4);
+    uint64_t t0 = rdtsc();
+
+    for (;;) {
+        uint32_t gen = virtio_read32(dev, VIRTIO_MMIO_CONFIG_GENERATION);
+        uint64_t v = *lo | (uint64_t)*hi << 32;
+        if (virtio_read32(dev, VIRTIO_MMIO_CONFIG_GENERATION) == gen)
+            return v;
+        if (rdtsc() - t0 > TSC_TIMEOUT_2S)
+            virtio_fail(dev, "ConfigGeneration kept changing", EXIT_VIRTIO_TIMEOUT);
+        cpu_relax();
+    }
 }
 
 /* ---- I/O ---- */
@@ -347,6 +385,9 @@ uint32_t virtio_transfer(const struct virtio_mmio_dev *dev, struct virtq *vq,
     if (nbufs == 0 || nbufs > vq->num)
         virtio_fail(dev, "bad number of buffers for the queue", EXIT_VIRTIO_QUEUE);
     for (unsigned i = 0; i < nbufs; i++) {
+        /* Device-readable buffers must all come before the writable ones (2.6.4.2). */
+        if (i > 0 && bufs[i - 1].device_writes && !bufs[i].device_writes)
+            virtio_fail(dev, "device-readable buffer after a writable one", EXIT_VIRTIO_QUEUE);
         uint16_t flags = bufs[i].device_writes ? VIRTQ_DESC_F_WRITE : 0;
         if (i + 1 < nbufs)
             flags |= VIRTQ_DESC_F_NEXT;

@@ -52,6 +52,31 @@
 
 #define VIRTIO_F_VERSION_1 32
 
+/* virtio-blk (5.2): feature bits, config layout, requests. */
+#define VIRTIO_BLK_F_RO    5        /* device is read-only */
+#define VIRTIO_BLK_F_FLUSH 9        /* VIRTIO_BLK_T_FLUSH supported */
+
+#define VIRTIO_BLK_CFG_CAPACITY 0x00    /* le64, in 512-byte sectors */
+
+#define VIRTIO_BLK_T_IN     0
+#define VIRTIO_BLK_T_OUT    1
+#define VIRTIO_BLK_T_FLUSH  4
+#define VIRTIO_BLK_T_GET_ID 8
+
+#define VIRTIO_BLK_S_OK     0
+#define VIRTIO_BLK_S_IOERR  1
+#define VIRTIO_BLK_S_UNSUPP 2
+
+#define VIRTIO_BLK_SECTOR_SIZE 512
+#define VIRTIO_BLK_ID_BYTES    20
+
+/* Device-readable header at the start of every request. */
+struct virtio_blk_req_hdr {
+    uint32_t type;
+    uint32_t reserved;
+    uint64_t sector;
+};
+
 /* Device IDs (5). */
 #define VIRTIO_ID_NET     1
 #define VIRTIO_ID_BLOCK   2
@@ -124,17 +149,28 @@ void virtio_write32(const struct virtio_mmio_dev *dev, uint32_t reg, uint32_t v)
 int virtio_mmio_find(const char *cmdline, uint32_t device_id, struct virtio_mmio_dev *dev);
 
 /*
- * Full initialisation (3.1.1): reset, ACKNOWLEDGE, DRIVER, feature negotiation
- * (VIRTIO_F_VERSION_1 only), FEATURES_OK, queue 0 setup, DRIVER_OK.
- * Fails the run on any error.
+ * Full initialisation (3.1.1): reset, ACKNOWLEDGE, DRIVER, feature negotiation,
+ * FEATURES_OK, queue 0 setup, DRIVER_OK. VIRTIO_F_VERSION_1 is required; of the
+ * bits in `want` (e.g. 1ull << VIRTIO_BLK_F_FLUSH), those the device offers are
+ * accepted too. Returns the negotiated feature set. Fails the run on any error.
  */
-void virtio_init(const struct virtio_mmio_dev *dev, struct virtq *vq);
+uint64_t virtio_init(const struct virtio_mmio_dev *dev, struct virtq *vq, uint64_t want);
+
+/*
+ * Device-specific configuration space (at VIRTIO_MMIO_CONFIG), read with
+ * aligned 32-bit accesses (4.2.2.2). The 64-bit read retries until
+ * ConfigGeneration is the same before and after, so both halves belong to the
+ * same version of the field. Offsets outside the window fail the run.
+ */
+uint32_t virtio_config_read32(const struct virtio_mmio_dev *dev, uint32_t offset);
+uint64_t virtio_config_read64(const struct virtio_mmio_dev *dev, uint32_t offset);
 
 /* Fails the run (EXIT_VIRTIO_NEEDS_RESET) if the device set DEVICE_NEEDS_RESET. */
 void virtio_check_status(const struct virtio_mmio_dev *dev);
 
 /*
- * Puts one descriptor chain made of `bufs` on the queue, notifies the device
+ * Puts one descriptor chain made of `bufs` on the queue (in order; each buffer
+ * device-readable or device-writable as its flag says), notifies the device
  * and polls the used ring (~2 s timeout: EXIT_VIRTIO_TIMEOUT). Acknowledges
  * the interrupt status. Returns the used length the device reported.
  */

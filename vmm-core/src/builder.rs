@@ -12,6 +12,7 @@ use forkvm_devices::legacy::{
 };
 use forkvm_devices::trigger::{ExitTrigger, IrqTrigger};
 use forkvm_devices::virtio::VirtioDevice;
+use forkvm_devices::virtio::block::Block;
 use forkvm_devices::virtio::rng::Rng;
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
@@ -64,13 +65,28 @@ pub struct VmBuilder {
 #[derive(Debug)]
 enum VirtioConfig {
     Rng,
+    Block {
+        path: PathBuf,
+        read_only: bool,
+        serial: String,
+    },
 }
 
 impl VirtioConfig {
-    fn create(&self) -> Box<dyn VirtioDevice> {
-        match self {
+    fn create(&self) -> Result<Box<dyn VirtioDevice>, Error> {
+        Ok(match self {
             Self::Rng => Box::new(Rng::new()),
-        }
+            Self::Block {
+                path,
+                read_only,
+                serial,
+            } => Box::new(Block::open(path, *read_only, serial).map_err(|source| {
+                Error::BlockImage {
+                    path: path.clone(),
+                    source,
+                }
+            })?),
+        })
     }
 }
 
@@ -164,6 +180,24 @@ impl VmBuilder {
         self
     }
 
+    /// Adds a virtio-blk disk backed by the raw image at `path` (`/dev/vda`, `/dev/vdb`, ... in
+    /// the order added). A read-only disk fails the guest's writes with an I/O error.
+    pub fn block(mut self, path: impl Into<PathBuf>, read_only: bool) -> Self {
+        let serial = format!(
+            "forkvm-disk-{}",
+            self.virtio
+                .iter()
+                .filter(|d| matches!(d, VirtioConfig::Block { .. }))
+                .count()
+        );
+        self.virtio.push(VirtioConfig::Block {
+            path: path.into(),
+            read_only,
+            serial,
+        });
+        self
+    }
+
     /// Opens KVM through another device node than [`DEFAULT_KVM_DEVICE`] (e.g. in a container).
     pub fn kvm_device(mut self, path: impl Into<PathBuf>) -> Self {
         self.kvm_device = path.into();
@@ -214,7 +248,12 @@ impl VmBuilder {
         install_kick_handler()?;
 
         let ram = GuestRam::new(self.memory_mib << 20)?;
-        let virtio = VirtioPlan::new(self.virtio.iter().map(VirtioConfig::create).collect())?;
+        let virtio = VirtioPlan::new(
+            self.virtio
+                .iter()
+                .map(VirtioConfig::create)
+                .collect::<Result<_, _>>()?,
+        )?;
         let cmdline = self.full_cmdline(&caps, &virtio);
         let vcpu_count = self.vcpus as u8; // checked against MAX_MPTABLE_VCPUS above
         let entry = boot::load(

@@ -78,6 +78,15 @@ pub enum Error {
     /// The host probe VM failed.
     #[error("probing the host's KVM failed: {0}")]
     Probe(String),
+    /// A block device's image could not be opened.
+    #[error("cannot open disk image {path}: {source}")]
+    BlockImage {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// The console output file could not be opened.
     #[error("cannot open console output {path}: {source}")]
     ConsoleFile {

@@ -8,7 +8,7 @@ use forkvm::{ConsoleInput, ConsoleOutput, DEFAULT_MEMORY_MIB, GuestExit, VmBuild
 
 const USAGE: &str =
     "usage: forkvm run --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MIB] \
-[--vcpus N] [--rng] [--debug-exit]
+[--vcpus N] [--rng] [--disk PATH] [--disk-ro PATH] [--debug-exit]
 
 Boots the kernel with the serial console on this terminal and exits with the guest's end state:
   0    the guest powered off or reset (Linux `reboot`)
@@ -30,6 +30,7 @@ struct RunArgs {
     vcpus: u32,
     debug_exit: bool,
     rng: bool,
+    disks: Vec<(PathBuf, bool)>,
 }
 
 fn parse(mut args: impl Iterator<Item = String>) -> Result<RunArgs, String> {
@@ -39,6 +40,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<RunArgs, String> {
     let (mut kernel, mut initrd, mut cmdline) = (None, None, None);
     let (mut memory_mib, mut vcpus, mut debug_exit, mut rng) =
         (DEFAULT_MEMORY_MIB, 1, false, false);
+    let mut disks = Vec::new();
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
@@ -49,6 +51,8 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<RunArgs, String> {
             "--vcpus" => vcpus = value()?.parse().map_err(|e| format!("--vcpus: {e}"))?,
             "--debug-exit" => debug_exit = true,
             "--rng" => rng = true,
+            "--disk" => disks.push((PathBuf::from(value()?), false)),
+            "--disk-ro" => disks.push((PathBuf::from(value()?), true)),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown option {other}")),
         }
@@ -62,6 +66,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<RunArgs, String> {
         vcpus,
         debug_exit,
         rng,
+        disks,
     })
 }
 
@@ -78,6 +83,9 @@ fn run(args: RunArgs) -> Result<GuestExit, forkvm::Error> {
     }
     if args.rng {
         builder = builder.rng();
+    }
+    for (path, read_only) in args.disks {
+        builder = builder.block(path, read_only);
     }
     if let Some(initrd) = args.initrd {
         builder = builder.initrd(initrd);
