@@ -279,3 +279,48 @@ fn test_guest_reads_entropy_from_virtio_rng() {
         "the driver brought the device live"
     );
 }
+
+#[test]
+fn test_guest_writes_and_reads_back_a_sector_over_virtio_blk() {
+    // 1 MiB image whose sector 5 starts with 0xa5.
+    let mut bytes = vec![0u8; 1 << 20];
+    bytes[5 * 512] = 0xa5;
+    let disk = TempFile::with_contents("boot-disk", &bytes);
+    let console = ConsoleBuffer::new();
+    let vm = test_guest_vm("mode=virtio-blk blk_sector=5 blk_expect=a5", &console)
+        .block(disk.path(), false)
+        .build()
+        .unwrap();
+    assert_succeeds(&vm, &console);
+    assert!(
+        console
+            .text()
+            .contains("virtio-blk ok capacity=2048 id=forkvm-disk-0"),
+        "{}",
+        console.text()
+    );
+    let written = std::fs::read(disk.path()).unwrap();
+    assert_ne!(
+        written[5 * 512..6 * 512],
+        bytes[5 * 512..6 * 512],
+        "the guest's pattern reached the image"
+    );
+    assert_eq!(written[6 * 512..], bytes[6 * 512..], "nothing else changed");
+}
+
+#[test]
+fn read_only_disk_refuses_the_guests_write() {
+    let disk = TempFile::with_contents("boot-disk-ro", &vec![0x3cu8; 1 << 20]);
+    let console = ConsoleBuffer::new();
+    let vm = test_guest_vm("mode=virtio-blk blk_readonly=1 blk_expect=3c", &console)
+        .block(disk.path(), true)
+        .build()
+        .unwrap();
+    assert_succeeds(&vm, &console);
+    assert!(
+        std::fs::read(disk.path())
+            .unwrap()
+            .iter()
+            .all(|b| *b == 0x3c)
+    );
+}

@@ -48,6 +48,14 @@
 #define EXIT_VIRTIO_USED_LEN    14  /* used ring entry: bad length or descriptor id */
 #define EXIT_VIRTIO_NOT_RANDOM  15  /* virtio-rng data all zero or repeated */
 #define EXIT_VIRTIO_NEEDS_RESET 16  /* device set DEVICE_NEEDS_RESET */
+/* virtio-blk (mode=virtio-blk) */
+#define EXIT_VIRTIO_BLK_STATUS   17 /* request status not OK (or not written / not 0..2) */
+#define EXIT_VIRTIO_BLK_MISMATCH 18 /* sector read back differs from what it should hold */
+#define EXIT_VIRTIO_BLK_OOR      19 /* read of sector `capacity` not refused with IOERR */
+#define EXIT_VIRTIO_BLK_RO       20 /* RO offered but a write not refused with IOERR, or RO
+                                       not as blk_readonly= says */
+#define EXIT_VIRTIO_BLK_CAPACITY 21 /* capacity 0, or blk_sector= not below capacity */
+#define EXIT_VIRTIO_BLK_EXPECT   22 /* first byte of the sector is not blk_expect= */
 #define EXIT_EXCEPTION    0x100 /* + CPU exception vector */
 
 #ifndef __ASSEMBLER__

@@ -54,11 +54,13 @@ static NORETURN void fail(const char *msg, uint32_t code)
     guest_exit(code);
 }
 
-/* Decimal or 0x-prefixed hex; fails the run on malformed input. */
-static uint64_t parse_u64(struct str s, const char *what)
+/*
+ * Number in `base` (10 or 16), or 0x-prefixed hex in either; fails the run on
+ * malformed input.
+ */
+static uint64_t parse_uint(struct str s, unsigned base, const char *what)
 {
     uint64_t v = 0;
-    unsigned base = 10;
     size_t i = 0;
 
     if (s.len > 2 && s.p[0] == '0' && (s.p[1] == 'x' || s.p[1] == 'X')) {
@@ -86,6 +88,12 @@ static uint64_t parse_u64(struct str s, const char *what)
 bad:
     serial_puts("bad value for ");
     fail(what, EXIT_BAD_ARG);
+}
+
+/* Decimal or 0x-prefixed hex. */
+static uint64_t parse_u64(struct str s, const char *what)
+{
+    return parse_uint(s, 10, what);
 }
 
 static inline void syscall0(uint32_t nr)
@@ -284,7 +292,7 @@ static NORETURN void mode_virtio_rng(void)
                           VIRTIO_ID_ENTROPY, &dev))
         fail("virtio-rng: no entropy device (DeviceID 4) among the virtio_mmio.device= "
              "entries\n", EXIT_VIRTIO_NO_DEVICE);
-    virtio_init(&dev, &vq);
+    virtio_init(&dev, &vq, 0);
 
     for (int r = 0; r < 2; r++) {
         struct virtio_buf buf = { data[r], sizeof(data[r]), 1 };
@@ -315,6 +323,219 @@ static NORETURN void mode_virtio_rng(void)
     guest_exit(EXIT_OK);
 }
 
+/* ---- virtio-blk ---- */
+
+static struct virtio_mmio_dev blk_dev;
+static struct virtq blk_vq;
+
+#define BLK_WORDS (VIRTIO_BLK_SECTOR_SIZE / 8)
+
+/*
+ * One request, the standard chain: header (device-readable), the data buffer if
+ * len > 0 (device-readable for OUT, device-writable otherwise), status byte
+ * (device-writable). Fails the run with `code` unless the device completes it
+ * with status `want`, and with EXIT_VIRTIO_BLK_STATUS if it wrote no valid status.
+ */
+static void blk_request(const char *what, uint32_t type, uint64_t sector, void *data,
+                        uint32_t len, uint8_t want, uint32_t code)
+{
+    static struct virtio_blk_req_hdr hdr;
+    static uint8_t status;
+    struct virtio_buf bufs[3];
+    unsigned n = 0;
+
+    hdr.type = type;
+    hdr.reserved = 0;
+    hdr.sector = sector;
+    status = 0xff;      /* not a valid status: shows whether the device wrote one */
+    bufs[n++] = (struct virtio_buf){ &hdr, sizeof(hdr), 0 };
+    if (len)
+        bufs[n++] = (struct virtio_buf){ data, len, type != VIRTIO_BLK_T_OUT };
+    bufs[n++] = (struct virtio_buf){ &status, 1, 1 };
+    uint32_t used = virtio_transfer(&blk_dev, &blk_vq, bufs, n);
+    __asm__ volatile("" ::: "memory");  /* the device wrote status (and data) behind our back */
+
+    uint8_t got = *(volatile uint8_t *)&status;
+    if (got == want)
+        return;
+    serial_puts("virtio-blk: ");
+    serial_puts(what);
+    serial_puts(" (type ");
+    serial_put_dec(type);
+    serial_puts(", sector ");
+    serial_put_dec(sector);
+    serial_puts("): status ");
+    serial_put_dec(got);
+    serial_puts(", expected ");
+    serial_put_dec(want);
+    serial_puts(", used length ");
+    serial_put_dec(used);
+    serial_putc('\n');
+    if (got > VIRTIO_BLK_S_UNSUPP)
+        virtio_fail(&blk_dev, "status byte not written or not a valid status",
+                    EXIT_VIRTIO_BLK_STATUS);
+    virtio_fail(&blk_dev, "unexpected request status", code);
+}
+
+/* Fails the run (EXIT_VIRTIO_BLK_MISMATCH) unless the two sectors are equal. */
+static void blk_compare(const uint64_t *got, const uint64_t *want, const char *what)
+{
+    for (unsigned i = 0; i < BLK_WORDS; i++) {
+        if (got[i] != want[i]) {
+            serial_puts("virtio-blk: ");
+            serial_puts(what);
+            serial_puts(": byte offset ");
+            serial_put_dec(i * 8);
+            serial_puts(" holds ");
+            serial_put_hex(got[i]);
+            serial_puts(", expected ");
+            serial_put_hex(want[i]);
+            serial_putc('\n');
+            virtio_fail(&blk_dev, "sector contents differ", EXIT_VIRTIO_BLK_MISMATCH);
+        }
+    }
+}
+
+/* The ID string: up to 20 bytes, NUL-terminated only when shorter. */
+static void put_blk_id(const char *id)
+{
+    for (unsigned i = 0; i < VIRTIO_BLK_ID_BYTES && id[i]; i++)
+        serial_putc(id[i] > ' ' && id[i] < 0x7f ? id[i] : '?');
+}
+
+/* splitmix64: the pattern written to the disk. */
+static uint64_t mix64(uint64_t x)
+{
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+/*
+ * Block device: read the capacity, GET_ID, read a sector, write a pattern to
+ * it, FLUSH (if negotiated), read it back and compare, and check that the
+ * sector past the end is refused with IOERR. On a read-only device (RO
+ * offered) the write must be refused with IOERR and the sector stay as it was.
+ *   blk_sector=N      sector to use (default: the last one)
+ *   blk_expect=XX     hex byte the sector must start with before the write
+ *   blk_readonly=0|1  whether the device must (1) or must not (0) offer RO
+ */
+static NORETURN void mode_virtio_blk(void)
+{
+    static uint64_t orig[BLK_WORDS], pattern[BLK_WORDS], back[BLK_WORDS], past[BLK_WORDS];
+    static char id[VIRTIO_BLK_ID_BYTES + 1];
+    struct str arg;
+    int want_ro = -1, want_first = -1, have_sector = 0;
+    uint64_t sector = 0;
+
+    /* Arguments first: a malformed one must not leave the device half-used. */
+    if (get_arg("blk_readonly", &arg)) {
+        uint64_t v = parse_u64(arg, "blk_readonly\n");
+        if (v > 1)
+            fail("bad value for blk_readonly (0 or 1)\n", EXIT_BAD_ARG);
+        want_ro = (int)v;
+    }
+    if (get_arg("blk_expect", &arg)) {
+        uint64_t v = parse_uint(arg, 16, "blk_expect\n");
+        if (v > 0xff)
+            fail("bad value for blk_expect (one hex byte)\n", EXIT_BAD_ARG);
+        want_first = (int)v;
+    }
+    if (get_arg("blk_sector", &arg)) {
+        sector = parse_u64(arg, "blk_sector\n");
+        have_sector = 1;
+    }
+
+    if (!virtio_mmio_find((const char *)(uintptr_t)start_info->cmdline_paddr,
+                          VIRTIO_ID_BLOCK, &blk_dev))
+        fail("virtio-blk: no block device (DeviceID 2) among the virtio_mmio.device= "
+             "entries\n", EXIT_VIRTIO_NO_DEVICE);
+    uint64_t features = virtio_init(&blk_dev, &blk_vq,
+                                    1ull << VIRTIO_BLK_F_FLUSH | 1ull << VIRTIO_BLK_F_RO);
+    int ro = !!(features & 1ull << VIRTIO_BLK_F_RO);
+    int flush = !!(features & 1ull << VIRTIO_BLK_F_FLUSH);
+    uint64_t capacity = virtio_config_read64(&blk_dev, VIRTIO_BLK_CFG_CAPACITY);
+    serial_puts("virtio-blk: capacity ");
+    serial_put_dec(capacity);
+    serial_puts(" sectors, features ");
+    serial_put_hex(features);
+    serial_puts(flush ? " flush" : "");
+    serial_puts(ro ? " ro" : "");
+    serial_putc('\n');
+
+    if (want_ro >= 0 && want_ro != ro)
+        virtio_fail(&blk_dev, want_ro ? "blk_readonly=1 but the device does not offer RO"
+                                      : "blk_readonly=0 but the device offers RO",
+                    EXIT_VIRTIO_BLK_RO);
+    if (capacity == 0)
+        virtio_fail(&blk_dev, "capacity is 0", EXIT_VIRTIO_BLK_CAPACITY);
+    if (!have_sector)
+        sector = capacity - 1;
+    if (sector >= capacity)
+        virtio_fail(&blk_dev, "blk_sector is not below the capacity", EXIT_VIRTIO_BLK_CAPACITY);
+
+    for (unsigned i = 0; i < sizeof(id); i++)
+        id[i] = 0;
+    blk_request("GET_ID", VIRTIO_BLK_T_GET_ID, 0, id, VIRTIO_BLK_ID_BYTES,
+                VIRTIO_BLK_S_OK, EXIT_VIRTIO_BLK_STATUS);
+    serial_puts("virtio-blk: id '");
+    put_blk_id(id);
+    serial_puts("'\n");
+
+    blk_request("read", VIRTIO_BLK_T_IN, sector, orig, sizeof(orig),
+                VIRTIO_BLK_S_OK, EXIT_VIRTIO_BLK_STATUS);
+    const uint8_t first = ((const uint8_t *)orig)[0];
+    serial_puts("virtio-blk: sector ");
+    serial_put_dec(sector);
+    serial_puts(" starts with ");
+    serial_put_hex(first);
+    serial_putc('\n');
+    if (want_first >= 0 && first != want_first) {
+        serial_puts("virtio-blk: expected the sector to start with ");
+        serial_put_hex((uint64_t)want_first);
+        serial_putc('\n');
+        virtio_fail(&blk_dev, "sector does not start with blk_expect", EXIT_VIRTIO_BLK_EXPECT);
+    }
+
+    uint64_t seed = rdtsc() ^ mix64(sector);
+    int differs = 0;
+    for (unsigned i = 0; i < BLK_WORDS; i++) {
+        pattern[i] = mix64(seed + i);
+        differs |= pattern[i] != orig[i];
+    }
+    if (!differs)
+        pattern[0] = ~pattern[0];   /* a write that does nothing must not pass */
+    if (ro)
+        blk_request("write to a read-only device", VIRTIO_BLK_T_OUT, sector, pattern,
+                    sizeof(pattern), VIRTIO_BLK_S_IOERR, EXIT_VIRTIO_BLK_RO);
+    else
+        blk_request("write", VIRTIO_BLK_T_OUT, sector, pattern, sizeof(pattern),
+                    VIRTIO_BLK_S_OK, EXIT_VIRTIO_BLK_STATUS);
+    if (flush)
+        blk_request("flush", VIRTIO_BLK_T_FLUSH, 0, 0, 0, VIRTIO_BLK_S_OK,
+                    EXIT_VIRTIO_BLK_STATUS);
+
+    /* Pre-fill with something else than the expected data: a read must overwrite it. */
+    const uint64_t *expected = ro ? orig : pattern;
+    for (unsigned i = 0; i < BLK_WORDS; i++)
+        back[i] = ~expected[i];
+    blk_request("read back", VIRTIO_BLK_T_IN, sector, back, sizeof(back),
+                VIRTIO_BLK_S_OK, EXIT_VIRTIO_BLK_STATUS);
+    blk_compare(back, expected, ro ? "read-only sector after the refused write"
+                                   : "sector read back after the write");
+
+    blk_request("read past the end", VIRTIO_BLK_T_IN, capacity, past, sizeof(past),
+                VIRTIO_BLK_S_IOERR, EXIT_VIRTIO_BLK_OOR);
+
+    serial_puts("virtio-blk ok capacity=");
+    serial_put_dec(capacity);
+    serial_puts(" id=");
+    put_blk_id(id);
+    serial_putc('\n');
+    guest_exit(EXIT_OK);
+}
+
 NORETURN void user_main(void)
 {
     serial_puts("forkvm test guest\n");
@@ -342,5 +563,7 @@ NORETURN void user_main(void)
         mode_fault();
     if (str_eq(mode, "virtio-rng"))
         mode_virtio_rng();
+    if (str_eq(mode, "virtio-blk"))
+        mode_virtio_blk();
     fail("unknown mode\n", EXIT_UNKNOWN_MODE);
 }

@@ -10,8 +10,8 @@
 pub mod block;
 pub mod mmio;
 pub mod rng;
-#[cfg(test)]
-mod test_driver;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_driver;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};

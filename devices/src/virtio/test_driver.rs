@@ -1,5 +1,5 @@
-//! A virtio driver for unit tests: programs a transport through its registers and builds
-//! descriptor chains in guest memory, the way a guest would.
+//! A virtio driver for tests and benchmarks: programs a transport through its registers and
+//! builds descriptor chains in guest memory, the way a guest would.
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -13,7 +13,8 @@ pub const DESC: u64 = 0x1000;
 pub const AVAIL: u64 = 0x2000;
 pub const USED: u64 = 0x3000;
 pub const BUF: u64 = 0x8000;
-pub const QUEUE_SIZE: u16 = 16;
+/// Queue size the driver programs (room for 42 three-descriptor requests).
+pub const QUEUE_SIZE: u16 = 128;
 
 /// Register offsets a driver uses.
 pub mod reg {
