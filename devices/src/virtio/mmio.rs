@@ -32,7 +32,8 @@ const VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0x6d76_6b66; // "fkvm"
 const CONFIG_SPACE_OFFSET: u64 = 0x100;
 
-mod reg {
+/// Register offsets in the window (virtio 1.1 §4.2.2).
+pub mod reg {
     pub const MAGIC: u64 = 0x000;
     pub const VERSION: u64 = 0x004;
     pub const DEVICE_ID: u64 = 0x008;
@@ -58,12 +59,18 @@ mod reg {
     pub const CONFIG_GENERATION: u64 = 0x0fc;
 }
 
-const S_ACKNOWLEDGE: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
-const S_DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
-const S_FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
-const S_DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
-const S_NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
-const S_FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
+/// Device status bits (virtio 1.1 §2.1).
+pub const S_ACKNOWLEDGE: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+/// The driver knows how to drive the device.
+pub const S_DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
+/// Feature negotiation is complete.
+pub const S_FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
+/// The driver is ready; the device is live.
+pub const S_DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
+/// The device hit an error it cannot recover from without a reset.
+pub const S_NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
+/// The driver gave up on the device.
+pub const S_FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
 
 /// A virtio device with its virtio-mmio register state and queues.
 pub struct MmioTransport {

@@ -3,58 +3,40 @@
 
 use vm_memory::{Bytes, GuestAddress};
 
-use super::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use super::mmio::MmioTransport;
+pub use super::mmio::{S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, S_NEEDS_RESET, reg};
 use super::{GuestMemoryMmap, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice};
 use crate::bus::BusDevice;
 use crate::trigger::IrqTrigger;
 
+/// Guest memory size.
 pub const MEM_SIZE: usize = 0x10_0000;
+/// Descriptor table of queue 0.
 pub const DESC: u64 = 0x1000;
+/// Available ring of queue 0.
 pub const AVAIL: u64 = 0x2000;
+/// Used ring of queue 0.
 pub const USED: u64 = 0x3000;
+/// Where tests put data buffers.
 pub const BUF: u64 = 0x8000;
 /// Queue size the driver programs (room for 42 three-descriptor requests).
 pub const QUEUE_SIZE: u16 = 128;
 
-/// Register offsets a driver uses.
-pub mod reg {
-    pub const MAGIC: u64 = 0x000;
-    pub const VERSION: u64 = 0x004;
-    pub const DEVICE_ID: u64 = 0x008;
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const QUEUE_NOTIFY: u64 = super::QUEUE_NOTIFY_OFFSET;
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-}
-
-/// Device status bits.
-pub const S_ACKNOWLEDGE: u32 = 1;
-pub const S_DRIVER: u32 = 2;
-pub const S_DRIVER_OK: u32 = 4;
-pub const S_FEATURES_OK: u32 = 8;
-pub const S_NEEDS_RESET: u32 = 0x40;
-/// Descriptor flags.
+/// Descriptor flag: the chain continues at `next`.
 pub const F_NEXT: u16 = 1;
+/// Descriptor flag: the device writes this buffer.
 pub const F_WRITE: u16 = 2;
 
 /// A transport and the guest memory its driver works in.
 pub struct Driver {
+    /// The device under test, behind its transport.
     pub transport: MmioTransport,
+    /// The guest memory holding queues and buffers.
     pub memory: GuestMemoryMmap,
 }
 
 impl Driver {
+    /// A driver for `device` in fresh guest memory.
     pub fn new(device: Box<dyn VirtioDevice>) -> Self {
         let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let interrupt = Interrupt::new(IrqTrigger::new().unwrap());
@@ -62,12 +44,14 @@ impl Driver {
         Self { transport, memory }
     }
 
+    /// A 32-bit register read.
     pub fn read(&mut self, offset: u64) -> u32 {
         let mut data = [0u8; 4];
         self.transport.read(offset, &mut data);
         u32::from_le_bytes(data)
     }
 
+    /// A 32-bit register write.
     pub fn write(&mut self, offset: u64, value: u32) {
         self.transport.write(offset, &value.to_le_bytes());
     }
@@ -85,6 +69,7 @@ impl Driver {
         self.read(reg::STATUS)
     }
 
+    /// Programs queue 0 with [`QUEUE_SIZE`] entries at the given addresses and marks it ready.
     pub fn setup_queue(&mut self, desc: u64, avail: u64, used: u64) {
         self.write(reg::QUEUE_SEL, 0);
         self.write(reg::QUEUE_NUM, u32::from(QUEUE_SIZE));
@@ -112,6 +97,7 @@ impl Driver {
         );
     }
 
+    /// Negotiates VERSION_1 only, sets up queue 0 and goes live.
     pub fn start(&mut self) {
         self.start_with(0);
     }
@@ -137,6 +123,7 @@ impl Driver {
         self.make_available(head);
     }
 
+    /// Puts the chain starting at descriptor `head` in the available ring.
     pub fn make_available(&self, head: u16) {
         let idx: u16 = self.memory.read_obj(GuestAddress(AVAIL + 2)).unwrap();
         let slot = AVAIL + 4 + 2 * u64::from(idx % QUEUE_SIZE);
