@@ -19,10 +19,10 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
-use virtio_queue::{Queue, QueueT, Reader, Writer};
+use virtio_queue::{Queue, Reader, Writer};
 
 use super::{
-    DeviceError, GuestMemoryMmap, INT_USED_RING, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice,
+    DeviceError, GuestMemoryMmap, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, serve_queue,
 };
 
 /// Virtio device type of block devices.
@@ -290,17 +290,7 @@ impl VirtioDevice for Block {
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
     ) -> Result<(), DeviceError> {
-        let mut used_any = false;
-        while let Some(chain) = queue.pop_descriptor_chain(memory) {
-            let head = chain.head_index();
-            let len = self.serve(memory, chain)?;
-            queue.add_used(memory, head, len)?;
-            used_any = true;
-        }
-        if used_any && queue.needs_notification(memory)? {
-            interrupt.raise(INT_USED_RING);
-        }
-        Ok(())
+        serve_queue(queue, memory, interrupt, |chain| self.serve(memory, chain))
     }
 }
 

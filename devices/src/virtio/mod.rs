@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use thiserror::Error;
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 
 use crate::trigger::IrqTrigger;
 
@@ -84,6 +84,27 @@ impl Interrupt {
     pub fn acknowledge(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
+}
+
+/// Serves every chain the driver made available on `queue` with `serve`, which returns how many
+/// bytes it wrote into the chain's buffers, then interrupts the driver if it asked to be told.
+pub fn serve_queue(
+    queue: &mut Queue,
+    memory: &GuestMemoryMmap,
+    interrupt: &Interrupt,
+    mut serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> Result<u32, DeviceError>,
+) -> Result<(), DeviceError> {
+    let mut used_any = false;
+    while let Some(chain) = queue.pop_descriptor_chain(memory) {
+        let head = chain.head_index();
+        let written = serve(chain)?;
+        queue.add_used(memory, head, written)?;
+        used_any = true;
+    }
+    if used_any && queue.needs_notification(memory)? {
+        interrupt.raise(INT_USED_RING);
+    }
+    Ok(())
 }
 
 /// A virtio device behind a transport.

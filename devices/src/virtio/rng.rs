@@ -2,10 +2,10 @@
 
 use std::io::Write;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 
 use super::{
-    DeviceError, GuestMemoryMmap, INT_USED_RING, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice,
+    DeviceError, GuestMemoryMmap, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, serve_queue,
 };
 
 /// Virtio device type of the entropy device.
@@ -47,22 +47,15 @@ impl VirtioDevice for Rng {
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
     ) -> Result<(), DeviceError> {
-        let mut used_any = false;
-        while let Some(chain) = queue.pop_descriptor_chain(memory) {
-            let head = chain.head_index();
+        serve_queue(queue, memory, interrupt, |chain| {
             let mut writer = chain.writer(memory)?;
             let len = writer.available_bytes().min(MAX_BYTES_PER_REQUEST);
             self.buffer.resize(len, 0);
             fill_random(&mut self.buffer)?;
             writer.write_all(&self.buffer)?;
             // `len` is at most MAX_BYTES_PER_REQUEST, so it fits in u32.
-            queue.add_used(memory, head, len as u32)?;
-            used_any = true;
-        }
-        if used_any && queue.needs_notification(memory)? {
-            interrupt.raise(INT_USED_RING);
-        }
-        Ok(())
+            Ok(len as u32)
+        })
     }
 }
 
