@@ -22,10 +22,15 @@ initramfs=$(guest/initramfs/build.sh)
 echo "Linux guest ready in $(( $(date +%s) - start )) s: $kernel, $initramfs" >&2
 
 step "tests"
-cargo test --workspace
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace 2>&1 | tee "$log"
 
 step "fuzzing (bounded)"
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
 for target in mmio_transport block_requests legacy_ports; do
     (cd fuzz && cargo fuzz run "$target" --sanitizer none -- -max_total_time="${FORKVM_FUZZ_SECONDS:-30}" 2>&1 | tail -n 1)
 done
+
+# One closing line for the whole run (the last cargo line is a crate's empty doc-test run).
+awk '/^test result:/ { passed += $4; failed += $6 } END { printf "summary: %d passed, %d failed\n", passed, failed }' "$log"
