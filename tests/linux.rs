@@ -1,6 +1,7 @@
 //! A real Linux guest on this host's KVM: the kernel from `guest/kernel/build.sh` and the busybox
 //! initramfs from `guest/initramfs/build.sh` boot through the PVH entry; /init prints its marker
-//! and reboots, which forkvm reports as a reset. Its kernel drives forkvm's virtio-rng and virtio-blk devices.
+//! and reboots, which forkvm reports as a reset. Its kernel drives forkvm's virtio-rng, virtio-blk and virtio-console devices; /init's marker
+//! arrives through virtio-console (hvc0).
 //!
 //! Here guest ring 0 is emulated, so the boot takes ~15–20 s; the build scripts reuse their cache
 //! (`scripts/test.sh` builds both before the tests run).
@@ -18,22 +19,25 @@ fn linux_boots_to_init_and_shuts_down() {
     let initramfs = built_artifact("guest/initramfs/build.sh");
     let disk = TempFile::with_contents("linux-disk", &vec![0u8; 1 << 20]);
     let console = ConsoleBuffer::new();
+    let hvc = ConsoleBuffer::new();
     let vm = VmBuilder::new()
         .kernel(&kernel)
         .initrd(&initramfs)
-        .cmdline("console=ttyS0")
+        // The kernel logs to both consoles; the last one, hvc0, becomes /dev/console for /init.
+        .cmdline("console=ttyS0 console=hvc0")
         .memory_mib(128)
         .rng()
         .block(disk.path(), false)
+        .virtio_console(ConsoleOutput::Buffer(hvc.clone()), None)
         .console(ConsoleOutput::Buffer(console.clone()))
         .build()
         .expect("build the Linux VM");
     let t0 = Instant::now();
     vm.start().unwrap();
     let mut to_init = None;
-    let mut status_seen = [0u32; 2];
+    let mut status_seen = [0u32; 3];
     while vm.exit().is_none() {
-        if to_init.is_none() && console.text().contains(MARKER) {
+        if to_init.is_none() && hvc.text().contains(MARKER) {
             to_init = Some(t0.elapsed());
         }
         for (seen, device) in status_seen.iter_mut().zip(vm.devices()) {
@@ -43,17 +47,22 @@ fn linux_boots_to_init_and_shuts_down() {
     }
     let exit = vm.wait().unwrap();
     let elapsed = t0.elapsed();
-    let text = console.text();
+    let text = hvc.text();
     assert!(
         text.contains(MARKER),
-        "no {MARKER} on the console ({exit}); console:\n{text}"
+        "no {MARKER} on hvc0 ({exit}); hvc0:\n{text}\nttyS0:\n{}",
+        console.text()
     );
     assert_eq!(exit, GuestExit::Reset, "console:\n{text}");
-    // Linux's virtio-mmio, virtio-rng and virtio-blk drivers found the devices from the command
+    // Linux's virtio-mmio, virtio-rng, virtio-blk and virtio-console drivers found the devices from the command
     // line, negotiated features, set up their queues and went live (ACKNOWLEDGE|DRIVER|FEATURES_OK|
     // DRIVER_OK, never NEEDS_RESET); the kernel resets its devices on the way down, so look at
     // what was seen while it ran.
-    assert_eq!(status_seen, [0xf, 0xf], "{:?}", vm.devices());
+    assert_eq!(status_seen, [0xf, 0xf, 0xf], "{:?}", vm.devices());
+    assert!(
+        console.text().contains("Linux version"),
+        "the kernel also logs to ttyS0"
+    );
     let to_init = to_init.unwrap_or(elapsed).as_secs_f64();
     eprintln!(
         "Linux guest: /init after {to_init:.1} s, shut down after {:.1} s",

@@ -11,8 +11,8 @@ use forkvm_devices::legacy::{
     SERIAL_PORT_BASE, SERIAL_PORT_LEN, SerialInput, SerialPort,
 };
 use forkvm_devices::trigger::{ExitTrigger, IrqTrigger};
-use forkvm_devices::virtio::VirtioDevice;
 use forkvm_devices::virtio::block::Block;
+use forkvm_devices::virtio::console::Console;
 use forkvm_devices::virtio::rng::Rng;
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
@@ -32,7 +32,7 @@ use crate::memory::{GuestRam, MIN_MEMORY_MIB};
 use crate::run_state::RunState;
 use crate::vcpu::IoBuses;
 use crate::vcpu::{Vcpu, install_kick_handler};
-use crate::virtio::VirtioPlan;
+use crate::virtio::{VirtioDeviceSpec, VirtioPlan};
 use crate::vm::Vm;
 
 /// Arguments forkvm gives every guest kernel, before the caller's: a reset request ends the VM
@@ -70,22 +70,40 @@ enum VirtioConfig {
         read_only: bool,
         serial: String,
     },
+    Console {
+        output: ConsoleOutput,
+        input: Option<ConsoleInputDebug>,
+    },
 }
 
 impl VirtioConfig {
-    fn create(&self) -> Result<Box<dyn VirtioDevice>, Error> {
+    fn create(self) -> Result<VirtioDeviceSpec, Error> {
         Ok(match self {
-            Self::Rng => Box::new(Rng::new()),
+            Self::Rng => VirtioDeviceSpec::new(Box::new(Rng::new())),
             Self::Block {
                 path,
                 read_only,
                 serial,
-            } => Box::new(Block::open(path, *read_only, serial).map_err(|source| {
-                Error::BlockImage {
-                    path: path.clone(),
-                    source,
+            } => VirtioDeviceSpec::new(Box::new(
+                Block::open(&path, read_only, &serial)
+                    .map_err(|source| Error::BlockImage { path, source })?,
+            )),
+            Self::Console { output, input } => {
+                let console = Console::new(output.into_writer()?)
+                    .map_err(|e| setup_err("virtio-console", e))?;
+                let input = input
+                    .map(|ConsoleInputDebug(input)| {
+                        input
+                            .into_fd()
+                            .map_err(|e| setup_err("virtio-console input", e))
+                    })
+                    .transpose()?
+                    .map(|fd| (console.input(), fd));
+                VirtioDeviceSpec {
+                    device: Box::new(console),
+                    console_input: input,
                 }
-            })?),
+            }
         })
     }
 }
@@ -198,6 +216,16 @@ impl VmBuilder {
         self
     }
 
+    /// Adds a virtio-console (the guest's `hvc0`) writing to `output`, fed from `input` if given.
+    /// Use `console=hvc0` on the command line to make it the guest's console.
+    pub fn virtio_console(mut self, output: ConsoleOutput, input: Option<ConsoleInput>) -> Self {
+        self.virtio.push(VirtioConfig::Console {
+            output,
+            input: input.map(ConsoleInputDebug),
+        });
+        self
+    }
+
     /// Opens KVM through another device node than [`DEFAULT_KVM_DEVICE`] (e.g. in a container).
     pub fn kvm_device(mut self, path: impl Into<PathBuf>) -> Self {
         self.kvm_device = path.into();
@@ -225,7 +253,7 @@ impl VmBuilder {
 
     /// Checks the configuration, creates the VM and loads the guest. Nothing runs until
     /// [`Vm::start`]. On error everything created so far is released.
-    pub fn build(self) -> Result<Vm, Error> {
+    pub fn build(mut self) -> Result<Vm, Error> {
         let kernel = self.kernel.clone().ok_or(Error::NoKernel)?;
         if self.vcpus == 0 {
             return Err(Error::NoVcpus);
@@ -248,12 +276,11 @@ impl VmBuilder {
         install_kick_handler()?;
 
         let ram = GuestRam::new(self.memory_mib << 20)?;
-        let virtio = VirtioPlan::new(
-            self.virtio
-                .iter()
-                .map(VirtioConfig::create)
-                .collect::<Result<_, _>>()?,
-        )?;
+        let devices = std::mem::take(&mut self.virtio)
+            .into_iter()
+            .map(VirtioConfig::create)
+            .collect::<Result<_, _>>()?;
+        let virtio = VirtioPlan::new(devices)?;
         let cmdline = self.full_cmdline(&caps, &virtio);
         let vcpu_count = self.vcpus as u8; // checked against MAX_MPTABLE_VCPUS above
         let entry = boot::load(

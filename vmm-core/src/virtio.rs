@@ -2,10 +2,12 @@
 //! KVM ioeventfds and irqfd that connect them, the event-loop subscriber that serves their
 //! queues, and the `virtio_mmio.device=` entries that tell the guest kernel where they are.
 
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use forkvm_devices::bus::Bus;
 use forkvm_devices::trigger::IrqTrigger;
+use forkvm_devices::virtio::console::{ConsoleInputFeeder, ConsoleInputQueue};
 use forkvm_devices::virtio::mmio::{
     MMIO_WINDOW_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, QueueEvents,
 };
@@ -23,9 +25,27 @@ pub const FIRST_VIRTIO_IRQ: u32 = 5;
 /// Last IRQ: the in-kernel IOAPIC has 24 pins.
 pub const LAST_VIRTIO_IRQ: u32 = 23;
 
+/// A virtio device to attach, with the host input a console device reads, if any.
+pub struct VirtioDeviceSpec {
+    /// The device.
+    pub device: Box<dyn VirtioDevice>,
+    /// For a console: its input queue and the fd that fills it.
+    pub console_input: Option<(ConsoleInputQueue, OwnedFd)>,
+}
+
+impl VirtioDeviceSpec {
+    /// A device without host input.
+    pub fn new(device: Box<dyn VirtioDevice>) -> Self {
+        Self {
+            device,
+            console_input: None,
+        }
+    }
+}
+
 /// A virtio device and where it will appear in the guest.
 struct Placed {
-    device: Box<dyn VirtioDevice>,
+    spec: VirtioDeviceSpec,
     base: u64,
     irq: u32,
 }
@@ -50,7 +70,7 @@ pub struct VirtioPlan {
 
 impl VirtioPlan {
     /// Gives each device a window and an IRQ.
-    pub fn new(devices: Vec<Box<dyn VirtioDevice>>) -> Result<Self, Error> {
+    pub fn new(devices: Vec<VirtioDeviceSpec>) -> Result<Self, Error> {
         let place_err = |e: vm_allocator::Error| Error::Setup {
             what: "virtio device placement",
             reason: e.to_string(),
@@ -60,14 +80,14 @@ impl VirtioPlan {
         let mut irqs = IdAllocator::new(FIRST_VIRTIO_IRQ, LAST_VIRTIO_IRQ).map_err(place_err)?;
         let placed = devices
             .into_iter()
-            .map(|device| {
+            .map(|spec| {
                 let window = windows.allocate(
                     MMIO_WINDOW_SIZE,
                     MMIO_WINDOW_SIZE,
                     AllocPolicy::FirstMatch,
                 )?;
                 Ok(Placed {
-                    device,
+                    spec,
                     base: window.start(),
                     irq: irqs.allocate_id()?,
                 })
@@ -94,7 +114,7 @@ impl VirtioPlan {
     }
 
     /// Connects every device to the VM: MMIO window on `mmio`, irqfd, one ioeventfd per queue,
-    /// queue service on `event_loop`.
+    /// queue service (and console input) on `event_loop`.
     pub fn attach(
         self,
         vm: &VmFd,
@@ -104,37 +124,63 @@ impl VirtioPlan {
     ) -> Result<Vec<AttachedDevice>, Error> {
         self.placed
             .into_iter()
-            .map(|Placed { device, base, irq }| {
-                let setup_err = |e: std::io::Error| Error::Setup {
-                    what: "virtio device",
-                    reason: e.to_string(),
-                };
-                let line = IrqTrigger::new().map_err(setup_err)?;
-                vm.register_irqfd(line.eventfd(), irq)
-                    .map_err(kvm_err("KVM_IRQFD"))?;
-                let transport = MmioTransport::new(device, memory.clone(), Interrupt::new(line))
-                    .map_err(setup_err)?;
-                for (index, event) in transport.queue_events().iter().enumerate() {
-                    let notify = IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
-                    vm.register_ioevent(event, &notify, index as u32)
-                        .map_err(kvm_err("KVM_IOEVENTFD"))?;
-                }
-                let transport = Arc::new(Mutex::new(transport));
-                mmio.insert(transport.clone(), base, MMIO_WINDOW_SIZE)
-                    .map_err(|e| Error::Setup {
-                        what: "MMIO bus",
-                        reason: e.to_string(),
-                    })?;
-                event_loop.add(Arc::new(Mutex::new(
-                    QueueEvents::new(transport.clone()).map_err(setup_err)?,
-                )));
-                Ok(AttachedDevice {
-                    transport,
-                    base,
-                    irq,
-                })
-            })
+            .map(|placed| placed.attach(vm, mmio, event_loop, memory))
             .collect()
+    }
+}
+
+impl Placed {
+    fn attach(
+        self,
+        vm: &VmFd,
+        mmio: &mut Bus,
+        event_loop: &mut EventLoop,
+        memory: &GuestMemoryMmap,
+    ) -> Result<AttachedDevice, Error> {
+        let Placed {
+            spec:
+                VirtioDeviceSpec {
+                    device,
+                    console_input,
+                },
+            base,
+            irq,
+        } = self;
+        let setup_err = |e: std::io::Error| Error::Setup {
+            what: "virtio device",
+            reason: e.to_string(),
+        };
+        let line = IrqTrigger::new().map_err(setup_err)?;
+        vm.register_irqfd(line.eventfd(), irq)
+            .map_err(kvm_err("KVM_IRQFD"))?;
+        let transport =
+            MmioTransport::new(device, memory.clone(), Interrupt::new(line)).map_err(setup_err)?;
+        for (index, event) in transport.queue_events().iter().enumerate() {
+            let notify = IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
+            vm.register_ioevent(event, &notify, index as u32)
+                .map_err(kvm_err("KVM_IOEVENTFD"))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(transport.clone(), base, MMIO_WINDOW_SIZE)
+            .map_err(|e| Error::Setup {
+                what: "MMIO bus",
+                reason: e.to_string(),
+            })?;
+        event_loop.add(Arc::new(Mutex::new(
+            QueueEvents::new(transport.clone()).map_err(setup_err)?,
+        )));
+        if let Some((queue, fd)) = console_input {
+            event_loop.add(Arc::new(Mutex::new(ConsoleInputFeeder::new(
+                transport.clone(),
+                queue,
+                fd,
+            ))));
+        }
+        Ok(AttachedDevice {
+            transport,
+            base,
+            irq,
+        })
     }
 }
 
@@ -170,9 +216,9 @@ mod tests {
 
     use super::*;
 
-    fn rngs(n: usize) -> Vec<Box<dyn VirtioDevice>> {
+    fn rngs(n: usize) -> Vec<VirtioDeviceSpec> {
         (0..n)
-            .map(|_| Box::new(Rng::new()) as Box<dyn VirtioDevice>)
+            .map(|_| VirtioDeviceSpec::new(Box::new(Rng::new())))
             .collect()
     }
 

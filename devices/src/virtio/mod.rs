@@ -8,6 +8,7 @@
 //! served on the VM's event loop; interrupts leave through an irqfd.
 
 pub mod block;
+pub mod console;
 pub mod mmio;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]

@@ -27,12 +27,17 @@ pub const F_NEXT: u16 = 1;
 /// Descriptor flag: the device writes this buffer.
 pub const F_WRITE: u16 = 2;
 
+/// Distance between the ring areas of consecutive queues.
+const QUEUE_STRIDE: u64 = 0x1_0000;
+
 /// A transport and the guest memory its driver works in.
 pub struct Driver {
     /// The device under test, behind its transport.
     pub transport: MmioTransport,
     /// The guest memory holding queues and buffers.
     pub memory: GuestMemoryMmap,
+    /// The queue the ring helpers work on (its rings lie `QUEUE_STRIDE` apart from queue 0's).
+    queue: u16,
 }
 
 impl Driver {
@@ -41,7 +46,11 @@ impl Driver {
         let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let interrupt = Interrupt::new(IrqTrigger::new().unwrap());
         let transport = MmioTransport::new(device, memory.clone(), interrupt).unwrap();
-        Self { transport, memory }
+        Self {
+            transport,
+            memory,
+            queue: 0,
+        }
     }
 
     /// A 32-bit register read.
@@ -69,9 +78,9 @@ impl Driver {
         self.read(reg::STATUS)
     }
 
-    /// Programs queue 0 with [`QUEUE_SIZE`] entries at the given addresses and marks it ready.
+    /// Programs the selected queue with [`QUEUE_SIZE`] entries at the given addresses and marks it ready.
     pub fn setup_queue(&mut self, desc: u64, avail: u64, used: u64) {
-        self.write(reg::QUEUE_SEL, 0);
+        self.write(reg::QUEUE_SEL, u32::from(self.queue));
         self.write(reg::QUEUE_NUM, u32::from(QUEUE_SIZE));
         for (low, value) in [
             (reg::QUEUE_DESC_LOW, desc),
@@ -84,17 +93,31 @@ impl Driver {
         self.write(reg::QUEUE_READY, 1);
     }
 
-    /// Negotiates VERSION_1 plus `extra` features, sets up queue 0 and goes live.
+    /// Negotiates VERSION_1 plus `extra` features, sets up every queue and goes live.
     pub fn start_with(&mut self, extra: u64) {
         assert_ne!(
             self.negotiate((1 << VIRTIO_F_VERSION_1) | extra) & S_FEATURES_OK,
             0
         );
-        self.setup_queue(DESC, AVAIL, USED);
+        for q in 0..self.transport.queue_events().len() as u16 {
+            self.select(q);
+            let base = self.base();
+            self.setup_queue(DESC + base, AVAIL + base, USED + base);
+        }
+        self.select(0);
         self.write(
             reg::STATUS,
             S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
         );
+    }
+
+    /// Makes the ring helpers (and `setup_queue`) work on queue `q`.
+    pub fn select(&mut self, q: u16) {
+        self.queue = q;
+    }
+
+    fn base(&self) -> u64 {
+        QUEUE_STRIDE * u64::from(self.queue)
     }
 
     /// Negotiates VERSION_1 only, sets up queue 0 and goes live.
@@ -104,7 +127,7 @@ impl Driver {
 
     /// Writes descriptor `index`.
     pub fn descriptor(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = DESC + 16 * u64::from(index);
+        let at = DESC + self.base() + 16 * u64::from(index);
         self.memory.write_obj(addr, GuestAddress(at)).unwrap();
         self.memory.write_obj(len, GuestAddress(at + 8)).unwrap();
         self.memory.write_obj(flags, GuestAddress(at + 12)).unwrap();
@@ -125,27 +148,30 @@ impl Driver {
 
     /// Puts the chain starting at descriptor `head` in the available ring.
     pub fn make_available(&self, head: u16) {
-        let idx: u16 = self.memory.read_obj(GuestAddress(AVAIL + 2)).unwrap();
-        let slot = AVAIL + 4 + 2 * u64::from(idx % QUEUE_SIZE);
+        let avail = AVAIL + self.base();
+        let idx: u16 = self.memory.read_obj(GuestAddress(avail + 2)).unwrap();
+        let slot = avail + 4 + 2 * u64::from(idx % QUEUE_SIZE);
         self.memory.write_obj(head, GuestAddress(slot)).unwrap();
         self.memory
-            .write_obj(idx.wrapping_add(1), GuestAddress(AVAIL + 2))
+            .write_obj(idx.wrapping_add(1), GuestAddress(avail + 2))
             .unwrap();
     }
 
-    /// Notifies queue 0 and lets the "event loop" serve it.
+    /// Notifies the selected queue and lets the "event loop" serve it.
     pub fn notify(&mut self) {
-        self.write(reg::QUEUE_NOTIFY, 0);
-        assert_eq!(self.transport.queue_events()[0].read().unwrap(), 1);
-        self.transport.process_queue(0);
+        let q = usize::from(self.queue);
+        self.write(reg::QUEUE_NOTIFY, q as u32);
+        assert_eq!(self.transport.queue_events()[q].read().unwrap(), 1);
+        self.transport.process_queue(q);
     }
 
     /// The used ring's index and the length of used element `n`.
     pub fn used(&self, n: u16) -> (u16, u32) {
-        let idx: u16 = self.memory.read_obj(GuestAddress(USED + 2)).unwrap();
+        let used = USED + self.base();
+        let idx: u16 = self.memory.read_obj(GuestAddress(used + 2)).unwrap();
         let len: u32 = self
             .memory
-            .read_obj(GuestAddress(USED + 4 + 8 * u64::from(n) + 4))
+            .read_obj(GuestAddress(used + 4 + 8 * u64::from(n) + 4))
             .unwrap();
         (idx, len)
     }

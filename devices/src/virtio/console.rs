@@ -1,0 +1,348 @@
+//! virtio-console (type 3), one port without multiport: the guest's `hvc0`. Output goes to the
+//! same kinds of sinks as the serial console; input comes from a host fd through the event loop.
+//!
+//! Input is held in a bounded buffer ([`INPUT_BUFFER_SIZE`]) until the guest posts receive
+//! buffers; while it is full the event loop stops reading the fd, so a fast producer never makes
+//! the host buffer without bound.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::mmio::MmioTransport;
+use super::{
+    DeviceError, GuestMemoryMmap, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, serve_queue,
+};
+
+/// Virtio device type of the console.
+pub const CONSOLE_DEVICE_TYPE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
+/// Most input bytes held for the guest.
+pub const INPUT_BUFFER_SIZE: usize = 64 << 10;
+/// The receive queue (host → guest).
+pub const RX_QUEUE: usize = 0;
+/// The transmit queue (guest → host).
+pub const TX_QUEUE: usize = 1;
+const QUEUE_SIZE: u16 = 256;
+/// Most bytes taken from one transmit chain (a chain longer than this is cut).
+const MAX_TX_CHAIN: usize = 64 << 10;
+
+/// Input waiting for the guest, shared by the device and its input feeder.
+#[derive(Clone)]
+pub struct ConsoleInputQueue {
+    bytes: Arc<Mutex<VecDeque<u8>>>,
+    /// Signalled when the device took bytes out, so the feeder may read again.
+    drained: Arc<EventFd>,
+}
+
+impl ConsoleInputQueue {
+    fn new() -> io::Result<Self> {
+        Ok(Self {
+            bytes: Arc::default(),
+            drained: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, VecDeque<u8>> {
+        self.bytes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The console device.
+pub struct Console {
+    output: Box<dyn Write + Send>,
+    input: ConsoleInputQueue,
+    chunk: Vec<u8>,
+}
+
+impl Console {
+    /// A console writing the guest's output to `output`.
+    pub fn new(output: Box<dyn Write + Send>) -> io::Result<Self> {
+        Ok(Self {
+            output,
+            input: ConsoleInputQueue::new()?,
+            chunk: Vec::new(),
+        })
+    }
+
+    /// The input queue an [`ConsoleInputFeeder`] fills.
+    pub fn input(&self) -> ConsoleInputQueue {
+        self.input.clone()
+    }
+
+    fn transmit(
+        &mut self,
+        queue: &mut Queue,
+        memory: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        serve_queue(queue, memory, interrupt, |chain| {
+            let mut reader = chain.reader(memory)?;
+            let len = reader.available_bytes().min(MAX_TX_CHAIN);
+            self.chunk.resize(len, 0);
+            reader.read_exact(&mut self.chunk)?;
+            if let Err(e) = self
+                .output
+                .write_all(&self.chunk)
+                .and_then(|()| self.output.flush())
+            {
+                // The guest's output is dropped, as a serial line with nobody listening would.
+                log::warn!("virtio-console: output dropped: {e}");
+            }
+            Ok(0)
+        })
+    }
+
+    fn receive(
+        &mut self,
+        queue: &mut Queue,
+        memory: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        let input = self.input.clone();
+        let mut pending = input.lock();
+        let mut took = false;
+        while !pending.is_empty() {
+            let Some(chain) = queue.pop_descriptor_chain(memory) else {
+                break;
+            };
+            let head = chain.head_index();
+            let mut writer = chain.writer(memory)?;
+            let n = writer.available_bytes().min(pending.len());
+            let (front, back) = pending.as_slices();
+            let from_front = n.min(front.len());
+            writer.write_all(&front[..from_front])?;
+            writer.write_all(&back[..n - from_front])?;
+            pending.drain(..n);
+            // `n` is at most INPUT_BUFFER_SIZE.
+            queue.add_used(memory, head, n as u32)?;
+            took = true;
+        }
+        drop(pending);
+        if took {
+            let _ = input.drained.write(1);
+            if queue.needs_notification(memory)? {
+                interrupt.raise(super::INT_USED_RING);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VirtioDevice for Console {
+    fn device_type(&self) -> u32 {
+        CONSOLE_DEVICE_TYPE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+    }
+
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        memory: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        match index {
+            RX_QUEUE => self.receive(queue, memory, interrupt),
+            _ => self.transmit(queue, memory, interrupt),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.input.lock().clear();
+    }
+}
+
+/// Event-loop subscriber that reads host input into a console's input queue and hands it to the
+/// guest, pausing while the queue is full.
+pub struct ConsoleInputFeeder {
+    transport: Arc<Mutex<MmioTransport>>,
+    input: ConsoleInputQueue,
+    source: File,
+    reading: bool,
+    eof: bool,
+}
+
+impl ConsoleInputFeeder {
+    /// Feeds `source` into the console behind `transport`, whose input queue is `input`.
+    pub fn new(
+        transport: Arc<Mutex<MmioTransport>>,
+        input: ConsoleInputQueue,
+        source: OwnedFd,
+    ) -> Self {
+        Self {
+            transport,
+            input,
+            source: File::from(source),
+            reading: false,
+            eof: false,
+        }
+    }
+
+    fn set_reading(&mut self, ops: &mut EventOps, on: bool) {
+        if self.reading == on || (on && self.eof) {
+            return;
+        }
+        let events = Events::new(&self.source, EventSet::IN);
+        match if on {
+            ops.add(events)
+        } else {
+            ops.remove(events)
+        } {
+            Ok(()) => self.reading = on,
+            Err(e) => {
+                log::warn!("virtio-console: cannot watch the input fd: {e:?}");
+                self.eof = true;
+            }
+        }
+    }
+
+    fn pump(&mut self, ops: &mut EventOps) {
+        let room = INPUT_BUFFER_SIZE - self.input.lock().len();
+        if room == 0 {
+            self.set_reading(ops, false);
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        match self.source.read(&mut buf[..room.min(4096)]) {
+            Ok(0) => {
+                self.set_reading(ops, false);
+                self.eof = true;
+            }
+            Ok(n) => {
+                self.input.lock().extend(&buf[..n]);
+                self.transport
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .process_queue(RX_QUEUE);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                ) => {}
+            Err(e) => {
+                log::warn!("virtio-console: input closed: {e}");
+                self.set_reading(ops, false);
+                self.eof = true;
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for ConsoleInputFeeder {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&*self.input.drained, EventSet::IN)) {
+            log::warn!("virtio-console: cannot watch the drained event: {e:?}");
+        }
+        self.set_reading(ops, true);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.input.drained.as_raw_fd() {
+            let _ = self.input.drained.read();
+            self.set_reading(ops, true);
+        } else if events.event_set().contains(EventSet::IN) {
+            self.pump(ops);
+        } else {
+            self.set_reading(ops, false);
+            self.eof = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::virtio::test_driver::{BUF, Driver};
+
+    /// A `Write` whose bytes the test can read back.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn console() -> (Driver, Shared, ConsoleInputQueue) {
+        let out = Shared::default();
+        let console = Console::new(Box::new(out.clone())).unwrap();
+        let input = console.input();
+        let mut d = Driver::new(Box::new(console));
+        d.start();
+        (d, out, input)
+    }
+
+    #[test]
+    fn guest_output_reaches_the_sink() {
+        let (mut d, out, _) = console();
+        d.memory.write_slice(b"hello, ", GuestAddress(BUF)).unwrap();
+        d.memory
+            .write_slice(b"host\n", GuestAddress(BUF + 0x100))
+            .unwrap();
+        d.select(TX_QUEUE as u16);
+        d.chain(0, &[(BUF, 7, false), (BUF + 0x100, 5, false)]);
+        d.notify();
+        assert_eq!(d.used(0), (1, 0));
+        assert_eq!(&*out.0.lock().unwrap(), b"hello, host\n");
+    }
+
+    #[test]
+    fn host_input_waits_for_receive_buffers_and_is_never_lost() {
+        let (mut d, _, input) = console();
+        input.lock().extend(b"abcdef");
+        d.transport.process_queue(RX_QUEUE);
+        assert_eq!(d.used(0).0, 0, "no receive buffer yet");
+        d.chain(0, &[(BUF, 4, true)]);
+        d.notify();
+        assert_eq!(d.used(0), (1, 4));
+        assert_eq!(
+            input.drained.read().unwrap(),
+            1,
+            "the feeder is told there is room"
+        );
+        d.chain(1, &[(BUF + 0x100, 64, true)]);
+        d.notify();
+        assert_eq!(d.used(1), (2, 2));
+        let mut got = [0u8; 6];
+        d.memory
+            .read_slice(&mut got[..4], GuestAddress(BUF))
+            .unwrap();
+        d.memory
+            .read_slice(&mut got[4..], GuestAddress(BUF + 0x100))
+            .unwrap();
+        assert_eq!(&got, b"abcdef");
+        assert!(input.lock().is_empty());
+    }
+
+    #[test]
+    fn reset_drops_pending_input() {
+        let (mut d, _, input) = console();
+        input.lock().extend(b"stale");
+        d.write(crate::virtio::mmio::reg::STATUS, 0);
+        assert!(input.lock().is_empty());
+    }
+}
