@@ -49,6 +49,15 @@ impl ConsoleInputQueue {
         })
     }
 
+    /// Queues host input for the guest (at most [`INPUT_BUFFER_SIZE`] bytes wait; the rest is
+    /// refused); returns how many bytes were taken.
+    pub fn push(&self, bytes: &[u8]) -> usize {
+        let mut pending = self.lock();
+        let n = bytes.len().min(INPUT_BUFFER_SIZE - pending.len());
+        pending.extend(&bytes[..n]);
+        n
+    }
+
     fn lock(&self) -> MutexGuard<'_, VecDeque<u8>> {
         self.bytes
             .lock()
@@ -225,7 +234,7 @@ impl ConsoleInputFeeder {
                 self.eof = true;
             }
             Ok(n) => {
-                self.input.lock().extend(&buf[..n]);
+                self.input.push(&buf[..n]);
                 self.transport
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -313,7 +322,7 @@ mod tests {
     #[test]
     fn host_input_waits_for_receive_buffers_and_is_never_lost() {
         let (mut d, _, input) = console();
-        input.lock().extend(b"abcdef");
+        assert_eq!(input.push(b"abcdef"), 6);
         d.transport.process_queue(RX_QUEUE);
         assert_eq!(d.used(0).0, 0, "no receive buffer yet");
         d.chain(0, &[(BUF, 4, true)]);
@@ -341,7 +350,7 @@ mod tests {
     #[test]
     fn reset_drops_pending_input() {
         let (mut d, _, input) = console();
-        input.lock().extend(b"stale");
+        input.push(b"stale");
         d.write(crate::virtio::mmio::reg::STATUS, 0);
         assert!(input.lock().is_empty());
     }
