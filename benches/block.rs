@@ -37,7 +37,9 @@ fn bench_block(c: &mut Criterion) {
     drop(contents);
     let offsets = offsets();
 
-    let mut driver = Driver::new(Box::new(Block::open(image.path(), true, "bench").unwrap()));
+    let mut driver = Driver::new(Box::new(
+        Block::open(image.path(), true, false, "bench").unwrap(),
+    ));
     driver.start_with(1 << 5); // VIRTIO_BLK_F_RO
     for (i, offset) in offsets.iter().enumerate() {
         let header = HEADERS + 16 * i as u64;

@@ -309,6 +309,17 @@ fn test_guest_writes_and_reads_back_a_sector_over_virtio_blk() {
 }
 
 #[test]
+fn direct_io_disk_works_end_to_end() {
+    let disk = TempFile::with_contents("boot-disk-direct", &vec![0u8; 1 << 20]);
+    let console = ConsoleBuffer::new();
+    let vm = test_guest_vm("mode=virtio-blk", &console)
+        .disk(forkvm::Disk::new(disk.path()).direct_io(true))
+        .build()
+        .unwrap();
+    assert_succeeds(&vm, &console);
+}
+
+#[test]
 fn read_only_disk_refuses_the_guests_write() {
     let disk = TempFile::with_contents("boot-disk-ro", &vec![0x3cu8; 1 << 20]);
     let console = ConsoleBuffer::new();

@@ -24,6 +24,6 @@ fn image() -> &'static PathBuf {
 
 fuzz_target!(|data: &[u8]| {
     let read_only = data.first().is_some_and(|b| b & 1 == 1);
-    let block = Block::open(image(), read_only, "fuzz").expect("open the scratch image");
+    let block = Block::open(image(), read_only, false, "fuzz").expect("open the scratch image");
     virtio_harness::run(Box::new(block), data);
 });

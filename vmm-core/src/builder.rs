@@ -66,8 +66,7 @@ pub struct VmBuilder {
 enum VirtioConfig {
     Rng,
     Block {
-        path: PathBuf,
-        read_only: bool,
+        disk: Disk,
         serial: String,
     },
     Console {
@@ -80,13 +79,13 @@ impl VirtioConfig {
     fn create(self) -> Result<VirtioDeviceSpec, Error> {
         Ok(match self {
             Self::Rng => VirtioDeviceSpec::new(Box::new(Rng::new())),
-            Self::Block {
-                path,
-                read_only,
-                serial,
-            } => VirtioDeviceSpec::new(Box::new(
-                Block::open(&path, read_only, &serial)
-                    .map_err(|source| Error::BlockImage { path, source })?,
+            Self::Block { disk, serial } => VirtioDeviceSpec::new(Box::new(
+                Block::open(&disk.path, disk.read_only, disk.direct_io, &serial).map_err(
+                    |source| Error::BlockImage {
+                        path: disk.path,
+                        source,
+                    },
+                )?,
             )),
             Self::Console { output, input } => {
                 let console = Console::new(output.into_writer()?)
@@ -105,6 +104,38 @@ impl VirtioConfig {
                 }
             }
         })
+    }
+}
+
+/// A virtio-blk disk: a raw image file and how to open it.
+#[derive(Clone, Debug)]
+pub struct Disk {
+    path: PathBuf,
+    read_only: bool,
+    direct_io: bool,
+}
+
+impl Disk {
+    /// A writable disk over the image at `path`, through the host page cache.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            read_only: false,
+            direct_io: false,
+        }
+    }
+
+    /// Whether the guest may only read (writes fail with an I/O error).
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    /// Whether to bypass the host page cache (`O_DIRECT`); the image's file system must support
+    /// it, and guest requests must suit its block size.
+    pub fn direct_io(mut self, direct_io: bool) -> Self {
+        self.direct_io = direct_io;
+        self
     }
 }
 
@@ -200,18 +231,20 @@ impl VmBuilder {
 
     /// Adds a virtio-blk disk backed by the raw image at `path` (`/dev/vda`, `/dev/vdb`, ... in
     /// the order added). A read-only disk fails the guest's writes with an I/O error.
-    pub fn block(mut self, path: impl Into<PathBuf>, read_only: bool) -> Self {
-        let serial = format!(
-            "forkvm-disk-{}",
-            self.virtio
-                .iter()
-                .filter(|d| matches!(d, VirtioConfig::Block { .. }))
-                .count()
-        );
+    pub fn block(self, path: impl Into<PathBuf>, read_only: bool) -> Self {
+        self.disk(Disk::new(path).read_only(read_only))
+    }
+
+    /// Adds a virtio-blk disk described by `disk`.
+    pub fn disk(mut self, disk: Disk) -> Self {
+        let index = self
+            .virtio
+            .iter()
+            .filter(|d| matches!(d, VirtioConfig::Block { .. }))
+            .count();
         self.virtio.push(VirtioConfig::Block {
-            path: path.into(),
-            read_only,
-            serial,
+            disk,
+            serial: format!("forkvm-disk-{index}"),
         });
         self
     }

@@ -31,7 +31,8 @@ mod virtio;
 mod vm;
 
 pub use builder::{
-    DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB, EMULATED_HOST_CMDLINE, PLATFORM_CMDLINE, VmBuilder,
+    DEFAULT_CMDLINE, DEFAULT_KVM_DEVICE, DEFAULT_MEMORY_MIB, Disk, EMULATED_HOST_CMDLINE,
+    PLATFORM_CMDLINE, VmBuilder,
 };
 pub use console::{
     ConsoleBuffer, ConsoleCallback, ConsoleInput, ConsoleOutput, DEFAULT_CONSOLE_BUFFER_LIMIT,
