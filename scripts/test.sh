@@ -8,7 +8,12 @@ step() { printf '\n== %s\n' "$*" >&2; }
 
 step "host prerequisites"
 [ -e /dev/kvm ] || { echo "no /dev/kvm on this machine: forkvm's tests need KVM" >&2; exit 1; }
-command -v gcc >/dev/null || { apt-get update -qq && apt-get install -y -qq gcc; }
+missing=()
+command -v gcc >/dev/null || missing+=(gcc)
+command -v mkfs.ext4 >/dev/null || [ -x /usr/sbin/mkfs.ext4 ] || missing+=(e2fsprogs)
+if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq && apt-get install -y -qq "${missing[@]}"
+fi
 
 step "lints"
 cargo fmt --all -- --check

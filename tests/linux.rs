@@ -1,7 +1,8 @@
 //! A real Linux guest on this host's KVM: the kernel from `guest/kernel/build.sh` and the busybox
 //! initramfs from `guest/initramfs/build.sh` boot through the PVH entry; /init prints its marker
 //! and reboots, which forkvm reports as a reset. Its kernel drives forkvm's virtio-rng, virtio-blk and virtio-console devices; /init's marker
-//! arrives through virtio-console (hvc0).
+//! arrives through virtio-console (hvc0), after `/bin/device-checks` read `/dev/hwrng` and wrote,
+//! remounted and read back a file on an ext4 disk.
 //!
 //! Here guest ring 0 is emulated, so the boot takes ~15–20 s; the build scripts reuse their cache
 //! (`scripts/test.sh` builds both before the tests run).
@@ -17,14 +18,23 @@ const MARKER: &str = "FORKVM-LINUX-INIT-OK";
 fn linux_boots_to_init_and_shuts_down() {
     let kernel = built_artifact("guest/kernel/build.sh");
     let initramfs = built_artifact("guest/initramfs/build.sh");
-    let disk = TempFile::with_contents("linux-disk", &vec![0u8; 1 << 20]);
+    // An empty ext4 file system for the guest to write to.
+    let disk = TempFile::with_contents("linux-disk.ext4", &vec![0u8; 8 << 20]);
+    let mkfs = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(disk.path())
+        .status();
+    assert!(
+        mkfs.as_ref().is_ok_and(|s| s.success()),
+        "mkfs.ext4 (e2fsprogs) is needed: {mkfs:?}"
+    );
     let console = ConsoleBuffer::new();
     let hvc = ConsoleBuffer::new();
     let vm = VmBuilder::new()
         .kernel(&kernel)
         .initrd(&initramfs)
         // The kernel logs to both consoles; the last one, hvc0, becomes /dev/console for /init.
-        .cmdline("console=ttyS0 console=hvc0")
+        .cmdline("console=ttyS0 console=hvc0 forkvm.init=/bin/device-checks")
         .memory_mib(128)
         .rng()
         .block(disk.path(), false)

@@ -28,6 +28,7 @@ export LC_ALL=C
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 init_script=$here/init
+checks_script=$here/device-checks
 busybox_pkg="busybox-static"
 busybox=/bin/busybox
 
@@ -53,7 +54,7 @@ devtmpfs /dev devtmpfs nosuid 0 0
 key=$(
     {
         printf '%s %s\n' "$busybox_pkg" "$busybox_version"
-        cat "$init_script" "${BASH_SOURCE[0]}"
+        cat "$init_script" "$checks_script" "${BASH_SOURCE[0]}"
     } | sha256sum | cut -c1-16
 )
 cache=${FORKVM_CACHE:-$HOME/.cache/forkvm}
@@ -130,6 +131,8 @@ archive() {
     dir etc
     text etc/fstab $((8#0100644)) "$fstab"
     file init $((8#0100755)) "$init_script"
+    file bin/device-checks $((8#0100755)) "$checks_script"
+    dir mnt
     dir proc
     dir sys
     header TRAILER!!! 0 0
