@@ -20,12 +20,17 @@ fn linux_boots_to_init_and_shuts_down() {
     let initramfs = built_artifact("guest/initramfs/build.sh");
     // An empty ext4 file system for the guest to write to.
     let disk = TempFile::with_contents("linux-disk.ext4", &vec![0u8; 8 << 20]);
-    let mkfs = std::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F"])
-        .arg(disk.path())
-        .status();
+    let mkfs = ["mkfs.ext4", "/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"]
+        .iter()
+        .find_map(|tool| {
+            std::process::Command::new(tool)
+                .args(["-q", "-F"])
+                .arg(disk.path())
+                .status()
+                .ok()
+        });
     assert!(
-        mkfs.as_ref().is_ok_and(|s| s.success()),
+        mkfs.is_some_and(|s| s.success()),
         "mkfs.ext4 (e2fsprogs) is needed: {mkfs:?}"
     );
     let console = ConsoleBuffer::new();
