@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use forkvm_devices::bus::Bus;
+use forkvm_devices::input::InputFeeder;
 use forkvm_devices::legacy::{
     DEBUG_EXIT_PORT, DebugExit, I8042, I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_IRQ,
-    SERIAL_PORT_BASE, SERIAL_PORT_LEN, SerialInput, SerialPort,
+    SERIAL_PORT_BASE, SERIAL_PORT_LEN, SerialPort, SerialSink,
 };
 use forkvm_devices::trigger::{ExitTrigger, IrqTrigger};
 use forkvm_devices::virtio::block::Block;
@@ -374,7 +375,10 @@ fn legacy_devices(
     insert(&mut pio, serial.clone(), SERIAL_PORT_BASE, SERIAL_PORT_LEN)?;
     if let Some(ConsoleInputDebug(input)) = console_input {
         let fd = input.into_fd().map_err(|e| setup_err("console input", e))?;
-        let feeder = SerialInput::new(serial, fd).map_err(|e| setup_err("console input", e))?;
+        let feeder = InputFeeder::new(
+            SerialSink::new(serial).map_err(|e| setup_err("console input", e))?,
+            fd,
+        );
         event_loop.add(Arc::new(Mutex::new(feeder)));
     }
     let reset_state = state.clone();

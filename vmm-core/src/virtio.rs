@@ -6,8 +6,9 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use forkvm_devices::bus::Bus;
+use forkvm_devices::input::InputFeeder;
 use forkvm_devices::trigger::IrqTrigger;
-use forkvm_devices::virtio::console::{ConsoleInputFeeder, ConsoleInputQueue};
+use forkvm_devices::virtio::console::{ConsoleInputQueue, ConsoleSink};
 use forkvm_devices::virtio::mmio::{
     MMIO_WINDOW_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, QueueEvents,
 };
@@ -170,11 +171,8 @@ impl Placed {
             QueueEvents::new(transport.clone()).map_err(setup_err)?,
         )));
         if let Some((queue, fd)) = console_input {
-            event_loop.add(Arc::new(Mutex::new(ConsoleInputFeeder::new(
-                transport.clone(),
-                queue,
-                fd,
-            ))));
+            let sink = ConsoleSink::new(transport.clone(), queue);
+            event_loop.add(Arc::new(Mutex::new(InputFeeder::new(sink, fd))));
         }
         Ok(AttachedDevice {
             transport,

@@ -1,18 +1,15 @@
-//! The 8250 UART on COM1 (port 0x3f8, IRQ 4), built on `vm-superio`, and the event-loop
-//! subscriber that feeds it input from a host file descriptor.
+//! The 8250 UART on COM1 (port 0x3f8, IRQ 4), built on `vm-superio`, and its receive FIFO as a
+//! sink for host input.
 
-use std::fs::File;
-use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
 use vm_superio::Serial;
 use vm_superio::serial::SerialEvents;
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
+use crate::input::InputSink;
 use crate::trigger::IrqTrigger;
 
 /// COM1's first I/O port.
@@ -94,96 +91,32 @@ impl BusDevice for SerialPort {
     }
 }
 
-/// Event-loop subscriber that moves bytes from a host fd into the UART's receive FIFO, pausing
-/// while the FIFO is full (so a fast producer never buffers without bound) and stopping at EOF.
-pub struct SerialInput {
+/// The UART's receive FIFO as an [`InputSink`] for an [`crate::input::InputFeeder`].
+pub struct SerialSink {
     port: Arc<Mutex<SerialPort>>,
-    source: File,
     drained: EventFd,
-    reading: bool,
-    eof: bool,
 }
 
-impl SerialInput {
-    /// Feeds `source` (a pipe, terminal, socket or file) into `port`.
-    pub fn new(port: Arc<Mutex<SerialPort>>, source: OwnedFd) -> io::Result<Self> {
+impl SerialSink {
+    /// Delivers host input into `port`'s receive FIFO.
+    pub fn new(port: Arc<Mutex<SerialPort>>) -> io::Result<Self> {
         let drained = lock(&port).drained_event()?;
-        Ok(Self {
-            port,
-            source: File::from(source),
-            drained,
-            reading: false,
-            eof: false,
-        })
-    }
-
-    fn set_reading(&mut self, ops: &mut EventOps, on: bool) {
-        if self.reading == on || (on && self.eof) {
-            return;
-        }
-        let events = Events::new(&self.source, EventSet::IN);
-        let result = if on {
-            ops.add(events)
-        } else {
-            ops.remove(events)
-        };
-        match result {
-            Ok(()) => self.reading = on,
-            Err(e) => {
-                // A regular file cannot be polled; treat it like a closed input.
-                log::warn!("serial input: cannot watch the input fd: {e:?}");
-                self.eof = true;
-            }
-        }
-    }
-
-    fn pump(&mut self, ops: &mut EventOps) {
-        let capacity = lock(&self.port).input_capacity();
-        if capacity == 0 {
-            self.set_reading(ops, false);
-            return;
-        }
-        let mut buf = [0u8; 64];
-        let want = capacity.min(buf.len());
-        match self.source.read(&mut buf[..want]) {
-            Ok(0) => {
-                self.set_reading(ops, false);
-                self.eof = true;
-            }
-            Ok(n) => {
-                // `n` never exceeds the capacity checked under the same single consumer.
-                lock(&self.port).enqueue_input(&buf[..n]);
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => {
-                log::warn!("serial input: read failed, input closed: {e}");
-                self.set_reading(ops, false);
-                self.eof = true;
-            }
-        }
+        Ok(Self { port, drained })
     }
 }
 
-impl MutEventSubscriber for SerialInput {
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.drained, EventSet::IN)) {
-            log::warn!("serial input: cannot watch the FIFO wake-up: {e:?}");
-        }
-        self.set_reading(ops, true);
+impl InputSink for SerialSink {
+    fn room(&self) -> usize {
+        lock(&self.port).input_capacity()
     }
 
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if events.fd() == self.drained.as_raw_fd() {
-            let _ = self.drained.read();
-            self.set_reading(ops, true);
-        } else if events.event_set().contains(EventSet::IN) {
-            self.pump(ops);
-        } else {
-            // Hang-up or error without data: the input is gone.
-            self.set_reading(ops, false);
-            self.eof = true;
-        }
+    fn deliver(&mut self, bytes: &[u8]) {
+        // `bytes` never exceeds the room checked by the single feeder.
+        lock(&self.port).enqueue_input(bytes);
+    }
+
+    fn room_made(&self) -> &EventFd {
+        &self.drained
     }
 }
 

@@ -6,20 +6,17 @@
 //! the host buffer without bound.
 
 use std::collections::VecDeque;
-use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT};
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::mmio::MmioTransport;
 use super::{
     DeviceError, GuestMemoryMmap, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, serve_queue,
 };
+use crate::input::InputSink;
 
 /// Virtio device type of the console.
 pub const CONSOLE_DEVICE_TYPE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
@@ -82,7 +79,7 @@ impl Console {
         })
     }
 
-    /// The input queue an [`ConsoleInputFeeder`] fills.
+    /// The input queue a [`ConsoleSink`] fills.
     pub fn input(&self) -> ConsoleInputQueue {
         self.input.clone()
     }
@@ -177,101 +174,35 @@ impl VirtioDevice for Console {
     }
 }
 
-/// Event-loop subscriber that reads host input into a console's input queue and hands it to the
-/// guest, pausing while the queue is full.
-pub struct ConsoleInputFeeder {
+/// A console's input queue as an [`InputSink`]: delivered bytes wait in the queue and go to
+/// the guest as soon as it has receive buffers.
+pub struct ConsoleSink {
     transport: Arc<Mutex<MmioTransport>>,
     input: ConsoleInputQueue,
-    source: File,
-    reading: bool,
-    eof: bool,
 }
 
-impl ConsoleInputFeeder {
-    /// Feeds `source` into the console behind `transport`, whose input queue is `input`.
-    pub fn new(
-        transport: Arc<Mutex<MmioTransport>>,
-        input: ConsoleInputQueue,
-        source: OwnedFd,
-    ) -> Self {
-        Self {
-            transport,
-            input,
-            source: File::from(source),
-            reading: false,
-            eof: false,
-        }
-    }
-
-    fn set_reading(&mut self, ops: &mut EventOps, on: bool) {
-        if self.reading == on || (on && self.eof) {
-            return;
-        }
-        let events = Events::new(&self.source, EventSet::IN);
-        match if on {
-            ops.add(events)
-        } else {
-            ops.remove(events)
-        } {
-            Ok(()) => self.reading = on,
-            Err(e) => {
-                log::warn!("virtio-console: cannot watch the input fd: {e:?}");
-                self.eof = true;
-            }
-        }
-    }
-
-    fn pump(&mut self, ops: &mut EventOps) {
-        let room = INPUT_BUFFER_SIZE - self.input.lock().len();
-        if room == 0 {
-            self.set_reading(ops, false);
-            return;
-        }
-        let mut buf = [0u8; 4096];
-        match self.source.read(&mut buf[..room.min(4096)]) {
-            Ok(0) => {
-                self.set_reading(ops, false);
-                self.eof = true;
-            }
-            Ok(n) => {
-                self.input.push(&buf[..n]);
-                self.transport
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .process_queue(RX_QUEUE);
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
-                ) => {}
-            Err(e) => {
-                log::warn!("virtio-console: input closed: {e}");
-                self.set_reading(ops, false);
-                self.eof = true;
-            }
-        }
+impl ConsoleSink {
+    /// Delivers into `input`, the queue of the console behind `transport`.
+    pub fn new(transport: Arc<Mutex<MmioTransport>>, input: ConsoleInputQueue) -> Self {
+        Self { transport, input }
     }
 }
 
-impl MutEventSubscriber for ConsoleInputFeeder {
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&*self.input.drained, EventSet::IN)) {
-            log::warn!("virtio-console: cannot watch the drained event: {e:?}");
-        }
-        self.set_reading(ops, true);
+impl InputSink for ConsoleSink {
+    fn room(&self) -> usize {
+        INPUT_BUFFER_SIZE - self.input.lock().len()
     }
 
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if events.fd() == self.input.drained.as_raw_fd() {
-            let _ = self.input.drained.read();
-            self.set_reading(ops, true);
-        } else if events.event_set().contains(EventSet::IN) {
-            self.pump(ops);
-        } else {
-            self.set_reading(ops, false);
-            self.eof = true;
-        }
+    fn deliver(&mut self, bytes: &[u8]) {
+        self.input.push(bytes);
+        self.transport
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .process_queue(RX_QUEUE);
+    }
+
+    fn room_made(&self) -> &EventFd {
+        &self.input.drained
     }
 }
 
