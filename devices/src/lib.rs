@@ -10,5 +10,7 @@
 pub mod bus;
 pub mod input;
 pub mod legacy;
+#[cfg(test)]
+mod test_util;
 pub mod trigger;
 pub mod virtio;

@@ -127,38 +127,25 @@ fn lock(port: &Mutex<SerialPort>) -> std::sync::MutexGuard<'_, SerialPort> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::SharedWriter;
 
-    /// A `Write` whose bytes the test can read back.
-    #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Shared {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    fn port(out: Shared) -> SerialPort {
+    fn port(out: SharedWriter) -> SerialPort {
         SerialPort::new(IrqTrigger::new().unwrap(), Box::new(out)).unwrap()
     }
 
     #[test]
     fn guest_output_reaches_the_sink() {
-        let out = Shared::default();
+        let out = SharedWriter::default();
         let mut port = port(out.clone());
         for b in b"hi\n" {
             port.write(0, &[*b]);
         }
-        assert_eq!(&*out.0.lock().unwrap(), b"hi\n");
+        assert_eq!(&*out.contents(), b"hi\n");
     }
 
     #[test]
     fn host_input_is_readable_by_the_guest_and_raises_the_irq() {
-        let mut port = port(Shared::default());
+        let mut port = port(SharedWriter::default());
         port.write(1, &[0x01]); // IER: receive-data-available interrupt
         assert_eq!(port.enqueue_input(b"ab"), 2);
         assert_eq!(port.irq().eventfd().read().unwrap(), 1);
@@ -172,7 +159,7 @@ mod tests {
 
     #[test]
     fn a_full_fifo_accepts_nothing_more() {
-        let mut port = port(Shared::default());
+        let mut port = port(SharedWriter::default());
         let cap = port.input_capacity();
         assert_eq!(port.enqueue_input(&vec![b'x'; cap + 10]), cap);
         assert_eq!(port.enqueue_input(b"y"), 0);
@@ -180,13 +167,13 @@ mod tests {
 
     #[test]
     fn wide_and_out_of_range_accesses_are_harmless() {
-        let out = Shared::default();
+        let out = SharedWriter::default();
         let mut port = port(out.clone());
         let mut word = [0u8; 2];
         port.read(0, &mut word);
         assert_eq!(word, [0xff, 0xff]);
         port.write(0, b"ab");
         port.write(9, b"c");
-        assert!(out.0.lock().unwrap().is_empty());
+        assert!(out.contents().is_empty());
     }
 }

@@ -211,24 +211,11 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
+    use crate::test_util::SharedWriter;
     use crate::virtio::test_driver::{BUF, Driver};
 
-    /// A `Write` whose bytes the test can read back.
-    #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Shared {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    fn console() -> (Driver, Shared, ConsoleInputQueue) {
-        let out = Shared::default();
+    fn console() -> (Driver, SharedWriter, ConsoleInputQueue) {
+        let out = SharedWriter::default();
         let console = Console::new(Box::new(out.clone())).unwrap();
         let input = console.input();
         let mut d = Driver::new(Box::new(console));
@@ -247,7 +234,7 @@ mod tests {
         d.chain(0, &[(BUF, 7, false), (BUF + 0x100, 5, false)]);
         d.notify();
         assert_eq!(d.used(0), (1, 0));
-        assert_eq!(&*out.0.lock().unwrap(), b"hello, host\n");
+        assert_eq!(&*out.contents(), b"hello, host\n");
     }
 
     #[test]
