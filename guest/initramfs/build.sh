@@ -34,16 +34,9 @@ busybox=/bin/busybox
 
 log() { printf 'guest/initramfs: %s\n' "$*" >&2; }
 
-if [[ $(dpkg-query -W -f='${Status}' "$busybox_pkg" 2>/dev/null) != *' ok installed' ]]; then
-    sudo=()
-    [[ $(id -u) -eq 0 ]] || sudo=(sudo)
-    log "installing $busybox_pkg"
-    export DEBIAN_FRONTEND=noninteractive
-    if ! "${sudo[@]}" apt-get install -y --no-install-recommends "$busybox_pkg" >&2; then
-        "${sudo[@]}" apt-get update >&2
-        "${sudo[@]}" apt-get install -y --no-install-recommends "$busybox_pkg" >&2
-    fi
-fi
+# shellcheck source=../packages.sh
+source "$here/../packages.sh"
+ensure_packages "$busybox_pkg"
 busybox_version=$(dpkg-query -W -f='${Version}' "$busybox_pkg")
 
 fstab='proc /proc proc nosuid,nodev,noexec 0 0

@@ -29,23 +29,8 @@ build_pkgs=(bc bison flex libelf-dev libssl-dev build-essential xz-utils)
 
 log() { printf 'guest/kernel: %s\n' "$*" >&2; }
 
-# Installs the named Debian packages that are not installed yet.
-ensure_packages() {
-    local missing=() pkg
-    for pkg in "$@"; do
-        [[ $(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null) == *' ok installed' ]] ||
-            missing+=("$pkg")
-    done
-    [[ ${#missing[@]} -eq 0 ]] && return 0
-    local sudo=()
-    [[ $(id -u) -eq 0 ]] || sudo=(sudo)
-    log "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    if ! "${sudo[@]}" apt-get install -y --no-install-recommends "${missing[@]}" >&2; then
-        "${sudo[@]}" apt-get update >&2
-        "${sudo[@]}" apt-get install -y --no-install-recommends "${missing[@]}" >&2
-    fi
-}
+# shellcheck source=../packages.sh
+source "$here/../packages.sh"
 
 ensure_packages "$source_pkg"
 src_version=$(dpkg-query -W -f='${Version}' "$source_pkg")

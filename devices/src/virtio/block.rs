@@ -317,12 +317,14 @@ impl VirtioDevice for Block {
 
     fn process_queue(
         &mut self,
-        _index: usize,
-        queue: &mut Queue,
+        index: usize,
+        queues: &mut [Queue],
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
     ) -> Result<(), DeviceError> {
-        serve_queue(queue, memory, interrupt, |chain| self.serve(memory, chain))
+        serve_queue(&mut queues[index], memory, interrupt, |chain| {
+            self.serve(memory, chain)
+        })
     }
 }
 

@@ -159,10 +159,11 @@ impl VirtioDevice for Console {
     fn process_queue(
         &mut self,
         index: usize,
-        queue: &mut Queue,
+        queues: &mut [Queue],
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
     ) -> Result<(), DeviceError> {
+        let queue = &mut queues[index];
         match index {
             RX_QUEUE => self.receive(queue, memory, interrupt),
             _ => self.transmit(queue, memory, interrupt),

@@ -7,7 +7,7 @@
 //! these rules are ignored; queues that turn out unusable when the driver says `DRIVER_OK`, and
 //! requests a device cannot parse, put the device into `DEVICE_NEEDS_RESET`.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -161,14 +161,36 @@ impl MmioTransport {
         if !self.is_active() {
             return;
         }
-        let Some(queue) = self.queues.get_mut(index).filter(|q| q.ready()) else {
+        if !self.queues.get(index).is_some_and(Queue::ready) {
             return;
+        }
+        if let Err(e) =
+            self.device
+                .process_queue(index, &mut self.queues, &self.memory, &self.interrupt)
+        {
+            self.needs_reset(&format_args!("queue {index}: {e}"));
+        }
+    }
+
+    /// The device's host-side event fd, if it has one (see [`VirtioDevice::host_event`]).
+    pub fn host_event(&self) -> Option<RawFd> {
+        self.device.host_event()
+    }
+
+    /// Lets the device do host-side work. It gets its queues only while it is live (an empty
+    /// slice otherwise), so it always drains its host events but touches guest memory only when
+    /// the driver allows. A device error moves it into `DEVICE_NEEDS_RESET`.
+    pub fn process_host_event(&mut self) {
+        let queues: &mut [Queue] = if self.is_active() {
+            &mut self.queues
+        } else {
+            &mut []
         };
         if let Err(e) = self
             .device
-            .process_queue(index, queue, &self.memory, &self.interrupt)
+            .process_host_event(queues, &self.memory, &self.interrupt)
         {
-            self.needs_reset(&format_args!("queue {index}: {e}"));
+            self.needs_reset(&format_args!("host event: {e}"));
         }
     }
 
@@ -214,9 +236,13 @@ impl MmioTransport {
             return;
         }
         let mut new = new & !S_NEEDS_RESET | (self.status & S_NEEDS_RESET);
-        if added & S_FEATURES_OK != 0 && !self.features_acceptable() {
-            // Left clear: the driver reads it back and gives up on the device (§3.1.1).
-            new &= !S_FEATURES_OK;
+        if added & S_FEATURES_OK != 0 {
+            if self.features_acceptable() {
+                self.device.ack_features(self.driver_features);
+            } else {
+                // Left clear: the driver reads it back and gives up on the device (§3.1.1).
+                new &= !S_FEATURES_OK;
+            }
         }
         self.status = new;
         if added & S_DRIVER_OK != 0 {
@@ -361,11 +387,16 @@ impl BusDevice for MmioTransport {
     }
 }
 
-/// Event-loop subscriber that serves a transport's queues when their eventfds fire.
+/// Event-loop subscriber that serves a transport's queues when their eventfds fire, and its
+/// device's host-side work when the device's [`VirtioDevice::host_event`] fd is readable.
 pub struct QueueEvents {
     transport: Arc<Mutex<MmioTransport>>,
     events: Vec<EventFd>,
+    host_event: Option<RawFd>,
 }
+
+/// Event data that marks the device's host-side event fd (queue events carry their index).
+const HOST_EVENT_DATA: u32 = u32::MAX;
 
 impl QueueEvents {
     /// Watches the queue eventfds of `transport`.
@@ -375,7 +406,12 @@ impl QueueEvents {
             .iter()
             .map(EventFd::try_clone)
             .collect::<Result<_, _>>()?;
-        Ok(Self { transport, events })
+        let host_event = lock(&transport).host_event();
+        Ok(Self {
+            transport,
+            events,
+            host_event,
+        })
     }
 }
 
@@ -386,9 +422,20 @@ impl MutEventSubscriber for QueueEvents {
                 log::error!("virtio: cannot watch queue {index}: {e:?}");
             }
         }
+        if let Some(fd) = self.host_event {
+            // The fd belongs to the device inside `transport`, which this subscriber keeps alive.
+            let events = Events::with_data_raw(fd, HOST_EVENT_DATA, EventSet::IN);
+            if let Err(e) = ops.add(events) {
+                log::error!("virtio: cannot watch the device's host events: {e:?}");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.data() == HOST_EVENT_DATA && Some(events.fd()) == self.host_event {
+            lock(&self.transport).process_host_event();
+            return;
+        }
         let index = events.data() as usize;
         if let Some(event) = self
             .events

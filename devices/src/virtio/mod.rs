@@ -14,6 +14,7 @@ pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_driver;
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -125,14 +126,39 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         let _ = (offset, data);
     }
-    /// Serves the available buffers of queue `index` (called on the event loop after a notify).
+    /// Told the features the driver accepted, when it sets `FEATURES_OK` (they are a subset of
+    /// [`Self::features`]).
+    fn ack_features(&mut self, features: u64) {
+        let _ = features;
+    }
+    /// Serves the available buffers of queue `index`, one of `queues` (called on the event loop
+    /// after a notify). Devices whose work spans queues (vsock) reach the others through
+    /// `queues`; a queue the driver did not make ready yields no chains.
     fn process_queue(
         &mut self,
         index: usize,
-        queue: &mut Queue,
+        queues: &mut [Queue],
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
     ) -> Result<(), DeviceError>;
+    /// An fd that becomes readable when the host side has work for the device (a socket that
+    /// connected or has data, a request from the VM handle); the event loop watches it and then
+    /// calls [`Self::process_host_event`].
+    fn host_event(&self) -> Option<RawFd> {
+        None
+    }
+    /// Does the host-side work announced by [`Self::host_event`]. `queues` is empty while the
+    /// device is not live: the device must still consume the event (or stop watching its
+    /// source), so that the event loop does not spin, and keep what it owes the guest for later.
+    fn process_host_event(
+        &mut self,
+        queues: &mut [Queue],
+        memory: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        let _ = (queues, memory, interrupt);
+        Ok(())
+    }
     /// Returns to the state before the driver's first access (the transport resets the queues).
     fn reset(&mut self) {}
 }

@@ -42,12 +42,12 @@ impl VirtioDevice for Rng {
 
     fn process_queue(
         &mut self,
-        _index: usize,
-        queue: &mut Queue,
+        index: usize,
+        queues: &mut [Queue],
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
     ) -> Result<(), DeviceError> {
-        serve_queue(queue, memory, interrupt, |chain| {
+        serve_queue(&mut queues[index], memory, interrupt, |chain| {
             let mut writer = chain.writer(memory)?;
             let len = writer.available_bytes().min(MAX_BYTES_PER_REQUEST);
             self.buffer.resize(len, 0);
