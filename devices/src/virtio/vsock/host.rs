@@ -221,7 +221,7 @@ impl HostSockets {
         };
         let mut target = path.clone().into_os_string();
         target.push(format!("_{port}"));
-        UnixStream::connect(target)
+        connect_nonblocking(Path::new(&target))
     }
 
     /// Handles readiness of `fd` if it is one of this side's own sockets (the listener, the
@@ -346,6 +346,16 @@ impl Drop for HostSockets {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// Connects to the Unix socket at `path` without ever blocking: a listener whose backlog is
+/// full (a host program that does not accept) fails with `WouldBlock` instead of stalling the
+/// event loop, so a guest cannot freeze the VMM by connecting faster than the host accepts.
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    socket.connect(&socket2::SockAddr::unix(path)?)?;
+    Ok(UnixStream::from(std::os::fd::OwnedFd::from(socket)))
 }
 
 /// Parses `CONNECT <port>`.

@@ -794,6 +794,27 @@ mod tests {
     }
 
     #[test]
+    fn a_host_listener_that_does_not_accept_cannot_stall_the_device() {
+        let dir = temp_dir("backlog");
+        let listener =
+            socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+        listener
+            .bind(&socket2::SockAddr::unix(dir.join("v.sock_7")).unwrap())
+            .unwrap();
+        listener.listen(1).unwrap();
+        let mut g = Guest::new(Some(&dir.join("v.sock")));
+        g.post_rx(16);
+        for port in 0..8 {
+            let mut request = Hdr::to_host(7, OP_REQUEST);
+            request.src_port = GUEST_PORT + port;
+            g.send(request, &[]);
+        }
+        let ops = g.ops();
+        assert_eq!(ops.len(), 8, "every request is answered at once");
+        assert!(ops.contains(&OP_RST), "a full backlog refuses: {ops:?}");
+    }
+
+    #[test]
     fn packets_the_device_cannot_carry_are_answered_with_a_reset() {
         let (mut g, _host, _dir) = guest_connected("foreign");
         let wrong_cid = Hdr {
