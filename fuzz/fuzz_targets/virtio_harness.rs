@@ -14,28 +14,31 @@ use vm_memory::{Bytes, GuestAddress};
 const MEM_SIZE: usize = 0x1_0000;
 const STATUS: u64 = 0x70;
 
+/// Most queues a fuzzed device has (vsock: receive, transmit, event).
+const QUEUES: u32 = 3;
+
 /// The register writes of a well-behaved driver up to DRIVER_OK, with queue size and ring
-/// addresses taken from the fuzzer, so that the queue-processing paths are reached quickly.
+/// addresses taken from the fuzzer (queue `n`'s rings `n` pages after queue 0's), so that the
+/// queue-processing paths are reached quickly.
 fn driver_init(transport: &mut MmioTransport, value: [u8; 4]) {
     let size = 1u32 << (value[0] % 10);
-    let addr = |b: u8| u32::from(b) << 8;
-    for (reg, v) in [
-        (STATUS, 0),
-        (STATUS, 1),
-        (STATUS, 3),
-        (0x24, 1),
-        (0x20, 1),
-        (STATUS, 0xb),
-        (0x30, 0),
-        (0x38, size),
-        (0x80, addr(value[1])),
-        (0x90, addr(value[2])),
-        (0xa0, addr(value[3])),
-        (0x44, 1),
-        (STATUS, 0xf),
-    ] {
+    let addr = |b: u8, queue: u32| (u32::from(b) << 8).wrapping_add(queue << 12) % MEM_SIZE as u32;
+    for (reg, v) in [(STATUS, 0), (STATUS, 1), (STATUS, 3), (0x24, 1), (0x20, 1), (STATUS, 0xb)] {
         transport.write(reg, &v.to_le_bytes());
     }
+    for queue in 0..QUEUES {
+        for (reg, v) in [
+            (0x30, queue),
+            (0x38, size),
+            (0x80, addr(value[1], queue)),
+            (0x90, addr(value[2], queue)),
+            (0xa0, addr(value[3], queue)),
+            (0x44, 1),
+        ] {
+            transport.write(reg, &v.to_le_bytes());
+        }
+    }
+    transport.write(STATUS, &0xfu32.to_le_bytes());
 }
 
 /// Runs one fuzz input against `device`.
@@ -50,7 +53,7 @@ pub fn run(device: Box<dyn VirtioDevice>, data: &[u8]) {
     for op in ops.chunks_exact(6) {
         let offset = u64::from(op[1]) * 4;
         let value = [op[2], op[3], op[4], op[5]];
-        match op[0] % 5 {
+        match op[0] % 6 {
             0 => transport.write(offset, &value),
             1 => {
                 let mut out = [0u8; 4];
@@ -58,7 +61,8 @@ pub fn run(device: Box<dyn VirtioDevice>, data: &[u8]) {
             }
             2 => transport.write(offset, &value[..usize::from(op[2] % 4) + 1]),
             3 => driver_init(&mut transport, value),
-            _ => transport.process_queue(usize::from(op[1] % 2)),
+            4 => transport.process_queue(usize::from(op[1]) % QUEUES as usize),
+            _ => transport.process_host_event(),
         }
     }
 }

@@ -29,6 +29,7 @@ export LC_ALL=C
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 init_script=$here/init
 checks_script=$here/device-checks
+vsock_source=$here/vsock-check.c
 busybox_pkg="busybox-static"
 busybox=/bin/busybox
 
@@ -36,7 +37,7 @@ log() { printf 'guest/initramfs: %s\n' "$*" >&2; }
 
 # shellcheck source=../packages.sh
 source "$here/../packages.sh"
-ensure_packages "$busybox_pkg"
+ensure_packages "$busybox_pkg" gcc libc6-dev
 busybox_version=$(dpkg-query -W -f='${Version}' "$busybox_pkg")
 
 fstab='proc /proc proc nosuid,nodev,noexec 0 0
@@ -47,7 +48,8 @@ devtmpfs /dev devtmpfs nosuid 0 0
 key=$(
     {
         printf '%s %s\n' "$busybox_pkg" "$busybox_version"
-        cat "$init_script" "$checks_script" "${BASH_SOURCE[0]}"
+        gcc --version | head -n 1
+        cat "$init_script" "$checks_script" "$vsock_source" "${BASH_SOURCE[0]}"
     } | sha256sum | cut -c1-16
 )
 cache=${FORKVM_CACHE:-$HOME/.cache/forkvm}
@@ -125,6 +127,7 @@ archive() {
     text etc/fstab $((8#0100644)) "$fstab"
     file init $((8#0100755)) "$init_script"
     file bin/device-checks $((8#0100755)) "$checks_script"
+    file bin/vsock-check $((8#0100755)) "$vsock_check"
     dir mnt
     dir proc
     dir sys
@@ -135,9 +138,13 @@ archive() {
 log "writing $out"
 mkdir -p "${out%/*}"
 tmp=$(mktemp "$out.XXXXXX")
-trap 'rm -f "$tmp"' EXIT
+vsock_check=$(mktemp "$out.vsock-check.XXXXXX")
+trap 'rm -f "$tmp" "$vsock_check"' EXIT
+# Static: the archive has no shared libraries.
+gcc -static -O2 -Wall -Werror -s -o "$vsock_check" "$vsock_source"
 archive | "${compress[@]}" > "$tmp"
 chmod 644 "$tmp"
 mv -f "$tmp" "$out"
+rm -f "$vsock_check"
 trap - EXIT
 printf '%s\n' "$out"
