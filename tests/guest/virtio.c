@@ -398,14 +398,13 @@ uint64_t virtio_config_read64(const struct virtio_mmio_dev *dev, uint32_t offset
 
 /* ---- I/O ---- */
 
-uint32_t virtio_transfer(const struct virtio_mmio_dev *dev, struct virtq *vq,
-                         const struct virtio_buf *bufs, unsigned nbufs)
+void virtq_add(const struct virtio_mmio_dev *dev, struct virtq *vq, uint16_t head,
+               const struct virtio_buf *bufs, unsigned nbufs)
 {
-    const uint16_t head = 0;    /* one chain in flight at a time: always descriptors 0.. */
-    uint64_t writable = 0;
-
-    if (nbufs == 0 || nbufs > vq->num)
-        virtio_fail(dev, "bad number of buffers for the queue", EXIT_VIRTIO_QUEUE);
+    if (nbufs == 0 || nbufs > vq->num || head > vq->num - nbufs)
+        virtio_fail(dev, "bad descriptor range for the queue", EXIT_VIRTIO_QUEUE);
+    if ((uint16_t)(vq->avail_idx - vq->last_used) >= vq->num)
+        virtio_fail(dev, "more chains in flight than the queue has entries", EXIT_VIRTIO_QUEUE);
     for (unsigned i = 0; i < nbufs; i++) {
         /* Device-readable buffers must all come before the writable ones (2.6.4.2). */
         if (i > 0 && bufs[i - 1].device_writes && !bufs[i].device_writes)
@@ -417,17 +416,69 @@ uint32_t virtio_transfer(const struct virtio_mmio_dev *dev, struct virtq *vq,
         vq->desc[head + i].len = bufs[i].len;
         vq->desc[head + i].flags = flags;
         vq->desc[head + i].next = (uint16_t)(i + 1 < nbufs ? head + i + 1 : 0);
-        if (bufs[i].device_writes)
-            writable += bufs[i].len;
     }
     vq->avail->ring[vq->avail_idx % vq->num] = head;
-    compiler_barrier();     /* x86 keeps stores in order: ring entry before idx */
+    compiler_barrier();     /* x86 keeps stores in order: descriptors and entry before idx */
     vq->avail->idx = ++vq->avail_idx;
-    mb();
+}
+
+void virtq_notify(const struct virtio_mmio_dev *dev, const struct virtq *vq)
+{
+    mb();   /* the avail idx store must be visible before the notify */
     virtio_write32(dev, VIRTIO_MMIO_QUEUE_NOTIFY, vq->index);
+}
+
+int virtq_get_used(const struct virtio_mmio_dev *dev, struct virtq *vq, uint32_t *id,
+                   uint32_t *len)
+{
+    uint16_t used_idx = vq->used->idx;
+
+    if (used_idx == vq->last_used)
+        return 0;
+    compiler_barrier();     /* x86 keeps loads in order: idx before the entry */
+    /* The device may only return chains we made available and have not taken back. */
+    if ((uint16_t)(used_idx - vq->last_used) > (uint16_t)(vq->avail_idx - vq->last_used)) {
+        serial_puts("virtio: queue ");
+        serial_put_dec(vq->index);
+        serial_puts(": used idx jumped to ");
+        serial_put_dec(used_idx);
+        serial_puts(" (avail idx ");
+        serial_put_dec(vq->avail_idx);
+        serial_puts(")\n");
+        virtio_fail(dev, "device used more buffers than were made available",
+                    EXIT_VIRTIO_USED_LEN);
+    }
+    *id = vq->used->ring[vq->last_used % vq->num].id;
+    *len = vq->used->ring[vq->last_used % vq->num].len;
+    vq->last_used++;
+    if (*id >= vq->num)
+        virtio_fail(dev, "used ring returned a descriptor id outside the table",
+                    EXIT_VIRTIO_USED_LEN);
+    return 1;
+}
+
+void virtio_ack_interrupt(const struct virtio_mmio_dev *dev)
+{
+    uint32_t isr = virtio_read32(dev, VIRTIO_MMIO_INTERRUPT_STATUS);
+    if (isr)
+        virtio_write32(dev, VIRTIO_MMIO_INTERRUPT_ACK, isr);
+}
+
+uint32_t virtio_transfer(const struct virtio_mmio_dev *dev, struct virtq *vq,
+                         const struct virtio_buf *bufs, unsigned nbufs)
+{
+    const uint16_t head = 0;    /* one chain in flight at a time: always descriptors 0.. */
+    uint64_t writable = 0;
+    uint32_t id, len;
+
+    for (unsigned i = 0; i < nbufs; i++)
+        if (bufs[i].device_writes)
+            writable += bufs[i].len;
+    virtq_add(dev, vq, head, bufs, nbufs);
+    virtq_notify(dev, vq);
 
     uint64_t t0 = rdtsc();
-    for (unsigned spins = 0; vq->used->idx == vq->last_used; spins++) {
+    for (unsigned spins = 0; !virtq_get_used(dev, vq, &id, &len); spins++) {
         if (spins % 4096 == 4095)
             virtio_check_status(dev);
         if (rdtsc() - t0 > TSC_TIMEOUT_2S) {
@@ -436,22 +487,7 @@ uint32_t virtio_transfer(const struct virtio_mmio_dev *dev, struct virtq *vq,
         }
         cpu_relax();
     }
-    compiler_barrier();     /* x86 keeps loads in order: idx before the entry */
-    uint16_t used_idx = vq->used->idx;
-    if ((uint16_t)(used_idx - vq->last_used) != 1) {
-        serial_puts("virtio: used idx jumped to ");
-        serial_put_dec(used_idx);
-        serial_putc('\n');
-        virtio_fail(dev, "device used more buffers than were made available",
-                     EXIT_VIRTIO_USED_LEN);
-    }
-    uint32_t id = vq->used->ring[vq->last_used % vq->num].id;
-    uint32_t len = vq->used->ring[vq->last_used % vq->num].len;
-    vq->last_used++;
-
-    uint32_t isr = virtio_read32(dev, VIRTIO_MMIO_INTERRUPT_STATUS);
-    if (isr)
-        virtio_write32(dev, VIRTIO_MMIO_INTERRUPT_ACK, isr);
+    virtio_ack_interrupt(dev);
     virtio_check_status(dev);
 
     if (id != head)

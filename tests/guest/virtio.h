@@ -180,10 +180,33 @@ uint64_t virtio_config_read64(const struct virtio_mmio_dev *dev, uint32_t offset
 void virtio_check_status(const struct virtio_mmio_dev *dev);
 
 /*
+ * Asynchronous use, for devices with several buffers in flight (vsock). The
+ * caller numbers the descriptors: a chain of `nbufs` buffers occupies
+ * descriptors head..head+nbufs-1 until the device returns it (so fixed slots
+ * of equal-length chains need no allocator).
+ *
+ * virtq_add() fills the descriptors and publishes the chain in the avail ring
+ * without notifying; virtq_notify() tells the device about everything added so
+ * far. virtq_get_used() takes the next used entry: 1 with the chain's head in
+ * *id and the written length in *len, 0 if there is none. Each fails the run
+ * on a driver or device error (queue overfull, used entry never made
+ * available, id outside the table).
+ */
+void virtq_add(const struct virtio_mmio_dev *dev, struct virtq *vq, uint16_t head,
+               const struct virtio_buf *bufs, unsigned nbufs);
+void virtq_notify(const struct virtio_mmio_dev *dev, const struct virtq *vq);
+int virtq_get_used(const struct virtio_mmio_dev *dev, struct virtq *vq, uint32_t *id,
+                   uint32_t *len);
+
+/* Acknowledges whatever InterruptStatus holds (we poll, but keep the line quiet). */
+void virtio_ack_interrupt(const struct virtio_mmio_dev *dev);
+
+/*
  * Puts one descriptor chain made of `bufs` on the queue (in order; each buffer
  * device-readable or device-writable as its flag says), notifies the device
  * and polls the used ring (~2 s timeout: EXIT_VIRTIO_TIMEOUT). Acknowledges
- * the interrupt status. Returns the used length the device reported.
+ * the interrupt status. Returns the used length the device reported. Only for
+ * queues with nothing else in flight (it always uses descriptors 0..).
  */
 uint32_t virtio_transfer(const struct virtio_mmio_dev *dev, struct virtq *vq,
                          const struct virtio_buf *bufs, unsigned nbufs);
