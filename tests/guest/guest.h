@@ -56,6 +56,12 @@
                                        not as blk_readonly= says */
 #define EXIT_VIRTIO_BLK_CAPACITY 21 /* capacity 0, or blk_sector= not below capacity */
 #define EXIT_VIRTIO_BLK_EXPECT   22 /* first byte of the sector is not blk_expect= */
+/* virtio-vsock (vsock.c, mode=vsock-*) */
+#define EXIT_VSOCK_RESET    23  /* connection refused, or reset / shut down by the host early */
+#define EXIT_VSOCK_MISMATCH 24  /* echoed bytes differ from the ones sent, or too many came */
+#define EXIT_VSOCK_PROTOCOL 25  /* a packet the spec does not allow (bad CID, op, length,
+                                   credit overrun, bad guest_cid in config) */
+#define EXIT_VSOCK_TIMEOUT  26  /* no progress for ~8 s (~30 s waiting for a connection) */
 #define EXIT_EXCEPTION    0x100 /* + CPU exception vector */
 
 #ifndef __ASSEMBLER__
