@@ -15,6 +15,8 @@ use forkvm_devices::trigger::{ExitTrigger, IrqTrigger};
 use forkvm_devices::virtio::block::Block;
 use forkvm_devices::virtio::console::Console;
 use forkvm_devices::virtio::rng::Rng;
+use forkvm_devices::virtio::vsock::Vsock as VsockDevice;
+use forkvm_devices::virtio::vsock::host::VsockConnector;
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
 };
@@ -60,6 +62,7 @@ pub struct VmBuilder {
     debug_exit: bool,
     kvm_device: PathBuf,
     virtio: Vec<VirtioConfig>,
+    vsock: Option<Vsock>,
 }
 
 /// A virtio device requested from the builder.
@@ -140,6 +143,40 @@ impl Disk {
     }
 }
 
+/// A virtio-vsock device: the guest's CID and how host programs reach it.
+#[derive(Clone, Debug)]
+pub struct Vsock {
+    cid: u64,
+    uds_path: Option<PathBuf>,
+}
+
+impl Vsock {
+    /// A socket device giving the guest `cid` (3 to 2^32 - 2). Host programs in this process
+    /// connect to guest ports with [`Vm::vsock_connect`].
+    pub fn new(cid: u64) -> Self {
+        Self {
+            cid,
+            uds_path: None,
+        }
+    }
+
+    /// Also listens on the Unix socket `path` (which must not exist; it is removed when the VM
+    /// is dropped), in Firecracker's hybrid style: a host program connects to it, writes
+    /// `CONNECT <port>\n`, reads `OK <host port>\n` and then talks to the guest's port; a guest
+    /// connecting to host port `P` reaches the Unix socket `<path>_<P>`, where a host program
+    /// listens.
+    pub fn uds_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.uds_path = Some(path.into());
+        self
+    }
+
+    fn create(self) -> Result<(VirtioDeviceSpec, VsockConnector), Error> {
+        let device = VsockDevice::new(self.cid, self.uds_path.as_deref())?;
+        let connector = device.connector();
+        Ok((VirtioDeviceSpec::new(Box::new(device)), connector))
+    }
+}
+
 /// The KVM device opened unless [`VmBuilder::kvm_device`] says otherwise.
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
 
@@ -165,6 +202,7 @@ impl Default for VmBuilder {
             debug_exit: false,
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
             virtio: Vec::new(),
+            vsock: None,
         }
     }
 }
@@ -260,6 +298,12 @@ impl VmBuilder {
         self
     }
 
+    /// Adds the virtio-vsock device (a VM has at most one; a second call replaces the first).
+    pub fn vsock(mut self, vsock: Vsock) -> Self {
+        self.vsock = Some(vsock);
+        self
+    }
+
     /// Opens KVM through another device node than [`DEFAULT_KVM_DEVICE`] (e.g. in a container).
     pub fn kvm_device(mut self, path: impl Into<PathBuf>) -> Self {
         self.kvm_device = path.into();
@@ -310,10 +354,15 @@ impl VmBuilder {
         install_kick_handler()?;
 
         let ram = GuestRam::new(self.memory_mib << 20)?;
-        let devices = std::mem::take(&mut self.virtio)
+        let mut devices = std::mem::take(&mut self.virtio)
             .into_iter()
             .map(VirtioConfig::create)
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
+        let vsock = self.vsock.take().map(Vsock::create).transpose()?;
+        let vsock = vsock.map(|(spec, connector)| {
+            devices.push(spec);
+            connector
+        });
         let virtio = VirtioPlan::new(devices)?;
         let cmdline = self.full_cmdline(&caps, &virtio);
         let vcpu_count = self.vcpus as u8; // checked against MAX_MPTABLE_VCPUS above
@@ -350,7 +399,8 @@ impl VmBuilder {
             devices,
             event_loop,
             state,
-        ))
+        )
+        .with_vsock(vsock))
     }
 }
 

@@ -3,6 +3,7 @@
 use std::io;
 use std::path::PathBuf;
 
+use forkvm_devices::virtio::vsock::VsockError;
 use thiserror::Error;
 
 use crate::boot::BootError;
@@ -84,6 +85,21 @@ pub enum Error {
         /// The image.
         path: PathBuf,
         /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The vsock device could not be created (bad CID, or its Unix socket path is taken).
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
+    /// [`crate::Vm::vsock_connect`] on a VM built without [`crate::VmBuilder::vsock`].
+    #[error("this VM has no vsock device: add one with VmBuilder::vsock")]
+    NoVsock,
+    /// A connection to a guest vsock port failed.
+    #[error("cannot connect to guest vsock port {port}: {source}")]
+    VsockConnect {
+        /// The guest port.
+        port: u32,
+        /// Why (`ConnectionRefused`: the guest refused; `TimedOut`: it did not answer).
         #[source]
         source: io::Error,
     },

@@ -32,7 +32,7 @@ mod vm;
 
 pub use builder::{
     DEFAULT_CMDLINE, DEFAULT_KVM_DEVICE, DEFAULT_MEMORY_MIB, Disk, EMULATED_HOST_CMDLINE,
-    PLATFORM_CMDLINE, VmBuilder,
+    PLATFORM_CMDLINE, VmBuilder, Vsock,
 };
 pub use console::{
     ConsoleBuffer, ConsoleCallback, ConsoleInput, ConsoleOutput, DEFAULT_CONSOLE_BUFFER_LIMIT,

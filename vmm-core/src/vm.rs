@@ -1,8 +1,12 @@
 //! [`Vm`]: the handle to a built VM — start it, wait for it, stop it. Dropping it stops the guest
 //! and releases every thread, fd and mapping.
 
+use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use forkvm_devices::virtio::vsock::host::VsockConnector;
 
 use kvm_ioctls::VmFd;
 
@@ -33,6 +37,7 @@ pub struct Vm {
     state: Arc<RunState>,
     buses: Arc<IoBuses>,
     devices: Vec<AttachedDevice>,
+    vsock: Option<VsockConnector>,
     // Declared before `ram`, so the VM (and its memory slots) is destroyed before the mapping.
     _vm_fd: VmFd,
     ram: GuestRam,
@@ -56,9 +61,16 @@ impl Vm {
             state,
             buses,
             devices,
+            vsock: None,
             _vm_fd: vm_fd,
             ram,
         }
+    }
+
+    /// Gives the VM the handle of its vsock device.
+    pub(crate) fn with_vsock(mut self, connector: Option<VsockConnector>) -> Self {
+        self.vsock = connector;
+        self
     }
 
     /// Starts the vCPU threads and the event loop.
@@ -131,6 +143,17 @@ impl Vm {
     /// The VM's virtio devices: type, window, IRQ and driver status.
     pub fn devices(&self) -> Vec<DeviceInfo> {
         self.devices.iter().map(AttachedDevice::info).collect()
+    }
+
+    /// Opens a stream to `port` in the guest through the vsock device, in-process (no file
+    /// system involved). Waits at most `timeout` for the guest to accept; fails if the VM has
+    /// no vsock device, the guest refuses (nothing listens on the port, or its driver is not up
+    /// yet) or does not answer in time. Dropping the stream closes the connection.
+    pub fn vsock_connect(&self, port: u32, timeout: Duration) -> Result<UnixStream, Error> {
+        let connector = self.vsock.as_ref().ok_or(Error::NoVsock)?;
+        connector
+            .connect(port, timeout)
+            .map_err(|source| Error::VsockConnect { port, source })
     }
 
     /// Guest memory size in bytes.

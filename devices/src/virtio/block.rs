@@ -22,7 +22,8 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::{Queue, Reader, Writer};
 
 use super::{
-    DeviceError, GuestMemoryMmap, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, serve_queue,
+    DeviceError, GuestMemoryMmap, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, read_config_bytes,
+    serve_queue,
 };
 
 /// Virtio device type of block devices.
@@ -307,12 +308,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let start = usize::try_from(offset)
-            .unwrap_or(usize::MAX)
-            .min(self.config.len());
-        let end = start.saturating_add(data.len()).min(self.config.len());
-        data[..end - start].copy_from_slice(&self.config[start..end]);
+        read_config_bytes(&self.config, offset, data);
     }
 
     fn process_queue(

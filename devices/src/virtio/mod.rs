@@ -13,6 +13,7 @@ pub mod mmio;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_driver;
+pub mod vsock;
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -107,6 +108,17 @@ pub fn serve_queue(
         interrupt.raise(INT_USED_RING);
     }
     Ok(())
+}
+
+/// Answers a read of `data.len()` bytes at `offset` of a device's configuration space `config`;
+/// bytes past its end read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(config.len());
+    let end = start.saturating_add(data.len()).min(config.len());
+    data[..end - start].copy_from_slice(&config[start..end]);
 }
 
 /// A virtio device behind a transport.

@@ -4,11 +4,11 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use forkvm::{ConsoleInput, ConsoleOutput, DEFAULT_MEMORY_MIB, GuestExit, VmBuilder};
+use forkvm::{ConsoleInput, ConsoleOutput, DEFAULT_MEMORY_MIB, GuestExit, VmBuilder, Vsock};
 
 const USAGE: &str =
     "usage: forkvm run --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MIB] \
-[--vcpus N] [--rng] [--disk PATH] [--disk-ro PATH] [--debug-exit]
+[--vcpus N] [--rng] [--disk PATH] [--disk-ro PATH] [--vsock CID[:UDS_PATH]] [--debug-exit]
 
 Boots the kernel with the serial console on this terminal and exits with the guest's end state:
   0    the guest powered off or reset (Linux `reboot`)
@@ -31,6 +31,7 @@ struct RunArgs {
     debug_exit: bool,
     rng: bool,
     disks: Vec<(PathBuf, bool)>,
+    vsock: Option<Vsock>,
 }
 
 fn parse(mut args: impl Iterator<Item = String>) -> Result<RunArgs, String> {
@@ -41,6 +42,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<RunArgs, String> {
     let (mut memory_mib, mut vcpus, mut debug_exit, mut rng) =
         (DEFAULT_MEMORY_MIB, 1, false, false);
     let mut disks = Vec::new();
+    let mut vsock = None;
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
@@ -53,6 +55,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<RunArgs, String> {
             "--rng" => rng = true,
             "--disk" => disks.push((PathBuf::from(value()?), false)),
             "--disk-ro" => disks.push((PathBuf::from(value()?), true)),
+            "--vsock" => vsock = Some(parse_vsock(&value()?)?),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown option {other}")),
         }
@@ -67,6 +70,22 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<RunArgs, String> {
         debug_exit,
         rng,
         disks,
+        vsock,
+    })
+}
+
+/// `CID` or `CID:UDS_PATH`.
+fn parse_vsock(value: &str) -> Result<Vsock, String> {
+    let (cid, path) = match value.split_once(':') {
+        Some((cid, path)) => (cid, Some(path)),
+        None => (value, None),
+    };
+    let cid = cid
+        .parse()
+        .map_err(|e| format!("--vsock: CID {cid:?}: {e}"))?;
+    Ok(match path {
+        Some(path) => Vsock::new(cid).uds_path(path),
+        None => Vsock::new(cid),
     })
 }
 
@@ -86,6 +105,9 @@ fn run(args: RunArgs) -> Result<GuestExit, forkvm::Error> {
     }
     for (path, read_only) in args.disks {
         builder = builder.block(path, read_only);
+    }
+    if let Some(vsock) = args.vsock {
+        builder = builder.vsock(vsock);
     }
     if let Some(initrd) = args.initrd {
         builder = builder.initrd(initrd);
