@@ -86,6 +86,10 @@ static struct {
     uint32_t peer_shutdown;     /* SHUTDOWN flags received */
     int reset;                  /* RST (or a transport reset) received */
     int owe_response, owe_credit_update;
+    /* For the tests: evidence that credit flow control was exercised. */
+    uint32_t credit_stalls;     /* times we had data to send but no credit */
+    uint32_t updates_sent, updates_received;    /* CREDIT_UPDATE packets */
+    int stalled;
 } conn;
 static uint8_t rxbuf[RXBUF];    /* data from rx_cnt - fwd_cnt bytes back, index % RXBUF */
 
@@ -388,7 +392,8 @@ static void handle_packet(const struct vsock_hdr *h, const uint8_t *data, uint32
         handle_rw(h, data, n);
         break;
     case OP_CREDIT_UPDATE:
-        break;      /* take_credit() did it */
+        conn.updates_received++;    /* take_credit() did the rest */
+        break;
     case OP_CREDIT_REQUEST:
         conn.owe_credit_update = 1;
         break;
@@ -496,6 +501,7 @@ static void flush_owed(void)
     }
     if (conn.owe_credit_update || conn.fwd_cnt - conn.fwd_advertised >= RXBUF / 4) {
         conn.owe_credit_update = 0;
+        conn.updates_sent++;
         send_control(conn.local_port, conn.peer_port, OP_CREDIT_UPDATE, 0);
     }
 }
@@ -525,6 +531,10 @@ static uint32_t conn_send(const uint8_t *buf, uint32_t len)
         return 0;
     if (credit > conn.peer_buf_alloc)
         vsock_fail("peer fwd_cnt ahead of what we sent", EXIT_VSOCK_PROTOCOL);
+    /* Count each stretch without credit once, not every spin of it. */
+    if (len && credit == 0 && !conn.stalled)
+        conn.credit_stalls++;
+    conn.stalled = len && credit == 0;
     uint32_t n = len < credit ? len : credit;
     if (n > PKT_DATA)
         n = PKT_DATA;
@@ -592,6 +602,19 @@ static void conn_close(const char *who)
             vsock_fail("the device did not take the last tx packets", EXIT_VSOCK_TIMEOUT);
         cpu_relax();
     }
+}
+
+/* Flow-control counters, for the tests to see that credit was exercised. */
+static void put_stats(const char *who)
+{
+    serial_puts(who);
+    serial_puts(": credit_stalls=");
+    serial_put_dec(conn.credit_stalls);
+    serial_puts(" credit_updates_sent=");
+    serial_put_dec(conn.updates_sent);
+    serial_puts(" credit_updates_received=");
+    serial_put_dec(conn.updates_received);
+    serial_putc('\n');
 }
 
 /* ---- setup ---- */
@@ -721,6 +744,7 @@ NORETURN void vsock_run_connect(const char *cmdline, uint32_t port, uint64_t byt
     serial_put_dec(bytes);
     serial_puts(" bytes intact\n");
     conn_close(who);
+    put_stats(who);
     serial_puts("vsock-connect ok\n");
     guest_exit(EXIT_OK);
 }
@@ -780,6 +804,7 @@ NORETURN void vsock_run_listen(const char *cmdline, uint32_t port, int want_trac
         cpu_relax();
     }
     conn_close(who);    /* drains tx */
+    put_stats(who);
     serial_puts("vsock-listen ok\n");
     guest_exit(EXIT_OK);
 }
