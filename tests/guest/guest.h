@@ -43,7 +43,7 @@
 #define EXIT_VIRTIO_NO_DEVICE   9   /* no command-line device with the wanted DeviceID */
 #define EXIT_VIRTIO_BAD_DEVICE  10  /* window without virtio magic or not version 2 */
 #define EXIT_VIRTIO_FEATURES    11  /* VERSION_1 not offered, or FEATURES_OK rejected */
-#define EXIT_VIRTIO_QUEUE       12  /* queue 0 unavailable (QueueNumMax 0) or already live */
+#define EXIT_VIRTIO_QUEUE       12  /* a queue unavailable (QueueNumMax 0) or already live */
 #define EXIT_VIRTIO_TIMEOUT     13  /* device did not complete (or reset) within ~2 s */
 #define EXIT_VIRTIO_USED_LEN    14  /* used ring entry: bad length or descriptor id */
 #define EXIT_VIRTIO_NOT_RANDOM  15  /* virtio-rng data all zero or repeated */
@@ -56,6 +56,12 @@
                                        not as blk_readonly= says */
 #define EXIT_VIRTIO_BLK_CAPACITY 21 /* capacity 0, or blk_sector= not below capacity */
 #define EXIT_VIRTIO_BLK_EXPECT   22 /* first byte of the sector is not blk_expect= */
+/* virtio-vsock (vsock.c, mode=vsock-*) */
+#define EXIT_VSOCK_RESET    23  /* connection refused, or reset / shut down by the host early */
+#define EXIT_VSOCK_MISMATCH 24  /* echoed bytes differ from the ones sent, or too many came */
+#define EXIT_VSOCK_PROTOCOL 25  /* a packet the spec does not allow (bad CID, op, length,
+                                   credit overrun, bad guest_cid in config) */
+#define EXIT_VSOCK_TIMEOUT  26  /* no progress for ~8 s (~30 s waiting for a connection) */
 #define EXIT_EXCEPTION    0x100 /* + CPU exception vector */
 
 #ifndef __ASSEMBLER__

@@ -4,6 +4,7 @@
  */
 #include "guest.h"
 #include "virtio.h"
+#include "vsock.h"
 
 /* PVH boot information (xen/include/public/arch-x86/hvm/start_info.h). */
 #define HVM_START_MAGIC 0x336ec578
@@ -292,7 +293,7 @@ static NORETURN void mode_virtio_rng(void)
                           VIRTIO_ID_ENTROPY, &dev))
         fail("virtio-rng: no entropy device (DeviceID 4) among the virtio_mmio.device= "
              "entries\n", EXIT_VIRTIO_NO_DEVICE);
-    virtio_init(&dev, &vq, 0);
+    virtio_init(&dev, &vq, 1, 0);
 
     for (int r = 0; r < 2; r++) {
         struct virtio_buf buf = { data[r], sizeof(data[r]), 1 };
@@ -451,7 +452,7 @@ static NORETURN void mode_virtio_blk(void)
                           VIRTIO_ID_BLOCK, &blk_dev))
         fail("virtio-blk: no block device (DeviceID 2) among the virtio_mmio.device= "
              "entries\n", EXIT_VIRTIO_NO_DEVICE);
-    uint64_t features = virtio_init(&blk_dev, &blk_vq,
+    uint64_t features = virtio_init(&blk_dev, &blk_vq, 1,
                                     1ull << VIRTIO_BLK_F_FLUSH | 1ull << VIRTIO_BLK_F_RO);
     int ro = !!(features & 1ull << VIRTIO_BLK_F_RO);
     int flush = !!(features & 1ull << VIRTIO_BLK_F_FLUSH);
@@ -536,6 +537,55 @@ static NORETURN void mode_virtio_blk(void)
     guest_exit(EXIT_OK);
 }
 
+/* ---- virtio-vsock (driver in vsock.c) ---- */
+
+/* vsock_port=N: a 32-bit port number (required). */
+static uint32_t vsock_port_arg(void)
+{
+    struct str arg;
+
+    if (!get_arg("vsock_port", &arg))
+        fail("vsock modes need vsock_port=N\n", EXIT_BAD_ARG);
+    uint64_t port = parse_u64(arg, "vsock_port\n");
+    if (port > UINT32_MAX)
+        fail("bad value for vsock_port (32 bits)\n", EXIT_BAD_ARG);
+    return (uint32_t)port;
+}
+
+/* vsock_trace=1 prints every packet sent and received. */
+static int vsock_trace_arg(void)
+{
+    struct str arg;
+
+    return get_arg("vsock_trace", &arg) && parse_u64(arg, "vsock_trace\n") != 0;
+}
+
+/*
+ * Client: connect to host port vsock_port=, send vsock_bytes= bytes (default
+ * 300 KiB: several buffers and more than one window of credit each way) and
+ * check that they come back.
+ */
+static NORETURN void mode_vsock_connect(void)
+{
+    uint32_t port = vsock_port_arg();
+    uint64_t bytes = 300 * 1024;
+    struct str arg;
+
+    if (get_arg("vsock_bytes", &arg))
+        bytes = parse_u64(arg, "vsock_bytes\n");
+    vsock_run_connect((const char *)(uintptr_t)start_info->cmdline_paddr, port, bytes,
+                      vsock_trace_arg());
+}
+
+/* Server: echo whatever the host sends to port vsock_port= until it closes. */
+static NORETURN void mode_vsock_listen(void)
+{
+    uint32_t port = vsock_port_arg();
+
+    vsock_run_listen((const char *)(uintptr_t)start_info->cmdline_paddr, port,
+                     vsock_trace_arg());
+}
+
 NORETURN void user_main(void)
 {
     serial_puts("forkvm test guest\n");
@@ -565,5 +615,9 @@ NORETURN void user_main(void)
         mode_virtio_rng();
     if (str_eq(mode, "virtio-blk"))
         mode_virtio_blk();
+    if (str_eq(mode, "vsock-connect"))
+        mode_vsock_connect();
+    if (str_eq(mode, "vsock-listen"))
+        mode_vsock_listen();
     fail("unknown mode\n", EXIT_UNKNOWN_MODE);
 }

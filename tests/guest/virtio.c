@@ -9,11 +9,11 @@
 #define VQ_MAX_SIZE 16              /* we never have more than a few buffers in flight */
 
 /*
- * Ring memory of the one queue this driver sets up: descriptor table at 0,
- * avail ring right after it, used ring after that (4-byte aligned). In the
- * image (.bss is loaded from the file), so guest-physical == virtual.
+ * Ring memory, one page per queue: descriptor table at 0, avail ring right
+ * after it, used ring after that (4-byte aligned). In the image (.bss is
+ * loaded from the file), so guest-physical == virtual.
  */
-static uint8_t vq_mem[PAGE_SIZE] __attribute__((aligned(PAGE_SIZE)));
+static uint8_t vq_mem[VIRTIO_MAX_QUEUES][PAGE_SIZE] __attribute__((aligned(PAGE_SIZE)));
 
 static inline void compiler_barrier(void)
 {
@@ -238,15 +238,31 @@ static void set_status(const struct virtio_mmio_dev *dev, uint32_t *status, uint
     virtio_write32(dev, VIRTIO_MMIO_STATUS, *status);
 }
 
+/* Fails the run about queue `index` (the message names it). */
+static NORETURN void fail_queue(const struct virtio_mmio_dev *dev, uint16_t index,
+                                const char *msg, uint32_t value)
+{
+    serial_puts("virtio: queue ");
+    serial_put_dec(index);
+    serial_puts(": ");
+    serial_puts(msg);
+    serial_puts(" (");
+    serial_put_hex(value);
+    serial_puts(")\n");
+    virtio_fail(dev, "queue setup failed", EXIT_VIRTIO_QUEUE);
+}
+
 static void setup_queue(const struct virtio_mmio_dev *dev, struct virtq *vq, uint16_t index)
 {
+    uint8_t *mem = vq_mem[index];
+
     virtio_write32(dev, VIRTIO_MMIO_QUEUE_SEL, index);
     uint32_t ready = virtio_read32(dev, VIRTIO_MMIO_QUEUE_READY);
     if (ready != 0)
-        virtio_fail(dev, "queue 0 is already ready after reset", EXIT_VIRTIO_QUEUE);
+        fail_queue(dev, index, "already ready after reset", ready);
     uint32_t max = virtio_read32(dev, VIRTIO_MMIO_QUEUE_NUM_MAX);
     if (max == 0)
-        virtio_fail(dev, "queue 0 not available (QueueNumMax 0)", EXIT_VIRTIO_QUEUE);
+        fail_queue(dev, index, "not available (QueueNumMax 0)", max);
 
     /* Split queue sizes are powers of 2: largest one within both limits. */
     uint16_t num = 1;
@@ -261,15 +277,15 @@ static void setup_queue(const struct virtio_mmio_dev *dev, struct virtq *vq, uin
     _Static_assert(6 + 2 * VQ_MAX_SIZE + 3 + 6 + 8 * VQ_MAX_SIZE + 16 * VQ_MAX_SIZE <= PAGE_SIZE,
                    "virtqueue does not fit its page");
     for (size_t i = 0; i < end; i++)
-        ((volatile uint8_t *)vq_mem)[i] = 0;
+        ((volatile uint8_t *)mem)[i] = 0;
 
     vq->index = index;
     vq->num = num;
     vq->avail_idx = 0;
     vq->last_used = 0;
-    vq->desc = (volatile struct virtq_desc *)(vq_mem + desc_off);
-    vq->avail = (volatile struct virtq_avail *)(vq_mem + avail_off);
-    vq->used = (volatile struct virtq_used *)(vq_mem + used_off);
+    vq->desc = (volatile struct virtq_desc *)(mem + desc_off);
+    vq->avail = (volatile struct virtq_avail *)(mem + avail_off);
+    vq->used = (volatile struct virtq_used *)(mem + used_off);
 
     uint64_t desc = (uintptr_t)vq->desc, avail = (uintptr_t)vq->avail,
              used = (uintptr_t)vq->used;
@@ -284,12 +300,16 @@ static void setup_queue(const struct virtio_mmio_dev *dev, struct virtq *vq, uin
     virtio_write32(dev, VIRTIO_MMIO_QUEUE_READY, 1);
     ready = virtio_read32(dev, VIRTIO_MMIO_QUEUE_READY);
     if (ready != 1)
-        virtio_fail(dev, "queue 0 did not become ready", EXIT_VIRTIO_QUEUE);
+        fail_queue(dev, index, "did not become ready", ready);
 }
 
-uint64_t virtio_init(const struct virtio_mmio_dev *dev, struct virtq *vq, uint64_t want)
+uint64_t virtio_init(const struct virtio_mmio_dev *dev, struct virtq *vqs, unsigned nqueues,
+                     uint64_t want)
 {
     uint32_t status = 0;
+
+    if (nqueues == 0 || nqueues > VIRTIO_MAX_QUEUES)
+        virtio_fail(dev, "bad number of queues for virtio_init", EXIT_VIRTIO_QUEUE);
 
     /* Reset, and wait for it to complete (reads back 0). */
     virtio_write32(dev, VIRTIO_MMIO_STATUS, 0);
@@ -330,7 +350,9 @@ uint64_t virtio_init(const struct virtio_mmio_dev *dev, struct virtq *vq, uint64
     }
     virtio_check_status(dev);
 
-    setup_queue(dev, vq, 0);
+    /* All queues before DRIVER_OK: the device may use any of them from then on (3.1.1). */
+    for (unsigned i = 0; i < nqueues; i++)
+        setup_queue(dev, &vqs[i], (uint16_t)i);
 
     set_status(dev, &status, VIRTIO_STATUS_DRIVER_OK);
     virtio_check_status(dev);
@@ -376,14 +398,13 @@ uint64_t virtio_config_read64(const struct virtio_mmio_dev *dev, uint32_t offset
 
 /* ---- I/O ---- */
 
-uint32_t virtio_transfer(const struct virtio_mmio_dev *dev, struct virtq *vq,
-                         const struct virtio_buf *bufs, unsigned nbufs)
+void virtq_add(const struct virtio_mmio_dev *dev, struct virtq *vq, uint16_t head,
+               const struct virtio_buf *bufs, unsigned nbufs)
 {
-    const uint16_t head = 0;    /* one chain in flight at a time: always descriptors 0.. */
-    uint64_t writable = 0;
-
-    if (nbufs == 0 || nbufs > vq->num)
-        virtio_fail(dev, "bad number of buffers for the queue", EXIT_VIRTIO_QUEUE);
+    if (nbufs == 0 || nbufs > vq->num || head > vq->num - nbufs)
+        virtio_fail(dev, "bad descriptor range for the queue", EXIT_VIRTIO_QUEUE);
+    if ((uint16_t)(vq->avail_idx - vq->last_used) >= vq->num)
+        virtio_fail(dev, "more chains in flight than the queue has entries", EXIT_VIRTIO_QUEUE);
     for (unsigned i = 0; i < nbufs; i++) {
         /* Device-readable buffers must all come before the writable ones (2.6.4.2). */
         if (i > 0 && bufs[i - 1].device_writes && !bufs[i].device_writes)
@@ -395,17 +416,69 @@ uint32_t virtio_transfer(const struct virtio_mmio_dev *dev, struct virtq *vq,
         vq->desc[head + i].len = bufs[i].len;
         vq->desc[head + i].flags = flags;
         vq->desc[head + i].next = (uint16_t)(i + 1 < nbufs ? head + i + 1 : 0);
-        if (bufs[i].device_writes)
-            writable += bufs[i].len;
     }
     vq->avail->ring[vq->avail_idx % vq->num] = head;
-    compiler_barrier();     /* x86 keeps stores in order: ring entry before idx */
+    compiler_barrier();     /* x86 keeps stores in order: descriptors and entry before idx */
     vq->avail->idx = ++vq->avail_idx;
-    mb();
+}
+
+void virtq_notify(const struct virtio_mmio_dev *dev, const struct virtq *vq)
+{
+    mb();   /* the avail idx store must be visible before the notify */
     virtio_write32(dev, VIRTIO_MMIO_QUEUE_NOTIFY, vq->index);
+}
+
+int virtq_get_used(const struct virtio_mmio_dev *dev, struct virtq *vq, uint32_t *id,
+                   uint32_t *len)
+{
+    uint16_t used_idx = vq->used->idx;
+
+    if (used_idx == vq->last_used)
+        return 0;
+    compiler_barrier();     /* x86 keeps loads in order: idx before the entry */
+    /* The device may only return chains we made available and have not taken back. */
+    if ((uint16_t)(used_idx - vq->last_used) > (uint16_t)(vq->avail_idx - vq->last_used)) {
+        serial_puts("virtio: queue ");
+        serial_put_dec(vq->index);
+        serial_puts(": used idx jumped to ");
+        serial_put_dec(used_idx);
+        serial_puts(" (avail idx ");
+        serial_put_dec(vq->avail_idx);
+        serial_puts(")\n");
+        virtio_fail(dev, "device used more buffers than were made available",
+                    EXIT_VIRTIO_USED_LEN);
+    }
+    *id = vq->used->ring[vq->last_used % vq->num].id;
+    *len = vq->used->ring[vq->last_used % vq->num].len;
+    vq->last_used++;
+    if (*id >= vq->num)
+        virtio_fail(dev, "used ring returned a descriptor id outside the table",
+                    EXIT_VIRTIO_USED_LEN);
+    return 1;
+}
+
+void virtio_ack_interrupt(const struct virtio_mmio_dev *dev)
+{
+    uint32_t isr = virtio_read32(dev, VIRTIO_MMIO_INTERRUPT_STATUS);
+    if (isr)
+        virtio_write32(dev, VIRTIO_MMIO_INTERRUPT_ACK, isr);
+}
+
+uint32_t virtio_transfer(const struct virtio_mmio_dev *dev, struct virtq *vq,
+                         const struct virtio_buf *bufs, unsigned nbufs)
+{
+    const uint16_t head = 0;    /* one chain in flight at a time: always descriptors 0.. */
+    uint64_t writable = 0;
+    uint32_t id, len;
+
+    for (unsigned i = 0; i < nbufs; i++)
+        if (bufs[i].device_writes)
+            writable += bufs[i].len;
+    virtq_add(dev, vq, head, bufs, nbufs);
+    virtq_notify(dev, vq);
 
     uint64_t t0 = rdtsc();
-    for (unsigned spins = 0; vq->used->idx == vq->last_used; spins++) {
+    for (unsigned spins = 0; !virtq_get_used(dev, vq, &id, &len); spins++) {
         if (spins % 4096 == 4095)
             virtio_check_status(dev);
         if (rdtsc() - t0 > TSC_TIMEOUT_2S) {
@@ -414,22 +487,7 @@ uint32_t virtio_transfer(const struct virtio_mmio_dev *dev, struct virtq *vq,
         }
         cpu_relax();
     }
-    compiler_barrier();     /* x86 keeps loads in order: idx before the entry */
-    uint16_t used_idx = vq->used->idx;
-    if ((uint16_t)(used_idx - vq->last_used) != 1) {
-        serial_puts("virtio: used idx jumped to ");
-        serial_put_dec(used_idx);
-        serial_putc('\n');
-        virtio_fail(dev, "device used more buffers than were made available",
-                     EXIT_VIRTIO_USED_LEN);
-    }
-    uint32_t id = vq->used->ring[vq->last_used % vq->num].id;
-    uint32_t len = vq->used->ring[vq->last_used % vq->num].len;
-    vq->last_used++;
-
-    uint32_t isr = virtio_read32(dev, VIRTIO_MMIO_INTERRUPT_STATUS);
-    if (isr)
-        virtio_write32(dev, VIRTIO_MMIO_INTERRUPT_ACK, isr);
+    virtio_ack_interrupt(dev);
     virtio_check_status(dev);
 
     if (id != head)
