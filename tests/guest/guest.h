@@ -43,7 +43,7 @@
 #define EXIT_VIRTIO_NO_DEVICE   9   /* no command-line device with the wanted DeviceID */
 #define EXIT_VIRTIO_BAD_DEVICE  10  /* window without virtio magic or not version 2 */
 #define EXIT_VIRTIO_FEATURES    11  /* VERSION_1 not offered, or FEATURES_OK rejected */
-#define EXIT_VIRTIO_QUEUE       12  /* queue 0 unavailable (QueueNumMax 0) or already live */
+#define EXIT_VIRTIO_QUEUE       12  /* a queue unavailable (QueueNumMax 0) or already live */
 #define EXIT_VIRTIO_TIMEOUT     13  /* device did not complete (or reset) within ~2 s */
 #define EXIT_VIRTIO_USED_LEN    14  /* used ring entry: bad length or descriptor id */
 #define EXIT_VIRTIO_NOT_RANDOM  15  /* virtio-rng data all zero or repeated */

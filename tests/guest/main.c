@@ -292,7 +292,7 @@ static NORETURN void mode_virtio_rng(void)
                           VIRTIO_ID_ENTROPY, &dev))
         fail("virtio-rng: no entropy device (DeviceID 4) among the virtio_mmio.device= "
              "entries\n", EXIT_VIRTIO_NO_DEVICE);
-    virtio_init(&dev, &vq, 0);
+    virtio_init(&dev, &vq, 1, 0);
 
     for (int r = 0; r < 2; r++) {
         struct virtio_buf buf = { data[r], sizeof(data[r]), 1 };
@@ -451,7 +451,7 @@ static NORETURN void mode_virtio_blk(void)
                           VIRTIO_ID_BLOCK, &blk_dev))
         fail("virtio-blk: no block device (DeviceID 2) among the virtio_mmio.device= "
              "entries\n", EXIT_VIRTIO_NO_DEVICE);
-    uint64_t features = virtio_init(&blk_dev, &blk_vq,
+    uint64_t features = virtio_init(&blk_dev, &blk_vq, 1,
                                     1ull << VIRTIO_BLK_F_FLUSH | 1ull << VIRTIO_BLK_F_RO);
     int ro = !!(features & 1ull << VIRTIO_BLK_F_RO);
     int flush = !!(features & 1ull << VIRTIO_BLK_F_FLUSH);

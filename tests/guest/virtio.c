@@ -9,11 +9,11 @@
 #define VQ_MAX_SIZE 16              /* we never have more than a few buffers in flight */
 
 /*
- * Ring memory of the one queue this driver sets up: descriptor table at 0,
- * avail ring right after it, used ring after that (4-byte aligned). In the
- * image (.bss is loaded from the file), so guest-physical == virtual.
+ * Ring memory, one page per queue: descriptor table at 0, avail ring right
+ * after it, used ring after that (4-byte aligned). In the image (.bss is
+ * loaded from the file), so guest-physical == virtual.
  */
-static uint8_t vq_mem[PAGE_SIZE] __attribute__((aligned(PAGE_SIZE)));
+static uint8_t vq_mem[VIRTIO_MAX_QUEUES][PAGE_SIZE] __attribute__((aligned(PAGE_SIZE)));
 
 static inline void compiler_barrier(void)
 {
@@ -238,15 +238,31 @@ static void set_status(const struct virtio_mmio_dev *dev, uint32_t *status, uint
     virtio_write32(dev, VIRTIO_MMIO_STATUS, *status);
 }
 
+/* Fails the run about queue `index` (the message names it). */
+static NORETURN void fail_queue(const struct virtio_mmio_dev *dev, uint16_t index,
+                                const char *msg, uint32_t value)
+{
+    serial_puts("virtio: queue ");
+    serial_put_dec(index);
+    serial_puts(": ");
+    serial_puts(msg);
+    serial_puts(" (");
+    serial_put_hex(value);
+    serial_puts(")\n");
+    virtio_fail(dev, "queue setup failed", EXIT_VIRTIO_QUEUE);
+}
+
 static void setup_queue(const struct virtio_mmio_dev *dev, struct virtq *vq, uint16_t index)
 {
+    uint8_t *mem = vq_mem[index];
+
     virtio_write32(dev, VIRTIO_MMIO_QUEUE_SEL, index);
     uint32_t ready = virtio_read32(dev, VIRTIO_MMIO_QUEUE_READY);
     if (ready != 0)
-        virtio_fail(dev, "queue 0 is already ready after reset", EXIT_VIRTIO_QUEUE);
+        fail_queue(dev, index, "already ready after reset", ready);
     uint32_t max = virtio_read32(dev, VIRTIO_MMIO_QUEUE_NUM_MAX);
     if (max == 0)
-        virtio_fail(dev, "queue 0 not available (QueueNumMax 0)", EXIT_VIRTIO_QUEUE);
+        fail_queue(dev, index, "not available (QueueNumMax 0)", max);
 
     /* Split queue sizes are powers of 2: largest one within both limits. */
     uint16_t num = 1;
@@ -261,15 +277,15 @@ static void setup_queue(const struct virtio_mmio_dev *dev, struct virtq *vq, uin
     _Static_assert(6 + 2 * VQ_MAX_SIZE + 3 + 6 + 8 * VQ_MAX_SIZE + 16 * VQ_MAX_SIZE <= PAGE_SIZE,
                    "virtqueue does not fit its page");
     for (size_t i = 0; i < end; i++)
-        ((volatile uint8_t *)vq_mem)[i] = 0;
+        ((volatile uint8_t *)mem)[i] = 0;
 
     vq->index = index;
     vq->num = num;
     vq->avail_idx = 0;
     vq->last_used = 0;
-    vq->desc = (volatile struct virtq_desc *)(vq_mem + desc_off);
-    vq->avail = (volatile struct virtq_avail *)(vq_mem + avail_off);
-    vq->used = (volatile struct virtq_used *)(vq_mem + used_off);
+    vq->desc = (volatile struct virtq_desc *)(mem + desc_off);
+    vq->avail = (volatile struct virtq_avail *)(mem + avail_off);
+    vq->used = (volatile struct virtq_used *)(mem + used_off);
 
     uint64_t desc = (uintptr_t)vq->desc, avail = (uintptr_t)vq->avail,
              used = (uintptr_t)vq->used;
@@ -284,12 +300,16 @@ static void setup_queue(const struct virtio_mmio_dev *dev, struct virtq *vq, uin
     virtio_write32(dev, VIRTIO_MMIO_QUEUE_READY, 1);
     ready = virtio_read32(dev, VIRTIO_MMIO_QUEUE_READY);
     if (ready != 1)
-        virtio_fail(dev, "queue 0 did not become ready", EXIT_VIRTIO_QUEUE);
+        fail_queue(dev, index, "did not become ready", ready);
 }
 
-uint64_t virtio_init(const struct virtio_mmio_dev *dev, struct virtq *vq, uint64_t want)
+uint64_t virtio_init(const struct virtio_mmio_dev *dev, struct virtq *vqs, unsigned nqueues,
+                     uint64_t want)
 {
     uint32_t status = 0;
+
+    if (nqueues == 0 || nqueues > VIRTIO_MAX_QUEUES)
+        virtio_fail(dev, "bad number of queues for virtio_init", EXIT_VIRTIO_QUEUE);
 
     /* Reset, and wait for it to complete (reads back 0). */
     virtio_write32(dev, VIRTIO_MMIO_STATUS, 0);
@@ -330,7 +350,9 @@ uint64_t virtio_init(const struct virtio_mmio_dev *dev, struct virtq *vq, uint64
     }
     virtio_check_status(dev);
 
-    setup_queue(dev, vq, 0);
+    /* All queues before DRIVER_OK: the device may use any of them from then on (3.1.1). */
+    for (unsigned i = 0; i < nqueues; i++)
+        setup_queue(dev, &vqs[i], (uint16_t)i);
 
     set_status(dev, &status, VIRTIO_STATUS_DRIVER_OK);
     virtio_check_status(dev);

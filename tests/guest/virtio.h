@@ -5,8 +5,9 @@
  *
  * Devices are found the way Linux finds them without ACPI/DT: one
  * `virtio_mmio.device=<size>@<base>:<irq>[:<id>]` token per device on the
- * command line. Only split virtqueue 0 is set up, and completions are found by
- * polling the used ring; interrupts stay unused (but are acknowledged).
+ * command line. A device gets up to VIRTIO_MAX_QUEUES split virtqueues (0..n-1,
+ * e.g. vsock's rx/tx/event), and completions are found by polling the used
+ * rings; interrupts stay unused (but are acknowledged).
  */
 #ifndef FORKVM_GUEST_VIRTIO_H
 #define FORKVM_GUEST_VIRTIO_H
@@ -119,6 +120,13 @@ struct virtio_mmio_dev {
     uint32_t device_id;
 };
 
+/*
+ * Most queues one device may have set up (vsock needs 3, balloon up to 4).
+ * Ring memory is static, one page per queue, so only one device is driven at a
+ * time (each mode drives a single device).
+ */
+#define VIRTIO_MAX_QUEUES 4
+
 /* Driver state of one split virtqueue. */
 struct virtq {
     uint16_t index;         /* queue number on the device */
@@ -150,11 +158,14 @@ int virtio_mmio_find(const char *cmdline, uint32_t device_id, struct virtio_mmio
 
 /*
  * Full initialisation (3.1.1): reset, ACKNOWLEDGE, DRIVER, feature negotiation,
- * FEATURES_OK, queue 0 setup, DRIVER_OK. VIRTIO_F_VERSION_1 is required; of the
- * bits in `want` (e.g. 1ull << VIRTIO_BLK_F_FLUSH), those the device offers are
- * accepted too. Returns the negotiated feature set. Fails the run on any error.
+ * FEATURES_OK, setup of queues 0..nqueues-1 into vqs[0..nqueues-1] (1 <=
+ * nqueues <= VIRTIO_MAX_QUEUES), DRIVER_OK. VIRTIO_F_VERSION_1 is required; of
+ * the bits in `want` (e.g. 1ull << VIRTIO_BLK_F_FLUSH), those the device offers
+ * are accepted too. Returns the negotiated feature set. Fails the run on any
+ * error, including a queue the device does not have.
  */
-uint64_t virtio_init(const struct virtio_mmio_dev *dev, struct virtq *vq, uint64_t want);
+uint64_t virtio_init(const struct virtio_mmio_dev *dev, struct virtq *vqs, unsigned nqueues,
+                     uint64_t want);
 
 /*
  * Device-specific configuration space (at VIRTIO_MMIO_CONFIG), read with
