@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 
+use forkvm_devices::virtio::balloon::BalloonHandle;
 use kvm_ioctls::VmFd;
 
 use crate::error::Error;
@@ -33,6 +34,7 @@ pub struct Vm {
     state: Arc<RunState>,
     buses: Arc<IoBuses>,
     devices: Vec<AttachedDevice>,
+    balloon: Option<BalloonHandle>,
     // Declared before `ram`, so the VM (and its memory slots) is destroyed before the mapping.
     _vm_fd: VmFd,
     ram: GuestRam,
@@ -56,9 +58,16 @@ impl Vm {
             state,
             buses,
             devices,
+            balloon: None,
             _vm_fd: vm_fd,
             ram,
         }
+    }
+
+    /// Gives the VM the handle of its balloon device.
+    pub(crate) fn with_balloon(mut self, balloon: Option<BalloonHandle>) -> Self {
+        self.balloon = balloon;
+        self
     }
 
     /// Starts the vCPU threads and the event loop.
@@ -133,9 +142,21 @@ impl Vm {
         self.devices.iter().map(AttachedDevice::info).collect()
     }
 
+    /// The balloon added with [`crate::VmBuilder::balloon`], if any: set its target, read what
+    /// the guest gave back and its memory statistics.
+    pub fn balloon(&self) -> Option<&BalloonHandle> {
+        self.balloon.as_ref()
+    }
+
     /// Guest memory size in bytes.
     pub fn memory_size(&self) -> u64 {
         self.ram.size()
+    }
+
+    /// Host memory backing guest RAM now, in bytes: what the guest touched, less what the balloon
+    /// and free page reporting gave back.
+    pub fn memory_allocated_bytes(&self) -> Result<u64, Error> {
+        Ok(self.ram.allocated_bytes()?)
     }
 
     fn lock_phase(&self) -> MutexGuard<'_, Phase> {
