@@ -11,9 +11,10 @@
 //! Nothing the guest sends can make the host loop without bound or allocate without bound: a PFN
 //! chain holds at most [`MAX_PFNS_PER_CHAIN`] entries, a report at most [`MAX_REPORT_RANGES`]
 //! ranges and a statistics buffer at most [`MAX_STATS`] entries are read. A malformed request
-//! (a PFN outside guest RAM, a length that is not whole PFNs, an unaligned range) is dropped
-//! whole: nothing of it is discarded, and the handle counts it in
-//! [`BalloonHandle::rejected_requests`].
+//! (a PFN outside guest RAM, a length that is not whole PFNs, an unaligned or overlapping range)
+//! is dropped whole: nothing of it is discarded, and the handle counts it in
+//! [`BalloonHandle::rejected_requests`]. Buffers outside guest memory are the transport's
+//! business: the device needs a reset, as with every device.
 
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
@@ -239,6 +240,8 @@ enum Rejected {
     Unaligned { addr: u64, len: u64 },
     #[error("range {addr:#x}+{len:#x} is not guest RAM")]
     RangeOutsideRam { addr: u64, len: u64 },
+    #[error("range at {0:#x} overlaps another one of the report")]
+    Overlapping(u64),
     #[error("more than {MAX_REPORT_RANGES} ranges in one report")]
     TooManyRanges,
 }
@@ -391,7 +394,16 @@ impl Balloon {
             }
             self.ranges.push((addr, len));
         }
-        Ok(())
+        // Overlapping ranges would be counted twice.
+        self.ranges.sort_unstable();
+        match self
+            .ranges
+            .windows(2)
+            .find(|w| w[0].0 + w[0].1 as u64 > w[1].0)
+        {
+            Some(w) => Err(Rejected::Overlapping(w[1].0)),
+            None => Ok(()),
+        }
     }
 
     /// Frees the host memory behind `self.ranges`; returns the bytes freed.
@@ -1094,10 +1106,11 @@ mod tests {
         let Setup { mut d, handle, .. } = balloon(true, 1 << F_REPORTING);
         fill_page(&d, 0x40, 0xa5);
         d.select(2);
-        let bad: [&[(u64, u32)]; 4] = [
+        let bad: [&[(u64, u32)]; 5] = [
             &[(0x40 * PAGE, PAGE as u32), (0x41 * PAGE + 8, PAGE as u32)],
             &[(0x40 * PAGE, 100)],
             &[(0x40 * PAGE, 0)],
+            &[(0x40 * PAGE, 2 * PAGE as u32), (0x41 * PAGE, PAGE as u32)],
             &[
                 (0x40 * PAGE, PAGE as u32),
                 (BALLOON_RAM - PAGE, 2 * PAGE as u32),
@@ -1108,7 +1121,7 @@ mod tests {
             d.notify();
             assert_eq!(d.used(0).0, i as u16 + 1);
         }
-        assert_eq!(handle.rejected_requests(), 4);
+        assert_eq!(handle.rejected_requests(), 5);
         assert_eq!(handle.reported_bytes(), 0);
         assert_eq!(page_byte(&d, 0x40), 0xa5);
         assert!(!needs_reset(&mut d));
