@@ -57,7 +57,8 @@
 #define EXIT_VIRTIO_BLK_CAPACITY 21 /* capacity 0, or blk_sector= not below capacity */
 #define EXIT_VIRTIO_BLK_EXPECT   22 /* first byte of the sector is not blk_expect= */
 /* virtio-balloon (mode=virtio-balloon); 23..26 are vsock's */
-#define EXIT_VIRTIO_BALLOON      27 /* no target within ~10 s, or above balloon_pages= */
+#define EXIT_VIRTIO_BALLOON      27 /* no target within ~10 s (or no config interrupt with
+                                       it), or a target above balloon_pages= */
 #define EXIT_EXCEPTION    0x100 /* + CPU exception vector */
 
 #ifndef __ASSEMBLER__

@@ -551,7 +551,8 @@ static NORETURN void mode_virtio_blk(void)
 /*
  * Memory balloon: touches balloon_pages= pages (default 256) from 4 MiB, so the
  * host backs them, prints "virtio-balloon: touched N pages", waits (~10 s) for
- * the host's target num_pages (1..N), gives that many of them to the balloon
+ * the host's target num_pages (1..N) and, if it was not set yet, the config
+ * change interrupt that comes with it, gives that many of them to the balloon
  * on the inflate queue, VIRTIO_BALLOON_PFNS_PER_REQ PFNs per request, and
  * writes `actual`.
  */
@@ -582,14 +583,25 @@ static NORETURN void mode_virtio_balloon(void)
     serial_put_dec(pages);
     serial_puts(" pages\n");
 
-    uint32_t target = 0;
+    uint32_t target = virtio_config_read32(&dev, VIRTIO_BALLOON_CFG_NUM_PAGES);
+    const int waited = target == 0;
     uint64_t t0 = rdtsc();
-    while ((target = virtio_config_read32(&dev, VIRTIO_BALLOON_CFG_NUM_PAGES)) == 0) {
+    while (target == 0) {
         if (rdtsc() - t0 > 5 * TSC_TIMEOUT_2S)
             virtio_fail(&dev, "the host set no balloon target", EXIT_VIRTIO_BALLOON);
         virtio_check_status(&dev);
         cpu_relax();
+        target = virtio_config_read32(&dev, VIRTIO_BALLOON_CFG_NUM_PAGES);
     }
+    /* A target set while the driver was live comes with a configuration change interrupt. */
+    t0 = rdtsc();
+    while (waited && !(virtio_read32(&dev, VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG)) {
+        if (rdtsc() - t0 > TSC_TIMEOUT_2S)
+            virtio_fail(&dev, "no configuration change interrupt for the new target",
+                        EXIT_VIRTIO_BALLOON);
+        cpu_relax();
+    }
+    virtio_write32(&dev, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_CONFIG);
     serial_puts("virtio-balloon: target ");
     serial_put_dec(target);
     serial_puts(" pages\n");

@@ -40,6 +40,10 @@
 #define VIRTIO_MMIO_CONFIG_GENERATION   0x0fc
 #define VIRTIO_MMIO_CONFIG              0x100
 
+/* InterruptStatus bits (4.2.2). */
+#define VIRTIO_MMIO_INT_VRING  0x1
+#define VIRTIO_MMIO_INT_CONFIG 0x2
+
 #define VIRTIO_MMIO_MAGIC   0x74726976  /* "virt" */
 #define VIRTIO_MMIO_VERSION_MODERN 2
 
