@@ -1128,6 +1128,50 @@ mod tests {
     }
 
     #[test]
+    fn random_chains_on_every_queue_never_panic_or_free_what_they_must_not() {
+        let Setup { mut d, handle, .. } = balloon(true, (1 << F_STATS_VQ) | (1 << F_REPORTING));
+        fill_page(&d, 0xf0, 0xa5);
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for round in 0..2_000u32 {
+            let q = (next() % 4) as u16;
+            d.select(q);
+            // PFNs and ranges mostly inside RAM, never reaching page 0xf0 (addresses past it are
+            // odd, so never a range); lengths and flags anything.
+            for i in 0..64 {
+                let pfn = (next() % 0xe0) as u32 | if next() % 16 == 0 { 0x8000 } else { 0 };
+                d.memory.write_obj(pfn, GuestAddress(BUF + 4 * i)).unwrap();
+            }
+            let parts: Vec<_> = (0..1 + next() % 3)
+                .map(|_| {
+                    let addr = match next() % 3 {
+                        0 => BUF,
+                        1 => (next() % 0xe0) * PAGE,
+                        _ => (next() % (BALLOON_RAM + 0x1000)) | 1,
+                    };
+                    (addr, (next() % 0x3000) as u32, next() % 2 == 0)
+                })
+                .collect();
+            let head = (round % 32) as u16 * 4;
+            d.chain(head, &parts);
+            d.notify();
+            if next() % 8 == 0 {
+                handle.request_stats();
+                d.transport.process_host_event();
+            }
+            if needs_reset(&mut d) {
+                d.start_with((1 << F_STATS_VQ) | (1 << F_REPORTING));
+            }
+        }
+        assert_eq!(page_byte(&d, 0xf0), 0xa5, "a page never named stays");
+    }
+
+    #[test]
     fn a_queue_of_a_feature_not_accepted_is_ignored() {
         // Offered reporting, accepted nothing: queues 2 and 3 have no role.
         let Setup { mut d, handle, .. } = balloon(true, 0);
