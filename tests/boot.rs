@@ -269,6 +269,7 @@ fn test_guest_reads_entropy_from_virtio_rng() {
         (4, 0xd000_0000, 5)
     );
     assert_eq!(devices[0].status, 0, "no driver yet");
+    assert!(vm.balloon().is_none(), "no balloon unless asked for");
     assert_succeeds(&vm, &console);
     assert!(
         console.text().contains("virtio-rng ok"),
