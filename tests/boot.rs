@@ -1,6 +1,8 @@
 //! The test guest and generated images boot through each entry path on this host's KVM and end
 //! the way they ask to.
 
+use std::time::{Duration, Instant};
+
 use forkvm::{ConsoleBuffer, ConsoleInput, ConsoleOutput, GuestExit, VmBuilder};
 use forkvm_tests::{
     REPORT_RSI, TempFile, fake_bzimage, fake_elf, run_image, run_test_guest, test_guest,
@@ -267,6 +269,7 @@ fn test_guest_reads_entropy_from_virtio_rng() {
         (4, 0xd000_0000, 5)
     );
     assert_eq!(devices[0].status, 0, "no driver yet");
+    assert!(vm.balloon().is_none(), "no balloon unless asked for");
     assert_succeeds(&vm, &console);
     assert!(
         console.text().contains("virtio-rng ok"),
@@ -334,4 +337,49 @@ fn read_only_disk_refuses_the_guests_write() {
             .iter()
             .all(|b| *b == 0x3c)
     );
+}
+
+#[test]
+fn test_guest_inflates_the_balloon_and_the_host_gets_the_memory_back() {
+    const TOUCHED: u64 = 512;
+    const TARGET: u64 = 384;
+    let console = ConsoleBuffer::new();
+    let vm = test_guest_vm(
+        &format!("mode=virtio-balloon balloon_pages={TOUCHED}"),
+        &console,
+    )
+    .balloon(forkvm::Balloon::new())
+    .build()
+    .unwrap();
+    assert_eq!(vm.devices()[0].device_type, 5);
+    let balloon = vm.balloon().expect("the VM has a balloon").clone();
+    vm.start().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !console.text().contains("touched") {
+        assert!(
+            Instant::now() < deadline && vm.exit().is_none(),
+            "the guest never touched its pages:\n{}",
+            console.text()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let before = vm.memory_allocated_bytes().unwrap();
+    balloon.set_target_pages(TARGET).unwrap();
+    assert_eq!(
+        vm.wait().unwrap(),
+        GuestExit::PoweredOff { status: Some(0) },
+        "{}",
+        console.text()
+    );
+    let after = vm.memory_allocated_bytes().unwrap();
+    let expected = TARGET * 4096;
+    assert_eq!(balloon.actual_pages(), TARGET, "{}", console.text());
+    assert_eq!(balloon.inflated_bytes(), expected);
+    assert_eq!(balloon.rejected_requests(), 0);
+    let freed = before.saturating_sub(after);
+    assert!(
+        freed <= expected && freed + (64 << 10) >= expected,
+        "{before} bytes backed the guest before, {after} after: {freed} freed, {expected} expected"
+    );
+    assert!(console.text().contains("virtio-balloon ok inflated=384"));
 }

@@ -62,6 +62,9 @@
 #define EXIT_VSOCK_PROTOCOL 25  /* a packet the spec does not allow (bad CID, op, length,
                                    credit overrun, bad guest_cid in config) */
 #define EXIT_VSOCK_TIMEOUT  26  /* no progress for ~8 s (~30 s waiting for a connection) */
+/* virtio-balloon (mode=virtio-balloon); 23..26 are vsock's */
+#define EXIT_VIRTIO_BALLOON      27 /* no target within ~10 s (or no config interrupt with
+                                       it), or a target above balloon_pages= */
 #define EXIT_EXCEPTION    0x100 /* + CPU exception vector */
 
 #ifndef __ASSEMBLER__

@@ -135,7 +135,8 @@ static uint64_t memcheck_pattern(uint64_t addr)
     return addr ^ 0x5a5a5a5a5a5a5a5aull;
 }
 
-static void memcheck(void)
+/* End of the RAM region holding `addr` in the memory map, at most MAPPED_END; 0 if none. */
+static uint64_t ram_region_end(uint64_t addr)
 {
     const struct hvm_memmap_entry *map =
         (const void *)(uintptr_t)start_info->memmap_paddr;
@@ -143,14 +144,21 @@ static void memcheck(void)
     uint64_t region_end = 0;
 
     for (uint32_t i = 0; i < n && map; i++) {
-        if (map[i].type == E820_RAM && map[i].addr <= MEMCHECK_START &&
-            MEMCHECK_START < map[i].addr + map[i].size)
+        if (map[i].type == E820_RAM && map[i].addr <= addr && addr < map[i].addr + map[i].size)
             region_end = map[i].addr + map[i].size;
     }
+    return region_end > MAPPED_END ? MAPPED_END : region_end;
+}
+
+static void memcheck(void)
+{
+    const struct hvm_memmap_entry *map =
+        (const void *)(uintptr_t)start_info->memmap_paddr;
+    uint32_t n = start_info->version >= 1 ? start_info->memmap_entries : 0;
+    uint64_t region_end = ram_region_end(MEMCHECK_START);
+
     if (!region_end)
         fail("memcheck: no RAM region at 4 MiB in the memory map\n", EXIT_BOOT_INFO);
-    if (region_end > MAPPED_END)
-        region_end = MAPPED_END;
 
     /* memcheck=N MiB (default 8) or memcheck=all, starting at 4 MiB. */
     uint64_t lo = MEMCHECK_START, avail_mib = (region_end - lo) / MiB;
@@ -586,6 +594,89 @@ static NORETURN void mode_vsock_listen(void)
                      vsock_trace_arg());
 }
 
+/* ---- virtio-balloon ---- */
+
+#define BALLOON_START MEMCHECK_START    /* the guest's own pages, past the image */
+
+/*
+ * Memory balloon: touches balloon_pages= pages (default 256) from 4 MiB, so the
+ * host backs them, prints "virtio-balloon: touched N pages", waits (~10 s) for
+ * the host's target num_pages (1..N) and, if it was not set yet, the config
+ * change interrupt that comes with it, gives that many of them to the balloon
+ * on the inflate queue, VIRTIO_BALLOON_PFNS_PER_REQ PFNs per request, and
+ * writes `actual`.
+ */
+static NORETURN void mode_virtio_balloon(void)
+{
+    static uint32_t pfns[VIRTIO_BALLOON_PFNS_PER_REQ];
+    struct virtio_mmio_dev dev;
+    struct virtq vqs[2];
+    struct str arg;
+    uint64_t pages = 256;
+
+    if (get_arg("balloon_pages", &arg))
+        pages = parse_u64(arg, "balloon_pages\n");
+    uint64_t ram_end = ram_region_end(BALLOON_START);
+    if (pages == 0 || ram_end <= BALLOON_START ||
+        pages > (ram_end - BALLOON_START) >> VIRTIO_BALLOON_PFN_SHIFT)
+        fail("bad value for balloon_pages (1 up to the RAM above 4 MiB)\n", EXIT_BAD_ARG);
+
+    if (!virtio_mmio_find((const char *)(uintptr_t)start_info->cmdline_paddr,
+                          VIRTIO_ID_BALLOON, &dev))
+        fail("virtio-balloon: no balloon (DeviceID 5) among the virtio_mmio.device= "
+             "entries\n", EXIT_VIRTIO_NO_DEVICE);
+    virtio_init(&dev, vqs, 2, 0);
+
+    for (uint64_t p = 0; p < pages; p++)
+        *(volatile uint64_t *)(BALLOON_START + (p << VIRTIO_BALLOON_PFN_SHIFT)) = p + 1;
+    serial_puts("virtio-balloon: touched ");
+    serial_put_dec(pages);
+    serial_puts(" pages\n");
+
+    uint32_t target = virtio_config_read32(&dev, VIRTIO_BALLOON_CFG_NUM_PAGES);
+    const int waited = target == 0;
+    uint64_t t0 = rdtsc();
+    while (target == 0) {
+        if (rdtsc() - t0 > 5 * TSC_TIMEOUT_2S)
+            virtio_fail(&dev, "the host set no balloon target", EXIT_VIRTIO_BALLOON);
+        virtio_check_status(&dev);
+        cpu_relax();
+        target = virtio_config_read32(&dev, VIRTIO_BALLOON_CFG_NUM_PAGES);
+    }
+    /* A target set while the driver was live comes with a configuration change interrupt. */
+    t0 = rdtsc();
+    while (waited && !(virtio_read32(&dev, VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG)) {
+        if (rdtsc() - t0 > TSC_TIMEOUT_2S)
+            virtio_fail(&dev, "no configuration change interrupt for the new target",
+                        EXIT_VIRTIO_BALLOON);
+        cpu_relax();
+    }
+    virtio_write32(&dev, VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_CONFIG);
+    serial_puts("virtio-balloon: target ");
+    serial_put_dec(target);
+    serial_puts(" pages\n");
+    if (target > pages)
+        virtio_fail(&dev, "target larger than balloon_pages", EXIT_VIRTIO_BALLOON);
+
+    for (uint32_t done = 0; done < target;) {
+        uint32_t n = target - done;
+        if (n > VIRTIO_BALLOON_PFNS_PER_REQ)
+            n = VIRTIO_BALLOON_PFNS_PER_REQ;
+        for (uint32_t i = 0; i < n; i++)
+            pfns[i] = (uint32_t)((BALLOON_START >> VIRTIO_BALLOON_PFN_SHIFT) + done + i);
+        struct virtio_buf buf = { pfns, n * (uint32_t)sizeof(pfns[0]), 0 };
+        virtio_transfer(&dev, &vqs[VIRTIO_BALLOON_Q_INFLATE], &buf, 1);
+        done += n;
+    }
+    virtio_config_write32(&dev, VIRTIO_BALLOON_CFG_ACTUAL, target);
+    virtio_check_status(&dev);
+
+    serial_puts("virtio-balloon ok inflated=");
+    serial_put_dec(target);
+    serial_putc('\n');
+    guest_exit(EXIT_OK);
+}
+
 NORETURN void user_main(void)
 {
     serial_puts("forkvm test guest\n");
@@ -619,5 +710,7 @@ NORETURN void user_main(void)
         mode_vsock_connect();
     if (str_eq(mode, "vsock-listen"))
         mode_vsock_listen();
+    if (str_eq(mode, "virtio-balloon"))
+        mode_virtio_balloon();
     fail("unknown mode\n", EXIT_UNKNOWN_MODE);
 }

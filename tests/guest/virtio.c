@@ -380,6 +380,11 @@ uint32_t virtio_config_read32(const struct virtio_mmio_dev *dev, uint32_t offset
     return *config_reg(dev, offset);
 }
 
+void virtio_config_write32(const struct virtio_mmio_dev *dev, uint32_t offset, uint32_t v)
+{
+    *config_reg(dev, offset) = v;
+}
+
 uint64_t virtio_config_read64(const struct virtio_mmio_dev *dev, uint32_t offset)
 {
     volatile uint32_t *lo = config_reg(dev, offset), *hi = config_reg(dev, offset + 4);

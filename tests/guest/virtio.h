@@ -40,6 +40,10 @@
 #define VIRTIO_MMIO_CONFIG_GENERATION   0x0fc
 #define VIRTIO_MMIO_CONFIG              0x100
 
+/* InterruptStatus bits (4.2.2). */
+#define VIRTIO_MMIO_INT_VRING  0x1
+#define VIRTIO_MMIO_INT_CONFIG 0x2
+
 #define VIRTIO_MMIO_MAGIC   0x74726976  /* "virt" */
 #define VIRTIO_MMIO_VERSION_MODERN 2
 
@@ -83,6 +87,15 @@ struct virtio_blk_req_hdr {
 #define VIRTIO_ID_BLOCK   2
 #define VIRTIO_ID_CONSOLE 3
 #define VIRTIO_ID_ENTROPY 4
+#define VIRTIO_ID_BALLOON 5
+
+/* virtio-balloon (5.5): queues without STATS_VQ, config layout, PFN pages. */
+#define VIRTIO_BALLOON_Q_INFLATE 0
+#define VIRTIO_BALLOON_Q_DEFLATE 1
+#define VIRTIO_BALLOON_CFG_NUM_PAGES 0x00   /* le32, the host's target */
+#define VIRTIO_BALLOON_CFG_ACTUAL    0x04   /* le32, written by the driver */
+#define VIRTIO_BALLOON_PFN_SHIFT 12
+#define VIRTIO_BALLOON_PFNS_PER_REQ 256     /* as Linux: one 1 KiB array per request */
 
 /* Split virtqueue (2.6). */
 #define VIRTQ_DESC_F_NEXT  1
@@ -175,6 +188,8 @@ uint64_t virtio_init(const struct virtio_mmio_dev *dev, struct virtq *vqs, unsig
  */
 uint32_t virtio_config_read32(const struct virtio_mmio_dev *dev, uint32_t offset);
 uint64_t virtio_config_read64(const struct virtio_mmio_dev *dev, uint32_t offset);
+/* Aligned 32-bit write of a driver-writable config field. */
+void virtio_config_write32(const struct virtio_mmio_dev *dev, uint32_t offset, uint32_t v);
 
 /* Fails the run (EXIT_VIRTIO_NEEDS_RESET) if the device set DEVICE_NEEDS_RESET. */
 void virtio_check_status(const struct virtio_mmio_dev *dev);

@@ -12,6 +12,7 @@ use forkvm_devices::legacy::{
     SERIAL_PORT_BASE, SERIAL_PORT_LEN, SerialPort, SerialSink,
 };
 use forkvm_devices::trigger::{ExitTrigger, IrqTrigger};
+use forkvm_devices::virtio::balloon::{Balloon as BalloonDevice, BalloonHandle};
 use forkvm_devices::virtio::block::Block;
 use forkvm_devices::virtio::console::Console;
 use forkvm_devices::virtio::rng::Rng;
@@ -63,6 +64,7 @@ pub struct VmBuilder {
     kvm_device: PathBuf,
     virtio: Vec<VirtioConfig>,
     vsock: Option<Vsock>,
+    balloon: Option<Balloon>,
 }
 
 /// A virtio device requested from the builder.
@@ -177,6 +179,40 @@ impl Vsock {
     }
 }
 
+/// A virtio-balloon device: the guest gives memory back to the host on request (see
+/// [`crate::BalloonHandle`]). It always offers memory statistics.
+#[derive(Clone, Debug, Default)]
+pub struct Balloon {
+    deflate_on_oom: bool,
+    free_page_reporting: bool,
+}
+
+impl Balloon {
+    /// A balloon without deflate-on-OOM or free page reporting.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether the guest may take pages back from the balloon when it runs out of memory.
+    pub fn deflate_on_oom(mut self, enabled: bool) -> Self {
+        self.deflate_on_oom = enabled;
+        self
+    }
+
+    /// Whether the guest reports its free memory, which the host then reclaims.
+    pub fn free_page_reporting(mut self, enabled: bool) -> Self {
+        self.free_page_reporting = enabled;
+        self
+    }
+
+    fn create(&self, ram_bytes: u64) -> Result<(VirtioDeviceSpec, BalloonHandle), Error> {
+        let device = BalloonDevice::new(ram_bytes, self.deflate_on_oom, self.free_page_reporting)
+            .map_err(|e| setup_err("virtio-balloon", e))?;
+        let handle = device.handle();
+        Ok((VirtioDeviceSpec::new(Box::new(device)), handle))
+    }
+}
+
 /// The KVM device opened unless [`VmBuilder::kvm_device`] says otherwise.
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
 
@@ -203,6 +239,7 @@ impl Default for VmBuilder {
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
             virtio: Vec::new(),
             vsock: None,
+            balloon: None,
         }
     }
 }
@@ -304,6 +341,13 @@ impl VmBuilder {
         self
     }
 
+    /// Adds a virtio-balloon device (one per VM: a second call replaces the first); the built
+    /// VM's [`Vm::balloon`] drives it.
+    pub fn balloon(mut self, balloon: Balloon) -> Self {
+        self.balloon = Some(balloon);
+        self
+    }
+
     /// Opens KVM through another device node than [`DEFAULT_KVM_DEVICE`] (e.g. in a container).
     pub fn kvm_device(mut self, path: impl Into<PathBuf>) -> Self {
         self.kvm_device = path.into();
@@ -363,6 +407,14 @@ impl VmBuilder {
             devices.push(spec);
             connector
         });
+        let balloon = match &self.balloon {
+            Some(config) => {
+                let (device, handle) = config.create(ram.size())?;
+                devices.push(device);
+                Some(handle)
+            }
+            None => None,
+        };
         let virtio = VirtioPlan::new(devices)?;
         let cmdline = self.full_cmdline(&caps, &virtio);
         let vcpu_count = self.vcpus as u8; // checked against MAX_MPTABLE_VCPUS above
@@ -400,7 +452,8 @@ impl VmBuilder {
             event_loop,
             state,
         )
-        .with_vsock(vsock))
+        .with_vsock(vsock)
+        .with_balloon(balloon))
     }
 }
 

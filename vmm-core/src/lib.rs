@@ -31,7 +31,7 @@ mod virtio;
 mod vm;
 
 pub use builder::{
-    DEFAULT_CMDLINE, DEFAULT_KVM_DEVICE, DEFAULT_MEMORY_MIB, Disk, EMULATED_HOST_CMDLINE,
+    Balloon, DEFAULT_CMDLINE, DEFAULT_KVM_DEVICE, DEFAULT_MEMORY_MIB, Disk, EMULATED_HOST_CMDLINE,
     PLATFORM_CMDLINE, VmBuilder, Vsock,
 };
 pub use console::{
@@ -39,6 +39,9 @@ pub use console::{
 };
 pub use error::Error;
 pub use exit::{CpuRegisters, Crash, CrashReason, GuestExit};
+pub use forkvm_devices::virtio::balloon::{
+    BalloonError, BalloonHandle, BalloonStats, stat_tag as balloon_stat_tag,
+};
 pub use vcpu::{KICK_SIGNAL_OFFSET, kick_signal};
 pub use virtio::DeviceInfo;
 pub use vm::Vm;

@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 use thiserror::Error;
@@ -54,6 +55,9 @@ pub enum MemoryError {
         /// Size of the region.
         size: u64,
     },
+    /// The guest memory file could not be inspected.
+    #[error("cannot stat the guest memory file: {0}")]
+    Stat(#[source] std::io::Error),
     /// The regions did not form a valid guest memory.
     #[error("invalid guest memory layout: {0}")]
     Layout(#[source] vm_memory::GuestRegionCollectionError),
@@ -120,6 +124,13 @@ impl GuestRam {
     /// Total RAM in bytes.
     pub fn size(&self) -> u64 {
         self.ranges.iter().map(|r| r.size).sum()
+    }
+
+    /// Host memory allocated to the file now, in bytes (pages never touched or given back by
+    /// the guest take none).
+    pub fn allocated_bytes(&self) -> Result<u64, MemoryError> {
+        let metadata = self.file.metadata().map_err(MemoryError::Stat)?;
+        Ok(metadata.blocks() * 512)
     }
 
     /// End of RAM below the MMIO hole.
@@ -201,6 +212,18 @@ mod tests {
                 file_offset: MMIO_HOLE_START
             }
         );
+    }
+
+    #[test]
+    fn allocation_counts_touched_pages_only() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        assert_eq!(ram.allocated_bytes().unwrap(), 0);
+        for page in 0..3u64 {
+            ram.memory
+                .write_obj(1u8, GuestAddress(0x10_0000 + page * 4096))
+                .unwrap();
+        }
+        assert_eq!(ram.allocated_bytes().unwrap(), 3 * 4096);
     }
 
     #[test]

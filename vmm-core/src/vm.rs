@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use forkvm_devices::virtio::vsock::host::VsockConnector;
 
+use forkvm_devices::virtio::balloon::BalloonHandle;
 use kvm_ioctls::VmFd;
 
 use crate::error::Error;
@@ -38,6 +39,7 @@ pub struct Vm {
     buses: Arc<IoBuses>,
     devices: Vec<AttachedDevice>,
     vsock: Option<VsockConnector>,
+    balloon: Option<BalloonHandle>,
     // Declared before `ram`, so the VM (and its memory slots) is destroyed before the mapping.
     _vm_fd: VmFd,
     ram: GuestRam,
@@ -62,6 +64,7 @@ impl Vm {
             buses,
             devices,
             vsock: None,
+            balloon: None,
             _vm_fd: vm_fd,
             ram,
         }
@@ -70,6 +73,12 @@ impl Vm {
     /// Gives the VM the handle of its vsock device.
     pub(crate) fn with_vsock(mut self, connector: Option<VsockConnector>) -> Self {
         self.vsock = connector;
+        self
+    }
+
+    /// Gives the VM the handle of its balloon device.
+    pub(crate) fn with_balloon(mut self, balloon: Option<BalloonHandle>) -> Self {
+        self.balloon = balloon;
         self
     }
 
@@ -156,9 +165,21 @@ impl Vm {
             .map_err(|source| Error::VsockConnect { port, source })
     }
 
+    /// The balloon added with [`crate::VmBuilder::balloon`], if any: set its target, read what
+    /// the guest gave back and its memory statistics.
+    pub fn balloon(&self) -> Option<&BalloonHandle> {
+        self.balloon.as_ref()
+    }
+
     /// Guest memory size in bytes.
     pub fn memory_size(&self) -> u64 {
         self.ram.size()
+    }
+
+    /// Host memory backing guest RAM now, in bytes: what the guest touched, less what the balloon
+    /// and free page reporting gave back.
+    pub fn memory_allocated_bytes(&self) -> Result<u64, Error> {
+        Ok(self.ram.allocated_bytes()?)
     }
 
     fn lock_phase(&self) -> MutexGuard<'_, Phase> {

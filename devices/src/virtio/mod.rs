@@ -7,6 +7,7 @@
 //! rules. Queue notifications arrive on one eventfd per queue (a KVM ioeventfd in a VM) and are
 //! served on the VM's event loop; interrupts leave through an irqfd.
 
+pub mod balloon;
 pub mod block;
 pub mod console;
 pub mod mmio;

@@ -28,7 +28,7 @@ pub const F_NEXT: u16 = 1;
 pub const F_WRITE: u16 = 2;
 
 /// Distance between the ring areas of consecutive queues.
-const QUEUE_STRIDE: u64 = 0x1_0000;
+pub const QUEUE_STRIDE: u64 = 0x1_0000;
 
 /// A transport and the guest memory its driver works in.
 pub struct Driver {
@@ -44,6 +44,11 @@ impl Driver {
     /// A driver for `device` in fresh guest memory.
     pub fn new(device: Box<dyn VirtioDevice>) -> Self {
         let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        Self::with_memory(device, memory)
+    }
+
+    /// A driver for `device` in `memory` (at least [`MEM_SIZE`] bytes from address 0).
+    pub fn with_memory(device: Box<dyn VirtioDevice>, memory: GuestMemoryMmap) -> Self {
         let interrupt = Interrupt::new(IrqTrigger::new().unwrap());
         let transport = MmioTransport::new(device, memory.clone(), interrupt).unwrap();
         Self {
