@@ -23,7 +23,14 @@ const QUEUES: u32 = 3;
 fn driver_init(transport: &mut MmioTransport, value: [u8; 4]) {
     let size = 1u32 << (value[0] % 10);
     let addr = |b: u8, queue: u32| (u32::from(b) << 8).wrapping_add(queue << 12) % MEM_SIZE as u32;
-    for (reg, v) in [(STATUS, 0), (STATUS, 1), (STATUS, 3), (0x24, 1), (0x20, 1), (STATUS, 0xb)] {
+    for (reg, v) in [
+        (STATUS, 0u32),
+        (STATUS, 1),
+        (STATUS, 3),
+        (0x24, 1),
+        (0x20, 1),
+        (STATUS, 0xb),
+    ] {
         transport.write(reg, &v.to_le_bytes());
     }
     for queue in 0..QUEUES {
@@ -43,11 +50,15 @@ fn driver_init(transport: &mut MmioTransport, value: [u8; 4]) {
 
 /// Runs one fuzz input against `device`.
 pub fn run(device: Box<dyn VirtioDevice>, data: &[u8]) {
-    let Some((count, rest)) = data.split_first_chunk::<2>() else { return };
+    let Some((count, rest)) = data.split_first_chunk::<2>() else {
+        return;
+    };
     let ops_len = (usize::from(u16::from_le_bytes(*count)) * 6).min(rest.len());
     let (ops, seed) = rest.split_at(ops_len);
     let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    memory.write_slice(&seed[..seed.len().min(MEM_SIZE)], GuestAddress(0)).unwrap();
+    memory
+        .write_slice(&seed[..seed.len().min(MEM_SIZE)], GuestAddress(0))
+        .unwrap();
     let Ok(irq) = IrqTrigger::new() else { return };
     let mut transport = MmioTransport::new(device, memory, Interrupt::new(irq)).unwrap();
     for op in ops.chunks_exact(6) {
