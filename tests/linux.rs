@@ -5,7 +5,8 @@
 //! virtio-console (hvc0), then `/bin/device-checks` reads `/dev/hwrng`, writes, remounts and reads
 //! back a file on an ext4 disk, and makes a vsock round trip each way: the guest connects to a
 //! host listener (a Unix socket in the hybrid style) and the host connects to a guest listener
-//! in-process with `Vm::vsock_connect`.
+//! in-process with `Vm::vsock_connect`. Its virtio-balloon driver inflates to the target the host
+//! set before the boot.
 //!
 //! Here guest ring 0 is emulated, so the boot takes ~15–20 s; the build scripts reuse their cache
 //! (`scripts/test.sh` builds both before the tests run).
@@ -14,7 +15,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixListener;
 use std::time::{Duration, Instant};
 
-use forkvm::{ConsoleBuffer, ConsoleOutput, GuestExit, VmBuilder, Vsock};
+use forkvm::{Balloon, ConsoleBuffer, ConsoleOutput, GuestExit, VmBuilder, Vsock};
 use forkvm_tests::{TempFile, built_artifact};
 
 const MARKER: &str = "FORKVM-LINUX-INIT-OK";
@@ -23,6 +24,8 @@ const HOST_PORT: u32 = 5000;
 const GUEST_PORT: u32 = 5001;
 /// Bytes the host sends for the guest to echo (more than one 64 KiB packet).
 const ECHO_BYTES: usize = 100 << 10;
+/// Memory the guest is asked to give back through the balloon.
+const BALLOON_MIB: u64 = 4;
 
 #[test]
 fn linux_boots_to_init_and_shuts_down() {
@@ -68,14 +71,18 @@ fn linux_boots_to_init_and_shuts_down() {
         .block(disk.path(), false)
         .virtio_console(ConsoleOutput::Buffer(hvc.clone()), None)
         .vsock(Vsock::new(3).uds_path(&uds))
+        .balloon(Balloon::new().free_page_reporting(true))
         .console(ConsoleOutput::Buffer(console.clone()))
         .build()
         .expect("build the Linux VM");
+    // The balloon driver reads the target when it probes and inflates towards it.
+    let balloon = vm.balloon().expect("the VM has a balloon");
+    balloon.set_target_mib(BALLOON_MIB).unwrap();
     let t0 = Instant::now();
     vm.start().unwrap();
     let mut to_init = None;
     let mut echo = None;
-    let mut status_seen = [0u32; 4];
+    let mut status_seen = [0u32; 5];
     while vm.exit().is_none() {
         if to_init.is_none() && hvc.text().contains(MARKER) {
             to_init = Some(t0.elapsed());
@@ -101,7 +108,11 @@ fn linux_boots_to_init_and_shuts_down() {
     // line, negotiated features, set up their queues and went live (ACKNOWLEDGE|DRIVER|FEATURES_OK|
     // DRIVER_OK, never NEEDS_RESET); the kernel resets its devices on the way down, so look at
     // what was seen while it ran.
-    assert_eq!(status_seen, [0xf; 4], "{:?}", vm.devices());
+    assert_eq!(status_seen, [0xf; 5], "{:?}", vm.devices());
+    // Linux's virtio-balloon driver inflated to the target and said so.
+    assert_eq!(balloon.actual_pages(), BALLOON_MIB << 8);
+    assert_eq!(balloon.inflated_bytes(), BALLOON_MIB << 20);
+    assert_eq!(balloon.rejected_requests(), 0);
     let ping = host_side
         .join()
         .unwrap()
@@ -124,8 +135,11 @@ fn linux_boots_to_init_and_shuts_down() {
     );
     let to_init = to_init.unwrap_or(elapsed).as_secs_f64();
     eprintln!(
-        "Linux guest: /init after {to_init:.1} s, shut down after {:.1} s",
-        elapsed.as_secs_f64()
+        "Linux guest: /init after {to_init:.1} s, shut down after {:.1} s; balloon: {} KiB \
+         inflated, {} KiB of free pages reported",
+        elapsed.as_secs_f64(),
+        balloon.inflated_bytes() >> 10,
+        balloon.reported_bytes() >> 10,
     );
 }
 
