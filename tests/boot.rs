@@ -213,8 +213,6 @@ fn virtio_console_input_reaches_the_guest_and_its_echo_comes_back() {
 }
 
 #[test]
-#[ignore = "device bug: Console::reset() clears the pending input, and every driver resets the \
-            device before posting receive buffers, so input sent before that is lost"]
 fn virtio_console_input_sent_before_the_guest_has_buffers_is_not_lost() {
     virtio_console_echoes(true);
 }
