@@ -9,9 +9,11 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::num::Wrapping;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::Ordering;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
@@ -154,19 +156,25 @@ impl Block {
     ) -> Result<(), DeviceError> {
         let view = GuestView::new(memory);
         let table = DescriptorTable::new(&view, queue);
+        let mut rings = Rings::new(&view, queue);
         let mut requests = std::mem::take(&mut self.requests);
         let mut result = Ok(());
         let mut used_any = false;
         while result.is_ok() {
             let mut parsed = 0;
             while parsed < usize::from(table.size) {
-                let Some(chain) = queue.pop_descriptor_chain(memory) else {
-                    break;
+                let head = match rings.pop(queue, memory) {
+                    Ok(Some(head)) => head,
+                    Ok(None) => break,
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
                 };
                 if parsed == requests.len() {
                     requests.push(Request::default());
                 }
-                if let Err(e) = requests[parsed].parse(&view, &table, chain.head_index()) {
+                if let Err(e) = requests[parsed].parse(&view, &table, head) {
                     result = Err(e);
                     break;
                 }
@@ -189,12 +197,16 @@ impl Block {
                 let completed = view
                     .write_obj(request.status as u8, request.status_addr)
                     .map_err(|e| DeviceError::BadRequest(format!("status byte: {e}")))
-                    .and_then(|()| Ok(queue.add_used(memory, request.head, request.used)?));
+                    .and_then(|()| rings.add_used(queue, memory, request.head, request.used));
                 if let Err(e) = completed {
                     result = Err(e);
                     break;
                 }
                 used_any = true;
+            }
+            // Publishes the round's used entries.
+            if let Err(e) = rings.publish_used(queue) {
+                result = Err(e);
             }
         }
         self.requests = requests;
@@ -584,6 +596,120 @@ impl<'m> GuestView<'m> {
         for slice in self.memory.get_slices(addr, len) {
             f(slice?)?;
         }
+        Ok(())
+    }
+}
+
+/// A split virtqueue's available and used rings (virtio 1.1 §2.6.6, §2.6.8), read and written
+/// through one slice each: the next head is a bounds-checked load, and the used index is
+/// published once per round rather than after every entry. Without such slices (a ring that
+/// spans regions), or with event suppression (`VIRTIO_F_EVENT_IDX`, which `Queue` tracks per
+/// entry), the queue's own methods do the work.
+struct Rings<'m> {
+    fast: Option<(VolatileSlice<'m, ()>, VolatileSlice<'m, ()>)>,
+    size: u16,
+    /// The available index as last read.
+    avail_idx: Wrapping<u16>,
+    next_avail: Wrapping<u16>,
+    next_used: Wrapping<u16>,
+}
+
+/// Offset of the `ring` array in both rings (after `flags` and `idx`).
+const RING_HEADER: usize = 4;
+/// Offset of `idx` in both rings.
+const RING_IDX: usize = 2;
+
+impl<'m> Rings<'m> {
+    fn new(memory: &GuestView<'m>, queue: &Queue) -> Self {
+        let size = queue.size();
+        let fast = if queue.event_idx_enabled() {
+            None
+        } else {
+            let avail = GuestAddress(queue.avail_ring());
+            let used = GuestAddress(queue.used_ring());
+            let n = usize::from(size);
+            memory
+                .slice(avail, RING_HEADER + 2 * n)
+                .zip(memory.slice(used, RING_HEADER + 8 * n))
+        };
+        Self {
+            fast,
+            size,
+            avail_idx: Wrapping(queue.next_avail()),
+            next_avail: Wrapping(queue.next_avail()),
+            next_used: Wrapping(queue.next_used()),
+        }
+    }
+
+    /// The head of the next chain the driver made available.
+    fn pop(
+        &mut self,
+        queue: &mut Queue,
+        memory: &GuestMemoryMmap,
+    ) -> Result<Option<u16>, DeviceError> {
+        let Some((avail, _)) = &self.fast else {
+            return Ok(queue
+                .pop_descriptor_chain(memory)
+                .map(|chain| chain.head_index()));
+        };
+        if self.next_avail == self.avail_idx {
+            let idx: u16 = avail
+                .load(RING_IDX, Ordering::Acquire)
+                .map_err(vm_memory::GuestMemoryError::from)
+                .map_err(virtio_queue::Error::GuestMemory)?;
+            self.avail_idx = Wrapping(u16::from_le(idx));
+            if (self.avail_idx - self.next_avail).0 > self.size {
+                // The driver claims more new entries than the ring holds.
+                return Err(virtio_queue::Error::InvalidAvailRingIndex.into());
+            }
+            if self.next_avail == self.avail_idx {
+                return Ok(None);
+            }
+        }
+        let slot = RING_HEADER + 2 * usize::from(self.next_avail.0 % self.size);
+        let head: u16 = avail
+            .read_obj(slot)
+            .map_err(vm_memory::GuestMemoryError::from)
+            .map_err(virtio_queue::Error::GuestMemory)?;
+        self.next_avail += 1;
+        queue.set_next_avail(self.next_avail.0);
+        Ok(Some(u16::from_le(head)))
+    }
+
+    /// Puts a used entry in the ring (the driver sees it after [`Self::publish_used`]).
+    fn add_used(
+        &mut self,
+        queue: &mut Queue,
+        memory: &GuestMemoryMmap,
+        head: u16,
+        len: u32,
+    ) -> Result<(), DeviceError> {
+        let Some((_, used)) = &self.fast else {
+            return Ok(queue.add_used(memory, head, len)?);
+        };
+        let slot = RING_HEADER + 8 * usize::from(self.next_used.0 % self.size);
+        // struct virtq_used_elem { le32 id; le32 len; }
+        let entry = (u64::from(len) << 32) | u64::from(head);
+        used.write_obj(entry.to_le(), slot)
+            .map_err(vm_memory::GuestMemoryError::from)
+            .map_err(virtio_queue::Error::GuestMemory)?;
+        self.next_used += 1;
+        Ok(())
+    }
+
+    /// Makes the used entries added so far visible to the driver.
+    fn publish_used(&mut self, queue: &mut Queue) -> Result<(), DeviceError> {
+        let Some((_, used)) = &self.fast else {
+            return Ok(());
+        };
+        if queue.next_used() == self.next_used.0 {
+            return Ok(());
+        }
+        // Release: the entries are written before the driver can see the new index.
+        used.store(self.next_used.0.to_le(), RING_IDX, Ordering::Release)
+            .map_err(vm_memory::GuestMemoryError::from)
+            .map_err(virtio_queue::Error::GuestMemory)?;
+        queue.set_next_used(self.next_used.0);
         Ok(())
     }
 }
