@@ -578,6 +578,14 @@ impl Request {
         }
         let first = self.readable[0];
         if u64::from(first.len) >= RequestHeader::LEN {
+            let fast = memory.slice(first.addr, 16).and_then(|s| load_16(&s, 0));
+            if let Some([low, sector]) = fast {
+                return Ok(RequestHeader {
+                    request_type: low as u32,
+                    _reserved: (low >> 32) as u32,
+                    sector,
+                });
+            }
             return Ok(memory.read_obj(first.addr)?);
         }
         let mut header = RequestHeader::default();
@@ -759,8 +767,9 @@ impl<'m> Rings<'m> {
             }
         }
         let slot = RING_HEADER + 2 * usize::from(self.next_avail.0 % self.size);
+        // The driver wrote the entry before it published `idx`, which we loaded with Acquire.
         let head: u16 = avail
-            .read_obj(slot)
+            .load(slot, Ordering::Relaxed)
             .map_err(vm_memory::GuestMemoryError::from)
             .map_err(virtio_queue::Error::GuestMemory)?;
         self.next_avail += 1;
@@ -781,8 +790,9 @@ impl<'m> Rings<'m> {
         };
         let slot = RING_HEADER + 8 * usize::from(self.next_used.0 % self.size);
         // struct virtq_used_elem { le32 id; le32 len; }
-        let entry = (u64::from(len) << 32) | u64::from(head);
-        used.write_obj(entry.to_le(), slot)
+        // The ring is 4-aligned (virtio 1.1 §2.6), so the entry may not be 8-aligned.
+        used.store(u32::from(head).to_le(), slot, Ordering::Relaxed)
+            .and_then(|()| used.store(len.to_le(), slot + 4, Ordering::Relaxed))
             .map_err(vm_memory::GuestMemoryError::from)
             .map_err(virtio_queue::Error::GuestMemory)?;
         self.next_used += 1;
@@ -849,6 +859,14 @@ impl<'m> DescriptorTable<'m> {
             )));
         }
         let offset = usize::from(index) * DESCRIPTOR_LEN;
+        if let Some([addr, rest]) = self.slice.as_ref().and_then(|t| load_16(t, offset)) {
+            return Ok(RawDescriptor {
+                addr,
+                len: rest as u32,
+                flags: (rest >> 32) as u16,
+                next: (rest >> 48) as u16,
+            });
+        }
         let desc: RawDescriptor = match &self.slice {
             Some(table) => table
                 .read_obj(offset)
@@ -863,6 +881,15 @@ impl<'m> DescriptorTable<'m> {
             next: u16::from_le(desc.next),
         })
     }
+}
+
+/// The 16 bytes at `offset` as two little-endian `u64`s, read with two aligned loads (virtio
+/// aligns descriptors and request headers so); `None` when unaligned or out of bounds. A
+/// 16-byte `read_obj` costs a byte-wise copy and a stalled reload of what it stored.
+fn load_16(slice: &VolatileSlice<'_, ()>, offset: usize) -> Option<[u64; 2]> {
+    let low: u64 = slice.load(offset, Ordering::Relaxed).ok()?;
+    let high: u64 = slice.load(offset.checked_add(8)?, Ordering::Relaxed).ok()?;
+    Some([u64::from_le(low), u64::from_le(high)])
 }
 
 /// Calls `f` with consecutive pieces (address, length) of `segments` that together cover
