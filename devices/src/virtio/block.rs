@@ -13,7 +13,7 @@ use std::num::Wrapping;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
@@ -25,7 +25,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::bitmap::Bitmap;
 use vm_memory::volatile_memory::PtrGuardMut;
 use vm_memory::{
-    Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileSlice,
+    Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion,
+    VolatileMemory, VolatileSlice,
 };
 
 use super::{
@@ -766,12 +767,14 @@ impl<'m> Rings<'m> {
                 return Ok(None);
             }
         }
-        let slot = RING_HEADER + 2 * usize::from(self.next_avail.0 % self.size);
+        // The size is a power of two (the queue refuses others).
+        let slot = RING_HEADER + 2 * usize::from(self.next_avail.0 & (self.size - 1));
         // The driver wrote the entry before it published `idx`, which we loaded with Acquire.
-        let head: u16 = avail
-            .load(slot, Ordering::Relaxed)
+        let head = avail
+            .get_atomic_ref::<AtomicU16>(slot)
             .map_err(vm_memory::GuestMemoryError::from)
-            .map_err(virtio_queue::Error::GuestMemory)?;
+            .map_err(virtio_queue::Error::GuestMemory)?
+            .load(Ordering::Relaxed);
         self.next_avail += 1;
         queue.set_next_avail(self.next_avail.0);
         Ok(Some(u16::from_le(head)))
@@ -788,13 +791,15 @@ impl<'m> Rings<'m> {
         let Some((_, used)) = &self.fast else {
             return Ok(queue.add_used(memory, head, len)?);
         };
-        let slot = RING_HEADER + 8 * usize::from(self.next_used.0 % self.size);
+        let slot = RING_HEADER + 8 * usize::from(self.next_used.0 & (self.size - 1));
         // struct virtq_used_elem { le32 id; le32 len; }
         // The ring is 4-aligned (virtio 1.1 §2.6), so the entry may not be 8-aligned.
-        used.store(u32::from(head).to_le(), slot, Ordering::Relaxed)
-            .and_then(|()| used.store(len.to_le(), slot + 4, Ordering::Relaxed))
-            .map_err(vm_memory::GuestMemoryError::from)
-            .map_err(virtio_queue::Error::GuestMemory)?;
+        for (offset, value) in [(slot, u32::from(head)), (slot + 4, len)] {
+            used.get_atomic_ref::<AtomicU32>(offset)
+                .map_err(vm_memory::GuestMemoryError::from)
+                .map_err(virtio_queue::Error::GuestMemory)?
+                .store(value.to_le(), Ordering::Relaxed);
+        }
         self.next_used += 1;
         Ok(())
     }
@@ -887,9 +892,11 @@ impl<'m> DescriptorTable<'m> {
 /// aligns descriptors and request headers so); `None` when unaligned or out of bounds. A
 /// 16-byte `read_obj` costs a byte-wise copy and a stalled reload of what it stored.
 fn load_16(slice: &VolatileSlice<'_, ()>, offset: usize) -> Option<[u64; 2]> {
-    let low: u64 = slice.load(offset, Ordering::Relaxed).ok()?;
-    let high: u64 = slice.load(offset.checked_add(8)?, Ordering::Relaxed).ok()?;
-    Some([u64::from_le(low), u64::from_le(high)])
+    let load = |offset| {
+        let word = slice.get_atomic_ref::<AtomicU64>(offset).ok()?;
+        Some(u64::from_le(word.load(Ordering::Relaxed)))
+    };
+    Some([load(offset)?, load(offset.checked_add(8)?)?])
 }
 
 /// Calls `f` with consecutive pieces (address, length) of `segments` that together cover
