@@ -13,7 +13,7 @@ use std::num::Wrapping;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
@@ -202,7 +202,7 @@ impl Block {
             }
             for request in &requests[..parsed] {
                 let completed = view
-                    .write_obj(request.status as u8, request.status_addr)
+                    .write_byte(request.status as u8, request.status_addr)
                     .map_err(|e| DeviceError::BadRequest(format!("status byte: {e}")))
                     .and_then(|()| rings.add_used(queue, memory, request.head, request.used));
                 if let Err(e) = completed {
@@ -651,13 +651,15 @@ impl<'m> GuestView<'m> {
         }
     }
 
-    fn write_obj<T: ByteValued>(
-        &self,
-        value: T,
-        addr: GuestAddress,
-    ) -> Result<(), vm_memory::GuestMemoryError> {
-        match self.slice(addr, size_of::<T>()) {
-            Some(slice) => slice.write_obj(value, 0).map_err(Into::into),
+    /// Writes one byte with a plain store (no byte-wise copy routine).
+    fn write_byte(&self, value: u8, addr: GuestAddress) -> Result<(), vm_memory::GuestMemoryError> {
+        match self.slice(addr, 1) {
+            Some(slice) => {
+                slice
+                    .get_atomic_ref::<AtomicU8>(0)?
+                    .store(value, Ordering::Relaxed);
+                Ok(())
+            }
             None => self.memory.write_obj(value, addr),
         }
     }
