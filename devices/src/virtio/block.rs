@@ -244,14 +244,12 @@ impl Block {
             ),
             _ => return None,
         };
-        let file_offset = self.checked_len(header.sector, len).ok()?;
-        let [segment] = segments.as_slice() else {
-            return None;
-        };
-        if u64::from(segment.len) != skip + len || len == 0 {
+        if len == 0 {
             return None;
         }
-        let (region, offset) = memory.locate(segment.addr.unchecked_add(skip), len as usize)?;
+        let file_offset = self.checked_len(header.sector, len).ok()?;
+        let addr = single_piece(segments, skip, len)?;
+        let (region, offset) = memory.locate(addr, len as usize)?;
         Some(PlainIo {
             region,
             offset,
@@ -1029,16 +1027,19 @@ fn transfer(
 fn single_slice<'m>(
     memory: &GuestView<'m>,
     segments: &[Segment],
-    mut skip: u64,
+    skip: u64,
     len: u64,
 ) -> Option<VolatileSlice<'m, ()>> {
+    let addr = single_piece(segments, skip, len)?;
+    memory.slice(addr, usize::try_from(len).ok()?)
+}
+
+/// The address of the `len` bytes from byte `skip` of `segments`, if they lie in one segment.
+fn single_piece(segments: &[Segment], mut skip: u64, len: u64) -> Option<GuestAddress> {
     for segment in segments {
         let seg_len = u64::from(segment.len);
         if skip < seg_len {
-            let len = usize::try_from(len).ok()?;
-            return (skip + len as u64 <= seg_len)
-                .then(|| memory.slice(segment.addr.unchecked_add(skip), len))
-                .flatten();
+            return (skip + len <= seg_len).then(|| segment.addr.unchecked_add(skip));
         }
         skip -= seg_len;
     }
@@ -1705,5 +1706,69 @@ mod tests {
         copy_guest(&view, &across, 0, Copy::FromGuest(&mut back)).unwrap();
         assert_eq!(back[..512], [7; 512]);
         assert_eq!(back[512..], [8; 512]);
+    }
+
+    #[test]
+    fn an_available_index_beyond_the_queue_needs_reset() {
+        let image = Image::new("availidx");
+        let mut d = driver(&image, false);
+        d.memory
+            .write_obj(
+                DRIVER_QUEUE_SIZE + 1,
+                GuestAddress(crate::virtio::test_driver::AVAIL + 2),
+            )
+            .unwrap();
+        d.notify();
+        assert!(needs_reset(&mut d));
+    }
+
+    #[test]
+    fn a_write_with_its_header_in_its_own_descriptor_is_one_plain_write() {
+        let image = Image::new("plainwrite");
+        let mut d = driver(&image, false);
+        d.memory
+            .write_slice(&[0x33; 512], GuestAddress(BUF))
+            .unwrap();
+        assert_eq!(
+            request(&mut d, 0, VIRTIO_BLK_T_OUT, 9, 512, false),
+            (VIRTIO_BLK_S_OK as u8, 1)
+        );
+        let block = Block::open(&image.0, false, false, "").unwrap();
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let view = GuestView::new(&memory);
+        let mut request = Request {
+            header: Some(RequestHeader {
+                request_type: VIRTIO_BLK_T_OUT,
+                _reserved: 0,
+                sector: 9,
+            }),
+            readable: vec![
+                Segment {
+                    addr: GuestAddress(HEADER),
+                    len: 16,
+                },
+                Segment {
+                    addr: GuestAddress(BUF),
+                    len: 512,
+                },
+            ],
+            readable_len: 528,
+            ..Request::default()
+        };
+        let io = block.plain_io(&view, &request).expect("a plain write");
+        assert_eq!(
+            (io.offset, io.len, io.file_offset),
+            (BUF as usize, 512, 9 * 512)
+        );
+        request.readable[1].len = 500;
+        request.readable_len = 516;
+        assert!(
+            block.plain_io(&view, &request).is_none(),
+            "a partial sector"
+        );
+        assert_eq!(
+            std::fs::read(&image.0).unwrap()[9 * 512..10 * 512],
+            [0x33; 512]
+        );
     }
 }
