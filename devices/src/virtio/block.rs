@@ -1,11 +1,21 @@
 //! virtio-blk (type 2) over a raw image file: read, write, flush, get-id, and, on writable images,
 //! discard and write-zeroes (punching or zeroing ranges of the file).
 //!
-//! Every request is checked before it touches the file: the header must be complete, data
-//! lengths whole sectors, every sector inside the image, writes refused on a read-only device,
-//! and no request may move more than [`MAX_REQUEST_BYTES`]. A bad request completes with
-//! `VIRTIO_BLK_S_IOERR` (or `UNSUPP` for unknown types); a chain with no room for the status
-//! byte cannot be completed at all and puts the device into `DEVICE_NEEDS_RESET`.
+//! Each chain is walked once into a reused list of (address, length) segments, each checked to
+//! lie inside guest memory. A chain the device cannot use puts it into `DEVICE_NEEDS_RESET`:
+//! one that loops or is longer than the queue, names a descriptor outside the table, uses an
+//! indirect descriptor (not offered), has a buffer outside guest memory, or has no
+//! device-writable byte for the status. Every request is then checked before it touches the
+//! file: the header must be complete, buffers in the right direction (device-readable before
+//! device-writable; a read's data writable, a write's readable), data lengths whole sectors,
+//! every sector inside the image, writes refused on a read-only device, and no request may move
+//! more than [`MAX_REQUEST_BYTES`]. A bad request completes with `VIRTIO_BLK_S_IOERR` (or
+//! `UNSUPP` for unknown types).
+//!
+//! A notification is served in rounds: parse every available chain, then read or write the
+//! image straight from and into guest memory (one `pread`/`pwrite` per plain request, no bounce
+//! copy unless the image is opened with `O_DIRECT`), then write the status bytes and used
+//! entries, publish the used index and interrupt once.
 
 use std::fs::{File, OpenOptions};
 use std::io;
