@@ -37,6 +37,8 @@ fn bench_block(c: &mut Criterion) {
     let contents: Vec<u8> = (0..IMAGE_SIZE).map(|i| (i % 251) as u8).collect();
     let image = TempFile::with_contents("bench-blk.img", &contents);
     drop(contents);
+    // Write the image back now rather than during the first measurement.
+    File::open(image.path()).unwrap().sync_all().unwrap();
     let offsets = offsets();
 
     let mut driver = Driver::new(Box::new(
