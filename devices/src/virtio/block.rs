@@ -284,7 +284,8 @@ impl Block {
             iov_base: guard.as_ptr().cast(),
             iov_len: guard.len(),
         }];
-        submit(&self.file, &mut iov, io.file_offset, io.dir)?;
+        // SAFETY: the vector is `slice`, guest memory that `guard` keeps mapped.
+        unsafe { submit(&self.file, &mut iov, io.file_offset, io.dir) }?;
         // At most MAX_REQUEST_BYTES.
         Ok(if io.dir == Dir::Read {
             io.len as u32
@@ -995,7 +996,8 @@ fn transfer(
             iov_base: guard.as_ptr().cast(),
             iov_len: guard.len(),
         }];
-        submit(file, &mut iov, offset, dir)?;
+        // SAFETY: the vector is `slice`, guest memory that `guard` keeps mapped.
+        unsafe { submit(file, &mut iov, offset, dir) }?;
         return Ok(());
     }
     let empty = libc::iovec {
@@ -1019,7 +1021,8 @@ fn transfer(
             guards[n] = Some(guard);
             n += 1;
             if n == IOV_BATCH {
-                offset += submit(file, &mut iovs, offset, dir)?;
+                // SAFETY: every vector is a slice of guest memory whose guard is in `guards`.
+                offset += unsafe { submit(file, &mut iovs, offset, dir) }?;
                 guards.iter_mut().for_each(|g| *g = None);
                 n = 0;
             }
@@ -1027,7 +1030,8 @@ fn transfer(
         })
     })?;
     if n > 0 {
-        submit(file, &mut iovs[..n], offset, dir)?;
+        // SAFETY: as above, for the first `n` vectors.
+        unsafe { submit(file, &mut iovs[..n], offset, dir) }?;
     }
     Ok(())
 }
@@ -1058,7 +1062,13 @@ fn single_piece(segments: &[Segment], mut skip: u64, len: u64) -> Option<GuestAd
 
 /// One `preadv`/`pwritev` of all of `iovs` at `offset`, repeated over what a short transfer
 /// left; returns the bytes moved.
-fn submit(
+///
+/// # Safety
+///
+/// Each vector must describe memory that stays mapped, and that the caller may let the kernel
+/// write (`Dir::Read`) or read (`Dir::Write`), for the whole call: a slice of guest memory whose
+/// guard the caller holds.
+unsafe fn submit(
     file: &File,
     iovs: &mut [libc::iovec],
     offset: u64,
@@ -1074,16 +1084,16 @@ fn submit(
         let fd = file.as_raw_fd();
         // A single vector goes through pread/pwrite, which the kernel serves without importing
         // an iovec array (measurably cheaper for the common one-buffer request).
-        let rc = match (dir, rest) {
-            // SAFETY: each vector describes a VolatileSlice of mapped guest memory, valid for
-            // its length while the caller holds its guard; the kernel writes only those bytes.
-            (Dir::Read, [one]) => unsafe { libc::pread(fd, one.iov_base, one.iov_len, at) },
-            // SAFETY: as above.
-            (Dir::Read, _) => unsafe { libc::preadv(fd, rest.as_ptr(), count, at) },
-            // SAFETY: as above; the kernel only reads those bytes.
-            (Dir::Write, [one]) => unsafe { libc::pwrite(fd, one.iov_base, one.iov_len, at) },
-            // SAFETY: as above; the kernel only reads those bytes.
-            (Dir::Write, _) => unsafe { libc::pwritev(fd, rest.as_ptr(), count, at) },
+        // SAFETY: the vectors (advanced only past what the kernel already moved) describe memory
+        // the kernel may write (reads) or read (writes) for the whole call, by this function's
+        // contract; `count` is their number.
+        let rc = unsafe {
+            match (dir, rest) {
+                (Dir::Read, [one]) => libc::pread(fd, one.iov_base, one.iov_len, at),
+                (Dir::Read, _) => libc::preadv(fd, rest.as_ptr(), count, at),
+                (Dir::Write, [one]) => libc::pwrite(fd, one.iov_base, one.iov_len, at),
+                (Dir::Write, _) => libc::pwritev(fd, rest.as_ptr(), count, at),
+            }
         };
         let mut moved = match usize::try_from(rc) {
             Ok(0) => {
