@@ -124,6 +124,20 @@ pub enum Error {
     /// `start()` was called on a VM that already started or was stopped.
     #[error("the VM was already started or stopped; build a new one")]
     AlreadyStarted,
+    /// The VM is not running (it ended, or was stopped), so it cannot be paused or resumed.
+    #[error("the VM is not running{}", match .0.as_ref() { Some(exit) => format!(" (it ended: {exit})"), None => String::new() })]
+    NotRunning(Box<Option<crate::exit::GuestExit>>),
+    /// The VM's threads did not stop for a pause in time (a device handler may be stuck).
+    #[error("the VM's threads did not stop within 5 s; the VM keeps running")]
+    PauseTimedOut,
+    /// A guest memory access outside the guest's RAM.
+    #[error("guest memory {addr:#x}..+{len:#x} is not all RAM")]
+    GuestAddress {
+        /// Guest-physical start.
+        addr: u64,
+        /// Length in bytes.
+        len: usize,
+    },
     /// `wait()` was called on a VM that was never started.
     #[error("the VM was not started: call start() first")]
     NotStarted,

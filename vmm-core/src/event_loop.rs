@@ -17,7 +17,7 @@ pub struct EventLoop {
     manager: EventManager<Subscriber>,
 }
 
-/// Drains the VM's wake-up eventfd so the loop can re-check the exiting flag.
+/// Drains the VM's wake-up eventfd so the loop can re-check the exiting and pause flags.
 struct Wakeup(Arc<RunState>);
 
 impl MutEventSubscriber for Wakeup {
@@ -49,9 +49,11 @@ impl EventLoop {
         self.manager.add_subscriber(subscriber);
     }
 
-    /// Dispatches events until the VM is exiting.
+    /// Dispatches events until the VM is exiting, parking between dispatches while the VM is
+    /// paused (so no device work happens then).
     pub fn run(mut self, state: &RunState) {
         while !state.is_exiting() {
+            state.park_while_paused();
             if let Err(e) = self.manager.run_with_timeout(-1) {
                 log::error!("event loop stopped: {e:?}");
                 return;

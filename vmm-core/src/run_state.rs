@@ -1,9 +1,16 @@
-//! What a running VM's threads share: how it ended, the exiting flag every loop checks, and the
-//! handles needed to kick and join the threads.
+//! What a running VM's threads share: how it ended, the exiting flag every loop checks, the
+//! pause request every loop honours, and the handles needed to kick and join the threads.
+//!
+//! Pausing: the requester raises the pause flag and kicks every vCPU out of `KVM_RUN` (a vCPU
+//! that was about to enter it finds `immediate_exit` set and returns at once), so each vCPU stops
+//! at an instruction boundary with any pending port or MMIO access completed; the event loop is
+//! woken through its wake-up eventfd. Each thread parks in [`RunState::park_while_paused`]; the
+//! requester waits until all of them have.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
@@ -17,9 +24,23 @@ pub struct RunState {
     exit: Mutex<Option<GuestExit>>,
     ended: Condvar,
     vcpu_threads: Mutex<Vec<JoinHandle<()>>>,
-    /// Wakes the event loop so it notices the exiting flag.
+    /// Wakes the event loop so it notices the exiting flag or a pause request.
     pub loop_wakeup: EventFd,
+    /// Fast-path copy of `pause.requested`, read by every loop iteration.
+    pause_requested: AtomicBool,
+    pause: Mutex<Pause>,
+    pause_changed: Condvar,
 }
+
+/// A pause request and the threads that have parked for it.
+#[derive(Default)]
+struct Pause {
+    requested: bool,
+    parked: usize,
+}
+
+/// How long [`RunState::pause`] waits for the threads to park before giving up.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl RunState {
     /// State of a VM that has not ended.
@@ -30,6 +51,9 @@ impl RunState {
             ended: Condvar::new(),
             vcpu_threads: Mutex::new(Vec::new()),
             loop_wakeup: EventFd::new(libc::EFD_NONBLOCK)?,
+            pause_requested: AtomicBool::new(false),
+            pause: Mutex::default(),
+            pause_changed: Condvar::new(),
         })
     }
 
@@ -44,6 +68,17 @@ impl RunState {
         if self.exiting.swap(true, Ordering::SeqCst) {
             return;
         }
+        self.kick_all();
+        // Parked threads wake up and see the exiting flag (taking the lock orders this after
+        // any thread's check of the flag).
+        drop(lock(&self.pause));
+        self.pause_changed.notify_all();
+        *lock(&self.exit) = Some(exit);
+        self.ended.notify_all();
+    }
+
+    /// Kicks every vCPU out of `KVM_RUN` and wakes the event loop.
+    fn kick_all(&self) {
         {
             // Holding the list while kicking keeps `join_all` from joining (and invalidating
             // the pthread handle of) a thread being kicked.
@@ -54,8 +89,66 @@ impl RunState {
             }
         }
         let _ = self.loop_wakeup.write(1);
-        *lock(&self.exit) = Some(exit);
-        self.ended.notify_all();
+    }
+
+    /// Stops the VM's `threads` threads (its vCPUs and event loop) and waits until every one has
+    /// parked. Returns `false` if the VM ended first, or if its threads did not all park within
+    /// [`PAUSE_TIMEOUT`] (the request is then withdrawn).
+    pub fn pause(&self, threads: usize) -> bool {
+        let mut pause = lock(&self.pause);
+        pause.requested = true;
+        self.pause_requested.store(true, Ordering::SeqCst);
+        self.kick_all();
+        let deadline = std::time::Instant::now() + PAUSE_TIMEOUT;
+        while pause.parked < threads && !self.is_exiting() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                drop(pause);
+                self.resume();
+                return false;
+            }
+            pause = self
+                .pause_changed
+                .wait_timeout(pause, left)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+        }
+        !self.is_exiting()
+    }
+
+    /// Lets parked threads run again.
+    pub fn resume(&self) {
+        let mut pause = lock(&self.pause);
+        pause.requested = false;
+        self.pause_requested.store(false, Ordering::SeqCst);
+        drop(pause);
+        self.pause_changed.notify_all();
+    }
+
+    /// Whether a pause is requested or in force.
+    pub fn is_paused(&self) -> bool {
+        self.pause_requested.load(Ordering::SeqCst)
+    }
+
+    /// Called by each VMM thread between units of work: parks it while a pause is in force
+    /// (returns at once otherwise, or when the VM is exiting).
+    pub fn park_while_paused(&self) {
+        if !self.pause_requested.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut pause = lock(&self.pause);
+        if !pause.requested || self.is_exiting() {
+            return;
+        }
+        pause.parked += 1;
+        self.pause_changed.notify_all();
+        while pause.requested && !self.is_exiting() {
+            pause = self
+                .pause_changed
+                .wait(pause)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        pause.parked -= 1;
     }
 
     /// Records a started vCPU thread. Call with the guard from [`Self::threads`] held across all

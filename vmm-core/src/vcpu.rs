@@ -1,6 +1,6 @@
 //! vCPU threads: each runs `KVM_RUN` in a loop, routes port and MMIO exits to the device buses and
-//! turns terminal exits into a [`GuestExit`]. Another thread stops a vCPU by setting the VM's
-//! exiting flag and sending the kick signal, whose handler sets `immediate_exit` in that vCPU's
+//! turns terminal exits into a [`GuestExit`]. Another thread stops (or pauses) a vCPU by setting
+//! the VM's exiting (or pause) flag and sending the kick signal, whose handler sets `immediate_exit` in that vCPU's
 //! `kvm_run` so `KVM_RUN` returns `EINTR` whether the signal lands inside or just before it.
 
 use std::cell::Cell;
@@ -80,6 +80,7 @@ impl Vcpu {
 
     fn run_loop(&mut self, buses: &IoBuses, state: &RunState) -> Option<GuestExit> {
         loop {
+            state.park_while_paused();
             if state.is_exiting() {
                 return None;
             }

@@ -27,7 +27,10 @@ enum Phase {
         event_loop: Box<EventLoop>,
     },
     /// Threads running.
-    Running { event_thread: JoinHandle<()> },
+    Running {
+        event_thread: JoinHandle<()>,
+        vcpu_count: usize,
+    },
     /// Ended and joined (or stopped before it started).
     Ended,
 }
@@ -89,6 +92,7 @@ impl Vm {
         else {
             return Err(Error::AlreadyStarted);
         };
+        let vcpu_count = vcpus.len();
         let state = self.state.clone();
         let event_thread = thread::Builder::new()
             .name("forkvm-events".into())
@@ -97,7 +101,10 @@ impl Vm {
                 what: "event loop",
                 source,
             })?;
-        *phase = Phase::Running { event_thread };
+        *phase = Phase::Running {
+            event_thread,
+            vcpu_count,
+        };
         drop(phase);
 
         let mut threads = self.state.threads();
@@ -128,7 +135,7 @@ impl Vm {
             return Err(Error::NotStarted);
         }
         let exit = self.state.wait();
-        if let Phase::Running { event_thread } =
+        if let Phase::Running { event_thread, .. } =
             std::mem::replace(&mut *self.lock_phase(), Phase::Ended)
         {
             // The event loop only returns; a panic in it has nothing to add to `exit`.
@@ -142,6 +149,45 @@ impl Vm {
     pub fn stop(&self) -> GuestExit {
         self.state.finish(GuestExit::Stopped);
         self.wait().unwrap_or(GuestExit::Stopped)
+    }
+
+    /// Pauses a running VM: every vCPU stops at an instruction boundary and the event loop stops
+    /// serving devices, so guest memory and device state hold still until [`Vm::resume`]. The
+    /// guest notices nothing but the time that passed. Pausing a paused VM does nothing.
+    pub fn pause(&self) -> Result<(), Error> {
+        let phase = self.lock_phase();
+        let Phase::Running { vcpu_count, .. } = &*phase else {
+            return Err(self.not_running(&phase));
+        };
+        if self.state.pause(*vcpu_count + 1) {
+            Ok(())
+        } else if let Some(exit) = self.state.exit() {
+            Err(Error::NotRunning(Box::new(Some(exit))))
+        } else {
+            Err(Error::PauseTimedOut)
+        }
+    }
+
+    /// Lets a paused VM run again; does nothing to a VM that is not paused.
+    pub fn resume(&self) -> Result<(), Error> {
+        let phase = self.lock_phase();
+        let Phase::Running { .. } = &*phase else {
+            return Err(self.not_running(&phase));
+        };
+        self.state.resume();
+        Ok(())
+    }
+
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.state.is_paused() && self.state.exit().is_none()
+    }
+
+    fn not_running(&self, phase: &Phase) -> Error {
+        match phase {
+            Phase::Built { .. } => Error::NotStarted,
+            _ => Error::NotRunning(Box::new(self.state.exit())),
+        }
     }
 
     /// How the guest ended, without blocking; `None` while it runs.
@@ -169,6 +215,19 @@ impl Vm {
     /// the guest gave back and its memory statistics.
     pub fn balloon(&self) -> Option<&BalloonHandle> {
         self.balloon.as_ref()
+    }
+
+    /// Reads guest memory at guest-physical `addr` into `buf` (for debuggers, tests, and hosts
+    /// that share a structure with the guest). Consistent only while the VM is paused.
+    pub fn read_memory(&self, addr: u64, buf: &mut [u8]) -> Result<(), Error> {
+        use vm_memory::Bytes;
+        self.ram
+            .memory
+            .read_slice(buf, vm_memory::GuestAddress(addr))
+            .map_err(|_| Error::GuestAddress {
+                addr,
+                len: buf.len(),
+            })
     }
 
     /// Guest memory size in bytes.

@@ -1,0 +1,149 @@
+//! Pause and resume of running VMs on this host's KVM: a paused guest makes no progress and its
+//! devices serve nothing until it resumes; stop and drop work while paused.
+
+use std::time::{Duration, Instant};
+
+use forkvm::{ConsoleBuffer, ConsoleInput, GuestExit, Vm};
+use forkvm_tests::{test_guest_vm, wait_for_output};
+
+/// Starts a test guest spinning on a counter and returns it with the counter's address.
+fn spinning_guest(vcpus: u32) -> (Vm, u64, ConsoleBuffer) {
+    let console = ConsoleBuffer::new();
+    let vm = test_guest_vm("mode=spin", &console)
+        .vcpus(vcpus)
+        .build()
+        .unwrap();
+    vm.start().unwrap();
+    // The whole line: the guest writes it a byte at a time.
+    wait_for_output(&console, "counter at ");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let hex = loop {
+        let text = console.text();
+        let rest = text.split("counter at ").nth(1).unwrap_or_default();
+        if let Some((hex, _)) = rest.split_once('\n') {
+            break hex.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no whole counter line: {text}");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let addr = u64::from_str_radix(hex.trim().trim_start_matches("0x"), 16).unwrap();
+    (vm, addr, console)
+}
+
+fn counter(vm: &Vm, addr: u64) -> u64 {
+    let mut bytes = [0u8; 8];
+    vm.read_memory(addr, &mut bytes).unwrap();
+    u64::from_le_bytes(bytes)
+}
+
+/// Waits (bounded) until the counter passes `than`.
+fn wait_until_above(vm: &Vm, addr: u64, than: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = counter(vm, addr);
+        if now > than {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "the guest made no progress");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn a_paused_guest_makes_no_progress_and_resumes_where_it_stopped() {
+    let (vm, addr, _console) = spinning_guest(2);
+    wait_until_above(&vm, addr, 0);
+    vm.pause().unwrap();
+    assert!(vm.is_paused());
+    let frozen = counter(&vm, addr);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(counter(&vm, addr), frozen, "the vCPU ran while paused");
+    vm.pause().unwrap(); // pausing again changes nothing
+    vm.resume().unwrap();
+    assert!(!vm.is_paused());
+    wait_until_above(&vm, addr, frozen);
+    assert_eq!(vm.exit(), None);
+    assert_eq!(vm.stop(), GuestExit::Stopped);
+}
+
+#[test]
+fn many_pauses_in_a_row_all_take_effect() {
+    let (vm, addr, _console) = spinning_guest(2);
+    let mut last = wait_until_above(&vm, addr, 0);
+    let mut pauses = Vec::new();
+    for _ in 0..100 {
+        let t0 = Instant::now();
+        vm.pause().unwrap();
+        pauses.push(t0.elapsed());
+        let frozen = counter(&vm, addr);
+        assert!(frozen >= last);
+        assert_eq!(counter(&vm, addr), frozen);
+        vm.resume().unwrap();
+        last = frozen;
+    }
+    wait_until_above(&vm, addr, last);
+    pauses.sort();
+    eprintln!(
+        "pause of a spinning 2-vCPU guest: median {:?}, max {:?}",
+        pauses[pauses.len() / 2],
+        pauses[pauses.len() - 1]
+    );
+}
+
+#[test]
+fn a_paused_vm_serves_no_device_input_until_it_resumes() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    let console = ConsoleBuffer::new();
+    let vm = test_guest_vm("mode=echo", &console)
+        .console_input(ConsoleInput::Fd(reader.into()))
+        .build()
+        .unwrap();
+    vm.start().unwrap();
+    wait_for_output(&console, "forkvm test guest");
+    vm.pause().unwrap();
+    let before = console.text();
+    std::io::Write::write_all(&mut &writer, b"paused-input").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        console.text(),
+        before,
+        "input reached the guest while paused"
+    );
+    vm.resume().unwrap();
+    wait_for_output(&console, "paused-input");
+    std::io::Write::write_all(&mut &writer, b"q").unwrap();
+    assert_eq!(
+        vm.wait().unwrap(),
+        GuestExit::PoweredOff { status: Some(0) }
+    );
+}
+
+#[test]
+fn stop_and_drop_end_a_paused_vm() {
+    let (vm, _, _console) = spinning_guest(2);
+    vm.pause().unwrap();
+    assert_eq!(vm.stop(), GuestExit::Stopped);
+    assert!(!vm.is_paused());
+    let (vm, _, _console) = spinning_guest(1);
+    vm.pause().unwrap();
+    drop(vm);
+}
+
+#[test]
+fn pause_and_resume_need_a_running_vm() {
+    let console = ConsoleBuffer::new();
+    let vm = test_guest_vm("mode=exit", &console).build().unwrap();
+    assert!(matches!(vm.pause(), Err(forkvm::Error::NotStarted)));
+    assert!(matches!(vm.resume(), Err(forkvm::Error::NotStarted)));
+    vm.start().unwrap();
+    vm.wait().unwrap();
+    let err = vm.pause().unwrap_err();
+    assert!(matches!(err, forkvm::Error::NotRunning(_)), "{err}");
+    assert!(err.to_string().contains("ended"), "{err}");
+    assert!(matches!(vm.resume(), Err(forkvm::Error::NotRunning(_))));
+    let mut buf = [0u8; 8];
+    assert!(matches!(
+        vm.read_memory(u64::MAX - 3, &mut buf),
+        Err(forkvm::Error::GuestAddress { .. })
+    ));
+}
