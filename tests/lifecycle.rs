@@ -2,7 +2,7 @@
 //! growth in open fds, threads or resident memory. One test only, so nothing else runs alongside
 //! and disturbs the counts.
 
-use forkvm::{ConsoleBuffer, GuestExit, VmBuilder};
+use forkvm::{Balloon, ConsoleBuffer, GuestExit, VmBuilder, Vsock};
 use forkvm_tests::{open_fds, proc_status, test_guest, test_guest_vm};
 
 const CYCLES: usize = 1000;
@@ -13,11 +13,23 @@ const RSS_SLACK_KB: u64 = 3 * 1024;
 
 fn cycle(i: usize) {
     let console = ConsoleBuffer::new();
-    // Half the VMs (waited-for and stopped alike) carry a virtio device, so its eventfds,
+    // Half the VMs (waited-for and stopped alike) carry virtio-rng, so its eventfds,
     // ioeventfds and irqfd are counted too.
     let mut builder = test_guest_vm("mode=exit memcheck=1", &console);
     if i % 4 < 2 {
         builder = builder.rng();
+    }
+    // A quarter also carry vsock (its epoll set, eventfd and, every other time, a listening
+    // Unix socket whose file must go with the VM) and a balloon.
+    if i.is_multiple_of(4) {
+        let mut vsock = Vsock::new(3);
+        if i.is_multiple_of(8) {
+            vsock = vsock.uds_path(
+                std::env::temp_dir()
+                    .join(format!("forkvm-lifecycle-{}-{i}.sock", std::process::id())),
+            );
+        }
+        builder = builder.vsock(vsock).balloon(Balloon::new());
     }
     let vm = builder.vcpus(1 + (i % 2) as u32).build().unwrap();
     vm.start().unwrap();
@@ -67,6 +79,13 @@ fn thousand_cycles_and_failed_builds_leave_no_growth() {
         "fds {fds} -> {fds_after}, threads {threads} -> {threads_after}, RSS {rss} kB -> {rss_after} kB"
     );
     assert_eq!(fds_after, fds, "open fds");
+    let prefix = format!("forkvm-lifecycle-{}-", std::process::id());
+    let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .collect();
+    assert!(left.is_empty(), "vsock socket files left behind: {left:?}");
     assert_eq!(threads_after, threads, "threads");
     assert!(
         rss_after <= rss + RSS_SLACK_KB,
