@@ -118,13 +118,8 @@ fn several_vcpus_boot_with_an_mp_table() {
 
 #[test]
 fn serial_input_reaches_the_guest_and_its_echo_comes_back() {
-    let (reader, writer) = std::io::pipe().unwrap();
     let console = ConsoleBuffer::new();
-    let vm = test_guest_vm("mode=echo", &console)
-        .console_input(ConsoleInput::Fd(reader.into()))
-        .build()
-        .unwrap();
-    vm.start().unwrap();
+    let (vm, writer) = forkvm_tests::echo_guest(&console);
     // More than the UART's 64-byte FIFO, so input must pause and resume.
     let input: String = (0..200)
         .map(|i| char::from(b'a' + (i % 26) as u8))

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use forkvm::{ConsoleBuffer, ConsoleInput, GuestExit, Vm};
+use forkvm::{ConsoleBuffer, GuestExit, Vm};
 use forkvm_tests::{test_guest_vm, wait_for_output};
 
 /// Starts a test guest spinning on a counter and returns it with the counter's address.
@@ -92,13 +92,8 @@ fn many_pauses_in_a_row_all_take_effect() {
 
 #[test]
 fn a_paused_vm_serves_no_device_input_until_it_resumes() {
-    let (reader, writer) = std::io::pipe().unwrap();
     let console = ConsoleBuffer::new();
-    let vm = test_guest_vm("mode=echo", &console)
-        .console_input(ConsoleInput::Fd(reader.into()))
-        .build()
-        .unwrap();
-    vm.start().unwrap();
+    let (vm, writer) = forkvm_tests::echo_guest(&console);
     wait_for_output(&console, "forkvm test guest");
     vm.pause().unwrap();
     let before = console.text();

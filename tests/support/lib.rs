@@ -63,6 +63,18 @@ pub fn run_test_guest(cmdline: &str) -> (GuestExit, String) {
     (exit, console.text())
 }
 
+/// Starts the test guest in `mode=echo` with its serial input fed from a pipe; returns the VM
+/// and the pipe's write end.
+pub fn echo_guest(console: &ConsoleBuffer) -> (forkvm::Vm, std::io::PipeWriter) {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    let vm = test_guest_vm("mode=echo", console)
+        .console_input(forkvm::ConsoleInput::Fd(reader.into()))
+        .build()
+        .expect("build the echo guest");
+    vm.start().expect("start");
+    (vm, writer)
+}
+
 /// A builder for a generated image: 16 MiB, the debug-exit port, no console.
 pub fn image_vm(image: &Path) -> VmBuilder {
     VmBuilder::new()
