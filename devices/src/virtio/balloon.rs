@@ -545,15 +545,25 @@ fn discard(memory: &GuestMemoryMmap, addr: u64, len: usize) -> io::Result<()> {
         .get_slice(GuestAddress(addr), len)
         .map_err(io::Error::other)?;
     let guard = slice.ptr_guard_mut();
-    // SAFETY: the pointer and length describe `len` bytes of one live mapping of guest memory,
-    // which `memory` keeps mapped for the duration of the call. MADV_REMOVE frees the pages
-    // backing it and leaves the mapping in place (later accesses see zeros); guest memory is only
-    // ever accessed through volatile accesses that expect its contents to change.
-    let ret = unsafe { libc::madvise(guard.as_ptr().cast(), len, libc::MADV_REMOVE) };
-    if ret != 0 {
-        return Err(io::Error::last_os_error());
+    let advise = |advice| {
+        // SAFETY: the pointer and length describe `len` bytes of one live mapping of guest
+        // memory, which `memory` keeps mapped for the duration of the call. Both advices free
+        // the pages backing it and leave the mapping in place; guest memory is only ever accessed
+        // through volatile accesses that expect its contents to change.
+        if unsafe { libc::madvise(guard.as_ptr().cast(), len, advice) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    // A shared mapping (a VM's own memfd) has its pages punched out (later reads see zeros). A
+    // private one (RAM over a frozen image, see forkvm's memory::freeze) refuses that with
+    // EACCES — the image must not change, other VMs read it — and drops its copied pages
+    // instead, falling back to the image's contents.
+    match advise(libc::MADV_REMOVE) {
+        Err(e) if e.raw_os_error() == Some(libc::EACCES) => advise(libc::MADV_DONTNEED),
+        other => other,
     }
-    Ok(())
 }
 
 impl VirtioDevice for Balloon {
@@ -672,8 +682,9 @@ mod tests {
     const PAGE: u64 = PAGE_SIZE;
     const BALLOON_RAM: u64 = MEM_SIZE as u64;
 
-    /// Guest memory over a memfd mapped shared, as a VM has it, and the memfd.
-    fn memfd_memory() -> (GuestMemoryMmap, File) {
+    /// Guest memory over a memfd mapped with `flags` (shared, as a VM has it, or private, as
+    /// over a frozen image), and the memfd.
+    fn memfd_memory(flags: i32) -> (GuestMemoryMmap, File) {
         // SAFETY: a valid NUL-terminated name and flags; no other memory effects.
         let fd = unsafe { libc::memfd_create(c"balloon-test".as_ptr(), libc::MFD_CLOEXEC) };
         assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
@@ -683,7 +694,7 @@ mod tests {
         let region = MmapRegionBuilder::new(MEM_SIZE)
             .with_file_offset(FileOffset::new(file.try_clone().unwrap(), 0))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_SHARED)
+            .with_mmap_flags(flags)
             .build()
             .unwrap();
         let region = GuestRegionMmap::new(region, GuestAddress(0)).unwrap();
@@ -702,9 +713,14 @@ mod tests {
 
     /// A live balloon (offering reporting when `reporting`) whose driver accepted `features`.
     fn balloon(reporting: bool, features: u64) -> Setup {
+        balloon_over(libc::MAP_SHARED, reporting, features)
+    }
+
+    /// [`balloon`] over guest memory mapped with `flags`.
+    fn balloon_over(flags: i32, reporting: bool, features: u64) -> Setup {
         let device = Balloon::new(BALLOON_RAM, false, reporting).unwrap();
         let handle = device.handle();
-        let (memory, file) = memfd_memory();
+        let (memory, file) = memfd_memory(flags);
         let mut d = Driver::with_memory(Box::new(device), memory);
         d.start_with(features);
         // The device writes the used rings: touch their pages now, so that the allocation counts
@@ -761,6 +777,26 @@ mod tests {
     }
 
     #[test]
+    fn inflate_over_a_private_mapping_drops_the_copied_pages() {
+        let Setup { mut d, handle, .. } = balloon_over(libc::MAP_PRIVATE, false, 0);
+        for pfn in 0x40..0x44 {
+            fill_page(&d, pfn, 0xa5);
+        }
+        let len = write_pfns(&d, BUF, &[0x40, 0x41, 0x42, 0x43]);
+        d.chain(0, &[(BUF, len, false)]);
+        d.notify();
+        assert!(!needs_reset(&mut d));
+        assert_eq!(handle.inflated_bytes(), 4 * PAGE);
+        for pfn in 0x40..0x44 {
+            assert_eq!(
+                page_byte(&d, pfn),
+                0,
+                "page {pfn:#x} reads the file's contents again"
+            );
+        }
+    }
+
+    #[test]
     fn inflate_frees_the_pages_it_is_given() {
         let Setup {
             mut d,
@@ -798,7 +834,7 @@ mod tests {
 
     #[test]
     fn contiguous_pfns_coalesce_into_runs_within_one_region() {
-        let (memory, _file) = memfd_memory();
+        let (memory, _file) = memfd_memory(libc::MAP_SHARED);
         let mut runs = Vec::new();
         page_runs(&[1, 2, 3, 7, 8, 0xff], &memory, &mut runs).unwrap();
         assert_eq!(
@@ -976,7 +1012,7 @@ mod tests {
     fn host_requests_before_the_driver_is_live_are_drained() {
         let device = Balloon::new(BALLOON_RAM, false, false).unwrap();
         let handle = device.handle();
-        let (memory, _file) = memfd_memory();
+        let (memory, _file) = memfd_memory(libc::MAP_SHARED);
         let mut d = Driver::with_memory(Box::new(device), memory);
         handle.set_target_pages(16).unwrap();
         handle.request_stats();

@@ -1,8 +1,10 @@
 //! Guest RAM: one memfd, mapped shared and split around the 32-bit MMIO hole.
 //!
 //! The memfd is the single owner of guest memory. Mapping it `MAP_SHARED` lets the VMM, devices
-//! and KVM see the same pages; the fork and snapshot features later map the same file privately,
-//! which is why anonymous memory is not used.
+//! and KVM see the same pages; [`freeze`] turns it into an image several VMs continue from by
+//! mapping the same file privately, which is why anonymous memory is not used.
+
+pub mod freeze;
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
@@ -55,6 +57,15 @@ pub enum MemoryError {
         /// Size of the region.
         size: u64,
     },
+    /// Guest RAM could not be frozen (re-mapped, copied or sealed).
+    #[error("cannot freeze guest memory: {what}: {source}")]
+    Freeze {
+        /// The step that failed.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The guest memory file could not be inspected.
     #[error("cannot stat the guest memory file: {0}")]
     Stat(#[source] std::io::Error),
@@ -100,6 +111,8 @@ pub struct GuestRam {
     pub ranges: Vec<RamRange>,
     /// The file behind every region.
     pub file: Arc<File>,
+    /// The frozen image the regions map privately, or `None` while they map `file` shared.
+    frozen: Option<Arc<freeze::FrozenRam>>,
 }
 
 impl GuestRam {
@@ -109,15 +122,26 @@ impl GuestRam {
         file.set_len(size)
             .map_err(|source| MemoryError::Resize { size, source })?;
         let ranges = ram_ranges(size);
+        Self::map(file, ranges, libc::MAP_SHARED, None)
+    }
+
+    /// Maps `ranges` of `file` with `flags` (`MAP_SHARED`, or `MAP_PRIVATE` over `frozen`).
+    fn map(
+        file: Arc<File>,
+        ranges: Vec<RamRange>,
+        flags: i32,
+        frozen: Option<Arc<freeze::FrozenRam>>,
+    ) -> Result<Self, MemoryError> {
         let regions = ranges
             .iter()
-            .map(|r| map_shared(&file, r))
+            .map(|r| map_file(&file, r, flags))
             .collect::<Result<Vec<_>, _>>()?;
         let memory = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Layout)?;
         Ok(Self {
             memory,
             ranges,
             file,
+            frozen,
         })
     }
 
@@ -139,7 +163,7 @@ impl GuestRam {
     }
 }
 
-fn create_memfd() -> Result<File, MemoryError> {
+pub(crate) fn create_memfd() -> Result<File, MemoryError> {
     // SAFETY: the name is a valid NUL-terminated string and the flags are valid; the call has no
     // other memory effects.
     let fd = unsafe {
@@ -155,7 +179,11 @@ fn create_memfd() -> Result<File, MemoryError> {
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
-fn map_shared(file: &Arc<File>, range: &RamRange) -> Result<GuestRegionMmap<()>, MemoryError> {
+fn map_file(
+    file: &Arc<File>,
+    range: &RamRange,
+    flags: i32,
+) -> Result<GuestRegionMmap<()>, MemoryError> {
     let map_err = |source| MemoryError::Map {
         addr: range.guest_addr,
         size: range.size,
@@ -164,7 +192,7 @@ fn map_shared(file: &Arc<File>, range: &RamRange) -> Result<GuestRegionMmap<()>,
     let region = MmapRegionBuilder::new(range.size as usize)
         .with_file_offset(FileOffset::from_arc(file.clone(), range.file_offset))
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-        .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+        .with_mmap_flags(flags | libc::MAP_NORESERVE)
         .build()
         .map_err(map_err)?;
     GuestRegionMmap::new(region, GuestAddress(range.guest_addr)).ok_or(

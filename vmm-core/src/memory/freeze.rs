@@ -1,0 +1,342 @@
+//! Freezing guest RAM at an instant, so that several VMs can continue from it (fork, restore).
+//!
+//! # Design
+//!
+//! A fresh VM's RAM is one memfd mapped `MAP_SHARED`. [`GuestRam::freeze`] (with the VM paused)
+//! replaces the VM's own mappings in place — `mmap(MAP_FIXED)` at the same addresses, so KVM's
+//! memory slots stay valid and only re-fault — by `MAP_PRIVATE` mappings of the same file, then
+//! seals the file against writes (`F_SEAL_WRITE`, which the kernel grants only once no shared
+//! writable mapping of it is left). From then on the file holds exactly the memory of the freeze
+//! point: the VM itself and every VM started from the image with [`FrozenRam::map`] write into
+//! private copy-on-write pages, so a write by one is never seen by another, while pages nobody
+//! writes stay one page-cache page shared by all of them.
+//!
+//! # Costs
+//!
+//! - Freezing a fresh VM's RAM: one `mmap` per region (two at most) and one `fcntl`; no guest
+//!   memory is read, copied or written, whatever its size.
+//! - A VM from a frozen image: one `mmap` per region, and no resident memory until it touches
+//!   pages: reads share the frozen page, each first write copies one 4 KiB page.
+//! - Freezing RAM that is already private (a second fork of the same VM, a fork of a fork): its
+//!   copy-on-write pages exist only in this VM's mappings, so they go into a new file. Today the
+//!   whole RAM is copied into a new sealed memfd (all-zero pages left as holes) while the VM is
+//!   paused: O(RAM). The planned refinement copies only the pages the VM wrote (found through
+//!   `/proc/self/pagemap`) on top of the previous image.
+//! - A frozen image lives as long as any VM or [`FrozenRam`] handle uses it.
+//!
+//! # While frozen
+//!
+//! Memory the guest gives back through the balloon cannot be punched out of a sealed image (and
+//! must not be: other VMs read it); the balloon drops the VM's copied pages instead
+//! (`MADV_DONTNEED`), and the guest reads the image's contents there again.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use super::{GuestRam, MemoryError, RamRange, create_memfd};
+
+/// Guest RAM frozen at one instant: a sealed memfd that nobody writes any more.
+pub struct FrozenRam {
+    file: Arc<File>,
+    ranges: Vec<RamRange>,
+}
+
+/// Bytes copied per step when a private RAM is frozen into a new file.
+const COPY_CHUNK: usize = 1 << 20;
+const PAGE: usize = 4096;
+
+impl FrozenRam {
+    /// New guest RAM that starts as this image: private copy-on-write mappings of it.
+    pub fn map(self: &Arc<Self>) -> Result<GuestRam, MemoryError> {
+        GuestRam::map(
+            self.file.clone(),
+            self.ranges.clone(),
+            libc::MAP_PRIVATE,
+            Some(self.clone()),
+        )
+    }
+
+    /// Size of the image in bytes.
+    pub fn size(&self) -> u64 {
+        self.ranges.iter().map(|r| r.size).sum()
+    }
+}
+
+impl GuestRam {
+    /// Freezes the RAM's current contents into an image and keeps this RAM running over it
+    /// privately (see the module docs for what it costs). Every vCPU and device of the VM must be
+    /// stopped (`Vm::pause`) while this runs.
+    pub fn freeze(&mut self) -> Result<Arc<FrozenRam>, MemoryError> {
+        if self.frozen.is_some() {
+            let file = Arc::new(create_memfd()?);
+            let size = self.size();
+            file.set_len(size)
+                .map_err(|source| MemoryError::Resize { size, source })?;
+            self.copy_into(&file)?;
+            self.file = file;
+        }
+        self.remap_private()?;
+        seal(&self.file)?;
+        let frozen = Arc::new(FrozenRam {
+            file: self.file.clone(),
+            ranges: self.ranges.clone(),
+        });
+        self.frozen = Some(frozen.clone());
+        Ok(frozen)
+    }
+
+    /// The image this RAM maps privately, if it was frozen or started from one.
+    pub fn frozen(&self) -> Option<&Arc<FrozenRam>> {
+        self.frozen.as_ref()
+    }
+
+    /// Writes every page that is not all zeros into `file` at its offset.
+    fn copy_into(&self, file: &File) -> Result<(), MemoryError> {
+        let err = |source| MemoryError::Freeze {
+            what: "copying guest memory",
+            source,
+        };
+        let mut chunk = vec![0u8; COPY_CHUNK];
+        for range in &self.ranges {
+            let mut done = 0u64;
+            while done < range.size {
+                let len = (range.size - done).min(COPY_CHUNK as u64) as usize;
+                self.memory
+                    .read_slice(&mut chunk[..len], GuestAddress(range.guest_addr + done))
+                    .map_err(|e| err(io::Error::other(e.to_string())))?;
+                for (i, page) in chunk[..len].chunks(PAGE).enumerate() {
+                    if page.iter().any(|b| *b != 0) {
+                        let at = range.file_offset + done + (i * PAGE) as u64;
+                        file.write_all_at(page, at).map_err(err)?;
+                    }
+                }
+                done += len as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces each region's mapping, in place, by a private mapping of `self.file`.
+    fn remap_private(&self) -> Result<(), MemoryError> {
+        for range in &self.ranges {
+            let host = self
+                .memory
+                .get_host_address(GuestAddress(range.guest_addr))
+                .map_err(|e| MemoryError::Freeze {
+                    what: "finding a region",
+                    source: io::Error::other(e.to_string()),
+                })?;
+            let offset =
+                libc::off_t::try_from(range.file_offset).map_err(|_| MemoryError::Freeze {
+                    what: "region offset",
+                    source: io::Error::from(io::ErrorKind::InvalidInput),
+                })?;
+            // SAFETY: `host..host + range.size` is exactly one mapping that `self.memory` made
+            // for this range and owns (it unmaps it on drop, whatever backs it). MAP_FIXED swaps
+            // what backs it in one step, at the same address and size, so every pointer into it
+            // stays valid; guest memory is only ever accessed through volatile copies, never
+            // through Rust references, and the caller has stopped the vCPUs and devices. KVM's
+            // memory slot keeps the address and re-faults through its MMU notifier.
+            let mapped = unsafe {
+                libc::mmap(
+                    host.cast(),
+                    range.size as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    self.file.as_raw_fd(),
+                    offset,
+                )
+            };
+            if mapped != host.cast() {
+                return Err(MemoryError::Freeze {
+                    what: "re-mapping guest memory privately",
+                    source: io::Error::last_os_error(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Seals `file` against any further change of contents or size.
+fn seal(file: &File) -> Result<(), MemoryError> {
+    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on an owned, open memfd; no memory is passed.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(MemoryError::Freeze {
+            what: "sealing the frozen memory file",
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::Bytes;
+
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn read(ram: &GuestRam, addr: u64) -> u64 {
+        ram.memory.read_obj(GuestAddress(addr)).unwrap()
+    }
+
+    fn write(ram: &GuestRam, addr: u64, value: u64) {
+        ram.memory.write_obj(value, GuestAddress(addr)).unwrap();
+    }
+
+    /// Resident and anonymous (copied-on-write) kB of the mapping at guest address `addr`, from
+    /// /proc/self/smaps.
+    fn mapping_kb(ram: &GuestRam, addr: u64) -> (u64, u64) {
+        let host = ram.memory.get_host_address(GuestAddress(addr)).unwrap() as u64;
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut lines = smaps.lines();
+        while let Some(line) = lines.next() {
+            let Some((range, _)) = line.split_once(' ') else {
+                continue;
+            };
+            let Some((start, end)) = range.split_once('-') else {
+                continue;
+            };
+            let (Ok(start), Ok(end)) =
+                (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+            else {
+                continue;
+            };
+            if !(start..end).contains(&host) {
+                continue;
+            }
+            let mut rss = 0;
+            let mut anon = 0;
+            for field in lines.by_ref() {
+                let value = || {
+                    field
+                        .split_whitespace()
+                        .nth(1)
+                        .unwrap()
+                        .parse::<u64>()
+                        .unwrap()
+                };
+                if field.starts_with("Rss:") {
+                    rss = value();
+                } else if field.starts_with("Anonymous:") {
+                    anon = value();
+                } else if field.starts_with("VmFlags:") {
+                    return (rss, anon);
+                }
+            }
+        }
+        panic!("no mapping holds {host:#x}");
+    }
+
+    #[test]
+    fn after_a_freeze_no_writer_sees_another_writers_pages() {
+        let mut parent = GuestRam::new(4 * MIB).unwrap();
+        write(&parent, 0x1000, 1);
+        write(&parent, 0x2000, 2);
+        let image = parent.freeze().unwrap();
+        let a = image.map().unwrap();
+        let b = image.map().unwrap();
+        write(&parent, 0x1000, 10);
+        write(&a, 0x2000, 20);
+        write(&b, 0x3000, 30);
+        assert_eq!([read(&parent, 0x1000), read(&parent, 0x2000)], [10, 2]);
+        assert_eq!(
+            [read(&a, 0x1000), read(&a, 0x2000), read(&a, 0x3000)],
+            [1, 20, 0]
+        );
+        assert_eq!(
+            [read(&b, 0x1000), read(&b, 0x2000), read(&b, 0x3000)],
+            [1, 2, 30]
+        );
+        assert_eq!(read(&parent, 0x3000), 0);
+    }
+
+    #[test]
+    fn the_image_is_sealed_against_writes() {
+        let mut ram = GuestRam::new(2 * MIB).unwrap();
+        ram.freeze().unwrap();
+        let err = ram.file.write_all_at(&[1], 0).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+        assert!(ram.file.set_len(4 * MIB).is_err(), "the image cannot grow");
+    }
+
+    #[test]
+    fn a_new_vm_from_an_image_holds_no_memory_until_it_writes() {
+        let mut parent = GuestRam::new(8 * MIB).unwrap();
+        for page in 0..256 {
+            write(&parent, page * 4096, page + 1);
+        }
+        let image = parent.freeze().unwrap();
+        let child = image.map().unwrap();
+        assert_eq!(
+            mapping_kb(&child, 0),
+            (0, 0),
+            "nothing resident before it runs"
+        );
+        for page in 0..256 {
+            assert_eq!(read(&child, page * 4096), page + 1);
+        }
+        let (_, anon) = mapping_kb(&child, 0);
+        assert_eq!(anon, 0, "reads share the image's pages");
+        for page in 0..3 {
+            write(&child, page * 4096, 0);
+        }
+        assert_eq!(
+            mapping_kb(&child, 0).1,
+            12,
+            "each first write copies one page"
+        );
+        assert_eq!(
+            mapping_kb(&parent, 0).1,
+            0,
+            "the frozen parent copied nothing"
+        );
+    }
+
+    #[test]
+    fn freezing_again_and_freezing_a_child_carry_their_writes() {
+        let mut parent = GuestRam::new(4 * MIB).unwrap();
+        write(&parent, 0x1000, 1);
+        let first = parent.freeze().unwrap();
+        let mut child = first.map().unwrap();
+        write(&parent, 0x1000, 2);
+        let second = parent.freeze().unwrap();
+        assert_eq!(read(&second.map().unwrap(), 0x1000), 2);
+        assert_eq!(
+            read(&first.map().unwrap(), 0x1000),
+            1,
+            "an image never changes"
+        );
+        write(&parent, 0x1000, 3);
+        assert_eq!(read(&second.map().unwrap(), 0x1000), 2);
+
+        write(&child, 0x5000, 5);
+        let grandchildren = child.freeze().unwrap();
+        write(&child, 0x5000, 6);
+        let g = grandchildren.map().unwrap();
+        assert_eq!([read(&g, 0x1000), read(&g, 0x5000)], [1, 5]);
+        assert_eq!(read(&child, 0x5000), 6);
+        assert_eq!(grandchildren.size(), 4 * MIB);
+    }
+
+    #[test]
+    fn ram_above_the_mmio_hole_freezes_too() {
+        // (Not frozen twice: that copies all 3 GiB.)
+        let mut ram = GuestRam::new(3 * 1024 * MIB + 2 * MIB).unwrap();
+        let high = crate::layout::MMIO_HOLE_END;
+        write(&ram, high + 0x1000, 7);
+        let image = ram.freeze().unwrap();
+        write(&ram, high + 0x1000, 8);
+        let child = image.map().unwrap();
+        assert_eq!(read(&child, high + 0x1000), 7);
+        assert_eq!(read(&ram, high + 0x1000), 8);
+    }
+}
