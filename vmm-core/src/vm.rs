@@ -253,3 +253,91 @@ impl Drop for Vm {
         self.stop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use vm_memory::{Bytes, GuestAddress};
+
+    use crate::{ConsoleBuffer, ConsoleOutput, Vm, VmBuilder};
+
+    /// The freestanding test guest, built by its script (cached).
+    fn test_guest() -> std::path::PathBuf {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/guest/build.sh");
+        let out = std::process::Command::new("bash")
+            .arg(script)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().into()
+    }
+
+    fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let t0 = Instant::now();
+        while !done() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// The memory design of fork on real KVM: a paused VM's RAM is re-mapped privately over
+    /// its frozen image in place, and the VM runs on (KVM re-faults through the same memory
+    /// slots) without ever writing into the image.
+    #[test]
+    fn a_running_vm_continues_over_its_frozen_image() {
+        let console = ConsoleBuffer::new();
+        let mut vm = VmBuilder::new()
+            .kernel(test_guest())
+            .memory_mib(32)
+            .cmdline("mode=spin")
+            .console(ConsoleOutput::Buffer(console.clone()))
+            .build()
+            .unwrap();
+        vm.start().unwrap();
+        let mut addr = 0;
+        wait_until("the counter's address", || {
+            let text = console.text();
+            let line = text
+                .split("counter at ")
+                .nth(1)
+                .and_then(|r| r.split_once('\n'));
+            if let Some((hex, _)) = line {
+                addr = u64::from_str_radix(hex.trim_start_matches("0x"), 16).unwrap();
+            }
+            addr != 0
+        });
+        let counter = |vm: &Vm| {
+            let mut bytes = [0u8; 8];
+            vm.read_memory(addr, &mut bytes).unwrap();
+            u64::from_le_bytes(bytes)
+        };
+        wait_until("the guest counts", || counter(&vm) > 0);
+        vm.pause().unwrap();
+        let frozen = counter(&vm);
+        let image = vm.ram.freeze().unwrap();
+        let in_image = |image: &std::sync::Arc<crate::memory::freeze::FrozenRam>| -> u64 {
+            image
+                .map()
+                .unwrap()
+                .memory
+                .read_obj(GuestAddress(addr))
+                .unwrap()
+        };
+        assert_eq!(in_image(&image), frozen);
+        vm.resume().unwrap();
+        wait_until("the guest counts over private memory", || {
+            counter(&vm) > frozen
+        });
+        assert_eq!(
+            in_image(&image),
+            frozen,
+            "the running VM wrote into its image"
+        );
+        vm.stop();
+    }
+}
