@@ -1,8 +1,8 @@
-//! Many VMs, one process: 1,000 create → run → stop cycles and a batch of failed builds leave no
-//! growth in open fds, threads or resident memory. One test only, so nothing else runs alongside
-//! and disturbs the counts.
+//! Many VMs, one process: 1,000 create → run → stop cycles and a batch of failed builds, then
+//! 1,000 fork → stop cycles of one running VM, leave no growth in open fds, threads or resident
+//! memory. One test only, so nothing else runs alongside and disturbs the counts.
 
-use forkvm::{Balloon, ConsoleBuffer, GuestExit, VmBuilder, Vsock};
+use forkvm::{Balloon, ConsoleBuffer, ConsoleOutput, GuestExit, VmBuilder, Vsock};
 use forkvm_tests::{open_fds, proc_status, test_guest, test_guest_vm};
 
 const CYCLES: usize = 1000;
@@ -62,23 +62,51 @@ fn failed_build() {
     assert!(result.is_err());
 }
 
-#[test]
-fn thousand_cycles_and_failed_builds_leave_no_growth() {
+/// Runs `cycle` 1,000 times after a warm-up and checks that fds, threads and RSS did not grow.
+fn assert_no_growth(what: &str, mut cycle: impl FnMut(usize)) {
     for i in 0..WARM_UP {
         cycle(i);
-        failed_build();
     }
     let (fds, threads, rss) = (open_fds(), proc_status("Threads"), proc_status("VmRSS"));
     for i in 0..CYCLES {
         cycle(i);
-        failed_build();
     }
     let (fds_after, threads_after, rss_after) =
         (open_fds(), proc_status("Threads"), proc_status("VmRSS"));
     eprintln!(
-        "fds {fds} -> {fds_after}, threads {threads} -> {threads_after}, RSS {rss} kB -> {rss_after} kB"
+        "{what}: fds {fds} -> {fds_after}, threads {threads} -> {threads_after}, RSS {rss} kB -> {rss_after} kB"
     );
-    assert_eq!(fds_after, fds, "open fds");
+    assert_eq!(fds_after, fds, "{what}: open fds");
+    assert_eq!(threads_after, threads, "{what}: threads");
+    assert!(
+        rss_after <= rss + RSS_SLACK_KB,
+        "{what}: RSS grew from {rss} kB to {rss_after} kB over {CYCLES} cycles"
+    );
+}
+
+#[test]
+fn thousand_cycles_and_failed_builds_leave_no_growth() {
+    assert_no_growth("create, run, stop", |i| {
+        cycle(i);
+        failed_build();
+    });
+    assert_vsock_sockets_removed();
+
+    // Each fork of the running parent freezes its memory into a new image; images nobody maps
+    // any more must go away with their last child.
+    let console = ConsoleBuffer::new();
+    let parent = test_guest_vm("mode=spin", &console).build().unwrap();
+    parent.start().unwrap();
+    forkvm_tests::wait_for_output(&console, "spinning");
+    assert_no_growth("fork, stop", |_| {
+        let child = parent.fork(vec![ConsoleOutput::Discard]).unwrap();
+        assert_eq!(child[0].stop(), GuestExit::Stopped);
+    });
+    assert_eq!(parent.stop(), GuestExit::Stopped);
+}
+
+/// The Unix socket files of the vsock devices went with their VMs.
+fn assert_vsock_sockets_removed() {
     let prefix = format!("forkvm-lifecycle-{}-", std::process::id());
     let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
         .unwrap()
@@ -86,9 +114,4 @@ fn thousand_cycles_and_failed_builds_leave_no_growth() {
         .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
         .collect();
     assert!(left.is_empty(), "vsock socket files left behind: {left:?}");
-    assert_eq!(threads_after, threads, "threads");
-    assert!(
-        rss_after <= rss + RSS_SLACK_KB,
-        "RSS grew from {rss} kB to {rss_after} kB over {CYCLES} cycles"
-    );
 }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use forkvm_devices::bus::Bus;
 use forkvm_devices::input::InputFeeder;
+use forkvm_devices::legacy::SerialState;
 use forkvm_devices::legacy::{
     DEBUG_EXIT_PORT, DebugExit, I8042, I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_IRQ,
     SERIAL_PORT_BASE, SERIAL_PORT_LEN, SerialPort, SerialSink,
@@ -21,12 +22,12 @@ use forkvm_devices::virtio::vsock::host::VsockConnector;
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
 };
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::arch::probe::{HostCaps, host_caps};
 use crate::arch::{cpuid, regs};
-use crate::boot::{self, BootEntry, BootSpec, mptable::MAX_MPTABLE_VCPUS};
+use crate::boot::{self, BootSpec, mptable::MAX_MPTABLE_VCPUS};
 use crate::console::{ConsoleInput, ConsoleOutput};
 use crate::error::{Error, kvm_err};
 use crate::event_loop::EventLoop;
@@ -37,7 +38,7 @@ use crate::run_state::RunState;
 use crate::vcpu::IoBuses;
 use crate::vcpu::{Vcpu, install_kick_handler};
 use crate::virtio::{VirtioDeviceSpec, VirtioPlan};
-use crate::vm::Vm;
+use crate::vm::{Vm, VmParts};
 
 /// Arguments forkvm gives every guest kernel, before the caller's: a reset request ends the VM
 /// through the i8042 (`reboot=k`), and a kernel panic ends it at once (`panic=-1`).
@@ -217,7 +218,7 @@ impl Balloon {
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
 
 /// [`ConsoleInput`] with a `Debug` impl for the builder.
-struct ConsoleInputDebug(ConsoleInput);
+pub(crate) struct ConsoleInputDebug(ConsoleInput);
 
 impl std::fmt::Debug for ConsoleInputDebug {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -431,55 +432,83 @@ impl VmBuilder {
         let vm = create_vm(&kvm, &ram)?;
         let state = Arc::new(RunState::new().map_err(|e| setup_err("VM run state", e))?);
         let mut event_loop = EventLoop::new(&state)?;
-        let pio = legacy_devices(
+        let (pio, serial) = legacy_devices(
             &vm,
             &state,
             &mut event_loop,
-            self.console,
-            self.console_input,
-            self.debug_exit,
+            LegacyConfig {
+                console: self.console,
+                console_input: self.console_input,
+                serial_state: None,
+                debug_exit: self.debug_exit,
+            },
         )?;
         let mut mmio = Bus::new();
         let devices = virtio.attach(&vm, &mut mmio, &mut event_loop, &ram.memory)?;
 
-        let vcpus = create_vcpus(&kvm, &vm, &ram, &caps, vcpu_count, entry)?;
-        Ok(Vm::new(
-            vm,
+        let vcpus = create_vcpus(&kvm, &vm, &caps, vcpu_count, |id, fd| {
+            regs::setup_common(fd)?;
+            if id == 0 {
+                regs::setup_boot_vcpu(fd, &ram.memory, entry)?;
+            }
+            Ok(())
+        })?;
+        Ok(Vm::new(VmParts {
+            kvm: Arc::new(kvm),
+            vm_fd: vm,
             ram,
             vcpus,
-            Arc::new(IoBuses { pio, mmio }),
+            buses: Arc::new(IoBuses { pio, mmio }),
+            serial,
+            debug_exit: self.debug_exit,
             devices,
             event_loop,
             state,
-        )
-        .with_vsock(vsock)
-        .with_balloon(balloon))
+            vsock,
+            balloon,
+        }))
     }
+}
+
+/// What the legacy devices of a new VM start from.
+pub(crate) struct LegacyConfig {
+    /// Where the UART's output goes.
+    pub console: ConsoleOutput,
+    /// Where its input comes from.
+    pub console_input: Option<ConsoleInputDebug>,
+    /// The registers of the UART it continues (a fork), or `None` for a fresh one.
+    pub serial_state: Option<SerialState>,
+    /// Whether the debug-exit port is there.
+    pub debug_exit: bool,
 }
 
 /// Puts the legacy devices on a new port-I/O bus: the UART (irqfd on IRQ 4, input fed by the
 /// event loop), the i8042 whose reset ends the VM, and the debug-exit port when asked for.
-fn legacy_devices(
+/// Returns the bus and the UART.
+pub(crate) fn legacy_devices(
     vm: &VmFd,
     state: &Arc<RunState>,
     event_loop: &mut EventLoop,
-    console: ConsoleOutput,
-    console_input: Option<ConsoleInputDebug>,
-    debug_exit: bool,
-) -> Result<Bus, Error> {
+    config: LegacyConfig,
+) -> Result<(Bus, Arc<Mutex<SerialPort>>), Error> {
     let mut pio = Bus::new();
     let serial_irq = IrqTrigger::new().map_err(|e| setup_err("serial IRQ", e))?;
     vm.register_irqfd(serial_irq.eventfd(), SERIAL_IRQ)
         .map_err(kvm_err("KVM_IRQFD"))?;
-    let serial_out = console.into_writer()?;
+    let serial_out = config.console.into_writer()?;
     let serial = Arc::new(Mutex::new(
-        SerialPort::new(serial_irq, serial_out).map_err(|e| setup_err("serial port", e))?,
+        SerialPort::from_state(
+            &config.serial_state.unwrap_or_default(),
+            serial_irq,
+            serial_out,
+        )
+        .map_err(|e| setup_err("serial port", e))?,
     ));
     insert(&mut pio, serial.clone(), SERIAL_PORT_BASE, SERIAL_PORT_LEN)?;
-    if let Some(ConsoleInputDebug(input)) = console_input {
+    if let Some(ConsoleInputDebug(input)) = config.console_input {
         let fd = input.into_fd().map_err(|e| setup_err("console input", e))?;
         let feeder = InputFeeder::new(
-            SerialSink::new(serial).map_err(|e| setup_err("console input", e))?,
+            SerialSink::new(serial.clone()).map_err(|e| setup_err("console input", e))?,
             fd,
         );
         event_loop.add(Arc::new(Mutex::new(feeder)));
@@ -492,7 +521,7 @@ fn legacy_devices(
         I8042_PORT_BASE,
         I8042_PORT_LEN,
     )?;
-    if debug_exit {
+    if config.debug_exit {
         let exit_state = state.clone();
         let device = DebugExit::new(move |status| {
             exit_state.finish(GuestExit::PoweredOff {
@@ -501,18 +530,17 @@ fn legacy_devices(
         });
         insert(&mut pio, Arc::new(Mutex::new(device)), DEBUG_EXIT_PORT, 4)?;
     }
-    Ok(pio)
+    Ok((pio, serial))
 }
 
-/// Creates the vCPUs with their CPUID and boot state; vCPU 0 starts at `entry`, the others wait
-/// for the guest to start them.
-fn create_vcpus(
+/// Creates `count` vCPUs with their CPUID, then lets `init` give each its state (boot state,
+/// or the state of the vCPU it continues).
+pub(crate) fn create_vcpus(
     kvm: &Kvm,
     vm: &VmFd,
-    ram: &GuestRam,
     caps: &HostCaps,
     count: u8,
-    entry: BootEntry,
+    mut init: impl FnMut(u8, &VcpuFd) -> Result<(), Error>,
 ) -> Result<Vec<Vcpu>, Error> {
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -524,10 +552,7 @@ fn create_vcpus(
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             fd.set_cpuid2(&cpuid::guest_cpuid(&supported, caps, id, count))
                 .map_err(kvm_err("KVM_SET_CPUID2"))?;
-            regs::setup_common(&fd)?;
-            if id == 0 {
-                regs::setup_boot_vcpu(&fd, &ram.memory, entry)?;
-            }
+            init(id, &fd)?;
             Ok(Vcpu {
                 fd,
                 id: u32::from(id),
@@ -554,7 +579,7 @@ fn open_kvm(path: &Path) -> Result<Kvm, Error> {
 /// The memory slots go in before the irqchip: on some hosts (seen on kvm_pvm) adding the first
 /// slot to a VM that already has an irqchip waits ~7 ms for KVM to synchronise, against ~0.1 ms
 /// before it.
-fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, Error> {
+pub(crate) fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, Error> {
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     for (slot, range) in ram.ranges.iter().enumerate() {
         let host = ram
@@ -588,7 +613,7 @@ fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, Error> {
     Ok(vm)
 }
 
-fn setup_err(what: &'static str, e: impl std::fmt::Display) -> Error {
+pub(crate) fn setup_err(what: &'static str, e: impl std::fmt::Display) -> Error {
     Error::Setup {
         what,
         reason: e.to_string(),

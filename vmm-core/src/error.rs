@@ -130,6 +130,12 @@ pub enum Error {
     /// The VM's threads did not stop for a pause in time (a device handler may be stuck).
     #[error("the VM's threads did not stop within 5 s; the VM keeps running")]
     PauseTimedOut,
+    /// The VM has something a fork cannot carry over yet.
+    #[error("cannot fork {what} yet")]
+    ForkUnsupported {
+        /// What.
+        what: &'static str,
+    },
     /// A guest memory access outside the guest's RAM.
     #[error("guest memory {addr:#x}..+{len:#x} is not all RAM")]
     GuestAddress {

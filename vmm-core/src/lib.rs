@@ -23,6 +23,7 @@ mod console;
 mod error;
 mod event_loop;
 mod exit;
+mod fork;
 pub mod layout;
 pub mod memory;
 mod run_state;

@@ -4,7 +4,7 @@
 //! `kvm_run` so `KVM_RUN` returns `EINTR` whether the signal lands inside or just before it.
 
 use std::cell::Cell;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use forkvm_devices::bus::Bus;
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
@@ -66,72 +66,83 @@ pub struct Vcpu {
     pub id: u32,
 }
 
+/// A vCPU shared between its thread, which runs it, and the VM handle, which reads its state
+/// while the VM is paused (the thread holds the lock only around `KVM_RUN` and the exit).
+pub type SharedVcpu = Arc<Mutex<Vcpu>>;
+
+fn lock(vcpu: &SharedVcpu) -> MutexGuard<'_, Vcpu> {
+    vcpu.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl Vcpu {
-    /// Runs the vCPU until the VM is exiting or this vCPU ends it.
-    pub fn run(mut self, buses: &IoBuses, state: &RunState) {
-        let flag: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
+    /// Runs the vCPU until the VM is exiting or this vCPU ends it, parking while it is paused.
+    pub fn run(vcpu: &SharedVcpu, buses: &IoBuses, state: &RunState) {
+        let flag: *mut u8 = &mut lock(vcpu).fd.get_kvm_run().immediate_exit;
         IMMEDIATE_EXIT.with(|cell| cell.set(flag));
-        let exit = self.run_loop(buses, state);
+        let exit = loop {
+            state.park_while_paused();
+            if state.is_exiting() {
+                break None;
+            }
+            if let Some(exit) = lock(vcpu).step(buses) {
+                break Some(exit);
+            }
+        };
         IMMEDIATE_EXIT.with(|cell| cell.set(std::ptr::null_mut()));
         if let Some(exit) = exit {
             state.finish(exit);
         }
     }
 
-    fn run_loop(&mut self, buses: &IoBuses, state: &RunState) -> Option<GuestExit> {
-        loop {
-            state.park_while_paused();
-            if state.is_exiting() {
+    /// Runs the guest until its next exit and handles it; returns how the guest ended, if it did.
+    fn step(&mut self, buses: &IoBuses) -> Option<GuestExit> {
+        let reason = match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                buses.pio.read(u64::from(port), data);
                 return None;
             }
-            let reason = match self.fd.run() {
-                Ok(VcpuExit::IoIn(port, data)) => {
-                    buses.pio.read(u64::from(port), data);
-                    continue;
-                }
-                Ok(VcpuExit::IoOut(port, data)) => {
-                    buses.pio.write(u64::from(port), data);
-                    continue;
-                }
-                Ok(VcpuExit::MmioRead(addr, data)) => {
-                    buses.mmio.read(addr, data);
-                    continue;
-                }
-                Ok(VcpuExit::MmioWrite(addr, data)) => {
-                    buses.mmio.write(addr, data);
-                    continue;
-                }
-                Ok(VcpuExit::IrqWindowOpen | VcpuExit::Intr) => continue,
-                Ok(VcpuExit::Shutdown) => {
-                    return Some(GuestExit::TripleFault {
-                        vcpu: self.id,
-                        registers: self.registers().map(Box::new),
-                    });
-                }
-                Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => {
-                    return Some(GuestExit::PoweredOff { status: None });
-                }
-                Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _)) => {
-                    return Some(GuestExit::Reset);
-                }
-                Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_CRASH, _)) => CrashReason::GuestCrash,
-                Ok(VcpuExit::FailEntry(reason, cpu)) => CrashReason::FailedEntry { reason, cpu },
-                Ok(VcpuExit::InternalError) => self.internal_error(),
-                Ok(other) => CrashReason::UnexpectedExit(format!("{other:?}")),
-                Err(e) if e.errno() == libc::EINTR => {
-                    self.fd.set_kvm_immediate_exit(0);
-                    continue;
-                }
-                Err(e) if e.errno() == libc::EAGAIN => continue,
-                Err(e) => CrashReason::RunFailed(e.to_string()),
-            };
-            let registers = self.registers();
-            return Some(GuestExit::Crashed(Box::new(Crash {
-                vcpu: self.id,
-                reason,
-                registers,
-            })));
-        }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                buses.pio.write(u64::from(port), data);
+                return None;
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                buses.mmio.read(addr, data);
+                return None;
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                buses.mmio.write(addr, data);
+                return None;
+            }
+            Ok(VcpuExit::IrqWindowOpen | VcpuExit::Intr) => return None,
+            Ok(VcpuExit::Shutdown) => {
+                return Some(GuestExit::TripleFault {
+                    vcpu: self.id,
+                    registers: self.registers().map(Box::new),
+                });
+            }
+            Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _)) => {
+                return Some(GuestExit::PoweredOff { status: None });
+            }
+            Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _)) => {
+                return Some(GuestExit::Reset);
+            }
+            Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_CRASH, _)) => CrashReason::GuestCrash,
+            Ok(VcpuExit::FailEntry(reason, cpu)) => CrashReason::FailedEntry { reason, cpu },
+            Ok(VcpuExit::InternalError) => self.internal_error(),
+            Ok(other) => CrashReason::UnexpectedExit(format!("{other:?}")),
+            Err(e) if e.errno() == libc::EINTR => {
+                self.fd.set_kvm_immediate_exit(0);
+                return None;
+            }
+            Err(e) if e.errno() == libc::EAGAIN => return None,
+            Err(e) => CrashReason::RunFailed(e.to_string()),
+        };
+        let registers = self.registers();
+        Some(GuestExit::Crashed(Box::new(Crash {
+            vcpu: self.id,
+            reason,
+            registers,
+        })))
     }
 
     fn internal_error(&mut self) -> CrashReason {

@@ -2,97 +2,102 @@
 //! and releases every thread, fd and mapping.
 
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use forkvm_devices::virtio::vsock::host::VsockConnector;
 
+use forkvm_devices::legacy::SerialPort;
 use forkvm_devices::virtio::balloon::BalloonHandle;
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{Kvm, VmFd};
 
 use crate::error::Error;
 use crate::event_loop::EventLoop;
 use crate::exit::GuestExit;
 use crate::memory::GuestRam;
 use crate::run_state::RunState;
-use crate::vcpu::{IoBuses, Vcpu};
+use crate::vcpu::{IoBuses, SharedVcpu, Vcpu};
 use crate::virtio::{AttachedDevice, DeviceInfo};
 
 /// Where a VM is in its life.
 enum Phase {
-    /// Built, not started: the vCPUs and event loop wait for their threads.
-    Built {
-        vcpus: Vec<Vcpu>,
-        event_loop: Box<EventLoop>,
-    },
+    /// Built, not started: the event loop waits for its thread.
+    Built { event_loop: Box<EventLoop> },
     /// Threads running.
-    Running {
-        event_thread: JoinHandle<()>,
-        vcpu_count: usize,
-    },
+    Running { event_thread: JoinHandle<()> },
     /// Ended and joined (or stopped before it started).
     Ended,
+}
+
+/// Everything a VM is made of, as the builder (or a fork) puts it together.
+pub(crate) struct VmParts {
+    pub kvm: Arc<Kvm>,
+    pub vm_fd: VmFd,
+    pub ram: GuestRam,
+    pub vcpus: Vec<Vcpu>,
+    pub buses: Arc<IoBuses>,
+    pub serial: Arc<Mutex<SerialPort>>,
+    pub debug_exit: bool,
+    pub devices: Vec<AttachedDevice>,
+    pub event_loop: EventLoop,
+    pub state: Arc<RunState>,
+    pub vsock: Option<VsockConnector>,
+    pub balloon: Option<BalloonHandle>,
 }
 
 /// A VM built by [`crate::VmBuilder`]. `Send + Sync`: any thread may wait for or stop it.
 pub struct Vm {
     phase: Mutex<Phase>,
-    state: Arc<RunState>,
+    pub(crate) state: Arc<RunState>,
     buses: Arc<IoBuses>,
-    devices: Vec<AttachedDevice>,
+    pub(crate) vcpus: Vec<SharedVcpu>,
+    pub(crate) serial: Arc<Mutex<SerialPort>>,
+    pub(crate) debug_exit: bool,
+    pub(crate) devices: Vec<AttachedDevice>,
     vsock: Option<VsockConnector>,
     balloon: Option<BalloonHandle>,
+    pub(crate) kvm: Arc<Kvm>,
     // Declared before `ram`, so the VM (and its memory slots) is destroyed before the mapping.
-    _vm_fd: VmFd,
-    ram: GuestRam,
+    pub(crate) vm_fd: VmFd,
+    pub(crate) ram: Mutex<GuestRam>,
+    /// Set when RAM was frozen while paused, cleared when the VM resumes or the host writes
+    /// its memory: while set, the frozen image is still exactly the RAM, and a new fork reuses it.
+    pub(crate) image_current: AtomicBool,
 }
 
 impl Vm {
-    pub(crate) fn new(
-        vm_fd: VmFd,
-        ram: GuestRam,
-        vcpus: Vec<Vcpu>,
-        buses: Arc<IoBuses>,
-        devices: Vec<AttachedDevice>,
-        event_loop: EventLoop,
-        state: Arc<RunState>,
-    ) -> Self {
+    pub(crate) fn new(parts: VmParts) -> Self {
         Self {
             phase: Mutex::new(Phase::Built {
-                vcpus,
-                event_loop: Box::new(event_loop),
+                event_loop: Box::new(parts.event_loop),
             }),
-            state,
-            buses,
-            devices,
-            vsock: None,
-            balloon: None,
-            _vm_fd: vm_fd,
-            ram,
+            state: parts.state,
+            buses: parts.buses,
+            vcpus: parts
+                .vcpus
+                .into_iter()
+                .map(|v| Arc::new(Mutex::new(v)))
+                .collect(),
+            serial: parts.serial,
+            debug_exit: parts.debug_exit,
+            devices: parts.devices,
+            vsock: parts.vsock,
+            balloon: parts.balloon,
+            kvm: parts.kvm,
+            vm_fd: parts.vm_fd,
+            ram: Mutex::new(parts.ram),
+            image_current: AtomicBool::new(false),
         }
-    }
-
-    /// Gives the VM the handle of its vsock device.
-    pub(crate) fn with_vsock(mut self, connector: Option<VsockConnector>) -> Self {
-        self.vsock = connector;
-        self
-    }
-
-    /// Gives the VM the handle of its balloon device.
-    pub(crate) fn with_balloon(mut self, balloon: Option<BalloonHandle>) -> Self {
-        self.balloon = balloon;
-        self
     }
 
     /// Starts the vCPU threads and the event loop.
     pub fn start(&self) -> Result<(), Error> {
         let mut phase = self.lock_phase();
-        let Phase::Built { vcpus, event_loop } = std::mem::replace(&mut *phase, Phase::Ended)
-        else {
+        let Phase::Built { event_loop } = std::mem::replace(&mut *phase, Phase::Ended) else {
             return Err(Error::AlreadyStarted);
         };
-        let vcpu_count = vcpus.len();
         let state = self.state.clone();
         let event_thread = thread::Builder::new()
             .name("forkvm-events".into())
@@ -101,18 +106,15 @@ impl Vm {
                 what: "event loop",
                 source,
             })?;
-        *phase = Phase::Running {
-            event_thread,
-            vcpu_count,
-        };
+        *phase = Phase::Running { event_thread };
         drop(phase);
 
         let mut threads = self.state.threads();
-        for vcpu in vcpus {
-            let (state, buses) = (self.state.clone(), self.buses.clone());
+        for (id, vcpu) in self.vcpus.iter().enumerate() {
+            let (vcpu, state, buses) = (vcpu.clone(), self.state.clone(), self.buses.clone());
             let spawned = thread::Builder::new()
-                .name(format!("forkvm-vcpu{}", vcpu.id))
-                .spawn(move || vcpu.run(&buses, &state));
+                .name(format!("forkvm-vcpu{id}"))
+                .spawn(move || Vcpu::run(&vcpu, &buses, &state));
             match spawned {
                 Ok(handle) => threads.push(handle),
                 Err(source) => {
@@ -135,7 +137,7 @@ impl Vm {
             return Err(Error::NotStarted);
         }
         let exit = self.state.wait();
-        if let Phase::Running { event_thread, .. } =
+        if let Phase::Running { event_thread } =
             std::mem::replace(&mut *self.lock_phase(), Phase::Ended)
         {
             // The event loop only returns; a panic in it has nothing to add to `exit`.
@@ -156,10 +158,10 @@ impl Vm {
     /// guest notices nothing but the time that passed. Pausing a paused VM does nothing.
     pub fn pause(&self) -> Result<(), Error> {
         let phase = self.lock_phase();
-        let Phase::Running { vcpu_count, .. } = &*phase else {
+        let Phase::Running { .. } = &*phase else {
             return Err(self.not_running(&phase));
         };
-        if self.state.pause(*vcpu_count + 1) {
+        if self.state.pause(self.vcpus.len() + 1) {
             Ok(())
         } else if let Some(exit) = self.state.exit() {
             Err(Error::NotRunning(Box::new(Some(exit))))
@@ -174,6 +176,7 @@ impl Vm {
         let Phase::Running { .. } = &*phase else {
             return Err(self.not_running(&phase));
         };
+        self.image_current.store(false, Ordering::SeqCst);
         self.state.resume();
         Ok(())
     }
@@ -221,7 +224,7 @@ impl Vm {
     /// that share a structure with the guest). Consistent only while the VM is paused.
     pub fn read_memory(&self, addr: u64, buf: &mut [u8]) -> Result<(), Error> {
         use vm_memory::Bytes;
-        self.ram
+        self.lock_ram()
             .memory
             .read_slice(buf, vm_memory::GuestAddress(addr))
             .map_err(|_| Error::GuestAddress {
@@ -230,15 +233,36 @@ impl Vm {
             })
     }
 
+    /// Writes `buf` into guest memory at guest-physical `addr` (the guest sees it as if one of
+    /// its own CPUs had written it; in a forked VM only this VM does). Pause the VM first unless
+    /// the guest expects the change.
+    pub fn write_memory(&self, addr: u64, buf: &[u8]) -> Result<(), Error> {
+        use vm_memory::Bytes;
+        self.image_current.store(false, Ordering::SeqCst);
+        self.lock_ram()
+            .memory
+            .write_slice(buf, vm_memory::GuestAddress(addr))
+            .map_err(|_| Error::GuestAddress {
+                addr,
+                len: buf.len(),
+            })
+    }
+
     /// Guest memory size in bytes.
     pub fn memory_size(&self) -> u64 {
-        self.ram.size()
+        self.lock_ram().size()
     }
 
     /// Host memory backing guest RAM now, in bytes: what the guest touched, less what the balloon
     /// and free page reporting gave back.
     pub fn memory_allocated_bytes(&self) -> Result<u64, Error> {
-        Ok(self.ram.allocated_bytes()?)
+        Ok(self.lock_ram().allocated_bytes()?)
+    }
+
+    pub(crate) fn lock_ram(&self) -> MutexGuard<'_, GuestRam> {
+        self.ram
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn lock_phase(&self) -> MutexGuard<'_, Phase> {
@@ -291,7 +315,7 @@ mod tests {
     #[test]
     fn a_running_vm_continues_over_its_frozen_image() {
         let console = ConsoleBuffer::new();
-        let mut vm = VmBuilder::new()
+        let vm = VmBuilder::new()
             .kernel(test_guest())
             .memory_mib(32)
             .cmdline("mode=spin")
@@ -319,7 +343,7 @@ mod tests {
         wait_until("the guest counts", || counter(&vm) > 0);
         vm.pause().unwrap();
         let frozen = counter(&vm);
-        let image = vm.ram.freeze().unwrap();
+        let image = vm.lock_ram().freeze().unwrap();
         let in_image = |image: &std::sync::Arc<crate::memory::freeze::FrozenRam>| -> u64 {
             image
                 .map()

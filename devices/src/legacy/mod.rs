@@ -7,7 +7,9 @@ mod serial;
 
 pub use debug_exit::{DEBUG_EXIT_PORT, DebugExit};
 pub use i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
-pub use serial::{SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN, SerialPort, SerialSink};
+pub use serial::{
+    SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_LEN, SerialPort, SerialSink, SerialState,
+};
 
 #[cfg(test)]
 mod tests {

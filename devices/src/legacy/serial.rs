@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use vm_superio::Serial;
 use vm_superio::serial::SerialEvents;
+pub use vm_superio::serial::SerialState;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
@@ -40,10 +41,24 @@ pub struct SerialPort {
 impl SerialPort {
     /// Creates the UART writing guest output to `out`, raising `irq` for the guest.
     pub fn new(irq: IrqTrigger, out: Box<dyn Write + Send>) -> io::Result<Self> {
+        Self::from_state(&SerialState::default(), irq, out)
+    }
+
+    /// A UART that continues from `state` (another UART's registers and pending input).
+    pub fn from_state(
+        state: &SerialState,
+        irq: IrqTrigger,
+        out: Box<dyn Write + Send>,
+    ) -> io::Result<Self> {
         let drained = FifoDrained(EventFd::new(libc::EFD_NONBLOCK)?);
-        Ok(Self {
-            uart: Serial::with_events(irq, drained, out),
-        })
+        let uart = Serial::from_state(state, irq, drained, out)
+            .map_err(|e| io::Error::other(format!("serial state: {e:?}")))?;
+        Ok(Self { uart })
+    }
+
+    /// The registers and pending input, for a copy of this UART.
+    pub fn state(&self) -> SerialState {
+        self.uart.state()
     }
 
     /// The interrupt line to register with KVM.

@@ -4,3 +4,4 @@
 pub mod cpuid;
 pub mod probe;
 pub mod regs;
+pub mod state;

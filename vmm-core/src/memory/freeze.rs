@@ -18,10 +18,11 @@
 //! - A VM from a frozen image: one `mmap` per region, and no resident memory until it touches
 //!   pages: reads share the frozen page, each first write copies one 4 KiB page.
 //! - Freezing RAM that is already private (a second fork of the same VM, a fork of a fork): its
-//!   copy-on-write pages exist only in this VM's mappings, so they go into a new file. Today the
-//!   whole RAM is copied into a new sealed memfd (all-zero pages left as holes) while the VM is
-//!   paused: O(RAM). The planned refinement copies only the pages the VM wrote (found through
-//!   `/proc/self/pagemap`) on top of the previous image.
+//!   copy-on-write pages exist only in this VM's mappings, so they go into a new file with the
+//!   image's data: the image's allocated extents (`SEEK_DATA`/`SEEK_HOLE`; holes stay holes) and
+//!   then the pages the VM wrote since (anonymous pages of its mappings, from
+//!   `/proc/self/pagemap`), while the VM is paused. That is O(data in the image + pages written),
+//!   not O(RAM); sharing this copy between generations (layered images) is the next step.
 //! - A frozen image lives as long as any VM or [`FrozenRam`] handle uses it.
 //!
 //! # While frozen
@@ -95,27 +96,36 @@ impl GuestRam {
         self.frozen.as_ref()
     }
 
-    /// Writes every page that is not all zeros into `file` at its offset.
+    /// Writes this RAM's contents into the empty `file`: the data of the image it maps privately
+    /// (only its allocated extents), then the pages this VM has written since (its anonymous
+    /// copy-on-write pages, found in `/proc/self/pagemap`).
     fn copy_into(&self, file: &File) -> Result<(), MemoryError> {
-        let err = |source| MemoryError::Freeze {
-            what: "copying guest memory",
-            source,
-        };
+        let err = |what| move |source| MemoryError::Freeze { what, source };
+        for (start, end) in data_extents(&self.file).map_err(err("finding the image's data"))? {
+            copy_range(&self.file, file, start, end).map_err(err("copying the image"))?;
+        }
+        let pagemap = File::open("/proc/self/pagemap").map_err(err("opening the page map"))?;
         let mut chunk = vec![0u8; COPY_CHUNK];
         for range in &self.ranges {
-            let mut done = 0u64;
-            while done < range.size {
-                let len = (range.size - done).min(COPY_CHUNK as u64) as usize;
-                self.memory
-                    .read_slice(&mut chunk[..len], GuestAddress(range.guest_addr + done))
-                    .map_err(|e| err(io::Error::other(e.to_string())))?;
-                for (i, page) in chunk[..len].chunks(PAGE).enumerate() {
-                    if page.iter().any(|b| *b != 0) {
-                        let at = range.file_offset + done + (i * PAGE) as u64;
-                        file.write_all_at(page, at).map_err(err)?;
-                    }
+            let host = self
+                .memory
+                .get_host_address(GuestAddress(range.guest_addr))
+                .map_err(|e| err("finding a region")(io::Error::other(e.to_string())))?;
+            let written = written_pages(&pagemap, host as u64, range.size)
+                .map_err(err("reading the page map"))?;
+            for (first, count) in runs(&written) {
+                for part in (first..first + count).step_by(COPY_CHUNK / PAGE) {
+                    let pages = (first + count - part).min(COPY_CHUNK / PAGE);
+                    let offset = (part * PAGE) as u64;
+                    let bytes = &mut chunk[..pages * PAGE];
+                    self.memory
+                        .read_slice(bytes, GuestAddress(range.guest_addr + offset))
+                        .map_err(|e| {
+                            err("copying guest memory")(io::Error::other(e.to_string()))
+                        })?;
+                    file.write_all_at(bytes, range.file_offset + offset)
+                        .map_err(err("copying guest memory"))?;
                 }
-                done += len as u64;
             }
         }
         Ok(())
@@ -161,6 +171,82 @@ impl GuestRam {
         }
         Ok(())
     }
+}
+
+/// The `[start, end)` byte ranges of `file` that hold data (holes skipped).
+fn data_extents(file: &File) -> io::Result<Vec<(u64, u64)>> {
+    let size = file.metadata()?.len();
+    let seek = |offset: u64, whence| -> io::Result<Option<u64>> {
+        let offset = libc::off_t::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+        // SAFETY: lseek on an open fd has no memory effects.
+        let at = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+        match at {
+            // ENXIO: no data (or hole) at or after `offset`.
+            -1 if io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) => Ok(None),
+            -1 => Err(io::Error::last_os_error()),
+            at => Ok(Some(at as u64)),
+        }
+    };
+    let mut extents = Vec::new();
+    let mut at = 0;
+    while at < size {
+        let Some(start) = seek(at, libc::SEEK_DATA)? else {
+            break;
+        };
+        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+        extents.push((start, end));
+        at = end;
+    }
+    Ok(extents)
+}
+
+/// Copies bytes `start..end` of `from` to the same offsets of `to`.
+fn copy_range(from: &File, to: &File, start: u64, end: u64) -> io::Result<()> {
+    let mut buffer = vec![0u8; COPY_CHUNK];
+    let mut at = start;
+    while at < end {
+        let len = (end - at).min(COPY_CHUNK as u64) as usize;
+        from.read_exact_at(&mut buffer[..len], at)?;
+        to.write_all_at(&buffer[..len], at)?;
+        at += len as u64;
+    }
+    Ok(())
+}
+
+/// For each page of the mapping at `host..host + size`, whether this process wrote it since it
+/// was mapped privately: the page is present or swapped, and not a page of the file.
+fn written_pages(pagemap: &File, host: u64, size: u64) -> io::Result<Vec<bool>> {
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    const FILE_OR_SHARED: u64 = 1 << 61;
+    let pages = (size as usize).div_ceil(PAGE);
+    let mut entries = vec![0u8; pages * 8];
+    pagemap.read_exact_at(&mut entries, host / PAGE as u64 * 8)?;
+    Ok(entries
+        .chunks_exact(8)
+        .map(|entry| {
+            let entry = u64::from_le_bytes(entry.try_into().unwrap_or_default());
+            entry & (PRESENT | SWAPPED) != 0 && entry & FILE_OR_SHARED == 0
+        })
+        .collect())
+}
+
+/// Runs of `true` in `flags`, as (first index, length).
+fn runs(flags: &[bool]) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < flags.len() {
+        if flags[i] {
+            let first = i;
+            while i < flags.len() && flags[i] {
+                i += 1;
+            }
+            runs.push((first, i - first));
+        } else {
+            i += 1;
+        }
+    }
+    runs
 }
 
 /// Seals `file` against any further change of contents or size.

@@ -1,0 +1,70 @@
+//! Copy-on-write fork of a running test guest (legacy devices only; virtio devices cannot be
+//! forked yet): `fork(1)` latency from call to a running child, for a paused parent (its frozen
+//! image is reused) and for a running one (paused, its memory frozen — written pages copied into
+//! a new image — and resumed), for 256 MiB and 4 GiB guests; and `fork(100)` in one call.
+//! Only the fork is timed; tearing the children down comes after.
+
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use forkvm::{ConsoleBuffer, ConsoleOutput, Vm};
+use forkvm_tests::{test_guest_vm, wait_for_output};
+
+fn spinning_parent(memory_mib: u64) -> Vm {
+    let console = ConsoleBuffer::new();
+    let vm = test_guest_vm("mode=spin", &console)
+        .memory_mib(memory_mib)
+        .build()
+        .unwrap();
+    vm.start().unwrap();
+    wait_for_output(&console, "spinning");
+    vm
+}
+
+fn quiet(n: usize) -> Vec<ConsoleOutput> {
+    (0..n).map(|_| ConsoleOutput::Discard).collect()
+}
+
+/// Times `iters` forks of `n` children each; the children are dropped untimed.
+fn time_forks(parent: &Vm, iters: u64, n: usize) -> Duration {
+    (0..iters)
+        .map(|_| {
+            let t0 = Instant::now();
+            let children = parent.fork(quiet(n)).unwrap();
+            let took = t0.elapsed();
+            drop(children);
+            took
+        })
+        .sum()
+}
+
+fn bench_fork(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fork");
+    group
+        .sample_size(30)
+        .measurement_time(Duration::from_secs(10));
+    for mib in [256, 4096] {
+        let parent = spinning_parent(mib);
+        group.bench_with_input(
+            BenchmarkId::new("running_parent_fork1", mib),
+            &mib,
+            |b, _| b.iter_custom(|iters| time_forks(&parent, iters, 1)),
+        );
+        parent.pause().unwrap();
+        group.bench_with_input(
+            BenchmarkId::new("paused_parent_fork1", mib),
+            &mib,
+            |b, _| b.iter_custom(|iters| time_forks(&parent, iters, 1)),
+        );
+    }
+    let parent = spinning_parent(256);
+    parent.pause().unwrap();
+    group.sample_size(10);
+    group.bench_function("paused_parent_fork100_256", |b| {
+        b.iter_custom(|iters| time_forks(&parent, iters, 100))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_fork);
+criterion_main!(benches);

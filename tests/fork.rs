@@ -1,0 +1,161 @@
+//! Copy-on-write fork of running test guests on this host's KVM.
+
+use std::time::{Duration, Instant};
+
+use forkvm::{ConsoleBuffer, ConsoleOutput, GuestExit, Vm};
+use forkvm_tests::{test_guest_vm, wait_for_output};
+
+/// Starts a test guest spinning on a counter and returns it with the counter's address.
+fn spinning_guest(vcpus: u32) -> (Vm, u64, ConsoleBuffer) {
+    let console = ConsoleBuffer::new();
+    let vm = test_guest_vm("mode=spin", &console)
+        .vcpus(vcpus)
+        .build()
+        .unwrap();
+    vm.start().unwrap();
+    wait_for_output(&console, "counter at ");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let hex = loop {
+        let text = console.text();
+        let rest = text.split("counter at ").nth(1).unwrap_or_default();
+        if let Some((hex, _)) = rest.split_once('\n') {
+            break hex.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no whole counter line: {text}");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let addr = u64::from_str_radix(hex.trim().trim_start_matches("0x"), 16).unwrap();
+    (vm, addr, console)
+}
+
+fn counter(vm: &Vm, addr: u64) -> u64 {
+    let mut bytes = [0u8; 8];
+    vm.read_memory(addr, &mut bytes).unwrap();
+    u64::from_le_bytes(bytes)
+}
+
+fn wait_until_above(vm: &Vm, addr: u64, than: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = counter(vm, addr);
+        if now > than {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no progress past {than}: {:?}",
+            vm.exit()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn children_continue_from_the_fork_point_and_run_on_their_own() {
+    let (parent, addr, _console) = spinning_guest(1);
+    wait_until_above(&parent, addr, 0);
+    parent.pause().unwrap();
+    let at_fork = counter(&parent, addr);
+    let consoles = [ConsoleBuffer::new(), ConsoleBuffer::new()];
+    let children = parent
+        .fork(
+            consoles
+                .iter()
+                .map(|c| ConsoleOutput::Buffer(c.clone()))
+                .collect(),
+        )
+        .unwrap();
+    assert!(parent.is_paused(), "a paused parent stays paused");
+    assert_eq!(counter(&parent, addr), at_fork);
+    for child in &children {
+        wait_until_above(child, addr, at_fork);
+        assert_eq!(child.exit(), None);
+    }
+    assert_eq!(
+        counter(&parent, addr),
+        at_fork,
+        "the children ran, the parent did not"
+    );
+    parent.resume().unwrap();
+    wait_until_above(&parent, addr, at_fork);
+    for child in &children {
+        assert_eq!(child.stop(), GuestExit::Stopped);
+    }
+    assert_eq!(parent.stop(), GuestExit::Stopped);
+}
+
+/// Scratch memory the test guest does not use (it runs below 4 MiB and checks memory only
+/// when asked to).
+const SCRATCH: u64 = 20 << 20;
+
+fn scratch(vm: &Vm) -> u64 {
+    let mut bytes = [0u8; 8];
+    vm.read_memory(SCRATCH, &mut bytes).unwrap();
+    u64::from_le_bytes(bytes)
+}
+
+fn set_scratch(vm: &Vm, value: u64) {
+    vm.write_memory(SCRATCH, &value.to_le_bytes()).unwrap();
+}
+
+fn fork_quiet(vm: &Vm, n: usize) -> Vec<Vm> {
+    vm.fork((0..n).map(|_| ConsoleOutput::Discard).collect())
+        .unwrap()
+}
+
+#[test]
+fn no_vm_sees_another_vms_writes_after_a_fork_at_any_depth() {
+    let (parent, addr, _console) = spinning_guest(2);
+    wait_until_above(&parent, addr, 0);
+    set_scratch(&parent, 7);
+    let children = fork_quiet(&parent, 8);
+    set_scratch(&parent, 1000);
+    for (i, child) in children.iter().enumerate() {
+        assert_eq!(scratch(child), 7, "child {i} starts from the fork point");
+        set_scratch(child, i as u64 + 1);
+    }
+    assert_eq!(scratch(&parent), 1000);
+    for (i, child) in children.iter().enumerate() {
+        assert_eq!(
+            scratch(child),
+            i as u64 + 1,
+            "child {i} sees only its own write"
+        );
+        wait_until_above(child, addr, 0);
+    }
+    // A fork of a fork starts from its parent's state, then diverges the same way.
+    let grandchildren = fork_quiet(&children[3], 2);
+    set_scratch(&grandchildren[0], 40);
+    assert_eq!(scratch(&grandchildren[0]), 40);
+    assert_eq!(scratch(&grandchildren[1]), 4);
+    assert_eq!(scratch(&children[3]), 4);
+    // A second fork of the parent carries what it wrote since the first.
+    let later = fork_quiet(&parent, 1);
+    assert_eq!(scratch(&later[0]), 1000);
+    for vm in grandchildren.iter().chain(&children).chain(&later) {
+        let before = counter(vm, addr);
+        wait_until_above(vm, addr, before);
+    }
+    wait_until_above(&parent, addr, counter(&parent, addr));
+}
+
+#[test]
+fn a_vm_with_virtio_devices_cannot_be_forked_yet() {
+    let console = ConsoleBuffer::new();
+    let vm = test_guest_vm("mode=spin", &console).rng().build().unwrap();
+    vm.start().unwrap();
+    wait_for_output(&console, "spinning");
+    let Err(err) = vm.fork(vec![ConsoleOutput::Discard]) else {
+        panic!("a VM with virtio-rng was forked");
+    };
+    assert!(
+        matches!(err, forkvm::Error::ForkUnsupported { .. }),
+        "{err}"
+    );
+    assert!(!vm.is_paused(), "the parent runs on");
+    let unstarted = test_guest_vm("mode=spin", &console).build().unwrap();
+    assert!(matches!(
+        unstarted.fork(vec![ConsoleOutput::Discard]),
+        Err(forkvm::Error::NotStarted)
+    ));
+}

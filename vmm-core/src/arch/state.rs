@@ -1,0 +1,188 @@
+//! The architectural state a copy of a paused VM needs to continue from the same instruction:
+//! each vCPU's registers, FPU/XSAVE, control and debug registers, MSRs, local APIC, run state
+//! and pending events, and the VM's in-kernel PIC, IOAPIC, PIT and clock.
+//!
+//! Captured only while the VM is paused (every vCPU out of `KVM_RUN`, any pending port or MMIO
+//! access completed), and restored into freshly created vCPUs that already have their CPUID, in
+//! the order KVM needs: run state, registers, control registers (which also set the mode the
+//! rest is read in), XSAVE, XCRs, debug registers, local APIC, MSRs, and pending events last.
+
+use std::sync::OnceLock;
+
+use kvm_bindings::{
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Msrs, kvm_clock_data,
+    kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+
+use crate::error::{Error, kvm_err};
+
+/// One vCPU's state.
+pub struct VcpuState {
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    fpu: kvm_fpu,
+    xsave: Option<kvm_xsave>,
+    xcrs: Option<kvm_xcrs>,
+    debugregs: kvm_debugregs,
+    lapic: kvm_lapic_state,
+    msrs: Msrs,
+    mp_state: kvm_mp_state,
+    events: kvm_vcpu_events,
+}
+
+/// The VM-wide state: interrupt controllers, PIT and kvmclock.
+pub struct VmState {
+    irqchips: [kvm_irqchip; 3],
+    pit: kvm_pit_state2,
+    clock: kvm_clock_data,
+}
+
+/// The MSRs this host's KVM lets a vCPU read, found once per process: KVM's index list, less
+/// those a read refuses (reading stops at the first refusal, so each is tried on its own once).
+fn readable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<&'static [u32], Error> {
+    static LIST: OnceLock<Vec<u32>> = OnceLock::new();
+    if let Some(list) = LIST.get() {
+        return Ok(list);
+    }
+    let all = kvm
+        .get_msr_index_list()
+        .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+    let readable = all
+        .as_slice()
+        .iter()
+        .copied()
+        .filter(|&index| {
+            Msrs::from_entries(&[kvm_msr_entry {
+                index,
+                ..Default::default()
+            }])
+            .is_ok_and(|mut one| vcpu.get_msrs(&mut one).is_ok_and(|n| n == 1))
+        })
+        .collect();
+    Ok(LIST.get_or_init(|| readable))
+}
+
+fn has_xsave(kvm: &Kvm) -> bool {
+    static XSAVE: OnceLock<bool> = OnceLock::new();
+    *XSAVE.get_or_init(|| kvm.check_extension(Cap::Xsave) && kvm.check_extension(Cap::Xcrs))
+}
+
+impl VcpuState {
+    /// Reads the state of a vCPU that is not running.
+    pub fn capture(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Self, Error> {
+        let xsave = has_xsave(kvm);
+        let indices = readable_msrs(kvm, vcpu)?;
+        let entries: Vec<_> = indices
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|e| Error::Setup {
+            what: "MSR list",
+            reason: format!("{e:?}"),
+        })?;
+        let read = vcpu.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
+        if read != entries.len() {
+            return Err(Error::Setup {
+                what: "vCPU state",
+                reason: format!("KVM read {read} of {} MSRs", entries.len()),
+            });
+        }
+        Ok(Self {
+            regs: vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?,
+            sregs: vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?,
+            fpu: vcpu.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?,
+            xsave: if xsave {
+                Some(vcpu.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?)
+            } else {
+                None
+            },
+            xcrs: if xsave {
+                Some(vcpu.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?)
+            } else {
+                None
+            },
+            debugregs: vcpu
+                .get_debug_regs()
+                .map_err(kvm_err("KVM_GET_DEBUGREGS"))?,
+            lapic: vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?,
+            msrs,
+            mp_state: vcpu.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?,
+            events: vcpu
+                .get_vcpu_events()
+                .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?,
+        })
+    }
+
+    /// Writes the state into a new vCPU that has its CPUID.
+    pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), Error> {
+        vcpu.set_mp_state(self.mp_state)
+            .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+        vcpu.set_regs(&self.regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        vcpu.set_sregs(&self.sregs)
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        match &self.xsave {
+            // SAFETY: forkvm never enables KVM_CAP_XSAVE2 (no dynamically enabled state such as
+            // AMX), so KVM reads exactly the size of `kvm_xsave` that `xsave` is.
+            Some(xsave) => unsafe { vcpu.set_xsave(xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?,
+            None => vcpu.set_fpu(&self.fpu).map_err(kvm_err("KVM_SET_FPU"))?,
+        }
+        if let Some(xcrs) = &self.xcrs {
+            vcpu.set_xcrs(xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
+        }
+        vcpu.set_debug_regs(&self.debugregs)
+            .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+        vcpu.set_lapic(&self.lapic)
+            .map_err(kvm_err("KVM_SET_LAPIC"))?;
+        let written = vcpu.set_msrs(&self.msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+        if written != self.msrs.as_slice().len() {
+            return Err(Error::Setup {
+                what: "vCPU state",
+                reason: format!("KVM wrote {written} of {} MSRs", self.msrs.as_slice().len()),
+            });
+        }
+        vcpu.set_vcpu_events(&self.events)
+            .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))
+    }
+}
+
+impl VmState {
+    /// Reads the VM-wide state of a paused VM.
+    pub fn capture(vm: &VmFd) -> Result<Self, Error> {
+        let mut irqchips = [
+            KVM_IRQCHIP_PIC_MASTER,
+            KVM_IRQCHIP_PIC_SLAVE,
+            KVM_IRQCHIP_IOAPIC,
+        ]
+        .map(|chip_id| kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        });
+        for chip in &mut irqchips {
+            vm.get_irqchip(chip).map_err(kvm_err("KVM_GET_IRQCHIP"))?;
+        }
+        Ok(Self {
+            irqchips,
+            pit: vm.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
+            clock: vm.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?,
+        })
+    }
+
+    /// Writes the state into a new VM that has its irqchip and PIT. The clock continues from
+    /// the captured instant (only the stable-clock flag of the captured data is kept).
+    pub fn restore(&self, vm: &VmFd) -> Result<(), Error> {
+        for chip in &self.irqchips {
+            vm.set_irqchip(chip).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+        }
+        vm.set_pit2(&self.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
+        let clock = kvm_clock_data {
+            clock: self.clock.clock,
+            ..Default::default()
+        };
+        vm.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))
+    }
+}
