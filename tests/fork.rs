@@ -1,61 +1,14 @@
 //! Copy-on-write fork of running test guests on this host's KVM.
 
-use std::time::{Duration, Instant};
-
 use forkvm::{ConsoleBuffer, ConsoleOutput, GuestExit, Vm};
-use forkvm_tests::{test_guest_vm, wait_for_output};
-
-/// Starts a test guest spinning on a counter and returns it with the counter's address.
-fn spinning_guest(vcpus: u32) -> (Vm, u64, ConsoleBuffer) {
-    let console = ConsoleBuffer::new();
-    let vm = test_guest_vm("mode=spin", &console)
-        .vcpus(vcpus)
-        .build()
-        .unwrap();
-    vm.start().unwrap();
-    wait_for_output(&console, "counter at ");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let hex = loop {
-        let text = console.text();
-        let rest = text.split("counter at ").nth(1).unwrap_or_default();
-        if let Some((hex, _)) = rest.split_once('\n') {
-            break hex.to_owned();
-        }
-        assert!(Instant::now() < deadline, "no whole counter line: {text}");
-        std::thread::sleep(Duration::from_millis(1));
-    };
-    let addr = u64::from_str_radix(hex.trim().trim_start_matches("0x"), 16).unwrap();
-    (vm, addr, console)
-}
-
-fn counter(vm: &Vm, addr: u64) -> u64 {
-    let mut bytes = [0u8; 8];
-    vm.read_memory(addr, &mut bytes).unwrap();
-    u64::from_le_bytes(bytes)
-}
-
-fn wait_until_above(vm: &Vm, addr: u64, than: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let now = counter(vm, addr);
-        if now > than {
-            return now;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no progress past {than}: {:?}",
-            vm.exit()
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
+use forkvm_tests::{read_u64, spinning_guest, test_guest_vm, wait_for_output, wait_until_above};
 
 #[test]
 fn children_continue_from_the_fork_point_and_run_on_their_own() {
     let (parent, addr, _console) = spinning_guest(1);
     wait_until_above(&parent, addr, 0);
     parent.pause().unwrap();
-    let at_fork = counter(&parent, addr);
+    let at_fork = read_u64(&parent, addr);
     let consoles = [ConsoleBuffer::new(), ConsoleBuffer::new()];
     let children = parent
         .fork(
@@ -66,13 +19,13 @@ fn children_continue_from_the_fork_point_and_run_on_their_own() {
         )
         .unwrap();
     assert!(parent.is_paused(), "a paused parent stays paused");
-    assert_eq!(counter(&parent, addr), at_fork);
+    assert_eq!(read_u64(&parent, addr), at_fork);
     for child in &children {
         wait_until_above(child, addr, at_fork);
         assert_eq!(child.exit(), None);
     }
     assert_eq!(
-        counter(&parent, addr),
+        read_u64(&parent, addr),
         at_fork,
         "the children ran, the parent did not"
     );
@@ -133,10 +86,10 @@ fn no_vm_sees_another_vms_writes_after_a_fork_at_any_depth() {
     let later = fork_quiet(&parent, 1);
     assert_eq!(scratch(&later[0]), 1000);
     for vm in grandchildren.iter().chain(&children).chain(&later) {
-        let before = counter(vm, addr);
+        let before = read_u64(vm, addr);
         wait_until_above(vm, addr, before);
     }
-    wait_until_above(&parent, addr, counter(&parent, addr));
+    wait_until_above(&parent, addr, read_u64(&parent, addr));
 }
 
 #[test]

@@ -3,51 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use forkvm::{ConsoleBuffer, GuestExit, Vm};
-use forkvm_tests::{test_guest_vm, wait_for_output};
-
-/// Starts a test guest spinning on a counter and returns it with the counter's address.
-fn spinning_guest(vcpus: u32) -> (Vm, u64, ConsoleBuffer) {
-    let console = ConsoleBuffer::new();
-    let vm = test_guest_vm("mode=spin", &console)
-        .vcpus(vcpus)
-        .build()
-        .unwrap();
-    vm.start().unwrap();
-    // The whole line: the guest writes it a byte at a time.
-    wait_for_output(&console, "counter at ");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let hex = loop {
-        let text = console.text();
-        let rest = text.split("counter at ").nth(1).unwrap_or_default();
-        if let Some((hex, _)) = rest.split_once('\n') {
-            break hex.to_owned();
-        }
-        assert!(Instant::now() < deadline, "no whole counter line: {text}");
-        std::thread::sleep(Duration::from_millis(1));
-    };
-    let addr = u64::from_str_radix(hex.trim().trim_start_matches("0x"), 16).unwrap();
-    (vm, addr, console)
-}
-
-fn counter(vm: &Vm, addr: u64) -> u64 {
-    let mut bytes = [0u8; 8];
-    vm.read_memory(addr, &mut bytes).unwrap();
-    u64::from_le_bytes(bytes)
-}
-
-/// Waits (bounded) until the counter passes `than`.
-fn wait_until_above(vm: &Vm, addr: u64, than: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let now = counter(vm, addr);
-        if now > than {
-            return now;
-        }
-        assert!(Instant::now() < deadline, "the guest made no progress");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
+use forkvm::{ConsoleBuffer, GuestExit};
+use forkvm_tests::{read_u64, spinning_guest, test_guest_vm, wait_for_output, wait_until_above};
 
 #[test]
 fn a_paused_guest_makes_no_progress_and_resumes_where_it_stopped() {
@@ -55,9 +12,9 @@ fn a_paused_guest_makes_no_progress_and_resumes_where_it_stopped() {
     wait_until_above(&vm, addr, 0);
     vm.pause().unwrap();
     assert!(vm.is_paused());
-    let frozen = counter(&vm, addr);
+    let frozen = read_u64(&vm, addr);
     std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(counter(&vm, addr), frozen, "the vCPU ran while paused");
+    assert_eq!(read_u64(&vm, addr), frozen, "the vCPU ran while paused");
     vm.pause().unwrap(); // pausing again changes nothing
     vm.resume().unwrap();
     assert!(!vm.is_paused());
@@ -75,9 +32,9 @@ fn many_pauses_in_a_row_all_take_effect() {
         let t0 = Instant::now();
         vm.pause().unwrap();
         pauses.push(t0.elapsed());
-        let frozen = counter(&vm, addr);
+        let frozen = read_u64(&vm, addr);
         assert!(frozen >= last);
-        assert_eq!(counter(&vm, addr), frozen);
+        assert_eq!(read_u64(&vm, addr), frozen);
         vm.resume().unwrap();
         last = frozen;
     }

@@ -232,3 +232,55 @@ pub fn proc_status(field: &str) -> u64 {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
 }
+
+/// Starts a test guest (`vcpus` vCPUs) spinning on a counter; returns it, the counter's guest
+/// address (the guest prints it) and its console.
+pub fn spinning_guest(vcpus: u32) -> (forkvm::Vm, u64, ConsoleBuffer) {
+    let console = ConsoleBuffer::new();
+    let vm = test_guest_vm("mode=spin", &console)
+        .vcpus(vcpus)
+        .build()
+        .expect("build the spinning guest");
+    vm.start().expect("start");
+    wait_for_output(&console, "counter at ");
+    // The whole line: the guest writes it a byte at a time.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let hex = loop {
+        let text = console.text();
+        let rest = text.split("counter at ").nth(1).unwrap_or_default();
+        if let Some((hex, _)) = rest.split_once('\n') {
+            break hex.to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no whole counter line: {text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    };
+    let addr = u64::from_str_radix(hex.trim().trim_start_matches("0x"), 16).expect("hex address");
+    (vm, addr, console)
+}
+
+/// Reads the u64 at guest address `addr`.
+pub fn read_u64(vm: &forkvm::Vm, addr: u64) -> u64 {
+    let mut bytes = [0u8; 8];
+    vm.read_memory(addr, &mut bytes).expect("read guest memory");
+    u64::from_le_bytes(bytes)
+}
+
+/// Waits (at most 10 s) until the u64 at `addr` exceeds `than`; returns it.
+pub fn wait_until_above(vm: &forkvm::Vm, addr: u64, than: u64) -> u64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let now = read_u64(vm, addr);
+        if now > than {
+            return now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no progress past {than}: {:?}",
+            vm.exit()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}

@@ -561,7 +561,7 @@ pub(crate) fn create_vcpus(
         .collect()
 }
 
-fn open_kvm(path: &Path) -> Result<Kvm, Error> {
+pub(crate) fn open_kvm(path: &Path) -> Result<Kvm, Error> {
     let c_path = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| Error::KvmMissing(path.to_owned()))?;
     Kvm::new_with_path(&c_path).map_err(|e| match e.errno() {

@@ -131,10 +131,41 @@ pub enum Error {
     #[error("the VM's threads did not stop within 5 s; the VM keeps running")]
     PauseTimedOut,
     /// The VM has something a fork cannot carry over yet.
-    #[error("cannot fork {what} yet")]
+    #[error("cannot fork or snapshot {what} yet")]
     ForkUnsupported {
         /// What.
         what: &'static str,
+    },
+    /// A snapshot could not be written.
+    #[error("cannot snapshot to {path}: {what}: {source}")]
+    Snapshot {
+        /// The snapshot directory.
+        path: PathBuf,
+        /// The step that failed.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A directory does not hold a usable snapshot.
+    #[error("{path} is not a usable snapshot: {reason}")]
+    SnapshotInvalid {
+        /// The snapshot directory.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A snapshot from another forkvm, format or host CPU: restoring it could break the guest.
+    #[error(
+        "the snapshot's {what} is {snapshot:?}, this host's is {here:?}: restore it where it was taken"
+    )]
+    SnapshotIncompatible {
+        /// What differs.
+        what: &'static str,
+        /// The snapshot's value.
+        snapshot: String,
+        /// This host's value.
+        here: String,
     },
     /// A guest memory access outside the guest's RAM.
     #[error("guest memory {addr:#x}..+{len:#x} is not all RAM")]

@@ -25,13 +25,20 @@ use crate::memory::freeze::FrozenRam;
 use crate::run_state::RunState;
 use crate::vcpu::IoBuses;
 use crate::vm::{Vm, VmParts};
+use kvm_ioctls::Kvm;
 
-/// What every child of one fork starts from.
-struct ForkPoint {
-    image: Arc<FrozenRam>,
-    vcpus: Vec<VcpuState>,
-    vm: VmState,
-    serial: SerialState,
+/// What every child of one fork (or a restored snapshot) starts from.
+pub(crate) struct ForkPoint {
+    /// The frozen RAM.
+    pub image: Arc<FrozenRam>,
+    /// Each vCPU's state.
+    pub vcpus: Vec<VcpuState>,
+    /// Interrupt controllers, PIT and clock.
+    pub vm: VmState,
+    /// The UART's registers and pending input.
+    pub serial: SerialState,
+    /// Whether the VM has the debug-exit port.
+    pub debug_exit: bool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -57,16 +64,12 @@ impl Vm {
         let point = point?;
         consoles
             .into_iter()
-            .map(|console| {
-                let child = self.child(&point, console)?;
-                child.start()?;
-                Ok(child)
-            })
+            .map(|console| start_from(self.kvm.clone(), &point, console))
             .collect()
     }
 
     /// Reads the paused VM's state and freezes its memory.
-    fn fork_point(&self) -> Result<ForkPoint, Error> {
+    pub(crate) fn fork_point(&self) -> Result<ForkPoint, Error> {
         if !self.devices.is_empty() {
             return Err(Error::ForkUnsupported {
                 what: "VMs with virtio devices",
@@ -93,50 +96,56 @@ impl Vm {
             vcpus,
             vm,
             serial,
+            debug_exit: self.debug_exit,
         })
     }
+}
 
-    /// A new VM, not started, that continues from `point`.
-    fn child(&self, point: &ForkPoint, console: ConsoleOutput) -> Result<Vm, Error> {
-        let kvm = self.kvm.clone();
-        let caps = host_caps(&kvm)?;
-        let ram = point.image.map()?;
-        let vm_fd = create_vm(&kvm, &ram)?;
-        point.vm.restore(&vm_fd)?;
-        let state = Arc::new(RunState::new().map_err(|e| setup_err("VM run state", e))?);
-        let mut event_loop = EventLoop::new(&state)?;
-        let (pio, serial) = legacy_devices(
-            &vm_fd,
-            &state,
-            &mut event_loop,
-            LegacyConfig {
-                console,
-                console_input: None,
-                serial_state: Some(point.serial.clone()),
-                debug_exit: self.debug_exit,
-            },
-        )?;
-        // At most MAX_MPTABLE_VCPUS (< 256) vCPUs, as the parent was built with.
-        let count = point.vcpus.len() as u8;
-        let vcpus = create_vcpus(&kvm, &vm_fd, &caps, count, |id, fd| {
-            point.vcpus[usize::from(id)].restore(fd)
-        })?;
-        Ok(Vm::new(VmParts {
-            kvm,
-            vm_fd,
-            ram,
-            vcpus,
-            buses: Arc::new(IoBuses {
-                pio,
-                mmio: Bus::new(),
-            }),
-            serial,
-            debug_exit: self.debug_exit,
-            devices: Vec::new(),
-            event_loop,
-            state,
-            vsock: None,
-            balloon: None,
-        }))
-    }
+/// A new VM, started, that continues from `point` with its serial console on `console`.
+pub(crate) fn start_from(
+    kvm: Arc<Kvm>,
+    point: &ForkPoint,
+    console: ConsoleOutput,
+) -> Result<Vm, Error> {
+    let caps = host_caps(&kvm)?;
+    let ram = point.image.map()?;
+    let vm_fd = create_vm(&kvm, &ram)?;
+    point.vm.restore(&vm_fd)?;
+    let state = Arc::new(RunState::new().map_err(|e| setup_err("VM run state", e))?);
+    let mut event_loop = EventLoop::new(&state)?;
+    let (pio, serial) = legacy_devices(
+        &vm_fd,
+        &state,
+        &mut event_loop,
+        LegacyConfig {
+            console,
+            console_input: None,
+            serial_state: Some(point.serial.clone()),
+            debug_exit: point.debug_exit,
+        },
+    )?;
+    // At most MAX_MPTABLE_VCPUS (< 256) vCPUs, as the parent was built with.
+    let count = point.vcpus.len() as u8;
+    let vcpus = create_vcpus(&kvm, &vm_fd, &caps, count, |id, fd| {
+        point.vcpus[usize::from(id)].restore(fd)
+    })?;
+    let vm = Vm::new(VmParts {
+        kvm,
+        vm_fd,
+        ram,
+        vcpus,
+        buses: Arc::new(IoBuses {
+            pio,
+            mmio: Bus::new(),
+        }),
+        serial,
+        debug_exit: point.debug_exit,
+        devices: Vec::new(),
+        event_loop,
+        state,
+        vsock: None,
+        balloon: None,
+    });
+    vm.start()?;
+    Ok(vm)
 }

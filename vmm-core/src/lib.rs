@@ -27,6 +27,7 @@ mod fork;
 pub mod layout;
 pub mod memory;
 mod run_state;
+mod snapshot;
 mod vcpu;
 mod virtio;
 mod vm;
@@ -43,6 +44,7 @@ pub use exit::{CpuRegisters, Crash, CrashReason, GuestExit};
 pub use forkvm_devices::virtio::balloon::{
     BalloonError, BalloonHandle, BalloonStats, stat_tag as balloon_stat_tag,
 };
+pub use snapshot::{MEMORY_FILE, SNAPSHOT_FORMAT, STATE_FILE};
 pub use vcpu::{KICK_SIGNAL_OFFSET, kick_signal};
 pub use virtio::DeviceInfo;
 pub use vm::Vm;

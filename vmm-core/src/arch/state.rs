@@ -15,24 +15,81 @@ use kvm_bindings::{
     kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, kvm_err};
 
 /// One vCPU's state.
+#[derive(Serialize, Deserialize)]
 pub struct VcpuState {
     regs: kvm_regs,
     sregs: kvm_sregs,
-    fpu: kvm_fpu,
-    xsave: Option<kvm_xsave>,
+    fpu: FpuState,
     xcrs: Option<kvm_xcrs>,
     debugregs: kvm_debugregs,
     lapic: kvm_lapic_state,
-    msrs: Msrs,
+    msrs: Vec<kvm_msr_entry>,
     mp_state: kvm_mp_state,
     events: kvm_vcpu_events,
 }
 
+/// The FPU and vector registers: the XSAVE area where KVM has one, the legacy FPU state
+/// otherwise.
+#[derive(Serialize, Deserialize)]
+enum FpuState {
+    Xsave(Box<kvm_xsave>),
+    Legacy(Box<LegacyFpu>),
+}
+
+/// `kvm_fpu` field by field (kvm-bindings offers no serde for it).
+#[derive(Serialize, Deserialize)]
+struct LegacyFpu {
+    fpr: [[u8; 16]; 8],
+    fcw: u16,
+    fsw: u16,
+    ftwx: u8,
+    last_opcode: u16,
+    last_ip: u64,
+    last_dp: u64,
+    xmm: [[u8; 16]; 16],
+    mxcsr: u32,
+}
+
+impl From<kvm_fpu> for LegacyFpu {
+    fn from(f: kvm_fpu) -> Self {
+        Self {
+            fpr: f.fpr,
+            fcw: f.fcw,
+            fsw: f.fsw,
+            ftwx: f.ftwx,
+            last_opcode: f.last_opcode,
+            last_ip: f.last_ip,
+            last_dp: f.last_dp,
+            xmm: f.xmm,
+            mxcsr: f.mxcsr,
+        }
+    }
+}
+
+impl From<&LegacyFpu> for kvm_fpu {
+    fn from(f: &LegacyFpu) -> Self {
+        kvm_fpu {
+            fpr: f.fpr,
+            fcw: f.fcw,
+            fsw: f.fsw,
+            ftwx: f.ftwx,
+            last_opcode: f.last_opcode,
+            last_ip: f.last_ip,
+            last_dp: f.last_dp,
+            xmm: f.xmm,
+            mxcsr: f.mxcsr,
+            ..Default::default()
+        }
+    }
+}
+
 /// The VM-wide state: interrupt controllers, PIT and kvmclock.
+#[derive(Serialize, Deserialize)]
 pub struct VmState {
     irqchips: [kvm_irqchip; 3],
     pit: kvm_pit_state2,
@@ -95,11 +152,14 @@ impl VcpuState {
         Ok(Self {
             regs: vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?,
             sregs: vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?,
-            fpu: vcpu.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?,
-            xsave: if xsave {
-                Some(vcpu.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?)
+            fpu: if xsave {
+                FpuState::Xsave(Box::new(
+                    vcpu.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?,
+                ))
             } else {
-                None
+                FpuState::Legacy(Box::new(
+                    vcpu.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?.into(),
+                ))
             },
             xcrs: if xsave {
                 Some(vcpu.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?)
@@ -110,7 +170,7 @@ impl VcpuState {
                 .get_debug_regs()
                 .map_err(kvm_err("KVM_GET_DEBUGREGS"))?,
             lapic: vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?,
-            msrs,
+            msrs: msrs.as_slice().to_vec(),
             mp_state: vcpu.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?,
             events: vcpu
                 .get_vcpu_events()
@@ -125,11 +185,15 @@ impl VcpuState {
         vcpu.set_regs(&self.regs).map_err(kvm_err("KVM_SET_REGS"))?;
         vcpu.set_sregs(&self.sregs)
             .map_err(kvm_err("KVM_SET_SREGS"))?;
-        match &self.xsave {
+        match &self.fpu {
             // SAFETY: forkvm never enables KVM_CAP_XSAVE2 (no dynamically enabled state such as
             // AMX), so KVM reads exactly the size of `kvm_xsave` that `xsave` is.
-            Some(xsave) => unsafe { vcpu.set_xsave(xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?,
-            None => vcpu.set_fpu(&self.fpu).map_err(kvm_err("KVM_SET_FPU"))?,
+            FpuState::Xsave(xsave) => {
+                unsafe { vcpu.set_xsave(xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?
+            }
+            FpuState::Legacy(fpu) => vcpu
+                .set_fpu(&kvm_fpu::from(&**fpu))
+                .map_err(kvm_err("KVM_SET_FPU"))?,
         }
         if let Some(xcrs) = &self.xcrs {
             vcpu.set_xcrs(xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
@@ -138,11 +202,15 @@ impl VcpuState {
             .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
         vcpu.set_lapic(&self.lapic)
             .map_err(kvm_err("KVM_SET_LAPIC"))?;
-        let written = vcpu.set_msrs(&self.msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
-        if written != self.msrs.as_slice().len() {
+        let msrs = Msrs::from_entries(&self.msrs).map_err(|e| Error::Setup {
+            what: "MSR list",
+            reason: format!("{e:?}"),
+        })?;
+        let written = vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+        if written != self.msrs.len() {
             return Err(Error::Setup {
                 what: "vCPU state",
-                reason: format!("KVM wrote {written} of {} MSRs", self.msrs.as_slice().len()),
+                reason: format!("KVM wrote {written} of {} MSRs", self.msrs.len()),
             });
         }
         vcpu.set_vcpu_events(&self.events)

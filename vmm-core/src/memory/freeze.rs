@@ -66,6 +66,24 @@ impl FrozenRam {
     pub fn size(&self) -> u64 {
         self.ranges.iter().map(|r| r.size).sum()
     }
+
+    /// An image read from `file`, which holds `size` bytes of RAM laid out as forkvm lays out
+    /// its memory file (a snapshot's memory). Nothing writes it: VMs map it privately.
+    pub fn from_file(file: File, size: u64) -> Arc<Self> {
+        Arc::new(Self {
+            file: Arc::new(file),
+            ranges: super::ram_ranges(size),
+        })
+    }
+
+    /// Writes the image's data into `to` at the same offsets (holes stay holes).
+    pub fn copy_data_to(&self, to: &File) -> io::Result<()> {
+        to.set_len(self.size())?;
+        for (start, end) in data_extents(&self.file)? {
+            copy_range(&self.file, to, start, end)?;
+        }
+        Ok(())
+    }
 }
 
 impl GuestRam {

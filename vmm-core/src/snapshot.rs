@@ -1,0 +1,257 @@
+//! [`Vm::snapshot`] and [`Vm::restore`]: a VM's complete state in a directory, and new VMs that
+//! continue from it.
+//!
+//! A snapshot directory holds `memory` (guest RAM laid out as forkvm's memory file: the low
+//! range, then the range above the MMIO hole; pages never written are holes) and `state.json`
+//! (versioned: the format, the forkvm version and the host CPU it was taken on, then each vCPU's
+//! state, the interrupt controllers, PIT, clock and UART). The state is read and the memory
+//! frozen with the VM paused, exactly as for a fork; the files are written after the VM resumes
+//! (the frozen image does not change). Each file is written under a temporary name, fsynced and
+//! renamed, `state.json` last and only after any old one was removed, so a directory whose
+//! snapshot did not finish never has a `state.json`. A restored VM maps `memory` privately:
+//! restoring costs the same for any memory size, and restoring twice gives two independent VMs.
+//!
+//! Like fork, VMs with virtio devices cannot be snapshotted yet.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use forkvm_devices::legacy::SerialState;
+use serde::{Deserialize, Serialize};
+
+use crate::DEFAULT_KVM_DEVICE;
+use crate::arch::state::{VcpuState, VmState};
+use crate::boot::mptable::MAX_MPTABLE_VCPUS;
+use crate::builder::open_kvm;
+use crate::console::ConsoleOutput;
+use crate::error::Error;
+use crate::fork::{ForkPoint, start_from};
+use crate::memory::freeze::FrozenRam;
+use crate::vcpu::install_kick_handler;
+use crate::vm::Vm;
+
+/// Version of the snapshot format; a snapshot of another version is refused.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+/// The state file; its presence marks a complete snapshot.
+pub const STATE_FILE: &str = "state.json";
+/// The memory file.
+pub const MEMORY_FILE: &str = "memory";
+
+/// Everything but the memory.
+#[derive(Serialize, Deserialize)]
+struct SnapshotState {
+    format: u32,
+    forkvm_version: String,
+    host_cpu: String,
+    memory_size: u64,
+    debug_exit: bool,
+    vcpus: Vec<VcpuState>,
+    vm: VmState,
+    serial: SerialRegisters,
+}
+
+/// `SerialState` field by field (vm-superio offers no serde for it).
+#[derive(Serialize, Deserialize)]
+struct SerialRegisters {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialRegisters {
+    fn from(s: SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<SerialRegisters> for SerialState {
+    fn from(s: SerialRegisters) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+/// The host CPU as a snapshot records it: vendor, family, model and stepping.
+fn host_cpu() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        cpuinfo
+            .lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    format!(
+        "{} family {} model {} stepping {}",
+        field("vendor_id"),
+        field("cpu family"),
+        field("model"),
+        field("stepping")
+    )
+}
+
+impl Vm {
+    /// Writes this running (or paused) VM's complete state to `dir` (created if missing; a
+    /// snapshot already there is replaced). The VM is paused only while its state is read and
+    /// its memory frozen; it continues (or stays paused) while the files are written.
+    pub fn snapshot(&self, dir: impl AsRef<Path>) -> Result<(), Error> {
+        let dir = dir.as_ref();
+        let io_err = |what: &'static str| {
+            move |source| Error::Snapshot {
+                path: dir.to_owned(),
+                what,
+                source,
+            }
+        };
+        let was_paused = self.is_paused();
+        self.pause()?;
+        let point = self.fork_point();
+        if !was_paused {
+            let _ = self.resume();
+        }
+        let point = point?;
+        std::fs::create_dir_all(dir).map_err(io_err("creating the directory"))?;
+        // No state file while the new snapshot is incomplete.
+        match std::fs::remove_file(dir.join(STATE_FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io_err("removing the old state")(e));
+            }
+            _ => sync_dir(dir).map_err(io_err("syncing the directory"))?,
+        }
+        write_atomically(dir, MEMORY_FILE, |file| point.image.copy_data_to(file))
+            .map_err(io_err("writing the memory"))?;
+        let state = SnapshotState {
+            format: SNAPSHOT_FORMAT,
+            forkvm_version: env!("CARGO_PKG_VERSION").to_owned(),
+            host_cpu: host_cpu(),
+            memory_size: point.image.size(),
+            debug_exit: point.debug_exit,
+            vcpus: point.vcpus,
+            vm: point.vm,
+            serial: point.serial.into(),
+        };
+        write_atomically(dir, STATE_FILE, |file| {
+            let mut writer = BufWriter::new(file);
+            serde_json::to_writer(&mut writer, &state).map_err(std::io::Error::other)?;
+            writer.flush()
+        })
+        .map_err(io_err("writing the state"))
+    }
+
+    /// Starts a new VM from the snapshot in `dir`, its serial console on `console`. Refuses a
+    /// snapshot that is incomplete, of another format or forkvm version, or taken on another
+    /// CPU model. Restoring the same snapshot again gives another independent VM.
+    pub fn restore(dir: impl AsRef<Path>, console: ConsoleOutput) -> Result<Vm, Error> {
+        let dir = dir.as_ref();
+        let bad = |reason: String| Error::SnapshotInvalid {
+            path: dir.to_owned(),
+            reason,
+        };
+        let text = std::fs::read_to_string(dir.join(STATE_FILE)).map_err(|e| {
+            bad(format!(
+                "no readable {STATE_FILE} ({e}): not a snapshot, or one that did not finish"
+            ))
+        })?;
+        let state: SnapshotState =
+            serde_json::from_str(&text).map_err(|e| bad(format!("{STATE_FILE}: {e}")))?;
+        let here = (
+            SNAPSHOT_FORMAT,
+            env!("CARGO_PKG_VERSION").to_owned(),
+            host_cpu(),
+        );
+        for (what, theirs, ours) in [
+            (
+                "snapshot format",
+                state.format.to_string(),
+                here.0.to_string(),
+            ),
+            ("forkvm version", state.forkvm_version.clone(), here.1),
+            ("host CPU", state.host_cpu.clone(), here.2),
+        ] {
+            if theirs != ours {
+                return Err(Error::SnapshotIncompatible {
+                    what,
+                    snapshot: theirs,
+                    here: ours,
+                });
+            }
+        }
+        if state.vcpus.is_empty() || state.vcpus.len() > usize::from(MAX_MPTABLE_VCPUS) {
+            return Err(bad(format!("{} vCPUs", state.vcpus.len())));
+        }
+        let memory =
+            File::open(dir.join(MEMORY_FILE)).map_err(|e| bad(format!("{MEMORY_FILE}: {e}")))?;
+        let len = memory
+            .metadata()
+            .map_err(|e| bad(format!("{MEMORY_FILE}: {e}")))?
+            .len();
+        if len != state.memory_size {
+            return Err(bad(format!(
+                "{MEMORY_FILE} holds {len} bytes, the state says {}",
+                state.memory_size
+            )));
+        }
+        let kvm = open_kvm(Path::new(DEFAULT_KVM_DEVICE))?;
+        install_kick_handler()?;
+        let point = ForkPoint {
+            image: FrozenRam::from_file(memory, state.memory_size),
+            vcpus: state.vcpus,
+            vm: state.vm,
+            serial: state.serial.into(),
+            debug_exit: state.debug_exit,
+        };
+        start_from(Arc::new(kvm), &point, console)
+    }
+}
+
+/// Writes `dir/name` through a temporary file that is fsynced and then renamed into place.
+fn write_atomically(
+    dir: &Path,
+    name: &str,
+    write: impl FnOnce(&File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let temporary: PathBuf = dir.join(format!(".{name}.tmp"));
+    let file = File::create(&temporary)?;
+    let written = write(&file).and_then(|()| file.sync_all());
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(e);
+    }
+    std::fs::rename(&temporary, dir.join(name))?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
