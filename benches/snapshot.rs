@@ -1,0 +1,86 @@
+//! Snapshot and restore of a running test guest: writing a snapshot whose memory holds 128 MiB of
+//! data (filled by the host) against copying the same memory file in the same run, and restore
+//! latency (call → VM running) for 256 MiB and 4 GiB guests.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use forkvm::{ConsoleBuffer, ConsoleOutput, MEMORY_FILE, Vm};
+use forkvm_tests::{test_guest_vm, wait_for_output};
+
+const DATA_MIB: u64 = 128;
+
+fn spinning(memory_mib: u64) -> Vm {
+    let console = ConsoleBuffer::new();
+    let vm = test_guest_vm("mode=spin", &console)
+        .memory_mib(memory_mib)
+        .build()
+        .unwrap();
+    vm.start().unwrap();
+    wait_for_output(&console, "spinning");
+    vm
+}
+
+fn dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("forkvm-bench-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn restore_time(snapshot: &Path, iters: u64) -> Duration {
+    (0..iters)
+        .map(|_| {
+            let t0 = Instant::now();
+            let vm = Vm::restore(snapshot, ConsoleOutput::Discard).unwrap();
+            let took = t0.elapsed();
+            drop(vm);
+            took
+        })
+        .sum()
+}
+
+fn bench_snapshot(c: &mut Criterion) {
+    let mut group = c.benchmark_group("snapshot");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10));
+
+    // 128 MiB of non-zero data at 16 MiB, written by the host, then the VM stays paused: each
+    // snapshot writes the same image.
+    let vm = spinning(256);
+    let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8 + 1).collect();
+    for mib in 0..DATA_MIB {
+        vm.write_memory((16 + mib) << 20, &chunk).unwrap();
+    }
+    vm.pause().unwrap();
+    let target = dir("write");
+    group.throughput(Throughput::Bytes(DATA_MIB << 20));
+    group.bench_function("write_128MiB_data", |b| {
+        b.iter(|| vm.snapshot(&target).unwrap())
+    });
+    let copy = dir("copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    group.bench_function("cp_memory_file", |b| {
+        b.iter(|| std::fs::copy(target.join(MEMORY_FILE), copy.join(MEMORY_FILE)).unwrap())
+    });
+    drop(vm);
+
+    group.throughput(Throughput::Elements(1));
+    for mib in [256, 4096] {
+        let vm = spinning(mib);
+        let snapshot = dir(&format!("restore-{mib}"));
+        vm.snapshot(&snapshot).unwrap();
+        drop(vm);
+        group.bench_with_input(BenchmarkId::new("restore", mib), &mib, |b, _| {
+            b.iter_custom(|iters| restore_time(&snapshot, iters))
+        });
+        let _ = std::fs::remove_dir_all(&snapshot);
+    }
+    group.finish();
+    let _ = std::fs::remove_dir_all(&target);
+    let _ = std::fs::remove_dir_all(&copy);
+}
+
+criterion_group!(benches, bench_snapshot);
+criterion_main!(benches);
