@@ -25,10 +25,14 @@ fn quiet(n: usize) -> Vec<ConsoleOutput> {
     (0..n).map(|_| ConsoleOutput::Discard).collect()
 }
 
-/// Times `iters` forks of `n` children each; the children are dropped untimed.
-fn time_forks(parent: &Vm, iters: u64, n: usize) -> Duration {
+/// Times `iters` forks of `n` children each; the children are dropped untimed, and with
+/// `prepared` each fork's children are prepared ([`Vm::prepare_forks`]) untimed before it.
+fn time_forks(parent: &Vm, iters: u64, n: usize, prepared: bool) -> Duration {
     (0..iters)
         .map(|_| {
+            if prepared {
+                parent.prepare_forks(n).unwrap();
+            }
             let t0 = Instant::now();
             let children = parent.fork(quiet(n)).unwrap();
             let took = t0.elapsed();
@@ -48,20 +52,25 @@ fn bench_fork(c: &mut Criterion) {
         group.bench_with_input(
             BenchmarkId::new("running_parent_fork1", mib),
             &mib,
-            |b, _| b.iter_custom(|iters| time_forks(&parent, iters, 1)),
+            |b, _| b.iter_custom(|iters| time_forks(&parent, iters, 1, false)),
         );
         parent.pause().unwrap();
         group.bench_with_input(
             BenchmarkId::new("paused_parent_fork1", mib),
             &mib,
-            |b, _| b.iter_custom(|iters| time_forks(&parent, iters, 1)),
+            |b, _| b.iter_custom(|iters| time_forks(&parent, iters, 1, false)),
+        );
+        group.bench_with_input(
+            BenchmarkId::new("paused_parent_fork1_prepared", mib),
+            &mib,
+            |b, _| b.iter_custom(|iters| time_forks(&parent, iters, 1, true)),
         );
     }
     let parent = spinning_parent(256);
     parent.pause().unwrap();
     group.sample_size(10);
     group.bench_function("paused_parent_fork100_256", |b| {
-        b.iter_custom(|iters| time_forks(&parent, iters, 100))
+        b.iter_custom(|iters| time_forks(&parent, iters, 100, false))
     });
     group.finish();
 }

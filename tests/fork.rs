@@ -112,3 +112,28 @@ fn a_vm_with_virtio_devices_cannot_be_forked_yet() {
         Err(forkvm::Error::NotStarted)
     ));
 }
+
+#[test]
+fn prepared_children_are_used_first_and_behave_like_any_other() {
+    let (parent, addr, _console) = spinning_guest(2);
+    wait_until_above(&parent, addr, 0);
+    parent.prepare_forks(2).unwrap();
+    assert_eq!(parent.prepared_forks(), 2);
+    set_scratch(&parent, 9);
+    let children = fork_quiet(&parent, 3);
+    assert_eq!(
+        parent.prepared_forks(),
+        0,
+        "both prepared children were used"
+    );
+    for (i, child) in children.iter().enumerate() {
+        assert_eq!(scratch(child), 9);
+        set_scratch(child, 100 + i as u64);
+        let now = read_u64(child, addr);
+        wait_until_above(child, addr, now);
+    }
+    for (i, child) in children.iter().enumerate() {
+        assert_eq!(scratch(child), 100 + i as u64);
+    }
+    assert_eq!(scratch(&parent), 9);
+}

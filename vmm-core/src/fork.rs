@@ -6,6 +6,11 @@
 //! that image, with the state written into fresh vCPUs. The parent resumes (unless it was paused)
 //! and runs on over the same image.
 //!
+//! Creating a child's KVM VM (memory slots, interrupt controllers, PIT) and vCPUs is the part
+//! of a fork that grows with memory size on some hosts (KVM allocates per-page slot metadata up
+//! front). [`Vm::prepare_forks`] does it ahead of time: a prepared child is a KVM VM with its
+//! slots over placeholder RAM, into which the frozen image is mapped in place at fork time.
+//!
 //! Not yet carried over: virtio devices (a VM that has any is refused), and the notice to the
 //! guest that it was forked.
 
@@ -21,11 +26,31 @@ use crate::builder::{LegacyConfig, create_vcpus, create_vm, legacy_devices, setu
 use crate::console::ConsoleOutput;
 use crate::error::Error;
 use crate::event_loop::EventLoop;
+use crate::memory::GuestRam;
 use crate::memory::freeze::FrozenRam;
 use crate::run_state::RunState;
-use crate::vcpu::IoBuses;
+use crate::vcpu::{IoBuses, Vcpu};
 use crate::vm::{Vm, VmParts};
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Kvm, VmFd};
+
+/// A child VM created ahead of a fork: memory slots over placeholder RAM, interrupt
+/// controllers, PIT, and vCPUs with their CPUID.
+pub(crate) struct Shell {
+    // Declared before `ram`, so the VM (and its memory slots) is destroyed before the mapping.
+    vm_fd: VmFd,
+    vcpus: Vec<Vcpu>,
+    ram: GuestRam,
+}
+
+impl Shell {
+    /// A shell for a VM of `memory_size` bytes and `vcpus` vCPUs.
+    pub(crate) fn new(kvm: &Kvm, memory_size: u64, vcpus: u8) -> Result<Self, Error> {
+        let ram = GuestRam::placeholder(memory_size)?;
+        let vm_fd = create_vm(kvm, &ram)?;
+        let vcpus = create_vcpus(kvm, &vm_fd, &host_caps(kvm)?, vcpus, |_, _| Ok(()))?;
+        Ok(Self { vm_fd, vcpus, ram })
+    }
+}
 
 /// What every child of one fork (or a restored snapshot) starts from.
 pub(crate) struct ForkPoint {
@@ -64,8 +89,31 @@ impl Vm {
         let point = point?;
         consoles
             .into_iter()
-            .map(|console| start_from(self.kvm.clone(), &point, console))
+            .map(|console| {
+                let shell = lock(&self.shells).pop();
+                start_from(self.kvm.clone(), &point, console, shell)
+            })
             .collect()
+    }
+
+    /// Creates `n` more children ahead of time (KVM VMs with memory slots, interrupt
+    /// controllers, PIT and vCPUs), so that the next forks only map memory and load state. Call
+    /// it while the VM runs, e.g. right after starting it; [`Vm::prepared_forks`] tells how many
+    /// are ready.
+    pub fn prepare_forks(&self, n: usize) -> Result<(), Error> {
+        let size = self.memory_size();
+        // At most MAX_MPTABLE_VCPUS (< 256) vCPUs, as the VM was built with.
+        let vcpus = self.vcpus.len() as u8;
+        for _ in 0..n {
+            let shell = Shell::new(&self.kvm, size, vcpus)?;
+            lock(&self.shells).push(shell);
+        }
+        Ok(())
+    }
+
+    /// How many children [`Vm::prepare_forks`] has ready.
+    pub fn prepared_forks(&self) -> usize {
+        lock(&self.shells).len()
     }
 
     /// Reads the paused VM's state and freezes its memory.
@@ -101,16 +149,30 @@ impl Vm {
     }
 }
 
-/// A new VM, started, that continues from `point` with its serial console on `console`.
+/// A new VM, started, that continues from `point` with its serial console on `console`, built
+/// in `shell` if one is given.
 pub(crate) fn start_from(
     kvm: Arc<Kvm>,
     point: &ForkPoint,
     console: ConsoleOutput,
+    shell: Option<Shell>,
 ) -> Result<Vm, Error> {
-    let caps = host_caps(&kvm)?;
-    let ram = point.image.map()?;
-    let vm_fd = create_vm(&kvm, &ram)?;
+    // At most MAX_MPTABLE_VCPUS (< 256) vCPUs, as the parent was built with.
+    let count = point.vcpus.len() as u8;
+    let shell = match shell {
+        Some(shell) => shell,
+        None => Shell::new(&kvm, point.image.size(), count)?,
+    };
+    let Shell {
+        vm_fd,
+        vcpus,
+        mut ram,
+    } = shell;
+    ram.adopt(&point.image)?;
     point.vm.restore(&vm_fd)?;
+    for (vcpu, state) in vcpus.iter().zip(&point.vcpus) {
+        state.restore(&vcpu.fd)?;
+    }
     let state = Arc::new(RunState::new().map_err(|e| setup_err("VM run state", e))?);
     let mut event_loop = EventLoop::new(&state)?;
     let (pio, serial) = legacy_devices(
@@ -124,11 +186,6 @@ pub(crate) fn start_from(
             debug_exit: point.debug_exit,
         },
     )?;
-    // At most MAX_MPTABLE_VCPUS (< 256) vCPUs, as the parent was built with.
-    let count = point.vcpus.len() as u8;
-    let vcpus = create_vcpus(&kvm, &vm_fd, &caps, count, |id, fd| {
-        point.vcpus[usize::from(id)].restore(fd)
-    })?;
     let vm = Vm::new(VmParts {
         kvm,
         vm_fd,

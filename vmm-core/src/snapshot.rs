@@ -231,7 +231,7 @@ impl Vm {
             serial: state.serial.into(),
             debug_exit: state.debug_exit,
         };
-        start_from(Arc::new(kvm), &point, console)
+        start_from(Arc::new(kvm), &point, console, None)
     }
 }
 

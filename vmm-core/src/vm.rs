@@ -65,6 +65,8 @@ pub struct Vm {
     /// Set when RAM was frozen while paused, cleared when the VM resumes or the host writes
     /// its memory: while set, the frozen image is still exactly the RAM, and a new fork reuses it.
     pub(crate) image_current: AtomicBool,
+    /// Children created ahead of forks ([`Vm::prepare_forks`]).
+    pub(crate) shells: Mutex<Vec<crate::fork::Shell>>,
 }
 
 impl Vm {
@@ -89,6 +91,7 @@ impl Vm {
             vm_fd: parts.vm_fd,
             ram: Mutex::new(parts.ram),
             image_current: AtomicBool::new(false),
+            shells: Mutex::default(),
         }
     }
 

@@ -109,6 +109,34 @@ impl GuestRam {
         Ok(frozen)
     }
 
+    /// Guest RAM of `size` bytes that maps no image yet (a private mapping of an empty file), for
+    /// a VM created ahead of need; [`GuestRam::adopt`] maps an image into it later, in place.
+    pub fn placeholder(size: u64) -> Result<Self, MemoryError> {
+        let file = Arc::new(create_memfd()?);
+        file.set_len(size)
+            .map_err(|source| MemoryError::Resize { size, source })?;
+        Self::map(file, super::ram_ranges(size), libc::MAP_PRIVATE, None)
+    }
+
+    /// Maps `image` privately into this RAM in place: the same addresses, so the memory slots
+    /// of a VM created over this RAM stay valid. The image must have this RAM's layout, and no
+    /// vCPU may run meanwhile.
+    pub fn adopt(&mut self, image: &Arc<FrozenRam>) -> Result<(), MemoryError> {
+        if image.ranges != self.ranges {
+            return Err(MemoryError::Freeze {
+                what: "adopting an image",
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("image of {} bytes, RAM of {}", image.size(), self.size()),
+                ),
+            });
+        }
+        self.file = image.file.clone();
+        self.remap_private()?;
+        self.frozen = Some(image.clone());
+        Ok(())
+    }
+
     /// The image this RAM maps privately, if it was frozen or started from one.
     pub fn frozen(&self) -> Option<&Arc<FrozenRam>> {
         self.frozen.as_ref()
@@ -429,6 +457,30 @@ mod tests {
         assert_eq!([read(&g, 0x1000), read(&g, 0x5000)], [1, 5]);
         assert_eq!(read(&child, 0x5000), 6);
         assert_eq!(grandchildren.size(), 4 * MIB);
+    }
+
+    #[test]
+    fn placeholder_ram_adopts_an_image_in_place() {
+        let mut parent = GuestRam::new(4 * MIB).unwrap();
+        write(&parent, 0x1000, 5);
+        let image = parent.freeze().unwrap();
+        let mut shell = GuestRam::placeholder(4 * MIB).unwrap();
+        let before = shell.memory.get_host_address(GuestAddress(0)).unwrap();
+        assert_eq!(read(&shell, 0x1000), 0);
+        shell.adopt(&image).unwrap();
+        assert_eq!(
+            shell.memory.get_host_address(GuestAddress(0)).unwrap(),
+            before
+        );
+        assert_eq!(read(&shell, 0x1000), 5);
+        write(&shell, 0x1000, 6);
+        assert_eq!(
+            read(&image.map().unwrap(), 0x1000),
+            5,
+            "adopting RAM writes privately"
+        );
+        let mut small = GuestRam::placeholder(2 * MIB).unwrap();
+        assert!(small.adopt(&image).is_err(), "layouts must match");
     }
 
     #[test]
