@@ -4,21 +4,14 @@
 //! a new image — and resumed), for 256 MiB and 4 GiB guests; and `fork(100)` in one call.
 //! Only the fork is timed; tearing the children down comes after.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use forkvm::{ConsoleBuffer, ConsoleOutput, Vm};
-use forkvm_tests::{test_guest_vm, wait_for_output};
+use forkvm::{ConsoleOutput, Vm};
+use forkvm_tests::{spinning_guest_sized, time_each};
 
 fn spinning_parent(memory_mib: u64) -> Vm {
-    let console = ConsoleBuffer::new();
-    let vm = test_guest_vm("mode=spin", &console)
-        .memory_mib(memory_mib)
-        .build()
-        .unwrap();
-    vm.start().unwrap();
-    wait_for_output(&console, "spinning");
-    vm
+    spinning_guest_sized(1, memory_mib).0
 }
 
 fn quiet(n: usize) -> Vec<ConsoleOutput> {
@@ -28,18 +21,14 @@ fn quiet(n: usize) -> Vec<ConsoleOutput> {
 /// Times `iters` forks of `n` children each; the children are dropped untimed, and with
 /// `prepared` each fork's children are prepared ([`Vm::prepare_forks`]) untimed before it.
 fn time_forks(parent: &Vm, iters: u64, n: usize, prepared: bool) -> Duration {
-    (0..iters)
-        .map(|_| {
-            if prepared {
-                parent.prepare_forks(n).unwrap();
-            }
-            let t0 = Instant::now();
-            let children = parent.fork(quiet(n)).unwrap();
-            let took = t0.elapsed();
-            drop(children);
-            took
-        })
-        .sum()
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        if prepared {
+            parent.prepare_forks(n).unwrap();
+        }
+        total += time_each(1, || parent.fork(quiet(n)).unwrap());
+    }
+    total
 }
 
 fn bench_fork(c: &mut Criterion) {

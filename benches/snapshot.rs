@@ -2,42 +2,23 @@
 //! data (filled by the host) against copying the same memory file in the same run, and restore
 //! latency (call → VM running) for 256 MiB and 4 GiB guests.
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use forkvm::{ConsoleBuffer, ConsoleOutput, MEMORY_FILE, Vm};
-use forkvm_tests::{test_guest_vm, wait_for_output};
+use forkvm::{ConsoleOutput, MEMORY_FILE, Vm};
+use forkvm_tests::{spinning_guest_sized, time_each};
 
 const DATA_MIB: u64 = 128;
 
 fn spinning(memory_mib: u64) -> Vm {
-    let console = ConsoleBuffer::new();
-    let vm = test_guest_vm("mode=spin", &console)
-        .memory_mib(memory_mib)
-        .build()
-        .unwrap();
-    vm.start().unwrap();
-    wait_for_output(&console, "spinning");
-    vm
+    spinning_guest_sized(1, memory_mib).0
 }
 
 fn dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("forkvm-bench-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
-}
-
-fn restore_time(snapshot: &Path, iters: u64) -> Duration {
-    (0..iters)
-        .map(|_| {
-            let t0 = Instant::now();
-            let vm = Vm::restore(snapshot, ConsoleOutput::Discard).unwrap();
-            let took = t0.elapsed();
-            drop(vm);
-            took
-        })
-        .sum()
 }
 
 fn bench_snapshot(c: &mut Criterion) {
@@ -73,7 +54,11 @@ fn bench_snapshot(c: &mut Criterion) {
         vm.snapshot(&snapshot).unwrap();
         drop(vm);
         group.bench_with_input(BenchmarkId::new("restore", mib), &mib, |b, _| {
-            b.iter_custom(|iters| restore_time(&snapshot, iters))
+            b.iter_custom(|iters| {
+                time_each(iters, || {
+                    Vm::restore(&snapshot, ConsoleOutput::Discard).unwrap()
+                })
+            })
         });
         let _ = std::fs::remove_dir_all(&snapshot);
     }

@@ -236,9 +236,15 @@ pub fn proc_status(field: &str) -> u64 {
 /// Starts a test guest (`vcpus` vCPUs) spinning on a counter; returns it, the counter's guest
 /// address (the guest prints it) and its console.
 pub fn spinning_guest(vcpus: u32) -> (forkvm::Vm, u64, ConsoleBuffer) {
+    spinning_guest_sized(vcpus, 32)
+}
+
+/// [`spinning_guest`] with `memory_mib` of memory.
+pub fn spinning_guest_sized(vcpus: u32, memory_mib: u64) -> (forkvm::Vm, u64, ConsoleBuffer) {
     let console = ConsoleBuffer::new();
     let vm = test_guest_vm("mode=spin", &console)
         .vcpus(vcpus)
+        .memory_mib(memory_mib)
         .build()
         .expect("build the spinning guest");
     vm.start().expect("start");
@@ -283,4 +289,18 @@ pub fn wait_until_above(vm: &forkvm::Vm, addr: u64, than: u64) -> u64 {
         );
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
+}
+
+/// Runs `make` `iters` times and adds up how long each call took; what it made is dropped
+/// outside the timed part (benchmarks of VM creation leave KVM's teardown out).
+pub fn time_each<T>(iters: u64, mut make: impl FnMut() -> T) -> std::time::Duration {
+    (0..iters)
+        .map(|_| {
+            let t0 = std::time::Instant::now();
+            let made = make();
+            let took = t0.elapsed();
+            drop(made);
+            took
+        })
+        .sum()
 }

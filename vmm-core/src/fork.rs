@@ -79,14 +79,7 @@ impl Vm {
     /// seen by another, and pages nobody writes stay shared. The parent continues (or stays
     /// paused if it was). VMs with virtio devices cannot be forked yet.
     pub fn fork(&self, consoles: Vec<ConsoleOutput>) -> Result<Vec<Vm>, Error> {
-        let was_paused = self.is_paused();
-        self.pause()?;
-        let point = self.fork_point();
-        if !was_paused {
-            // The children do not depend on the parent running again, nor it on them.
-            let _ = self.resume();
-        }
-        let point = point?;
+        let point = self.capture()?;
         consoles
             .into_iter()
             .map(|console| {
@@ -116,8 +109,21 @@ impl Vm {
         lock(&self.shells).len()
     }
 
+    /// Reads the state and freezes the memory of this running (or paused) VM, pausing it only
+    /// meanwhile: what a fork or a snapshot continues from.
+    pub(crate) fn capture(&self) -> Result<ForkPoint, Error> {
+        let was_paused = self.is_paused();
+        self.pause()?;
+        let point = self.fork_point();
+        if !was_paused {
+            // Nothing captured depends on the VM staying paused: the image never changes.
+            let _ = self.resume();
+        }
+        point
+    }
+
     /// Reads the paused VM's state and freezes its memory.
-    pub(crate) fn fork_point(&self) -> Result<ForkPoint, Error> {
+    fn fork_point(&self) -> Result<ForkPoint, Error> {
         if !self.devices.is_empty() {
             return Err(Error::ForkUnsupported {
                 what: "VMs with virtio devices",

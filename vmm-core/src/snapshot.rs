@@ -49,11 +49,13 @@ struct SnapshotState {
     debug_exit: bool,
     vcpus: Vec<VcpuState>,
     vm: VmState,
-    serial: SerialRegisters,
+    #[serde(with = "SerialRegisters")]
+    serial: SerialState,
 }
 
-/// `SerialState` field by field (vm-superio offers no serde for it).
+/// `SerialState` for serde (vm-superio offers none), field by field.
 #[derive(Serialize, Deserialize)]
+#[serde(remote = "SerialState")]
 struct SerialRegisters {
     baud_divisor_low: u8,
     baud_divisor_high: u8,
@@ -65,40 +67,6 @@ struct SerialRegisters {
     modem_status: u8,
     scratch: u8,
     in_buffer: Vec<u8>,
-}
-
-impl From<SerialState> for SerialRegisters {
-    fn from(s: SerialState) -> Self {
-        Self {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
-    }
-}
-
-impl From<SerialRegisters> for SerialState {
-    fn from(s: SerialRegisters) -> Self {
-        Self {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
-    }
 }
 
 /// The host CPU as a snapshot records it: vendor, family, model and stepping.
@@ -134,13 +102,7 @@ impl Vm {
                 source,
             }
         };
-        let was_paused = self.is_paused();
-        self.pause()?;
-        let point = self.fork_point();
-        if !was_paused {
-            let _ = self.resume();
-        }
-        let point = point?;
+        let point = self.capture()?;
         std::fs::create_dir_all(dir).map_err(io_err("creating the directory"))?;
         // No state file while the new snapshot is incomplete.
         match std::fs::remove_file(dir.join(STATE_FILE)) {
@@ -159,7 +121,7 @@ impl Vm {
             debug_exit: point.debug_exit,
             vcpus: point.vcpus,
             vm: point.vm,
-            serial: point.serial.into(),
+            serial: point.serial,
         };
         write_atomically(dir, STATE_FILE, |file| {
             let mut writer = BufWriter::new(file);
@@ -228,7 +190,7 @@ impl Vm {
             image: FrozenRam::from_file(memory, state.memory_size),
             vcpus: state.vcpus,
             vm: state.vm,
-            serial: state.serial.into(),
+            serial: state.serial,
             debug_exit: state.debug_exit,
         };
         start_from(Arc::new(kvm), &point, console, None)

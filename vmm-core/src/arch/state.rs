@@ -24,7 +24,11 @@ use crate::error::{Error, kvm_err};
 pub struct VcpuState {
     regs: kvm_regs,
     sregs: kvm_sregs,
-    fpu: FpuState,
+    /// The legacy FPU and SSE state, restored where KVM has no XSAVE.
+    #[serde(with = "LegacyFpu")]
+    fpu: kvm_fpu,
+    /// The XSAVE area (all vector state), where KVM has one.
+    xsave: Option<Box<kvm_xsave>>,
     xcrs: Option<kvm_xcrs>,
     debugregs: kvm_debugregs,
     lapic: kvm_lapic_state,
@@ -33,59 +37,21 @@ pub struct VcpuState {
     events: kvm_vcpu_events,
 }
 
-/// The FPU and vector registers: the XSAVE area where KVM has one, the legacy FPU state
-/// otherwise.
+/// `kvm_fpu` for serde (kvm-bindings offers none), field by field.
 #[derive(Serialize, Deserialize)]
-enum FpuState {
-    Xsave(Box<kvm_xsave>),
-    Legacy(Box<LegacyFpu>),
-}
-
-/// `kvm_fpu` field by field (kvm-bindings offers no serde for it).
-#[derive(Serialize, Deserialize)]
+#[serde(remote = "kvm_fpu")]
 struct LegacyFpu {
     fpr: [[u8; 16]; 8],
     fcw: u16,
     fsw: u16,
     ftwx: u8,
+    pad1: u8,
     last_opcode: u16,
     last_ip: u64,
     last_dp: u64,
     xmm: [[u8; 16]; 16],
     mxcsr: u32,
-}
-
-impl From<kvm_fpu> for LegacyFpu {
-    fn from(f: kvm_fpu) -> Self {
-        Self {
-            fpr: f.fpr,
-            fcw: f.fcw,
-            fsw: f.fsw,
-            ftwx: f.ftwx,
-            last_opcode: f.last_opcode,
-            last_ip: f.last_ip,
-            last_dp: f.last_dp,
-            xmm: f.xmm,
-            mxcsr: f.mxcsr,
-        }
-    }
-}
-
-impl From<&LegacyFpu> for kvm_fpu {
-    fn from(f: &LegacyFpu) -> Self {
-        kvm_fpu {
-            fpr: f.fpr,
-            fcw: f.fcw,
-            fsw: f.fsw,
-            ftwx: f.ftwx,
-            last_opcode: f.last_opcode,
-            last_ip: f.last_ip,
-            last_dp: f.last_dp,
-            xmm: f.xmm,
-            mxcsr: f.mxcsr,
-            ..Default::default()
-        }
-    }
+    pad2: u32,
 }
 
 /// The VM-wide state: interrupt controllers, PIT and kvmclock.
@@ -152,14 +118,13 @@ impl VcpuState {
         Ok(Self {
             regs: vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?,
             sregs: vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?,
-            fpu: if xsave {
-                FpuState::Xsave(Box::new(
+            fpu: vcpu.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?,
+            xsave: if xsave {
+                Some(Box::new(
                     vcpu.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?,
                 ))
             } else {
-                FpuState::Legacy(Box::new(
-                    vcpu.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?.into(),
-                ))
+                None
             },
             xcrs: if xsave {
                 Some(vcpu.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?)
@@ -185,15 +150,11 @@ impl VcpuState {
         vcpu.set_regs(&self.regs).map_err(kvm_err("KVM_SET_REGS"))?;
         vcpu.set_sregs(&self.sregs)
             .map_err(kvm_err("KVM_SET_SREGS"))?;
-        match &self.fpu {
+        match &self.xsave {
             // SAFETY: forkvm never enables KVM_CAP_XSAVE2 (no dynamically enabled state such as
             // AMX), so KVM reads exactly the size of `kvm_xsave` that `xsave` is.
-            FpuState::Xsave(xsave) => {
-                unsafe { vcpu.set_xsave(xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?
-            }
-            FpuState::Legacy(fpu) => vcpu
-                .set_fpu(&kvm_fpu::from(&**fpu))
-                .map_err(kvm_err("KVM_SET_FPU"))?,
+            Some(xsave) => unsafe { vcpu.set_xsave(xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?,
+            None => vcpu.set_fpu(&self.fpu).map_err(kvm_err("KVM_SET_FPU"))?,
         }
         if let Some(xcrs) = &self.xcrs {
             vcpu.set_xcrs(xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
