@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use crate::sync::lock;
 use thiserror::Error;
 
 /// A device reachable through a range of guest addresses.
@@ -100,14 +101,6 @@ impl Bus {
             None => false,
         }
     }
-}
-
-/// Locks a device, recovering it if a previous holder panicked: device state stays consistent
-/// between accesses, so a poisoned lock carries no half-done update worth refusing.
-fn lock(device: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    device
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 pub mod bus;
 pub mod input;
 pub mod legacy;
+pub mod sync;
 #[cfg(test)]
 mod test_util;
 pub mod trigger;

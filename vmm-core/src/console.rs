@@ -119,9 +119,7 @@ impl ConsoleBuffer {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<u8>> {
-        self.bytes
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        forkvm_devices::sync::lock(&self.bytes)
     }
 }
 

@@ -14,8 +14,8 @@
 //! Not yet carried over: virtio devices (a VM that has any is refused), and the notice to the
 //! guest that it was forked.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
 
 use forkvm_devices::bus::Bus;
 use forkvm_devices::legacy::SerialState;
@@ -31,6 +31,7 @@ use crate::memory::freeze::FrozenRam;
 use crate::run_state::RunState;
 use crate::vcpu::{IoBuses, Vcpu};
 use crate::vm::{Vm, VmParts};
+use forkvm_devices::sync::lock;
 use kvm_ioctls::{Kvm, VmFd};
 
 /// A child VM created ahead of a fork: memory slots over placeholder RAM, interrupt
@@ -64,12 +65,6 @@ pub(crate) struct ForkPoint {
     pub serial: SerialState,
     /// Whether the VM has the debug-exit port.
     pub debug_exit: bool,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Vm {

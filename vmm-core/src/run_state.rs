@@ -17,6 +17,7 @@ use vmm_sys_util::signal::Killable;
 
 use crate::exit::GuestExit;
 use crate::vcpu::kick_signal;
+use forkvm_devices::sync::lock;
 
 /// Shared between the VM handle, its vCPU threads, its event loop and the devices that end it.
 pub struct RunState {
@@ -181,10 +182,4 @@ impl RunState {
     pub fn exit(&self) -> Option<GuestExit> {
         lock(&self.exit).clone()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -4,7 +4,7 @@
 //! `kvm_run` so `KVM_RUN` returns `EINTR` whether the signal lands inside or just before it.
 
 use std::cell::Cell;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use forkvm_devices::bus::Bus;
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
@@ -14,6 +14,7 @@ use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 use crate::error::Error;
 use crate::exit::{CpuRegisters, Crash, CrashReason, GuestExit};
 use crate::run_state::RunState;
+use forkvm_devices::sync::lock;
 
 /// Offset from `SIGRTMIN` of the signal that kicks vCPU threads out of `KVM_RUN`. An embedding
 /// program must leave this real-time signal to forkvm.
@@ -69,10 +70,6 @@ pub struct Vcpu {
 /// A vCPU shared between its thread, which runs it, and the VM handle, which reads its state
 /// while the VM is paused (the thread holds the lock only around `KVM_RUN` and the exit).
 pub type SharedVcpu = Arc<Mutex<Vcpu>>;
-
-fn lock(vcpu: &SharedVcpu) -> MutexGuard<'_, Vcpu> {
-    vcpu.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 impl Vcpu {
     /// Runs the vCPU until the VM is exiting or this vCPU ends it, parking while it is paused.

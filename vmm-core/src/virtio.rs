@@ -20,6 +20,7 @@ use crate::error::{Error, kvm_err};
 use crate::event_loop::EventLoop;
 use crate::layout::{VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use crate::memory::GuestMemoryMmap;
+use forkvm_devices::sync::lock;
 
 /// First IRQ given to virtio devices (0–4 are the PIT, keyboard, cascade and serial ports).
 pub const FIRST_VIRTIO_IRQ: u32 = 5;
@@ -202,9 +203,7 @@ impl AttachedDevice {
     }
 
     fn lock(&self) -> MutexGuard<'_, MmioTransport> {
-        self.transport
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.transport)
     }
 }
 

@@ -20,6 +20,7 @@ use crate::memory::GuestRam;
 use crate::run_state::RunState;
 use crate::vcpu::{IoBuses, SharedVcpu, Vcpu};
 use crate::virtio::{AttachedDevice, DeviceInfo};
+use forkvm_devices::sync::lock;
 
 /// Where a VM is in its life.
 enum Phase {
@@ -263,15 +264,11 @@ impl Vm {
     }
 
     pub(crate) fn lock_ram(&self) -> MutexGuard<'_, GuestRam> {
-        self.ram
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.ram)
     }
 
     fn lock_phase(&self) -> MutexGuard<'_, Phase> {
-        self.phase
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.phase)
     }
 }
 

@@ -11,6 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 use crate::input::InputSink;
+use crate::sync::lock;
 use crate::trigger::IrqTrigger;
 
 /// COM1's first I/O port.
@@ -133,10 +134,6 @@ impl InputSink for SerialSink {
     fn room_made(&self) -> &EventFd {
         &self.drained
     }
-}
-
-fn lock(port: &Mutex<SerialPort>) -> std::sync::MutexGuard<'_, SerialPort> {
-    port.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -144,9 +144,7 @@ impl Shared {
     }
 
     fn lock_stats(&self) -> MutexGuard<'_, Option<BalloonStats>> {
-        self.stats
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.stats)
     }
 }
 

@@ -17,6 +17,7 @@ use super::{
     DeviceError, GuestMemoryMmap, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, serve_queue,
 };
 use crate::input::InputSink;
+use crate::sync::lock;
 
 /// Virtio device type of the console.
 pub const CONSOLE_DEVICE_TYPE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
@@ -56,9 +57,7 @@ impl ConsoleInputQueue {
     }
 
     fn lock(&self) -> MutexGuard<'_, VecDeque<u8>> {
-        self.bytes
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.bytes)
     }
 }
 
@@ -192,10 +191,7 @@ impl InputSink for ConsoleSink {
 
     fn deliver(&mut self, bytes: &[u8]) {
         self.input.push(bytes);
-        self.transport
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .process_queue(RX_QUEUE);
+        lock(&self.transport).process_queue(RX_QUEUE);
     }
 
     fn room_made(&self) -> &EventFd {

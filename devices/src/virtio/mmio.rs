@@ -8,7 +8,7 @@
 //! requests a device cannot parse, put the device into `DEVICE_NEEDS_RESET`.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_bindings::virtio_config::{
@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{GuestMemoryMmap, INT_CONFIG, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice};
 use crate::bus::BusDevice;
+use crate::sync::lock;
 
 /// Size of one device's register window.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
@@ -446,12 +447,6 @@ impl MutEventSubscriber for QueueEvents {
             lock(&self.transport).process_queue(index);
         }
     }
-}
-
-fn lock(transport: &Mutex<MmioTransport>) -> MutexGuard<'_, MmioTransport> {
-    transport
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

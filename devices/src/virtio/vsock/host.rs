@@ -70,9 +70,7 @@ impl VsockConnector {
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<UnixStream>> {
-        self.queue
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.queue)
     }
 }
 
