@@ -91,12 +91,16 @@ impl GuestRam {
     /// privately (see the module docs for what it costs). Every vCPU and device of the VM must be
     /// stopped (`Vm::pause`) while this runs.
     pub fn freeze(&mut self) -> Result<Arc<FrozenRam>, MemoryError> {
-        if self.frozen.is_some() {
+        if let Some(image) = self.frozen.clone() {
+            // This RAM's contents: the image it maps privately, then what it wrote since.
             let file = Arc::new(create_memfd()?);
-            let size = self.size();
-            file.set_len(size)
-                .map_err(|source| MemoryError::Resize { size, source })?;
-            self.copy_into(&file)?;
+            image
+                .copy_data_to(&file)
+                .map_err(|source| MemoryError::Freeze {
+                    what: "copying the image",
+                    source,
+                })?;
+            self.copy_written_pages(&file)?;
             self.file = file;
         }
         self.remap_private()?;
@@ -112,10 +116,7 @@ impl GuestRam {
     /// Guest RAM of `size` bytes that maps no image yet (a private mapping of an empty file), for
     /// a VM created ahead of need; [`GuestRam::adopt`] maps an image into it later, in place.
     pub fn placeholder(size: u64) -> Result<Self, MemoryError> {
-        let file = Arc::new(create_memfd()?);
-        file.set_len(size)
-            .map_err(|source| MemoryError::Resize { size, source })?;
-        Self::map(file, super::ram_ranges(size), libc::MAP_PRIVATE, None)
+        Self::with_new_file(size, libc::MAP_PRIVATE)
     }
 
     /// Maps `image` privately into this RAM in place: the same addresses, so the memory slots
@@ -142,14 +143,10 @@ impl GuestRam {
         self.frozen.as_ref()
     }
 
-    /// Writes this RAM's contents into the empty `file`: the data of the image it maps privately
-    /// (only its allocated extents), then the pages this VM has written since (its anonymous
-    /// copy-on-write pages, found in `/proc/self/pagemap`).
-    fn copy_into(&self, file: &File) -> Result<(), MemoryError> {
+    /// Writes into `file`, at their offsets, the pages this VM has written since it began to map
+    /// its image privately (its anonymous copy-on-write pages, found in `/proc/self/pagemap`).
+    fn copy_written_pages(&self, file: &File) -> Result<(), MemoryError> {
         let err = |what| move |source| MemoryError::Freeze { what, source };
-        for (start, end) in data_extents(&self.file).map_err(err("finding the image's data"))? {
-            copy_range(&self.file, file, start, end).map_err(err("copying the image"))?;
-        }
         let pagemap = File::open("/proc/self/pagemap").map_err(err("opening the page map"))?;
         let mut chunk = vec![0u8; COPY_CHUNK];
         for range in &self.ranges {

@@ -118,11 +118,15 @@ pub struct GuestRam {
 impl GuestRam {
     /// Creates `size` bytes of zeroed guest RAM in a new memfd.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
+        Self::with_new_file(size, libc::MAP_SHARED)
+    }
+
+    /// RAM of `size` bytes over a new, empty memfd mapped with `flags`.
+    fn with_new_file(size: u64, flags: i32) -> Result<Self, MemoryError> {
         let file = Arc::new(create_memfd()?);
         file.set_len(size)
             .map_err(|source| MemoryError::Resize { size, source })?;
-        let ranges = ram_ranges(size);
-        Self::map(file, ranges, libc::MAP_SHARED, None)
+        Self::map(file, ram_ranges(size), flags, None)
     }
 
     /// Maps `ranges` of `file` with `flags` (`MAP_SHARED`, or `MAP_PRIVATE` over `frozen`).
