@@ -91,3 +91,22 @@ fn incomplete_or_foreign_snapshots_are_refused() {
     assert!(err.contains("did not finish"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_vm_with_virtio_devices_is_not_snapshotted_yet_and_runs_on() {
+    let console = forkvm::ConsoleBuffer::new();
+    let vm = forkvm_tests::test_guest_vm("mode=spin", &console)
+        .rng()
+        .build()
+        .unwrap();
+    vm.start().unwrap();
+    forkvm_tests::wait_for_output(&console, "spinning");
+    let dir = snapshot_dir("virtio");
+    let err = vm
+        .snapshot(&dir)
+        .expect_err("snapshot with a virtio device");
+    assert!(matches!(err, forkvm::Error::Unsupported { .. }), "{err}");
+    assert!(!dir.join(STATE_FILE).exists());
+    assert!(!vm.is_paused());
+    assert_eq!(vm.exit(), None);
+}

@@ -1,6 +1,7 @@
 //! [`VmBuilder`]: what a VM is made of, validated and turned into a ready [`Vm`].
 
 use std::ffi::CString;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -97,18 +98,7 @@ impl VirtioConfig {
             Self::Console { output, input } => {
                 let console = Console::new(output.into_writer()?)
                     .map_err(|e| setup_err("virtio-console", e))?;
-                let input = input
-                    .map(|ConsoleInputDebug(input)| {
-                        input
-                            .into_fd()
-                            .map_err(|e| setup_err("virtio-console input", e))
-                    })
-                    .transpose()?
-                    .map(|fd| (console.input(), fd));
-                VirtioDeviceSpec {
-                    device: Box::new(console),
-                    console_input: input,
-                }
+                VirtioDeviceSpec::console(console, input.map(|i| i.into_fd()).transpose()?)
             }
         })
     }
@@ -218,7 +208,14 @@ impl Balloon {
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
 
 /// [`ConsoleInput`] with a `Debug` impl for the builder.
-pub(crate) struct ConsoleInputDebug(ConsoleInput);
+pub(crate) struct ConsoleInputDebug(pub ConsoleInput);
+
+impl ConsoleInputDebug {
+    /// The fd the input is read from.
+    pub(crate) fn into_fd(self) -> Result<OwnedFd, Error> {
+        self.0.into_fd().map_err(|e| setup_err("console input", e))
+    }
+}
 
 impl std::fmt::Debug for ConsoleInputDebug {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -505,8 +502,8 @@ pub(crate) fn legacy_devices(
         .map_err(|e| setup_err("serial port", e))?,
     ));
     insert(&mut pio, serial.clone(), SERIAL_PORT_BASE, SERIAL_PORT_LEN)?;
-    if let Some(ConsoleInputDebug(input)) = config.console_input {
-        let fd = input.into_fd().map_err(|e| setup_err("console input", e))?;
+    if let Some(input) = config.console_input {
+        let fd = input.into_fd()?;
         let feeder = InputFeeder::new(
             SerialSink::new(serial.clone()).map_err(|e| setup_err("console input", e))?,
             fd,

@@ -130,11 +130,19 @@ pub enum Error {
     /// The VM's threads did not stop for a pause in time (a device handler may be stuck).
     #[error("the VM's threads did not stop within 5 s; the VM keeps running")]
     PauseTimedOut,
-    /// The VM has something a fork cannot carry over yet.
-    #[error("cannot fork or snapshot {what} yet")]
-    ForkUnsupported {
+    /// Something forkvm cannot do yet.
+    #[error("{what} is not supported yet")]
+    Unsupported {
         /// What.
         what: &'static str,
+    },
+    /// A virtio device could not be frozen for a fork.
+    #[error("cannot freeze virtio device type {device_type} for a fork: {source}")]
+    DeviceFreeze {
+        /// Its virtio device type.
+        device_type: u32,
+        /// Why.
+        source: forkvm_devices::virtio::DeviceError,
     },
     /// A snapshot could not be written.
     #[error("cannot snapshot to {path}: {what}: {source}")]

@@ -11,28 +11,95 @@
 //! front). [`Vm::prepare_forks`] does it ahead of time: a prepared child is a KVM VM with its
 //! slots over placeholder RAM, into which the frozen image is mapped in place at fork time.
 //!
-//! Not yet carried over: virtio devices (a VM that has any is refused), and the notice to the
-//! guest that it was forked.
+//! Virtio devices are frozen with the rest ([`forkvm_devices::virtio::DeviceState`]) and each
+//! child gets copies at the same windows and IRQs, with their queues where the driver left them:
+//! rng and console continue (a console's pending input goes to every child); a child's vsock
+//! device has new host endpoints and sends its guest a transport reset, since connections do not
+//! survive a fork; a balloon keeps its target and size.
+//!
+//! Not yet carried over: the notice to the guest that it was forked.
 
+use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use forkvm_devices::bus::Bus;
 use forkvm_devices::legacy::SerialState;
+use forkvm_devices::virtio::DeviceState;
+use forkvm_devices::virtio::balloon::{Balloon, BalloonHandle};
+use forkvm_devices::virtio::console::Console;
+use forkvm_devices::virtio::rng::Rng;
+use forkvm_devices::virtio::vsock::Vsock;
+use forkvm_devices::virtio::vsock::host::VsockConnector;
 
 use crate::arch::probe::host_caps;
 use crate::arch::state::{VcpuState, VmState};
-use crate::builder::{LegacyConfig, create_vcpus, create_vm, legacy_devices, setup_err};
-use crate::console::ConsoleOutput;
+use crate::builder::{
+    ConsoleInputDebug, LegacyConfig, create_vcpus, create_vm, legacy_devices, setup_err,
+};
+use crate::console::{ConsoleInput, ConsoleOutput};
 use crate::error::Error;
 use crate::event_loop::EventLoop;
 use crate::memory::GuestRam;
 use crate::memory::freeze::FrozenRam;
 use crate::run_state::RunState;
 use crate::vcpu::{IoBuses, Vcpu};
+use crate::virtio::{FrozenDevice, VirtioDeviceSpec, VirtioPlan};
 use crate::vm::{Vm, VmParts};
 use forkvm_devices::sync::lock;
 use kvm_ioctls::{Kvm, VmFd};
+
+/// How one child of a fork reaches the host: its serial console and input, the host ends of
+/// its virtio consoles, and its vsock Unix socket. A [`ConsoleOutput`] converts into a child
+/// with only a serial console (its virtio consoles' output is discarded, and host programs
+/// reach its vsock device only through [`Vm::vsock_connect`]).
+#[derive(Debug)]
+pub struct Child {
+    console: ConsoleOutput,
+    console_input: Option<ConsoleInputDebug>,
+    virtio_consoles: VecDeque<(ConsoleOutput, Option<ConsoleInputDebug>)>,
+    vsock_uds_path: Option<PathBuf>,
+}
+
+impl Child {
+    /// A child whose serial console writes to `console`.
+    pub fn new(console: ConsoleOutput) -> Self {
+        Self {
+            console,
+            console_input: None,
+            virtio_consoles: VecDeque::new(),
+            vsock_uds_path: None,
+        }
+    }
+
+    /// Feeds the child's serial console from `input`.
+    pub fn console_input(mut self, input: ConsoleInput) -> Self {
+        self.console_input = Some(ConsoleInputDebug(input));
+        self
+    }
+
+    /// The host end of the child's next virtio console (the first call is for the parent's
+    /// first virtio console, and so on): its output, and its input if given.
+    pub fn virtio_console(mut self, output: ConsoleOutput, input: Option<ConsoleInput>) -> Self {
+        self.virtio_consoles
+            .push_back((output, input.map(ConsoleInputDebug)));
+        self
+    }
+
+    /// Where host programs reach the child's vsock device, as [`crate::Vsock::uds_path`] (the
+    /// parent's socket stays the parent's).
+    pub fn vsock_uds_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.vsock_uds_path = Some(path.into());
+        self
+    }
+}
+
+impl From<ConsoleOutput> for Child {
+    fn from(console: ConsoleOutput) -> Self {
+        Self::new(console)
+    }
+}
 
 /// A child VM created ahead of a fork: memory slots over placeholder RAM, interrupt
 /// controllers, PIT, and vCPUs with their CPUID.
@@ -65,21 +132,26 @@ pub(crate) struct ForkPoint {
     pub serial: SerialState,
     /// Whether the VM has the debug-exit port.
     pub debug_exit: bool,
+    /// Virtio devices.
+    pub devices: Vec<FrozenDevice>,
 }
 
 impl Vm {
-    /// Splits this running (or paused) VM into `consoles.len()` new running VMs that continue
-    /// from this instant, each writing its serial console to its entry of `consoles`. Each child
-    /// has its own vCPU threads, devices and memory: a write by the parent or any child is never
-    /// seen by another, and pages nobody writes stay shared. The parent continues (or stays
-    /// paused if it was). VMs with virtio devices cannot be forked yet.
-    pub fn fork(&self, consoles: Vec<ConsoleOutput>) -> Result<Vec<Vm>, Error> {
+    /// Splits this running (or paused) VM into one new running VM per entry of `children`
+    /// (each a [`Child`], or just the [`ConsoleOutput`] of its serial console), all continuing
+    /// from this instant. Each child has its own vCPU threads, devices and memory: a write by
+    /// the parent or any child is never seen by another, and pages nobody writes stay shared.
+    /// The parent continues (or stays paused if it was).
+    pub fn fork<C: Into<Child>>(
+        &self,
+        children: impl IntoIterator<Item = C>,
+    ) -> Result<Vec<Vm>, Error> {
         let point = self.capture()?;
-        consoles
+        children
             .into_iter()
-            .map(|console| {
+            .map(|child| {
                 let shell = lock(&self.shells).pop();
-                start_from(self.kvm.clone(), &point, console, shell)
+                start_from(self.kvm.clone(), &point, child.into(), shell)
             })
             .collect()
     }
@@ -119,11 +191,11 @@ impl Vm {
 
     /// Reads the paused VM's state and freezes its memory.
     fn fork_point(&self) -> Result<ForkPoint, Error> {
-        if !self.devices.is_empty() {
-            return Err(Error::ForkUnsupported {
-                what: "VMs with virtio devices",
-            });
-        }
+        let devices = self
+            .devices
+            .iter()
+            .map(|device| device.freeze())
+            .collect::<Result<_, _>>()?;
         let vcpus = self
             .vcpus
             .iter()
@@ -146,16 +218,17 @@ impl Vm {
             vm,
             serial,
             debug_exit: self.debug_exit,
+            devices,
         })
     }
 }
 
-/// A new VM, started, that continues from `point` with its serial console on `console`, built
+/// A new VM, started, that continues from `point` connected to the host as `child` says, built
 /// in `shell` if one is given.
 pub(crate) fn start_from(
     kvm: Arc<Kvm>,
     point: &ForkPoint,
-    console: ConsoleOutput,
+    mut child: Child,
     shell: Option<Shell>,
 ) -> Result<Vm, Error> {
     // At most MAX_MPTABLE_VCPUS (< 256) vCPUs, as the parent was built with.
@@ -181,29 +254,77 @@ pub(crate) fn start_from(
         &state,
         &mut event_loop,
         LegacyConfig {
-            console,
-            console_input: None,
+            console: std::mem::replace(&mut child.console, ConsoleOutput::Discard),
+            console_input: child.console_input.take(),
             serial_state: Some(point.serial.clone()),
             debug_exit: point.debug_exit,
         },
     )?;
+    let ChildDevices {
+        plan,
+        vsock,
+        balloon,
+    } = continue_devices(&point.devices, child)?;
+    let mut mmio = Bus::new();
+    let devices = plan.attach(&vm_fd, &mut mmio, &mut event_loop, &ram.memory)?;
     let vm = Vm::new(VmParts {
         kvm,
         vm_fd,
         ram,
         vcpus,
-        buses: Arc::new(IoBuses {
-            pio,
-            mmio: Bus::new(),
-        }),
+        buses: Arc::new(IoBuses { pio, mmio }),
         serial,
         debug_exit: point.debug_exit,
-        devices: Vec::new(),
+        devices,
         event_loop,
         state,
-        vsock: None,
-        balloon: None,
+        vsock,
+        balloon,
     });
     vm.start()?;
     Ok(vm)
+}
+
+/// A child's virtio devices, and the handles the VM keeps to its vsock device and balloon.
+struct ChildDevices {
+    plan: VirtioPlan,
+    vsock: Option<VsockConnector>,
+    balloon: Option<BalloonHandle>,
+}
+
+/// Creates a child's copy of each `frozen` device, connected to the host ends `child` names.
+fn continue_devices(frozen: &[FrozenDevice], mut child: Child) -> Result<ChildDevices, Error> {
+    let (mut vsock, mut balloon) = (None, None);
+    let mut devices = Vec::with_capacity(frozen.len());
+    for device in frozen {
+        let spec = match &device.state.device {
+            DeviceState::Rng => VirtioDeviceSpec::new(Box::new(Rng::new())),
+            DeviceState::Console(state) => {
+                let (output, input) = child
+                    .virtio_consoles
+                    .pop_front()
+                    .unwrap_or((ConsoleOutput::Discard, None));
+                let console = Console::from_state(state, output.into_writer()?)
+                    .map_err(|e| setup_err("virtio-console", e))?;
+                VirtioDeviceSpec::console(console, input.map(|i| i.into_fd()).transpose()?)
+            }
+            DeviceState::Vsock(state) => {
+                let device = Vsock::from_state(state, child.vsock_uds_path.as_deref())?;
+                vsock = Some(device.connector());
+                VirtioDeviceSpec::new(Box::new(device))
+            }
+            DeviceState::Balloon(state) => {
+                let device =
+                    Balloon::from_state(state).map_err(|e| setup_err("virtio-balloon", e))?;
+                balloon = Some(device.handle());
+                VirtioDeviceSpec::new(Box::new(device))
+            }
+        };
+        devices.push((spec, device));
+    }
+    Ok(ChildDevices {
+        plan: VirtioPlan::continued(devices),
+        vsock,
+        balloon,
+    })
 }

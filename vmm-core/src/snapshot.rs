@@ -11,7 +11,7 @@
 //! snapshot did not finish never has a `state.json`. A restored VM maps `memory` privately:
 //! restoring costs the same for any memory size, and restoring twice gives two independent VMs.
 //!
-//! Like fork, VMs with virtio devices cannot be snapshotted yet.
+//! VMs with virtio devices cannot be snapshotted yet (they can be forked).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -102,6 +102,11 @@ impl Vm {
                 source,
             }
         };
+        if !self.devices.is_empty() {
+            return Err(Error::Unsupported {
+                what: "snapshotting a VM with virtio devices",
+            });
+        }
         let point = self.capture()?;
         std::fs::create_dir_all(dir).map_err(io_err("creating the directory"))?;
         // No state file while the new snapshot is incomplete.
@@ -192,8 +197,9 @@ impl Vm {
             vm: state.vm,
             serial: state.serial,
             debug_exit: state.debug_exit,
+            devices: Vec::new(),
         };
-        start_from(Arc::new(kvm), &point, console, None)
+        start_from(Arc::new(kvm), &point, console.into(), None)
     }
 }
 

@@ -1,6 +1,8 @@
 //! Places virtio devices in a VM: one MMIO window and one IRQ each (from `vm-allocator`), the
 //! KVM ioeventfds and irqfd that connect them, the event-loop subscriber that serves their
 //! queues, and the `virtio_mmio.device=` entries that tell the guest kernel where they are.
+//! A forked child's devices are placed where its parent's were and continue from their frozen
+//! state ([`FrozenDevice`]).
 
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -8,9 +10,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use forkvm_devices::bus::Bus;
 use forkvm_devices::input::InputFeeder;
 use forkvm_devices::trigger::IrqTrigger;
-use forkvm_devices::virtio::console::{ConsoleInputQueue, ConsoleSink};
+use forkvm_devices::virtio::console::{Console, ConsoleInputQueue, ConsoleSink};
 use forkvm_devices::virtio::mmio::{
-    MMIO_WINDOW_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, QueueEvents,
+    MMIO_WINDOW_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, QueueEvents, TransportState, VirtioState,
 };
 use forkvm_devices::virtio::{Interrupt, VirtioDevice};
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -43,6 +45,14 @@ impl VirtioDeviceSpec {
             console_input: None,
         }
     }
+
+    /// A console, fed from `input` if given.
+    pub fn console(console: Console, input: Option<OwnedFd>) -> Self {
+        Self {
+            console_input: input.map(|fd| (console.input(), fd)),
+            device: Box::new(console),
+        }
+    }
 }
 
 /// A virtio device and where it will appear in the guest.
@@ -50,6 +60,19 @@ struct Placed {
     spec: VirtioDeviceSpec,
     base: u64,
     irq: u32,
+    /// For a forked child's device: the registers and queues it continues from.
+    transport: Option<TransportState>,
+}
+
+/// A virtio device frozen at a fork, and where it sits in the guest.
+#[derive(Clone, Debug)]
+pub(crate) struct FrozenDevice {
+    /// Guest-physical base of its window.
+    pub base: u64,
+    /// Its interrupt line.
+    pub irq: u32,
+    /// Transport and device state.
+    pub state: VirtioState,
 }
 
 /// What the VM handle reports about one of its virtio devices.
@@ -92,11 +115,27 @@ impl VirtioPlan {
                     spec,
                     base: window.start(),
                     irq: irqs.allocate_id()?,
+                    transport: None,
                 })
             })
             .collect::<Result<Vec<_>, vm_allocator::Error>>()
             .map_err(place_err)?;
         Ok(Self { placed })
+    }
+
+    /// Devices that continue `frozen` ones (each paired with the device created from its
+    /// state), at the same windows and IRQs: the devices of a forked child.
+    pub(crate) fn continued(devices: Vec<(VirtioDeviceSpec, &FrozenDevice)>) -> Self {
+        let placed = devices
+            .into_iter()
+            .map(|(spec, frozen)| Placed {
+                spec,
+                base: frozen.base,
+                irq: frozen.irq,
+                transport: Some(frozen.state.transport.clone()),
+            })
+            .collect();
+        Self { placed }
     }
 
     /// The kernel command-line entries announcing the devices.
@@ -147,6 +186,7 @@ impl Placed {
                 },
             base,
             irq,
+            transport,
         } = self;
         let setup_err = |e: std::io::Error| Error::Setup {
             what: "virtio device",
@@ -155,8 +195,12 @@ impl Placed {
         let line = IrqTrigger::new().map_err(setup_err)?;
         vm.register_irqfd(line.eventfd(), irq)
             .map_err(kvm_err("KVM_IRQFD"))?;
-        let transport =
-            MmioTransport::new(device, memory.clone(), Interrupt::new(line)).map_err(setup_err)?;
+        let interrupt = Interrupt::new(line);
+        let transport = match transport {
+            Some(state) => MmioTransport::restore(device, memory.clone(), interrupt, &state),
+            None => MmioTransport::new(device, memory.clone(), interrupt),
+        }
+        .map_err(setup_err)?;
         for (index, event) in transport.queue_events().iter().enumerate() {
             let notify = IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET);
             vm.register_ioevent(event, &notify, index as u32)
@@ -200,6 +244,20 @@ impl AttachedDevice {
             irq: self.irq,
             status: transport.status(),
         }
+    }
+
+    /// Freezes the device (the VM must be paused): what a forked child's copy continues from.
+    pub(crate) fn freeze(&self) -> Result<FrozenDevice, Error> {
+        let mut transport = self.lock();
+        let state = transport.freeze().map_err(|source| Error::DeviceFreeze {
+            device_type: transport.device_type(),
+            source,
+        })?;
+        Ok(FrozenDevice {
+            base: self.base,
+            irq: self.irq,
+            state,
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, MmioTransport> {

@@ -27,8 +27,8 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    DeviceError, GuestMemoryMmap, INT_CONFIG, INT_USED_RING, Interrupt, VIRTIO_F_VERSION_1,
-    VirtioDevice, serve_queue,
+    DeviceError, DeviceState, GuestMemoryMmap, INT_CONFIG, INT_USED_RING, Interrupt,
+    VIRTIO_F_VERSION_1, VirtioDevice, serve_queue,
 };
 
 /// Virtio device type of the memory balloon.
@@ -266,6 +266,18 @@ fn queue_roles(features: u64) -> Vec<QueueRole> {
     roles
 }
 
+/// A balloon at a fork: what it offers, its target and size, the statistics it holds and the
+/// statistics buffer the guest left with it. Each child gets its own handle and counters.
+#[derive(Clone, Debug)]
+pub struct BalloonState {
+    ram_pages: u64,
+    features: u64,
+    target: u32,
+    actual: u32,
+    stats: Option<BalloonStats>,
+    stats_head: Option<u16>,
+}
+
 /// The balloon device.
 pub struct Balloon {
     shared: Arc<Shared>,
@@ -295,8 +307,23 @@ impl Balloon {
         if free_page_reporting {
             features |= 1 << F_REPORTING;
         }
+        Self::with_features(ram_bytes / PAGE_SIZE, features)
+    }
+
+    /// A forked child's balloon, continuing from `state` (the transport tells it the features
+    /// the driver accepted).
+    pub fn from_state(state: &BalloonState) -> io::Result<Self> {
+        let mut balloon = Self::with_features(state.ram_pages, state.features)?;
+        balloon.shared.target.store(state.target, Ordering::SeqCst);
+        balloon.shared.actual.store(state.actual, Ordering::SeqCst);
+        *balloon.shared.lock_stats() = state.stats.clone();
+        balloon.stats_head = state.stats_head;
+        Ok(balloon)
+    }
+
+    fn with_features(ram_pages: u64, features: u64) -> io::Result<Self> {
         let shared = Shared {
-            ram_pages: ram_bytes / PAGE_SIZE,
+            ram_pages,
             target: AtomicU32::new(0),
             actual: AtomicU32::new(0),
             stats: Mutex::new(None),
@@ -600,6 +627,17 @@ impl VirtioDevice for Balloon {
 
     fn ack_features(&mut self, features: u64) {
         self.roles = queue_roles(features);
+    }
+
+    fn freeze(&mut self) -> Result<DeviceState, DeviceError> {
+        Ok(DeviceState::Balloon(BalloonState {
+            ram_pages: self.shared.ram_pages,
+            features: self.features,
+            target: self.shared.target.load(Ordering::SeqCst),
+            actual: self.shared.actual.load(Ordering::SeqCst),
+            stats: self.shared.lock_stats().clone(),
+            stats_head: self.stats_head,
+        }))
     }
 
     fn process_queue(

@@ -40,8 +40,8 @@ use vm_memory::{
 };
 
 use super::{
-    DeviceError, GuestMemoryMmap, INT_USED_RING, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice,
-    read_config_bytes,
+    DeviceError, DeviceState, GuestMemoryMmap, INT_USED_RING, Interrupt, VIRTIO_F_VERSION_1,
+    VirtioDevice, read_config_bytes,
 };
 
 /// Virtio device type of block devices.
@@ -1191,6 +1191,13 @@ impl VirtioDevice for Block {
         interrupt: &Interrupt,
     ) -> Result<(), DeviceError> {
         self.serve(&mut queues[index], memory, interrupt)
+    }
+
+    fn freeze(&mut self) -> Result<DeviceState, DeviceError> {
+        Err(DeviceError::Io(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "block devices cannot be forked yet",
+        )))
     }
 }
 

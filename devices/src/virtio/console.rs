@@ -14,7 +14,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::mmio::MmioTransport;
 use super::{
-    DeviceError, GuestMemoryMmap, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, serve_queue,
+    DeviceError, DeviceState, GuestMemoryMmap, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice,
+    serve_queue,
 };
 use crate::input::InputSink;
 use crate::sync::lock;
@@ -61,6 +62,12 @@ impl ConsoleInputQueue {
     }
 }
 
+/// A console at a fork: the host input its guest has not taken yet (every child gets it).
+#[derive(Clone, Debug, Default)]
+pub struct ConsoleState {
+    pending_input: Vec<u8>,
+}
+
 /// The console device.
 pub struct Console {
     output: Box<dyn Write + Send>,
@@ -76,6 +83,13 @@ impl Console {
             input: ConsoleInputQueue::new()?,
             chunk: Vec::new(),
         })
+    }
+
+    /// A console that continues from `state`, writing the guest's output to `output`.
+    pub fn from_state(state: &ConsoleState, output: Box<dyn Write + Send>) -> io::Result<Self> {
+        let console = Self::new(output)?;
+        console.input.push(&state.pending_input);
+        Ok(console)
     }
 
     /// The input queue a [`ConsoleSink`] fills.
@@ -167,6 +181,12 @@ impl VirtioDevice for Console {
             RX_QUEUE => self.receive(queue, memory, interrupt),
             _ => self.transmit(queue, memory, interrupt),
         }
+    }
+
+    fn freeze(&mut self) -> Result<DeviceState, DeviceError> {
+        Ok(DeviceState::Console(ConsoleState {
+            pending_input: self.input.lock().iter().copied().collect(),
+        }))
     }
 }
 

@@ -15,11 +15,14 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
 };
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{GuestMemoryMmap, INT_CONFIG, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice};
+use super::{
+    DeviceError, DeviceState, GuestMemoryMmap, INT_CONFIG, Interrupt, VIRTIO_F_VERSION_1,
+    VirtioDevice,
+};
 use crate::bus::BusDevice;
 use crate::sync::lock;
 
@@ -87,6 +90,28 @@ pub struct MmioTransport {
     queue_sel: u32,
 }
 
+/// The registers a driver programmed and the position of every queue: with a device's
+/// [`DeviceState`], what a forked copy of a virtio device continues from.
+#[derive(Clone, Debug)]
+pub struct TransportState {
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    queues: Vec<QueueState>,
+    interrupt_status: u32,
+}
+
+/// A virtio device frozen at a fork: transport registers, queues and the device's own state.
+#[derive(Clone, Debug)]
+pub struct VirtioState {
+    /// Registers and queues.
+    pub transport: TransportState,
+    /// The device behind them.
+    pub device: DeviceState,
+}
+
 impl MmioTransport {
     /// Wraps `device`, whose queues live in `memory` and whose interrupt is `interrupt`.
     pub fn new(
@@ -118,6 +143,64 @@ impl MmioTransport {
             driver_features: 0,
             queue_sel: 0,
         })
+    }
+
+    /// Freezes the transport and its device (the VM must be paused): what a copy continues from.
+    pub fn freeze(&mut self) -> Result<VirtioState, DeviceError> {
+        Ok(VirtioState {
+            transport: TransportState {
+                status: self.status,
+                device_features_sel: self.device_features_sel,
+                driver_features_sel: self.driver_features_sel,
+                driver_features: self.driver_features,
+                queue_sel: self.queue_sel,
+                queues: self.queues.iter().map(Queue::state).collect(),
+                interrupt_status: self.interrupt.status(),
+            },
+            device: self.device.freeze()?,
+        })
+    }
+
+    /// A transport that continues from `state` with `device` (created from the frozen device
+    /// state): the driver finds its registers and queues as it left them. The device is told the
+    /// features the driver accepted, a pending interrupt is raised again, and every queue is
+    /// marked notified so that requests the driver made just before the fork are served.
+    pub fn restore(
+        device: Box<dyn VirtioDevice>,
+        memory: GuestMemoryMmap,
+        interrupt: Interrupt,
+        state: &TransportState,
+    ) -> Result<Self, std::io::Error> {
+        let mut transport = Self::new(device, memory, interrupt)?;
+        if state.queues.len() != transport.queues.len() {
+            return Err(std::io::Error::other(format!(
+                "{} queues saved for a device with {}",
+                state.queues.len(),
+                transport.queues.len()
+            )));
+        }
+        transport.queues = state
+            .queues
+            .iter()
+            .map(|q| {
+                Queue::try_from(*q).map_err(|e| std::io::Error::other(format!("queue state: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        transport.status = state.status;
+        transport.device_features_sel = state.device_features_sel;
+        transport.driver_features_sel = state.driver_features_sel;
+        transport.driver_features = state.driver_features;
+        transport.queue_sel = state.queue_sel;
+        if state.status & S_FEATURES_OK != 0 {
+            transport.device.ack_features(state.driver_features);
+        }
+        if state.interrupt_status != 0 {
+            transport.interrupt.raise(state.interrupt_status);
+        }
+        for event in &transport.queue_events {
+            event.write(1)?;
+        }
+        Ok(transport)
     }
 
     /// One eventfd per queue, signalled when the driver notifies that queue; register each as a

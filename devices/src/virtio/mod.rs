@@ -174,4 +174,21 @@ pub trait VirtioDevice: Send {
     }
     /// Returns to the state before the driver's first access (the transport resets the queues).
     fn reset(&mut self) {}
+    /// What a copy of this device continues from at a fork (called while the VM is paused, so it
+    /// must be cheap; queue state is the transport's). The device keeps serving its own VM.
+    fn freeze(&mut self) -> Result<DeviceState, DeviceError>;
+}
+
+/// A device's own state at a fork: what each child's copy of it is created from (by the VMM,
+/// which gives each copy its host ends: console output, vsock sockets, balloon handle).
+#[derive(Clone, Debug)]
+pub enum DeviceState {
+    /// virtio-rng keeps no state.
+    Rng,
+    /// virtio-console: host input the guest had not taken yet.
+    Console(console::ConsoleState),
+    /// virtio-vsock: the guest's CID (connections do not survive a fork).
+    Vsock(vsock::VsockState),
+    /// virtio-balloon: its target, size and held statistics buffer.
+    Balloon(balloon::BalloonState),
 }

@@ -5,7 +5,8 @@ use std::io::Write;
 use virtio_queue::Queue;
 
 use super::{
-    DeviceError, GuestMemoryMmap, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice, serve_queue,
+    DeviceError, DeviceState, GuestMemoryMmap, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice,
+    serve_queue,
 };
 
 /// Virtio device type of the entropy device.
@@ -56,6 +57,10 @@ impl VirtioDevice for Rng {
             // `len` is at most MAX_BYTES_PER_REQUEST, so it fits in u32.
             Ok(len as u32)
         })
+    }
+
+    fn freeze(&mut self) -> Result<DeviceState, DeviceError> {
+        Ok(DeviceState::Rng)
     }
 }
 

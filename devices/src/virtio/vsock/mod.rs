@@ -19,7 +19,7 @@ pub mod host;
 pub mod packet;
 
 use std::collections::{HashMap, VecDeque};
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 
@@ -31,8 +31,8 @@ use self::connection::{Connection, HostRead, Reset, State};
 use self::host::{ConnectRequest, HostSockets, VsockConnector};
 use self::packet::*;
 use super::{
-    DeviceError, GuestMemoryMmap, INT_USED_RING, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice,
-    read_config_bytes,
+    DeviceError, DeviceState, GuestMemoryMmap, INT_USED_RING, Interrupt, VIRTIO_F_VERSION_1,
+    VirtioDevice, read_config_bytes,
 };
 
 /// Virtio device type of the socket device.
@@ -41,8 +41,11 @@ pub const VSOCK_DEVICE_TYPE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 pub const RX_QUEUE: usize = 0;
 /// The transmit queue (guest → device packets).
 pub const TX_QUEUE: usize = 1;
-/// The event queue (transport events; unused until a VM is forked).
+/// The event queue (transport events: a forked child's device sends a transport reset).
 pub const EVENT_QUEUE: usize = 2;
+/// The event a forked child's guest receives: every connection it had is gone
+/// (`VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`, virtio 1.2 §5.10.6.7).
+pub const EVENT_TRANSPORT_RESET: u32 = 0;
 const QUEUE_SIZE: u16 = 256;
 /// Largest payload of one packet, and largest receive data buffer accepted (Linux uses 64 KiB).
 pub const MAX_PACKET_DATA: u32 = 64 << 10;
@@ -68,6 +71,13 @@ pub enum VsockError {
     Host(#[from] io::Error),
 }
 
+/// A socket device at a fork. Connections do not survive it: each child's device starts with
+/// none, new host endpoints, and a transport reset for its guest.
+#[derive(Clone, Debug)]
+pub struct VsockState {
+    cid: u64,
+}
+
 /// The socket device.
 pub struct Vsock {
     cid: u64,
@@ -79,6 +89,8 @@ pub struct Vsock {
     /// The guest had no receive buffer for the last packet; host sockets are not read until it
     /// posts more.
     rx_starved: bool,
+    /// A transport reset waits for an event buffer (set in a forked child).
+    reset_pending: bool,
 }
 
 impl Vsock {
@@ -96,7 +108,49 @@ impl Vsock {
             control: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
             rx_starved: false,
+            reset_pending: false,
         })
+    }
+
+    /// A forked child's device: the guest keeps its CID, host programs reach it through
+    /// `uds_path` (if given) and [`Vsock::connector`], and the guest is sent a transport reset
+    /// so that it drops the connections it had.
+    pub fn from_state(state: &VsockState, uds_path: Option<&Path>) -> Result<Self, VsockError> {
+        let mut device = Self::new(state.cid, uds_path)?;
+        device.reset_pending = true;
+        Ok(device)
+    }
+
+    /// Sends the pending transport reset if the guest posted an event buffer.
+    fn send_transport_reset(
+        &mut self,
+        queue: &mut Queue,
+        memory: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        if !self.reset_pending {
+            return Ok(());
+        }
+        // One buffer takes the event; any others wait for a later fork of this guest.
+        let Some(chain) = queue.pop_descriptor_chain(memory) else {
+            return Ok(());
+        };
+        let head = chain.head_index();
+        let event = EVENT_TRANSPORT_RESET.to_le_bytes();
+        let mut writer = chain.writer(memory)?;
+        if writer.available_bytes() < event.len() {
+            return Err(DeviceError::BadRequest(format!(
+                "vsock event buffer of {} bytes",
+                writer.available_bytes()
+            )));
+        }
+        writer.write_all(&event)?;
+        queue.add_used(memory, head, event.len() as u32)?;
+        self.reset_pending = false;
+        if queue.needs_notification(memory)? {
+            interrupt.raise(INT_USED_RING);
+        }
+        Ok(())
     }
 
     /// A handle that opens in-process connections to guest ports.
@@ -473,7 +527,12 @@ impl VirtioDevice for Vsock {
             RX_QUEUE => self.rx_starved = false,
             TX_QUEUE => self.process_tx(queues, memory, interrupt)?,
             // Event buffers wait for a transport event.
-            _ => return Ok(()),
+            _ => {
+                return match queues.get_mut(EVENT_QUEUE) {
+                    Some(queue) => self.send_transport_reset(queue, memory, interrupt),
+                    None => Ok(()),
+                };
+            }
         }
         let result = self.deliver(queues, memory, interrupt, Vec::new());
         self.sync_interests(true);
@@ -517,6 +576,12 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         self.close_all();
+        // A driver starting afresh has no connections to drop.
+        self.reset_pending = false;
+    }
+
+    fn freeze(&mut self) -> Result<DeviceState, DeviceError> {
+        Ok(DeviceState::Vsock(VsockState { cid: self.cid }))
     }
 }
 
