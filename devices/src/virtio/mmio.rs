@@ -537,12 +537,67 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
+    use crate::trigger::IrqTrigger;
     use crate::virtio::rng::{RNG_DEVICE_TYPE, Rng};
     use crate::virtio::test_driver::{AVAIL, BUF, DESC, Driver, MEM_SIZE, QUEUE_SIZE, USED, reg};
     use crate::virtio::{INT_USED_RING, VIRTIO_F_VERSION_1};
 
     fn rng_driver() -> Driver {
         Driver::new(Box::new(Rng::new()))
+    }
+
+    #[test]
+    fn a_restored_transport_continues_where_the_frozen_one_left_off() {
+        let mut d = rng_driver();
+        d.start();
+        d.chain(0, &[(BUF, 16, true)]);
+        d.notify();
+        assert_eq!(d.used(0), (1, 16));
+        // Made available but not yet notified when the VM is frozen.
+        d.chain(1, &[(BUF + 0x100, 8, true)]);
+        let state = d.transport.freeze().unwrap();
+        assert!(matches!(state.device, DeviceState::Rng));
+        let interrupt = Interrupt::new(IrqTrigger::new().unwrap());
+        d.transport = MmioTransport::restore(
+            Box::new(Rng::new()),
+            d.memory.clone(),
+            interrupt,
+            &state.transport,
+        )
+        .unwrap();
+        assert_eq!(
+            d.read(reg::STATUS),
+            S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK
+        );
+        assert_eq!(d.read(reg::QUEUE_READY), 1);
+        assert_eq!(
+            d.read(reg::INTERRUPT_STATUS),
+            INT_USED_RING,
+            "the unacknowledged interrupt is still pending"
+        );
+        // The request made before the freeze is served without a new notification.
+        assert_eq!(d.transport.queue_events()[0].read().unwrap(), 1);
+        d.transport.process_queue(0);
+        assert_eq!(d.used(1), (2, 8));
+        d.chain(2, &[(BUF + 0x200, 4, true)]);
+        d.notify();
+        assert_eq!(d.used(2), (3, 4));
+    }
+
+    #[test]
+    fn restoring_state_onto_a_device_with_other_queues_fails() {
+        let mut d = rng_driver();
+        d.start();
+        let state = d.transport.freeze().unwrap();
+        let console = crate::virtio::console::Console::new(Box::new(std::io::sink())).unwrap();
+        let interrupt = Interrupt::new(IrqTrigger::new().unwrap());
+        let restored = MmioTransport::restore(
+            Box::new(console),
+            d.memory.clone(),
+            interrupt,
+            &state.transport,
+        );
+        assert!(restored.is_err());
     }
 
     #[test]

@@ -1158,4 +1158,49 @@ mod tests {
             g.received();
         }
     }
+
+    #[test]
+    fn a_forked_device_sends_one_transport_reset_and_a_restarted_driver_none() {
+        let mut g = Guest::new(None);
+        let state = g.d.transport.freeze().unwrap();
+        let DeviceState::Vsock(vsock_state) = &state.device else {
+            panic!("not a vsock state: {:?}", state.device);
+        };
+        let child = Vsock::from_state(vsock_state, None).unwrap();
+        let interrupt = crate::virtio::Interrupt::new(crate::trigger::IrqTrigger::new().unwrap());
+        g.d.transport = crate::virtio::mmio::MmioTransport::restore(
+            Box::new(child),
+            g.d.memory.clone(),
+            interrupt,
+            &state.transport,
+        )
+        .unwrap();
+        // The event loop serves the queues the restore marked notified (no event buffer yet).
+        for index in 0..3 {
+            assert_eq!(g.d.transport.queue_events()[index].read().unwrap(), 1);
+            g.d.transport.process_queue(index);
+        }
+        let event_buffer = |g: &mut Guest, head: u16, at: u64| {
+            g.d.memory.write_obj(u32::MAX, GuestAddress(at)).unwrap();
+            g.d.select(EVENT_QUEUE as u16);
+            g.d.chain(head, &[(at, 4, true)]);
+            g.d.notify();
+        };
+        event_buffer(&mut g, 0, 0xa_0000);
+        assert_eq!(g.d.used(0), (1, 4));
+        let id: u32 = g.d.memory.read_obj(GuestAddress(0xa_0000)).unwrap();
+        assert_eq!(id, EVENT_TRANSPORT_RESET);
+        event_buffer(&mut g, 1, 0xa_0100);
+        assert_eq!(g.d.used(0).0, 1, "one reset per fork");
+
+        // A driver that starts over after the fork has nothing to reset.
+        let state = g.d.transport.freeze().unwrap();
+        let DeviceState::Vsock(vsock_state) = &state.device else {
+            panic!("not a vsock state");
+        };
+        g.d = Driver::new(Box::new(Vsock::from_state(vsock_state, None).unwrap()));
+        g.d.start_with(0);
+        event_buffer(&mut g, 0, 0xa_0000);
+        assert_eq!(g.d.used(0).0, 0);
+    }
 }
