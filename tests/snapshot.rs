@@ -71,7 +71,11 @@ fn incomplete_or_foreign_snapshots_are_refused() {
 
     std::fs::write(
         dir.join(STATE_FILE),
-        state.replacen("\"format\":1", "\"format\":99", 1),
+        state.replacen(
+            &format!("\"format\":{}", forkvm::SNAPSHOT_FORMAT),
+            "\"format\":99",
+            1,
+        ),
     )
     .unwrap();
     let err = refusal(&dir);

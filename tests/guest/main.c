@@ -247,6 +247,44 @@ static NORETURN void mode_spin(void)
         spins++;
 }
 
+/*
+ * Identity page (its address is forkvm.identity= on the command line): checks
+ * the magic, tries to write the generation (a read-only page keeps it) and
+ * prints "identity page read-only" or "identity page writable", then counts
+ * like mode=spin, printing "generation G id H" (H: the VM id's first 8 bytes)
+ * at start and whenever the generation changes: after a fork or a restore.
+ */
+static NORETURN void mode_generation(void)
+{
+    static volatile uint64_t spins;
+    struct str arg;
+
+    if (!get_arg("forkvm.identity", &arg))
+        fail("no forkvm.identity= on the command line\n", EXIT_IDENTITY);
+    volatile uint64_t *page =
+        (volatile uint64_t *)(uintptr_t)parse_u64(arg, "forkvm.identity\n");
+    if (page[0] != 0x44494d564b524f46ull)     /* "FORKVMID" */
+        fail("identity page: bad magic\n", EXIT_IDENTITY);
+    uint64_t generation = page[2];
+    page[2] = generation + 1000;
+    serial_puts(page[2] == generation ? "identity page read-only\n"
+                                      : "identity page writable\n");
+    serial_puts("spinning, counter at ");
+    serial_put_hex((uint64_t)(uintptr_t)&spins);
+    serial_putc('\n');
+    for (uint64_t seen = UINT64_MAX;; spins++) {
+        generation = page[2];
+        if (generation == seen)
+            continue;
+        seen = generation;
+        serial_puts("generation ");
+        serial_put_dec(generation);
+        serial_puts(" id ");
+        serial_put_hex(page[3]);
+        serial_putc('\n');
+    }
+}
+
 static NORETURN void mode_reset(void)
 {
     serial_puts("resetting\n");
@@ -863,6 +901,8 @@ NORETURN void user_main(void)
         mode_exit();
     if (str_eq(mode, "spin"))
         mode_spin();
+    if (str_eq(mode, "generation"))
+        mode_generation();
     if (str_eq(mode, "echo"))
         mode_echo();
     if (str_eq(mode, "reset"))

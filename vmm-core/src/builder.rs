@@ -21,9 +21,10 @@ use forkvm_devices::virtio::rng::Rng;
 use forkvm_devices::virtio::vsock::Vsock as VsockDevice;
 use forkvm_devices::virtio::vsock::host::VsockConnector;
 use kvm_bindings::{
-    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
+    KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config,
+    kvm_userspace_memory_region,
 };
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::arch::probe::{HostCaps, host_caps};
@@ -33,7 +34,8 @@ use crate::console::{ConsoleInput, ConsoleOutput};
 use crate::error::{Error, kvm_err};
 use crate::event_loop::EventLoop;
 use crate::exit::GuestExit;
-use crate::layout::KVM_TSS_ADDR;
+use crate::identity::{IDENTITY_CMDLINE_KEY, Identity, IdentityPage};
+use crate::layout::{IDENTITY_PAGE_ADDR, IDENTITY_PAGE_SIZE, KVM_TSS_ADDR};
 use crate::memory::{GuestRam, MIN_MEMORY_MIB};
 use crate::run_state::RunState;
 use crate::vcpu::IoBuses;
@@ -354,7 +356,8 @@ impl VmBuilder {
 
     /// The full command line the guest receives on a host with `caps`.
     fn full_cmdline(&self, caps: &HostCaps, virtio: &VirtioPlan) -> String {
-        let mut parts = vec![PLATFORM_CMDLINE];
+        let identity = format!("{IDENTITY_CMDLINE_KEY}={IDENTITY_PAGE_ADDR:#x}");
+        let mut parts = vec![PLATFORM_CMDLINE, &identity];
         if caps.ring0_emulated {
             parts.push(EMULATED_HOST_CMDLINE);
         }
@@ -426,7 +429,10 @@ impl VmBuilder {
             },
         )?;
 
-        let vm = create_vm(&kvm, &ram)?;
+        let identity = Identity::first()?;
+        let identity_page = IdentityPage::new()?;
+        identity_page.write(&identity)?;
+        let vm = create_vm(&kvm, &ram, &identity_page)?;
         let state = Arc::new(RunState::new().map_err(|e| setup_err("VM run state", e))?);
         let mut event_loop = EventLoop::new(&state)?;
         let (pio, serial) = legacy_devices(
@@ -463,6 +469,8 @@ impl VmBuilder {
             state,
             vsock,
             balloon,
+            identity,
+            identity_page,
         }))
     }
 }
@@ -571,30 +579,45 @@ pub(crate) fn open_kvm(path: &Path) -> Result<Kvm, Error> {
     })
 }
 
-/// Creates the KVM VM with its memory slots, in-kernel interrupt controllers and PIT.
+/// Creates the KVM VM with its memory slots (RAM, and the identity page read-only where KVM
+/// can), in-kernel interrupt controllers and PIT.
 ///
 /// The memory slots go in before the irqchip: on some hosts (seen on kvm_pvm) adding the first
 /// slot to a VM that already has an irqchip waits ~7 ms for KVM to synchronise, against ~0.1 ms
 /// before it.
-pub(crate) fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, Error> {
+pub(crate) fn create_vm(kvm: &Kvm, ram: &GuestRam, identity: &IdentityPage) -> Result<VmFd, Error> {
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    for (slot, range) in ram.ranges.iter().enumerate() {
+    let mut slots = Vec::with_capacity(ram.ranges.len() + 1);
+    for range in &ram.ranges {
         let host = ram
             .memory
             .get_host_address(GuestAddress(range.guest_addr))
-            .map_err(|e| Error::Setup {
-                what: "memory slot",
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| setup_err("memory slot", e))?;
+        slots.push((range.guest_addr, range.size, host as u64, 0));
+    }
+    let read_only = if kvm.check_extension(Cap::ReadonlyMem) {
+        KVM_MEM_READONLY
+    } else {
+        0
+    };
+    slots.push((
+        IDENTITY_PAGE_ADDR,
+        IDENTITY_PAGE_SIZE,
+        identity.host_addr(),
+        read_only,
+    ));
+    for (slot, (guest_phys_addr, memory_size, userspace_addr, flags)) in
+        slots.into_iter().enumerate()
+    {
         let region = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: range.guest_addr,
-            memory_size: range.size,
-            userspace_addr: host as u64,
+            flags,
+            guest_phys_addr,
+            memory_size,
+            userspace_addr,
         };
-        // SAFETY: the slot covers exactly one mapping of `ram`, which the returned `Vm` owns
-        // alongside the VM fd and drops only after it.
+        // SAFETY: each slot covers exactly one mapping of `ram` or the identity page, which the
+        // returned VM's owner keeps alongside the VM fd and drops only after it.
         unsafe { vm.set_user_memory_region(region) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }

@@ -41,6 +41,7 @@ use crate::builder::{
 use crate::console::{ConsoleInput, ConsoleOutput};
 use crate::error::Error;
 use crate::event_loop::EventLoop;
+use crate::identity::{Identity, IdentityPage};
 use crate::memory::GuestRam;
 use crate::memory::freeze::FrozenRam;
 use crate::run_state::RunState;
@@ -104,19 +105,27 @@ impl From<ConsoleOutput> for Child {
 /// A child VM created ahead of a fork: memory slots over placeholder RAM, interrupt
 /// controllers, PIT, and vCPUs with their CPUID.
 pub(crate) struct Shell {
-    // Declared before `ram`, so the VM (and its memory slots) is destroyed before the mapping.
+    // Declared before `ram` and `identity_page`, so the VM (and its memory slots) is destroyed
+    // before the mappings.
     vm_fd: VmFd,
     vcpus: Vec<Vcpu>,
     ram: GuestRam,
+    identity_page: IdentityPage,
 }
 
 impl Shell {
     /// A shell for a VM of `memory_size` bytes and `vcpus` vCPUs.
     pub(crate) fn new(kvm: &Kvm, memory_size: u64, vcpus: u8) -> Result<Self, Error> {
         let ram = GuestRam::placeholder(memory_size)?;
-        let vm_fd = create_vm(kvm, &ram)?;
+        let identity_page = IdentityPage::new()?;
+        let vm_fd = create_vm(kvm, &ram, &identity_page)?;
         let vcpus = create_vcpus(kvm, &vm_fd, &host_caps(kvm)?, vcpus, |_, _| Ok(()))?;
-        Ok(Self { vm_fd, vcpus, ram })
+        Ok(Self {
+            vm_fd,
+            vcpus,
+            ram,
+            identity_page,
+        })
     }
 }
 
@@ -134,6 +143,8 @@ pub(crate) struct ForkPoint {
     pub debug_exit: bool,
     /// Virtio devices.
     pub devices: Vec<FrozenDevice>,
+    /// The identity of the VM it was taken from.
+    pub identity: Identity,
 }
 
 impl Vm {
@@ -219,6 +230,7 @@ impl Vm {
             serial,
             debug_exit: self.debug_exit,
             devices,
+            identity: self.identity,
         })
     }
 }
@@ -241,8 +253,11 @@ pub(crate) fn start_from(
         vm_fd,
         vcpus,
         mut ram,
+        identity_page,
     } = shell;
     ram.adopt(&point.image)?;
+    let identity = point.identity.next()?;
+    identity_page.write(&identity)?;
     point.vm.restore(&vm_fd)?;
     for (vcpu, state) in vcpus.iter().zip(&point.vcpus) {
         state.restore(&vcpu.fd)?;
@@ -280,6 +295,8 @@ pub(crate) fn start_from(
         state,
         vsock,
         balloon,
+        identity,
+        identity_page,
     });
     vm.start()?;
     Ok(vm)

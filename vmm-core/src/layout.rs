@@ -48,6 +48,10 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// End of the 32-bit MMIO hole.
 pub const MMIO_HOLE_END: u64 = 1 << 32;
+/// The identity page ([`crate::identity`]), in the MMIO hole just below the virtio windows.
+pub const IDENTITY_PAGE_ADDR: u64 = 0xcfff_f000;
+/// Size of the identity page.
+pub const IDENTITY_PAGE_SIZE: u64 = 0x1000;
 /// Start of the area holding virtio-mmio device windows (in the MMIO hole).
 pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 /// Size of the virtio-mmio area.

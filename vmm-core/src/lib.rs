@@ -24,6 +24,7 @@ mod error;
 mod event_loop;
 mod exit;
 mod fork;
+pub mod identity;
 pub mod layout;
 pub mod memory;
 mod run_state;

@@ -28,12 +28,13 @@ use crate::builder::open_kvm;
 use crate::console::ConsoleOutput;
 use crate::error::Error;
 use crate::fork::{ForkPoint, start_from};
+use crate::identity::Identity;
 use crate::memory::freeze::FrozenRam;
 use crate::vcpu::install_kick_handler;
 use crate::vm::Vm;
 
 /// Version of the snapshot format; a snapshot of another version is refused.
-pub const SNAPSHOT_FORMAT: u32 = 1;
+pub const SNAPSHOT_FORMAT: u32 = 2;
 /// The state file; its presence marks a complete snapshot.
 pub const STATE_FILE: &str = "state.json";
 /// The memory file.
@@ -51,6 +52,8 @@ struct SnapshotState {
     vm: VmState,
     #[serde(with = "SerialRegisters")]
     serial: SerialState,
+    /// The snapshotted VM's identity; a restored VM is its next generation.
+    identity: Identity,
 }
 
 /// `SerialState` for serde (vm-superio offers none), field by field.
@@ -127,6 +130,7 @@ impl Vm {
             vcpus: point.vcpus,
             vm: point.vm,
             serial: point.serial,
+            identity: point.identity,
         };
         write_atomically(dir, STATE_FILE, |file| {
             let mut writer = BufWriter::new(file);
@@ -198,6 +202,7 @@ impl Vm {
             serial: state.serial,
             debug_exit: state.debug_exit,
             devices: Vec::new(),
+            identity: state.identity,
         };
         start_from(Arc::new(kvm), &point, console.into(), None)
     }

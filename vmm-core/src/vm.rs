@@ -16,6 +16,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use crate::error::Error;
 use crate::event_loop::EventLoop;
 use crate::exit::GuestExit;
+use crate::identity::{Identity, IdentityPage};
 use crate::memory::GuestRam;
 use crate::run_state::RunState;
 use crate::vcpu::{IoBuses, SharedVcpu, Vcpu};
@@ -46,6 +47,8 @@ pub(crate) struct VmParts {
     pub state: Arc<RunState>,
     pub vsock: Option<VsockConnector>,
     pub balloon: Option<BalloonHandle>,
+    pub identity: Identity,
+    pub identity_page: IdentityPage,
 }
 
 /// A VM built by [`crate::VmBuilder`]. `Send + Sync`: any thread may wait for or stop it.
@@ -63,6 +66,10 @@ pub struct Vm {
     // Declared before `ram`, so the VM (and its memory slots) is destroyed before the mapping.
     pub(crate) vm_fd: VmFd,
     pub(crate) ram: Mutex<GuestRam>,
+    /// Who the VM is; its guest reads it on `identity_page`.
+    pub(crate) identity: Identity,
+    // Declared after `vm_fd`, like `ram`: its memory slot goes first.
+    _identity_page: IdentityPage,
     /// Set when RAM was frozen while paused, cleared when the VM resumes or the host writes
     /// its memory: while set, the frozen image is still exactly the RAM, and a new fork reuses it.
     pub(crate) image_current: AtomicBool,
@@ -91,6 +98,8 @@ impl Vm {
             kvm: parts.kvm,
             vm_fd: parts.vm_fd,
             ram: Mutex::new(parts.ram),
+            identity: parts.identity,
+            _identity_page: parts.identity_page,
             image_current: AtomicBool::new(false),
             shells: Mutex::default(),
         }
@@ -250,6 +259,13 @@ impl Vm {
                 addr,
                 len: buf.len(),
             })
+    }
+
+    /// Who this VM is: generation 0 when booted, one more than its source's for a fork child or
+    /// a restored snapshot, and an id no other VM has. Its guest reads the same on its identity
+    /// page ([`crate::identity`]).
+    pub fn identity(&self) -> Identity {
+        self.identity
     }
 
     /// Guest memory size in bytes.

@@ -65,7 +65,7 @@ impl VirtioDevice for Rng {
 }
 
 /// Fills `buf` from the kernel's CSPRNG.
-fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
+pub fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
     let mut filled = 0;
     while filled < buf.len() {
         let rest = &mut buf[filled..];

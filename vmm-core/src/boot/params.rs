@@ -10,8 +10,8 @@ use vm_memory::GuestAddress;
 
 use super::{BootError, InitrdPlacement};
 use crate::layout::{
-    CMDLINE_ADDR, HIMEM_START, MPTABLE_ADDR, PVH_INFO_ADDR, PVH_MEMMAP_ADDR,
-    PVH_MEMMAP_MAX_ENTRIES, PVH_MODLIST_ADDR, ZERO_PAGE_ADDR,
+    CMDLINE_ADDR, HIMEM_START, IDENTITY_PAGE_ADDR, IDENTITY_PAGE_SIZE, MPTABLE_ADDR, PVH_INFO_ADDR,
+    PVH_MEMMAP_ADDR, PVH_MEMMAP_MAX_ENTRIES, PVH_MODLIST_ADDR, ZERO_PAGE_ADDR,
 };
 use crate::memory::GuestRam;
 
@@ -27,7 +27,8 @@ const KERNEL_LOADER_OTHER: u8 = 0xff;
 const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
 
 /// The guest's physical memory map as (address, size, type): low RAM up to the EBDA, the EBDA and
-/// BIOS area reserved (the MP table lives there), then RAM from 1 MiB, split around the MMIO hole.
+/// BIOS area reserved (the MP table lives there), then RAM from 1 MiB, split around the MMIO
+/// hole, where the identity page is reserved.
 pub fn e820_map(ram: &GuestRam) -> Vec<(u64, u64, u32)> {
     let mut map = vec![
         (0, MPTABLE_ADDR, E820_RAM),
@@ -40,6 +41,8 @@ pub fn e820_map(ram: &GuestRam) -> Vec<(u64, u64, u32)> {
             map.push((start, end - start, E820_RAM));
         }
     }
+    map.push((IDENTITY_PAGE_ADDR, IDENTITY_PAGE_SIZE, E820_RESERVED));
+    map.sort_unstable();
     map
 }
 
@@ -139,6 +142,7 @@ mod tests {
                 (0, MPTABLE_ADDR, E820_RAM),
                 (MPTABLE_ADDR, HIMEM_START - MPTABLE_ADDR, E820_RESERVED),
                 (HIMEM_START, MMIO_HOLE_START - HIMEM_START, E820_RAM),
+                (IDENTITY_PAGE_ADDR, 4096, E820_RESERVED),
                 (MMIO_HOLE_END, 64 << 20, E820_RAM),
             ]
         );
