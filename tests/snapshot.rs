@@ -96,21 +96,65 @@ fn incomplete_or_foreign_snapshots_are_refused() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The console-echo guest is snapshotted once its banner is out; each of two restores gets its
+/// own virtio console ends, and each echoes exactly its own input.
 #[test]
-fn a_vm_with_virtio_devices_is_not_snapshotted_yet_and_runs_on() {
-    let console = forkvm::ConsoleBuffer::new();
-    let vm = forkvm_tests::test_guest_vm("mode=spin", &console)
+fn virtio_devices_are_snapshotted_with_their_queues_and_continue_after_restore() {
+    use std::io::Write;
+
+    use forkvm::{Child, ConsoleBuffer, ConsoleInput};
+
+    let serial = ConsoleBuffer::new();
+    let hvc = ConsoleBuffer::new();
+    let parent = forkvm_tests::test_guest_vm("mode=virtio-console", &serial)
         .rng()
+        .virtio_console(ConsoleOutput::Buffer(hvc.clone()), None)
+        .vsock(forkvm::Vsock::new(3))
         .build()
         .unwrap();
-    vm.start().unwrap();
-    forkvm_tests::wait_for_output(&console, "spinning");
+    parent.start().unwrap();
+    forkvm_tests::wait_for_output(&hvc, "virtio-console ready\n");
     let dir = snapshot_dir("virtio");
-    let err = vm
-        .snapshot(&dir)
-        .expect_err("snapshot with a virtio device");
-    assert!(matches!(err, forkvm::Error::Unsupported { .. }), "{err}");
-    assert!(!dir.join(STATE_FILE).exists());
-    assert!(!vm.is_paused());
-    assert_eq!(vm.exit(), None);
+    parent.snapshot(&dir).unwrap();
+    parent.stop();
+    let state = std::fs::read_to_string(dir.join(STATE_FILE)).unwrap();
+    assert!(state.contains("\"Console\""), "{state}");
+
+    let restores: Vec<_> = (0..2)
+        .map(|i| {
+            let (serial, hvc) = (ConsoleBuffer::new(), ConsoleBuffer::new());
+            let (reader, mut writer) = std::io::pipe().unwrap();
+            let vm = Vm::restore(
+                &dir,
+                Child::new(ConsoleOutput::Buffer(serial.clone())).virtio_console(
+                    ConsoleOutput::Buffer(hvc.clone()),
+                    Some(ConsoleInput::Fd(reader.into())),
+                ),
+            )
+            .unwrap();
+            assert_eq!(vm.devices().len(), 3);
+            writer
+                .write_all(format!("restore {i}\x04").as_bytes())
+                .unwrap();
+            (vm, serial, hvc, writer)
+        })
+        .collect();
+    for (i, (vm, serial, hvc, _)) in restores.iter().enumerate() {
+        assert_eq!(
+            vm.wait().unwrap(),
+            GuestExit::PoweredOff { status: Some(0) },
+            "{}",
+            serial.text()
+        );
+        assert_eq!(hvc.text(), format!("RESTORE {i}"));
+    }
+    // A device moved onto a line that is not a virtio IRQ is refused.
+    let tampered = state.replacen("\"irq\":5", "\"irq\":99", 1);
+    assert_ne!(tampered, state);
+    std::fs::write(dir.join(STATE_FILE), tampered).unwrap();
+    let Err(err) = Vm::restore(&dir, ConsoleOutput::Discard) else {
+        panic!("restored a device on IRQ 99");
+    };
+    assert!(err.to_string().contains("virtio device placement"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -340,7 +340,7 @@ fn continue_devices(frozen: &[FrozenDevice], mut child: Child) -> Result<ChildDe
         devices.push((spec, device));
     }
     Ok(ChildDevices {
-        plan: VirtioPlan::continued(devices),
+        plan: VirtioPlan::continued(devices)?,
         vsock,
         balloon,
     })

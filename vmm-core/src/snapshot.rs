@@ -4,14 +4,15 @@
 //! A snapshot directory holds `memory` (guest RAM laid out as forkvm's memory file: the low
 //! range, then the range above the MMIO hole; pages never written are holes) and `state.json`
 //! (versioned: the format, the forkvm version and the host CPU it was taken on, then each vCPU's
-//! state, the interrupt controllers, PIT, clock and UART). The state is read and the memory
+//! state, the interrupt controllers, PIT, clock and UART, the VM's identity, and each virtio
+//! device's window, IRQ, transport registers, queue positions and own state). The state is read and the memory
 //! frozen with the VM paused, exactly as for a fork; the files are written after the VM resumes
 //! (the frozen image does not change). Each file is written under a temporary name, fsynced and
 //! renamed, `state.json` last and only after any old one was removed, so a directory whose
 //! snapshot did not finish never has a `state.json`. A restored VM maps `memory` privately:
 //! restoring costs the same for any memory size, and restoring twice gives two independent VMs.
-//!
-//! VMs with virtio devices cannot be snapshotted yet (they can be forked).
+//! A restored VM's devices continue as a fork child's do ([`crate::fork`]): its identity is
+//! the next generation and its vsock connections are gone.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -25,12 +26,13 @@ use crate::DEFAULT_KVM_DEVICE;
 use crate::arch::state::{VcpuState, VmState};
 use crate::boot::mptable::MAX_MPTABLE_VCPUS;
 use crate::builder::open_kvm;
-use crate::console::ConsoleOutput;
 use crate::error::Error;
+use crate::fork::Child;
 use crate::fork::{ForkPoint, start_from};
 use crate::identity::Identity;
 use crate::memory::freeze::FrozenRam;
 use crate::vcpu::install_kick_handler;
+use crate::virtio::FrozenDevice;
 use crate::vm::Vm;
 
 /// Version of the snapshot format; a snapshot of another version is refused.
@@ -54,6 +56,8 @@ struct SnapshotState {
     serial: SerialState,
     /// The snapshotted VM's identity; a restored VM is its next generation.
     identity: Identity,
+    /// Virtio devices: where each sits, its transport registers and queues, its own state.
+    devices: Vec<FrozenDevice>,
 }
 
 /// `SerialState` for serde (vm-superio offers none), field by field.
@@ -105,11 +109,6 @@ impl Vm {
                 source,
             }
         };
-        if !self.devices.is_empty() {
-            return Err(Error::Unsupported {
-                what: "snapshotting a VM with virtio devices",
-            });
-        }
         let point = self.capture()?;
         std::fs::create_dir_all(dir).map_err(io_err("creating the directory"))?;
         // No state file while the new snapshot is incomplete.
@@ -131,6 +130,7 @@ impl Vm {
             vm: point.vm,
             serial: point.serial,
             identity: point.identity,
+            devices: point.devices,
         };
         write_atomically(dir, STATE_FILE, |file| {
             let mut writer = BufWriter::new(file);
@@ -140,10 +140,12 @@ impl Vm {
         .map_err(io_err("writing the state"))
     }
 
-    /// Starts a new VM from the snapshot in `dir`, its serial console on `console`. Refuses a
-    /// snapshot that is incomplete, of another format or forkvm version, or taken on another
-    /// CPU model. Restoring the same snapshot again gives another independent VM.
-    pub fn restore(dir: impl AsRef<Path>, console: ConsoleOutput) -> Result<Vm, Error> {
+    /// Starts a new VM from the snapshot in `dir`, connected to the host as `child` says (a
+    /// [`Child`], or just the [`crate::ConsoleOutput`] of its serial console): its devices continue as
+    /// a fork child's do, so vsock connections are gone and its guest gets a transport reset.
+    /// Refuses a snapshot that is incomplete, of another format or forkvm version, or taken on
+    /// another CPU model. Restoring the same snapshot again gives another independent VM.
+    pub fn restore(dir: impl AsRef<Path>, child: impl Into<Child>) -> Result<Vm, Error> {
         let dir = dir.as_ref();
         let bad = |reason: String| Error::SnapshotInvalid {
             path: dir.to_owned(),
@@ -201,10 +203,10 @@ impl Vm {
             vm: state.vm,
             serial: state.serial,
             debug_exit: state.debug_exit,
-            devices: Vec::new(),
+            devices: state.devices,
             identity: state.identity,
         };
-        start_from(Arc::new(kvm), &point, console.into(), None)
+        start_from(Arc::new(kvm), &point, child.into(), None)
     }
 }
 

@@ -65,7 +65,7 @@ struct Placed {
 }
 
 /// A virtio device frozen at a fork, and where it sits in the guest.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct FrozenDevice {
     /// Guest-physical base of its window.
     pub base: u64,
@@ -124,18 +124,38 @@ impl VirtioPlan {
     }
 
     /// Devices that continue `frozen` ones (each paired with the device created from its
-    /// state), at the same windows and IRQs: the devices of a forked child.
-    pub(crate) fn continued(devices: Vec<(VirtioDeviceSpec, &FrozenDevice)>) -> Self {
+    /// state), at the same windows and IRQs: the devices of a forked child or a restored
+    /// snapshot. Windows and IRQs read back from a snapshot are checked: each window must be one
+    /// of the virtio area's, each IRQ one of the virtio IRQs, and none used twice.
+    pub(crate) fn continued(
+        devices: Vec<(VirtioDeviceSpec, &FrozenDevice)>,
+    ) -> Result<Self, Error> {
+        let mut seen = std::collections::HashSet::new();
         let placed = devices
             .into_iter()
-            .map(|(spec, frozen)| Placed {
-                spec,
-                base: frozen.base,
-                irq: frozen.irq,
-                transport: Some(frozen.state.transport.clone()),
+            .map(|(spec, frozen)| {
+                let (base, irq) = (frozen.base, frozen.irq);
+                let window_ok = (VIRTIO_MMIO_START..VIRTIO_MMIO_START + VIRTIO_MMIO_SIZE)
+                    .contains(&base)
+                    && base.is_multiple_of(MMIO_WINDOW_SIZE);
+                let irq_ok = (FIRST_VIRTIO_IRQ..=LAST_VIRTIO_IRQ).contains(&irq);
+                if !window_ok || !irq_ok || !seen.insert(base) || !seen.insert(u64::from(irq)) {
+                    return Err(Error::Setup {
+                        what: "virtio device placement",
+                        reason: format!(
+                            "window {base:#x} with IRQ {irq} is not a free virtio slot"
+                        ),
+                    });
+                }
+                Ok(Placed {
+                    spec,
+                    base,
+                    irq,
+                    transport: Some(frozen.state.transport.clone()),
+                })
             })
-            .collect();
-        Self { placed }
+            .collect::<Result<_, _>>()?;
+        Ok(Self { placed })
     }
 
     /// The kernel command-line entries announcing the devices.

@@ -99,7 +99,7 @@ pub enum BalloonError {
 }
 
 /// Memory statistics the guest reported, as (tag, value) pairs in the guest's order.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BalloonStats {
     entries: Vec<(u16, u64)>,
 }
@@ -268,7 +268,7 @@ fn queue_roles(features: u64) -> Vec<QueueRole> {
 
 /// A balloon at a fork: what it offers, its target and size, the statistics it holds and the
 /// statistics buffer the guest left with it. Each child gets its own handle and counters.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct BalloonState {
     ram_pages: u64,
     features: u64,
@@ -311,8 +311,22 @@ impl Balloon {
     }
 
     /// A forked child's balloon, continuing from `state` (the transport tells it the features
-    /// the driver accepted).
+    /// the driver accepted). A state no balloon could have been in (read back from a damaged
+    /// snapshot) is refused.
     pub fn from_state(state: &BalloonState) -> io::Result<Self> {
+        let known = (1 << VIRTIO_F_VERSION_1)
+            | (1 << F_STATS_VQ)
+            | (1 << F_DEFLATE_ON_OOM)
+            | (1 << F_REPORTING);
+        if state.features & !known != 0 || u64::from(state.target) > state.ram_pages {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "balloon state with features {:#x} and target {} of {} pages",
+                    state.features, state.target, state.ram_pages
+                ),
+            ));
+        }
         let mut balloon = Self::with_features(state.ram_pages, state.features)?;
         balloon.shared.target.store(state.target, Ordering::SeqCst);
         balloon.shared.actual.store(state.actual, Ordering::SeqCst);

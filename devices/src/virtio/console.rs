@@ -63,7 +63,7 @@ impl ConsoleInputQueue {
 }
 
 /// A console at a fork: the host input its guest has not taken yet (every child gets it).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct ConsoleState {
     pending_input: Vec<u8>,
 }

@@ -11,6 +11,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -92,19 +93,38 @@ pub struct MmioTransport {
 
 /// The registers a driver programmed and the position of every queue: with a device's
 /// [`DeviceState`], what a forked copy of a virtio device continues from.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TransportState {
     status: u32,
     device_features_sel: u32,
     driver_features_sel: u32,
     driver_features: u64,
     queue_sel: u32,
-    queues: Vec<QueueState>,
+    queues: Vec<SavedQueue>,
     interrupt_status: u32,
 }
 
+/// One queue's [`QueueState`], serializable.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+struct SavedQueue(#[serde(with = "QueueStateDef")] QueueState);
+
+/// `QueueState` for serde (virtio-queue offers none), field by field.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "QueueState")]
+struct QueueStateDef {
+    max_size: u16,
+    next_avail: u16,
+    next_used: u16,
+    event_idx_enabled: bool,
+    size: u16,
+    ready: bool,
+    desc_table: u64,
+    avail_ring: u64,
+    used_ring: u64,
+}
+
 /// A virtio device frozen at a fork: transport registers, queues and the device's own state.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VirtioState {
     /// Registers and queues.
     pub transport: TransportState,
@@ -154,7 +174,7 @@ impl MmioTransport {
                 driver_features_sel: self.driver_features_sel,
                 driver_features: self.driver_features,
                 queue_sel: self.queue_sel,
-                queues: self.queues.iter().map(Queue::state).collect(),
+                queues: self.queues.iter().map(|q| SavedQueue(q.state())).collect(),
                 interrupt_status: self.interrupt.status(),
             },
             device: self.device.freeze()?,
@@ -183,7 +203,7 @@ impl MmioTransport {
             .queues
             .iter()
             .map(|q| {
-                Queue::try_from(*q).map_err(|e| std::io::Error::other(format!("queue state: {e}")))
+                Queue::try_from(q.0).map_err(|e| std::io::Error::other(format!("queue state: {e}")))
             })
             .collect::<Result<_, _>>()?;
         transport.status = state.status;

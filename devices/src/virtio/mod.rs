@@ -181,7 +181,7 @@ pub trait VirtioDevice: Send {
 
 /// A device's own state at a fork: what each child's copy of it is created from (by the VMM,
 /// which gives each copy its host ends: console output, vsock sockets, balloon handle).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub enum DeviceState {
     /// virtio-rng keeps no state.
     Rng,

@@ -73,7 +73,7 @@ pub enum VsockError {
 
 /// A socket device at a fork. Connections do not survive it: each child's device starts with
 /// none, new host endpoints, and a transport reset for its guest.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct VsockState {
     cid: u64,
 }
