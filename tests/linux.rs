@@ -164,3 +164,104 @@ fn echo_through_guest(vm: &forkvm::Vm) -> std::io::Result<Vec<u8>> {
     stream.shutdown(std::net::Shutdown::Write)?;
     reader.join().expect("reader thread")
 }
+
+/// Boots Linux with a shell reading commands from hvc0, forks it while the shell waits for
+/// input, and runs a command in each child (and the parent) through its own virtio console: each
+/// answers on its own console only, reads its own entropy from virtio-rng, and ends on its own.
+/// (Entropy the guest buffered before the fork is the same in every child: reseeding the guest's
+/// RNG after a fork is the guest agent's job, told by the identity page.)
+#[test]
+fn a_booted_linux_guest_forks_and_each_child_runs_its_own_command() {
+    let kernel = built_artifact("guest/kernel/build.sh");
+    let initramfs = built_artifact("guest/initramfs/build.sh");
+    let hvc = ConsoleBuffer::new();
+    let (reader, mut input) = std::io::pipe().unwrap();
+    let parent = VmBuilder::new()
+        .kernel(&kernel)
+        .initrd(&initramfs)
+        // /init runs `sh` on hvc0 (its /dev/console) before it ends the VM.
+        .cmdline("console=ttyS0 console=hvc0 forkvm.init=sh")
+        .memory_mib(128)
+        .rng()
+        .virtio_console(
+            ConsoleOutput::Buffer(hvc.clone()),
+            Some(forkvm::ConsoleInput::Fd(reader.into())),
+        )
+        .vsock(Vsock::new(3))
+        .console(ConsoleOutput::Discard)
+        .build()
+        .expect("build the Linux VM");
+    parent.start().unwrap();
+    // Input typed before the shell opens its terminal would be lost: wait for its prompt. The
+    // terminal echoes what is typed, so the markers are computed by the shell.
+    wait_for_text(&parent, &hvc, "/ # ");
+    input.write_all(b"echo shell-$((6*7))\n").unwrap();
+    wait_for_text(&parent, &hvc, "shell-42");
+    // Let the shell get back to reading its input.
+    std::thread::sleep(Duration::from_millis(500));
+
+    let mut ends = Vec::new();
+    let children = parent
+        .fork((0..2).map(|i| {
+            let hvc = ConsoleBuffer::new();
+            let (reader, writer) = std::io::pipe().unwrap();
+            ends.push((hvc.clone(), writer, i));
+            forkvm::Child::new(ConsoleOutput::Discard).virtio_console(
+                ConsoleOutput::Buffer(hvc),
+                Some(forkvm::ConsoleInput::Fd(reader.into())),
+            )
+        }))
+        .unwrap();
+    // The guest's virtio-rng driver and hwrng core buffer entropy ahead of reads, and that
+    // buffer is copied into every child with the rest of memory: look at bytes past it, which
+    // come from each VM's own device.
+    let command = |n: u32| {
+        format!("echo child-$(({n}+100)); head -c 512 /dev/hwrng | tail -c 8 | od -An -tx1; exit\n")
+    };
+    input.write_all(command(0).as_bytes()).unwrap();
+    for (_, writer, i) in &mut ends {
+        writer.write_all(command(*i + 1).as_bytes()).unwrap();
+    }
+    let mut entropy = Vec::new();
+    for (n, (vm, hvc)) in std::iter::once((&parent, &hvc))
+        .chain(children.iter().zip(ends.iter().map(|(hvc, _, _)| hvc)))
+        .enumerate()
+    {
+        let mine = format!("child-{}", n + 100);
+        wait_for_text(vm, hvc, &mine);
+        assert_eq!(vm.wait().unwrap(), GuestExit::Reset, "{}", hvc.text());
+        let text = hvc.text();
+        for other in (100..103).filter(|&o| o != n + 100) {
+            assert!(!text.contains(&format!("child-{other}\r")), "{text}");
+        }
+        let after = text
+            .rsplit(&format!("{mine}\r\n"))
+            .next()
+            .unwrap_or_default();
+        let hex = after.lines().next().unwrap_or_default().trim().to_owned();
+        assert_eq!(hex.split(' ').count(), 8, "8 bytes from /dev/hwrng: {text}");
+        entropy.push(hex);
+    }
+    entropy.sort();
+    entropy.dedup();
+    assert_eq!(
+        entropy.len(),
+        3,
+        "each VM read its own entropy: {entropy:?}"
+    );
+}
+
+/// Waits (at most 120 s: every process spawn in this guest is slow here) for `needle` on
+/// `console` while `vm` runs.
+fn wait_for_text(vm: &forkvm::Vm, console: &ConsoleBuffer, needle: &str) {
+    let t0 = Instant::now();
+    while !console.text().contains(needle) {
+        assert!(
+            vm.exit().is_none() && t0.elapsed() < Duration::from_secs(120),
+            "no {needle:?} ({:?}); console:\n{}",
+            vm.exit(),
+            console.text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
