@@ -2,7 +2,7 @@
 //! 1,000 fork → stop cycles of one running VM, leave no growth in open fds, threads or resident
 //! memory. One test only, so nothing else runs alongside and disturbs the counts.
 
-use forkvm::{Balloon, ConsoleBuffer, ConsoleOutput, GuestExit, VmBuilder, Vsock};
+use forkvm::{Balloon, Child, ConsoleBuffer, ConsoleOutput, GuestExit, VmBuilder, Vsock};
 use forkvm_tests::{open_fds, proc_status, test_guest, test_guest_vm};
 
 const CYCLES: usize = 1000;
@@ -93,15 +93,30 @@ fn thousand_cycles_and_failed_builds_leave_no_growth() {
     assert_vsock_sockets_removed();
 
     // Each fork of the running parent freezes its memory into a new image; images nobody maps
-    // any more must go away with their last child.
+    // any more must go away with their last child. The parent has one of each virtio device
+    // but block, so every child has copies (and every eighth its own vsock socket file).
     let console = ConsoleBuffer::new();
-    let parent = test_guest_vm("mode=spin", &console).build().unwrap();
+    let parent = test_guest_vm("mode=spin", &console)
+        .rng()
+        .virtio_console(ConsoleOutput::Discard, None)
+        .vsock(Vsock::new(3))
+        .balloon(Balloon::new())
+        .build()
+        .unwrap();
     parent.start().unwrap();
     forkvm_tests::wait_for_output(&console, "spinning");
-    assert_no_growth("fork, stop", |_| {
-        let child = parent.fork(vec![ConsoleOutput::Discard]).unwrap();
+    assert_no_growth("fork, stop", |i| {
+        let mut child = Child::new(ConsoleOutput::Discard);
+        if i.is_multiple_of(8) {
+            child = child.vsock_uds_path(std::env::temp_dir().join(format!(
+                "forkvm-lifecycle-{}-fork-{i}.sock",
+                std::process::id()
+            )));
+        }
+        let child = parent.fork([child]).unwrap();
         assert_eq!(child[0].stop(), GuestExit::Stopped);
     });
+    assert_vsock_sockets_removed();
     assert_eq!(parent.stop(), GuestExit::Stopped);
 }
 
