@@ -120,3 +120,35 @@ fn prepared_children_are_used_first_and_behave_like_any_other() {
     }
     assert_eq!(scratch(&parent), 9);
 }
+
+#[test]
+fn a_vm_keeps_children_prepared_in_the_background() {
+    let (parent, addr, _console) = spinning_guest(1);
+    wait_until_above(&parent, addr, 0);
+    let wait_for = |n: usize| {
+        let t0 = std::time::Instant::now();
+        while parent.prepared_forks() != n {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(20),
+                "{} prepared, not {n}",
+                parent.prepared_forks()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    };
+    parent.keep_forks_ready(2);
+    wait_for(2);
+    let children = fork_quiet(&parent, 3);
+    wait_for(2);
+    for child in &children {
+        let now = read_u64(child, addr);
+        wait_until_above(child, addr, now);
+    }
+    parent.keep_forks_ready(0);
+    drop(fork_quiet(&parent, 1));
+    assert_eq!(
+        parent.prepared_forks(),
+        1,
+        "no refill once it is switched off"
+    );
+}

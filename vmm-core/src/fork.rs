@@ -6,10 +6,7 @@
 //! that image, with the state written into fresh vCPUs. The parent resumes (unless it was paused)
 //! and runs on over the same image.
 //!
-//! Creating a child's KVM VM (memory slots, interrupt controllers, PIT) and vCPUs is the part
-//! of a fork that grows with memory size on some hosts (KVM allocates per-page slot metadata up
-//! front). [`Vm::prepare_forks`] does it ahead of time: a prepared child is a KVM VM with its
-//! slots over placeholder RAM, into which the frozen image is mapped in place at fork time.
+//! A child is built in a KVM VM prepared ahead of time when one is ready ([`crate::prepared`]).
 //!
 //! Virtio devices are frozen with the rest ([`forkvm_devices::virtio::DeviceState`]) and each
 //! child gets copies at the same windows and IRQs, with their queues where the driver left them:
@@ -33,23 +30,20 @@ use forkvm_devices::virtio::rng::Rng;
 use forkvm_devices::virtio::vsock::Vsock;
 use forkvm_devices::virtio::vsock::host::VsockConnector;
 
-use crate::arch::probe::host_caps;
 use crate::arch::state::{VcpuState, VmState};
-use crate::builder::{
-    ConsoleInputDebug, LegacyConfig, create_vcpus, create_vm, legacy_devices, setup_err,
-};
+use crate::builder::{ConsoleInputDebug, LegacyConfig, legacy_devices, setup_err};
 use crate::console::{ConsoleInput, ConsoleOutput};
 use crate::error::Error;
 use crate::event_loop::EventLoop;
-use crate::identity::{Identity, IdentityPage};
-use crate::memory::GuestRam;
+use crate::identity::Identity;
 use crate::memory::freeze::FrozenRam;
+use crate::prepared::Shell;
 use crate::run_state::RunState;
-use crate::vcpu::{IoBuses, Vcpu};
+use crate::vcpu::IoBuses;
 use crate::virtio::{FrozenDevice, VirtioDeviceSpec, VirtioPlan};
 use crate::vm::{Vm, VmParts};
 use forkvm_devices::sync::lock;
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::Kvm;
 
 /// How one child of a fork reaches the host: its serial console and input, the host ends of
 /// its virtio consoles, and its vsock Unix socket. A [`ConsoleOutput`] converts into a child
@@ -102,33 +96,6 @@ impl From<ConsoleOutput> for Child {
     }
 }
 
-/// A child VM created ahead of a fork: memory slots over placeholder RAM, interrupt
-/// controllers, PIT, and vCPUs with their CPUID.
-pub(crate) struct Shell {
-    // Declared before `ram` and `identity_page`, so the VM (and its memory slots) is destroyed
-    // before the mappings.
-    vm_fd: VmFd,
-    vcpus: Vec<Vcpu>,
-    ram: GuestRam,
-    identity_page: IdentityPage,
-}
-
-impl Shell {
-    /// A shell for a VM of `memory_size` bytes and `vcpus` vCPUs.
-    pub(crate) fn new(kvm: &Kvm, memory_size: u64, vcpus: u8) -> Result<Self, Error> {
-        let ram = GuestRam::placeholder(memory_size)?;
-        let identity_page = IdentityPage::new()?;
-        let vm_fd = create_vm(kvm, &ram, &identity_page)?;
-        let vcpus = create_vcpus(kvm, &vm_fd, &host_caps(kvm)?, vcpus, |_, _| Ok(()))?;
-        Ok(Self {
-            vm_fd,
-            vcpus,
-            ram,
-            identity_page,
-        })
-    }
-}
-
 /// What every child of one fork (or a restored snapshot) starts from.
 pub(crate) struct ForkPoint {
     /// The frozen RAM.
@@ -158,33 +125,12 @@ impl Vm {
         children: impl IntoIterator<Item = C>,
     ) -> Result<Vec<Vm>, Error> {
         let point = self.capture()?;
-        children
+        let children = children
             .into_iter()
-            .map(|child| {
-                let shell = lock(&self.shells).pop();
-                start_from(self.kvm.clone(), &point, child.into(), shell)
-            })
-            .collect()
-    }
-
-    /// Creates `n` more children ahead of time (KVM VMs with memory slots, interrupt
-    /// controllers, PIT and vCPUs), so that the next forks only map memory and load state. Call
-    /// it while the VM runs, e.g. right after starting it; [`Vm::prepared_forks`] tells how many
-    /// are ready.
-    pub fn prepare_forks(&self, n: usize) -> Result<(), Error> {
-        let size = self.memory_size();
-        // At most MAX_MPTABLE_VCPUS (< 256) vCPUs, as the VM was built with.
-        let vcpus = self.vcpus.len() as u8;
-        for _ in 0..n {
-            let shell = Shell::new(&self.kvm, size, vcpus)?;
-            lock(&self.shells).push(shell);
-        }
-        Ok(())
-    }
-
-    /// How many children [`Vm::prepare_forks`] has ready.
-    pub fn prepared_forks(&self) -> usize {
-        lock(&self.shells).len()
+            .map(|child| start_from(self.kvm.clone(), &point, child.into(), self.shells.take()))
+            .collect();
+        self.refill_shells();
+        children
     }
 
     /// Reads the state and freezes the memory of this running (or paused) VM, pausing it only

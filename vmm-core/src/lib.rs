@@ -27,6 +27,7 @@ mod fork;
 pub mod identity;
 pub mod layout;
 pub mod memory;
+mod prepared;
 mod run_state;
 mod snapshot;
 mod vcpu;

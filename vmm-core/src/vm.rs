@@ -18,6 +18,7 @@ use crate::event_loop::EventLoop;
 use crate::exit::GuestExit;
 use crate::identity::{Identity, IdentityPage};
 use crate::memory::GuestRam;
+use crate::prepared::ShellPool;
 use crate::run_state::RunState;
 use crate::vcpu::{IoBuses, SharedVcpu, Vcpu};
 use crate::virtio::{AttachedDevice, DeviceInfo};
@@ -73,8 +74,8 @@ pub struct Vm {
     /// Set when RAM was frozen while paused, cleared when the VM resumes or the host writes
     /// its memory: while set, the frozen image is still exactly the RAM, and a new fork reuses it.
     pub(crate) image_current: AtomicBool,
-    /// Children created ahead of forks ([`Vm::prepare_forks`]).
-    pub(crate) shells: Mutex<Vec<crate::fork::Shell>>,
+    /// Children created ahead of forks ([`Vm::prepare_forks`], [`Vm::keep_forks_ready`]).
+    pub(crate) shells: Arc<ShellPool>,
 }
 
 impl Vm {
@@ -101,7 +102,7 @@ impl Vm {
             identity: parts.identity,
             _identity_page: parts.identity_page,
             image_current: AtomicBool::new(false),
-            shells: Mutex::default(),
+            shells: Arc::default(),
         }
     }
 
@@ -290,6 +291,7 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        self.shells.close();
         self.stop();
     }
 }

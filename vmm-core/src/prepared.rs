@@ -1,0 +1,153 @@
+//! Children prepared ahead of forks: the part of a fork that can be done before it.
+//!
+//! Creating a child's KVM VM (memory slots, interrupt controllers, PIT) and vCPUs is the part of
+//! a fork that grows with memory size on some hosts (KVM allocates per-page slot metadata up
+//! front). A [`Shell`] is all of that over placeholder RAM; a fork maps the frozen image into it
+//! in place and loads the state. [`Vm::prepare_forks`] creates shells at once;
+//! [`Vm::keep_forks_ready`] keeps a number of them ready, topping the pool up on a background
+//! thread after each fork that used some.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::thread::{self, JoinHandle};
+
+use forkvm_devices::sync::lock;
+use kvm_ioctls::{Kvm, VmFd};
+
+use crate::arch::probe::host_caps;
+use crate::builder::{create_vcpus, create_vm};
+use crate::error::Error;
+use crate::identity::IdentityPage;
+use crate::memory::GuestRam;
+use crate::vcpu::Vcpu;
+use crate::vm::Vm;
+
+/// A child VM created ahead of a fork: memory slots over placeholder RAM, interrupt
+/// controllers, PIT, and vCPUs with their CPUID.
+pub(crate) struct Shell {
+    // Declared before `ram` and `identity_page`, so the VM (and its memory slots) is destroyed
+    // before the mappings.
+    pub vm_fd: VmFd,
+    pub vcpus: Vec<Vcpu>,
+    pub ram: GuestRam,
+    pub identity_page: IdentityPage,
+}
+
+impl Shell {
+    /// A shell for a VM of `memory_size` bytes and `vcpus` vCPUs.
+    pub(crate) fn new(kvm: &Kvm, memory_size: u64, vcpus: u8) -> Result<Self, Error> {
+        let ram = GuestRam::placeholder(memory_size)?;
+        let identity_page = IdentityPage::new()?;
+        let vm_fd = create_vm(kvm, &ram, &identity_page)?;
+        let vcpus = create_vcpus(kvm, &vm_fd, &host_caps(kvm)?, vcpus, |_, _| Ok(()))?;
+        Ok(Self {
+            vm_fd,
+            vcpus,
+            ram,
+            identity_page,
+        })
+    }
+}
+
+/// The shells one VM has ready, and how many it keeps ready.
+#[derive(Default)]
+pub(crate) struct ShellPool {
+    shells: Mutex<Vec<Shell>>,
+    /// How many shells [`Vm::keep_forks_ready`] asked to keep.
+    target: AtomicUsize,
+    /// The thread topping the pool up, while there is one.
+    refill: Mutex<Option<JoinHandle<()>>>,
+    /// Set when the VM goes away: the refill thread stops.
+    closed: AtomicBool,
+}
+
+impl ShellPool {
+    /// A ready shell, if there is one.
+    pub(crate) fn take(&self) -> Option<Shell> {
+        lock(&self.shells).pop()
+    }
+
+    fn len(&self) -> usize {
+        lock(&self.shells).len()
+    }
+
+    fn wanted(&self) -> bool {
+        !self.closed.load(Ordering::SeqCst) && self.len() < self.target.load(Ordering::SeqCst)
+    }
+
+    /// Stops the refill thread and waits for it.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        if let Some(thread) = lock(&self.refill).take() {
+            // The thread only creates shells; a panic in it has nothing to report here.
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Vm {
+    /// Creates `n` more children ahead of time (KVM VMs with memory slots, interrupt
+    /// controllers, PIT and vCPUs), so that the next forks only map memory and load state.
+    /// [`Vm::prepared_forks`] tells how many are ready.
+    pub fn prepare_forks(&self, n: usize) -> Result<(), Error> {
+        let (size, vcpus) = self.shell_shape();
+        for _ in 0..n {
+            let shell = Shell::new(&self.kvm, size, vcpus)?;
+            lock(&self.shells.shells).push(shell);
+        }
+        Ok(())
+    }
+
+    /// Keeps `n` children prepared (see [`Vm::prepare_forks`]): creates what is missing on a
+    /// background thread now, and again after each fork that used some. 0 stops refilling
+    /// (children already prepared stay ready).
+    pub fn keep_forks_ready(&self, n: usize) {
+        self.shells.target.store(n, Ordering::SeqCst);
+        self.refill_shells();
+    }
+
+    /// How many children are prepared.
+    pub fn prepared_forks(&self) -> usize {
+        self.shells.len()
+    }
+
+    /// Starts the refill thread if the pool is short and none runs.
+    pub(crate) fn refill_shells(&self) {
+        let pool = self.shells.clone();
+        if !pool.wanted() {
+            return;
+        }
+        let mut refill = lock(&pool.refill);
+        if refill.as_ref().is_some_and(|thread| !thread.is_finished()) {
+            return;
+        }
+        if let Some(done) = refill.take() {
+            let _ = done.join();
+        }
+        let (kvm, (size, vcpus)) = (self.kvm.clone(), self.shell_shape());
+        let thread_pool = pool.clone();
+        let spawned = thread::Builder::new()
+            .name("forkvm-prepare".into())
+            .spawn(move || {
+                while thread_pool.wanted() {
+                    match Shell::new(&kvm, size, vcpus) {
+                        Ok(shell) => lock(&thread_pool.shells).push(shell),
+                        Err(e) => {
+                            log::warn!("cannot prepare a child for the next fork: {e}");
+                            return;
+                        }
+                    }
+                }
+            });
+        match spawned {
+            Ok(thread) => *refill = Some(thread),
+            Err(e) => log::warn!("cannot start the thread preparing children: {e}"),
+        }
+    }
+
+    /// Memory size and vCPU count of this VM's children.
+    fn shell_shape(&self) -> (u64, u8) {
+        // At most MAX_MPTABLE_VCPUS (< 256) vCPUs, as the VM was built with.
+        (self.memory_size(), self.vcpus.len() as u8)
+    }
+}
