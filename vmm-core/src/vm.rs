@@ -68,6 +68,8 @@ pub struct Vm {
     pub(crate) image_current: AtomicBool,
     /// Children created ahead of forks ([`Vm::prepare_forks`]).
     pub(crate) shells: Mutex<Vec<crate::fork::Shell>>,
+    /// How long the last fork or snapshot held this VM paused ([`Vm::last_pause`]).
+    pub(crate) last_pause: Mutex<Option<Duration>>,
 }
 
 impl Vm {
@@ -93,6 +95,7 @@ impl Vm {
             ram: Mutex::new(parts.ram),
             image_current: AtomicBool::new(false),
             shells: Mutex::default(),
+            last_pause: Mutex::default(),
         }
     }
 
@@ -250,6 +253,13 @@ impl Vm {
                 addr,
                 len: buf.len(),
             })
+    }
+
+    /// How long the last [`Vm::fork`] or [`Vm::snapshot`] of this VM held it paused: from the
+    /// pause request until it ran again (state read, memory frozen); for a VM that was already
+    /// paused, how long its state and memory were being captured. `None` before the first.
+    pub fn last_pause(&self) -> Option<Duration> {
+        *lock(&self.last_pause)
     }
 
     /// Guest memory size in bytes.
