@@ -79,9 +79,15 @@ fn pss() -> i64 {
         .unwrap_or(0)
 }
 
+/// How many mappings this process has (`/proc/sys/vm/max_map_count` bounds them).
+fn maps() -> i64 {
+    let text = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    text.lines().count() as i64
+}
+
 /// Memory figures of this process and the kernel, in kB.
 struct Memory {
-    process: [i64; 5],
+    process: [i64; 6],
     kernel: Vec<i64>,
 }
 
@@ -95,6 +101,7 @@ impl Memory {
                 status("RssShmem"),
                 pss(),
                 status("Threads"),
+                maps(),
             ],
             kernel: meminfo(),
         }
@@ -109,7 +116,11 @@ impl Memory {
         for (i, name) in names.iter().enumerate() {
             line += &format!(" {name} {:.1} KiB,", per(now.process[i], before.process[i]));
         }
-        line += &format!(" threads {:.1};", per(now.process[4], before.process[4]));
+        line += &format!(
+            " threads {:.1}, mappings {:.1};",
+            per(now.process[4], before.process[4]),
+            per(now.process[5], before.process[5])
+        );
         for (i, name) in MEMINFO.iter().enumerate() {
             line += &format!(" {name} {:+.1} KiB", per(now.kernel[i], before.kernel[i]));
         }
