@@ -20,8 +20,8 @@
 //! - Freezing RAM that is already private (a second fork of the same VM, a fork of a fork): its
 //!   copy-on-write pages exist only in this VM's mappings, so they go into a new file with the
 //!   image's data: the image's allocated extents (`SEEK_DATA`/`SEEK_HOLE`; holes stay holes) and
-//!   then the pages the VM wrote since (anonymous pages of its mappings, from
-//!   `/proc/self/pagemap`), while the VM is paused. That is O(data in the image + pages written),
+//!   then the pages the VM wrote since (anonymous pages of its mappings, found with the
+//!   `PAGEMAP_SCAN` ioctl of `/proc/self/pagemap`), while the VM is paused. That is O(data in the image + pages written),
 //!   not O(RAM); sharing this copy between generations (layered images) is the next step.
 //! - A frozen image lives as long as any VM or [`FrozenRam`] handle uses it.
 //!
@@ -144,7 +144,7 @@ impl GuestRam {
     }
 
     /// Writes into `file`, at their offsets, the pages this VM has written since it began to map
-    /// its image privately (its anonymous copy-on-write pages, found in `/proc/self/pagemap`).
+    /// its image privately (its anonymous copy-on-write pages, found through `/proc/self/pagemap`).
     fn copy_written_pages(&self, file: &File) -> Result<(), MemoryError> {
         let err = |what| move |source| MemoryError::Freeze { what, source };
         let pagemap = File::open("/proc/self/pagemap").map_err(err("opening the page map"))?;
