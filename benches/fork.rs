@@ -1,68 +1,148 @@
 //! Copy-on-write fork of a running test guest (legacy devices only; virtio devices cannot be
-//! forked yet): `fork(1)` latency from call to a running child, for a paused parent (its frozen
-//! image is reused) and for a running one (paused, its memory frozen — written pages copied into
-//! a new image — and resumed), for 256 MiB and 4 GiB guests; and `fork(100)` in one call.
-//! Only the fork is timed; tearing the children down comes after.
+//! forked yet), 2 vCPUs, 256 MiB and 4 GiB:
+//!
+//! - `fork(1)` latency from call to a running child, for a paused parent (its frozen image is
+//!   reused) and for a running one that keeps writing (paused, its memory re-frozen — image data
+//!   and written pages copied into a new image — and resumed), each with and without the child
+//!   prepared ahead ([`Vm::prepare_forks`], untimed);
+//! - how long each fork held a running parent paused ([`Vm::last_pause`]): repeated forks of a
+//!   parent that keeps writing (the criterion runs above), the first fork of fresh parents, and
+//!   repeated forks of a parent the host writes 16 MiB into between forks.
+//!
+//! Criterion reports medians of the fork latency; every single fork is also timed, and after each
+//! benchmark its median, 99th percentile and maximum are printed (warm-up forks included), with
+//! those of the parent's pause. Only the fork is timed; tearing the children down comes after.
+//! `cargo bench --bench fork_scale` has `fork(n)`, the lazy-fault tail and density.
 
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use forkvm::{ConsoleOutput, Vm};
-use forkvm_tests::{spinning_guest_sized, time_each};
+use forkvm_tests::{print_percentiles, spinning_guest_sized};
+
+const VCPUS: u32 = 2;
 
 fn spinning_parent(memory_mib: u64) -> Vm {
-    spinning_guest_sized(1, memory_mib).0
+    spinning_guest_sized(VCPUS, memory_mib).0
 }
 
 fn quiet(n: usize) -> Vec<ConsoleOutput> {
     (0..n).map(|_| ConsoleOutput::Discard).collect()
 }
 
-/// Times `iters` forks of `n` children each; the children are dropped untimed, and with
-/// `prepared` each fork's children are prepared ([`Vm::prepare_forks`]) untimed before it.
-fn time_forks(parent: &Vm, iters: u64, n: usize, prepared: bool) -> Duration {
+/// Every fork's latency and the parent's pause in it, across criterion's calls.
+#[derive(Default)]
+struct Record {
+    fork: Vec<Duration>,
+    pause: Vec<Duration>,
+}
+
+impl Record {
+    fn print(&mut self, name: &str, paused_parent: bool) {
+        if self.fork.is_empty() {
+            return; // filtered out
+        }
+        print_percentiles(&format!("{name}: fork latency"), &mut self.fork);
+        if !paused_parent {
+            print_percentiles(&format!("{name}: parent paused"), &mut self.pause);
+        }
+        *self = Self::default();
+    }
+}
+
+/// Forks `iters` times, one child each, timing each fork; the children are dropped untimed, and
+/// with `prepared` each child is prepared ([`Vm::prepare_forks`]) untimed before its fork.
+fn time_forks(parent: &Vm, iters: u64, prepared: bool, record: &Mutex<Record>) -> Duration {
     let mut total = Duration::ZERO;
     for _ in 0..iters {
         if prepared {
-            parent.prepare_forks(n).unwrap();
+            parent.prepare_forks(1).unwrap();
         }
-        total += time_each(1, || parent.fork(quiet(n)).unwrap());
+        let t0 = Instant::now();
+        let children = parent.fork(quiet(1)).unwrap();
+        let took = t0.elapsed();
+        total += took;
+        let mut record = record.lock().unwrap();
+        record.fork.push(took);
+        record.pause.extend(parent.last_pause());
+        drop(record);
+        drop(children);
     }
     total
 }
 
-fn bench_fork(c: &mut Criterion) {
-    let mut group = c.benchmark_group("fork");
-    group
-        .sample_size(30)
-        .measurement_time(Duration::from_secs(10));
+fn bench_fork1(c: &mut Criterion) {
+    let record = Mutex::new(Record::default());
+    let mut group = c.benchmark_group("fork1");
     for mib in [256, 4096] {
         let parent = spinning_parent(mib);
-        group.bench_with_input(
-            BenchmarkId::new("running_parent_fork1", mib),
-            &mib,
-            |b, _| b.iter_custom(|iters| time_forks(&parent, iters, 1, false)),
-        );
-        parent.pause().unwrap();
-        group.bench_with_input(
-            BenchmarkId::new("paused_parent_fork1", mib),
-            &mib,
-            |b, _| b.iter_custom(|iters| time_forks(&parent, iters, 1, false)),
-        );
-        group.bench_with_input(
-            BenchmarkId::new("paused_parent_fork1_prepared", mib),
-            &mib,
-            |b, _| b.iter_custom(|iters| time_forks(&parent, iters, 1, true)),
-        );
+        for paused in [false, true] {
+            if paused {
+                parent.pause().unwrap();
+            }
+            for prepared in [false, true] {
+                let name = format!(
+                    "{}_parent{}",
+                    if paused { "paused" } else { "running" },
+                    if prepared { "_prepared" } else { "" }
+                );
+                group.bench_with_input(BenchmarkId::new(&name, mib), &mib, |b, _| {
+                    b.iter_custom(|iters| time_forks(&parent, iters, prepared, &record))
+                });
+                record
+                    .lock()
+                    .unwrap()
+                    .print(&format!("fork1/{name}/{mib}"), paused);
+            }
+        }
     }
-    let parent = spinning_parent(256);
-    parent.pause().unwrap();
-    group.sample_size(10);
-    group.bench_function("paused_parent_fork100_256", |b| {
-        b.iter_custom(|iters| time_forks(&parent, iters, 100, false))
-    });
     group.finish();
 }
 
-criterion_group!(benches, bench_fork);
+/// Pauses that criterion's loops do not cover: the first fork of fresh running parents, and
+/// repeated forks of a running parent into which the host writes 16 MiB (4,096 pages) between
+/// forks, so that each re-freeze copies them.
+fn first_and_heavy_pauses(_: &mut Criterion) {
+    for mib in [256, 4096] {
+        let mut first = Vec::new();
+        for _ in 0..20 {
+            let parent = spinning_parent(mib);
+            let children = parent.fork(quiet(1)).unwrap();
+            first.extend(parent.last_pause());
+            drop(children);
+        }
+        print_percentiles(&format!("pause/first_fork/{mib}"), &mut first);
+
+        let parent = spinning_parent(mib);
+        let mut heavy = Vec::new();
+        let mut latency = Vec::new();
+        for round in 0..30u8 {
+            for page in 0..4096u64 {
+                parent
+                    .write_memory((16 << 20) + page * 4096, &[round])
+                    .unwrap();
+            }
+            let t0 = Instant::now();
+            let children = parent.fork(quiet(1)).unwrap();
+            latency.push(t0.elapsed());
+            heavy.extend(parent.last_pause());
+            drop(children);
+        }
+        print_percentiles(&format!("pause/repeated_16MiB_written/{mib}"), &mut heavy);
+        print_percentiles(
+            &format!("fork1/running_16MiB_written/{mib}: fork latency"),
+            &mut latency,
+        );
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1));
+    targets = bench_fork1, first_and_heavy_pauses
+}
 criterion_main!(benches);

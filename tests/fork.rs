@@ -152,3 +152,22 @@ fn a_vm_keeps_children_prepared_in_the_background() {
         "no refill once it is switched off"
     );
 }
+
+#[test]
+fn a_fork_records_how_long_it_held_the_parent_paused() {
+    let (parent, addr, _console) = spinning_guest(2);
+    wait_until_above(&parent, addr, 0);
+    assert_eq!(parent.last_pause(), None, "no fork yet");
+    let children = fork_quiet(&parent, 1);
+    let first = parent.last_pause().expect("the fork paused the parent");
+    assert!(first > std::time::Duration::ZERO);
+    assert!(!parent.is_paused(), "a running parent runs on");
+    assert_eq!(children[0].last_pause(), None, "a child was never forked");
+    // A second fork of the parent, which ran (and wrote) since, records its own pause.
+    wait_until_above(&parent, addr, read_u64(&parent, addr));
+    let _more = fork_quiet(&parent, 1);
+    assert!(parent.last_pause().is_some());
+    // A fork of a child records on the child.
+    let _grandchild = fork_quiet(&children[0], 1);
+    assert!(children[0].last_pause().is_some());
+}

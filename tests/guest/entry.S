@@ -142,8 +142,11 @@ syscall_isr:
     movl $EXIT_BAD_SYSCALL, %eax
     outl %eax, $DEBUG_EXIT_PORT
 1:  cli
-    hlt
-    jmp 1b
+    /* Stop the LAPIC timer too: its expiries would wake the halted vCPU every millisecond. */
+    movabsq $(LAPIC_BASE + LAPIC_TIMER_ICR), %rax
+    movl $0, (%rax)
+3:  hlt
+    jmp 3b
 2:  lidt null_idt_desc(%rip)    /* any later interrupt or exception triple-faults */
     iretq
 

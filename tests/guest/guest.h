@@ -21,7 +21,7 @@
 #define SPURIOUS_VECTOR 0xff
 
 /* Requests for the int 0x80 gate, passed in eax. */
-#define SYS_HALT     0  /* cli; hlt forever */
+#define SYS_HALT     0  /* stop the LAPIC timer; cli; hlt forever */
 #define SYS_NULL_IDT 1  /* load an IDT with limit 0, return to ring 3 */
 
 /* A 32-bit write of a status to this port ends the VM (0 = success). */
@@ -29,6 +29,7 @@
 
 #define LAPIC_BASE 0xfee00000
 #define LAPIC_EOI  0xb0
+#define LAPIC_TIMER_ICR 0x380  /* initial count; 0 stops the timer */
 
 /* Exit status codes written to the debug-exit port. */
 #define EXIT_OK           0

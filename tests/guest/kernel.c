@@ -123,7 +123,6 @@ static void setup_idt(void)
 #define LAPIC_SVR       0xf0
 #define LAPIC_LVT_TIMER 0x320
 #define LAPIC_LVT_LINT0 0x350
-#define LAPIC_TIMER_ICR 0x380
 #define LAPIC_TIMER_DCR 0x3e0
 
 static void lapic_write(uint32_t reg, uint32_t v)

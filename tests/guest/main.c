@@ -319,6 +319,38 @@ static NORETURN void mode_halt(void)
         cpu_relax();
 }
 
+/*
+ * Lazy-fault probe (fork benchmarks): prints the address of a flag, waits (spinning in ring 3)
+ * until the host sets it, then writes one byte per 4 KiB page over touch_mib= MiB (default 64)
+ * from 4 MiB, prints "touched N MiB" and halts. touch_wait=0 touches at once.
+ */
+static NORETURN void mode_touch(void)
+{
+    static volatile uint64_t go;
+    struct str arg;
+    uint64_t mib = 64, end = ram_region_end(MEMCHECK_START);
+
+    if (get_arg("touch_mib", &arg))
+        mib = parse_u64(arg, "touch_mib\n");
+    if (get_arg("touch_wait", &arg) && !parse_u64(arg, "touch_wait\n"))
+        go = 1;
+    if (!end || mib > (end - MEMCHECK_START) / MiB)
+        fail("touch: touch_mib beyond the RAM region at 4 MiB\n", EXIT_BAD_ARG);
+    serial_puts("touch: waiting, flag at ");
+    serial_put_hex((uint64_t)(uintptr_t)&go);
+    serial_putc('\n');
+    while (!go)
+        cpu_relax();
+    for (uint64_t a = MEMCHECK_START; a < MEMCHECK_START + mib * MiB; a += 4096)
+        *(volatile uint8_t *)a = 1;
+    serial_puts("touched ");
+    serial_put_dec(mib);
+    serial_puts(" MiB\n");
+    syscall0(SYS_HALT);
+    for (;;)
+        cpu_relax();
+}
+
 static int all_zero(const uint8_t *p, size_t n)
 {
     for (size_t i = 0; i < n; i++)
@@ -913,6 +945,8 @@ NORETURN void user_main(void)
         mode_halt();
     if (str_eq(mode, "fault"))
         mode_fault();
+    if (str_eq(mode, "touch"))
+        mode_touch();
     if (str_eq(mode, "virtio-rng"))
         mode_virtio_rng();
     if (str_eq(mode, "virtio-blk"))

@@ -304,3 +304,46 @@ pub fn time_each<T>(iters: u64, mut make: impl FnMut() -> T) -> std::time::Durat
         })
         .sum()
 }
+
+/// The `p`-th percentile (0–100, nearest rank) of `samples`, which it sorts; zero if empty.
+pub fn percentile(samples: &mut [std::time::Duration], p: f64) -> std::time::Duration {
+    if samples.is_empty() {
+        return std::time::Duration::ZERO;
+    }
+    samples.sort_unstable();
+    let rank = ((p / 100.0) * samples.len() as f64).ceil() as usize;
+    samples[rank.clamp(1, samples.len()) - 1]
+}
+
+/// Prints `name`'s sample count, median, 99th percentile and maximum (benchmarks report tails
+/// that criterion's medians do not show).
+pub fn print_percentiles(name: &str, samples: &mut [std::time::Duration]) {
+    let p50 = percentile(samples, 50.0);
+    let p99 = percentile(samples, 99.0);
+    let max = samples.last().copied().unwrap_or_default();
+    println!(
+        "{name}: n={} p50={:.3} ms p99={:.3} ms max={:.3} ms",
+        samples.len(),
+        p50.as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3,
+        max.as_secs_f64() * 1e3,
+    );
+}
+
+/// Raises this process's soft limit on open files to its hard limit (a thousand VMs need
+/// thousands of fds); returns the limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed, which outlives them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        }
+    }
+    limit.rlim_cur
+}

@@ -4,7 +4,7 @@ use std::ffi::CString;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use forkvm_devices::bus::Bus;
 use forkvm_devices::input::InputFeeder;
@@ -538,6 +538,20 @@ pub(crate) fn legacy_devices(
     Ok((pio, serial))
 }
 
+/// KVM's supported CPUID, asked once per process: it does not change while KVM is loaded, and
+/// asking costs ~1 ms on hosts that emulate the host `cpuid`s it makes (every fork of an
+/// unprepared child and every [`crate::Vm::prepare_forks`] child asked again).
+fn supported_cpuid(kvm: &Kvm) -> Result<kvm_bindings::CpuId, Error> {
+    static SUPPORTED: OnceLock<kvm_bindings::CpuId> = OnceLock::new();
+    if let Some(supported) = SUPPORTED.get() {
+        return Ok(supported.clone());
+    }
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    Ok(SUPPORTED.get_or_init(|| supported).clone())
+}
+
 /// Creates `count` vCPUs with their CPUID, then lets `init` give each its state (boot state,
 /// or the state of the vCPU it continues).
 pub(crate) fn create_vcpus(
@@ -547,9 +561,7 @@ pub(crate) fn create_vcpus(
     count: u8,
     mut init: impl FnMut(u8, &VcpuFd) -> Result<(), Error>,
 ) -> Result<Vec<Vcpu>, Error> {
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let supported = supported_cpuid(kvm)?;
     (0..count)
         .map(|id| {
             let fd = vm

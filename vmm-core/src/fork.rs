@@ -20,6 +20,7 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use forkvm_devices::bus::Bus;
 use forkvm_devices::legacy::SerialState;
@@ -137,12 +138,14 @@ impl Vm {
     /// meanwhile: what a fork or a snapshot continues from.
     pub(crate) fn capture(&self) -> Result<ForkPoint, Error> {
         let was_paused = self.is_paused();
+        let paused_at = Instant::now();
         self.pause()?;
         let point = self.fork_point();
         if !was_paused {
             // Nothing captured depends on the VM staying paused: the image never changes.
             let _ = self.resume();
         }
+        *lock(&self.last_pause) = Some(paused_at.elapsed());
         point
     }
 

@@ -7,8 +7,8 @@
 //! [`Vm::keep_forks_ready`] keeps a number of them ready, topping the pool up on a background
 //! thread after each fork that used some.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 
 use forkvm_devices::sync::lock;

@@ -76,6 +76,8 @@ pub struct Vm {
     pub(crate) image_current: AtomicBool,
     /// Children created ahead of forks ([`Vm::prepare_forks`], [`Vm::keep_forks_ready`]).
     pub(crate) shells: Arc<ShellPool>,
+    /// How long the last fork or snapshot held this VM paused ([`Vm::last_pause`]).
+    pub(crate) last_pause: Mutex<Option<Duration>>,
 }
 
 impl Vm {
@@ -103,6 +105,7 @@ impl Vm {
             _identity_page: parts.identity_page,
             image_current: AtomicBool::new(false),
             shells: Arc::default(),
+            last_pause: Mutex::default(),
         }
     }
 
@@ -267,6 +270,13 @@ impl Vm {
     /// page ([`crate::identity`]).
     pub fn identity(&self) -> Identity {
         self.identity
+    }
+
+    /// How long the last [`Vm::fork`] or [`Vm::snapshot`] of this VM held it paused: from the
+    /// pause request until it ran again (state read, memory frozen); for a VM that was already
+    /// paused, how long its state and memory were being captured. `None` before the first.
+    pub fn last_pause(&self) -> Option<Duration> {
+        *lock(&self.last_pause)
     }
 
     /// Guest memory size in bytes.
