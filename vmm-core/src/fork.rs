@@ -37,7 +37,7 @@ use crate::console::{ConsoleInput, ConsoleOutput};
 use crate::error::Error;
 use crate::event_loop::EventLoop;
 use crate::identity::Identity;
-use crate::memory::freeze::FrozenRam;
+use crate::memory::freeze::{FreezeDraft, FrozenRam};
 use crate::prepared::Shell;
 use crate::run_state::RunState;
 use crate::vcpu::IoBuses;
@@ -138,9 +138,16 @@ impl Vm {
     /// meanwhile: what a fork or a snapshot continues from.
     pub(crate) fn capture(&self) -> Result<ForkPoint, Error> {
         let was_paused = self.is_paused();
+        // What a freeze can do before the pause: copy the image private RAM maps (unless a
+        // paused VM's current image will be reused).
+        let draft = if was_paused && self.image_current.load(Ordering::SeqCst) {
+            None
+        } else {
+            self.lock_ram().draft_freeze()?
+        };
         let paused_at = Instant::now();
         self.pause()?;
-        let point = self.fork_point();
+        let point = self.fork_point(draft);
         if !was_paused {
             // Nothing captured depends on the VM staying paused: the image never changes.
             let _ = self.resume();
@@ -149,8 +156,8 @@ impl Vm {
         point
     }
 
-    /// Reads the paused VM's state and freezes its memory.
-    fn fork_point(&self) -> Result<ForkPoint, Error> {
+    /// Reads the paused VM's state and freezes its memory, finishing `draft`.
+    fn fork_point(&self, draft: Option<FreezeDraft>) -> Result<ForkPoint, Error> {
         let devices = self
             .devices
             .iter()
@@ -168,7 +175,7 @@ impl Vm {
             match ram.frozen() {
                 // Paused and unwritten since the last fork: the image is still the RAM.
                 Some(image) if self.image_current.load(Ordering::SeqCst) => image.clone(),
-                _ => ram.freeze()?,
+                _ => ram.freeze_from(draft)?,
             }
         };
         self.image_current.store(true, Ordering::SeqCst);

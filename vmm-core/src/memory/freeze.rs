@@ -21,8 +21,10 @@
 //!   copy-on-write pages exist only in this VM's mappings, so they go into a new file with the
 //!   image's data: the image's allocated extents (`SEEK_DATA`/`SEEK_HOLE`; holes stay holes) and
 //!   then the pages the VM wrote since (anonymous pages of its mappings, found with the
-//!   `PAGEMAP_SCAN` ioctl of `/proc/self/pagemap`), while the VM is paused. That is O(data in the image + pages written),
-//!   not O(RAM); sharing this copy between generations (layered images) is the next step.
+//!   `PAGEMAP_SCAN` ioctl of `/proc/self/pagemap`). The image's data is copied before the VM is
+//!   paused ([`GuestRam::draft_freeze`]: nobody writes the image), so the pause costs O(pages
+//!   written), the copy O(data in the image); neither is O(RAM). Sharing that copy between
+//!   generations (layered images) is the next step.
 //! - A frozen image lives as long as any VM or [`FrozenRam`] handle uses it.
 //!
 //! # While frozen
@@ -76,6 +78,17 @@ impl FrozenRam {
         })
     }
 
+    /// A new memory file holding the image's data.
+    fn copy_into_new_file(&self) -> Result<File, MemoryError> {
+        let file = create_memfd()?;
+        self.copy_data_to(&file)
+            .map_err(|source| MemoryError::Freeze {
+                what: "copying the image",
+                source,
+            })?;
+        Ok(file)
+    }
+
     /// Writes the image's data into `to` at the same offsets (holes stay holes).
     pub fn copy_data_to(&self, to: &File) -> io::Result<()> {
         to.set_len(self.size())?;
@@ -86,20 +99,46 @@ impl FrozenRam {
     }
 }
 
+/// The part of freezing private RAM that does not need the VM paused: a new file holding the
+/// data of the image the RAM maps privately (which nobody writes). [`GuestRam::freeze_from`]
+/// then adds only the pages the VM wrote.
+pub struct FreezeDraft {
+    file: Arc<File>,
+    base: Arc<FrozenRam>,
+}
+
 impl GuestRam {
     /// Freezes the RAM's current contents into an image and keeps this RAM running over it
     /// privately (see the module docs for what it costs). Every vCPU and device of the VM must be
     /// stopped (`Vm::pause`) while this runs.
     pub fn freeze(&mut self) -> Result<Arc<FrozenRam>, MemoryError> {
+        self.freeze_from(None)
+    }
+
+    /// Starts a freeze while the VM still runs: for RAM that maps an image privately, copies
+    /// that image's data into a new file (`None` for RAM that was never frozen, which needs no
+    /// copy). Pass it to [`GuestRam::freeze_from`] with the VM paused.
+    pub fn draft_freeze(&self) -> Result<Option<FreezeDraft>, MemoryError> {
+        let Some(base) = self.frozen.clone() else {
+            return Ok(None);
+        };
+        Ok(Some(FreezeDraft {
+            file: Arc::new(base.copy_into_new_file()?),
+            base,
+        }))
+    }
+
+    /// [`GuestRam::freeze`], finishing `draft` if it was made from the image this RAM maps now.
+    pub fn freeze_from(
+        &mut self,
+        draft: Option<FreezeDraft>,
+    ) -> Result<Arc<FrozenRam>, MemoryError> {
         if let Some(image) = self.frozen.clone() {
             // This RAM's contents: the image it maps privately, then what it wrote since.
-            let file = Arc::new(create_memfd()?);
-            image
-                .copy_data_to(&file)
-                .map_err(|source| MemoryError::Freeze {
-                    what: "copying the image",
-                    source,
-                })?;
+            let file = match draft {
+                Some(draft) if Arc::ptr_eq(&draft.base, &image) => draft.file,
+                _ => Arc::new(image.copy_into_new_file()?),
+            };
             self.copy_written_pages(&file)?;
             self.file = file;
         }
@@ -543,6 +582,33 @@ mod tests {
         assert_eq!([read(&g, 0x1000), read(&g, 0x5000)], [1, 5]);
         assert_eq!(read(&child, 0x5000), 6);
         assert_eq!(grandchildren.size(), 4 * MIB);
+    }
+
+    #[test]
+    fn a_freeze_drafted_before_more_writes_carries_them_all() {
+        let mut ram = GuestRam::new(4 * MIB).unwrap();
+        assert!(ram.draft_freeze().unwrap().is_none(), "nothing to copy");
+        write(&ram, 0x1000, 1);
+        ram.freeze().unwrap();
+        write(&ram, 0x2000, 2);
+        let draft = ram.draft_freeze().unwrap();
+        // Written while the VM still ran, after the draft.
+        write(&ram, 0x3000, 3);
+        let second = ram.freeze_from(draft).unwrap();
+        let m = second.map().unwrap();
+        assert_eq!(
+            [read(&m, 0x1000), read(&m, 0x2000), read(&m, 0x3000)],
+            [1, 2, 3]
+        );
+
+        // A draft of an image the RAM no longer maps is not used.
+        let stale = ram.draft_freeze().unwrap();
+        write(&ram, 0x4000, 4);
+        ram.freeze().unwrap();
+        write(&ram, 0x5000, 5);
+        let third = ram.freeze_from(stale).unwrap();
+        let m = third.map().unwrap();
+        assert_eq!([read(&m, 0x4000), read(&m, 0x5000)], [4, 5]);
     }
 
     #[test]
