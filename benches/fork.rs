@@ -1,5 +1,4 @@
-//! Copy-on-write fork of a running test guest (legacy devices only; virtio devices cannot be
-//! forked yet), 2 vCPUs, 256 MiB and 4 GiB:
+//! Copy-on-write fork of a running test guest, 2 vCPUs, 256 MiB and 4 GiB:
 //!
 //! - `fork(1)` latency from call to a running child, for a paused parent (its frozen image is
 //!   reused) and for a running one that keeps writing (paused, its memory re-frozen — image data
@@ -7,7 +6,9 @@
 //!   prepared ahead ([`Vm::prepare_forks`], untimed);
 //! - how long each fork held a running parent paused ([`Vm::last_pause`]): repeated forks of a
 //!   parent that keeps writing (the criterion runs above), the first fork of fresh parents, and
-//!   repeated forks of a parent the host writes 16 MiB into between forks.
+//!   repeated forks of a parent the host writes 16 MiB into between forks;
+//! - `fork(1)` of a paused parent with virtio-rng, virtio-console and virtio-vsock (the
+//!   children get copies of each), with and without the child prepared.
 //!
 //! Criterion reports medians of the fork latency; every single fork is also timed, and after each
 //! benchmark its median, 99th percentile and maximum are printed (warm-up forks included), with
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use forkvm::{ConsoleOutput, Vm};
-use forkvm_tests::{print_percentiles, spinning_guest_sized};
+use forkvm_tests::{print_percentiles, spinning_guest_sized, spinning_guest_with};
 
 const VCPUS: u32 = 2;
 
@@ -100,6 +101,31 @@ fn bench_fork1(c: &mut Criterion) {
     group.finish();
 }
 
+fn bench_fork1_devices(c: &mut Criterion) {
+    let record = Mutex::new(Record::default());
+    let mut group = c.benchmark_group("fork1_devices");
+    for mib in [256, 4096] {
+        let (parent, _, _) = spinning_guest_with(VCPUS, mib, |builder| {
+            builder
+                .rng()
+                .virtio_console(ConsoleOutput::Discard, None)
+                .vsock(forkvm::Vsock::new(3))
+        });
+        parent.pause().unwrap();
+        for prepared in [false, true] {
+            let name = format!("paused_parent{}", if prepared { "_prepared" } else { "" });
+            group.bench_with_input(BenchmarkId::new(&name, mib), &mib, |b, _| {
+                b.iter_custom(|iters| time_forks(&parent, iters, prepared, &record))
+            });
+            record
+                .lock()
+                .unwrap()
+                .print(&format!("fork1_devices/{name}/{mib}"), true);
+        }
+    }
+    group.finish();
+}
+
 /// Pauses that criterion's loops do not cover: the first fork of fresh running parents, and
 /// repeated forks of a running parent into which the host writes 16 MiB (4,096 pages) between
 /// forks, so that each re-freeze copies them.
@@ -143,6 +169,6 @@ criterion_group! {
         .sample_size(20)
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(1));
-    targets = bench_fork1, first_and_heavy_pauses
+    targets = bench_fork1, bench_fork1_devices, first_and_heavy_pauses
 }
 criterion_main!(benches);

@@ -241,8 +241,17 @@ pub fn spinning_guest(vcpus: u32) -> (forkvm::Vm, u64, ConsoleBuffer) {
 
 /// [`spinning_guest`] with `memory_mib` of memory.
 pub fn spinning_guest_sized(vcpus: u32, memory_mib: u64) -> (forkvm::Vm, u64, ConsoleBuffer) {
+    spinning_guest_with(vcpus, memory_mib, |builder| builder)
+}
+
+/// [`spinning_guest_sized`] with whatever `add` adds to its builder (devices).
+pub fn spinning_guest_with(
+    vcpus: u32,
+    memory_mib: u64,
+    add: impl FnOnce(VmBuilder) -> VmBuilder,
+) -> (forkvm::Vm, u64, ConsoleBuffer) {
     let console = ConsoleBuffer::new();
-    let vm = test_guest_vm("mode=spin", &console)
+    let vm = add(test_guest_vm("mode=spin", &console))
         .vcpus(vcpus)
         .memory_mib(memory_mib)
         .build()
