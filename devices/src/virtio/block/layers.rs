@@ -329,6 +329,18 @@ pub(super) struct ChildCow {
     written: bool,
 }
 
+/// A test's hook into a child's reads (see [`BEFORE_IMAGE_READ`]).
+#[cfg(test)]
+pub(super) type ImageReadHook = Option<Box<dyn FnMut(u64)>>;
+
+#[cfg(test)]
+thread_local! {
+    /// Called by a child's read on this thread just before it reads the image at the offset
+    /// given, with what it looked up still locked (lets a test interleave a parent's write).
+    pub(super) static BEFORE_IMAGE_READ: std::cell::RefCell<ImageReadHook> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// The layer a sector is read from.
 #[derive(Clone, Copy, PartialEq)]
 enum Source {
@@ -427,6 +439,10 @@ impl ChildCow {
             let skip = done * SECTOR_SIZE;
             let len = (end - done) * SECTOR_SIZE;
             let offset = (start + done) * SECTOR_SIZE;
+            #[cfg(test)]
+            if source == Source::Image {
+                BEFORE_IMAGE_READ.with_borrow_mut(|hook| hook.as_mut().map(|hook| hook(offset)));
+            }
             let file = match source {
                 Source::Own => overlay,
                 Source::Frozen(i) => &self.layers.frozen[i].file,

@@ -52,6 +52,8 @@ use super::{
     read_config_bytes,
 };
 
+#[cfg(test)]
+mod fork_tests;
 mod layers;
 
 /// Virtio device type of block devices.
