@@ -213,6 +213,23 @@ fn a_child_sees_the_frozen_content_after_the_parent_overwrites_it() {
 }
 
 #[test]
+fn states_are_send_and_sync_and_children_start_on_other_threads() {
+    fn send_sync<T: Send + Sync + Clone>(_: &T) {}
+    let image = Image::new("threads", SECTORS);
+    let mut parent = image.open(false, false);
+    let state = parent.freeze().unwrap();
+    send_sync(&state);
+    let copy = state.clone();
+    let sectors = std::thread::spawn(move || {
+        let mut child = Block::from_state(&copy).unwrap();
+        Io::new().sectors(&mut child, 0, 4)
+    })
+    .join()
+    .unwrap();
+    assert_eq!(sectors, originals(0, 4));
+}
+
+#[test]
 fn child_writes_reach_neither_the_parent_nor_a_sibling() {
     let image = Image::new("private", SECTORS);
     let io = Io::new();

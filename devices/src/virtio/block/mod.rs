@@ -20,8 +20,7 @@
 //! A disk can be forked: [`Block::freeze`] fixes its content for children, which
 //! [`Block::from_state`] makes, each writing only its own copy-on-write overlay while the
 //! parent keeps writing the user's image; the `layers` module (`block/layers.rs`) describes how
-//! and at what cost. A disk that
-//! was never frozen does exactly what it did before (one branch on a field more).
+//! and at what cost. A disk never frozen makes the same system calls as before.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -169,6 +168,7 @@ impl Block {
         ))
     }
 
+    /// A device over `file` (for a child, its overlay).
     fn with_file(
         file: File,
         read_only: bool,
@@ -519,25 +519,25 @@ impl Block {
                 offset,
                 Dir::Write,
             )?;
-            if let Some(Cow::Child(child)) = &mut self.cow {
-                child.mark_written(sector, len / SECTOR_SIZE);
+        } else {
+            let mut done = 0;
+            while done < len {
+                let chunk = (len - done).min(self.bounce.len() as u64) as usize;
+                let bounce = &mut self.bounce.as_mut()[..chunk];
+                copy_guest(
+                    memory,
+                    data,
+                    RequestHeader::LEN + done,
+                    Copy::FromGuest(bounce),
+                )?;
+                self.file
+                    .write_all_at(bounce, offset + done)
+                    .map_err(RequestError::Io)?;
+                done += chunk as u64;
             }
-            return Ok(());
         }
-        let mut done = 0;
-        while done < len {
-            let chunk = (len - done).min(self.bounce.len() as u64) as usize;
-            let bounce = &mut self.bounce.as_mut()[..chunk];
-            copy_guest(
-                memory,
-                data,
-                RequestHeader::LEN + done,
-                Copy::FromGuest(bounce),
-            )?;
-            self.file
-                .write_all_at(bounce, offset + done)
-                .map_err(RequestError::Io)?;
-            done += chunk as u64;
+        if let Some(Cow::Child(child)) = &mut self.cow {
+            child.mark_written(sector, len / SECTOR_SIZE);
         }
         Ok(())
     }
