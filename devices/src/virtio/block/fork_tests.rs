@@ -445,6 +445,22 @@ fn the_parent_stops_preserving_once_a_freezes_children_are_gone() {
 }
 
 #[test]
+fn a_freeze_reuses_only_the_latest_freezes_layer() {
+    let image = Image::new("reuse", SECTORS);
+    let io = Io::new();
+    let mut parent = image.open(false, false);
+    let mut first = Block::from_state(&parent.freeze().unwrap()).unwrap();
+    io.write(&mut parent, 0, 1, 0x10);
+    // The second freeze's children are gone before the third, with no write in between.
+    drop(parent.freeze().unwrap());
+    let mut third = Block::from_state(&parent.freeze().unwrap()).unwrap();
+    io.write(&mut parent, 0, 1, 0x20);
+    assert_eq!(io.sectors(&mut first, 0, 1), [0]);
+    assert_eq!(io.sectors(&mut third, 0, 1), [0x10]);
+    assert_eq!(io.sectors(&mut parent, 0, 1), [0x20]);
+}
+
+#[test]
 fn direct_io_disks_fork_through_the_bounce_buffer() {
     let image = Image::new("direct", SECTORS);
     let io = Io::new();

@@ -271,9 +271,11 @@ impl ImageCow {
 
     /// Freezes the image (`sectors` long): the children's handle on it and their layers.
     pub(super) fn freeze(&mut self, sectors: u64) -> io::Result<(Arc<File>, FrozenLayers)> {
+        // Only the latest freeze's layer holds what the image holds now, if it is still alive.
         let reusable = (!self.written)
             .then(|| self.layers.last().and_then(Weak::upgrade))
             .flatten();
+        self.layers.retain(|layer| layer.strong_count() > 0);
         let preserve = match reusable {
             Some(layer) => layer,
             None => {
