@@ -461,6 +461,23 @@ fn a_freeze_reuses_only_the_latest_freezes_layer() {
 }
 
 #[test]
+fn zeroes_the_parent_overwrites_are_preserved_as_zeroes() {
+    let image = Image::new("zeroes", SECTORS);
+    let io = Io::new();
+    let mut parent = image.open(false, false);
+    io.zero(&mut parent, VIRTIO_BLK_T_DISCARD, 8, 8).unwrap();
+    io.write(&mut parent, 12, 1, 0);
+    let mut child = Block::from_state(&parent.freeze().unwrap()).unwrap();
+    // Only zeroes to preserve, then a mix.
+    io.write(&mut parent, 8, 4, 0x33);
+    io.write(&mut parent, 6, 12, 0x33);
+    let mut expected = originals(6, 12);
+    expected[2..10].fill(0);
+    assert_eq!(io.sectors(&mut child, 6, 12), expected);
+    assert_eq!(io.sectors(&mut parent, 6, 12), [0x33; 12]);
+}
+
+#[test]
 fn direct_io_disks_fork_through_the_bounce_buffer() {
     let image = Image::new("direct", SECTORS);
     let io = Io::new();

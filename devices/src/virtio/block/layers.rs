@@ -33,8 +33,10 @@
 //! per GiB of disk, allocated lazily by the kernel), and copies no data: it is O(1) in disk
 //! size and in the data written before it. A freeze with no write since the previous one
 //! reuses the previous freeze's layer. The parent's first write to a sector after a freeze
-//! costs a read of the sector and a write per live preserve layer; its later writes cost a
-//! look-up in the bitmaps. A child's read costs a bitmap look-up per sector and layer and one
+//! costs a read of the sector and a write per live preserve layer (zeroes are not written: the
+//! layer is sparse, so a guest discarding a sparse image's free space does not fill it); its
+//! later writes cost a look-up in the bitmaps. Discard and write-zeroes preserve their whole
+//! range first, like writes. A child's read costs a bitmap look-up per sector and layer and one
 //! `preadv` per run of sectors held by the same layer. Layers live in `std::env::temp_dir()`
 //! (unnamed, `O_TMPFILE`, so nothing is left behind when the process dies); they take disk
 //! space only for the sectors written.
@@ -222,8 +224,22 @@ impl PreserveLayer {
                 let offset = sector * SECTOR_SIZE;
                 image
                     .read_exact_at(data, offset)
-                    .and_then(|()| self.file.write_all_at(data, offset))
                     .map_err(RequestError::Io)?;
+                // Zeroes (a sparse image's holes, say) take no space: punched (in case a failed
+                // copy left something there), the range reads as zeroes.
+                let punched = data.iter().all(|b| *b == 0)
+                    && super::fallocate(
+                        &self.file,
+                        libc::FALLOC_FL_PUNCH_HOLE,
+                        offset,
+                        bytes as u64,
+                    )
+                    .is_ok();
+                if !punched {
+                    self.file
+                        .write_all_at(data, offset)
+                        .map_err(RequestError::Io)?;
+                }
                 present.set_range(sector, run_end - sector);
                 sector = run_end;
             }
