@@ -478,6 +478,24 @@ fn zeroes_the_parent_overwrites_are_preserved_as_zeroes() {
 }
 
 #[test]
+fn large_parent_writes_preserve_in_bounce_sized_pieces() {
+    const DISK: u64 = 2048;
+    let image = Image::new("large", DISK);
+    let io = Io::new();
+    let mut parent = image.open(false, false);
+    let mut child = Block::from_state(&parent.freeze().unwrap()).unwrap();
+    io.write(&mut parent, 100, 1, 0x44);
+    // 384 KiB from sector 90: more than the bounce buffer, around a preserved sector.
+    io.write(&mut parent, 90, 768, 0x55);
+    io.zero(&mut parent, VIRTIO_BLK_T_WRITE_ZEROES, 0, DISK as u32)
+        .unwrap();
+    for start in (0..DISK).step_by(512) {
+        assert_eq!(io.sectors(&mut child, start, 512), originals(start, 512));
+        assert_eq!(io.sectors(&mut parent, start, 512), [0; 512]);
+    }
+}
+
+#[test]
 fn direct_io_disks_fork_through_the_bounce_buffer() {
     let image = Image::new("direct", SECTORS);
     let io = Io::new();
