@@ -38,8 +38,15 @@
 //! later writes cost a look-up in the bitmaps. Discard and write-zeroes preserve their whole
 //! range first, like writes. A child's read costs a bitmap look-up per sector and layer and one
 //! `preadv` per run of sectors held by the same layer. Layers live in `std::env::temp_dir()`
-//! (unnamed, `O_TMPFILE`, so nothing is left behind when the process dies); they take disk
-//! space only for the sectors written.
+//! (unnamed, `O_TMPFILE`, so nothing is left behind when the process dies; a named file
+//! removed at once where the file system lacks `O_TMPFILE`); they take space only for the
+//! sectors written. A temporary file rather than a memfd: on a disk-backed `$TMPDIR`, what
+//! children write does not have to fit in memory (on a tmpfs it is memory either way).
+//!
+//! Limits: a child's reads hold its preserve layer's lock for reading while they run, so a
+//! parent's first overwrite of sectors waits for the reads of the freeze's children in flight
+//! (later overwrites take no lock for writing). Each freeze of a child that wrote since its
+//! previous freeze adds a frozen layer that every later read looks up; nothing merges layers.
 //!
 //! A read-only disk never changes, so its children are simply new handles on the image,
 //! read-only too, with no layers at all. On an image opened with `O_DIRECT`, the parent's
