@@ -3,6 +3,10 @@
 //! run. The ratio of the two medians is the figure of merit (target: device ≥ 0.8 × pread).
 //! After criterion's two measurements, alternating rounds of both give a ratio that load from
 //! other processes skews less, printed with the time per request.
+//!
+//! `virtio_blk_forked_child` reads the same offsets from a child of a fork of the (writable)
+//! image, through its copy-on-write layers: a quarter of the reads from its own overlay, a
+//! quarter from what the parent preserved before overwriting it, half from the image.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -45,43 +49,14 @@ fn bench_block(c: &mut Criterion) {
         Block::open(image.path(), true, false, "bench").unwrap(),
     ));
     driver.start_with(1 << 5); // VIRTIO_BLK_F_RO
-    for (i, offset) in offsets.iter().enumerate() {
-        let header = HEADERS + 16 * i as u64;
-        driver.memory.write_obj(0u32, GuestAddress(header)).unwrap(); // VIRTIO_BLK_T_IN
-        driver
-            .memory
-            .write_obj(offset / SECTOR_SIZE, GuestAddress(header + 8))
-            .unwrap();
-    }
-    // The requests' descriptors are written once; each iteration only makes the 32 chains
-    // available again and notifies, as a driver reusing its request slots would.
-    for i in 0..QUEUE_DEPTH {
-        let n = u64::from(i);
-        let data = BUF + n * u64::from(READ_SIZE);
-        driver.chain(
-            3 * i,
-            &[
-                (HEADERS + 16 * n, 16, false),
-                (data, READ_SIZE, true),
-                (STATUSES + n, 1, true),
-            ],
-        );
-    }
-    driver.notify();
+    prepare_reads(&mut driver, &offsets);
     let mut group = c.benchmark_group("block_4k_random_read_qd32");
     group.throughput(Throughput::Elements(u64::from(QUEUE_DEPTH)));
     group
         .sample_size(50)
         .measurement_time(Duration::from_secs(5));
 
-    group.bench_function("virtio_blk", |b| {
-        b.iter(|| {
-            for i in 0..QUEUE_DEPTH {
-                driver.make_available(3 * i);
-            }
-            driver.notify();
-        })
-    });
+    group.bench_function("virtio_blk", |b| b.iter(|| read_batch(&mut driver)));
 
     let file = File::open(image.path()).unwrap();
     // Page-aligned like the guest's buffers. Measured here, the kernel's copy into buffers 528
@@ -98,19 +73,32 @@ fn bench_block(c: &mut Criterion) {
         }
     };
     group.bench_function("pread", |b| b.iter(&mut pread_batch));
+
+    let mut parent = Block::open(image.path(), false, false, "bench").unwrap();
+    let state = parent.freeze().unwrap();
+    let mut child = Driver::new(Box::new(Block::from_state(&state).unwrap()));
+    drop(state);
+    child.start();
+    let mut parent = Driver::new(Box::new(parent));
+    parent.start();
+    for (i, offset) in offsets.iter().enumerate() {
+        match i % 4 {
+            0 => write_4k(&mut child, *offset),
+            1 => write_4k(&mut parent, *offset),
+            _ => {}
+        }
+    }
+    prepare_reads(&mut child, &offsets);
+    group.bench_function("virtio_blk_forked_child", |b| {
+        b.iter(|| read_batch(&mut child))
+    });
     group.finish();
 
     // The two medians above are taken seconds apart, so a compile on another core can skew
     // their ratio. Alternate short rounds of both instead, so that both see the same load.
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--profile-time") {
-        let mut device_batch = || {
-            for i in 0..QUEUE_DEPTH {
-                driver.make_available(3 * i);
-            }
-            driver.notify();
-        };
-        let (device, pread) = interleaved(&mut device_batch, &mut pread_batch);
+        let (device, pread) = interleaved(&mut || read_batch(&mut driver), &mut pread_batch);
         let per_request = |batch: Duration| batch.as_nanos() as f64 / f64::from(QUEUE_DEPTH);
         println!(
             "interleaved medians per batch of {QUEUE_DEPTH}: virtio_blk {device:.2?} \
@@ -120,7 +108,81 @@ fn bench_block(c: &mut Criterion) {
             per_request(pread),
             pread.as_secs_f64() / device.as_secs_f64()
         );
+        let (forked, pread) = interleaved(&mut || read_batch(&mut child), &mut pread_batch);
+        println!(
+            "interleaved, forked child: virtio_blk {forked:.2?} ({:.0} ns/request), pread \
+             {pread:.2?}; forked child throughput / pread = {:.2}",
+            per_request(forked),
+            pread.as_secs_f64() / forked.as_secs_f64()
+        );
     }
+}
+
+/// Writes each request's header (a read of 4 KiB at its offset) and chain once; each batch only
+/// makes the chains available again and notifies, as a driver reusing its request slots would.
+fn prepare_reads(driver: &mut Driver, offsets: &[u64]) {
+    for (i, offset) in offsets.iter().enumerate() {
+        let header = HEADERS + 16 * i as u64;
+        driver.memory.write_obj(0u32, GuestAddress(header)).unwrap(); // VIRTIO_BLK_T_IN
+        driver
+            .memory
+            .write_obj(offset / SECTOR_SIZE, GuestAddress(header + 8))
+            .unwrap();
+    }
+    for i in 0..QUEUE_DEPTH {
+        let n = u64::from(i);
+        let data = BUF + n * u64::from(READ_SIZE);
+        driver.chain(
+            3 * i,
+            &[
+                (HEADERS + 16 * n, 16, false),
+                (data, READ_SIZE, true),
+                (STATUSES + n, 1, true),
+            ],
+        );
+    }
+    driver.notify();
+}
+
+/// Makes the prepared reads available again and serves them.
+fn read_batch(driver: &mut Driver) {
+    for i in 0..QUEUE_DEPTH {
+        driver.make_available(3 * i);
+    }
+    driver.notify();
+}
+
+/// Writes 4 KiB of 0xa5 at `offset` through the driver's queue (descriptors past the reads').
+fn write_4k(driver: &mut Driver, offset: u64) {
+    let header = HEADERS + 0x1000;
+    let data = BUF + u64::from(QUEUE_DEPTH) * u64::from(READ_SIZE);
+    let status = STATUSES + 0x100;
+    driver.memory.write_obj(1u32, GuestAddress(header)).unwrap(); // VIRTIO_BLK_T_OUT
+    driver
+        .memory
+        .write_obj(0xffu8, GuestAddress(status))
+        .unwrap();
+    driver
+        .memory
+        .write_obj(offset / SECTOR_SIZE, GuestAddress(header + 8))
+        .unwrap();
+    driver
+        .memory
+        .write_slice(&[0xa5; READ_SIZE as usize], GuestAddress(data))
+        .unwrap();
+    driver.chain(
+        3 * QUEUE_DEPTH,
+        &[
+            (header, 16, false),
+            (data, READ_SIZE, false),
+            (status, 1, true),
+        ],
+    );
+    driver.notify();
+    assert_eq!(
+        driver.memory.read_obj::<u8>(GuestAddress(status)).unwrap(),
+        0
+    );
 }
 
 /// Median batch times of `a` and `b` over alternating rounds of 200 batches each.

@@ -1,5 +1,7 @@
 //! virtio-blk request parsing and execution against a small scratch image: arbitrary headers,
-//! sectors, lengths, chains and segment lists.
+//! sectors, lengths, chains and segment lists. The first byte also picks the device: the image's
+//! own device, a child of a fork of it (reading through copy-on-write layers, writing its own
+//! overlay), or the image's device while a child is alive (preserving what it overwrites).
 
 #![no_main]
 
@@ -23,7 +25,21 @@ fn image() -> &'static PathBuf {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let read_only = data.first().is_some_and(|b| b & 1 == 1);
-    let block = Block::open(image(), read_only, false, "fuzz").expect("open the scratch image");
-    virtio_harness::run(Box::new(block), data);
+    let first = data.first().copied().unwrap_or(0);
+    let read_only = first & 1 == 1;
+    let mut block = Block::open(image(), read_only, false, "fuzz").expect("open the scratch image");
+    match (first >> 1) % 3 {
+        0 => virtio_harness::run(Box::new(block), data),
+        1 => {
+            let state = block.freeze().expect("freeze");
+            let child = Block::from_state(&state).expect("fork");
+            virtio_harness::run(Box::new(child), data);
+        }
+        _ => {
+            let state = block.freeze().expect("freeze");
+            let child = Block::from_state(&state).expect("fork");
+            virtio_harness::run(Box::new(block), data);
+            drop(child);
+        }
+    }
 });

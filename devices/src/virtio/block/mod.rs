@@ -16,6 +16,11 @@
 //! image straight from and into guest memory (one `pread`/`pwrite` per plain request, no bounce
 //! copy unless the image is opened with `O_DIRECT`), then write the status bytes and used
 //! entries, publish the used index and interrupt once.
+//!
+//! A disk can be forked: [`Block::freeze`] fixes its content for children, which
+//! [`Block::from_state`] makes, each writing only its own copy-on-write overlay while the
+//! parent keeps writing the user's image; the `layers` module (`block/layers.rs`) describes how
+//! and at what cost. A disk never frozen makes the same system calls as before.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -23,6 +28,7 @@ use std::num::Wrapping;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 use virtio_bindings::virtio_blk::{
@@ -39,10 +45,15 @@ use vm_memory::{
     VolatileMemory, VolatileSlice,
 };
 
+use self::layers::{ChildCow, Cow, FrozenLayers, ImageCow};
 use super::{
     DeviceError, DeviceState, GuestMemoryMmap, INT_USED_RING, Interrupt, VIRTIO_F_VERSION_1,
     VirtioDevice, read_config_bytes,
 };
+
+#[cfg(test)]
+mod fork_tests;
+mod layers;
 
 /// Virtio device type of block devices.
 pub const BLOCK_DEVICE_TYPE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
@@ -87,6 +98,23 @@ pub struct Block {
     bounce: AlignedBuffer,
     /// The requests of one round (their buffers are reused for every round).
     requests: Vec<Request>,
+    /// Copy-on-write state, once the disk was frozen or if it is a child (then `file` is its
+    /// own overlay); `None` for a disk never frozen (and for read-only disks, which need none).
+    cow: Option<Cow>,
+}
+
+/// What a block device's children continue from (cheap to clone; `Send + Sync`): the disk's
+/// content at [`Block::freeze`], and its configuration.
+#[derive(Clone, Debug)]
+pub struct BlockState {
+    /// A handle on the user's image.
+    base: Arc<File>,
+    /// `base` was opened with `O_DIRECT`.
+    direct_io: bool,
+    capacity_sectors: u64,
+    id: [u8; ID_LEN],
+    /// The layers over `base`; `None` for a read-only disk.
+    layers: Option<FrozenLayers>,
 }
 
 /// Alignment that `O_DIRECT` asks of buffers (a page covers every device's requirement).
@@ -130,17 +158,95 @@ impl Block {
         let mut id = [0u8; ID_LEN];
         let serial = serial.as_bytes();
         id[..serial.len().min(ID_LEN)].copy_from_slice(&serial[..serial.len().min(ID_LEN)]);
-        let config = config_space(capacity_sectors);
-        Ok(Self {
+        Ok(Self::with_file(
+            file,
+            read_only,
+            direct_io,
+            capacity_sectors,
+            id,
+            None,
+        ))
+    }
+
+    /// A device over `file` (for a child, its overlay).
+    fn with_file(
+        file: File,
+        read_only: bool,
+        direct_io: bool,
+        capacity_sectors: u64,
+        id: [u8; ID_LEN],
+        cow: Option<Cow>,
+    ) -> Self {
+        Self {
             file,
             read_only,
             capacity_sectors,
             id,
-            config,
+            config: config_space(capacity_sectors),
             direct_io,
             bounce: AlignedBuffer::new(BOUNCE_SIZE),
             requests: Vec::new(),
+            cow,
+        }
+    }
+
+    /// Freezes the disk's content as it is now (called while the VM is paused; must be O(1) in
+    /// disk size and data written — no copying of disk data here) and returns what children
+    /// start from. The device itself carries on: over the user's image, it keeps writing the
+    /// image and first copies what it overwrites for the children; as a child, its overlay so
+    /// far becomes shared with its own children, and it writes a fresh one.
+    pub fn freeze(&mut self) -> io::Result<BlockState> {
+        let (base, direct_io, layers) = if self.read_only {
+            (Arc::new(self.file.try_clone()?), self.direct_io, None)
+        } else {
+            let cow = match self.cow.take() {
+                Some(cow) => cow,
+                None => Cow::Image(ImageCow::new(&self.file)?),
+            };
+            match self.cow.insert(cow) {
+                Cow::Image(image) => {
+                    let (base, layers) = image.freeze(self.capacity_sectors)?;
+                    (base, self.direct_io, Some(layers))
+                }
+                Cow::Child(child) => {
+                    let (base, direct_io, layers) =
+                        child.freeze(&mut self.file, self.capacity_sectors)?;
+                    (base, direct_io, Some(layers))
+                }
+            }
+        };
+        Ok(BlockState {
+            base,
+            direct_io,
+            capacity_sectors: self.capacity_sectors,
+            id: self.id,
+            layers,
         })
+    }
+
+    /// A device for a child: reads see the disk as it was at `freeze`, writes go to the child's
+    /// own private overlay (a read-only disk's child is a read-only handle on the same image).
+    pub fn from_state(state: &BlockState) -> io::Result<Block> {
+        let (file, read_only, direct_io, cow) = match &state.layers {
+            None => (state.base.try_clone()?, true, state.direct_io, None),
+            Some(layers) => {
+                let (child, overlay) = ChildCow::new(
+                    state.base.clone(),
+                    state.direct_io,
+                    layers.clone(),
+                    state.capacity_sectors,
+                )?;
+                (overlay, false, false, Some(Cow::Child(child)))
+            }
+        };
+        Ok(Self::with_file(
+            file,
+            read_only,
+            direct_io,
+            state.capacity_sectors,
+            state.id,
+            cow,
+        ))
     }
 
     /// Capacity in 512-byte sectors (the image size rounded down).
@@ -258,6 +364,12 @@ impl Block {
         if len == 0 {
             return None;
         }
+        // Writes of a frozen disk preserve what they overwrite; a child reads through layers.
+        if let Some(cow) = &self.cow
+            && (dir == Dir::Write || matches!(cow, Cow::Child(_)))
+        {
+            return None;
+        }
         let file_offset = self.checked_len(header.sector, len).ok()?;
         let addr = single_piece(segments, skip, len)?;
         let (region, offset) = memory.locate(addr, len as usize)?;
@@ -318,6 +430,8 @@ impl Block {
             VIRTIO_BLK_T_OUT => self
                 .write_sectors(memory, request, header.sector)
                 .map(|()| 0),
+            // A child's overlay does not outlive the process: nothing to make durable.
+            VIRTIO_BLK_T_FLUSH if matches!(self.cow, Some(Cow::Child(_))) => Ok(0),
             VIRTIO_BLK_T_FLUSH => self.file.sync_data().map(|()| 0).map_err(RequestError::Io),
             VIRTIO_BLK_T_GET_ID => {
                 let len = ID_LEN.min(usize::try_from(writable).unwrap_or(ID_LEN));
@@ -349,6 +463,17 @@ impl Block {
     ) -> Result<u32, RequestError> {
         let len = request.writable_len;
         let offset = self.checked_len(sector, len)?;
+        if let Some(Cow::Child(child)) = &self.cow {
+            child.read(
+                &self.file,
+                memory,
+                &request.writable,
+                sector,
+                len / SECTOR_SIZE,
+                &mut self.bounce,
+            )?;
+            return Ok(len as u32);
+        }
         if !self.direct_io {
             transfer(
                 &self.file,
@@ -361,16 +486,15 @@ impl Block {
             )?;
             return Ok(len as u32);
         }
-        let mut done = 0;
-        while done < len {
-            let chunk = (len - done).min(self.bounce.len() as u64) as usize;
-            let bounce = &mut self.bounce.as_mut()[..chunk];
-            self.file
-                .read_exact_at(bounce, offset + done)
-                .map_err(RequestError::Io)?;
-            copy_guest(memory, &request.writable, done, Copy::ToGuest(bounce))?;
-            done += chunk as u64;
-        }
+        read_bounced(
+            &self.file,
+            memory,
+            &request.writable,
+            0,
+            len,
+            offset,
+            &mut self.bounce,
+        )?;
         Ok(len as u32)
     }
 
@@ -383,9 +507,10 @@ impl Block {
     ) -> Result<(), RequestError> {
         let len = request.readable_len - RequestHeader::LEN;
         let offset = self.checked_len(sector, len)?;
+        self.before_write(sector, len / SECTOR_SIZE)?;
         let data = &request.readable;
         if !self.direct_io {
-            return transfer(
+            transfer(
                 &self.file,
                 memory,
                 data,
@@ -393,22 +518,26 @@ impl Block {
                 len,
                 offset,
                 Dir::Write,
-            );
-        }
-        let mut done = 0;
-        while done < len {
-            let chunk = (len - done).min(self.bounce.len() as u64) as usize;
-            let bounce = &mut self.bounce.as_mut()[..chunk];
-            copy_guest(
-                memory,
-                data,
-                RequestHeader::LEN + done,
-                Copy::FromGuest(bounce),
             )?;
-            self.file
-                .write_all_at(bounce, offset + done)
-                .map_err(RequestError::Io)?;
-            done += chunk as u64;
+        } else {
+            let mut done = 0;
+            while done < len {
+                let chunk = (len - done).min(self.bounce.len() as u64) as usize;
+                let bounce = &mut self.bounce.as_mut()[..chunk];
+                copy_guest(
+                    memory,
+                    data,
+                    RequestHeader::LEN + done,
+                    Copy::FromGuest(bounce),
+                )?;
+                self.file
+                    .write_all_at(bounce, offset + done)
+                    .map_err(RequestError::Io)?;
+                done += chunk as u64;
+            }
+        }
+        if let Some(Cow::Child(child)) = &mut self.cow {
+            child.mark_written(sector, len / SECTOR_SIZE);
         }
         Ok(())
     }
@@ -441,32 +570,105 @@ impl Block {
         let offset = self
             .range(sector, len)
             .ok_or(RequestError::OutOfRange(sector))?;
-        let mode = match request_type {
-            VIRTIO_BLK_T_DISCARD => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            _ => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-        };
-        // SAFETY: fallocate only reads its integer arguments; the fd is our open image.
-        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as i64, len as i64) };
-        if rc == 0 {
+        if let Some(Cow::Child(child)) = &mut self.cow {
+            // Both leave the range of the overlay present and reading as zeroes, so that it
+            // does not show the layers below.
+            if let Err(err) = fallocate(&self.file, libc::FALLOC_FL_PUNCH_HOLE, offset, len) {
+                log::debug!("virtio-blk: PUNCH_HOLE on an overlay failed ({err}); writing zeroes");
+                write_zeroes(&self.file, offset, len, &mut self.bounce)?;
+            }
+            child.mark_written(sector, u64::from(sectors));
             return Ok(());
         }
-        let err = io::Error::last_os_error();
+        self.before_write(sector, u64::from(sectors))?;
+        let mode = match request_type {
+            VIRTIO_BLK_T_DISCARD => libc::FALLOC_FL_PUNCH_HOLE,
+            _ => libc::FALLOC_FL_ZERO_RANGE,
+        };
+        let Err(err) = fallocate(&self.file, mode, offset, len) else {
+            return Ok(());
+        };
         if request_type == VIRTIO_BLK_T_DISCARD {
             // Discard is a hint: a file system without hole punching simply keeps the data.
             return Ok(());
         }
         log::debug!("virtio-blk: ZERO_RANGE unsupported ({err}); writing zeroes");
-        self.bounce.as_mut().fill(0);
-        let mut done = 0;
-        while done < len {
-            let chunk = (len - done).min(self.bounce.len() as u64) as usize;
-            self.file
-                .write_all_at(&self.bounce.as_mut()[..chunk], offset + done)
-                .map_err(RequestError::Io)?;
-            done += chunk as u64;
+        write_zeroes(&self.file, offset, len, &mut self.bounce)
+    }
+
+    /// Before the image's `count` sectors from `start` change: copies what they hold for the
+    /// children of the disk's freezes that are still alive (nothing to do on a disk never
+    /// frozen, or a child, which writes only its overlay).
+    fn before_write(&mut self, start: u64, count: u64) -> Result<(), RequestError> {
+        if let Some(Cow::Image(image)) = &mut self.cow
+            && !image.preserve(&self.file, start, count, &mut self.bounce)?
+        {
+            // No child is left: writes are as cheap as before the first freeze.
+            self.cow = None;
         }
         Ok(())
     }
+}
+
+/// `fallocate(mode | FALLOC_FL_KEEP_SIZE)` of `len` bytes at `offset` of `file`.
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let offset = i64::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let len = i64::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: fallocate only reads its integer arguments; the fd is an open file of ours.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            mode | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Writes `len` zero bytes at `offset` of `file` from `bounce` (aligned, for `O_DIRECT`).
+fn write_zeroes(
+    file: &File,
+    offset: u64,
+    len: u64,
+    bounce: &mut AlignedBuffer,
+) -> Result<(), RequestError> {
+    bounce.as_mut().fill(0);
+    let mut done = 0;
+    while done < len {
+        let chunk = (len - done).min(bounce.len() as u64) as usize;
+        file.write_all_at(&bounce.as_mut()[..chunk], offset + done)
+            .map_err(RequestError::Io)?;
+        done += chunk as u64;
+    }
+    Ok(())
+}
+
+/// Reads `len` bytes of `file` at `offset` into the segments' bytes from byte `skip` on, through
+/// the aligned `bounce` (for files opened with `O_DIRECT`).
+fn read_bounced(
+    file: &File,
+    memory: &GuestView<'_>,
+    segments: &[Segment],
+    skip: u64,
+    len: u64,
+    offset: u64,
+    bounce: &mut AlignedBuffer,
+) -> Result<(), RequestError> {
+    let mut done = 0;
+    while done < len {
+        let chunk = (len - done).min(bounce.len() as u64) as usize;
+        let data = &mut bounce.as_mut()[..chunk];
+        file.read_exact_at(data, offset + done)
+            .map_err(RequestError::Io)?;
+        copy_guest(memory, segments, skip + done, Copy::ToGuest(data))?;
+        done += chunk as u64;
+    }
+    Ok(())
 }
 
 /// One non-empty descriptor of a request, checked to lie inside guest memory.

@@ -1,0 +1,487 @@
+//! Copy-on-write storage of forked block devices.
+//!
+//! [`Block::freeze`](super::Block::freeze) fixes a disk's content for the children of a fork,
+//! and [`Block::from_state`](super::Block::from_state) makes a child's device from it. Every
+//! layer is an unnamed sparse temporary file as large as the disk, written at the offsets of
+//! the guest's sectors, with a bitmap of the 512-byte sectors it holds: a sector is always
+//! written whole, so no layer ever needs a read-modify-write, and a read is split into runs of
+//! sectors by the layer that holds them, each run read straight into guest memory.
+//!
+//! - The parent (the device over the user's image) keeps writing the image, so that its data
+//!   is never anywhere else. Each freeze of it makes a [`PreserveLayer`] that the freeze's
+//!   children share; before the parent first overwrites a sector after a freeze, it copies the
+//!   sector's content into every live preserve layer that lacks it. The parent holds the
+//!   layers weakly: once a freeze's children (and its [`BlockState`](super::BlockState)) are
+//!   gone, the parent stops copying for it, and when none is left its writes cost what they
+//!   cost before the first freeze.
+//! - A child reads a sector from its own overlay, else from the frozen overlays of its
+//!   ancestors (newest first), else from its preserve layer, else from the image; it writes
+//!   only its own overlay. Freezing a child turns its overlay into an immutable
+//!   [`FrozenLayer`] that its children and itself share, and gives it a fresh overlay.
+//!   Discard and write-zeroes punch the range out of the overlay and mark it present, so that
+//!   it reads as zeroes instead of falling through to the layers below; flush has nothing to
+//!   make durable (an unnamed overlay does not outlive the process) and completes at once.
+//!
+//! A child may read a sector of the image while the parent, on another thread, preserves and
+//! then overwrites it. The preserve layer's bitmap is behind a `RwLock`: a child holds it for
+//! reading from looking up where its sectors are until their reads are done, and the parent
+//! holds it for writing while it copies sectors into the layer and marks them present, and
+//! overwrites the image only after that. A child thus either finds a sector absent and reads
+//! the image before the parent may change it, or finds it present and reads the preserved copy.
+//!
+//! Costs: a freeze creates one temporary file and one zeroed bitmap (1 bit a sector, 256 KiB
+//! per GiB of disk, allocated lazily by the kernel), and copies no data: it is O(1) in disk
+//! size and in the data written before it. A freeze with no write since the previous one
+//! reuses the previous freeze's layer. The parent's first write to a sector after a freeze
+//! costs a read of the sector and a write per live preserve layer (zeroes are not written: the
+//! layer is sparse, so a guest discarding a sparse image's free space does not fill it); its
+//! later writes cost a look-up in the bitmaps. Discard and write-zeroes preserve their whole
+//! range first, like writes. A child's read costs a bitmap look-up per sector and layer and one
+//! `preadv` per run of sectors held by the same layer. Layers live in `std::env::temp_dir()`
+//! (unnamed, `O_TMPFILE`, so nothing is left behind when the process dies; a named file
+//! removed at once where the file system lacks `O_TMPFILE`); they take space only for the
+//! sectors written. A temporary file rather than a memfd: on a disk-backed `$TMPDIR`, what
+//! children write does not have to fit in memory (on a tmpfs it is memory either way).
+//!
+//! Limits: a child's reads hold its preserve layer's lock for reading while they run, so a
+//! parent's first overwrite of sectors waits for the reads of the freeze's children in flight
+//! (later overwrites take no lock for writing). Each freeze of a child that wrote since its
+//! previous freeze adds a frozen layer that every later read looks up; nothing merges layers.
+//!
+//! A read-only disk never changes, so its children are simply new handles on the image,
+//! read-only too, with no layers at all. On an image opened with `O_DIRECT`, the parent's
+//! preserve copies and the children's reads of the image go through the device's aligned
+//! bounce buffer; the layers themselves are buffered files.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+
+use super::{AlignedBuffer, Dir, GuestView, RequestError, SECTOR_SIZE, Segment, transfer};
+
+/// One bit per sector: set when the layer holds the sector.
+pub(super) struct Bitmap {
+    words: Vec<u64>,
+}
+
+impl Bitmap {
+    /// An empty bitmap for `sectors` sectors (zeroed memory, which the allocator gets from the
+    /// kernel without writing it for large disks).
+    fn new(sectors: u64) -> Self {
+        let words = usize::try_from(sectors.div_ceil(64)).unwrap_or(usize::MAX);
+        Self {
+            words: vec![0; words],
+        }
+    }
+
+    /// Whether `sector` is present (sectors outside the bitmap are not).
+    fn get(&self, sector: u64) -> bool {
+        usize::try_from(sector / 64)
+            .ok()
+            .and_then(|word| self.words.get(word))
+            .is_some_and(|word| word & (1 << (sector % 64)) != 0)
+    }
+
+    /// Whether all of the `count` sectors from `start` are present.
+    fn all_set(&self, start: u64, count: u64) -> bool {
+        (start..start.saturating_add(count)).all(|sector| self.get(sector))
+    }
+
+    /// Marks the `count` sectors from `start` present (those outside the bitmap are ignored).
+    fn set_range(&mut self, start: u64, count: u64) {
+        let end = start.saturating_add(count);
+        let mut sector = start;
+        while sector < end {
+            let Some(word) = usize::try_from(sector / 64)
+                .ok()
+                .and_then(|word| self.words.get_mut(word))
+            else {
+                return;
+            };
+            let bit = sector % 64;
+            let bits = (end - sector).min(64 - bit);
+            let mask = if bits == 64 {
+                u64::MAX
+            } else {
+                ((1 << bits) - 1) << bit
+            };
+            *word |= mask;
+            sector += bits;
+        }
+    }
+}
+
+/// Makes an unnamed sparse temporary file of `len` bytes in `std::env::temp_dir()`.
+fn temp_file(len: u64) -> io::Result<File> {
+    let dir = std::env::temp_dir();
+    let file = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .open(&dir)
+    {
+        Ok(file) => file,
+        // A file system without O_TMPFILE: a named file, removed at once.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR)) => {
+            static NEXT: AtomicU64 = AtomicU64::new(0);
+            let path = dir.join(format!(
+                "forkvm-blk-layer-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?;
+            std::fs::remove_file(&path)?;
+            file
+        }
+        Err(e) => return Err(e),
+    };
+    file.set_len(len)?;
+    Ok(file)
+}
+
+/// A child's overlay after the freeze that made it shared: its content no longer changes.
+pub(super) struct FrozenLayer {
+    file: File,
+    present: Bitmap,
+}
+
+impl fmt::Debug for FrozenLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FrozenLayer")
+            .field("file", &self.file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the image held at a freeze, for the sectors the parent overwrote since: written by the
+/// parent, read by the freeze's children and their descendants.
+pub(super) struct PreserveLayer {
+    file: File,
+    present: RwLock<Bitmap>,
+}
+
+impl fmt::Debug for PreserveLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PreserveLayer")
+            .field("file", &self.file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The bitmap for reading, also after a panic elsewhere (bits are only ever set, after the data
+/// they stand for is written, so a poisoned lock holds nothing half-done).
+fn read_bits(lock: &RwLock<Bitmap>) -> RwLockReadGuard<'_, Bitmap> {
+    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The bitmap for writing (see [`read_bits`]).
+fn write_bits(lock: &RwLock<Bitmap>) -> RwLockWriteGuard<'_, Bitmap> {
+    lock.write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl PreserveLayer {
+    fn new(sectors: u64) -> io::Result<Self> {
+        Ok(Self {
+            file: temp_file(sectors * SECTOR_SIZE)?,
+            present: RwLock::new(Bitmap::new(sectors)),
+        })
+    }
+
+    /// Copies the `count` sectors from `start` of `image` that the layer lacks into it, a
+    /// bounce buffer's worth at a time, each under the write lock.
+    fn preserve(
+        &self,
+        image: &File,
+        start: u64,
+        count: u64,
+        bounce: &mut AlignedBuffer,
+    ) -> Result<(), RequestError> {
+        let chunk = bounce.len() as u64 / SECTOR_SIZE;
+        let end = start + count;
+        let mut at = start;
+        while at < end {
+            let n = chunk.min(end - at);
+            if read_bits(&self.present).all_set(at, n) {
+                at += n;
+                continue;
+            }
+            let mut present = write_bits(&self.present);
+            let mut sector = at;
+            while sector < at + n {
+                if present.get(sector) {
+                    sector += 1;
+                    continue;
+                }
+                let mut run_end = sector + 1;
+                while run_end < at + n && !present.get(run_end) {
+                    run_end += 1;
+                }
+                // At most a bounce buffer's worth.
+                let bytes = ((run_end - sector) * SECTOR_SIZE) as usize;
+                let data = &mut bounce.as_mut()[..bytes];
+                let offset = sector * SECTOR_SIZE;
+                image
+                    .read_exact_at(data, offset)
+                    .map_err(RequestError::Io)?;
+                // Zeroes (a sparse image's holes, say) take no space: punched (in case a failed
+                // copy left something there), the range reads as zeroes.
+                let punched = data.iter().all(|b| *b == 0)
+                    && super::fallocate(
+                        &self.file,
+                        libc::FALLOC_FL_PUNCH_HOLE,
+                        offset,
+                        bytes as u64,
+                    )
+                    .is_ok();
+                if !punched {
+                    self.file
+                        .write_all_at(data, offset)
+                        .map_err(RequestError::Io)?;
+                }
+                present.set_range(sector, run_end - sector);
+                sector = run_end;
+            }
+            at += n;
+        }
+        Ok(())
+    }
+}
+
+/// The layers a freeze of a writable disk leaves its children.
+#[derive(Clone, Debug)]
+pub(super) struct FrozenLayers {
+    preserve: Arc<PreserveLayer>,
+    /// Newest first.
+    frozen: Vec<Arc<FrozenLayer>>,
+}
+
+/// The copy-on-write state of a writable device that was frozen or forked.
+pub(super) enum Cow {
+    /// The device over the user's image, frozen at least once.
+    Image(ImageCow),
+    /// A child: its device file is its own overlay.
+    Child(ChildCow),
+}
+
+/// A frozen parent's side: the preserve layers of its freezes.
+pub(super) struct ImageCow {
+    /// A handle on the image for the children.
+    base: Arc<File>,
+    /// One per freeze whose children may still read the image, oldest first.
+    layers: Vec<Weak<PreserveLayer>>,
+    /// The image changed since the last freeze (else the next freeze reuses its layer).
+    written: bool,
+}
+
+impl ImageCow {
+    /// The state of `image` before its first freeze.
+    pub(super) fn new(image: &File) -> io::Result<Self> {
+        Ok(Self {
+            base: Arc::new(image.try_clone()?),
+            layers: Vec::new(),
+            written: true,
+        })
+    }
+
+    /// Freezes the image (`sectors` long): the children's handle on it and their layers.
+    pub(super) fn freeze(&mut self, sectors: u64) -> io::Result<(Arc<File>, FrozenLayers)> {
+        // Only the latest freeze's layer holds what the image holds now, if it is still alive.
+        let reusable = (!self.written)
+            .then(|| self.layers.last().and_then(Weak::upgrade))
+            .flatten();
+        self.layers.retain(|layer| layer.strong_count() > 0);
+        let preserve = match reusable {
+            Some(layer) => layer,
+            None => {
+                let layer = Arc::new(PreserveLayer::new(sectors)?);
+                self.layers.push(Arc::downgrade(&layer));
+                self.written = false;
+                layer
+            }
+        };
+        let layers = FrozenLayers {
+            preserve,
+            frozen: Vec::new(),
+        };
+        Ok((self.base.clone(), layers))
+    }
+
+    /// Before the image's `count` sectors from `start` change: copies what they hold into every
+    /// live preserve layer lacking them. Returns whether any layer is still live (when none
+    /// is, the device can drop its copy-on-write state).
+    pub(super) fn preserve(
+        &mut self,
+        image: &File,
+        start: u64,
+        count: u64,
+        bounce: &mut AlignedBuffer,
+    ) -> Result<bool, RequestError> {
+        self.written = true;
+        self.layers.retain(|layer| layer.strong_count() > 0);
+        for layer in &self.layers {
+            if let Some(layer) = layer.upgrade() {
+                layer.preserve(image, start, count, bounce)?;
+            }
+        }
+        Ok(!self.layers.is_empty())
+    }
+
+    /// How many freezes' layers the image still preserves its content for.
+    #[cfg(test)]
+    pub(super) fn live_layers(&self) -> usize {
+        self.layers.iter().filter(|l| l.strong_count() > 0).count()
+    }
+}
+
+/// A child's side: where its reads find each sector.
+pub(super) struct ChildCow {
+    base: Arc<File>,
+    /// The image was opened with `O_DIRECT`: reads of it go through the bounce buffer.
+    base_direct: bool,
+    layers: FrozenLayers,
+    /// The sectors of the child's own overlay (the device's file).
+    present: Bitmap,
+    /// The overlay holds something (else a freeze has nothing to turn into a frozen layer).
+    written: bool,
+}
+
+/// A test's hook into a child's reads (see [`BEFORE_IMAGE_READ`]).
+#[cfg(test)]
+pub(super) type ImageReadHook = Option<Box<dyn FnMut(u64)>>;
+
+#[cfg(test)]
+thread_local! {
+    /// Called by a child's read on this thread just before it reads the image at the offset
+    /// given, with what it looked up still locked (lets a test interleave a parent's write).
+    pub(super) static BEFORE_IMAGE_READ: std::cell::RefCell<ImageReadHook> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The layer a sector is read from.
+#[derive(Clone, Copy, PartialEq)]
+enum Source {
+    Own,
+    /// Index in [`FrozenLayers::frozen`].
+    Frozen(usize),
+    Preserved,
+    Image,
+}
+
+impl ChildCow {
+    /// A child of a freeze of a disk of `sectors` sectors, and its (empty) overlay.
+    pub(super) fn new(
+        base: Arc<File>,
+        base_direct: bool,
+        layers: FrozenLayers,
+        sectors: u64,
+    ) -> io::Result<(Self, File)> {
+        let overlay = temp_file(sectors * SECTOR_SIZE)?;
+        let child = Self {
+            base,
+            base_direct,
+            layers,
+            present: Bitmap::new(sectors),
+            written: false,
+        };
+        Ok((child, overlay))
+    }
+
+    /// Freezes the child whose overlay is `overlay` (`sectors` long): unless it is empty, the
+    /// overlay becomes a frozen layer and is replaced by a fresh one. Returns the children's
+    /// handle on the image, whether it uses `O_DIRECT`, and their layers.
+    pub(super) fn freeze(
+        &mut self,
+        overlay: &mut File,
+        sectors: u64,
+    ) -> io::Result<(Arc<File>, bool, FrozenLayers)> {
+        if self.written {
+            let fresh = temp_file(sectors * SECTOR_SIZE)?;
+            let layer = FrozenLayer {
+                file: std::mem::replace(overlay, fresh),
+                present: std::mem::replace(&mut self.present, Bitmap::new(sectors)),
+            };
+            self.layers.frozen.insert(0, Arc::new(layer));
+            self.written = false;
+        }
+        Ok((self.base.clone(), self.base_direct, self.layers.clone()))
+    }
+
+    /// The child wrote (or zeroed) the `count` sectors from `start` in its overlay.
+    pub(super) fn mark_written(&mut self, start: u64, count: u64) {
+        self.present.set_range(start, count);
+        self.written = true;
+    }
+
+    fn source(&self, preserved: &Bitmap, sector: u64) -> Source {
+        if self.present.get(sector) {
+            return Source::Own;
+        }
+        if let Some(i) = self
+            .layers
+            .frozen
+            .iter()
+            .position(|l| l.present.get(sector))
+        {
+            return Source::Frozen(i);
+        }
+        if preserved.get(sector) {
+            Source::Preserved
+        } else {
+            Source::Image
+        }
+    }
+
+    /// Reads the `count` sectors from `start` into `segments` (from their first byte), each run
+    /// of sectors that one layer holds with one transfer.
+    pub(super) fn read(
+        &self,
+        overlay: &File,
+        memory: &GuestView<'_>,
+        segments: &[Segment],
+        start: u64,
+        count: u64,
+        bounce: &mut AlignedBuffer,
+    ) -> Result<(), RequestError> {
+        // Held until the image has been read: the parent cannot overwrite a sector this read
+        // found unpreserved before then.
+        let preserved = read_bits(&self.layers.preserve.present);
+        let mut done = 0;
+        while done < count {
+            let source = self.source(&preserved, start + done);
+            let mut end = done + 1;
+            while end < count && self.source(&preserved, start + end) == source {
+                end += 1;
+            }
+            let skip = done * SECTOR_SIZE;
+            let len = (end - done) * SECTOR_SIZE;
+            let offset = (start + done) * SECTOR_SIZE;
+            #[cfg(test)]
+            if source == Source::Image {
+                BEFORE_IMAGE_READ.with_borrow_mut(|hook| hook.as_mut().map(|hook| hook(offset)));
+            }
+            let file = match source {
+                Source::Own => overlay,
+                Source::Frozen(i) => &self.layers.frozen[i].file,
+                Source::Preserved => &self.layers.preserve.file,
+                Source::Image if self.base_direct => {
+                    super::read_bounced(&self.base, memory, segments, skip, len, offset, bounce)?;
+                    done = end;
+                    continue;
+                }
+                Source::Image => &*self.base,
+            };
+            transfer(file, memory, segments, skip, len, offset, Dir::Read)?;
+            done = end;
+        }
+        Ok(())
+    }
+}
