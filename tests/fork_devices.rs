@@ -5,7 +5,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use forkvm::{Balloon, Child, ConsoleBuffer, ConsoleInput, ConsoleOutput, GuestExit, Vm, Vsock};
-use forkvm_tests::{test_guest_vm, wait_for_output};
+use forkvm_tests::{BlkMailbox, test_guest_vm, wait_for_output};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -161,4 +161,72 @@ fn vsock_connections_end_in_children_with_a_transport_reset_and_survive_in_the_p
         text.contains("after 49 bytes echoed") || text.contains("echoing 49 bytes"),
         "{text}"
     );
+}
+
+/// A disk image of 64 sectors, sector `n` filled with byte `n`.
+fn disk_image(name: &str) -> forkvm_tests::TempFile {
+    let bytes: Vec<u8> = (0..64 * 512).map(|i| (i / 512) as u8).collect();
+    forkvm_tests::TempFile::with_contents(name, &bytes)
+}
+
+/// The first 8 bytes of sector 2 of the image at `path`.
+fn sector_2(path: &std::path::Path) -> u64 {
+    let bytes = std::fs::read(path).unwrap();
+    u64::from_le_bytes(bytes[1024..1032].try_into().unwrap())
+}
+
+/// The parent and two children (and a grandchild) write their own value into the same sector of
+/// their disk, in turns the host orders; each reads back only its own, the parent's reach its
+/// image file, the children's never do.
+#[test]
+fn block_devices_fork_copy_on_write_at_any_depth() {
+    let image = disk_image("fork.img");
+    let serial = ConsoleBuffer::new();
+    let parent = test_guest_vm("mode=blk-mailbox", &serial)
+        .block(image.path(), false)
+        .build()
+        .unwrap();
+    parent.start().unwrap();
+    let mailbox = BlkMailbox::find(&serial);
+    mailbox.write(&parent, &serial, 0x1111);
+    assert_eq!(sector_2(image.path()), 0x1111);
+
+    let consoles = [ConsoleBuffer::new(), ConsoleBuffer::new()];
+    let children = parent
+        .fork(consoles.iter().map(|c| ConsoleOutput::Buffer(c.clone())))
+        .unwrap();
+    let vms: Vec<(&Vm, &ConsoleBuffer)> = std::iter::once((&parent, &serial))
+        .chain(children.iter().zip(&consoles))
+        .collect();
+    for (vm, console) in &vms {
+        assert_eq!(mailbox.read(vm, console), 0x1111, "the disk at the fork");
+    }
+    for (i, (vm, console)) in vms.iter().enumerate() {
+        mailbox.write(vm, console, 0xa000 + i as u64);
+    }
+    for (i, (vm, console)) in vms.iter().enumerate() {
+        assert_eq!(mailbox.read(vm, console), 0xa000 + i as u64);
+    }
+    assert_eq!(
+        sector_2(image.path()),
+        0xa000,
+        "only the parent writes its image"
+    );
+
+    let g_console = ConsoleBuffer::new();
+    let grandchild = children[0]
+        .fork([ConsoleOutput::Buffer(g_console.clone())])
+        .unwrap()
+        .remove(0);
+    mailbox.write(&children[0], &consoles[0], 0xdddd);
+    assert_eq!(mailbox.read(&grandchild, &g_console), 0xa001);
+    mailbox.write(&grandchild, &g_console, 0xeeee);
+    assert_eq!(mailbox.read(&children[0], &consoles[0]), 0xdddd);
+    assert_eq!(mailbox.read(&children[1], &consoles[1]), 0xa002);
+    assert_eq!(mailbox.read(&parent, &serial), 0xa000);
+    for (vm, console) in vms.iter().chain([&(&grandchild, &g_console)]) {
+        mailbox.exit(vm);
+        assert_exits_ok(vm, console);
+    }
+    assert_eq!(sector_2(image.path()), 0xa000);
 }

@@ -158,3 +158,70 @@ fn virtio_devices_are_snapshotted_with_their_queues_and_continue_after_restore()
     assert!(err.to_string().contains("virtio device placement"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A disk is part of a snapshot: the parent's later writes do not reach it, and each VM
+/// restored from it writes its own copy.
+#[test]
+fn a_snapshot_keeps_the_disk_as_it_was_and_restores_write_privately() {
+    use forkvm::ConsoleBuffer;
+    use forkvm_tests::BlkMailbox;
+
+    let bytes = vec![7u8; 64 * 512];
+    let image = forkvm_tests::TempFile::with_contents("snapshot.img", &bytes);
+    let serial = ConsoleBuffer::new();
+    let parent = forkvm_tests::test_guest_vm("mode=blk-mailbox", &serial)
+        .block(image.path(), false)
+        .build()
+        .unwrap();
+    parent.start().unwrap();
+    let mailbox = BlkMailbox::find(&serial);
+    mailbox.write(&parent, &serial, 0x1111);
+    let dir = snapshot_dir("disk");
+    parent.snapshot(&dir).unwrap();
+    mailbox.write(&parent, &serial, 0x2222);
+    let disk = dir.join(format!("{}0", forkvm::DISK_FILE_PREFIX));
+    let saved = std::fs::read(&disk).unwrap();
+    assert_eq!(saved.len(), bytes.len());
+    assert_eq!(
+        u64::from_le_bytes(saved[1024..1032].try_into().unwrap()),
+        0x1111
+    );
+    assert_eq!(saved[0], 7, "the rest of the disk is saved too");
+
+    let restored: Vec<_> = (0..2)
+        .map(|_| {
+            let console = ConsoleBuffer::new();
+            let vm = Vm::restore(&dir, ConsoleOutput::Buffer(console.clone())).unwrap();
+            (vm, console)
+        })
+        .collect();
+    for (vm, console) in &restored {
+        assert_eq!(mailbox.read(vm, console), 0x1111);
+    }
+    mailbox.write(&restored[0].0, &restored[0].1, 0x3333);
+    assert_eq!(mailbox.read(&restored[1].0, &restored[1].1), 0x1111);
+    assert_eq!(mailbox.read(&restored[0].0, &restored[0].1), 0x3333);
+    assert_eq!(mailbox.read(&parent, &serial), 0x2222);
+    assert_eq!(
+        std::fs::read(&disk).unwrap(),
+        saved,
+        "restored VMs never write the snapshot"
+    );
+    for (vm, _) in &restored {
+        mailbox.exit(vm);
+    }
+    mailbox.exit(&parent);
+    // A disk file outside the snapshot is refused.
+    let state = std::fs::read_to_string(dir.join(STATE_FILE)).unwrap();
+    let tampered = state.replacen("\"file\":\"disk-0\"", "\"file\":\"../disk-0\"", 1);
+    assert_ne!(tampered, state);
+    std::fs::write(dir.join(STATE_FILE), tampered).unwrap();
+    let Err(err) = Vm::restore(&dir, ConsoleOutput::Discard) else {
+        panic!("restored a disk from outside the snapshot");
+    };
+    assert!(
+        err.to_string().contains("not a disk of the snapshot"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

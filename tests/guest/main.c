@@ -618,6 +618,58 @@ static NORETURN void mode_virtio_blk(void)
     guest_exit(EXIT_OK);
 }
 
+/*
+ * Block device driven by the host through a mailbox in guest memory (fork and
+ * snapshot tests): sets the device up, prints "blk-mailbox at 0x<address>",
+ * then serves the commands the host writes to the mailbox's first word, clears
+ * it and prints a line:
+ *   1: write the mailbox's second word as the first 8 bytes of sector
+ *      blk_sector= (default 2), the rest zero  -> "blk wrote"
+ *   2: read that sector                        -> "blk read 0x<first 8 bytes>"
+ *   3: exit 0
+ */
+static NORETURN void mode_blk_mailbox(void)
+{
+    static volatile uint64_t mailbox[2];
+    static uint64_t data[BLK_WORDS];
+    struct str arg;
+    uint64_t sector = 2;
+
+    if (get_arg("blk_sector", &arg))
+        sector = parse_u64(arg, "blk_sector\n");
+    if (!virtio_mmio_find((const char *)(uintptr_t)start_info->cmdline_paddr,
+                          VIRTIO_ID_BLOCK, &blk_dev))
+        fail("virtio-blk: no block device (DeviceID 2) among the virtio_mmio.device= "
+             "entries\n", EXIT_VIRTIO_NO_DEVICE);
+    virtio_init(&blk_dev, &blk_vq, 1, 0);
+    serial_puts("blk-mailbox at ");
+    serial_put_hex((uint64_t)(uintptr_t)mailbox);
+    serial_putc('\n');
+    for (;;) {
+        uint64_t command = mailbox[0];
+        if (command == 1) {
+            for (unsigned i = 0; i < BLK_WORDS; i++)
+                data[i] = 0;
+            data[0] = mailbox[1];
+            blk_request("mailbox write", VIRTIO_BLK_T_OUT, sector, data, sizeof(data),
+                        VIRTIO_BLK_S_OK, EXIT_VIRTIO_BLK_STATUS);
+            serial_puts("blk wrote\n");
+        } else if (command == 2) {
+            blk_request("mailbox read", VIRTIO_BLK_T_IN, sector, data, sizeof(data),
+                        VIRTIO_BLK_S_OK, EXIT_VIRTIO_BLK_STATUS);
+            serial_puts("blk read ");
+            serial_put_hex(data[0]);
+            serial_putc('\n');
+        } else if (command == 3) {
+            guest_exit(EXIT_OK);
+        } else {
+            cpu_relax();
+            continue;
+        }
+        mailbox[0] = 0;
+    }
+}
+
 /* ---- virtio-vsock (driver in vsock.c) ---- */
 
 /* vsock_port=N: a 32-bit port number (required). */
@@ -951,6 +1003,8 @@ NORETURN void user_main(void)
         mode_virtio_rng();
     if (str_eq(mode, "virtio-blk"))
         mode_virtio_blk();
+    if (str_eq(mode, "blk-mailbox"))
+        mode_blk_mailbox();
     if (str_eq(mode, "vsock-connect"))
         mode_vsock_connect();
     if (str_eq(mode, "vsock-listen"))

@@ -257,23 +257,83 @@ pub fn spinning_guest_with(
         .build()
         .expect("build the spinning guest");
     vm.start().expect("start");
-    wait_for_output(&console, "counter at ");
+    let addr = hex_after(&console, "counter at ");
+    (vm, addr, console)
+}
+
+/// Waits for the last line of `console` that starts with `prefix` and a hex number (`0x...`)
+/// to be complete, and returns the number.
+pub fn hex_after(console: &ConsoleBuffer, prefix: &str) -> u64 {
     // The whole line: the guest writes it a byte at a time.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let hex = loop {
         let text = console.text();
-        let rest = text.split("counter at ").nth(1).unwrap_or_default();
-        if let Some((hex, _)) = rest.split_once('\n') {
+        let rest = text.rsplit(prefix).next().filter(|_| text.contains(prefix));
+        if let Some((hex, _)) = rest.and_then(|rest| rest.split_once('\n')) {
             break hex.to_owned();
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "no whole counter line: {text}"
+            "no whole {prefix:?} line: {text}"
         );
         std::thread::sleep(std::time::Duration::from_millis(1));
     };
-    let addr = u64::from_str_radix(hex.trim().trim_start_matches("0x"), 16).expect("hex address");
-    (vm, addr, console)
+    u64::from_str_radix(hex.trim().trim_start_matches("0x"), 16).expect("hex number")
+}
+
+/// The mailbox of the test guest's `blk-mailbox` mode, through which the host has it write and
+/// read a sector of its disk.
+#[derive(Clone, Copy)]
+pub struct BlkMailbox(u64);
+
+impl BlkMailbox {
+    /// Waits for the guest on `console` to announce its mailbox.
+    pub fn find(console: &ConsoleBuffer) -> Self {
+        Self(hex_after(console, "blk-mailbox at "))
+    }
+
+    /// Has the guest of `vm` (its console `console`) write `value` into its sector.
+    pub fn write(self, vm: &forkvm::Vm, console: &ConsoleBuffer, value: u64) {
+        let before = console.text().matches("blk wrote").count();
+        vm.write_memory(self.0 + 8, &value.to_le_bytes()).unwrap();
+        vm.write_memory(self.0, &1u64.to_le_bytes()).unwrap();
+        wait_until(
+            || console.text().matches("blk wrote").count() > before,
+            console,
+        );
+    }
+
+    /// Has the guest of `vm` read its sector; returns its first 8 bytes.
+    pub fn read(self, vm: &forkvm::Vm, console: &ConsoleBuffer) -> u64 {
+        let before = console.text().matches("blk read ").count();
+        vm.write_memory(self.0, &2u64.to_le_bytes()).unwrap();
+        wait_until(
+            || {
+                let text = console.text();
+                text.matches("blk read ").count() > before && text.ends_with('\n')
+            },
+            console,
+        );
+        hex_after(console, "blk read ")
+    }
+
+    /// Has the guest of `vm` exit with status 0.
+    pub fn exit(self, vm: &forkvm::Vm) {
+        vm.write_memory(self.0, &3u64.to_le_bytes()).unwrap();
+    }
+}
+
+/// Waits up to 10 s for `done`, showing `console` if it does not come.
+fn wait_until(mut done: impl FnMut() -> bool, console: &ConsoleBuffer) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out; console:\n{}",
+            console.text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 /// Reads the u64 at guest address `addr`.

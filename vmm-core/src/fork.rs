@@ -10,11 +10,12 @@
 //!
 //! Virtio devices are frozen with the rest ([`forkvm_devices::virtio::DeviceState`]) and each
 //! child gets copies at the same windows and IRQs, with their queues where the driver left them:
-//! rng and console continue (a console's pending input goes to every child); a child's vsock
-//! device has new host endpoints and sends its guest a transport reset, since connections do not
-//! survive a fork; a balloon keeps its target and size.
-//!
-//! Not yet carried over: the notice to the guest that it was forked.
+//! rng and console continue (a console's pending input goes to every child); block devices fork
+//! copy-on-write (the parent keeps writing its image, each child writes its own overlay: see
+//! `forkvm_devices::virtio::block::layers`); a child's vsock device has new host endpoints and
+//! sends its guest a transport reset, since connections do not survive a fork; a balloon keeps
+//! its target and size. Each child is a new generation on its identity page
+//! ([`crate::identity`]), which tells its guest that it was forked.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -26,6 +27,7 @@ use forkvm_devices::bus::Bus;
 use forkvm_devices::legacy::SerialState;
 use forkvm_devices::virtio::DeviceState;
 use forkvm_devices::virtio::balloon::{Balloon, BalloonHandle};
+use forkvm_devices::virtio::block::Block;
 use forkvm_devices::virtio::console::Console;
 use forkvm_devices::virtio::rng::Rng;
 use forkvm_devices::virtio::vsock::Vsock;
@@ -272,6 +274,16 @@ fn continue_devices(frozen: &[FrozenDevice], mut child: Child) -> Result<ChildDe
     for device in frozen {
         let spec = match &device.state.device {
             DeviceState::Rng => VirtioDeviceSpec::new(Box::new(Rng::new())),
+            DeviceState::Block(state) => VirtioDeviceSpec::new(Box::new(
+                Block::from_state(state).map_err(|e| setup_err("virtio-blk overlay", e))?,
+            )),
+            DeviceState::SavedBlock(saved) => {
+                // Snapshots turn these back into `Block` before a VM starts from them.
+                return Err(setup_err(
+                    "virtio-blk",
+                    format!("disk {} was not opened", saved.file),
+                ));
+            }
             DeviceState::Console(state) => {
                 let (output, input) = child
                     .virtio_consoles

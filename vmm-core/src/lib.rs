@@ -47,7 +47,7 @@ pub use fork::Child;
 pub use forkvm_devices::virtio::balloon::{
     BalloonError, BalloonHandle, BalloonStats, stat_tag as balloon_stat_tag,
 };
-pub use snapshot::{MEMORY_FILE, SNAPSHOT_FORMAT, STATE_FILE};
+pub use snapshot::{DISK_FILE_PREFIX, MEMORY_FILE, SNAPSHOT_FORMAT, STATE_FILE};
 pub use vcpu::{KICK_SIGNAL_OFFSET, kick_signal};
 pub use virtio::DeviceInfo;
 pub use vm::Vm;

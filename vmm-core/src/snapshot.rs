@@ -11,8 +11,11 @@
 //! renamed, `state.json` last and only after any old one was removed, so a directory whose
 //! snapshot did not finish never has a `state.json`. A restored VM maps `memory` privately:
 //! restoring costs the same for any memory size, and restoring twice gives two independent VMs.
-//! A restored VM's devices continue as a fork child's do ([`crate::fork`]): its identity is
-//! the next generation and its vsock connections are gone.
+//! Each block device's disk, as it was at the snapshot, goes to `disk-<device index>` (sparse;
+//! the VM may go on writing its image meanwhile, its old content is preserved for the copy as
+//! for a fork child). A restored VM's devices continue as a fork child's do ([`crate::fork`]):
+//! its identity is the next generation, its vsock connections are gone, and its disks read the
+//! snapshot's disk files and write private overlays, so the snapshot never changes.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -34,6 +37,8 @@ use crate::memory::freeze::FrozenRam;
 use crate::vcpu::install_kick_handler;
 use crate::virtio::FrozenDevice;
 use crate::vm::Vm;
+use forkvm_devices::virtio::DeviceState;
+use forkvm_devices::virtio::block::BlockState;
 
 /// Version of the snapshot format; a snapshot of another version is refused.
 pub const SNAPSHOT_FORMAT: u32 = 2;
@@ -41,6 +46,8 @@ pub const SNAPSHOT_FORMAT: u32 = 2;
 pub const STATE_FILE: &str = "state.json";
 /// The memory file.
 pub const MEMORY_FILE: &str = "memory";
+/// Start of the name of each block device's disk file (then the device's index).
+pub const DISK_FILE_PREFIX: &str = "disk-";
 
 /// Everything but the memory.
 #[derive(Serialize, Deserialize)]
@@ -120,6 +127,21 @@ impl Vm {
         }
         write_atomically(dir, MEMORY_FILE, |file| point.image.copy_data_to(file))
             .map_err(io_err("writing the memory"))?;
+        let mut devices = point.devices;
+        for (index, device) in devices.iter_mut().enumerate() {
+            if let DeviceState::Block(disk) = &device.state.device {
+                let name = format!("{DISK_FILE_PREFIX}{index}");
+                let mut saved = None;
+                write_atomically(dir, &name, |file| {
+                    saved = Some(disk.save(file, name.clone())?);
+                    Ok(())
+                })
+                .map_err(io_err("writing a disk"))?;
+                if let Some(saved) = saved {
+                    device.state.device = DeviceState::SavedBlock(saved);
+                }
+            }
+        }
         let state = SnapshotState {
             format: SNAPSHOT_FORMAT,
             forkvm_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -130,7 +152,7 @@ impl Vm {
             vm: point.vm,
             serial: point.serial,
             identity: point.identity,
-            devices: point.devices,
+            devices,
         };
         write_atomically(dir, STATE_FILE, |file| {
             let mut writer = BufWriter::new(file);
@@ -203,11 +225,37 @@ impl Vm {
             vm: state.vm,
             serial: state.serial,
             debug_exit: state.debug_exit,
-            devices: state.devices,
+            devices: open_disks(dir, state.devices)?,
             identity: state.identity,
         };
         start_from(Arc::new(kvm), &point, child.into(), None)
     }
+}
+
+/// Turns each block device a snapshot in `dir` saved into one over its disk file there (with a
+/// private overlay if it is writable). A disk file name must be a plain name in `dir`.
+fn open_disks(dir: &Path, mut devices: Vec<FrozenDevice>) -> Result<Vec<FrozenDevice>, Error> {
+    for device in &mut devices {
+        let DeviceState::SavedBlock(saved) = &device.state.device else {
+            continue;
+        };
+        let bad = |reason: String| Error::SnapshotInvalid {
+            path: dir.to_owned(),
+            reason,
+        };
+        let plain = Path::new(&saved.file).file_name() == Some(saved.file.as_ref());
+        if !plain || !saved.file.starts_with(DISK_FILE_PREFIX) {
+            return Err(bad(format!(
+                "disk file {:?} is not a disk of the snapshot",
+                saved.file
+            )));
+        }
+        let disk = File::open(dir.join(&saved.file))
+            .and_then(|file| BlockState::open_saved(saved, file))
+            .map_err(|e| bad(format!("{}: {e}", saved.file)))?;
+        device.state.device = DeviceState::Block(disk);
+    }
+    Ok(devices)
 }
 
 /// Writes `dir/name` through a temporary file that is fsynced and then renamed into place.

@@ -185,6 +185,11 @@ pub trait VirtioDevice: Send {
 pub enum DeviceState {
     /// virtio-rng keeps no state.
     Rng,
+    /// virtio-blk: the disk frozen at the fork; each child writes to its own overlay.
+    #[serde(skip)]
+    Block(block::BlockState),
+    /// virtio-blk as a snapshot records it (its disk saved to a file of the snapshot).
+    SavedBlock(block::SavedBlock),
     /// virtio-console: host input the guest had not taken yet.
     Console(console::ConsoleState),
     /// virtio-vsock: the guest's CID (connections do not survive a fork).

@@ -264,6 +264,84 @@ pub(super) struct FrozenLayers {
     frozen: Vec<Arc<FrozenLayer>>,
 }
 
+impl FrozenLayers {
+    /// Layers with nothing in them yet, over an image nobody else writes (a restored snapshot's
+    /// disk).
+    pub(super) fn empty(sectors: u64) -> io::Result<Self> {
+        Ok(Self {
+            preserve: Arc::new(PreserveLayer::new(sectors)?),
+            frozen: Vec::new(),
+        })
+    }
+
+    /// Where a child with nothing of its own reads `sector` (`preserved`: the preserve layer's
+    /// bitmap, locked).
+    fn source(&self, preserved: &Bitmap, sector: u64) -> Source {
+        if let Some(i) = self.frozen.iter().position(|l| l.present.get(sector)) {
+            Source::Frozen(i)
+        } else if preserved.get(sector) {
+            Source::Preserved
+        } else {
+            Source::Image
+        }
+    }
+
+    /// Writes the content of the disk these layers froze (`sectors` sectors over `image`, a
+    /// buffered handle) into `to` at the same offsets, a MiB at a time; runs of zeroes stay
+    /// holes. The parent may write the image meanwhile: each MiB is read under the preserve
+    /// layer's read lock, as a child's reads are.
+    pub(super) fn save(&self, image: &File, sectors: u64, to: &File) -> io::Result<()> {
+        const CHUNK: u64 = 2048;
+        to.set_len(sectors * SECTOR_SIZE)?;
+        let mut buffer = vec![0u8; (CHUNK * SECTOR_SIZE) as usize];
+        for first in (0..sectors).step_by(CHUNK as usize) {
+            let count = CHUNK.min(sectors - first);
+            let data = &mut buffer[..(count * SECTOR_SIZE) as usize];
+            {
+                let preserved = read_bits(&self.preserve.present);
+                let mut done = 0;
+                while done < count {
+                    let source = self.source(&preserved, first + done);
+                    let mut end = done + 1;
+                    while end < count && self.source(&preserved, first + end) == source {
+                        end += 1;
+                    }
+                    let file = match source {
+                        Source::Frozen(i) => &self.frozen[i].file,
+                        Source::Preserved => &self.preserve.file,
+                        Source::Image | Source::Own => image,
+                    };
+                    let range = (done * SECTOR_SIZE) as usize..(end * SECTOR_SIZE) as usize;
+                    file.read_exact_at(&mut data[range], (first + done) * SECTOR_SIZE)?;
+                    done = end;
+                }
+            }
+            write_sparse(to, data, first * SECTOR_SIZE)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes `data` at `offset` of `to`, leaving each all-zero 4 KiB block a hole.
+pub(super) fn write_sparse(to: &File, data: &[u8], offset: u64) -> io::Result<()> {
+    const BLOCK: usize = 4096;
+    let mut at = 0;
+    while at < data.len() {
+        let zero = |i: usize| data[i..(i + BLOCK).min(data.len())].iter().all(|b| *b == 0);
+        let is_zero = zero(at);
+        let mut end = at;
+        while end < data.len() && zero(end) == is_zero {
+            end += BLOCK;
+        }
+        let end = end.min(data.len());
+        if !is_zero {
+            to.write_all_at(&data[at..end], offset + at as u64)?;
+        }
+        at = end;
+    }
+    Ok(())
+}
+
 /// The copy-on-write state of a writable device that was frozen or forked.
 pub(super) enum Cow {
     /// The device over the user's image, frozen at least once.
@@ -423,20 +501,9 @@ impl ChildCow {
 
     fn source(&self, preserved: &Bitmap, sector: u64) -> Source {
         if self.present.get(sector) {
-            return Source::Own;
-        }
-        if let Some(i) = self
-            .layers
-            .frozen
-            .iter()
-            .position(|l| l.present.get(sector))
-        {
-            return Source::Frozen(i);
-        }
-        if preserved.get(sector) {
-            Source::Preserved
+            Source::Own
         } else {
-            Source::Image
+            self.layers.source(preserved, sector)
         }
     }
 

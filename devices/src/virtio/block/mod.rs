@@ -117,6 +117,67 @@ pub struct BlockState {
     layers: Option<FrozenLayers>,
 }
 
+/// A block device as a snapshot records it: its disk's content goes to a file of the snapshot,
+/// named here, which a restored VM reads (and, if the disk is writable, overlays privately).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SavedBlock {
+    /// The disk's file, relative to the snapshot.
+    pub file: String,
+    read_only: bool,
+    capacity_sectors: u64,
+    id: [u8; ID_LEN],
+}
+
+impl BlockState {
+    /// Writes the disk's content at the freeze into `to` (sparse: zeroes stay holes; the parent
+    /// may go on writing its image meanwhile) and returns how a snapshot records the device,
+    /// with `file` the name of `to` in the snapshot.
+    pub fn save(&self, to: &File, file: String) -> io::Result<SavedBlock> {
+        // A buffered handle on the image: the copy reads it at any offset and length.
+        let image = if self.direct_io {
+            File::open(format!("/proc/self/fd/{}", self.base.as_raw_fd()))?
+        } else {
+            self.base.try_clone()?
+        };
+        match &self.layers {
+            Some(layers) => layers.save(&image, self.capacity_sectors, to)?,
+            None => layers::FrozenLayers::empty(0)?.save(&image, self.capacity_sectors, to)?,
+        }
+        Ok(SavedBlock {
+            file,
+            read_only: self.layers.is_none(),
+            capacity_sectors: self.capacity_sectors,
+            id: self.id,
+        })
+    }
+
+    /// The state a snapshot recorded as `saved`, over `file`, the disk content it saved: a
+    /// writable disk's VM gets a private overlay over it, so the snapshot never changes.
+    pub fn open_saved(saved: &SavedBlock, file: File) -> io::Result<Self> {
+        let len = file.metadata()?.len();
+        if len != saved.capacity_sectors * SECTOR_SIZE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "disk file of {len} bytes for {} sectors",
+                    saved.capacity_sectors
+                ),
+            ));
+        }
+        Ok(Self {
+            base: Arc::new(file),
+            direct_io: false,
+            capacity_sectors: saved.capacity_sectors,
+            id: saved.id,
+            layers: if saved.read_only {
+                None
+            } else {
+                Some(layers::FrozenLayers::empty(saved.capacity_sectors)?)
+            },
+        })
+    }
+}
+
 /// Alignment that `O_DIRECT` asks of buffers (a page covers every device's requirement).
 const DIRECT_IO_ALIGN: usize = 4096;
 
@@ -226,6 +287,7 @@ impl Block {
 
     /// A device for a child: reads see the disk as it was at `freeze`, writes go to the child's
     /// own private overlay (a read-only disk's child is a read-only handle on the same image).
+    /// A state read back from a snapshot ([`BlockState::open_saved`]) works the same way.
     pub fn from_state(state: &BlockState) -> io::Result<Block> {
         let (file, read_only, direct_io, cow) = match &state.layers {
             None => (state.base.try_clone()?, true, state.direct_io, None),
@@ -1396,10 +1458,7 @@ impl VirtioDevice for Block {
     }
 
     fn freeze(&mut self) -> Result<DeviceState, DeviceError> {
-        Err(DeviceError::Io(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "block devices cannot be forked yet",
-        )))
+        Ok(DeviceState::Block(Block::freeze(self)?))
     }
 }
 
