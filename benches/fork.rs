@@ -7,8 +7,8 @@
 //! - how long each fork held a running parent paused ([`Vm::last_pause`]): repeated forks of a
 //!   parent that keeps writing (the criterion runs above), the first fork of fresh parents, and
 //!   repeated forks of a parent the host writes 16 MiB into between forks;
-//! - `fork(1)` of a paused parent with virtio-rng, virtio-console and virtio-vsock (the
-//!   children get copies of each), with and without the child prepared.
+//! - `fork(1)` of a paused parent with virtio-blk (64 MiB image), virtio-rng, virtio-console and
+//!   virtio-vsock (the children get copies of each), with and without the child prepared.
 //!
 //! Criterion reports medians of the fork latency; every single fork is also timed, and after each
 //! benchmark its median, 99th percentile and maximum are printed (warm-up forks included), with
@@ -105,8 +105,10 @@ fn bench_fork1_devices(c: &mut Criterion) {
     let record = Mutex::new(Record::default());
     let mut group = c.benchmark_group("fork1_devices");
     for mib in [256, 4096] {
+        let disk = forkvm_tests::TempFile::with_contents("fork-bench.img", &vec![0u8; 64 << 20]);
         let (parent, _, _) = spinning_guest_with(VCPUS, mib, |builder| {
             builder
+                .block(disk.path(), false)
                 .rng()
                 .virtio_console(ConsoleOutput::Discard, None)
                 .vsock(forkvm::Vsock::new(3))

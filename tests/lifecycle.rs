@@ -93,10 +93,12 @@ fn thousand_cycles_and_failed_builds_leave_no_growth() {
     assert_vsock_sockets_removed();
 
     // Each fork of the running parent freezes its memory into a new image; images nobody maps
-    // any more must go away with their last child. The parent has one of each virtio device
-    // but block, so every child has copies (and every eighth its own vsock socket file).
+    // any more must go away with their last child. The parent has one of each virtio device, so
+    // every child has copies (a disk overlay, and every eighth its own vsock socket file).
     let console = ConsoleBuffer::new();
+    let disk = forkvm_tests::TempFile::with_contents("lifecycle.img", &[0u8; 1 << 20]);
     let parent = test_guest_vm("mode=spin", &console)
+        .block(disk.path(), false)
         .rng()
         .virtio_console(ConsoleOutput::Discard, None)
         .vsock(Vsock::new(3))
