@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::io;
 use std::process::{Child, Command};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread;
 use std::time::Duration;
 
@@ -30,18 +30,26 @@ struct State {
 }
 
 impl Reaper {
-    /// A reaper; with `reap_all` (PID 1) a thread reaps every child of the process.
+    /// A reaper; with `reap_all` (PID 1) a thread reaps every child of the process. There is
+    /// only one such reaper per process, shared by every caller that asks for it.
     pub fn new(reap_all: bool) -> Arc<Reaper> {
-        let reaper = Arc::new(Reaper {
-            reap_all,
-            state: Mutex::new(State::default()),
-            spawned: Condvar::new(),
-        });
-        if reap_all {
+        static REAP_ALL: OnceLock<Arc<Reaper>> = OnceLock::new();
+        let new = || {
+            Arc::new(Reaper {
+                reap_all,
+                state: Mutex::new(State::default()),
+                spawned: Condvar::new(),
+            })
+        };
+        if !reap_all {
+            return new();
+        }
+        Arc::clone(REAP_ALL.get_or_init(|| {
+            let reaper = new();
             let r = Arc::clone(&reaper);
             thread::spawn(move || r.reap_all_loop());
-        }
-        reaper
+            reaper
+        }))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -76,11 +84,24 @@ impl Reaper {
     fn reap_all_loop(&self) {
         loop {
             let spawns = self.lock().spawns;
-            let mut status = 0;
-            // SAFETY: waitpid writes only to `status`.
-            let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
-            if pid > 0 {
-                if let Some(tx) = self.lock().waiters.remove(&pid) {
+            // SAFETY: siginfo_t is plain data; all zeroes is valid.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // Only look (WNOWAIT): a child whose exec failed is reaped by std's spawn itself,
+            // which must not find it gone, so the zombie is only taken under the lock that
+            // spawn holds.
+            // SAFETY: waitid writes only to `info`.
+            let rc =
+                unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+            if rc == 0 {
+                // SAFETY: waitid filled `info` for a child that exited (WEXITED).
+                let pid = unsafe { info.si_pid() };
+                let mut state = self.lock();
+                let mut status = 0;
+                // SAFETY: waitpid writes only to `status`.
+                let reaped = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+                if reaped == pid
+                    && let Some(tx) = state.waiters.remove(&pid)
+                {
                     let _ = tx.send(decode(status));
                 }
                 continue;

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::io::{BufReader, Read};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
@@ -426,7 +427,10 @@ impl Connection {
         let spawned = thread::Builder::new()
             .name(format!("request-{id}"))
             .spawn(move || {
-                let result = handler(&ctx, input);
+                // A bug in a handler must not leave the request without its final reply (and
+                // its id taken forever).
+                let result = panic::catch_unwind(AssertUnwindSafe(|| handler(&ctx, input)))
+                    .unwrap_or_else(|_| Err(error(ErrorKind::Io, "the agent's handler failed")));
                 // Free the id before the final reply: the host may reuse it as soon as it sees it.
                 ctx.running.lock().remove(&ctx.id);
                 let _ = ctx.out.reply(ctx.id, &result.unwrap_or_else(Reply::Error));

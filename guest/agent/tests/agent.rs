@@ -181,7 +181,11 @@ fn ping_and_shutdown() {
     // The reply goes out first, then the agent powers off.
     let deadline = Instant::now() + Duration::from_secs(5);
     while fake.calls.lock().unwrap().last() != Some(&Call::Power(PowerAction::Reboot)) {
-        assert!(Instant::now() < deadline, "{:?}", fake.calls.lock().unwrap());
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            fake.calls.lock().unwrap()
+        );
         thread::sleep(Duration::from_millis(10));
     }
 }

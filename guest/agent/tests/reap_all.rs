@@ -32,3 +32,30 @@ fn reap_all_collects_orphans_and_still_reports_exits() {
     let outcome = client.exec(3, &["true"]);
     assert_eq!(outcome.exited().code, Some(0));
 }
+
+#[test]
+fn failed_execs_do_not_race_the_reaper() {
+    // std reaps a child whose exec failed itself (and asserts that it can): the reaper must not
+    // take it first. A user forces std's fork/exec path rather than posix_spawn; without root the
+    // child fails at setgid instead of exec, the same path.
+    // SAFETY: geteuid has no preconditions.
+    let expected = if unsafe { libc::geteuid() } == 0 {
+        forkvm_agent_protocol::ErrorKind::NotFound
+    } else {
+        forkvm_agent_protocol::ErrorKind::PermissionDenied
+    };
+    let (agent, _) = agent(true, false);
+    let mut client = Client::connect(&agent, 0);
+    for round in 0..200 {
+        let outcome = client.call(
+            1,
+            &forkvm_agent_protocol::Request::Exec(forkvm_agent_protocol::ExecRequest {
+                argv: vec!["/nonexistent/forkvm-program".into()],
+                user: Some("0:0".into()),
+                ..Default::default()
+            }),
+        );
+        assert_eq!(outcome.error().kind, expected, "round {round}");
+    }
+    assert_eq!(client.exec(2, &["true"]).exited().code, Some(0));
+}

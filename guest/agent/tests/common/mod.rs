@@ -133,8 +133,7 @@ impl Client {
     /// Connects without a hello.
     pub fn raw(agent: &Arc<Agent>) -> Client {
         let (ours, theirs) = UnixStream::pair().unwrap();
-        ours.set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
+        ours.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let agent = Arc::clone(agent);
         let server = thread::spawn(move || serve_connection(agent, theirs));
         Client {
