@@ -29,8 +29,9 @@ const MOUNTS: &[(&str, &str, &str, &str)] = &[
 /// The `PATH` processes get when the kernel gave the agent none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// Mounts [`MOUNTS`] (one already mounted is fine) and sets the hostname. Returns what failed,
-/// for the console; the agent serves anyway.
+/// Mounts proc, sysfs, devtmpfs, devpts, and tmpfs on /dev/shm, /tmp and /run (one already
+/// mounted is fine) and sets the hostname. Returns what failed, for the console; the agent serves
+/// anyway.
 pub fn setup(hostname: &str) -> Vec<String> {
     let mut problems = Vec::new();
     for &(source, target, fstype, options) in MOUNTS {

@@ -36,9 +36,10 @@
 //!
 //! # Requests and ids
 //!
-//! The host chooses the id of each request (any `u32` not in use by a request still running on
-//! that connection; 0 is reserved for connection-level frames such as `Hello`), and every frame of
-//! that request, both ways, carries it. Any number of requests may run at once on one connection:
+//! The host chooses the id of each request (any `u32` not in use on that connection by a request
+//! still running or by an attached PTY session, else [`ErrorKind::DuplicateId`]; by convention
+//! `Hello` uses 0, as do the agent's errors about frames it could not read), and every frame of
+//! that request, both ways, carries it. An id is free again once its final reply has been sent. Any number of requests may run at once on one connection:
 //! the agent serves each on its own thread and interleaves their frames. Input for a request
 //! (data/eof frames) that the request does not consume yet is buffered up to [`INPUT_QUEUE`]
 //! frames, after which the connection's input side waits for it; a host that streams input to
@@ -48,7 +49,7 @@
 //!
 //! | request | frames before the final reply | final reply |
 //! |---|---|---|
-//! | [`Request::Hello`] (must be first, id 0) | — | [`Reply::Hello`] |
+//! | [`Request::Hello`] (the first request, and only then) | — | [`Reply::Hello`] |
 //! | [`Request::Ping`] | — | [`Reply::Pong`] |
 //! | [`Request::Exec`] | [`Reply::Started`], stdout as data, stderr as stderr frames (host: data/eof for stdin when `stdin` is set) | [`Reply::Exited`] |
 //! | [`Request::Signal`] | — | [`Reply::Ok`] |
@@ -61,7 +62,9 @@
 //! | [`Request::PtyResize`], [`Request::PtyClose`] | — | [`Reply::Ok`] |
 //! | [`Request::Shutdown`] | — | [`Reply::Ok`], then the guest powers off or reboots |
 //!
-//! Any request may instead end with [`Reply::Error`].
+//! Any request may instead end with [`Reply::Error`]; for a file write that error may come before
+//! the host has sent all its data, and the agent drops data for a request that has ended.
+//! A PTY session attached elsewhere, or closed, gets no further frames on the old request id.
 //!
 //! **Hello and the VM generation.** Each connection starts with [`Request::Hello`] carrying the
 //! protocol version, the VM's generation (0 at boot, +1 per fork or restore), at least
