@@ -16,6 +16,7 @@
 //! # Ok::<(), forkvm::Error>(())
 //! ```
 
+pub mod agent;
 pub mod arch;
 pub mod boot;
 mod builder;

@@ -74,6 +74,8 @@ pub struct Vm {
     /// Set when RAM was frozen while paused, cleared when the VM resumes or the host writes
     /// its memory: while set, the frozen image is still exactly the RAM, and a new fork reuses it.
     pub(crate) image_current: AtomicBool,
+    /// The connection to the guest agent ([`Vm::agent`]).
+    pub(crate) agent: crate::agent::AgentSlot,
     /// Children created ahead of forks ([`Vm::prepare_forks`], [`Vm::keep_forks_ready`]).
     pub(crate) shells: Arc<ShellPool>,
     /// How long the last fork or snapshot held this VM paused ([`Vm::last_pause`]).
@@ -104,6 +106,7 @@ impl Vm {
             identity: parts.identity,
             _identity_page: parts.identity_page,
             image_current: AtomicBool::new(false),
+            agent: crate::agent::AgentSlot::default(),
             shells: Arc::default(),
             last_pause: Mutex::default(),
         }
@@ -229,6 +232,11 @@ impl Vm {
         connector
             .connect(port, timeout)
             .map_err(|source| Error::VsockConnect { port, source })
+    }
+
+    /// The handle that opens in-process vsock connections, if the VM has a vsock device.
+    pub(crate) fn vsock_connector(&self) -> Option<VsockConnector> {
+        self.vsock.clone()
     }
 
     /// The balloon added with [`crate::VmBuilder::balloon`], if any: set its target, read what

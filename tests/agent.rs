@@ -1,0 +1,271 @@
+//! The host API of the guest agent (`forkvm::agent`), against the real agent's server run in
+//! this process over Unix socket pairs, with its privileged calls recorded instead of made (so
+//! this host's RNG and clock are left alone). End to end in a Linux guest: tests/linux.rs.
+
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use forkvm::agent::{Agent, AgentError, Command, Connector, PtyEvent, Stream, WriteOptions};
+use forkvm_agent::server::{Agent as AgentServer, Config, serve_connection};
+use forkvm_agent::system::System;
+use forkvm_agent_protocol::{ErrorKind, PowerAction};
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What the agent was asked to do with the (fake) system.
+#[derive(Default)]
+struct Calls {
+    entropy: Vec<usize>,
+    clock: Vec<u64>,
+}
+
+struct Recorder(Arc<Mutex<Calls>>);
+
+impl System for Recorder {
+    fn add_entropy(&self, entropy: &[u8]) -> std::io::Result<()> {
+        self.0.lock().unwrap().entropy.push(entropy.len());
+        Ok(())
+    }
+    fn reseed_crng(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn set_clock(&self, time_ns: u64) -> std::io::Result<()> {
+        self.0.lock().unwrap().clock.push(time_ns);
+        Ok(())
+    }
+    fn power(&self, _: PowerAction) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An agent server and a connector that opens connections to it.
+fn agent_server() -> (Connector, Arc<Mutex<Calls>>) {
+    let calls = Arc::new(Mutex::new(Calls::default()));
+    let server = AgentServer::new(Config {
+        system: Box::new(Recorder(calls.clone())),
+        reap_all: false,
+        allow_shutdown: false,
+    });
+    let connector: Connector = Arc::new(move || {
+        let (ours, theirs) = UnixStream::pair()?;
+        let server = server.clone();
+        std::thread::spawn(move || serve_connection(server, theirs));
+        Ok(ours)
+    });
+    (connector, calls)
+}
+
+fn agent() -> Agent {
+    Agent::connect(agent_server().0, 3, TIMEOUT).unwrap()
+}
+
+#[test]
+fn the_hello_reseeds_once_per_generation_and_requests_follow() {
+    let (connector, calls) = agent_server();
+    let agent = Agent::connect(connector.clone(), 7, TIMEOUT).unwrap();
+    assert!(agent.ping().is_ok());
+    // A second connection of the same generation does not reseed again.
+    let again = Agent::connect(connector.clone(), 7, TIMEOUT).unwrap();
+    assert!(again.ping().is_ok());
+    {
+        let calls = calls.lock().unwrap();
+        assert_eq!(calls.entropy, [32], "fresh host entropy, once");
+        assert_eq!(calls.clock.len(), 1, "the clock stepped once");
+    }
+    // A fork child (the next generation) reseeds before it is served.
+    let child = Agent::connect(connector, 8, TIMEOUT).unwrap();
+    assert!(child.ping().is_ok());
+    assert_eq!(calls.lock().unwrap().entropy.len(), 2);
+}
+
+#[test]
+fn commands_report_output_status_and_failures() {
+    let agent = agent();
+    let out = agent.exec(["echo", "hello"]).unwrap();
+    assert!(out.success());
+    assert_eq!(out.stdout_text(), "hello\n");
+
+    let out = agent
+        .run(&Command::new([
+            "sh",
+            "-c",
+            "echo out; echo err >&2; exit 3",
+        ]))
+        .unwrap();
+    assert_eq!(
+        (out.stdout_text(), out.stderr_text(), out.status.code),
+        ("out\n".into(), "err\n".into(), Some(3))
+    );
+
+    match agent.exec(["/no/such/program"]) {
+        Err(AgentError::CommandNotFound(what)) => assert!(what.contains("/no/such/program")),
+        other => panic!("{other:?}"),
+    }
+
+    let out = agent
+        .run(&Command::new(["sleep", "30"]).timeout(Duration::from_millis(200)))
+        .unwrap();
+    assert!(
+        out.status.timed_out && out.status.signal.is_some(),
+        "{out:?}"
+    );
+
+    let out = agent
+        .run(
+            &Command::new(["sh", "-c", "cat; echo \"$GREETING\"; pwd"])
+                .stdin("typed\n")
+                .env("GREETING", "hi")
+                .cwd("/tmp"),
+        )
+        .unwrap();
+    assert_eq!(out.stdout_text(), "typed\nhi\n/tmp\n");
+}
+
+#[test]
+fn streamed_output_arrives_as_it_is_produced() {
+    let agent = agent();
+    let mut chunks = Vec::new();
+    let status = agent
+        .run_streaming(
+            &Command::new(["sh", "-c", "echo one; sleep 0.3; echo two >&2"]),
+            |stream, bytes| chunks.push((stream, String::from_utf8_lossy(bytes).into_owned())),
+        )
+        .unwrap();
+    assert_eq!(status.code, Some(0));
+    assert_eq!(
+        chunks,
+        [
+            (Stream::Stdout, "one\n".to_owned()),
+            (Stream::Stderr, "two\n".to_owned())
+        ]
+    );
+}
+
+#[test]
+fn files_round_trip_and_the_tree_can_be_changed() {
+    let agent = agent();
+    let dir = std::env::temp_dir().join(format!("forkvm-agent-api-{}", std::process::id()));
+    let dir = dir.to_str().unwrap().to_owned();
+    let _ = std::fs::remove_dir_all(&dir);
+    agent.mkdir(&format!("{dir}/sub"), true).unwrap();
+    let data: Vec<u8> = (0..5_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let path = format!("{dir}/sub/data.bin");
+    let written = agent
+        .write_file(&path, &data[..], WriteOptions::default())
+        .unwrap();
+    assert_eq!(written, data.len() as u64);
+    assert!(
+        agent.read_file(&path).unwrap() == data,
+        "5 MB came back intact"
+    );
+    agent
+        .write_file(
+            &path,
+            &b"tail"[..],
+            WriteOptions {
+                append: true,
+                ..WriteOptions::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(agent.stat(&path).unwrap().size, data.len() as u64 + 4);
+    let renamed = format!("{dir}/sub/renamed.bin");
+    agent.rename(&path, &renamed).unwrap();
+    let names: Vec<_> = agent
+        .list(&format!("{dir}/sub"))
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, ["renamed.bin"]);
+    match agent.read_file(&path) {
+        Err(AgentError::Agent(e)) => assert_eq!(e.kind, ErrorKind::NotFound),
+        other => panic!("{other:?}"),
+    }
+    agent.remove(&dir, true).unwrap();
+    assert!(!std::path::Path::new(&dir).exists());
+}
+
+#[test]
+fn a_pty_session_resizes_and_survives_its_handle() {
+    let agent = agent();
+    let pty = agent.pty(["sh"], 24, 80).unwrap();
+    pty.write(b"stty size\n").unwrap();
+    assert!(pty.read_until("24 80", TIMEOUT).unwrap().contains("24 80"));
+    pty.resize(40, 100).unwrap();
+    pty.write(b"stty size\n").unwrap();
+    assert!(
+        pty.read_until("40 100", TIMEOUT)
+            .unwrap()
+            .contains("40 100")
+    );
+    let session = pty.session();
+    // Output made while nobody is attached waits for the next handle.
+    pty.write(b"sleep 0.2; echo detached-$((40+2))\n").unwrap();
+    drop(pty);
+    std::thread::sleep(Duration::from_millis(600));
+    let again = agent.pty_attach(session).unwrap();
+    assert!(
+        again
+            .read_until("detached-42", TIMEOUT)
+            .unwrap()
+            .contains("detached-42")
+    );
+    again.write(b"exit 5\n").unwrap();
+    let status = loop {
+        match again.read(TIMEOUT).unwrap() {
+            Some(PtyEvent::Exited(status)) => break status,
+            Some(PtyEvent::Output(_)) => {}
+            None => panic!("the shell did not exit"),
+        }
+    };
+    assert_eq!(status.code, Some(5));
+    again.close().unwrap();
+}
+
+#[test]
+fn requests_fail_cleanly_once_the_connection_is_gone() {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let server_end = theirs.try_clone().unwrap();
+    let slot = Arc::new(Mutex::new(Some(ours)));
+    let connector: Connector = Arc::new(move || {
+        slot.lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+    });
+    let server = AgentServer::new(Config {
+        system: Box::new(Recorder(Arc::default())),
+        reap_all: false,
+        allow_shutdown: false,
+    });
+    std::thread::spawn(move || serve_connection(server, theirs));
+    let agent = Agent::connect(connector, 0, TIMEOUT).unwrap();
+    assert!(agent.ping().is_ok());
+    // The agent refuses what it may not do, and the connection carries on.
+    assert!(matches!(
+        agent.shutdown(PowerAction::PowerOff),
+        Err(AgentError::Agent(_))
+    ));
+    assert!(agent.is_connected());
+    // The guest side goes away (the VM stopped, say): requests fail, none hangs, and a
+    // command with input cannot get a connection of its own either.
+    server_end.shutdown(std::net::Shutdown::Both).unwrap();
+    let t0 = std::time::Instant::now();
+    while agent.is_connected() {
+        assert!(t0.elapsed() < TIMEOUT);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(matches!(agent.ping(), Err(AgentError::ConnectionLost)));
+    assert!(matches!(
+        agent.exec(["true"]),
+        Err(AgentError::ConnectionLost)
+    ));
+    assert!(matches!(
+        agent.run(&Command::new(["cat"]).stdin("x")),
+        Err(AgentError::Io(_))
+    ));
+}

@@ -1,0 +1,565 @@
+//! The host side of the guest agent (`forkvm-agent`, PID 1 of forkvm's Linux guest image): run
+//! commands, move files and keep terminals open in a guest, over vsock.
+//!
+//! [`Vm::agent`] connects to the agent of a VM (waiting for it to come up); [`Agent`] then runs
+//! commands ([`Agent::exec`], [`Agent::run`], [`Agent::run_streaming`]), moves files
+//! ([`Agent::write_file`], [`Agent::read_file`], [`Agent::stat`], ...) and opens PTY sessions
+//! ([`Agent::pty`]). The wire protocol is `forkvm-agent-protocol`'s (documented there): one
+//! connection carries many requests at once; a command with input and each PTY get a
+//! connection of their own, so that a process that stops reading cannot hold up the others.
+//!
+//! Every connection starts with a Hello carrying the VM's generation
+//! ([`crate::identity::Identity`]), fresh host entropy and the host's time: in a fork child or
+//! a restored VM (a new generation) the agent reseeds the guest's RNG and steps its clock before
+//! it answers, so no request is served on stale randomness. A fork child's connections are its
+//! own: [`Vm::agent`] on the child connects afresh (vsock connections do not survive a fork).
+
+mod connection;
+mod pty;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use forkvm_agent_protocol::{
+    AGENT_PORT, DirEntry, ErrorKind, ErrorReply, ExecRequest, FileStat, Kind, MAX_PAYLOAD,
+    PowerAction, ProtocolError, PtyOpenRequest, Reply, Request, WriteFileRequest,
+};
+use forkvm_devices::sync::lock;
+
+use self::connection::Connection;
+pub use self::pty::{Pty, PtyEvent};
+use crate::vm::Vm;
+pub use forkvm_agent_protocol::{DirEntry as AgentDirEntry, ExitStatus, FileStat as AgentFileStat};
+
+/// How long a request other than a command waits for the agent's answer by default.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a request to the guest agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The agent did not answer in time (not booted yet, or no agent in this guest).
+    #[error("the guest agent is not ready: {0}")]
+    NotReady(String),
+    /// The program to run does not exist in the guest.
+    #[error("command not found in the guest: {0}")]
+    CommandNotFound(String),
+    /// The command or request did not finish within its timeout.
+    #[error("timed out")]
+    TimedOut,
+    /// The connection to the agent ended (the VM stopped, was forked away from, or the agent
+    /// died).
+    #[error("the connection to the guest agent was lost")]
+    ConnectionLost,
+    /// The agent refused the request.
+    #[error("the guest agent refused the request: {0}")]
+    Agent(ErrorReply),
+    /// The agent sent something this host does not understand.
+    #[error("protocol error: {0}")]
+    Protocol(ProtocolError),
+    /// The agent answered out of turn.
+    #[error("unexpected answer from the guest agent: {0}")]
+    Unexpected(String),
+    /// A host-side I/O error (a socket, the file being uploaded or downloaded).
+    #[error("i/o: {0}")]
+    Io(std::io::Error),
+    /// The VM could not be reached (no vsock device, VM not running).
+    #[error("{0}")]
+    Vm(Box<crate::Error>),
+}
+
+impl From<ProtocolError> for AgentError {
+    fn from(e: ProtocolError) -> Self {
+        match e {
+            ProtocolError::Closed => Self::ConnectionLost,
+            ProtocolError::Io(io)
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::BrokenPipe
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::UnexpectedEof
+                ) =>
+            {
+                Self::ConnectionLost
+            }
+            e => Self::Protocol(e),
+        }
+    }
+}
+
+/// Opens a new stream to the agent (a vsock connection, or any stream speaking the protocol).
+pub type Connector = Arc<dyn Fn() -> std::io::Result<UnixStream> + Send + Sync>;
+
+/// A command to run in the guest.
+#[derive(Clone, Debug, Default)]
+pub struct Command {
+    request: ExecRequest,
+    input: Option<Vec<u8>>,
+}
+
+impl Command {
+    /// Runs `argv[0]` (looked up in the guest's `PATH`) with `argv`.
+    pub fn new<S: Into<String>>(argv: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            request: ExecRequest {
+                argv: argv.into_iter().map(Into::into).collect(),
+                ..ExecRequest::default()
+            },
+            input: None,
+        }
+    }
+
+    /// Sets an environment variable (on top of the agent's environment).
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.request.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Starts from an empty environment instead of the agent's.
+    pub fn clear_env(mut self) -> Self {
+        self.request.clear_env = true;
+        self
+    }
+
+    /// The working directory.
+    pub fn cwd(mut self, dir: impl Into<String>) -> Self {
+        self.request.cwd = Some(dir.into());
+        self
+    }
+
+    /// Runs as this guest user (name or numeric id).
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.request.user = Some(user.into());
+        self
+    }
+
+    /// What the command reads on standard input (else it reads nothing: `/dev/null`).
+    pub fn stdin(mut self, input: impl Into<Vec<u8>>) -> Self {
+        self.request.stdin = true;
+        self.input = Some(input.into());
+        self
+    }
+
+    /// Kills the command (its whole process group) if it runs longer than `timeout`.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.request.timeout_ms = Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
+}
+
+/// Which output stream a chunk of [`Agent::run_streaming`] output came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// What a command printed and how it ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// Its standard output.
+    pub stdout: Vec<u8>,
+    /// Its standard error.
+    pub stderr: Vec<u8>,
+    /// Its exit code, or the signal that ended it; `timed_out` if its timeout killed it.
+    pub status: ExitStatus,
+}
+
+impl ExecOutput {
+    /// Whether it exited with code 0.
+    pub fn success(&self) -> bool {
+        self.status.code == Some(0)
+    }
+
+    /// Standard output as text (invalid UTF-8 replaced).
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// Standard error as text (invalid UTF-8 replaced).
+    pub fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+/// How [`Agent::write_file`] writes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WriteOptions {
+    /// Appends instead of truncating.
+    pub append: bool,
+    /// Fails if the file exists.
+    pub exclusive: bool,
+    /// Permission bits of a file it creates (default 0644).
+    pub mode: Option<u32>,
+}
+
+/// A connected guest agent. Cheap to clone; every clone shares the connection. `Send + Sync`:
+/// threads may make requests at once.
+#[derive(Clone)]
+pub struct Agent {
+    connector: Connector,
+    generation: u64,
+    shared: Arc<Connection>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    /// Connects through `connector` to an agent in a VM of `generation`, waiting at most
+    /// `timeout` for its Hello (a single attempt: [`Vm::agent`] retries while the guest boots).
+    pub fn connect(
+        connector: Connector,
+        generation: u64,
+        timeout: Duration,
+    ) -> Result<Self, AgentError> {
+        let stream = connector().map_err(|e| AgentError::NotReady(e.to_string()))?;
+        let shared = Arc::new(Connection::open(stream, generation, timeout)?);
+        Ok(Self {
+            connector,
+            generation,
+            shared,
+            timeout: DEFAULT_REQUEST_TIMEOUT,
+        })
+    }
+
+    /// The same agent with another timeout for requests other than commands (commands have
+    /// their own, [`Command::timeout`]).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Whether the shared connection is still up.
+    pub fn is_connected(&self) -> bool {
+        self.shared.is_open()
+    }
+
+    /// A connection of its own, for a command with input or a PTY.
+    fn own_connection(&self) -> Result<Arc<Connection>, AgentError> {
+        let stream = (self.connector)().map_err(AgentError::Io)?;
+        Ok(Arc::new(Connection::open(
+            stream,
+            self.generation,
+            self.timeout,
+        )?))
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        Instant::now().checked_add(self.timeout)
+    }
+
+    /// Sends `request` on the shared connection and waits for its one reply.
+    fn ask(&self, request: &Request) -> Result<Reply, AgentError> {
+        let call = self.shared.start(request)?;
+        call.reply(self.deadline())
+    }
+
+    /// Checks that the agent answers; returns how long it has been up.
+    pub fn ping(&self) -> Result<Duration, AgentError> {
+        match self.ask(&Request::Ping)? {
+            Reply::Pong { uptime_ms, .. } => Ok(Duration::from_millis(uptime_ms)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Runs `argv` and returns its output and status.
+    pub fn exec<S: Into<String>>(
+        &self,
+        argv: impl IntoIterator<Item = S>,
+    ) -> Result<ExecOutput, AgentError> {
+        self.run(&Command::new(argv))
+    }
+
+    /// Runs `command` and returns its output and status. A command that runs longer than its
+    /// timeout is killed and reported with `status.timed_out` set (not as an error).
+    pub fn run(&self, command: &Command) -> Result<ExecOutput, AgentError> {
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let status = self.run_streaming(command, |stream, bytes| match stream {
+            Stream::Stdout => stdout.extend_from_slice(bytes),
+            Stream::Stderr => stderr.extend_from_slice(bytes),
+        })?;
+        Ok(ExecOutput {
+            stdout,
+            stderr,
+            status,
+        })
+    }
+
+    /// Runs `command`, handing `output` each chunk of its output as the guest produces it, and
+    /// returns how it ended.
+    pub fn run_streaming(
+        &self,
+        command: &Command,
+        mut output: impl FnMut(Stream, &[u8]),
+    ) -> Result<ExitStatus, AgentError> {
+        // A command with input gets its own connection: one that stops reading must not hold
+        // up the shared one.
+        let own;
+        let connection = match &command.input {
+            Some(_) => {
+                own = self.own_connection()?;
+                &own
+            }
+            None => &self.shared,
+        };
+        let call = connection.start(&Request::Exec(command.request.clone()))?;
+        // Until the agent says it started the program, only its own time counts.
+        match call.reply(self.deadline()) {
+            Ok(Reply::Started { .. }) => {}
+            Ok(other) => return Err(unexpected(&other)),
+            // ENOENT from starting the program: the program is missing, unless a working
+            // directory was given, which may be what is missing instead.
+            Err(AgentError::Agent(error))
+                if error.kind == ErrorKind::NotFound && command.request.cwd.is_none() =>
+            {
+                let program = command.request.argv.first().cloned().unwrap_or_default();
+                return Err(AgentError::CommandNotFound(format!(
+                    "{program}: {}",
+                    error.message
+                )));
+            }
+            Err(e) => return Err(e),
+        }
+        if let Some(input) = &command.input {
+            call.send_data(input)?;
+            call.send_eof()?;
+        }
+        loop {
+            // The agent enforces the command's timeout; the host waits as long as it takes.
+            let frame = call.next(None)?;
+            match frame.kind {
+                Kind::Data => output(Stream::Stdout, &frame.payload),
+                Kind::Stderr => output(Stream::Stderr, &frame.payload),
+                Kind::Control => match frame.decode::<Reply>()? {
+                    Reply::Exited(status) => return Ok(status),
+                    Reply::Error(error) => return Err(AgentError::Agent(error)),
+                    other => return Err(unexpected(&other)),
+                },
+                Kind::Eof => {}
+            }
+        }
+    }
+
+    /// Writes what `data` yields to the guest file `path` (created with `options.mode`, else
+    /// 0644); returns how many bytes were written.
+    pub fn write_file(
+        &self,
+        path: &str,
+        mut data: impl Read,
+        options: WriteOptions,
+    ) -> Result<u64, AgentError> {
+        let call = self.shared.start(&Request::WriteFile(WriteFileRequest {
+            path: path.to_owned(),
+            append: options.append,
+            exclusive: options.exclusive,
+            mode: options.mode,
+        }))?;
+        let mut chunk = vec![0u8; MAX_PAYLOAD];
+        loop {
+            let n = match data.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(AgentError::Io(e)),
+            };
+            call.send_data(&chunk[..n])?;
+        }
+        call.send_eof()?;
+        match call.reply(self.deadline())? {
+            Reply::Written { bytes } => Ok(bytes),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Reads the guest file `path` whole.
+    pub fn read_file(&self, path: &str) -> Result<Vec<u8>, AgentError> {
+        let mut bytes = Vec::new();
+        self.read_file_to(path, &mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// Streams the guest file `path` into `to`; returns how many bytes came.
+    pub fn read_file_to(&self, path: &str, mut to: impl Write) -> Result<u64, AgentError> {
+        let call = self.shared.start(&Request::ReadFile {
+            path: path.to_owned(),
+            offset: 0,
+            len: None,
+        })?;
+        loop {
+            let frame = call.next(self.deadline())?;
+            match frame.kind {
+                Kind::Data => to.write_all(&frame.payload).map_err(AgentError::Io)?,
+                Kind::Control => {
+                    return match frame.decode::<Reply>()? {
+                        Reply::ReadDone { bytes } => Ok(bytes),
+                        Reply::Error(error) => Err(AgentError::Agent(error)),
+                        other => Err(unexpected(&other)),
+                    };
+                }
+                Kind::Stderr | Kind::Eof => {
+                    return Err(AgentError::Unexpected(format!(
+                        "{:?} frame in a file read",
+                        frame.kind
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Type, size, mode, owner and times of the guest path `path`.
+    pub fn stat(&self, path: &str) -> Result<FileStat, AgentError> {
+        match self.ask(&Request::Stat {
+            path: path.to_owned(),
+        })? {
+            Reply::Stat(stat) => Ok(stat),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The entries of the guest directory `path`.
+    pub fn list(&self, path: &str) -> Result<Vec<DirEntry>, AgentError> {
+        match self.ask(&Request::List {
+            path: path.to_owned(),
+        })? {
+            Reply::Entries { entries } => Ok(entries),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Creates the guest directory `path` (and its parents with `parents`).
+    pub fn mkdir(&self, path: &str, parents: bool) -> Result<(), AgentError> {
+        self.expect_ok(&Request::Mkdir {
+            path: path.to_owned(),
+            parents,
+            mode: None,
+        })
+    }
+
+    /// Removes the guest file or (with `recursive`, non-empty) directory `path`.
+    pub fn remove(&self, path: &str, recursive: bool) -> Result<(), AgentError> {
+        self.expect_ok(&Request::Remove {
+            path: path.to_owned(),
+            recursive,
+        })
+    }
+
+    /// Renames the guest path `from` to `to`.
+    pub fn rename(&self, from: &str, to: &str) -> Result<(), AgentError> {
+        self.expect_ok(&Request::Rename {
+            from: from.to_owned(),
+            to: to.to_owned(),
+        })
+    }
+
+    /// Opens a PTY session running `argv` with a terminal of `rows` × `cols`.
+    pub fn pty<S: Into<String>>(
+        &self,
+        argv: impl IntoIterator<Item = S>,
+        rows: u16,
+        cols: u16,
+    ) -> Result<Pty, AgentError> {
+        let request = Request::PtyOpen(PtyOpenRequest {
+            argv: argv.into_iter().map(Into::into).collect(),
+            env: Vec::new(),
+            cwd: None,
+            user: None,
+            rows,
+            cols,
+        });
+        Pty::open(self.clone(), self.own_connection()?, &request)
+    }
+
+    /// Attaches to the PTY session `session` (opened earlier, maybe by a handle since dropped,
+    /// or before a fork); output it produced meanwhile comes first.
+    pub fn pty_attach(&self, session: u64) -> Result<Pty, AgentError> {
+        Pty::open(
+            self.clone(),
+            self.own_connection()?,
+            &Request::PtyAttach { session },
+        )
+    }
+
+    /// Asks the agent to power the guest off or reboot it.
+    pub fn shutdown(&self, action: PowerAction) -> Result<(), AgentError> {
+        self.expect_ok(&Request::Shutdown { action })
+    }
+
+    fn expect_ok(&self, request: &Request) -> Result<(), AgentError> {
+        match self.ask(request)? {
+            Reply::Ok => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+fn unexpected(reply: &Reply) -> AgentError {
+    AgentError::Unexpected(format!("{reply:?}"))
+}
+
+/// The VM's agent connection, kept between calls to [`Vm::agent`].
+#[derive(Default)]
+pub(crate) struct AgentSlot(Mutex<Option<Agent>>);
+
+impl Vm {
+    /// The guest agent of this VM (forkvm's Linux image runs it as PID 1), connecting through
+    /// the vsock device — and retrying while the guest boots — for at most `timeout`. The
+    /// connection is kept for later calls and re-made if it was lost.
+    pub fn agent(&self, timeout: Duration) -> Result<Agent, AgentError> {
+        let mut slot = lock(&self.agent.0);
+        if let Some(agent) = slot.as_ref().filter(|a| a.is_connected()) {
+            return Ok(agent.clone());
+        }
+        let vsock = self
+            .vsock_connector()
+            .ok_or_else(|| AgentError::Vm(Box::new(crate::Error::NoVsock)))?;
+        let connector: Connector =
+            Arc::new(move || vsock.connect(AGENT_PORT, Duration::from_secs(5)));
+        let generation = self.identity().generation;
+        let deadline = Instant::now() + timeout;
+        let agent = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match Agent::connect(
+                connector.clone(),
+                generation,
+                left.max(Duration::from_millis(1)),
+            ) {
+                Ok(agent) => break agent,
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(match e {
+                        AgentError::NotReady(_) => e,
+                        e => AgentError::NotReady(e.to_string()),
+                    });
+                }
+                Err(_) => {
+                    if let Some(exit) = self.exit() {
+                        return Err(AgentError::Vm(Box::new(crate::Error::NotRunning(
+                            Box::new(Some(exit)),
+                        ))));
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        *slot = Some(agent.clone());
+        Ok(agent)
+    }
+
+    /// Runs `argv` in the guest through its agent ([`Vm::agent`], waiting up to
+    /// [`DEFAULT_REQUEST_TIMEOUT`] for it) and returns its output and status.
+    pub fn exec<S: Into<String>>(
+        &self,
+        argv: impl IntoIterator<Item = S>,
+    ) -> Result<ExecOutput, AgentError> {
+        self.agent(DEFAULT_REQUEST_TIMEOUT)?.exec(argv)
+    }
+}
