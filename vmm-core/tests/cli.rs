@@ -1,5 +1,5 @@
-//! The `forkvm run` command: boots the test guest with the console on stdout and exits with the
-//! guest's end state.
+//! The `forkvm` CLI: `run` boots the test guest with the console on stdout and exits with the
+//! guest's end state; `exec` refuses what it cannot run.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -69,4 +69,25 @@ fn bad_arguments_print_usage() {
     let missing = forkvm(&[], Path::new("/nonexistent/vmlinux"));
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/vmlinux"));
+}
+
+#[test]
+fn exec_needs_an_image_and_a_program() {
+    let forkvm = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_forkvm"))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run forkvm")
+    };
+    let usage = forkvm(&["exec", "--image", "/nonexistent"]);
+    assert_eq!(usage.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&usage.stderr).contains("needs a program"));
+    let missing = forkvm(&["exec", "--image", "/nonexistent", "--", "true"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/rootfs.ext4"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
 }

@@ -33,6 +33,13 @@ pub use self::pty::{Pty, PtyEvent};
 use crate::vm::Vm;
 pub use forkvm_agent_protocol::{DirEntry as AgentDirEntry, ExitStatus, FileStat as AgentFileStat};
 
+/// The kernel command line of forkvm's Linux image (`guest/image.sh`): its root file system is
+/// the read-only ext4 disk `/dev/vda`, which the agent (PID 1) covers with an in-memory overlay.
+pub const IMAGE_CMDLINE: &str =
+    "console=ttyS0 root=/dev/vda ro rootfstype=ext4 init=/sbin/forkvm-agent quiet";
+/// Memory the image's guests get unless told otherwise.
+pub const IMAGE_MEMORY_MIB: u64 = 256;
+
 /// How long a request other than a command waits for the agent's answer by default.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -1,21 +1,34 @@
-//! `forkvm`: boot a guest from the command line, its serial console on this terminal.
+//! `forkvm`: boot a guest from the command line, its serial console on this terminal; or boot
+//! forkvm's Linux image and run one command in it through the guest agent.
 
+use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use forkvm::{ConsoleInput, ConsoleOutput, DEFAULT_MEMORY_MIB, GuestExit, VmBuilder, Vsock};
+use forkvm::agent::{Command, IMAGE_CMDLINE, IMAGE_MEMORY_MIB, Stream};
+use forkvm::{
+    ConsoleBuffer, ConsoleInput, ConsoleOutput, DEFAULT_MEMORY_MIB, GuestExit, VmBuilder, Vsock,
+};
 
 const USAGE: &str =
     "usage: forkvm run --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MIB] \
 [--vcpus N] [--rng] [--disk PATH] [--disk-ro PATH] [--vsock CID[:UDS_PATH]] [--debug-exit]
+       forkvm exec --image DIR [--memory MIB] [--vcpus N] [--timeout SECS] -- PROGRAM [ARG...]
 
-Boots the kernel with the serial console on this terminal and exits with the guest's end state:
+`run` boots the kernel with the serial console on this terminal and exits with the guest's end
+state:
   0    the guest powered off or reset (Linux `reboot`)
   N    the status a test guest wrote to the debug-exit port (--debug-exit)
   125  a vCPU triple-faulted
   126  the guest crashed (KVM could not run it)
-  1    forkvm could not build or start the VM";
+  1    forkvm could not build or start the VM
+
+`exec` boots forkvm's Linux image (DIR holds `vmlinux` and `rootfs.ext4`, as `guest/image.sh`
+builds it), runs PROGRAM through the guest agent with its output on this terminal, stops the VM
+and exits with PROGRAM's status (128 + N for signal N, 124 if it timed out, 1 if forkvm failed;
+the guest's console goes to standard error if the agent does not come up).";
 
 /// Exit status for a triple fault.
 const EXIT_TRIPLE_FAULT: u8 = 125;
@@ -34,10 +47,62 @@ struct RunArgs {
     vsock: Option<Vsock>,
 }
 
-fn parse(mut args: impl Iterator<Item = String>) -> Result<RunArgs, String> {
-    if args.next().as_deref() != Some("run") {
-        return Err("expected the `run` command".into());
+/// What `forkvm exec` runs, and in what.
+struct ExecArgs {
+    image: PathBuf,
+    memory_mib: u64,
+    vcpus: u32,
+    timeout: Duration,
+    argv: Vec<String>,
+}
+
+/// A command line of either subcommand.
+enum Invocation {
+    Run(RunArgs),
+    Exec(ExecArgs),
+}
+
+fn parse(mut args: impl Iterator<Item = String>) -> Result<Invocation, String> {
+    match args.next().as_deref() {
+        Some("run") => parse_run(args).map(Invocation::Run),
+        Some("exec") => parse_exec(args).map(Invocation::Exec),
+        Some("-h" | "--help") => Err(String::new()),
+        _ => Err("expected the `run` or `exec` command".into()),
     }
+}
+
+fn parse_exec(mut args: impl Iterator<Item = String>) -> Result<ExecArgs, String> {
+    let mut image = None;
+    let (mut memory_mib, mut vcpus, mut timeout) = (IMAGE_MEMORY_MIB, 1, Duration::from_secs(600));
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--image" => image = Some(PathBuf::from(value()?)),
+            "--memory" => memory_mib = value()?.parse().map_err(|e| format!("--memory: {e}"))?,
+            "--vcpus" => vcpus = value()?.parse().map_err(|e| format!("--vcpus: {e}"))?,
+            "--timeout" => {
+                let secs: u64 = value()?.parse().map_err(|e| format!("--timeout: {e}"))?;
+                timeout = Duration::from_secs(secs);
+            }
+            "--" => break,
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    let argv: Vec<String> = args.collect();
+    if argv.is_empty() {
+        return Err("exec needs a program to run after --".into());
+    }
+    Ok(ExecArgs {
+        image: image.ok_or("--image is required")?,
+        memory_mib,
+        vcpus,
+        timeout,
+        argv,
+    })
+}
+
+fn parse_run(mut args: impl Iterator<Item = String>) -> Result<RunArgs, String> {
     let (mut kernel, mut initrd, mut cmdline) = (None, None, None);
     let (mut memory_mib, mut vcpus, mut debug_exit, mut rng) =
         (DEFAULT_MEMORY_MIB, 1, false, false);
@@ -120,6 +185,45 @@ fn run(args: RunArgs) -> Result<GuestExit, forkvm::Error> {
     vm.wait()
 }
 
+/// Boots the image, runs the command through the agent with its output on this terminal, and
+/// returns its exit status for this process.
+fn exec(args: ExecArgs) -> Result<u8, String> {
+    let console = ConsoleBuffer::new();
+    let vm = VmBuilder::new()
+        .kernel(args.image.join("vmlinux"))
+        .block(args.image.join("rootfs.ext4"), true)
+        .cmdline(IMAGE_CMDLINE)
+        .memory_mib(args.memory_mib)
+        .vcpus(args.vcpus)
+        .rng()
+        .vsock(Vsock::new(3))
+        .console(ConsoleOutput::Buffer(console.clone()))
+        .build()
+        .map_err(|e| e.to_string())?;
+    vm.start().map_err(|e| e.to_string())?;
+    let agent = vm.agent(args.timeout).map_err(|e| {
+        eprint!("{}", console.text());
+        e.to_string()
+    })?;
+    let command = Command::new(args.argv).timeout(args.timeout);
+    let status = agent
+        .run_streaming(&command, |stream, bytes| {
+            // The command's output, as it comes; a closed terminal only loses it.
+            let _ = match stream {
+                Stream::Stdout => std::io::stdout().write_all(bytes),
+                Stream::Stderr => std::io::stderr().write_all(bytes),
+            };
+        })
+        .map_err(|e| e.to_string())?;
+    vm.stop();
+    Ok(match (status.code, status.signal) {
+        _ if status.timed_out => 124,
+        (Some(code), _) => u8::try_from(code).unwrap_or(u8::MAX),
+        (None, Some(signal)) => u8::try_from(128 + signal).unwrap_or(u8::MAX),
+        (None, None) => 1,
+    })
+}
+
 fn exit_code(exit: &GuestExit) -> ExitCode {
     match exit {
         GuestExit::PoweredOff { status: None } | GuestExit::Reset => ExitCode::SUCCESS,
@@ -142,6 +246,18 @@ fn main() -> ExitCode {
             }
             eprintln!("{USAGE}");
             return ExitCode::from(2);
+        }
+    };
+    let args = match args {
+        Invocation::Run(args) => args,
+        Invocation::Exec(args) => {
+            return match exec(args) {
+                Ok(status) => ExitCode::from(status),
+                Err(e) => {
+                    eprintln!("forkvm: {e}");
+                    ExitCode::FAILURE
+                }
+            };
         }
     };
     match run(args) {
