@@ -123,6 +123,20 @@ struct Precopy {
     copied: Vec<Vec<(usize, usize)>>,
 }
 
+#[cfg(test)]
+impl FreezeDraft {
+    /// The 8 bytes at guest address `addr` (below the MMIO hole) as the draft copied them from
+    /// RAM, if it did.
+    pub(crate) fn copied_u64(&self, addr: u64) -> Option<u64> {
+        let page = (addr / PAGE as u64) as usize;
+        let copied = self.precopy.as_ref()?.copied.first()?;
+        copied.iter().find(|&&(f, c)| (f..f + c).contains(&page))?;
+        let mut bytes = [0u8; 8];
+        self.file.read_exact_at(&mut bytes, addr).ok()?;
+        Some(u64::from_le_bytes(bytes))
+    }
+}
+
 /// Whether guest RAM tracks which pages it writes (see [`super::dirty`]), so that a freeze
 /// copies them before the pause.
 pub(super) enum Tracking {
