@@ -10,10 +10,12 @@
 //! are tracked as well: protecting a page invalidates KVM's mapping of it (MMU notifiers), so
 //! the guest's next write to it faults through the host's page tables.
 //!
-//! Unpopulated pages are protected too (a file-backed mapping always gets uffd-wp "markers"
-//! there, and `UFFD_FEATURE_WP_UNPOPULATED` asks for them in anonymous memory), so the first
-//! write to a page never read since it was protected is reported like any other. Protecting a
-//! whole mapping therefore populates its page tables: 2 MiB of page tables per GiB of RAM.
+//! Only pages that exist are protected. An empty entry (a page never touched since the mapping
+//! was made, or dropped) needs no protection: it reads the mapped file, and a write there makes a
+//! new page without protection, which the next scan reports. So no uffd-wp markers are asked for
+//! (`UFFD_FEATURE_WP_UNPOPULATED`), and scans match only pages that exist: protecting holes would
+//! populate the page tables of the whole RAM with markers, and every later scan and the unmap at
+//! the next freeze would walk all of them (tens of milliseconds for 4 GiB).
 
 use std::fs::File;
 use std::io;
@@ -29,7 +31,6 @@ const UFFD_API: u64 = 0xaa;
 const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
 /// `UFFDIO_REGISTER`: `_IOWR(0xaa, 0x00, struct uffdio_register)`.
 const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
-const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 /// `PAGEMAP_SCAN` flags of `<linux/fs.h>`.
@@ -78,7 +79,7 @@ impl WriteTracker {
         }
         // SAFETY: `fd` was just returned by userfaultfd and is owned by nobody else.
         let uffd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let wanted = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED;
+        let wanted = UFFD_FEATURE_WP_ASYNC;
         let mut api = UffdioApi {
             api: UFFD_API,
             features: wanted,
@@ -102,14 +103,10 @@ impl WriteTracker {
     }
 
     /// Registers the mapping at `host..host + size` (whole pages of one mapping) and
-    /// write-protects all of it; returns the runs of pages (first page, count from `host`) that
-    /// the mapping holds as its own (copy-on-write) pages, each as it was protected. From then
-    /// on [`WriteTracker::take_written`] reports the pages written since.
-    ///
-    /// One `PAGEMAP_SCAN` reports and protects: every present or swapped page (atomically, so a
-    /// page written after it was reported is reported again later), and every entry of a page
-    /// table not populated yet (a uffd-wp marker). Empty entries of populated page tables stay
-    /// unprotected: a write there makes a page that the next scan reports as written.
+    /// write-protects every page of it that exists; returns the runs of pages (first page, count
+    /// from `host`) that the mapping holds as its own (copy-on-write) pages, each reported as it
+    /// was protected (atomically, so a write after that is reported later). From then on
+    /// [`WriteTracker::written`] reports the pages written since.
     pub(super) fn start(&self, host: u64, size: u64) -> io::Result<Vec<(usize, usize)>> {
         let mut register = UffdioRegister {
             range: UffdioRange {
@@ -130,7 +127,8 @@ impl WriteTracker {
             flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
             category_inverted: 0,
             category_mask: 0,
-            category_anyof_mask: 0,
+            // Pages that exist: not holes, which would get markers.
+            category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
             return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE,
             keep: is_own_page,
         };
@@ -139,17 +137,28 @@ impl WriteTracker {
 
     /// The runs of pages of `host..host + size` (a range [`WriteTracker::start`]ed) that the
     /// mapping holds as its own pages and that were written since they were last protected, as
-    /// (first page, count) from `host`; protects every written page again in the same step, page
-    /// by page under the page table lock, so a write after a page was reported is reported by
-    /// the next call. (Pages of the file that were only read are protected, not reported.)
-    pub(super) fn take_written(&self, host: u64, size: u64) -> io::Result<Vec<(usize, usize)>> {
-        // More than PAGE_IS_WRITTEN asked for: not the kernel's fast path, which reports every
-        // empty entry of a page table as written.
+    /// (first page, count) from `host`; with `protect`, protects every written page again in the
+    /// same step, page by page under the page table lock, so a write after a page was reported
+    /// is reported by the next call. (Pages of the file that were only read are protected, not
+    /// reported.)
+    ///
+    /// Protecting makes KVM drop its mappings of the whole range (one MMU notifier invalidation
+    /// per call), which costs time in proportion to the range: a VM that is paused, and whose
+    /// RAM is re-mapped next, is scanned without.
+    pub(super) fn written(
+        &self,
+        host: u64,
+        size: u64,
+        protect: bool,
+    ) -> io::Result<Vec<(usize, usize)>> {
         let scan = Scan {
-            flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+            flags: PM_SCAN_CHECK_WPASYNC | if protect { PM_SCAN_WP_MATCHING } else { 0 },
             category_inverted: 0,
             category_mask: PAGE_IS_WRITTEN,
-            category_anyof_mask: 0,
+            // Pages that exist. Without it, holes would match (nothing protects them) and get
+            // uffd-wp markers, and the kernel's fast path for PAGE_IS_WRITTEN alone would
+            // report every empty entry of a page table as written.
+            category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
             return_mask: PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE,
             keep: is_own_page,
         };

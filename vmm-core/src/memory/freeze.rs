@@ -229,7 +229,7 @@ impl GuestRam {
             }
             pages = 0;
             for ((range, &host), copied) in self.ranges.iter().zip(&hosts).zip(&mut copied) {
-                let runs = tracker.take_written(host, range.size)?;
+                let runs = tracker.written(host, range.size, true)?;
                 pages += self.copy_runs(range, &runs, file)?;
                 copied.extend(runs);
             }
@@ -320,7 +320,8 @@ impl GuestRam {
         let pagemap = File::open("/proc/self/pagemap")?;
         let hosts = self.hosts()?;
         for ((range, &host), copied) in self.ranges.iter().zip(&hosts).zip(copied) {
-            let runs = tracker.take_written(host, range.size)?;
+            // Paused: nothing to protect against, and the RAM is re-mapped next.
+            let runs = tracker.written(host, range.size, false)?;
             self.copy_runs(range, &runs, file)?;
             let (Some(&(lo, _)), Some(&(last, count))) = (copied.first(), copied.last()) else {
                 continue;
@@ -1001,10 +1002,10 @@ mod tests {
             };
             let host = ram.hosts().unwrap()[0];
             assert_eq!(
-                tracker.take_written(host, 8 * MIB).unwrap(),
+                tracker.written(host, 8 * MIB, true).unwrap(),
                 [(2, 1), (5, 1)]
             );
-            assert_eq!(tracker.take_written(host, 8 * MIB).unwrap(), []);
+            assert_eq!(tracker.written(host, 8 * MIB, true).unwrap(), []);
         }
         // (The scans above took these: written again, they are reported again.)
         write(&ram, 2 * 4096, 21);
