@@ -296,14 +296,27 @@ impl GuestRam {
                 }
             };
         }
-        self.remap_private()?;
+        // Private RAM's own pages are moved out; shared RAM has none (and a shared mapping
+        // moved out would still write the file, which then could not be sealed).
+        let private = self.frozen.is_some();
+        self.remap_private(private)?;
         seal(&self.file)?;
         let frozen = Arc::new(FrozenRam {
             file: self.file.clone(),
             ranges: self.ranges.clone(),
         });
-        self.frozen = Some(frozen.clone());
+        // Freeing the image this RAM mapped until now (its file's memory) can wait for the VM
+        // to run again, as can freeing the pages moved out.
+        self.replaced = self.frozen.replace(frozen.clone());
         Ok(frozen)
+    }
+
+    /// Frees what the last freeze replaced (see [`GuestRam::freeze_from`]): the image the RAM
+    /// mapped before, unless other VMs map it, and the RAM's own pages written over it. Call it
+    /// once the VM runs again.
+    pub fn release_replaced(&mut self) {
+        self.replaced = None;
+        self.moved.clear();
     }
 
     /// Finishes a draft whose copies `copied` (for each range, the pages copied) were made from
@@ -357,7 +370,7 @@ impl GuestRam {
             });
         }
         self.file = image.file.clone();
-        self.remap_private()?;
+        self.remap_private(false)?;
         self.frozen = Some(image.clone());
         Ok(())
     }
@@ -424,22 +437,28 @@ impl GuestRam {
     }
 
     /// Replaces each region's mapping, in place, by a private mapping of `self.file`.
+    /// Replaces each region's mapping, in place, by a private mapping of `self.file`. With
+    /// `move_out`, the pages the old mappings hold are first moved out of the way
+    /// ([`MovedPages`]) rather than freed here: [`GuestRam::release_replaced`] frees them.
     /// Starts a new epoch: the mappings are new, so no write tracking is set up on them.
-    fn remap_private(&mut self) -> Result<(), MemoryError> {
+    fn remap_private(&mut self, move_out: bool) -> Result<(), MemoryError> {
         self.epoch += 1;
-        for range in &self.ranges {
-            let host = self
-                .memory
-                .get_host_address(GuestAddress(range.guest_addr))
-                .map_err(|e| MemoryError::Freeze {
-                    what: "finding a region",
-                    source: io::Error::other(e.to_string()),
-                })?;
+        let hosts = self.hosts().map_err(|source| MemoryError::Freeze {
+            what: "finding a region",
+            source,
+        })?;
+        for (range, host) in self.ranges.iter().zip(hosts) {
             let offset =
                 libc::off_t::try_from(range.file_offset).map_err(|_| MemoryError::Freeze {
                     what: "region offset",
                     source: io::Error::from(io::ErrorKind::InvalidInput),
                 })?;
+            if move_out {
+                // Where moving fails, the mmap below frees the pages itself.
+                if let Ok(moved) = MovedPages::take(host, range.size) {
+                    self.moved.push(moved);
+                }
+            }
             // SAFETY: `host..host + range.size` is exactly one mapping that `self.memory` made
             // for this range and owns (it unmaps it on drop, whatever backs it). MAP_FIXED swaps
             // what backs it in one step, at the same address and size, so every pointer into it
@@ -448,7 +467,7 @@ impl GuestRam {
             // memory slot keeps the address and re-faults through its MMU notifier.
             let mapped = unsafe {
                 libc::mmap(
-                    host.cast(),
+                    host as *mut libc::c_void,
                     range.size as usize,
                     libc::PROT_READ | libc::PROT_WRITE,
                     libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
@@ -456,7 +475,7 @@ impl GuestRam {
                     offset,
                 )
             };
-            if mapped != host.cast() {
+            if mapped != host as *mut libc::c_void {
                 return Err(MemoryError::Freeze {
                     what: "re-mapping guest memory privately",
                     source: io::Error::last_os_error(),
@@ -464,6 +483,70 @@ impl GuestRam {
             }
         }
         Ok(())
+    }
+}
+
+/// The pages of one of guest RAM's mappings, moved to an address of their own so that a re-freeze
+/// re-maps the RAM without freeing them while the VM is paused (freeing 16 MiB of written pages
+/// takes milliseconds); unmapped when dropped.
+pub(super) struct MovedPages {
+    addr: usize,
+    len: usize,
+}
+
+impl MovedPages {
+    /// Moves the page tables of the mapping at `host..host + size` (with the pages they map) to
+    /// a new place, leaving the mapping in place, empty: it reads its file again.
+    fn take(host: u64, size: u64) -> io::Result<Self> {
+        const PMD: usize = 2 << 20;
+        let (host, size) = (host as usize, size as usize);
+        let len = size + PMD;
+        // SAFETY: a new anonymous mapping at an address the kernel picks; it touches no memory
+        // of ours.
+        let area = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if area == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let moved = Self {
+            addr: area as usize,
+            len,
+        };
+        // At the same offset within 2 MiB as `host`, so that whole page tables can move.
+        let target = moved.addr + (host % PMD + PMD - moved.addr % PMD) % PMD;
+        // SAFETY: `host..host + size` is one mapping of guest RAM (see `remap_private`, whose
+        // caller has stopped every user of it); DONTUNMAP leaves it mapped, so no pointer into
+        // it dangles, and it reads its file where it read its own pages. `target..target + size`
+        // lies within `moved`'s reservation, which nothing else uses.
+        let to = unsafe {
+            libc::mremap(
+                host as *mut libc::c_void,
+                size,
+                size,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP,
+                target as *mut libc::c_void,
+            )
+        };
+        if to == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(moved)
+    }
+}
+
+impl Drop for MovedPages {
+    fn drop(&mut self) {
+        // SAFETY: `addr..addr + len` is the reservation `take` made and everything moved into
+        // it; nothing else maps there or points into it.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
     }
 }
 

@@ -114,6 +114,10 @@ pub struct GuestRam {
     pub file: Arc<File>,
     /// The frozen image the regions map privately, or `None` while they map `file` shared.
     frozen: Option<Arc<freeze::FrozenRam>>,
+    /// The image the last freeze replaced, and the pages it moved out of the RAM's mappings,
+    /// kept until [`GuestRam::release_replaced`] so that freeing them does not add to the pause.
+    replaced: Option<Arc<freeze::FrozenRam>>,
+    moved: Vec<freeze::MovedPages>,
     /// Tracking of the pages written since a draft of a freeze began (see [`freeze`]).
     tracking: freeze::Tracking,
     /// Changes whenever the regions are re-mapped or their write tracking starts again: a draft
@@ -152,6 +156,8 @@ impl GuestRam {
             ranges,
             file,
             frozen,
+            replaced: None,
+            moved: Vec::new(),
             tracking: freeze::Tracking::Untried,
             epoch: 0,
         })
