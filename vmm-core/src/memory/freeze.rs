@@ -19,12 +19,38 @@
 //!   pages: reads share the frozen page, each first write copies one 4 KiB page.
 //! - Freezing RAM that is already private (a second fork of the same VM, a fork of a fork): its
 //!   copy-on-write pages exist only in this VM's mappings, so they go into a new file with the
-//!   image's data: the image's allocated extents (`SEEK_DATA`/`SEEK_HOLE`; holes stay holes) and
-//!   then the pages the VM wrote since (anonymous pages of its mappings, found with the
-//!   `PAGEMAP_SCAN` ioctl of `/proc/self/pagemap`). The image's data is copied before the VM is
-//!   paused ([`GuestRam::draft_freeze`]: nobody writes the image), so the pause costs O(pages
-//!   written), the copy O(data in the image); neither is O(RAM). Sharing that copy between
-//!   generations (layered images) is the next step.
+//!   image's data. Nearly all of it is copied while the VM still runs
+//!   ([`GuestRam::draft_freeze`], iterative pre-copy):
+//!   1. the image's allocated extents (`SEEK_DATA`/`SEEK_HOLE`; holes stay holes): nobody writes
+//!      the image;
+//!   2. the pages the VM wrote since it began to map the image: one `PAGEMAP_SCAN` reports them
+//!      and, in the same step, write-protects every page of the RAM that exists with a
+//!      userfaultfd in asynchronous write-protect mode (module `memory::dirty`), so that a page written
+//!      after it was reported (during its copy, say) is reported again by the next scan; pages
+//!      written only before the previous freeze are in the image, and are not copied from RAM;
+//!   3. up to 2 more rounds of the pages written since the previous round's scan, while a round
+//!      copied more than 64 pages.
+//!
+//!   With the VM paused, [`GuestRam::freeze_from`] copies only the pages written since the last
+//!   scan (the guest's writes go through KVM's page tables, which write-protection invalidates,
+//!   so they are tracked like the host's), and again any page the draft copied that the RAM
+//!   dropped since (the balloon's `MADV_DONTNEED`): a second, read-only scan over the pages the
+//!   draft copied. Then it re-maps the RAM as for a first freeze. The pause thus copies what the
+//!   VM writes during the last pre-copy round (a spinning guest: a few pages), not what it wrote
+//!   since the last fork. Its remaining costs are two page-table walks (the scans skip
+//!   unpopulated page tables) and the re-map, in which KVM drops its mappings of the whole RAM
+//!   (time in proportion to the RAM's size with this host's shadow paging: about 0.25 ms per
+//!   GiB). The RAM's own pages are not freed in the pause: where a range holds more than one
+//!   page in 256, they are moved out of its mapping (`mremap` with
+//!   `MREMAP_DONTUNMAP`, which moves page tables, not data) and freed with the image they
+//!   replaced by [`GuestRam::release_replaced`] once the VM runs again (fewer are freed in
+//!   place, which costs less than the one more KVM invalidation a move takes).
+//!
+//!   Write-protection costs the running VM a minor fault on its first write to each page after
+//!   each scan, and KVM a re-fault of the pages it maps after each protecting scan. Where the
+//!   kernel offers no asynchronous userfaultfd write-protection (Linux < 6.7, userfaultfd
+//!   restricted to privileged users) or it fails, a warning is logged once and the pause copies
+//!   every page written since the last freeze, as the draft copies only the image.
 //! - A frozen image lives as long as any VM or [`FrozenRam`] handle uses it.
 //!
 //! # While frozen
