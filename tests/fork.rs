@@ -171,3 +171,39 @@ fn a_fork_records_how_long_it_held_the_parent_paused() {
     let _grandchild = fork_quiet(&children[0], 1);
     assert!(children[0].last_pause().is_some());
 }
+
+#[test]
+fn repeated_forks_of_a_running_guest_carry_what_it_counted() {
+    let (parent, addr, _console) = spinning_guest(1);
+    wait_until_above(&parent, addr, 0);
+    let mut previous = 0;
+    let mut children = Vec::new();
+    for round in 0..6u64 {
+        // The guest writes its counter while each fork's draft copies, and the host writes too.
+        set_scratch(&parent, round);
+        let before = read_u64(&parent, addr);
+        wait_until_above(&parent, addr, before);
+        let child = fork_quiet(&parent, 1).remove(0);
+        let started = read_u64(&child, addr);
+        assert!(
+            started > before && started >= previous,
+            "round {round}: child from {started}, parent was at {before}, last child from {previous}"
+        );
+        assert_eq!(scratch(&child), round);
+        wait_until_above(&child, addr, started);
+        previous = started;
+        children.push(child);
+    }
+    // Children are forked the same way, repeatedly.
+    let child = &children[0];
+    let mut previous = 0;
+    for round in 0..3u64 {
+        let before = read_u64(child, addr);
+        wait_until_above(child, addr, before);
+        let grandchild = fork_quiet(child, 1).remove(0);
+        let started = read_u64(&grandchild, addr);
+        assert!(started > before && started >= previous, "round {round}");
+        assert_eq!(scratch(&grandchild), 0);
+        previous = started;
+    }
+}

@@ -155,6 +155,7 @@ impl Vm {
             let _ = self.resume();
         }
         *lock(&self.last_pause) = Some(paused_at.elapsed());
+        self.lock_ram().release_replaced();
         point
     }
 

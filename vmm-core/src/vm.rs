@@ -345,11 +345,8 @@ mod tests {
         }
     }
 
-    /// The memory design of fork on real KVM: a paused VM's RAM is re-mapped privately over
-    /// its frozen image in place, and the VM runs on (KVM re-faults through the same memory
-    /// slots) without ever writing into the image.
-    #[test]
-    fn a_running_vm_continues_over_its_frozen_image() {
+    /// The test guest counting in `mode=spin` on 32 MiB, and the address of its counter.
+    fn spinning_vm() -> (Vm, u64) {
         let console = ConsoleBuffer::new();
         let vm = VmBuilder::new()
             .kernel(test_guest())
@@ -371,33 +368,74 @@ mod tests {
             }
             addr != 0
         });
-        let counter = |vm: &Vm| {
-            let mut bytes = [0u8; 8];
-            vm.read_memory(addr, &mut bytes).unwrap();
-            u64::from_le_bytes(bytes)
-        };
-        wait_until("the guest counts", || counter(&vm) > 0);
+        (vm, addr)
+    }
+
+    fn counter(vm: &Vm, addr: u64) -> u64 {
+        let mut bytes = [0u8; 8];
+        vm.read_memory(addr, &mut bytes).unwrap();
+        u64::from_le_bytes(bytes)
+    }
+
+    fn in_image(image: &std::sync::Arc<crate::memory::freeze::FrozenRam>, addr: u64) -> u64 {
+        image
+            .map()
+            .unwrap()
+            .memory
+            .read_obj(GuestAddress(addr))
+            .unwrap()
+    }
+
+    /// The memory design of fork on real KVM: a paused VM's RAM is re-mapped privately over
+    /// its frozen image in place, and the VM runs on (KVM re-faults through the same memory
+    /// slots) without ever writing into the image.
+    #[test]
+    fn a_running_vm_continues_over_its_frozen_image() {
+        let (vm, addr) = spinning_vm();
+        wait_until("the guest counts", || counter(&vm, addr) > 0);
         vm.pause().unwrap();
-        let frozen = counter(&vm);
+        let frozen = counter(&vm, addr);
         let image = vm.lock_ram().freeze().unwrap();
-        let in_image = |image: &std::sync::Arc<crate::memory::freeze::FrozenRam>| -> u64 {
-            image
-                .map()
-                .unwrap()
-                .memory
-                .read_obj(GuestAddress(addr))
-                .unwrap()
-        };
-        assert_eq!(in_image(&image), frozen);
+        assert_eq!(in_image(&image, addr), frozen);
         vm.resume().unwrap();
         wait_until("the guest counts over private memory", || {
-            counter(&vm) > frozen
+            counter(&vm, addr) > frozen
         });
         assert_eq!(
-            in_image(&image),
+            in_image(&image, addr),
             frozen,
             "the running VM wrote into its image"
         );
+        vm.stop();
+    }
+
+    /// The guest's own writes (through KVM's page tables, not the host's) after a draft of a
+    /// freeze write-protected its RAM are tracked: the image holds the counter at the pause,
+    /// not the value the draft copied while the guest ran.
+    #[test]
+    fn guest_writes_between_a_draft_and_the_pause_are_in_the_image() {
+        let (vm, addr) = spinning_vm();
+        wait_until("the guest counts", || counter(&vm, addr) > 0);
+        vm.pause().unwrap();
+        vm.lock_ram().freeze().unwrap();
+        vm.resume().unwrap();
+        for _ in 0..5 {
+            let before = counter(&vm, addr);
+            wait_until("the guest counts", || counter(&vm, addr) > before);
+            let draft = vm.lock_ram().draft_freeze().unwrap();
+            let drafted = draft.as_ref().and_then(|d| d.copied_u64(addr));
+            // The guest counts on over the write-protected page.
+            wait_until("the guest counts after the draft", || {
+                counter(&vm, addr) > drafted.unwrap_or(before) + 1000
+            });
+            vm.pause().unwrap();
+            let paused = counter(&vm, addr);
+            let drafted = drafted.expect("writes are tracked on this host");
+            assert!(paused > drafted + 1000, "the guest wrote after the draft");
+            let image = vm.lock_ram().freeze_from(draft).unwrap();
+            assert_eq!(in_image(&image, addr), paused, "drafted {drafted}");
+            vm.resume().unwrap();
+        }
         vm.stop();
     }
 }

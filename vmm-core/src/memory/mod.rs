@@ -4,6 +4,7 @@
 //! and KVM see the same pages; [`freeze`] turns it into an image several VMs continue from by
 //! mapping the same file privately, which is why anonymous memory is not used.
 
+mod dirty;
 pub mod freeze;
 
 use std::fs::File;
@@ -113,6 +114,15 @@ pub struct GuestRam {
     pub file: Arc<File>,
     /// The frozen image the regions map privately, or `None` while they map `file` shared.
     frozen: Option<Arc<freeze::FrozenRam>>,
+    /// The image the last freeze replaced, and the pages it moved out of the RAM's mappings,
+    /// kept until [`GuestRam::release_replaced`] so that freeing them does not add to the pause.
+    replaced: Option<Arc<freeze::FrozenRam>>,
+    moved: Vec<freeze::MovedPages>,
+    /// Tracking of the pages written since a draft of a freeze began (see [`freeze`]).
+    tracking: freeze::Tracking,
+    /// Changes whenever the regions are re-mapped or their write tracking starts again: a draft
+    /// of a freeze made at another epoch cannot be finished with the pages written since.
+    epoch: u64,
 }
 
 impl GuestRam {
@@ -146,6 +156,10 @@ impl GuestRam {
             ranges,
             file,
             frozen,
+            replaced: None,
+            moved: Vec::new(),
+            tracking: freeze::Tracking::Untried,
+            epoch: 0,
         })
     }
 

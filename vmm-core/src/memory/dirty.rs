@@ -1,0 +1,167 @@
+//! Which pages of guest RAM were written since a point in time, without stopping the VM:
+//! userfaultfd write-protection in asynchronous mode, read back with `PAGEMAP_SCAN`.
+//!
+//! A [`WriteTracker`] registers guest RAM's mappings with a userfaultfd in write-protect mode
+//! with `UFFD_FEATURE_WP_ASYNC` (Linux 6.7): a write to a protected page is resolved by the
+//! kernel itself — no thread handles faults — by clearing the page's protection, and the
+//! `PAGEMAP_SCAN` ioctl reports pages without protection as `PAGE_IS_WRITTEN`. With
+//! `PM_SCAN_WP_MATCHING` one scan reports those pages and protects them again, atomically per
+//! page, so a page written after the scan read it is reported by the next scan. Writes by KVM
+//! are tracked as well: protecting a page invalidates KVM's mapping of it (MMU notifiers), so
+//! the guest's next write to it faults through the host's page tables.
+//!
+//! Only pages that exist are protected. An empty entry (a page never touched since the mapping
+//! was made, or dropped) needs no protection: it reads the mapped file, and a write there makes a
+//! new page without protection, which the next scan reports. So no uffd-wp markers are asked for
+//! (`UFFD_FEATURE_WP_UNPOPULATED`), and scans match only pages that exist: protecting holes would
+//! populate the page tables of the whole RAM with markers, and every later scan and the unmap at
+//! the next freeze would walk all of them (tens of milliseconds for 4 GiB).
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use super::freeze::{
+    PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN, Scan, is_own_page, scan_runs,
+};
+
+/// `UFFD_API` of `<linux/userfaultfd.h>`.
+const UFFD_API: u64 = 0xaa;
+/// `UFFDIO_API`: `_IOWR(0xaa, 0x3f, struct uffdio_api)`.
+const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+/// `UFFDIO_REGISTER`: `_IOWR(0xaa, 0x00, struct uffdio_register)`.
+const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+/// `PAGEMAP_SCAN` flags of `<linux/fs.h>`.
+const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+
+/// `struct uffdio_api`.
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+/// `struct uffdio_range`.
+#[repr(C)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+/// `struct uffdio_register`.
+#[repr(C)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+/// A userfaultfd in asynchronous write-protect mode, and the page map that reads it back.
+pub(super) struct WriteTracker {
+    uffd: OwnedFd,
+    pagemap: File,
+}
+
+impl WriteTracker {
+    /// A new tracker, or an error if this kernel (or its configuration: userfaultfd may be
+    /// restricted to privileged users) does not offer asynchronous write-protection.
+    pub(super) fn new() -> io::Result<Self> {
+        // SAFETY: userfaultfd takes only flags and returns a new file descriptor or -1.
+        let fd =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        let fd = i32::try_from(fd).map_err(|_| io::Error::last_os_error())?;
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by userfaultfd and is owned by nobody else.
+        let uffd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let wanted = UFFD_FEATURE_WP_ASYNC;
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: wanted,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_API reads and writes one `struct uffdio_api`, which `api` is and which
+        // outlives the call.
+        if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if api.features & wanted != wanted {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "no asynchronous userfaultfd write-protection",
+            ));
+        }
+        Ok(Self {
+            uffd,
+            pagemap: File::open("/proc/self/pagemap")?,
+        })
+    }
+
+    /// Registers the mapping at `host..host + size` (whole pages of one mapping) and
+    /// write-protects every page of it that exists; returns the runs of pages (first page, count
+    /// from `host`) that the mapping holds as its own (copy-on-write) pages, each reported as it
+    /// was protected (atomically, so a write after that is reported later). From then on
+    /// [`WriteTracker::written`] reports the pages written since.
+    pub(super) fn start(&self, host: u64, size: u64) -> io::Result<Vec<(usize, usize)>> {
+        let mut register = UffdioRegister {
+            range: UffdioRange {
+                start: host,
+                len: size,
+            },
+            mode: UFFDIO_REGISTER_MODE_WP,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_REGISTER reads and writes one `struct uffdio_register`, which
+        // `register` is and which outlives the call. It changes only how the kernel handles
+        // write faults in the range: with WP_ASYNC it resolves them itself, so every access to
+        // the memory behaves as before.
+        if unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_REGISTER, &mut register) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let scan = Scan {
+            flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+            category_inverted: 0,
+            category_mask: 0,
+            // Pages that exist: not holes, which would get markers.
+            category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE,
+            keep: is_own_page,
+        };
+        scan_runs(&self.pagemap, host, size, &scan)
+    }
+
+    /// The runs of pages of `host..host + size` (a range [`WriteTracker::start`]ed) that the
+    /// mapping holds as its own pages and that were written since they were last protected, as
+    /// (first page, count) from `host`; with `protect`, protects every written page again in the
+    /// same step, page by page under the page table lock, so a write after a page was reported
+    /// is reported by the next call. (Pages of the file that were only read are protected, not
+    /// reported.)
+    ///
+    /// Protecting makes KVM drop its mappings of the whole range (one MMU notifier invalidation
+    /// per call), which costs time in proportion to the range: a VM that is paused, and whose
+    /// RAM is re-mapped next, is scanned without.
+    pub(super) fn written(
+        &self,
+        host: u64,
+        size: u64,
+        protect: bool,
+    ) -> io::Result<Vec<(usize, usize)>> {
+        let scan = Scan {
+            flags: PM_SCAN_CHECK_WPASYNC | if protect { PM_SCAN_WP_MATCHING } else { 0 },
+            category_inverted: 0,
+            category_mask: PAGE_IS_WRITTEN,
+            // Pages that exist. Without it, holes would match (nothing protects them) and get
+            // uffd-wp markers, and the kernel's fast path for PAGE_IS_WRITTEN alone would
+            // report every empty entry of a page table as written.
+            category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            return_mask: PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE,
+            keep: is_own_page,
+        };
+        scan_runs(&self.pagemap, host, size, &scan)
+    }
+}
