@@ -51,6 +51,12 @@ fn the_root_image_boots_to_the_agent_which_runs_python_on_a_writable_overlay() {
     vm.start().unwrap();
     wait_for_marker(&vm, &console);
     let booted = t0.elapsed();
+    // The agent reports what failed of its PID-1 set-up (overlay, mounts, hostname) this way.
+    let text = console.text();
+    assert!(
+        !text.contains("forkvm-agent: "),
+        "the agent reported problems:\n{text}"
+    );
 
     let mut agent = Agent::connect(&vm);
     let hello = agent.hello();
