@@ -83,11 +83,14 @@ fn the_root_image_boots_to_the_agent_which_runs_python_on_a_writable_overlay() {
         "import os, sys\n\
          open('/usr/forkvm-from-python', 'w').write('from python\\n')\n\
          sys.stdout.write(open('/etc/forkvm-overlay-check').read())\n\
-         print(os.statvfs('/').f_flag & os.ST_RDONLY)",
+         print(os.statvfs('/').f_flag & os.ST_RDONLY)\n\
+         print(os.environ.get('GLIBC_TUNABLES', '').startswith('glibc.cpu.hwcaps=-AVX,'))",
     ]);
+    // The root is writable, and GLIBC_TUNABLES came from the kernel command line through the
+    // agent's environment.
     assert_eq!(
         (status.code, stdout.as_str()),
-        (Some(0), "written in the guest\n0\n"),
+        (Some(0), "written in the guest\n0\nTrue\n"),
         "{status:?}, stderr: {stderr}"
     );
     assert_eq!(agent.read_file("/usr/forkvm-from-python"), b"from python\n");
