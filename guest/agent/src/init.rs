@@ -91,13 +91,7 @@ fn mount_raw(
 
 fn mount(source: &str, target: &str, fstype: &str, options: &str) -> io::Result<()> {
     fs::create_dir_all(target)?;
-    let flags = libc::MS_NOSUID
-        | if fstype == "devtmpfs" {
-            0
-        } else {
-            libc::MS_NODEV
-        };
-    match mount_raw(source, target, fstype, flags, options) {
+    match mount_raw(source, target, fstype, mount_flags(fstype), options) {
         // Mounted already (by the kernel's devtmpfs.mount, or an initramfs).
         Err(err) if err.raw_os_error() != Some(libc::EBUSY) => return Err(err),
         _ => {}
@@ -137,6 +131,15 @@ pub fn power(action: PowerAction) -> io::Error {
     // SAFETY: reboot takes no pointers.
     unsafe { libc::reboot(command) };
     io::Error::last_os_error()
+}
+
+/// The flags [`setup`] mounts a file system of type `fstype` with: `nosuid`, and `nodev` except
+/// where device nodes live (devtmpfs, and devpts, whose `/dev/pts/N` a PTY session opens).
+fn mount_flags(fstype: &str) -> libc::c_ulong {
+    match fstype {
+        "devtmpfs" | "devpts" => libc::MS_NOSUID,
+        _ => libc::MS_NOSUID | libc::MS_NODEV,
+    }
 }
 
 /// Where [`overlay_root`] mounts the tmpfs holding the overlay's upper and work layers, on the
@@ -303,6 +306,18 @@ mod tests {
         // The last occurrence wins.
         assert!(overlay_enabled("forkvm.overlay=0 forkvm.overlay=1"));
         assert!(!overlay_enabled("forkvm.overlay=1 forkvm.overlay=0"));
+    }
+
+    #[test]
+    fn device_nodes_stay_usable_where_they_live() {
+        // A `nodev` devpts makes opening /dev/pts/N fail with EACCES (seen in a guest).
+        for fstype in ["devtmpfs", "devpts"] {
+            assert_eq!(mount_flags(fstype) & libc::MS_NODEV, 0, "{fstype}");
+        }
+        for (_, target, fstype, _) in MOUNTS {
+            assert_ne!(mount_flags(fstype) & libc::MS_NOSUID, 0, "{target}");
+        }
+        assert_ne!(mount_flags("tmpfs") & libc::MS_NODEV, 0);
     }
 
     #[test]
