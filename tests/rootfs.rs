@@ -2,8 +2,8 @@
 //! `guest/kernel/build.sh`: attached read-only as `/dev/vda`, with `forkvm-agent` as PID 1. The
 //! agent puts a tmpfs overlay over the read-only root, prints its ready marker on the serial
 //! console and serves on vsock port 1024, where this test speaks the agent protocol directly
-//! (frames, `Hello` with generation 0, `Exec`, `WriteFile`, `ReadFile`, `Shutdown`): Python runs,
-//! and files can be written although the disk is read-only.
+//! (frames, `Hello` with generation 0, `Exec`, `WriteFile`, `ReadFile`, `PtyOpen`, `Shutdown`):
+//! Python runs, files can be written although the disk is read-only, and PTY sessions work.
 //!
 //! Guest ring 0 is emulated on this project's hosts: the kernel takes ~15 s to reach init and
 //! every process spawn ~0.5 s, so the timeouts are minutes. One boot. `scripts/test.sh` builds the
@@ -16,8 +16,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use forkvm::{ConsoleBuffer, ConsoleOutput, GuestExit, Vm, VmBuilder, Vsock};
 use forkvm_agent_protocol::{
     AGENT_PORT, ExecRequest, ExitStatus, Frame, Hello, Kind, MIN_ENTROPY, PROTOCOL_VERSION,
-    PowerAction, READY_MARKER, Reply, Request, WriteFileRequest, read_frame, write_control,
-    write_frame,
+    PowerAction, PtyOpenRequest, READY_MARKER, Reply, Request, WriteFileRequest, read_frame,
+    write_control, write_frame,
 };
 use forkvm_tests::built_artifact;
 
@@ -84,13 +84,15 @@ fn the_root_image_boots_to_the_agent_which_runs_python_on_a_writable_overlay() {
          open('/usr/forkvm-from-python', 'w').write('from python\\n')\n\
          sys.stdout.write(open('/etc/forkvm-overlay-check').read())\n\
          print(os.statvfs('/').f_flag & os.ST_RDONLY)\n\
-         print(os.environ.get('GLIBC_TUNABLES', '').startswith('glibc.cpu.hwcaps=-AVX,'))",
+         print(os.environ.get('GLIBC_TUNABLES', '').startswith('glibc.cpu.hwcaps=-AVX,'))\n\
+         import multiprocessing\n\
+         with multiprocessing.Lock():\n    print('locked')",
     ]);
-    // The root is writable, and GLIBC_TUNABLES came from the kernel command line through the
-    // agent's environment.
+    // The root is writable, GLIBC_TUNABLES came from the kernel command line through the agent's
+    // environment, and POSIX semaphores (/dev/shm) work.
     assert_eq!(
         (status.code, stdout.as_str()),
-        (Some(0), "written in the guest\n0\nTrue\n"),
+        (Some(0), "written in the guest\n0\nTrue\nlocked\n"),
         "{status:?}, stderr: {stderr}"
     );
     assert_eq!(agent.read_file("/usr/forkvm-from-python"), b"from python\n");
@@ -106,6 +108,16 @@ fn the_root_image_boots_to_the_agent_which_runs_python_on_a_writable_overlay() {
         "/ is not the overlay: {root}\n{mounts}"
     );
 
+    // A PTY session (devpts): the shell's terminal is a pty, and its output comes back.
+    let t = Instant::now();
+    let (status, output) = agent.pty(&["sh", "-c", "tty; echo pty-$((6*7))"]);
+    let pty = t.elapsed();
+    assert_eq!(status.code, Some(0), "{status:?}: {output}");
+    assert!(
+        output.contains("/dev/pts/") && output.contains("pty-42"),
+        "PTY output: {output:?}"
+    );
+
     agent.shutdown();
     let deadline = Instant::now() + Duration::from_secs(60);
     while vm.exit().is_none() && Instant::now() < deadline {
@@ -119,11 +131,13 @@ fn the_root_image_boots_to_the_agent_which_runs_python_on_a_writable_overlay() {
     assert_eq!(exit, GuestExit::Reset, "console:\n{}", console.text());
     eprintln!(
         "root image {image:?}: agent ready after {:.1} s, Hello answered after {:.1} s ({hello}), \
-         python3 print(6*7) {:.1} s, overlay writes and reads {:.1} s, all {:.1} s",
+         python3 print(6*7) {:.1} s, overlay writes and reads {:.1} s, PTY session {:.1} s, all \
+         {:.1} s",
         booted.as_secs_f64(),
         hello_done.as_secs_f64(),
         python.as_secs_f64(),
         writes.as_secs_f64(),
+        pty.as_secs_f64(),
         t0.elapsed().as_secs_f64(),
     );
 }
@@ -256,6 +270,33 @@ impl Agent {
                     other => panic!("read {path}: {other:?}"),
                 },
                 other => panic!("read {path}: a {other:?} frame"),
+            }
+        }
+    }
+
+    /// Runs `argv` in a PTY session (24x80) to its end; returns its status and output.
+    fn pty(&mut self, argv: &[&str]) -> (ExitStatus, String) {
+        let id = self.send(&Request::PtyOpen(PtyOpenRequest {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
+            cwd: None,
+            user: None,
+            rows: 24,
+            cols: 80,
+        }));
+        let mut output = Vec::new();
+        loop {
+            let frame = self.frame(id);
+            match frame.kind {
+                Kind::Data => output.extend_from_slice(&frame.payload),
+                Kind::Control => match frame.decode::<Reply>().unwrap() {
+                    Reply::PtyOpened { .. } => {}
+                    Reply::PtyExited { status, .. } => {
+                        return (status, String::from_utf8_lossy(&output).into_owned());
+                    }
+                    other => panic!("pty {argv:?}: {other:?}"),
+                },
+                other => panic!("pty {argv:?}: a {other:?} frame"),
             }
         }
     }
