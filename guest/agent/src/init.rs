@@ -266,7 +266,11 @@ pub fn overlay_root() -> Result<Overlay, OverlayError> {
     let dot = cstr(".").map_err(fail("pivot_root"))?;
     // SAFETY: both pointers are the same NUL-terminated string, alive across the call.
     if unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) } < 0 {
-        return Err(fail("pivot_root")(io::Error::last_os_error()));
+        let error = io::Error::last_os_error();
+        // Still on the old root: leave the working directory (which processes started without
+        // a `cwd` inherit) where it was.
+        let _ = std::env::set_current_dir("/");
+        return Err(fail("pivot_root")(error));
     }
     // SAFETY: the pointer is a NUL-terminated string alive across the call.
     if unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) } < 0 {
