@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The full test command (README): installs what the tests need on a fresh machine, builds the
-# guests, then runs lints and every test, including the Linux boot test on this host's KVM.
+# guests (kernel, initramfs, Debian root image), then runs lints and every test, including the
+# Linux boot tests on this host's KVM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +25,9 @@ tests/guest/build.sh >/dev/null
 start=$(date +%s)
 kernel=$(guest/kernel/build.sh)
 initramfs=$(guest/initramfs/build.sh)
-echo "Linux guest ready in $(( $(date +%s) - start )) s: $kernel, $initramfs" >&2
+# Debian root image with the agent (debootstrap: needs deb.debian.org; ~1.5 min, then cached).
+rootfs=$(guest/rootfs/build.sh)
+echo "Linux guest ready in $(( $(date +%s) - start )) s: $kernel, $initramfs, $rootfs" >&2
 
 step "tests"
 log=$(mktemp)

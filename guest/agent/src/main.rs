@@ -1,7 +1,8 @@
 //! `forkvm-agent [--port N | --unix PATH] [--hostname NAME]`
 //!
-//! As PID 1 it mounts the basic file systems, sets the hostname, reaps every process and honours
-//! `Shutdown`; otherwise it only serves. It listens on vsock port N (default 1024) or, with
+//! As PID 1 it puts a tmpfs overlay over a read-only root (unless `forkvm.overlay=0`), mounts the
+//! basic file systems, sets the hostname, reaps every process and honours `Shutdown`; otherwise it
+//! only serves. It listens on vsock port N (default 1024) or, with
 //! `--unix`, on a Unix socket (for trying it on a host), prints `FORKVM-AGENT-READY` on stdout
 //! once listening, and when on vsock also sends a `Ready` frame to the host's port 1025.
 
@@ -62,6 +63,10 @@ fn main() -> ExitCode {
         if std::env::var_os("PATH").is_none() {
             // SAFETY: no other thread exists yet.
             unsafe { std::env::set_var("PATH", init::DEFAULT_PATH) };
+        }
+        // A read-only root gets a tmpfs overlay first: everything below mounts on top of it.
+        if let Err(e) = init::overlay_root() {
+            eprintln!("forkvm-agent: {e}");
         }
         for problem in init::setup(&args.hostname) {
             eprintln!("forkvm-agent: {problem}");
