@@ -1,46 +1,35 @@
-//! The Debian root image from `guest/rootfs/build.sh` boots under forkvm with the kernel from
-//! `guest/kernel/build.sh`: attached read-only as `/dev/vda`, with `forkvm-agent` as PID 1. The
-//! agent puts a tmpfs overlay over the read-only root, prints its ready marker on the serial
-//! console and serves on vsock port 1024, where this test speaks the agent protocol directly
-//! (frames, `Hello` with generation 0, `Exec`, `WriteFile`, `ReadFile`, `PtyOpen`, `Shutdown`):
-//! Python runs, files can be written although the disk is read-only, and PTY sessions work.
+//! forkvm's Linux image end to end: the kernel from `guest/kernel/build.sh` and the Debian root
+//! image from `guest/rootfs/build.sh`, attached read-only as `/dev/vda` with `forkvm-agent` as
+//! PID 1 (it puts a tmpfs overlay over the root and serves on vsock port 1024), driven through
+//! the host API (`Vm::agent`): commands (echo, Python, a failure, a timeout), a 5 MB file round
+//! trip, writes on the overlay, a PTY running `sh` with a resize; then the booted guest is forked
+//! with the PTY session open, and each child's session continues on its own, with a reseeded
+//! `/dev/urandom`.
 //!
 //! Guest ring 0 is emulated on this project's hosts: the kernel takes ~15 s to reach init and
 //! every process spawn ~0.5 s, so the timeouts are minutes. One boot. `scripts/test.sh` builds the
 //! kernel and the image before the tests run; here the build scripts reuse their cache.
 
-use std::io::Read;
-use std::os::unix::net::UnixStream;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use forkvm::{ConsoleBuffer, ConsoleOutput, GuestExit, Vm, VmBuilder, Vsock};
-use forkvm_agent_protocol::{
-    AGENT_PORT, ExecRequest, ExitStatus, Frame, Hello, Kind, MIN_ENTROPY, PROTOCOL_VERSION,
-    PowerAction, PtyOpenRequest, READY_MARKER, Reply, Request, WriteFileRequest, read_frame,
-    write_control, write_frame,
-};
+use forkvm::agent::{Agent, AgentError, Command, IMAGE_CMDLINE, PtyEvent, WriteOptions};
+use forkvm::{Child, ConsoleBuffer, ConsoleOutput, GuestExit, Vm, VmBuilder, Vsock};
+use forkvm_agent_protocol::PowerAction;
 use forkvm_tests::built_artifact;
 
-/// How long the guest may take to boot to the agent's marker (~20 s here when the host is idle).
+/// How long the guest may take to boot to its agent (~25 s here when the host is idle).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
-/// How long any one request may take (a Python start-up is a few seconds here).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(180);
-/// The kernel command line: the root image read-only, the agent as init. Words with `=` and no dot
-/// reach init's environment: `GLIBC_TUNABLES` keeps glibc's AVX code paths off in every process
-/// (the guest kernel runs with `noxsave` here and does not preserve AVX state across context
-/// switches; see guest/README.md). forkvm adds its platform parameters itself.
-const CMDLINE: &str = "console=ttyS0 root=/dev/vda ro rootfstype=ext4 init=/sbin/forkvm-agent \
-    GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512BW,-AVX512CD,-AVX512DQ,-AVX512VL,\
--AVX_VNNI,-FMA,-FMA4,-F16C";
+/// How long a PTY may take to answer (a process start is ~0.5 s here, Python several).
+const PTY_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[test]
-fn the_root_image_boots_to_the_agent_which_runs_python_on_a_writable_overlay() {
+fn the_image_runs_commands_files_and_ptys_through_the_agent_and_forks_with_them() {
     let kernel = built_artifact("guest/kernel/build.sh");
     let image = built_artifact("guest/rootfs/build.sh");
     let console = ConsoleBuffer::new();
     let vm = VmBuilder::new()
         .kernel(&kernel)
-        .cmdline(CMDLINE)
+        .cmdline(IMAGE_CMDLINE)
         .memory_mib(256)
         .block(&image, true)
         .vsock(Vsock::new(3))
@@ -49,7 +38,9 @@ fn the_root_image_boots_to_the_agent_which_runs_python_on_a_writable_overlay() {
         .expect("build the VM");
     let t0 = Instant::now();
     vm.start().unwrap();
-    wait_for_marker(&vm, &console);
+    let agent = vm
+        .agent(BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}; console:\n{}", console.text()));
     let booted = t0.elapsed();
     // The agent reports what failed of its PID-1 set-up (overlay, mounts, hostname) this way.
     let text = console.text();
@@ -58,277 +49,223 @@ fn the_root_image_boots_to_the_agent_which_runs_python_on_a_writable_overlay() {
         "the agent reported problems:\n{text}"
     );
 
-    let mut agent = Agent::connect(&vm);
-    let hello = agent.hello();
-    let hello_done = t0.elapsed();
+    let t = Instant::now();
+    let out = agent.exec(["echo", "hello"]).unwrap();
+    let echo = t.elapsed();
+    assert_eq!(
+        (out.status.code, out.stdout_text()),
+        (Some(0), "hello\n".into())
+    );
+    let t = Instant::now();
+    let out = agent.exec(["true"]).unwrap();
+    let true_round_trip = t.elapsed();
+    assert!(out.success());
 
     let t = Instant::now();
-    let (status, stdout, stderr) = agent.exec(&["python3", "-c", "print(6*7)"]);
+    let out = agent
+        .exec([
+            "python3",
+            "-c",
+            "import os\n\
+             print(6*7)\n\
+             print(os.environ.get('GLIBC_TUNABLES', '').startswith('glibc.cpu.hwcaps=-AVX,'))\n\
+             import multiprocessing\n\
+             with multiprocessing.Lock():\n    print('locked')",
+        ])
+        .unwrap();
     let python = t.elapsed();
+    // GLIBC_TUNABLES came from the kernel command line through the agent's environment, and
+    // POSIX semaphores (/dev/shm) work.
     assert_eq!(
-        (status.code, stdout.as_str()),
-        (Some(0), "42\n"),
-        "{status:?}, stderr: {stderr}\nconsole:\n{}",
-        console.text()
+        (out.status.code, out.stdout_text()),
+        (Some(0), "42\nTrue\nlocked\n".into()),
+        "stderr: {}",
+        out.stderr_text()
     );
 
-    // The disk is read-only; the overlay takes writes: one from the agent, one from a process.
-    let contents = b"written in the guest\n";
-    let t = Instant::now();
-    let written = agent.write_file("/etc/forkvm-overlay-check", contents);
-    assert_eq!(written, contents.len() as u64);
-    let (status, stdout, stderr) = agent.exec(&[
-        "python3",
-        "-c",
-        "import os, sys\n\
-         open('/usr/forkvm-from-python', 'w').write('from python\\n')\n\
-         sys.stdout.write(open('/etc/forkvm-overlay-check').read())\n\
-         print(os.statvfs('/').f_flag & os.ST_RDONLY)\n\
-         print(os.environ.get('GLIBC_TUNABLES', '').startswith('glibc.cpu.hwcaps=-AVX,'))\n\
-         import multiprocessing\n\
-         with multiprocessing.Lock():\n    print('locked')",
-    ]);
-    // The root is writable, GLIBC_TUNABLES came from the kernel command line through the agent's
-    // environment, and POSIX semaphores (/dev/shm) work.
+    let out = agent
+        .exec(["sh", "-c", "echo failing >&2; exit 3"])
+        .unwrap();
     assert_eq!(
-        (status.code, stdout.as_str()),
-        (Some(0), "written in the guest\n0\nTrue\nlocked\n"),
-        "{status:?}, stderr: {stderr}"
+        (out.status.code, out.stderr_text()),
+        (Some(3), "failing\n".into())
     );
-    assert_eq!(agent.read_file("/usr/forkvm-from-python"), b"from python\n");
-    let writes = t.elapsed();
+    assert!(matches!(
+        agent.exec(["no-such-program"]),
+        Err(AgentError::CommandNotFound(_))
+    ));
+    let out = agent
+        .run(&Command::new(["sleep", "60"]).timeout(Duration::from_secs(2)))
+        .unwrap();
+    assert!(out.status.timed_out, "{out:?}");
+
+    // 5 MB up and back; the disk is read-only, the overlay takes the write.
+    let data: Vec<u8> = (0..5_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let t = Instant::now();
+    let written = agent
+        .write_file("/srv/data.bin", &data[..], WriteOptions::default())
+        .unwrap();
+    let upload = t.elapsed();
+    assert_eq!(written, data.len() as u64);
+    let t = Instant::now();
+    let back = agent.read_file("/srv/data.bin").unwrap();
+    let download = t.elapsed();
+    assert!(back == data, "the 5 MB file came back changed");
+    let sum = agent
+        .exec(["cksum", "/srv/data.bin"])
+        .unwrap()
+        .stdout_text();
+    assert!(
+        sum.starts_with(&format!("{} 5000000 ", posix_cksum(&data))),
+        "{sum}"
+    );
     // `/` is the agent's overlay (tmpfs upper layer over the read-only ext4 root).
-    let mounts = String::from_utf8(agent.read_file("/proc/mounts")).unwrap();
+    let mounts = String::from_utf8(agent.read_file("/proc/mounts").unwrap()).unwrap();
     let root = mounts
         .lines()
         .find(|line| line.split(' ').nth(1) == Some("/"))
         .unwrap_or_else(|| panic!("no / in /proc/mounts:\n{mounts}"));
     assert!(
         root.starts_with("overlay / overlay ") && root.contains("upperdir="),
-        "/ is not the overlay: {root}\n{mounts}"
+        "{root}"
     );
 
-    // A PTY session (devpts): the shell's terminal is a pty, and its output comes back.
+    // A PTY session running sh, resized.
+    let pty = agent.pty(["sh"], 24, 80).unwrap();
+    pty.write(b"stty size\n").unwrap();
+    let text = pty.read_until("24 80", PTY_TIMEOUT).unwrap();
+    assert!(text.contains("24 80"), "{text:?}");
+    pty.resize(40, 100).unwrap();
+    pty.write(b"stty size\n").unwrap();
+    let text = pty.read_until("40 100", PTY_TIMEOUT).unwrap();
+    assert!(text.contains("40 100"), "{text:?}");
+    pty.write(b"cd /srv; GREETING=forked; echo set-$((6*7))\n").unwrap();
+    let text = pty.read_until("set-42", PTY_TIMEOUT).unwrap();
+    assert!(text.contains("set-42"), "{text:?}");
+    let session = pty.session();
+    // Detached: the session runs on in the agent, and goes into the children with it.
+    drop(pty);
+
     let t = Instant::now();
-    let (status, output) = agent.pty(&["sh", "-c", "tty; echo pty-$((6*7))"]);
-    let pty = t.elapsed();
-    assert_eq!(status.code, Some(0), "{status:?}: {output}");
-    assert!(
-        output.contains("/dev/pts/") && output.contains("pty-42"),
-        "PTY output: {output:?}"
+    let children = vm
+        .fork((0..2).map(|_| Child::new(ConsoleOutput::Discard)))
+        .unwrap();
+    let fork = t.elapsed();
+    let mut random = Vec::new();
+    for (n, child) in std::iter::once(&vm).chain(&children).enumerate() {
+        // A child's connections are its own; its agent reseeds before answering.
+        let agent = child.agent(Duration::from_secs(60)).unwrap();
+        let pty = agent.pty_attach(session).unwrap();
+        pty.write(
+            format!(
+                "echo \"$GREETING-$((100+{n}))\" $(pwd); head -c 16 /dev/urandom | od -An -tx1\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let mine = format!("forked-{} /srv", 100 + n);
+        let hex_line = read_line_after(&pty, &mine, |line| line.split_whitespace().count() == 16);
+        random.push(hex_line.trim().to_owned());
+        pty.write(b"exit\n").unwrap();
+        loop {
+            match pty.read(PTY_TIMEOUT).unwrap() {
+                Some(PtyEvent::Exited(status)) => {
+                    assert_eq!(status.code, Some(0));
+                    break;
+                }
+                Some(PtyEvent::Output(_)) => {}
+                None => panic!("VM {n}: the shell did not exit"),
+            }
+        }
+    }
+    let mut distinct = random.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        3,
+        "each VM has its own randomness: {random:?}"
     );
 
-    agent.shutdown();
+    for child in &children {
+        child.stop();
+    }
+    shut_down(&vm, &agent, &console);
+    eprintln!(
+        "Linux image (this host emulates guest ring 0): agent answered {:.1} s after start; exec \
+         round trip: echo {:.0} ms, true {:.0} ms; python3 {:.1} s; 5 MB up {:.0} ms ({:.0} \
+         MB/s), down {:.0} ms ({:.0} MB/s); fork(2) with a PTY open {:.1} ms",
+        booted.as_secs_f64(),
+        echo.as_secs_f64() * 1e3,
+        true_round_trip.as_secs_f64() * 1e3,
+        python.as_secs_f64(),
+        upload.as_secs_f64() * 1e3,
+        5.0 / upload.as_secs_f64(),
+        download.as_secs_f64() * 1e3,
+        5.0 / download.as_secs_f64(),
+        fork.as_secs_f64() * 1e3,
+    );
+}
+
+/// Reads the PTY until a line after `marker` satisfies `wanted`; returns that line.
+fn read_line_after(
+    pty: &forkvm::agent::Pty,
+    marker: &str,
+    wanted: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + PTY_TIMEOUT;
+    let mut text = String::new();
+    loop {
+        if let Some((_, after)) = text.split_once(marker) {
+            // Only whole lines: the last one may still be arriving.
+            let whole = after.rsplit_once('\n').map_or("", |(lines, _)| lines);
+            if let Some(line) = whole.lines().find(|line| wanted(line)) {
+                return line.to_owned();
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match pty.read(left).unwrap() {
+            Some(PtyEvent::Output(bytes)) => text.push_str(&String::from_utf8_lossy(&bytes)),
+            other => panic!("no line after {marker:?} ({other:?}): {text:?}"),
+        }
+    }
+}
+
+/// Asks the agent to reboot the guest (forkvm reports a reset) and waits for it.
+fn shut_down(vm: &Vm, agent: &Agent, console: &ConsoleBuffer) {
+    agent.shutdown(PowerAction::Reboot).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while vm.exit().is_none() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    // A guest that did not go down in time is stopped, and the assertion below shows it.
+    // A guest that did not go down in time is stopped, and the assertion shows it.
     let exit = match vm.exit() {
         Some(_) => vm.wait().unwrap(),
         None => vm.stop(),
     };
     assert_eq!(exit, GuestExit::Reset, "console:\n{}", console.text());
-    eprintln!(
-        "root image {image:?}: agent ready after {:.1} s, Hello answered after {:.1} s ({hello}), \
-         python3 print(6*7) {:.1} s, overlay writes and reads {:.1} s, PTY session {:.1} s, all \
-         {:.1} s",
-        booted.as_secs_f64(),
-        hello_done.as_secs_f64(),
-        python.as_secs_f64(),
-        writes.as_secs_f64(),
-        pty.as_secs_f64(),
-        t0.elapsed().as_secs_f64(),
-    );
 }
 
-/// Waits until the agent's ready marker is on the console; fails when the guest ends first or
-/// after [`BOOT_TIMEOUT`].
-fn wait_for_marker(vm: &Vm, console: &ConsoleBuffer) {
-    let deadline = Instant::now() + BOOT_TIMEOUT;
-    while !console.text().contains(READY_MARKER) {
-        assert!(
-            vm.exit().is_none(),
-            "the guest ended ({:?}) before {READY_MARKER}; console:\n{}",
-            vm.exit(),
-            console.text()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "no {READY_MARKER} after {BOOT_TIMEOUT:?}; console:\n{}",
-            console.text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A connection to the agent, one request at a time.
-struct Agent {
-    stream: UnixStream,
-    next_id: u32,
-}
-
-impl Agent {
-    fn connect(vm: &Vm) -> Agent {
-        let stream = vm
-            .vsock_connect(AGENT_PORT, Duration::from_secs(60))
-            .expect("connect to the agent's vsock port");
-        stream.set_read_timeout(Some(REQUEST_TIMEOUT)).unwrap();
-        Agent { stream, next_id: 1 }
-    }
-
-    /// Sends `Hello` (generation 0, fresh entropy, the host's time); returns the agent's name.
-    fn hello(&mut self) -> String {
-        let mut entropy = vec![0u8; MIN_ENTROPY];
-        std::fs::File::open("/dev/urandom")
-            .and_then(|mut random| random.read_exact(&mut entropy))
-            .unwrap();
-        let time_ns = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64;
-        let request = Request::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            generation: 0,
-            entropy,
-            time_ns,
-        });
-        write_control(&mut self.stream, 0, &request).unwrap();
-        match self.reply(0) {
-            Reply::Hello {
-                version,
-                agent,
-                generation,
-                ..
-            } => {
-                assert_eq!((version, generation), (PROTOCOL_VERSION, 0));
-                agent
-            }
-            other => panic!("Hello answered with {other:?}"),
+/// The checksum POSIX `cksum` prints (CRC-32/CKSUM over the data, then its length).
+fn posix_cksum(data: &[u8]) -> u32 {
+    let mut crc = 0u32;
+    let mut feed = |byte: u8| {
+        crc ^= u32::from(byte) << 24;
+        for _ in 0..8 {
+            crc = if crc & 0x8000_0000 != 0 {
+                (crc << 1) ^ 0x04c1_1db7
+            } else {
+                crc << 1
+            };
         }
+    };
+    data.iter().for_each(|b| feed(*b));
+    let mut len = data.len();
+    while len > 0 {
+        feed(len as u8);
+        len >>= 8;
     }
-
-    /// Runs `argv` to its end; returns its status, stdout and stderr.
-    fn exec(&mut self, argv: &[&str]) -> (ExitStatus, String, String) {
-        let id = self.send(&Request::Exec(ExecRequest {
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            timeout_ms: Some(REQUEST_TIMEOUT.as_millis() as u64),
-            ..ExecRequest::default()
-        }));
-        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-        loop {
-            let frame = self.frame(id);
-            match frame.kind {
-                Kind::Data => stdout.extend_from_slice(&frame.payload),
-                Kind::Stderr => stderr.extend_from_slice(&frame.payload),
-                Kind::Control => match frame.decode::<Reply>().unwrap() {
-                    Reply::Started { .. } => {}
-                    Reply::Exited(status) => {
-                        let text = |bytes: Vec<u8>| String::from_utf8_lossy(&bytes).into_owned();
-                        return (status, text(stdout), text(stderr));
-                    }
-                    other => panic!("exec {argv:?}: {other:?}"),
-                },
-                Kind::Eof => panic!("exec {argv:?}: an eof frame from the agent"),
-            }
-        }
-    }
-
-    /// Writes `contents` to the guest file `path`; returns the bytes the agent wrote.
-    fn write_file(&mut self, path: &str, contents: &[u8]) -> u64 {
-        let id = self.send(&Request::WriteFile(WriteFileRequest {
-            path: path.into(),
-            append: false,
-            exclusive: false,
-            mode: None,
-        }));
-        write_frame(&mut self.stream, &Frame::data(id, contents.to_vec())).unwrap();
-        write_frame(&mut self.stream, &Frame::eof(id)).unwrap();
-        match self.reply(id) {
-            Reply::Written { bytes } => bytes,
-            other => panic!("write {path}: {other:?}"),
-        }
-    }
-
-    /// Reads the whole guest file `path`.
-    fn read_file(&mut self, path: &str) -> Vec<u8> {
-        let id = self.send(&Request::ReadFile {
-            path: path.into(),
-            offset: 0,
-            len: None,
-        });
-        let mut contents = Vec::new();
-        loop {
-            let frame = self.frame(id);
-            match frame.kind {
-                Kind::Data => contents.extend_from_slice(&frame.payload),
-                Kind::Control => match frame.decode::<Reply>().unwrap() {
-                    Reply::ReadDone { bytes } => {
-                        assert_eq!(bytes, contents.len() as u64, "read {path}");
-                        return contents;
-                    }
-                    other => panic!("read {path}: {other:?}"),
-                },
-                other => panic!("read {path}: a {other:?} frame"),
-            }
-        }
-    }
-
-    /// Runs `argv` in a PTY session (24x80) to its end; returns its status and output.
-    fn pty(&mut self, argv: &[&str]) -> (ExitStatus, String) {
-        let id = self.send(&Request::PtyOpen(PtyOpenRequest {
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            env: Vec::new(),
-            cwd: None,
-            user: None,
-            rows: 24,
-            cols: 80,
-        }));
-        let mut output = Vec::new();
-        loop {
-            let frame = self.frame(id);
-            match frame.kind {
-                Kind::Data => output.extend_from_slice(&frame.payload),
-                Kind::Control => match frame.decode::<Reply>().unwrap() {
-                    Reply::PtyOpened { .. } => {}
-                    Reply::PtyExited { status, .. } => {
-                        return (status, String::from_utf8_lossy(&output).into_owned());
-                    }
-                    other => panic!("pty {argv:?}: {other:?}"),
-                },
-                other => panic!("pty {argv:?}: a {other:?} frame"),
-            }
-        }
-    }
-
-    /// Asks the agent to reboot the guest (`reboot=k`: forkvm reports a reset).
-    fn shutdown(&mut self) {
-        let id = self.send(&Request::Shutdown {
-            action: PowerAction::Reboot,
-        });
-        match self.reply(id) {
-            Reply::Ok => {}
-            other => panic!("shutdown: {other:?}"),
-        }
-    }
-
-    /// Sends `request` under a new id and returns that id.
-    fn send(&mut self, request: &Request) -> u32 {
-        let id = self.next_id;
-        self.next_id += 1;
-        write_control(&mut self.stream, id, request).unwrap();
-        id
-    }
-
-    /// The next frame, which must belong to request `id`.
-    fn frame(&mut self, id: u32) -> Frame {
-        let frame = read_frame(&mut self.stream).expect("a frame from the agent");
-        assert_eq!(frame.id, id, "a frame for another request: {frame:?}");
-        frame
-    }
-
-    /// The next frame as a control reply to request `id`.
-    fn reply(&mut self, id: u32) -> Reply {
-        self.frame(id).decode().expect("a control reply")
-    }
+    !crc
 }

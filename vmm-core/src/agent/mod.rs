@@ -35,8 +35,13 @@ pub use forkvm_agent_protocol::{DirEntry as AgentDirEntry, ExitStatus, FileStat 
 
 /// The kernel command line of forkvm's Linux image (`guest/image.sh`): its root file system is
 /// the read-only ext4 disk `/dev/vda`, which the agent (PID 1) covers with an in-memory overlay.
-pub const IMAGE_CMDLINE: &str =
-    "console=ttyS0 root=/dev/vda ro rootfstype=ext4 init=/sbin/forkvm-agent quiet";
+/// `GLIBC_TUNABLES` (a word without a dot reaches init's environment, and the agent passes it on)
+/// keeps glibc's AVX code paths off in every process: the guest kernel runs with `noxsave` on
+/// hosts that emulate guest ring 0, and does not preserve AVX state across context switches
+/// there (guest/README.md).
+pub const IMAGE_CMDLINE: &str = "console=ttyS0 root=/dev/vda ro rootfstype=ext4 \
+    init=/sbin/forkvm-agent GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512BW,\
+-AVX512CD,-AVX512DQ,-AVX512VL,-AVX_VNNI,-FMA,-FMA4,-F16C";
 /// Memory the image's guests get unless told otherwise.
 pub const IMAGE_MEMORY_MIB: u64 = 256;
 
