@@ -21,18 +21,20 @@ pub struct forkvm_builder {
 /// `None` once built.
 static BUILDERS: Registry<Mutex<Option<VmBuilder>>> = Registry::new("forkvm_builder");
 
-/// Replaces the builder behind `builder` with `set(builder)`.
-fn with_builder(
+/// Converts a setter's arguments with `prepare`, then replaces the builder behind `builder`
+/// with the setter applied to it (a setter whose arguments are refused changes nothing).
+fn with_builder<F: FnOnce(VmBuilder) -> VmBuilder>(
     builder: *const forkvm_builder,
-    set: impl FnOnce(VmBuilder) -> Result<VmBuilder, Failure>,
+    prepare: impl FnOnce() -> Result<F, Failure>,
 ) -> forkvm_status {
     ffi(|| {
         let entry = BUILDERS.get(builder)?;
+        let set = prepare()?;
         let mut slot = entry.lock().unwrap_or_else(|e| e.into_inner());
         let current = slot
             .take()
             .ok_or_else(|| Failure::invalid("this forkvm_builder was built already"))?;
-        *slot = Some(set(current)?);
+        *slot = Some(set(current));
         Ok(())
     })
 }
@@ -64,7 +66,10 @@ pub unsafe extern "C" fn forkvm_builder_kernel(
     builder: *mut forkvm_builder,
     path: *const c_char,
 ) -> forkvm_status {
-    with_builder(builder, |b| Ok(b.kernel(str_arg(path, "path")?)))
+    with_builder(builder, || {
+        let path = str_arg(path, "path")?;
+        Ok(move |b: VmBuilder| b.kernel(path))
+    })
 }
 
 /// An initrd / initramfs.
@@ -73,7 +78,10 @@ pub unsafe extern "C" fn forkvm_builder_initrd(
     builder: *mut forkvm_builder,
     path: *const c_char,
 ) -> forkvm_status {
-    with_builder(builder, |b| Ok(b.initrd(str_arg(path, "path")?)))
+    with_builder(builder, || {
+        let path = str_arg(path, "path")?;
+        Ok(move |b: VmBuilder| b.initrd(path))
+    })
 }
 
 /// The kernel command line, replacing `console=ttyS0` (forkvm appends its platform parameters).
@@ -82,7 +90,10 @@ pub unsafe extern "C" fn forkvm_builder_cmdline(
     builder: *mut forkvm_builder,
     cmdline: *const c_char,
 ) -> forkvm_status {
-    with_builder(builder, |b| Ok(b.cmdline(str_arg(cmdline, "cmdline")?)))
+    with_builder(builder, || {
+        let cmdline = str_arg(cmdline, "cmdline")?;
+        Ok(move |b: VmBuilder| b.cmdline(cmdline))
+    })
 }
 
 /// The number of vCPUs.
@@ -91,7 +102,7 @@ pub unsafe extern "C" fn forkvm_builder_vcpus(
     builder: *mut forkvm_builder,
     count: u32,
 ) -> forkvm_status {
-    with_builder(builder, |b| Ok(b.vcpus(count)))
+    with_builder(builder, || Ok(move |b: VmBuilder| b.vcpus(count)))
 }
 
 /// Guest memory in MiB.
@@ -100,7 +111,7 @@ pub unsafe extern "C" fn forkvm_builder_memory_mib(
     builder: *mut forkvm_builder,
     mib: u64,
 ) -> forkvm_status {
-    with_builder(builder, |b| Ok(b.memory_mib(mib)))
+    with_builder(builder, || Ok(move |b: VmBuilder| b.memory_mib(mib)))
 }
 
 /// Where the serial console's output goes (`output` is copied; NULL discards).
@@ -109,7 +120,10 @@ pub unsafe extern "C" fn forkvm_builder_console(
     builder: *mut forkvm_builder,
     output: *const forkvm_output,
 ) -> forkvm_status {
-    with_builder(builder, |b| Ok(b.console(output_arg(output)?)))
+    with_builder(builder, || {
+        let output = output_arg(output)?;
+        Ok(move |b: VmBuilder| b.console(output))
+    })
 }
 
 /// Feeds the serial console from `fd` (duplicated: the caller keeps its own).
@@ -118,9 +132,9 @@ pub unsafe extern "C" fn forkvm_builder_console_input(
     builder: *mut forkvm_builder,
     fd: i32,
 ) -> forkvm_status {
-    with_builder(builder, |b| {
+    with_builder(builder, || {
         let input = input_arg(fd)?.ok_or_else(|| Failure::invalid("a negative input fd"))?;
-        Ok(b.console_input(input))
+        Ok(move |b: VmBuilder| b.console_input(input))
     })
 }
 
@@ -130,13 +144,13 @@ pub unsafe extern "C" fn forkvm_builder_debug_exit(
     builder: *mut forkvm_builder,
     enabled: bool,
 ) -> forkvm_status {
-    with_builder(builder, |b| Ok(b.debug_exit(enabled)))
+    with_builder(builder, || Ok(move |b: VmBuilder| b.debug_exit(enabled)))
 }
 
 /// Adds a virtio-rng device (`/dev/hwrng`).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn forkvm_builder_rng(builder: *mut forkvm_builder) -> forkvm_status {
-    with_builder(builder, |b| Ok(b.rng()))
+    with_builder(builder, || Ok(|b: VmBuilder| b.rng()))
 }
 
 /// Adds a virtio-blk disk over the raw image `path` (`/dev/vda`, `/dev/vdb`, ... in order).
@@ -147,11 +161,11 @@ pub unsafe extern "C" fn forkvm_builder_disk(
     read_only: bool,
     direct_io: bool,
 ) -> forkvm_status {
-    with_builder(builder, |b| {
+    with_builder(builder, || {
         let disk = Disk::new(str_arg(path, "path")?)
             .read_only(read_only)
             .direct_io(direct_io);
-        Ok(b.disk(disk))
+        Ok(move |b: VmBuilder| b.disk(disk))
     })
 }
 
@@ -163,8 +177,9 @@ pub unsafe extern "C" fn forkvm_builder_virtio_console(
     output: *const forkvm_output,
     input_fd: i32,
 ) -> forkvm_status {
-    with_builder(builder, |b| {
-        Ok(b.virtio_console(output_arg(output)?, input_arg(input_fd)?))
+    with_builder(builder, || {
+        let (output, input) = (output_arg(output)?, input_arg(input_fd)?);
+        Ok(move |b: VmBuilder| b.virtio_console(output, input))
     })
 }
 
@@ -176,12 +191,12 @@ pub unsafe extern "C" fn forkvm_builder_vsock(
     cid: u64,
     uds_path: *const c_char,
 ) -> forkvm_status {
-    with_builder(builder, |b| {
+    with_builder(builder, || {
         let mut vsock = Vsock::new(cid);
         if let Some(path) = opt_str_arg(uds_path, "uds_path")? {
             vsock = vsock.uds_path(path);
         }
-        Ok(b.vsock(vsock))
+        Ok(move |b: VmBuilder| b.vsock(vsock))
     })
 }
 
@@ -192,12 +207,11 @@ pub unsafe extern "C" fn forkvm_builder_balloon(
     deflate_on_oom: bool,
     free_page_reporting: bool,
 ) -> forkvm_status {
-    with_builder(builder, |b| {
-        Ok(b.balloon(
-            Balloon::new()
-                .deflate_on_oom(deflate_on_oom)
-                .free_page_reporting(free_page_reporting),
-        ))
+    with_builder(builder, || {
+        let balloon = Balloon::new()
+            .deflate_on_oom(deflate_on_oom)
+            .free_page_reporting(free_page_reporting);
+        Ok(move |b: VmBuilder| b.balloon(balloon))
     })
 }
 
@@ -207,7 +221,10 @@ pub unsafe extern "C" fn forkvm_builder_kvm_device(
     builder: *mut forkvm_builder,
     path: *const c_char,
 ) -> forkvm_status {
-    with_builder(builder, |b| Ok(b.kvm_device(str_arg(path, "path")?)))
+    with_builder(builder, || {
+        let path = str_arg(path, "path")?;
+        Ok(move |b: VmBuilder| b.kvm_device(path))
+    })
 }
 
 /// Validates the configuration, creates the VM and loads the guest into `*out` (not started:

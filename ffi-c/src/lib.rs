@@ -39,7 +39,6 @@ mod error;
 mod handle;
 mod vm;
 
-
 use std::ffi::{CStr, c_char};
 
 pub use agent::*;
