@@ -31,6 +31,9 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace 2>&1 | tee "$log"
 
+step "C binding (gcc, ASan+UBSan)"
+ffi-c/test.sh
+
 step "fuzzing (bounded)"
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
 for target in mmio_transport block_requests console_queues vsock_packets legacy_ports; do
