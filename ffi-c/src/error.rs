@@ -159,7 +159,12 @@ fn set_last_error(message: &str) {
 pub(crate) fn ffi(body: impl FnOnce() -> Result<(), Failure>) -> forkvm_status {
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(Ok(())) => {
-            set_last_error("");
+            // Cleared without allocating: a successful call costs no heap traffic here.
+            LAST_ERROR.with(|last| {
+                if !last.borrow().is_empty() {
+                    *last.borrow_mut() = CString::default();
+                }
+            });
             FORKVM_OK
         }
         Ok(Err(failure)) => {

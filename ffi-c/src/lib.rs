@@ -39,6 +39,9 @@ mod error;
 mod handle;
 mod vm;
 
+#[cfg(test)]
+mod bench;
+
 use std::ffi::{CStr, c_char};
 
 pub use agent::*;
