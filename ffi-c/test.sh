@@ -3,7 +3,8 @@
 # the library, header and pkg-config file into a prefix (target/ffi-c/prefix), checks that
 # the README's C snippet is examples/hello.c, compiles the example through pkg-config and
 # runs it, then compiles the C tests with gcc under AddressSanitizer and
-# UndefinedBehaviorSanitizer (leak checking on) and runs them on this host's KVM.
+# UndefinedBehaviorSanitizer (leak checking on) and runs them on this host's KVM, then once more
+# under valgrind.
 # Prints "N passed, N failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -73,6 +74,22 @@ for test in ffi-c/tests/*.c; do
     }
     run "ffi-c/tests/$c_name.c (ASan+UBSan)" c_test
 done
+
+# The same tests without sanitizers under valgrind (memcheck: invalid accesses, definite leaks;
+# a few seconds here). scripts/test.sh installs valgrind; FORKVM_C_VALGRIND=0 skips it.
+if [ "${FORKVM_C_VALGRIND:-1}" = 1 ]; then
+    for test in ffi-c/tests/*.c; do
+        c_name=$(basename "$test" .c)
+        valgrind_test() {
+            # shellcheck disable=SC2046
+            gcc "${cflags[@]}" "$test" $(pkg-config --cflags --libs forkvm) -lpthread \
+                -o "$bin/$c_name-vg" &&
+                valgrind -q --leak-check=full --errors-for-leak-kinds=definite --error-exitcode=9 \
+                    "$bin/$c_name-vg"
+        }
+        run "ffi-c/tests/$c_name.c (valgrind)" valgrind_test
+    done
+fi
 
 echo "ffi-c: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -57,12 +57,14 @@ static forkvm_bytes console_text(forkvm_console *console)
     return text;
 }
 
-/* Waits up to 10 s for `console` to contain `needle`. */
+/* Waits up to 10 s for `console` to contain a whole line starting with `needle` (the serial
+ * console delivers a line a few bytes at a time). */
 static void wait_for(forkvm_console *console, const char *needle)
 {
     for (int i = 0; i < 1000; i++) {
         forkvm_bytes text = console_text(console);
-        int found = text.data && strstr((const char *)text.data, needle);
+        const char *at = text.data ? strstr((const char *)text.data, needle) : NULL;
+        int found = at && strchr(at + strlen(needle) - 1, '\n');
         forkvm_bytes_free(&text);
         if (found)
             return;
