@@ -11,6 +11,8 @@ step "host prerequisites"
 [ -e /dev/kvm ] || { echo "no /dev/kvm on this machine: forkvm's tests need KVM" >&2; exit 1; }
 missing=()
 command -v gcc >/dev/null || missing+=(gcc)
+command -v valgrind >/dev/null || missing+=(valgrind)
+command -v pkg-config >/dev/null || missing+=(pkg-config)
 command -v mkfs.ext4 >/dev/null || [ -x /usr/sbin/mkfs.ext4 ] || missing+=(e2fsprogs)
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq && apt-get install -y -qq "${missing[@]}"
@@ -33,6 +35,9 @@ step "tests"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace 2>&1 | tee "$log"
+
+step "C binding (gcc, ASan+UBSan, valgrind)"
+ffi-c/test.sh
 
 step "fuzzing (bounded)"
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet

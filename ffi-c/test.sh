@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The C binding's tests: builds libforkvm, checks that include/forkvm.h is current, installs
+# the library, header and pkg-config file into a prefix (target/ffi-c/prefix), checks that
+# the README's C snippet is examples/hello.c, compiles the example through pkg-config and
+# runs it, then compiles the C tests with gcc under AddressSanitizer and
+# UndefinedBehaviorSanitizer (leak checking on) and runs them on this host's KVM, then once more
+# under valgrind.
+# Prints "N passed, N failed".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo build -p forkvm-ffi --quiet
+cargo test -p forkvm-ffi --quiet --test header
+
+guest=$(tests/guest/build.sh)
+prefix=$PWD/target/ffi-c/prefix
+version=$(cargo pkgid -p forkvm-ffi | sed 's/.*[#@]//')
+rm -rf "$prefix" && mkdir -p "$prefix/include" "$prefix/lib/pkgconfig"
+cp ffi-c/include/forkvm.h "$prefix/include/"
+cp target/debug/libforkvm.so target/debug/libforkvm.a "$prefix/lib/"
+sed -e "s|@PREFIX@|$prefix|" -e "s|@VERSION@|$version|" ffi-c/forkvm.pc.in \
+    >"$prefix/lib/pkgconfig/forkvm.pc"
+export PKG_CONFIG_PATH=$prefix/lib/pkgconfig
+bin=$PWD/target/ffi-c/bin
+mkdir -p "$bin"
+
+passed=0 failed=0
+run() {
+    local name=$1
+    shift
+    if "$@"; then
+        passed=$((passed + 1))
+        echo "ok: $name"
+    else
+        failed=$((failed + 1))
+        echo "FAILED: $name" >&2
+    fi
+}
+
+# The README's C snippet is the example, verbatim.
+readme_snippet() {
+    awk '/<!-- ffi-c\/examples\/hello.c -->/ { grab = 1; next }
+         grab && /^```c$/ { inside = 1; next }
+         inside && /^```$/ { exit }
+         inside { print }' README.md | diff -u ffi-c/examples/hello.c -
+}
+run "README C snippet is examples/hello.c" readme_snippet
+
+cflags=(-std=c11 -D_DEFAULT_SOURCE -Wall -Wextra -Werror -g)
+asan=(-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all)
+export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1
+export FORKVM_TEST_GUEST=$guest
+
+hello() {
+    # shellcheck disable=SC2046 # pkg-config prints several words
+    gcc "${cflags[@]}" "${asan[@]}" ffi-c/examples/hello.c $(pkg-config --cflags --libs forkvm) \
+        -o "$bin/hello" &&
+        "$bin/hello" "$guest" | tee "$bin/hello.out" && grep -q "child 1: generation 1" "$bin/hello.out"
+}
+run "examples/hello.c (pkg-config, dynamic, ASan+UBSan)" hello
+
+static_hello() {
+    gcc "${cflags[@]}" ffi-c/examples/hello.c -I"$prefix/include" "$prefix/lib/libforkvm.a" \
+        -lpthread -ldl -lm -o "$bin/hello-static" && "$bin/hello-static" "$guest" >/dev/null
+}
+run "examples/hello.c (static libforkvm.a)" static_hello
+
+for test in ffi-c/tests/*.c; do
+    c_name=$(basename "$test" .c)
+    c_test() {
+        # shellcheck disable=SC2046
+        gcc "${cflags[@]}" "${asan[@]}" "$test" $(pkg-config --cflags --libs forkvm) -lpthread \
+            -o "$bin/$c_name" && "$bin/$c_name"
+    }
+    run "ffi-c/tests/$c_name.c (ASan+UBSan)" c_test
+done
+
+# The same tests without sanitizers under valgrind (memcheck: invalid accesses, definite leaks;
+# a few seconds here). scripts/test.sh installs valgrind; FORKVM_C_VALGRIND=0 skips it.
+if [ "${FORKVM_C_VALGRIND:-1}" = 1 ]; then
+    for test in ffi-c/tests/*.c; do
+        c_name=$(basename "$test" .c)
+        valgrind_test() {
+            # shellcheck disable=SC2046
+            gcc "${cflags[@]}" "$test" $(pkg-config --cflags --libs forkvm) -lpthread \
+                -o "$bin/$c_name-vg" &&
+                valgrind -q --leak-check=full --errors-for-leak-kinds=definite --error-exitcode=9 \
+                    "$bin/$c_name-vg"
+        }
+        run "ffi-c/tests/$c_name.c (valgrind)" valgrind_test
+    done
+fi
+
+echo "ffi-c: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
