@@ -141,7 +141,8 @@ fn the_image_runs_commands_files_and_ptys_through_the_agent_and_forks_with_them(
     pty.write(b"stty size\n").unwrap();
     let text = pty.read_until("40 100", PTY_TIMEOUT).unwrap();
     assert!(text.contains("40 100"), "{text:?}");
-    pty.write(b"cd /srv; GREETING=forked; echo set-$((6*7))\n").unwrap();
+    pty.write(b"cd /srv; GREETING=forked; echo set-$((6*7))\n")
+        .unwrap();
     let text = pty.read_until("set-42", PTY_TIMEOUT).unwrap();
     assert!(text.contains("set-42"), "{text:?}");
     let session = pty.session();
