@@ -2,9 +2,9 @@
 //! image from `guest/rootfs/build.sh`, attached read-only as `/dev/vda` with `forkvm-agent` as
 //! PID 1 (it puts a tmpfs overlay over the root and serves on vsock port 1024), driven through
 //! the host API (`Vm::agent`): commands (echo, Python, a failure, a timeout), a 5 MB file round
-//! trip, writes on the overlay, a PTY running `sh` with a resize; then the booted guest is forked
-//! with the PTY session open, and each child's session continues on its own, with a reseeded
-//! `/dev/urandom`.
+//! trip, writes on the overlay, a PTY running `sh` with a resize and a pause; then the booted guest
+//! is snapshotted and forked with the PTY session open: each child's session continues on its
+//! own, with a reseeded `/dev/urandom`, and so does that of a VM restored from the snapshot.
 //!
 //! Guest ring 0 is emulated on this project's hosts: the kernel takes ~15 s to reach init and
 //! every process spawn ~0.5 s, so the timeouts are minutes. One boot. `scripts/test.sh` builds the
@@ -145,9 +145,18 @@ fn the_image_runs_commands_files_and_ptys_through_the_agent_and_forks_with_them(
         .unwrap();
     let text = pty.read_until("set-42", PTY_TIMEOUT).unwrap();
     assert!(text.contains("set-42"), "{text:?}");
+    // The session survives a pause.
+    vm.pause().unwrap();
+    vm.resume().unwrap();
+    pty.write(b"echo still-$((2+2))\n").unwrap();
+    let text = pty.read_until("still-4", PTY_TIMEOUT).unwrap();
+    assert!(text.contains("still-4"), "{text:?}");
     let session = pty.session();
-    // Detached: the session runs on in the agent, and goes into the children with it.
+    // Detached: the session runs on in the agent, and goes into snapshots and children with it.
     drop(pty);
+    let snapshot = std::env::temp_dir().join(format!("forkvm-rootfs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&snapshot);
+    vm.snapshot(&snapshot).unwrap();
 
     let t = Instant::now();
     let children = vm
@@ -193,6 +202,20 @@ fn the_image_runs_commands_files_and_ptys_through_the_agent_and_forks_with_them(
     for child in &children {
         child.stop();
     }
+
+    // A VM restored from the snapshot taken before the fork has the session too.
+    let restored = Vm::restore(&snapshot, ConsoleOutput::Discard).unwrap();
+    let pty = restored
+        .agent(Duration::from_secs(60))
+        .unwrap()
+        .pty_attach(session)
+        .unwrap();
+    pty.write(b"echo \"$GREETING-restored\" $(pwd)\n").unwrap();
+    let text = pty.read_until("forked-restored /srv", PTY_TIMEOUT).unwrap();
+    assert!(text.contains("forked-restored /srv"), "{text:?}");
+    restored.stop();
+    std::fs::remove_dir_all(&snapshot).unwrap();
+
     shut_down(&vm, &agent, &console);
     eprintln!(
         "Linux image (this host emulates guest ring 0): agent answered {:.1} s after start; exec \
@@ -234,9 +257,9 @@ fn read_line_after(
     }
 }
 
-/// Asks the agent to reboot the guest (forkvm reports a reset) and waits for it.
+/// Asks the agent to power the guest off (a reset in a forkvm VM) and waits for it.
 fn shut_down(vm: &Vm, agent: &Agent, console: &ConsoleBuffer) {
-    agent.shutdown(PowerAction::Reboot).unwrap();
+    agent.shutdown(PowerAction::PowerOff).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while vm.exit().is_none() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));

@@ -113,6 +113,11 @@ fn set_hostname(hostname: &str) -> io::Result<()> {
 
 /// Stops every other process (SIGTERM, a second to go, SIGKILL), syncs, and powers off or
 /// reboots. Returns the error when `reboot` fails (it does not return otherwise).
+///
+/// A forkvm VM has no ACPI, so a Linux power-off there only halts the CPUs and the VM would
+/// stay; its kernel resets through the i8042 instead (`reboot=k`, which forkvm always passes),
+/// and forkvm ends a VM whose guest resets. So a power-off is a reset here too: either way the
+/// VM ends, and the host sees `GuestExit::Reset`.
 pub fn power(action: PowerAction) -> io::Error {
     // SAFETY: kill and sync have no memory effects; kill(-1) spares the caller.
     unsafe {
@@ -125,8 +130,7 @@ pub fn power(action: PowerAction) -> io::Error {
         libc::sync();
     }
     let command = match action {
-        PowerAction::PowerOff => libc::RB_POWER_OFF,
-        PowerAction::Reboot => libc::RB_AUTOBOOT,
+        PowerAction::PowerOff | PowerAction::Reboot => libc::RB_AUTOBOOT,
     };
     // SAFETY: reboot takes no pointers.
     unsafe { libc::reboot(command) };
