@@ -269,3 +269,37 @@ fn requests_fail_cleanly_once_the_connection_is_gone() {
         Err(AgentError::Io(_))
     ));
 }
+
+#[test]
+fn a_spawned_process_takes_input_as_it_goes_and_can_be_signalled() {
+    use forkvm::agent::ProcessEvent;
+
+    let agent = agent();
+    let cat = agent.spawn(&Command::new(["cat"])).unwrap();
+    assert!(cat.pid() > 0);
+    cat.write_stdin(b"first\n").unwrap();
+    assert_eq!(
+        cat.next(Some(TIMEOUT)).unwrap(),
+        Some(ProcessEvent::Output(Stream::Stdout, b"first\n".to_vec()))
+    );
+    cat.write_stdin(b"second\n").unwrap();
+    cat.close_stdin().unwrap();
+    let mut rest = Vec::new();
+    let status = cat.wait(|_, bytes| rest.extend_from_slice(bytes)).unwrap();
+    assert_eq!((status.code, rest), (Some(0), b"second\n".to_vec()));
+
+    let sleeper = agent
+        .spawn(&Command::new(["sh", "-c", "echo up; sleep 30"]))
+        .unwrap();
+    assert_eq!(
+        sleeper.next(Some(TIMEOUT)).unwrap(),
+        Some(ProcessEvent::Output(Stream::Stdout, b"up\n".to_vec()))
+    );
+    assert_eq!(
+        sleeper.next(Some(Duration::from_millis(100))).unwrap(),
+        None
+    );
+    sleeper.kill().unwrap();
+    let status = sleeper.wait(|_, _| {}).unwrap();
+    assert_eq!(status.signal, Some(libc::SIGKILL));
+}

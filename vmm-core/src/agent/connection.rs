@@ -186,6 +186,11 @@ impl Call {
         self.connection.send(Kind::Data, self.id, bytes)
     }
 
+    /// The request's id on its connection.
+    pub(super) fn id(&self) -> u32 {
+        self.id
+    }
+
     /// Tells the agent the request's input is complete.
     pub(super) fn send_eof(&self) -> Result<(), AgentError> {
         self.connection.send(Kind::Eof, self.id, &[])

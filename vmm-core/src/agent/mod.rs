@@ -28,7 +28,7 @@ use forkvm_agent_protocol::{
 };
 use forkvm_devices::sync::lock;
 
-use self::connection::Connection;
+use self::connection::{Call, Connection};
 pub use self::pty::{Pty, PtyEvent};
 use crate::vm::Vm;
 pub use forkvm_agent_protocol::{DirEntry as AgentDirEntry, ExitStatus, FileStat as AgentFileStat};
@@ -316,50 +316,29 @@ impl Agent {
     ) -> Result<ExitStatus, AgentError> {
         // A command with input gets its own connection: one that stops reading must not hold
         // up the shared one.
-        let own;
-        let connection = match &command.input {
-            Some(_) => {
-                own = self.own_connection()?;
-                &own
+        let process = match &command.input {
+            Some(input) => {
+                let process = Process::start(self.own_connection()?, command, self.deadline())?;
+                process.call.send_data(input)?;
+                process.call.send_eof()?;
+                process
             }
-            None => &self.shared,
+            None => Process::start(self.shared.clone(), command, self.deadline())?,
         };
-        let call = connection.start(&Request::Exec(command.request.clone()))?;
-        // Until the agent says it started the program, only its own time counts.
-        match call.reply(self.deadline()) {
-            Ok(Reply::Started { .. }) => {}
-            Ok(other) => return Err(unexpected(&other)),
-            // ENOENT from starting the program: the program is missing, unless a working
-            // directory was given, which may be what is missing instead.
-            Err(AgentError::Agent(error))
-                if error.kind == ErrorKind::NotFound && command.request.cwd.is_none() =>
-            {
-                let program = command.request.argv.first().cloned().unwrap_or_default();
-                return Err(AgentError::CommandNotFound(format!(
-                    "{program}: {}",
-                    error.message
-                )));
-            }
-            Err(e) => return Err(e),
-        }
+        process.wait(&mut output)
+    }
+
+    /// Starts `command` and returns at once with a handle to it, on a connection of its own:
+    /// feed its standard input as you go, read its output as it comes, signal it. Its standard
+    /// input is a pipe whatever [`Command::stdin`] says (what that gave is written first).
+    pub fn spawn(&self, command: &Command) -> Result<Process, AgentError> {
+        let mut piped = command.clone();
+        piped.request.stdin = true;
+        let process = Process::start(self.own_connection()?, &piped, self.deadline())?;
         if let Some(input) = &command.input {
-            call.send_data(input)?;
-            call.send_eof()?;
+            process.call.send_data(input)?;
         }
-        loop {
-            // The agent enforces the command's timeout; the host waits as long as it takes.
-            let frame = call.next(None)?;
-            match frame.kind {
-                Kind::Data => output(Stream::Stdout, &frame.payload),
-                Kind::Stderr => output(Stream::Stderr, &frame.payload),
-                Kind::Control => match frame.decode::<Reply>()? {
-                    Reply::Exited(status) => return Ok(status),
-                    Reply::Error(error) => return Err(AgentError::Agent(error)),
-                    other => return Err(unexpected(&other)),
-                },
-                Kind::Eof => {}
-            }
-        }
+        Ok(process)
     }
 
     /// Writes what `data` yields to the guest file `path` (created with `options.mode`, else
@@ -510,6 +489,129 @@ impl Agent {
         match self.ask(request)? {
             Reply::Ok => Ok(()),
             other => Err(unexpected(&other)),
+        }
+    }
+}
+
+/// What a running [`Process`] did next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProcessEvent {
+    /// A chunk of its output.
+    Output(Stream, Vec<u8>),
+    /// It ended.
+    Exited(ExitStatus),
+}
+
+/// A command running in the guest ([`Agent::spawn`]). Dropping the handle before the process
+/// ends closes its connection, which makes the agent kill it.
+pub struct Process {
+    call: Call,
+    connection: Arc<Connection>,
+    pid: u32,
+}
+
+impl std::fmt::Debug for Process {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Process")
+            .field("pid", &self.pid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Process {
+    /// Sends `command` on `connection` and waits (until `deadline`) for the agent to start it.
+    fn start(
+        connection: Arc<Connection>,
+        command: &Command,
+        deadline: Option<Instant>,
+    ) -> Result<Self, AgentError> {
+        let call = connection.start(&Request::Exec(command.request.clone()))?;
+        let pid = match call.reply(deadline) {
+            Ok(Reply::Started { pid }) => pid,
+            Ok(other) => return Err(unexpected(&other)),
+            // ENOENT from starting the program: the program is missing, unless a working
+            // directory was given, which may be what is missing instead.
+            Err(AgentError::Agent(error))
+                if error.kind == ErrorKind::NotFound && command.request.cwd.is_none() =>
+            {
+                let program = command.request.argv.first().cloned().unwrap_or_default();
+                return Err(AgentError::CommandNotFound(format!(
+                    "{program}: {}",
+                    error.message
+                )));
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Self {
+            call,
+            connection,
+            pid,
+        })
+    }
+
+    /// The process id in the guest.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Writes `input` to its standard input.
+    pub fn write_stdin(&self, input: &[u8]) -> Result<(), AgentError> {
+        self.call.send_data(input)
+    }
+
+    /// Closes its standard input (it reads end-of-file).
+    pub fn close_stdin(&self) -> Result<(), AgentError> {
+        self.call.send_eof()
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to its process group.
+    pub fn signal(&self, signal: i32) -> Result<(), AgentError> {
+        let call = self.connection.start(&Request::Signal {
+            target: self.call.id(),
+            signal,
+        })?;
+        match call.reply(Instant::now().checked_add(DEFAULT_REQUEST_TIMEOUT))? {
+            Reply::Ok => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Kills it (`SIGKILL` to its process group).
+    pub fn kill(&self) -> Result<(), AgentError> {
+        self.signal(libc::SIGKILL)
+    }
+
+    /// Its next output, or its end; `None` if nothing came within `timeout` (`None`: no limit).
+    pub fn next(&self, timeout: Option<Duration>) -> Result<Option<ProcessEvent>, AgentError> {
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        loop {
+            let frame = match self.call.next(deadline) {
+                Ok(frame) => frame,
+                Err(AgentError::TimedOut) if timeout.is_some() => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            return Ok(Some(match frame.kind {
+                Kind::Data => ProcessEvent::Output(Stream::Stdout, frame.payload),
+                Kind::Stderr => ProcessEvent::Output(Stream::Stderr, frame.payload),
+                Kind::Control => match frame.decode::<Reply>()? {
+                    Reply::Exited(status) => ProcessEvent::Exited(status),
+                    Reply::Error(error) => return Err(AgentError::Agent(error)),
+                    other => return Err(unexpected(&other)),
+                },
+                Kind::Eof => continue,
+            }));
+        }
+    }
+
+    /// Hands `output` everything it prints until it ends; returns how it ended.
+    pub fn wait(&self, mut output: impl FnMut(Stream, &[u8])) -> Result<ExitStatus, AgentError> {
+        loop {
+            // The agent enforces the command's timeout; the host waits as long as it takes.
+            match self.next(None)? {
+                Some(ProcessEvent::Output(stream, bytes)) => output(stream, &bytes),
+                Some(ProcessEvent::Exited(status)) => return Ok(status),
+                None => {}
+            }
         }
     }
 }
