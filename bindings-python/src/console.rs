@@ -45,6 +45,23 @@ impl PyConsoleBuffer {
     }
 }
 
+/// A console output argument, for parameters whose default (no argument) is standard output
+/// while an explicit `None` discards.
+pub(crate) struct ConsoleArg(pub(crate) ConsoleOutput);
+
+impl ConsoleArg {
+    /// The default: standard output, as in the Rust API.
+    pub(crate) fn stdout() -> Self {
+        Self(ConsoleOutput::Stdout)
+    }
+}
+
+impl<'py> FromPyObject<'py> for ConsoleArg {
+    fn extract_bound(spec: &Bound<'py, PyAny>) -> PyResult<Self> {
+        console_output(Some(spec)).map(Self)
+    }
+}
+
 /// Where console output goes, from its Python spelling: `None` (discarded), `"stdout"`, a
 /// `ConsoleBuffer`, another `str` or an `os.PathLike` (a file, created or truncated), or a
 /// callable receiving each chunk as `bytes`.

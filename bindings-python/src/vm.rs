@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
 
 use crate::agent::{PyAgent, PyPty, duration, to_thread};
-use crate::console::{console_input, console_output};
+use crate::console::{ConsoleArg, console_input, console_output};
 use crate::errors::{agent_error, closed, vm_error};
 use crate::types::{PyDeviceInfo, PyDirEntry, PyExecResult, PyExit, PyFileStat, PyIdentity};
 
@@ -211,6 +211,15 @@ fn virtio_console(
     Ok((console_output(Some(spec))?, None))
 }
 
+/// A `Child` or console output argument (see [`ConsoleArg`]).
+pub(crate) struct ChildArg(Child);
+
+impl<'py> FromPyObject<'py> for ChildArg {
+    fn extract_bound(spec: &Bound<'py, PyAny>) -> PyResult<Self> {
+        child(Some(spec)).map(Self)
+    }
+}
+
 /// The Rust [`Child`] for a `Child` or a console output spelling.
 fn child(spec: Option<&Bound<'_, PyAny>>) -> PyResult<Child> {
     let Some(spec) = spec else {
@@ -279,7 +288,7 @@ impl PyVm {
     #[new]
     #[pyo3(signature = (
         kernel, *, initrd = None, cmdline = None, memory_mib = forkvm::DEFAULT_MEMORY_MIB,
-        vcpus = 1, console = None, console_input = None, rng = false, disks = Vec::new(),
+        vcpus = 1, console = ConsoleArg::stdout(), console_input = None, rng = false, disks = Vec::new(),
         virtio_consoles = Vec::new(), vsock_cid = None, vsock_uds_path = None, balloon = None,
         debug_exit = false, kvm_device = None
     ))]
@@ -291,7 +300,7 @@ impl PyVm {
         cmdline: Option<String>,
         memory_mib: u64,
         vcpus: u32,
-        console: Option<&Bound<'_, PyAny>>,
+        console: ConsoleArg,
         console_input: Option<&Bound<'_, PyAny>>,
         rng: bool,
         disks: Vec<Bound<'_, PyAny>>,
@@ -313,11 +322,7 @@ impl PyVm {
         if let Some(cmdline) = cmdline {
             builder = builder.cmdline(cmdline);
         }
-        // The default console (no argument) is standard output, as in the Rust API.
-        builder = builder.console(match console {
-            None => forkvm::ConsoleOutput::Stdout,
-            Some(spec) => console_output(Some(spec))?,
-        });
+        builder = builder.console(console.0);
         if let Some(input) = self::console_input(console_input)? {
             builder = builder.console_input(input);
         }
@@ -387,16 +392,9 @@ impl PyVm {
     /// Starts a new VM from the snapshot in `directory`, running, connected to the host as
     /// `console` says (a console output spelling or a `Child`; default: standard output).
     #[staticmethod]
-    #[pyo3(signature = (directory, console = None))]
-    fn restore(
-        py: Python<'_>,
-        directory: PathBuf,
-        console: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<Self> {
-        let child = match console {
-            None => Child::new(forkvm::ConsoleOutput::Stdout),
-            Some(spec) => child(Some(spec))?,
-        };
+    #[pyo3(signature = (directory, console = ChildArg(Child::new(forkvm::ConsoleOutput::Stdout))))]
+    fn restore(py: Python<'_>, directory: PathBuf, console: ChildArg) -> PyResult<Self> {
+        let child = console.0;
         let vm = py
             .allow_threads(move || Vm::restore(directory, child))
             .map_err(vm_error)?;
