@@ -39,6 +39,9 @@ cargo test --workspace 2>&1 | tee "$log"
 step "C binding (gcc, ASan+UBSan, valgrind)"
 ffi-c/test.sh
 
+step "Python binding (maturin wheel, pytest, stubtest)"
+bindings-python/test.sh
+
 step "fuzzing (bounded)"
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
 for target in mmio_transport block_requests console_queues vsock_packets legacy_ports; do
