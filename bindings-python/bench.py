@@ -21,7 +21,7 @@ def main() -> None:
     loop = (time.perf_counter() - t0) / calls
     t0 = time.perf_counter()
     for _ in range(calls):
-        vm.is_paused
+        _ = vm.is_paused
     noop = (time.perf_counter() - t0) / calls
     t0 = time.perf_counter()
     identity = vm.identity  # a call that builds a result object

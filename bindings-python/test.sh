@@ -4,14 +4,16 @@
 # makes — then: the README's Python snippet is examples/hello.py and runs; the type stubs match
 # the module (mypy's stubtest) and type-check the tests and example; pytest on the test guest,
 # plus the Linux image test when the image is built (FORKVM_PY_IMAGE=0 skips it).
+# ruff lints and checks the formatting of the Python code.
 # Prints "N passed, N failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv=$PWD/target/python-venv
+export PATH=$venv/bin:$PATH
 python=${PYTHON:-python3}
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-"$venv/bin/pip" install --quiet --disable-pip-version-check 'maturin>=1.5,<2' pytest mypy
+"$venv/bin/pip" install --quiet --disable-pip-version-check 'maturin>=1.5,<2' pytest mypy ruff
 
 guest=$(tests/guest/build.sh)
 export FORKVM_TEST_GUEST=$guest
@@ -65,11 +67,14 @@ hello() {
 run "examples/hello.py" hello
 
 stubs() {
-    (cd /tmp && "$venv/bin/python" -m mypy.stubtest forkvm --ignore-missing-stub) &&
+    local allowlist=$PWD/bindings-python/stubtest-allowlist.txt
+    (cd /tmp && "$venv/bin/python" -m mypy.stubtest forkvm --ignore-disjoint-bases \
+        --allowlist "$allowlist") &&
         "$venv/bin/python" -m mypy --strict --no-error-summary bindings-python/examples/hello.py &&
-        "$venv/bin/python" -m mypy --no-error-summary --check-untyped-defs bindings-python/tests
+        "$venv/bin/python" -m mypy --no-error-summary --check-untyped-defs bindings-python/tests bindings-python/bench.py
 }
 run "type stubs: stubtest and mypy" stubs
+run "ruff check and format" bash -c "ruff check --quiet bindings-python && ruff format --quiet --check bindings-python"
 
 run "pytest" "$venv/bin/python" -m pytest -q -rs bindings-python/tests
 

@@ -19,9 +19,7 @@ def guest() -> str:
     """The test guest's ELF: $FORKVM_TEST_GUEST, else built (cached) by its script."""
     path = os.environ.get("FORKVM_TEST_GUEST")
     if not path:
-        out = subprocess.run(
-            ["bash", str(REPO / "tests/guest/build.sh")], check=True, capture_output=True, text=True
-        )
+        out = subprocess.run(["bash", str(REPO / "tests/guest/build.sh")], check=True, capture_output=True, text=True)
         path = out.stdout.strip()
     return path
 

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import List
 
 import pytest
-from conftest import counter_address, generation_lines, lines, resources, wait_until
 
 import forkvm
+
+from conftest import counter_address, generation_lines, lines, resources, wait_until
 
 # Guest RAM the test guest never uses (it lives in its first MiBs): room for host writes.
 SCRATCH = 24 << 20
@@ -36,8 +37,8 @@ def test_build_start_banner_fork_into_3_isolation_stop_and_nothing_leaks(guest: 
         consoles = [forkvm.ConsoleBuffer() for _ in range(3)]
         children = vm.fork(consoles)
         assert len(children) == 3
+        wait_until("the children's generation lines", lambda: all(generation_lines(out) for out in consoles))
         for child, out in zip(children, consoles):
-            wait_until("a child's generation line", lambda: bool(generation_lines(out)))
             assert generation_lines(out) == [(1, id_of(child))]
             assert child.identity.generation == 1
         assert len({id_of(c) for c in children} | {id_of(vm)}) == 4
@@ -176,7 +177,7 @@ def test_wrong_argument_types_raise_type_error(guest: str) -> None:
     with pytest.raises(TypeError):
         forkvm.VM(kernel=guest, disks=[42])  # type: ignore[list-item]
     with pytest.raises(TypeError):
-        forkvm.VM(guest, 32)  # type: ignore[misc]
+        forkvm.VM(guest, 32)  # type: ignore
     with forkvm.VM(kernel=guest, memory_mib=32, cmdline="mode=spin", console=None) as vm:
         with pytest.raises(TypeError):
             vm.write_memory(SCRATCH, "text")  # type: ignore[arg-type]
@@ -199,7 +200,12 @@ def test_a_console_callback_that_raises_is_reported_not_fatal(guest: str) -> Non
         raise RuntimeError("callback failed")
 
     old_hook = sys.unraisablehook
-    sys.unraisablehook = lambda u: reported.append(u.exc_value)
+
+    def hook(unraisable: "sys.UnraisableHookArgs") -> None:
+        if unraisable.exc_value is not None:
+            reported.append(unraisable.exc_value)
+
+    sys.unraisablehook = hook
     try:
         with forkvm.VM(kernel=guest, memory_mib=32, cmdline="mode=spin", console=callback) as vm:
             wait_until("output and reports", lambda: b"spinning" in b"".join(seen) and bool(reported))
@@ -212,7 +218,12 @@ def test_a_console_callback_that_raises_is_reported_not_fatal(guest: str) -> Non
 def test_blocking_calls_release_the_gil(guest: str) -> None:
     vms = [forkvm.VM(kernel=guest, memory_mib=32, cmdline="mode=spin", console=None) for _ in range(2)]
     exits: List[forkvm.Exit] = []
-    threads = [threading.Thread(target=lambda v=vm: (v.start(), exits.append(v.wait()))) for vm in vms]
+
+    def run(vm: forkvm.VM) -> None:
+        vm.start()
+        exits.append(vm.wait())
+
+    threads = [threading.Thread(target=run, args=(vm,)) for vm in vms]
     for t in threads:
         t.start()
     # Both threads sit in wait() while this one runs Python and stops them.

@@ -3,17 +3,31 @@
 import os
 import socket
 from types import TracebackType
-from typing import Any, Callable, Coroutine, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
+from typing import (
+    Any,
+    Callable,
+    Coroutine,
+    List,
+    Literal,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    TypeVar,
+    Union,
+    final,
+)
 
 _T = TypeVar("_T")
 _Coro = Coroutine[Any, Any, _T]
 _Path = Union[str, "os.PathLike[str]"]
 
-ConsoleOutput = Union[None, Literal["stdout"], "ConsoleBuffer", _Path, Callable[[bytes], object]]
+_ConsoleOutput = Union[None, Literal["stdout"], "ConsoleBuffer", _Path, Callable[[bytes], object]]
 """Where console output goes: discarded, standard output, a buffer, a file or a callable."""
-ConsoleInput = Union[None, Literal["stdin"], int, Any]
+_ConsoleInput = Union[None, Literal["stdin"], int, Any]
 """Where console input comes from: none, standard input, an fd or an object with fileno()."""
-VirtioConsole = Union[ConsoleOutput, Tuple[ConsoleOutput, ConsoleInput]]
+_VirtioConsole = Union[_ConsoleOutput, Tuple[_ConsoleOutput, _ConsoleInput]]
 
 DEFAULT_MEMORY_MIB: int
 IMAGE_CMDLINE: str
@@ -43,25 +57,29 @@ class AgentNotReadyError(AgentError): ...
 class CommandNotFoundError(AgentError): ...
 class ConnectionLostError(AgentError): ...
 
+@final
 class ConsoleBuffer:
     """Console output kept in memory (the last `limit` bytes)."""
 
-    def __init__(self, limit: int = ...) -> None: ...
+    def __new__(cls, limit: int = ...) -> "ConsoleBuffer": ...
     def text(self) -> str: ...
     def contents(self) -> bytes: ...
     def take(self) -> bytes: ...
 
+@final
 class Disk:
     path: str
     read_only: bool
     direct_io: bool
-    def __init__(self, path: _Path, *, read_only: bool = False, direct_io: bool = False) -> None: ...
+    def __new__(cls, path: _Path, *, read_only: bool = False, direct_io: bool = False) -> "Disk": ...
 
+@final
 class Balloon:
     deflate_on_oom: bool
     free_page_reporting: bool
-    def __init__(self, *, deflate_on_oom: bool = False, free_page_reporting: bool = False) -> None: ...
+    def __new__(cls, *, deflate_on_oom: bool = False, free_page_reporting: bool = False) -> "Balloon": ...
 
+@final
 class BalloonHandle:
     target_pages: int
     actual_pages: int
@@ -75,18 +93,20 @@ class BalloonHandle:
     def request_stats(self) -> None: ...
     def stats(self) -> Optional[List[Tuple[int, int]]]: ...
 
+@final
 class Child:
     """How one child of a fork (or a restored VM) reaches the host."""
 
-    def __init__(
-        self,
-        console: ConsoleOutput = None,
+    def __new__(
+        cls,
+        console: _ConsoleOutput = None,
         *,
-        console_input: ConsoleInput = None,
-        virtio_consoles: Sequence[VirtioConsole] = ...,
+        console_input: _ConsoleInput = None,
+        virtio_consoles: Sequence[_VirtioConsole] = ...,
         vsock_uds_path: Optional[_Path] = None,
-    ) -> None: ...
+    ) -> "Child": ...
 
+@final
 class Exit:
     """How a guest ended."""
 
@@ -95,22 +115,26 @@ class Exit:
     vcpu: Optional[int]
     reason: Optional[str]
 
+@final
 class Identity:
     generation: int
     id: bytes
 
+@final
 class DeviceInfo:
     device_type: int
     mmio_base: int
     irq: int
     status: int
 
+@final
 class ExitStatus:
     exit_code: Optional[int]
     signal: Optional[int]
     timed_out: bool
     success: bool
 
+@final
 class ExecResult:
     stdout: bytes
     stderr: bytes
@@ -119,6 +143,7 @@ class ExecResult:
     timed_out: bool
     success: bool
 
+@final
 class FileStat:
     file_type: Literal["file", "dir", "symlink", "other"]
     size: int
@@ -127,11 +152,13 @@ class FileStat:
     gid: int
     mtime_ns: int
 
+@final
 class DirEntry:
     name: str
     file_type: Literal["file", "dir", "symlink", "other"]
     size: int
 
+@final
 class Pty:
     """A terminal session in the guest."""
 
@@ -152,6 +179,7 @@ class Pty:
         tb: Optional[TracebackType],
     ) -> bool: ...
 
+@final
 class Agent:
     """A connected guest agent (forkvm's Linux image)."""
 
@@ -209,31 +237,32 @@ class Agent:
     ) -> _Coro[int]: ...
     def read_file_async(self, path: str) -> _Coro[bytes]: ...
 
+@final
 class VM:
     """A virtual machine. `with VM(...) as vm:` starts it (unless it runs already) and stops
     and closes it at the end of the block."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         kernel: _Path,
         *,
         initrd: Optional[_Path] = None,
         cmdline: Optional[str] = None,
-        memory_mib: int = 128,
+        memory_mib: int = ...,  # DEFAULT_MEMORY_MIB
         vcpus: int = 1,
-        console: ConsoleOutput = "stdout",
-        console_input: ConsoleInput = None,
+        console: _ConsoleOutput = ...,
+        console_input: _ConsoleInput = None,
         rng: bool = False,
         disks: Sequence[Union[_Path, Disk]] = ...,
-        virtio_consoles: Sequence[VirtioConsole] = ...,
+        virtio_consoles: Sequence[_VirtioConsole] = ...,
         vsock_cid: Optional[int] = None,
         vsock_uds_path: Optional[_Path] = None,
         balloon: Union[None, bool, Balloon] = None,
         debug_exit: bool = False,
         kvm_device: Optional[_Path] = None,
-    ) -> None: ...
+    ) -> "VM": ...
     @staticmethod
-    def restore(directory: _Path, console: Union[ConsoleOutput, Child] = "stdout") -> "VM": ...
+    def restore(directory: _Path, console: Union[_ConsoleOutput, Child] = ...) -> "VM": ...
     def start(self) -> None: ...
     def wait(self) -> Exit: ...
     def stop(self) -> Exit: ...
@@ -259,7 +288,7 @@ class VM:
     def balloon(self) -> Optional[BalloonHandle]: ...
     def read_memory(self, addr: int, size: int) -> bytes: ...
     def write_memory(self, addr: int, data: bytes) -> None: ...
-    def fork(self, children: Union[int, Sequence[Union[ConsoleOutput, Child]]]) -> List["VM"]: ...
+    def fork(self, children: Union[int, Sequence[Union[_ConsoleOutput, Child]]]) -> List["VM"]: ...
     def snapshot(self, directory: _Path) -> None: ...
     def prepare_forks(self, n: int) -> None: ...
     def keep_forks_ready(self, n: int) -> None: ...
@@ -298,10 +327,10 @@ class VM:
     def wait_async(self) -> _Coro[Exit]: ...
     def stop_async(self) -> _Coro[Exit]: ...
     def pause_async(self) -> _Coro[None]: ...
-    def fork_async(self, children: Union[int, Sequence[Union[ConsoleOutput, Child]]]) -> _Coro[List["VM"]]: ...
+    def fork_async(self, children: Union[int, Sequence[Union[_ConsoleOutput, Child]]]) -> _Coro[List["VM"]]: ...
     def snapshot_async(self, directory: _Path) -> _Coro[None]: ...
     @staticmethod
-    def restore_async(directory: _Path, console: Union[ConsoleOutput, Child] = "stdout") -> _Coro["VM"]: ...
+    def restore_async(directory: _Path, console: Union[_ConsoleOutput, Child] = ...) -> _Coro["VM"]: ...
     def agent_async(self, timeout: float = 60.0) -> _Coro[Agent]: ...
     def exec_async(
         self,
@@ -319,4 +348,44 @@ class VM:
     ) -> _Coro[int]: ...
     def read_file_async(self, path: str) -> _Coro[bytes]: ...
 
-__all__: List[str]
+__all__ = [
+    "DEFAULT_MEMORY_MIB",
+    "IDENTITY_PAGE_ADDR",
+    "IMAGE_CMDLINE",
+    "IMAGE_MEMORY_MIB",
+    "VM",
+    "Agent",
+    "AgentError",
+    "AgentNotReadyError",
+    "AlreadyStartedError",
+    "Balloon",
+    "BalloonHandle",
+    "BootError",
+    "Child",
+    "ClosedError",
+    "CommandNotFoundError",
+    "ConnectionLostError",
+    "ConsoleBuffer",
+    "DeviceInfo",
+    "DirEntry",
+    "Disk",
+    "Error",
+    "ExecResult",
+    "Exit",
+    "ExitStatus",
+    "FileStat",
+    "GuestMemoryError",
+    "HostIoError",
+    "Identity",
+    "InvalidArgumentError",
+    "KvmError",
+    "NoDeviceError",
+    "NotRunningError",
+    "NotStartedError",
+    "Pty",
+    "SnapshotError",
+    "TimedOutError",
+    "UnsupportedError",
+    "VsockError",
+    "stop_all",
+]
