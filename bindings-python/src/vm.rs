@@ -276,6 +276,17 @@ impl PyVm {
     }
 }
 
+impl Drop for PyVm {
+    /// A VM collected without `close()` stops here, without the GIL: its vCPU threads may be
+    /// waiting for the GIL in a console callback, and stopping joins them.
+    fn drop(&mut self) {
+        let vm = self.vm.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(vm) = vm {
+            Python::with_gil(|py| py.allow_threads(move || drop(vm)));
+        }
+    }
+}
+
 #[pymethods]
 impl PyVm {
     /// Builds a VM (validates the configuration, creates the VM, loads the guest).

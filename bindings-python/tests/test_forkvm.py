@@ -215,6 +215,18 @@ def test_a_console_callback_that_raises_is_reported_not_fatal(guest: str) -> Non
         sys.unraisablehook = old_hook
 
 
+def test_a_vm_with_a_console_callback_collected_without_close_stops(guest: str) -> None:
+    seen: List[bytes] = []
+    vm = forkvm.VM(kernel=guest, memory_mib=32, cmdline="mode=generation", console=seen.append)
+    vm.start()
+    wait_until("output", lambda: b"spinning" in b"".join(seen))
+    (child,) = vm.fork([seen.append])
+    # Dropping the last references stops each VM while its vCPU thread may wait for the GIL
+    # in the callback: the binding releases the GIL to join it.
+    del vm, child
+    gc.collect()
+
+
 def test_blocking_calls_release_the_gil(guest: str) -> None:
     vms = [forkvm.VM(kernel=guest, memory_mib=32, cmdline="mode=spin", console=None) for _ in range(2)]
     exits: List[forkvm.Exit] = []
