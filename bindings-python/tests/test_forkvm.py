@@ -3,6 +3,7 @@ binding runs, device and life-cycle calls, misuse, threads and asyncio."""
 
 import asyncio
 import gc
+import os
 import sys
 import threading
 import time
@@ -100,6 +101,9 @@ def test_snapshot_and_restore(guest: str, tmp_path: Path) -> None:
         assert generation_lines(restored_console)[-1] == (1, id_of(restored))
     with pytest.raises(forkvm.SnapshotError):
         forkvm.VM.restore(tmp_path, console=None)
+    again = asyncio.run(forkvm.VM.restore_async(tmp_path / "snap", console=None))
+    assert again.identity.generation == 1
+    again.close()
 
 
 def test_devices_and_prepared_forks(guest: str) -> None:
@@ -260,3 +264,33 @@ def test_asyncio_variants(guest: str) -> None:
         return await vm.stop_async()
 
     assert asyncio.run(main()).kind == "powered_off"
+
+
+def test_console_input_from_a_pipe(guest: str) -> None:
+    console = forkvm.ConsoleBuffer()
+    read_end, write_end = os.pipe()
+    try:
+        vm = forkvm.VM(
+            kernel=guest, memory_mib=32, cmdline="mode=echo", debug_exit=True, console=console, console_input=read_end
+        )
+    finally:
+        os.close(read_end)  # the VM holds a duplicate
+    with vm:
+        os.write(write_end, b"hi q")
+        assert vm.wait().status == 0
+        assert "hi q\necho done" in console.text()
+    os.close(write_end)
+
+
+def test_vsock_connect_and_a_child_with_its_own_socket(guest: str, tmp_path: Path) -> None:
+    console = forkvm.ConsoleBuffer()
+    vm = forkvm.VM(kernel=guest, memory_mib=32, cmdline="mode=vsock-listen vsock_port=77", console=console, vsock_cid=3)
+    with vm:
+        wait_until("the listener", lambda: "vsock-listen: listening on port 77" in console.text())
+        with vm.vsock_connect(77, timeout=10) as sock:
+            sock.settimeout(10)
+            sock.sendall(b"ping")
+            assert sock.recv(4) == b"ping"
+        (child,) = vm.fork([forkvm.Child(None, vsock_uds_path=tmp_path / "child.sock")])
+        with child:
+            assert (tmp_path / "child.sock").exists()
