@@ -1,1 +1,43 @@
-//! Python bindings for forkvm (pyo3 + maturin): arrive with the bindings issue; empty until then.
+//! Python bindings for forkvm: the `forkvm._forkvm` extension module, which the pure-Python
+//! package `forkvm` (bindings-python/forkvm/) re-exports.
+//!
+//! A thin layer over the Rust API: every class wraps one Rust type, every method calls one Rust
+//! method, converting arguments and results and mapping errors onto the exception hierarchy
+//! rooted at `forkvm.Error` ([`errors`]). Every call that can block — on the guest, on another
+//! thread or on I/O — releases the GIL, so Python threads run VMs in parallel and a console
+//! callback (which takes the GIL on a vCPU thread) can never deadlock against a caller.
+
+mod agent;
+mod console;
+mod errors;
+mod types;
+mod vm;
+
+use pyo3::prelude::*;
+
+/// The extension module.
+#[pymodule]
+fn _forkvm(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<vm::PyVm>()?;
+    m.add_class::<console::PyConsoleBuffer>()?;
+    m.add_class::<vm::PyChild>()?;
+    m.add_class::<vm::PyDisk>()?;
+    m.add_class::<vm::PyBalloon>()?;
+    m.add_class::<vm::PyBalloonHandle>()?;
+    m.add_class::<agent::PyAgent>()?;
+    m.add_class::<agent::PyPty>()?;
+    m.add_class::<types::PyExit>()?;
+    m.add_class::<types::PyIdentity>()?;
+    m.add_class::<types::PyDeviceInfo>()?;
+    m.add_class::<types::PyExecResult>()?;
+    m.add_class::<types::PyExitStatus>()?;
+    m.add_class::<types::PyFileStat>()?;
+    m.add_class::<types::PyDirEntry>()?;
+    m.add_function(wrap_pyfunction!(vm::stop_all, m)?)?;
+    errors::register(m)?;
+    m.add("DEFAULT_MEMORY_MIB", forkvm::DEFAULT_MEMORY_MIB)?;
+    m.add("IMAGE_CMDLINE", forkvm::agent::IMAGE_CMDLINE)?;
+    m.add("IMAGE_MEMORY_MIB", forkvm::agent::IMAGE_MEMORY_MIB)?;
+    m.add("IDENTITY_PAGE_ADDR", forkvm::layout::IDENTITY_PAGE_ADDR)?;
+    Ok(())
+}

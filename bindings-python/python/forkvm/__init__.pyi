@@ -1,0 +1,391 @@
+"""Type stubs for forkvm (the extension module forkvm._forkvm, re-exported)."""
+
+import os
+import socket
+from types import TracebackType
+from typing import (
+    Any,
+    Callable,
+    Coroutine,
+    List,
+    Literal,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    TypeVar,
+    Union,
+    final,
+)
+
+_T = TypeVar("_T")
+_Coro = Coroutine[Any, Any, _T]
+_Path = Union[str, "os.PathLike[str]"]
+
+_ConsoleOutput = Union[None, Literal["stdout"], "ConsoleBuffer", _Path, Callable[[bytes], object]]
+"""Where console output goes: discarded, standard output, a buffer, a file or a callable."""
+_ConsoleInput = Union[None, Literal["stdin"], int, Any]
+"""Where console input comes from: none, standard input, an fd or an object with fileno()."""
+_VirtioConsole = Union[_ConsoleOutput, Tuple[_ConsoleOutput, _ConsoleInput]]
+
+DEFAULT_MEMORY_MIB: int
+IMAGE_CMDLINE: str
+IMAGE_MEMORY_MIB: int
+IDENTITY_PAGE_ADDR: int
+
+def stop_all() -> None:
+    """Stops every VM of this process that is still running (registered with atexit)."""
+
+class Error(Exception): ...
+class InvalidArgumentError(Error): ...
+class KvmError(Error): ...
+class BootError(Error): ...
+class GuestMemoryError(Error): ...
+class HostIoError(Error): ...
+class NoDeviceError(Error): ...
+class VsockError(Error): ...
+class NotStartedError(Error): ...
+class AlreadyStartedError(Error): ...
+class NotRunningError(Error): ...
+class ClosedError(NotRunningError): ...
+class TimedOutError(Error): ...
+class UnsupportedError(Error): ...
+class SnapshotError(Error): ...
+class AgentError(Error): ...
+class AgentNotReadyError(AgentError): ...
+class CommandNotFoundError(AgentError): ...
+class ConnectionLostError(AgentError): ...
+
+@final
+class ConsoleBuffer:
+    """Console output kept in memory (the last `limit` bytes)."""
+
+    def __new__(cls, limit: int = ...) -> "ConsoleBuffer": ...
+    def text(self) -> str: ...
+    def contents(self) -> bytes: ...
+    def take(self) -> bytes: ...
+
+@final
+class Disk:
+    path: str
+    read_only: bool
+    direct_io: bool
+    def __new__(cls, path: _Path, *, read_only: bool = False, direct_io: bool = False) -> "Disk": ...
+
+@final
+class Balloon:
+    deflate_on_oom: bool
+    free_page_reporting: bool
+    def __new__(cls, *, deflate_on_oom: bool = False, free_page_reporting: bool = False) -> "Balloon": ...
+
+@final
+class BalloonHandle:
+    target_pages: int
+    actual_pages: int
+    stats_updates: int
+    inflated_bytes: int
+    deflated_bytes: int
+    reported_bytes: int
+    rejected_requests: int
+    def set_target_mib(self, mib: int) -> None: ...
+    def set_target_pages(self, pages: int) -> None: ...
+    def request_stats(self) -> None: ...
+    def stats(self) -> Optional[List[Tuple[int, int]]]: ...
+
+@final
+class Child:
+    """How one child of a fork (or a restored VM) reaches the host."""
+
+    def __new__(
+        cls,
+        console: _ConsoleOutput = None,
+        *,
+        console_input: _ConsoleInput = None,
+        virtio_consoles: Sequence[_VirtioConsole] = ...,
+        vsock_uds_path: Optional[_Path] = None,
+    ) -> "Child": ...
+
+@final
+class Exit:
+    """How a guest ended."""
+
+    kind: Literal["powered_off", "reset", "triple_fault", "crashed", "stopped"]
+    status: Optional[int]
+    vcpu: Optional[int]
+    reason: Optional[str]
+
+@final
+class Identity:
+    generation: int
+    id: bytes
+
+@final
+class DeviceInfo:
+    device_type: int
+    mmio_base: int
+    irq: int
+    status: int
+
+@final
+class ExitStatus:
+    exit_code: Optional[int]
+    signal: Optional[int]
+    timed_out: bool
+    success: bool
+
+@final
+class ExecResult:
+    stdout: bytes
+    stderr: bytes
+    exit_code: Optional[int]
+    signal: Optional[int]
+    timed_out: bool
+    success: bool
+
+@final
+class FileStat:
+    file_type: Literal["file", "dir", "symlink", "other"]
+    size: int
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+
+@final
+class DirEntry:
+    name: str
+    file_type: Literal["file", "dir", "symlink", "other"]
+    size: int
+
+@final
+class Pty:
+    """A terminal session in the guest."""
+
+    session: int
+    def write(self, data: bytes) -> None: ...
+    def read(self, timeout: Optional[float] = None) -> Union[bytes, ExitStatus, None]: ...
+    def read_until(self, needle: str, timeout: float = 10.0) -> str: ...
+    def resize(self, rows: int, cols: int) -> None: ...
+    def close(self) -> None: ...
+    def detach(self) -> None: ...
+    def read_async(self, timeout: Optional[float] = None) -> _Coro[Union[bytes, ExitStatus, None]]: ...
+    def read_until_async(self, needle: str, timeout: float = 10.0) -> _Coro[str]: ...
+    def __enter__(self) -> "Pty": ...
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> bool: ...
+
+@final
+class Agent:
+    """A connected guest agent (forkvm's Linux image)."""
+
+    is_connected: bool
+    def with_timeout(self, timeout: float) -> "Agent": ...
+    def ping(self) -> float: ...
+    def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: Optional[bytes] = None,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        user: Optional[str] = None,
+        clear_env: bool = False,
+        timeout: Optional[float] = None,
+    ) -> ExecResult: ...
+    def exec_streaming(
+        self,
+        argv: Sequence[str],
+        on_output: Callable[[Literal["stdout", "stderr"], bytes], object],
+        *,
+        stdin: Optional[bytes] = None,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        user: Optional[str] = None,
+        clear_env: bool = False,
+        timeout: Optional[float] = None,
+    ) -> ExitStatus: ...
+    def write_file(
+        self, path: str, data: bytes, *, append: bool = False, exclusive: bool = False, mode: Optional[int] = None
+    ) -> int: ...
+    def read_file(self, path: str) -> bytes: ...
+    def stat(self, path: str) -> FileStat: ...
+    def list_dir(self, path: str) -> List[DirEntry]: ...
+    def mkdir(self, path: str, *, parents: bool = False) -> None: ...
+    def remove(self, path: str, *, recursive: bool = False) -> None: ...
+    def rename(self, src: str, dst: str) -> None: ...
+    def pty(self, argv: Sequence[str], rows: int = 24, cols: int = 80) -> Pty: ...
+    def pty_attach(self, session: int) -> Pty: ...
+    def shutdown(self, action: Literal["poweroff", "reboot"] = "poweroff") -> None: ...
+    def exec_async(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: Optional[bytes] = None,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        user: Optional[str] = None,
+        clear_env: bool = False,
+        timeout: Optional[float] = None,
+    ) -> _Coro[ExecResult]: ...
+    def write_file_async(
+        self, path: str, data: bytes, *, append: bool = False, exclusive: bool = False, mode: Optional[int] = None
+    ) -> _Coro[int]: ...
+    def read_file_async(self, path: str) -> _Coro[bytes]: ...
+
+@final
+class VM:
+    """A virtual machine. `with VM(...) as vm:` starts it (unless it runs already) and stops
+    and closes it at the end of the block."""
+
+    def __new__(
+        cls,
+        kernel: _Path,
+        *,
+        initrd: Optional[_Path] = None,
+        cmdline: Optional[str] = None,
+        memory_mib: int = ...,  # DEFAULT_MEMORY_MIB
+        vcpus: int = 1,
+        console: _ConsoleOutput = ...,
+        console_input: _ConsoleInput = None,
+        rng: bool = False,
+        disks: Sequence[Union[_Path, Disk]] = ...,
+        virtio_consoles: Sequence[_VirtioConsole] = ...,
+        vsock_cid: Optional[int] = None,
+        vsock_uds_path: Optional[_Path] = None,
+        balloon: Union[None, bool, Balloon] = None,
+        debug_exit: bool = False,
+        kvm_device: Optional[_Path] = None,
+    ) -> "VM": ...
+    @staticmethod
+    def restore(directory: _Path, console: Union[_ConsoleOutput, Child] = ...) -> "VM": ...
+    def start(self) -> None: ...
+    def wait(self) -> Exit: ...
+    def stop(self) -> Exit: ...
+    def close(self) -> None: ...
+    @property
+    def closed(self) -> bool: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    @property
+    def is_paused(self) -> bool: ...
+    @property
+    def exit(self) -> Optional[Exit]: ...
+    @property
+    def devices(self) -> List[DeviceInfo]: ...
+    @property
+    def identity(self) -> Identity: ...
+    @property
+    def last_pause(self) -> Optional[float]: ...
+    @property
+    def memory_size(self) -> int: ...
+    def memory_allocated_bytes(self) -> int: ...
+    @property
+    def balloon(self) -> Optional[BalloonHandle]: ...
+    def read_memory(self, addr: int, size: int) -> bytes: ...
+    def write_memory(self, addr: int, data: bytes) -> None: ...
+    def fork(self, children: Union[int, Sequence[Union[_ConsoleOutput, Child]]]) -> List["VM"]: ...
+    def snapshot(self, directory: _Path) -> None: ...
+    def prepare_forks(self, n: int) -> None: ...
+    def keep_forks_ready(self, n: int) -> None: ...
+    @property
+    def prepared_forks(self) -> int: ...
+    def vsock_connect(self, port: int, timeout: float = 5.0) -> socket.socket: ...
+    def agent(self, timeout: float = 60.0) -> Agent: ...
+    def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: Optional[bytes] = None,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        user: Optional[str] = None,
+        clear_env: bool = False,
+        timeout: Optional[float] = None,
+    ) -> ExecResult: ...
+    def write_file(
+        self, path: str, data: bytes, *, append: bool = False, exclusive: bool = False, mode: Optional[int] = None
+    ) -> int: ...
+    def read_file(self, path: str) -> bytes: ...
+    def stat(self, path: str) -> FileStat: ...
+    def list_dir(self, path: str) -> List[DirEntry]: ...
+    def pty(self, argv: Sequence[str], rows: int = 24, cols: int = 80) -> Pty: ...
+    def pty_attach(self, session: int) -> Pty: ...
+    def __enter__(self) -> "VM": ...
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> bool: ...
+    # asyncio variants: each runs its blocking twin in a thread (asyncio.to_thread).
+    def start_async(self) -> _Coro[None]: ...
+    def wait_async(self) -> _Coro[Exit]: ...
+    def stop_async(self) -> _Coro[Exit]: ...
+    def pause_async(self) -> _Coro[None]: ...
+    def fork_async(self, children: Union[int, Sequence[Union[_ConsoleOutput, Child]]]) -> _Coro[List["VM"]]: ...
+    def snapshot_async(self, directory: _Path) -> _Coro[None]: ...
+    @staticmethod
+    def restore_async(directory: _Path, console: Union[_ConsoleOutput, Child] = ...) -> _Coro["VM"]: ...
+    def agent_async(self, timeout: float = 60.0) -> _Coro[Agent]: ...
+    def exec_async(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: Optional[bytes] = None,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        user: Optional[str] = None,
+        clear_env: bool = False,
+        timeout: Optional[float] = None,
+    ) -> _Coro[ExecResult]: ...
+    def write_file_async(
+        self, path: str, data: bytes, *, append: bool = False, exclusive: bool = False, mode: Optional[int] = None
+    ) -> _Coro[int]: ...
+    def read_file_async(self, path: str) -> _Coro[bytes]: ...
+
+__all__ = [
+    "DEFAULT_MEMORY_MIB",
+    "IDENTITY_PAGE_ADDR",
+    "IMAGE_CMDLINE",
+    "IMAGE_MEMORY_MIB",
+    "VM",
+    "Agent",
+    "AgentError",
+    "AgentNotReadyError",
+    "AlreadyStartedError",
+    "Balloon",
+    "BalloonHandle",
+    "BootError",
+    "Child",
+    "ClosedError",
+    "CommandNotFoundError",
+    "ConnectionLostError",
+    "ConsoleBuffer",
+    "DeviceInfo",
+    "DirEntry",
+    "Disk",
+    "Error",
+    "ExecResult",
+    "Exit",
+    "ExitStatus",
+    "FileStat",
+    "GuestMemoryError",
+    "HostIoError",
+    "Identity",
+    "InvalidArgumentError",
+    "KvmError",
+    "NoDeviceError",
+    "NotRunningError",
+    "NotStartedError",
+    "Pty",
+    "SnapshotError",
+    "TimedOutError",
+    "UnsupportedError",
+    "VsockError",
+    "stop_all",
+]

@@ -1,0 +1,443 @@
+//! The guest agent (`forkvm.Agent`) and PTY sessions (`forkvm.Pty`): commands, files and
+//! terminals in a guest running forkvm's Linux image.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use forkvm::agent::{Agent, Command, Pty, PtyEvent, Stream, WriteOptions};
+use forkvm_agent_protocol::PowerAction;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyTuple};
+
+use crate::errors::agent_error;
+use crate::types::{PyDirEntry, PyExecResult, PyExitStatus, PyFileStat};
+
+/// Seconds (a Python float) as a [`Duration`]; `None` is "no limit".
+pub(crate) fn duration(seconds: Option<f64>) -> PyResult<Duration> {
+    match seconds {
+        None => Ok(Duration::MAX),
+        Some(s) => Duration::try_from_secs_f64(s)
+            .map_err(|_| PyValueError::new_err(format!("{s} is not a valid timeout in seconds"))),
+    }
+}
+
+/// `asyncio.to_thread(method, *args, **kwargs)`: the coroutine behind every `*_async` method.
+pub(crate) fn to_thread<'py>(
+    method: Bound<'py, PyAny>,
+    args: &Bound<'py, PyTuple>,
+    kwargs: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let py = method.py();
+    let mut all = vec![method];
+    all.extend(args.iter());
+    py.import("asyncio")?
+        .getattr("to_thread")?
+        .call(PyTuple::new(py, all)?, kwargs)
+}
+
+/// The command `exec` runs, from its keyword arguments.
+fn command(
+    argv: Vec<String>,
+    stdin: Option<&[u8]>,
+    env: Option<HashMap<String, String>>,
+    cwd: Option<String>,
+    user: Option<String>,
+    clear_env: bool,
+    timeout: Option<f64>,
+) -> PyResult<Command> {
+    if argv.is_empty() {
+        return Err(PyValueError::new_err(
+            "argv is empty: name a program to run",
+        ));
+    }
+    let mut command = Command::new(argv);
+    if clear_env {
+        command = command.clear_env();
+    }
+    for (key, value) in env.unwrap_or_default() {
+        command = command.env(key, value);
+    }
+    if let Some(cwd) = cwd {
+        command = command.cwd(cwd);
+    }
+    if let Some(user) = user {
+        command = command.user(user);
+    }
+    if let Some(stdin) = stdin {
+        command = command.stdin(stdin);
+    }
+    if let Some(timeout) = timeout {
+        command = command.timeout(duration(Some(timeout))?);
+    }
+    Ok(command)
+}
+
+/// A connected guest agent (`VM.agent()`): runs commands, moves files and opens terminals in
+/// the guest. Every method blocks without holding the GIL.
+#[pyclass(module = "forkvm", name = "Agent", frozen)]
+pub(crate) struct PyAgent {
+    pub(crate) agent: Agent,
+}
+
+#[pymethods]
+impl PyAgent {
+    /// The same agent with another timeout (seconds) for requests other than commands.
+    fn with_timeout(&self, timeout: f64) -> PyResult<Self> {
+        Ok(Self {
+            agent: self.agent.clone().with_timeout(duration(Some(timeout))?),
+        })
+    }
+
+    /// Whether the connection is still up.
+    #[getter]
+    fn is_connected(&self) -> bool {
+        self.agent.is_connected()
+    }
+
+    /// Checks that the agent answers; returns how long it has been up, in seconds.
+    fn ping(&self, py: Python<'_>) -> PyResult<f64> {
+        let agent = self.agent.clone();
+        py.allow_threads(move || agent.ping())
+            .map(|d| d.as_secs_f64())
+            .map_err(agent_error)
+    }
+
+    /// Runs `argv` and returns its output and status. `timeout` (seconds) kills the command
+    /// and reports it with `timed_out` set; it is not an exception.
+    #[pyo3(signature = (argv, *, stdin = None, env = None, cwd = None, user = None, clear_env = false, timeout = None))]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn exec(
+        &self,
+        py: Python<'_>,
+        argv: Vec<String>,
+        stdin: Option<&[u8]>,
+        env: Option<HashMap<String, String>>,
+        cwd: Option<String>,
+        user: Option<String>,
+        clear_env: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<PyExecResult> {
+        let command = command(argv, stdin, env, cwd, user, clear_env, timeout)?;
+        let agent = self.agent.clone();
+        let output = py
+            .allow_threads(move || agent.run(&command))
+            .map_err(agent_error)?;
+        Ok(PyExecResult::new(py, output))
+    }
+
+    /// Runs `argv`, calling `on_output(stream, data)` (`stream` is `"stdout"` or `"stderr"`)
+    /// with each chunk of its output as the guest produces it; returns how it ended. An
+    /// exception from `on_output` is raised once the command has ended.
+    #[pyo3(signature = (argv, on_output, *, stdin = None, env = None, cwd = None, user = None, clear_env = false, timeout = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn exec_streaming(
+        &self,
+        py: Python<'_>,
+        argv: Vec<String>,
+        on_output: Py<PyAny>,
+        stdin: Option<&[u8]>,
+        env: Option<HashMap<String, String>>,
+        cwd: Option<String>,
+        user: Option<String>,
+        clear_env: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<PyExitStatus> {
+        let command = command(argv, stdin, env, cwd, user, clear_env, timeout)?;
+        let agent = self.agent.clone();
+        let mut failed: Option<PyErr> = None;
+        let status = py.allow_threads(|| {
+            agent.run_streaming(&command, |stream, bytes| {
+                if failed.is_some() {
+                    return;
+                }
+                let name = match stream {
+                    Stream::Stdout => "stdout",
+                    Stream::Stderr => "stderr",
+                };
+                Python::with_gil(|py| {
+                    if let Err(e) = on_output.call1(py, (name, PyBytes::new(py, bytes))) {
+                        failed = Some(e);
+                    }
+                });
+            })
+        });
+        let status = status.map_err(agent_error)?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(status.into()),
+        }
+    }
+
+    /// Writes `data` to the guest file `path` (created with `mode`, else 0o644); returns how
+    /// many bytes were written.
+    #[pyo3(signature = (path, data, *, append = false, exclusive = false, mode = None))]
+    pub(crate) fn write_file(
+        &self,
+        py: Python<'_>,
+        path: String,
+        data: &[u8],
+        append: bool,
+        exclusive: bool,
+        mode: Option<u32>,
+    ) -> PyResult<u64> {
+        let agent = self.agent.clone();
+        let options = WriteOptions {
+            append,
+            exclusive,
+            mode,
+        };
+        py.allow_threads(move || agent.write_file(&path, data, options))
+            .map_err(agent_error)
+    }
+
+    /// Reads the guest file `path` whole.
+    pub(crate) fn read_file<'py>(
+        &self,
+        py: Python<'py>,
+        path: String,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let agent = self.agent.clone();
+        let bytes = py
+            .allow_threads(move || agent.read_file(&path))
+            .map_err(agent_error)?;
+        Ok(PyBytes::new(py, &bytes))
+    }
+
+    /// Type, size, mode, owner and modification time of the guest path `path`.
+    pub(crate) fn stat(&self, py: Python<'_>, path: String) -> PyResult<PyFileStat> {
+        let agent = self.agent.clone();
+        py.allow_threads(move || agent.stat(&path))
+            .map(Into::into)
+            .map_err(agent_error)
+    }
+
+    /// The entries of the guest directory `path`.
+    pub(crate) fn list_dir(&self, py: Python<'_>, path: String) -> PyResult<Vec<PyDirEntry>> {
+        let agent = self.agent.clone();
+        py.allow_threads(move || agent.list(&path))
+            .map(|entries| entries.into_iter().map(Into::into).collect())
+            .map_err(agent_error)
+    }
+
+    /// Creates the guest directory `path` (and its parents with `parents`).
+    #[pyo3(signature = (path, *, parents = false))]
+    fn mkdir(&self, py: Python<'_>, path: String, parents: bool) -> PyResult<()> {
+        let agent = self.agent.clone();
+        py.allow_threads(move || agent.mkdir(&path, parents))
+            .map_err(agent_error)
+    }
+
+    /// Removes the guest file or (with `recursive`, non-empty) directory `path`.
+    #[pyo3(signature = (path, *, recursive = false))]
+    fn remove(&self, py: Python<'_>, path: String, recursive: bool) -> PyResult<()> {
+        let agent = self.agent.clone();
+        py.allow_threads(move || agent.remove(&path, recursive))
+            .map_err(agent_error)
+    }
+
+    /// Renames the guest path `src` to `dst`.
+    fn rename(&self, py: Python<'_>, src: String, dst: String) -> PyResult<()> {
+        let agent = self.agent.clone();
+        py.allow_threads(move || agent.rename(&src, &dst))
+            .map_err(agent_error)
+    }
+
+    /// Opens a PTY session running `argv` on a terminal of `rows` x `cols`.
+    #[pyo3(signature = (argv, rows = 24, cols = 80))]
+    pub(crate) fn pty(
+        &self,
+        py: Python<'_>,
+        argv: Vec<String>,
+        rows: u16,
+        cols: u16,
+    ) -> PyResult<PyPty> {
+        let agent = self.agent.clone();
+        py.allow_threads(move || agent.pty(argv, rows, cols))
+            .map(PyPty::new)
+            .map_err(agent_error)
+    }
+
+    /// Attaches to the PTY session `session` (opened earlier, maybe before a fork); output it
+    /// produced meanwhile comes first.
+    pub(crate) fn pty_attach(&self, py: Python<'_>, session: u64) -> PyResult<PyPty> {
+        let agent = self.agent.clone();
+        py.allow_threads(move || agent.pty_attach(session))
+            .map(PyPty::new)
+            .map_err(agent_error)
+    }
+
+    /// Asks the agent to power the guest off (`"poweroff"`) or reboot it (`"reboot"`, which
+    /// ends a forkvm VM).
+    #[pyo3(signature = (action = "poweroff"))]
+    fn shutdown(&self, py: Python<'_>, action: &str) -> PyResult<()> {
+        let action = match action {
+            "poweroff" => PowerAction::PowerOff,
+            "reboot" => PowerAction::Reboot,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "shutdown action is \"poweroff\" or \"reboot\", not {other:?}"
+                )));
+            }
+        };
+        let agent = self.agent.clone();
+        py.allow_threads(move || agent.shutdown(action))
+            .map_err(agent_error)
+    }
+
+    /// `exec` in a thread (`asyncio.to_thread`).
+    #[pyo3(signature = (*args, **kwargs))]
+    fn exec_async<'py>(
+        slf: &Bound<'py, Self>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        to_thread(slf.getattr("exec")?, args, kwargs)
+    }
+
+    /// `write_file` in a thread (`asyncio.to_thread`).
+    #[pyo3(signature = (*args, **kwargs))]
+    fn write_file_async<'py>(
+        slf: &Bound<'py, Self>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        to_thread(slf.getattr("write_file")?, args, kwargs)
+    }
+
+    /// `read_file` in a thread (`asyncio.to_thread`).
+    #[pyo3(signature = (*args, **kwargs))]
+    fn read_file_async<'py>(
+        slf: &Bound<'py, Self>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        to_thread(slf.getattr("read_file")?, args, kwargs)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("{:?}", self.agent)
+    }
+}
+
+/// A terminal session in the guest (`VM.pty()`). One call at a time: a `read` waiting in one
+/// thread holds up a `write` from another until it returns. Leaving a `with` block (or
+/// `close()`) ends the session; `detach()` lets it run on for a later `pty_attach`.
+#[pyclass(module = "forkvm", name = "Pty", frozen)]
+pub(crate) struct PyPty {
+    pty: Mutex<Option<Pty>>,
+    session: u64,
+}
+
+impl PyPty {
+    fn new(pty: Pty) -> Self {
+        Self {
+            session: pty.session(),
+            pty: Mutex::new(Some(pty)),
+        }
+    }
+
+    /// Runs `f` on the session without the GIL.
+    fn with<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&Pty) -> Result<T, forkvm::agent::AgentError> + Send,
+    ) -> PyResult<T> {
+        py.allow_threads(|| {
+            let pty = self.pty.lock().unwrap_or_else(|e| e.into_inner());
+            match pty.as_ref() {
+                Some(pty) => f(pty).map_err(agent_error),
+                None => Err(PyRuntimeError::new_err(
+                    "the PTY handle was closed or detached",
+                )),
+            }
+        })
+    }
+}
+
+#[pymethods]
+impl PyPty {
+    /// The session's id, for `pty_attach`.
+    #[getter]
+    fn session(&self) -> u64 {
+        self.session
+    }
+
+    /// Types `data` into the terminal.
+    fn write(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
+        self.with(py, |pty| pty.write(data))
+    }
+
+    /// The next output of the terminal (`bytes`), its program's end (an `ExitStatus`), or
+    /// `None` if nothing came within `timeout` seconds (`None`: wait as long as it takes).
+    #[pyo3(signature = (timeout = None))]
+    fn read(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<PyObject> {
+        let timeout = duration(timeout)?;
+        Ok(match self.with(py, |pty| pty.read(timeout))? {
+            Some(PtyEvent::Output(bytes)) => PyBytes::new(py, &bytes).into_any().unbind(),
+            Some(PtyEvent::Exited(status)) => Py::new(py, PyExitStatus::from(status))?.into_any(),
+            None => py.None(),
+        })
+    }
+
+    /// Reads until the output so far contains `needle` (or `timeout` seconds pass, or the
+    /// program ends); returns everything read, as text.
+    #[pyo3(signature = (needle, timeout = 10.0))]
+    fn read_until(&self, py: Python<'_>, needle: &str, timeout: f64) -> PyResult<String> {
+        let timeout = duration(Some(timeout))?;
+        self.with(py, |pty| pty.read_until(needle, timeout))
+    }
+
+    /// Changes the terminal's size (the program gets `SIGWINCH`).
+    fn resize(&self, py: Python<'_>, rows: u16, cols: u16) -> PyResult<()> {
+        self.with(py, |pty| pty.resize(rows, cols))
+    }
+
+    /// Ends the session: kills its program and forgets it. Does nothing a second time.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        py.allow_threads(|| {
+            let pty = self.pty.lock().unwrap_or_else(|e| e.into_inner()).take();
+            pty.map_or(Ok(()), |pty| pty.close().map_err(agent_error))
+        })
+    }
+
+    /// Drops this handle; the session runs on (attach again with `pty_attach(session)`).
+    fn detach(&self, py: Python<'_>) {
+        py.allow_threads(|| drop(self.pty.lock().unwrap_or_else(|e| e.into_inner()).take()));
+    }
+
+    /// `read` in a thread (`asyncio.to_thread`).
+    #[pyo3(signature = (*args, **kwargs))]
+    fn read_async<'py>(
+        slf: &Bound<'py, Self>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        to_thread(slf.getattr("read")?, args, kwargs)
+    }
+
+    /// `read_until` in a thread (`asyncio.to_thread`).
+    #[pyo3(signature = (*args, **kwargs))]
+    fn read_until_async<'py>(
+        slf: &Bound<'py, Self>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        to_thread(slf.getattr("read_until")?, args, kwargs)
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> PyResult<bool> {
+        self.close(py)?;
+        Ok(false)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Pty(session={})", self.session)
+    }
+}

@@ -1,0 +1,198 @@
+//! The exception hierarchy: `forkvm.Error` and one subclass per kind of [`forkvm::Error`] and
+//! [`AgentError`], as the C binding's status codes classify them.
+
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+
+create_exception!(
+    forkvm,
+    Error,
+    PyException,
+    "Base of every error forkvm raises."
+);
+create_exception!(
+    forkvm,
+    InvalidArgumentError,
+    Error,
+    "The VM's configuration is invalid (no kernel, no vCPUs, too many, too little memory...)."
+);
+create_exception!(
+    forkvm,
+    KvmError,
+    Error,
+    "KVM is missing, may not be opened, or one of its calls failed."
+);
+create_exception!(
+    forkvm,
+    BootError,
+    Error,
+    "The kernel or initrd could not be loaded."
+);
+create_exception!(
+    forkvm,
+    GuestMemoryError,
+    Error,
+    "Guest memory could not be created, or an access was outside guest RAM."
+);
+create_exception!(
+    forkvm,
+    HostIoError,
+    Error,
+    "A host file or socket failed (disk image, console file, snapshot, file transfer)."
+);
+create_exception!(
+    forkvm,
+    NoDeviceError,
+    Error,
+    "The VM lacks the device the call needs (e.g. no vsock device for the agent)."
+);
+create_exception!(
+    forkvm,
+    VsockError,
+    Error,
+    "The vsock device or a connection through it failed."
+);
+create_exception!(forkvm, NotStartedError, Error, "The VM was not started.");
+create_exception!(
+    forkvm,
+    AlreadyStartedError,
+    Error,
+    "The VM was already started or stopped."
+);
+create_exception!(
+    forkvm,
+    NotRunningError,
+    Error,
+    "The VM is not running (it ended or was stopped)."
+);
+create_exception!(
+    forkvm,
+    ClosedError,
+    NotRunningError,
+    "The VM was closed (`close()` or the end of its `with` block): it holds nothing any more."
+);
+create_exception!(
+    forkvm,
+    TimedOutError,
+    Error,
+    "Something did not happen in time (a pause, an agent request)."
+);
+create_exception!(
+    forkvm,
+    UnsupportedError,
+    Error,
+    "Something forkvm cannot do yet."
+);
+create_exception!(
+    forkvm,
+    SnapshotError,
+    Error,
+    "A directory holds no usable snapshot, or one taken elsewhere."
+);
+create_exception!(
+    forkvm,
+    AgentError,
+    Error,
+    "The guest agent refused or failed a request."
+);
+create_exception!(
+    forkvm,
+    AgentNotReadyError,
+    AgentError,
+    "The guest agent did not answer in time (not booted yet, or no agent in this guest)."
+);
+create_exception!(
+    forkvm,
+    CommandNotFoundError,
+    AgentError,
+    "The program to run does not exist in the guest."
+);
+create_exception!(
+    forkvm,
+    ConnectionLostError,
+    AgentError,
+    "The connection to the guest agent ended (the VM stopped, or the agent died)."
+);
+
+/// Adds the exceptions to the module.
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("Error", py.get_type::<Error>())?;
+    m.add(
+        "InvalidArgumentError",
+        py.get_type::<InvalidArgumentError>(),
+    )?;
+    m.add("KvmError", py.get_type::<KvmError>())?;
+    m.add("BootError", py.get_type::<BootError>())?;
+    m.add("GuestMemoryError", py.get_type::<GuestMemoryError>())?;
+    m.add("HostIoError", py.get_type::<HostIoError>())?;
+    m.add("NoDeviceError", py.get_type::<NoDeviceError>())?;
+    m.add("VsockError", py.get_type::<VsockError>())?;
+    m.add("NotStartedError", py.get_type::<NotStartedError>())?;
+    m.add("AlreadyStartedError", py.get_type::<AlreadyStartedError>())?;
+    m.add("NotRunningError", py.get_type::<NotRunningError>())?;
+    m.add("ClosedError", py.get_type::<ClosedError>())?;
+    m.add("TimedOutError", py.get_type::<TimedOutError>())?;
+    m.add("UnsupportedError", py.get_type::<UnsupportedError>())?;
+    m.add("SnapshotError", py.get_type::<SnapshotError>())?;
+    m.add("AgentError", py.get_type::<AgentError>())?;
+    m.add("AgentNotReadyError", py.get_type::<AgentNotReadyError>())?;
+    m.add(
+        "CommandNotFoundError",
+        py.get_type::<CommandNotFoundError>(),
+    )?;
+    m.add("ConnectionLostError", py.get_type::<ConnectionLostError>())?;
+    Ok(())
+}
+
+/// The exception for a [`forkvm::Error`], with its message.
+pub(crate) fn vm_error(e: forkvm::Error) -> PyErr {
+    use forkvm::Error as E;
+    let message = e.to_string();
+    match e {
+        E::NoKernel | E::NoVcpus | E::TooManyVcpus { .. } | E::MemoryTooSmall { .. } => {
+            InvalidArgumentError::new_err(message)
+        }
+        E::KvmMissing(_) | E::KvmPermission(_) | E::KvmOpen { .. } | E::Kvm { .. } => {
+            KvmError::new_err(message)
+        }
+        E::Probe(_) => KvmError::new_err(message),
+        E::Boot(_) => BootError::new_err(message),
+        E::Memory(_) | E::GuestAddress { .. } => GuestMemoryError::new_err(message),
+        E::BlockImage { .. } | E::ConsoleFile { .. } | E::Snapshot { .. } => {
+            HostIoError::new_err(message)
+        }
+        E::NoVsock => NoDeviceError::new_err(message),
+        E::Vsock(_) | E::VsockConnect { .. } => VsockError::new_err(message),
+        E::AlreadyStarted => AlreadyStartedError::new_err(message),
+        E::NotStarted => NotStartedError::new_err(message),
+        E::NotRunning(_) => NotRunningError::new_err(message),
+        E::PauseTimedOut => TimedOutError::new_err(message),
+        E::Unsupported { .. } => UnsupportedError::new_err(message),
+        E::SnapshotInvalid { .. } | E::SnapshotIncompatible { .. } => {
+            SnapshotError::new_err(message)
+        }
+        _ => Error::new_err(message),
+    }
+}
+
+/// The exception for an [`AgentError`], with its message.
+pub(crate) fn agent_error(e: forkvm::agent::AgentError) -> PyErr {
+    use forkvm::agent::AgentError as A;
+    let message = e.to_string();
+    match e {
+        A::NotReady(_) => AgentNotReadyError::new_err(message),
+        A::CommandNotFound(_) => CommandNotFoundError::new_err(message),
+        A::TimedOut => TimedOutError::new_err(message),
+        A::ConnectionLost => ConnectionLostError::new_err(message),
+        A::Io(_) => HostIoError::new_err(message),
+        A::Vm(inner) => vm_error(*inner),
+        _ => AgentError::new_err(message),
+    }
+}
+
+/// The error of a call on a closed VM.
+pub(crate) fn closed() -> PyErr {
+    ClosedError::new_err("the VM was closed; build, fork or restore a new one")
+}

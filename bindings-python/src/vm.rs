@@ -1,0 +1,825 @@
+//! `forkvm.VM` and what builds one: `Disk`, `Balloon`, `Child`; a VM's balloon handle.
+
+use std::os::fd::IntoRawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use forkvm::agent::DEFAULT_REQUEST_TIMEOUT;
+use forkvm::{Balloon, BalloonHandle, Child, Disk, Vm, VmBuilder, Vsock};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyTuple};
+
+use crate::agent::{PyAgent, PyPty, duration, to_thread};
+use crate::console::{ConsoleArg, console_input, console_output};
+use crate::errors::{agent_error, closed, vm_error};
+use crate::types::{PyDeviceInfo, PyDirEntry, PyExecResult, PyExit, PyFileStat, PyIdentity};
+
+/// Every VM this process made, so that interpreter exit can stop those still running
+/// ([`stop_all`], registered with `atexit` by the package) before their console callbacks
+/// could reach a finalized interpreter.
+static LIVE: Mutex<Vec<Weak<Vm>>> = Mutex::new(Vec::new());
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Stops every VM of this process that is still running (called at interpreter exit).
+#[pyfunction]
+pub(crate) fn stop_all(py: Python<'_>) {
+    let vms: Vec<Arc<Vm>> = lock(&LIVE).drain(..).filter_map(|w| w.upgrade()).collect();
+    py.allow_threads(move || {
+        for vm in vms {
+            vm.stop();
+        }
+    });
+}
+
+/// A virtio-blk disk over the raw image at `path` (`/dev/vda`, `/dev/vdb`, ... in order).
+#[pyclass(module = "forkvm", name = "Disk", frozen, get_all)]
+#[derive(Clone)]
+pub(crate) struct PyDisk {
+    path: PathBuf,
+    read_only: bool,
+    direct_io: bool,
+}
+
+#[pymethods]
+impl PyDisk {
+    #[new]
+    #[pyo3(signature = (path, *, read_only = false, direct_io = false))]
+    fn new(path: PathBuf, read_only: bool, direct_io: bool) -> Self {
+        Self {
+            path,
+            read_only,
+            direct_io,
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Disk({:?}, read_only={}, direct_io={})",
+            self.path,
+            py_bool(self.read_only),
+            py_bool(self.direct_io)
+        )
+    }
+}
+
+fn py_bool(b: bool) -> &'static str {
+    if b { "True" } else { "False" }
+}
+
+/// A virtio-balloon device's options.
+#[pyclass(module = "forkvm", name = "Balloon", frozen, get_all)]
+#[derive(Clone)]
+pub(crate) struct PyBalloon {
+    deflate_on_oom: bool,
+    free_page_reporting: bool,
+}
+
+#[pymethods]
+impl PyBalloon {
+    #[new]
+    #[pyo3(signature = (*, deflate_on_oom = false, free_page_reporting = false))]
+    fn new(deflate_on_oom: bool, free_page_reporting: bool) -> Self {
+        Self {
+            deflate_on_oom,
+            free_page_reporting,
+        }
+    }
+}
+
+/// A VM's balloon (`VM.balloon`): set its target, read what the guest gave back.
+#[pyclass(module = "forkvm", name = "BalloonHandle", frozen)]
+pub(crate) struct PyBalloonHandle {
+    handle: BalloonHandle,
+}
+
+#[pymethods]
+impl PyBalloonHandle {
+    /// Asks the guest to give back `mib` MiB.
+    fn set_target_mib(&self, mib: u64) -> PyResult<()> {
+        self.handle
+            .set_target_mib(mib)
+            .map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+
+    /// Asks the guest to give back `pages` 4 KiB pages.
+    fn set_target_pages(&self, pages: u64) -> PyResult<()> {
+        self.handle
+            .set_target_pages(pages)
+            .map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+
+    /// The pages asked for.
+    #[getter]
+    fn target_pages(&self) -> u64 {
+        self.handle.target_pages()
+    }
+
+    /// The pages the guest gave.
+    #[getter]
+    fn actual_pages(&self) -> u64 {
+        self.handle.actual_pages()
+    }
+
+    /// Asks the guest for fresh memory statistics.
+    fn request_stats(&self) {
+        self.handle.request_stats();
+    }
+
+    /// The guest's latest memory statistics, by virtio tag, or `None` before any came.
+    fn stats(&self) -> Option<Vec<(u16, u64)>> {
+        self.handle.stats().map(|s| s.entries().to_vec())
+    }
+
+    /// How many statistics updates came.
+    #[getter]
+    fn stats_updates(&self) -> u64 {
+        self.handle.stats_updates()
+    }
+
+    /// Bytes the host reclaimed from inflation.
+    #[getter]
+    fn inflated_bytes(&self) -> u64 {
+        self.handle.inflated_bytes()
+    }
+
+    /// Bytes the guest took back.
+    #[getter]
+    fn deflated_bytes(&self) -> u64 {
+        self.handle.deflated_bytes()
+    }
+
+    /// Bytes reclaimed through free page reporting.
+    #[getter]
+    fn reported_bytes(&self) -> u64 {
+        self.handle.reported_bytes()
+    }
+
+    /// Guest requests the device refused.
+    #[getter]
+    fn rejected_requests(&self) -> u64 {
+        self.handle.rejected_requests()
+    }
+}
+
+/// How one child of a fork (or a restored VM) reaches the host: its serial console and input,
+/// the host ends of its virtio consoles (each a console output, or an `(output, input)` pair)
+/// and its vsock Unix socket.
+#[pyclass(module = "forkvm", name = "Child", frozen)]
+pub(crate) struct PyChild {
+    console: Option<Py<PyAny>>,
+    console_input: Option<Py<PyAny>>,
+    virtio_consoles: Vec<Py<PyAny>>,
+    vsock_uds_path: Option<PathBuf>,
+}
+
+#[pymethods]
+impl PyChild {
+    #[new]
+    #[pyo3(signature = (console = None, *, console_input = None, virtio_consoles = Vec::new(), vsock_uds_path = None))]
+    fn new(
+        console: Option<Py<PyAny>>,
+        console_input: Option<Py<PyAny>>,
+        virtio_consoles: Vec<Py<PyAny>>,
+        vsock_uds_path: Option<PathBuf>,
+    ) -> Self {
+        Self {
+            console,
+            console_input,
+            virtio_consoles,
+            vsock_uds_path,
+        }
+    }
+}
+
+/// A virtio console's host end: an output, or an `(output, input)` pair.
+fn virtio_console(
+    spec: &Bound<'_, PyAny>,
+) -> PyResult<(forkvm::ConsoleOutput, Option<forkvm::ConsoleInput>)> {
+    if let Ok(pair) = spec.downcast::<PyTuple>() {
+        if pair.len() != 2 {
+            return Err(PyTypeError::new_err(
+                "a virtio console is an output or an (output, input) pair",
+            ));
+        }
+        let output = console_output(Some(&pair.get_item(0)?))?;
+        return Ok((output, console_input(Some(&pair.get_item(1)?))?));
+    }
+    Ok((console_output(Some(spec))?, None))
+}
+
+/// A `Child` or console output argument (see [`ConsoleArg`]).
+pub(crate) struct ChildArg(Child);
+
+impl<'py> FromPyObject<'py> for ChildArg {
+    fn extract_bound(spec: &Bound<'py, PyAny>) -> PyResult<Self> {
+        child(Some(spec)).map(Self)
+    }
+}
+
+/// The Rust [`Child`] for a `Child` or a console output spelling.
+fn child(spec: Option<&Bound<'_, PyAny>>) -> PyResult<Child> {
+    let Some(spec) = spec else {
+        return Ok(Child::new(forkvm::ConsoleOutput::Discard));
+    };
+    let Ok(c) = spec.downcast::<PyChild>() else {
+        return Ok(Child::new(console_output(Some(spec))?));
+    };
+    let (c, py) = (c.get(), spec.py());
+    let mut child = Child::new(console_output(c.console.as_ref().map(|o| o.bind(py)))?);
+    if let Some(input) = console_input(c.console_input.as_ref().map(|o| o.bind(py)))? {
+        child = child.console_input(input);
+    }
+    for spec in &c.virtio_consoles {
+        let (output, input) = virtio_console(spec.bind(py))?;
+        child = child.virtio_console(output, input);
+    }
+    if let Some(path) = &c.vsock_uds_path {
+        child = child.vsock_uds_path(path);
+    }
+    Ok(child)
+}
+
+/// A virtual machine.
+///
+/// `VM(kernel, ...)` builds one (nothing runs until `start()`); `with VM(...) as vm:` starts
+/// it if it was not started, and stops and closes it at the end of the block. Fork children
+/// and restored VMs are running already. Every blocking method releases the GIL; each
+/// `*_async` method runs its blocking twin in a thread (`asyncio.to_thread`).
+#[pyclass(module = "forkvm", name = "VM", frozen, weakref)]
+pub(crate) struct PyVm {
+    vm: Mutex<Option<Arc<Vm>>>,
+}
+
+impl PyVm {
+    fn wrap(vm: Vm) -> Self {
+        let vm = Arc::new(vm);
+        let mut live = lock(&LIVE);
+        live.retain(|w| w.strong_count() > 0);
+        live.push(Arc::downgrade(&vm));
+        Self {
+            vm: Mutex::new(Some(vm)),
+        }
+    }
+
+    /// The VM, unless it was closed.
+    fn get(&self) -> PyResult<Arc<Vm>> {
+        lock(&self.vm).clone().ok_or_else(closed)
+    }
+
+    /// The VM's agent with the default request timeout, as `Agent` methods want it.
+    fn default_agent(&self, py: Python<'_>) -> PyResult<PyAgent> {
+        self.agent(py, DEFAULT_REQUEST_TIMEOUT.as_secs_f64())
+    }
+}
+
+impl Drop for PyVm {
+    /// A VM collected without `close()` stops here, without the GIL: its vCPU threads may be
+    /// waiting for the GIL in a console callback, and stopping joins them.
+    fn drop(&mut self) {
+        let vm = self.vm.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(vm) = vm {
+            Python::with_gil(|py| py.allow_threads(move || drop(vm)));
+        }
+    }
+}
+
+#[pymethods]
+impl PyVm {
+    /// Builds a VM (validates the configuration, creates the VM, loads the guest).
+    ///
+    /// `console`: `"stdout"` (default), `None` (discarded), a `ConsoleBuffer`, a path, or a
+    /// callable receiving `bytes` (on a vCPU thread; an exception it raises goes to
+    /// `sys.unraisablehook`). `console_input`: `None`, `"stdin"`, an fd or an object with
+    /// `fileno()`. `disks`: paths or `Disk`s. `virtio_consoles`: outputs or `(output, input)`
+    /// pairs. `balloon`: `True` or a `Balloon`.
+    #[new]
+    #[pyo3(signature = (
+        kernel, *, initrd = None, cmdline = None, memory_mib = forkvm::DEFAULT_MEMORY_MIB,
+        vcpus = 1, console = ConsoleArg::stdout(), console_input = None, rng = false, disks = Vec::new(),
+        virtio_consoles = Vec::new(), vsock_cid = None, vsock_uds_path = None, balloon = None,
+        debug_exit = false, kvm_device = None
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        cmdline: Option<String>,
+        memory_mib: u64,
+        vcpus: u32,
+        console: ConsoleArg,
+        console_input: Option<&Bound<'_, PyAny>>,
+        rng: bool,
+        disks: Vec<Bound<'_, PyAny>>,
+        virtio_consoles: Vec<Bound<'_, PyAny>>,
+        vsock_cid: Option<u64>,
+        vsock_uds_path: Option<PathBuf>,
+        balloon: Option<&Bound<'_, PyAny>>,
+        debug_exit: bool,
+        kvm_device: Option<PathBuf>,
+    ) -> PyResult<Self> {
+        let mut builder = VmBuilder::new()
+            .kernel(kernel)
+            .memory_mib(memory_mib)
+            .vcpus(vcpus)
+            .debug_exit(debug_exit);
+        if let Some(initrd) = initrd {
+            builder = builder.initrd(initrd);
+        }
+        if let Some(cmdline) = cmdline {
+            builder = builder.cmdline(cmdline);
+        }
+        builder = builder.console(console.0);
+        if let Some(input) = self::console_input(console_input)? {
+            builder = builder.console_input(input);
+        }
+        if rng {
+            builder = builder.rng();
+        }
+        for disk in &disks {
+            let disk = match disk.downcast::<PyDisk>() {
+                Ok(d) => d.get().clone(),
+                Err(_) => PyDisk::new(
+                    disk.extract()
+                        .map_err(|_| PyTypeError::new_err("a disk is a path or a forkvm.Disk"))?,
+                    false,
+                    false,
+                ),
+            };
+            builder = builder.disk(
+                Disk::new(disk.path)
+                    .read_only(disk.read_only)
+                    .direct_io(disk.direct_io),
+            );
+        }
+        for spec in &virtio_consoles {
+            let (output, input) = virtio_console(spec)?;
+            builder = builder.virtio_console(output, input);
+        }
+        match (vsock_cid, vsock_uds_path) {
+            (Some(cid), path) => {
+                let mut vsock = Vsock::new(cid);
+                if let Some(path) = path {
+                    vsock = vsock.uds_path(path);
+                }
+                builder = builder.vsock(vsock);
+            }
+            (None, Some(_)) => {
+                return Err(PyValueError::new_err("vsock_uds_path needs a vsock_cid"));
+            }
+            (None, None) => {}
+        }
+        if let Some(spec) = balloon.filter(|b| !b.is_none()) {
+            let options = if let Ok(b) = spec.downcast::<PyBalloon>() {
+                Some(b.get().clone())
+            } else if spec.extract::<bool>().map_err(|_| {
+                PyTypeError::new_err("balloon is True, False, None or a forkvm.Balloon")
+            })? {
+                Some(PyBalloon::new(false, false))
+            } else {
+                None
+            };
+            if let Some(b) = options {
+                builder = builder.balloon(
+                    Balloon::new()
+                        .deflate_on_oom(b.deflate_on_oom)
+                        .free_page_reporting(b.free_page_reporting),
+                );
+            }
+        }
+        if let Some(path) = kvm_device {
+            builder = builder.kvm_device(path);
+        }
+        let vm = py
+            .allow_threads(move || builder.build())
+            .map_err(vm_error)?;
+        Ok(Self::wrap(vm))
+    }
+
+    /// Starts a new VM from the snapshot in `directory`, running, connected to the host as
+    /// `console` says (a console output spelling or a `Child`; default: standard output).
+    #[staticmethod]
+    #[pyo3(signature = (directory, console = ChildArg(Child::new(forkvm::ConsoleOutput::Stdout))))]
+    fn restore(py: Python<'_>, directory: PathBuf, console: ChildArg) -> PyResult<Self> {
+        let child = console.0;
+        let vm = py
+            .allow_threads(move || Vm::restore(directory, child))
+            .map_err(vm_error)?;
+        Ok(Self::wrap(vm))
+    }
+
+    /// Starts the vCPU threads and the event loop.
+    fn start(&self, py: Python<'_>) -> PyResult<()> {
+        let vm = self.get()?;
+        py.allow_threads(move || vm.start()).map_err(vm_error)
+    }
+
+    /// Blocks until the guest ends (or `stop()` is called) and returns how it ended.
+    fn wait(&self, py: Python<'_>) -> PyResult<PyExit> {
+        let vm = self.get()?;
+        py.allow_threads(move || vm.wait())
+            .map(Into::into)
+            .map_err(vm_error)
+    }
+
+    /// Ends the VM and waits for its threads; returns how it ended (`"stopped"`, or the
+    /// guest's own end if that came first).
+    fn stop(&self, py: Python<'_>) -> PyResult<PyExit> {
+        let vm = self.get()?;
+        Ok(py.allow_threads(move || vm.stop()).into())
+    }
+
+    /// Stops the VM and releases everything it holds (threads, memory, fds) once no call in
+    /// another thread still uses it; later calls raise `ClosedError`. Does nothing a second
+    /// time.
+    fn close(&self, py: Python<'_>) {
+        let vm = lock(&self.vm).take();
+        // Dropping the last reference stops the VM and joins its threads: without the GIL.
+        py.allow_threads(move || drop(vm));
+    }
+
+    /// Whether `close()` was called.
+    #[getter]
+    fn closed(&self) -> bool {
+        lock(&self.vm).is_none()
+    }
+
+    /// Pauses every vCPU and the device loop until `resume()`.
+    fn pause(&self, py: Python<'_>) -> PyResult<()> {
+        let vm = self.get()?;
+        py.allow_threads(move || vm.pause()).map_err(vm_error)
+    }
+
+    /// Lets a paused VM run again.
+    fn resume(&self, py: Python<'_>) -> PyResult<()> {
+        let vm = self.get()?;
+        py.allow_threads(move || vm.resume()).map_err(vm_error)
+    }
+
+    /// Whether the VM is paused.
+    #[getter]
+    fn is_paused(&self) -> PyResult<bool> {
+        Ok(self.get()?.is_paused())
+    }
+
+    /// How the guest ended, or `None` while it runs (does not block).
+    #[getter]
+    fn exit(&self) -> PyResult<Option<PyExit>> {
+        Ok(self.get()?.exit().map(Into::into))
+    }
+
+    /// The VM's virtio devices.
+    #[getter]
+    fn devices(&self) -> PyResult<Vec<PyDeviceInfo>> {
+        Ok(self.get()?.devices().into_iter().map(Into::into).collect())
+    }
+
+    /// Who this VM is (generation and id).
+    #[getter]
+    fn identity(&self) -> PyResult<PyIdentity> {
+        Ok(self.get()?.identity().into())
+    }
+
+    /// How long (seconds) the last fork or snapshot held this VM paused, or `None`.
+    #[getter]
+    fn last_pause(&self) -> PyResult<Option<f64>> {
+        Ok(self.get()?.last_pause().map(|d| d.as_secs_f64()))
+    }
+
+    /// Guest memory size in bytes.
+    #[getter]
+    fn memory_size(&self) -> PyResult<u64> {
+        Ok(self.get()?.memory_size())
+    }
+
+    /// Host memory backing guest RAM now, in bytes.
+    fn memory_allocated_bytes(&self, py: Python<'_>) -> PyResult<u64> {
+        let vm = self.get()?;
+        py.allow_threads(move || vm.memory_allocated_bytes())
+            .map_err(vm_error)
+    }
+
+    /// The balloon (`balloon=` when built), or `None`.
+    #[getter]
+    fn balloon(&self) -> PyResult<Option<PyBalloonHandle>> {
+        Ok(self
+            .get()?
+            .balloon()
+            .map(|h| PyBalloonHandle { handle: h.clone() }))
+    }
+
+    /// Reads `size` bytes of guest memory at guest-physical `addr` (consistent while paused).
+    fn read_memory<'py>(
+        &self,
+        py: Python<'py>,
+        addr: u64,
+        size: usize,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let vm = self.get()?;
+        let mut buf = vec![0u8; size];
+        let buf = py
+            .allow_threads(move || vm.read_memory(addr, &mut buf).map(|()| buf))
+            .map_err(vm_error)?;
+        Ok(PyBytes::new(py, &buf))
+    }
+
+    /// Writes `data` into guest memory at guest-physical `addr` (this VM's copy only).
+    fn write_memory(&self, py: Python<'_>, addr: u64, data: &[u8]) -> PyResult<()> {
+        let vm = self.get()?;
+        py.allow_threads(move || vm.write_memory(addr, data))
+            .map_err(vm_error)
+    }
+
+    /// Splits this running (or paused) VM into new running VMs, all continuing from this
+    /// instant: `children` is a count (consoles discarded) or a list with one entry per child,
+    /// each a console output spelling or a `Child`. Returns the children.
+    fn fork(&self, py: Python<'_>, children: &Bound<'_, PyAny>) -> PyResult<Vec<Self>> {
+        let vm = self.get()?;
+        let children: Vec<Child> = if let Ok(n) = children.extract::<usize>() {
+            (0..n)
+                .map(|_| Child::new(forkvm::ConsoleOutput::Discard))
+                .collect()
+        } else if children.is_instance_of::<pyo3::types::PyString>() {
+            return Err(PyTypeError::new_err(
+                "children is a count or a list of consoles or Child objects",
+            ));
+        } else {
+            children
+                .try_iter()
+                .map_err(|_| {
+                    PyTypeError::new_err(
+                        "children is a count or a list of consoles or Child objects",
+                    )
+                })?
+                .map(|c| child(Some(&c?)))
+                .collect::<PyResult<_>>()?
+        };
+        let vms = py
+            .allow_threads(move || vm.fork(children))
+            .map_err(vm_error)?;
+        Ok(vms.into_iter().map(Self::wrap).collect())
+    }
+
+    /// Writes this running (or paused) VM's complete state to `directory`.
+    fn snapshot(&self, py: Python<'_>, directory: PathBuf) -> PyResult<()> {
+        let vm = self.get()?;
+        py.allow_threads(move || vm.snapshot(directory))
+            .map_err(vm_error)
+    }
+
+    /// Creates `n` children ahead of time so the next forks are faster.
+    fn prepare_forks(&self, py: Python<'_>, n: usize) -> PyResult<()> {
+        let vm = self.get()?;
+        py.allow_threads(move || vm.prepare_forks(n))
+            .map_err(vm_error)
+    }
+
+    /// Keeps `n` children prepared, topped up on a background thread after each fork.
+    fn keep_forks_ready(&self, n: usize) -> PyResult<()> {
+        self.get()?.keep_forks_ready(n);
+        Ok(())
+    }
+
+    /// How many children are prepared.
+    #[getter]
+    fn prepared_forks(&self) -> PyResult<usize> {
+        Ok(self.get()?.prepared_forks())
+    }
+
+    /// Opens a stream to guest vsock `port` (waiting at most `timeout` seconds for the guest
+    /// to accept), as a connected `socket.socket`.
+    #[pyo3(signature = (port, timeout = 5.0))]
+    fn vsock_connect<'py>(
+        &self,
+        py: Python<'py>,
+        port: u32,
+        timeout: f64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let vm = self.get()?;
+        let timeout = duration(Some(timeout))?;
+        let stream = py
+            .allow_threads(move || vm.vsock_connect(port, timeout))
+            .map_err(vm_error)?;
+        let fd = stream.into_raw_fd();
+        let socket = py.import("socket")?;
+        let kwargs = PyDict::new(py);
+        kwargs.set_item("fileno", fd)?;
+        socket.getattr("socket")?.call((), Some(&kwargs))
+    }
+
+    /// The guest agent (forkvm's Linux image), connecting through the vsock device and
+    /// waiting up to `timeout` seconds for it to come up.
+    #[pyo3(signature = (timeout = 60.0))]
+    fn agent(&self, py: Python<'_>, timeout: f64) -> PyResult<PyAgent> {
+        let vm = self.get()?;
+        let timeout = duration(Some(timeout))?;
+        py.allow_threads(move || vm.agent(timeout))
+            .map(|agent| PyAgent { agent })
+            .map_err(agent_error)
+    }
+
+    /// Runs `argv` in the guest through its agent (see `Agent.exec`).
+    #[pyo3(signature = (argv, *, stdin = None, env = None, cwd = None, user = None, clear_env = false, timeout = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn exec(
+        &self,
+        py: Python<'_>,
+        argv: Vec<String>,
+        stdin: Option<&[u8]>,
+        env: Option<std::collections::HashMap<String, String>>,
+        cwd: Option<String>,
+        user: Option<String>,
+        clear_env: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<PyExecResult> {
+        self.default_agent(py)?
+            .exec(py, argv, stdin, env, cwd, user, clear_env, timeout)
+    }
+
+    /// Writes `data` to the guest file `path` (see `Agent.write_file`).
+    #[pyo3(signature = (path, data, *, append = false, exclusive = false, mode = None))]
+    fn write_file(
+        &self,
+        py: Python<'_>,
+        path: String,
+        data: &[u8],
+        append: bool,
+        exclusive: bool,
+        mode: Option<u32>,
+    ) -> PyResult<u64> {
+        self.default_agent(py)?
+            .write_file(py, path, data, append, exclusive, mode)
+    }
+
+    /// Reads the guest file `path` whole.
+    fn read_file<'py>(&self, py: Python<'py>, path: String) -> PyResult<Bound<'py, PyBytes>> {
+        self.default_agent(py)?.read_file(py, path)
+    }
+
+    /// The guest path's metadata.
+    fn stat(&self, py: Python<'_>, path: String) -> PyResult<PyFileStat> {
+        self.default_agent(py)?.stat(py, path)
+    }
+
+    /// The entries of the guest directory `path`.
+    fn list_dir(&self, py: Python<'_>, path: String) -> PyResult<Vec<PyDirEntry>> {
+        self.default_agent(py)?.list_dir(py, path)
+    }
+
+    /// Opens a PTY session running `argv` (see `Agent.pty`).
+    #[pyo3(signature = (argv, rows = 24, cols = 80))]
+    fn pty(&self, py: Python<'_>, argv: Vec<String>, rows: u16, cols: u16) -> PyResult<PyPty> {
+        self.default_agent(py)?.pty(py, argv, rows, cols)
+    }
+
+    /// Attaches to the PTY session `session`.
+    fn pty_attach(&self, py: Python<'_>, session: u64) -> PyResult<PyPty> {
+        self.default_agent(py)?.pty_attach(py, session)
+    }
+
+    /// Starts the VM unless it started already (a fork child, a restored VM).
+    fn __enter__(slf: &Bound<'_, Self>) -> PyResult<Py<Self>> {
+        let vm = slf.get().get()?;
+        match slf.py().allow_threads(move || vm.start()) {
+            Ok(()) | Err(forkvm::Error::AlreadyStarted) => Ok(slf.clone().unbind()),
+            Err(e) => Err(vm_error(e)),
+        }
+    }
+
+    /// Stops and closes the VM.
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> bool {
+        self.close(py);
+        false
+    }
+
+    fn __repr__(&self) -> String {
+        match lock(&self.vm).as_ref() {
+            None => "VM(closed)".to_owned(),
+            Some(vm) => {
+                let identity = vm.identity();
+                let state = match vm.exit() {
+                    Some(exit) => format!("ended: {exit}"),
+                    None if vm.is_paused() => "paused".to_owned(),
+                    None => "running or not started".to_owned(),
+                };
+                format!("VM(generation={}, {state})", identity.generation)
+            }
+        }
+    }
+
+    /// `wait` in a thread (`asyncio.to_thread`).
+    #[pyo3(signature = (*args, **kwargs))]
+    fn wait_async<'py>(
+        slf: &Bound<'py, Self>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        to_thread(slf.getattr("wait")?, args, kwargs)
+    }
+
+    /// `start` in a thread (`asyncio.to_thread`).
+    #[pyo3(signature = (*args, **kwargs))]
+    fn start_async<'py>(
+        slf: &Bound<'py, Self>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        to_thread(slf.getattr("start")?, args, kwargs)
+    }
+
+    /// `stop` in a thread (`asyncio.to_thread`).
+    #[pyo3(signature = (*args, **kwargs))]
+    fn stop_async<'py>(
+        slf: &Bound<'py, Self>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        to_thread(slf.getattr("stop")?, args, kwargs)
+    }
+
+    /// `pause` in a thread (`asyncio.to_thread`).
+    #[pyo3(signature = (*args, **kwargs))]
+    fn pause_async<'py>(
+        slf: &Bound<'py, Self>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        to_thread(slf.getattr("pause")?, args, kwargs)
+    }
+
+    /// `fork` in a thread (`asyncio.to_thread`).
+    #[pyo3(signature = (*args, **kwargs))]
+    fn fork_async<'py>(
+        slf: &Bound<'py, Self>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        to_thread(slf.getattr("fork")?, args, kwargs)
+    }
+
+    /// `snapshot` in a thread (`asyncio.to_thread`).
+    #[pyo3(signature = (*args, **kwargs))]
+    fn snapshot_async<'py>(
+        slf: &Bound<'py, Self>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        to_thread(slf.getattr("snapshot")?, args, kwargs)
+    }
+
+    /// `restore` in a thread (`asyncio.to_thread`).
+    #[staticmethod]
+    #[pyo3(signature = (*args, **kwargs))]
+    fn restore_async<'py>(
+        py: Python<'py>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        to_thread(py.get_type::<Self>().getattr("restore")?, args, kwargs)
+    }
+
+    /// `agent` in a thread (`asyncio.to_thread`).
+    #[pyo3(signature = (*args, **kwargs))]
+    fn agent_async<'py>(
+        slf: &Bound<'py, Self>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        to_thread(slf.getattr("agent")?, args, kwargs)
+    }
+
+    /// `exec` in a thread (`asyncio.to_thread`).
+    #[pyo3(signature = (*args, **kwargs))]
+    fn exec_async<'py>(
+        slf: &Bound<'py, Self>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        to_thread(slf.getattr("exec")?, args, kwargs)
+    }
+
+    /// `write_file` in a thread (`asyncio.to_thread`).
+    #[pyo3(signature = (*args, **kwargs))]
+    fn write_file_async<'py>(
+        slf: &Bound<'py, Self>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        to_thread(slf.getattr("write_file")?, args, kwargs)
+    }
+
+    /// `read_file` in a thread (`asyncio.to_thread`).
+    #[pyo3(signature = (*args, **kwargs))]
+    fn read_file_async<'py>(
+        slf: &Bound<'py, Self>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        to_thread(slf.getattr("read_file")?, args, kwargs)
+    }
+}

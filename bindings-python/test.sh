@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The Python binding's tests: a virtualenv in target/python-venv with maturin, pytest and mypy;
+# the package installed twice — `pip install ./bindings-python` and the wheel `maturin build`
+# makes — then: the README's Python snippet is examples/hello.py and runs; the type stubs match
+# the module (mypy's stubtest) and type-check the tests and example; pytest on the test guest,
+# plus the Linux image test when the image is built (FORKVM_PY_IMAGE=0 skips it).
+# ruff lints and checks the formatting of the Python code.
+# Prints "N passed, N failed".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv=$PWD/target/python-venv
+export PATH=$venv/bin:$PATH
+python=${PYTHON:-python3}
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+"$venv/bin/pip" install --quiet --disable-pip-version-check 'maturin>=1.5,<2' pytest mypy ruff
+
+guest=$(tests/guest/build.sh)
+export FORKVM_TEST_GUEST=$guest
+if [ "${FORKVM_PY_IMAGE:-1}" = 1 ] && kernel=$(guest/kernel/build.sh 2>/dev/null) &&
+    rootfs=$(guest/rootfs/build.sh 2>/dev/null); then
+    export FORKVM_IMAGE_KERNEL=$kernel FORKVM_IMAGE_ROOTFS=$rootfs
+fi
+
+passed=0 failed=0
+run() {
+    local name=$1
+    shift
+    if "$@"; then
+        passed=$((passed + 1))
+        echo "ok: $name"
+    else
+        failed=$((failed + 1))
+        echo "FAILED: $name" >&2
+    fi
+}
+
+pip_install() {
+    "$venv/bin/pip" install --quiet --disable-pip-version-check --no-build-isolation \
+        --force-reinstall --no-deps ./bindings-python &&
+        (cd /tmp && "$venv/bin/python" -c 'import forkvm; forkvm.ConsoleBuffer()')
+}
+run "pip install ./bindings-python" pip_install
+
+wheel() {
+    local out=$PWD/target/python-wheels
+    rm -rf "$out" &&
+        (cd bindings-python && "$venv/bin/maturin" build --quiet --release --out "$out") &&
+        "$venv/bin/pip" install --quiet --disable-pip-version-check --force-reinstall --no-deps \
+            "$out"/forkvm-*.whl &&
+        (cd /tmp && "$venv/bin/python" -c 'import forkvm; forkvm.ConsoleBuffer()')
+}
+run "maturin build: the wheel installs" wheel
+
+# The README's Python snippet is the example, verbatim, and it runs.
+readme_snippet() {
+    awk '/<!-- bindings-python\/examples\/hello.py -->/ { grab = 1; next }
+         grab && /^```python$/ { inside = 1; next }
+         inside && /^```$/ { exit }
+         inside { print }' README.md | diff -u bindings-python/examples/hello.py -
+}
+run "README Python snippet is examples/hello.py" readme_snippet
+hello() {
+    "$venv/bin/python" bindings-python/examples/hello.py "$guest" | tee target/python-hello.out &&
+        grep -q "child 1: generation 1" target/python-hello.out
+}
+run "examples/hello.py" hello
+
+stubs() {
+    local allowlist=$PWD/bindings-python/stubtest-allowlist.txt
+    (cd /tmp && "$venv/bin/python" -m mypy.stubtest forkvm --ignore-disjoint-bases \
+        --allowlist "$allowlist") &&
+        "$venv/bin/python" -m mypy --strict --no-error-summary bindings-python/examples/hello.py &&
+        "$venv/bin/python" -m mypy --no-error-summary --check-untyped-defs bindings-python/tests bindings-python/bench.py
+}
+run "type stubs: stubtest and mypy" stubs
+run "ruff check and format" bash -c "ruff check --quiet bindings-python && ruff format --quiet --check bindings-python"
+
+run "pytest" "$venv/bin/python" -m pytest -q -rs bindings-python/tests
+
+echo "bindings-python: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
