@@ -130,5 +130,6 @@ module.exports = {
   Pty: native.Pty,
   ConsoleBuffer: native.ConsoleBuffer,
   version: native.version,
+  IMAGE_CMDLINE: native.IMAGE_CMDLINE,
   ...errors,
 };

@@ -197,6 +197,11 @@ export interface ChildOptions {
 /** The forkvm version this binding was built from. */
 export declare function version(): string
 /**
+ * The kernel command line of forkvm's Linux image (root on the read-only `/dev/vda`, the
+ * agent as PID 1): pass it as `cmdline` with the image as a read-only disk and a vsock device.
+ */
+export const IMAGE_CMDLINE: string
+/**
  * A PTY session in the guest. Dropping the object detaches (the session runs on);
  * `close()` ends it.
  */

@@ -14,6 +14,8 @@ command -v gcc >/dev/null || missing+=(gcc)
 command -v valgrind >/dev/null || missing+=(valgrind)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
 command -v mkfs.ext4 >/dev/null || [ -x /usr/sbin/mkfs.ext4 ] || missing+=(e2fsprogs)
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq && apt-get install -y -qq "${missing[@]}"
 fi
@@ -38,6 +40,9 @@ cargo test --workspace 2>&1 | tee "$log"
 
 step "C binding (gcc, ASan+UBSan, valgrind)"
 ffi-c/test.sh
+
+step "Node binding (npm install, node --test, README example)"
+FORKVM_LINUX_KERNEL=$kernel FORKVM_LINUX_IMAGE=$rootfs bindings-node/test.sh
 
 step "fuzzing (bounded)"
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet

@@ -20,3 +20,8 @@ use napi_derive::napi;
 pub fn version() -> &'static str {
     env!("CARGO_PKG_VERSION")
 }
+
+/// The kernel command line of forkvm's Linux image (root on the read-only `/dev/vda`, the
+/// agent as PID 1): pass it as `cmdline` with the image as a read-only disk and a vsock device.
+#[napi]
+pub const IMAGE_CMDLINE: &str = forkvm::agent::IMAGE_CMDLINE;
