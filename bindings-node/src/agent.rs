@@ -126,8 +126,9 @@ fn file_type(t: forkvm_agent_protocol::FileType) -> String {
     .into()
 }
 
-fn agent(vm: &forkvm::Vm) -> Outcome<forkvm::agent::Agent> {
-    Ok(vm.agent(DEFAULT_REQUEST_TIMEOUT)?)
+/// The VM's agent (fails if the VM was closed).
+fn agent(vm: Outcome<Arc<forkvm::Vm>>) -> Outcome<forkvm::agent::Agent> {
+    Ok(vm?.agent(DEFAULT_REQUEST_TIMEOUT)?)
 }
 
 fn exec_to_js(_: Env, out: forkvm::agent::ExecOutput) -> napi::Result<ExecResult> {
@@ -186,27 +187,23 @@ impl VM {
     #[napi(ts_return_type = "Promise<void>")]
     pub fn agent_ready(
         &self,
-        env: Env,
         timeout_ms: Option<u32>,
     ) -> napi::Result<AsyncTask<Blocking<(), ()>>> {
-        let vm = sync(env, || self.get())?;
+        let vm = self.get();
         let timeout = timeout_ms.map_or(DEFAULT_REQUEST_TIMEOUT, |ms| {
             Duration::from_millis(ms.into())
         });
-        Ok(run(move || {
-            vm.agent(timeout).map(drop).map_err(Failure::from)
-        }))
+        Ok(run(move || Ok(vm?.agent(timeout).map(drop)?)))
     }
 
     /// Runs `argv` in the guest; resolves with its output and how it ended.
     #[napi(ts_return_type = "Promise<ExecResult>")]
     pub fn exec(
         &self,
-        env: Env,
         argv: Vec<String>,
         options: Option<ExecOptions>,
     ) -> napi::Result<AsyncTask<Blocking<forkvm::agent::ExecOutput, ExecResult>>> {
-        let vm = sync(env, || self.get())?;
+        let vm = self.get();
         let mut command = Command::new(argv);
         if let Some(o) = options {
             if o.clear_env == Some(true) {
@@ -228,19 +225,18 @@ impl VM {
                 command = command.timeout(Duration::from_millis(ms.into()));
             }
         }
-        Ok(blocking(move || Ok(agent(&vm)?.run(&command)?), exec_to_js))
+        Ok(blocking(move || Ok(agent(vm)?.run(&command)?), exec_to_js))
     }
 
     /// Writes `data` to the guest file `path`; resolves with the bytes written.
     #[napi(ts_return_type = "Promise<number>")]
     pub fn write_file(
         &self,
-        env: Env,
         path: String,
         data: Either<Buffer, String>,
         options: Option<WriteFileOptions>,
     ) -> napi::Result<AsyncTask<Blocking<f64, f64>>> {
-        let vm = sync(env, || self.get())?;
+        let vm = self.get();
         let data = bytes(data);
         let options = options.map_or_else(Default::default, |o| forkvm::agent::WriteOptions {
             append: o.append.unwrap_or(false),
@@ -248,57 +244,47 @@ impl VM {
             mode: o.mode,
         });
         Ok(run(move || {
-            Ok(agent(&vm)?.write_file(&path, data.as_slice(), options)? as f64)
+            Ok(agent(vm)?.write_file(&path, data.as_slice(), options)? as f64)
         }))
     }
 
     /// Reads the guest file `path` whole.
     #[napi(ts_return_type = "Promise<Buffer>")]
-    pub fn read_file(
-        &self,
-        env: Env,
-        path: String,
-    ) -> napi::Result<AsyncTask<Blocking<Vec<u8>, Buffer>>> {
-        let vm = sync(env, || self.get())?;
+    pub fn read_file(&self, path: String) -> napi::Result<AsyncTask<Blocking<Vec<u8>, Buffer>>> {
+        let vm = self.get();
         Ok(blocking(
-            move || Ok(agent(&vm)?.read_file(&path)?),
+            move || Ok(agent(vm)?.read_file(&path)?),
             bytes_to_js,
         ))
     }
 
     /// Type, size, mode, owner and time of the guest path `path`.
     #[napi(ts_return_type = "Promise<FileStat>")]
-    pub fn stat(
-        &self,
-        env: Env,
-        path: String,
-    ) -> napi::Result<AsyncTask<Blocking<AgentFileStat, FileStat>>> {
-        let vm = sync(env, || self.get())?;
-        Ok(blocking(move || Ok(agent(&vm)?.stat(&path)?), stat_to_js))
+    pub fn stat(&self, path: String) -> napi::Result<AsyncTask<Blocking<AgentFileStat, FileStat>>> {
+        let vm = self.get();
+        Ok(blocking(move || Ok(agent(vm)?.stat(&path)?), stat_to_js))
     }
 
     /// The entries of the guest directory `path`.
     #[napi(ts_return_type = "Promise<DirEntry[]>")]
     pub fn list(
         &self,
-        env: Env,
         path: String,
     ) -> napi::Result<AsyncTask<Blocking<Vec<AgentDirEntry>, Vec<DirEntry>>>> {
-        let vm = sync(env, || self.get())?;
-        Ok(blocking(move || Ok(agent(&vm)?.list(&path)?), list_to_js))
+        let vm = self.get();
+        Ok(blocking(move || Ok(agent(vm)?.list(&path)?), list_to_js))
     }
 
     /// Creates the guest directory `path` (and its parents with `parents`).
     #[napi(ts_return_type = "Promise<void>")]
     pub fn mkdir(
         &self,
-        env: Env,
         path: String,
         parents: Option<bool>,
     ) -> napi::Result<AsyncTask<Blocking<(), ()>>> {
-        let vm = sync(env, || self.get())?;
+        let vm = self.get();
         Ok(run(move || {
-            Ok(agent(&vm)?.mkdir(&path, parents.unwrap_or(false))?)
+            Ok(agent(vm)?.mkdir(&path, parents.unwrap_or(false))?)
         }))
     }
 
@@ -306,26 +292,20 @@ impl VM {
     #[napi(ts_return_type = "Promise<void>")]
     pub fn remove(
         &self,
-        env: Env,
         path: String,
         recursive: Option<bool>,
     ) -> napi::Result<AsyncTask<Blocking<(), ()>>> {
-        let vm = sync(env, || self.get())?;
+        let vm = self.get();
         Ok(run(move || {
-            Ok(agent(&vm)?.remove(&path, recursive.unwrap_or(false))?)
+            Ok(agent(vm)?.remove(&path, recursive.unwrap_or(false))?)
         }))
     }
 
     /// Renames the guest path `from` to `to`.
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn rename(
-        &self,
-        env: Env,
-        from: String,
-        to: String,
-    ) -> napi::Result<AsyncTask<Blocking<(), ()>>> {
-        let vm = sync(env, || self.get())?;
-        Ok(run(move || Ok(agent(&vm)?.rename(&from, &to)?)))
+    pub fn rename(&self, from: String, to: String) -> napi::Result<AsyncTask<Blocking<(), ()>>> {
+        let vm = self.get();
+        Ok(run(move || Ok(agent(vm)?.rename(&from, &to)?)))
     }
 
     /// Asks the agent to power the guest off (`'poweroff'`) or reboot it (`'reboot'`, which
@@ -347,9 +327,9 @@ impl VM {
                     )));
                 }
             };
-            Ok((self.get()?, action))
+            Ok((self.get(), action))
         })?;
-        Ok(run(move || Ok(agent(&vm)?.shutdown(action)?)))
+        Ok(run(move || Ok(agent(vm)?.shutdown(action)?)))
     }
 
     /// Opens a PTY session running `argv` on a `rows` × `cols` terminal (default 24 × 80).
@@ -366,14 +346,10 @@ impl VM {
                 u16::try_from(v.unwrap_or(default.into()))
                     .map_err(|_| Failure::invalid(format!("{what} must be below 65536")))
             };
-            Ok((
-                self.get()?,
-                size(rows, 24, "rows")?,
-                size(cols, 80, "cols")?,
-            ))
+            Ok((self.get(), size(rows, 24, "rows")?, size(cols, 80, "cols")?))
         })?;
         Ok(blocking(
-            move || Ok(agent(&vm)?.pty(argv, rows, cols)?),
+            move || Ok(agent(vm)?.pty(argv, rows, cols)?),
             pty_to_js,
         ))
     }
@@ -388,10 +364,10 @@ impl VM {
         let (vm, session) = sync(env, || {
             let session = u64::try_from(session)
                 .map_err(|_| Failure::invalid("session must not be negative"))?;
-            Ok((self.get()?, session))
+            Ok((self.get(), session))
         })?;
         Ok(blocking(
-            move || Ok(agent(&vm)?.pty_attach(session)?),
+            move || Ok(agent(vm)?.pty_attach(session)?),
             pty_to_js,
         ))
     }
@@ -406,7 +382,7 @@ pub struct Pty {
     pty: RwLock<Option<Arc<Mutex<forkvm::agent::Pty>>>>,
 }
 
-fn lock(pty: &Mutex<forkvm::agent::Pty>) -> std::sync::MutexGuard<'_, forkvm::agent::Pty> {
+fn lock(pty: &Arc<Mutex<forkvm::agent::Pty>>) -> std::sync::MutexGuard<'_, forkvm::agent::Pty> {
     pty.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -442,12 +418,11 @@ impl Pty {
     #[napi(ts_return_type = "Promise<void>")]
     pub fn write(
         &self,
-        env: Env,
         input: Either<Buffer, String>,
     ) -> napi::Result<AsyncTask<Blocking<(), ()>>> {
-        let pty = sync(env, || self.get())?;
+        let pty = self.get();
         let input = bytes(input);
-        Ok(run(move || Ok(lock(&pty).write(&input)?)))
+        Ok(run(move || Ok(lock(&pty?).write(&input)?)))
     }
 
     /// The next output or the program's end; `null` if nothing came within `timeoutMs`
@@ -455,12 +430,14 @@ impl Pty {
     #[napi(ts_return_type = "Promise<PtyEvent | null>")]
     pub fn read(
         &self,
-        env: Env,
         timeout_ms: Option<u32>,
     ) -> napi::Result<AsyncTask<Blocking<Option<forkvm::agent::PtyEvent>, Option<PtyEvent>>>> {
-        let pty = sync(env, || self.get())?;
+        let pty = self.get();
         let timeout = Duration::from_millis(timeout_ms.unwrap_or(1000).into());
-        Ok(blocking(move || Ok(lock(&pty).read(timeout)?), event_to_js))
+        Ok(blocking(
+            move || Ok(lock(&pty?).read(timeout)?),
+            event_to_js,
+        ))
     }
 
     /// Reads until the output contains `needle` (or `timeoutMs` passes, or the program ends);
@@ -468,13 +445,12 @@ impl Pty {
     #[napi(ts_return_type = "Promise<string>")]
     pub fn read_until(
         &self,
-        env: Env,
         needle: String,
         timeout_ms: u32,
     ) -> napi::Result<AsyncTask<Blocking<String, String>>> {
-        let pty = sync(env, || self.get())?;
+        let pty = self.get();
         let timeout = Duration::from_millis(timeout_ms.into());
-        Ok(run(move || Ok(lock(&pty).read_until(&needle, timeout)?)))
+        Ok(run(move || Ok(lock(&pty?).read_until(&needle, timeout)?)))
     }
 
     /// Changes the terminal's size.
@@ -490,9 +466,9 @@ impl Pty {
                 u16::try_from(v)
                     .map_err(|_| Failure::invalid(format!("{what} must be below 65536")))
             };
-            Ok((self.get()?, size(rows, "rows")?, size(cols, "cols")?))
+            Ok((self.get(), size(rows, "rows")?, size(cols, "cols")?))
         })?;
-        Ok(run(move || Ok(lock(&pty).resize(rows, cols)?)))
+        Ok(run(move || Ok(lock(&pty?).resize(rows, cols)?)))
     }
 
     /// Ends the session (kills its program). Fails with code `BUSY` while another call on

@@ -352,24 +352,24 @@ impl VM {
 
     /// Starts the vCPUs and the event loop.
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn start(&self, env: Env) -> napi::Result<AsyncTask<Blocking<(), ()>>> {
-        let vm = sync(env, || self.get())?;
-        Ok(run(move || Ok(vm.start()?)))
+    pub fn start(&self) -> napi::Result<AsyncTask<Blocking<(), ()>>> {
+        let vm = self.get();
+        Ok(run(move || Ok(vm?.start()?)))
     }
 
     /// Resolves when the guest ends (or `stop()` is called) with how it ended.
     #[napi(ts_return_type = "Promise<Exit>")]
-    pub fn wait(&self, env: Env) -> napi::Result<AsyncTask<Blocking<forkvm::GuestExit, Exit>>> {
-        let vm = sync(env, || self.get())?;
-        Ok(blocking(move || Ok(vm.wait()?), exit_to_js))
+    pub fn wait(&self) -> napi::Result<AsyncTask<Blocking<forkvm::GuestExit, Exit>>> {
+        let vm = self.get();
+        Ok(blocking(move || Ok(vm?.wait()?), exit_to_js))
     }
 
     /// Ends the VM and waits for its threads; resolves with how it ended (`'stopped'`, or the
     /// guest's own end if that came first).
     #[napi(ts_return_type = "Promise<Exit>")]
-    pub fn stop(&self, env: Env) -> napi::Result<AsyncTask<Blocking<forkvm::GuestExit, Exit>>> {
-        let vm = sync(env, || self.get())?;
-        Ok(blocking(move || Ok(vm.stop()), exit_to_js))
+    pub fn stop(&self) -> napi::Result<AsyncTask<Blocking<forkvm::GuestExit, Exit>>> {
+        let vm = self.get();
+        Ok(blocking(move || Ok(vm?.stop()), exit_to_js))
     }
 
     /// Stops the VM and frees everything it holds (threads, memory, file descriptors) as soon
@@ -389,16 +389,16 @@ impl VM {
 
     /// Pauses every vCPU and the device loop.
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn pause(&self, env: Env) -> napi::Result<AsyncTask<Blocking<(), ()>>> {
-        let vm = sync(env, || self.get())?;
-        Ok(run(move || Ok(vm.pause()?)))
+    pub fn pause(&self) -> napi::Result<AsyncTask<Blocking<(), ()>>> {
+        let vm = self.get();
+        Ok(run(move || Ok(vm?.pause()?)))
     }
 
     /// Lets a paused VM run again.
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn resume(&self, env: Env) -> napi::Result<AsyncTask<Blocking<(), ()>>> {
-        let vm = sync(env, || self.get())?;
-        Ok(run(move || Ok(vm.resume()?)))
+    pub fn resume(&self) -> napi::Result<AsyncTask<Blocking<(), ()>>> {
+        let vm = self.get();
+        Ok(run(move || Ok(vm?.resume()?)))
     }
 
     /// Whether the VM is paused.
@@ -504,7 +504,7 @@ impl VM {
         children: Either<u32, Vec<JsUnknown>>,
     ) -> napi::Result<AsyncTask<Blocking<Vec<forkvm::Vm>, Vec<VM>>>> {
         let (vm, children) = sync(env, || {
-            let vm = self.get()?;
+            let vm = self.get();
             let children = match children {
                 Either::A(n) => (0..n)
                     .map(|_| forkvm::Child::new(forkvm::ConsoleOutput::Discard))
@@ -517,21 +517,21 @@ impl VM {
             };
             Ok((vm, children))
         })?;
-        Ok(blocking(move || Ok(vm.fork(children)?), wrap_vms))
+        Ok(blocking(move || Ok(vm?.fork(children)?), wrap_vms))
     }
 
     /// Writes the VM's complete state to the directory `dir`.
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn snapshot(&self, env: Env, dir: String) -> napi::Result<AsyncTask<Blocking<(), ()>>> {
-        let vm = sync(env, || self.get())?;
-        Ok(run(move || Ok(vm.snapshot(dir)?)))
+    pub fn snapshot(&self, dir: String) -> napi::Result<AsyncTask<Blocking<(), ()>>> {
+        let vm = self.get();
+        Ok(run(move || Ok(vm?.snapshot(dir)?)))
     }
 
     /// Creates `n` children's KVM VMs ahead of forks.
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn prepare_forks(&self, env: Env, n: u32) -> napi::Result<AsyncTask<Blocking<(), ()>>> {
-        let vm = sync(env, || self.get())?;
-        Ok(run(move || Ok(vm.prepare_forks(n as usize)?)))
+    pub fn prepare_forks(&self, n: u32) -> napi::Result<AsyncTask<Blocking<(), ()>>> {
+        let vm = self.get();
+        Ok(run(move || Ok(vm?.prepare_forks(n as usize)?)))
     }
 
     /// Keeps `n` prepared children ready, topped up on a background thread after each fork.
@@ -551,14 +551,13 @@ impl VM {
     #[napi(ts_return_type = "Promise<number>")]
     pub fn vsock_connect(
         &self,
-        env: Env,
         port: u32,
         timeout_ms: Option<u32>,
     ) -> napi::Result<AsyncTask<Blocking<i32, i32>>> {
-        let vm = sync(env, || self.get())?;
+        let vm = self.get();
         let timeout = Duration::from_millis(timeout_ms.unwrap_or(5000).into());
         Ok(run(move || {
-            Ok(vm.vsock_connect(port, timeout)?.into_raw_fd())
+            Ok(vm?.vsock_connect(port, timeout)?.into_raw_fd())
         }))
     }
 

@@ -22,7 +22,8 @@ test('calls on a stopped VM reject with coded errors', async () => {
   await vm.close();
   assert.strictEqual(vm.isClosed, true);
   assert.throws(() => vm.isPaused, { code: 'CLOSED' });
-  await assert.rejects(async () => vm.start(), { code: 'CLOSED' });
+  await assert.rejects(vm.start(), { code: 'CLOSED' }); // a promise that rejects, not a throw
+  await assert.rejects(vm.fork(1), { code: 'CLOSED', name: 'ClosedError' });
 });
 
 test('wrong argument types throw TypeError', async () => {
