@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The Node binding's tests: `npm install` in bindings-node (builds the addon from source with
-# cargo through @napi-rs/cli and regenerates native.d.ts), checks that native.d.ts is the one
-# checked in, runs `node --test`, checks that the README's Node snippet is examples/hello.js
+# The Node binding's tests: `npm install` in bindings-node (its install script, build.js, builds
+# the addon from source with cargo), `npm run build` (the same through @napi-rs/cli, which also
+# regenerates native.d.ts) and a check that native.d.ts is the one checked in, `node --test`, checks that the README's Node snippet is examples/hello.js
 # and runs it from a fresh project that installed forkvm with `npm install <path>`. The agent
 # test (test/agent.test.js) boots the Linux image when FORKVM_LINUX_KERNEL and FORKVM_LINUX_IMAGE
 # name it (scripts/test.sh sets them), and is skipped otherwise.
@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
-(cd bindings-node && npm install --no-audit --no-fund --loglevel=error)
+(cd bindings-node && npm install --no-audit --no-fund --loglevel=error && npm run --silent build >/dev/null)
 
 export FORKVM_TEST_GUEST=${FORKVM_TEST_GUEST:-$(tests/guest/build.sh)}
 passed=0 failed=0
@@ -26,7 +26,7 @@ run() {
     fi
 }
 
-# `npm install` regenerated native.d.ts from the Rust source: it must be the checked-in one.
+# `npm run build` regenerated native.d.ts from the Rust source: it must be the checked-in one.
 run "native.d.ts is current" git diff --exit-code -- bindings-node/native.d.ts
 
 run "node --test" bash -c "cd bindings-node && node --test test/*.test.js test/*.test.mjs"
@@ -39,10 +39,12 @@ readme_snippet() {
 }
 run "README Node snippet is examples/hello.js" readme_snippet
 
-# A fresh project installing the package by path, as a user would.
+# A fresh project installing the package by path, as a user would: the package's install
+# script builds forkvm.node again.
 example() {
     local project=$root/target/bindings-node/project
     rm -rf "$project" && mkdir -p "$project"
+    rm -f bindings-node/forkvm.node
     cp bindings-node/examples/hello.js "$project/"
     (cd "$project" && echo '{"private": true}' >package.json &&
         npm install --no-audit --no-fund --loglevel=error "$root/bindings-node" &&
