@@ -5,12 +5,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use forkvm::agent::{AgentDirEntry, AgentFileStat, Command, DEFAULT_REQUEST_TIMEOUT, ExitStatus};
-use napi::Env;
-use napi::bindgen_prelude::{AsyncTask, Buffer, Either};
+use napi::bindgen_prelude::{Buffer, Either};
+use napi::{Env, JsObject};
 use napi_derive::napi;
 
 use crate::error::{Failure, Outcome, sync};
-use crate::task::{Blocking, blocking, run};
+use crate::task::{spawn, spawn_run};
 use crate::vm::VM;
 
 /// How to run a command.
@@ -185,24 +185,22 @@ fn bytes(data: Either<Buffer, String>) -> Vec<u8> {
 impl VM {
     /// Waits (at most `timeoutMs`, default 60 s) until the guest agent answers.
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn agent_ready(
-        &self,
-        timeout_ms: Option<u32>,
-    ) -> napi::Result<AsyncTask<Blocking<(), ()>>> {
+    pub fn agent_ready(&self, env: Env, timeout_ms: Option<u32>) -> napi::Result<JsObject> {
         let vm = self.get();
         let timeout = timeout_ms.map_or(DEFAULT_REQUEST_TIMEOUT, |ms| {
             Duration::from_millis(ms.into())
         });
-        Ok(run(move || Ok(vm?.agent(timeout).map(drop)?)))
+        spawn_run(env, move || Ok(vm?.agent(timeout).map(drop)?))
     }
 
     /// Runs `argv` in the guest; resolves with its output and how it ended.
     #[napi(ts_return_type = "Promise<ExecResult>")]
     pub fn exec(
         &self,
+        env: Env,
         argv: Vec<String>,
         options: Option<ExecOptions>,
-    ) -> napi::Result<AsyncTask<Blocking<forkvm::agent::ExecOutput, ExecResult>>> {
+    ) -> napi::Result<JsObject> {
         let vm = self.get();
         let mut command = Command::new(argv);
         if let Some(o) = options {
@@ -225,17 +223,18 @@ impl VM {
                 command = command.timeout(Duration::from_millis(ms.into()));
             }
         }
-        Ok(blocking(move || Ok(agent(vm)?.run(&command)?), exec_to_js))
+        spawn(env, move || Ok(agent(vm)?.run(&command)?), exec_to_js)
     }
 
     /// Writes `data` to the guest file `path`; resolves with the bytes written.
     #[napi(ts_return_type = "Promise<number>")]
     pub fn write_file(
         &self,
+        env: Env,
         path: String,
         data: Either<Buffer, String>,
         options: Option<WriteFileOptions>,
-    ) -> napi::Result<AsyncTask<Blocking<f64, f64>>> {
+    ) -> napi::Result<JsObject> {
         let vm = self.get();
         let data = bytes(data);
         let options = options.map_or_else(Default::default, |o| forkvm::agent::WriteOptions {
@@ -243,69 +242,60 @@ impl VM {
             exclusive: o.exclusive.unwrap_or(false),
             mode: o.mode,
         });
-        Ok(run(move || {
+        spawn_run(env, move || {
             Ok(agent(vm)?.write_file(&path, data.as_slice(), options)? as f64)
-        }))
+        })
     }
 
     /// Reads the guest file `path` whole.
     #[napi(ts_return_type = "Promise<Buffer>")]
-    pub fn read_file(&self, path: String) -> napi::Result<AsyncTask<Blocking<Vec<u8>, Buffer>>> {
+    pub fn read_file(&self, env: Env, path: String) -> napi::Result<JsObject> {
         let vm = self.get();
-        Ok(blocking(
-            move || Ok(agent(vm)?.read_file(&path)?),
-            bytes_to_js,
-        ))
+        spawn(env, move || Ok(agent(vm)?.read_file(&path)?), bytes_to_js)
     }
 
     /// Type, size, mode, owner and time of the guest path `path`.
     #[napi(ts_return_type = "Promise<FileStat>")]
-    pub fn stat(&self, path: String) -> napi::Result<AsyncTask<Blocking<AgentFileStat, FileStat>>> {
+    pub fn stat(&self, env: Env, path: String) -> napi::Result<JsObject> {
         let vm = self.get();
-        Ok(blocking(move || Ok(agent(vm)?.stat(&path)?), stat_to_js))
+        spawn(env, move || Ok(agent(vm)?.stat(&path)?), stat_to_js)
     }
 
     /// The entries of the guest directory `path`.
     #[napi(ts_return_type = "Promise<DirEntry[]>")]
-    pub fn list(
-        &self,
-        path: String,
-    ) -> napi::Result<AsyncTask<Blocking<Vec<AgentDirEntry>, Vec<DirEntry>>>> {
+    pub fn list(&self, env: Env, path: String) -> napi::Result<JsObject> {
         let vm = self.get();
-        Ok(blocking(move || Ok(agent(vm)?.list(&path)?), list_to_js))
+        spawn(env, move || Ok(agent(vm)?.list(&path)?), list_to_js)
     }
 
     /// Creates the guest directory `path` (and its parents with `parents`).
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn mkdir(
-        &self,
-        path: String,
-        parents: Option<bool>,
-    ) -> napi::Result<AsyncTask<Blocking<(), ()>>> {
+    pub fn mkdir(&self, env: Env, path: String, parents: Option<bool>) -> napi::Result<JsObject> {
         let vm = self.get();
-        Ok(run(move || {
+        spawn_run(env, move || {
             Ok(agent(vm)?.mkdir(&path, parents.unwrap_or(false))?)
-        }))
+        })
     }
 
     /// Removes the guest file or (with `recursive`) directory `path`.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn remove(
         &self,
+        env: Env,
         path: String,
         recursive: Option<bool>,
-    ) -> napi::Result<AsyncTask<Blocking<(), ()>>> {
+    ) -> napi::Result<JsObject> {
         let vm = self.get();
-        Ok(run(move || {
+        spawn_run(env, move || {
             Ok(agent(vm)?.remove(&path, recursive.unwrap_or(false))?)
-        }))
+        })
     }
 
     /// Renames the guest path `from` to `to`.
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn rename(&self, from: String, to: String) -> napi::Result<AsyncTask<Blocking<(), ()>>> {
+    pub fn rename(&self, env: Env, from: String, to: String) -> napi::Result<JsObject> {
         let vm = self.get();
-        Ok(run(move || Ok(agent(vm)?.rename(&from, &to)?)))
+        spawn_run(env, move || Ok(agent(vm)?.rename(&from, &to)?))
     }
 
     /// Asks the agent to power the guest off (`'poweroff'`) or reboot it (`'reboot'`, which
@@ -315,7 +305,7 @@ impl VM {
         &self,
         env: Env,
         #[napi(ts_arg_type = "'poweroff' | 'reboot'")] action: String,
-    ) -> napi::Result<AsyncTask<Blocking<(), ()>>> {
+    ) -> napi::Result<JsObject> {
         use forkvm_agent_protocol::PowerAction;
         let (vm, action) = sync(env, || {
             let action = match action.as_str() {
@@ -329,7 +319,7 @@ impl VM {
             };
             Ok((self.get(), action))
         })?;
-        Ok(run(move || Ok(agent(vm)?.shutdown(action)?)))
+        spawn_run(env, move || Ok(agent(vm)?.shutdown(action)?))
     }
 
     /// Opens a PTY session running `argv` on a `rows` × `cols` terminal (default 24 × 80).
@@ -340,7 +330,7 @@ impl VM {
         argv: Vec<String>,
         rows: Option<u32>,
         cols: Option<u32>,
-    ) -> napi::Result<AsyncTask<Blocking<forkvm::agent::Pty, Pty>>> {
+    ) -> napi::Result<JsObject> {
         let (vm, rows, cols) = sync(env, || {
             let size = |v: Option<u32>, default: u16, what: &str| {
                 u16::try_from(v.unwrap_or(default.into()))
@@ -348,28 +338,22 @@ impl VM {
             };
             Ok((self.get(), size(rows, 24, "rows")?, size(cols, 80, "cols")?))
         })?;
-        Ok(blocking(
+        spawn(
+            env,
             move || Ok(agent(vm)?.pty(argv, rows, cols)?),
             pty_to_js,
-        ))
+        )
     }
 
     /// Attaches to the PTY session `session` (opened earlier, maybe before a fork).
     #[napi(ts_return_type = "Promise<Pty>")]
-    pub fn pty_attach(
-        &self,
-        env: Env,
-        session: i64,
-    ) -> napi::Result<AsyncTask<Blocking<forkvm::agent::Pty, Pty>>> {
+    pub fn pty_attach(&self, env: Env, session: i64) -> napi::Result<JsObject> {
         let (vm, session) = sync(env, || {
             let session = u64::try_from(session)
                 .map_err(|_| Failure::invalid("session must not be negative"))?;
             Ok((self.get(), session))
         })?;
-        Ok(blocking(
-            move || Ok(agent(vm)?.pty_attach(session)?),
-            pty_to_js,
-        ))
+        spawn(env, move || Ok(agent(vm)?.pty_attach(session)?), pty_to_js)
     }
 }
 
@@ -416,51 +400,33 @@ impl Pty {
 
     /// Types `input` into the terminal.
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn write(
-        &self,
-        input: Either<Buffer, String>,
-    ) -> napi::Result<AsyncTask<Blocking<(), ()>>> {
+    pub fn write(&self, env: Env, input: Either<Buffer, String>) -> napi::Result<JsObject> {
         let pty = self.get();
         let input = bytes(input);
-        Ok(run(move || Ok(lock(&pty?).write(&input)?)))
+        spawn_run(env, move || Ok(lock(&pty?).write(&input)?))
     }
 
     /// The next output or the program's end; `null` if nothing came within `timeoutMs`
     /// (default 1000).
     #[napi(ts_return_type = "Promise<PtyEvent | null>")]
-    pub fn read(
-        &self,
-        timeout_ms: Option<u32>,
-    ) -> napi::Result<AsyncTask<Blocking<Option<forkvm::agent::PtyEvent>, Option<PtyEvent>>>> {
+    pub fn read(&self, env: Env, timeout_ms: Option<u32>) -> napi::Result<JsObject> {
         let pty = self.get();
         let timeout = Duration::from_millis(timeout_ms.unwrap_or(1000).into());
-        Ok(blocking(
-            move || Ok(lock(&pty?).read(timeout)?),
-            event_to_js,
-        ))
+        spawn(env, move || Ok(lock(&pty?).read(timeout)?), event_to_js)
     }
 
     /// Reads until the output contains `needle` (or `timeoutMs` passes, or the program ends);
     /// resolves with everything read.
     #[napi(ts_return_type = "Promise<string>")]
-    pub fn read_until(
-        &self,
-        needle: String,
-        timeout_ms: u32,
-    ) -> napi::Result<AsyncTask<Blocking<String, String>>> {
+    pub fn read_until(&self, env: Env, needle: String, timeout_ms: u32) -> napi::Result<JsObject> {
         let pty = self.get();
         let timeout = Duration::from_millis(timeout_ms.into());
-        Ok(run(move || Ok(lock(&pty?).read_until(&needle, timeout)?)))
+        spawn_run(env, move || Ok(lock(&pty?).read_until(&needle, timeout)?))
     }
 
     /// Changes the terminal's size.
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn resize(
-        &self,
-        env: Env,
-        rows: u32,
-        cols: u32,
-    ) -> napi::Result<AsyncTask<Blocking<(), ()>>> {
+    pub fn resize(&self, env: Env, rows: u32, cols: u32) -> napi::Result<JsObject> {
         let (pty, rows, cols) = sync(env, || {
             let size = |v: u32, what: &str| {
                 u16::try_from(v)
@@ -468,13 +434,13 @@ impl Pty {
             };
             Ok((self.get(), size(rows, "rows")?, size(cols, "cols")?))
         })?;
-        Ok(run(move || Ok(lock(&pty?).resize(rows, cols)?)))
+        spawn_run(env, move || Ok(lock(&pty?).resize(rows, cols)?))
     }
 
     /// Ends the session (kills its program). Fails with code `BUSY` while another call on
     /// this object is in flight; closing twice is fine.
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn close(&self, env: Env) -> napi::Result<AsyncTask<Blocking<(), ()>>> {
+    pub fn close(&self, env: Env) -> napi::Result<JsObject> {
         let pty = sync(env, || {
             let mut slot = self.pty.write().unwrap_or_else(|e| e.into_inner());
             match slot.take().map(Arc::try_unwrap) {
@@ -489,9 +455,9 @@ impl Pty {
                 }
             }
         })?;
-        Ok(run(move || match pty {
+        spawn_run(env, move || match pty {
             Some(pty) => Ok(pty.close()?),
             None => Ok(()),
-        }))
+        })
     }
 }

@@ -5,7 +5,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use napi::bindgen_prelude::{AsyncTask, ToNapiValue, TypeName};
-use napi::{Env, Task};
+use napi::{Env, JsObject, Task};
 
 use crate::error::{Failure, Outcome};
 
@@ -42,19 +42,7 @@ impl<T: Send + 'static, J: ToNapiValue + TypeName> Task for Blocking<T, J> {
             return Ok(Err(Failure::new("OTHER", "task ran twice")));
         };
         // A panic in forkvm rejects the promise instead of aborting node.
-        Ok(
-            catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|panic| {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                Err(Failure::new(
-                    "PANIC",
-                    format!("internal error in forkvm: {what}"),
-                ))
-            }),
-        )
+        Ok(unwind(work))
     }
 
     fn resolve(&mut self, env: Env, output: Self::Output) -> napi::Result<J> {
@@ -63,4 +51,50 @@ impl<T: Send + 'static, J: ToNapiValue + TypeName> Task for Blocking<T, J> {
             Err(failure) => Err(failure.into_napi(env)),
         }
     }
+}
+
+/// A promise settled by `work` run on a thread of its own, its value made by `to_js` on the JS
+/// thread: for calls that may wait long (a VM's end, anything asking the guest agent). On
+/// libuv's pool (four threads by default) each would hold a pool thread while it waits, so four
+/// pending `wait()`s would hold up every later `stop()` — and with it their own end.
+pub fn spawn<T: Send + 'static, J: ToNapiValue + 'static>(
+    env: Env,
+    work: impl FnOnce() -> Outcome<T> + Send + 'static,
+    to_js: fn(Env, T) -> napi::Result<J>,
+) -> napi::Result<JsObject> {
+    let (deferred, promise) = env.create_deferred()?;
+    std::thread::Builder::new()
+        .name("forkvm-node-call".into())
+        .spawn(move || {
+            let outcome = unwind(work);
+            deferred.resolve(move |env| match outcome {
+                Ok(value) => to_js(env, value),
+                Err(failure) => Err(failure.into_napi(env)),
+            });
+        })
+        .map_err(|e| Failure::new("OTHER", format!("cannot start a thread: {e}")).into_napi(env))?;
+    Ok(promise)
+}
+
+/// [`spawn`] for a value that is its own JS value.
+pub fn spawn_run<T: Send + ToNapiValue + 'static>(
+    env: Env,
+    work: impl FnOnce() -> Outcome<T> + Send + 'static,
+) -> napi::Result<JsObject> {
+    spawn(env, work, |_, value| Ok(value))
+}
+
+/// Runs `work`, turning a panic into a `PANIC` failure instead of unwinding into node.
+fn unwind<T>(work: impl FnOnce() -> Outcome<T>) -> Outcome<T> {
+    catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(Failure::new(
+            "PANIC",
+            format!("internal error in forkvm: {what}"),
+        ))
+    })
 }

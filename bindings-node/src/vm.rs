@@ -10,7 +10,7 @@ use napi_derive::napi;
 
 use crate::console;
 use crate::error::{Failure, Outcome, sync};
-use crate::task::{Blocking, blocking, run};
+use crate::task::{Blocking, blocking, run, spawn, spawn_run};
 
 /// A virtio block device.
 #[napi(object)]
@@ -359,9 +359,9 @@ impl VM {
 
     /// Resolves when the guest ends (or `stop()` is called) with how it ended.
     #[napi(ts_return_type = "Promise<Exit>")]
-    pub fn wait(&self) -> napi::Result<AsyncTask<Blocking<forkvm::GuestExit, Exit>>> {
+    pub fn wait(&self, env: Env) -> napi::Result<JsObject> {
         let vm = self.get();
-        Ok(blocking(move || Ok(vm?.wait()?), exit_to_js))
+        spawn(env, move || Ok(vm?.wait()?), exit_to_js)
     }
 
     /// Ends the VM and waits for its threads; resolves with how it ended (`'stopped'`, or the
@@ -551,14 +551,15 @@ impl VM {
     #[napi(ts_return_type = "Promise<number>")]
     pub fn vsock_connect(
         &self,
+        env: Env,
         port: u32,
         timeout_ms: Option<u32>,
-    ) -> napi::Result<AsyncTask<Blocking<i32, i32>>> {
+    ) -> napi::Result<JsObject> {
         let vm = self.get();
         let timeout = Duration::from_millis(timeout_ms.unwrap_or(5000).into());
-        Ok(run(move || {
+        spawn_run(env, move || {
             Ok(vm?.vsock_connect(port, timeout)?.into_raw_fd())
-        }))
+        })
     }
 
     /// Asks the guest's balloon to hold `mib` MiB.

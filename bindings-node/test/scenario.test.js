@@ -113,3 +113,15 @@ test('console to a callback, a file, and children described by ChildOptions', as
   assert.strictEqual(a.identity.generation, 1);
   for (const v of [child, a, b, vm]) await v.close();
 });
+
+test('many pending wait()s do not hold up stop()', async () => {
+  // wait() runs on a thread of its own, not on libuv's pool of 4: with 6 VMs waited for, the
+  // stops must still run (on the pool they would queue behind the waits forever).
+  const vms = await Promise.all([...Array(6)].map(() => VM.build({ kernel: guest, memoryMib: 32, cmdline: 'mode=halt', console: null })));
+  for (const vm of vms) await vm.start();
+  const waits = vms.map((vm) => vm.wait());
+  const exits = await Promise.all(vms.map((vm) => vm.stop()));
+  assert.ok(exits.every((e) => e.kind === 'stopped'));
+  assert.ok((await Promise.all(waits)).every((e) => e.kind === 'stopped'));
+  await Promise.all(vms.map((vm) => vm.close()));
+});
