@@ -29,6 +29,9 @@ run() {
 # `npm run build` regenerated native.d.ts from the Rust source: it must be the checked-in one.
 run "native.d.ts is current" git diff --exit-code -- bindings-node/native.d.ts
 
+run "index.d.ts and native.d.ts type-check (tsc --strict)" \
+    bash -c "cd bindings-node && npx tsc --noEmit --strict --types node test/types.ts"
+
 run "node --test" bash -c "cd bindings-node && node --test test/*.test.js test/*.test.mjs"
 
 readme_snippet() {

@@ -197,6 +197,20 @@ impl VM {
     }
 }
 
+impl Drop for VM {
+    /// A VM dropped by the garbage collector without `close()` is stopped and freed on a thread
+    /// of its own, not in the collector's finalizer on the JS thread (stopping joins threads).
+    fn drop(&mut self) {
+        let vm = self.vm.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(vm) = vm {
+            // If no thread can be started, the closure (and the VM) is dropped right here.
+            let _ = std::thread::Builder::new()
+                .name("forkvm-node-drop".into())
+                .spawn(move || drop(vm));
+        }
+    }
+}
+
 /// Builder settings from `options` (converted on the JS thread).
 fn builder(env: Env, options: VmOptions) -> Outcome<forkvm::VmBuilder> {
     let mut b = forkvm::VmBuilder::new()
