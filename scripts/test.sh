@@ -16,6 +16,8 @@ command -v pkg-config >/dev/null || missing+=(pkg-config)
 command -v python3 >/dev/null || missing+=(python3)
 command -v python3 >/dev/null && python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
 command -v mkfs.ext4 >/dev/null || [ -x /usr/sbin/mkfs.ext4 ] || missing+=(e2fsprogs)
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq && apt-get install -y -qq "${missing[@]}"
 fi
@@ -43,6 +45,9 @@ ffi-c/test.sh
 
 step "Python binding (maturin wheel, pytest, stubtest)"
 bindings-python/test.sh
+
+step "Node binding (npm install, node --test, README example)"
+FORKVM_LINUX_KERNEL=$kernel FORKVM_LINUX_IMAGE=$rootfs bindings-node/test.sh
 
 step "fuzzing (bounded)"
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet

@@ -1,1 +1,27 @@
-//! Node.js bindings for forkvm (napi-rs): arrive with the bindings issue; empty until then.
+//! Node.js binding of forkvm (napi-rs): a thin layer over the Rust API — `VM` (build, start,
+//! wait, stop, pause/resume, memory, fork, snapshot/restore, devices, the guest agent's
+//! exec/files/PTY), `ConsoleBuffer` and `Pty` — that converts types and nothing more. Every
+//! call that may block runs on node's thread pool and returns a promise; failures are JS
+//! errors with a `code` (`error.rs`), which `index.js` gives `Error` subclasses.
+//!
+//! The crate builds a cdylib whose node symbols resolve when node loads it; it has no Rust
+//! tests (the Node tests in `test/` run through `test.sh`).
+
+mod agent;
+mod console;
+mod error;
+mod task;
+mod vm;
+
+use napi_derive::napi;
+
+/// The forkvm version this binding was built from.
+#[napi]
+pub fn version() -> &'static str {
+    env!("CARGO_PKG_VERSION")
+}
+
+/// The kernel command line of forkvm's Linux image (root on the read-only `/dev/vda`, the
+/// agent as PID 1): pass it as `cmdline` with the image as a read-only disk and a vsock device.
+#[napi]
+pub const IMAGE_CMDLINE: &str = forkvm::agent::IMAGE_CMDLINE;

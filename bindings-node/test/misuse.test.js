@@ -1,0 +1,83 @@
+'use strict';
+// Misuse gets a clear error, never a crash.
+const test = require('node:test');
+const assert = require('node:assert');
+const forkvm = require('..');
+const { VM, ConsoleBuffer, ForkvmError, NotRunningError } = forkvm;
+const { guest } = require('./helpers');
+
+test('calls on a stopped VM reject with coded errors', async () => {
+  const vm = await VM.build({ kernel: guest, memoryMib: 32, cmdline: 'mode=spin' });
+  await assert.rejects(vm.wait(), { code: 'NOT_STARTED' });
+  await assert.rejects(vm.pause(), { code: 'NOT_STARTED' });
+  await vm.start();
+  await vm.stop();
+  for (const call of [() => vm.pause(), () => vm.resume(), () => vm.fork(1), () => vm.snapshot('/tmp/x')]) {
+    await assert.rejects(call(), (e) => e instanceof NotRunningError && e instanceof ForkvmError &&
+      e instanceof Error && e.code === 'NOT_RUNNING' && /not running/.test(e.message));
+  }
+  await assert.rejects(vm.start(), { code: 'ALREADY_STARTED', name: 'AlreadyStartedError' });
+  assert.throws(() => vm.readMemory(0xffffffff0, 4), { code: 'MEMORY' });
+  await vm.close();
+  await vm.close();
+  assert.strictEqual(vm.isClosed, true);
+  assert.throws(() => vm.isPaused, { code: 'CLOSED' });
+  await assert.rejects(vm.start(), { code: 'CLOSED' }); // a promise that rejects, not a throw
+  await assert.rejects(vm.fork(1), { code: 'CLOSED', name: 'ClosedError' });
+});
+
+test('wrong argument types throw TypeError', async () => {
+  assert.throws(() => VM.build({ kernel: 42 }), TypeError);
+  assert.throws(() => VM.build('vmlinux'), TypeError);
+  assert.throws(() => VM.build({ kernel: guest, memoryMib: 'lots' }), TypeError);
+  assert.throws(() => VM.build({ kernel: guest, console: 42 }), (e) => e instanceof TypeError && e.code === 'INVALID_TYPE');
+  assert.throws(() => new VM(), Error);
+  const vm = await VM.build({ kernel: guest, memoryMib: 32, cmdline: 'mode=spin', console: null });
+  assert.throws(() => vm.readMemory('0', 4), TypeError);
+  assert.throws(() => vm.writeMemory(0, 'not a buffer'), TypeError);
+  assert.throws(() => vm.fork('three'), TypeError);
+  assert.throws(() => vm.readMemory(-1, 4), { code: 'INVALID_ARGUMENT' });
+  await vm.close();
+});
+
+test('bad configurations get coded errors', async () => {
+  await assert.rejects(VM.build({ kernel: '/nonexistent/vmlinux' }), ForkvmError);
+  await assert.rejects(VM.build({ kernel: guest, vcpus: 0 }), { code: 'INVALID_ARGUMENT' });
+  await assert.rejects(VM.build({ kernel: guest, memoryMib: 1 }), { code: 'INVALID_ARGUMENT' });
+  await assert.rejects(VM.restore('/nonexistent'), { code: 'SNAPSHOT' });
+});
+
+test('the agent of a VM without vsock: NO_DEVICE', async () => {
+  const vm = await VM.build({ kernel: guest, memoryMib: 32, cmdline: 'mode=spin', console: null });
+  await vm.start();
+  await assert.rejects(vm.exec(['true']), { code: 'NO_DEVICE' });
+  await assert.rejects(vm.readFile('/etc/hostname'), { code: 'NO_DEVICE' });
+  await assert.rejects(vm.pty(['sh']), { code: 'NO_DEVICE' });
+  await assert.rejects(vm.vsockConnect(1234), { code: 'NO_DEVICE' });
+  assert.throws(() => vm.setBalloonTarget(1), { code: 'NO_DEVICE' });
+  await vm.close();
+});
+
+test('a console callback that throws does not crash the process', async () => {
+  const warnings = [];
+  const onWarning = (w) => warnings.push(w);
+  process.on('warning', onWarning);
+  let calls = 0;
+  const vm = await VM.build({
+    kernel: guest, memoryMib: 32, cmdline: 'mode=generation',
+    console: () => { calls++; throw new Error('boom'); },
+  });
+  await vm.start();
+  const end = Date.now() + 10000;
+  while (warnings.length === 0 && Date.now() < end) await new Promise((r) => setTimeout(r, 10));
+  await vm.close();
+  process.off('warning', onWarning);
+  assert.ok(calls > 0);
+  assert.match(String(warnings[0].message), /console callback threw: Error: boom/);
+});
+
+test('ConsoleBuffer keeps the last bytes', () => {
+  const b = new ConsoleBuffer(4);
+  assert.strictEqual(b.text(), '');
+  assert.deepStrictEqual(b.take(), Buffer.alloc(0));
+});

@@ -1,0 +1,18 @@
+// Type check of index.d.ts / native.d.ts (compiled, never run): test.sh runs `tsc --noEmit --strict` on it.
+import { VM, ConsoleBuffer, NotRunningError, ForkvmError, type Exit, type ExecResult } from '..';
+async function main(): Promise<void> {
+  const console_ = new ConsoleBuffer();
+  const vm: VM = await VM.build({ kernel: 'k', memoryMib: 32, console: console_, disks: [{ path: 'x', readOnly: true }] });
+  await vm.start();
+  const kids: VM[] = await vm.fork(3);
+  const kids2 = await vm.fork([null, 'stdout', (b: Buffer) => void b, { console: console_ }]);
+  const exit: Exit = await vm.stop();
+  const r: ExecResult = await vm.exec(['ls'], { timeoutMs: 5 });
+  const pty = await vm.pty(['sh'], 24, 80);
+  await pty.write('x');
+  const m: Buffer = vm.readMemory(0, 8);
+  const e = new NotRunningError('x');
+  const ok: boolean = e instanceof ForkvmError && vm.isPaused;
+  void [kids, kids2, exit, r, m, ok, vm.identity.generation, console_.text()];
+}
+void main;
