@@ -41,7 +41,7 @@ trap 'rm -f "$log"' EXIT
 cargo test --workspace 2>&1 | tee "$log"
 
 step "C binding (gcc, ASan+UBSan, valgrind)"
-ffi-c/test.sh
+FORKVM_LINUX_KERNEL=$kernel FORKVM_LINUX_IMAGE=$rootfs ffi-c/test.sh
 
 step "Python binding (maturin wheel, pytest, stubtest)"
 bindings-python/test.sh

@@ -534,6 +534,10 @@ enum forkvm_status forkvm_pty_close(struct forkvm_pty *pty);
 // Detaches from the session (it runs on) and frees the handle; NULL is ignored.
 enum forkvm_status forkvm_pty_free(struct forkvm_pty *pty);
 
+// The kernel command line of forkvm's Linux image (`guest/image.sh`: root on the read-only
+// `/dev/vda`, the agent as init), for `forkvm_builder_cmdline` (a static string).
+const char *forkvm_image_cmdline(void);
+
 // Makes a builder with the defaults (1 vCPU, 128 MiB, `console=ttyS0`, serial console on
 // standard output, no kernel yet) into `*out`.
 enum forkvm_status forkvm_builder_new(struct forkvm_builder **out);

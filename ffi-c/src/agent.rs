@@ -1,11 +1,13 @@
 //! `forkvm_agent` and `forkvm_pty`: the guest agent of forkvm's Linux image (`forkvm::agent`):
 //! run commands, move files, open terminals.
 
-use std::ffi::{c_char, c_void};
-use std::sync::Mutex;
+use std::ffi::{CString, c_char, c_void};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use forkvm::agent::{Agent, Command, ExecOutput, ExitStatus, Pty, PtyEvent, Stream, WriteOptions};
+use forkvm::agent::{
+    Agent, Command, ExecOutput, ExitStatus, IMAGE_CMDLINE, Pty, PtyEvent, Stream, WriteOptions,
+};
 use forkvm_agent_protocol::{FileType, PowerAction};
 
 use crate::error::{Failure, ffi, forkvm_status};
@@ -714,4 +716,14 @@ pub unsafe extern "C" fn forkvm_pty_free(pty: *mut forkvm_pty) -> forkvm_status 
         }
         Ok(())
     })
+}
+
+/// The kernel command line of forkvm's Linux image (`guest/image.sh`: root on the read-only
+/// `/dev/vda`, the agent as init), for `forkvm_builder_cmdline` (a static string).
+#[unsafe(no_mangle)]
+pub extern "C" fn forkvm_image_cmdline() -> *const c_char {
+    static CMDLINE: OnceLock<CString> = OnceLock::new();
+    CMDLINE
+        .get_or_init(|| CString::new(IMAGE_CMDLINE).unwrap_or_default())
+        .as_ptr()
 }

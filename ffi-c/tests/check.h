@@ -37,7 +37,7 @@ static int checks_passed;
 #define OK(call) EXPECT(FORKVM_OK, call)
 
 /* Entries in a /proc/self directory (task: threads, fd: fds, counting the one reading it). */
-static int count_entries(const char *dir)
+static inline int count_entries(const char *dir)
 {
     DIR *d = opendir(dir);
     if (!d)
@@ -50,7 +50,7 @@ static int count_entries(const char *dir)
 }
 
 /* The text of `console` now (freed by the caller with forkvm_bytes_free). */
-static forkvm_bytes console_text(forkvm_console *console)
+static inline forkvm_bytes console_text(forkvm_console *console)
 {
     forkvm_bytes text = { 0 };
     OK(forkvm_console_contents(console, &text));
@@ -59,7 +59,7 @@ static forkvm_bytes console_text(forkvm_console *console)
 
 /* Waits up to 10 s for `console` to contain a whole line starting with `needle` (the serial
  * console delivers a line a few bytes at a time). */
-static void wait_for(forkvm_console *console, const char *needle)
+static inline void wait_for(forkvm_console *console, const char *needle)
 {
     for (int i = 0; i < 1000; i++) {
         forkvm_bytes text = console_text(console);
@@ -78,7 +78,7 @@ static void wait_for(forkvm_console *console, const char *needle)
 
 /* A builder for the test guest (path in $FORKVM_TEST_GUEST) with `cmdline`, 32 MiB, the
  * debug-exit port, and `output` as its console. */
-static forkvm_builder *test_guest(const char *cmdline, const forkvm_output *output)
+static inline forkvm_builder *test_guest(const char *cmdline, const forkvm_output *output)
 {
     const char *kernel = getenv("FORKVM_TEST_GUEST");
     if (!kernel) {
