@@ -13,18 +13,8 @@ root=$PWD
 (cd bindings-node && npm install --no-audit --no-fund --loglevel=error && npm run --silent build >/dev/null)
 
 export FORKVM_TEST_GUEST=${FORKVM_TEST_GUEST:-$(tests/guest/build.sh)}
-passed=0 failed=0
-run() {
-    local name=$1
-    shift
-    if "$@"; then
-        passed=$((passed + 1))
-        echo "ok: $name"
-    else
-        failed=$((failed + 1))
-        echo "FAILED: $name" >&2
-    fi
-}
+# shellcheck source=scripts/checks.sh
+source scripts/checks.sh
 
 # `npm run build` regenerated native.d.ts from the Rust source: it must be the checked-in one.
 run "native.d.ts is current" git diff --exit-code -- bindings-node/native.d.ts
@@ -34,13 +24,7 @@ run "index.d.ts and native.d.ts type-check (tsc --strict)" \
 
 run "node --test" bash -c "cd bindings-node && node --test test/*.test.js test/*.test.mjs"
 
-readme_snippet() {
-    awk '/<!-- bindings-node\/examples\/hello.js -->/ { grab = 1; next }
-         grab && /^```js$/ { inside = 1; next }
-         inside && /^```$/ { exit }
-         inside { print }' README.md | diff -u bindings-node/examples/hello.js -
-}
-run "README Node snippet is examples/hello.js" readme_snippet
+run "README Node snippet is examples/hello.js" readme_snippet bindings-node/examples/hello.js js
 
 # A fresh project installing the package by path, as a user would: the package's install
 # script builds forkvm.node again.
@@ -55,5 +39,4 @@ example() {
 }
 run "examples/hello.js in a project that ran npm install ./bindings-node" example
 
-echo "bindings-node: $passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+finish bindings-node

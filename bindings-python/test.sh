@@ -22,18 +22,8 @@ if [ "${FORKVM_PY_IMAGE:-1}" = 1 ] && kernel=$(guest/kernel/build.sh 2>/dev/null
     export FORKVM_IMAGE_KERNEL=$kernel FORKVM_IMAGE_ROOTFS=$rootfs
 fi
 
-passed=0 failed=0
-run() {
-    local name=$1
-    shift
-    if "$@"; then
-        passed=$((passed + 1))
-        echo "ok: $name"
-    else
-        failed=$((failed + 1))
-        echo "FAILED: $name" >&2
-    fi
-}
+# shellcheck source=scripts/checks.sh
+source scripts/checks.sh
 
 pip_install() {
     "$venv/bin/pip" install --quiet --disable-pip-version-check --no-build-isolation \
@@ -52,14 +42,7 @@ wheel() {
 }
 run "maturin build: the wheel installs" wheel
 
-# The README's Python snippet is the example, verbatim, and it runs.
-readme_snippet() {
-    awk '/<!-- bindings-python\/examples\/hello.py -->/ { grab = 1; next }
-         grab && /^```python$/ { inside = 1; next }
-         inside && /^```$/ { exit }
-         inside { print }' README.md | diff -u bindings-python/examples/hello.py -
-}
-run "README Python snippet is examples/hello.py" readme_snippet
+run "README Python snippet is examples/hello.py" readme_snippet bindings-python/examples/hello.py python
 hello() {
     "$venv/bin/python" bindings-python/examples/hello.py "$guest" | tee target/python-hello.out &&
         grep -q "child 1: generation 1" target/python-hello.out
@@ -78,5 +61,4 @@ run "ruff check and format" bash -c "ruff check --quiet bindings-python && ruff 
 
 run "pytest" "$venv/bin/python" -m pytest -q -rs bindings-python/tests
 
-echo "bindings-python: $passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+finish bindings-python

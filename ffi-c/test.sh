@@ -25,27 +25,10 @@ export PKG_CONFIG_PATH=$prefix/lib/pkgconfig
 bin=$PWD/target/ffi-c/bin
 mkdir -p "$bin"
 
-passed=0 failed=0
-run() {
-    local name=$1
-    shift
-    if "$@"; then
-        passed=$((passed + 1))
-        echo "ok: $name"
-    else
-        failed=$((failed + 1))
-        echo "FAILED: $name" >&2
-    fi
-}
+# shellcheck source=scripts/checks.sh
+source scripts/checks.sh
 
-# The README's C snippet is the example, verbatim.
-readme_snippet() {
-    awk '/<!-- ffi-c\/examples\/hello.c -->/ { grab = 1; next }
-         grab && /^```c$/ { inside = 1; next }
-         inside && /^```$/ { exit }
-         inside { print }' README.md | diff -u ffi-c/examples/hello.c -
-}
-run "README C snippet is examples/hello.c" readme_snippet
+run "README C snippet is examples/hello.c" readme_snippet ffi-c/examples/hello.c c
 
 cflags=(-std=c11 -D_DEFAULT_SOURCE -Wall -Wextra -Werror -g)
 asan=(-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all)
@@ -94,5 +77,4 @@ if [ "${FORKVM_C_VALGRIND:-1}" = 1 ]; then
     done
 fi
 
-echo "ffi-c: $passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+finish ffi-c
