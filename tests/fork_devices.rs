@@ -4,19 +4,10 @@
 use std::io::Write;
 use std::time::Duration;
 
-use forkvm::{Balloon, Child, ConsoleBuffer, ConsoleInput, ConsoleOutput, GuestExit, Vm, Vsock};
-use forkvm_tests::{BlkMailbox, test_guest_vm, wait_for_output};
+use forkvm::{Balloon, Child, ConsoleBuffer, ConsoleInput, ConsoleOutput, Vm, Vsock};
+use forkvm_tests::{BlkMailbox, assert_exits_ok, test_guest_vm, wait_for_output};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
-
-fn assert_exits_ok(vm: &Vm, serial: &ConsoleBuffer) {
-    assert_eq!(
-        vm.wait().unwrap(),
-        GuestExit::PoweredOff { status: Some(0) },
-        "{}",
-        serial.text()
-    );
-}
 
 #[test]
 fn children_have_copies_of_every_device_in_the_same_place() {

@@ -10,7 +10,7 @@ use std::thread;
 use std::time::Duration;
 
 use forkvm::{ConsoleBuffer, GuestExit, Vm, Vsock};
-use forkvm_tests::{test_guest_vm, wait_for_output};
+use forkvm_tests::{assert_exits_ok, test_guest_vm, wait_for_output};
 
 const GUEST_CID: u64 = 3;
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -49,16 +49,6 @@ fn vsock_vm(cmdline: &str, uds: Option<&Path>, console: &ConsoleBuffer) -> Vm {
         .vsock(vsock)
         .build()
         .unwrap()
-}
-
-/// Waits for the guest to end and checks that it succeeded.
-fn assert_exits_ok(vm: &Vm, console: &ConsoleBuffer) {
-    assert_eq!(
-        vm.wait().unwrap(),
-        GuestExit::PoweredOff { status: Some(0) },
-        "{}",
-        console.text()
-    );
 }
 
 /// A pattern not periodic at any buffer size the device or guest uses.

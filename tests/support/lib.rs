@@ -336,6 +336,17 @@ fn wait_until(mut done: impl FnMut() -> bool, console: &ConsoleBuffer) {
     }
 }
 
+/// Waits for the guest of `vm` to end and checks that it powered off with status 0, showing
+/// its console `console` if not.
+pub fn assert_exits_ok(vm: &forkvm::Vm, console: &ConsoleBuffer) {
+    assert_eq!(
+        vm.wait().unwrap(),
+        forkvm::GuestExit::PoweredOff { status: Some(0) },
+        "{}",
+        console.text()
+    );
+}
+
 /// Reads the u64 at guest address `addr`.
 pub fn read_u64(vm: &forkvm::Vm, addr: u64) -> u64 {
     let mut bytes = [0u8; 8];
