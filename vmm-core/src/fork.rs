@@ -206,7 +206,12 @@ pub(crate) fn start_from(
     let count = point.vcpus.len() as u8;
     let shell = match shell {
         Some(shell) => shell,
-        None => Shell::new(&kvm, point.image.size(), count)?,
+        None => Shell::new(
+            &kvm,
+            point.image.size(),
+            count,
+            Some(point.image.file().clone()),
+        )?,
     };
     let Shell {
         vm_fd,

@@ -3,12 +3,15 @@
 //! Creating a child's KVM VM (memory slots, interrupt controllers, PIT) and vCPUs is the part of
 //! a fork that grows with memory size on some hosts (KVM allocates per-page slot metadata up
 //! front). A [`Shell`] is all of that over placeholder RAM; a fork maps the frozen image into it
-//! in place and loads the state. [`Vm::prepare_forks`] creates shells at once;
+//! in place and loads the state. The placeholder already maps the file the next image will most
+//! likely be (the parent's own file before its first fork, its last image while it stays
+//! paused), so that fork maps nothing at all. [`Vm::prepare_forks`] creates shells at once;
 //! [`Vm::keep_forks_ready`] keeps a number of them ready, topping the pool up on a background
 //! thread after each fork that used some.
 
-use std::sync::Mutex;
+use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
 use forkvm_devices::sync::lock;
@@ -34,9 +37,15 @@ pub(crate) struct Shell {
 }
 
 impl Shell {
-    /// A shell for a VM of `memory_size` bytes and `vcpus` vCPUs.
-    pub(crate) fn new(kvm: &Kvm, memory_size: u64, vcpus: u8) -> Result<Self, Error> {
-        let ram = GuestRam::placeholder(memory_size)?;
+    /// A shell for a VM of `memory_size` bytes and `vcpus` vCPUs, whose RAM maps `expected`, the
+    /// file of the image it will most likely adopt (see [`GuestRam::placeholder`]).
+    pub(crate) fn new(
+        kvm: &Kvm,
+        memory_size: u64,
+        vcpus: u8,
+        expected: Option<Arc<File>>,
+    ) -> Result<Self, Error> {
+        let ram = GuestRam::placeholder(memory_size, expected)?;
         let identity_page = IdentityPage::new()?;
         let vm_fd = create_vm(kvm, &ram, &identity_page)?;
         let vcpus = create_vcpus(kvm, &vm_fd, &host_caps(kvm)?, vcpus, |_, _| Ok(()))?;
@@ -91,8 +100,9 @@ impl Vm {
     /// [`Vm::prepared_forks`] tells how many are ready.
     pub fn prepare_forks(&self, n: usize) -> Result<(), Error> {
         let (size, vcpus) = self.shell_shape();
+        let expected = self.lock_ram().next_image_file();
         for _ in 0..n {
-            let shell = Shell::new(&self.kvm, size, vcpus)?;
+            let shell = Shell::new(&self.kvm, size, vcpus, expected.clone())?;
             lock(&self.shells.shells).push(shell);
         }
         Ok(())
@@ -125,12 +135,13 @@ impl Vm {
             let _ = done.join();
         }
         let (kvm, (size, vcpus)) = (self.kvm.clone(), self.shell_shape());
+        let expected = self.lock_ram().next_image_file();
         let thread_pool = pool.clone();
         let spawned = thread::Builder::new()
             .name("forkvm-prepare".into())
             .spawn(move || {
                 while thread_pool.wanted() {
-                    match Shell::new(&kvm, size, vcpus) {
+                    match Shell::new(&kvm, size, vcpus, expected.clone()) {
                         Ok(shell) => lock(&thread_pool.shells).push(shell),
                         Err(e) => {
                             log::warn!("cannot prepare a child for the next fork: {e}");

@@ -14,20 +14,23 @@
 //! # Costs
 //!
 //! - Freezing a fresh VM's RAM: one `mmap` per region (two at most) and one `fcntl`; no guest
-//!   memory is read, copied or written, whatever its size.
+//!   memory is read, copied or written, whatever its size. The re-map makes KVM drop its
+//!   mappings of the whole RAM, though: with this host's shadow paging that takes about 0.25 ms
+//!   per GiB of the pause (a TDP MMU walks only what it mapped).
 //! - A VM from a frozen image: one `mmap` per region, and no resident memory until it touches
 //!   pages: reads share the frozen page, each first write copies one 4 KiB page.
 //! - Freezing RAM that is already private (a second fork of the same VM, a fork of a fork): its
 //!   copy-on-write pages exist only in this VM's mappings, so they go into a new file with the
-//!   image's data. Nearly all of it is copied while the VM still runs
-//!   ([`GuestRam::draft_freeze`], iterative pre-copy):
-//!   1. the image's allocated extents (`SEEK_DATA`/`SEEK_HOLE`; holes stay holes): nobody writes
-//!      the image;
-//!   2. the pages the VM wrote since it began to map the image: one `PAGEMAP_SCAN` reports them
-//!      and, in the same step, write-protects every page of the RAM that exists with a
-//!      userfaultfd in asynchronous write-protect mode (module `memory::dirty`), so that a page written
-//!      after it was reported (during its copy, say) is reported again by the next scan; pages
-//!      written only before the previous freeze are in the image, and are not copied from RAM;
+//!   data of the image it maps. The RAM is not re-mapped: it goes on mapping the image it mapped
+//!   and holding its own pages, and only new VMs map the new image. Nearly all of the copy is made
+//!   while the VM still runs ([`GuestRam::draft_freeze`], iterative pre-copy):
+//!   1. the mapped image's allocated extents (`SEEK_DATA`/`SEEK_HOLE`; holes stay holes): nobody
+//!      writes the image;
+//!   2. the RAM's own pages (all it wrote since it began to map the image): one `PAGEMAP_SCAN`
+//!      reports them and, in the same step, write-protects every page of the RAM that exists
+//!      with a userfaultfd in asynchronous write-protect mode (module `memory::dirty`), so that
+//!      a page written after it was reported (during its copy, say) is reported again by the
+//!      next scan;
 //!   3. up to 2 more rounds of the pages written since the previous round's scan, while a round
 //!      copied more than 64 pages.
 //!
@@ -35,22 +38,23 @@
 //!   scan (the guest's writes go through KVM's page tables, which write-protection invalidates,
 //!   so they are tracked like the host's), and again any page the draft copied that the RAM
 //!   dropped since (the balloon's `MADV_DONTNEED`): a second, read-only scan over the pages the
-//!   draft copied. Then it re-maps the RAM as for a first freeze. The pause thus copies what the
-//!   VM writes during the last pre-copy round (a spinning guest: a few pages), not what it wrote
-//!   since the last fork. Its remaining costs are two page-table walks (the scans skip
-//!   unpopulated page tables) and the re-map, in which KVM drops its mappings of the whole RAM
-//!   (time in proportion to the RAM's size with this host's shadow paging: about 0.25 ms per
-//!   GiB). The RAM's own pages are not freed in the pause: where a range holds more than one
-//!   page in 256, they are moved out of its mapping (`mremap` with
-//!   `MREMAP_DONTUNMAP`, which moves page tables, not data) and freed with the image they
-//!   replaced by [`GuestRam::release_replaced`] once the VM runs again (fewer are freed in
-//!   place, which costs less than the one more KVM invalidation a move takes).
+//!   draft copied. The pause thus copies what the VM writes during the last pre-copy round (a
+//!   spinning guest: a few pages), not what it wrote since the last fork, and its remaining
+//!   costs are two page-table walks (the scans skip unpopulated page tables) and sealing the
+//!   file: nothing in proportion to the RAM's size. Re-mapping the RAM over the new image would
+//!   free its own pages, but KVM would drop its mappings of the whole RAM in the pause (about
+//!   0.25 ms per GiB with this host's shadow paging), which is why it is not done.
+//!
+//!   What that costs: a VM forked more than once holds the image it mapped at its first freeze
+//!   (the children of that fork map it too while they run) and the pages it wrote since, beside
+//!   the newest image its latest children map. Each draft copies all of the RAM's own pages
+//!   again, not only those written since the last freeze.
 //!
 //!   Write-protection costs the running VM a minor fault on its first write to each page after
 //!   each scan, and KVM a re-fault of the pages it maps after each protecting scan. Where the
 //!   kernel offers no asynchronous userfaultfd write-protection (Linux < 6.7, userfaultfd
 //!   restricted to privileged users) or it fails, a warning is logged once and the pause copies
-//!   every page written since the last freeze, as the draft copies only the image.
+//!   every page written since the RAM began to map its image, as the draft copies only the image.
 //! - A frozen image lives as long as any VM or [`FrozenRam`] handle uses it.
 //!
 //! # While frozen
@@ -85,10 +89,6 @@ pub(super) const PAGE: usize = 4096;
 const PRECOPY_ROUNDS: usize = 2;
 /// ...as long as the previous round copied more pages than this.
 const PRECOPY_ENOUGH: usize = 64;
-/// A re-freeze moves a range's own pages out (to free them after the pause) when it holds more
-/// than one page in this many.
-const MOVE_OUT_RATIO: usize = 256;
-
 impl FrozenRam {
     /// New guest RAM that starts as this image: private copy-on-write mappings of it.
     pub fn map(self: &Arc<Self>) -> Result<GuestRam, MemoryError> {
@@ -98,6 +98,11 @@ impl FrozenRam {
             libc::MAP_PRIVATE,
             Some(self.clone()),
         )
+    }
+
+    /// The sealed file holding the image.
+    pub(crate) fn file(&self) -> &Arc<File> {
+        &self.file
     }
 
     /// Size of the image in bytes.
@@ -139,7 +144,7 @@ impl FrozenRam {
 /// data of the image the RAM maps privately (which nobody writes) and, where the RAM's writes are
 /// tracked, the pages it wrote. [`GuestRam::freeze_from`] then adds only the pages written since.
 pub struct FreezeDraft {
-    file: Arc<File>,
+    file: File,
     base: Arc<FrozenRam>,
     precopy: Option<Precopy>,
 }
@@ -202,7 +207,7 @@ impl GuestRam {
     /// the RAM began to map it (`None` for RAM that was never frozen, which needs no copy). Pass
     /// it to [`GuestRam::freeze_from`] with the VM paused.
     pub fn draft_freeze(&mut self) -> Result<Option<FreezeDraft>, MemoryError> {
-        let Some(base) = self.frozen.clone() else {
+        let Some(base) = self.mapped.clone() else {
             return Ok(None);
         };
         let file = base.copy_into_new_file()?;
@@ -212,14 +217,14 @@ impl GuestRam {
                 // What was copied may be stale by now: start again from the image alone.
                 self.stop_tracking(&e);
                 return Ok(Some(FreezeDraft {
-                    file: Arc::new(base.copy_into_new_file()?),
+                    file: base.copy_into_new_file()?,
                     base,
                     precopy: None,
                 }));
             }
         };
         Ok(Some(FreezeDraft {
-            file: Arc::new(file),
+            file,
             base,
             precopy,
         }))
@@ -277,99 +282,110 @@ impl GuestRam {
     }
 
     /// [`GuestRam::freeze`], finishing `draft` if it was made from the image this RAM maps now.
+    ///
+    /// RAM that maps its file shared is re-mapped privately over it, in place, and the file is
+    /// sealed: it is the image. RAM that already maps an image privately stays as it is (no
+    /// re-map: that would make KVM drop its mappings of the whole RAM in the pause): the new image
+    /// is a new file holding the mapped image's data and the RAM's own pages.
     pub fn freeze_from(
         &mut self,
         draft: Option<FreezeDraft>,
     ) -> Result<Arc<FrozenRam>, MemoryError> {
-        // For each range, about how many pages of its own the RAM holds (none while shared).
-        let mut own = vec![0; self.ranges.len()];
-        if let Some(image) = self.frozen.clone() {
-            // This RAM's contents: the image it maps privately, then what it wrote since.
-            let draft = draft.filter(|draft| Arc::ptr_eq(&draft.base, &image));
-            let finished = match (&self.tracking, draft) {
-                (
-                    Tracking::On(tracker),
-                    Some(FreezeDraft {
-                        file,
-                        precopy: Some(precopy),
-                        ..
-                    }),
-                ) if precopy.epoch == self.epoch => {
-                    match self.finish_precopy(tracker, &file, &precopy.copied) {
-                        Ok(pages) => {
-                            own = pages;
-                            Some(file)
-                        }
-                        Err(e) => {
-                            self.stop_tracking(&e);
-                            None
-                        }
-                    }
-                }
-                // Not tracked: the draft holds the image alone.
-                (
-                    _,
-                    Some(FreezeDraft {
-                        file,
-                        precopy: None,
-                        ..
-                    }),
-                ) => {
-                    own = self.copy_written_pages(&file)?;
-                    Some(file)
-                }
-                // No draft, or one whose copies were not tracked to the end.
-                _ => None,
-            };
-            self.file = match finished {
-                Some(file) => file,
-                None => {
-                    let file = Arc::new(image.copy_into_new_file()?);
-                    own = self.copy_written_pages(&file)?;
-                    file
-                }
-            };
-        }
-        self.remap_private(&own)?;
-        seal(&self.file)?;
+        let file = match self.mapped.clone() {
+            None => {
+                self.remap_private()?;
+                self.file.clone()
+            }
+            Some(mapped) => Arc::new(self.finish_draft(&mapped, draft)?),
+        };
+        seal(&file)?;
         let frozen = Arc::new(FrozenRam {
-            file: self.file.clone(),
+            file,
             ranges: self.ranges.clone(),
         });
-        // Freeing the image this RAM mapped until now (its file's memory) can wait for the VM
-        // to run again, as can freeing the pages moved out.
-        self.replaced = self.frozen.replace(frozen.clone());
+        if self.mapped.is_none() {
+            self.mapped = Some(frozen.clone());
+        }
+        // Freeing the previous image (its file's memory, unless other VMs map it) can wait for
+        // the VM to run again.
+        self.replaced = self.latest.replace(frozen.clone());
         Ok(frozen)
     }
 
-    /// Frees what the last freeze replaced (see [`GuestRam::freeze_from`]): the image the RAM
-    /// mapped before, unless other VMs map it, and the RAM's own pages written over it. Call it
-    /// once the VM runs again.
+    /// A new file holding this RAM's contents, which are the `mapped` image and the pages the RAM
+    /// wrote since it began to map it: `draft`'s copies, finished, where the draft was made from
+    /// `mapped` and its writes were tracked to the end; otherwise copied now.
+    fn finish_draft(
+        &mut self,
+        mapped: &Arc<FrozenRam>,
+        draft: Option<FreezeDraft>,
+    ) -> Result<File, MemoryError> {
+        let draft = draft.filter(|draft| Arc::ptr_eq(&draft.base, mapped));
+        let finished = match (&self.tracking, draft) {
+            (
+                Tracking::On(tracker),
+                Some(FreezeDraft {
+                    file,
+                    precopy: Some(precopy),
+                    ..
+                }),
+            ) if precopy.epoch == self.epoch => {
+                match self.finish_precopy(tracker, &file, &precopy.copied) {
+                    Ok(()) => Some(file),
+                    Err(e) => {
+                        self.stop_tracking(&e);
+                        None
+                    }
+                }
+            }
+            // Not tracked: the draft holds the image alone.
+            (
+                _,
+                Some(FreezeDraft {
+                    file,
+                    precopy: None,
+                    ..
+                }),
+            ) => {
+                self.copy_written_pages(&file)?;
+                Some(file)
+            }
+            // No draft, or one whose copies were not tracked to the end.
+            _ => None,
+        };
+        match finished {
+            Some(file) => Ok(file),
+            None => {
+                let file = mapped.copy_into_new_file()?;
+                self.copy_written_pages(&file)?;
+                Ok(file)
+            }
+        }
+    }
+
+    /// Frees what the last freeze replaced (see [`GuestRam::freeze_from`]): the image it froze
+    /// before, unless other VMs map it. Call it once the VM runs again.
     pub fn release_replaced(&mut self) {
         self.replaced = None;
-        self.moved.clear();
     }
 
     /// Finishes a draft whose copies `copied` (for each range, the pages copied) were made from
     /// this RAM into `file`, with the VM paused: copies the pages written since the draft's last
     /// scan, and again the pages the draft copied that the RAM no longer holds as its own present
     /// pages (dropped by the balloon with `MADV_DONTNEED` after the draft protected them, so no
-    /// scan reports them, and the RAM reads the image there again; or swapped out). Returns, for
-    /// each range, about how many pages of its own the RAM holds.
+    /// scan reports them, and the RAM reads the image there again; or swapped out).
     fn finish_precopy(
         &self,
         tracker: &WriteTracker,
         file: &File,
         copied: &[Vec<(usize, usize)>],
-    ) -> io::Result<Vec<usize>> {
+    ) -> io::Result<()> {
         let pagemap = File::open("/proc/self/pagemap")?;
         let hosts = self.hosts()?;
-        let mut own = Vec::with_capacity(self.ranges.len());
         for ((range, &host), copied) in self.ranges.iter().zip(&hosts).zip(copied) {
-            // Paused: nothing to protect against, and the RAM is re-mapped next.
+            // Paused: nothing to protect against; the next draft protects every page again.
             let runs = tracker.written(host, range.size, false)?;
-            let pages = self.copy_runs(range, &runs, file)?;
-            own.push(pages + copied.iter().map(|&(_, count)| count).sum::<usize>());
+            self.copy_runs(range, &runs, file)?;
             let (Some(&(lo, _)), Some(&(last, count))) = (copied.first(), copied.last()) else {
                 continue;
             };
@@ -381,18 +397,39 @@ impl GuestRam {
             let stale = subtract(copied, subtract(copied, not_held));
             self.copy_runs(range, &stale, file)?;
         }
-        Ok(own)
+        Ok(())
     }
 
-    /// Guest RAM of `size` bytes that maps no image yet (a private mapping of an empty file), for
-    /// a VM created ahead of need; [`GuestRam::adopt`] maps an image into it later, in place.
-    pub fn placeholder(size: u64) -> Result<Self, MemoryError> {
-        Self::with_new_file(size, libc::MAP_PRIVATE)
+    /// Guest RAM of `size` bytes that maps no image yet, for a VM created ahead of need;
+    /// [`GuestRam::adopt`] maps an image into it later. It maps `expected` privately — the file
+    /// of the image it will most likely adopt ([`GuestRam::next_image_file`] of the VM it is
+    /// prepared for), which may still be written until then — or else a new, empty file.
+    /// Nothing may read or write it before it adopts an image.
+    pub fn placeholder(size: u64, expected: Option<Arc<File>>) -> Result<Self, MemoryError> {
+        match expected {
+            Some(file) => Self::map(file, super::ram_ranges(size), libc::MAP_PRIVATE, None),
+            None => Self::with_new_file(size, libc::MAP_PRIVATE),
+        }
     }
 
-    /// Maps `image` privately into this RAM in place: the same addresses, so the memory slots
-    /// of a VM created over this RAM stay valid. The image must have this RAM's layout, and no
-    /// vCPU may run meanwhile.
+    /// The file that the next image frozen from this RAM will most likely be: its own file
+    /// while it maps it shared (the first freeze seals it), else the image of its last freeze
+    /// (reused while the VM stays paused). `None` where the next freeze makes a new file.
+    pub fn next_image_file(&self) -> Option<Arc<File>> {
+        match (&self.latest, &self.mapped) {
+            (Some(latest), _) => Some(latest.file.clone()),
+            (None, None) => Some(self.file.clone()),
+            (None, Some(_)) => None,
+        }
+    }
+
+    /// Maps `image` privately into this placeholder RAM in place: the same addresses, so the
+    /// memory slots of a VM created over this RAM stay valid. The image must have this RAM's
+    /// layout, and no vCPU may run meanwhile. A placeholder that already maps the image's file
+    /// is left as it is: it was never touched, so it holds no page of its own and reads the file,
+    /// which is sealed now, through its mapping (and KVM, whose vCPUs never ran, holds no stale
+    /// mapping of it). That spares a re-map, which makes KVM drop its mappings of the whole RAM
+    /// (with shadow paging, time in proportion to the RAM's size).
     pub fn adopt(&mut self, image: &Arc<FrozenRam>) -> Result<(), MemoryError> {
         if image.ranges != self.ranges {
             return Err(MemoryError::Freeze {
@@ -403,29 +440,30 @@ impl GuestRam {
                 ),
             });
         }
-        self.file = image.file.clone();
-        self.remap_private(&[])?;
-        self.frozen = Some(image.clone());
+        if !Arc::ptr_eq(&self.file, &image.file) {
+            self.file = image.file.clone();
+            self.remap_private()?;
+        }
+        self.mapped = Some(image.clone());
         Ok(())
     }
 
-    /// The image this RAM maps privately, if it was frozen or started from one.
+    /// The image of this RAM's last freeze, if it was frozen.
     pub fn frozen(&self) -> Option<&Arc<FrozenRam>> {
-        self.frozen.as_ref()
+        self.latest.as_ref()
     }
 
     /// Writes into `file`, at their offsets, the pages this VM has written since it began to map
     /// its image privately (its anonymous copy-on-write pages, found through `/proc/self/pagemap`);
     /// returns how many for each range.
-    fn copy_written_pages(&self, file: &File) -> Result<Vec<usize>, MemoryError> {
-        let copy = || -> io::Result<Vec<usize>> {
+    fn copy_written_pages(&self, file: &File) -> Result<(), MemoryError> {
+        let copy = || -> io::Result<()> {
             let pagemap = File::open("/proc/self/pagemap")?;
-            let mut own = Vec::with_capacity(self.ranges.len());
             for (range, host) in self.ranges.iter().zip(self.hosts()?) {
                 let written = written_runs(&pagemap, host, range.size)?;
-                own.push(self.copy_runs(range, &written, file)?);
+                self.copy_runs(range, &written, file)?;
             }
-            Ok(own)
+            Ok(())
         };
         copy().map_err(|source| MemoryError::Freeze {
             what: "copying written pages",
@@ -472,37 +510,20 @@ impl GuestRam {
         Ok(pages)
     }
 
-    /// Replaces each region's mapping, in place, by a private mapping of `self.file`.
-    /// Replaces each region's mapping, in place, by a private mapping of `self.file`. A range
-    /// that holds many pages of its own (`own`, by range; missing: none) has them moved out of
-    /// the way first ([`MovedPages`]) rather than freed here: [`GuestRam::release_replaced`]
-    /// frees them. Starts a new epoch: the mappings are new, so no write tracking is set up on
-    /// them.
-    fn remap_private(&mut self, own: &[usize]) -> Result<(), MemoryError> {
+    /// Replaces each region's mapping, in place, by a private mapping of `self.file`. Starts a
+    /// new epoch: the mappings are new, so no write tracking is set up on them.
+    fn remap_private(&mut self) -> Result<(), MemoryError> {
         self.epoch += 1;
         let hosts = self.hosts().map_err(|source| MemoryError::Freeze {
             what: "finding a region",
             source,
         })?;
-        for (i, (range, host)) in self.ranges.iter().zip(hosts).enumerate() {
+        for (range, host) in self.ranges.iter().zip(hosts) {
             let offset =
                 libc::off_t::try_from(range.file_offset).map_err(|_| MemoryError::Freeze {
                     what: "region offset",
                     source: io::Error::from(io::ErrorKind::InvalidInput),
                 })?;
-            // Freeing a page takes about half a microsecond; moving the pages out costs one
-            // more invalidation of the whole range in KVM, which takes time in proportion to its
-            // size (about 0.25 ms per GiB with this host's shadow paging), so it pays only for
-            // more than a page in MOVE_OUT_RATIO of the range.
-            if own
-                .get(i)
-                .is_some_and(|&pages| pages > range.size as usize / PAGE / MOVE_OUT_RATIO)
-            {
-                // Where moving fails, the mmap below frees the pages itself.
-                if let Ok(moved) = MovedPages::take(host, range.size) {
-                    self.moved.push(moved);
-                }
-            }
             // SAFETY: `host..host + range.size` is exactly one mapping that `self.memory` made
             // for this range and owns (it unmaps it on drop, whatever backs it). MAP_FIXED swaps
             // what backs it in one step, at the same address and size, so every pointer into it
@@ -527,70 +548,6 @@ impl GuestRam {
             }
         }
         Ok(())
-    }
-}
-
-/// The pages of one of guest RAM's mappings, moved to an address of their own so that a re-freeze
-/// re-maps the RAM without freeing them while the VM is paused (freeing 16 MiB of written pages
-/// takes milliseconds); unmapped when dropped.
-pub(super) struct MovedPages {
-    addr: usize,
-    len: usize,
-}
-
-impl MovedPages {
-    /// Moves the page tables of the mapping at `host..host + size` (with the pages they map) to
-    /// a new place, leaving the mapping in place, empty: it reads its file again.
-    fn take(host: u64, size: u64) -> io::Result<Self> {
-        const PMD: usize = 2 << 20;
-        let (host, size) = (host as usize, size as usize);
-        let len = size + PMD;
-        // SAFETY: a new anonymous mapping at an address the kernel picks; it touches no memory
-        // of ours.
-        let area = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if area == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let moved = Self {
-            addr: area as usize,
-            len,
-        };
-        // At the same offset within 2 MiB as `host`, so that whole page tables can move.
-        let target = moved.addr + (host % PMD + PMD - moved.addr % PMD) % PMD;
-        // SAFETY: `host..host + size` is one mapping of guest RAM (see `remap_private`, whose
-        // caller has stopped every user of it); DONTUNMAP leaves it mapped, so no pointer into
-        // it dangles, and it reads its file where it read its own pages. `target..target + size`
-        // lies within `moved`'s reservation, which nothing else uses.
-        let to = unsafe {
-            libc::mremap(
-                host as *mut libc::c_void,
-                size,
-                size,
-                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP,
-                target as *mut libc::c_void,
-            )
-        };
-        if to == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(moved)
-    }
-}
-
-impl Drop for MovedPages {
-    fn drop(&mut self) {
-        // SAFETY: `addr..addr + len` is the reservation `take` made and everything moved into
-        // it; nothing else maps there or points into it.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
     }
 }
 
@@ -1272,31 +1229,35 @@ mod tests {
     }
 
     #[test]
-    fn a_re_freeze_frees_the_ram_s_own_pages_after_the_pause() {
+    fn a_re_freeze_leaves_the_ram_mapped_as_it_was() {
         let mut ram = GuestRam::new(4 * MIB).unwrap();
-        ram.freeze().unwrap();
-        for page in 0..512 {
+        write(&ram, 0, 1);
+        let first = ram.freeze().unwrap();
+        for page in 1..512 {
             write(&ram, page * 4096, page + 1);
         }
-        let image = ram.freeze().unwrap();
-        assert_eq!(ram.moved.len(), 1, "512 pages of 1,024 are moved out");
+        let second = ram.freeze().unwrap();
         assert_eq!(
-            mapping_kb(&ram, 0),
-            (0, 0),
-            "the RAM maps the new image alone"
+            mapping_kb(&ram, 0).1,
+            511 * 4,
+            "the RAM keeps its own pages"
         );
+        assert!(Arc::ptr_eq(ram.mapped.as_ref().unwrap(), &first));
+        assert!(Arc::ptr_eq(ram.frozen().unwrap(), &second));
         ram.release_replaced();
-        assert!(ram.moved.is_empty() && ram.replaced.is_none());
-        let m = image.map().unwrap();
+        let m = second.map().unwrap();
         for page in [0, 1, 511] {
             assert_eq!(
                 [read(&ram, page * 4096), read(&m, page * 4096)],
                 [page + 1; 2]
             );
         }
-        write(&ram, 0, 7);
-        ram.freeze().unwrap();
-        assert!(ram.moved.is_empty(), "one page is freed in place");
+        // What it wrote before the last freeze is in the next image too.
+        write(&ram, 600 * 4096, 9);
+        let third = ram.freeze().unwrap();
+        let m = third.map().unwrap();
+        assert_eq!([0, 4096, 600 * 4096].map(|a| read(&m, a)), [1, 2, 9]);
+        assert_eq!(read(&first.map().unwrap(), 4096), 0, "images never change");
     }
 
     #[test]
@@ -1304,7 +1265,7 @@ mod tests {
         let mut parent = GuestRam::new(4 * MIB).unwrap();
         write(&parent, 0x1000, 5);
         let image = parent.freeze().unwrap();
-        let mut shell = GuestRam::placeholder(4 * MIB).unwrap();
+        let mut shell = GuestRam::placeholder(4 * MIB, None).unwrap();
         let before = shell.memory.get_host_address(GuestAddress(0)).unwrap();
         assert_eq!(read(&shell, 0x1000), 0);
         shell.adopt(&image).unwrap();
@@ -1319,8 +1280,37 @@ mod tests {
             5,
             "adopting RAM writes privately"
         );
-        let mut small = GuestRam::placeholder(2 * MIB).unwrap();
+        let mut small = GuestRam::placeholder(2 * MIB, None).unwrap();
         assert!(small.adopt(&image).is_err(), "layouts must match");
+    }
+
+    #[test]
+    fn a_placeholder_over_the_next_image_s_file_adopts_it_without_a_re_map() {
+        let mut parent = GuestRam::new(4 * MIB).unwrap();
+        // Prepared while the parent still writes its file.
+        let mut shell = GuestRam::placeholder(4 * MIB, parent.next_image_file()).unwrap();
+        write(&parent, 0x1000, 5);
+        let first = parent.freeze().unwrap();
+        write(&parent, 0x1000, 6);
+        let epoch = shell.epoch;
+        shell.adopt(&first).unwrap();
+        assert_eq!(shell.epoch, epoch, "not re-mapped");
+        assert_eq!(
+            read(&shell, 0x1000),
+            5,
+            "the image, not the parent's later write"
+        );
+        write(&shell, 0x1000, 7);
+        assert_eq!(
+            [read(&parent, 0x1000), read(&first.map().unwrap(), 0x1000)],
+            [6, 5]
+        );
+
+        // Prepared for the image of a paused parent, which a re-freeze replaces.
+        let mut stale = GuestRam::placeholder(4 * MIB, parent.next_image_file()).unwrap();
+        let second = parent.freeze().unwrap();
+        stale.adopt(&second).unwrap();
+        assert_eq!(read(&stale, 0x1000), 6, "re-mapped over the new image");
     }
 
     #[test]

@@ -113,11 +113,12 @@ pub struct GuestRam {
     /// The file behind every region.
     pub file: Arc<File>,
     /// The frozen image the regions map privately, or `None` while they map `file` shared.
-    frozen: Option<Arc<freeze::FrozenRam>>,
-    /// The image the last freeze replaced, and the pages it moved out of the RAM's mappings,
-    /// kept until [`GuestRam::release_replaced`] so that freeing them does not add to the pause.
+    mapped: Option<Arc<freeze::FrozenRam>>,
+    /// The image of the RAM's last freeze (the RAM goes on mapping the image it mapped before).
+    latest: Option<Arc<freeze::FrozenRam>>,
+    /// The image the last freeze replaced as `latest`, kept until
+    /// [`GuestRam::release_replaced`] so that freeing it does not add to the pause.
     replaced: Option<Arc<freeze::FrozenRam>>,
-    moved: Vec<freeze::MovedPages>,
     /// Tracking of the pages written since a draft of a freeze began (see [`freeze`]).
     tracking: freeze::Tracking,
     /// Changes whenever the regions are re-mapped or their write tracking starts again: a draft
@@ -139,12 +140,12 @@ impl GuestRam {
         Self::map(file, ram_ranges(size), flags, None)
     }
 
-    /// Maps `ranges` of `file` with `flags` (`MAP_SHARED`, or `MAP_PRIVATE` over `frozen`).
+    /// Maps `ranges` of `file` with `flags` (`MAP_SHARED`, or `MAP_PRIVATE` over `mapped`).
     fn map(
         file: Arc<File>,
         ranges: Vec<RamRange>,
         flags: i32,
-        frozen: Option<Arc<freeze::FrozenRam>>,
+        mapped: Option<Arc<freeze::FrozenRam>>,
     ) -> Result<Self, MemoryError> {
         let regions = ranges
             .iter()
@@ -155,9 +156,9 @@ impl GuestRam {
             memory,
             ranges,
             file,
-            frozen,
+            mapped,
+            latest: None,
             replaced: None,
-            moved: Vec::new(),
             tracking: freeze::Tracking::Untried,
             epoch: 0,
         })
