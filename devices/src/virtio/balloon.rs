@@ -578,8 +578,10 @@ fn page_runs(
     Ok(())
 }
 
-/// Frees the host memory behind `len` bytes of guest RAM at `addr` (within one region).
-fn discard(memory: &GuestMemoryMmap, addr: u64, len: usize) -> io::Result<()> {
+/// Frees the host memory behind `len` bytes of guest RAM at `addr` (within one region), as the
+/// balloon does with the pages its guest gives up: shared RAM reads zeros there afterwards, RAM
+/// mapped privately over a frozen image reads the image's contents.
+pub fn discard(memory: &GuestMemoryMmap, addr: u64, len: usize) -> io::Result<()> {
     let slice = memory
         .get_slice(GuestAddress(addr), len)
         .map_err(io::Error::other)?;
@@ -600,9 +602,26 @@ fn discard(memory: &GuestMemoryMmap, addr: u64, len: usize) -> io::Result<()> {
     // EACCES — the image must not change, other VMs read it — and drops its copied pages
     // instead, falling back to the image's contents.
     match advise(libc::MADV_REMOVE) {
-        Err(e) if e.raw_os_error() == Some(libc::EACCES) => advise(libc::MADV_DONTNEED),
+        Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+            let dropped = advise(libc::MADV_DONTNEED);
+            // Counted after the pages are gone: a freeze that read the count before it copied
+            // them sees it change.
+            PRIVATE_DISCARDS.fetch_add(1, Ordering::SeqCst);
+            dropped
+        }
         other => other,
     }
+}
+
+/// Drops of copied pages from privately mapped guest RAM (`MADV_DONTNEED`), by any balloon in
+/// this process.
+static PRIVATE_DISCARDS: AtomicU64 = AtomicU64::new(0);
+
+/// How many times a balloon in this process has dropped copied pages from guest RAM mapped
+/// privately over a frozen image, after which that RAM reads the image's contents there again.
+/// A freeze that copied pages from such RAM re-checks them when this changed meanwhile.
+pub fn private_discards() -> u64 {
+    PRIVATE_DISCARDS.load(Ordering::SeqCst)
 }
 
 impl VirtioDevice for Balloon {

@@ -137,22 +137,16 @@ impl WriteTracker {
 
     /// The runs of pages of `host..host + size` (a range [`WriteTracker::start`]ed) that the
     /// mapping holds as its own pages and that were written since they were last protected, as
-    /// (first page, count) from `host`; with `protect`, protects every written page again in the
-    /// same step, page by page under the page table lock, so a write after a page was reported
-    /// is reported by the next call. (Pages of the file that were only read are protected, not
-    /// reported.)
+    /// (first page, count) from `host`; protects every written page again in the same step, page
+    /// by page under the page table lock, so a write after a page was reported is reported by the
+    /// next call. (Pages of the file that were only read are protected, not reported.)
     ///
     /// Protecting makes KVM drop its mappings of the whole range (one MMU notifier invalidation
-    /// per call), which costs time in proportion to the range: a VM that is paused, and whose
-    /// RAM is re-mapped next, is scanned without.
-    pub(super) fn written(
-        &self,
-        host: u64,
-        size: u64,
-        protect: bool,
-    ) -> io::Result<Vec<(usize, usize)>> {
+    /// per call), which costs time in proportion to the range: with the VM paused, use
+    /// [`WriteTracker::written_since_scan`].
+    pub(super) fn written(&self, host: u64, size: u64) -> io::Result<Vec<(usize, usize)>> {
         let scan = Scan {
-            flags: PM_SCAN_CHECK_WPASYNC | if protect { PM_SCAN_WP_MATCHING } else { 0 },
+            flags: PM_SCAN_CHECK_WPASYNC | PM_SCAN_WP_MATCHING,
             category_inverted: 0,
             category_mask: PAGE_IS_WRITTEN,
             // Pages that exist. Without it, holes would match (nothing protects them) and get
@@ -161,6 +155,27 @@ impl WriteTracker {
             category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
             return_mask: PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE,
             keep: is_own_page,
+        };
+        scan_runs(&self.pagemap, host, size, &scan)
+    }
+
+    /// The runs of pages of `host..host + size` (a range [`WriteTracker::start`]ed) that exist and
+    /// were written since they were last protected, protecting nothing: for a paused VM. Pages of
+    /// the mapped file read since are reported too: telling them apart from the RAM's own reads
+    /// each page's `struct page`, which costs several times as much per page of the range, and
+    /// copying one of them copies what the RAM reads there.
+    pub(super) fn written_since_scan(
+        &self,
+        host: u64,
+        size: u64,
+    ) -> io::Result<Vec<(usize, usize)>> {
+        let scan = Scan {
+            flags: PM_SCAN_CHECK_WPASYNC,
+            category_inverted: 0,
+            category_mask: PAGE_IS_WRITTEN,
+            category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            return_mask: PAGE_IS_WRITTEN,
+            keep: |_| true,
         };
         scan_runs(&self.pagemap, host, size, &scan)
     }

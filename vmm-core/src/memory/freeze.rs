@@ -21,9 +21,8 @@
 //!   pages: reads share the frozen page, each first write copies one 4 KiB page.
 //! - Freezing RAM that is already private (a second fork of the same VM, a fork of a fork): its
 //!   copy-on-write pages exist only in this VM's mappings, so they go into a new file with the
-//!   data of the image it maps. The RAM is not re-mapped: it goes on mapping the image it mapped
-//!   and holding its own pages, and only new VMs map the new image. Nearly all of the copy is made
-//!   while the VM still runs ([`GuestRam::draft_freeze`], iterative pre-copy):
+//!   data of the image it maps. Nearly all of the copy is made while the VM still runs
+//!   ([`GuestRam::draft_freeze`], iterative pre-copy):
 //!   1. the mapped image's allocated extents (`SEEK_DATA`/`SEEK_HOLE`; holes stay holes): nobody
 //!      writes the image;
 //!   2. the RAM's own pages (all it wrote since it began to map the image): one `PAGEMAP_SCAN`
@@ -36,19 +35,29 @@
 //!
 //!   With the VM paused, [`GuestRam::freeze_from`] copies only the pages written since the last
 //!   scan (the guest's writes go through KVM's page tables, which write-protection invalidates,
-//!   so they are tracked like the host's), and again any page the draft copied that the RAM
-//!   dropped since (the balloon's `MADV_DONTNEED`): a second, read-only scan over the pages the
-//!   draft copied. The pause thus copies what the VM writes during the last pre-copy round (a
-//!   spinning guest: a few pages), not what it wrote since the last fork, and its remaining
-//!   costs are two page-table walks (the scans skip unpopulated page tables) and sealing the
-//!   file: nothing in proportion to the RAM's size. Re-mapping the RAM over the new image would
-//!   free its own pages, but KVM would drop its mappings of the whole RAM in the pause (about
-//!   0.25 ms per GiB with this host's shadow paging), which is why it is not done.
+//!   so they are tracked like the host's) — one walk of the RAM's page tables that skips
+//!   unpopulated ones and reads only page-table entries, about 15 ns per page the RAM holds here
+//!   — and, only if a balloon dropped pages meanwhile, again any page the draft copied that the
+//!   RAM dropped since (`MADV_DONTNEED`): a second scan over the pages the draft copied. The pause
+//!   thus copies what the VM writes during the last pre-copy round (a spinning guest: a few
+//!   pages), not what it wrote since the last fork.
 //!
-//!   What that costs: a VM forked more than once holds the image it mapped at its first freeze
-//!   (the children of that fork map it too while they run) and the pages it wrote since, beside
-//!   the newest image its latest children map. Each draft copies all of the RAM's own pages
-//!   again, not only those written since the last freeze.
+//!   The RAM itself is normally not re-mapped: it goes on mapping the image it mapped and
+//!   holding its own pages, and only new VMs map the new image. Re-mapping it in place would
+//!   make KVM drop its mappings of the whole RAM in the pause, twice (moving its own pages out
+//!   of the way so they are freed after the pause, then mapping the new image), at about
+//!   0.25 ms per GiB each with this host's shadow paging. But the pause's scan grows with the
+//!   pages the RAM holds, so once it holds more than one page in 8 as its own, which makes the
+//!   scan cost about as much as the re-map, the freeze re-maps it over the new image (its
+//!   pages, moved out with `mremap(MREMAP_DONTUNMAP)`, which moves page tables, not data, are
+//!   freed with the replaced image by [`GuestRam::release_replaced`] once the VM runs again).
+//!   The pause of a re-freeze therefore stays under about 2 × 0.25 ms per GiB of RAM, however
+//!   much the VM wrote, and is far below that while it writes little.
+//!
+//!   What not re-mapping costs: until then, a VM forked more than once holds the image it
+//!   mapped (the children of that fork map it too while they run) and the pages it wrote since,
+//!   beside the newest image its latest children map; and each draft copies all of the RAM's
+//!   own pages again, not only those written since the last freeze.
 //!
 //!   Write-protection costs the running VM a minor fault on its first write to each page after
 //!   each scan, and KVM a re-fault of the pages it maps after each protecting scan. Where the
@@ -71,6 +80,8 @@ use std::sync::{Arc, Once};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use forkvm_devices::virtio::balloon::private_discards;
+
 use super::dirty::WriteTracker;
 use super::{GuestRam, MemoryError, RamRange, create_memfd};
 
@@ -89,6 +100,9 @@ pub(super) const PAGE: usize = 4096;
 const PRECOPY_ROUNDS: usize = 2;
 /// ...as long as the previous round copied more pages than this.
 const PRECOPY_ENOUGH: usize = 64;
+/// A re-freeze re-maps RAM that holds more than one page in this many as its own over the new
+/// image (see the module docs).
+const REMAP_RATIO: usize = 8;
 impl FrozenRam {
     /// New guest RAM that starts as this image: private copy-on-write mappings of it.
     pub fn map(self: &Arc<Self>) -> Result<GuestRam, MemoryError> {
@@ -153,6 +167,8 @@ pub struct FreezeDraft {
 struct Precopy {
     /// The RAM's epoch when the draft (re)started its write tracking.
     epoch: u64,
+    /// [`private_discards`] before the draft copied anything.
+    discards: u64,
     /// For each range of the RAM, the pages copied: sorted, disjoint runs (first page, count).
     copied: Vec<Vec<(usize, usize)>>,
 }
@@ -247,6 +263,7 @@ impl GuestRam {
         let Tracking::On(tracker) = &self.tracking else {
             return Ok(None);
         };
+        let discards = private_discards();
         // The pages the RAM holds as its own (written since it began to map its image), each
         // reported as it is protected: a write after that is reported by the next scan.
         let hosts = self.hosts()?;
@@ -263,13 +280,14 @@ impl GuestRam {
             }
             pages = 0;
             for ((range, &host), copied) in self.ranges.iter().zip(&hosts).zip(&mut copied) {
-                let runs = tracker.written(host, range.size, true)?;
+                let runs = tracker.written(host, range.size)?;
                 pages += self.copy_runs(range, &runs, file)?;
                 copied.extend(runs);
             }
         }
         Ok(Some(Precopy {
             epoch: self.epoch,
+            discards,
             copied: copied.into_iter().map(merged).collect(),
         }))
     }
@@ -284,42 +302,71 @@ impl GuestRam {
     /// [`GuestRam::freeze`], finishing `draft` if it was made from the image this RAM maps now.
     ///
     /// RAM that maps its file shared is re-mapped privately over it, in place, and the file is
-    /// sealed: it is the image. RAM that already maps an image privately stays as it is (no
-    /// re-map: that would make KVM drop its mappings of the whole RAM in the pause): the new image
-    /// is a new file holding the mapped image's data and the RAM's own pages.
+    /// sealed: it is the image. RAM that already maps an image privately is frozen into a new
+    /// file holding the mapped image's data and the RAM's own pages; the RAM goes on mapping the
+    /// image it mapped, unless it holds more than one page in [`REMAP_RATIO`] as its own: then
+    /// it is re-mapped over the new image too, its own pages moved out of the way.
     pub fn freeze_from(
         &mut self,
         draft: Option<FreezeDraft>,
     ) -> Result<Arc<FrozenRam>, MemoryError> {
-        let file = match self.mapped.clone() {
+        let frozen = match self.mapped.clone() {
             None => {
                 self.remap_private()?;
-                self.file.clone()
+                seal(&self.file)?;
+                let frozen = self.frozen_over(self.file.clone());
+                self.mapped = Some(frozen.clone());
+                frozen
             }
-            Some(mapped) => Arc::new(self.finish_draft(&mapped, draft)?),
+            Some(mapped) => {
+                let (file, own) = self.finish_draft(&mapped, draft)?;
+                seal(&file)?;
+                let frozen = self.frozen_over(Arc::new(file));
+                if own > (self.size() as usize / PAGE) / REMAP_RATIO {
+                    self.move_own_pages_out();
+                    self.file = frozen.file.clone();
+                    self.remap_private()?;
+                    self.replaced.extend(self.mapped.replace(frozen.clone()));
+                }
+                frozen
+            }
         };
-        seal(&file)?;
-        let frozen = Arc::new(FrozenRam {
-            file,
-            ranges: self.ranges.clone(),
-        });
-        if self.mapped.is_none() {
-            self.mapped = Some(frozen.clone());
-        }
         // Freeing the previous image (its file's memory, unless other VMs map it) can wait for
         // the VM to run again.
-        self.replaced = self.latest.replace(frozen.clone());
+        self.replaced.extend(self.latest.replace(frozen.clone()));
         Ok(frozen)
     }
 
+    /// An image of this RAM's layout in `file`.
+    fn frozen_over(&self, file: Arc<File>) -> Arc<FrozenRam> {
+        Arc::new(FrozenRam {
+            file,
+            ranges: self.ranges.clone(),
+        })
+    }
+
+    /// Moves each range's pages out of its mapping ([`MovedPages`]), to be freed by
+    /// [`GuestRam::release_replaced`]; where that fails, the re-map that follows frees them.
+    fn move_own_pages_out(&mut self) {
+        let Ok(hosts) = self.hosts() else {
+            return;
+        };
+        for (range, host) in self.ranges.iter().zip(hosts) {
+            if let Ok(moved) = MovedPages::take(host, range.size) {
+                self.moved.push(moved);
+            }
+        }
+    }
+
     /// A new file holding this RAM's contents, which are the `mapped` image and the pages the RAM
-    /// wrote since it began to map it: `draft`'s copies, finished, where the draft was made from
-    /// `mapped` and its writes were tracked to the end; otherwise copied now.
+    /// wrote since it began to map it, and about how many pages of its own the RAM holds:
+    /// `draft`'s copies, finished, where the draft was made from `mapped` and its writes were
+    /// tracked to the end; otherwise copied now.
     fn finish_draft(
         &mut self,
         mapped: &Arc<FrozenRam>,
         draft: Option<FreezeDraft>,
-    ) -> Result<File, MemoryError> {
+    ) -> Result<(File, usize), MemoryError> {
         let draft = draft.filter(|draft| Arc::ptr_eq(&draft.base, mapped));
         let finished = match (&self.tracking, draft) {
             (
@@ -329,15 +376,14 @@ impl GuestRam {
                     precopy: Some(precopy),
                     ..
                 }),
-            ) if precopy.epoch == self.epoch => {
-                match self.finish_precopy(tracker, &file, &precopy.copied) {
-                    Ok(()) => Some(file),
-                    Err(e) => {
-                        self.stop_tracking(&e);
-                        None
-                    }
+            ) if precopy.epoch == self.epoch => match self.finish_precopy(tracker, &file, &precopy)
+            {
+                Ok(own) => Some((file, own)),
+                Err(e) => {
+                    self.stop_tracking(&e);
+                    None
                 }
-            }
+            },
             // Not tracked: the draft holds the image alone.
             (
                 _,
@@ -347,45 +393,60 @@ impl GuestRam {
                     ..
                 }),
             ) => {
-                self.copy_written_pages(&file)?;
-                Some(file)
+                let own = self.copy_written_pages(&file)?;
+                Some((file, own))
             }
             // No draft, or one whose copies were not tracked to the end.
             _ => None,
         };
         match finished {
-            Some(file) => Ok(file),
+            Some(finished) => Ok(finished),
             None => {
                 let file = mapped.copy_into_new_file()?;
-                self.copy_written_pages(&file)?;
-                Ok(file)
+                let own = self.copy_written_pages(&file)?;
+                Ok((file, own))
             }
         }
     }
 
-    /// Frees what the last freeze replaced (see [`GuestRam::freeze_from`]): the image it froze
-    /// before, unless other VMs map it. Call it once the VM runs again.
+    /// Frees what the last freeze replaced (see [`GuestRam::freeze_from`]): the images it froze
+    /// or mapped before, unless other VMs map them, and the pages it moved out. Call it once the
+    /// VM runs again.
     pub fn release_replaced(&mut self) {
-        self.replaced = None;
+        self.replaced.clear();
+        self.moved.clear();
     }
 
-    /// Finishes a draft whose copies `copied` (for each range, the pages copied) were made from
-    /// this RAM into `file`, with the VM paused: copies the pages written since the draft's last
-    /// scan, and again the pages the draft copied that the RAM no longer holds as its own present
-    /// pages (dropped by the balloon with `MADV_DONTNEED` after the draft protected them, so no
-    /// scan reports them, and the RAM reads the image there again; or swapped out).
+    /// Finishes a draft whose copies `precopy` were made from this RAM into `file`, with the VM
+    /// paused: copies the pages written since the draft's last scan, and, if a balloon dropped
+    /// pages of privately mapped RAM since the draft began, again the pages the draft copied that
+    /// the RAM no longer holds as its own present pages (dropped with `MADV_DONTNEED` after the
+    /// draft protected them, so no scan reports them, and the RAM reads the image there again).
+    /// Returns about how many pages of its own the RAM holds.
     fn finish_precopy(
         &self,
         tracker: &WriteTracker,
         file: &File,
-        copied: &[Vec<(usize, usize)>],
-    ) -> io::Result<()> {
-        let pagemap = File::open("/proc/self/pagemap")?;
+        precopy: &Precopy,
+    ) -> io::Result<usize> {
         let hosts = self.hosts()?;
-        for ((range, &host), copied) in self.ranges.iter().zip(&hosts).zip(copied) {
+        let mut own = 0;
+        for (range, &host) in self.ranges.iter().zip(&hosts) {
             // Paused: nothing to protect against; the next draft protects every page again.
-            let runs = tracker.written(host, range.size, false)?;
-            self.copy_runs(range, &runs, file)?;
+            let runs = tracker.written_since_scan(host, range.size)?;
+            own += self.copy_runs(range, &runs, file)?;
+        }
+        own += precopy
+            .copied
+            .iter()
+            .flatten()
+            .map(|&(_, count)| count)
+            .sum::<usize>();
+        if private_discards() == precopy.discards {
+            return Ok(own);
+        }
+        let pagemap = File::open("/proc/self/pagemap")?;
+        for ((range, &host), copied) in self.ranges.iter().zip(&hosts).zip(&precopy.copied) {
             let (Some(&(lo, _)), Some(&(last, count))) = (copied.first(), copied.last()) else {
                 continue;
             };
@@ -397,7 +458,7 @@ impl GuestRam {
             let stale = subtract(copied, subtract(copied, not_held));
             self.copy_runs(range, &stale, file)?;
         }
-        Ok(())
+        Ok(own)
     }
 
     /// Guest RAM of `size` bytes that maps no image yet, for a VM created ahead of need;
@@ -456,14 +517,15 @@ impl GuestRam {
     /// Writes into `file`, at their offsets, the pages this VM has written since it began to map
     /// its image privately (its anonymous copy-on-write pages, found through `/proc/self/pagemap`);
     /// returns how many for each range.
-    fn copy_written_pages(&self, file: &File) -> Result<(), MemoryError> {
-        let copy = || -> io::Result<()> {
+    fn copy_written_pages(&self, file: &File) -> Result<usize, MemoryError> {
+        let copy = || -> io::Result<usize> {
             let pagemap = File::open("/proc/self/pagemap")?;
+            let mut own = 0;
             for (range, host) in self.ranges.iter().zip(self.hosts()?) {
                 let written = written_runs(&pagemap, host, range.size)?;
-                self.copy_runs(range, &written, file)?;
+                own += self.copy_runs(range, &written, file)?;
             }
-            Ok(())
+            Ok(own)
         };
         copy().map_err(|source| MemoryError::Freeze {
             what: "copying written pages",
@@ -548,6 +610,70 @@ impl GuestRam {
             }
         }
         Ok(())
+    }
+}
+
+/// The pages of one of guest RAM's mappings, moved to an address of their own so that a re-freeze
+/// re-maps the RAM without freeing them while the VM is paused (freeing a page takes about half a
+/// microsecond); unmapped when dropped.
+pub(super) struct MovedPages {
+    addr: usize,
+    len: usize,
+}
+
+impl MovedPages {
+    /// Moves the page tables of the mapping at `host..host + size` (with the pages they map) to
+    /// a new place, leaving the mapping in place, empty: it reads its file again.
+    fn take(host: u64, size: u64) -> io::Result<Self> {
+        const PMD: usize = 2 << 20;
+        let (host, size) = (host as usize, size as usize);
+        let len = size + PMD;
+        // SAFETY: a new anonymous mapping at an address the kernel picks; it touches no memory
+        // of ours.
+        let area = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if area == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let moved = Self {
+            addr: area as usize,
+            len,
+        };
+        // At the same offset within 2 MiB as `host`, so that whole page tables can move.
+        let target = moved.addr + (host % PMD + PMD - moved.addr % PMD) % PMD;
+        // SAFETY: `host..host + size` is one mapping of guest RAM (see `remap_private`, whose
+        // caller has stopped every user of it); DONTUNMAP leaves it mapped, so no pointer into
+        // it dangles, and it reads its file where it read its own pages. `target..target + size`
+        // lies within `moved`'s reservation, which nothing else uses.
+        let to = unsafe {
+            libc::mremap(
+                host as *mut libc::c_void,
+                size,
+                size,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP,
+                target as *mut libc::c_void,
+            )
+        };
+        if to == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(moved)
+    }
+}
+
+impl Drop for MovedPages {
+    fn drop(&mut self) {
+        // SAFETY: `addr..addr + len` is the reservation `take` made and everything moved into
+        // it; nothing else maps there or points into it.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
     }
 }
 
@@ -1085,11 +1211,8 @@ mod tests {
                 unreachable!()
             };
             let host = ram.hosts().unwrap()[0];
-            assert_eq!(
-                tracker.written(host, 8 * MIB, true).unwrap(),
-                [(2, 1), (5, 1)]
-            );
-            assert_eq!(tracker.written(host, 8 * MIB, true).unwrap(), []);
+            assert_eq!(tracker.written(host, 8 * MIB).unwrap(), [(2, 1), (5, 1)]);
+            assert_eq!(tracker.written(host, 8 * MIB).unwrap(), []);
         }
         // (The scans above took these: written again, they are reported again.)
         write(&ram, 2 * 4096, 21);
@@ -1146,12 +1269,7 @@ mod tests {
         write(&ram, 0x1000, 2);
         write(&ram, 0x2000, 3);
         let draft = ram.draft_freeze().unwrap();
-        let host = ram.hosts().unwrap()[0];
-        // SAFETY: drops the RAM's private copy of one page of its own mapping (what the balloon
-        // does); the mapping stays.
-        let dropped =
-            unsafe { libc::madvise((host + 0x1000) as *mut _, 4096, libc::MADV_DONTNEED) };
-        assert_eq!(dropped, 0);
+        forkvm_devices::virtio::balloon::discard(&ram.memory, 0x1000, 4096).unwrap();
         assert_eq!(read(&ram, 0x1000), 1, "the image's page again");
         let image = ram.freeze_from(draft).unwrap();
         let m = image.map().unwrap();
@@ -1233,20 +1351,21 @@ mod tests {
         let mut ram = GuestRam::new(4 * MIB).unwrap();
         write(&ram, 0, 1);
         let first = ram.freeze().unwrap();
-        for page in 1..512 {
+        // 100 pages of 1,024: fewer than one in REMAP_RATIO.
+        for page in 1..=100 {
             write(&ram, page * 4096, page + 1);
         }
         let second = ram.freeze().unwrap();
         assert_eq!(
             mapping_kb(&ram, 0).1,
-            511 * 4,
+            100 * 4,
             "the RAM keeps its own pages"
         );
         assert!(Arc::ptr_eq(ram.mapped.as_ref().unwrap(), &first));
         assert!(Arc::ptr_eq(ram.frozen().unwrap(), &second));
         ram.release_replaced();
         let m = second.map().unwrap();
-        for page in [0, 1, 511] {
+        for page in [0, 1, 100] {
             assert_eq!(
                 [read(&ram, page * 4096), read(&m, page * 4096)],
                 [page + 1; 2]
@@ -1258,6 +1377,34 @@ mod tests {
         let m = third.map().unwrap();
         assert_eq!([0, 4096, 600 * 4096].map(|a| read(&m, a)), [1, 2, 9]);
         assert_eq!(read(&first.map().unwrap(), 4096), 0, "images never change");
+    }
+
+    #[test]
+    fn a_re_freeze_re_maps_ram_that_holds_many_pages_of_its_own() {
+        let mut ram = GuestRam::new(4 * MIB).unwrap();
+        ram.freeze().unwrap();
+        let before = ram.memory.get_host_address(GuestAddress(0)).unwrap();
+        for page in 0..200 {
+            write(&ram, page * 4096, page + 1);
+        }
+        let image = ram.freeze().unwrap();
+        assert!(Arc::ptr_eq(ram.mapped.as_ref().unwrap(), &image));
+        assert_eq!(
+            ram.memory.get_host_address(GuestAddress(0)).unwrap(),
+            before,
+            "re-mapped in place"
+        );
+        assert_eq!(mapping_kb(&ram, 0), (0, 0), "its pages were moved out");
+        assert_eq!(ram.moved.len(), 1);
+        ram.release_replaced();
+        assert!(ram.moved.is_empty() && ram.replaced.is_empty());
+        let m = image.map().unwrap();
+        for page in [0, 1, 199] {
+            assert_eq!(
+                [read(&ram, page * 4096), read(&m, page * 4096)],
+                [page + 1; 2]
+            );
+        }
     }
 
     #[test]

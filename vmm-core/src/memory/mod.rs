@@ -116,9 +116,11 @@ pub struct GuestRam {
     mapped: Option<Arc<freeze::FrozenRam>>,
     /// The image of the RAM's last freeze (the RAM goes on mapping the image it mapped before).
     latest: Option<Arc<freeze::FrozenRam>>,
-    /// The image the last freeze replaced as `latest`, kept until
-    /// [`GuestRam::release_replaced`] so that freeing it does not add to the pause.
-    replaced: Option<Arc<freeze::FrozenRam>>,
+    /// The images the last freeze replaced as `latest` or `mapped`, and the pages it moved out of
+    /// the RAM's mappings, kept until [`GuestRam::release_replaced`] so that freeing them does
+    /// not add to the pause.
+    replaced: Vec<Arc<freeze::FrozenRam>>,
+    moved: Vec<freeze::MovedPages>,
     /// Tracking of the pages written since a draft of a freeze began (see [`freeze`]).
     tracking: freeze::Tracking,
     /// Changes whenever the regions are re-mapped or their write tracking starts again: a draft
@@ -158,7 +160,8 @@ impl GuestRam {
             file,
             mapped,
             latest: None,
-            replaced: None,
+            replaced: Vec::new(),
+            moved: Vec::new(),
             tracking: freeze::Tracking::Untried,
             epoch: 0,
         })
