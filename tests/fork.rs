@@ -207,3 +207,29 @@ fn repeated_forks_of_a_running_guest_carry_what_it_counted() {
         previous = started;
     }
 }
+
+/// A paused VM's forks reuse what the first of them captured; once the VM ran again, a fork
+/// captures anew. (A child forked from a stale capture would start where the parent paused
+/// first, 200 ms of counting behind.)
+#[test]
+fn a_fork_after_the_parent_ran_again_continues_from_its_new_state() {
+    let (parent, addr, _console) = spinning_guest(2);
+    wait_until_above(&parent, addr, 0);
+    parent.pause().unwrap();
+    let first_pause = read_u64(&parent, addr);
+    for _ in 0..2 {
+        let child = fork_quiet(&parent, 1).remove(0);
+        wait_until_above(&child, addr, first_pause);
+    }
+    parent.resume().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    parent.pause().unwrap();
+    let second_pause = read_u64(&parent, addr);
+    assert!(second_pause > first_pause);
+    let child = fork_quiet(&parent, 1).remove(0);
+    child.pause().unwrap();
+    assert!(
+        read_u64(&child, addr) >= second_pause,
+        "the child continues from the second pause"
+    );
+}

@@ -20,7 +20,6 @@
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use forkvm_devices::bus::Bus;
@@ -47,6 +46,7 @@ use crate::virtio::{FrozenDevice, VirtioDeviceSpec, VirtioPlan};
 use crate::vm::{Vm, VmParts};
 use forkvm_devices::sync::lock;
 use kvm_ioctls::Kvm;
+use serde::{Deserialize, Serialize};
 
 /// How one child of a fork reaches the host: its serial console and input, the host ends of
 /// its virtio consoles, and its vsock Unix socket. A [`ConsoleOutput`] converts into a child
@@ -99,14 +99,28 @@ impl From<ConsoleOutput> for Child {
     }
 }
 
-/// What every child of one fork (or a restored snapshot) starts from.
-pub(crate) struct ForkPoint {
-    /// The frozen RAM.
-    pub image: Arc<FrozenRam>,
+/// The processor state of a fork point.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct CpuState {
     /// Each vCPU's state.
     pub vcpus: Vec<VcpuState>,
     /// Interrupt controllers, PIT and clock.
     pub vm: VmState,
+}
+
+/// What a fork of a paused VM reuses from the previous fork (or snapshot) of the same pause,
+/// as long as nothing changed: the frozen RAM and the processor state.
+pub(crate) struct PausedCapture {
+    image: Arc<FrozenRam>,
+    cpu: Arc<CpuState>,
+}
+
+/// What every child of one fork (or a restored snapshot) starts from.
+pub(crate) struct ForkPoint {
+    /// The frozen RAM.
+    pub image: Arc<FrozenRam>,
+    /// The vCPUs' and the VM's state.
+    pub cpu: Arc<CpuState>,
     /// The UART's registers and pending input.
     pub serial: SerialState,
     /// Whether the VM has the debug-exit port.
@@ -141,8 +155,8 @@ impl Vm {
     pub(crate) fn capture(&self) -> Result<ForkPoint, Error> {
         let was_paused = self.is_paused();
         // What a freeze can do before the pause: copy the image private RAM maps (unless a
-        // paused VM's current image will be reused).
-        let draft = if was_paused && self.image_current.load(Ordering::SeqCst) {
+        // paused VM's capture will be reused).
+        let draft = if was_paused && lock(&self.paused_capture).is_some() {
             None
         } else {
             self.lock_ram().draft_freeze()?
@@ -166,26 +180,31 @@ impl Vm {
             .iter()
             .map(|device| device.freeze())
             .collect::<Result<_, _>>()?;
-        let vcpus = self
-            .vcpus
-            .iter()
-            .map(|vcpu| VcpuState::capture(&self.kvm, &lock(vcpu).fd))
-            .collect::<Result<_, _>>()?;
-        let vm = VmState::capture(&self.vm_fd)?;
-        let serial = lock(&self.serial).state();
-        let image = {
-            let mut ram = self.lock_ram();
-            match ram.frozen() {
-                // Paused and unwritten since the last fork: the image is still the RAM.
-                Some(image) if self.image_current.load(Ordering::SeqCst) => image.clone(),
-                _ => ram.freeze_from(draft)?,
+        let mut paused_capture = lock(&self.paused_capture);
+        let reused = match paused_capture.take() {
+            // Paused, and neither resumed nor written since the last capture: the image is
+            // still the RAM, and the vCPUs and VM have not run.
+            Some(reused) => reused,
+            None => {
+                let vcpus = self
+                    .vcpus
+                    .iter()
+                    .map(|vcpu| VcpuState::capture(&self.kvm, &lock(vcpu).fd))
+                    .collect::<Result<_, _>>()?;
+                let vm = VmState::capture(&self.vm_fd)?;
+                PausedCapture {
+                    image: self.lock_ram().freeze_from(draft)?,
+                    cpu: Arc::new(CpuState { vcpus, vm }),
+                }
             }
         };
-        self.image_current.store(true, Ordering::SeqCst);
+        let (image, cpu) = (reused.image.clone(), reused.cpu.clone());
+        *paused_capture = Some(reused);
+        drop(paused_capture);
+        let serial = lock(&self.serial).state();
         Ok(ForkPoint {
             image,
-            vcpus,
-            vm,
+            cpu,
             serial,
             debug_exit: self.debug_exit,
             devices,
@@ -203,7 +222,7 @@ pub(crate) fn start_from(
     shell: Option<Shell>,
 ) -> Result<Vm, Error> {
     // At most MAX_MPTABLE_VCPUS (< 256) vCPUs, as the parent was built with.
-    let count = point.vcpus.len() as u8;
+    let count = point.cpu.vcpus.len() as u8;
     let shell = match shell {
         Some(shell) => shell,
         None => Shell::new(
@@ -222,8 +241,8 @@ pub(crate) fn start_from(
     ram.adopt(&point.image)?;
     let identity = point.identity.next()?;
     identity_page.write(&identity)?;
-    point.vm.restore(&vm_fd)?;
-    for (vcpu, state) in vcpus.iter().zip(&point.vcpus) {
+    point.cpu.vm.restore(&vm_fd)?;
+    for (vcpu, state) in vcpus.iter().zip(&point.cpu.vcpus) {
         state.restore(&vcpu.fd)?;
     }
     let state = Arc::new(RunState::new().map_err(|e| setup_err("VM run state", e))?);

@@ -26,12 +26,11 @@ use forkvm_devices::legacy::SerialState;
 use serde::{Deserialize, Serialize};
 
 use crate::DEFAULT_KVM_DEVICE;
-use crate::arch::state::{VcpuState, VmState};
 use crate::boot::mptable::MAX_MPTABLE_VCPUS;
 use crate::builder::open_kvm;
 use crate::error::Error;
 use crate::fork::Child;
-use crate::fork::{ForkPoint, start_from};
+use crate::fork::{CpuState, ForkPoint, start_from};
 use crate::identity::Identity;
 use crate::memory::freeze::FrozenRam;
 use crate::vcpu::install_kick_handler;
@@ -57,8 +56,9 @@ struct SnapshotState {
     host_cpu: String,
     memory_size: u64,
     debug_exit: bool,
-    vcpus: Vec<VcpuState>,
-    vm: VmState,
+    /// The vCPUs' and the VM's state (`vcpus`, `vm`).
+    #[serde(flatten)]
+    cpu: Arc<CpuState>,
     #[serde(with = "SerialRegisters")]
     serial: SerialState,
     /// The snapshotted VM's identity; a restored VM is its next generation.
@@ -148,8 +148,7 @@ impl Vm {
             host_cpu: host_cpu(),
             memory_size: point.image.size(),
             debug_exit: point.debug_exit,
-            vcpus: point.vcpus,
-            vm: point.vm,
+            cpu: point.cpu,
             serial: point.serial,
             identity: point.identity,
             devices,
@@ -202,8 +201,8 @@ impl Vm {
                 });
             }
         }
-        if state.vcpus.is_empty() || state.vcpus.len() > usize::from(MAX_MPTABLE_VCPUS) {
-            return Err(bad(format!("{} vCPUs", state.vcpus.len())));
+        if state.cpu.vcpus.is_empty() || state.cpu.vcpus.len() > usize::from(MAX_MPTABLE_VCPUS) {
+            return Err(bad(format!("{} vCPUs", state.cpu.vcpus.len())));
         }
         let memory =
             File::open(dir.join(MEMORY_FILE)).map_err(|e| bad(format!("{MEMORY_FILE}: {e}")))?;
@@ -221,8 +220,7 @@ impl Vm {
         install_kick_handler()?;
         let point = ForkPoint {
             image: FrozenRam::from_file(memory, state.memory_size),
-            vcpus: state.vcpus,
-            vm: state.vm,
+            cpu: state.cpu,
             serial: state.serial,
             debug_exit: state.debug_exit,
             devices: open_disks(dir, state.devices)?,

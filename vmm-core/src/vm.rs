@@ -2,7 +2,6 @@
 //! and releases every thread, fd and mapping.
 
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -71,9 +70,11 @@ pub struct Vm {
     pub(crate) identity: Identity,
     // Declared after `vm_fd`, like `ram`: its memory slot goes first.
     _identity_page: IdentityPage,
-    /// Set when RAM was frozen while paused, cleared when the VM resumes or the host writes
-    /// its memory: while set, the frozen image is still exactly the RAM, and a new fork reuses it.
-    pub(crate) image_current: AtomicBool,
+    /// What the last fork or snapshot captured (frozen RAM, processor state), kept while the VM
+    /// stays paused and the host does not write its memory: the VM is still exactly that, and a
+    /// new fork reuses it. (A paused VM's local APIC timers may fire meanwhile: a child then
+    /// continues from the instant of the capture, as a whole.)
+    pub(crate) paused_capture: Mutex<Option<crate::fork::PausedCapture>>,
     /// The connection to the guest agent ([`Vm::agent`]).
     pub(crate) agent: crate::agent::AgentSlot,
     /// Children created ahead of forks ([`Vm::prepare_forks`], [`Vm::keep_forks_ready`]).
@@ -105,7 +106,7 @@ impl Vm {
             ram: Mutex::new(parts.ram),
             identity: parts.identity,
             _identity_page: parts.identity_page,
-            image_current: AtomicBool::new(false),
+            paused_capture: Mutex::default(),
             agent: crate::agent::AgentSlot::default(),
             shells: Arc::default(),
             last_pause: Mutex::default(),
@@ -196,7 +197,7 @@ impl Vm {
         let Phase::Running { .. } = &*phase else {
             return Err(self.not_running(&phase));
         };
-        self.image_current.store(false, Ordering::SeqCst);
+        *lock(&self.paused_capture) = None;
         self.state.resume();
         Ok(())
     }
@@ -263,7 +264,7 @@ impl Vm {
     /// the guest expects the change.
     pub fn write_memory(&self, addr: u64, buf: &[u8]) -> Result<(), Error> {
         use vm_memory::Bytes;
-        self.image_current.store(false, Ordering::SeqCst);
+        *lock(&self.paused_capture) = None;
         self.lock_ram()
             .memory
             .write_slice(buf, vm_memory::GuestAddress(addr))

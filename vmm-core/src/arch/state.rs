@@ -24,7 +24,8 @@ use crate::error::{Error, kvm_err};
 pub struct VcpuState {
     regs: kvm_regs,
     sregs: kvm_sregs,
-    /// The legacy FPU and SSE state, restored where KVM has no XSAVE.
+    /// The legacy FPU and SSE state where KVM has no XSAVE (zeroed, and not read, where it has:
+    /// the XSAVE area holds it, and reading it costs one more ioctl).
     #[serde(with = "LegacyFpu")]
     fpu: kvm_fpu,
     /// The XSAVE area (all vector state), where KVM has one.
@@ -118,7 +119,11 @@ impl VcpuState {
         Ok(Self {
             regs: vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?,
             sregs: vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?,
-            fpu: vcpu.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?,
+            fpu: if xsave {
+                kvm_fpu::default()
+            } else {
+                vcpu.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?
+            },
             xsave: if xsave {
                 Some(Box::new(
                     vcpu.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?,
