@@ -38,6 +38,7 @@ use crate::identity::{IDENTITY_CMDLINE_KEY, Identity, IdentityPage};
 use crate::layout::{IDENTITY_PAGE_ADDR, IDENTITY_PAGE_SIZE, KVM_TSS_ADDR};
 use crate::memory::{GuestRam, MIN_MEMORY_MIB};
 use crate::run_state::RunState;
+use crate::threads::SpareThreads;
 use crate::vcpu::IoBuses;
 use crate::vcpu::{Vcpu, install_kick_handler};
 use crate::virtio::{VirtioDeviceSpec, VirtioPlan};
@@ -471,6 +472,7 @@ impl VmBuilder {
             balloon,
             identity,
             identity_page,
+            threads: SpareThreads::default(),
         }))
     }
 }

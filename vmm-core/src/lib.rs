@@ -31,6 +31,7 @@ pub mod memory;
 mod prepared;
 mod run_state;
 mod snapshot;
+mod threads;
 mod vcpu;
 mod virtio;
 mod vm;

@@ -22,11 +22,12 @@ use crate::builder::{create_vcpus, create_vm};
 use crate::error::Error;
 use crate::identity::IdentityPage;
 use crate::memory::GuestRam;
+use crate::threads::SpareThreads;
 use crate::vcpu::Vcpu;
 use crate::vm::Vm;
 
 /// A child VM created ahead of a fork: memory slots over placeholder RAM, interrupt
-/// controllers, PIT, and vCPUs with their CPUID.
+/// controllers, PIT, vCPUs with their CPUID, and its threads, waiting.
 pub(crate) struct Shell {
     // Declared before `ram` and `identity_page`, so the VM (and its memory slots) is destroyed
     // before the mappings.
@@ -34,6 +35,8 @@ pub(crate) struct Shell {
     pub vcpus: Vec<Vcpu>,
     pub ram: GuestRam,
     pub identity_page: IdentityPage,
+    /// The child's event-loop and vCPU threads, started.
+    pub threads: SpareThreads,
 }
 
 impl Shell {
@@ -48,12 +51,17 @@ impl Shell {
         let ram = GuestRam::placeholder(memory_size, expected)?;
         let identity_page = IdentityPage::new()?;
         let vm_fd = create_vm(kvm, &ram, &identity_page)?;
+        let threads = SpareThreads::spawn(vcpus).map_err(|source| Error::Thread {
+            what: "prepared child",
+            source,
+        })?;
         let vcpus = create_vcpus(kvm, &vm_fd, &host_caps(kvm)?, vcpus, |_, _| Ok(()))?;
         Ok(Self {
             vm_fd,
             vcpus,
             ram,
             identity_page,
+            threads,
         })
     }
 }

@@ -3,7 +3,7 @@
 
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use forkvm_devices::virtio::vsock::host::VsockConnector;
@@ -19,6 +19,7 @@ use crate::identity::{Identity, IdentityPage};
 use crate::memory::GuestRam;
 use crate::prepared::ShellPool;
 use crate::run_state::RunState;
+use crate::threads::{EVENTS_THREAD, SpareThreads, run_on_thread, vcpu_thread};
 use crate::vcpu::{IoBuses, SharedVcpu, Vcpu};
 use crate::virtio::{AttachedDevice, DeviceInfo};
 use forkvm_devices::sync::lock;
@@ -49,6 +50,8 @@ pub(crate) struct VmParts {
     pub balloon: Option<BalloonHandle>,
     pub identity: Identity,
     pub identity_page: IdentityPage,
+    /// Threads started ahead for the event loop and the vCPUs (none: [`Vm::start`] starts them).
+    pub threads: SpareThreads,
 }
 
 /// A VM built by [`crate::VmBuilder`]. `Send + Sync`: any thread may wait for or stop it.
@@ -81,6 +84,8 @@ pub struct Vm {
     pub(crate) shells: Arc<ShellPool>,
     /// How long the last fork or snapshot held this VM paused ([`Vm::last_pause`]).
     pub(crate) last_pause: Mutex<Option<Duration>>,
+    /// Threads started ahead, which [`Vm::start`] uses.
+    spare_threads: Mutex<SpareThreads>,
 }
 
 impl Vm {
@@ -110,32 +115,36 @@ impl Vm {
             agent: crate::agent::AgentSlot::default(),
             shells: Arc::default(),
             last_pause: Mutex::default(),
+            spare_threads: Mutex::new(parts.threads),
         }
     }
 
-    /// Starts the vCPU threads and the event loop.
+    /// Starts the vCPU threads and the event loop (on threads started ahead where the VM has
+    /// them).
     pub fn start(&self) -> Result<(), Error> {
         let mut phase = self.lock_phase();
         let Phase::Built { event_loop } = std::mem::replace(&mut *phase, Phase::Ended) else {
             return Err(Error::AlreadyStarted);
         };
+        let mut spare = std::mem::take(&mut *lock(&self.spare_threads));
         let state = self.state.clone();
-        let event_thread = thread::Builder::new()
-            .name("forkvm-events".into())
-            .spawn(move || event_loop.run(&state))
-            .map_err(|source| Error::Thread {
-                what: "event loop",
-                source,
-            })?;
+        let event_thread = run_on_thread(spare.events.take(), EVENTS_THREAD.into(), move || {
+            event_loop.run(&state)
+        })
+        .map_err(|source| Error::Thread {
+            what: "event loop",
+            source,
+        })?;
         *phase = Phase::Running { event_thread };
         drop(phase);
 
         let mut threads = self.state.threads();
         for (id, vcpu) in self.vcpus.iter().enumerate() {
             let (vcpu, state, buses) = (vcpu.clone(), self.state.clone(), self.buses.clone());
-            let spawned = thread::Builder::new()
-                .name(format!("forkvm-vcpu{id}"))
-                .spawn(move || Vcpu::run(&vcpu, &buses, &state));
+            let spawned =
+                run_on_thread(spare.vcpus.pop_front(), vcpu_thread(id as u32), move || {
+                    Vcpu::run(&vcpu, &buses, &state)
+                });
             match spawned {
                 Ok(handle) => threads.push(handle),
                 Err(source) => {
