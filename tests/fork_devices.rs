@@ -166,8 +166,8 @@ fn sector_2(path: &std::path::Path) -> u64 {
     u64::from_le_bytes(bytes[1024..1032].try_into().unwrap())
 }
 
-/// The parent and two children (and a grandchild) write their own value into the same sector of
-/// their disk, in turns the host orders; each reads back only its own, the parent's reach its
+/// The parent and two children (one prepared ahead, one not; and a grandchild) write their own
+/// value into the same sector of their disk, in turns the host orders; each reads back only its own, the parent's reach its
 /// image file, the children's never do.
 #[test]
 fn block_devices_fork_copy_on_write_at_any_depth() {
@@ -182,10 +182,13 @@ fn block_devices_fork_copy_on_write_at_any_depth() {
     mailbox.write(&parent, &serial, 0x1111);
     assert_eq!(sector_2(image.path()), 0x1111);
 
+    // One child prepared ahead (its overlay file made then), one not.
+    parent.prepare_forks(1).unwrap();
     let consoles = [ConsoleBuffer::new(), ConsoleBuffer::new()];
     let children = parent
         .fork(consoles.iter().map(|c| ConsoleOutput::Buffer(c.clone())))
         .unwrap();
+    assert_eq!(parent.prepared_forks(), 0);
     let vms: Vec<(&Vm, &ConsoleBuffer)> = std::iter::once((&parent, &serial))
         .chain(children.iter().zip(&consoles))
         .collect();

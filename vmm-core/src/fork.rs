@@ -18,6 +18,7 @@
 //! ([`crate::identity`]), which tells its guest that it was forked.
 
 use std::collections::VecDeque;
+use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -39,7 +40,7 @@ use crate::error::Error;
 use crate::event_loop::EventLoop;
 use crate::identity::Identity;
 use crate::memory::freeze::{FreezeDraft, FrozenRam};
-use crate::prepared::Shell;
+use crate::prepared::{Shell, ShellShape};
 use crate::run_state::RunState;
 use crate::vcpu::IoBuses;
 use crate::virtio::{FrozenDevice, VirtioDeviceSpec, VirtioPlan};
@@ -227,8 +228,12 @@ pub(crate) fn start_from(
         Some(shell) => shell,
         None => Shell::new(
             &kvm,
-            point.image.size(),
-            count,
+            ShellShape {
+                memory_size: point.image.size(),
+                vcpus: count,
+                // Made ahead of a fork, overlay files save it time; here they would not.
+                disks: Vec::new(),
+            },
             Some(point.image.file().clone()),
         )?,
     };
@@ -238,6 +243,7 @@ pub(crate) fn start_from(
         mut ram,
         identity_page,
         threads,
+        mut layer_files,
     } = shell;
     ram.adopt(&point.image)?;
     let identity = point.identity.next()?;
@@ -265,7 +271,7 @@ pub(crate) fn start_from(
         plan,
         vsock,
         balloon,
-    } = continue_devices(&point.devices, child)?;
+    } = continue_devices(&point.devices, child, &mut layer_files)?;
     let mut mmio = Bus::new();
     let devices = plan.attach(&vm_fd, &mut mmio, &mut event_loop, &ram.memory)?;
     let vm = Vm::new(VmParts {
@@ -296,16 +302,27 @@ struct ChildDevices {
     balloon: Option<BalloonHandle>,
 }
 
-/// Creates a child's copy of each `frozen` device, connected to the host ends `child` names.
-fn continue_devices(frozen: &[FrozenDevice], mut child: Child) -> Result<ChildDevices, Error> {
+/// Creates a child's copy of each `frozen` device, connected to the host ends `child` names; its
+/// disks' overlays are `layer_files` as long as there are some.
+fn continue_devices(
+    frozen: &[FrozenDevice],
+    mut child: Child,
+    layer_files: &mut Vec<File>,
+) -> Result<ChildDevices, Error> {
     let (mut vsock, mut balloon) = (None, None);
     let mut devices = Vec::with_capacity(frozen.len());
     for device in frozen {
         let spec = match &device.state.device {
             DeviceState::Rng => VirtioDeviceSpec::new(Box::new(Rng::new())),
-            DeviceState::Block(state) => VirtioDeviceSpec::new(Box::new(
-                Block::from_state(state).map_err(|e| setup_err("virtio-blk overlay", e))?,
-            )),
+            DeviceState::Block(state) => {
+                let block = match layer_files.pop() {
+                    Some(overlay) => Block::from_state_over(state, overlay),
+                    None => Block::from_state(state),
+                };
+                VirtioDeviceSpec::new(Box::new(
+                    block.map_err(|e| setup_err("virtio-blk overlay", e))?,
+                ))
+            }
             DeviceState::SavedBlock(saved) => {
                 // Snapshots turn these back into `Block` before a VM starts from them.
                 return Err(setup_err(

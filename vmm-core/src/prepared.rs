@@ -15,10 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
 use forkvm_devices::sync::lock;
+use forkvm_devices::virtio::block::layer_file;
 use kvm_ioctls::{Kvm, VmFd};
 
 use crate::arch::probe::host_caps;
-use crate::builder::{create_vcpus, create_vm};
+use crate::builder::{create_vcpus, create_vm, setup_err};
 use crate::error::Error;
 use crate::identity::IdentityPage;
 use crate::memory::GuestRam;
@@ -37,17 +38,23 @@ pub(crate) struct Shell {
     pub identity_page: IdentityPage,
     /// The child's event-loop and vCPU threads, started.
     pub threads: SpareThreads,
+    /// Files for the overlays of the child's disks, sized (one per block device).
+    pub layer_files: Vec<File>,
 }
 
 impl Shell {
-    /// A shell for a VM of `memory_size` bytes and `vcpus` vCPUs, whose RAM maps `expected`, the
-    /// file of the image it will most likely adopt (see [`GuestRam::placeholder`]).
+    /// A shell for a VM shaped as `shape` whose RAM maps `expected`, the file of the image it
+    /// will most likely adopt (see [`GuestRam::placeholder`]).
     pub(crate) fn new(
         kvm: &Kvm,
-        memory_size: u64,
-        vcpus: u8,
+        shape: ShellShape,
         expected: Option<Arc<File>>,
     ) -> Result<Self, Error> {
+        let ShellShape {
+            memory_size,
+            vcpus,
+            disks,
+        } = shape;
         let ram = GuestRam::placeholder(memory_size, expected)?;
         let identity_page = IdentityPage::new()?;
         let vm_fd = create_vm(kvm, &ram, &identity_page)?;
@@ -56,14 +63,29 @@ impl Shell {
             source,
         })?;
         let vcpus = create_vcpus(kvm, &vm_fd, &host_caps(kvm)?, vcpus, |_, _| Ok(()))?;
+        let layer_files = disks
+            .iter()
+            .map(|&size| layer_file(size))
+            .collect::<std::io::Result<_>>()
+            .map_err(|e| setup_err("virtio-blk overlay", e))?;
         Ok(Self {
             vm_fd,
             vcpus,
             ram,
             identity_page,
             threads,
+            layer_files,
         })
     }
+}
+
+/// What a shell is made for: a VM of `memory_size` bytes, `vcpus` vCPUs and block devices of
+/// `disks` bytes each.
+#[derive(Clone)]
+pub(crate) struct ShellShape {
+    pub memory_size: u64,
+    pub vcpus: u8,
+    pub disks: Vec<u64>,
 }
 
 /// The shells one VM has ready, and how many it keeps ready.
@@ -107,10 +129,10 @@ impl Vm {
     /// controllers, PIT and vCPUs), so that the next forks only map memory and load state.
     /// [`Vm::prepared_forks`] tells how many are ready.
     pub fn prepare_forks(&self, n: usize) -> Result<(), Error> {
-        let (size, vcpus) = self.shell_shape();
+        let shape = self.shell_shape();
         let expected = self.lock_ram().next_image_file();
         for _ in 0..n {
-            let shell = Shell::new(&self.kvm, size, vcpus, expected.clone())?;
+            let shell = Shell::new(&self.kvm, shape.clone(), expected.clone())?;
             lock(&self.shells.shells).push(shell);
         }
         Ok(())
@@ -142,14 +164,14 @@ impl Vm {
         if let Some(done) = refill.take() {
             let _ = done.join();
         }
-        let (kvm, (size, vcpus)) = (self.kvm.clone(), self.shell_shape());
+        let (kvm, shape) = (self.kvm.clone(), self.shell_shape());
         let expected = self.lock_ram().next_image_file();
         let thread_pool = pool.clone();
         let spawned = thread::Builder::new()
             .name("forkvm-prepare".into())
             .spawn(move || {
                 while thread_pool.wanted() {
-                    match Shell::new(&kvm, size, vcpus, expected.clone()) {
+                    match Shell::new(&kvm, shape.clone(), expected.clone()) {
                         Ok(shell) => lock(&thread_pool.shells).push(shell),
                         Err(e) => {
                             log::warn!("cannot prepare a child for the next fork: {e}");
@@ -164,9 +186,17 @@ impl Vm {
         }
     }
 
-    /// Memory size and vCPU count of this VM's children.
-    fn shell_shape(&self) -> (u64, u8) {
-        // At most MAX_MPTABLE_VCPUS (< 256) vCPUs, as the VM was built with.
-        (self.memory_size(), self.vcpus.len() as u8)
+    /// The shape of this VM's children.
+    fn shell_shape(&self) -> ShellShape {
+        ShellShape {
+            memory_size: self.memory_size(),
+            // At most MAX_MPTABLE_VCPUS (< 256) vCPUs, as the VM was built with.
+            vcpus: self.vcpus.len() as u8,
+            disks: self
+                .devices
+                .iter()
+                .filter_map(|device| device.disk_size())
+                .collect(),
+        }
     }
 }

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use forkvm_devices::bus::Bus;
 use forkvm_devices::input::InputFeeder;
 use forkvm_devices::trigger::IrqTrigger;
+use forkvm_devices::virtio::block::BLOCK_DEVICE_TYPE;
 use forkvm_devices::virtio::console::{Console, ConsoleInputQueue, ConsoleSink};
 use forkvm_devices::virtio::mmio::{
     MMIO_WINDOW_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, QueueEvents, TransportState, VirtioState,
@@ -267,6 +268,17 @@ impl AttachedDevice {
     }
 
     /// Freezes the device (the VM must be paused): what a forked child's copy continues from.
+    /// The size in bytes of a block device's disk (`None` for other devices).
+    pub(crate) fn disk_size(&self) -> Option<u64> {
+        let transport = self.lock();
+        (transport.device_type() == BLOCK_DEVICE_TYPE).then(|| {
+            // virtio-blk's configuration starts with the capacity in 512-byte sectors.
+            let mut capacity = [0u8; 8];
+            transport.read_device_config(0, &mut capacity);
+            u64::from_le_bytes(capacity) * 512
+        })
+    }
+
     pub(crate) fn freeze(&self) -> Result<FrozenDevice, Error> {
         let mut transport = self.lock();
         let state = transport.freeze().map_err(|source| Error::DeviceFreeze {

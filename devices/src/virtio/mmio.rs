@@ -244,6 +244,11 @@ impl MmioTransport {
         self.device.device_type()
     }
 
+    /// Reads the device's configuration space from `offset`, as the driver would.
+    pub fn read_device_config(&self, offset: u64, data: &mut [u8]) {
+        self.device.read_config(offset, data);
+    }
+
     fn is_active(&self) -> bool {
         self.status & (S_DRIVER_OK | S_NEEDS_RESET | S_FAILED) == S_DRIVER_OK
     }

@@ -58,7 +58,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 use super::{AlignedBuffer, Dir, GuestView, RequestError, SECTOR_SIZE, Segment, transfer};
 
@@ -114,6 +114,13 @@ impl Bitmap {
     }
 }
 
+/// A layer file of `len` bytes (see [`temp_file`]), made ahead of a fork for a child's overlay
+/// ([`super::Block::from_state_over`]): creating and sizing one takes the file system tens of
+/// microseconds.
+pub fn layer_file(len: u64) -> io::Result<File> {
+    temp_file(len)
+}
+
 /// Makes an unnamed sparse temporary file of `len` bytes in `std::env::temp_dir()`.
 fn temp_file(len: u64) -> io::Result<File> {
     let dir = std::env::temp_dir();
@@ -162,9 +169,11 @@ impl fmt::Debug for FrozenLayer {
 }
 
 /// What the image held at a freeze, for the sectors the parent overwrote since: written by the
-/// parent, read by the freeze's children and their descendants.
+/// parent, read by the freeze's children and their descendants. Its file is made when the parent
+/// first overwrites a sector, not at the freeze (which the paused parent waits for).
 pub(super) struct PreserveLayer {
-    file: File,
+    file: OnceLock<File>,
+    sectors: u64,
     present: RwLock<Bitmap>,
 }
 
@@ -189,11 +198,20 @@ fn write_bits(lock: &RwLock<Bitmap>) -> RwLockWriteGuard<'_, Bitmap> {
 }
 
 impl PreserveLayer {
-    fn new(sectors: u64) -> io::Result<Self> {
-        Ok(Self {
-            file: temp_file(sectors * SECTOR_SIZE)?,
+    fn new(sectors: u64) -> Self {
+        Self {
+            file: OnceLock::new(),
+            sectors,
             present: RwLock::new(Bitmap::new(sectors)),
-        })
+        }
+    }
+
+    /// The layer's file, for reading sectors its bitmap says it holds (it has a file since the
+    /// first sector was preserved).
+    fn file(&self) -> io::Result<&File> {
+        self.file
+            .get()
+            .ok_or_else(|| io::Error::other("a preserve layer without a file holds no sector"))
     }
 
     /// Copies the `count` sectors from `start` of `image` that the layer lacks into it, a
@@ -215,6 +233,14 @@ impl PreserveLayer {
                 continue;
             }
             let mut present = write_bits(&self.present);
+            // Made under the write lock, so only once.
+            let file = match self.file.get() {
+                Some(file) => file,
+                None => {
+                    let file = temp_file(self.sectors * SECTOR_SIZE).map_err(RequestError::Io)?;
+                    self.file.get_or_init(|| file)
+                }
+            };
             let mut sector = at;
             while sector < at + n {
                 if present.get(sector) {
@@ -235,17 +261,10 @@ impl PreserveLayer {
                 // Zeroes (a sparse image's holes, say) take no space: punched (in case a failed
                 // copy left something there), the range reads as zeroes.
                 let punched = data.iter().all(|b| *b == 0)
-                    && super::fallocate(
-                        &self.file,
-                        libc::FALLOC_FL_PUNCH_HOLE,
-                        offset,
-                        bytes as u64,
-                    )
-                    .is_ok();
+                    && super::fallocate(file, libc::FALLOC_FL_PUNCH_HOLE, offset, bytes as u64)
+                        .is_ok();
                 if !punched {
-                    self.file
-                        .write_all_at(data, offset)
-                        .map_err(RequestError::Io)?;
+                    file.write_all_at(data, offset).map_err(RequestError::Io)?;
                 }
                 present.set_range(sector, run_end - sector);
                 sector = run_end;
@@ -267,11 +286,11 @@ pub(super) struct FrozenLayers {
 impl FrozenLayers {
     /// Layers with nothing in them yet, over an image nobody else writes (a restored snapshot's
     /// disk).
-    pub(super) fn empty(sectors: u64) -> io::Result<Self> {
-        Ok(Self {
-            preserve: Arc::new(PreserveLayer::new(sectors)?),
+    pub(super) fn empty(sectors: u64) -> Self {
+        Self {
+            preserve: Arc::new(PreserveLayer::new(sectors)),
             frozen: Vec::new(),
-        })
+        }
     }
 
     /// Where a child with nothing of its own reads `sector` (`preserved`: the preserve layer's
@@ -308,7 +327,7 @@ impl FrozenLayers {
                     }
                     let file = match source {
                         Source::Frozen(i) => &self.frozen[i].file,
-                        Source::Preserved => &self.preserve.file,
+                        Source::Preserved => self.preserve.file()?,
                         Source::Image | Source::Own => image,
                     };
                     let range = (done * SECTOR_SIZE) as usize..(end * SECTOR_SIZE) as usize;
@@ -380,7 +399,7 @@ impl ImageCow {
         let preserve = match reusable {
             Some(layer) => layer,
             None => {
-                let layer = Arc::new(PreserveLayer::new(sectors)?);
+                let layer = Arc::new(PreserveLayer::new(sectors));
                 self.layers.push(Arc::downgrade(&layer));
                 self.written = false;
                 layer
@@ -461,8 +480,18 @@ impl ChildCow {
         base_direct: bool,
         layers: FrozenLayers,
         sectors: u64,
+        overlay: Option<File>,
     ) -> io::Result<(Self, File)> {
-        let overlay = temp_file(sectors * SECTOR_SIZE)?;
+        let len = sectors * SECTOR_SIZE;
+        let overlay = match overlay {
+            Some(file) => {
+                if file.metadata()?.len() != len {
+                    file.set_len(len)?;
+                }
+                file
+            }
+            None => temp_file(len)?,
+        };
         let child = Self {
             base,
             base_direct,
@@ -538,7 +567,7 @@ impl ChildCow {
             let file = match source {
                 Source::Own => overlay,
                 Source::Frozen(i) => &self.layers.frozen[i].file,
-                Source::Preserved => &self.layers.preserve.file,
+                Source::Preserved => self.layers.preserve.file().map_err(RequestError::Io)?,
                 Source::Image if self.base_direct => {
                     super::read_bounced(&self.base, memory, segments, skip, len, offset, bounce)?;
                     done = end;

@@ -55,6 +55,8 @@ use super::{
 mod fork_tests;
 mod layers;
 
+pub use layers::layer_file;
+
 /// Virtio device type of block devices.
 pub const BLOCK_DEVICE_TYPE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 /// Bytes per sector, the unit of every block request.
@@ -141,7 +143,7 @@ impl BlockState {
         };
         match &self.layers {
             Some(layers) => layers.save(&image, self.capacity_sectors, to)?,
-            None => layers::FrozenLayers::empty(0)?.save(&image, self.capacity_sectors, to)?,
+            None => layers::FrozenLayers::empty(0).save(&image, self.capacity_sectors, to)?,
         }
         Ok(SavedBlock {
             file,
@@ -172,7 +174,7 @@ impl BlockState {
             layers: if saved.read_only {
                 None
             } else {
-                Some(layers::FrozenLayers::empty(saved.capacity_sectors)?)
+                Some(layers::FrozenLayers::empty(saved.capacity_sectors))
             },
         })
     }
@@ -289,6 +291,17 @@ impl Block {
     /// own private overlay (a read-only disk's child is a read-only handle on the same image).
     /// A state read back from a snapshot ([`BlockState::open_saved`]) works the same way.
     pub fn from_state(state: &BlockState) -> io::Result<Block> {
+        Self::continue_from(state, None)
+    }
+
+    /// [`Block::from_state`], with `overlay`, an empty file from [`layer_file`] made ahead of
+    /// the fork (sized to the disk, or it is sized here), as the child's overlay (a writable
+    /// disk's child writes there).
+    pub fn from_state_over(state: &BlockState, overlay: File) -> io::Result<Block> {
+        Self::continue_from(state, Some(overlay))
+    }
+
+    fn continue_from(state: &BlockState, overlay: Option<File>) -> io::Result<Block> {
         let (file, read_only, direct_io, cow) = match &state.layers {
             None => (state.base.try_clone()?, true, state.direct_io, None),
             Some(layers) => {
@@ -297,6 +310,7 @@ impl Block {
                     state.direct_io,
                     layers.clone(),
                     state.capacity_sectors,
+                    overlay,
                 )?;
                 (overlay, false, false, Some(Cow::Child(child)))
             }
