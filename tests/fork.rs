@@ -233,3 +233,25 @@ fn a_fork_after_the_parent_ran_again_continues_from_its_new_state() {
         "the child continues from the second pause"
     );
 }
+
+/// After a fork, each VM counts only the memory it holds on its own: a child starts with what its
+/// guest wrote since the fork, and grows by what it writes.
+#[test]
+fn a_child_counts_only_the_memory_it_writes() {
+    let (parent, addr, _console) = spinning_guest(1);
+    wait_until_above(&parent, addr, 0);
+    parent.pause().unwrap();
+    let child = fork_quiet(&parent, 1).remove(0);
+    child.pause().unwrap();
+    let fresh = child.memory_allocated_bytes().unwrap();
+    assert!(fresh < 64 << 10, "a fresh child holds {fresh} bytes");
+    for page in 0..256u64 {
+        child.write_memory(SCRATCH + page * 4096, &[1]).unwrap();
+    }
+    assert_eq!(child.memory_allocated_bytes().unwrap(), fresh + (1 << 20));
+    assert_eq!(
+        parent.memory_allocated_bytes().unwrap(),
+        0,
+        "the paused parent wrote nothing since"
+    );
+}

@@ -303,7 +303,9 @@ impl Vm {
     }
 
     /// Host memory backing guest RAM now, in bytes: what the guest touched, less what the balloon
-    /// and free page reporting gave back.
+    /// and free page reporting gave back. Once the VM was forked (or is a fork or a restored
+    /// snapshot), only the pages it holds on its own count: those it wrote since, not the
+    /// frozen image it shares with the other VMs of the fork.
     pub fn memory_allocated_bytes(&self) -> Result<u64, Error> {
         Ok(self.lock_ram().allocated_bytes()?)
     }

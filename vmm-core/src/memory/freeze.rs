@@ -533,6 +533,20 @@ impl GuestRam {
         })
     }
 
+    /// How many pages of its own (written since it began to map its image privately) the RAM
+    /// holds, present or swapped.
+    pub(super) fn own_pages(&self) -> io::Result<usize> {
+        let pagemap = File::open("/proc/self/pagemap")?;
+        let mut pages = 0;
+        for (range, host) in self.ranges.iter().zip(self.hosts()?) {
+            pages += written_runs(&pagemap, host, range.size)?
+                .iter()
+                .map(|&(_, count)| count)
+                .sum::<usize>();
+        }
+        Ok(pages)
+    }
+
     /// The host address of each range of the RAM.
     fn hosts(&self) -> io::Result<Vec<u64>> {
         self.ranges
@@ -1072,6 +1086,7 @@ mod tests {
             (0, 0),
             "nothing resident before it runs"
         );
+        assert_eq!(child.allocated_bytes().unwrap(), 0);
         for page in 0..256 {
             assert_eq!(read(&child, page * 4096), page + 1);
         }
@@ -1085,6 +1100,7 @@ mod tests {
             12,
             "each first write copies one page"
         );
+        assert_eq!(child.allocated_bytes().unwrap(), 12 * 1024, "its own pages");
         assert_eq!(
             mapping_kb(&parent, 0).1,
             0,
@@ -1361,6 +1377,7 @@ mod tests {
             100 * 4,
             "the RAM keeps its own pages"
         );
+        assert_eq!(ram.allocated_bytes().unwrap(), 100 * 4096);
         assert!(Arc::ptr_eq(ram.mapped.as_ref().unwrap(), &first));
         assert!(Arc::ptr_eq(ram.frozen().unwrap(), &second));
         ram.release_replaced();

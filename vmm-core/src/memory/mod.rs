@@ -172,11 +172,17 @@ impl GuestRam {
         self.ranges.iter().map(|r| r.size).sum()
     }
 
-    /// Host memory allocated to the file now, in bytes (pages never touched or given back by
-    /// the guest take none).
+    /// Host memory this RAM holds on its own now, in bytes: while it maps its file shared, what
+    /// the file holds (pages never touched or given back by the guest take none); once it maps a
+    /// frozen image privately, the pages it copied on write (those of the image, shared with
+    /// every VM that maps it, are not counted).
     pub fn allocated_bytes(&self) -> Result<u64, MemoryError> {
-        let metadata = self.file.metadata().map_err(MemoryError::Stat)?;
-        Ok(metadata.blocks() * 512)
+        if self.mapped.is_none() {
+            let metadata = self.file.metadata().map_err(MemoryError::Stat)?;
+            return Ok(metadata.blocks() * 512);
+        }
+        let pages = self.own_pages().map_err(MemoryError::Stat)?;
+        Ok((pages * freeze::PAGE) as u64)
     }
 
     /// End of RAM below the MMIO hole.
