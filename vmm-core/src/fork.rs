@@ -2,11 +2,15 @@
 //!
 //! The VM is paused; its vCPUs', interrupt controllers', PIT's, clock's and UART's state is read;
 //! its RAM is frozen into an image (see [`crate::memory::freeze`]: no guest memory is copied for a
-//! VM that was never frozen before); then each child is a new KVM VM over a private mapping of
-//! that image, with the state written into fresh vCPUs. The parent resumes (unless it was paused)
-//! and runs on over the same image.
+//! VM that was never frozen before, and only what it wrote during the last pre-copy round for one
+//! that was); then each child is a new KVM VM over a private mapping of that image, with the state
+//! written into fresh vCPUs. The parent resumes (unless it was paused). A paused VM forked again
+//! before it resumes reuses what the first fork captured ([`PausedCapture`]): its image and its
+//! processor state.
 //!
-//! A child is built in a KVM VM prepared ahead of time when one is ready ([`crate::prepared`]).
+//! A child is built in a KVM VM prepared ahead of time when one is ready ([`crate::prepared`]):
+//! its memory slots already map the image's file, its threads are started and its disks' overlay
+//! files made, so the fork itself writes state and attaches devices.
 //!
 //! Virtio devices are frozen with the rest ([`forkvm_devices::virtio::DeviceState`]) and each
 //! child gets copies at the same windows and IRQs, with their queues where the driver left them:
