@@ -76,7 +76,9 @@
 //!
 //! **Exec.** A process group of its own; `timeout_ms` kills the group (SIGKILL) and reports
 //! `timed_out`. [`Request::Signal`] signals the group of a running exec of the same connection.
-//! When a connection closes, its running execs are killed.
+//! When a connection closes, its running execs are killed. An exec (or PTY session) whose
+//! program does not exist fails with [`ErrorKind::ProgramNotFound`]; one whose working directory
+//! does not exist fails with [`ErrorKind::NotFound`].
 //!
 //! **PTY sessions** live in the agent independently of connections: a session's output produced
 //! while no connection is attached is kept (the last [`PTY_BACKLOG`] bytes) and sent on attach.
@@ -91,7 +93,11 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version; [`Hello::version`] must equal it.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// It changes whenever a message of one version could fail to decode in a peer of the previous
+/// one (a new [`ErrorKind`], reply or required field: an unknown enum value fails the whole
+/// message). Version 2 added [`ErrorKind::ProgramNotFound`].
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
 /// The host vsock port the agent sends its [`Reply::Ready`] to (best effort).
@@ -562,8 +568,12 @@ pub enum ErrorKind {
     DuplicateId,
     /// An argument is invalid (empty argv, unknown user, bad entropy length, ...).
     InvalidArgument,
-    /// No such file, program, session or exec.
+    /// No such file, directory (an exec's or PTY's working directory), session or exec.
     NotFound,
+    /// The program an exec or PTY session was to run (`argv[0]`) does not exist: no such file
+    /// (or a path component is not a directory), or not found on `PATH`. A program that exists
+    /// but whose interpreter or loader is missing is [`ErrorKind::NotFound`]. Since version 2.
+    ProgramNotFound,
     /// The operation is not permitted.
     PermissionDenied,
     /// Another operating-system error (see `errno`).

@@ -145,6 +145,11 @@ fn all_replies() -> Vec<Reply> {
             message: "no such file".into(),
             errno: Some(2),
         }),
+        Reply::Error(ErrorReply {
+            kind: ErrorKind::ProgramNotFound,
+            message: "no such program".into(),
+            errno: Some(2),
+        }),
     ]
 }
 
@@ -198,6 +203,21 @@ fn wire_layout_is_as_documented() {
     assert_eq!(ping.payload, br#"{"op":"ping"}"#);
     let ok = Frame::control(0, &Reply::Ok).unwrap();
     assert_eq!(ok.payload, br#"{"type":"ok"}"#);
+    let missing = Reply::Error(ErrorReply {
+        kind: ErrorKind::ProgramNotFound,
+        message: "m".into(),
+        errno: None,
+    });
+    assert_eq!(
+        Frame::control(0, &missing).unwrap().payload,
+        br#"{"type":"error","kind":"program_not_found","message":"m","errno":null}"#
+    );
+    // An error kind this version does not know fails the whole reply: a new kind needs a new
+    // PROTOCOL_VERSION.
+    assert!(
+        serde_json::from_str::<Reply>(r#"{"type":"error","kind":"newer_kind","message":"m"}"#)
+            .is_err()
+    );
     // Optional fields may be left out.
     let exec: Request = serde_json::from_str(r#"{"op":"exec","argv":["ls"]}"#).unwrap();
     assert_eq!(
