@@ -1,13 +1,18 @@
 //! Running processes: stdout and stderr streamed as they are produced, stdin from the host,
-//! timeouts, and the [`Command`] setup shared with PTY sessions.
+//! timeouts, and the [`Launch`] (command setup and spawn errors) shared with PTY sessions.
 //!
 //! Each exec runs in a process group of its own, so a timeout or a `Signal` reaches everything
 //! it started. Its final `Exited` reply comes after all its output: the agent waits for both pipes
 //! to end, or for [`OUTPUT_GRACE`] after the process exits when something it left running in the
 //! background keeps them open (what that writes later is dropped).
 
+use std::env;
+use std::ffi::{OsStr, OsString};
+use std::fs;
 use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{ChildStdin, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,45 +34,141 @@ pub const OUTPUT_GRACE: Duration = Duration::from_millis(500);
 /// Size of the reads from a process's pipes (and so of its largest output frames).
 const PIPE_READ: usize = 64 * 1024;
 
-/// A [`Command`] for `argv` with its environment, working directory and user.
-pub(crate) fn command(
-    argv: &[String],
-    env: &[(String, String)],
-    clear_env: bool,
-    cwd: Option<&str>,
-    user: Option<&str>,
-) -> Result<Command, ErrorReply> {
-    let (program, args) = argv
-        .split_first()
-        .ok_or_else(|| error(ErrorKind::InvalidArgument, "argv is empty"))?;
-    for (key, value) in env {
-        if key.is_empty() || key.contains(['=', '\0']) || value.contains('\0') {
-            return Err(error(
-                ErrorKind::InvalidArgument,
-                format!("bad environment variable {key:?}"),
-            ));
+/// The `PATH` a program is looked up in when the process's environment has none (the C
+/// library's default for `execvp`).
+#[cfg(target_env = "musl")]
+const DEFAULT_PATH: &str = "/usr/local/bin:/bin:/usr/bin";
+/// The `PATH` a program is looked up in when the process's environment has none (the C
+/// library's default for `execvp`).
+#[cfg(not(target_env = "musl"))]
+const DEFAULT_PATH: &str = "/bin:/usr/bin";
+
+/// What a process (an exec's or a PTY session's) is started from.
+pub(crate) struct Launch<'a> {
+    /// The program and its arguments.
+    pub argv: &'a [String],
+    /// Variables added to (or replacing those of) the environment.
+    pub env: &'a [(String, String)],
+    /// Start from an empty environment rather than the agent's.
+    pub clear_env: bool,
+    /// The working directory.
+    pub cwd: Option<&'a str>,
+    /// The user to run as.
+    pub user: Option<&'a str>,
+}
+
+impl Launch<'_> {
+    /// A [`Command`] for `argv` with its environment, working directory and user.
+    pub(crate) fn command(&self) -> Result<Command, ErrorReply> {
+        let (program, args) = self
+            .argv
+            .split_first()
+            .ok_or_else(|| error(ErrorKind::InvalidArgument, "argv is empty"))?;
+        for (key, value) in self.env {
+            if key.is_empty() || key.contains(['=', '\0']) || value.contains('\0') {
+                return Err(error(
+                    ErrorKind::InvalidArgument,
+                    format!("bad environment variable {key:?}"),
+                ));
+            }
+        }
+        let mut command = Command::new(program);
+        command.args(args);
+        if self.clear_env {
+            command.env_clear();
+        }
+        if let Some(spec) = self.user {
+            let user = user::resolve(spec)?;
+            // Without root std cannot drop groups; the spawn then fails with EPERM, as it should.
+            command
+                .uid(user.uid)
+                .gid(user.gid)
+                .env("HOME", &user.home)
+                .env("USER", &user.name)
+                .env("LOGNAME", &user.name);
+        }
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
+        if let Some(cwd) = self.cwd {
+            command.current_dir(cwd);
+        }
+        Ok(command)
+    }
+
+    /// The error reply for a failed spawn of [`Launch::command`].
+    ///
+    /// ENOENT and ENOTDIR do not say what is missing: the working directory (the child's
+    /// `chdir`), the program, or an interpreter or loader the program names (its `execve`). So
+    /// after such a failure (never on the way to a successful start) the agent looks: a working
+    /// directory that does not resolve is [`ErrorKind::NotFound`] (as before, ENOTDIR there is
+    /// [`ErrorKind::Io`]); a program that is neither at its path nor on the child's `PATH` is
+    /// [`ErrorKind::ProgramNotFound`]; a program that exists is [`ErrorKind::NotFound`], with a
+    /// message that says its interpreter or loader may be missing.
+    pub(crate) fn spawn_error(&self, spawn: &io::Error) -> ErrorReply {
+        let program = self.argv.first().map_or("", String::as_str);
+        let context = format!("running {program:?}");
+        if !matches!(spawn.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) {
+            return io_error(&context, spawn);
+        }
+        if let Some(cwd) = self.cwd {
+            let missing = match fs::metadata(cwd) {
+                Ok(meta) => !meta.is_dir(),
+                Err(e) => matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)),
+            };
+            if missing {
+                return io_error(&format!("working directory {cwd:?}"), spawn);
+            }
+        }
+        if self.program_exists(program) {
+            return io_error(
+                &format!("{context} (it exists: its interpreter or loader may be missing)"),
+                spawn,
+            );
+        }
+        let message = if program.contains('/') {
+            format!("{context}: {spawn}")
+        } else {
+            format!("{context}: not found on PATH")
+        };
+        ErrorReply {
+            kind: ErrorKind::ProgramNotFound,
+            message,
+            errno: spawn.raw_os_error(),
         }
     }
-    let mut command = Command::new(program);
-    command.args(args);
-    if clear_env {
-        command.env_clear();
+
+    /// Whether `program` names a file the way the child's `execvp` looks it up: a path (a
+    /// relative one from the working directory), else a file in a directory of the child's
+    /// `PATH`.
+    fn program_exists(&self, program: &str) -> bool {
+        let base = Path::new(self.cwd.unwrap_or("."));
+        // Joining an absolute path replaces the base.
+        let is_file = |path: &Path| fs::metadata(base.join(path)).is_ok_and(|m| !m.is_dir());
+        if program.contains('/') {
+            return is_file(Path::new(program));
+        }
+        if program.is_empty() {
+            return false;
+        }
+        self.search_path()
+            .as_bytes()
+            .split(|&b| b == b':')
+            .map(|dir| match dir {
+                b"" => Path::new("."),
+                dir => Path::new(OsStr::from_bytes(dir)),
+            })
+            .any(|dir| is_file(&dir.join(program)))
     }
-    if let Some(spec) = user {
-        let user = user::resolve(spec)?;
-        // Without root std cannot drop groups; the spawn then fails with EPERM, as it should.
-        command
-            .uid(user.uid)
-            .gid(user.gid)
-            .env("HOME", &user.home)
-            .env("USER", &user.name)
-            .env("LOGNAME", &user.name);
+
+    /// The `PATH` the child's environment holds (the request's, else the agent's unless
+    /// cleared), or [`DEFAULT_PATH`] when it holds none.
+    fn search_path(&self) -> OsString {
+        let path = match self.env.iter().rev().find(|(key, _)| key == "PATH") {
+            Some((_, value)) => Some(OsString::from(value)),
+            None if self.clear_env => None,
+            None => env::var_os("PATH"),
+        };
+        path.unwrap_or_else(|| DEFAULT_PATH.into())
     }
-    command.envs(env.iter().map(|(k, v)| (k, v)));
-    if let Some(cwd) = cwd {
-        command.current_dir(cwd);
-    }
-    Ok(command)
 }
 
 /// Runs an exec request to its end and returns its `Exited` reply (having sent `Started` and
@@ -77,13 +178,14 @@ pub fn run(
     request: ExecRequest,
     input: Option<Receiver<Chunk>>,
 ) -> Result<Reply, ErrorReply> {
-    let mut command = command(
-        &request.argv,
-        &request.env,
-        request.clear_env,
-        request.cwd.as_deref(),
-        request.user.as_deref(),
-    )?;
+    let launch = Launch {
+        argv: &request.argv,
+        env: &request.env,
+        clear_env: request.clear_env,
+        cwd: request.cwd.as_deref(),
+        user: request.user.as_deref(),
+    };
+    let mut command = launch.command()?;
     command
         .stdin(if input.is_some() {
             Stdio::piped()
@@ -97,7 +199,7 @@ pub fn run(
         .agent
         .reaper
         .spawn(&mut command)
-        .map_err(|e| io_error(&format!("running {:?}", request.argv[0]), &e))?;
+        .map_err(|e| launch.spawn_error(&e))?;
     // Pids are positive and below 2^22.
     let pid = child.id() as libc::pid_t;
     ctx.running.set_pid(ctx.id, pid);

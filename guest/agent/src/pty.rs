@@ -91,13 +91,14 @@ impl Registry {
         if !env.iter().any(|(key, _)| key == "TERM") {
             env.push(("TERM".into(), "xterm-256color".into()));
         }
-        let mut command = exec::command(
-            &request.argv,
-            &env,
-            false,
-            request.cwd.as_deref(),
-            request.user.as_deref(),
-        )?;
+        let launch = exec::Launch {
+            argv: &request.argv,
+            env: &env,
+            clear_env: false,
+            cwd: request.cwd.as_deref(),
+            user: request.user.as_deref(),
+        };
+        let mut command = launch.command()?;
         let (master, slave) =
             open_pty(request.rows, request.cols).map_err(|e| io_error("opening a PTY", &e))?;
         let stdio = || {
@@ -120,7 +121,7 @@ impl Registry {
         let (child, exited) = agent
             .reaper
             .spawn(&mut command)
-            .map_err(|e| io_error(&format!("running {:?}", request.argv[0]), &e))?;
+            .map_err(|e| launch.spawn_error(&e))?;
         // The parent's copies of the terminal's slave side go, so that the master reads EIO once
         // the session's processes have closed theirs.
         drop(command);

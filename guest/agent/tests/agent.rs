@@ -307,9 +307,13 @@ fn exec_errors() {
         let outcome = client.exec(1, argv);
         assert_eq!(outcome.replies.len(), 1);
         let error = outcome.error();
-        assert_eq!(error.kind, ErrorKind::NotFound, "{error:?}");
+        assert_eq!(error.kind, ErrorKind::ProgramNotFound, "{error:?}");
         assert_eq!(error.errno, Some(libc::ENOENT));
     }
+    // A path through a file: ENOTDIR, still the program.
+    let error = client.exec(1, &["/etc/passwd/program"]).error();
+    assert_eq!(error.kind, ErrorKind::ProgramNotFound, "{error:?}");
+    assert_eq!(error.errno, Some(libc::ENOTDIR));
     assert_eq!(client.exec(2, &[]).error().kind, ErrorKind::InvalidArgument);
     let bad_env = Request::Exec(ExecRequest {
         argv: vec!["true".into()],
@@ -325,7 +329,9 @@ fn exec_errors() {
         cwd: Some("/nonexistent/dir".into()),
         ..ExecRequest::default()
     });
-    assert_eq!(client.call(4, &bad_cwd).error().kind, ErrorKind::NotFound);
+    let error = client.call(4, &bad_cwd).error();
+    assert_eq!(error.kind, ErrorKind::NotFound, "{error:?}");
+    assert!(error.message.contains("/nonexistent/dir"), "{error:?}");
     let bad_user = Request::Exec(ExecRequest {
         argv: vec!["true".into()],
         user: Some("no-such-user-forkvm".into()),
@@ -337,6 +343,85 @@ fn exec_errors() {
     );
     // The connection is fine after all that.
     assert_eq!(client.exec(6, &["true"]).exited().code, Some(0));
+}
+
+#[test]
+fn missing_program_and_missing_cwd_are_told_apart() {
+    let (agent, _) = agent(false, false);
+    let mut client = Client::connect(&agent, 0);
+    let dir = temp_dir("missing");
+    // A script whose interpreter is missing: execve fails with ENOENT, but the program exists.
+    let script = format!("{dir}/script");
+    fs::write(&script, "#!/nonexistent/interpreter\n").unwrap();
+    fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let exec = |argv: &[&str], cwd: Option<&str>, env: &[(&str, &str)], clear_env: bool| {
+        Request::Exec(ExecRequest {
+            argv: argv.iter().map(|a| (*a).into()).collect(),
+            cwd: cwd.map(Into::into),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
+            clear_env,
+            ..ExecRequest::default()
+        })
+    };
+    let cases = [
+        // A missing program with a working directory that exists.
+        (
+            exec(&["no-such-command-forkvm"], Some(&dir), &[], false),
+            ErrorKind::ProgramNotFound,
+        ),
+        (
+            exec(&["/nonexistent/program"], Some(&dir), &[], false),
+            ErrorKind::ProgramNotFound,
+        ),
+        // Relative paths are looked up from the working directory.
+        (
+            exec(&["./no-such-program"], Some(&dir), &[], false),
+            ErrorKind::ProgramNotFound,
+        ),
+        (
+            exec(&["./script"], Some(&dir), &[], false),
+            ErrorKind::NotFound,
+        ),
+        (exec(&[&script], None, &[], false), ErrorKind::NotFound),
+        // A missing working directory, whether the program exists or not.
+        (
+            exec(&["true"], Some("/nonexistent/dir"), &[], false),
+            ErrorKind::NotFound,
+        ),
+        (
+            exec(
+                &["no-such-command-forkvm"],
+                Some("/nonexistent/dir"),
+                &[],
+                false,
+            ),
+            ErrorKind::NotFound,
+        ),
+        // The child's PATH is the one searched.
+        (
+            exec(&["true"], None, &[("PATH", "/nonexistent")], false),
+            ErrorKind::ProgramNotFound,
+        ),
+        (
+            exec(&["script"], None, &[("PATH", &dir)], false),
+            ErrorKind::NotFound,
+        ),
+        (
+            exec(&["script"], None, &[("PATH", &dir)], true),
+            ErrorKind::NotFound,
+        ),
+    ];
+    for (id, (request, kind)) in cases.into_iter().enumerate() {
+        let error = client.call(id as u32 + 1, &request).error();
+        assert_eq!(error.kind, kind, "{request:?}: {error:?}");
+        assert_eq!(error.errno, Some(libc::ENOENT), "{request:?}: {error:?}");
+    }
+    // Still runs what exists, from the default PATH when the environment has none.
+    let found = exec(&["sh", "-c", "exit 4"], Some(&dir), &[], true);
+    assert_eq!(client.call(20, &found).exited().code, Some(4));
 }
 
 #[test]
@@ -1021,7 +1106,19 @@ fn pty_exit_is_reported_and_kept_for_attach() {
             cols: 80,
         }),
     );
-    assert_eq!(bad.error().kind, ErrorKind::NotFound);
+    assert_eq!(bad.error().kind, ErrorKind::ProgramNotFound);
+    let bad_cwd = client.call(
+        9,
+        &Request::PtyOpen(PtyOpenRequest {
+            argv: vec!["sh".into()],
+            env: vec![],
+            cwd: Some("/nonexistent/dir".into()),
+            user: None,
+            rows: 24,
+            cols: 80,
+        }),
+    );
+    assert_eq!(bad_cwd.error().kind, ErrorKind::NotFound);
     assert_eq!(
         client
             .call(

@@ -40,7 +40,7 @@ fn failed_execs_do_not_race_the_reaper() {
     // child fails at setgid instead of exec, the same path.
     // SAFETY: geteuid has no preconditions.
     let expected = if unsafe { libc::geteuid() } == 0 {
-        forkvm_agent_protocol::ErrorKind::NotFound
+        forkvm_agent_protocol::ErrorKind::ProgramNotFound
     } else {
         forkvm_agent_protocol::ErrorKind::PermissionDenied
     };
