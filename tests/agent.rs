@@ -102,6 +102,24 @@ fn commands_report_output_status_and_failures() {
         Err(AgentError::CommandNotFound(what)) => assert!(what.contains("/no/such/program")),
         other => panic!("{other:?}"),
     }
+    // Also with a working directory that exists, and with a program looked up on PATH.
+    for argv in ["/no/such/program", "no-such-program-forkvm"] {
+        match agent.run(&Command::new([argv]).cwd("/")) {
+            Err(AgentError::CommandNotFound(what)) => assert!(what.contains(argv), "{what}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    // A missing working directory is not a missing command.
+    for argv in ["true", "no-such-program-forkvm"] {
+        match agent.run(&Command::new([argv]).cwd("/no/such/dir")) {
+            Err(AgentError::Agent(e)) => assert_eq!(e.kind, ErrorKind::NotFound, "{e:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    match agent.pty(["no-such-program-forkvm"], 24, 80) {
+        Err(AgentError::CommandNotFound(what)) => assert!(what.contains("no-such-program")),
+        other => panic!("{other:?}"),
+    }
 
     let out = agent
         .run(&Command::new(["sleep", "30"]).timeout(Duration::from_millis(200)))

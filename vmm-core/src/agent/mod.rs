@@ -54,7 +54,9 @@ pub enum AgentError {
     /// The agent did not answer in time (not booted yet, or no agent in this guest).
     #[error("the guest agent is not ready: {0}")]
     NotReady(String),
-    /// The program to run does not exist in the guest.
+    /// The program to run (a command's or a PTY session's `argv[0]`) does not exist in the
+    /// guest: not at its path, or not on `PATH`. (A missing working directory is
+    /// [`AgentError::Agent`] with kind `NotFound`.)
     #[error("command not found in the guest: {0}")]
     CommandNotFound(String),
     /// The command or request did not finish within its timeout.
@@ -293,7 +295,8 @@ impl Agent {
     }
 
     /// Runs `command` and returns its output and status. A command that runs longer than its
-    /// timeout is killed and reported with `status.timed_out` set (not as an error).
+    /// timeout is killed and reported with `status.timed_out` set (not as an error). A program
+    /// that does not exist in the guest is [`AgentError::CommandNotFound`].
     pub fn run(&self, command: &Command) -> Result<ExecOutput, AgentError> {
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         let status = self.run_streaming(command, |stream, bytes| match stream {
@@ -452,7 +455,8 @@ impl Agent {
         })
     }
 
-    /// Opens a PTY session running `argv` with a terminal of `rows` × `cols`.
+    /// Opens a PTY session running `argv` with a terminal of `rows` × `cols`. A program that
+    /// does not exist in the guest is [`AgentError::CommandNotFound`].
     pub fn pty<S: Into<String>>(
         &self,
         argv: impl IntoIterator<Item = S>,
@@ -529,18 +533,7 @@ impl Process {
         let pid = match call.reply(deadline) {
             Ok(Reply::Started { pid }) => pid,
             Ok(other) => return Err(unexpected(&other)),
-            // ENOENT from starting the program: the program is missing, unless a working
-            // directory was given, which may be what is missing instead.
-            Err(AgentError::Agent(error))
-                if error.kind == ErrorKind::NotFound && command.request.cwd.is_none() =>
-            {
-                let program = command.request.argv.first().cloned().unwrap_or_default();
-                return Err(AgentError::CommandNotFound(format!(
-                    "{program}: {}",
-                    error.message
-                )));
-            }
-            Err(e) => return Err(e),
+            Err(e) => return Err(program_not_found(e, &command.request.argv)),
         };
         Ok(Self {
             call,
@@ -613,6 +606,18 @@ impl Process {
                 None => {}
             }
         }
+    }
+}
+
+/// `error`, or [`AgentError::CommandNotFound`] when the agent says that the program `argv[0]`
+/// does not exist ([`ErrorKind::ProgramNotFound`]).
+fn program_not_found(error: AgentError, argv: &[String]) -> AgentError {
+    match error {
+        AgentError::Agent(error) if error.kind == ErrorKind::ProgramNotFound => {
+            let program = argv.first().map_or("", String::as_str);
+            AgentError::CommandNotFound(format!("{program}: {}", error.message))
+        }
+        other => other,
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use forkvm_agent_protocol::{ExitStatus, Kind, Reply, Request};
 
 use super::connection::{Call, Connection};
-use super::{Agent, AgentError, unexpected};
+use super::{Agent, AgentError, program_not_found, unexpected};
 
 /// What [`Pty::read`] got.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,9 +44,15 @@ impl Pty {
         request: &Request,
     ) -> Result<Self, AgentError> {
         let call = connection.start(request)?;
-        let session = match call.reply(agent.deadline())? {
-            Reply::PtyOpened { session, .. } | Reply::PtyAttached { session } => session,
-            other => return Err(unexpected(&other)),
+        let session = match call.reply(agent.deadline()) {
+            Ok(Reply::PtyOpened { session, .. } | Reply::PtyAttached { session }) => session,
+            Ok(other) => return Err(unexpected(&other)),
+            Err(e) => {
+                return Err(match request {
+                    Request::PtyOpen(open) => program_not_found(e, &open.argv),
+                    _ => e,
+                });
+            }
         };
         Ok(Self {
             agent,
