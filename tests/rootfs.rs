@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use forkvm::agent::{Agent, AgentError, Command, IMAGE_CMDLINE, PtyEvent, WriteOptions};
 use forkvm::{Child, ConsoleBuffer, ConsoleOutput, GuestExit, Vm, VmBuilder, Vsock};
-use forkvm_agent_protocol::PowerAction;
+use forkvm_agent_protocol::{ErrorKind, PowerAction};
 use forkvm_tests::built_artifact;
 
 /// How long the guest may take to boot to its agent (~25 s here when the host is idle).
@@ -93,6 +93,15 @@ fn the_image_runs_commands_files_and_ptys_through_the_agent_and_forks_with_them(
     assert!(matches!(
         agent.exec(["no-such-program"]),
         Err(AgentError::CommandNotFound(_))
+    ));
+    // With a working directory too; a missing working directory is not a missing command.
+    assert!(matches!(
+        agent.run(&Command::new(["no-such-program"]).cwd("/tmp")),
+        Err(AgentError::CommandNotFound(_))
+    ));
+    assert!(matches!(
+        agent.run(&Command::new(["true"]).cwd("/no/such/dir")),
+        Err(AgentError::Agent(e)) if e.kind == ErrorKind::NotFound
     ));
     let out = agent
         .run(&Command::new(["sleep", "60"]).timeout(Duration::from_secs(2)))
