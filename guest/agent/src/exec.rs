@@ -1,5 +1,5 @@
 //! Running processes: stdout and stderr streamed as they are produced, stdin from the host,
-//! timeouts, and the [`Launch`] (command setup and spawn errors) shared with PTY sessions.
+//! timeouts, and the `Launch` (command set-up and spawn errors) shared with PTY sessions.
 //!
 //! Each exec runs in a process group of its own, so a timeout or a `Signal` reaches everything
 //! it started. Its final `Exited` reply comes after all its output: the agent waits for both pipes
