@@ -2,7 +2,7 @@
 // forkvm for Node: the native addon (forkvm.node, built from src/ by `npm install`) and an
 // `Error` subclass per error code. Every method is the addon's; this file only turns its
 // errors into those classes (and napi's argument errors into `TypeError`) and keeps a console
-// callback that throws from taking the process down.
+// or output callback that throws from taking the process down.
 
 const native = require('./forkvm.node');
 
@@ -96,10 +96,32 @@ function guardConsoles(o) {
 // Methods and getters are wrapped in place; the class's static methods are not configurable,
 // so `VM` is a subclass with wrapped statics, of which every native VM counts as an instance.
 const NativeVM = native.Vm;
-for (const proto of [NativeVM.prototype, native.Pty.prototype, native.ConsoleBuffer.prototype]) wrapAll(proto);
-const { fork } = NativeVM.prototype;
+for (const proto of [NativeVM.prototype, native.Pty.prototype, native.Process.prototype, native.ConsoleBuffer.prototype]) {
+  wrapAll(proto);
+}
+const { fork, execStreaming } = NativeVM.prototype;
 NativeVM.prototype.fork = function (children) {
   return fork.call(this, Array.isArray(children) ? children.map(guardConsoles) : children);
+};
+// An output callback that throws is not called again; the promise rejects with its exception
+// once the command has ended.
+NativeVM.prototype.execStreaming = function (argv, onOutput, options) {
+  if (typeof onOutput !== 'function') return execStreaming.call(this, argv, onOutput, options);
+  let failed = false;
+  let failure;
+  const guarded = (stream, data) => {
+    if (failed) return;
+    try {
+      onOutput(stream, data);
+    } catch (e) {
+      failed = true;
+      failure = e;
+    }
+  };
+  return execStreaming.call(this, argv, guarded, options).then((exit) => {
+    if (failed) throw failure;
+    return exit;
+  });
 };
 const nativeBuild = wrap(NativeVM.build);
 const nativeRestore = wrap(NativeVM.restore);
@@ -119,15 +141,18 @@ class VM extends NativeVM {
   }
 }
 if (typeof Symbol.asyncDispose === 'symbol') {
-  NativeVM.prototype[Symbol.asyncDispose] = function () {
-    return this.close();
-  };
+  for (const proto of [NativeVM.prototype, native.Process.prototype]) {
+    proto[Symbol.asyncDispose] = function () {
+      return this.close();
+    };
+  }
 }
 
 module.exports = {
   VM,
   Vm: VM,
   Pty: native.Pty,
+  Process: native.Process,
   ConsoleBuffer: native.ConsoleBuffer,
   version: native.version,
   IMAGE_CMDLINE: native.IMAGE_CMDLINE,

@@ -80,6 +80,15 @@ export interface PtyEvent {
   /** The program ended (the session stays until `close()`). */
   exit?: ExitInfo
 }
+/** What `Process.read` got: a chunk of output, or the process's end. */
+export interface ProcessEvent {
+  /** The stream a chunk of output came from. */
+  stream?: 'stdout' | 'stderr'
+  /** The chunk of output. */
+  data?: Buffer
+  /** The process ended. */
+  exit?: ExitInfo
+}
 /** A virtio block device. */
 export interface DiskOptions {
   /** The raw image file. */
@@ -242,6 +251,36 @@ export declare class ConsoleBuffer {
   /** Empties the buffer and returns what it held. */
   take(): Buffer
 }
+/**
+ * A command running in the guest (`vm.spawn`). `close()` — or garbage collection of the
+ * object — kills it if it still runs and lets its connection go.
+ */
+export declare class Process {
+  /** Its process id in the guest. */
+  get pid(): number
+  /** Writes `data` to its standard input. */
+  writeStdin(data: Buffer | string): Promise<void>
+  /** Closes its standard input: it reads end-of-file. */
+  closeStdin(): Promise<void>
+  /**
+   * Its next chunk of output (`{stream, data}`) or its end (`{exit}`, again for every later
+   * call); `null` if nothing came within `timeoutMs` (default: no limit). Reads and `wait()`
+   * take turns.
+   */
+  read(timeoutMs?: number | undefined | null): Promise<ProcessEvent | null>
+  /** Sends `signal` (a number, e.g. `os.constants.signals.SIGTERM`) to its process group. */
+  signal(signal: number): Promise<void>
+  /** Kills it (`SIGKILL` to its process group). */
+  kill(): Promise<void>
+  /** Waits for its end; resolves with the output not read yet and how it ended (as `exec`). */
+  wait(): Promise<ExecResult>
+  /**
+   * Kills it if it still runs and lets the handle go; later calls fail with code `CLOSED`
+   * (calls in flight finish: a pending `read()` gets the rest of its output and its end).
+   * Closing twice is fine.
+   */
+  close(): Promise<void>
+}
 export type VM = Vm
 /**
  * A virtual machine. Made by `VM.build`, `VM.restore` or `vm.fork`; every method that may
@@ -251,6 +290,11 @@ export type VM = Vm
 export declare class Vm {
   /** Waits (at most `timeoutMs`, default 60 s) until the guest agent answers. */
   agentReady(timeoutMs?: number | undefined | null): Promise<void>
+  /**
+   * Checks that the guest agent answers; resolves with how long it has been up, in
+   * milliseconds.
+   */
+  ping(): Promise<number>
   /** Runs `argv` in the guest; resolves with its output and how it ended. */
   exec(argv: Array<string>, options?: ExecOptions | undefined | null): Promise<ExecResult>
   /** Writes `data` to the guest file `path`; resolves with the bytes written. */
@@ -276,6 +320,19 @@ export declare class Vm {
   pty(argv: Array<string>, rows?: number | undefined | null, cols?: number | undefined | null): Promise<Pty>
   /** Attaches to the PTY session `session` (opened earlier, maybe before a fork). */
   ptyAttach(session: number): Promise<Pty>
+  /**
+   * Runs `argv` in the guest, calling `onOutput(stream, data)` on the JS thread with each
+   * chunk of its output, in order, as the guest produces it; resolves with how it ended,
+   * after the last call. An exception thrown by `onOutput` stops the calls and rejects the
+   * promise once the command has ended.
+   */
+  execStreaming(argv: Array<string>, onOutput: (stream: 'stdout' | 'stderr', data: Buffer) => void, options?: ExecOptions | undefined | null): Promise<ExitInfo>
+  /**
+   * Starts `argv` in the guest and resolves with a handle to it, on a connection of its
+   * own: feed its standard input as you go (a pipe; `options.stdin` is written first), read
+   * its output as it comes, signal it, wait for it. `options` are those of `exec`.
+   */
+  spawn(argv: Array<string>, options?: ExecOptions | undefined | null): Promise<Process>
   /** Builds a VM (validates `options`, creates the KVM VM, loads the guest); not started. */
   static build(options: VmOptions): Promise<VM>
   /**

@@ -321,3 +321,25 @@ fn a_spawned_process_takes_input_as_it_goes_and_can_be_signalled() {
     let status = sleeper.wait(|_, _| {}).unwrap();
     assert_eq!(status.signal, Some(libc::SIGKILL));
 }
+
+#[test]
+fn a_process_can_be_fed_on_one_thread_while_another_waits_for_its_output() {
+    let agent = agent();
+    let cat = Arc::new(agent.spawn(&Command::new(["cat"])).unwrap());
+    let reader = {
+        let cat = cat.clone();
+        // Waits (no timeout) before any input is written.
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let status = cat.wait(|_, bytes| out.extend_from_slice(bytes)).unwrap();
+            (status.code, out)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    cat.write_stdin(b"fed while waited on\n").unwrap();
+    cat.close_stdin().unwrap();
+    assert_eq!(
+        reader.join().unwrap(),
+        (Some(0), b"fed while waited on\n".to_vec())
+    );
+}

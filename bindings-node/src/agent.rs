@@ -126,12 +126,38 @@ fn file_type(t: forkvm_agent_protocol::FileType) -> String {
     .into()
 }
 
+/// The command `argv` with `options` (those of `exec`, `execStreaming` and `spawn`).
+pub(crate) fn command(argv: Vec<String>, options: Option<ExecOptions>) -> Command {
+    let mut command = Command::new(argv);
+    if let Some(o) = options {
+        if o.clear_env == Some(true) {
+            command = command.clear_env();
+        }
+        for (key, value) in o.env.unwrap_or_default() {
+            command = command.env(key, value);
+        }
+        if let Some(cwd) = o.cwd {
+            command = command.cwd(cwd);
+        }
+        if let Some(user) = o.user {
+            command = command.user(user);
+        }
+        if let Some(stdin) = o.stdin {
+            command = command.stdin(bytes(stdin));
+        }
+        if let Some(ms) = o.timeout_ms {
+            command = command.timeout(Duration::from_millis(ms.into()));
+        }
+    }
+    command
+}
+
 /// The VM's agent (fails if the VM was closed).
-fn agent(vm: Outcome<Arc<forkvm::Vm>>) -> Outcome<forkvm::agent::Agent> {
+pub(crate) fn agent(vm: Outcome<Arc<forkvm::Vm>>) -> Outcome<forkvm::agent::Agent> {
     Ok(vm?.agent(DEFAULT_REQUEST_TIMEOUT)?)
 }
 
-fn exec_to_js(_: Env, out: forkvm::agent::ExecOutput) -> napi::Result<ExecResult> {
+pub(crate) fn exec_to_js(_: Env, out: forkvm::agent::ExecOutput) -> napi::Result<ExecResult> {
     Ok(ExecResult {
         stdout: out.stdout.into(),
         stderr: out.stderr.into(),
@@ -174,7 +200,7 @@ fn pty_to_js(_: Env, pty: forkvm::agent::Pty) -> napi::Result<Pty> {
     })
 }
 
-fn bytes(data: Either<Buffer, String>) -> Vec<u8> {
+pub(crate) fn bytes(data: Either<Buffer, String>) -> Vec<u8> {
     match data {
         Either::A(buffer) => buffer.to_vec(),
         Either::B(text) => text.into_bytes(),
@@ -193,6 +219,14 @@ impl VM {
         spawn_run(env, move || Ok(vm?.agent(timeout).map(drop)?))
     }
 
+    /// Checks that the guest agent answers; resolves with how long it has been up, in
+    /// milliseconds.
+    #[napi(ts_return_type = "Promise<number>")]
+    pub fn ping(&self, env: Env) -> napi::Result<JsObject> {
+        let vm = self.get();
+        spawn_run(env, move || Ok(agent(vm)?.ping()?.as_secs_f64() * 1000.0))
+    }
+
     /// Runs `argv` in the guest; resolves with its output and how it ended.
     #[napi(ts_return_type = "Promise<ExecResult>")]
     pub fn exec(
@@ -202,27 +236,7 @@ impl VM {
         options: Option<ExecOptions>,
     ) -> napi::Result<JsObject> {
         let vm = self.get();
-        let mut command = Command::new(argv);
-        if let Some(o) = options {
-            if o.clear_env == Some(true) {
-                command = command.clear_env();
-            }
-            for (key, value) in o.env.unwrap_or_default() {
-                command = command.env(key, value);
-            }
-            if let Some(cwd) = o.cwd {
-                command = command.cwd(cwd);
-            }
-            if let Some(user) = o.user {
-                command = command.user(user);
-            }
-            if let Some(stdin) = o.stdin {
-                command = command.stdin(bytes(stdin));
-            }
-            if let Some(ms) = o.timeout_ms {
-                command = command.timeout(Duration::from_millis(ms.into()));
-            }
-        }
+        let command = command(argv, options);
         spawn(env, move || Ok(agent(vm)?.run(&command)?), exec_to_js)
     }
 

@@ -1,8 +1,8 @@
 //! Node.js binding of forkvm (napi-rs): a thin layer over the Rust API — `VM` (build, start,
 //! wait, stop, pause/resume, memory, fork, snapshot/restore, devices, the guest agent's
-//! exec/files/PTY), `ConsoleBuffer` and `Pty` — that converts types and nothing more. Every
-//! call that may block runs on node's thread pool and returns a promise; failures are JS
-//! errors with a `code` (`error.rs`), which `index.js` gives `Error` subclasses.
+//! exec/files/PTY/processes), `ConsoleBuffer`, `Pty` and `Process` — that converts types and
+//! nothing more. Every call that may block runs on node's thread pool and returns a promise;
+//! failures are JS errors with a `code` (`error.rs`), which `index.js` gives `Error` subclasses.
 //!
 //! The crate builds a cdylib whose node symbols resolve when node loads it; it has no Rust
 //! tests (the Node tests in `test/` run through `test.sh`).
@@ -10,6 +10,7 @@
 mod agent;
 mod console;
 mod error;
+mod process;
 mod task;
 mod vm;
 

@@ -53,6 +53,10 @@ test('the agent of a VM without vsock: NO_DEVICE', async () => {
   await assert.rejects(vm.exec(['true']), { code: 'NO_DEVICE' });
   await assert.rejects(vm.readFile('/etc/hostname'), { code: 'NO_DEVICE' });
   await assert.rejects(vm.pty(['sh']), { code: 'NO_DEVICE' });
+  await assert.rejects(vm.ping(), { code: 'NO_DEVICE', name: 'NoDeviceError' });
+  await assert.rejects(vm.execStreaming(['true'], () => {}), { code: 'NO_DEVICE' });
+  await assert.rejects(vm.spawn(['cat'], { stdin: 'x' }), { code: 'NO_DEVICE' });
+  assert.throws(() => vm.execStreaming(['true'], 'not a function'), TypeError);
   await assert.rejects(vm.vsockConnect(1234), { code: 'NO_DEVICE' });
   assert.throws(() => vm.setBalloonTarget(1), { code: 'NO_DEVICE' });
   await vm.close();

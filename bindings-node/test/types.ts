@@ -1,5 +1,5 @@
 // Type check of index.d.ts / native.d.ts (compiled, never run): test.sh runs `tsc --noEmit --strict` on it.
-import { VM, ConsoleBuffer, NotRunningError, ForkvmError, type Exit, type ExecResult } from '..';
+import { VM, ConsoleBuffer, NotRunningError, ForkvmError, Process, type Exit, type ExecResult, type ExitInfo, type ProcessEvent } from '..';
 async function main(): Promise<void> {
   const console_ = new ConsoleBuffer();
   const vm: VM = await VM.build({ kernel: 'k', memoryMib: 32, console: console_, disks: [{ path: 'x', readOnly: true }] });
@@ -8,6 +8,18 @@ async function main(): Promise<void> {
   const kids2 = await vm.fork([null, 'stdout', (b: Buffer) => void b, { console: console_ }]);
   const exit: Exit = await vm.stop();
   const r: ExecResult = await vm.exec(['ls'], { timeoutMs: 5 });
+  const uptimeMs: number = await vm.ping();
+  const streamed: ExitInfo = await vm.execStreaming(['ls'], (stream: 'stdout' | 'stderr', data: Buffer) => void [stream, data], { cwd: '/' });
+  const p: Process = await vm.spawn(['cat'], { stdin: 'x' });
+  await p.writeStdin(Buffer.from('y'));
+  await p.closeStdin();
+  const event: ProcessEvent | null = await p.read(100);
+  const chunk: Buffer | undefined = event?.data;
+  await p.signal(15);
+  await p.kill();
+  const waited: ExecResult = await p.wait();
+  await p.close();
+  void [uptimeMs, streamed, event, chunk, waited, p.pid];
   const pty = await vm.pty(['sh'], 24, 80);
   await pty.write('x');
   const m: Buffer = vm.readMemory(0, 8);

@@ -507,7 +507,8 @@ pub enum ProcessEvent {
 }
 
 /// A command running in the guest ([`Agent::spawn`]). Dropping the handle before the process
-/// ends closes its connection, which makes the agent kill it.
+/// ends closes its connection, which makes the agent kill it. `Send + Sync`: one thread may wait
+/// for its output ([`Process::next`]) while another feeds its input or signals it.
 pub struct Process {
     call: Call,
     connection: Arc<Connection>,
