@@ -303,3 +303,31 @@ fn a_spawned_process_takes_input_as_it_goes_and_can_be_signalled() {
     let status = sleeper.wait(|_, _| {}).unwrap();
     assert_eq!(status.signal, Some(libc::SIGKILL));
 }
+
+#[test]
+fn a_spawned_process_is_signalled_and_fed_while_another_thread_waits_for_it() {
+    let agent = agent();
+    let process = agent
+        .spawn(&Command::new([
+            "sh",
+            "-c",
+            "read line; echo got $line; sleep 30",
+        ]))
+        .unwrap();
+    // `Process` is `Sync`: one thread waits for its output while this one feeds and signals it
+    // (a lock held across the wait would hold up both for good).
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| {
+            let mut out = Vec::new();
+            let status = process.wait(|_, bytes| out.extend_from_slice(bytes));
+            (status, out)
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        process.write_stdin(b"it\n").unwrap();
+        std::thread::sleep(Duration::from_millis(500)); // for `sh` to echo the line
+        process.signal(libc::SIGTERM).unwrap();
+        let (status, out) = waiter.join().unwrap();
+        assert_eq!(status.unwrap().signal, Some(libc::SIGTERM));
+        assert_eq!(out, b"got it\n");
+    });
+}

@@ -99,7 +99,7 @@ impl Connection {
         let call = Call {
             connection: self.clone(),
             id,
-            frames: rx,
+            frames: Mutex::new(rx),
         };
         write_control(&mut *lock(&self.writer), id, request)?;
         Ok(call)
@@ -145,21 +145,24 @@ fn dispatch(mut stream: UnixStream, pending: &Pending) {
     *lock(pending) = None;
 }
 
-/// One request in flight on a connection.
+/// One request in flight on a connection. It is `Sync` (the receiver is behind a lock, held
+/// while one thread waits for a frame), so a [`super::Process`] can be signalled or fed from one
+/// thread while another waits for its output.
 pub(super) struct Call {
     connection: Arc<Connection>,
     id: u32,
-    frames: Receiver<Frame>,
+    frames: Mutex<Receiver<Frame>>,
 }
 
 impl Call {
     /// The next frame of the request, waiting until `deadline` at most.
     pub(super) fn next(&self, deadline: Option<Instant>) -> Result<Frame, AgentError> {
+        let frames = lock(&self.frames);
         let frame = match deadline {
-            None => self.frames.recv().map_err(|_| AgentError::ConnectionLost),
+            None => frames.recv().map_err(|_| AgentError::ConnectionLost),
             Some(deadline) => {
                 let left = deadline.saturating_duration_since(Instant::now());
-                self.frames.recv_timeout(left).map_err(|e| match e {
+                frames.recv_timeout(left).map_err(|e| match e {
                     RecvTimeoutError::Timeout => AgentError::TimedOut,
                     RecvTimeoutError::Disconnected => AgentError::ConnectionLost,
                 })

@@ -503,12 +503,20 @@ pub enum ProcessEvent {
 }
 
 /// A command running in the guest ([`Agent::spawn`]). Dropping the handle before the process
-/// ends closes its connection, which makes the agent kill it.
+/// ends closes its connection, which makes the agent kill it. It is `Send` and `Sync`: one
+/// thread may wait for its output ([`Process::next`], [`Process::wait`]) while another writes
+/// its input or signals it.
 pub struct Process {
     call: Call,
     connection: Arc<Connection>,
     pid: u32,
 }
+
+// A process is shared between the thread reading its output and those feeding or signalling it.
+const _: () = {
+    const fn shared<T: Send + Sync>() {}
+    shared::<Process>()
+};
 
 impl std::fmt::Debug for Process {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
