@@ -434,6 +434,7 @@ pub(crate) struct PyProcess {
     process: Mutex<Option<Arc<Process>>>,
     /// Held by the reading call (`read`, `wait`, iteration) while it waits.
     output: Mutex<Output>,
+    /// The process id in the guest (kept after `close()`).
     pid: u32,
 }
 
