@@ -323,23 +323,29 @@ fn a_spawned_process_takes_input_as_it_goes_and_can_be_signalled() {
 }
 
 #[test]
-fn a_process_can_be_fed_on_one_thread_while_another_waits_for_its_output() {
+fn a_spawned_process_is_signalled_and_fed_while_another_thread_waits_for_it() {
     let agent = agent();
-    let cat = Arc::new(agent.spawn(&Command::new(["cat"])).unwrap());
-    let reader = {
-        let cat = cat.clone();
-        // Waits (no timeout) before any input is written.
-        std::thread::spawn(move || {
+    let process = agent
+        .spawn(&Command::new([
+            "sh",
+            "-c",
+            "read line; echo got $line; sleep 30",
+        ]))
+        .unwrap();
+    // `Process` is `Sync`: one thread waits for its output while this one feeds and signals it
+    // (a lock held across the wait would hold up both for good).
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| {
             let mut out = Vec::new();
-            let status = cat.wait(|_, bytes| out.extend_from_slice(bytes)).unwrap();
-            (status.code, out)
-        })
-    };
-    std::thread::sleep(Duration::from_millis(50));
-    cat.write_stdin(b"fed while waited on\n").unwrap();
-    cat.close_stdin().unwrap();
-    assert_eq!(
-        reader.join().unwrap(),
-        (Some(0), b"fed while waited on\n".to_vec())
-    );
+            let status = process.wait(|_, bytes| out.extend_from_slice(bytes));
+            (status, out)
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        process.write_stdin(b"it\n").unwrap();
+        std::thread::sleep(Duration::from_millis(500)); // for `sh` to echo the line
+        process.signal(libc::SIGTERM).unwrap();
+        let (status, out) = waiter.join().unwrap();
+        assert_eq!(status.unwrap().signal, Some(libc::SIGTERM));
+        assert_eq!(out, b"got it\n");
+    });
 }

@@ -1,17 +1,20 @@
-//! The guest agent (`forkvm.Agent`) and PTY sessions (`forkvm.Pty`): commands, files and
-//! terminals in a guest running forkvm's Linux image.
+//! The guest agent (`forkvm.Agent`), PTY sessions (`forkvm.Pty`) and spawned processes
+//! (`forkvm.Process`): commands, files and terminals in a guest running forkvm's Linux image.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use forkvm::agent::{Agent, Command, Pty, PtyEvent, Stream, WriteOptions};
+use forkvm::agent::{
+    Agent, AgentError, Command, ExecOutput, ExitStatus, Process, ProcessEvent, Pty, PtyEvent,
+    Stream, WriteOptions,
+};
 use forkvm_agent_protocol::PowerAction;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyTuple};
+use pyo3::types::{PyBytes, PyTuple};
 
-use crate::errors::agent_error;
+use crate::errors::{agent_error, process_closed};
 use crate::types::{PyDirEntry, PyExecResult, PyExitStatus, PyFileStat};
 
 /// Seconds (a Python float) as a [`Duration`]; `None` is "no limit".
@@ -23,21 +26,20 @@ pub(crate) fn duration(seconds: Option<f64>) -> PyResult<Duration> {
     }
 }
 
-/// `asyncio.to_thread(method, *args, **kwargs)`: the coroutine behind every `*_async` method.
-pub(crate) fn to_thread<'py>(
-    method: Bound<'py, PyAny>,
-    args: &Bound<'py, PyTuple>,
-    kwargs: Option<&Bound<'py, PyDict>>,
-) -> PyResult<Bound<'py, PyAny>> {
-    let py = method.py();
-    let mut all = vec![method];
-    all.extend(args.iter());
-    py.import("asyncio")?
-        .getattr("to_thread")?
-        .call(PyTuple::new(py, all)?, kwargs)
+/// A stream's name in Python: `"stdout"` or `"stderr"`.
+fn stream_name(stream: Stream) -> &'static str {
+    match stream {
+        Stream::Stdout => "stdout",
+        Stream::Stderr => "stderr",
+    }
 }
 
-/// The command `exec` runs, from its keyword arguments.
+/// Locks `m`, going on after a panic in another holder (as `vm.rs` does).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The command `exec` and `spawn` run, from its keyword arguments.
 fn command(
     argv: Vec<String>,
     stdin: Option<&[u8]>,
@@ -152,12 +154,9 @@ impl PyAgent {
                 if failed.is_some() {
                     return;
                 }
-                let name = match stream {
-                    Stream::Stdout => "stdout",
-                    Stream::Stderr => "stderr",
-                };
                 Python::with_gil(|py| {
-                    if let Err(e) = on_output.call1(py, (name, PyBytes::new(py, bytes))) {
+                    let chunk = (stream_name(stream), PyBytes::new(py, bytes));
+                    if let Err(e) = on_output.call1(py, chunk) {
                         failed = Some(e);
                     }
                 });
@@ -168,6 +167,30 @@ impl PyAgent {
             Some(e) => Err(e),
             None => Ok(status.into()),
         }
+    }
+
+    /// Starts `argv` and returns at once with a `Process`: write its standard input as you go
+    /// (a pipe; `stdin` is written first), read its output as it comes, signal it, wait for
+    /// it. The options are `exec`'s; `timeout` (seconds) makes the agent kill it when it runs
+    /// longer, reported with `timed_out` set.
+    #[pyo3(signature = (argv, *, stdin = None, env = None, cwd = None, user = None, clear_env = false, timeout = None))]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn spawn(
+        &self,
+        py: Python<'_>,
+        argv: Vec<String>,
+        stdin: Option<&[u8]>,
+        env: Option<HashMap<String, String>>,
+        cwd: Option<String>,
+        user: Option<String>,
+        clear_env: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<PyProcess> {
+        let command = command(argv, stdin, env, cwd, user, clear_env, timeout)?;
+        let agent = self.agent.clone();
+        py.allow_threads(move || agent.spawn(&command))
+            .map(PyProcess::new)
+            .map_err(agent_error)
     }
 
     /// Writes `data` to the guest file `path` (created with `mode`, else 0o644); returns how
@@ -286,36 +309,6 @@ impl PyAgent {
             .map_err(agent_error)
     }
 
-    /// `exec` in a thread (`asyncio.to_thread`).
-    #[pyo3(signature = (*args, **kwargs))]
-    fn exec_async<'py>(
-        slf: &Bound<'py, Self>,
-        args: &Bound<'py, PyTuple>,
-        kwargs: Option<&Bound<'py, PyDict>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        to_thread(slf.getattr("exec")?, args, kwargs)
-    }
-
-    /// `write_file` in a thread (`asyncio.to_thread`).
-    #[pyo3(signature = (*args, **kwargs))]
-    fn write_file_async<'py>(
-        slf: &Bound<'py, Self>,
-        args: &Bound<'py, PyTuple>,
-        kwargs: Option<&Bound<'py, PyDict>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        to_thread(slf.getattr("write_file")?, args, kwargs)
-    }
-
-    /// `read_file` in a thread (`asyncio.to_thread`).
-    #[pyo3(signature = (*args, **kwargs))]
-    fn read_file_async<'py>(
-        slf: &Bound<'py, Self>,
-        args: &Bound<'py, PyTuple>,
-        kwargs: Option<&Bound<'py, PyDict>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        to_thread(slf.getattr("read_file")?, args, kwargs)
-    }
-
     fn __repr__(&self) -> String {
         format!("{:?}", self.agent)
     }
@@ -407,26 +400,6 @@ impl PyPty {
         py.allow_threads(|| drop(self.pty.lock().unwrap_or_else(|e| e.into_inner()).take()));
     }
 
-    /// `read` in a thread (`asyncio.to_thread`).
-    #[pyo3(signature = (*args, **kwargs))]
-    fn read_async<'py>(
-        slf: &Bound<'py, Self>,
-        args: &Bound<'py, PyTuple>,
-        kwargs: Option<&Bound<'py, PyDict>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        to_thread(slf.getattr("read")?, args, kwargs)
-    }
-
-    /// `read_until` in a thread (`asyncio.to_thread`).
-    #[pyo3(signature = (*args, **kwargs))]
-    fn read_until_async<'py>(
-        slf: &Bound<'py, Self>,
-        args: &Bound<'py, PyTuple>,
-        kwargs: Option<&Bound<'py, PyDict>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        to_thread(slf.getattr("read_until")?, args, kwargs)
-    }
-
     fn __enter__(slf: Py<Self>) -> Py<Self> {
         slf
     }
@@ -439,5 +412,230 @@ impl PyPty {
 
     fn __repr__(&self) -> String {
         format!("Pty(session={})", self.session)
+    }
+}
+
+/// What a `Process` handle read of its output and not handed out yet, and how it ended.
+#[derive(Default)]
+struct Output {
+    /// Chunks read by a `wait` that timed out, handed out first by the next `read` or `wait`.
+    pending: VecDeque<(Stream, Vec<u8>)>,
+    /// How the process ended, once read.
+    status: Option<ExitStatus>,
+}
+
+/// A process running in the guest (`Agent.spawn()`): feed its standard input, read its output
+/// as it comes, signal it, wait for it. One thread may wait for its output while another
+/// writes its input or signals it; reads from several threads take turns. Leaving a `with`
+/// block (or `close()`) kills it if it still runs.
+#[pyclass(module = "forkvm", name = "Process", frozen)]
+pub(crate) struct PyProcess {
+    /// The process, until `close()`; calls clone it, so a waiting read holds up nothing.
+    process: Mutex<Option<Arc<Process>>>,
+    /// Held by the reading call (`read`, `wait`, iteration) while it waits.
+    output: Mutex<Output>,
+    /// The process id in the guest (kept after `close()`).
+    pid: u32,
+}
+
+impl PyProcess {
+    fn new(process: Process) -> Self {
+        Self {
+            pid: process.pid(),
+            process: Mutex::new(Some(Arc::new(process))),
+            output: Mutex::new(Output::default()),
+        }
+    }
+
+    /// The process, unless the handle was closed.
+    fn get(&self) -> PyResult<Arc<Process>> {
+        lock(&self.process).clone().ok_or_else(process_closed)
+    }
+
+    /// Runs `f` on the process without the GIL.
+    fn with<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&Process) -> Result<T, AgentError> + Send,
+    ) -> PyResult<T> {
+        let process = self.get()?;
+        py.allow_threads(move || f(&process).map_err(agent_error))
+    }
+
+    /// Whether its end was read (`false` while a read waits for it in another thread).
+    fn ended(&self) -> bool {
+        self.output.try_lock().is_ok_and(|o| o.status.is_some())
+    }
+
+    /// The next event: output read ahead first, the end again once it came, else the process's
+    /// next event within `timeout` (`None`: no limit). Without the GIL.
+    fn next_event(
+        &self,
+        py: Python<'_>,
+        timeout: Option<Duration>,
+    ) -> PyResult<Option<ProcessEvent>> {
+        let process = self.get()?;
+        py.allow_threads(move || {
+            let mut output = lock(&self.output);
+            if let Some((stream, bytes)) = output.pending.pop_front() {
+                return Ok(Some(ProcessEvent::Output(stream, bytes)));
+            }
+            if let Some(status) = &output.status {
+                return Ok(Some(ProcessEvent::Exited(*status)));
+            }
+            let event = process.next(timeout).map_err(agent_error)?;
+            if let Some(ProcessEvent::Exited(status)) = &event {
+                output.status = Some(*status);
+            }
+            Ok(event)
+        })
+    }
+}
+
+/// An output event as Python sees it: `(stream, bytes)` or an `ExitStatus`.
+fn event_to_py(py: Python<'_>, event: ProcessEvent) -> PyResult<PyObject> {
+    Ok(match event {
+        ProcessEvent::Output(stream, bytes) => (stream_name(stream), PyBytes::new(py, &bytes))
+            .into_pyobject(py)?
+            .into_any()
+            .unbind(),
+        ProcessEvent::Exited(status) => Py::new(py, PyExitStatus::from(status))?.into_any(),
+    })
+}
+
+#[pymethods]
+impl PyProcess {
+    /// The process id in the guest.
+    #[getter]
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Writes `data` to its standard input.
+    fn write_stdin(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
+        self.with(py, |process| process.write_stdin(data))
+    }
+
+    /// Closes its standard input (it reads end-of-file).
+    fn close_stdin(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, Process::close_stdin)
+    }
+
+    /// Sends `signal` (a number, e.g. `signal.SIGTERM`) to its process group.
+    fn signal(&self, py: Python<'_>, signal: i32) -> PyResult<()> {
+        self.with(py, |process| process.signal(signal))
+    }
+
+    /// Kills it (`SIGKILL` to its process group).
+    fn kill(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, Process::kill)
+    }
+
+    /// Its next event: a chunk of output as `(stream, bytes)` (`stream` is `"stdout"` or
+    /// `"stderr"`), its end as an `ExitStatus` (again at every later call), or `None` if
+    /// nothing came within `timeout` seconds (`None`: wait as long as it takes).
+    #[pyo3(signature = (timeout = None))]
+    fn read(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<PyObject> {
+        let timeout = timeout.map(|t| duration(Some(t))).transpose()?;
+        match self.next_event(py, timeout)? {
+            Some(event) => event_to_py(py, event),
+            None => Ok(py.None()),
+        }
+    }
+
+    /// Waits for it to end and returns its output not read yet and its status, as `exec`
+    /// does. If it has not ended within `timeout` seconds (`None`: no limit), raises
+    /// `TimedOutError` and keeps what it read for the next `read` or `wait`.
+    #[pyo3(signature = (timeout = None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<PyExecResult> {
+        let timeout = timeout.map(|t| duration(Some(t))).transpose()?;
+        let process = self.get()?;
+        let output = py.allow_threads(move || {
+            let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+            let mut output = lock(&self.output);
+            let mut read: Vec<(Stream, Vec<u8>)> = output.pending.drain(..).collect();
+            let status = loop {
+                if let Some(status) = output.status {
+                    break status;
+                }
+                let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                match process.next(left) {
+                    Ok(Some(ProcessEvent::Output(stream, bytes))) => read.push((stream, bytes)),
+                    Ok(Some(ProcessEvent::Exited(status))) => output.status = Some(status),
+                    Ok(None) => {
+                        output.pending.extend(read);
+                        return Err(AgentError::TimedOut);
+                    }
+                    Err(e) => {
+                        output.pending.extend(read);
+                        return Err(e);
+                    }
+                }
+            };
+            let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+            for (stream, bytes) in read {
+                match stream {
+                    Stream::Stdout => stdout.extend_from_slice(&bytes),
+                    Stream::Stderr => stderr.extend_from_slice(&bytes),
+                }
+            }
+            Ok(ExecOutput {
+                stdout,
+                stderr,
+                status,
+            })
+        });
+        Ok(PyExecResult::new(py, output.map_err(agent_error)?))
+    }
+
+    /// Ends the handle: kills the process if it has not ended and forgets it; later calls raise
+    /// `ClosedError`. Does nothing a second time.
+    fn close(&self, py: Python<'_>) {
+        let process = lock(&self.process).take();
+        py.allow_threads(move || {
+            let Some(process) = process else { return };
+            // Dropping the handle closes its connection, which makes the agent kill it; a read
+            // waiting in another thread holds the connection, so the kill is asked for too (an
+            // error only says it ended or the connection did). A read holding the output lock
+            // waits for the process, which has not ended then.
+            if !self.ended() {
+                let _ = process.kill();
+            }
+            drop(process);
+        });
+    }
+
+    /// Iterating yields its output as `(stream, bytes)` chunks until it ends (then `wait()`
+    /// returns its status at once).
+    fn __iter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<PyObject>> {
+        match self.next_event(py, None)? {
+            Some(ProcessEvent::Output(stream, bytes)) => {
+                event_to_py(py, ProcessEvent::Output(stream, bytes)).map(Some)
+            }
+            Some(ProcessEvent::Exited(_)) | None => Ok(None),
+        }
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> bool {
+        self.close(py);
+        false
+    }
+
+    fn __repr__(&self) -> String {
+        let closed = lock(&self.process).is_none();
+        match (closed, self.ended()) {
+            (true, _) => format!("Process(pid={}, closed)", self.pid),
+            (false, true) => format!("Process(pid={}, ended)", self.pid),
+            (false, false) => format!("Process(pid={})", self.pid),
+        }
     }
 }

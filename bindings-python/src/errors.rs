@@ -70,7 +70,8 @@ create_exception!(
     forkvm,
     ClosedError,
     NotRunningError,
-    "The VM was closed (`close()` or the end of its `with` block): it holds nothing any more."
+    "The VM (or process handle) was closed (`close()` or the end of its `with` block): it holds \
+     nothing any more."
 );
 create_exception!(
     forkvm,
@@ -195,4 +196,9 @@ pub(crate) fn agent_error(e: forkvm::agent::AgentError) -> PyErr {
 /// The error of a call on a closed VM.
 pub(crate) fn closed() -> PyErr {
     ClosedError::new_err("the VM was closed; build, fork or restore a new one")
+}
+
+/// The error of a call on a closed `Process` handle.
+pub(crate) fn process_closed() -> PyErr {
+    ClosedError::new_err("the process handle was closed")
 }

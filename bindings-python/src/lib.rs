@@ -26,6 +26,7 @@ fn _forkvm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<vm::PyBalloonHandle>()?;
     m.add_class::<agent::PyAgent>()?;
     m.add_class::<agent::PyPty>()?;
+    m.add_class::<agent::PyProcess>()?;
     m.add_class::<types::PyExit>()?;
     m.add_class::<types::PyIdentity>()?;
     m.add_class::<types::PyDeviceInfo>()?;

@@ -10,7 +10,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
 
-use crate::agent::{PyAgent, PyPty, duration, to_thread};
+use crate::agent::{PyAgent, PyProcess, PyPty, duration};
 use crate::console::{ConsoleArg, console_input, console_output};
 use crate::errors::{agent_error, closed, vm_error};
 use crate::types::{PyDeviceInfo, PyDirEntry, PyExecResult, PyExit, PyFileStat, PyIdentity};
@@ -247,8 +247,9 @@ fn child(spec: Option<&Bound<'_, PyAny>>) -> PyResult<Child> {
 ///
 /// `VM(kernel, ...)` builds one (nothing runs until `start()`); `with VM(...) as vm:` starts
 /// it if it was not started, and stops and closes it at the end of the block. Fork children
-/// and restored VMs are running already. Every blocking method releases the GIL; each
-/// `*_async` method runs its blocking twin in a thread (`asyncio.to_thread`).
+/// and restored VMs are running already. Every blocking method releases the GIL; the package
+/// (`forkvm/__init__.py`) adds `*_async` methods that await their blocking twin run in a thread
+/// (`asyncio.to_thread`).
 #[pyclass(module = "forkvm", name = "VM", frozen, weakref)]
 pub(crate) struct PyVm {
     vm: Mutex<Option<Arc<Vm>>>,
@@ -640,6 +641,25 @@ impl PyVm {
             .exec(py, argv, stdin, env, cwd, user, clear_env, timeout)
     }
 
+    /// Starts `argv` in the guest through its agent and returns a `Process` (see
+    /// `Agent.spawn`).
+    #[pyo3(signature = (argv, *, stdin = None, env = None, cwd = None, user = None, clear_env = false, timeout = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn spawn(
+        &self,
+        py: Python<'_>,
+        argv: Vec<String>,
+        stdin: Option<&[u8]>,
+        env: Option<std::collections::HashMap<String, String>>,
+        cwd: Option<String>,
+        user: Option<String>,
+        clear_env: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<PyProcess> {
+        self.default_agent(py)?
+            .spawn(py, argv, stdin, env, cwd, user, clear_env, timeout)
+    }
+
     /// Writes `data` to the guest file `path` (see `Agent.write_file`).
     #[pyo3(signature = (path, data, *, append = false, exclusive = false, mode = None))]
     fn write_file(
@@ -710,116 +730,5 @@ impl PyVm {
                 format!("VM(generation={}, {state})", identity.generation)
             }
         }
-    }
-
-    /// `wait` in a thread (`asyncio.to_thread`).
-    #[pyo3(signature = (*args, **kwargs))]
-    fn wait_async<'py>(
-        slf: &Bound<'py, Self>,
-        args: &Bound<'py, PyTuple>,
-        kwargs: Option<&Bound<'py, PyDict>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        to_thread(slf.getattr("wait")?, args, kwargs)
-    }
-
-    /// `start` in a thread (`asyncio.to_thread`).
-    #[pyo3(signature = (*args, **kwargs))]
-    fn start_async<'py>(
-        slf: &Bound<'py, Self>,
-        args: &Bound<'py, PyTuple>,
-        kwargs: Option<&Bound<'py, PyDict>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        to_thread(slf.getattr("start")?, args, kwargs)
-    }
-
-    /// `stop` in a thread (`asyncio.to_thread`).
-    #[pyo3(signature = (*args, **kwargs))]
-    fn stop_async<'py>(
-        slf: &Bound<'py, Self>,
-        args: &Bound<'py, PyTuple>,
-        kwargs: Option<&Bound<'py, PyDict>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        to_thread(slf.getattr("stop")?, args, kwargs)
-    }
-
-    /// `pause` in a thread (`asyncio.to_thread`).
-    #[pyo3(signature = (*args, **kwargs))]
-    fn pause_async<'py>(
-        slf: &Bound<'py, Self>,
-        args: &Bound<'py, PyTuple>,
-        kwargs: Option<&Bound<'py, PyDict>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        to_thread(slf.getattr("pause")?, args, kwargs)
-    }
-
-    /// `fork` in a thread (`asyncio.to_thread`).
-    #[pyo3(signature = (*args, **kwargs))]
-    fn fork_async<'py>(
-        slf: &Bound<'py, Self>,
-        args: &Bound<'py, PyTuple>,
-        kwargs: Option<&Bound<'py, PyDict>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        to_thread(slf.getattr("fork")?, args, kwargs)
-    }
-
-    /// `snapshot` in a thread (`asyncio.to_thread`).
-    #[pyo3(signature = (*args, **kwargs))]
-    fn snapshot_async<'py>(
-        slf: &Bound<'py, Self>,
-        args: &Bound<'py, PyTuple>,
-        kwargs: Option<&Bound<'py, PyDict>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        to_thread(slf.getattr("snapshot")?, args, kwargs)
-    }
-
-    /// `restore` in a thread (`asyncio.to_thread`).
-    #[staticmethod]
-    #[pyo3(signature = (*args, **kwargs))]
-    fn restore_async<'py>(
-        py: Python<'py>,
-        args: &Bound<'py, PyTuple>,
-        kwargs: Option<&Bound<'py, PyDict>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        to_thread(py.get_type::<Self>().getattr("restore")?, args, kwargs)
-    }
-
-    /// `agent` in a thread (`asyncio.to_thread`).
-    #[pyo3(signature = (*args, **kwargs))]
-    fn agent_async<'py>(
-        slf: &Bound<'py, Self>,
-        args: &Bound<'py, PyTuple>,
-        kwargs: Option<&Bound<'py, PyDict>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        to_thread(slf.getattr("agent")?, args, kwargs)
-    }
-
-    /// `exec` in a thread (`asyncio.to_thread`).
-    #[pyo3(signature = (*args, **kwargs))]
-    fn exec_async<'py>(
-        slf: &Bound<'py, Self>,
-        args: &Bound<'py, PyTuple>,
-        kwargs: Option<&Bound<'py, PyDict>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        to_thread(slf.getattr("exec")?, args, kwargs)
-    }
-
-    /// `write_file` in a thread (`asyncio.to_thread`).
-    #[pyo3(signature = (*args, **kwargs))]
-    fn write_file_async<'py>(
-        slf: &Bound<'py, Self>,
-        args: &Bound<'py, PyTuple>,
-        kwargs: Option<&Bound<'py, PyDict>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        to_thread(slf.getattr("write_file")?, args, kwargs)
-    }
-
-    /// `read_file` in a thread (`asyncio.to_thread`).
-    #[pyo3(signature = (*args, **kwargs))]
-    fn read_file_async<'py>(
-        slf: &Bound<'py, Self>,
-        args: &Bound<'py, PyTuple>,
-        kwargs: Option<&Bound<'py, PyDict>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        to_thread(slf.getattr("read_file")?, args, kwargs)
     }
 }

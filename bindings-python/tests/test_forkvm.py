@@ -3,6 +3,7 @@ binding runs, device and life-cycle calls, misuse, threads and asyncio."""
 
 import asyncio
 import gc
+import inspect
 import os
 import sys
 import threading
@@ -264,6 +265,65 @@ def test_asyncio_variants(guest: str) -> None:
         return await vm.stop_async()
 
     assert asyncio.run(main()).kind == "powered_off"
+
+
+# Every *_async method and its blocking twin (forkvm/__init__.py makes the former from the latter).
+ASYNC_TWINS = [
+    (forkvm.VM, ["start", "wait", "stop", "pause", "fork", "snapshot", "restore", "agent", "exec", "spawn"]),
+    (forkvm.VM, ["write_file", "read_file"]),
+    (forkvm.Agent, ["exec", "spawn", "write_file", "read_file"]),
+    (forkvm.Pty, ["read", "read_until"]),
+    (forkvm.Process, ["read", "wait"]),
+]
+
+
+@pytest.mark.parametrize("cls,name", [(cls, name) for cls, names in ASYNC_TWINS for name in names])
+def test_async_variants_are_their_twins_in_a_thread(cls: type, name: str) -> None:
+    blocking, made = getattr(cls, name), getattr(cls, f"{name}_async")
+    assert inspect.iscoroutinefunction(made)
+    assert (made.__name__, made.__qualname__, made.__module__) == (
+        f"{name}_async",
+        f"{cls.__name__}.{name}_async",
+        "forkvm",
+    )
+    assert inspect.signature(made) == inspect.signature(blocking)
+    assert blocking.__doc__ and blocking.__doc__ in made.__doc__
+    assert "asyncio.to_thread" in made.__doc__
+    # The static method stays one (called on the class, no instance).
+    assert isinstance(inspect.getattr_static(cls, f"{name}_async"), staticmethod) == (name == "restore")
+
+
+def test_async_variants_raise_their_twins_errors_and_leave_the_loop_running(guest: str) -> None:
+    vm = forkvm.VM(kernel=guest, memory_mib=32, cmdline="mode=spin", console=None)
+    with pytest.raises(forkvm.NotStartedError):
+        asyncio.run(vm.wait_async())
+    vm.start()
+    # No vsock device: spawn fails as exec does, blocking or awaited.
+    with pytest.raises(forkvm.NoDeviceError, match="no vsock device"):
+        vm.spawn(["true"])
+    with pytest.raises(forkvm.NoDeviceError, match="no vsock device"):
+        asyncio.run(vm.spawn_async(["true"], env={"A": "b"}, timeout=1.0))
+    with pytest.raises(TypeError):
+        asyncio.run(vm.spawn_async(["true"], no_such_option=1))  # type: ignore[call-arg]
+
+    async def wait_then_stop() -> forkvm.Exit:
+        # wait() blocks in a worker thread while the event loop goes on and stops the VM.
+        waiting = asyncio.ensure_future(vm.wait_async())
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        await vm.stop_async()
+        return await asyncio.wait_for(waiting, 10)
+
+    assert asyncio.run(wait_then_stop()).kind == "stopped"
+    vm.close()
+    with pytest.raises(forkvm.ClosedError):
+        asyncio.run(vm.stop_async())
+
+
+def test_process_is_made_by_spawn_only() -> None:
+    with pytest.raises(TypeError):
+        forkvm.Process()  # type: ignore[call-arg]
+    assert "Process" in forkvm.__all__
 
 
 def test_console_input_from_a_pipe(guest: str) -> None:

@@ -1,10 +1,15 @@
-"""forkvm's Linux image through the binding: the agent's exec, files and PTY, and a fork.
+"""forkvm's Linux image through the binding: the agent's exec, files, PTY and spawned
+processes, and a fork.
 
 Needs the image: $FORKVM_IMAGE_KERNEL (guest/kernel/build.sh) and $FORKVM_IMAGE_ROOTFS
 (guest/rootfs/build.sh), which bindings-python/test.sh sets when the image is built; skipped
-otherwise. Boots Linux (~30 s here)."""
+otherwise. Boots Linux once for the module (~30 s here)."""
 
+import asyncio
 import os
+import signal
+import threading
+from typing import Iterator, List, Tuple
 
 import pytest
 
@@ -21,8 +26,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_exec_files_pty_and_fork_through_the_agent() -> None:
-    console = forkvm.ConsoleBuffer()
+@pytest.fixture(scope="module")
+def vm() -> Iterator[forkvm.VM]:
+    """The Linux image booted, its agent up."""
     assert KERNEL and ROOTFS
     with forkvm.VM(
         kernel=KERNEL,
@@ -30,40 +36,146 @@ def test_exec_files_pty_and_fork_through_the_agent() -> None:
         memory_mib=forkvm.IMAGE_MEMORY_MIB,
         disks=[forkvm.Disk(ROOTFS, read_only=True)],
         vsock_cid=3,
-        console=console,
+        console=forkvm.ConsoleBuffer(),
     ) as vm:
-        agent = vm.agent(timeout=BOOT_TIMEOUT)
-        assert agent.ping() > 0
+        vm.agent(timeout=BOOT_TIMEOUT)
+        yield vm
 
-        result = vm.exec(["echo", "hello"])
-        assert (result.exit_code, result.stdout, result.stderr) == (0, b"hello\n", b"")
-        assert result.success
-        result = vm.exec(["sh", "-c", "cat; echo $X >&2; exit 3"], stdin=b"in", env={"X": "y"})
-        assert (result.exit_code, result.stdout, result.stderr) == (3, b"in", b"y\n")
-        result = vm.exec(["sleep", "10"], timeout=0.5)
-        assert result.timed_out
-        with pytest.raises(forkvm.CommandNotFoundError):
-            vm.exec(["no-such-program"])
 
-        data = os.urandom(100_000)
-        assert vm.write_file("/tmp/data", data) == len(data)
-        assert vm.read_file("/tmp/data") == data
-        assert vm.stat("/tmp/data").size == len(data)
-        assert "data" in [e.name for e in vm.list_dir("/tmp")]
-        with pytest.raises(forkvm.AgentError):
-            vm.read_file("/no/such/file")
+def test_exec_files_pty_and_fork_through_the_agent(vm: forkvm.VM) -> None:
+    agent = vm.agent(timeout=BOOT_TIMEOUT)
+    assert agent.ping() > 0
 
-        chunks = []
-        status = agent.exec_streaming(["sh", "-c", "echo out; echo err >&2"], lambda s, b: chunks.append((s, b)))
-        assert status.exit_code == 0 and ("stdout", b"out\n") in chunks
+    result = vm.exec(["echo", "hello"])
+    assert (result.exit_code, result.stdout, result.stderr) == (0, b"hello\n", b"")
+    assert result.success
+    result = vm.exec(["sh", "-c", "cat; echo $X >&2; exit 3"], stdin=b"in", env={"X": "y"})
+    assert (result.exit_code, result.stdout, result.stderr) == (3, b"in", b"y\n")
+    result = vm.exec(["sleep", "10"], timeout=0.5)
+    assert result.timed_out
+    with pytest.raises(forkvm.CommandNotFoundError):
+        vm.exec(["no-such-program"])
 
-        with vm.pty(["sh"], rows=24, cols=80) as pty:
-            pty.write(b"echo pty-$((40 + 2))\n")
-            assert "pty-42" in pty.read_until("pty-42", timeout=60)
-            pty.resize(30, 100)
+    data = os.urandom(100_000)
+    assert vm.write_file("/tmp/data", data) == len(data)
+    assert vm.read_file("/tmp/data") == data
+    assert vm.stat("/tmp/data").size == len(data)
+    assert "data" in [e.name for e in vm.list_dir("/tmp")]
+    with pytest.raises(forkvm.AgentError):
+        vm.read_file("/no/such/file")
 
-        (child,) = vm.fork([forkvm.ConsoleBuffer()])
-        with child:
-            child.write_file("/tmp/who", b"child")
-            assert child.read_file("/tmp/who") == b"child"
-            assert vm.exec(["cat", "/tmp/who"]).exit_code != 0, "the child's file is in the parent"
+    chunks = []
+    status = agent.exec_streaming(["sh", "-c", "echo out; echo err >&2"], lambda s, b: chunks.append((s, b)))
+    assert status.exit_code == 0 and ("stdout", b"out\n") in chunks
+
+    with vm.pty(["sh"], rows=24, cols=80) as pty:
+        pty.write(b"echo pty-$((40 + 2))\n")
+        assert "pty-42" in pty.read_until("pty-42", timeout=60)
+        pty.resize(30, 100)
+
+    (child,) = vm.fork([forkvm.ConsoleBuffer()])
+    with child:
+        child.write_file("/tmp/who", b"child")
+        assert child.read_file("/tmp/who") == b"child"
+        assert vm.exec(["cat", "/tmp/who"]).exit_code != 0, "the child's file is in the parent"
+
+
+def read_stdout(process: forkvm.Process, size: int) -> bytes:
+    """`size` bytes of the process's standard output, read event by event."""
+    out = b""
+    while len(out) < size:
+        event = process.read(timeout=30)
+        assert isinstance(event, tuple), f"expected output, got {event!r}"
+        stream, data = event
+        assert stream == "stdout"
+        out += data
+    return out
+
+
+def test_spawn_feeds_stdin_and_reads_back_exactly_what_was_written(vm: forkvm.VM) -> None:
+    agent = vm.agent()
+    process = agent.spawn(["cat"])
+    assert process.pid > 1
+    assert process.read(timeout=0.2) is None, "cat printed before it was fed"
+    process.write_stdin(b"hello\n")
+    assert read_stdout(process, 6) == b"hello\n"
+    data = os.urandom(200_000)
+    process.write_stdin(data)
+    process.close_stdin()
+    result = process.wait(timeout=60)
+    assert (result.exit_code, result.signal, result.timed_out, result.stderr) == (0, None, False, b"")
+    assert result.stdout == data
+    # Its end stays: read returns it again, wait returns it with no more output.
+    status = process.read()
+    assert isinstance(status, forkvm.ExitStatus) and status.exit_code == 0
+    assert process.wait().stdout == b""
+    assert list(process) == []
+    process.close()
+    process.close()
+    with pytest.raises(forkvm.ClosedError):
+        process.write_stdin(b"more")
+
+
+def test_spawn_options_streams_and_iteration(vm: forkvm.VM) -> None:
+    process = vm.spawn(
+        ["sh", "-c", "cat; echo $X; pwd; echo err >&2; exit 3"], stdin=b"in:", env={"X": "y"}, cwd="/tmp"
+    )
+    process.close_stdin()
+    chunks: List[Tuple[str, bytes]] = list(process)
+    out = b"".join(data for stream, data in chunks if stream == "stdout")
+    err = b"".join(data for stream, data in chunks if stream == "stderr")
+    assert (out, err) == (b"in:y\n/tmp\n", b"err\n")
+    result = process.wait()
+    assert (result.exit_code, result.success, result.stdout) == (3, False, b"")
+    with pytest.raises(forkvm.CommandNotFoundError):
+        vm.spawn(["no-such-program"])
+    with pytest.raises(ValueError):
+        vm.agent().spawn([])
+
+
+def test_kill_and_signal_a_spawned_process(vm: forkvm.VM) -> None:
+    process = vm.spawn(["sleep", "100"])
+    assert process.read(timeout=0.2) is None
+    with pytest.raises(forkvm.TimedOutError):
+        process.wait(timeout=0.3)
+    process.kill()
+    result = process.wait(timeout=30)
+    assert (result.exit_code, result.signal, result.success) == (None, signal.SIGKILL, False)
+
+    # A signal from another thread while this one waits (the process is shared, not locked).
+    process = vm.spawn(["sh", "-c", "echo early; exec sleep 100"])
+    assert read_stdout(process, 6) == b"early\n"  # it runs: the signal cannot come first
+    timer = threading.Timer(0.5, process.signal, (signal.SIGTERM,))
+    timer.start()
+    result = process.wait(timeout=30)
+    timer.join()
+    assert (result.signal, result.exit_code, result.stdout) == (signal.SIGTERM, None, b"")
+
+    # Output a timed-out wait read is not lost.
+    process = vm.spawn(["sh", "-c", "echo early; exec sleep 100"])
+    with pytest.raises(forkvm.TimedOutError):
+        process.wait(timeout=3.0)
+    process.kill()
+    assert process.wait(timeout=30).stdout == b"early\n"
+
+    # The agent's own timeout ends it, as exec's does.
+    result = vm.spawn(["sleep", "100"], timeout=0.5).wait(timeout=30)
+    assert result.timed_out
+
+    # Leaving a with block kills what still runs.
+    with vm.spawn(["sleep", "100"]) as process:
+        pid = process.pid
+    # (SIGKILL is sent when close() returns; the agent reaps it soon after.)
+    gone = vm.exec(["sh", "-c", f"for i in $(seq 100); do kill -0 {pid} || exit 0; sleep 0.1; done; exit 1"])
+    assert gone.exit_code == 0, "the process outlived its handle"
+
+
+def test_spawn_async(vm: forkvm.VM) -> None:
+    async def main() -> forkvm.ExecResult:
+        process = await vm.spawn_async(["cat"], stdin=b"abc")
+        assert await process.read_async(timeout=30) == ("stdout", b"abc")
+        process.close_stdin()
+        return await process.wait_async(timeout=30)
+
+    result = asyncio.run(main())
+    assert (result.exit_code, result.stdout) == (0, b"")

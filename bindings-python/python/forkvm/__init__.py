@@ -9,7 +9,11 @@ Every blocking call releases the GIL; each ``*_async`` method runs its blocking 
 thread (``asyncio.to_thread``). Errors are ``forkvm.Error`` and its subclasses.
 """
 
+import asyncio
 import atexit
+import functools
+import inspect
+from typing import Any, Callable, Dict, Tuple
 
 from ._forkvm import (
     DEFAULT_MEMORY_MIB,
@@ -45,6 +49,7 @@ from ._forkvm import (
     NoDeviceError,
     NotRunningError,
     NotStartedError,
+    Process,
     Pty,
     SnapshotError,
     TimedOutError,
@@ -52,6 +57,56 @@ from ._forkvm import (
     VsockError,
     stop_all,
 )
+
+# The ``*_async`` methods. Each is made here from its blocking twin: adding one is adding the
+# twin's name below (and the method's signature to __init__.pyi, which stubtest checks against
+# the twin's). They are attached to the extension's classes themselves, not to Python
+# subclasses: instances come from Rust too (fork children, restored VMs, agents, processes),
+# and those would never be of a subclass.
+_ASYNC_METHODS: Dict[type, Tuple[str, ...]] = {
+    VM: (
+        "start",
+        "wait",
+        "stop",
+        "pause",
+        "fork",
+        "snapshot",
+        "restore",
+        "agent",
+        "exec",
+        "spawn",
+        "write_file",
+        "read_file",
+    ),
+    Agent: ("exec", "spawn", "write_file", "read_file"),
+    Pty: ("read", "read_until"),
+    Process: ("read", "wait"),
+}
+
+
+def _async_twin(cls: type, name: str) -> None:
+    """Attaches ``cls.<name>_async``: a coroutine function that awaits the blocking method
+    ``name`` run in a thread (``asyncio.to_thread``); a static method if ``name`` is one."""
+    blocking: Callable[..., Any] = getattr(cls, name)
+    static = isinstance(inspect.getattr_static(cls, name), staticmethod)
+
+    # functools.wraps sets __wrapped__, so inspect.signature (and stubtest) see the twin's
+    # parameters rather than (*args, **kwargs).
+    @functools.wraps(blocking)
+    async def method(*args: Any, **kwargs: Any) -> Any:
+        return await asyncio.to_thread(blocking, *args, **kwargs)
+
+    method.__name__ = f"{name}_async"
+    method.__qualname__ = f"{cls.__name__}.{name}_async"
+    method.__module__ = __name__
+    summary = f"``{cls.__name__}.{name}`` in a thread (``asyncio.to_thread``), awaited."
+    method.__doc__ = f"{summary}\n\n{blocking.__doc__}" if blocking.__doc__ else summary
+    setattr(cls, method.__name__, staticmethod(method) if static else method)
+
+
+for _cls, _names in _ASYNC_METHODS.items():
+    for _name in _names:
+        _async_twin(_cls, _name)
 
 # VMs still running when the interpreter exits are stopped first, so that no console callback
 # runs on a vCPU thread while the interpreter is being torn down.
@@ -91,6 +146,7 @@ __all__ = [
     "NoDeviceError",
     "NotRunningError",
     "NotStartedError",
+    "Process",
     "Pty",
     "SnapshotError",
     "TimedOutError",

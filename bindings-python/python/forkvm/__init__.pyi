@@ -6,7 +6,6 @@ from types import TracebackType
 from typing import (
     Any,
     Callable,
-    Coroutine,
     List,
     Literal,
     Mapping,
@@ -14,14 +13,14 @@ from typing import (
     Sequence,
     Tuple,
     Type,
-    TypeVar,
     Union,
     final,
 )
 
-_T = TypeVar("_T")
-_Coro = Coroutine[Any, Any, _T]
 _Path = Union[str, "os.PathLike[str]"]
+
+_Stream = Literal["stdout", "stderr"]
+"""The stream a chunk of a command's output came on."""
 
 _ConsoleOutput = Union[None, Literal["stdout"], "ConsoleBuffer", _Path, Callable[[bytes], object]]
 """Where console output goes: discarded, standard output, a buffer, a file or a callable."""
@@ -169,8 +168,8 @@ class Pty:
     def resize(self, rows: int, cols: int) -> None: ...
     def close(self) -> None: ...
     def detach(self) -> None: ...
-    def read_async(self, timeout: Optional[float] = None) -> _Coro[Union[bytes, ExitStatus, None]]: ...
-    def read_until_async(self, needle: str, timeout: float = 10.0) -> _Coro[str]: ...
+    async def read_async(self, timeout: Optional[float] = None) -> Union[bytes, ExitStatus, None]: ...
+    async def read_until_async(self, needle: str, timeout: float = 10.0) -> str: ...
     def __enter__(self) -> "Pty": ...
     def __exit__(
         self,
@@ -178,6 +177,30 @@ class Pty:
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> bool: ...
+
+@final
+class Process:
+    """A process running in the guest (`Agent.spawn`)."""
+
+    pid: int
+    def write_stdin(self, data: bytes) -> None: ...
+    def close_stdin(self) -> None: ...
+    def signal(self, signal: int) -> None: ...
+    def kill(self) -> None: ...
+    def read(self, timeout: Optional[float] = None) -> Union[Tuple[_Stream, bytes], ExitStatus, None]: ...
+    def wait(self, timeout: Optional[float] = None) -> ExecResult: ...
+    def close(self) -> None: ...
+    def __iter__(self) -> "Process": ...
+    def __next__(self) -> Tuple[_Stream, bytes]: ...
+    def __enter__(self) -> "Process": ...
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> bool: ...
+    async def read_async(self, timeout: Optional[float] = None) -> Union[Tuple[_Stream, bytes], ExitStatus, None]: ...
+    async def wait_async(self, timeout: Optional[float] = None) -> ExecResult: ...
 
 @final
 class Agent:
@@ -200,7 +223,7 @@ class Agent:
     def exec_streaming(
         self,
         argv: Sequence[str],
-        on_output: Callable[[Literal["stdout", "stderr"], bytes], object],
+        on_output: Callable[[_Stream, bytes], object],
         *,
         stdin: Optional[bytes] = None,
         env: Optional[Mapping[str, str]] = None,
@@ -209,6 +232,17 @@ class Agent:
         clear_env: bool = False,
         timeout: Optional[float] = None,
     ) -> ExitStatus: ...
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: Optional[bytes] = None,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        user: Optional[str] = None,
+        clear_env: bool = False,
+        timeout: Optional[float] = None,
+    ) -> Process: ...
     def write_file(
         self, path: str, data: bytes, *, append: bool = False, exclusive: bool = False, mode: Optional[int] = None
     ) -> int: ...
@@ -221,7 +255,7 @@ class Agent:
     def pty(self, argv: Sequence[str], rows: int = 24, cols: int = 80) -> Pty: ...
     def pty_attach(self, session: int) -> Pty: ...
     def shutdown(self, action: Literal["poweroff", "reboot"] = "poweroff") -> None: ...
-    def exec_async(
+    async def exec_async(
         self,
         argv: Sequence[str],
         *,
@@ -231,11 +265,22 @@ class Agent:
         user: Optional[str] = None,
         clear_env: bool = False,
         timeout: Optional[float] = None,
-    ) -> _Coro[ExecResult]: ...
-    def write_file_async(
+    ) -> ExecResult: ...
+    async def spawn_async(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: Optional[bytes] = None,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        user: Optional[str] = None,
+        clear_env: bool = False,
+        timeout: Optional[float] = None,
+    ) -> Process: ...
+    async def write_file_async(
         self, path: str, data: bytes, *, append: bool = False, exclusive: bool = False, mode: Optional[int] = None
-    ) -> _Coro[int]: ...
-    def read_file_async(self, path: str) -> _Coro[bytes]: ...
+    ) -> int: ...
+    async def read_file_async(self, path: str) -> bytes: ...
 
 @final
 class VM:
@@ -307,6 +352,17 @@ class VM:
         clear_env: bool = False,
         timeout: Optional[float] = None,
     ) -> ExecResult: ...
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: Optional[bytes] = None,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        user: Optional[str] = None,
+        clear_env: bool = False,
+        timeout: Optional[float] = None,
+    ) -> Process: ...
     def write_file(
         self, path: str, data: bytes, *, append: bool = False, exclusive: bool = False, mode: Optional[int] = None
     ) -> int: ...
@@ -322,17 +378,18 @@ class VM:
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> bool: ...
-    # asyncio variants: each runs its blocking twin in a thread (asyncio.to_thread).
-    def start_async(self) -> _Coro[None]: ...
-    def wait_async(self) -> _Coro[Exit]: ...
-    def stop_async(self) -> _Coro[Exit]: ...
-    def pause_async(self) -> _Coro[None]: ...
-    def fork_async(self, children: Union[int, Sequence[Union[_ConsoleOutput, Child]]]) -> _Coro[List["VM"]]: ...
-    def snapshot_async(self, directory: _Path) -> _Coro[None]: ...
+    # asyncio variants (made by forkvm/__init__.py): each awaits its blocking twin run in a thread
+    # (asyncio.to_thread).
+    async def start_async(self) -> None: ...
+    async def wait_async(self) -> Exit: ...
+    async def stop_async(self) -> Exit: ...
+    async def pause_async(self) -> None: ...
+    async def fork_async(self, children: Union[int, Sequence[Union[_ConsoleOutput, Child]]]) -> List["VM"]: ...
+    async def snapshot_async(self, directory: _Path) -> None: ...
     @staticmethod
-    def restore_async(directory: _Path, console: Union[_ConsoleOutput, Child] = ...) -> _Coro["VM"]: ...
-    def agent_async(self, timeout: float = 60.0) -> _Coro[Agent]: ...
-    def exec_async(
+    async def restore_async(directory: _Path, console: Union[_ConsoleOutput, Child] = ...) -> "VM": ...
+    async def agent_async(self, timeout: float = 60.0) -> Agent: ...
+    async def exec_async(
         self,
         argv: Sequence[str],
         *,
@@ -342,11 +399,22 @@ class VM:
         user: Optional[str] = None,
         clear_env: bool = False,
         timeout: Optional[float] = None,
-    ) -> _Coro[ExecResult]: ...
-    def write_file_async(
+    ) -> ExecResult: ...
+    async def spawn_async(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: Optional[bytes] = None,
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        user: Optional[str] = None,
+        clear_env: bool = False,
+        timeout: Optional[float] = None,
+    ) -> Process: ...
+    async def write_file_async(
         self, path: str, data: bytes, *, append: bool = False, exclusive: bool = False, mode: Optional[int] = None
-    ) -> _Coro[int]: ...
-    def read_file_async(self, path: str) -> _Coro[bytes]: ...
+    ) -> int: ...
+    async def read_file_async(self, path: str) -> bytes: ...
 
 __all__ = [
     "DEFAULT_MEMORY_MIB",
@@ -382,6 +450,7 @@ __all__ = [
     "NoDeviceError",
     "NotRunningError",
     "NotStartedError",
+    "Process",
     "Pty",
     "SnapshotError",
     "TimedOutError",
