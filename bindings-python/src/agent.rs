@@ -10,11 +10,11 @@ use forkvm::agent::{
     Stream, WriteOptions,
 };
 use forkvm_agent_protocol::PowerAction;
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
-use crate::errors::{agent_error, process_closed};
+use crate::errors::{agent_error, process_closed, pty_closed};
 use crate::types::{PyDirEntry, PyExecResult, PyExitStatus, PyFileStat};
 
 /// Seconds (a Python float) as a [`Duration`]; `None` is "no limit".
@@ -316,7 +316,8 @@ impl PyAgent {
 
 /// A terminal session in the guest (`VM.pty()`). One call at a time: a `read` waiting in one
 /// thread holds up a `write` from another until it returns. Leaving a `with` block (or
-/// `close()`) ends the session; `detach()` lets it run on for a later `pty_attach`.
+/// `close()`) ends the session; `detach()` lets it run on for a later `pty_attach`. Either way
+/// the handle then holds nothing: later calls raise `ClosedError`.
 #[pyclass(module = "forkvm", name = "Pty", frozen)]
 pub(crate) struct PyPty {
     pty: Mutex<Option<Pty>>,
@@ -331,7 +332,8 @@ impl PyPty {
         }
     }
 
-    /// Runs `f` on the session without the GIL.
+    /// Runs `f` on the session without the GIL; `ClosedError` once the handle was closed or
+    /// detached.
     fn with<T: Send>(
         &self,
         py: Python<'_>,
@@ -341,9 +343,7 @@ impl PyPty {
             let pty = self.pty.lock().unwrap_or_else(|e| e.into_inner());
             match pty.as_ref() {
                 Some(pty) => f(pty).map_err(agent_error),
-                None => Err(PyRuntimeError::new_err(
-                    "the PTY handle was closed or detached",
-                )),
+                None => Err(pty_closed()),
             }
         })
     }
@@ -387,7 +387,8 @@ impl PyPty {
         self.with(py, |pty| pty.resize(rows, cols))
     }
 
-    /// Ends the session: kills its program and forgets it. Does nothing a second time.
+    /// Ends the session: kills its program and forgets it; later calls raise `ClosedError`.
+    /// Does nothing a second time.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         py.allow_threads(|| {
             let pty = self.pty.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -395,7 +396,8 @@ impl PyPty {
         })
     }
 
-    /// Drops this handle; the session runs on (attach again with `pty_attach(session)`).
+    /// Drops this handle; the session runs on (attach again with `pty_attach(session)`). Later
+    /// calls on this handle raise `ClosedError`; `close()` then does nothing.
     fn detach(&self, py: Python<'_>) {
         py.allow_threads(|| drop(self.pty.lock().unwrap_or_else(|e| e.into_inner()).take()));
     }
@@ -411,7 +413,11 @@ impl PyPty {
     }
 
     fn __repr__(&self) -> String {
-        format!("Pty(session={})", self.session)
+        if lock(&self.pty).is_none() {
+            format!("Pty(session={}, closed)", self.session)
+        } else {
+            format!("Pty(session={})", self.session)
+        }
     }
 }
 

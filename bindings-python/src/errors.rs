@@ -70,8 +70,8 @@ create_exception!(
     forkvm,
     ClosedError,
     NotRunningError,
-    "The VM (or process handle) was closed (`close()` or the end of its `with` block): it holds \
-     nothing any more."
+    "The VM (or process or PTY handle) was closed (`close()`, the end of its `with` block, or a \
+     PTY's `detach()`): it holds nothing any more."
 );
 create_exception!(
     forkvm,
@@ -201,4 +201,9 @@ pub(crate) fn closed() -> PyErr {
 /// The error of a call on a closed `Process` handle.
 pub(crate) fn process_closed() -> PyErr {
     ClosedError::new_err("the process handle was closed")
+}
+
+/// The error of a call on a closed or detached `Pty` handle.
+pub(crate) fn pty_closed() -> PyErr {
+    ClosedError::new_err("the PTY handle was closed or detached")
 }
