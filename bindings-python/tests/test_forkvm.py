@@ -320,6 +320,16 @@ def test_async_variants_raise_their_twins_errors_and_leave_the_loop_running(gues
         asyncio.run(vm.stop_async())
 
 
+def test_async_iteration_over_a_process_reads_in_a_thread() -> None:
+    # (The image test iterates a real one.)
+    assert inspect.iscoroutinefunction(forkvm.Process.__anext__)
+    assert not inspect.iscoroutinefunction(forkvm.Process.__aiter__)
+    for name in ("__aiter__", "__anext__"):
+        method = getattr(forkvm.Process, name)
+        assert method.__qualname__ == f"Process.{name}"
+        assert "asyncio.to_thread" in method.__doc__
+
+
 def test_process_is_made_by_spawn_only() -> None:
     with pytest.raises(TypeError):
         forkvm.Process()  # type: ignore[call-arg]

@@ -1,5 +1,5 @@
 """forkvm's Linux image through the binding: the agent's exec, files, PTY and spawned
-processes, and a fork.
+processes (iterated, awaited, closed), and a fork.
 
 Needs the image: $FORKVM_IMAGE_KERNEL (guest/kernel/build.sh) and $FORKVM_IMAGE_ROOTFS
 (guest/rootfs/build.sh), which bindings-python/test.sh sets when the image is built; skipped
@@ -179,3 +179,63 @@ def test_spawn_async(vm: forkvm.VM) -> None:
 
     result = asyncio.run(main())
     assert (result.exit_code, result.stdout) == (0, b"")
+
+
+def test_a_closed_or_detached_pty_raises_closed_error(vm: forkvm.VM) -> None:
+    with vm.pty(["sh"]) as pty:
+        pty.write(b"echo up\n")
+        pty.read_until("up", timeout=60)
+    assert repr(pty) == f"Pty(session={pty.session}, closed)"
+    calls = [
+        lambda: pty.write(b"x"),
+        lambda: pty.read(timeout=0.1),
+        lambda: pty.read_until("x", timeout=0.1),
+        lambda: pty.resize(10, 10),
+        lambda: asyncio.run(pty.read_async(timeout=0.1)),
+    ]
+    for call in calls:
+        with pytest.raises(forkvm.ClosedError, match="closed or detached"):
+            call()
+    pty.close()  # a second time: nothing
+
+    pty = vm.pty(["sh"])
+    pty.detach()
+    with pytest.raises(forkvm.ClosedError) as raised:
+        pty.write(b"echo again\n")
+    assert isinstance(raised.value, forkvm.Error)
+    with vm.agent().pty_attach(pty.session) as again:  # the session ran on
+        again.write(b"echo again-$((1 + 1))\n")
+        assert "again-2" in again.read_until("again-2", timeout=60)
+
+
+def test_async_for_over_a_process(vm: forkvm.VM) -> None:
+    script = "for i in 1 2 3; do echo out$i; echo err$i >&2; done; exit 4"
+
+    async def main() -> Tuple[List[Tuple[str, bytes]], forkvm.ExecResult]:
+        process = await vm.spawn_async(["sh", "-c", script])
+        chunks = [chunk async for chunk in process]
+        # Ended: a second async for yields nothing, wait returns at once.
+        assert [chunk async for chunk in process] == []
+        return chunks, await process.wait_async(timeout=30)
+
+    chunks, result = asyncio.run(main())
+    out = b"".join(data for stream, data in chunks if stream == "stdout")
+    err = b"".join(data for stream, data in chunks if stream == "stderr")
+    assert (out, err) == (b"out1\nout2\nout3\n", b"err1\nerr2\nerr3\n")
+    assert {stream for stream, _ in chunks} == {"stdout", "stderr"}
+    assert (result.exit_code, result.stdout, result.stderr) == (4, b"", b"")
+    # The same output, iterated blocking.
+    process = vm.spawn(["sh", "-c", script])
+    blocking = list(process)
+    assert b"".join(d for s, d in blocking if s == "stdout") == out
+    assert b"".join(d for s, d in blocking if s == "stderr") == err
+
+    # A closed handle raises ClosedError from async for as from iteration.
+    async def closed() -> None:
+        process = await vm.spawn_async(["sleep", "100"])
+        process.close()
+        async for _ in process:
+            pass
+
+    with pytest.raises(forkvm.ClosedError):
+        asyncio.run(closed())

@@ -6,14 +6,15 @@ A thin layer over the Rust API (the extension module ``forkvm._forkvm``)::
         children = vm.fork(3)
 
 Every blocking call releases the GIL; each ``*_async`` method runs its blocking twin in a
-thread (``asyncio.to_thread``). Errors are ``forkvm.Error`` and its subclasses.
+thread (``asyncio.to_thread``), as ``async for`` over a ``Process`` runs its reads. Errors
+are ``forkvm.Error`` and its subclasses.
 """
 
 import asyncio
 import atexit
 import functools
 import inspect
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple, cast
 
 from ._forkvm import (
     DEFAULT_MEMORY_MIB,
@@ -107,6 +108,35 @@ def _async_twin(cls: type, name: str) -> None:
 for _cls, _names in _ASYNC_METHODS.items():
     for _name in _names:
         _async_twin(_cls, _name)
+
+
+# ``async for`` over a Process: its iteration (``Process.__next__``) one chunk at a time in a
+# thread, as the ``*_async`` methods run their twins. Attached to the extension's class for the
+# same reason they are.
+def _process_aiter(self: Process) -> Process:
+    """``async for stream, data in process``: its output as ``(stream, bytes)`` chunks until it
+    ends, each read in a thread (``asyncio.to_thread``), as iterating it yields them."""
+    return self
+
+
+_ENDED = object()
+
+
+async def _process_anext(self: Process) -> Tuple[str, bytes]:
+    """The next ``(stream, bytes)`` chunk of its output, read in a thread
+    (``asyncio.to_thread``); ``StopAsyncIteration`` once it ended (then ``wait()`` returns its
+    status at once). A cancelled wait loses the chunk its thread goes on to read."""
+    # next() with a default: a StopIteration cannot cross a future (asyncio refuses it).
+    chunk = await asyncio.to_thread(next, self, _ENDED)
+    if chunk is _ENDED:
+        raise StopAsyncIteration
+    return cast(Tuple[str, bytes], chunk)
+
+
+for _name, _method in (("__aiter__", _process_aiter), ("__anext__", _process_anext)):
+    _method.__name__ = _name
+    _method.__qualname__ = f"Process.{_name}"
+    setattr(Process, _name, _method)
 
 # VMs still running when the interpreter exits are stopped first, so that no console callback
 # runs on a vCPU thread while the interpreter is being torn down.
