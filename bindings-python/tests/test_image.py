@@ -213,7 +213,7 @@ def test_async_for_over_a_process(vm: forkvm.VM) -> None:
 
     async def main() -> Tuple[List[Tuple[str, bytes]], forkvm.ExecResult]:
         process = await vm.spawn_async(["sh", "-c", script])
-        chunks = [chunk async for chunk in process]
+        chunks: List[Tuple[str, bytes]] = [chunk async for chunk in process]
         # Ended: a second async for yields nothing, wait returns at once.
         assert [chunk async for chunk in process] == []
         return chunks, await process.wait_async(timeout=30)
