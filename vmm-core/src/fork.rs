@@ -159,12 +159,13 @@ impl Vm {
     /// meanwhile: what a fork or a snapshot continues from.
     pub(crate) fn capture(&self) -> Result<ForkPoint, Error> {
         let was_paused = self.is_paused();
-        // What a freeze can do before the pause: copy the image private RAM maps (unless a
-        // paused VM's capture will be reused).
+        // What a freeze can do before the pause (unless a paused VM's capture will be reused):
+        // re-map RAM that was never frozen privately, or copy the image private RAM maps and
+        // the pages it wrote.
         let draft = if was_paused && lock(&self.paused_capture).is_some() {
             None
         } else {
-            self.lock_ram().draft_freeze()?
+            Some(self.lock_ram().draft_freeze()?)
         };
         let paused_at = Instant::now();
         self.pause()?;

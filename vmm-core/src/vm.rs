@@ -434,7 +434,7 @@ mod tests {
         for _ in 0..5 {
             let before = counter(&vm, addr);
             wait_until("the guest counts", || counter(&vm, addr) > before);
-            let draft = vm.lock_ram().draft_freeze().unwrap();
+            let draft = Some(vm.lock_ram().draft_freeze().unwrap());
             let drafted = draft.as_ref().and_then(|d| d.copied_u64(addr));
             // The guest counts on over the write-protected page.
             wait_until("the guest counts after the draft", || {

@@ -16,7 +16,13 @@
 //! - Freezing a fresh VM's RAM: one `mmap` per region (two at most) and one `fcntl`; no guest
 //!   memory is read, copied or written, whatever its size. The re-map makes KVM drop its
 //!   mappings of the whole RAM, though: with this host's shadow paging that takes about 0.25 ms
-//!   per GiB of the pause (a TDP MMU walks only what it mapped).
+//!   per GiB (a TDP MMU walks only what it mapped). So a fork does it in its draft
+//!   ([`GuestRam::draft_freeze`]), while the VM still runs: from then on the RAM maps its file
+//!   privately and the file changes only where the draft writes the RAM's own pages into it (the
+//!   pages the RAM wrote since the re-map, which shadow those very pages of the file, so nothing
+//!   the RAM reads changes); with the VM paused, the pages written since the draft's last scan
+//!   are copied in too (as for a re-freeze, below) and the file is sealed: it is the image,
+//!   copied nowhere.
 //! - A VM from a frozen image: one `mmap` per region, and no resident memory until it touches
 //!   pages: reads share the frozen page, each first write copies one 4 KiB page.
 //! - Freezing RAM that is already private (a second fork of the same VM, a fork of a fork): its
@@ -158,8 +164,10 @@ impl FrozenRam {
 /// data of the image the RAM maps privately (which nobody writes) and, where the RAM's writes are
 /// tracked, the pages it wrote. [`GuestRam::freeze_from`] then adds only the pages written since.
 pub struct FreezeDraft {
-    file: File,
-    base: Arc<FrozenRam>,
+    /// The file the draft copies into: a new one over `base`'s data, or the RAM's own file.
+    file: Arc<File>,
+    /// The image the RAM maps, or `None` for the RAM's own file (see [`GuestRam::draft_freeze`]).
+    base: Option<Arc<FrozenRam>>,
     precopy: Option<Precopy>,
 }
 
@@ -220,30 +228,53 @@ impl GuestRam {
 
     /// Starts a freeze while the VM still runs: for RAM that maps an image privately, copies
     /// that image's data into a new file and, where writes are tracked, the pages written since
-    /// the RAM began to map it (`None` for RAM that was never frozen, which needs no copy). Pass
-    /// it to [`GuestRam::freeze_from`] with the VM paused.
-    pub fn draft_freeze(&mut self) -> Result<Option<FreezeDraft>, MemoryError> {
+    /// the RAM began to map it; for RAM that maps its own file, re-maps it privately (see the
+    /// module docs). Pass it to [`GuestRam::freeze_from`] with the VM paused.
+    pub fn draft_freeze(&mut self) -> Result<FreezeDraft, MemoryError> {
         let Some(base) = self.mapped.clone() else {
-            return Ok(None);
+            return self.draft_own_file();
         };
-        let file = base.copy_into_new_file()?;
+        let file = Arc::new(base.copy_into_new_file()?);
         let precopy = match self.precopy(&file) {
             Ok(precopy) => precopy,
             Err(e) => {
                 // What was copied may be stale by now: start again from the image alone.
                 self.stop_tracking(&e);
-                return Ok(Some(FreezeDraft {
-                    file: base.copy_into_new_file()?,
-                    base,
+                return Ok(FreezeDraft {
+                    file: Arc::new(base.copy_into_new_file()?),
+                    base: Some(base),
                     precopy: None,
-                }));
+                });
             }
         };
-        Ok(Some(FreezeDraft {
+        Ok(FreezeDraft {
             file,
-            base,
+            base: Some(base),
             precopy,
-        }))
+        })
+    }
+
+    /// The draft of a first freeze: re-maps the RAM privately over its own file now, while the VM
+    /// runs (so that KVM drops its mappings of the whole RAM outside the pause), unless it is
+    /// already; from then on the file changes only where this RAM writes it: the pages the RAM
+    /// writes are its own, and the draft copies them into the file, which their owner alone maps
+    /// and shadows. The pause copies those written since and seals the file: it is the image.
+    fn draft_own_file(&mut self) -> Result<FreezeDraft, MemoryError> {
+        if !self.privatized {
+            self.remap_private()?;
+            self.privatized = true;
+        }
+        let file = self.file.clone();
+        let precopy = self.precopy(&file).unwrap_or_else(|e| {
+            // Nothing is lost: the pause copies every page of the RAM's own.
+            self.stop_tracking(&e);
+            None
+        });
+        Ok(FreezeDraft {
+            file,
+            base: None,
+            precopy,
+        })
     }
 
     /// Write-protects the whole RAM, copying into `file` the pages it wrote since it began to map
@@ -311,17 +342,25 @@ impl GuestRam {
         draft: Option<FreezeDraft>,
     ) -> Result<Arc<FrozenRam>, MemoryError> {
         let frozen = match self.mapped.clone() {
-            None => {
+            None if !self.privatized => {
                 self.remap_private()?;
                 seal(&self.file)?;
                 let frozen = self.frozen_over(self.file.clone());
                 self.mapped = Some(frozen.clone());
                 frozen
             }
-            Some(mapped) => {
-                let (file, own) = self.finish_draft(&mapped, draft)?;
+            None => {
+                let (file, _) = self.finish_draft(None, draft)?;
                 seal(&file)?;
-                let frozen = self.frozen_over(Arc::new(file));
+                let frozen = self.frozen_over(file);
+                self.mapped = Some(frozen.clone());
+                self.privatized = false;
+                frozen
+            }
+            Some(mapped) => {
+                let (file, own) = self.finish_draft(Some(&mapped), draft)?;
+                seal(&file)?;
+                let frozen = self.frozen_over(file);
                 if own > (self.size() as usize / PAGE) / REMAP_RATIO {
                     self.move_own_pages_out();
                     self.file = frozen.file.clone();
@@ -358,16 +397,21 @@ impl GuestRam {
         }
     }
 
-    /// A new file holding this RAM's contents, which are the `mapped` image and the pages the RAM
-    /// wrote since it began to map it, and about how many pages of its own the RAM holds:
-    /// `draft`'s copies, finished, where the draft was made from `mapped` and its writes were
-    /// tracked to the end; otherwise copied now.
+    /// A file holding this RAM's contents, which are what it maps (the image `base`, or its own
+    /// file for `None`) and the pages the RAM wrote since it began to map it, and about how many
+    /// pages of its own the RAM holds: `draft`'s copies, finished, where the draft was made from
+    /// the same and its writes were tracked to the end; otherwise copied now (into a new file
+    /// over `base`'s data, or into the RAM's own file).
     fn finish_draft(
         &mut self,
-        mapped: &Arc<FrozenRam>,
+        base: Option<&Arc<FrozenRam>>,
         draft: Option<FreezeDraft>,
-    ) -> Result<(File, usize), MemoryError> {
-        let draft = draft.filter(|draft| Arc::ptr_eq(&draft.base, mapped));
+    ) -> Result<(Arc<File>, usize), MemoryError> {
+        let draft = draft.filter(|draft| match (&draft.base, base) {
+            (Some(drafted), Some(base)) => Arc::ptr_eq(drafted, base),
+            (None, None) => Arc::ptr_eq(&draft.file, &self.file),
+            _ => false,
+        });
         let finished = match (&self.tracking, draft) {
             (
                 Tracking::On(tracker),
@@ -384,7 +428,7 @@ impl GuestRam {
                     None
                 }
             },
-            // Not tracked: the draft holds the image alone.
+            // Not tracked: the draft holds what the RAM maps alone.
             (
                 _,
                 Some(FreezeDraft {
@@ -399,10 +443,15 @@ impl GuestRam {
             // No draft, or one whose copies were not tracked to the end.
             _ => None,
         };
-        match finished {
-            Some(finished) => Ok(finished),
-            None => {
-                let file = mapped.copy_into_new_file()?;
+        match (finished, base) {
+            (Some(finished), _) => Ok(finished),
+            (None, Some(base)) => {
+                let file = base.copy_into_new_file()?;
+                let own = self.copy_written_pages(&file)?;
+                Ok((Arc::new(file), own))
+            }
+            (None, None) => {
+                let file = self.file.clone();
                 let own = self.copy_written_pages(&file)?;
                 Ok((file, own))
             }
@@ -1137,11 +1186,10 @@ mod tests {
     #[test]
     fn a_freeze_drafted_before_more_writes_carries_them_all() {
         let mut ram = GuestRam::new(4 * MIB).unwrap();
-        assert!(ram.draft_freeze().unwrap().is_none(), "nothing to copy");
         write(&ram, 0x1000, 1);
         ram.freeze().unwrap();
         write(&ram, 0x2000, 2);
-        let draft = ram.draft_freeze().unwrap();
+        let draft = Some(ram.draft_freeze().unwrap());
         // Written while the VM still ran, after the draft.
         write(&ram, 0x3000, 3);
         let second = ram.freeze_from(draft).unwrap();
@@ -1152,7 +1200,7 @@ mod tests {
         );
 
         // A draft of an image the RAM no longer maps is not used.
-        let stale = ram.draft_freeze().unwrap();
+        let stale = Some(ram.draft_freeze().unwrap());
         write(&ram, 0x4000, 4);
         ram.freeze().unwrap();
         write(&ram, 0x5000, 5);
@@ -1213,7 +1261,7 @@ mod tests {
         for page in [1u64, 2, 700] {
             write(&ram, page * 4096, page);
         }
-        let draft = ram.draft_freeze().unwrap();
+        let draft = Some(ram.draft_freeze().unwrap());
         if tracked(&ram) {
             assert_eq!(
                 precopied(&draft),
@@ -1265,7 +1313,7 @@ mod tests {
                 }
             })
         };
-        let draft = ram.draft_freeze().unwrap();
+        let draft = Some(ram.draft_freeze().unwrap());
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         writer.join().unwrap();
         let mut now = vec![0u8; 16 * MIB as usize];
@@ -1284,7 +1332,7 @@ mod tests {
         ram.freeze().unwrap();
         write(&ram, 0x1000, 2);
         write(&ram, 0x2000, 3);
-        let draft = ram.draft_freeze().unwrap();
+        let draft = Some(ram.draft_freeze().unwrap());
         forkvm_devices::virtio::balloon::discard(&ram.memory, 0x1000, 4096).unwrap();
         assert_eq!(read(&ram, 0x1000), 1, "the image's page again");
         let image = ram.freeze_from(draft).unwrap();
@@ -1299,13 +1347,13 @@ mod tests {
         let first = parent.freeze().unwrap();
         let mut child = first.map().unwrap();
         write(&child, 0x2000, 2);
-        let draft = child.draft_freeze().unwrap();
+        let draft = Some(child.draft_freeze().unwrap());
         write(&child, 0x3000, 3);
         let second = child.freeze_from(draft).unwrap();
         let mut grandchild = second.map().unwrap();
         write(&grandchild, 0x4000, 4);
         write(&child, 0x4000, 40);
-        let draft = grandchild.draft_freeze().unwrap();
+        let draft = Some(grandchild.draft_freeze().unwrap());
         if tracked(&grandchild) {
             assert_eq!(precopied(&draft), [(4, 1)]);
         }
@@ -1318,7 +1366,7 @@ mod tests {
         );
         let m = second.map().unwrap();
         assert_eq!([read(&m, 0x4000), read(&m, 0x5000)], [0, 0]);
-        let draft = child.draft_freeze().unwrap();
+        let draft = Some(child.draft_freeze().unwrap());
         let fourth = child.freeze_from(draft).unwrap();
         assert_eq!(read(&fourth.map().unwrap(), 0x4000), 40);
     }
@@ -1335,7 +1383,7 @@ mod tests {
                 for page in (round..2048).step_by(5 + round as usize) {
                     write(&ram, page * 4096 + round * 8, round * 10_000 + page);
                 }
-                let draft = ram.draft_freeze().unwrap();
+                let draft = Some(ram.draft_freeze().unwrap());
                 assert_eq!(track && round > 0, tracked(&ram) && round > 0);
                 for page in (0..2048).step_by(97) {
                     write(&ram, page * 4096, page + round);
@@ -1352,14 +1400,49 @@ mod tests {
         let mut ram = GuestRam::new(4 * MIB).unwrap();
         ram.freeze().unwrap();
         write(&ram, 0x1000, 1);
-        let older = ram.draft_freeze().unwrap();
+        let older = Some(ram.draft_freeze().unwrap());
         write(&ram, 0x2000, 2);
-        let newer = ram.draft_freeze().unwrap();
+        let newer = Some(ram.draft_freeze().unwrap());
         drop(newer);
         write(&ram, 0x3000, 3);
         let image = ram.freeze_from(older).unwrap();
         let m = image.map().unwrap();
         assert_eq!([0x1000, 0x2000, 0x3000].map(|a| read(&m, a)), [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_first_freeze_re_maps_in_its_draft_and_seals_the_ram_s_own_file() {
+        let mut ram = GuestRam::new(4 * MIB).unwrap();
+        let file = ram.file.clone();
+        write(&ram, 0x1000, 1);
+        let draft = Some(ram.draft_freeze().unwrap());
+        assert!(ram.privatized && ram.mapped.is_none());
+        assert_eq!(read(&ram, 0x1000), 1, "the re-map keeps the contents");
+        // Written while the VM still runs, after the draft: pages of the RAM's own.
+        write(&ram, 0x1000, 3);
+        write(&ram, 0x2000, 2);
+        let epoch = ram.epoch;
+        let image = ram.freeze_from(draft).unwrap();
+        assert_eq!(ram.epoch, epoch, "no re-map in the pause");
+        assert!(
+            Arc::ptr_eq(image.file(), &file),
+            "the RAM's own file is the image"
+        );
+        let m = image.map().unwrap();
+        assert_eq!([read(&m, 0x1000), read(&m, 0x2000)], [3, 2]);
+        assert!(file.write_all_at(&[1], 0).is_err(), "sealed");
+        write(&ram, 0x1000, 4);
+        assert_eq!(
+            [read(&ram, 0x1000), read(&image.map().unwrap(), 0x1000)],
+            [4, 3]
+        );
+        assert!(!ram.privatized && ram.mapped.is_some());
+        // A draft abandoned before its pause leaves the RAM re-mapped; the next freeze finishes.
+        let mut fresh = GuestRam::new(4 * MIB).unwrap();
+        drop(fresh.draft_freeze().unwrap());
+        write(&fresh, 0x3000, 5);
+        let image = fresh.freeze().unwrap();
+        assert_eq!(read(&image.map().unwrap(), 0x3000), 5);
     }
 
     #[test]

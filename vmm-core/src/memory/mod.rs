@@ -112,8 +112,12 @@ pub struct GuestRam {
     pub ranges: Vec<RamRange>,
     /// The file behind every region.
     pub file: Arc<File>,
-    /// The frozen image the regions map privately, or `None` while they map `file` shared.
+    /// The frozen image the regions map privately, or `None` while they map `file` shared or,
+    /// with `privatized`, privately (see [`GuestRam::draft_freeze`]).
     mapped: Option<Arc<freeze::FrozenRam>>,
+    /// The regions map their own `file` privately, not yet sealed: the draft of a first freeze
+    /// re-mapped them so, and the file changes only where the RAM holds its own pages.
+    privatized: bool,
     /// The image of the RAM's last freeze (the RAM goes on mapping the image it mapped before).
     latest: Option<Arc<freeze::FrozenRam>>,
     /// The images the last freeze replaced as `latest` or `mapped`, and the pages it moved out of
@@ -159,6 +163,7 @@ impl GuestRam {
             ranges,
             file,
             mapped,
+            privatized: false,
             latest: None,
             replaced: Vec::new(),
             moved: Vec::new(),
@@ -177,12 +182,17 @@ impl GuestRam {
     /// frozen image privately, the pages it copied on write (those of the image, shared with
     /// every VM that maps it, are not counted).
     pub fn allocated_bytes(&self) -> Result<u64, MemoryError> {
+        let own = || -> Result<u64, MemoryError> {
+            let pages = self.own_pages().map_err(MemoryError::Stat)?;
+            Ok((pages * freeze::PAGE) as u64)
+        };
         if self.mapped.is_none() {
             let metadata = self.file.metadata().map_err(MemoryError::Stat)?;
-            return Ok(metadata.blocks() * 512);
+            // Re-mapped privately for a freeze: its own pages too.
+            let own = if self.privatized { own()? } else { 0 };
+            return Ok(metadata.blocks() * 512 + own);
         }
-        let pages = self.own_pages().map_err(MemoryError::Stat)?;
-        Ok((pages * freeze::PAGE) as u64)
+        own()
     }
 
     /// End of RAM below the MMIO hole.
