@@ -348,7 +348,8 @@ pub unsafe extern "C" fn forkvm_process_pid(
     pid: *mut u32,
 ) -> forkvm_status {
     ffi(|| {
-        *out_arg(pid, "pid")? = PROCESSES.get(process)?.process.pid();
+        let out = out_arg(pid, "pid")?;
+        *out = PROCESSES.get(process)?.process.pid();
         Ok(())
     })
 }
