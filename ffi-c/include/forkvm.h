@@ -86,6 +86,16 @@ typedef enum forkvm_stream {
   FORKVM_STREAM_STDERR = 2,
 } forkvm_stream;
 
+// What `forkvm_process_read` got.
+typedef enum forkvm_process_event_kind {
+  // Nothing within the timeout.
+  FORKVM_PROCESS_NOTHING = 0,
+  // A chunk of output, in `output`, from `stream`.
+  FORKVM_PROCESS_OUTPUT = 1,
+  // The process ended, as `status` says (its last event: reading on fails).
+  FORKVM_PROCESS_EXITED = 2,
+} forkvm_process_event_kind;
+
 // The type of a guest file.
 typedef enum forkvm_file_type {
   // A regular file.
@@ -137,6 +147,12 @@ typedef struct forkvm_builder forkvm_builder;
 // An in-memory console buffer (`ConsoleBuffer`): a VM writes its console output into it and
 // the caller reads it. It keeps only the newest bytes, up to its limit. Thread-safe.
 typedef struct forkvm_console forkvm_console;
+
+// A command running in the guest (`forkvm::agent::Process`), started by `forkvm_agent_spawn`
+// on a connection of its own; freed by `forkvm_process_free`. Thread-safe: one thread may read
+// its output (`forkvm_process_read`, `forkvm_process_wait`) while others write its input or
+// signal it (two readers at once each get some of the events).
+typedef struct forkvm_process forkvm_process;
 
 // A PTY session in the guest (`forkvm::agent::Pty`): a terminal running a program, on a
 // connection of its own. `forkvm_pty_free` detaches (the session runs on; attach again with
@@ -211,6 +227,19 @@ typedef void (*forkvm_stream_fn)(void *user_data,
                                  enum forkvm_stream stream,
                                  const uint8_t *bytes,
                                  size_t len);
+
+// An event of a spawned process. Free with `forkvm_process_event_free`.
+typedef struct forkvm_process_event {
+  // What happened.
+  enum forkvm_process_event_kind kind;
+  // Which stream `output` came from, for `FORKVM_PROCESS_OUTPUT` (else
+  // `FORKVM_STREAM_STDOUT`).
+  enum forkvm_stream stream;
+  // The output, for `FORKVM_PROCESS_OUTPUT`.
+  struct forkvm_bytes output;
+  // How the process ended, for `FORKVM_PROCESS_EXITED`.
+  struct forkvm_exit_status status;
+} forkvm_process_event;
 
 // How `forkvm_agent_write_file` writes. A zeroed value truncates and creates with 0644.
 typedef struct forkvm_write_options {
@@ -447,6 +476,50 @@ enum forkvm_status forkvm_agent_run_streaming(const struct forkvm_agent *agent,
                                               forkvm_stream_fn callback,
                                               void *user_data,
                                               struct forkvm_exit_status *status);
+
+// Starts `command` (as `forkvm_agent_run` takes it) and returns at once with a handle to it in
+// `*out`. Its standard input is a pipe: what `stdin_data` gives (with `has_stdin`) is written
+// first, then `forkvm_process_write_stdin` writes more and `forkvm_process_close_stdin` ends it.
+enum forkvm_status forkvm_agent_spawn(const struct forkvm_agent *agent,
+                                      const struct forkvm_command *command,
+                                      struct forkvm_process **out);
+
+// The process's id in the guest, into `*pid`.
+enum forkvm_status forkvm_process_pid(const struct forkvm_process *process, uint32_t *pid);
+
+// Writes `len` bytes of `input` to the process's standard input.
+enum forkvm_status forkvm_process_write_stdin(const struct forkvm_process *process,
+                                              const uint8_t *input,
+                                              size_t len);
+
+// Closes the process's standard input (it reads end-of-file).
+enum forkvm_status forkvm_process_close_stdin(const struct forkvm_process *process);
+
+// Sends `signal` (e.g. `SIGTERM`) to the process's process group.
+enum forkvm_status forkvm_process_signal(const struct forkvm_process *process, int32_t signal);
+
+// Kills the process (`SIGKILL` to its process group); its end still comes as an event.
+enum forkvm_status forkvm_process_kill(const struct forkvm_process *process);
+
+// The process's next chunk of output or its end, waiting at most `timeout_ms`, into `*event`
+// (free it with `forkvm_process_event_free`).
+enum forkvm_status forkvm_process_read(const struct forkvm_process *process,
+                                       uint64_t timeout_ms,
+                                       struct forkvm_process_event *event);
+
+// Frees an event's output and resets it; NULL is ignored.
+void forkvm_process_event_free(struct forkvm_process_event *event);
+
+// Waits (without a limit) for the process to end and puts the output it printed since the
+// last read and how it ended in `*output`, as `forkvm_agent_run` does (free it with
+// `forkvm_exec_output_free`).
+enum forkvm_status forkvm_process_wait(const struct forkvm_process *process,
+                                       struct forkvm_exec_output *output);
+
+// Frees the handle, killing the process first if no read saw it end (a kill that fails is
+// ignored: closing its connection makes the agent kill it too); NULL is ignored. A read or
+// wait on another thread then returns with the process's end.
+enum forkvm_status forkvm_process_free(struct forkvm_process *process);
 
 // Writes `len` bytes of `data` to the guest file `path`; `options` may be NULL (truncate,
 // 0644); `*written` (may be NULL) is how many bytes were written.

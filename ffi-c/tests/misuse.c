@@ -40,6 +40,33 @@ static void null_pointers_and_bad_handles(void)
     /* A handle of another type is refused, not reinterpreted. */
     EXPECT(FORKVM_ERR_INVALID_HANDLE, forkvm_vm_start((forkvm_vm *)console));
     EXPECT(FORKVM_ERR_INVALID_HANDLE, forkvm_builder_free((forkvm_builder *)console));
+    /* Spawned processes too (a real freed one: tests/image.c): wrong type, never one, NULL. */
+    forkvm_process *not_process = (forkvm_process *)console;
+    uint32_t pid;
+    EXPECT(FORKVM_ERR_INVALID_HANDLE, forkvm_process_pid(not_process, &pid));
+    expect_error("not a live forkvm_process handle");
+    EXPECT(FORKVM_ERR_INVALID_HANDLE, forkvm_process_write_stdin(not_process, NULL, 0));
+    EXPECT(FORKVM_ERR_INVALID_HANDLE, forkvm_process_close_stdin(not_process));
+    EXPECT(FORKVM_ERR_INVALID_HANDLE, forkvm_process_signal(not_process, 15));
+    EXPECT(FORKVM_ERR_INVALID_HANDLE, forkvm_process_kill(not_process));
+    forkvm_process_event event = { 0 };
+    EXPECT(FORKVM_ERR_INVALID_HANDLE, forkvm_process_read(not_process, 0, &event));
+    forkvm_exec_output output = { 0 };
+    EXPECT(FORKVM_ERR_INVALID_HANDLE, forkvm_process_wait(not_process, &output));
+    EXPECT(FORKVM_ERR_INVALID_HANDLE, forkvm_process_free(not_process));
+    EXPECT(FORKVM_ERR_INVALID_HANDLE, forkvm_process_kill((forkvm_process *)(uintptr_t)0x1234));
+    EXPECT(FORKVM_ERR_NULL_POINTER, forkvm_process_kill(NULL));
+    EXPECT(FORKVM_ERR_NULL_POINTER, forkvm_process_pid(not_process, NULL));
+    EXPECT(FORKVM_ERR_NULL_POINTER, forkvm_process_read(not_process, 0, NULL));
+    OK(forkvm_process_free(NULL));
+    forkvm_process_event_free(&event);
+    forkvm_process_event_free(NULL);
+    const char *argv[] = { "true", NULL };
+    forkvm_command command = { .argv = argv };
+    forkvm_process *process;
+    EXPECT(FORKVM_ERR_INVALID_HANDLE,
+           forkvm_agent_spawn((forkvm_agent *)console, &command, &process));
+    EXPECT(FORKVM_ERR_NULL_POINTER, forkvm_agent_spawn((forkvm_agent *)console, &command, NULL));
 
     /* Double free and use after free. */
     OK(forkvm_console_free(console));
