@@ -653,10 +653,13 @@ static NORETURN void mode_blk_mailbox(void)
             data[0] = mailbox[1];
             blk_request("mailbox write", VIRTIO_BLK_T_OUT, sector, data, sizeof(data),
                         VIRTIO_BLK_S_OK, EXIT_VIRTIO_BLK_STATUS);
+            /* Cleared before the answer: once the host sees it, it may write the next command. */
+            mailbox[0] = 0;
             serial_puts("blk wrote\n");
         } else if (command == 2) {
             blk_request("mailbox read", VIRTIO_BLK_T_IN, sector, data, sizeof(data),
                         VIRTIO_BLK_S_OK, EXIT_VIRTIO_BLK_STATUS);
+            mailbox[0] = 0;
             serial_puts("blk read ");
             serial_put_hex(data[0]);
             serial_putc('\n');
@@ -664,9 +667,7 @@ static NORETURN void mode_blk_mailbox(void)
             guest_exit(EXIT_OK);
         } else {
             cpu_relax();
-            continue;
         }
-        mailbox[0] = 0;
     }
 }
 
