@@ -117,6 +117,13 @@ impl RunState {
         !self.is_exiting()
     }
 
+    /// Requests a pause before the VM's threads start, so that each parks as soon as it starts
+    /// (there is nothing to kick or wait for yet); [`RunState::resume`] lets them all run.
+    pub fn hold_at_start(&self) {
+        lock(&self.pause).requested = true;
+        self.pause_requested.store(true, Ordering::SeqCst);
+    }
+
     /// Lets parked threads run again.
     pub fn resume(&self) {
         let mut pause = lock(&self.pause);

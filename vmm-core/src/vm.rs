@@ -120,12 +120,15 @@ impl Vm {
     }
 
     /// Starts the vCPU threads and the event loop (on threads started ahead where the VM has
-    /// them).
+    /// them). The threads are held until all of them are started, then let go at once: a vCPU
+    /// that ran its guest at once could take the CPU from the thread still starting the others
+    /// (for a scheduler tick, with 2 CPUs and 2 vCPUs).
     pub fn start(&self) -> Result<(), Error> {
         let mut phase = self.lock_phase();
         let Phase::Built { event_loop } = std::mem::replace(&mut *phase, Phase::Ended) else {
             return Err(Error::AlreadyStarted);
         };
+        self.state.hold_at_start();
         let mut spare = std::mem::take(&mut *lock(&self.spare_threads));
         let state = self.state.clone();
         let event_thread = run_on_thread(spare.events.take(), EVENTS_THREAD.into(), move || {
@@ -157,6 +160,8 @@ impl Vm {
                 }
             }
         }
+        drop(threads);
+        self.state.resume();
         Ok(())
     }
 
