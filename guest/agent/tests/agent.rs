@@ -1044,9 +1044,11 @@ fn pty_echo_resize_detach_reattach_close() {
     ));
 
     // Output produced while detached is kept for the next attach.
-    client.data(1, b"sleep 0.3; echo la''ter\n");
+    // (The output comes a second later: by then the agent has surely seen the connection end,
+    // also on a loaded machine, where once it came while the old connection still counted.)
+    client.data(1, b"sleep 1; echo la''ter\n");
     drop(client);
-    thread::sleep(Duration::from_millis(800));
+    thread::sleep(Duration::from_millis(1500));
     let mut client = Client::connect(&agent, 0);
     client.request(5, &Request::PtyAttach { session });
     assert_eq!(client.next_reply(5), Reply::PtyAttached { session });
