@@ -238,8 +238,8 @@ pub(crate) fn start_from(
                 vcpus: count,
                 // Made ahead of a fork, overlay files save it time; here they would not.
                 disks: Vec::new(),
+                expected: Some(point.image.file().clone()),
             },
-            Some(point.image.file().clone()),
         )?,
     };
     let Shell {

@@ -43,17 +43,13 @@ pub(crate) struct Shell {
 }
 
 impl Shell {
-    /// A shell for a VM shaped as `shape` whose RAM maps `expected`, the file of the image it
-    /// will most likely adopt (see [`GuestRam::placeholder`]).
-    pub(crate) fn new(
-        kvm: &Kvm,
-        shape: ShellShape,
-        expected: Option<Arc<File>>,
-    ) -> Result<Self, Error> {
+    /// A shell for a VM shaped as `shape`.
+    pub(crate) fn new(kvm: &Kvm, shape: ShellShape) -> Result<Self, Error> {
         let ShellShape {
             memory_size,
             vcpus,
             disks,
+            expected,
         } = shape;
         let ram = GuestRam::placeholder(memory_size, expected)?;
         let identity_page = IdentityPage::new()?;
@@ -80,12 +76,14 @@ impl Shell {
 }
 
 /// What a shell is made for: a VM of `memory_size` bytes, `vcpus` vCPUs and block devices of
-/// `disks` bytes each.
+/// `disks` bytes each, whose RAM maps `expected`, the file of the image it will most likely adopt
+/// (see [`GuestRam::placeholder`]).
 #[derive(Clone)]
 pub(crate) struct ShellShape {
     pub memory_size: u64,
     pub vcpus: u8,
     pub disks: Vec<u64>,
+    pub expected: Option<Arc<File>>,
 }
 
 /// The shells one VM has ready, and how many it keeps ready.
@@ -130,9 +128,8 @@ impl Vm {
     /// [`Vm::prepared_forks`] tells how many are ready.
     pub fn prepare_forks(&self, n: usize) -> Result<(), Error> {
         let shape = self.shell_shape();
-        let expected = self.lock_ram().next_image_file();
         for _ in 0..n {
-            let shell = Shell::new(&self.kvm, shape.clone(), expected.clone())?;
+            let shell = Shell::new(&self.kvm, shape.clone())?;
             lock(&self.shells.shells).push(shell);
         }
         Ok(())
@@ -165,13 +162,12 @@ impl Vm {
             let _ = done.join();
         }
         let (kvm, shape) = (self.kvm.clone(), self.shell_shape());
-        let expected = self.lock_ram().next_image_file();
         let thread_pool = pool.clone();
         let spawned = thread::Builder::new()
             .name("forkvm-prepare".into())
             .spawn(move || {
                 while thread_pool.wanted() {
-                    match Shell::new(&kvm, shape.clone(), expected.clone()) {
+                    match Shell::new(&kvm, shape.clone()) {
                         Ok(shell) => lock(&thread_pool.shells).push(shell),
                         Err(e) => {
                             log::warn!("cannot prepare a child for the next fork: {e}");
@@ -188,8 +184,12 @@ impl Vm {
 
     /// The shape of this VM's children.
     fn shell_shape(&self) -> ShellShape {
+        let (memory_size, expected) = {
+            let ram = self.lock_ram();
+            (ram.size(), ram.next_image_file())
+        };
         ShellShape {
-            memory_size: self.memory_size(),
+            memory_size,
             // At most MAX_MPTABLE_VCPUS (< 256) vCPUs, as the VM was built with.
             vcpus: self.vcpus.len() as u8,
             disks: self
@@ -197,6 +197,7 @@ impl Vm {
                 .iter()
                 .filter_map(|device| device.disk_size())
                 .collect(),
+            expected,
         }
     }
 }
