@@ -1,7 +1,7 @@
 //! Copy-on-write fork of running test guests on this host's KVM.
 
 use forkvm::{ConsoleBuffer, ConsoleOutput, GuestExit, Vm};
-use forkvm_tests::{read_u64, spinning_guest, test_guest_vm, wait_until_above};
+use forkvm_tests::{hex_after, read_u64, spinning_guest, test_guest_vm, wait_until_above};
 
 #[test]
 fn children_continue_from_the_fork_point_and_run_on_their_own() {
@@ -254,4 +254,231 @@ fn a_child_counts_only_the_memory_it_writes() {
         0,
         "the paused parent wrote nothing since"
     );
+}
+
+/// Forks, pauses, resumes and snapshots of one VM from several threads at once: every fork
+/// point is one instant (the guest of `mode=spin-check` keeps its count in a register and in
+/// memory and exits with EXIT_TORN when a child starts from a register state and a memory taken
+/// at different instants), a user's pause holds while other threads fork, and a stop in the
+/// middle of it all ends every thread's loop with errors, not hangs. (Fails on the flag-pause
+/// design this replaced: a resume between a fork's pause and its capture tore the fork point.)
+#[test]
+fn concurrent_lifecycle_calls_never_tear_a_fork_point() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    let console = ConsoleBuffer::new();
+    // Devices make a capture longer (their state is read too).
+    let vm = test_guest_vm("mode=spin-check", &console)
+        .vcpus(2)
+        .rng()
+        .vsock(forkvm::Vsock::new(3))
+        .build()
+        .unwrap();
+    vm.start().unwrap();
+    let addr = hex_after(&console, "counter at ");
+    wait_until_above(&vm, addr, 0);
+    let dir = std::env::temp_dir().join(format!("forkvm-concurrent-{}", std::process::id()));
+    let done = AtomicBool::new(false);
+    let (forks, snapshots, pauses, captures) = (
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+    );
+    // A child's guest checks its counters at its first step; it has run a thousand steps
+    // (or ended) soon after.
+    let check = |child: &Vm, what: &str| {
+        let start = read_u64(child, addr);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.exit().is_none() && read_u64(child, addr) < start + 1000 {
+            assert!(Instant::now() < deadline, "{what} makes no progress");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        assert_eq!(child.exit(), None, "{what} started from a torn fork point");
+        child.stop();
+    };
+    let end = Instant::now() + Duration::from_secs(4);
+    std::thread::scope(|s| {
+        for _ in 0..3 {
+            s.spawn(|| {
+                while !done.load(Ordering::SeqCst) {
+                    let Ok(children) = vm.fork([ConsoleOutput::Discard]) else {
+                        break;
+                    };
+                    forks.fetch_add(1, Ordering::SeqCst);
+                    for child in &children {
+                        check(child, "a fork child");
+                    }
+                }
+            });
+        }
+        s.spawn(|| {
+            while !done.load(Ordering::SeqCst) {
+                if vm.snapshot(&dir).is_err() {
+                    break;
+                }
+                let restored = Vm::restore(&dir, ConsoleOutput::Discard).unwrap();
+                check(&restored, "a restored VM");
+                snapshots.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        // A user's pause and resume, against the other threads' resumes and forks.
+        s.spawn(|| {
+            while !done.load(Ordering::SeqCst) {
+                if vm.pause().is_err() || vm.resume().is_err() {
+                    break;
+                }
+            }
+        });
+        // A pause hold of its own: no other thread's resume, fork or snapshot lets the VM run.
+        s.spawn(|| {
+            while !done.load(Ordering::SeqCst) {
+                let Ok(hold) = vm.pause_guard() else {
+                    break;
+                };
+                let held = read_u64(&vm, addr);
+                std::thread::sleep(Duration::from_micros(300));
+                if vm.exit().is_none() {
+                    assert_eq!(held, read_u64(&vm, addr), "the VM ran during a pause");
+                }
+                drop(hold);
+                pauses.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        // A held snapshot: each VM spawned from it starts with the count it captured.
+        s.spawn(|| {
+            while !done.load(Ordering::SeqCst) {
+                let Ok(snapshot) = vm.capture() else {
+                    break;
+                };
+                let mut bytes = [0; 8];
+                snapshot.read_memory(addr, &mut bytes).unwrap();
+                let captured = u64::from_le_bytes(bytes);
+                for _ in 0..2 {
+                    let child = snapshot.spawn(ConsoleOutput::Discard).unwrap();
+                    child.pause().unwrap();
+                    assert!(read_u64(&child, addr) >= captured);
+                    child.resume().unwrap();
+                    check(&child, "a VM spawned from a held snapshot");
+                }
+                captures.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        s.spawn(|| {
+            while !done.load(Ordering::SeqCst) {
+                let _ = vm.resume();
+                std::thread::yield_now();
+            }
+        });
+        while Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // A stop while everything else goes on: every loop ends.
+        vm.stop();
+        done.store(true, Ordering::SeqCst);
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    let counts = [forks, snapshots, pauses, captures].map(AtomicUsize::into_inner);
+    eprintln!("forks, snapshots, pause holds, held captures: {counts:?}");
+    assert!(counts.iter().all(|&n| n > 0), "{counts:?}");
+}
+
+/// `start` on a VM that already runs (a fork child runs from its start) changes nothing: the
+/// child can still be paused, forked, snapshotted and stopped (Python's `with child:` starts it).
+#[test]
+fn starting_a_running_fork_child_changes_nothing() {
+    let (parent, addr, _console) = spinning_guest(1);
+    wait_until_above(&parent, addr, 0);
+    let child = fork_quiet(&parent, 1).remove(0);
+    assert!(matches!(child.start(), Err(forkvm::Error::AlreadyStarted)));
+    assert!(matches!(parent.start(), Err(forkvm::Error::AlreadyStarted)));
+    child.pause().unwrap();
+    let grandchild = fork_quiet(&child, 1).remove(0);
+    let dir = std::env::temp_dir().join(format!("forkvm-restart-{}", std::process::id()));
+    child.snapshot(&dir).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    child.resume().unwrap();
+    wait_until_above(&child, addr, read_u64(&child, addr));
+    wait_until_above(&grandchild, addr, read_u64(&grandchild, addr));
+    assert_eq!(child.stop(), GuestExit::Stopped);
+    assert!(matches!(child.start(), Err(forkvm::Error::NotRunning(_))));
+    assert_eq!(grandchild.stop(), GuestExit::Stopped);
+    assert_eq!(parent.stop(), GuestExit::Stopped);
+}
+
+/// Pause holds are counted: the VM runs again only when the last is released, and a user's
+/// `resume` releases only the user's own pause.
+#[test]
+fn a_vm_runs_again_only_when_the_last_pause_hold_is_released() {
+    let (vm, addr, _console) = spinning_guest(2);
+    wait_until_above(&vm, addr, 0);
+    let first = vm.pause_guard().unwrap();
+    let second = vm.pause_guard().unwrap();
+    vm.pause().unwrap();
+    let held = read_u64(&vm, addr);
+    vm.resume().unwrap();
+    drop(first);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert!(vm.is_paused());
+    assert_eq!(read_u64(&vm, addr), held, "one hold is left");
+    // A fork of the held VM leaves it held.
+    let child = fork_quiet(&vm, 1).remove(0);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(read_u64(&vm, addr), held, "the fork let the VM run");
+    drop(second);
+    wait_until_above(&vm, addr, held);
+    assert!(!vm.is_paused());
+    child.stop();
+    vm.stop();
+    assert!(matches!(
+        vm.pause_guard(),
+        Err(forkvm::Error::NotRunning(_))
+    ));
+}
+
+/// A held snapshot spawns VMs that continue from its instant however long after, and however the
+/// source ran meanwhile; it saves to a directory that restores the same, and a builder spawns
+/// from it with its own KVM device.
+#[test]
+fn a_held_snapshot_spawns_saves_and_builds_from_its_instant() {
+    let (vm, addr, _console) = spinning_guest(1);
+    wait_until_above(&vm, addr, 0);
+    set_scratch(&vm, 5);
+    let snapshot = vm.capture().unwrap();
+    assert!(!vm.is_paused(), "a running VM runs on after a capture");
+    set_scratch(&vm, 6);
+    let mut bytes = [0; 8];
+    snapshot.read_memory(SCRATCH, &mut bytes).unwrap();
+    assert_eq!(u64::from_le_bytes(bytes), 5);
+    snapshot.prepare(1).unwrap();
+    assert_eq!(snapshot.prepared(), 1);
+    let a = snapshot.spawn(ConsoleOutput::Discard).unwrap();
+    assert_eq!(snapshot.prepared(), 0, "the prepared child was used");
+    let b = snapshot.spawn(ConsoleOutput::Discard).unwrap();
+    assert_eq!(scratch(&a), 5);
+    assert_eq!(scratch(&b), 5);
+    assert_eq!(a.identity().generation, vm.identity().generation + 1);
+    let dir = std::env::temp_dir().join(format!("forkvm-held-{}", std::process::id()));
+    snapshot.save(&dir).unwrap();
+    let loaded = forkvm::Snapshot::load(&dir).unwrap();
+    assert_eq!(loaded.memory_size(), snapshot.memory_size());
+    assert_eq!(loaded.vcpus(), 1);
+    let restored = loaded.spawn(ConsoleOutput::Discard).unwrap();
+    assert_eq!(scratch(&restored), 5);
+    let built = forkvm::VmBuilder::new()
+        .kvm_device("/dev/kvm")
+        .build_from_snapshot(&snapshot, ConsoleOutput::Discard)
+        .unwrap();
+    assert_eq!(scratch(&built), 5);
+    let refused = forkvm::VmBuilder::new()
+        .kvm_device("/nonexistent/kvm")
+        .build_from_snapshot(&loaded, ConsoleOutput::Discard);
+    assert!(refused.is_err(), "the builder's KVM device is used");
+    let _ = std::fs::remove_dir_all(&dir);
+    for spawned in [&a, &b, &restored, &built] {
+        wait_until_above(spawned, addr, read_u64(spawned, addr));
+        spawned.stop();
+    }
+    vm.stop();
 }

@@ -67,6 +67,7 @@
 #define EXIT_VIRTIO_BALLOON      27 /* no target within ~10 s (or no config interrupt with
                                        it), or a target above balloon_pages= */
 #define EXIT_IDENTITY            28 /* no forkvm.identity=, or no FORKVMID page there */
+#define EXIT_TORN                29 /* mode=spin-check: memory and register counters differ */
 #define EXIT_EXCEPTION    0x100 /* + CPU exception vector */
 
 #ifndef __ASSEMBLER__

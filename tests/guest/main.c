@@ -248,6 +248,32 @@ static NORETURN void mode_spin(void)
 }
 
 /*
+ * Like mode=spin, but the count is kept twice, in a register and in memory, and checked
+ * before each step: a VM whose processor state and memory were captured at different
+ * instants (a torn fork point or snapshot) finds them apart and exits with EXIT_TORN.
+ */
+static NORETURN void mode_spin_check(void)
+{
+    static volatile uint64_t spins;
+    uint64_t mine = spins;
+
+    serial_puts("spinning, counter at ");
+    serial_put_hex((uint64_t)(uintptr_t)&spins);
+    serial_putc('\n');
+    for (;;) {
+        uint64_t seen = spins;
+        if (seen != mine) {
+            serial_puts("torn: memory ");
+            serial_put_hex(seen);
+            serial_puts(" register ");
+            serial_put_hex(mine);
+            fail("\n", EXIT_TORN);
+        }
+        spins = ++mine;
+    }
+}
+
+/*
  * Identity page (its address is forkvm.identity= on the command line): checks
  * the magic, tries to write the generation (a read-only page keeps it) and
  * prints "identity page read-only" or "identity page writable", then counts
@@ -986,6 +1012,8 @@ NORETURN void user_main(void)
         mode_exit();
     if (str_eq(mode, "spin"))
         mode_spin();
+    if (str_eq(mode, "spin-check"))
+        mode_spin_check();
     if (str_eq(mode, "generation"))
         mode_generation();
     if (str_eq(mode, "echo"))

@@ -355,6 +355,32 @@ impl VmBuilder {
         self
     }
 
+    /// Starts a VM that continues from `snapshot` (see [`crate::Snapshot::spawn`]), connected
+    /// to the host as `child` says, made with this builder's host-side options: its KVM device
+    /// node. The snapshot defines the machine (memory, vCPUs, devices, guest state), so a
+    /// builder that also names a kernel, an initrd or devices is refused.
+    pub fn build_from_snapshot(
+        self,
+        snapshot: &crate::Snapshot,
+        child: impl Into<crate::Child>,
+    ) -> Result<Vm, Error> {
+        if self.kernel.is_some()
+            || self.initrd.is_some()
+            || !self.virtio.is_empty()
+            || self.vsock.is_some()
+            || self.balloon.is_some()
+        {
+            return Err(Error::Setup {
+                what: "a VM from a snapshot",
+                reason: "the snapshot defines the machine: no kernel, initrd or devices may be set"
+                    .into(),
+            });
+        }
+        let kvm = Arc::new(open_kvm(&self.kvm_device)?);
+        install_kick_handler()?;
+        snapshot.spawn_in(kvm, child.into(), None)
+    }
+
     /// The full command line the guest receives on a host with `caps`.
     fn full_cmdline(&self, caps: &HostCaps, virtio: &VirtioPlan) -> String {
         let identity = format!("{IDENTITY_CMDLINE_KEY}={IDENTITY_PAGE_ADDR:#x}");

@@ -24,11 +24,9 @@ mod console;
 mod error;
 mod event_loop;
 mod exit;
-mod fork;
 pub mod identity;
 pub mod layout;
 pub mod memory;
-mod prepared;
 mod run_state;
 mod snapshot;
 mod threads;
@@ -45,11 +43,11 @@ pub use console::{
 };
 pub use error::Error;
 pub use exit::{CpuRegisters, Crash, CrashReason, GuestExit};
-pub use fork::Child;
 pub use forkvm_devices::virtio::balloon::{
     BalloonError, BalloonHandle, BalloonStats, stat_tag as balloon_stat_tag,
 };
-pub use snapshot::{DISK_FILE_PREFIX, MEMORY_FILE, SNAPSHOT_FORMAT, STATE_FILE};
+pub use run_state::PauseGuard;
+pub use snapshot::{Child, DISK_FILE_PREFIX, MEMORY_FILE, SNAPSHOT_FORMAT, STATE_FILE, Snapshot};
 pub use vcpu::{KICK_SIGNAL_OFFSET, kick_signal};
 pub use virtio::DeviceInfo;
 pub use vm::Vm;

@@ -6,9 +6,16 @@
 //! at an instruction boundary with any pending port or MMIO access completed; the event loop is
 //! woken through its wake-up eventfd. Each thread parks in [`RunState::park_while_paused`]; the
 //! requester waits until all of them have.
+//!
+//! Pauses are counted: each [`RunState::pause`] (and the hold taken before the threads start)
+//! is one hold, and the threads run again only when the last hold is released
+//! ([`RunState::release`]). A fork's capture, a user's pause and a snapshot therefore compose:
+//! none of them can let the VM run while another still needs it still. Each time the VM runs
+//! again its run epoch advances, so a capture can tell that the VM has not run since an earlier
+//! one.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -33,15 +40,20 @@ pub struct RunState {
     pause_changed: Condvar,
 }
 
-/// A pause request and the threads that have parked for it.
+/// The pause holds, the threads that have parked for them, and how many times the VM ran again.
 #[derive(Default)]
 struct Pause {
-    requested: bool,
+    /// How many holders want the VM paused; it runs when none do.
+    holds: usize,
     parked: usize,
+    /// Advances each time the last hold is released.
+    epoch: u64,
 }
 
 /// How long [`RunState::pause`] waits for the threads to park before giving up.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a pause or an end waits for the VM's threads before kicking them again.
+const RE_KICK_INTERVAL: Duration = Duration::from_millis(50);
 
 impl RunState {
     /// State of a VM that has not ended.
@@ -92,42 +104,56 @@ impl RunState {
         let _ = self.loop_wakeup.write(1);
     }
 
-    /// Stops the VM's `threads` threads (its vCPUs and event loop) and waits until every one has
-    /// parked. Returns `false` if the VM ended first, or if its threads did not all park within
-    /// [`PAUSE_TIMEOUT`] (the request is then withdrawn).
+    /// Takes one pause hold: stops the VM's `threads` threads (its vCPUs and event loop) and
+    /// waits until every one has parked. Returns `false`, holding nothing, if the VM ended first
+    /// or if its threads did not all park within [`PAUSE_TIMEOUT`]; otherwise the caller holds
+    /// one hold and must [`RunState::release`] it.
     pub fn pause(&self, threads: usize) -> bool {
         let mut pause = lock(&self.pause);
-        pause.requested = true;
+        pause.holds += 1;
         self.pause_requested.store(true, Ordering::SeqCst);
         self.kick_all();
         let deadline = std::time::Instant::now() + PAUSE_TIMEOUT;
         while pause.parked < threads && !self.is_exiting() {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
-                drop(pause);
-                self.resume();
-                return false;
+                break;
             }
-            pause = self
+            let (guard, waited) = self
                 .pause_changed
-                .wait_timeout(pause, left)
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .0;
+                .wait_timeout(pause, left.min(RE_KICK_INTERVAL))
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            pause = guard;
+            if waited.timed_out() && pause.parked < threads {
+                // A kick may be lost (see `wait`): kick again.
+                self.kick_all();
+            }
         }
-        !self.is_exiting()
+        if pause.parked < threads || self.is_exiting() {
+            drop(pause);
+            self.release();
+            return false;
+        }
+        true
     }
 
-    /// Requests a pause before the VM's threads start, so that each parks as soon as it starts
-    /// (there is nothing to kick or wait for yet); [`RunState::resume`] lets them all run.
+    /// Takes the hold the VM's threads start under, so that each parks as soon as it starts
+    /// (there is nothing to kick or wait for yet); [`RunState::release`] lets them run.
     pub fn hold_at_start(&self) {
-        lock(&self.pause).requested = true;
+        lock(&self.pause).holds += 1;
         self.pause_requested.store(true, Ordering::SeqCst);
     }
 
-    /// Lets parked threads run again.
-    pub fn resume(&self) {
+    /// Releases one hold; when it was the last, the parked threads run again and the run epoch
+    /// advances.
+    pub fn release(&self) {
         let mut pause = lock(&self.pause);
-        pause.requested = false;
+        // A release without a hold is a bug in the caller; it must not wrap the count.
+        pause.holds = pause.holds.saturating_sub(1);
+        if pause.holds > 0 {
+            return;
+        }
+        pause.epoch = pause.epoch.wrapping_add(1);
         self.pause_requested.store(false, Ordering::SeqCst);
         drop(pause);
         self.pause_changed.notify_all();
@@ -138,6 +164,12 @@ impl RunState {
         self.pause_requested.load(Ordering::SeqCst)
     }
 
+    /// How many times the VM ran again after a pause: unchanged between two readings taken
+    /// while holding a pause means the VM did not run in between.
+    pub fn run_epoch(&self) -> u64 {
+        lock(&self.pause).epoch
+    }
+
     /// Called by each VMM thread between units of work: parks it while a pause is in force
     /// (returns at once otherwise, or when the VM is exiting).
     pub fn park_while_paused(&self) {
@@ -145,12 +177,12 @@ impl RunState {
             return;
         }
         let mut pause = lock(&self.pause);
-        if !pause.requested || self.is_exiting() {
+        if pause.holds == 0 || self.is_exiting() {
             return;
         }
         pause.parked += 1;
         self.pause_changed.notify_all();
-        while pause.requested && !self.is_exiting() {
+        while pause.holds > 0 && !self.is_exiting() {
             pause = self
                 .pause_changed
                 .wait(pause)
@@ -179,6 +211,17 @@ impl RunState {
         };
         let threads = std::mem::take(&mut *lock(&self.vcpu_threads));
         for thread in threads {
+            // A kick has been seen lost once here, on a loaded host whose KVM emulates guest
+            // ring 0: both vCPUs of a VM stayed in `KVM_RUN` with the VM ending. A thread not
+            // gone soon is kicked again, at growing intervals.
+            let mut delay = Duration::from_micros(100);
+            while !thread.is_finished() {
+                std::thread::sleep(delay);
+                if !thread.is_finished() {
+                    let _ = thread.kill(kick_signal());
+                }
+                delay = (delay * 2).min(RE_KICK_INTERVAL);
+            }
             // A vCPU thread that panicked has nothing more to report than the exit above.
             let _ = thread.join();
         }
@@ -188,5 +231,35 @@ impl RunState {
     /// The exit, if the VM has ended.
     pub fn exit(&self) -> Option<GuestExit> {
         lock(&self.exit).clone()
+    }
+}
+
+/// One pause hold on a VM, from [`crate::Vm::pause_guard`]: the VM stays paused at least until
+/// this is dropped, whatever other threads pause and resume meanwhile. Each hold is counted; the
+/// VM runs again when the last is released ([`crate::Vm::resume`] releases only the hold
+/// [`crate::Vm::pause`] parked in the VM).
+#[must_use = "the VM runs again as soon as the guard is dropped"]
+pub struct PauseGuard {
+    state: Arc<RunState>,
+}
+
+impl PauseGuard {
+    /// Takes one hold on the VM whose threads share `state` (`threads` of them).
+    pub(crate) fn take(state: &Arc<RunState>, threads: usize) -> Option<Self> {
+        state.pause(threads).then(|| Self {
+            state: state.clone(),
+        })
+    }
+}
+
+impl Drop for PauseGuard {
+    fn drop(&mut self) {
+        self.state.release();
+    }
+}
+
+impl std::fmt::Debug for PauseGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PauseGuard").finish_non_exhaustive()
     }
 }

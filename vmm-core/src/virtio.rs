@@ -76,6 +76,17 @@ pub(crate) struct FrozenDevice {
     pub state: VirtioState,
 }
 
+impl FrozenDevice {
+    /// The size in bytes of a block device's disk (`None` for other devices): what a prepared
+    /// child's overlay file is made for.
+    pub(crate) fn disk_size(&self) -> Option<u64> {
+        match &self.state.device {
+            forkvm_devices::virtio::DeviceState::Block(disk) => Some(disk.disk_bytes()),
+            _ => None,
+        }
+    }
+}
+
 /// What the VM handle reports about one of its virtio devices.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceInfo {

@@ -131,6 +131,11 @@ pub struct SavedBlock {
 }
 
 impl BlockState {
+    /// The disk's size in bytes: what a child's overlay file ([`layer_file`]) is made for.
+    pub fn disk_bytes(&self) -> u64 {
+        self.capacity_sectors.saturating_mul(SECTOR_SIZE)
+    }
+
     /// Writes the disk's content at the freeze into `to` (sparse: zeroes stay holes; the parent
     /// may go on writing its image meanwhile) and returns how a snapshot records the device,
     /// with `file` the name of `to` in the snapshot.

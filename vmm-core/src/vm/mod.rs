@@ -1,7 +1,15 @@
-//! [`Vm`]: the handle to a built VM — start it, wait for it, stop it. Dropping it stops the guest
-//! and releases every thread, fd and mapping.
+//! [`Vm`]: the handle to a built VM — start it, wait for it, pause, resume and stop it, capture
+//! and fork it ([`capture`]). Dropping it stops the guest and releases every thread, fd and
+//! mapping.
+//!
+//! Its life is one state machine, checked by every call before it changes anything: built,
+//! running (paused while any pause hold is taken: a user's [`Vm::pause`], a [`PauseGuard`], a
+//! capture), ended. Starting a running VM changes nothing.
+
+mod capture;
 
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -17,8 +25,8 @@ use crate::event_loop::EventLoop;
 use crate::exit::GuestExit;
 use crate::identity::{Identity, IdentityPage};
 use crate::memory::GuestRam;
-use crate::prepared::ShellPool;
-use crate::run_state::RunState;
+use crate::run_state::{PauseGuard, RunState};
+use crate::snapshot::pool::ShellPool;
 use crate::threads::{EVENTS_THREAD, SpareThreads, run_on_thread, vcpu_thread};
 use crate::vcpu::{IoBuses, SharedVcpu, Vcpu};
 use crate::virtio::{AttachedDevice, DeviceInfo};
@@ -73,11 +81,15 @@ pub struct Vm {
     pub(crate) identity: Identity,
     // Declared after `vm_fd`, like `ram`: its memory slot goes first.
     _identity_page: IdentityPage,
-    /// What the last fork or snapshot captured (frozen RAM, processor state), kept while the VM
-    /// stays paused and the host does not write its memory: the VM is still exactly that, and a
-    /// new fork reuses it. (A paused VM's local APIC timers may fire meanwhile: a child then
-    /// continues from the instant of the capture, as a whole.)
-    pub(crate) paused_capture: Mutex<Option<crate::fork::PausedCapture>>,
+    /// The pause hold [`Vm::pause`] parks here, which [`Vm::resume`] releases.
+    user_pause: Mutex<Option<PauseGuard>>,
+    /// Serializes captures, and keeps the last while the VM has not run since: a capture of a
+    /// VM that stayed paused (and whose memory the host did not write) reuses it. (A paused
+    /// VM's local APIC timers may fire meanwhile: a child then continues from the instant of
+    /// the capture, as a whole.)
+    last_capture: Mutex<Option<capture::LastCapture>>,
+    /// Counts the host's writes into guest memory ([`Vm::write_memory`]).
+    host_writes: AtomicU64,
     /// The connection to the guest agent ([`Vm::agent`]).
     pub(crate) agent: crate::agent::AgentSlot,
     /// Children created ahead of forks ([`Vm::prepare_forks`], [`Vm::keep_forks_ready`]).
@@ -111,7 +123,9 @@ impl Vm {
             ram: Mutex::new(parts.ram),
             identity: parts.identity,
             _identity_page: parts.identity_page,
-            paused_capture: Mutex::default(),
+            user_pause: Mutex::default(),
+            last_capture: Mutex::default(),
+            host_writes: AtomicU64::new(0),
             agent: crate::agent::AgentSlot::default(),
             shells: Arc::default(),
             last_pause: Mutex::default(),
@@ -123,8 +137,17 @@ impl Vm {
     /// them). The threads are held until all of them are started, then let go at once: a vCPU
     /// that ran its guest at once could take the CPU from the thread still starting the others
     /// (for a scheduler tick, with 2 CPUs and 2 vCPUs).
+    ///
+    /// Starting a VM that runs (a fork child or a restored VM runs from the start) changes
+    /// nothing and returns [`Error::AlreadyStarted`]; one that ended returns
+    /// [`Error::NotRunning`].
     pub fn start(&self) -> Result<(), Error> {
         let mut phase = self.lock_phase();
+        match &*phase {
+            Phase::Built { .. } if !self.state.is_exiting() => {}
+            Phase::Running { .. } => return Err(Error::AlreadyStarted),
+            _ => return Err(Error::NotRunning(Box::new(self.state.exit()))),
+        }
         let Phase::Built { event_loop } = std::mem::replace(&mut *phase, Phase::Ended) else {
             return Err(Error::AlreadyStarted);
         };
@@ -161,7 +184,8 @@ impl Vm {
             }
         }
         drop(threads);
-        self.state.resume();
+        // The hold the threads started under.
+        self.state.release();
         Ok(())
     }
 
@@ -190,33 +214,57 @@ impl Vm {
 
     /// Pauses a running VM: every vCPU stops at an instruction boundary and the event loop stops
     /// serving devices, so guest memory and device state hold still until [`Vm::resume`]. The
-    /// guest notices nothing but the time that passed. Pausing a paused VM does nothing.
+    /// guest notices nothing but the time that passed. Pausing a VM this way twice does
+    /// nothing more; forks and snapshots taken meanwhile leave it paused. For pauses that
+    /// compose (each holder's own, released on drop) use [`Vm::pause_guard`].
     pub fn pause(&self) -> Result<(), Error> {
-        let phase = self.lock_phase();
-        let Phase::Running { .. } = &*phase else {
-            return Err(self.not_running(&phase));
-        };
-        if self.state.pause(self.vcpus.len() + 1) {
-            Ok(())
-        } else if let Some(exit) = self.state.exit() {
-            Err(Error::NotRunning(Box::new(Some(exit))))
-        } else {
-            Err(Error::PauseTimedOut)
+        let mut user = lock(&self.user_pause);
+        if user.is_some() {
+            return match self.state.exit() {
+                None => Ok(()),
+                exit => Err(Error::NotRunning(Box::new(exit))),
+            };
         }
+        *user = Some(self.pause_guard()?);
+        Ok(())
     }
 
-    /// Lets a paused VM run again; does nothing to a VM that is not paused.
+    /// Releases the pause [`Vm::pause`] took: the VM runs again unless other holds remain
+    /// ([`Vm::pause_guard`], a capture in progress). Does nothing to a VM that is not paused
+    /// that way.
     pub fn resume(&self) -> Result<(), Error> {
         let phase = self.lock_phase();
         let Phase::Running { .. } = &*phase else {
             return Err(self.not_running(&phase));
         };
-        *lock(&self.paused_capture) = None;
-        self.state.resume();
+        drop(phase);
+        let hold = lock(&self.user_pause).take();
+        drop(hold);
         Ok(())
     }
 
-    /// Whether the VM is paused.
+    /// Pauses a running VM (as [`Vm::pause`]) and returns the hold: the VM stays paused at least
+    /// until the guard is dropped, whatever other threads pause, resume, fork or snapshot
+    /// meanwhile, and runs again when the last hold is released. Fails if the VM has not
+    /// started or has ended, or if its threads do not stop within 5 s.
+    pub fn pause_guard(&self) -> Result<PauseGuard, Error> {
+        {
+            let phase = self.lock_phase();
+            if !matches!(&*phase, Phase::Running { .. }) {
+                return Err(self.not_running(&phase));
+            }
+        }
+        match PauseGuard::take(&self.state, self.vcpus.len() + 1) {
+            Some(guard) => Ok(guard),
+            None => match self.state.exit() {
+                Some(exit) => Err(Error::NotRunning(Box::new(Some(exit)))),
+                None if self.state.is_exiting() => Err(Error::NotRunning(Box::new(None))),
+                None => Err(Error::PauseTimedOut),
+            },
+        }
+    }
+
+    /// Whether the VM is paused (by [`Vm::pause`], a [`PauseGuard`] or a capture in progress).
     pub fn is_paused(&self) -> bool {
         self.state.is_paused() && self.state.exit().is_none()
     }
@@ -278,14 +326,17 @@ impl Vm {
     /// the guest expects the change.
     pub fn write_memory(&self, addr: u64, buf: &[u8]) -> Result<(), Error> {
         use vm_memory::Bytes;
-        *lock(&self.paused_capture) = None;
-        self.lock_ram()
+        let written = self
+            .lock_ram()
             .memory
             .write_slice(buf, vm_memory::GuestAddress(addr))
             .map_err(|_| Error::GuestAddress {
                 addr,
                 len: buf.len(),
-            })
+            });
+        // After the write: a capture that read the count before it is not reused.
+        self.host_writes.fetch_add(1, Ordering::SeqCst);
+        written
     }
 
     /// Who this VM is: generation 0 when booted, one more than its source's for a fork child or

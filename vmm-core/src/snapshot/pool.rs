@@ -5,9 +5,10 @@
 //! front). A [`Shell`] is all of that over placeholder RAM; a fork maps the frozen image into it
 //! in place and loads the state. The placeholder already maps the file the next image will most
 //! likely be (the parent's own file before its first fork, its last image while it stays
-//! paused), so that fork maps nothing at all. [`Vm::prepare_forks`] creates shells at once;
-//! [`Vm::keep_forks_ready`] keeps a number of them ready, topping the pool up on a background
-//! thread after each fork that used some.
+//! paused, the snapshot's image for a snapshot's own), so that fork maps nothing at all.
+//! [`crate::Vm::prepare_forks`] creates shells at once; [`crate::Vm::keep_forks_ready`] keeps a
+//! number of them ready, topping the pool up on a background thread after each fork that used
+//! some; [`super::Snapshot::prepare`] prepares children of one snapshot.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -25,7 +26,6 @@ use crate::identity::IdentityPage;
 use crate::memory::GuestRam;
 use crate::threads::SpareThreads;
 use crate::vcpu::Vcpu;
-use crate::vm::Vm;
 
 /// A child VM created ahead of a fork: memory slots over placeholder RAM, interrupt
 /// controllers, PIT, vCPUs with their CPUID, and its threads, waiting.
@@ -90,7 +90,7 @@ pub(crate) struct ShellShape {
 #[derive(Default)]
 pub(crate) struct ShellPool {
     shells: Mutex<Vec<Shell>>,
-    /// How many shells [`Vm::keep_forks_ready`] asked to keep.
+    /// How many shells [`crate::Vm::keep_forks_ready`] asked to keep.
     target: AtomicUsize,
     /// The thread topping the pool up, while there is one.
     refill: Mutex<Option<JoinHandle<()>>>,
@@ -104,71 +104,41 @@ impl ShellPool {
         lock(&self.shells).pop()
     }
 
-    fn len(&self) -> usize {
+    /// How many shells are ready.
+    pub(crate) fn len(&self) -> usize {
         lock(&self.shells).len()
     }
 
-    fn wanted(&self) -> bool {
-        !self.closed.load(Ordering::SeqCst) && self.len() < self.target.load(Ordering::SeqCst)
+    /// Adds a ready shell.
+    pub(crate) fn push(&self, shell: Shell) {
+        lock(&self.shells).push(shell);
     }
 
-    /// Stops the refill thread and waits for it.
-    pub(crate) fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-        if let Some(thread) = lock(&self.refill).take() {
-            // The thread only creates shells; a panic in it has nothing to report here.
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Vm {
-    /// Creates `n` more children ahead of time (KVM VMs with memory slots, interrupt
-    /// controllers, PIT and vCPUs), so that the next forks only map memory and load state.
-    /// [`Vm::prepared_forks`] tells how many are ready.
-    pub fn prepare_forks(&self, n: usize) -> Result<(), Error> {
-        let shape = self.shell_shape();
-        for _ in 0..n {
-            let shell = Shell::new(&self.kvm, shape.clone())?;
-            lock(&self.shells.shells).push(shell);
-        }
-        Ok(())
+    /// Keeps `n` shells ready from now on (0: stop refilling).
+    pub(crate) fn set_target(&self, n: usize) {
+        self.target.store(n, Ordering::SeqCst);
     }
 
-    /// Keeps `n` children prepared (see [`Vm::prepare_forks`]): creates what is missing on a
-    /// background thread now, and again after each fork that used some. 0 stops refilling
-    /// (children already prepared stay ready).
-    pub fn keep_forks_ready(&self, n: usize) {
-        self.shells.target.store(n, Ordering::SeqCst);
-        self.refill_shells();
-    }
-
-    /// How many children are prepared.
-    pub fn prepared_forks(&self) -> usize {
-        self.shells.len()
-    }
-
-    /// Starts the refill thread if the pool is short and none runs.
-    pub(crate) fn refill_shells(&self) {
-        let pool = self.shells.clone();
-        if !pool.wanted() {
+    /// Starts a thread that tops the pool up with shells of `shape` made with `kvm`, if the pool
+    /// is short and no such thread runs.
+    pub(crate) fn refill(self: &Arc<Self>, kvm: Arc<Kvm>, shape: impl FnOnce() -> ShellShape) {
+        if !self.wanted() {
             return;
         }
-        let mut refill = lock(&pool.refill);
+        let mut refill = lock(&self.refill);
         if refill.as_ref().is_some_and(|thread| !thread.is_finished()) {
             return;
         }
         if let Some(done) = refill.take() {
             let _ = done.join();
         }
-        let (kvm, shape) = (self.kvm.clone(), self.shell_shape());
-        let thread_pool = pool.clone();
+        let (pool, shape) = (self.clone(), shape());
         let spawned = thread::Builder::new()
             .name("forkvm-prepare".into())
             .spawn(move || {
-                while thread_pool.wanted() {
+                while pool.wanted() {
                     match Shell::new(&kvm, shape.clone()) {
-                        Ok(shell) => lock(&thread_pool.shells).push(shell),
+                        Ok(shell) => pool.push(shell),
                         Err(e) => {
                             log::warn!("cannot prepare a child for the next fork: {e}");
                             return;
@@ -182,22 +152,16 @@ impl Vm {
         }
     }
 
-    /// The shape of this VM's children.
-    fn shell_shape(&self) -> ShellShape {
-        let (memory_size, expected) = {
-            let ram = self.lock_ram();
-            (ram.size(), ram.next_image_file())
-        };
-        ShellShape {
-            memory_size,
-            // At most MAX_MPTABLE_VCPUS (< 256) vCPUs, as the VM was built with.
-            vcpus: self.vcpus.len() as u8,
-            disks: self
-                .devices
-                .iter()
-                .filter_map(|device| device.disk_size())
-                .collect(),
-            expected,
+    fn wanted(&self) -> bool {
+        !self.closed.load(Ordering::SeqCst) && self.len() < self.target.load(Ordering::SeqCst)
+    }
+
+    /// Stops the refill thread and waits for it.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        if let Some(thread) = lock(&self.refill).take() {
+            // The thread only creates shells; a panic in it has nothing to report here.
+            let _ = thread.join();
         }
     }
 }

@@ -1,0 +1,260 @@
+//! [`Snapshot::save`] and [`Snapshot::load`]: a snapshot in a directory, and back.
+//!
+//! A snapshot directory holds `memory` (guest RAM laid out as forkvm's memory file: the low
+//! range, then the range above the MMIO hole; pages never written are holes) and `state.json`
+//! (versioned: the format, the forkvm version and the host CPU it was taken on, then each vCPU's
+//! state, the interrupt controllers, PIT, clock and UART, the VM's identity, and each virtio
+//! device's window, IRQ, transport registers, queue positions and own state). The snapshot was
+//! captured with the VM paused, exactly as for a fork; the files are written from it whenever the
+//! VM does meanwhile (the frozen image does not change). Each file is written under a temporary name, fsynced and
+//! renamed, `state.json` last and only after any old one was removed, so a directory whose
+//! snapshot did not finish never has a `state.json`. A restored VM maps `memory` privately:
+//! restoring costs the same for any memory size, and restoring twice gives two independent VMs.
+//! Each block device's disk, as it was at the snapshot, goes to `disk-<device index>` (sparse;
+//! the VM may go on writing its image meanwhile, its old content is preserved for the copy as
+//! for a fork child). A restored VM's devices continue as a fork child's do ([`crate::fork`]):
+//! its identity is the next generation, its vsock connections are gone, and its disks read the
+//! snapshot's disk files and write private overlays, so the snapshot never changes.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use forkvm_devices::legacy::SerialState;
+use serde::{Deserialize, Serialize};
+
+use super::{CpuState, Snapshot, SnapshotParts};
+use crate::boot::mptable::MAX_MPTABLE_VCPUS;
+use crate::error::Error;
+use crate::identity::Identity;
+use crate::memory::freeze::FrozenRam;
+use crate::virtio::FrozenDevice;
+use forkvm_devices::virtio::DeviceState;
+use forkvm_devices::virtio::block::BlockState;
+
+/// Version of the snapshot format; a snapshot of another version is refused.
+pub const SNAPSHOT_FORMAT: u32 = 2;
+/// The state file; its presence marks a complete snapshot.
+pub const STATE_FILE: &str = "state.json";
+/// The memory file.
+pub const MEMORY_FILE: &str = "memory";
+/// Start of the name of each block device's disk file (then the device's index).
+pub const DISK_FILE_PREFIX: &str = "disk-";
+
+/// Everything but the memory.
+#[derive(Serialize, Deserialize)]
+struct SnapshotState {
+    format: u32,
+    forkvm_version: String,
+    host_cpu: String,
+    memory_size: u64,
+    debug_exit: bool,
+    /// The vCPUs' and the VM's state (`vcpus`, `vm`).
+    #[serde(flatten)]
+    cpu: Arc<CpuState>,
+    #[serde(with = "SerialRegisters")]
+    serial: SerialState,
+    /// The snapshotted VM's identity; a restored VM is its next generation.
+    identity: Identity,
+    /// Virtio devices: where each sits, its transport registers and queues, its own state.
+    devices: Vec<FrozenDevice>,
+}
+
+/// `SerialState` for serde (vm-superio offers none), field by field.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "SerialState")]
+struct SerialRegisters {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
+/// The host CPU as a snapshot records it: vendor, family, model and stepping.
+fn host_cpu() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        cpuinfo
+            .lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    format!(
+        "{} family {} model {} stepping {}",
+        field("vendor_id"),
+        field("cpu family"),
+        field("model"),
+        field("stepping")
+    )
+}
+
+/// Writes `point` to `dir` (created if missing; a snapshot already there is replaced).
+pub(super) fn save(point: &Snapshot, dir: &Path) -> Result<(), Error> {
+    let io_err = |what: &'static str| {
+        move |source| Error::Snapshot {
+            path: dir.to_owned(),
+            what,
+            source,
+        }
+    };
+    std::fs::create_dir_all(dir).map_err(io_err("creating the directory"))?;
+    // No state file while the new snapshot is incomplete.
+    match std::fs::remove_file(dir.join(STATE_FILE)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(io_err("removing the old state")(e));
+        }
+        _ => sync_dir(dir).map_err(io_err("syncing the directory"))?,
+    }
+    write_atomically(dir, MEMORY_FILE, |file| point.image.copy_data_to(file))
+        .map_err(io_err("writing the memory"))?;
+    let mut devices = point.devices.clone();
+    for (index, device) in devices.iter_mut().enumerate() {
+        if let DeviceState::Block(disk) = &device.state.device {
+            let name = format!("{DISK_FILE_PREFIX}{index}");
+            let mut saved = None;
+            write_atomically(dir, &name, |file| {
+                saved = Some(disk.save(file, name.clone())?);
+                Ok(())
+            })
+            .map_err(io_err("writing a disk"))?;
+            if let Some(saved) = saved {
+                device.state.device = DeviceState::SavedBlock(saved);
+            }
+        }
+    }
+    let state = SnapshotState {
+        format: SNAPSHOT_FORMAT,
+        forkvm_version: env!("CARGO_PKG_VERSION").to_owned(),
+        host_cpu: host_cpu(),
+        memory_size: point.image.size(),
+        debug_exit: point.debug_exit,
+        cpu: point.cpu.clone(),
+        serial: point.serial.clone(),
+        identity: point.identity,
+        devices,
+    };
+    write_atomically(dir, STATE_FILE, |file| {
+        let mut writer = BufWriter::new(file);
+        serde_json::to_writer(&mut writer, &state).map_err(std::io::Error::other)?;
+        writer.flush()
+    })
+    .map_err(io_err("writing the state"))
+}
+
+/// Reads the snapshot in `dir`, checking that it is complete, of this format, forkvm version and
+/// CPU model, and that its files agree with its state.
+pub(super) fn load(dir: &Path) -> Result<Snapshot, Error> {
+    let bad = |reason: String| Error::SnapshotInvalid {
+        path: dir.to_owned(),
+        reason,
+    };
+    let text = std::fs::read_to_string(dir.join(STATE_FILE)).map_err(|e| {
+        bad(format!(
+            "no readable {STATE_FILE} ({e}): not a snapshot, or one that did not finish"
+        ))
+    })?;
+    let state: SnapshotState =
+        serde_json::from_str(&text).map_err(|e| bad(format!("{STATE_FILE}: {e}")))?;
+    let here = (
+        SNAPSHOT_FORMAT,
+        env!("CARGO_PKG_VERSION").to_owned(),
+        host_cpu(),
+    );
+    for (what, theirs, ours) in [
+        (
+            "snapshot format",
+            state.format.to_string(),
+            here.0.to_string(),
+        ),
+        ("forkvm version", state.forkvm_version.clone(), here.1),
+        ("host CPU", state.host_cpu.clone(), here.2),
+    ] {
+        if theirs != ours {
+            return Err(Error::SnapshotIncompatible {
+                what,
+                snapshot: theirs,
+                here: ours,
+            });
+        }
+    }
+    if state.cpu.vcpus.is_empty() || state.cpu.vcpus.len() > usize::from(MAX_MPTABLE_VCPUS) {
+        return Err(bad(format!("{} vCPUs", state.cpu.vcpus.len())));
+    }
+    let memory =
+        File::open(dir.join(MEMORY_FILE)).map_err(|e| bad(format!("{MEMORY_FILE}: {e}")))?;
+    let len = memory
+        .metadata()
+        .map_err(|e| bad(format!("{MEMORY_FILE}: {e}")))?
+        .len();
+    if len != state.memory_size {
+        return Err(bad(format!(
+            "{MEMORY_FILE} holds {len} bytes, the state says {}",
+            state.memory_size
+        )));
+    }
+    Ok(Snapshot::new(SnapshotParts {
+        kvm: None,
+        image: FrozenRam::from_file(memory, state.memory_size),
+        cpu: state.cpu,
+        serial: state.serial,
+        debug_exit: state.debug_exit,
+        devices: open_disks(dir, state.devices)?,
+        identity: state.identity,
+    }))
+}
+
+/// Turns each block device a snapshot in `dir` saved into one over its disk file there (with a
+/// private overlay if it is writable). A disk file name must be a plain name in `dir`.
+fn open_disks(dir: &Path, mut devices: Vec<FrozenDevice>) -> Result<Vec<FrozenDevice>, Error> {
+    for device in &mut devices {
+        let DeviceState::SavedBlock(saved) = &device.state.device else {
+            continue;
+        };
+        let bad = |reason: String| Error::SnapshotInvalid {
+            path: dir.to_owned(),
+            reason,
+        };
+        let plain = Path::new(&saved.file).file_name() == Some(saved.file.as_ref());
+        if !plain || !saved.file.starts_with(DISK_FILE_PREFIX) {
+            return Err(bad(format!(
+                "disk file {:?} is not a disk of the snapshot",
+                saved.file
+            )));
+        }
+        let disk = File::open(dir.join(&saved.file))
+            .and_then(|file| BlockState::open_saved(saved, file))
+            .map_err(|e| bad(format!("{}: {e}", saved.file)))?;
+        device.state.device = DeviceState::Block(disk);
+    }
+    Ok(devices)
+}
+
+/// Writes `dir/name` through a temporary file that is fsynced and then renamed into place.
+fn write_atomically(
+    dir: &Path,
+    name: &str,
+    write: impl FnOnce(&File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let temporary: PathBuf = dir.join(format!(".{name}.tmp"));
+    let file = File::create(&temporary)?;
+    let written = write(&file).and_then(|()| file.sync_all());
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(e);
+    }
+    std::fs::rename(&temporary, dir.join(name))?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}

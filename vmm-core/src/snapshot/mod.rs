@@ -1,0 +1,217 @@
+//! [`Snapshot`]: a VM's complete state at one instant, which users hold, spawn new VMs from,
+//! save to a directory and load again.
+//!
+//! [`crate::Vm::capture`] takes one: the VM is held paused only while its processor and device
+//! state is read and its RAM frozen into an image (see `docs/design/memory-freeze.md`); the
+//! image never changes afterwards, so a snapshot can be spawned from at any time, any number of
+//! times, whatever its source VM does meanwhile. [`crate::Vm::fork`] is capture plus spawns,
+//! [`crate::Vm::snapshot`] capture plus [`Snapshot::save`], [`crate::Vm::restore`]
+//! [`Snapshot::load`] plus a spawn.
+//!
+//! A spawned VM continues from the snapshot with its devices ([`spawn`]): rng and console
+//! continue, disks fork copy-on-write, vsock connections are reset, and the VM is the next
+//! generation on its identity page. Children prepared ahead ([`Snapshot::prepare`]) have their
+//! KVM VM, vCPUs, threads and disk overlays made and their RAM already mapping the image.
+
+mod child;
+mod disk;
+pub(crate) mod pool;
+pub(crate) mod spawn;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use forkvm_devices::legacy::SerialState;
+use forkvm_devices::sync::lock;
+use kvm_ioctls::Kvm;
+use serde::{Deserialize, Serialize};
+
+use crate::arch::state::{VcpuState, VmState};
+use crate::error::Error;
+use crate::identity::Identity;
+use crate::memory::freeze::FrozenRam;
+use crate::virtio::FrozenDevice;
+use crate::vm::Vm;
+
+pub use child::Child;
+pub use disk::{DISK_FILE_PREFIX, MEMORY_FILE, SNAPSHOT_FORMAT, STATE_FILE};
+use pool::{Shell, ShellShape};
+
+/// The processor state of a snapshot.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct CpuState {
+    /// Each vCPU's state.
+    pub vcpus: Vec<VcpuState>,
+    /// Interrupt controllers, PIT and clock.
+    pub vm: VmState,
+}
+
+/// A VM's complete state at one instant: frozen RAM, vCPUs, interrupt controllers, PIT, clock,
+/// UART and virtio devices. Taken by [`Vm::capture`], or read from a directory by
+/// [`Snapshot::load`]; every VM spawned from it continues from that instant on its own.
+/// Cheap to hold: its RAM is an image shared with the VMs spawned from it.
+pub struct Snapshot {
+    /// The KVM handle spawned VMs are made with: the source VM's, or (for a loaded snapshot)
+    /// `/dev/kvm`, opened at the first spawn.
+    kvm: Mutex<Option<Arc<Kvm>>>,
+    /// The frozen RAM.
+    pub(crate) image: Arc<FrozenRam>,
+    /// The vCPUs' and the VM's state.
+    pub(crate) cpu: Arc<CpuState>,
+    /// The UART's registers and pending input.
+    pub(crate) serial: SerialState,
+    /// Whether the VM has the debug-exit port.
+    pub(crate) debug_exit: bool,
+    /// Virtio devices.
+    pub(crate) devices: Vec<FrozenDevice>,
+    /// The identity of the VM it was taken from.
+    pub(crate) identity: Identity,
+    /// Children prepared ahead for this snapshot.
+    prepared: Mutex<Vec<Shell>>,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("memory_size", &self.memory_size())
+            .field("vcpus", &self.vcpus())
+            .field("devices", &self.devices.len())
+            .field("identity", &self.identity)
+            .field("prepared", &self.prepared())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a snapshot is made of, as a capture or a load puts it together.
+pub(crate) struct SnapshotParts {
+    pub kvm: Option<Arc<Kvm>>,
+    pub image: Arc<FrozenRam>,
+    pub cpu: Arc<CpuState>,
+    pub serial: SerialState,
+    pub debug_exit: bool,
+    pub devices: Vec<FrozenDevice>,
+    pub identity: Identity,
+}
+
+impl Snapshot {
+    pub(crate) fn new(parts: SnapshotParts) -> Self {
+        Self {
+            kvm: Mutex::new(parts.kvm),
+            image: parts.image,
+            cpu: parts.cpu,
+            serial: parts.serial,
+            debug_exit: parts.debug_exit,
+            devices: parts.devices,
+            identity: parts.identity,
+            prepared: Mutex::default(),
+        }
+    }
+
+    /// Starts a new VM that continues from this snapshot, connected to the host as `child` says
+    /// (a [`Child`], or just the [`crate::ConsoleOutput`] of its serial console). Uses a child
+    /// prepared with [`Snapshot::prepare`] when one is ready.
+    pub fn spawn(&self, child: impl Into<Child>) -> Result<Vm, Error> {
+        let shell = lock(&self.prepared).pop();
+        self.spawn_in(self.kvm()?, child.into(), shell)
+    }
+
+    /// [`Snapshot::spawn`] with the KVM handle `kvm` and the prepared child `shell`, if any.
+    pub(crate) fn spawn_in(
+        &self,
+        kvm: Arc<Kvm>,
+        child: Child,
+        shell: Option<Shell>,
+    ) -> Result<Vm, Error> {
+        spawn::start_from(kvm, self, child, shell)
+    }
+
+    /// Creates `n` more children ahead of time for this snapshot (KVM VMs with memory slots
+    /// over the image, interrupt controllers, PIT, vCPUs, started threads and disk overlays), so
+    /// that the next spawns only load state and attach devices. [`Snapshot::prepared`] tells
+    /// how many are ready.
+    pub fn prepare(&self, n: usize) -> Result<(), Error> {
+        let kvm = self.kvm()?;
+        let shape = self.shell_shape();
+        for _ in 0..n {
+            let shell = Shell::new(&kvm, shape.clone())?;
+            lock(&self.prepared).push(shell);
+        }
+        Ok(())
+    }
+
+    /// How many children are prepared for this snapshot.
+    pub fn prepared(&self) -> usize {
+        lock(&self.prepared).len()
+    }
+
+    /// Writes this snapshot to `dir` (created if missing; a snapshot already there is replaced):
+    /// see [`crate::Vm::snapshot`] for the format. The files are written under temporary names,
+    /// fsynced and renamed, the state last.
+    pub fn save(&self, dir: impl AsRef<Path>) -> Result<(), Error> {
+        disk::save(self, dir.as_ref())
+    }
+
+    /// Reads the snapshot in `dir`. Refuses one that is incomplete, of another format or forkvm
+    /// version, taken on another CPU model, or whose files disagree with its state.
+    pub fn load(dir: impl AsRef<Path>) -> Result<Arc<Snapshot>, Error> {
+        disk::load(dir.as_ref()).map(Arc::new)
+    }
+
+    /// Guest memory size in bytes.
+    pub fn memory_size(&self) -> u64 {
+        self.image.size()
+    }
+
+    /// How many vCPUs the VMs spawned from it have.
+    pub fn vcpus(&self) -> usize {
+        self.cpu.vcpus.len()
+    }
+
+    /// Who the VM it was taken from is; a spawned VM is the next generation.
+    pub fn identity(&self) -> Identity {
+        self.identity
+    }
+
+    /// Reads the snapshot's guest memory at guest-physical `addr` into `buf`: what the guest's
+    /// memory held at the instant of the capture.
+    pub fn read_memory(&self, addr: u64, buf: &mut [u8]) -> Result<(), Error> {
+        use vm_memory::Bytes;
+        self.image
+            .map()?
+            .memory
+            .read_slice(buf, vm_memory::GuestAddress(addr))
+            .map_err(|_| Error::GuestAddress {
+                addr,
+                len: buf.len(),
+            })
+    }
+
+    /// The KVM handle VMs are spawned with (for a loaded snapshot, `/dev/kvm` opened now).
+    fn kvm(&self) -> Result<Arc<Kvm>, Error> {
+        let mut kvm = lock(&self.kvm);
+        if let Some(kvm) = &*kvm {
+            return Ok(kvm.clone());
+        }
+        let opened = Arc::new(crate::builder::open_kvm(Path::new(
+            crate::DEFAULT_KVM_DEVICE,
+        ))?);
+        crate::vcpu::install_kick_handler()?;
+        *kvm = Some(opened.clone());
+        Ok(opened)
+    }
+
+    /// The shape of the children spawned from this snapshot.
+    fn shell_shape(&self) -> ShellShape {
+        ShellShape {
+            memory_size: self.image.size(),
+            // At most MAX_MPTABLE_VCPUS (< 256) vCPUs, as checked at capture or load.
+            vcpus: self.cpu.vcpus.len() as u8,
+            disks: self
+                .devices
+                .iter()
+                .filter_map(FrozenDevice::disk_size)
+                .collect(),
+            expected: Some(self.image.file().clone()),
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Spawning: a new KVM VM (or a prepared one, [`super::pool`]) over a private mapping of a
+//! snapshot's image, with its processor state written into fresh vCPUs and a copy of each
+//! virtio device at the same window and IRQ, its queues where the driver left them: rng and
+//! console continue (a console's pending input goes to every child); block devices fork
+//! copy-on-write (the parent keeps writing its image, each child writes its own overlay: see
+//! `docs/design/block-cow.md`); a child's vsock device has new host endpoints and sends its
+//! guest a transport reset, since connections do not survive a fork; a balloon keeps its target
+//! and size. Each child is a new generation on its identity page ([`crate::identity`]).
+
+use std::fs::File;
+use std::sync::Arc;
+
+use forkvm_devices::bus::Bus;
+use forkvm_devices::virtio::DeviceState;
+use forkvm_devices::virtio::balloon::{Balloon, BalloonHandle};
+use forkvm_devices::virtio::block::Block;
+use forkvm_devices::virtio::console::Console;
+use forkvm_devices::virtio::rng::Rng;
+use forkvm_devices::virtio::vsock::Vsock;
+use forkvm_devices::virtio::vsock::host::VsockConnector;
+use kvm_ioctls::Kvm;
+
+use super::Snapshot;
+use super::child::Child;
+use super::pool::{Shell, ShellShape};
+use crate::builder::{LegacyConfig, legacy_devices, setup_err};
+use crate::console::ConsoleOutput;
+use crate::error::Error;
+use crate::event_loop::EventLoop;
+use crate::run_state::RunState;
+use crate::vcpu::IoBuses;
+use crate::virtio::{FrozenDevice, VirtioDeviceSpec, VirtioPlan};
+use crate::vm::{Vm, VmParts};
+
+/// A new VM, started, that continues from `point` connected to the host as `child` says, built
+/// in `shell` if one is given (its KVM VM must come from `kvm`).
+pub(crate) fn start_from(
+    kvm: Arc<Kvm>,
+    point: &Snapshot,
+    mut child: Child,
+    shell: Option<Shell>,
+) -> Result<Vm, Error> {
+    // At most MAX_MPTABLE_VCPUS (< 256) vCPUs, as the parent was built with.
+    let count = point.cpu.vcpus.len() as u8;
+    let shell = match shell {
+        Some(shell) => shell,
+        None => Shell::new(
+            &kvm,
+            ShellShape {
+                memory_size: point.image.size(),
+                vcpus: count,
+                // Made ahead of a fork, overlay files save it time; here they would not.
+                disks: Vec::new(),
+                expected: Some(point.image.file().clone()),
+            },
+        )?,
+    };
+    let Shell {
+        vm_fd,
+        vcpus,
+        mut ram,
+        identity_page,
+        threads,
+        mut layer_files,
+    } = shell;
+    ram.adopt(&point.image)?;
+    let identity = point.identity.next()?;
+    identity_page.write(&identity)?;
+    point.cpu.vm.restore(&vm_fd)?;
+    // On this thread, one vCPU after the other: waking each vCPU's thread to write its own state
+    // costs more here than the parallel writes save.
+    for (vcpu, state) in vcpus.iter().zip(&point.cpu.vcpus) {
+        state.restore(&vcpu.fd)?;
+    }
+    let state = Arc::new(RunState::new().map_err(|e| setup_err("VM run state", e))?);
+    let mut event_loop = EventLoop::new(&state)?;
+    let (pio, serial) = legacy_devices(
+        &vm_fd,
+        &state,
+        &mut event_loop,
+        LegacyConfig {
+            console: std::mem::replace(&mut child.console, ConsoleOutput::Discard),
+            console_input: child.console_input.take(),
+            serial_state: Some(point.serial.clone()),
+            debug_exit: point.debug_exit,
+        },
+    )?;
+    let ChildDevices {
+        plan,
+        vsock,
+        balloon,
+    } = continue_devices(&point.devices, child, &mut layer_files)?;
+    let mut mmio = Bus::new();
+    let devices = plan.attach(&vm_fd, &mut mmio, &mut event_loop, &ram.memory)?;
+    let vm = Vm::new(VmParts {
+        kvm,
+        vm_fd,
+        ram,
+        vcpus,
+        buses: Arc::new(IoBuses { pio, mmio }),
+        serial,
+        debug_exit: point.debug_exit,
+        devices,
+        event_loop,
+        state,
+        vsock,
+        balloon,
+        identity,
+        identity_page,
+        threads,
+    });
+    vm.start()?;
+    Ok(vm)
+}
+
+/// A child's virtio devices, and the handles the VM keeps to its vsock device and balloon.
+struct ChildDevices {
+    plan: VirtioPlan,
+    vsock: Option<VsockConnector>,
+    balloon: Option<BalloonHandle>,
+}
+
+/// Creates a child's copy of each `frozen` device, connected to the host ends `child` names; its
+/// disks' overlays are `layer_files` as long as there are some.
+fn continue_devices(
+    frozen: &[FrozenDevice],
+    mut child: Child,
+    layer_files: &mut Vec<File>,
+) -> Result<ChildDevices, Error> {
+    let (mut vsock, mut balloon) = (None, None);
+    let mut devices = Vec::with_capacity(frozen.len());
+    for device in frozen {
+        let spec = match &device.state.device {
+            DeviceState::Rng => VirtioDeviceSpec::new(Box::new(Rng::new())),
+            DeviceState::Block(state) => {
+                let overlay = (!layer_files.is_empty()).then(|| layer_files.remove(0));
+                let block = match overlay {
+                    Some(overlay) => Block::from_state_over(state, overlay),
+                    None => Block::from_state(state),
+                };
+                VirtioDeviceSpec::new(Box::new(
+                    block.map_err(|e| setup_err("virtio-blk overlay", e))?,
+                ))
+            }
+            DeviceState::SavedBlock(saved) => {
+                // Snapshots turn these back into `Block` before a VM starts from them.
+                return Err(setup_err(
+                    "virtio-blk",
+                    format!("disk {} was not opened", saved.file),
+                ));
+            }
+            DeviceState::Console(state) => {
+                let (output, input) = child
+                    .virtio_consoles
+                    .pop_front()
+                    .unwrap_or((ConsoleOutput::Discard, None));
+                let console = Console::from_state(state, output.into_writer()?)
+                    .map_err(|e| setup_err("virtio-console", e))?;
+                VirtioDeviceSpec::console(console, input.map(|i| i.into_fd()).transpose()?)
+            }
+            DeviceState::Vsock(state) => {
+                let device = Vsock::from_state(state, child.vsock_uds_path.as_deref())?;
+                vsock = Some(device.connector());
+                VirtioDeviceSpec::new(Box::new(device))
+            }
+            DeviceState::Balloon(state) => {
+                let device =
+                    Balloon::from_state(state).map_err(|e| setup_err("virtio-balloon", e))?;
+                balloon = Some(device.handle());
+                VirtioDeviceSpec::new(Box::new(device))
+            }
+        };
+        devices.push((spec, device));
+    }
+    Ok(ChildDevices {
+        plan: VirtioPlan::continued(devices)?,
+        vsock,
+        balloon,
+    })
+}

@@ -1,0 +1,181 @@
+//! Capturing a VM into a [`Snapshot`], and the verbs built on it: fork, snapshot to a
+//! directory, restore, and children prepared ahead of forks.
+//!
+//! A capture takes the VM's capture lock (one capture at a time) and a pause hold of its own, so
+//! no other thread's `resume`, fork or snapshot can let the VM run while its state is read and
+//! its RAM frozen. A VM that has not run (and whose memory the host has not written) since the
+//! last capture is still exactly that capture, which is reused: its run epoch and write count
+//! are unchanged.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use forkvm_devices::sync::lock;
+
+use super::Vm;
+use crate::arch::state::{VcpuState, VmState};
+use crate::error::Error;
+use crate::memory::freeze::FreezeDraft;
+use crate::snapshot::pool::{Shell, ShellShape};
+use crate::snapshot::{Child, CpuState, Snapshot, SnapshotParts};
+
+/// The last capture, and what the VM had done when it was taken: a capture of a VM with the same
+/// run epoch and host-write count is the same.
+pub(super) struct LastCapture {
+    run_epoch: u64,
+    writes: u64,
+    snapshot: Arc<Snapshot>,
+}
+
+impl Vm {
+    /// Captures this running (or paused) VM: reads its processor and device state and freezes
+    /// its memory, holding it paused only meanwhile (a VM paused by someone else stays paused).
+    /// The snapshot can be spawned from ([`Snapshot::spawn`]), saved ([`Snapshot::save`]) or
+    /// held for later, whatever this VM does meanwhile. Captures of one VM from several
+    /// threads are taken one after the other.
+    pub fn capture(&self) -> Result<Arc<Snapshot>, Error> {
+        let mut last = lock(&self.last_capture);
+        // What a freeze can do before the pause (unless the last capture will be reused):
+        // re-map RAM that was never frozen privately, or copy the image private RAM maps and
+        // the pages it wrote.
+        let draft = if self.is_paused() && last.is_some() {
+            None
+        } else {
+            Some(self.lock_ram().draft_freeze()?)
+        };
+        let paused_at = Instant::now();
+        let hold = self.pause_guard()?;
+        let (run_epoch, writes) = (
+            self.state.run_epoch(),
+            self.host_writes.load(Ordering::SeqCst),
+        );
+        let reused = last
+            .as_ref()
+            .filter(|l| l.run_epoch == run_epoch && l.writes == writes)
+            .map(|l| l.snapshot.clone());
+        let snapshot = match reused {
+            Some(snapshot) => snapshot,
+            None => Arc::new(self.read_snapshot(draft)?),
+        };
+        drop(hold);
+        *lock(&self.last_pause) = Some(paused_at.elapsed());
+        self.lock_ram().release_replaced();
+        // Kept only while the VM stays paused (by someone else): once it ran, it differs.
+        *last = (self.state.run_epoch() == run_epoch).then(|| LastCapture {
+            run_epoch,
+            writes,
+            snapshot: snapshot.clone(),
+        });
+        Ok(snapshot)
+    }
+
+    /// Reads the paused VM's state and freezes its memory, finishing `draft`.
+    fn read_snapshot(&self, draft: Option<FreezeDraft>) -> Result<Snapshot, Error> {
+        let devices = self
+            .devices
+            .iter()
+            .map(|device| device.freeze())
+            .collect::<Result<_, _>>()?;
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|vcpu| VcpuState::capture(&self.kvm, &lock(vcpu).fd))
+            .collect::<Result<_, _>>()?;
+        let vm = VmState::capture(&self.vm_fd)?;
+        let image = self.lock_ram().freeze_from(draft)?;
+        let serial = lock(&self.serial).state();
+        Ok(Snapshot::new(SnapshotParts {
+            kvm: Some(self.kvm.clone()),
+            image,
+            cpu: Arc::new(CpuState { vcpus, vm }),
+            serial,
+            debug_exit: self.debug_exit,
+            devices,
+            identity: self.identity,
+        }))
+    }
+
+    /// Splits this running (or paused) VM into one new running VM per entry of `children`
+    /// (each a [`Child`], or just the [`crate::ConsoleOutput`] of its serial console), all
+    /// continuing from this instant: [`Vm::capture`], then [`Snapshot::spawn`] for each. Each
+    /// child has its own vCPU threads, devices and memory: a write by the parent or any child is
+    /// never seen by another, and pages nobody writes stay shared. The parent continues (or
+    /// stays paused if it was). Children prepared with [`Vm::prepare_forks`] are used first.
+    pub fn fork<C: Into<Child>>(
+        &self,
+        children: impl IntoIterator<Item = C>,
+    ) -> Result<Vec<Vm>, Error> {
+        let snapshot = self.capture()?;
+        let children = children
+            .into_iter()
+            .map(|child| snapshot.spawn_in(self.kvm.clone(), child.into(), self.shells.take()))
+            .collect();
+        self.refill_shells();
+        children
+    }
+
+    /// Writes this running (or paused) VM's complete state to `dir`: [`Vm::capture`], then
+    /// [`Snapshot::save`]. The VM is paused only while it is captured; it continues (or stays
+    /// paused) while the files are written.
+    pub fn snapshot(&self, dir: impl AsRef<Path>) -> Result<(), Error> {
+        self.capture()?.save(dir)
+    }
+
+    /// Starts a new VM from the snapshot in `dir`, connected to the host as `child` says:
+    /// [`Snapshot::load`], then [`Snapshot::spawn`]. Its devices continue as a fork child's do,
+    /// so vsock connections are gone and its guest gets a transport reset. Restoring the same
+    /// snapshot again gives another independent VM.
+    pub fn restore(dir: impl AsRef<Path>, child: impl Into<Child>) -> Result<Vm, Error> {
+        Snapshot::load(dir)?.spawn(child)
+    }
+
+    /// Creates `n` more children ahead of time (KVM VMs with memory slots, interrupt
+    /// controllers, PIT and vCPUs), so that the next forks only map memory and load state.
+    /// [`Vm::prepared_forks`] tells how many are ready.
+    pub fn prepare_forks(&self, n: usize) -> Result<(), Error> {
+        let shape = self.shell_shape();
+        for _ in 0..n {
+            self.shells.push(Shell::new(&self.kvm, shape.clone())?);
+        }
+        Ok(())
+    }
+
+    /// Keeps `n` children prepared (see [`Vm::prepare_forks`]): creates what is missing on a
+    /// background thread now, and again after each fork that used some. 0 stops refilling
+    /// (children already prepared stay ready).
+    pub fn keep_forks_ready(&self, n: usize) {
+        self.shells.set_target(n);
+        self.refill_shells();
+    }
+
+    /// How many children are prepared.
+    pub fn prepared_forks(&self) -> usize {
+        self.shells.len()
+    }
+
+    /// Starts the refill thread if the pool is short and none runs.
+    fn refill_shells(&self) {
+        self.shells.refill(self.kvm.clone(), || self.shell_shape());
+    }
+
+    /// The shape of this VM's children.
+    fn shell_shape(&self) -> ShellShape {
+        let (memory_size, expected) = {
+            let ram = self.lock_ram();
+            (ram.size(), ram.next_image_file())
+        };
+        ShellShape {
+            memory_size,
+            // At most MAX_MPTABLE_VCPUS (< 256) vCPUs, as the VM was built with.
+            vcpus: self.vcpus.len() as u8,
+            disks: self
+                .devices
+                .iter()
+                .filter_map(|device| device.disk_size())
+                .collect(),
+            expected,
+        }
+    }
+}
