@@ -89,6 +89,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use forkvm_devices::virtio::balloon::private_discards;
 
 use super::dirty::WriteTracker;
+use super::runs::{merged, runs, subtract};
 use super::{GuestRam, MemoryError, RamRange, create_memfd};
 
 /// Guest RAM frozen at one instant: a sealed memfd that nobody writes any more.
@@ -955,66 +956,6 @@ fn written_pages(pagemap: &File, host: u64, size: u64) -> io::Result<Vec<bool>> 
             entry & (PRESENT | SWAPPED) != 0 && entry & FILE_OR_SHARED == 0
         })
         .collect())
-}
-
-/// `runs` (first page, count) sorted, with overlapping or touching runs made one.
-fn merged(mut runs: Vec<(usize, usize)>) -> Vec<(usize, usize)> {
-    runs.sort_unstable();
-    let mut out: Vec<(usize, usize)> = Vec::with_capacity(runs.len());
-    for (first, count) in runs {
-        match out.last_mut() {
-            Some((f, c)) if *f + *c >= first => *c = (*c).max(first + count - *f),
-            _ => out.push((first, count)),
-        }
-    }
-    out
-}
-
-/// The pages of the sorted, disjoint runs `a` that are in none of the sorted, disjoint runs `b`.
-fn subtract(
-    a: &[(usize, usize)],
-    b: impl IntoIterator<Item = (usize, usize)>,
-) -> Vec<(usize, usize)> {
-    let mut b = b.into_iter().peekable();
-    let mut out = Vec::new();
-    for &(first, count) in a {
-        let (mut at, end) = (first, first + count);
-        while at < end {
-            // Skip runs of `b` that end before `at`.
-            while b.next_if(|&(f, c)| f + c <= at).is_some() {}
-            match b.peek() {
-                Some(&(f, c)) if f < end => {
-                    if f > at {
-                        out.push((at, f - at));
-                    }
-                    at = f + c;
-                }
-                _ => {
-                    out.push((at, end - at));
-                    at = end;
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Runs of `true` in `flags`, as (first index, length).
-fn runs(flags: &[bool]) -> Vec<(usize, usize)> {
-    let mut runs = Vec::new();
-    let mut i = 0;
-    while i < flags.len() {
-        if flags[i] {
-            let first = i;
-            while i < flags.len() && flags[i] {
-                i += 1;
-            }
-            runs.push((first, i - first));
-        } else {
-            i += 1;
-        }
-    }
-    runs
 }
 
 /// Seals `file` against any further change of contents or size.

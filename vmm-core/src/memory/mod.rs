@@ -6,6 +6,7 @@
 
 mod dirty;
 pub mod freeze;
+mod runs;
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
