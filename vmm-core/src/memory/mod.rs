@@ -6,7 +6,10 @@
 
 mod dirty;
 pub mod freeze;
+mod pagemap;
 mod runs;
+#[cfg(test)]
+mod testutil;
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
@@ -21,6 +24,9 @@ use crate::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
 
 /// Guest memory as the VMM and devices access it.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// Size of a page.
+pub(super) const PAGE: usize = 4096;
 
 /// Smallest guest RAM accepted: room for the boot structures and a tiny kernel.
 pub const MIN_MEMORY_MIB: u64 = 2;
@@ -185,7 +191,7 @@ impl GuestRam {
     pub fn allocated_bytes(&self) -> Result<u64, MemoryError> {
         let own = || -> Result<u64, MemoryError> {
             let pages = self.own_pages().map_err(MemoryError::Stat)?;
-            Ok((pages * freeze::PAGE) as u64)
+            Ok((pages * PAGE) as u64)
         };
         if self.mapped.is_none() {
             let metadata = self.file.metadata().map_err(MemoryError::Stat)?;
