@@ -28,10 +28,12 @@ use super::pagemap::{
 
 /// `UFFD_API` of `<linux/userfaultfd.h>`.
 const UFFD_API: u64 = 0xaa;
-/// `UFFDIO_API`: `_IOWR(0xaa, 0x3f, struct uffdio_api)`.
-const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
-/// `UFFDIO_REGISTER`: `_IOWR(0xaa, 0x00, struct uffdio_register)`.
-const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+/// `UFFDIO` of `<linux/userfaultfd.h>`: the type of its ioctls.
+const UFFDIO: u32 = 0xaa;
+// `UFFDIO_API`: `_IOWR(UFFDIO, 0x3f, struct uffdio_api)` (a function: the macro makes one).
+vmm_sys_util::ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3f, UffdioApi);
+// `UFFDIO_REGISTER`: `_IOWR(UFFDIO, 0x00, struct uffdio_register)`.
+vmm_sys_util::ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, UffdioRegister);
 const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 
@@ -85,7 +87,7 @@ impl WriteTracker {
         };
         // SAFETY: UFFDIO_API reads and writes one `struct uffdio_api`, which `api` is and which
         // outlives the call.
-        if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api) } < 0 {
+        if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API(), &mut api) } < 0 {
             return Err(io::Error::last_os_error());
         }
         if api.features & wanted != wanted {
@@ -118,7 +120,7 @@ impl WriteTracker {
         // `register` is and which outlives the call. It changes only how the kernel handles
         // write faults in the range: with WP_ASYNC it resolves them itself, so every access to
         // the memory behaves as before.
-        if unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_REGISTER, &mut register) } < 0 {
+        if unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_REGISTER(), &mut register) } < 0 {
             return Err(io::Error::last_os_error());
         }
         let scan = Scan {
@@ -176,5 +178,18 @@ impl WriteTracker {
             keep: |_| true,
         };
         scan_runs(&self.pagemap, host, size, &scan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ioctl_numbers_are_the_ones_computed_by_hand_before() {
+        assert_eq!(std::mem::size_of::<UffdioApi>(), 24);
+        assert_eq!(UFFDIO_API(), 0xc018_aa3f);
+        assert_eq!(std::mem::size_of::<UffdioRegister>(), 32);
+        assert_eq!(UFFDIO_REGISTER(), 0xc020_aa00);
     }
 }

@@ -10,8 +10,9 @@ use std::os::unix::fs::FileExt;
 use super::PAGE;
 use super::runs::runs;
 
-/// `PAGEMAP_SCAN`: `_IOWR('f', 16, struct pm_scan_arg)`.
-const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
+// `PAGEMAP_SCAN`: `_IOWR('f', 16, struct pm_scan_arg)` of `<linux/fs.h>` (a function: the
+// macro makes one).
+vmm_sys_util::ioctl_iowr_nr!(PAGEMAP_SCAN, u32::from(b'f'), 16, PmScanArg);
 /// Page categories of `PAGEMAP_SCAN` (`<linux/fs.h>`).
 pub(super) const PAGE_IS_WRITTEN: u64 = 1 << 1;
 pub(super) const PAGE_IS_FILE: u64 = 1 << 2;
@@ -193,7 +194,7 @@ fn pagemap_scan(
     // `regions`: the kernel writes at most `vec_len` regions there, and `walk_end` into `arg`,
     // both of which outlive the call. It reads (and, with PM_SCAN_WP_MATCHING, write-protects in
     // a userfaultfd-registered range, which changes no contents) only this process's page tables.
-    let found = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, arg as *mut PmScanArg) };
+    let found = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN(), arg as *mut PmScanArg) };
     let found = usize::try_from(found).map_err(|_| io::Error::last_os_error())?;
     Ok(found.min(regions.len()))
 }
@@ -205,6 +206,12 @@ mod tests {
     use super::*;
     use crate::memory::GuestRam;
     use crate::memory::testutil::{MIB, read, write};
+
+    #[test]
+    fn the_ioctl_number_is_the_one_computed_by_hand_before() {
+        assert_eq!(std::mem::size_of::<PmScanArg>(), 96);
+        assert_eq!(PAGEMAP_SCAN(), 0xc060_6610);
+    }
 
     #[test]
     fn the_page_map_scan_finds_exactly_the_written_pages() {
