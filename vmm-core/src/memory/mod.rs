@@ -6,6 +6,7 @@
 
 mod dirty;
 pub mod freeze;
+mod image;
 mod pagemap;
 mod runs;
 #[cfg(test)]

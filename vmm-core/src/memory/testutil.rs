@@ -1,9 +1,12 @@
 //! Helpers of the memory tests: guest RAM read and written a word at a time, and what its
 //! mappings hold.
 
+use std::os::unix::fs::FileExt;
+
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::GuestRam;
+use super::image::FrozenRam;
 
 pub(super) const MIB: u64 = 1 << 20;
 
@@ -56,4 +59,11 @@ pub(super) fn mapping_kb(ram: &GuestRam, addr: u64) -> (u64, u64) {
         }
     }
     panic!("no mapping holds {host:#x}");
+}
+
+/// The whole contents of an image.
+pub(super) fn contents(image: &FrozenRam) -> Vec<u8> {
+    let mut bytes = vec![0u8; image.size() as usize];
+    image.file.read_exact_at(&mut bytes, 0).unwrap();
+    bytes
 }
