@@ -80,11 +80,10 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Once};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress};
 
 use forkvm_devices::virtio::balloon::private_discards;
 
@@ -330,19 +329,6 @@ impl GuestRam {
         })
     }
 
-    /// Moves each range's pages out of its mapping ([`MovedPages`]), to be freed by
-    /// [`GuestRam::release_replaced`]; where that fails, the re-map that follows frees them.
-    fn move_own_pages_out(&mut self) {
-        let Ok(hosts) = self.hosts() else {
-            return;
-        };
-        for (range, host) in self.ranges.iter().zip(hosts) {
-            if let Ok(moved) = MovedPages::take(host, range.size) {
-                self.moved.push(moved);
-            }
-        }
-    }
-
     /// A file holding this RAM's contents, which are what it maps (the image `base`, or its own
     /// file for `None`) and the pages the RAM wrote since it began to map it, and about how many
     /// pages of its own the RAM holds: `draft`'s copies, finished, where the draft was made from
@@ -528,33 +514,6 @@ impl GuestRam {
         })
     }
 
-    /// How many pages of its own (written since it began to map its image privately) the RAM
-    /// holds, present or swapped.
-    pub(super) fn own_pages(&self) -> io::Result<usize> {
-        let pagemap = File::open("/proc/self/pagemap")?;
-        let mut pages = 0;
-        for (range, host) in self.ranges.iter().zip(self.hosts()?) {
-            pages += written_runs(&pagemap, host, range.size)?
-                .iter()
-                .map(|&(_, count)| count)
-                .sum::<usize>();
-        }
-        Ok(pages)
-    }
-
-    /// The host address of each range of the RAM.
-    fn hosts(&self) -> io::Result<Vec<u64>> {
-        self.ranges
-            .iter()
-            .map(|range| {
-                self.memory
-                    .get_host_address(GuestAddress(range.guest_addr))
-                    .map(|host| host as u64)
-                    .map_err(|e| io::Error::other(e.to_string()))
-            })
-            .collect()
-    }
-
     /// Copies the `runs` of pages (first page, count) of `range` from the RAM into `file`, at
     /// their offsets; returns how many pages it copied.
     fn copy_runs(
@@ -580,115 +539,11 @@ impl GuestRam {
         }
         Ok(pages)
     }
-
-    /// Replaces each region's mapping, in place, by a private mapping of `self.file`. Starts a
-    /// new epoch: the mappings are new, so no write tracking is set up on them.
-    fn remap_private(&mut self) -> Result<(), MemoryError> {
-        self.epoch += 1;
-        let hosts = self.hosts().map_err(|source| MemoryError::Freeze {
-            what: "finding a region",
-            source,
-        })?;
-        for (range, host) in self.ranges.iter().zip(hosts) {
-            let offset =
-                libc::off_t::try_from(range.file_offset).map_err(|_| MemoryError::Freeze {
-                    what: "region offset",
-                    source: io::Error::from(io::ErrorKind::InvalidInput),
-                })?;
-            // SAFETY: `host..host + range.size` is exactly one mapping that `self.memory` made
-            // for this range and owns (it unmaps it on drop, whatever backs it). MAP_FIXED swaps
-            // what backs it in one step, at the same address and size, so every pointer into it
-            // stays valid; guest memory is only ever accessed through volatile copies, never
-            // through Rust references, and the caller has stopped the vCPUs and devices. KVM's
-            // memory slot keeps the address and re-faults through its MMU notifier.
-            let mapped = unsafe {
-                libc::mmap(
-                    host as *mut libc::c_void,
-                    range.size as usize,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                    self.file.as_raw_fd(),
-                    offset,
-                )
-            };
-            if mapped != host as *mut libc::c_void {
-                return Err(MemoryError::Freeze {
-                    what: "re-mapping guest memory privately",
-                    source: io::Error::last_os_error(),
-                });
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The pages of one of guest RAM's mappings, moved to an address of their own so that a re-freeze
-/// re-maps the RAM without freeing them while the VM is paused (freeing a page takes about half a
-/// microsecond); unmapped when dropped.
-pub(super) struct MovedPages {
-    addr: usize,
-    len: usize,
-}
-
-impl MovedPages {
-    /// Moves the page tables of the mapping at `host..host + size` (with the pages they map) to
-    /// a new place, leaving the mapping in place, empty: it reads its file again.
-    fn take(host: u64, size: u64) -> io::Result<Self> {
-        const PMD: usize = 2 << 20;
-        let (host, size) = (host as usize, size as usize);
-        let len = size + PMD;
-        // SAFETY: a new anonymous mapping at an address the kernel picks; it touches no memory
-        // of ours.
-        let area = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if area == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let moved = Self {
-            addr: area as usize,
-            len,
-        };
-        // At the same offset within 2 MiB as `host`, so that whole page tables can move.
-        let target = moved.addr + (host % PMD + PMD - moved.addr % PMD) % PMD;
-        // SAFETY: `host..host + size` is one mapping of guest RAM (see `remap_private`, whose
-        // caller has stopped every user of it); DONTUNMAP leaves it mapped, so no pointer into
-        // it dangles, and it reads its file where it read its own pages. `target..target + size`
-        // lies within `moved`'s reservation, which nothing else uses.
-        let to = unsafe {
-            libc::mremap(
-                host as *mut libc::c_void,
-                size,
-                size,
-                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP,
-                target as *mut libc::c_void,
-            )
-        };
-        if to == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(moved)
-    }
-}
-
-impl Drop for MovedPages {
-    fn drop(&mut self) {
-        // SAFETY: `addr..addr + len` is the reservation `take` made and everything moved into
-        // it; nothing else maps there or points into it.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
-    }
 }
 
 #[cfg(test)]
 mod tests {
-    use vm_memory::Bytes;
+    use vm_memory::{Bytes, GuestMemoryBackend};
 
     use super::*;
     use crate::memory::testutil::{MIB, contents, mapping_kb, read, write};
