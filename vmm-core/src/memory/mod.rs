@@ -4,6 +4,7 @@
 //! and KVM see the same pages; [`freeze`] turns it into an image several VMs continue from by
 //! mapping the same file privately, which is why anonymous memory is not used.
 
+mod adopt;
 mod dirty;
 pub mod freeze;
 mod image;
