@@ -15,7 +15,8 @@
 //! new page without protection, which the next scan reports. So no uffd-wp markers are asked for
 //! (`UFFD_FEATURE_WP_UNPOPULATED`), and scans match only pages that exist: protecting holes would
 //! populate the page tables of the whole RAM with markers, and every later scan and the unmap at
-//! the next freeze would walk all of them (tens of milliseconds for 4 GiB).
+//! the next freeze would walk all of them (`docs/design/memory-freeze.md` has what that cost on
+//! the development host).
 
 use std::fs::File;
 use std::io;

@@ -1,82 +1,14 @@
 //! Freezing guest RAM at an instant, so that several VMs can continue from it (fork, restore).
 //!
-//! # Design
+//! [`GuestRam::freeze`] (with the VM paused) replaces, in place, RAM's shared mappings of its
+//! memfd by private ones and seals the file: the file is the image ([`FrozenRam`]), which VMs
+//! started from it map privately. RAM that already maps an image is frozen into a new file: the mapped image's
+//! data and the RAM's own pages, nearly all copied while the VM still runs
+//! ([`GuestRam::draft_freeze`], with its writes tracked by `memory::dirty`), so that with the VM
+//! paused [`GuestRam::freeze_from`] copies only the pages written since the draft's last scan. The
+//! RAM goes on mapping the image it mapped unless it holds many pages of its own (`REMAP_RATIO`).
 //!
-//! A fresh VM's RAM is one memfd mapped `MAP_SHARED`. [`GuestRam::freeze`] (with the VM paused)
-//! replaces the VM's own mappings in place — `mmap(MAP_FIXED)` at the same addresses, so KVM's
-//! memory slots stay valid and only re-fault — by `MAP_PRIVATE` mappings of the same file, then
-//! seals the file against writes (`F_SEAL_WRITE`, which the kernel grants only once no shared
-//! writable mapping of it is left). From then on the file holds exactly the memory of the freeze
-//! point: the VM itself and every VM started from the image with [`FrozenRam::map`] write into
-//! private copy-on-write pages, so a write by one is never seen by another, while pages nobody
-//! writes stay one page-cache page shared by all of them.
-//!
-//! # Costs
-//!
-//! - Freezing a fresh VM's RAM: one `mmap` per region (two at most) and one `fcntl`; no guest
-//!   memory is read, copied or written, whatever its size. The re-map makes KVM drop its
-//!   mappings of the whole RAM, though: with this host's shadow paging that takes about 0.25 ms
-//!   per GiB (a TDP MMU walks only what it mapped). So a fork does it in its draft
-//!   ([`GuestRam::draft_freeze`]), while the VM still runs: from then on the RAM maps its file
-//!   privately and the file changes only where the draft writes the RAM's own pages into it (the
-//!   pages the RAM wrote since the re-map, which shadow those very pages of the file, so nothing
-//!   the RAM reads changes); with the VM paused, the pages written since the draft's last scan
-//!   are copied in too (as for a re-freeze, below) and the file is sealed: it is the image,
-//!   copied nowhere.
-//! - A VM from a frozen image: one `mmap` per region, and no resident memory until it touches
-//!   pages: reads share the frozen page, each first write copies one 4 KiB page.
-//! - Freezing RAM that is already private (a second fork of the same VM, a fork of a fork): its
-//!   copy-on-write pages exist only in this VM's mappings, so they go into a new file with the
-//!   data of the image it maps. Nearly all of the copy is made while the VM still runs
-//!   ([`GuestRam::draft_freeze`], iterative pre-copy):
-//!   1. the mapped image's allocated extents (`SEEK_DATA`/`SEEK_HOLE`; holes stay holes): nobody
-//!      writes the image;
-//!   2. the RAM's own pages (all it wrote since it began to map the image): one `PAGEMAP_SCAN`
-//!      reports them and, in the same step, write-protects every page of the RAM that exists
-//!      with a userfaultfd in asynchronous write-protect mode (module `memory::dirty`), so that
-//!      a page written after it was reported (during its copy, say) is reported again by the
-//!      next scan;
-//!   3. up to 2 more rounds of the pages written since the previous round's scan, while a round
-//!      copied more than 64 pages.
-//!
-//!   With the VM paused, [`GuestRam::freeze_from`] copies only the pages written since the last
-//!   scan (the guest's writes go through KVM's page tables, which write-protection invalidates,
-//!   so they are tracked like the host's) — one walk of the RAM's page tables that skips
-//!   unpopulated ones and reads only page-table entries, about 15 ns per page the RAM holds here
-//!   — and, only if a balloon dropped pages meanwhile, again any page the draft copied that the
-//!   RAM dropped since (`MADV_DONTNEED`): a second scan over the pages the draft copied. The pause
-//!   thus copies what the VM writes during the last pre-copy round (a spinning guest: a few
-//!   pages), not what it wrote since the last fork.
-//!
-//!   The RAM itself is normally not re-mapped: it goes on mapping the image it mapped and
-//!   holding its own pages, and only new VMs map the new image. Re-mapping it in place would
-//!   make KVM drop its mappings of the whole RAM in the pause, twice (moving its own pages out
-//!   of the way so they are freed after the pause, then mapping the new image), at about
-//!   0.25 ms per GiB each with this host's shadow paging. But the pause's scan grows with the
-//!   pages the RAM holds, so once it holds more than one page in 8 as its own, which makes the
-//!   scan cost about as much as the re-map, the freeze re-maps it over the new image (its
-//!   pages, moved out with `mremap(MREMAP_DONTUNMAP)`, which moves page tables, not data, are
-//!   freed with the replaced image by [`GuestRam::release_replaced`] once the VM runs again).
-//!   The pause of a re-freeze therefore stays under about 2 × 0.25 ms per GiB of RAM, however
-//!   much the VM wrote, and is far below that while it writes little.
-//!
-//!   What not re-mapping costs: until then, a VM forked more than once holds the image it
-//!   mapped (the children of that fork map it too while they run) and the pages it wrote since,
-//!   beside the newest image its latest children map; and each draft copies all of the RAM's
-//!   own pages again, not only those written since the last freeze.
-//!
-//!   Write-protection costs the running VM a minor fault on its first write to each page after
-//!   each scan, and KVM a re-fault of the pages it maps after each protecting scan. Where the
-//!   kernel offers no asynchronous userfaultfd write-protection (Linux < 6.7, userfaultfd
-//!   restricted to privileged users) or it fails, a warning is logged once and the pause copies
-//!   every page written since the RAM began to map its image, as the draft copies only the image.
-//! - A frozen image lives as long as any VM or [`FrozenRam`] handle uses it.
-//!
-//! # While frozen
-//!
-//! Memory the guest gives back through the balloon cannot be punched out of a sealed image (and
-//! must not be: other VMs read it); the balloon drops the VM's copied pages instead
-//! (`MADV_DONTNEED`), and the guest reads the image's contents there again.
+//! The design, what each step costs and why: `docs/design/memory-freeze.md` in the repository.
 
 use std::fs::File;
 use std::io;
@@ -102,7 +34,7 @@ const PRECOPY_ROUNDS: usize = 2;
 /// ...as long as the previous round copied more pages than this.
 const PRECOPY_ENOUGH: usize = 64;
 /// A re-freeze re-maps RAM that holds more than one page in this many as its own over the new
-/// image (see the module docs).
+/// image (why: `docs/design/memory-freeze.md`).
 const REMAP_RATIO: usize = 8;
 
 /// The part of freezing private RAM that does not need the VM paused: a new file holding the
@@ -165,7 +97,7 @@ fn log_untracked(why: &io::Error) {
 
 impl GuestRam {
     /// Freezes the RAM's current contents into an image and keeps this RAM running over it
-    /// privately (see the module docs for what it costs). Every vCPU and device of the VM must be
+    /// privately (what it costs: `docs/design/memory-freeze.md`). Every vCPU and device of the VM must be
     /// stopped (`Vm::pause`) while this runs.
     pub fn freeze(&mut self) -> Result<Arc<FrozenRam>, MemoryError> {
         self.freeze_from(None)
@@ -173,8 +105,8 @@ impl GuestRam {
 
     /// Starts a freeze while the VM still runs: for RAM that maps an image privately, copies
     /// that image's data into a new file and, where writes are tracked, the pages written since
-    /// the RAM began to map it; for RAM that maps its own file, re-maps it privately (see the
-    /// module docs). Pass it to [`GuestRam::freeze_from`] with the VM paused.
+    /// the RAM began to map it; for RAM that maps its own file, re-maps it privately (see
+    /// `docs/design/memory-freeze.md`). Pass it to [`GuestRam::freeze_from`] with the VM paused.
     pub fn draft_freeze(&mut self) -> Result<FreezeDraft, MemoryError> {
         let Some(base) = self.mapped.clone() else {
             return self.draft_own_file();
@@ -280,7 +212,7 @@ impl GuestRam {
     /// RAM that maps its file shared is re-mapped privately over it, in place, and the file is
     /// sealed: it is the image. RAM that already maps an image privately is frozen into a new
     /// file holding the mapped image's data and the RAM's own pages; the RAM goes on mapping the
-    /// image it mapped, unless it holds more than one page in [`REMAP_RATIO`] as its own: then
+    /// image it mapped, unless it holds more than one page in `REMAP_RATIO` as its own: then
     /// it is re-mapped over the new image too, its own pages moved out of the way.
     pub fn freeze_from(
         &mut self,

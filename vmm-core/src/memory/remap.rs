@@ -63,8 +63,8 @@ impl GuestRam {
 }
 
 /// The pages of one of guest RAM's mappings, moved to an address of their own so that a re-freeze
-/// re-maps the RAM without freeing them while the VM is paused (freeing a page takes about half a
-/// microsecond); unmapped when dropped.
+/// re-maps the RAM without freeing them while the VM is paused (freeing pages takes time in
+/// proportion to their number); unmapped when dropped.
 pub(super) struct MovedPages {
     addr: usize,
     len: usize,
