@@ -15,27 +15,28 @@
 //! new page without protection, which the next scan reports. So no uffd-wp markers are asked for
 //! (`UFFD_FEATURE_WP_UNPOPULATED`), and scans match only pages that exist: protecting holes would
 //! populate the page tables of the whole RAM with markers, and every later scan and the unmap at
-//! the next freeze would walk all of them (tens of milliseconds for 4 GiB).
+//! the next freeze would walk all of them (`docs/design/memory-freeze.md` has what that cost on
+//! the development host).
 
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use super::freeze::{
-    PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN, Scan, is_own_page, scan_runs,
+use super::pagemap::{
+    PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC,
+    PM_SCAN_WP_MATCHING, Scan, is_own_page, scan_runs,
 };
 
 /// `UFFD_API` of `<linux/userfaultfd.h>`.
 const UFFD_API: u64 = 0xaa;
-/// `UFFDIO_API`: `_IOWR(0xaa, 0x3f, struct uffdio_api)`.
-const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
-/// `UFFDIO_REGISTER`: `_IOWR(0xaa, 0x00, struct uffdio_register)`.
-const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+/// `UFFDIO` of `<linux/userfaultfd.h>`: the type of its ioctls.
+const UFFDIO: u32 = 0xaa;
+// `UFFDIO_API`: `_IOWR(UFFDIO, 0x3f, struct uffdio_api)` (a function: the macro makes one).
+vmm_sys_util::ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3f, UffdioApi);
+// `UFFDIO_REGISTER`: `_IOWR(UFFDIO, 0x00, struct uffdio_register)`.
+vmm_sys_util::ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, UffdioRegister);
 const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
-/// `PAGEMAP_SCAN` flags of `<linux/fs.h>`.
-const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
-const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 
 /// `struct uffdio_api`.
 #[repr(C)]
@@ -87,7 +88,7 @@ impl WriteTracker {
         };
         // SAFETY: UFFDIO_API reads and writes one `struct uffdio_api`, which `api` is and which
         // outlives the call.
-        if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API, &mut api) } < 0 {
+        if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API(), &mut api) } < 0 {
             return Err(io::Error::last_os_error());
         }
         if api.features & wanted != wanted {
@@ -120,7 +121,7 @@ impl WriteTracker {
         // `register` is and which outlives the call. It changes only how the kernel handles
         // write faults in the range: with WP_ASYNC it resolves them itself, so every access to
         // the memory behaves as before.
-        if unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_REGISTER, &mut register) } < 0 {
+        if unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_REGISTER(), &mut register) } < 0 {
             return Err(io::Error::last_os_error());
         }
         let scan = Scan {
@@ -178,5 +179,18 @@ impl WriteTracker {
             keep: |_| true,
         };
         scan_runs(&self.pagemap, host, size, &scan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ioctl_numbers_are_the_ones_computed_by_hand_before() {
+        assert_eq!(std::mem::size_of::<UffdioApi>(), 24);
+        assert_eq!(UFFDIO_API(), 0xc018_aa3f);
+        assert_eq!(std::mem::size_of::<UffdioRegister>(), 32);
+        assert_eq!(UFFDIO_REGISTER(), 0xc020_aa00);
     }
 }

@@ -1,164 +1,41 @@
 //! Freezing guest RAM at an instant, so that several VMs can continue from it (fork, restore).
 //!
-//! # Design
+//! [`GuestRam::freeze`] (with the VM paused) replaces, in place, RAM's shared mappings of its
+//! memfd by private ones and seals the file: the file is the image ([`FrozenRam`]), which VMs
+//! started from it map privately. RAM that already maps an image is frozen into a new file: the mapped image's
+//! data and the RAM's own pages, nearly all copied while the VM still runs
+//! ([`GuestRam::draft_freeze`], with its writes tracked by `memory::dirty`), so that with the VM
+//! paused [`GuestRam::freeze_from`] copies only the pages written since the draft's last scan. The
+//! RAM goes on mapping the image it mapped unless it holds many pages of its own (`REMAP_RATIO`).
 //!
-//! A fresh VM's RAM is one memfd mapped `MAP_SHARED`. [`GuestRam::freeze`] (with the VM paused)
-//! replaces the VM's own mappings in place — `mmap(MAP_FIXED)` at the same addresses, so KVM's
-//! memory slots stay valid and only re-fault — by `MAP_PRIVATE` mappings of the same file, then
-//! seals the file against writes (`F_SEAL_WRITE`, which the kernel grants only once no shared
-//! writable mapping of it is left). From then on the file holds exactly the memory of the freeze
-//! point: the VM itself and every VM started from the image with [`FrozenRam::map`] write into
-//! private copy-on-write pages, so a write by one is never seen by another, while pages nobody
-//! writes stay one page-cache page shared by all of them.
-//!
-//! # Costs
-//!
-//! - Freezing a fresh VM's RAM: one `mmap` per region (two at most) and one `fcntl`; no guest
-//!   memory is read, copied or written, whatever its size. The re-map makes KVM drop its
-//!   mappings of the whole RAM, though: with this host's shadow paging that takes about 0.25 ms
-//!   per GiB (a TDP MMU walks only what it mapped). So a fork does it in its draft
-//!   ([`GuestRam::draft_freeze`]), while the VM still runs: from then on the RAM maps its file
-//!   privately and the file changes only where the draft writes the RAM's own pages into it (the
-//!   pages the RAM wrote since the re-map, which shadow those very pages of the file, so nothing
-//!   the RAM reads changes); with the VM paused, the pages written since the draft's last scan
-//!   are copied in too (as for a re-freeze, below) and the file is sealed: it is the image,
-//!   copied nowhere.
-//! - A VM from a frozen image: one `mmap` per region, and no resident memory until it touches
-//!   pages: reads share the frozen page, each first write copies one 4 KiB page.
-//! - Freezing RAM that is already private (a second fork of the same VM, a fork of a fork): its
-//!   copy-on-write pages exist only in this VM's mappings, so they go into a new file with the
-//!   data of the image it maps. Nearly all of the copy is made while the VM still runs
-//!   ([`GuestRam::draft_freeze`], iterative pre-copy):
-//!   1. the mapped image's allocated extents (`SEEK_DATA`/`SEEK_HOLE`; holes stay holes): nobody
-//!      writes the image;
-//!   2. the RAM's own pages (all it wrote since it began to map the image): one `PAGEMAP_SCAN`
-//!      reports them and, in the same step, write-protects every page of the RAM that exists
-//!      with a userfaultfd in asynchronous write-protect mode (module `memory::dirty`), so that
-//!      a page written after it was reported (during its copy, say) is reported again by the
-//!      next scan;
-//!   3. up to 2 more rounds of the pages written since the previous round's scan, while a round
-//!      copied more than 64 pages.
-//!
-//!   With the VM paused, [`GuestRam::freeze_from`] copies only the pages written since the last
-//!   scan (the guest's writes go through KVM's page tables, which write-protection invalidates,
-//!   so they are tracked like the host's) — one walk of the RAM's page tables that skips
-//!   unpopulated ones and reads only page-table entries, about 15 ns per page the RAM holds here
-//!   — and, only if a balloon dropped pages meanwhile, again any page the draft copied that the
-//!   RAM dropped since (`MADV_DONTNEED`): a second scan over the pages the draft copied. The pause
-//!   thus copies what the VM writes during the last pre-copy round (a spinning guest: a few
-//!   pages), not what it wrote since the last fork.
-//!
-//!   The RAM itself is normally not re-mapped: it goes on mapping the image it mapped and
-//!   holding its own pages, and only new VMs map the new image. Re-mapping it in place would
-//!   make KVM drop its mappings of the whole RAM in the pause, twice (moving its own pages out
-//!   of the way so they are freed after the pause, then mapping the new image), at about
-//!   0.25 ms per GiB each with this host's shadow paging. But the pause's scan grows with the
-//!   pages the RAM holds, so once it holds more than one page in 8 as its own, which makes the
-//!   scan cost about as much as the re-map, the freeze re-maps it over the new image (its
-//!   pages, moved out with `mremap(MREMAP_DONTUNMAP)`, which moves page tables, not data, are
-//!   freed with the replaced image by [`GuestRam::release_replaced`] once the VM runs again).
-//!   The pause of a re-freeze therefore stays under about 2 × 0.25 ms per GiB of RAM, however
-//!   much the VM wrote, and is far below that while it writes little.
-//!
-//!   What not re-mapping costs: until then, a VM forked more than once holds the image it
-//!   mapped (the children of that fork map it too while they run) and the pages it wrote since,
-//!   beside the newest image its latest children map; and each draft copies all of the RAM's
-//!   own pages again, not only those written since the last freeze.
-//!
-//!   Write-protection costs the running VM a minor fault on its first write to each page after
-//!   each scan, and KVM a re-fault of the pages it maps after each protecting scan. Where the
-//!   kernel offers no asynchronous userfaultfd write-protection (Linux < 6.7, userfaultfd
-//!   restricted to privileged users) or it fails, a warning is logged once and the pause copies
-//!   every page written since the RAM began to map its image, as the draft copies only the image.
-//! - A frozen image lives as long as any VM or [`FrozenRam`] handle uses it.
-//!
-//! # While frozen
-//!
-//! Memory the guest gives back through the balloon cannot be punched out of a sealed image (and
-//! must not be: other VMs read it); the balloon drops the VM's copied pages instead
-//! (`MADV_DONTNEED`), and the guest reads the image's contents there again.
+//! The design, what each step costs and why: `docs/design/memory-freeze.md` in the repository.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Once};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress};
 
 use forkvm_devices::virtio::balloon::private_discards;
 
+use super::PAGE;
 use super::dirty::WriteTracker;
-use super::{GuestRam, MemoryError, RamRange, create_memfd};
+use super::image::{COPY_CHUNK, seal};
+use super::pagemap::{scan_not_held, written_runs};
+use super::runs::{merged, subtract};
+use super::{GuestRam, MemoryError, RamRange};
 
-/// Guest RAM frozen at one instant: a sealed memfd that nobody writes any more.
-pub struct FrozenRam {
-    file: Arc<File>,
-    ranges: Vec<RamRange>,
-}
+pub use super::image::FrozenRam;
 
-/// Bytes copied per step when a private RAM is frozen into a new file.
-const COPY_CHUNK: usize = 1 << 20;
-/// Size of a page.
-pub(super) const PAGE: usize = 4096;
 /// Rounds of copying the pages written during the previous round that a draft makes at most
 /// after its first copy of written pages...
 const PRECOPY_ROUNDS: usize = 2;
 /// ...as long as the previous round copied more pages than this.
 const PRECOPY_ENOUGH: usize = 64;
 /// A re-freeze re-maps RAM that holds more than one page in this many as its own over the new
-/// image (see the module docs).
+/// image (why: `docs/design/memory-freeze.md`).
 const REMAP_RATIO: usize = 8;
-impl FrozenRam {
-    /// New guest RAM that starts as this image: private copy-on-write mappings of it.
-    pub fn map(self: &Arc<Self>) -> Result<GuestRam, MemoryError> {
-        GuestRam::map(
-            self.file.clone(),
-            self.ranges.clone(),
-            libc::MAP_PRIVATE,
-            Some(self.clone()),
-        )
-    }
-
-    /// The sealed file holding the image.
-    pub(crate) fn file(&self) -> &Arc<File> {
-        &self.file
-    }
-
-    /// Size of the image in bytes.
-    pub fn size(&self) -> u64 {
-        self.ranges.iter().map(|r| r.size).sum()
-    }
-
-    /// An image read from `file`, which holds `size` bytes of RAM laid out as forkvm lays out
-    /// its memory file (a snapshot's memory). Nothing writes it: VMs map it privately.
-    pub fn from_file(file: File, size: u64) -> Arc<Self> {
-        Arc::new(Self {
-            file: Arc::new(file),
-            ranges: super::ram_ranges(size),
-        })
-    }
-
-    /// A new memory file holding the image's data.
-    fn copy_into_new_file(&self) -> Result<File, MemoryError> {
-        let file = create_memfd()?;
-        self.copy_data_to(&file)
-            .map_err(|source| MemoryError::Freeze {
-                what: "copying the image",
-                source,
-            })?;
-        Ok(file)
-    }
-
-    /// Writes the image's data into `to` at the same offsets (holes stay holes).
-    pub fn copy_data_to(&self, to: &File) -> io::Result<()> {
-        to.set_len(self.size())?;
-        for (start, end) in data_extents(&self.file)? {
-            copy_range(&self.file, to, start, end)?;
-        }
-        Ok(())
-    }
-}
 
 /// The part of freezing private RAM that does not need the VM paused: a new file holding the
 /// data of the image the RAM maps privately (which nobody writes) and, where the RAM's writes are
@@ -220,7 +97,7 @@ fn log_untracked(why: &io::Error) {
 
 impl GuestRam {
     /// Freezes the RAM's current contents into an image and keeps this RAM running over it
-    /// privately (see the module docs for what it costs). Every vCPU and device of the VM must be
+    /// privately (what it costs: `docs/design/memory-freeze.md`). Every vCPU and device of the VM must be
     /// stopped (`Vm::pause`) while this runs.
     pub fn freeze(&mut self) -> Result<Arc<FrozenRam>, MemoryError> {
         self.freeze_from(None)
@@ -228,8 +105,8 @@ impl GuestRam {
 
     /// Starts a freeze while the VM still runs: for RAM that maps an image privately, copies
     /// that image's data into a new file and, where writes are tracked, the pages written since
-    /// the RAM began to map it; for RAM that maps its own file, re-maps it privately (see the
-    /// module docs). Pass it to [`GuestRam::freeze_from`] with the VM paused.
+    /// the RAM began to map it; for RAM that maps its own file, re-maps it privately (see
+    /// `docs/design/memory-freeze.md`). Pass it to [`GuestRam::freeze_from`] with the VM paused.
     pub fn draft_freeze(&mut self) -> Result<FreezeDraft, MemoryError> {
         let Some(base) = self.mapped.clone() else {
             return self.draft_own_file();
@@ -335,7 +212,7 @@ impl GuestRam {
     /// RAM that maps its file shared is re-mapped privately over it, in place, and the file is
     /// sealed: it is the image. RAM that already maps an image privately is frozen into a new
     /// file holding the mapped image's data and the RAM's own pages; the RAM goes on mapping the
-    /// image it mapped, unless it holds more than one page in [`REMAP_RATIO`] as its own: then
+    /// image it mapped, unless it holds more than one page in `REMAP_RATIO` as its own: then
     /// it is re-mapped over the new image too, its own pages moved out of the way.
     pub fn freeze_from(
         &mut self,
@@ -382,19 +259,6 @@ impl GuestRam {
             file,
             ranges: self.ranges.clone(),
         })
-    }
-
-    /// Moves each range's pages out of its mapping ([`MovedPages`]), to be freed by
-    /// [`GuestRam::release_replaced`]; where that fails, the re-map that follows frees them.
-    fn move_own_pages_out(&mut self) {
-        let Ok(hosts) = self.hosts() else {
-            return;
-        };
-        for (range, host) in self.ranges.iter().zip(hosts) {
-            if let Ok(moved) = MovedPages::take(host, range.size) {
-                self.moved.push(moved);
-            }
-        }
     }
 
     /// A file holding this RAM's contents, which are what it maps (the image `base`, or its own
@@ -510,54 +374,6 @@ impl GuestRam {
         Ok(own)
     }
 
-    /// Guest RAM of `size` bytes that maps no image yet, for a VM created ahead of need;
-    /// [`GuestRam::adopt`] maps an image into it later. It maps `expected` privately — the file
-    /// of the image it will most likely adopt ([`GuestRam::next_image_file`] of the VM it is
-    /// prepared for), which may still be written until then — or else a new, empty file.
-    /// Nothing may read or write it before it adopts an image.
-    pub fn placeholder(size: u64, expected: Option<Arc<File>>) -> Result<Self, MemoryError> {
-        match expected {
-            Some(file) => Self::map(file, super::ram_ranges(size), libc::MAP_PRIVATE, None),
-            None => Self::with_new_file(size, libc::MAP_PRIVATE),
-        }
-    }
-
-    /// The file that the next image frozen from this RAM will most likely be: its own file
-    /// while it maps it shared (the first freeze seals it), else the image of its last freeze
-    /// (reused while the VM stays paused). `None` where the next freeze makes a new file.
-    pub fn next_image_file(&self) -> Option<Arc<File>> {
-        match (&self.latest, &self.mapped) {
-            (Some(latest), _) => Some(latest.file.clone()),
-            (None, None) => Some(self.file.clone()),
-            (None, Some(_)) => None,
-        }
-    }
-
-    /// Maps `image` privately into this placeholder RAM in place: the same addresses, so the
-    /// memory slots of a VM created over this RAM stay valid. The image must have this RAM's
-    /// layout, and no vCPU may run meanwhile. A placeholder that already maps the image's file
-    /// is left as it is: it was never touched, so it holds no page of its own and reads the file,
-    /// which is sealed now, through its mapping (and KVM, whose vCPUs never ran, holds no stale
-    /// mapping of it). That spares a re-map, which makes KVM drop its mappings of the whole RAM
-    /// (with shadow paging, time in proportion to the RAM's size).
-    pub fn adopt(&mut self, image: &Arc<FrozenRam>) -> Result<(), MemoryError> {
-        if image.ranges != self.ranges {
-            return Err(MemoryError::Freeze {
-                what: "adopting an image",
-                source: io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("image of {} bytes, RAM of {}", image.size(), self.size()),
-                ),
-            });
-        }
-        if !Arc::ptr_eq(&self.file, &image.file) {
-            self.file = image.file.clone();
-            self.remap_private()?;
-        }
-        self.mapped = Some(image.clone());
-        Ok(())
-    }
-
     /// The image of this RAM's last freeze, if it was frozen.
     pub fn frozen(&self) -> Option<&Arc<FrozenRam>> {
         self.latest.as_ref()
@@ -580,33 +396,6 @@ impl GuestRam {
             what: "copying written pages",
             source,
         })
-    }
-
-    /// How many pages of its own (written since it began to map its image privately) the RAM
-    /// holds, present or swapped.
-    pub(super) fn own_pages(&self) -> io::Result<usize> {
-        let pagemap = File::open("/proc/self/pagemap")?;
-        let mut pages = 0;
-        for (range, host) in self.ranges.iter().zip(self.hosts()?) {
-            pages += written_runs(&pagemap, host, range.size)?
-                .iter()
-                .map(|&(_, count)| count)
-                .sum::<usize>();
-        }
-        Ok(pages)
-    }
-
-    /// The host address of each range of the RAM.
-    fn hosts(&self) -> io::Result<Vec<u64>> {
-        self.ranges
-            .iter()
-            .map(|range| {
-                self.memory
-                    .get_host_address(GuestAddress(range.guest_addr))
-                    .map(|host| host as u64)
-                    .map_err(|e| io::Error::other(e.to_string()))
-            })
-            .collect()
     }
 
     /// Copies the `runs` of pages (first page, count) of `range` from the RAM into `file`, at
@@ -634,461 +423,14 @@ impl GuestRam {
         }
         Ok(pages)
     }
-
-    /// Replaces each region's mapping, in place, by a private mapping of `self.file`. Starts a
-    /// new epoch: the mappings are new, so no write tracking is set up on them.
-    fn remap_private(&mut self) -> Result<(), MemoryError> {
-        self.epoch += 1;
-        let hosts = self.hosts().map_err(|source| MemoryError::Freeze {
-            what: "finding a region",
-            source,
-        })?;
-        for (range, host) in self.ranges.iter().zip(hosts) {
-            let offset =
-                libc::off_t::try_from(range.file_offset).map_err(|_| MemoryError::Freeze {
-                    what: "region offset",
-                    source: io::Error::from(io::ErrorKind::InvalidInput),
-                })?;
-            // SAFETY: `host..host + range.size` is exactly one mapping that `self.memory` made
-            // for this range and owns (it unmaps it on drop, whatever backs it). MAP_FIXED swaps
-            // what backs it in one step, at the same address and size, so every pointer into it
-            // stays valid; guest memory is only ever accessed through volatile copies, never
-            // through Rust references, and the caller has stopped the vCPUs and devices. KVM's
-            // memory slot keeps the address and re-faults through its MMU notifier.
-            let mapped = unsafe {
-                libc::mmap(
-                    host as *mut libc::c_void,
-                    range.size as usize,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                    self.file.as_raw_fd(),
-                    offset,
-                )
-            };
-            if mapped != host as *mut libc::c_void {
-                return Err(MemoryError::Freeze {
-                    what: "re-mapping guest memory privately",
-                    source: io::Error::last_os_error(),
-                });
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The pages of one of guest RAM's mappings, moved to an address of their own so that a re-freeze
-/// re-maps the RAM without freeing them while the VM is paused (freeing a page takes about half a
-/// microsecond); unmapped when dropped.
-pub(super) struct MovedPages {
-    addr: usize,
-    len: usize,
-}
-
-impl MovedPages {
-    /// Moves the page tables of the mapping at `host..host + size` (with the pages they map) to
-    /// a new place, leaving the mapping in place, empty: it reads its file again.
-    fn take(host: u64, size: u64) -> io::Result<Self> {
-        const PMD: usize = 2 << 20;
-        let (host, size) = (host as usize, size as usize);
-        let len = size + PMD;
-        // SAFETY: a new anonymous mapping at an address the kernel picks; it touches no memory
-        // of ours.
-        let area = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if area == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let moved = Self {
-            addr: area as usize,
-            len,
-        };
-        // At the same offset within 2 MiB as `host`, so that whole page tables can move.
-        let target = moved.addr + (host % PMD + PMD - moved.addr % PMD) % PMD;
-        // SAFETY: `host..host + size` is one mapping of guest RAM (see `remap_private`, whose
-        // caller has stopped every user of it); DONTUNMAP leaves it mapped, so no pointer into
-        // it dangles, and it reads its file where it read its own pages. `target..target + size`
-        // lies within `moved`'s reservation, which nothing else uses.
-        let to = unsafe {
-            libc::mremap(
-                host as *mut libc::c_void,
-                size,
-                size,
-                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP,
-                target as *mut libc::c_void,
-            )
-        };
-        if to == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(moved)
-    }
-}
-
-impl Drop for MovedPages {
-    fn drop(&mut self) {
-        // SAFETY: `addr..addr + len` is the reservation `take` made and everything moved into
-        // it; nothing else maps there or points into it.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
-    }
-}
-
-/// The `[start, end)` byte ranges of `file` that hold data (holes skipped).
-fn data_extents(file: &File) -> io::Result<Vec<(u64, u64)>> {
-    let size = file.metadata()?.len();
-    let seek = |offset: u64, whence| -> io::Result<Option<u64>> {
-        let offset = libc::off_t::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
-        // SAFETY: lseek on an open fd has no memory effects.
-        let at = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
-        match at {
-            // ENXIO: no data (or hole) at or after `offset`.
-            -1 if io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) => Ok(None),
-            -1 => Err(io::Error::last_os_error()),
-            at => Ok(Some(at as u64)),
-        }
-    };
-    let mut extents = Vec::new();
-    let mut at = 0;
-    while at < size {
-        let Some(start) = seek(at, libc::SEEK_DATA)? else {
-            break;
-        };
-        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
-        extents.push((start, end));
-        at = end;
-    }
-    Ok(extents)
-}
-
-/// Copies bytes `start..end` of `from` to the same offsets of `to`.
-fn copy_range(from: &File, to: &File, start: u64, end: u64) -> io::Result<()> {
-    let mut buffer = vec![0u8; COPY_CHUNK];
-    let mut at = start;
-    while at < end {
-        let len = (end - at).min(COPY_CHUNK as u64) as usize;
-        from.read_exact_at(&mut buffer[..len], at)?;
-        to.write_all_at(&buffer[..len], at)?;
-        at += len as u64;
-    }
-    Ok(())
-}
-
-/// The runs of pages of the mapping at `host..host + size` that this process wrote since it was
-/// mapped privately (present or swapped, and not a page of the file), as (first page, count).
-/// Asks the kernel for them with `PAGEMAP_SCAN` (Linux 6.7), which skips unpopulated page
-/// tables instead of reading 8 bytes per page, and falls back to reading the page map.
-fn written_runs(pagemap: &File, host: u64, size: u64) -> io::Result<Vec<(usize, usize)>> {
-    match scan_written(pagemap, host, size) {
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY | libc::EINVAL)) => {
-            Ok(runs(&written_pages(pagemap, host, size)?))
-        }
-        result => result,
-    }
-}
-
-/// `struct page_region` of `<linux/fs.h>`.
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct PageRegion {
-    start: u64,
-    end: u64,
-    categories: u64,
-}
-
-/// `struct pm_scan_arg` of `<linux/fs.h>` (`vec` and `vec_len` are set by [`pagemap_scan`]).
-#[repr(C)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
-}
-
-/// Runs the `PAGEMAP_SCAN` ioctl of `pagemap` (`/proc/self/pagemap`) with `arg`, its output
-/// going to `regions`; returns how many regions it filled.
-fn pagemap_scan(
-    pagemap: &File,
-    arg: &mut PmScanArg,
-    regions: &mut [PageRegion],
-) -> io::Result<usize> {
-    arg.vec = regions.as_mut_ptr() as u64;
-    arg.vec_len = regions.len() as u64;
-    // SAFETY: `arg` is a valid `pm_scan_arg` that names its own size and whose output vector is
-    // `regions`: the kernel writes at most `vec_len` regions there, and `walk_end` into `arg`,
-    // both of which outlive the call. It reads (and, with PM_SCAN_WP_MATCHING, write-protects in
-    // a userfaultfd-registered range, which changes no contents) only this process's page tables.
-    let found = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, arg as *mut PmScanArg) };
-    let found = usize::try_from(found).map_err(|_| io::Error::last_os_error())?;
-    Ok(found.min(regions.len()))
-}
-
-/// `PAGEMAP_SCAN`: `_IOWR('f', 16, struct pm_scan_arg)`.
-const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
-/// Page categories of `PAGEMAP_SCAN` (`<linux/fs.h>`).
-pub(super) const PAGE_IS_WRITTEN: u64 = 1 << 1;
-pub(super) const PAGE_IS_FILE: u64 = 1 << 2;
-pub(super) const PAGE_IS_PRESENT: u64 = 1 << 3;
-pub(super) const PAGE_IS_SWAPPED: u64 = 1 << 4;
-
-/// What a [`scan_runs`] asks `PAGEMAP_SCAN` for: its flags and category masks (see the kernel's
-/// `Documentation/admin-guide/mm/pagemap.rst`), and which of the regions it reports to keep.
-pub(super) struct Scan {
-    pub flags: u64,
-    pub category_inverted: u64,
-    pub category_mask: u64,
-    pub category_anyof_mask: u64,
-    pub return_mask: u64,
-    /// Whether to keep a region with these categories (of `return_mask`).
-    pub keep: fn(u64) -> bool,
-}
-
-/// The runs of pages of the mapping at `host..host + size` that `scan` reports and keeps, as
-/// (first page, count) from `host`, sorted and disjoint.
-pub(super) fn scan_runs(
-    pagemap: &File,
-    host: u64,
-    size: u64,
-    scan: &Scan,
-) -> io::Result<Vec<(usize, usize)>> {
-    let end = host + size;
-    let mut regions = vec![PageRegion::default(); 512];
-    let mut runs: Vec<(usize, usize)> = Vec::new();
-    let mut at = host;
-    while at < end {
-        let mut arg = PmScanArg {
-            size: std::mem::size_of::<PmScanArg>() as u64,
-            flags: scan.flags,
-            start: at,
-            end,
-            walk_end: 0,
-            vec: 0,
-            vec_len: 0,
-            max_pages: 0,
-            category_inverted: scan.category_inverted,
-            category_mask: scan.category_mask,
-            category_anyof_mask: scan.category_anyof_mask,
-            return_mask: scan.return_mask,
-        };
-        let found = pagemap_scan(pagemap, &mut arg, &mut regions)?;
-        for region in regions[..found]
-            .iter()
-            .filter(|r| (scan.keep)(r.categories))
-        {
-            let first = ((region.start - host) / PAGE as u64) as usize;
-            let count = ((region.end - region.start) / PAGE as u64) as usize;
-            // Regions that touch but differ in category make one run.
-            match runs.last_mut() {
-                Some((f, c)) if *f + *c == first => *c += count,
-                _ => runs.push((first, count)),
-            }
-        }
-        if arg.walk_end <= at {
-            return Err(io::Error::other("PAGEMAP_SCAN made no progress"));
-        }
-        at = arg.walk_end;
-    }
-    Ok(runs)
-}
-
-/// Whether a page in these categories is one of the RAM's own (copy-on-write) pages: present or
-/// swapped, and not a page of the file. (A uffd-wp marker on an empty entry counts as swapped.)
-pub(super) fn is_own_page(categories: u64) -> bool {
-    categories & (PAGE_IS_PRESENT | PAGE_IS_SWAPPED) != 0 && categories & PAGE_IS_FILE == 0
-}
-
-/// [`written_runs`] through the `PAGEMAP_SCAN` ioctl of the page map.
-fn scan_written(pagemap: &File, host: u64, size: u64) -> io::Result<Vec<(usize, usize)>> {
-    let scan = Scan {
-        flags: 0,
-        // Not a page of the file, and present or swapped.
-        category_inverted: PAGE_IS_FILE,
-        category_mask: PAGE_IS_FILE,
-        category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-        return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-        keep: |_| true,
-    };
-    scan_runs(pagemap, host, size, &scan)
-}
-
-/// The pages of the mapping at `host..host + size` that are not the RAM's own present pages:
-/// not present (empty, protected empty, swapped), or pages of the file.
-fn scan_not_held(pagemap: &File, host: u64, size: u64) -> io::Result<Vec<(usize, usize)>> {
-    let scan = Scan {
-        flags: 0,
-        category_inverted: PAGE_IS_PRESENT,
-        category_mask: 0,
-        category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_FILE,
-        return_mask: PAGE_IS_PRESENT,
-        keep: |_| true,
-    };
-    scan_runs(pagemap, host, size, &scan)
-}
-
-/// For each page of the mapping at `host..host + size`, whether this process wrote it since it
-/// was mapped privately: the page is present or swapped, and not a page of the file.
-fn written_pages(pagemap: &File, host: u64, size: u64) -> io::Result<Vec<bool>> {
-    const PRESENT: u64 = 1 << 63;
-    const SWAPPED: u64 = 1 << 62;
-    const FILE_OR_SHARED: u64 = 1 << 61;
-    let pages = (size as usize).div_ceil(PAGE);
-    let mut entries = vec![0u8; pages * 8];
-    pagemap.read_exact_at(&mut entries, host / PAGE as u64 * 8)?;
-    Ok(entries
-        .chunks_exact(8)
-        .map(|entry| {
-            let entry = u64::from_le_bytes(entry.try_into().unwrap_or_default());
-            entry & (PRESENT | SWAPPED) != 0 && entry & FILE_OR_SHARED == 0
-        })
-        .collect())
-}
-
-/// `runs` (first page, count) sorted, with overlapping or touching runs made one.
-fn merged(mut runs: Vec<(usize, usize)>) -> Vec<(usize, usize)> {
-    runs.sort_unstable();
-    let mut out: Vec<(usize, usize)> = Vec::with_capacity(runs.len());
-    for (first, count) in runs {
-        match out.last_mut() {
-            Some((f, c)) if *f + *c >= first => *c = (*c).max(first + count - *f),
-            _ => out.push((first, count)),
-        }
-    }
-    out
-}
-
-/// The pages of the sorted, disjoint runs `a` that are in none of the sorted, disjoint runs `b`.
-fn subtract(
-    a: &[(usize, usize)],
-    b: impl IntoIterator<Item = (usize, usize)>,
-) -> Vec<(usize, usize)> {
-    let mut b = b.into_iter().peekable();
-    let mut out = Vec::new();
-    for &(first, count) in a {
-        let (mut at, end) = (first, first + count);
-        while at < end {
-            // Skip runs of `b` that end before `at`.
-            while b.next_if(|&(f, c)| f + c <= at).is_some() {}
-            match b.peek() {
-                Some(&(f, c)) if f < end => {
-                    if f > at {
-                        out.push((at, f - at));
-                    }
-                    at = f + c;
-                }
-                _ => {
-                    out.push((at, end - at));
-                    at = end;
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Runs of `true` in `flags`, as (first index, length).
-fn runs(flags: &[bool]) -> Vec<(usize, usize)> {
-    let mut runs = Vec::new();
-    let mut i = 0;
-    while i < flags.len() {
-        if flags[i] {
-            let first = i;
-            while i < flags.len() && flags[i] {
-                i += 1;
-            }
-            runs.push((first, i - first));
-        } else {
-            i += 1;
-        }
-    }
-    runs
-}
-
-/// Seals `file` against any further change of contents or size.
-fn seal(file: &File) -> Result<(), MemoryError> {
-    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
-    // SAFETY: F_ADD_SEALS on an owned, open memfd; no memory is passed.
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
-        return Err(MemoryError::Freeze {
-            what: "sealing the frozen memory file",
-            source: io::Error::last_os_error(),
-        });
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use vm_memory::Bytes;
+    use vm_memory::{Bytes, GuestMemoryBackend};
 
     use super::*;
-
-    const MIB: u64 = 1 << 20;
-
-    fn read(ram: &GuestRam, addr: u64) -> u64 {
-        ram.memory.read_obj(GuestAddress(addr)).unwrap()
-    }
-
-    fn write(ram: &GuestRam, addr: u64, value: u64) {
-        ram.memory.write_obj(value, GuestAddress(addr)).unwrap();
-    }
-
-    /// Resident and anonymous (copied-on-write) kB of the mapping at guest address `addr`, from
-    /// /proc/self/smaps.
-    fn mapping_kb(ram: &GuestRam, addr: u64) -> (u64, u64) {
-        let host = ram.memory.get_host_address(GuestAddress(addr)).unwrap() as u64;
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let mut lines = smaps.lines();
-        while let Some(line) = lines.next() {
-            let Some((range, _)) = line.split_once(' ') else {
-                continue;
-            };
-            let Some((start, end)) = range.split_once('-') else {
-                continue;
-            };
-            let (Ok(start), Ok(end)) =
-                (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
-            else {
-                continue;
-            };
-            if !(start..end).contains(&host) {
-                continue;
-            }
-            let mut rss = 0;
-            let mut anon = 0;
-            for field in lines.by_ref() {
-                let value = || {
-                    field
-                        .split_whitespace()
-                        .nth(1)
-                        .unwrap()
-                        .parse::<u64>()
-                        .unwrap()
-                };
-                if field.starts_with("Rss:") {
-                    rss = value();
-                } else if field.starts_with("Anonymous:") {
-                    anon = value();
-                } else if field.starts_with("VmFlags:") {
-                    return (rss, anon);
-                }
-            }
-        }
-        panic!("no mapping holds {host:#x}");
-    }
+    use crate::memory::testutil::{MIB, contents, mapping_kb, read, write};
 
     #[test]
     fn after_a_freeze_no_writer_sees_another_writers_pages() {
@@ -1111,50 +453,6 @@ mod tests {
             [1, 2, 30]
         );
         assert_eq!(read(&parent, 0x3000), 0);
-    }
-
-    #[test]
-    fn the_image_is_sealed_against_writes() {
-        let mut ram = GuestRam::new(2 * MIB).unwrap();
-        ram.freeze().unwrap();
-        let err = ram.file.write_all_at(&[1], 0).unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
-        assert!(ram.file.set_len(4 * MIB).is_err(), "the image cannot grow");
-    }
-
-    #[test]
-    fn a_new_vm_from_an_image_holds_no_memory_until_it_writes() {
-        let mut parent = GuestRam::new(8 * MIB).unwrap();
-        for page in 0..256 {
-            write(&parent, page * 4096, page + 1);
-        }
-        let image = parent.freeze().unwrap();
-        let child = image.map().unwrap();
-        assert_eq!(
-            mapping_kb(&child, 0),
-            (0, 0),
-            "nothing resident before it runs"
-        );
-        assert_eq!(child.allocated_bytes().unwrap(), 0);
-        for page in 0..256 {
-            assert_eq!(read(&child, page * 4096), page + 1);
-        }
-        let (_, anon) = mapping_kb(&child, 0);
-        assert_eq!(anon, 0, "reads share the image's pages");
-        for page in 0..3 {
-            write(&child, page * 4096, 0);
-        }
-        assert_eq!(
-            mapping_kb(&child, 0).1,
-            12,
-            "each first write copies one page"
-        );
-        assert_eq!(child.allocated_bytes().unwrap(), 12 * 1024, "its own pages");
-        assert_eq!(
-            mapping_kb(&parent, 0).1,
-            0,
-            "the frozen parent copied nothing"
-        );
     }
 
     #[test]
@@ -1207,32 +505,6 @@ mod tests {
         let third = ram.freeze_from(stale).unwrap();
         let m = third.map().unwrap();
         assert_eq!([read(&m, 0x4000), read(&m, 0x5000)], [4, 5]);
-    }
-
-    #[test]
-    fn the_page_map_scan_finds_exactly_the_written_pages() {
-        let mut ram = GuestRam::new(8 * MIB).unwrap();
-        write(&ram, 0x3000, 1); // in the image, not written since the freeze
-        ram.freeze().unwrap();
-        for page in [0u64, 1, 2, 7, 300, 301, 2047] {
-            write(&ram, page * 4096, page + 1);
-        }
-        let _ = read(&ram, 0x9000); // read, not written
-        let host = ram.memory.get_host_address(GuestAddress(0)).unwrap() as u64;
-        let pagemap = File::open("/proc/self/pagemap").unwrap();
-        let scanned = scan_written(&pagemap, host, 8 * MIB).expect("PAGEMAP_SCAN on this kernel");
-        assert_eq!(scanned, [(0, 3), (7, 1), (300, 2), (2047, 1)]);
-        assert_eq!(
-            runs(&written_pages(&pagemap, host, 8 * MIB).unwrap()),
-            scanned
-        );
-    }
-
-    /// The whole contents of an image.
-    fn contents(image: &FrozenRam) -> Vec<u8> {
-        let mut bytes = vec![0u8; image.size() as usize];
-        image.file.read_exact_at(&mut bytes, 0).unwrap();
-        bytes
     }
 
     /// Whether `ram` tracks its writes (after a draft); says so when it does not, since the
@@ -1505,59 +777,6 @@ mod tests {
                 [page + 1; 2]
             );
         }
-    }
-
-    #[test]
-    fn placeholder_ram_adopts_an_image_in_place() {
-        let mut parent = GuestRam::new(4 * MIB).unwrap();
-        write(&parent, 0x1000, 5);
-        let image = parent.freeze().unwrap();
-        let mut shell = GuestRam::placeholder(4 * MIB, None).unwrap();
-        let before = shell.memory.get_host_address(GuestAddress(0)).unwrap();
-        assert_eq!(read(&shell, 0x1000), 0);
-        shell.adopt(&image).unwrap();
-        assert_eq!(
-            shell.memory.get_host_address(GuestAddress(0)).unwrap(),
-            before
-        );
-        assert_eq!(read(&shell, 0x1000), 5);
-        write(&shell, 0x1000, 6);
-        assert_eq!(
-            read(&image.map().unwrap(), 0x1000),
-            5,
-            "adopting RAM writes privately"
-        );
-        let mut small = GuestRam::placeholder(2 * MIB, None).unwrap();
-        assert!(small.adopt(&image).is_err(), "layouts must match");
-    }
-
-    #[test]
-    fn a_placeholder_over_the_next_image_s_file_adopts_it_without_a_re_map() {
-        let mut parent = GuestRam::new(4 * MIB).unwrap();
-        // Prepared while the parent still writes its file.
-        let mut shell = GuestRam::placeholder(4 * MIB, parent.next_image_file()).unwrap();
-        write(&parent, 0x1000, 5);
-        let first = parent.freeze().unwrap();
-        write(&parent, 0x1000, 6);
-        let epoch = shell.epoch;
-        shell.adopt(&first).unwrap();
-        assert_eq!(shell.epoch, epoch, "not re-mapped");
-        assert_eq!(
-            read(&shell, 0x1000),
-            5,
-            "the image, not the parent's later write"
-        );
-        write(&shell, 0x1000, 7);
-        assert_eq!(
-            [read(&parent, 0x1000), read(&first.map().unwrap(), 0x1000)],
-            [6, 5]
-        );
-
-        // Prepared for the image of a paused parent, which a re-freeze replaces.
-        let mut stale = GuestRam::placeholder(4 * MIB, parent.next_image_file()).unwrap();
-        let second = parent.freeze().unwrap();
-        stale.adopt(&second).unwrap();
-        assert_eq!(read(&stale, 0x1000), 6, "re-mapped over the new image");
     }
 
     #[test]

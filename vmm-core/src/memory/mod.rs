@@ -4,22 +4,34 @@
 //! and KVM see the same pages; [`freeze`] turns it into an image several VMs continue from by
 //! mapping the same file privately, which is why anonymous memory is not used.
 
+mod adopt;
 mod dirty;
 pub mod freeze;
+mod image;
+mod pagemap;
+mod remap;
+mod runs;
+#[cfg(test)]
+mod testutil;
 
 use std::fs::File;
+use std::io;
 use std::os::fd::FromRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 use thiserror::Error;
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestRegionMmap};
 
 use crate::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
+use pagemap::written_runs;
 
 /// Guest memory as the VMM and devices access it.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// Size of a page.
+pub(super) const PAGE: usize = 4096;
 
 /// Smallest guest RAM accepted: room for the boot structures and a tiny kernel.
 pub const MIN_MEMORY_MIB: u64 = 2;
@@ -114,17 +126,17 @@ pub struct GuestRam {
     pub file: Arc<File>,
     /// The frozen image the regions map privately, or `None` while they map `file` shared or,
     /// with `privatized`, privately (see [`GuestRam::draft_freeze`]).
-    mapped: Option<Arc<freeze::FrozenRam>>,
+    mapped: Option<Arc<image::FrozenRam>>,
     /// The regions map their own `file` privately, not yet sealed: the draft of a first freeze
     /// re-mapped them so, and the file changes only where the RAM holds its own pages.
     privatized: bool,
     /// The image of the RAM's last freeze (the RAM goes on mapping the image it mapped before).
-    latest: Option<Arc<freeze::FrozenRam>>,
+    latest: Option<Arc<image::FrozenRam>>,
     /// The images the last freeze replaced as `latest` or `mapped`, and the pages it moved out of
     /// the RAM's mappings, kept until [`GuestRam::release_replaced`] so that freeing them does
     /// not add to the pause.
-    replaced: Vec<Arc<freeze::FrozenRam>>,
-    moved: Vec<freeze::MovedPages>,
+    replaced: Vec<Arc<image::FrozenRam>>,
+    moved: Vec<remap::MovedPages>,
     /// Tracking of the pages written since a draft of a freeze began (see [`freeze`]).
     tracking: freeze::Tracking,
     /// Changes whenever the regions are re-mapped or their write tracking starts again: a draft
@@ -151,7 +163,7 @@ impl GuestRam {
         file: Arc<File>,
         ranges: Vec<RamRange>,
         flags: i32,
-        mapped: Option<Arc<freeze::FrozenRam>>,
+        mapped: Option<Arc<image::FrozenRam>>,
     ) -> Result<Self, MemoryError> {
         let regions = ranges
             .iter()
@@ -184,7 +196,7 @@ impl GuestRam {
     pub fn allocated_bytes(&self) -> Result<u64, MemoryError> {
         let own = || -> Result<u64, MemoryError> {
             let pages = self.own_pages().map_err(MemoryError::Stat)?;
-            Ok((pages * freeze::PAGE) as u64)
+            Ok((pages * PAGE) as u64)
         };
         if self.mapped.is_none() {
             let metadata = self.file.metadata().map_err(MemoryError::Stat)?;
@@ -193,6 +205,33 @@ impl GuestRam {
             return Ok(metadata.blocks() * 512 + own);
         }
         own()
+    }
+
+    /// How many pages of its own (written since it began to map its image privately) the RAM
+    /// holds, present or swapped.
+    fn own_pages(&self) -> io::Result<usize> {
+        let pagemap = File::open("/proc/self/pagemap")?;
+        let mut pages = 0;
+        for (range, host) in self.ranges.iter().zip(self.hosts()?) {
+            pages += written_runs(&pagemap, host, range.size)?
+                .iter()
+                .map(|&(_, count)| count)
+                .sum::<usize>();
+        }
+        Ok(pages)
+    }
+
+    /// The host address of each range of the RAM.
+    fn hosts(&self) -> io::Result<Vec<u64>> {
+        self.ranges
+            .iter()
+            .map(|range| {
+                self.memory
+                    .get_host_address(GuestAddress(range.guest_addr))
+                    .map(|host| host as u64)
+                    .map_err(|e| io::Error::other(e.to_string()))
+            })
+            .collect()
     }
 
     /// End of RAM below the MMIO hole.

@@ -1,0 +1,203 @@
+//! A frozen image of guest RAM ([`FrozenRam`]): a sealed memory file that VMs map privately, and
+//! copying such a file's data (holes stay holes) into another.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use super::{GuestRam, MemoryError, RamRange, create_memfd};
+
+/// Guest RAM frozen at one instant: a sealed memfd that nobody writes any more.
+pub struct FrozenRam {
+    pub(super) file: Arc<File>,
+    pub(super) ranges: Vec<RamRange>,
+}
+
+/// Bytes copied per step into a memory file (from another file or from RAM).
+pub(super) const COPY_CHUNK: usize = 1 << 20;
+
+impl FrozenRam {
+    /// New guest RAM that starts as this image: private copy-on-write mappings of it.
+    pub fn map(self: &Arc<Self>) -> Result<GuestRam, MemoryError> {
+        GuestRam::map(
+            self.file.clone(),
+            self.ranges.clone(),
+            libc::MAP_PRIVATE,
+            Some(self.clone()),
+        )
+    }
+
+    /// The sealed file holding the image.
+    pub(crate) fn file(&self) -> &Arc<File> {
+        &self.file
+    }
+
+    /// Size of the image in bytes.
+    pub fn size(&self) -> u64 {
+        self.ranges.iter().map(|r| r.size).sum()
+    }
+
+    /// An image read from `file`, which holds `size` bytes of RAM laid out as forkvm lays out
+    /// its memory file (a snapshot's memory). Nothing writes it: VMs map it privately.
+    pub fn from_file(file: File, size: u64) -> Arc<Self> {
+        Arc::new(Self {
+            file: Arc::new(file),
+            ranges: super::ram_ranges(size),
+        })
+    }
+
+    /// A new memory file holding the image's data.
+    pub(super) fn copy_into_new_file(&self) -> Result<File, MemoryError> {
+        let file = create_memfd()?;
+        self.copy_data_to(&file)
+            .map_err(|source| MemoryError::Freeze {
+                what: "copying the image",
+                source,
+            })?;
+        Ok(file)
+    }
+
+    /// Writes the image's data into `to` at the same offsets (holes stay holes).
+    pub fn copy_data_to(&self, to: &File) -> io::Result<()> {
+        to.set_len(self.size())?;
+        for (start, end) in data_extents(&self.file)? {
+            copy_range(&self.file, to, start, end)?;
+        }
+        Ok(())
+    }
+}
+
+/// The `[start, end)` byte ranges of `file` that hold data (holes skipped).
+fn data_extents(file: &File) -> io::Result<Vec<(u64, u64)>> {
+    let size = file.metadata()?.len();
+    let seek = |offset: u64, whence| -> io::Result<Option<u64>> {
+        let offset = libc::off_t::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+        // SAFETY: lseek on an open fd has no memory effects.
+        let at = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+        match at {
+            // ENXIO: no data (or hole) at or after `offset`.
+            -1 if io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) => Ok(None),
+            -1 => Err(io::Error::last_os_error()),
+            at => Ok(Some(at as u64)),
+        }
+    };
+    let mut extents = Vec::new();
+    let mut at = 0;
+    while at < size {
+        let Some(start) = seek(at, libc::SEEK_DATA)? else {
+            break;
+        };
+        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+        extents.push((start, end));
+        at = end;
+    }
+    Ok(extents)
+}
+
+/// Copies bytes `start..end` of `from` to the same offsets of `to`.
+fn copy_range(from: &File, to: &File, start: u64, end: u64) -> io::Result<()> {
+    let mut buffer = vec![0u8; COPY_CHUNK];
+    let mut at = start;
+    while at < end {
+        let len = (end - at).min(COPY_CHUNK as u64) as usize;
+        from.read_exact_at(&mut buffer[..len], at)?;
+        to.write_all_at(&buffer[..len], at)?;
+        at += len as u64;
+    }
+    Ok(())
+}
+
+/// Seals `file` against any further change of contents or size.
+pub(super) fn seal(file: &File) -> Result<(), MemoryError> {
+    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on an owned, open memfd; no memory is passed.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(MemoryError::Freeze {
+            what: "sealing the frozen memory file",
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+    use crate::memory::testutil::{MIB, contents, mapping_kb, read, write};
+
+    #[test]
+    fn the_image_is_sealed_against_writes() {
+        let mut ram = GuestRam::new(2 * MIB).unwrap();
+        ram.freeze().unwrap();
+        let err = ram.file.write_all_at(&[1], 0).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+        assert!(ram.file.set_len(4 * MIB).is_err(), "the image cannot grow");
+    }
+
+    #[test]
+    fn a_new_vm_from_an_image_holds_no_memory_until_it_writes() {
+        let mut parent = GuestRam::new(8 * MIB).unwrap();
+        for page in 0..256 {
+            write(&parent, page * 4096, page + 1);
+        }
+        let image = parent.freeze().unwrap();
+        let child = image.map().unwrap();
+        assert_eq!(
+            mapping_kb(&child, 0),
+            (0, 0),
+            "nothing resident before it runs"
+        );
+        assert_eq!(child.allocated_bytes().unwrap(), 0);
+        for page in 0..256 {
+            assert_eq!(read(&child, page * 4096), page + 1);
+        }
+        let (_, anon) = mapping_kb(&child, 0);
+        assert_eq!(anon, 0, "reads share the image's pages");
+        for page in 0..3 {
+            write(&child, page * 4096, 0);
+        }
+        assert_eq!(
+            mapping_kb(&child, 0).1,
+            12,
+            "each first write copies one page"
+        );
+        assert_eq!(child.allocated_bytes().unwrap(), 12 * 1024, "its own pages");
+        assert_eq!(
+            mapping_kb(&parent, 0).1,
+            0,
+            "the frozen parent copied nothing"
+        );
+    }
+
+    #[test]
+    fn a_copy_of_an_image_s_data_has_its_contents_and_its_holes() {
+        let mut ram = GuestRam::new(8 * MIB).unwrap();
+        write(&ram, 0x1000, 1);
+        write(&ram, 5 * MIB, 2);
+        let image = ram.freeze().unwrap();
+        let extents = data_extents(image.file()).unwrap();
+        let holds = |at: u64| {
+            extents
+                .iter()
+                .any(|&(start, end)| start <= at && at + 8 <= end)
+        };
+        assert!(holds(0x1000) && holds(5 * MIB), "{extents:x?}");
+        let data: u64 = extents.iter().map(|(start, end)| end - start).sum();
+        assert!(data < 8 * MIB, "holes are not data: {extents:x?}");
+
+        let copy = create_memfd().unwrap();
+        image.copy_data_to(&copy).unwrap();
+        assert_eq!(copy.metadata().unwrap().len(), 8 * MIB);
+        assert!(
+            copy.metadata().unwrap().blocks() * 512 <= data,
+            "holes stay holes"
+        );
+        let copy = FrozenRam::from_file(copy, 8 * MIB);
+        assert!(contents(&copy) == contents(&image));
+        assert_eq!(read(&copy.map().unwrap(), 5 * MIB), 2);
+    }
+}
