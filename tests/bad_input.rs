@@ -3,7 +3,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 
-use forkvm::boot::BootError;
+use forkvm::BootError;
 use forkvm::{ConsoleOutput, Error, VmBuilder};
 use forkvm_tests::{REPORT_RSI, TempFile, fake_elf, test_guest};
 

@@ -402,7 +402,7 @@ fn starting_a_running_fork_child_changes_nothing() {
     wait_until_above(&child, addr, read_u64(&child, addr));
     wait_until_above(&grandchild, addr, read_u64(&grandchild, addr));
     assert_eq!(child.stop(), GuestExit::Stopped);
-    assert!(matches!(child.start(), Err(forkvm::Error::NotRunning(_))));
+    assert!(matches!(child.start(), Err(forkvm::Error::AlreadyStarted)));
     assert_eq!(grandchild.stop(), GuestExit::Stopped);
     assert_eq!(parent.stop(), GuestExit::Stopped);
 }

@@ -1,7 +1,7 @@
 //! The identity page: a guest reads its generation and VM id, and sees them change when it
 //! becomes a fork child or a restored snapshot.
 
-use forkvm::identity::Identity;
+use forkvm::Identity;
 use forkvm::{ConsoleBuffer, ConsoleOutput, Vm};
 use forkvm_tests::{test_guest_vm, wait_for_output};
 

@@ -99,3 +99,37 @@ fn pause_and_resume_need_a_running_vm() {
         Err(forkvm::Error::GuestAddress { .. })
     ));
 }
+
+/// A VM built with another kick signal pauses, forks and stops with it (its children too); an
+/// offset that is no real-time signal is refused at build.
+#[test]
+fn a_vm_with_its_own_kick_signal_pauses_forks_and_stops() {
+    let console = ConsoleBuffer::new();
+    let vm = test_guest_vm("mode=spin", &console)
+        .vcpus(2)
+        .kick_signal_offset(5)
+        .build()
+        .unwrap();
+    vm.start().unwrap();
+    let addr = forkvm_tests::hex_after(&console, "counter at ");
+    wait_until_above(&vm, addr, 0);
+    for _ in 0..20 {
+        vm.pause().unwrap();
+        let held = read_u64(&vm, addr);
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(read_u64(&vm, addr), held);
+        vm.resume().unwrap();
+    }
+    let child = vm.fork([forkvm::ConsoleOutput::Discard]).unwrap().remove(0);
+    wait_until_above(&child, addr, read_u64(&child, addr));
+    child.pause().unwrap();
+    assert_eq!(child.stop(), GuestExit::Stopped);
+    assert_eq!(vm.stop(), GuestExit::Stopped);
+    let refused = test_guest_vm("mode=spin", &console)
+        .kick_signal_offset(1000)
+        .build();
+    assert!(
+        matches!(refused, Err(forkvm::Error::Setup { .. })),
+        "{refused:?}"
+    );
+}

@@ -476,7 +476,7 @@ impl VM {
                 vm.devices()
                     .into_iter()
                     .map(|d| Device {
-                        device_type: d.device_type,
+                        device_type: d.kind.virtio_id(),
                         mmio_base: d.mmio_base as f64,
                         irq: d.irq,
                         status: d.status,

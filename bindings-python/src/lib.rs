@@ -39,6 +39,6 @@ fn _forkvm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_MEMORY_MIB", forkvm::DEFAULT_MEMORY_MIB)?;
     m.add("IMAGE_CMDLINE", forkvm::agent::IMAGE_CMDLINE)?;
     m.add("IMAGE_MEMORY_MIB", forkvm::agent::IMAGE_MEMORY_MIB)?;
-    m.add("IDENTITY_PAGE_ADDR", forkvm::layout::IDENTITY_PAGE_ADDR)?;
+    m.add("IDENTITY_PAGE_ADDR", forkvm::IDENTITY_PAGE_ADDR)?;
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! Plain result objects: how a guest ended, a VM's identity and devices, a command's result,
 //! file metadata.
 
+use forkvm::Identity;
 use forkvm::agent::{AgentDirEntry, AgentFileStat, ExecOutput, ExitStatus};
-use forkvm::identity::Identity;
 use forkvm::{CrashReason, DeviceInfo, GuestExit};
 use forkvm_agent_protocol::FileType;
 use pyo3::prelude::*;
@@ -120,7 +120,7 @@ pub(crate) struct PyDeviceInfo {
 impl From<DeviceInfo> for PyDeviceInfo {
     fn from(d: DeviceInfo) -> Self {
         Self {
-            device_type: d.device_type,
+            device_type: d.kind.virtio_id(),
             mmio_base: d.mmio_base,
             irq: d.irq,
             status: d.status,

@@ -101,7 +101,7 @@ impl forkvm_exit {
         };
         if let Some(registers) = registers {
             out.has_registers = true;
-            out.rip = registers.regs.rip;
+            out.rip = registers.rip;
         }
         let text = exit.to_string();
         let len = text.len().min(out.description.len() - 1);
@@ -245,7 +245,7 @@ pub unsafe extern "C" fn forkvm_vm_write_memory(
     })
 }
 
-/// Who a VM is (`forkvm::identity::Identity`).
+/// Who a VM is (`forkvm::Identity`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct forkvm_identity {
@@ -341,7 +341,7 @@ pub unsafe extern "C" fn forkvm_vm_devices(
             let slot =
                 unsafe { devices.add(i).as_mut() }.ok_or_else(|| Failure::null("devices"))?;
             *slot = forkvm_device_info {
-                device_type: info.device_type,
+                device_type: info.kind.virtio_id(),
                 mmio_base: info.mmio_base,
                 irq: info.irq,
                 status: info.status,

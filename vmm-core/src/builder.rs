@@ -1,7 +1,6 @@
 //! [`VmBuilder`]: what a VM is made of, validated and turned into a ready [`Vm`].
 
 use std::ffi::CString;
-use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -40,7 +39,7 @@ use crate::memory::{GuestRam, MIN_MEMORY_MIB};
 use crate::run_state::RunState;
 use crate::threads::SpareThreads;
 use crate::vcpu::IoBuses;
-use crate::vcpu::{Vcpu, install_kick_handler};
+use crate::vcpu::{Vcpu, install_kick_handler, kick_signal_at};
 use crate::virtio::{VirtioDeviceSpec, VirtioPlan};
 use crate::vm::{Vm, VmParts};
 
@@ -64,9 +63,10 @@ pub struct VmBuilder {
     vcpus: u32,
     memory_mib: u64,
     console: ConsoleOutput,
-    console_input: Option<ConsoleInputDebug>,
+    console_input: Option<ConsoleInput>,
     debug_exit: bool,
     kvm_device: PathBuf,
+    kick_signal_offset: i32,
     virtio: Vec<VirtioConfig>,
     vsock: Option<Vsock>,
     balloon: Option<Balloon>,
@@ -82,7 +82,7 @@ enum VirtioConfig {
     },
     Console {
         output: ConsoleOutput,
-        input: Option<ConsoleInputDebug>,
+        input: Option<ConsoleInput>,
     },
 }
 
@@ -210,22 +210,6 @@ impl Balloon {
 /// The KVM device opened unless [`VmBuilder::kvm_device`] says otherwise.
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
 
-/// [`ConsoleInput`] with a `Debug` impl for the builder.
-pub(crate) struct ConsoleInputDebug(pub ConsoleInput);
-
-impl ConsoleInputDebug {
-    /// The fd the input is read from.
-    pub(crate) fn into_fd(self) -> Result<OwnedFd, Error> {
-        self.0.into_fd().map_err(|e| setup_err("console input", e))
-    }
-}
-
-impl std::fmt::Debug for ConsoleInputDebug {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ConsoleInput")
-    }
-}
-
 impl Default for VmBuilder {
     fn default() -> Self {
         Self {
@@ -238,6 +222,7 @@ impl Default for VmBuilder {
             console_input: None,
             debug_exit: false,
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
+            kick_signal_offset: crate::KICK_SIGNAL_OFFSET,
             virtio: Vec::new(),
             vsock: None,
             balloon: None,
@@ -290,7 +275,7 @@ impl VmBuilder {
 
     /// Where the serial console's input comes from (none by default).
     pub fn console_input(mut self, input: ConsoleInput) -> Self {
-        self.console_input = Some(ConsoleInputDebug(input));
+        self.console_input = Some(input);
         self
     }
 
@@ -329,10 +314,7 @@ impl VmBuilder {
     /// Adds a virtio-console (the guest's `hvc0`) writing to `output`, fed from `input` if given.
     /// Use `console=hvc0` on the command line to make it the guest's console.
     pub fn virtio_console(mut self, output: ConsoleOutput, input: Option<ConsoleInput>) -> Self {
-        self.virtio.push(VirtioConfig::Console {
-            output,
-            input: input.map(ConsoleInputDebug),
-        });
+        self.virtio.push(VirtioConfig::Console { output, input });
         self
     }
 
@@ -353,6 +335,23 @@ impl VmBuilder {
     pub fn kvm_device(mut self, path: impl Into<PathBuf>) -> Self {
         self.kvm_device = path.into();
         self
+    }
+
+    /// Kicks the VM's vCPU threads with the real-time signal `SIGRTMIN + offset` instead of
+    /// [`crate::KICK_SIGNAL_OFFSET`], for programs that use that signal themselves. forkvm
+    /// installs its handler for the signal at the first build that uses it; the handler only
+    /// sets a flag of the vCPU running on the signalled thread. Fork children and VMs spawned
+    /// from a capture use their source's signal.
+    pub fn kick_signal_offset(mut self, offset: i32) -> Self {
+        self.kick_signal_offset = offset;
+        self
+    }
+
+    /// The kick signal, its handler installed.
+    fn kick_signal(&self) -> Result<i32, Error> {
+        let signal = kick_signal_at(self.kick_signal_offset)?;
+        install_kick_handler(signal)?;
+        Ok(signal)
     }
 
     /// Starts a VM that continues from `snapshot` (see [`crate::Snapshot::spawn`]), connected
@@ -377,8 +376,8 @@ impl VmBuilder {
             });
         }
         let kvm = Arc::new(open_kvm(&self.kvm_device)?);
-        install_kick_handler()?;
-        snapshot.spawn_in(kvm, child.into(), None)
+        let kick = self.kick_signal()?;
+        snapshot.spawn_in(kvm, kick, child.into(), None)
     }
 
     /// The full command line the guest receives on a host with `caps`.
@@ -423,7 +422,7 @@ impl VmBuilder {
             });
         }
         let caps = host_caps(&kvm)?;
-        install_kick_handler()?;
+        let kick = self.kick_signal()?;
 
         let ram = GuestRam::new(self.memory_mib << 20)?;
         let mut devices = std::mem::take(&mut self.virtio)
@@ -460,7 +459,7 @@ impl VmBuilder {
         let identity_page = IdentityPage::new()?;
         identity_page.write(&identity)?;
         let vm = create_vm(&kvm, &ram, &identity_page)?;
-        let state = Arc::new(RunState::new().map_err(|e| setup_err("VM run state", e))?);
+        let state = Arc::new(RunState::new(kick).map_err(|e| setup_err("VM run state", e))?);
         let mut event_loop = EventLoop::new(&state)?;
         let (pio, serial) = legacy_devices(
             &vm,
@@ -508,7 +507,7 @@ pub(crate) struct LegacyConfig {
     /// Where the UART's output goes.
     pub console: ConsoleOutput,
     /// Where its input comes from.
-    pub console_input: Option<ConsoleInputDebug>,
+    pub console_input: Option<ConsoleInput>,
     /// The registers of the UART it continues (a fork), or `None` for a fresh one.
     pub serial_state: Option<SerialState>,
     /// Whether the debug-exit port is there.

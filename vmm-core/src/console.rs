@@ -56,6 +56,7 @@ impl ConsoleOutput {
 }
 
 /// Source of the guest's serial console input.
+#[derive(Debug)]
 pub enum ConsoleInput {
     /// The host process's standard input (duplicated; the process keeps its own).
     Stdin,
@@ -64,11 +65,16 @@ pub enum ConsoleInput {
 }
 
 impl ConsoleInput {
-    pub(crate) fn into_fd(self) -> io::Result<OwnedFd> {
+    /// The fd the input is read from.
+    pub(crate) fn into_fd(self) -> Result<OwnedFd, Error> {
         match self {
             Self::Stdin => io::stdin().as_fd().try_clone_to_owned(),
             Self::Fd(fd) => Ok(fd),
         }
+        .map_err(|e| Error::Setup {
+            what: "console input",
+            reason: e.to_string(),
+        })
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-pub use kvm_bindings::{kvm_regs, kvm_sregs};
+use kvm_bindings::{kvm_regs, kvm_sregs};
 
 /// Why a VM stopped running.
 #[derive(Clone, Debug, PartialEq)]
@@ -66,43 +66,82 @@ pub enum CrashReason {
     RunFailed(String),
 }
 
-/// A vCPU's general-purpose and special registers.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// A vCPU's general-purpose registers, instruction pointer, flags, code and stack segment
+/// selectors and control registers: what a fault or crash report shows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CpuRegisters {
-    /// General-purpose registers, RIP and RFLAGS.
-    pub regs: kvm_regs,
-    /// Segments, control registers and EFER.
-    pub sregs: kvm_sregs,
+    /// Instruction pointer.
+    pub rip: u64,
+    /// Stack pointer.
+    pub rsp: u64,
+    /// Flags.
+    pub rflags: u64,
+    /// General-purpose registers, in the order rax, rbx, rcx, rdx, rsi, rdi, rbp, r8–r15.
+    pub gprs: [u64; 15],
+    /// Code segment selector (its low two bits are the privilege level).
+    pub cs: u16,
+    /// Stack segment selector.
+    pub ss: u16,
+    /// Control registers 0, 2, 3 and 4.
+    pub cr0: u64,
+    /// Page-fault address.
+    pub cr2: u64,
+    /// Page-table root.
+    pub cr3: u64,
+    /// Control register 4.
+    pub cr4: u64,
+    /// Extended feature enable register (bit 10: long mode active).
+    pub efer: u64,
+}
+
+/// Names of [`CpuRegisters::gprs`], in order.
+const GPR_NAMES: [&str; 15] = [
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
+    "r15",
+];
+
+impl CpuRegisters {
+    /// The registers as KVM reports them.
+    pub(crate) fn from_kvm(r: &kvm_regs, s: &kvm_sregs) -> Self {
+        Self {
+            rip: r.rip,
+            rsp: r.rsp,
+            rflags: r.rflags,
+            gprs: [
+                r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12,
+                r.r13, r.r14, r.r15,
+            ],
+            cs: s.cs.selector,
+            ss: s.ss.selector,
+            cr0: s.cr0,
+            cr2: s.cr2,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            efer: s.efer,
+        }
+    }
 }
 
 impl fmt::Display for CpuRegisters {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (r, s) = (&self.regs, &self.sregs);
         writeln!(
             f,
             "rip={:#018x} rsp={:#018x} rflags={:#x}",
-            r.rip, r.rsp, r.rflags
+            self.rip, self.rsp, self.rflags
         )?;
-        writeln!(
-            f,
-            "rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x}",
-            r.rax, r.rbx, r.rcx, r.rdx
-        )?;
-        writeln!(f, "rsi={:#x} rdi={:#x} rbp={:#x}", r.rsi, r.rdi, r.rbp)?;
-        writeln!(
-            f,
-            "r8={:#x} r9={:#x} r10={:#x} r11={:#x}",
-            r.r8, r.r9, r.r10, r.r11
-        )?;
-        writeln!(
-            f,
-            "r12={:#x} r13={:#x} r14={:#x} r15={:#x}",
-            r.r12, r.r13, r.r14, r.r15
-        )?;
+        for (line, names) in self.gprs.chunks(4).zip(GPR_NAMES.chunks(4)) {
+            let words: Vec<String> = names
+                .iter()
+                .zip(line)
+                .map(|(name, value)| format!("{name}={value:#x}"))
+                .collect();
+            writeln!(f, "{}", words.join(" "))?;
+        }
         writeln!(
             f,
             "cs={:#x} ss={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
-            s.cs.selector, s.ss.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+            self.cs, self.ss, self.cr0, self.cr2, self.cr3, self.cr4, self.efer
         )
     }
 }

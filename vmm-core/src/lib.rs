@@ -17,16 +17,16 @@
 //! ```
 
 pub mod agent;
-pub mod arch;
-pub mod boot;
+mod arch;
+mod boot;
 mod builder;
 mod console;
 mod error;
 mod event_loop;
 mod exit;
-pub mod identity;
-pub mod layout;
-pub mod memory;
+mod identity;
+mod layout;
+mod memory;
 mod run_state;
 mod snapshot;
 mod threads;
@@ -34,6 +34,7 @@ mod vcpu;
 mod virtio;
 mod vm;
 
+pub use boot::BootError;
 pub use builder::{
     Balloon, DEFAULT_CMDLINE, DEFAULT_KVM_DEVICE, DEFAULT_MEMORY_MIB, Disk, EMULATED_HOST_CMDLINE,
     PLATFORM_CMDLINE, VmBuilder, Vsock,
@@ -46,8 +47,11 @@ pub use exit::{CpuRegisters, Crash, CrashReason, GuestExit};
 pub use forkvm_devices::virtio::balloon::{
     BalloonError, BalloonHandle, BalloonStats, stat_tag as balloon_stat_tag,
 };
+pub use identity::Identity;
+pub use layout::{IDENTITY_PAGE_ADDR, ZERO_PAGE_ADDR};
+pub use memory::MemoryError;
 pub use run_state::PauseGuard;
 pub use snapshot::{Child, DISK_FILE_PREFIX, MEMORY_FILE, SNAPSHOT_FORMAT, STATE_FILE, Snapshot};
 pub use vcpu::{KICK_SIGNAL_OFFSET, kick_signal};
-pub use virtio::DeviceInfo;
+pub use virtio::{DeviceInfo, DeviceKind};
 pub use vm::Vm;

@@ -23,12 +23,13 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
 use crate::exit::GuestExit;
-use crate::vcpu::kick_signal;
 use forkvm_devices::sync::lock;
 
 /// Shared between the VM handle, its vCPU threads, its event loop and the devices that end it.
 pub struct RunState {
     exiting: AtomicBool,
+    /// The signal that kicks this VM's vCPU threads out of `KVM_RUN`.
+    kick_signal: i32,
     exit: Mutex<Option<GuestExit>>,
     ended: Condvar,
     vcpu_threads: Mutex<Vec<JoinHandle<()>>>,
@@ -56,10 +57,11 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 const RE_KICK_INTERVAL: Duration = Duration::from_millis(50);
 
 impl RunState {
-    /// State of a VM that has not ended.
-    pub fn new() -> std::io::Result<Self> {
+    /// State of a VM that has not ended, whose vCPU threads are kicked with `kick_signal`.
+    pub fn new(kick_signal: i32) -> std::io::Result<Self> {
         Ok(Self {
             exiting: AtomicBool::new(false),
+            kick_signal,
             exit: Mutex::new(None),
             ended: Condvar::new(),
             vcpu_threads: Mutex::new(Vec::new()),
@@ -68,6 +70,11 @@ impl RunState {
             pause: Mutex::default(),
             pause_changed: Condvar::new(),
         })
+    }
+
+    /// The signal that kicks this VM's vCPU threads.
+    pub fn kick_signal(&self) -> i32 {
+        self.kick_signal
     }
 
     /// Whether the VM is ending; every loop checks this before blocking again.
@@ -98,7 +105,7 @@ impl RunState {
             let threads = lock(&self.vcpu_threads);
             for thread in threads.iter() {
                 // A thread that already returned cannot be kicked and needs no kick.
-                let _ = thread.kill(kick_signal());
+                let _ = thread.kill(self.kick_signal);
             }
         }
         let _ = self.loop_wakeup.write(1);
@@ -218,7 +225,7 @@ impl RunState {
             while !thread.is_finished() {
                 std::thread::sleep(delay);
                 if !thread.is_finished() {
-                    let _ = thread.kill(kick_signal());
+                    let _ = thread.kill(self.kick_signal);
                 }
                 delay = (delay * 2).min(RE_KICK_INTERVAL);
             }

@@ -4,7 +4,7 @@
 //! `kvm_run` so `KVM_RUN` returns `EINTR` whether the signal lands inside or just before it.
 
 use std::cell::Cell;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use forkvm_devices::bus::Bus;
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
@@ -16,13 +16,30 @@ use crate::exit::{CpuRegisters, Crash, CrashReason, GuestExit};
 use crate::run_state::RunState;
 use forkvm_devices::sync::lock;
 
-/// Offset from `SIGRTMIN` of the signal that kicks vCPU threads out of `KVM_RUN`. An embedding
-/// program must leave this real-time signal to forkvm.
+/// Default offset from `SIGRTMIN` of the signal that kicks vCPU threads out of `KVM_RUN`
+/// ([`crate::VmBuilder::kick_signal_offset`] picks another). An embedding program must leave
+/// this real-time signal to forkvm: forkvm installs its handler (once per process and signal,
+/// at the first build of a VM using it), which only sets a flag of the vCPU running on the
+/// signalled thread and does nothing on any other thread.
 pub const KICK_SIGNAL_OFFSET: i32 = 2;
 
-/// The signal number used to kick vCPU threads.
+/// The signal number used to kick vCPU threads by default.
 pub fn kick_signal() -> i32 {
     SIGRTMIN() + KICK_SIGNAL_OFFSET
+}
+
+/// The kick signal at `offset` from `SIGRTMIN`, if it is a real-time signal.
+pub(crate) fn kick_signal_at(offset: i32) -> Result<i32, Error> {
+    let signal = SIGRTMIN().checked_add(offset).filter(|_| offset >= 0);
+    signal
+        .filter(|&signal| signal <= libc::SIGRTMAX())
+        .ok_or(Error::Setup {
+            what: "vCPU kick signal",
+            reason: format!(
+                "SIGRTMIN+{offset} is not a real-time signal (SIGRTMIN+0..={})",
+                libc::SIGRTMAX() - SIGRTMIN()
+            ),
+        })
 }
 
 thread_local! {
@@ -39,16 +56,19 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
     }
 }
 
-/// Installs the kick handler once per process.
-pub fn install_kick_handler() -> Result<(), Error> {
-    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
-    INSTALLED
-        .get_or_init(|| register_signal_handler(kick_signal(), on_kick).map_err(|e| e.to_string()))
-        .clone()
-        .map_err(|reason| Error::Setup {
-            what: "vCPU kick signal handler",
-            reason,
-        })
+/// Installs the kick handler for `signal`, once per process and signal.
+pub(crate) fn install_kick_handler(signal: i32) -> Result<(), Error> {
+    static INSTALLED: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+    let mut installed = lock(&INSTALLED);
+    if installed.contains(&signal) {
+        return Ok(());
+    }
+    register_signal_handler(signal, on_kick).map_err(|e| Error::Setup {
+        what: "vCPU kick signal handler",
+        reason: e.to_string(),
+    })?;
+    installed.push(signal);
+    Ok(())
 }
 
 /// The buses a vCPU routes its port and MMIO exits to.
@@ -154,9 +174,9 @@ impl Vcpu {
     }
 
     fn registers(&self) -> Option<CpuRegisters> {
-        Some(CpuRegisters {
-            regs: self.fd.get_regs().ok()?,
-            sregs: self.fd.get_sregs().ok()?,
-        })
+        Some(CpuRegisters::from_kvm(
+            &self.fd.get_regs().ok()?,
+            &self.fd.get_sregs().ok()?,
+        ))
     }
 }

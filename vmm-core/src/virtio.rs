@@ -87,11 +87,56 @@ impl FrozenDevice {
     }
 }
 
+/// What kind of virtio device a VM has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DeviceKind {
+    /// virtio-blk.
+    Block,
+    /// virtio-console.
+    Console,
+    /// virtio-rng.
+    Entropy,
+    /// virtio-balloon.
+    Balloon,
+    /// virtio-vsock.
+    Vsock,
+    /// Another virtio device type.
+    Other(u32),
+}
+
+impl DeviceKind {
+    /// The kind of virtio device type `id`.
+    pub fn from_virtio_id(id: u32) -> Self {
+        match id {
+            2 => Self::Block,
+            3 => Self::Console,
+            4 => Self::Entropy,
+            5 => Self::Balloon,
+            19 => Self::Vsock,
+            other => Self::Other(other),
+        }
+    }
+
+    /// The virtio device type number (2 block, 3 console, 4 entropy, 5 balloon, 19 vsock).
+    pub fn virtio_id(self) -> u32 {
+        match self {
+            Self::Block => 2,
+            Self::Console => 3,
+            Self::Entropy => 4,
+            Self::Balloon => 5,
+            Self::Vsock => 19,
+            Self::Other(id) => id,
+        }
+    }
+}
+
 /// What the VM handle reports about one of its virtio devices.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DeviceInfo {
-    /// Virtio device type (2 block, 3 console, 4 entropy, 5 balloon, 19 vsock).
-    pub device_type: u32,
+    /// What the device is.
+    pub kind: DeviceKind,
     /// Guest-physical base of its virtio-mmio window.
     pub mmio_base: u64,
     /// Its interrupt line.
@@ -271,14 +316,13 @@ impl AttachedDevice {
     pub fn info(&self) -> DeviceInfo {
         let transport = self.lock();
         DeviceInfo {
-            device_type: transport.device_type(),
+            kind: DeviceKind::from_virtio_id(transport.device_type()),
             mmio_base: self.base,
             irq: self.irq,
             status: transport.status(),
         }
     }
 
-    /// Freezes the device (the VM must be paused): what a forked child's copy continues from.
     /// The size in bytes of a block device's disk (`None` for other devices).
     pub(crate) fn disk_size(&self) -> Option<u64> {
         let transport = self.lock();
@@ -290,6 +334,7 @@ impl AttachedDevice {
         })
     }
 
+    /// Freezes the device (the VM must be paused): what a forked child's copy continues from.
     pub(crate) fn freeze(&self) -> Result<FrozenDevice, Error> {
         let mut transport = self.lock();
         let state = transport.freeze().map_err(|source| Error::DeviceFreeze {

@@ -100,9 +100,10 @@ const EMULATOR_GAPS: &[Gap] = &[
 ];
 
 /// The CPUID registers the probe reads back from a guest to see which hidden gaps still show.
+#[cfg(test)]
 pub const PROBED_REGISTERS: [(u32, &str); 3] = [(1, "ecx"), (7, "ebx"), (7, "edx")];
 
-/// What a probe guest saw in [`PROBED_REGISTERS`]: leaf 1 ECX, leaf 7 EBX, leaf 7 EDX.
+/// What a probe guest saw in the probed registers: leaf 1 ECX, leaf 7 EBX, leaf 7 EDX.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SeenCpuid {
     /// Leaf 1 ECX.

@@ -21,7 +21,6 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::layout::{CMDLINE_ADDR, CMDLINE_MAX_SIZE, HIMEM_START};
 use crate::memory::GuestRam;
-pub use params::{E820_RAM, E820_RESERVED, e820_map};
 
 /// Errors loading a kernel, an initrd or the boot parameters.
 #[derive(Debug, Error)]

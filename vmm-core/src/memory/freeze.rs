@@ -98,7 +98,8 @@ fn log_untracked(why: &io::Error) {
 impl GuestRam {
     /// Freezes the RAM's current contents into an image and keeps this RAM running over it
     /// privately (what it costs: `docs/design/memory-freeze.md`). Every vCPU and device of the VM must be
-    /// stopped (`Vm::pause`) while this runs.
+    /// stopped (`Vm::pause`) while this runs. (Captures draft first: [`GuestRam::freeze_from`].)
+    #[cfg(test)]
     pub fn freeze(&mut self) -> Result<Arc<FrozenRam>, MemoryError> {
         self.freeze_from(None)
     }
@@ -375,6 +376,7 @@ impl GuestRam {
     }
 
     /// The image of this RAM's last freeze, if it was frozen.
+    #[cfg(test)]
     pub fn frozen(&self) -> Option<&Arc<FrozenRam>> {
         self.latest.as_ref()
     }

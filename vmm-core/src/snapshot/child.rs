@@ -3,7 +3,6 @@
 use std::collections::VecDeque;
 use std::path::PathBuf;
 
-use crate::builder::ConsoleInputDebug;
 use crate::console::{ConsoleInput, ConsoleOutput};
 
 /// How one child of a fork reaches the host: its serial console and input, the host ends of
@@ -13,8 +12,8 @@ use crate::console::{ConsoleInput, ConsoleOutput};
 #[derive(Debug)]
 pub struct Child {
     pub(super) console: ConsoleOutput,
-    pub(super) console_input: Option<ConsoleInputDebug>,
-    pub(super) virtio_consoles: VecDeque<(ConsoleOutput, Option<ConsoleInputDebug>)>,
+    pub(super) console_input: Option<ConsoleInput>,
+    pub(super) virtio_consoles: VecDeque<(ConsoleOutput, Option<ConsoleInput>)>,
     pub(super) vsock_uds_path: Option<PathBuf>,
 }
 
@@ -31,15 +30,14 @@ impl Child {
 
     /// Feeds the child's serial console from `input`.
     pub fn console_input(mut self, input: ConsoleInput) -> Self {
-        self.console_input = Some(ConsoleInputDebug(input));
+        self.console_input = Some(input);
         self
     }
 
     /// The host end of the child's next virtio console (the first call is for the parent's
     /// first virtio console, and so on): its output, and its input if given.
     pub fn virtio_console(mut self, output: ConsoleOutput, input: Option<ConsoleInput>) -> Self {
-        self.virtio_consoles
-            .push_back((output, input.map(ConsoleInputDebug)));
+        self.virtio_consoles.push_back((output, input));
         self
     }
 

@@ -203,6 +203,7 @@ pub(super) fn load(dir: &Path) -> Result<Snapshot, Error> {
     }
     Ok(Snapshot::new(SnapshotParts {
         kvm: None,
+        kick_signal: crate::kick_signal(),
         image: FrozenRam::from_file(memory, state.memory_size),
         cpu: state.cpu,
         serial: state.serial,

@@ -54,6 +54,8 @@ pub struct Snapshot {
     /// The KVM handle spawned VMs are made with: the source VM's, or (for a loaded snapshot)
     /// `/dev/kvm`, opened at the first spawn.
     kvm: Mutex<Option<Arc<Kvm>>>,
+    /// The signal that kicks spawned VMs' vCPU threads: the source VM's, or the default.
+    kick_signal: i32,
     /// The frozen RAM.
     pub(crate) image: Arc<FrozenRam>,
     /// The vCPUs' and the VM's state.
@@ -85,6 +87,7 @@ impl std::fmt::Debug for Snapshot {
 /// What a snapshot is made of, as a capture or a load puts it together.
 pub(crate) struct SnapshotParts {
     pub kvm: Option<Arc<Kvm>>,
+    pub kick_signal: i32,
     pub image: Arc<FrozenRam>,
     pub cpu: Arc<CpuState>,
     pub serial: SerialState,
@@ -97,6 +100,7 @@ impl Snapshot {
     pub(crate) fn new(parts: SnapshotParts) -> Self {
         Self {
             kvm: Mutex::new(parts.kvm),
+            kick_signal: parts.kick_signal,
             image: parts.image,
             cpu: parts.cpu,
             serial: parts.serial,
@@ -112,17 +116,19 @@ impl Snapshot {
     /// prepared with [`Snapshot::prepare`] when one is ready.
     pub fn spawn(&self, child: impl Into<Child>) -> Result<Vm, Error> {
         let shell = lock(&self.prepared).pop();
-        self.spawn_in(self.kvm()?, child.into(), shell)
+        self.spawn_in(self.kvm()?, self.kick_signal, child.into(), shell)
     }
 
-    /// [`Snapshot::spawn`] with the KVM handle `kvm` and the prepared child `shell`, if any.
+    /// [`Snapshot::spawn`] with the KVM handle `kvm`, the kick signal `kick_signal` (its handler
+    /// installed) and the prepared child `shell`, if any.
     pub(crate) fn spawn_in(
         &self,
         kvm: Arc<Kvm>,
+        kick_signal: i32,
         child: Child,
         shell: Option<Shell>,
     ) -> Result<Vm, Error> {
-        spawn::start_from(kvm, self, child, shell)
+        spawn::start_from(kvm, kick_signal, self, child, shell)
     }
 
     /// Creates `n` more children ahead of time for this snapshot (KVM VMs with memory slots
@@ -195,7 +201,7 @@ impl Snapshot {
         let opened = Arc::new(crate::builder::open_kvm(Path::new(
             crate::DEFAULT_KVM_DEVICE,
         ))?);
-        crate::vcpu::install_kick_handler()?;
+        crate::vcpu::install_kick_handler(self.kick_signal)?;
         *kvm = Some(opened.clone());
         Ok(opened)
     }

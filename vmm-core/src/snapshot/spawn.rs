@@ -36,6 +36,7 @@ use crate::vm::{Vm, VmParts};
 /// in `shell` if one is given (its KVM VM must come from `kvm`).
 pub(crate) fn start_from(
     kvm: Arc<Kvm>,
+    kick_signal: i32,
     point: &Snapshot,
     mut child: Child,
     shell: Option<Shell>,
@@ -72,7 +73,7 @@ pub(crate) fn start_from(
     for (vcpu, state) in vcpus.iter().zip(&point.cpu.vcpus) {
         state.restore(&vcpu.fd)?;
     }
-    let state = Arc::new(RunState::new().map_err(|e| setup_err("VM run state", e))?);
+    let state = Arc::new(RunState::new(kick_signal).map_err(|e| setup_err("VM run state", e))?);
     let mut event_loop = EventLoop::new(&state)?;
     let (pio, serial) = legacy_devices(
         &vm_fd,

@@ -88,6 +88,7 @@ impl Vm {
         let serial = lock(&self.serial).state();
         Ok(Snapshot::new(SnapshotParts {
             kvm: Some(self.kvm.clone()),
+            kick_signal: self.state.kick_signal(),
             image,
             cpu: Arc::new(CpuState { vcpus, vm }),
             serial,
@@ -110,7 +111,10 @@ impl Vm {
         let snapshot = self.capture()?;
         let children = children
             .into_iter()
-            .map(|child| snapshot.spawn_in(self.kvm.clone(), child.into(), self.shells.take()))
+            .map(|child| {
+                let kick = self.state.kick_signal();
+                snapshot.spawn_in(self.kvm.clone(), kick, child.into(), self.shells.take())
+            })
             .collect();
         self.refill_shells();
         children

@@ -138,15 +138,12 @@ impl Vm {
     /// that ran its guest at once could take the CPU from the thread still starting the others
     /// (for a scheduler tick, with 2 CPUs and 2 vCPUs).
     ///
-    /// Starting a VM that runs (a fork child or a restored VM runs from the start) changes
-    /// nothing and returns [`Error::AlreadyStarted`]; one that ended returns
-    /// [`Error::NotRunning`].
+    /// Starting a VM that runs (a fork child or a restored VM runs from the start) or that ended
+    /// (stopped before it started, too) changes nothing and returns [`Error::AlreadyStarted`].
     pub fn start(&self) -> Result<(), Error> {
         let mut phase = self.lock_phase();
-        match &*phase {
-            Phase::Built { .. } if !self.state.is_exiting() => {}
-            Phase::Running { .. } => return Err(Error::AlreadyStarted),
-            _ => return Err(Error::NotRunning(Box::new(self.state.exit()))),
+        if !matches!(&*phase, Phase::Built { .. }) || self.state.is_exiting() {
+            return Err(Error::AlreadyStarted);
         }
         let Phase::Built { event_loop } = std::mem::replace(&mut *phase, Phase::Ended) else {
             return Err(Error::AlreadyStarted);
@@ -372,6 +369,24 @@ impl Vm {
 
     fn lock_phase(&self) -> MutexGuard<'_, Phase> {
         lock(&self.phase)
+    }
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let phase = match &*self.lock_phase() {
+            Phase::Built { .. } => "built",
+            Phase::Running { .. } => "running",
+            Phase::Ended => "ended",
+        };
+        f.debug_struct("Vm")
+            .field("identity", &self.identity)
+            .field("phase", &phase)
+            .field("paused", &self.is_paused())
+            .field("exit", &self.exit())
+            .field("vcpus", &self.vcpus.len())
+            .field("devices", &self.devices.len())
+            .finish_non_exhaustive()
     }
 }
 
