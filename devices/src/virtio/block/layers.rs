@@ -60,7 +60,10 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
-use super::{AlignedBuffer, Dir, GuestView, RequestError, SECTOR_SIZE, Segment, transfer};
+use super::SECTOR_SIZE;
+use super::io::{AlignedBuffer, Dir, fallocate, read_bounced, transfer};
+use super::request::{RequestError, Segment};
+use super::ring::GuestView;
 
 /// One bit per sector: set when the layer holds the sector.
 pub(super) struct Bitmap {
@@ -261,8 +264,7 @@ impl PreserveLayer {
                 // Zeroes (a sparse image's holes, say) take no space: punched (in case a failed
                 // copy left something there), the range reads as zeroes.
                 let punched = data.iter().all(|b| *b == 0)
-                    && super::fallocate(file, libc::FALLOC_FL_PUNCH_HOLE, offset, bytes as u64)
-                        .is_ok();
+                    && fallocate(file, libc::FALLOC_FL_PUNCH_HOLE, offset, bytes as u64).is_ok();
                 if !punched {
                     file.write_all_at(data, offset).map_err(RequestError::Io)?;
                 }
@@ -569,7 +571,7 @@ impl ChildCow {
                 Source::Frozen(i) => &self.layers.frozen[i].file,
                 Source::Preserved => self.layers.preserve.file().map_err(RequestError::Io)?,
                 Source::Image if self.base_direct => {
-                    super::read_bounced(&self.base, memory, segments, skip, len, offset, bounce)?;
+                    read_bounced(&self.base, memory, segments, skip, len, offset, bounce)?;
                     done = end;
                     continue;
                 }
