@@ -7,10 +7,7 @@ use std::io;
 use vm_memory::{Address, ByteValued, GuestAddress};
 
 use super::io::{Copy, Dir, copy_guest};
-use super::ring::{
-    DescriptorTable, GuestView, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
-    load_16,
-};
+use super::ring::{DescriptorTable, GuestView, load_16};
 use crate::virtio::DeviceError;
 
 /// The request header every chain starts with.
@@ -90,46 +87,30 @@ impl Request {
         self.readable_len = 0;
         self.writable_len = 0;
         self.misordered = false;
-        let mut index = head;
-        let mut count = 0;
-        loop {
-            count += 1;
-            if count > usize::from(table.size()) {
+        table.walk(memory, head, |desc| {
+            if desc.len() == 0 {
+                return Ok(());
+            }
+            let segment = Segment {
+                addr: desc.addr(),
+                len: desc.len(),
+            };
+            if !memory.check_range(segment.addr, segment.len as usize) {
                 return Err(DeviceError::BadRequest(format!(
-                    "descriptor chain from {head} loops or is longer than the queue"
+                    "buffer {:#x}+{:#x} lies outside guest memory",
+                    segment.addr.0, segment.len
                 )));
             }
-            let desc = table.get(memory, index)?;
-            if desc.flags & VRING_DESC_F_INDIRECT != 0 {
-                return Err(DeviceError::BadRequest(
-                    "indirect descriptor (VIRTIO_F_INDIRECT_DESC is not offered)".into(),
-                ));
+            if desc.is_write_only() {
+                self.writable.push(segment);
+                self.writable_len += u64::from(segment.len);
+            } else {
+                self.misordered |= !self.writable.is_empty();
+                self.readable.push(segment);
+                self.readable_len += u64::from(segment.len);
             }
-            if desc.len != 0 {
-                let segment = Segment {
-                    addr: GuestAddress(desc.addr),
-                    len: desc.len,
-                };
-                if !memory.check_range(segment.addr, segment.len as usize) {
-                    return Err(DeviceError::BadRequest(format!(
-                        "buffer {:#x}+{:#x} lies outside guest memory",
-                        desc.addr, desc.len
-                    )));
-                }
-                if desc.flags & VRING_DESC_F_WRITE != 0 {
-                    self.writable.push(segment);
-                    self.writable_len += u64::from(segment.len);
-                } else {
-                    self.misordered |= !self.writable.is_empty();
-                    self.readable.push(segment);
-                    self.readable_len += u64::from(segment.len);
-                }
-            }
-            if desc.flags & VRING_DESC_F_NEXT == 0 {
-                break;
-            }
-            index = desc.next;
-        }
+            Ok(())
+        })?;
         let Some(last) = self.writable.last_mut() else {
             return Err(DeviceError::BadRequest("no writable status byte".into()));
         };

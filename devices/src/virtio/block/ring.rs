@@ -1,11 +1,13 @@
 //! The block device's own reader and writer of split virtqueues (virtio 1.1 §2.6): the fast
 //! path of every request. It reads the available ring, the descriptor table and the chains, and
 //! writes the used ring, through one volatile slice each, checking every index and address the
-//! guest wrote.
+//! guest wrote; a chain it cannot use (outside the table, looping or longer than the queue,
+//! indirect) is refused, and the device then needs a reset.
 
 use std::num::Wrapping;
 use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
 
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{
     Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion,
@@ -250,24 +252,31 @@ pub(super) struct DescriptorTable<'m> {
     slice: Option<VolatileSlice<'m, ()>>,
 }
 
-/// A descriptor as the driver wrote it.
-#[derive(Clone, Copy, Default)]
-#[repr(C)]
-pub(super) struct RawDescriptor {
-    pub(super) addr: u64,
-    pub(super) len: u32,
-    pub(super) flags: u16,
-    pub(super) next: u16,
+/// Bytes of a descriptor as the driver writes it (`struct virtq_desc`: le64 addr, le32 len,
+/// le16 flags, le16 next), which [`Descriptor`] lays out the same way.
+const DESCRIPTOR_LEN: usize = size_of::<Descriptor>();
+
+/// Why a chain cannot be used (the device then needs a reset).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ChainError {
+    #[error("descriptor index {index} outside a table of {size}")]
+    OutsideTable { index: u16, size: u16 },
+    #[error("descriptor chain from {head} loops or is longer than the queue")]
+    TooLong { head: u16 },
+    #[error("indirect descriptor (VIRTIO_F_INDIRECT_DESC is not offered)")]
+    Indirect,
+    #[error("descriptor {index}: {source}")]
+    Unreadable {
+        index: u16,
+        source: vm_memory::GuestMemoryError,
+    },
 }
 
-// SAFETY: plain integers with no padding; any byte pattern is a valid value.
-unsafe impl ByteValued for RawDescriptor {}
-
-const DESCRIPTOR_LEN: usize = size_of::<RawDescriptor>();
-pub(super) const VRING_DESC_F_NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
-pub(super) const VRING_DESC_F_WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
-pub(super) const VRING_DESC_F_INDIRECT: u16 =
-    virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
+impl From<ChainError> for DeviceError {
+    fn from(e: ChainError) -> Self {
+        DeviceError::BadRequest(e.to_string())
+    }
+}
 
 impl<'m> DescriptorTable<'m> {
     pub(super) fn new(memory: &GuestView<'m>, queue: &Queue) -> Self {
@@ -282,40 +291,60 @@ impl<'m> DescriptorTable<'m> {
         self.size
     }
 
-    /// Descriptor `index` (little-endian fields, as virtio 1.x lays them out).
-    pub(super) fn get(
+    /// Calls `f` with every descriptor of the chain at `head`, in order, empty ones included.
+    /// Refuses — after the descriptors before the culprit — a chain that names a descriptor
+    /// outside the table, loops or is longer than the queue, or has an indirect descriptor
+    /// (`VIRTIO_F_INDIRECT_DESC` is not offered).
+    #[inline]
+    pub(super) fn walk<E: From<ChainError>>(
         &self,
         memory: &GuestView<'_>,
-        index: u16,
-    ) -> Result<RawDescriptor, DeviceError> {
+        head: u16,
+        mut f: impl FnMut(&Descriptor) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut index = head;
+        let mut count = 0;
+        loop {
+            count += 1;
+            if count > usize::from(self.size) {
+                return Err(ChainError::TooLong { head }.into());
+            }
+            let desc = self.get(memory, index)?;
+            if desc.refers_to_indirect_table() {
+                return Err(ChainError::Indirect.into());
+            }
+            f(&desc)?;
+            if !desc.has_next() {
+                return Ok(());
+            }
+            index = desc.next();
+        }
+    }
+
+    /// Descriptor `index`.
+    fn get(&self, memory: &GuestView<'_>, index: u16) -> Result<Descriptor, ChainError> {
         if index >= self.size {
-            return Err(DeviceError::BadRequest(format!(
-                "descriptor index {index} outside a table of {}",
-                self.size
-            )));
+            return Err(ChainError::OutsideTable {
+                index,
+                size: self.size,
+            });
         }
         let offset = usize::from(index) * DESCRIPTOR_LEN;
         if let Some([addr, rest]) = self.slice.as_ref().and_then(|t| load_16(t, offset)) {
-            return Ok(RawDescriptor {
+            return Ok(Descriptor::new(
                 addr,
-                len: rest as u32,
-                flags: (rest >> 32) as u16,
-                next: (rest >> 48) as u16,
-            });
+                rest as u32,
+                (rest >> 32) as u16,
+                (rest >> 48) as u16,
+            ));
         }
-        let desc: RawDescriptor = match &self.slice {
+        match &self.slice {
             Some(table) => table
                 .read_obj(offset)
                 .map_err(vm_memory::GuestMemoryError::from),
             None => memory.read_obj(self.addr.unchecked_add(offset as u64)),
         }
-        .map_err(|e| DeviceError::BadRequest(format!("descriptor {index}: {e}")))?;
-        Ok(RawDescriptor {
-            addr: u64::from_le(desc.addr),
-            len: u32::from_le(desc.len),
-            flags: u16::from_le(desc.flags),
-            next: u16::from_le(desc.next),
-        })
+        .map_err(|source| ChainError::Unreadable { index, source })
     }
 }
 
