@@ -35,7 +35,7 @@ mod tests;
 
 pub use device::Block;
 pub use layers::layer_file;
-pub use persist::{BlockState, SavedBlock};
+pub use persist::{BlockState, SavedBlock, SavedDiskError};
 
 /// Virtio device type of block devices.
 pub const BLOCK_DEVICE_TYPE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;

@@ -59,17 +59,24 @@ impl BlockState {
     }
 
     /// The state a snapshot recorded as `saved`, over `file`, the disk content it saved: a
-    /// writable disk's VM gets a private overlay over it, so the snapshot never changes.
+    /// writable disk's VM gets a private overlay over it, so the snapshot never changes. A
+    /// record that does not fit its file fails with an error of kind `InvalidData` that wraps
+    /// a [`SavedDiskError`].
     pub fn open_saved(saved: &SavedBlock, file: File) -> io::Result<Self> {
         let len = file.metadata()?.len();
-        if len != saved.capacity_sectors * SECTOR_SIZE {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "disk file of {len} bytes for {} sectors",
-                    saved.capacity_sectors
-                ),
-            ));
+        // The capacity comes from the snapshot's state file, which is not trusted.
+        let Some(expected) = saved.capacity_sectors.checked_mul(SECTOR_SIZE) else {
+            return Err(SavedDiskError::CapacityOverflow {
+                capacity_sectors: saved.capacity_sectors,
+            }
+            .into());
+        };
+        if len != expected {
+            return Err(SavedDiskError::SizeMismatch {
+                len,
+                capacity_sectors: saved.capacity_sectors,
+            }
+            .into());
         }
         Ok(Self {
             base: Arc::new(file),
@@ -82,5 +89,86 @@ impl BlockState {
                 Some(FrozenLayers::empty(saved.capacity_sectors))
             },
         })
+    }
+}
+
+/// Why a snapshot's record of a disk does not fit the disk file it names.
+#[derive(Debug, thiserror::Error)]
+pub enum SavedDiskError {
+    /// The recorded capacity is more bytes than a `u64` counts.
+    #[error("a capacity of {capacity_sectors} sectors overflows a byte count")]
+    CapacityOverflow {
+        /// The recorded capacity, in sectors.
+        capacity_sectors: u64,
+    },
+    /// The file's length is not the recorded capacity.
+    #[error("disk file of {len} bytes for {capacity_sectors} sectors")]
+    SizeMismatch {
+        /// The file's length in bytes.
+        len: u64,
+        /// The recorded capacity, in sectors.
+        capacity_sectors: u64,
+    },
+}
+
+impl From<SavedDiskError> for io::Error {
+    fn from(e: SavedDiskError) -> Self {
+        io::Error::new(io::ErrorKind::InvalidData, e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    /// A record from an untrusted snapshot whose capacity in bytes wraps a `u64` to the length
+    /// of the file it names (512 bytes) must be refused, not multiplied blindly.
+    #[test]
+    fn a_saved_capacity_that_overflows_is_refused() {
+        let path = std::env::temp_dir().join(format!("forkvm-blk-saved-{}", std::process::id()));
+        let mut file = File::create(&path).unwrap();
+        file.write_all(&[0u8; 512]).unwrap();
+        drop(file);
+        for read_only in [true, false] {
+            // (2^55 + 1) * 512 = 2^64 + 512, which wraps to the file's length.
+            let saved = SavedBlock {
+                file: "disk-0".into(),
+                read_only,
+                capacity_sectors: (1 << 55) + 1,
+                id: [0; ID_LEN],
+            };
+            let err = BlockState::open_saved(&saved, File::open(&path).unwrap()).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+            let inner = err
+                .get_ref()
+                .and_then(|e| e.downcast_ref::<SavedDiskError>());
+            assert!(
+                matches!(
+                    inner,
+                    Some(SavedDiskError::CapacityOverflow {
+                        capacity_sectors: 0x80_0000_0000_0001
+                    })
+                ),
+                "{err}"
+            );
+        }
+        // A record that fits its file still opens; one that does not is a size mismatch.
+        let fits = SavedBlock {
+            file: "disk-0".into(),
+            read_only: false,
+            capacity_sectors: 1,
+            id: [0; ID_LEN],
+        };
+        let state = BlockState::open_saved(&fits, File::open(&path).unwrap()).unwrap();
+        assert_eq!(state.capacity_sectors, 1);
+        let short = SavedBlock {
+            capacity_sectors: 2,
+            ..fits
+        };
+        let err = BlockState::open_saved(&short, File::open(&path).unwrap()).unwrap_err();
+        assert_eq!(err.to_string(), "disk file of 512 bytes for 2 sectors");
+        std::fs::remove_file(&path).unwrap();
     }
 }
