@@ -20,6 +20,8 @@
 //!   [`Block::from_state`]), whose module doc describes how and at what cost. A disk
 //!   never frozen pays nothing for it.
 //! - `persist.rs`: a frozen disk as a snapshot records it ([`BlockState`], [`SavedBlock`]).
+//! - `ring_check.rs` (tests and feature `test-utils`): the ring reader compared with
+//!   virtio-queue's, for the differential test and the `block_ring` fuzz target.
 
 mod device;
 mod io;
@@ -27,6 +29,8 @@ mod layers;
 mod persist;
 mod request;
 mod ring;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod ring_check;
 
 #[cfg(test)]
 mod fork_tests;

@@ -2,7 +2,8 @@
 //! path of every request. It reads the available ring, the descriptor table and the chains, and
 //! writes the used ring, through one volatile slice each, checking every index and address the
 //! guest wrote; a chain it cannot use (outside the table, looping or longer than the queue,
-//! indirect) is refused, and the device then needs a reset.
+//! indirect) is refused, and the device then needs a reset. `ring_check` compares it with
+//! `virtio_queue::Queue::pop_descriptor_chain`.
 
 use std::num::Wrapping;
 use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
@@ -163,6 +164,12 @@ impl<'m> Rings<'m> {
             next_avail: Wrapping(queue.next_avail()),
             next_used: Wrapping(queue.next_used()),
         }
+    }
+
+    /// Whether the rings are read through their own slices (else through the queue's methods).
+    #[cfg(any(test, feature = "test-utils"))]
+    pub(super) fn is_fast(&self) -> bool {
+        self.fast.is_some()
     }
 
     /// The head of the next chain the driver made available.
