@@ -17,7 +17,7 @@
 //!   the image, no write on a read-only device, at most [`MAX_REQUEST_BYTES`]); a bad one
 //!   completes with `VIRTIO_BLK_S_IOERR` (or `UNSUPP` for unknown types).
 //! - `layers.rs`: copy-on-write storage of forked disks ([`Block::freeze`],
-//!   [`Block::from_state`]), whose module doc describes how and at what cost. A disk
+//!   [`Block::from_state`]); `docs/design/block-cow.md` describes how and at what cost. A disk
 //!   never frozen pays nothing for it.
 //! - `persist.rs`: a frozen disk as a snapshot records it ([`BlockState`], [`SavedBlock`]).
 //! - `ring_check.rs` (tests and feature `test-utils`): the ring reader compared with
