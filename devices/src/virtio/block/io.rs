@@ -52,6 +52,7 @@ impl Block {
     /// image and one guest buffer, on a buffered image — worked out while the chain is at hand,
     /// so that executing it is one system call. `None` for every other request (including
     /// every request that fails), which [`Self::execute`] serves.
+    #[inline]
     pub(super) fn plain_io(&self, memory: &GuestView<'_>, request: &Request) -> Option<PlainIo> {
         if self.direct_io || request.misordered {
             return None;
@@ -92,6 +93,7 @@ impl Block {
 
     /// Executes a request [`Self::plain_io`] worked out; returns the bytes it wrote into guest
     /// memory.
+    #[inline]
     pub(super) fn execute_plain(
         &mut self,
         memory: &GuestView<'_>,

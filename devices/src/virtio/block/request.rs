@@ -75,6 +75,7 @@ impl Request {
     /// a descriptor is indirect (not offered), a buffer lies outside guest memory, or no byte
     /// is device-writable for the status. Empty descriptors are skipped; the status byte is the
     /// last device-writable byte.
+    #[inline]
     pub(super) fn parse(
         &mut self,
         memory: &GuestView<'_>,
@@ -125,6 +126,7 @@ impl Request {
     }
 
     /// The request header: the first 16 device-readable bytes.
+    #[inline]
     pub(super) fn read_header(
         &self,
         memory: &GuestView<'_>,

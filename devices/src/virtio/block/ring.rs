@@ -28,6 +28,7 @@ pub(super) struct GuestView<'m> {
 }
 
 impl<'m> GuestView<'m> {
+    #[inline]
     pub(super) fn new(memory: &'m GuestMemoryMmap) -> Self {
         let regions = memory
             .iter()
@@ -37,6 +38,7 @@ impl<'m> GuestView<'m> {
     }
 
     /// The `len` bytes at `addr`, if they lie inside one region.
+    #[inline]
     pub(super) fn slice(&self, addr: GuestAddress, len: usize) -> Option<VolatileSlice<'m, ()>> {
         let (region, offset) = self.locate(addr, len)?;
         self.regions[region].1.subslice(offset, len).ok()
@@ -44,6 +46,7 @@ impl<'m> GuestView<'m> {
 
     /// The region (index in `regions`) and offset of the `len` bytes at `addr`, if they lie
     /// inside one region.
+    #[inline]
     pub(super) fn locate(&self, addr: GuestAddress, len: usize) -> Option<(usize, usize)> {
         self.regions
             .iter()
@@ -55,10 +58,12 @@ impl<'m> GuestView<'m> {
             })
     }
 
+    #[inline]
     pub(super) fn check_range(&self, addr: GuestAddress, len: usize) -> bool {
         self.slice(addr, len).is_some() || self.memory.check_range(addr, len)
     }
 
+    #[inline]
     pub(super) fn read_obj<T: ByteValued>(
         &self,
         addr: GuestAddress,
@@ -70,6 +75,7 @@ impl<'m> GuestView<'m> {
     }
 
     /// Writes one byte with a plain store (no byte-wise copy routine).
+    #[inline]
     pub(super) fn write_byte(
         &self,
         value: u8,
@@ -86,6 +92,7 @@ impl<'m> GuestView<'m> {
         }
     }
 
+    #[inline]
     pub(super) fn read_slice(
         &self,
         buf: &mut [u8],
@@ -97,6 +104,7 @@ impl<'m> GuestView<'m> {
         }
     }
 
+    #[inline]
     pub(super) fn write_slice(
         &self,
         buf: &[u8],
@@ -173,6 +181,7 @@ impl<'m> Rings<'m> {
     }
 
     /// The head of the next chain the driver made available.
+    #[inline]
     pub(super) fn pop(
         &mut self,
         queue: &mut Queue,
@@ -211,6 +220,7 @@ impl<'m> Rings<'m> {
     }
 
     /// Puts a used entry in the ring (the driver sees it after [`Self::publish_used`]).
+    #[inline]
     pub(super) fn add_used(
         &mut self,
         queue: &mut Queue,
@@ -235,6 +245,7 @@ impl<'m> Rings<'m> {
     }
 
     /// Makes the used entries added so far visible to the driver.
+    #[inline]
     pub(super) fn publish_used(&mut self, queue: &mut Queue) -> Result<(), DeviceError> {
         let Some((_, used)) = &self.fast else {
             return Ok(());
@@ -294,6 +305,7 @@ impl<'m> DescriptorTable<'m> {
     }
 
     /// The queue size: the number of descriptors, and the most a chain may have.
+    #[inline]
     pub(super) fn size(&self) -> u16 {
         self.size
     }
@@ -329,6 +341,7 @@ impl<'m> DescriptorTable<'m> {
     }
 
     /// Descriptor `index`.
+    #[inline]
     fn get(&self, memory: &GuestView<'_>, index: u16) -> Result<Descriptor, ChainError> {
         if index >= self.size {
             return Err(ChainError::OutsideTable {
@@ -358,6 +371,7 @@ impl<'m> DescriptorTable<'m> {
 /// The 16 bytes at `offset` as two little-endian `u64`s, read with two aligned loads (virtio
 /// aligns descriptors and request headers so); `None` when unaligned or out of bounds. A
 /// 16-byte `read_obj` costs a byte-wise copy and a stalled reload of what it stored.
+#[inline]
 pub(super) fn load_16(slice: &VolatileSlice<'_, ()>, offset: usize) -> Option<[u64; 2]> {
     let load = |offset| {
         let word = slice.get_atomic_ref::<AtomicU64>(offset).ok()?;
