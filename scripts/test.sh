@@ -51,7 +51,7 @@ FORKVM_LINUX_KERNEL=$kernel FORKVM_LINUX_IMAGE=$rootfs bindings-node/test.sh
 
 step "fuzzing (bounded)"
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
-for target in mmio_transport block_requests console_queues vsock_packets legacy_ports; do
+for target in mmio_transport block_requests block_ring console_queues vsock_packets legacy_ports; do
     (cd fuzz && cargo fuzz run "$target" --sanitizer none -- -max_total_time="${FORKVM_FUZZ_SECONDS:-30}" 2>&1 | tail -n 1)
 done
 

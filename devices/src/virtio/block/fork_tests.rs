@@ -2,13 +2,21 @@
 
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+};
 use vm_memory::{Bytes, GuestAddress};
 
+use super::layers::Cow;
+use super::request::{Request, RequestError, RequestHeader, Segment};
+use super::ring::GuestView;
 use super::*;
 use crate::virtio::test_driver::{BUF, Driver, MEM_SIZE};
+use crate::virtio::{GuestMemoryMmap, VirtioDevice};
 
 /// A disk image in the temporary directory whose sector `i` holds `i % 251` in every byte,
 /// removed on drop.

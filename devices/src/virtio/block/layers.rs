@@ -1,57 +1,12 @@
-//! Copy-on-write storage of forked block devices.
+//! Copy-on-write storage of forked block devices: the layers a frozen disk's children read
+//! through ([`FrozenLayers`], [`PreserveLayer`], [`FrozenLayer`]), the parent's side of a fork
+//! ([`ImageCow`], which preserves what it overwrites) and a child's ([`ChildCow`], which writes
+//! its own overlay).
 //!
-//! [`Block::freeze`](super::Block::freeze) fixes a disk's content for the children of a fork,
-//! and [`Block::from_state`](super::Block::from_state) makes a child's device from it. Every
-//! layer is an unnamed sparse temporary file as large as the disk, written at the offsets of
-//! the guest's sectors, with a bitmap of the 512-byte sectors it holds: a sector is always
-//! written whole, so no layer ever needs a read-modify-write, and a read is split into runs of
-//! sectors by the layer that holds them, each run read straight into guest memory.
-//!
-//! - The parent (the device over the user's image) keeps writing the image, so that its data
-//!   is never anywhere else. Each freeze of it makes a [`PreserveLayer`] that the freeze's
-//!   children share; before the parent first overwrites a sector after a freeze, it copies the
-//!   sector's content into every live preserve layer that lacks it. The parent holds the
-//!   layers weakly: once a freeze's children (and its [`BlockState`](super::BlockState)) are
-//!   gone, the parent stops copying for it, and when none is left its writes cost what they
-//!   cost before the first freeze.
-//! - A child reads a sector from its own overlay, else from the frozen overlays of its
-//!   ancestors (newest first), else from its preserve layer, else from the image; it writes
-//!   only its own overlay. Freezing a child turns its overlay into an immutable
-//!   [`FrozenLayer`] that its children and itself share, and gives it a fresh overlay.
-//!   Discard and write-zeroes punch the range out of the overlay and mark it present, so that
-//!   it reads as zeroes instead of falling through to the layers below; flush has nothing to
-//!   make durable (an unnamed overlay does not outlive the process) and completes at once.
-//!
-//! A child may read a sector of the image while the parent, on another thread, preserves and
-//! then overwrites it. The preserve layer's bitmap is behind a `RwLock`: a child holds it for
-//! reading from looking up where its sectors are until their reads are done, and the parent
-//! holds it for writing while it copies sectors into the layer and marks them present, and
-//! overwrites the image only after that. A child thus either finds a sector absent and reads
-//! the image before the parent may change it, or finds it present and reads the preserved copy.
-//!
-//! Costs: a freeze creates one temporary file and one zeroed bitmap (1 bit a sector, 256 KiB
-//! per GiB of disk, allocated lazily by the kernel), and copies no data: it is O(1) in disk
-//! size and in the data written before it. A freeze with no write since the previous one
-//! reuses the previous freeze's layer. The parent's first write to a sector after a freeze
-//! costs a read of the sector and a write per live preserve layer (zeroes are not written: the
-//! layer is sparse, so a guest discarding a sparse image's free space does not fill it); its
-//! later writes cost a look-up in the bitmaps. Discard and write-zeroes preserve their whole
-//! range first, like writes. A child's read costs a bitmap look-up per sector and layer and one
-//! `preadv` per run of sectors held by the same layer. Layers live in `std::env::temp_dir()`
-//! (unnamed, `O_TMPFILE`, so nothing is left behind when the process dies; a named file
-//! removed at once where the file system lacks `O_TMPFILE`); they take space only for the
-//! sectors written. A temporary file rather than a memfd: on a disk-backed `$TMPDIR`, what
-//! children write does not have to fit in memory (on a tmpfs it is memory either way).
-//!
-//! Limits: a child's reads hold its preserve layer's lock for reading while they run, so a
-//! parent's first overwrite of sectors waits for the reads of the freeze's children in flight
-//! (later overwrites take no lock for writing). Each freeze of a child that wrote since its
-//! previous freeze adds a frozen layer that every later read looks up; nothing merges layers.
-//!
-//! A read-only disk never changes, so its children are simply new handles on the image,
-//! read-only too, with no layers at all. On an image opened with `O_DIRECT`, the parent's
-//! preserve copies and the children's reads of the image go through the device's aligned
-//! bounce buffer; the layers themselves are buffered files.
+//! The design — what [`Block::freeze`](super::Block::freeze) and
+//! [`Block::from_state`](super::Block::from_state) do, how children and parent stay
+//! consistent, and the costs and limits — is described in `docs/design/block-cow.md` at the
+//! root of the repository.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -60,7 +15,10 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
-use super::{AlignedBuffer, Dir, GuestView, RequestError, SECTOR_SIZE, Segment, transfer};
+use super::SECTOR_SIZE;
+use super::io::{AlignedBuffer, Dir, fallocate, read_bounced, transfer};
+use super::request::{RequestError, Segment};
+use super::ring::GuestView;
 
 /// One bit per sector: set when the layer holds the sector.
 pub(super) struct Bitmap {
@@ -114,7 +72,7 @@ impl Bitmap {
     }
 }
 
-/// A layer file of `len` bytes (see [`temp_file`]), made ahead of a fork for a child's overlay
+/// A layer file of `len` bytes (see `temp_file`), made ahead of a fork for a child's overlay
 /// ([`super::Block::from_state_over`]): creating and sizing one takes the file system tens of
 /// microseconds.
 pub fn layer_file(len: u64) -> io::Result<File> {
@@ -261,8 +219,7 @@ impl PreserveLayer {
                 // Zeroes (a sparse image's holes, say) take no space: punched (in case a failed
                 // copy left something there), the range reads as zeroes.
                 let punched = data.iter().all(|b| *b == 0)
-                    && super::fallocate(file, libc::FALLOC_FL_PUNCH_HOLE, offset, bytes as u64)
-                        .is_ok();
+                    && fallocate(file, libc::FALLOC_FL_PUNCH_HOLE, offset, bytes as u64).is_ok();
                 if !punched {
                     file.write_all_at(data, offset).map_err(RequestError::Io)?;
                 }
@@ -569,7 +526,7 @@ impl ChildCow {
                 Source::Frozen(i) => &self.layers.frozen[i].file,
                 Source::Preserved => self.layers.preserve.file().map_err(RequestError::Io)?,
                 Source::Image if self.base_direct => {
-                    super::read_bounced(&self.base, memory, segments, skip, len, offset, bounce)?;
+                    read_bounced(&self.base, memory, segments, skip, len, offset, bounce)?;
                     done = end;
                     continue;
                 }
