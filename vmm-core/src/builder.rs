@@ -1,47 +1,29 @@
 //! [`VmBuilder`]: what a VM is made of, validated and turned into a ready [`Vm`].
 
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::path::PathBuf;
+use std::sync::Arc;
 
-use forkvm_devices::bus::Bus;
-use forkvm_devices::input::InputFeeder;
-use forkvm_devices::legacy::SerialState;
-use forkvm_devices::legacy::{
-    DEBUG_EXIT_PORT, DebugExit, I8042, I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_IRQ,
-    SERIAL_PORT_BASE, SERIAL_PORT_LEN, SerialPort, SerialSink,
-};
-use forkvm_devices::trigger::{ExitTrigger, IrqTrigger};
 use forkvm_devices::virtio::balloon::{Balloon as BalloonDevice, BalloonHandle};
 use forkvm_devices::virtio::block::Block;
 use forkvm_devices::virtio::console::Console;
 use forkvm_devices::virtio::rng::Rng;
 use forkvm_devices::virtio::vsock::Vsock as VsockDevice;
 use forkvm_devices::virtio::vsock::host::VsockConnector;
-use kvm_bindings::{
-    KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config,
-    kvm_userspace_memory_region,
-};
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::arch::probe::{HostCaps, host_caps};
-use crate::arch::{cpuid, regs};
+use crate::arch::regs;
 use crate::boot::{self, BootSpec, mptable::MAX_MPTABLE_VCPUS};
 use crate::console::{ConsoleInput, ConsoleOutput};
-use crate::error::{Error, kvm_err};
-use crate::event_loop::EventLoop;
-use crate::exit::GuestExit;
+use crate::error::{Error, setup_err};
 use crate::identity::{IDENTITY_CMDLINE_KEY, Identity, IdentityPage};
-use crate::layout::{IDENTITY_PAGE_ADDR, IDENTITY_PAGE_SIZE, KVM_TSS_ADDR};
+use crate::layout::IDENTITY_PAGE_ADDR;
+use crate::machine::{self, LegacyConfig, MachineSpec};
 use crate::memory::{GuestRam, MIN_MEMORY_MIB};
-use crate::run_state::RunState;
-use crate::threads::SpareThreads;
-use crate::vcpu::IoBuses;
-use crate::vcpu::{Vcpu, install_kick_handler, kick_signal_at};
 use crate::virtio::{VirtioDeviceSpec, VirtioPlan};
-use crate::vm::{Vm, VmParts};
+use crate::vm::Vm;
+use crate::vstate::kvm::{create_vcpus, create_vm, open_kvm};
+use crate::vstate::threads::SpareThreads;
+use crate::vstate::vcpu::{install_kick_handler, kick_signal_at};
 
 /// Arguments forkvm gives every guest kernel, before the caller's: a reset request ends the VM
 /// through the i8042 (`reboot=k`), and a kernel panic ends it at once (`panic=-1`).
@@ -458,233 +440,33 @@ impl VmBuilder {
         let identity = Identity::first()?;
         let identity_page = IdentityPage::new()?;
         identity_page.write(&identity)?;
-        let vm = create_vm(&kvm, &ram, &identity_page)?;
-        let state = Arc::new(RunState::new(kick).map_err(|e| setup_err("VM run state", e))?);
-        let mut event_loop = EventLoop::new(&state)?;
-        let (pio, serial) = legacy_devices(
-            &vm,
-            &state,
-            &mut event_loop,
-            LegacyConfig {
-                console: self.console,
-                console_input: self.console_input,
-                serial_state: None,
-                debug_exit: self.debug_exit,
-            },
-        )?;
-        let mut mmio = Bus::new();
-        let devices = virtio.attach(&vm, &mut mmio, &mut event_loop, &ram.memory)?;
-
-        let vcpus = create_vcpus(&kvm, &vm, &caps, vcpu_count, |id, fd| {
+        let vm_fd = create_vm(&kvm, &ram, &identity_page)?;
+        let vcpus = create_vcpus(&kvm, &vm_fd, &caps, vcpu_count, |id, fd| {
             regs::setup_common(fd)?;
             if id == 0 {
                 regs::setup_boot_vcpu(fd, &ram.memory, entry)?;
             }
             Ok(())
         })?;
-        Ok(Vm::new(VmParts {
+        let machine = machine::assemble(MachineSpec {
             kvm: Arc::new(kvm),
-            vm_fd: vm,
+            vm_fd,
             ram,
             vcpus,
-            buses: Arc::new(IoBuses { pio, mmio }),
-            serial,
-            debug_exit: self.debug_exit,
-            devices,
-            event_loop,
-            state,
+            kick_signal: kick,
+            legacy: LegacyConfig {
+                console: self.console,
+                console_input: self.console_input,
+                serial_state: None,
+                debug_exit: self.debug_exit,
+            },
+            virtio,
             vsock,
             balloon,
             identity,
             identity_page,
             threads: SpareThreads::default(),
-        }))
+        })?;
+        Ok(Vm::new(machine))
     }
-}
-
-/// What the legacy devices of a new VM start from.
-pub(crate) struct LegacyConfig {
-    /// Where the UART's output goes.
-    pub console: ConsoleOutput,
-    /// Where its input comes from.
-    pub console_input: Option<ConsoleInput>,
-    /// The registers of the UART it continues (a fork), or `None` for a fresh one.
-    pub serial_state: Option<SerialState>,
-    /// Whether the debug-exit port is there.
-    pub debug_exit: bool,
-}
-
-/// Puts the legacy devices on a new port-I/O bus: the UART (irqfd on IRQ 4, input fed by the
-/// event loop), the i8042 whose reset ends the VM, and the debug-exit port when asked for.
-/// Returns the bus and the UART.
-pub(crate) fn legacy_devices(
-    vm: &VmFd,
-    state: &Arc<RunState>,
-    event_loop: &mut EventLoop,
-    config: LegacyConfig,
-) -> Result<(Bus, Arc<Mutex<SerialPort>>), Error> {
-    let mut pio = Bus::new();
-    let serial_irq = IrqTrigger::new().map_err(|e| setup_err("serial IRQ", e))?;
-    vm.register_irqfd(serial_irq.eventfd(), SERIAL_IRQ)
-        .map_err(kvm_err("KVM_IRQFD"))?;
-    let serial_out = config.console.into_writer()?;
-    let serial = Arc::new(Mutex::new(
-        SerialPort::from_state(
-            &config.serial_state.unwrap_or_default(),
-            serial_irq,
-            serial_out,
-        )
-        .map_err(|e| setup_err("serial port", e))?,
-    ));
-    insert(&mut pio, serial.clone(), SERIAL_PORT_BASE, SERIAL_PORT_LEN)?;
-    if let Some(input) = config.console_input {
-        let fd = input.into_fd()?;
-        let feeder = InputFeeder::new(
-            SerialSink::new(serial.clone()).map_err(|e| setup_err("console input", e))?,
-            fd,
-        );
-        event_loop.add(Arc::new(Mutex::new(feeder)));
-    }
-    let reset_state = state.clone();
-    let reset = ExitTrigger::new(move || reset_state.finish(GuestExit::Reset));
-    insert(
-        &mut pio,
-        Arc::new(Mutex::new(I8042::new(reset))),
-        I8042_PORT_BASE,
-        I8042_PORT_LEN,
-    )?;
-    if config.debug_exit {
-        let exit_state = state.clone();
-        let device = DebugExit::new(move |status| {
-            exit_state.finish(GuestExit::PoweredOff {
-                status: Some(status),
-            })
-        });
-        insert(&mut pio, Arc::new(Mutex::new(device)), DEBUG_EXIT_PORT, 4)?;
-    }
-    Ok((pio, serial))
-}
-
-/// KVM's supported CPUID, asked once per process: it does not change while KVM is loaded, and
-/// asking costs ~1 ms on hosts that emulate the host `cpuid`s it makes (every fork of an
-/// unprepared child and every [`crate::Vm::prepare_forks`] child asked again).
-fn supported_cpuid(kvm: &Kvm) -> Result<kvm_bindings::CpuId, Error> {
-    static SUPPORTED: OnceLock<kvm_bindings::CpuId> = OnceLock::new();
-    if let Some(supported) = SUPPORTED.get() {
-        return Ok(supported.clone());
-    }
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    Ok(SUPPORTED.get_or_init(|| supported).clone())
-}
-
-/// Creates `count` vCPUs with their CPUID, then lets `init` give each its state (boot state,
-/// or the state of the vCPU it continues).
-pub(crate) fn create_vcpus(
-    kvm: &Kvm,
-    vm: &VmFd,
-    caps: &HostCaps,
-    count: u8,
-    mut init: impl FnMut(u8, &VcpuFd) -> Result<(), Error>,
-) -> Result<Vec<Vcpu>, Error> {
-    let supported = supported_cpuid(kvm)?;
-    (0..count)
-        .map(|id| {
-            let fd = vm
-                .create_vcpu(u64::from(id))
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            fd.set_cpuid2(&cpuid::guest_cpuid(&supported, caps, id, count))
-                .map_err(kvm_err("KVM_SET_CPUID2"))?;
-            init(id, &fd)?;
-            Ok(Vcpu {
-                fd,
-                id: u32::from(id),
-            })
-        })
-        .collect()
-}
-
-pub(crate) fn open_kvm(path: &Path) -> Result<Kvm, Error> {
-    let c_path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| Error::KvmMissing(path.to_owned()))?;
-    Kvm::new_with_path(&c_path).map_err(|e| match e.errno() {
-        libc::ENOENT | libc::ENOTDIR => Error::KvmMissing(path.to_owned()),
-        libc::EACCES | libc::EPERM => Error::KvmPermission(path.to_owned()),
-        _ => Error::KvmOpen {
-            path: path.to_owned(),
-            source: e,
-        },
-    })
-}
-
-/// Creates the KVM VM with its memory slots (RAM, and the identity page read-only where KVM
-/// can), in-kernel interrupt controllers and PIT.
-///
-/// The memory slots go in before the irqchip: on some hosts (seen on kvm_pvm) adding the first
-/// slot to a VM that already has an irqchip waits ~7 ms for KVM to synchronise, against ~0.1 ms
-/// before it.
-pub(crate) fn create_vm(kvm: &Kvm, ram: &GuestRam, identity: &IdentityPage) -> Result<VmFd, Error> {
-    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    let mut slots = Vec::with_capacity(ram.ranges.len() + 1);
-    for range in &ram.ranges {
-        let host = ram
-            .memory
-            .get_host_address(GuestAddress(range.guest_addr))
-            .map_err(|e| setup_err("memory slot", e))?;
-        slots.push((range.guest_addr, range.size, host as u64, 0));
-    }
-    let read_only = if kvm.check_extension(Cap::ReadonlyMem) {
-        KVM_MEM_READONLY
-    } else {
-        0
-    };
-    slots.push((
-        IDENTITY_PAGE_ADDR,
-        IDENTITY_PAGE_SIZE,
-        identity.host_addr(),
-        read_only,
-    ));
-    for (slot, (guest_phys_addr, memory_size, userspace_addr, flags)) in
-        slots.into_iter().enumerate()
-    {
-        let region = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags,
-            guest_phys_addr,
-            memory_size,
-            userspace_addr,
-        };
-        // SAFETY: each slot covers exactly one mapping of `ram` or the identity page, which the
-        // returned VM's owner keeps alongside the VM fd and drops only after it.
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-    }
-    vm.set_tss_address(KVM_TSS_ADDR as usize)
-        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-    vm.create_irq_chip()
-        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-    Ok(vm)
-}
-
-pub(crate) fn setup_err(what: &'static str, e: impl std::fmt::Display) -> Error {
-    Error::Setup {
-        what,
-        reason: e.to_string(),
-    }
-}
-
-fn insert(
-    bus: &mut Bus,
-    device: forkvm_devices::bus::SharedDevice,
-    base: u16,
-    len: u16,
-) -> Result<(), Error> {
-    bus.insert(device, u64::from(base), u64::from(len))
-        .map_err(|e| setup_err("port I/O bus", e))
 }

@@ -192,3 +192,11 @@ pub enum Error {
 pub(crate) fn kvm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { op, source }
 }
+
+/// An [`Error::Setup`] for `what`, with `e` as its reason.
+pub(crate) fn setup_err(what: &'static str, e: impl std::fmt::Display) -> Error {
+    Error::Setup {
+        what,
+        reason: e.to_string(),
+    }
+}

@@ -27,8 +27,8 @@ use forkvm_devices::virtio::rng::fill_random;
 use serde::{Deserialize, Serialize};
 use vm_memory::{MmapRegion, VolatileMemory};
 
-use crate::builder::setup_err;
 use crate::error::Error;
+use crate::error::setup_err;
 use crate::layout::IDENTITY_PAGE_SIZE;
 
 /// The first eight bytes of the page.

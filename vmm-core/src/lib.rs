@@ -22,17 +22,15 @@ mod boot;
 mod builder;
 mod console;
 mod error;
-mod event_loop;
 mod exit;
 mod identity;
 mod layout;
+mod machine;
 mod memory;
-mod run_state;
 mod snapshot;
-mod threads;
-mod vcpu;
 mod virtio;
 mod vm;
+mod vstate;
 
 pub use boot::BootError;
 pub use builder::{
@@ -50,8 +48,8 @@ pub use forkvm_devices::virtio::balloon::{
 pub use identity::Identity;
 pub use layout::{IDENTITY_PAGE_ADDR, ZERO_PAGE_ADDR};
 pub use memory::MemoryError;
-pub use run_state::PauseGuard;
 pub use snapshot::{Child, DISK_FILE_PREFIX, MEMORY_FILE, SNAPSHOT_FORMAT, STATE_FILE, Snapshot};
-pub use vcpu::{KICK_SIGNAL_OFFSET, kick_signal};
 pub use virtio::{DeviceInfo, DeviceKind};
 pub use vm::Vm;
+pub use vstate::run_state::PauseGuard;
+pub use vstate::vcpu::{KICK_SIGNAL_OFFSET, kick_signal};

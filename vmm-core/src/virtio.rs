@@ -20,9 +20,9 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_allocator::{AddressAllocator, AllocPolicy, IdAllocator};
 
 use crate::error::{Error, kvm_err};
-use crate::event_loop::EventLoop;
 use crate::layout::{VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use crate::memory::GuestMemoryMmap;
+use crate::vstate::event_loop::EventLoop;
 use forkvm_devices::sync::lock;
 
 /// First IRQ given to virtio devices (0–4 are the PIT, keyboard, cascade and serial ports).

@@ -225,7 +225,7 @@ impl VmState {
 mod tests {
     use super::*;
     use crate::arch::probe::host_caps;
-    use crate::builder::create_vcpus;
+    use crate::vstate::kvm::create_vcpus;
 
     /// Where KVM has no XSAVE, the legacy FPU area carries the x87 and SSE state: written into a
     /// new vCPU, it reads back the same. (This host has XSAVE, so the state is made to look as

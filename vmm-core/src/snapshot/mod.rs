@@ -29,13 +29,14 @@ use serde::{Deserialize, Serialize};
 use crate::arch::state::{VcpuState, VmState};
 use crate::error::Error;
 use crate::identity::Identity;
+use crate::machine::Machine;
 use crate::memory::freeze::FrozenRam;
 use crate::virtio::FrozenDevice;
-use crate::vm::Vm;
 
 pub use child::Child;
 pub use disk::{DISK_FILE_PREFIX, MEMORY_FILE, SNAPSHOT_FORMAT, STATE_FILE};
-use pool::{Shell, ShellShape};
+pub(crate) use pool::Shell;
+use pool::ShellShape;
 
 /// The processor state of a snapshot.
 #[derive(Serialize, Deserialize)]
@@ -111,24 +112,28 @@ impl Snapshot {
         }
     }
 
-    /// Starts a new VM that continues from this snapshot, connected to the host as `child` says
-    /// (a [`Child`], or just the [`crate::ConsoleOutput`] of its serial console). Uses a child
-    /// prepared with [`Snapshot::prepare`] when one is ready.
-    pub fn spawn(&self, child: impl Into<Child>) -> Result<Vm, Error> {
-        let shell = lock(&self.prepared).pop();
-        self.spawn_in(self.kvm()?, self.kick_signal, child.into(), shell)
-    }
-
-    /// [`Snapshot::spawn`] with the KVM handle `kvm`, the kick signal `kick_signal` (its handler
-    /// installed) and the prepared child `shell`, if any.
-    pub(crate) fn spawn_in(
+    /// The machine of a VM spawned from this snapshot with the KVM handle `kvm`, the kick signal
+    /// `kick_signal` (its handler installed) and the prepared child `shell`, if any. (The VM
+    /// itself: [`Snapshot::spawn`], with the VM handle.)
+    pub(crate) fn machine(
         &self,
         kvm: Arc<Kvm>,
         kick_signal: i32,
         child: Child,
         shell: Option<Shell>,
-    ) -> Result<Vm, Error> {
-        spawn::start_from(kvm, kick_signal, self, child, shell)
+    ) -> Result<Machine, Error> {
+        spawn::machine_from(kvm, kick_signal, self, child, shell)
+    }
+
+    /// A child prepared for this snapshot, if one is ready.
+    pub(crate) fn take_prepared(&self) -> Option<Shell> {
+        lock(&self.prepared).pop()
+    }
+
+    /// The KVM handle and kick signal VMs are spawned with (for a loaded snapshot, `/dev/kvm`
+    /// opened now).
+    pub(crate) fn host(&self) -> Result<(Arc<Kvm>, i32), Error> {
+        Ok((self.kvm()?, self.kick_signal))
     }
 
     /// Creates `n` more children ahead of time for this snapshot (KVM VMs with memory slots
@@ -198,10 +203,10 @@ impl Snapshot {
         if let Some(kvm) = &*kvm {
             return Ok(kvm.clone());
         }
-        let opened = Arc::new(crate::builder::open_kvm(Path::new(
+        let opened = Arc::new(crate::vstate::kvm::open_kvm(Path::new(
             crate::DEFAULT_KVM_DEVICE,
         ))?);
-        crate::vcpu::install_kick_handler(self.kick_signal)?;
+        crate::vstate::vcpu::install_kick_handler(self.kick_signal)?;
         *kvm = Some(opened.clone());
         Ok(opened)
     }

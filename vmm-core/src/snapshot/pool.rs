@@ -20,12 +20,13 @@ use forkvm_devices::virtio::block::layer_file;
 use kvm_ioctls::{Kvm, VmFd};
 
 use crate::arch::probe::host_caps;
-use crate::builder::{create_vcpus, create_vm, setup_err};
 use crate::error::Error;
+use crate::error::setup_err;
 use crate::identity::IdentityPage;
 use crate::memory::GuestRam;
-use crate::threads::SpareThreads;
-use crate::vcpu::Vcpu;
+use crate::vstate::kvm::{create_vcpus, create_vm};
+use crate::vstate::threads::SpareThreads;
+use crate::vstate::vcpu::Vcpu;
 
 /// A child VM created ahead of a fork: memory slots over placeholder RAM, interrupt
 /// controllers, PIT, vCPUs with their CPUID, and its threads, waiting.

@@ -10,7 +10,6 @@
 use std::fs::File;
 use std::sync::Arc;
 
-use forkvm_devices::bus::Bus;
 use forkvm_devices::virtio::DeviceState;
 use forkvm_devices::virtio::balloon::{Balloon, BalloonHandle};
 use forkvm_devices::virtio::block::Block;
@@ -23,24 +22,20 @@ use kvm_ioctls::Kvm;
 use super::Snapshot;
 use super::child::Child;
 use super::pool::{Shell, ShellShape};
-use crate::builder::{LegacyConfig, legacy_devices, setup_err};
 use crate::console::ConsoleOutput;
-use crate::error::Error;
-use crate::event_loop::EventLoop;
-use crate::run_state::RunState;
-use crate::vcpu::IoBuses;
+use crate::error::{Error, setup_err};
+use crate::machine::{self, LegacyConfig, Machine, MachineSpec};
 use crate::virtio::{FrozenDevice, VirtioDeviceSpec, VirtioPlan};
-use crate::vm::{Vm, VmParts};
 
-/// A new VM, started, that continues from `point` connected to the host as `child` says, built
-/// in `shell` if one is given (its KVM VM must come from `kvm`).
-pub(crate) fn start_from(
+/// The machine of a new VM that continues from `point`, connected to the host as `child` says,
+/// built in `shell` if one is given (its KVM VM must come from `kvm`).
+pub(crate) fn machine_from(
     kvm: Arc<Kvm>,
     kick_signal: i32,
     point: &Snapshot,
     mut child: Child,
     shell: Option<Shell>,
-) -> Result<Vm, Error> {
+) -> Result<Machine, Error> {
     // At most MAX_MPTABLE_VCPUS (< 256) vCPUs, as the parent was built with.
     let count = point.cpu.vcpus.len() as u8;
     let shell = match shell {
@@ -73,45 +68,31 @@ pub(crate) fn start_from(
     for (vcpu, state) in vcpus.iter().zip(&point.cpu.vcpus) {
         state.restore(&vcpu.fd)?;
     }
-    let state = Arc::new(RunState::new(kick_signal).map_err(|e| setup_err("VM run state", e))?);
-    let mut event_loop = EventLoop::new(&state)?;
-    let (pio, serial) = legacy_devices(
-        &vm_fd,
-        &state,
-        &mut event_loop,
-        LegacyConfig {
+    let ChildDevices {
+        plan,
+        vsock,
+        balloon,
+    } = continue_devices(&point.devices, &mut child, &mut layer_files)?;
+    let machine = machine::assemble(MachineSpec {
+        kvm,
+        vm_fd,
+        ram,
+        vcpus,
+        kick_signal,
+        legacy: LegacyConfig {
             console: std::mem::replace(&mut child.console, ConsoleOutput::Discard),
             console_input: child.console_input.take(),
             serial_state: Some(point.serial.clone()),
             debug_exit: point.debug_exit,
         },
-    )?;
-    let ChildDevices {
-        plan,
-        vsock,
-        balloon,
-    } = continue_devices(&point.devices, child, &mut layer_files)?;
-    let mut mmio = Bus::new();
-    let devices = plan.attach(&vm_fd, &mut mmio, &mut event_loop, &ram.memory)?;
-    let vm = Vm::new(VmParts {
-        kvm,
-        vm_fd,
-        ram,
-        vcpus,
-        buses: Arc::new(IoBuses { pio, mmio }),
-        serial,
-        debug_exit: point.debug_exit,
-        devices,
-        event_loop,
-        state,
+        virtio: plan,
         vsock,
         balloon,
         identity,
         identity_page,
         threads,
-    });
-    vm.start()?;
-    Ok(vm)
+    })?;
+    Ok(machine)
 }
 
 /// A child's virtio devices, and the handles the VM keeps to its vsock device and balloon.
@@ -125,7 +106,7 @@ struct ChildDevices {
 /// disks' overlays are `layer_files` as long as there are some.
 fn continue_devices(
     frozen: &[FrozenDevice],
-    mut child: Child,
+    child: &mut Child,
     layer_files: &mut Vec<File>,
 ) -> Result<ChildDevices, Error> {
     let (mut vsock, mut balloon) = (None, None);

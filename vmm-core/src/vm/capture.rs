@@ -20,6 +20,7 @@ use crate::error::Error;
 use crate::memory::freeze::FreezeDraft;
 use crate::snapshot::pool::{Shell, ShellShape};
 use crate::snapshot::{Child, CpuState, Snapshot, SnapshotParts};
+use kvm_ioctls::Kvm;
 
 /// The last capture, and what the VM had done when it was taken: a capture of a VM with the same
 /// run epoch and host-write count is the same.
@@ -181,5 +182,31 @@ impl Vm {
                 .collect(),
             expected,
         }
+    }
+}
+
+/// Spawning lives with the VM handle it returns (the snapshot module knows machines, not VMs).
+impl Snapshot {
+    /// Starts a new VM that continues from this snapshot, connected to the host as `child` says
+    /// (a [`Child`], or just the [`crate::ConsoleOutput`] of its serial console). Uses a child
+    /// prepared with [`Snapshot::prepare`] when one is ready.
+    pub fn spawn(&self, child: impl Into<Child>) -> Result<Vm, Error> {
+        let (kvm, kick_signal) = self.host()?;
+        let shell = self.take_prepared();
+        self.spawn_in(kvm, kick_signal, child.into(), shell)
+    }
+
+    /// [`Snapshot::spawn`] with the KVM handle `kvm`, the kick signal `kick_signal` (its handler
+    /// installed) and the prepared child `shell`, if any.
+    pub(crate) fn spawn_in(
+        &self,
+        kvm: Arc<Kvm>,
+        kick_signal: i32,
+        child: Child,
+        shell: Option<Shell>,
+    ) -> Result<Vm, Error> {
+        let vm = Vm::new(self.machine(kvm, kick_signal, child, shell)?);
+        vm.start()?;
+        Ok(vm)
     }
 }

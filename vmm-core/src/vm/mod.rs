@@ -21,15 +21,16 @@ use forkvm_devices::virtio::balloon::BalloonHandle;
 use kvm_ioctls::{Kvm, VmFd};
 
 use crate::error::Error;
-use crate::event_loop::EventLoop;
 use crate::exit::GuestExit;
 use crate::identity::{Identity, IdentityPage};
+use crate::machine::Machine;
 use crate::memory::GuestRam;
-use crate::run_state::{PauseGuard, RunState};
 use crate::snapshot::pool::ShellPool;
-use crate::threads::{EVENTS_THREAD, SpareThreads, run_on_thread, vcpu_thread};
-use crate::vcpu::{IoBuses, SharedVcpu, Vcpu};
 use crate::virtio::{AttachedDevice, DeviceInfo};
+use crate::vstate::event_loop::EventLoop;
+use crate::vstate::run_state::{PauseGuard, RunState};
+use crate::vstate::threads::{EVENTS_THREAD, SpareThreads, run_on_thread, vcpu_thread};
+use crate::vstate::vcpu::{IoBuses, SharedVcpu, Vcpu};
 use forkvm_devices::sync::lock;
 
 /// Where a VM is in its life.
@@ -40,26 +41,6 @@ enum Phase {
     Running { event_thread: JoinHandle<()> },
     /// Ended and joined (or stopped before it started).
     Ended,
-}
-
-/// Everything a VM is made of, as the builder (or a fork) puts it together.
-pub(crate) struct VmParts {
-    pub kvm: Arc<Kvm>,
-    pub vm_fd: VmFd,
-    pub ram: GuestRam,
-    pub vcpus: Vec<Vcpu>,
-    pub buses: Arc<IoBuses>,
-    pub serial: Arc<Mutex<SerialPort>>,
-    pub debug_exit: bool,
-    pub devices: Vec<AttachedDevice>,
-    pub event_loop: EventLoop,
-    pub state: Arc<RunState>,
-    pub vsock: Option<VsockConnector>,
-    pub balloon: Option<BalloonHandle>,
-    pub identity: Identity,
-    pub identity_page: IdentityPage,
-    /// Threads started ahead for the event loop and the vCPUs (none: [`Vm::start`] starts them).
-    pub threads: SpareThreads,
 }
 
 /// A VM built by [`crate::VmBuilder`]. `Send + Sync`: any thread may wait for or stop it.
@@ -101,7 +82,7 @@ pub struct Vm {
 }
 
 impl Vm {
-    pub(crate) fn new(parts: VmParts) -> Self {
+    pub(crate) fn new(parts: Machine) -> Self {
         Self {
             phase: Mutex::new(Phase::Built {
                 event_loop: Box::new(parts.event_loop),

@@ -13,7 +13,7 @@ use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
 use crate::error::Error;
 use crate::exit::{CpuRegisters, Crash, CrashReason, GuestExit};
-use crate::run_state::RunState;
+use crate::vstate::run_state::RunState;
 use forkvm_devices::sync::lock;
 
 /// Default offset from `SIGRTMIN` of the signal that kicks vCPU threads out of `KVM_RUN`

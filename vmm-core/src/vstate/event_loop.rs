@@ -7,7 +7,7 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use vmm_sys_util::epoll::EventSet;
 
 use crate::error::Error;
-use crate::run_state::RunState;
+use crate::vstate::run_state::RunState;
 
 /// A subscriber as the event loop holds it.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
