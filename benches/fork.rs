@@ -111,7 +111,7 @@ fn bench_fork1_devices(c: &mut Criterion) {
                 .block(disk.path(), false)
                 .rng()
                 .virtio_console(ConsoleOutput::Discard, None)
-                .vsock(forkvm::Vsock::new(3))
+                .vsock(forkvm::VsockConfig::new(3))
         });
         parent.pause().unwrap();
         for prepared in [false, true] {

@@ -388,7 +388,7 @@ fn direct_io_disk_works_end_to_end() {
     let disk = TempFile::with_contents("boot-disk-direct", &vec![0u8; 1 << 20]);
     let console = ConsoleBuffer::new();
     let vm = test_guest_vm("mode=virtio-blk", &console)
-        .disk(forkvm::Disk::new(disk.path()).direct_io(true))
+        .disk(forkvm::DiskConfig::new(disk.path()).direct_io(true))
         .build()
         .unwrap();
     assert_succeeds(&vm, &console);
@@ -420,7 +420,7 @@ fn test_guest_inflates_the_balloon_and_the_host_gets_the_memory_back() {
         &format!("mode=virtio-balloon balloon_pages={TOUCHED}"),
         &console,
     )
-    .balloon(forkvm::Balloon::new())
+    .balloon(forkvm::BalloonConfig::new())
     .build()
     .unwrap();
     assert_eq!(vm.devices()[0].kind, forkvm::DeviceKind::Balloon);

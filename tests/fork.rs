@@ -272,7 +272,7 @@ fn concurrent_lifecycle_calls_never_tear_a_fork_point() {
     let vm = test_guest_vm("mode=spin-check", &console)
         .vcpus(2)
         .rng()
-        .vsock(forkvm::Vsock::new(3))
+        .vsock(forkvm::VsockConfig::new(3))
         .build()
         .unwrap();
     vm.start().unwrap();

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use forkvm::{Balloon, Child, ConsoleBuffer, ConsoleInput, ConsoleOutput, Vm, Vsock};
+use forkvm::{BalloonConfig, Child, ConsoleBuffer, ConsoleInput, ConsoleOutput, Vm, VsockConfig};
 use forkvm_tests::{BlkMailbox, assert_exits_ok, test_guest_vm, wait_for_output};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -15,8 +15,8 @@ fn children_have_copies_of_every_device_in_the_same_place() {
     let parent = test_guest_vm("mode=spin", &serial)
         .rng()
         .virtio_console(ConsoleOutput::Discard, None)
-        .vsock(Vsock::new(3))
-        .balloon(Balloon::new())
+        .vsock(VsockConfig::new(3))
+        .balloon(BalloonConfig::new())
         .build()
         .unwrap();
     parent.start().unwrap();
@@ -102,7 +102,7 @@ fn vsock_connections_end_in_children_with_a_transport_reset_and_survive_in_the_p
     let socket =
         std::env::temp_dir().join(format!("forkvm-fork-vsock-{}.sock", std::process::id()));
     let parent = test_guest_vm("mode=vsock-listen vsock_port=77", &serial)
-        .vsock(Vsock::new(3))
+        .vsock(VsockConfig::new(3))
         .build()
         .unwrap();
     parent.start().unwrap();

@@ -2,7 +2,9 @@
 //! 1,000 fork → stop cycles of one running VM, leave no growth in open fds, threads or resident
 //! memory. One test only, so nothing else runs alongside and disturbs the counts.
 
-use forkvm::{Balloon, Child, ConsoleBuffer, ConsoleOutput, GuestExit, VmBuilder, Vsock};
+use forkvm::{
+    BalloonConfig, Child, ConsoleBuffer, ConsoleOutput, GuestExit, VmBuilder, VsockConfig,
+};
 use forkvm_tests::{open_fds, proc_status, test_guest, test_guest_vm};
 
 const CYCLES: usize = 1000;
@@ -22,14 +24,14 @@ fn cycle(i: usize) {
     // A quarter also carry vsock (its epoll set, eventfd and, every other time, a listening
     // Unix socket whose file must go with the VM) and a balloon.
     if i.is_multiple_of(4) {
-        let mut vsock = Vsock::new(3);
+        let mut vsock = VsockConfig::new(3);
         if i.is_multiple_of(8) {
             vsock = vsock.uds_path(
                 std::env::temp_dir()
                     .join(format!("forkvm-lifecycle-{}-{i}.sock", std::process::id())),
             );
         }
-        builder = builder.vsock(vsock).balloon(Balloon::new());
+        builder = builder.vsock(vsock).balloon(BalloonConfig::new());
     }
     let vm = builder.vcpus(1 + (i % 2) as u32).build().unwrap();
     vm.start().unwrap();
@@ -101,8 +103,8 @@ fn thousand_cycles_and_failed_builds_leave_no_growth() {
         .block(disk.path(), false)
         .rng()
         .virtio_console(ConsoleOutput::Discard, None)
-        .vsock(Vsock::new(3))
-        .balloon(Balloon::new())
+        .vsock(VsockConfig::new(3))
+        .balloon(BalloonConfig::new())
         .build()
         .unwrap();
     parent.start().unwrap();

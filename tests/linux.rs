@@ -15,7 +15,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixListener;
 use std::time::{Duration, Instant};
 
-use forkvm::{Balloon, ConsoleBuffer, ConsoleOutput, GuestExit, VmBuilder, Vsock};
+use forkvm::{BalloonConfig, ConsoleBuffer, ConsoleOutput, GuestExit, VmBuilder, VsockConfig};
 use forkvm_tests::{TempFile, built_artifact};
 
 const MARKER: &str = "FORKVM-LINUX-INIT-OK";
@@ -70,8 +70,8 @@ fn linux_boots_to_init_and_shuts_down() {
         .rng()
         .block(disk.path(), false)
         .virtio_console(ConsoleOutput::Buffer(hvc.clone()), None)
-        .vsock(Vsock::new(3).uds_path(&uds))
-        .balloon(Balloon::new().free_page_reporting(true))
+        .vsock(VsockConfig::new(3).uds_path(&uds))
+        .balloon(BalloonConfig::new().free_page_reporting(true))
         .console(ConsoleOutput::Buffer(console.clone()))
         .build()
         .expect("build the Linux VM");
@@ -187,7 +187,7 @@ fn a_booted_linux_guest_forks_and_each_child_runs_its_own_command() {
             ConsoleOutput::Buffer(hvc.clone()),
             Some(forkvm::ConsoleInput::Fd(reader.into())),
         )
-        .vsock(Vsock::new(3))
+        .vsock(VsockConfig::new(3))
         .console(ConsoleOutput::Discard)
         .build()
         .expect("build the Linux VM");

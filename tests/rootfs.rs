@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use forkvm::agent::{Agent, AgentError, Command, IMAGE_CMDLINE, PtyEvent, WriteOptions};
-use forkvm::{Child, ConsoleBuffer, ConsoleOutput, GuestExit, Vm, VmBuilder, Vsock};
+use forkvm::{Child, ConsoleBuffer, ConsoleOutput, GuestExit, Vm, VmBuilder, VsockConfig};
 use forkvm_agent_protocol::{ErrorKind, PowerAction};
 use forkvm_tests::built_artifact;
 
@@ -32,7 +32,7 @@ fn the_image_runs_commands_files_and_ptys_through_the_agent_and_forks_with_them(
         .cmdline(IMAGE_CMDLINE)
         .memory_mib(256)
         .block(&image, true)
-        .vsock(Vsock::new(3))
+        .vsock(VsockConfig::new(3))
         .console(ConsoleOutput::Buffer(console.clone()))
         .build()
         .expect("build the VM");

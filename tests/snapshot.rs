@@ -109,7 +109,7 @@ fn virtio_devices_are_snapshotted_with_their_queues_and_continue_after_restore()
     let parent = forkvm_tests::test_guest_vm("mode=virtio-console", &serial)
         .rng()
         .virtio_console(ConsoleOutput::Buffer(hvc.clone()), None)
-        .vsock(forkvm::Vsock::new(3))
+        .vsock(forkvm::VsockConfig::new(3))
         .build()
         .unwrap();
     parent.start().unwrap();

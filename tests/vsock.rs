@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::Duration;
 
-use forkvm::{ConsoleBuffer, GuestExit, Vm, Vsock};
+use forkvm::{ConsoleBuffer, GuestExit, Vm, VsockConfig};
 use forkvm_tests::{assert_exits_ok, test_guest_vm, wait_for_output};
 
 const GUEST_CID: u64 = 3;
@@ -41,7 +41,7 @@ impl Drop for TempDir {
 
 /// Builds the test guest with `cmdline` and a vsock device (CID 3) listening at `uds` if given.
 fn vsock_vm(cmdline: &str, uds: Option<&Path>, console: &ConsoleBuffer) -> Vm {
-    let mut vsock = Vsock::new(GUEST_CID);
+    let mut vsock = VsockConfig::new(GUEST_CID);
     if let Some(path) = uds {
         vsock = vsock.uds_path(path);
     }

@@ -236,13 +236,13 @@ fn builder(env: Env, options: VmOptions) -> Outcome<forkvm::VmBuilder> {
     }
     for disk in options.disks.unwrap_or_default() {
         b = b.disk(
-            forkvm::Disk::new(disk.path)
+            forkvm::DiskConfig::new(disk.path)
                 .read_only(disk.read_only.unwrap_or(false))
                 .direct_io(disk.direct_io.unwrap_or(false)),
         );
     }
     if let Some(cid) = options.vsock_cid {
-        let mut vsock = forkvm::Vsock::new(cid.into());
+        let mut vsock = forkvm::VsockConfig::new(cid.into());
         if let Some(path) = options.vsock_uds_path {
             vsock = vsock.uds_path(path);
         }
@@ -250,7 +250,7 @@ fn builder(env: Env, options: VmOptions) -> Outcome<forkvm::VmBuilder> {
     }
     if let Some(balloon) = options.balloon {
         b = b.balloon(
-            forkvm::Balloon::new()
+            forkvm::BalloonConfig::new()
                 .deflate_on_oom(balloon.deflate_on_oom.unwrap_or(false))
                 .free_page_reporting(balloon.free_page_reporting.unwrap_or(false)),
         );

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use forkvm::agent::DEFAULT_REQUEST_TIMEOUT;
-use forkvm::{Balloon, BalloonHandle, Child, Disk, Vm, VmBuilder, Vsock};
+use forkvm::{BalloonConfig, BalloonHandle, Child, DiskConfig, Vm, VmBuilder, VsockConfig};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
@@ -352,7 +352,7 @@ impl PyVm {
                 ),
             };
             builder = builder.disk(
-                Disk::new(disk.path)
+                DiskConfig::new(disk.path)
                     .read_only(disk.read_only)
                     .direct_io(disk.direct_io),
             );
@@ -363,7 +363,7 @@ impl PyVm {
         }
         match (vsock_cid, vsock_uds_path) {
             (Some(cid), path) => {
-                let mut vsock = Vsock::new(cid);
+                let mut vsock = VsockConfig::new(cid);
                 if let Some(path) = path {
                     vsock = vsock.uds_path(path);
                 }
@@ -386,7 +386,7 @@ impl PyVm {
             };
             if let Some(b) = options {
                 builder = builder.balloon(
-                    Balloon::new()
+                    BalloonConfig::new()
                         .deflate_on_oom(b.deflate_on_oom)
                         .free_page_reporting(b.free_page_reporting),
                 );

@@ -3,7 +3,7 @@
 use std::ffi::c_char;
 use std::sync::Mutex;
 
-use forkvm::{Balloon, Disk, VmBuilder, Vsock};
+use forkvm::{BalloonConfig, DiskConfig, VmBuilder, VsockConfig};
 
 use crate::console::{input_arg, output_arg};
 use crate::error::{Failure, ffi, forkvm_status};
@@ -162,7 +162,7 @@ pub unsafe extern "C" fn forkvm_builder_disk(
     direct_io: bool,
 ) -> forkvm_status {
     with_builder(builder, || {
-        let disk = Disk::new(str_arg(path, "path")?)
+        let disk = DiskConfig::new(str_arg(path, "path")?)
             .read_only(read_only)
             .direct_io(direct_io);
         Ok(move |b: VmBuilder| b.disk(disk))
@@ -192,7 +192,7 @@ pub unsafe extern "C" fn forkvm_builder_vsock(
     uds_path: *const c_char,
 ) -> forkvm_status {
     with_builder(builder, || {
-        let mut vsock = Vsock::new(cid);
+        let mut vsock = VsockConfig::new(cid);
         if let Some(path) = opt_str_arg(uds_path, "uds_path")? {
             vsock = vsock.uds_path(path);
         }
@@ -208,7 +208,7 @@ pub unsafe extern "C" fn forkvm_builder_balloon(
     free_page_reporting: bool,
 ) -> forkvm_status {
     with_builder(builder, || {
-        let balloon = Balloon::new()
+        let balloon = BalloonConfig::new()
             .deflate_on_oom(deflate_on_oom)
             .free_page_reporting(free_page_reporting);
         Ok(move |b: VmBuilder| b.balloon(balloon))

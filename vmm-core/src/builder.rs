@@ -50,8 +50,8 @@ pub struct VmBuilder {
     kvm_device: PathBuf,
     kick_signal_offset: i32,
     virtio: Vec<VirtioConfig>,
-    vsock: Option<Vsock>,
-    balloon: Option<Balloon>,
+    vsock: Option<VsockConfig>,
+    balloon: Option<BalloonConfig>,
 }
 
 /// A virtio device requested from the builder.
@@ -59,7 +59,7 @@ pub struct VmBuilder {
 enum VirtioConfig {
     Rng,
     Block {
-        disk: Disk,
+        disk: DiskConfig,
         serial: String,
     },
     Console {
@@ -91,13 +91,13 @@ impl VirtioConfig {
 
 /// A virtio-blk disk: a raw image file and how to open it.
 #[derive(Clone, Debug)]
-pub struct Disk {
+pub struct DiskConfig {
     path: PathBuf,
     read_only: bool,
     direct_io: bool,
 }
 
-impl Disk {
+impl DiskConfig {
     /// A writable disk over the image at `path`, through the host page cache.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
@@ -123,12 +123,12 @@ impl Disk {
 
 /// A virtio-vsock device: the guest's CID and how host programs reach it.
 #[derive(Clone, Debug)]
-pub struct Vsock {
+pub struct VsockConfig {
     cid: u64,
     uds_path: Option<PathBuf>,
 }
 
-impl Vsock {
+impl VsockConfig {
     /// A socket device giving the guest `cid` (3 to 2^32 - 2). Host programs in this process
     /// connect to guest ports with [`Vm::vsock_connect`].
     pub fn new(cid: u64) -> Self {
@@ -158,12 +158,12 @@ impl Vsock {
 /// A virtio-balloon device: the guest gives memory back to the host on request (see
 /// [`crate::BalloonHandle`]). It always offers memory statistics.
 #[derive(Clone, Debug, Default)]
-pub struct Balloon {
+pub struct BalloonConfig {
     deflate_on_oom: bool,
     free_page_reporting: bool,
 }
 
-impl Balloon {
+impl BalloonConfig {
     /// A balloon without deflate-on-OOM or free page reporting.
     pub fn new() -> Self {
         Self::default()
@@ -276,11 +276,11 @@ impl VmBuilder {
     /// Adds a virtio-blk disk backed by the raw image at `path` (`/dev/vda`, `/dev/vdb`, ... in
     /// the order added). A read-only disk fails the guest's writes with an I/O error.
     pub fn block(self, path: impl Into<PathBuf>, read_only: bool) -> Self {
-        self.disk(Disk::new(path).read_only(read_only))
+        self.disk(DiskConfig::new(path).read_only(read_only))
     }
 
     /// Adds a virtio-blk disk described by `disk`.
-    pub fn disk(mut self, disk: Disk) -> Self {
+    pub fn disk(mut self, disk: DiskConfig) -> Self {
         let index = self
             .virtio
             .iter()
@@ -301,14 +301,14 @@ impl VmBuilder {
     }
 
     /// Adds the virtio-vsock device (a VM has at most one; a second call replaces the first).
-    pub fn vsock(mut self, vsock: Vsock) -> Self {
+    pub fn vsock(mut self, vsock: VsockConfig) -> Self {
         self.vsock = Some(vsock);
         self
     }
 
     /// Adds a virtio-balloon device (one per VM: a second call replaces the first); the built
     /// VM's [`Vm::balloon`] drives it.
-    pub fn balloon(mut self, balloon: Balloon) -> Self {
+    pub fn balloon(mut self, balloon: BalloonConfig) -> Self {
         self.balloon = Some(balloon);
         self
     }
@@ -411,7 +411,7 @@ impl VmBuilder {
             .into_iter()
             .map(VirtioConfig::create)
             .collect::<Result<Vec<_>, _>>()?;
-        let vsock = self.vsock.take().map(Vsock::create).transpose()?;
+        let vsock = self.vsock.take().map(VsockConfig::create).transpose()?;
         let vsock = vsock.map(|(spec, connector)| {
             devices.push(spec);
             connector

@@ -34,8 +34,8 @@ mod vstate;
 
 pub use boot::BootError;
 pub use builder::{
-    Balloon, DEFAULT_CMDLINE, DEFAULT_KVM_DEVICE, DEFAULT_MEMORY_MIB, Disk, EMULATED_HOST_CMDLINE,
-    PLATFORM_CMDLINE, VmBuilder, Vsock,
+    BalloonConfig, DEFAULT_CMDLINE, DEFAULT_KVM_DEVICE, DEFAULT_MEMORY_MIB, DiskConfig,
+    EMULATED_HOST_CMDLINE, PLATFORM_CMDLINE, VmBuilder, VsockConfig,
 };
 pub use console::{
     ConsoleBuffer, ConsoleCallback, ConsoleInput, ConsoleOutput, DEFAULT_CONSOLE_BUFFER_LIMIT,

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use forkvm::agent::{Command, IMAGE_CMDLINE, IMAGE_MEMORY_MIB, Stream};
 use forkvm::{
-    ConsoleBuffer, ConsoleInput, ConsoleOutput, DEFAULT_MEMORY_MIB, GuestExit, VmBuilder, Vsock,
+    ConsoleBuffer, ConsoleInput, ConsoleOutput, DEFAULT_MEMORY_MIB, GuestExit, VmBuilder,
+    VsockConfig,
 };
 
 const USAGE: &str =
@@ -44,7 +45,7 @@ struct RunArgs {
     debug_exit: bool,
     rng: bool,
     disks: Vec<(PathBuf, bool)>,
-    vsock: Option<Vsock>,
+    vsock: Option<VsockConfig>,
 }
 
 /// What `forkvm exec` runs, and in what.
@@ -140,7 +141,7 @@ fn parse_run(mut args: impl Iterator<Item = String>) -> Result<RunArgs, String> 
 }
 
 /// `CID` or `CID:UDS_PATH`.
-fn parse_vsock(value: &str) -> Result<Vsock, String> {
+fn parse_vsock(value: &str) -> Result<VsockConfig, String> {
     let (cid, path) = match value.split_once(':') {
         Some((cid, path)) => (cid, Some(path)),
         None => (value, None),
@@ -149,8 +150,8 @@ fn parse_vsock(value: &str) -> Result<Vsock, String> {
         .parse()
         .map_err(|e| format!("--vsock: CID {cid:?}: {e}"))?;
     Ok(match path {
-        Some(path) => Vsock::new(cid).uds_path(path),
-        None => Vsock::new(cid),
+        Some(path) => VsockConfig::new(cid).uds_path(path),
+        None => VsockConfig::new(cid),
     })
 }
 
@@ -196,7 +197,7 @@ fn exec(args: ExecArgs) -> Result<u8, String> {
         .memory_mib(args.memory_mib)
         .vcpus(args.vcpus)
         .rng()
-        .vsock(Vsock::new(3))
+        .vsock(VsockConfig::new(3))
         .console(ConsoleOutput::Buffer(console.clone()))
         .build()
         .map_err(|e| e.to_string())?;

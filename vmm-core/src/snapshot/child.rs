@@ -41,7 +41,7 @@ impl Child {
         self
     }
 
-    /// Where host programs reach the child's vsock device, as [`crate::Vsock::uds_path`] (the
+    /// Where host programs reach the child's vsock device, as [`crate::VsockConfig::uds_path`] (the
     /// parent's socket stays the parent's).
     pub fn vsock_uds_path(mut self, path: impl Into<PathBuf>) -> Self {
         self.vsock_uds_path = Some(path.into());
