@@ -101,7 +101,6 @@ fn vm_code(e: &forkvm::Error) -> &'static str {
         E::NotStarted => "NOT_STARTED",
         E::NotRunning(_) => "NOT_RUNNING",
         E::PauseTimedOut => "TIMED_OUT",
-        E::Unsupported { .. } => "UNSUPPORTED",
         E::SnapshotInvalid { .. } | E::SnapshotIncompatible { .. } => "SNAPSHOT",
         _ => "OTHER",
     }

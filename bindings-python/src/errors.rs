@@ -83,7 +83,7 @@ create_exception!(
     forkvm,
     UnsupportedError,
     Error,
-    "Something forkvm cannot do yet."
+    "Something forkvm cannot do yet (nothing raises it at present; kept for compatibility)."
 );
 create_exception!(
     forkvm,
@@ -170,7 +170,6 @@ pub(crate) fn vm_error(e: forkvm::Error) -> PyErr {
         E::NotStarted => NotStartedError::new_err(message),
         E::NotRunning(_) => NotRunningError::new_err(message),
         E::PauseTimedOut => TimedOutError::new_err(message),
-        E::Unsupported { .. } => UnsupportedError::new_err(message),
         E::SnapshotInvalid { .. } | E::SnapshotIncompatible { .. } => {
             SnapshotError::new_err(message)
         }

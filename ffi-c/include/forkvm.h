@@ -70,7 +70,8 @@ typedef enum forkvm_status {
   FORKVM_ERR_BUFFER_TOO_SMALL = 19,
   // The handle is in use by another thread and cannot be consumed now.
   FORKVM_ERR_BUSY = 20,
-  // Something forkvm cannot do yet.
+  // Something forkvm cannot do yet. No function returns it at present; the value stays
+  // reserved.
   FORKVM_ERR_UNSUPPORTED = 21,
   // Any other failure of the VMM (a thread or device could not be set up).
   FORKVM_ERR_OTHER = 22,

@@ -57,7 +57,8 @@ pub enum forkvm_status {
     FORKVM_ERR_BUFFER_TOO_SMALL = 19,
     /// The handle is in use by another thread and cannot be consumed now.
     FORKVM_ERR_BUSY = 20,
-    /// Something forkvm cannot do yet.
+    /// Something forkvm cannot do yet. No function returns it at present; the value stays
+    /// reserved.
     FORKVM_ERR_UNSUPPORTED = 21,
     /// Any other failure of the VMM (a thread or device could not be set up).
     FORKVM_ERR_OTHER = 22,
@@ -108,7 +109,6 @@ impl From<forkvm::Error> for Failure {
             E::NotStarted => FORKVM_ERR_NOT_STARTED,
             E::NotRunning(_) => FORKVM_ERR_NOT_RUNNING,
             E::PauseTimedOut => FORKVM_ERR_TIMED_OUT,
-            E::Unsupported { .. } => FORKVM_ERR_UNSUPPORTED,
             E::SnapshotInvalid { .. } | E::SnapshotIncompatible { .. } => FORKVM_ERR_SNAPSHOT,
             _ => FORKVM_ERR_OTHER,
         };

@@ -130,12 +130,6 @@ pub enum Error {
     /// The VM's threads did not stop for a pause in time (a device handler may be stuck).
     #[error("the VM's threads did not stop within 5 s; the VM keeps running")]
     PauseTimedOut,
-    /// Something forkvm cannot do yet.
-    #[error("{what} is not supported yet")]
-    Unsupported {
-        /// What.
-        what: &'static str,
-    },
     /// A virtio device could not be frozen for a fork.
     #[error("cannot freeze virtio device type {device_type} for a fork: {source}")]
     DeviceFreeze {
