@@ -47,6 +47,12 @@ test('bad configurations get coded errors', async () => {
   await assert.rejects(VM.restore('/nonexistent'), { code: 'SNAPSHOT' });
 });
 
+test('a missing KVM device is a KVM error', async () => {
+  await assert.rejects(VM.build({ kernel: guest, kvmDevice: '/nonexistent/kvm' }),
+    (e) => e instanceof forkvm.KvmError && e.code === 'KVM' &&
+      /\/nonexistent\/kvm does not exist/.test(e.message));
+});
+
 test('the agent of a VM without vsock: NO_DEVICE', async () => {
   const vm = await VM.build({ kernel: guest, memoryMib: 32, cmdline: 'mode=spin', console: null });
   await vm.start();

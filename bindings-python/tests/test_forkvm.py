@@ -172,6 +172,11 @@ def test_bad_configurations(guest: str, tmp_path: Path) -> None:
         forkvm.VM(kernel=guest, memory_mib=32, console=None, vsock_uds_path=tmp_path / "v")
 
 
+def test_a_missing_kvm_device_is_a_kvm_error(guest: str, tmp_path: Path) -> None:
+    with pytest.raises(forkvm.KvmError, match="kvm does not exist"):
+        forkvm.VM(kernel=guest, memory_mib=32, console=None, kvm_device=tmp_path / "kvm")
+
+
 def test_wrong_argument_types_raise_type_error(guest: str) -> None:
     with pytest.raises(TypeError):
         forkvm.VM(kernel=42)  # type: ignore[arg-type]

@@ -45,7 +45,8 @@ typedef enum forkvm_status {
   // A host file or socket could not be used (kernel, disk image, console file, snapshot
   // files, agent I/O).
   FORKVM_ERR_IO = 8,
-  // A KVM ioctl failed.
+  // KVM is missing or may not be opened, one of its calls failed, or probing the host's KVM
+  // failed.
   FORKVM_ERR_KVM = 9,
   // The kernel or initrd could not be loaded.
   FORKVM_ERR_BOOT = 10,

@@ -43,7 +43,7 @@ pub use builder::{
 pub use console::{
     ConsoleBuffer, ConsoleCallback, ConsoleInput, ConsoleOutput, DEFAULT_CONSOLE_BUFFER_LIMIT,
 };
-pub use error::Error;
+pub use error::{Error, ErrorKind};
 pub use exit::{CpuRegisters, Crash, CrashReason, GuestExit};
 pub use fork::Child;
 pub use forkvm_devices::virtio::balloon::{

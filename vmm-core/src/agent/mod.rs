@@ -83,6 +83,22 @@ pub enum AgentError {
     Vm(Box<crate::Error>),
 }
 
+impl AgentError {
+    /// What kind of failure this is; for [`AgentError::Vm`], its VM error's kind.
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self {
+            Self::NotReady(_) => K::AgentNotReady,
+            Self::CommandNotFound(_) => K::CommandNotFound,
+            Self::TimedOut => K::TimedOut,
+            Self::ConnectionLost => K::ConnectionLost,
+            Self::Agent(_) | Self::Protocol(_) | Self::Unexpected(_) => K::Agent,
+            Self::Io(_) => K::Io,
+            Self::Vm(error) => error.kind(),
+        }
+    }
+}
+
 impl From<ProtocolError> for AgentError {
     fn from(e: ProtocolError) -> Self {
         match e {
