@@ -57,6 +57,7 @@ pub enum ErrorKind {
 
 /// Everything that can go wrong building, starting or running a VM.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The KVM device does not exist.
     #[error(

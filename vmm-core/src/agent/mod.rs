@@ -50,6 +50,7 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a request to the guest agent failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AgentError {
     /// The agent did not answer in time (not booted yet, or no agent in this guest).
     #[error("the guest agent is not ready: {0}")]

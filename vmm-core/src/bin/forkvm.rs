@@ -234,6 +234,8 @@ fn exit_code(exit: &GuestExit) -> ExitCode {
         }),
         GuestExit::TripleFault { .. } => ExitCode::from(EXIT_TRIPLE_FAULT),
         GuestExit::Crashed(_) | GuestExit::Stopped => ExitCode::from(EXIT_CRASH),
+        // An exit this program does not know: not a clean one.
+        _ => ExitCode::from(EXIT_CRASH),
     }
 }
 
