@@ -1,6 +1,6 @@
 //! Errors as JS sees them: an `Error` whose `code` names what failed (`NOT_RUNNING`,
 //! `AGENT_NOT_READY`, ...), mapped from the `forkvm::ErrorKind` of a `forkvm::Error` or
-//! `AgentError` (as the C binding's statuses are).
+//! `AgentError` (as the C binding's statuses are), with the error's message and its causes.
 //! `index.js` gives each code its `Error` subclass.
 
 use forkvm::ErrorKind;
@@ -61,13 +61,13 @@ pub fn sync<T>(env: Env, f: impl FnOnce() -> Outcome<T>) -> napi::Result<T> {
 
 impl From<forkvm::Error> for Failure {
     fn from(e: forkvm::Error) -> Self {
-        Self::new(code(e.kind()), e.to_string())
+        Self::new(code(e.kind()), forkvm::error_chain(&e))
     }
 }
 
 impl From<AgentError> for Failure {
     fn from(e: AgentError) -> Self {
-        Self::new(code(e.kind()), e.to_string())
+        Self::new(code(e.kind()), forkvm::error_chain(&e))
     }
 }
 

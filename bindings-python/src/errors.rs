@@ -1,6 +1,6 @@
 //! The exception hierarchy: `forkvm.Error` and one subclass per [`ErrorKind`] of
 //! [`forkvm::Error`] and [`forkvm::agent::AgentError`] (the classification the C and Node
-//! bindings map too).
+//! bindings map too), raised with the error's message and its causes.
 
 use forkvm::ErrorKind;
 use pyo3::create_exception;
@@ -149,14 +149,14 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
-/// The exception for a [`forkvm::Error`], with its message.
+/// The exception for a [`forkvm::Error`], with its message and causes.
 pub(crate) fn vm_error(e: forkvm::Error) -> PyErr {
-    exception(e.kind(), e.to_string())
+    exception(e.kind(), forkvm::error_chain(&e))
 }
 
-/// The exception for an [`AgentError`], with its message.
+/// The exception for an [`AgentError`], with its message and causes.
 pub(crate) fn agent_error(e: forkvm::agent::AgentError) -> PyErr {
-    exception(e.kind(), e.to_string())
+    exception(e.kind(), forkvm::error_chain(&e))
 }
 
 /// The exception class of a kind of error, raised with `message`.

@@ -96,13 +96,13 @@ impl Failure {
 
 impl From<forkvm::Error> for Failure {
     fn from(e: forkvm::Error) -> Self {
-        Self::new(status(e.kind()), e.to_string())
+        Self::new(status(e.kind()), forkvm::error_chain(&e))
     }
 }
 
 impl From<AgentError> for Failure {
     fn from(e: AgentError) -> Self {
-        Self::new(status(e.kind()), e.to_string())
+        Self::new(status(e.kind()), forkvm::error_chain(&e))
     }
 }
 

@@ -99,8 +99,8 @@ static void null_pointers_and_bad_handles(void)
     EXPECT(FORKVM_ERR_INVALID_HANDLE, forkvm_builder_free(builder));
 }
 
-/* A failed build's status is its kind: a missing KVM device is FORKVM_ERR_KVM, as every other
- * KVM failure. */
+/* A failed build's status is its kind (a missing KVM device is FORKVM_ERR_KVM, as every other
+ * KVM failure), and its message carries its cause, once. */
 static void build_failures(void)
 {
     forkvm_builder *builder;
@@ -110,6 +110,14 @@ static void build_failures(void)
     OK(forkvm_builder_kvm_device(builder, "/nonexistent/kvm"));
     EXPECT(FORKVM_ERR_KVM, forkvm_builder_build(builder, &vm));
     expect_error("/nonexistent/kvm does not exist");
+    OK(forkvm_builder_free(builder));
+
+    OK(forkvm_builder_new(&builder));
+    OK(forkvm_builder_kernel(builder, "/nonexistent/vmlinux"));
+    EXPECT(FORKVM_ERR_BOOT, forkvm_builder_build(builder, &vm));
+    const char *cause = "No such file or directory";
+    expect_error("cannot read kernel /nonexistent/vmlinux: No such file or directory");
+    CHECK(strstr(strstr(forkvm_last_error(), cause) + strlen(cause), cause) == NULL);
     OK(forkvm_builder_free(builder));
 }
 

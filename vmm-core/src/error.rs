@@ -56,6 +56,9 @@ pub enum ErrorKind {
 }
 
 /// Everything that can go wrong building, starting or running a VM.
+///
+/// An error's message does not repeat its cause ([`std::error::Error::source`]);
+/// [`error_chain`](crate::error_chain) gives both as one line.
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -70,7 +73,7 @@ pub enum Error {
     )]
     KvmPermission(PathBuf),
     /// The KVM device could not be opened for another reason.
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {path}")]
     KvmOpen {
         /// The device path.
         path: PathBuf,
@@ -107,7 +110,7 @@ pub enum Error {
     #[error(transparent)]
     Boot(#[from] BootError),
     /// A KVM ioctl failed.
-    #[error("{op} failed: {source}")]
+    #[error("{op} failed")]
     Kvm {
         /// The ioctl.
         op: &'static str,
@@ -127,7 +130,7 @@ pub enum Error {
     #[error("probing the host's KVM failed: {0}")]
     Probe(String),
     /// A block device's image could not be opened.
-    #[error("cannot open disk image {path}: {source}")]
+    #[error("cannot open disk image {path}")]
     BlockImage {
         /// The image.
         path: PathBuf,
@@ -142,7 +145,7 @@ pub enum Error {
     #[error("this VM has no vsock device: add one with VmBuilder::vsock")]
     NoVsock,
     /// A connection to a guest vsock port failed.
-    #[error("cannot connect to guest vsock port {port}: {source}")]
+    #[error("cannot connect to guest vsock port {port}")]
     VsockConnect {
         /// The guest port.
         port: u32,
@@ -151,7 +154,7 @@ pub enum Error {
         source: io::Error,
     },
     /// The console output file could not be opened.
-    #[error("cannot open console output {path}: {source}")]
+    #[error("cannot open console output {path}")]
     ConsoleFile {
         /// The file.
         path: PathBuf,
@@ -160,7 +163,7 @@ pub enum Error {
         source: io::Error,
     },
     /// A VMM thread could not be started.
-    #[error("cannot start the {what} thread: {source}")]
+    #[error("cannot start the {what} thread")]
     Thread {
         /// Which thread.
         what: &'static str,
@@ -178,7 +181,7 @@ pub enum Error {
     #[error("the VM's threads did not stop within 5 s; the VM keeps running")]
     PauseTimedOut,
     /// A virtio device could not be frozen for a fork.
-    #[error("cannot freeze virtio device type {device_type} for a fork: {source}")]
+    #[error("cannot freeze virtio device type {device_type} for a fork")]
     DeviceFreeze {
         /// Its virtio device type.
         device_type: u32,
@@ -186,7 +189,7 @@ pub enum Error {
         source: forkvm_devices::virtio::DeviceError,
     },
     /// A snapshot could not be written.
-    #[error("cannot snapshot to {path}: {what}: {source}")]
+    #[error("cannot snapshot to {path}: {what}")]
     Snapshot {
         /// The snapshot directory.
         path: PathBuf,
@@ -474,5 +477,29 @@ mod tests {
         ] {
             assert_eq!(error.kind(), kind, "{error:?}");
         }
+    }
+
+    #[test]
+    fn messages_leave_the_cause_to_the_chain() {
+        let error = Error::BlockImage {
+            path: "/x".into(),
+            source: io(),
+        };
+        assert_eq!(error.to_string(), "cannot open disk image /x");
+        let chain = crate::error_chain(&error);
+        assert!(chain.starts_with("cannot open disk image /x: "), "{chain}");
+        assert!(chain.ends_with(&io().to_string()), "{chain}");
+        assert_eq!(chain.matches(&io().to_string()).count(), 1, "{chain}");
+
+        // Through a transparent wrapper and an agent error, the cause still comes once.
+        let memory = Error::Memory(MemoryError::Freeze {
+            what: "seal",
+            source: io(),
+        });
+        let agent = AgentError::Vm(Box::new(memory));
+        assert_eq!(
+            crate::error_chain(&agent),
+            format!("cannot freeze guest memory: seal: {}", io())
+        );
     }
 }

@@ -46,6 +46,7 @@ pub use console::{
 pub use error::{Error, ErrorKind};
 pub use exit::{CpuRegisters, Crash, CrashReason, GuestExit};
 pub use fork::Child;
+pub use forkvm_devices::chain::{ErrorChain, error_chain};
 pub use forkvm_devices::virtio::balloon::{
     BalloonError, BalloonHandle, BalloonStats, stat_tag as balloon_stat_tag,
 };

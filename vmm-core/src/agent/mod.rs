@@ -80,7 +80,7 @@ pub enum AgentError {
     #[error("i/o: {0}")]
     Io(std::io::Error),
     /// The VM could not be reached (no vsock device, VM not running).
-    #[error("{0}")]
+    #[error(transparent)]
     Vm(Box<crate::Error>),
 }
 

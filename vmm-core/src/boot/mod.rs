@@ -27,7 +27,7 @@ pub use params::{E820_RAM, E820_RESERVED, e820_map};
 #[derive(Debug, Error)]
 pub enum BootError {
     /// The kernel file cannot be opened or read.
-    #[error("cannot read kernel {path}: {source}")]
+    #[error("cannot read kernel {path}")]
     KernelUnreadable {
         /// The kernel path.
         path: PathBuf,
@@ -56,8 +56,8 @@ pub enum BootError {
     },
     /// The loader rejected the image (corrupt, truncated, or it does not fit in guest memory).
     #[error(
-        "cannot load kernel {path} ({kind}): {source}; the image is corrupt, truncated, or \
-             does not fit in {memory_mib} MiB of guest memory"
+        "cannot load kernel {path} ({kind}; the image is corrupt, truncated, or does not fit \
+         in {memory_mib} MiB of guest memory)"
     )]
     KernelLoad {
         /// The kernel path.
@@ -71,7 +71,7 @@ pub enum BootError {
         source: loader::Error,
     },
     /// The initrd file cannot be opened or read.
-    #[error("cannot read initrd {path}: {source}")]
+    #[error("cannot read initrd {path}")]
     InitrdUnreadable {
         /// The initrd path.
         path: PathBuf,
