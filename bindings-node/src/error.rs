@@ -1,7 +1,9 @@
 //! Errors as JS sees them: an `Error` whose `code` names what failed (`NOT_RUNNING`,
-//! `AGENT_NOT_READY`, ...), mapped from `forkvm::Error` and `AgentError` like the C binding's
-//! statuses. `index.js` gives each code its `Error` subclass.
+//! `AGENT_NOT_READY`, ...), mapped from the `forkvm::ErrorKind` of a `forkvm::Error` or
+//! `AgentError` (as the C binding's statuses are), with the error's message and its causes.
+//! `index.js` gives each code its `Error` subclass.
 
+use forkvm::ErrorKind;
 use forkvm::agent::AgentError;
 use napi::{Env, JsError, JsUnknown, NapiValue};
 
@@ -59,22 +61,13 @@ pub fn sync<T>(env: Env, f: impl FnOnce() -> Outcome<T>) -> napi::Result<T> {
 
 impl From<forkvm::Error> for Failure {
     fn from(e: forkvm::Error) -> Self {
-        Self::new(vm_code(&e), e.to_string())
+        Self::new(code(e.kind()), forkvm::error_chain(&e))
     }
 }
 
 impl From<AgentError> for Failure {
     fn from(e: AgentError) -> Self {
-        let code = match &e {
-            AgentError::NotReady(_) => "AGENT_NOT_READY",
-            AgentError::CommandNotFound(_) => "COMMAND_NOT_FOUND",
-            AgentError::TimedOut => "TIMED_OUT",
-            AgentError::ConnectionLost => "CONNECTION_LOST",
-            AgentError::Io(_) => "IO",
-            AgentError::Vm(inner) => vm_code(inner),
-            _ => "AGENT",
-        };
-        Self::new(code, e.to_string())
+        Self::new(code(e.kind()), forkvm::error_chain(&e))
     }
 }
 
@@ -84,25 +77,27 @@ impl From<napi::Error> for Failure {
     }
 }
 
-/// The code of a `forkvm::Error`.
-fn vm_code(e: &forkvm::Error) -> &'static str {
-    use forkvm::Error as E;
-    match e {
-        E::NoKernel | E::NoVcpus | E::TooManyVcpus { .. } | E::MemoryTooSmall { .. } => {
-            "INVALID_ARGUMENT"
-        }
-        E::KvmMissing(_) | E::KvmPermission(_) | E::KvmOpen { .. } | E::Kvm { .. } => "KVM",
-        E::GuestAddress { .. } | E::Memory(_) => "MEMORY",
-        E::Boot(_) => "BOOT",
-        E::BlockImage { .. } | E::ConsoleFile { .. } | E::Snapshot { .. } => "IO",
-        E::NoVsock => "NO_DEVICE",
-        E::Vsock(_) | E::VsockConnect { .. } => "VSOCK",
-        E::AlreadyStarted => "ALREADY_STARTED",
-        E::NotStarted => "NOT_STARTED",
-        E::NotRunning(_) => "NOT_RUNNING",
-        E::PauseTimedOut => "TIMED_OUT",
-        E::Unsupported { .. } => "UNSUPPORTED",
-        E::SnapshotInvalid { .. } | E::SnapshotIncompatible { .. } => "SNAPSHOT",
+/// The code of a kind of error.
+fn code(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::InvalidArgument => "INVALID_ARGUMENT",
+        ErrorKind::Kvm => "KVM",
+        ErrorKind::Boot => "BOOT",
+        ErrorKind::Memory => "MEMORY",
+        ErrorKind::Io => "IO",
+        ErrorKind::NoDevice => "NO_DEVICE",
+        ErrorKind::Vsock => "VSOCK",
+        ErrorKind::NotStarted => "NOT_STARTED",
+        ErrorKind::AlreadyStarted => "ALREADY_STARTED",
+        ErrorKind::NotRunning => "NOT_RUNNING",
+        ErrorKind::TimedOut => "TIMED_OUT",
+        ErrorKind::Snapshot => "SNAPSHOT",
+        ErrorKind::AgentNotReady => "AGENT_NOT_READY",
+        ErrorKind::CommandNotFound => "COMMAND_NOT_FOUND",
+        ErrorKind::ConnectionLost => "CONNECTION_LOST",
+        ErrorKind::Agent => "AGENT",
+        ErrorKind::Other => "OTHER",
+        // A kind newer than this binding.
         _ => "OTHER",
     }
 }

@@ -104,6 +104,8 @@ impl From<forkvm::GuestExit> for Exit {
             G::TripleFault { vcpu, .. } => ("tripleFault", None, Some(vcpu)),
             G::Crashed(crash) => ("crashed", None, Some(crash.vcpu)),
             G::Stopped => ("stopped", None, None),
+            // An exit newer than this binding: not a clean end; the description says what.
+            _ => ("crashed", None, None),
         };
         Self {
             kind: kind.into(),

@@ -47,6 +47,18 @@ test('bad configurations get coded errors', async () => {
   await assert.rejects(VM.restore('/nonexistent'), { code: 'SNAPSHOT' });
 });
 
+test('a failed build has its kind as code and its cause in the message, once', async () => {
+  await assert.rejects(VM.build({ kernel: guest, kvmDevice: '/nonexistent/kvm' }),
+    (e) => e instanceof forkvm.KvmError && e.code === 'KVM' &&
+      /\/nonexistent\/kvm does not exist/.test(e.message));
+  await assert.rejects(VM.build({ kernel: '/nonexistent/vmlinux' }), (e) => {
+    assert.strictEqual(e.code, 'BOOT');
+    assert.match(e.message, /^cannot read kernel \/nonexistent\/vmlinux: No such file or directory/);
+    assert.strictEqual(e.message.split('No such file or directory').length, 2, e.message);
+    return true;
+  });
+});
+
 test('the agent of a VM without vsock: NO_DEVICE', async () => {
   const vm = await VM.build({ kernel: guest, memoryMib: 32, cmdline: 'mode=spin', console: null });
   await vm.start();

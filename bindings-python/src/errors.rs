@@ -1,6 +1,8 @@
-//! The exception hierarchy: `forkvm.Error` and one subclass per kind of [`forkvm::Error`] and
-//! [`AgentError`], as the C binding's status codes classify them.
+//! The exception hierarchy: `forkvm.Error` and one subclass per [`ErrorKind`] of
+//! [`forkvm::Error`] and [`forkvm::agent::AgentError`] (the classification the C and Node
+//! bindings map too), raised with the error's message and its causes.
 
+use forkvm::ErrorKind;
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
@@ -83,7 +85,7 @@ create_exception!(
     forkvm,
     UnsupportedError,
     Error,
-    "Something forkvm cannot do yet."
+    "Something forkvm cannot do yet (nothing raises it at present; kept for compatibility)."
 );
 create_exception!(
     forkvm,
@@ -147,49 +149,37 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
-/// The exception for a [`forkvm::Error`], with its message.
+/// The exception for a [`forkvm::Error`], with its message and causes.
 pub(crate) fn vm_error(e: forkvm::Error) -> PyErr {
-    use forkvm::Error as E;
-    let message = e.to_string();
-    match e {
-        E::NoKernel | E::NoVcpus | E::TooManyVcpus { .. } | E::MemoryTooSmall { .. } => {
-            InvalidArgumentError::new_err(message)
-        }
-        E::KvmMissing(_) | E::KvmPermission(_) | E::KvmOpen { .. } | E::Kvm { .. } => {
-            KvmError::new_err(message)
-        }
-        E::Probe(_) => KvmError::new_err(message),
-        E::Boot(_) => BootError::new_err(message),
-        E::Memory(_) | E::GuestAddress { .. } => GuestMemoryError::new_err(message),
-        E::BlockImage { .. } | E::ConsoleFile { .. } | E::Snapshot { .. } => {
-            HostIoError::new_err(message)
-        }
-        E::NoVsock => NoDeviceError::new_err(message),
-        E::Vsock(_) | E::VsockConnect { .. } => VsockError::new_err(message),
-        E::AlreadyStarted => AlreadyStartedError::new_err(message),
-        E::NotStarted => NotStartedError::new_err(message),
-        E::NotRunning(_) => NotRunningError::new_err(message),
-        E::PauseTimedOut => TimedOutError::new_err(message),
-        E::Unsupported { .. } => UnsupportedError::new_err(message),
-        E::SnapshotInvalid { .. } | E::SnapshotIncompatible { .. } => {
-            SnapshotError::new_err(message)
-        }
-        _ => Error::new_err(message),
-    }
+    exception(e.kind(), forkvm::error_chain(&e))
 }
 
-/// The exception for an [`AgentError`], with its message.
+/// The exception for an [`AgentError`], with its message and causes.
 pub(crate) fn agent_error(e: forkvm::agent::AgentError) -> PyErr {
-    use forkvm::agent::AgentError as A;
-    let message = e.to_string();
-    match e {
-        A::NotReady(_) => AgentNotReadyError::new_err(message),
-        A::CommandNotFound(_) => CommandNotFoundError::new_err(message),
-        A::TimedOut => TimedOutError::new_err(message),
-        A::ConnectionLost => ConnectionLostError::new_err(message),
-        A::Io(_) => HostIoError::new_err(message),
-        A::Vm(inner) => vm_error(*inner),
-        _ => AgentError::new_err(message),
+    exception(e.kind(), forkvm::error_chain(&e))
+}
+
+/// The exception class of a kind of error, raised with `message`.
+fn exception(kind: ErrorKind, message: String) -> PyErr {
+    match kind {
+        ErrorKind::InvalidArgument => InvalidArgumentError::new_err(message),
+        ErrorKind::Kvm => KvmError::new_err(message),
+        ErrorKind::Boot => BootError::new_err(message),
+        ErrorKind::Memory => GuestMemoryError::new_err(message),
+        ErrorKind::Io => HostIoError::new_err(message),
+        ErrorKind::NoDevice => NoDeviceError::new_err(message),
+        ErrorKind::Vsock => VsockError::new_err(message),
+        ErrorKind::NotStarted => NotStartedError::new_err(message),
+        ErrorKind::AlreadyStarted => AlreadyStartedError::new_err(message),
+        ErrorKind::NotRunning => NotRunningError::new_err(message),
+        ErrorKind::TimedOut => TimedOutError::new_err(message),
+        ErrorKind::Snapshot => SnapshotError::new_err(message),
+        ErrorKind::AgentNotReady => AgentNotReadyError::new_err(message),
+        ErrorKind::CommandNotFound => CommandNotFoundError::new_err(message),
+        ErrorKind::ConnectionLost => ConnectionLostError::new_err(message),
+        ErrorKind::Agent => AgentError::new_err(message),
+        // `Other`, and a kind newer than this binding.
+        _ => Error::new_err(message),
     }
 }
 

@@ -46,6 +46,8 @@ impl From<GuestExit> for PyExit {
                 ("crashed", None, Some(crash.vcpu), Some(reason))
             }
             GuestExit::Stopped => ("stopped", None, None, None),
+            // An exit newer than this binding: not a clean end; the message says what.
+            _ => ("crashed", None, None, None),
         };
         Self {
             kind,

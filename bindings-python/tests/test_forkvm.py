@@ -172,6 +172,17 @@ def test_bad_configurations(guest: str, tmp_path: Path) -> None:
         forkvm.VM(kernel=guest, memory_mib=32, console=None, vsock_uds_path=tmp_path / "v")
 
 
+def test_errors_have_their_kind_and_their_cause_once(guest: str, tmp_path: Path) -> None:
+    with pytest.raises(forkvm.KvmError, match="kvm does not exist"):
+        forkvm.VM(kernel=guest, memory_mib=32, console=None, kvm_device=tmp_path / "kvm")
+    missing = tmp_path / "missing"
+    with pytest.raises(forkvm.BootError) as raised:
+        forkvm.VM(kernel=missing, memory_mib=32, console=None)
+    message = str(raised.value)
+    assert message.startswith(f"cannot read kernel {missing}: No such file or directory"), message
+    assert message.count("No such file or directory") == 1, message
+
+
 def test_wrong_argument_types_raise_type_error(guest: str) -> None:
     with pytest.raises(TypeError):
         forkvm.VM(kernel=42)  # type: ignore[arg-type]

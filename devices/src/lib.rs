@@ -8,6 +8,7 @@
 //! ([`virtio`]), and the [`bus`] that routes the guest's port and MMIO accesses to them.
 
 pub mod bus;
+pub mod chain;
 pub mod input;
 pub mod legacy;
 pub mod sync;

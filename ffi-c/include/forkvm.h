@@ -45,7 +45,8 @@ typedef enum forkvm_status {
   // A host file or socket could not be used (kernel, disk image, console file, snapshot
   // files, agent I/O).
   FORKVM_ERR_IO = 8,
-  // A KVM ioctl failed.
+  // KVM is missing or may not be opened, one of its calls failed, or probing the host's KVM
+  // failed.
   FORKVM_ERR_KVM = 9,
   // The kernel or initrd could not be loaded.
   FORKVM_ERR_BOOT = 10,
@@ -70,7 +71,8 @@ typedef enum forkvm_status {
   FORKVM_ERR_BUFFER_TOO_SMALL = 19,
   // The handle is in use by another thread and cannot be consumed now.
   FORKVM_ERR_BUSY = 20,
-  // Something forkvm cannot do yet.
+  // Something forkvm cannot do yet. No function returns it at present; the value stays
+  // reserved.
   FORKVM_ERR_UNSUPPORTED = 21,
   // Any other failure of the VMM (a thread or device could not be set up).
   FORKVM_ERR_OTHER = 22,

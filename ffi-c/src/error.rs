@@ -4,6 +4,7 @@ use std::cell::RefCell;
 use std::ffi::{CString, c_char};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
+use forkvm::ErrorKind;
 use forkvm::agent::AgentError;
 
 /// What a forkvm function returns: `FORKVM_OK` (0), or why it failed (details in
@@ -32,7 +33,8 @@ pub enum forkvm_status {
     /// A host file or socket could not be used (kernel, disk image, console file, snapshot
     /// files, agent I/O).
     FORKVM_ERR_IO = 8,
-    /// A KVM ioctl failed.
+    /// KVM is missing or may not be opened, one of its calls failed, or probing the host's KVM
+    /// failed.
     FORKVM_ERR_KVM = 9,
     /// The kernel or initrd could not be loaded.
     FORKVM_ERR_BOOT = 10,
@@ -57,7 +59,8 @@ pub enum forkvm_status {
     FORKVM_ERR_BUFFER_TOO_SMALL = 19,
     /// The handle is in use by another thread and cannot be consumed now.
     FORKVM_ERR_BUSY = 20,
-    /// Something forkvm cannot do yet.
+    /// Something forkvm cannot do yet. No function returns it at present; the value stays
+    /// reserved.
     FORKVM_ERR_UNSUPPORTED = 21,
     /// Any other failure of the VMM (a thread or device could not be set up).
     FORKVM_ERR_OTHER = 22,
@@ -93,53 +96,38 @@ impl Failure {
 
 impl From<forkvm::Error> for Failure {
     fn from(e: forkvm::Error) -> Self {
-        use forkvm::Error as E;
-        let status = match &e {
-            E::NoKernel | E::NoVcpus | E::TooManyVcpus { .. } | E::MemoryTooSmall { .. } => {
-                FORKVM_ERR_INVALID_ARGUMENT
-            }
-            E::GuestAddress { .. } | E::Memory(_) => FORKVM_ERR_MEMORY,
-            E::Boot(_) => FORKVM_ERR_BOOT,
-            E::Kvm { .. } => FORKVM_ERR_KVM,
-            E::BlockImage { .. } | E::ConsoleFile { .. } | E::Snapshot { .. } => FORKVM_ERR_IO,
-            E::NoVsock => FORKVM_ERR_NO_DEVICE,
-            E::Vsock(_) | E::VsockConnect { .. } => FORKVM_ERR_VSOCK,
-            E::AlreadyStarted => FORKVM_ERR_ALREADY_STARTED,
-            E::NotStarted => FORKVM_ERR_NOT_STARTED,
-            E::NotRunning(_) => FORKVM_ERR_NOT_RUNNING,
-            E::PauseTimedOut => FORKVM_ERR_TIMED_OUT,
-            E::Unsupported { .. } => FORKVM_ERR_UNSUPPORTED,
-            E::SnapshotInvalid { .. } | E::SnapshotIncompatible { .. } => FORKVM_ERR_SNAPSHOT,
-            _ => FORKVM_ERR_OTHER,
-        };
-        Self::new(status, e.to_string())
+        Self::new(status(e.kind()), forkvm::error_chain(&e))
     }
 }
 
 impl From<AgentError> for Failure {
     fn from(e: AgentError) -> Self {
-        let status = match &e {
-            AgentError::NotReady(_) => FORKVM_ERR_AGENT_NOT_READY,
-            AgentError::CommandNotFound(_) => FORKVM_ERR_COMMAND_NOT_FOUND,
-            AgentError::TimedOut => FORKVM_ERR_TIMED_OUT,
-            AgentError::ConnectionLost => FORKVM_ERR_CONNECTION_LOST,
-            AgentError::Io(_) => FORKVM_ERR_IO,
-            AgentError::Vm(inner) => return Self::new(Failure::from_ref(inner), e.to_string()),
-            _ => FORKVM_ERR_AGENT,
-        };
-        Self::new(status, e.to_string())
+        Self::new(status(e.kind()), forkvm::error_chain(&e))
     }
 }
 
-impl Failure {
-    /// The status a `forkvm::Error` maps to, without taking it.
-    fn from_ref(e: &forkvm::Error) -> forkvm_status {
-        match e {
-            forkvm::Error::NoVsock => FORKVM_ERR_NO_DEVICE,
-            forkvm::Error::NotRunning(_) => FORKVM_ERR_NOT_RUNNING,
-            forkvm::Error::NotStarted => FORKVM_ERR_NOT_STARTED,
-            _ => FORKVM_ERR_OTHER,
-        }
+/// The status of a kind of error.
+fn status(kind: ErrorKind) -> forkvm_status {
+    match kind {
+        ErrorKind::InvalidArgument => FORKVM_ERR_INVALID_ARGUMENT,
+        ErrorKind::Kvm => FORKVM_ERR_KVM,
+        ErrorKind::Boot => FORKVM_ERR_BOOT,
+        ErrorKind::Memory => FORKVM_ERR_MEMORY,
+        ErrorKind::Io => FORKVM_ERR_IO,
+        ErrorKind::NoDevice => FORKVM_ERR_NO_DEVICE,
+        ErrorKind::Vsock => FORKVM_ERR_VSOCK,
+        ErrorKind::NotStarted => FORKVM_ERR_NOT_STARTED,
+        ErrorKind::AlreadyStarted => FORKVM_ERR_ALREADY_STARTED,
+        ErrorKind::NotRunning => FORKVM_ERR_NOT_RUNNING,
+        ErrorKind::TimedOut => FORKVM_ERR_TIMED_OUT,
+        ErrorKind::Snapshot => FORKVM_ERR_SNAPSHOT,
+        ErrorKind::AgentNotReady => FORKVM_ERR_AGENT_NOT_READY,
+        ErrorKind::CommandNotFound => FORKVM_ERR_COMMAND_NOT_FOUND,
+        ErrorKind::ConnectionLost => FORKVM_ERR_CONNECTION_LOST,
+        ErrorKind::Agent => FORKVM_ERR_AGENT,
+        ErrorKind::Other => FORKVM_ERR_OTHER,
+        // A kind newer than this binding.
+        _ => FORKVM_ERR_OTHER,
     }
 }
 
@@ -226,4 +214,36 @@ pub extern "C" fn forkvm_status_name(status: i32) -> *const c_char {
         .and_then(|i| NAMES.get(i))
         .unwrap_or(&c"FORKVM_ERR_UNKNOWN")
         .as_ptr()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_of(e: impl Into<Failure>) -> forkvm_status {
+        e.into().status
+    }
+
+    #[test]
+    fn every_kvm_failure_is_err_kvm() {
+        use forkvm::Error as E;
+        assert_eq!(status_of(E::KvmMissing("/x".into())), FORKVM_ERR_KVM);
+        assert_eq!(status_of(E::KvmPermission("/x".into())), FORKVM_ERR_KVM);
+        assert_eq!(status_of(E::Probe("no".into())), FORKVM_ERR_KVM);
+    }
+
+    #[test]
+    fn an_agent_error_from_the_vm_has_the_vm_error_status() {
+        let vm = |e: forkvm::Error| AgentError::Vm(Box::new(e));
+        assert_eq!(
+            status_of(vm(forkvm::Error::KvmMissing("/x".into()))),
+            FORKVM_ERR_KVM
+        );
+        assert_eq!(
+            status_of(vm(forkvm::Error::NoKernel)),
+            FORKVM_ERR_INVALID_ARGUMENT
+        );
+        assert_eq!(status_of(vm(forkvm::Error::NoVsock)), FORKVM_ERR_NO_DEVICE);
+        assert_eq!(status_of(AgentError::TimedOut), FORKVM_ERR_TIMED_OUT);
+    }
 }

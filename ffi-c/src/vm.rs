@@ -98,6 +98,11 @@ impl forkvm_exit {
                 out.kind = forkvm_exit_kind::FORKVM_EXIT_STOPPED;
                 None
             }
+            // An exit newer than this binding: not a clean end; the description says what.
+            _ => {
+                out.kind = forkvm_exit_kind::FORKVM_EXIT_CRASHED;
+                None
+            }
         };
         if let Some(registers) = registers {
             out.has_registers = true;

@@ -99,6 +99,28 @@ static void null_pointers_and_bad_handles(void)
     EXPECT(FORKVM_ERR_INVALID_HANDLE, forkvm_builder_free(builder));
 }
 
+/* A failed build's status is its kind (a missing KVM device is FORKVM_ERR_KVM, as every other
+ * KVM failure), and its message carries its cause, once. */
+static void build_failures(void)
+{
+    forkvm_builder *builder;
+    forkvm_vm *vm;
+    OK(forkvm_builder_new(&builder));
+    OK(forkvm_builder_kernel(builder, "/nonexistent/vmlinux"));
+    OK(forkvm_builder_kvm_device(builder, "/nonexistent/kvm"));
+    EXPECT(FORKVM_ERR_KVM, forkvm_builder_build(builder, &vm));
+    expect_error("/nonexistent/kvm does not exist");
+    OK(forkvm_builder_free(builder));
+
+    OK(forkvm_builder_new(&builder));
+    OK(forkvm_builder_kernel(builder, "/nonexistent/vmlinux"));
+    EXPECT(FORKVM_ERR_BOOT, forkvm_builder_build(builder, &vm));
+    const char *cause = "No such file or directory";
+    expect_error("cannot read kernel /nonexistent/vmlinux: No such file or directory");
+    CHECK(strstr(strstr(forkvm_last_error(), cause) + strlen(cause), cause) == NULL);
+    OK(forkvm_builder_free(builder));
+}
+
 static char seen[4096];
 static size_t seen_len;
 static pthread_mutex_t seen_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -242,6 +264,7 @@ int main(void)
     int threads_before = count_entries("/proc/self/task");
     int fds_before = count_entries("/proc/self/fd");
     null_pointers_and_bad_handles();
+    build_failures();
     a_vm_that_ended();
     free_while_waited_for_and_snapshots();
     CHECK(count_entries("/proc/self/task") == threads_before);

@@ -9,8 +9,58 @@ use thiserror::Error;
 use crate::boot::BootError;
 use crate::memory::MemoryError;
 
+/// What kind of failure an [`Error`] or an [`AgentError`](crate::agent::AgentError) is, from
+/// [`Error::kind`] and [`AgentError::kind`](crate::agent::AgentError::kind).
+///
+/// This is the one classification of forkvm's errors: the C binding's status codes, the Python
+/// binding's exception classes and the Node binding's error codes are each one `match` on it.
+/// New kinds may be added; a `match` needs a wildcard arm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The configuration is not acceptable: no kernel, no vCPUs, too many, too little memory.
+    InvalidArgument,
+    /// KVM is missing, may not be opened, one of its calls failed, or probing it failed.
+    Kvm,
+    /// The kernel or initrd could not be loaded.
+    Boot,
+    /// Guest memory could not be created, frozen or accessed (an address outside guest RAM).
+    Memory,
+    /// A host file or socket failed: a disk image, the console output file, a snapshot's
+    /// files, the agent's host-side I/O.
+    Io,
+    /// The VM lacks the device a call needs (no vsock device).
+    NoDevice,
+    /// The vsock device could not be created, or a connection through it failed.
+    Vsock,
+    /// The VM was not started.
+    NotStarted,
+    /// The VM was already started (or stopped).
+    AlreadyStarted,
+    /// The VM is not running: it ended or was stopped.
+    NotRunning,
+    /// Something did not finish in time (a pause, an agent request).
+    TimedOut,
+    /// A directory holds no usable snapshot, or one taken by another forkvm or on another CPU.
+    Snapshot,
+    /// The guest agent did not come up in time (not booted yet, or no agent in this guest).
+    AgentNotReady,
+    /// The program to run does not exist in the guest.
+    CommandNotFound,
+    /// The connection to the guest agent was lost.
+    ConnectionLost,
+    /// The guest agent refused a request, or answered something unexpected.
+    Agent,
+    /// Any other failure of the VMM (a thread or device could not be set up).
+    Other,
+}
+
 /// Everything that can go wrong building, starting or running a VM.
+///
+/// An error's message does not repeat its cause ([`std::error::Error::source`]);
+/// [`error_chain`](crate::error_chain) gives both as one line.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The KVM device does not exist.
     #[error(
@@ -23,7 +73,7 @@ pub enum Error {
     )]
     KvmPermission(PathBuf),
     /// The KVM device could not be opened for another reason.
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {path}")]
     KvmOpen {
         /// The device path.
         path: PathBuf,
@@ -60,7 +110,7 @@ pub enum Error {
     #[error(transparent)]
     Boot(#[from] BootError),
     /// A KVM ioctl failed.
-    #[error("{op} failed: {source}")]
+    #[error("{op} failed")]
     Kvm {
         /// The ioctl.
         op: &'static str,
@@ -80,7 +130,7 @@ pub enum Error {
     #[error("probing the host's KVM failed: {0}")]
     Probe(String),
     /// A block device's image could not be opened.
-    #[error("cannot open disk image {path}: {source}")]
+    #[error("cannot open disk image {path}")]
     BlockImage {
         /// The image.
         path: PathBuf,
@@ -95,7 +145,7 @@ pub enum Error {
     #[error("this VM has no vsock device: add one with VmBuilder::vsock")]
     NoVsock,
     /// A connection to a guest vsock port failed.
-    #[error("cannot connect to guest vsock port {port}: {source}")]
+    #[error("cannot connect to guest vsock port {port}")]
     VsockConnect {
         /// The guest port.
         port: u32,
@@ -104,7 +154,7 @@ pub enum Error {
         source: io::Error,
     },
     /// The console output file could not be opened.
-    #[error("cannot open console output {path}: {source}")]
+    #[error("cannot open console output {path}")]
     ConsoleFile {
         /// The file.
         path: PathBuf,
@@ -113,7 +163,7 @@ pub enum Error {
         source: io::Error,
     },
     /// A VMM thread could not be started.
-    #[error("cannot start the {what} thread: {source}")]
+    #[error("cannot start the {what} thread")]
     Thread {
         /// Which thread.
         what: &'static str,
@@ -130,14 +180,8 @@ pub enum Error {
     /// The VM's threads did not stop for a pause in time (a device handler may be stuck).
     #[error("the VM's threads did not stop within 5 s; the VM keeps running")]
     PauseTimedOut,
-    /// Something forkvm cannot do yet.
-    #[error("{what} is not supported yet")]
-    Unsupported {
-        /// What.
-        what: &'static str,
-    },
     /// A virtio device could not be frozen for a fork.
-    #[error("cannot freeze virtio device type {device_type} for a fork: {source}")]
+    #[error("cannot freeze virtio device type {device_type} for a fork")]
     DeviceFreeze {
         /// Its virtio device type.
         device_type: u32,
@@ -145,7 +189,7 @@ pub enum Error {
         source: forkvm_devices::virtio::DeviceError,
     },
     /// A snapshot could not be written.
-    #[error("cannot snapshot to {path}: {what}: {source}")]
+    #[error("cannot snapshot to {path}: {what}")]
     Snapshot {
         /// The snapshot directory.
         path: PathBuf,
@@ -188,6 +232,36 @@ pub enum Error {
     NotStarted,
 }
 
+impl Error {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        use ErrorKind as K;
+        // No wildcard: a new variant must be classified here.
+        match self {
+            Self::KvmMissing(_)
+            | Self::KvmPermission(_)
+            | Self::KvmOpen { .. }
+            | Self::Kvm { .. }
+            | Self::Probe(_) => K::Kvm,
+            Self::NoKernel
+            | Self::NoVcpus
+            | Self::TooManyVcpus { .. }
+            | Self::MemoryTooSmall { .. } => K::InvalidArgument,
+            Self::Memory(_) | Self::GuestAddress { .. } => K::Memory,
+            Self::Boot(_) => K::Boot,
+            Self::BlockImage { .. } | Self::ConsoleFile { .. } | Self::Snapshot { .. } => K::Io,
+            Self::NoVsock => K::NoDevice,
+            Self::Vsock(_) | Self::VsockConnect { .. } => K::Vsock,
+            Self::NotStarted => K::NotStarted,
+            Self::AlreadyStarted => K::AlreadyStarted,
+            Self::NotRunning(_) => K::NotRunning,
+            Self::PauseTimedOut => K::TimedOut,
+            Self::SnapshotInvalid { .. } | Self::SnapshotIncompatible { .. } => K::Snapshot,
+            Self::Setup { .. } | Self::Thread { .. } | Self::DeviceFreeze { .. } => K::Other,
+        }
+    }
+}
+
 /// Maps a failed KVM ioctl named `op` to [`Error::Kvm`].
 pub(crate) fn kvm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { op, source }
@@ -198,5 +272,242 @@ pub(crate) fn setup_err(what: &'static str, e: impl std::fmt::Display) -> Error 
     Error::Setup {
         what,
         reason: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use forkvm_agent_protocol::{ErrorKind as ReplyKind, ErrorReply, ProtocolError};
+    use forkvm_devices::virtio::DeviceError;
+
+    use super::*;
+    use crate::agent::AgentError;
+    use crate::memory::MemoryError;
+
+    fn io() -> io::Error {
+        io::Error::from_raw_os_error(libc::ENOENT)
+    }
+
+    fn kvm() -> kvm_ioctls::Error {
+        kvm_ioctls::Error::new(libc::EINVAL)
+    }
+
+    /// How many variants [`Error`] has.
+    const VARIANTS: usize = 27;
+
+    /// Numbers each variant (no wildcard: a new variant must be added here, then to `VARIANTS`
+    /// and [`samples`]).
+    fn variant(e: &Error) -> usize {
+        match e {
+            Error::KvmMissing(_) => 0,
+            Error::KvmPermission(_) => 1,
+            Error::KvmOpen { .. } => 2,
+            Error::NoKernel => 3,
+            Error::NoVcpus => 4,
+            Error::TooManyVcpus { .. } => 5,
+            Error::MemoryTooSmall { .. } => 6,
+            Error::Memory(_) => 7,
+            Error::Boot(_) => 8,
+            Error::Kvm { .. } => 9,
+            Error::Setup { .. } => 10,
+            Error::Probe(_) => 11,
+            Error::BlockImage { .. } => 12,
+            Error::Vsock(_) => 13,
+            Error::NoVsock => 14,
+            Error::VsockConnect { .. } => 15,
+            Error::ConsoleFile { .. } => 16,
+            Error::Thread { .. } => 17,
+            Error::AlreadyStarted => 18,
+            Error::NotRunning(_) => 19,
+            Error::PauseTimedOut => 20,
+            Error::DeviceFreeze { .. } => 21,
+            Error::Snapshot { .. } => 22,
+            Error::SnapshotInvalid { .. } => 23,
+            Error::SnapshotIncompatible { .. } => 24,
+            Error::GuestAddress { .. } => 25,
+            Error::NotStarted => 26,
+        }
+    }
+
+    /// One of each variant, with the kind the bindings show for it.
+    fn samples() -> Vec<(Error, ErrorKind)> {
+        use ErrorKind as K;
+        let path = || PathBuf::from("/x");
+        vec![
+            (Error::KvmMissing(path()), K::Kvm),
+            (Error::KvmPermission(path()), K::Kvm),
+            (
+                Error::KvmOpen {
+                    path: path(),
+                    source: kvm(),
+                },
+                K::Kvm,
+            ),
+            (Error::NoKernel, K::InvalidArgument),
+            (Error::NoVcpus, K::InvalidArgument),
+            (
+                Error::TooManyVcpus {
+                    requested: 300,
+                    max: 254,
+                },
+                K::InvalidArgument,
+            ),
+            (Error::MemoryTooSmall { mib: 1, min: 2 }, K::InvalidArgument),
+            (Error::Memory(MemoryError::Stat(io())), K::Memory),
+            (
+                Error::Boot(BootError::UnknownKernelFormat { path: path() }),
+                K::Boot,
+            ),
+            (
+                Error::Kvm {
+                    op: "KVM_RUN",
+                    source: kvm(),
+                },
+                K::Kvm,
+            ),
+            (
+                Error::Setup {
+                    what: "a device",
+                    reason: "no".into(),
+                },
+                K::Other,
+            ),
+            (Error::Probe("no".into()), K::Kvm),
+            (
+                Error::BlockImage {
+                    path: path(),
+                    source: io(),
+                },
+                K::Io,
+            ),
+            (Error::Vsock(VsockError::InvalidCid(2)), K::Vsock),
+            (Error::NoVsock, K::NoDevice),
+            (
+                Error::VsockConnect {
+                    port: 1,
+                    source: io(),
+                },
+                K::Vsock,
+            ),
+            (
+                Error::ConsoleFile {
+                    path: path(),
+                    source: io(),
+                },
+                K::Io,
+            ),
+            (
+                Error::Thread {
+                    what: "vCPU",
+                    source: io(),
+                },
+                K::Other,
+            ),
+            (Error::AlreadyStarted, K::AlreadyStarted),
+            (Error::NotRunning(Box::new(None)), K::NotRunning),
+            (Error::PauseTimedOut, K::TimedOut),
+            (
+                Error::DeviceFreeze {
+                    device_type: 2,
+                    source: DeviceError::BadRequest("no".into()),
+                },
+                K::Other,
+            ),
+            (
+                Error::Snapshot {
+                    path: path(),
+                    what: "memory",
+                    source: io(),
+                },
+                K::Io,
+            ),
+            (
+                Error::SnapshotInvalid {
+                    path: path(),
+                    reason: "no".into(),
+                },
+                K::Snapshot,
+            ),
+            (
+                Error::SnapshotIncompatible {
+                    what: "CPU",
+                    snapshot: "a".into(),
+                    here: "b".into(),
+                },
+                K::Snapshot,
+            ),
+            (Error::GuestAddress { addr: 0, len: 1 }, K::Memory),
+            (Error::NotStarted, K::NotStarted),
+        ]
+    }
+
+    #[test]
+    fn every_error_variant_has_its_kind() {
+        let mut seen = BTreeSet::new();
+        for (error, kind) in samples() {
+            assert_eq!(error.kind(), kind, "{error:?}");
+            seen.insert(variant(&error));
+        }
+        assert_eq!(seen, (0..VARIANTS).collect(), "a variant has no sample");
+    }
+
+    #[test]
+    fn agent_errors_have_their_kind_and_a_vm_error_its_own() {
+        use ErrorKind as K;
+        let reply = ErrorReply {
+            kind: ReplyKind::NotFound,
+            message: "no".into(),
+            errno: None,
+        };
+        for (error, kind) in [
+            (AgentError::NotReady("no".into()), K::AgentNotReady),
+            (AgentError::CommandNotFound("x".into()), K::CommandNotFound),
+            (AgentError::TimedOut, K::TimedOut),
+            (AgentError::ConnectionLost, K::ConnectionLost),
+            (AgentError::Agent(reply), K::Agent),
+            (
+                AgentError::Protocol(ProtocolError::UnknownKind(9)),
+                K::Agent,
+            ),
+            (AgentError::Unexpected("x".into()), K::Agent),
+            (AgentError::Io(io()), K::Io),
+            (AgentError::Vm(Box::new(Error::NoVsock)), K::NoDevice),
+            (
+                AgentError::Vm(Box::new(Error::KvmMissing("/x".into()))),
+                K::Kvm,
+            ),
+            (
+                AgentError::Vm(Box::new(Error::NotRunning(Box::new(None)))),
+                K::NotRunning,
+            ),
+        ] {
+            assert_eq!(error.kind(), kind, "{error:?}");
+        }
+    }
+
+    #[test]
+    fn messages_leave_the_cause_to_the_chain() {
+        let error = Error::BlockImage {
+            path: "/x".into(),
+            source: io(),
+        };
+        assert_eq!(error.to_string(), "cannot open disk image /x");
+        let chain = crate::error_chain(&error);
+        assert!(chain.starts_with("cannot open disk image /x: "), "{chain}");
+        assert!(chain.ends_with(&io().to_string()), "{chain}");
+        assert_eq!(chain.matches(&io().to_string()).count(), 1, "{chain}");
+
+        // Through a transparent wrapper and an agent error, the cause still comes once.
+        let memory = Error::Memory(MemoryError::Freeze {
+            what: "seal",
+            source: io(),
+        });
+        let agent = AgentError::Vm(Box::new(memory));
+        assert_eq!(
+            crate::error_chain(&agent),
+            format!("cannot freeze guest memory: seal: {}", io())
+        );
     }
 }

@@ -6,6 +6,7 @@ use kvm_bindings::{kvm_regs, kvm_sregs};
 
 /// Why a VM stopped running.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum GuestExit {
     /// The guest powered the machine off. `status` is the value a test guest wrote to the
     /// debug-exit port, if it used one.

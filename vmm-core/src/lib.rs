@@ -40,8 +40,9 @@ pub use builder::{
 pub use console::{
     ConsoleBuffer, ConsoleCallback, ConsoleInput, ConsoleOutput, DEFAULT_CONSOLE_BUFFER_LIMIT,
 };
-pub use error::Error;
+pub use error::{Error, ErrorKind};
 pub use exit::{CpuRegisters, Crash, CrashReason, GuestExit};
+pub use forkvm_devices::chain::{ErrorChain, error_chain};
 pub use forkvm_devices::virtio::balloon::{
     BalloonError, BalloonHandle, BalloonStats, stat_tag as balloon_stat_tag,
 };

@@ -25,6 +25,7 @@ use super::{
     VirtioDevice,
 };
 use crate::bus::BusDevice;
+use crate::chain::ErrorChain;
 use crate::sync::lock;
 
 /// Size of one device's register window.
@@ -277,7 +278,7 @@ impl MmioTransport {
             self.device
                 .process_queue(index, &mut self.queues, &self.memory, &self.interrupt)
         {
-            self.needs_reset(&format_args!("queue {index}: {e}"));
+            self.needs_reset(&format_args!("queue {index}: {}", ErrorChain(&e)));
         }
     }
 
@@ -299,7 +300,7 @@ impl MmioTransport {
             .device
             .process_host_event(queues, &self.memory, &self.interrupt)
         {
-            self.needs_reset(&format_args!("host event: {e}"));
+            self.needs_reset(&format_args!("host event: {}", ErrorChain(&e)));
         }
     }
 

@@ -35,13 +35,13 @@ pub const VIRTIO_F_VERSION_1: u32 = virtio_bindings::virtio_config::VIRTIO_F_VER
 #[derive(Debug, Error)]
 pub enum DeviceError {
     /// The guest's queue structures are unusable (bad addresses, indexes or chains).
-    #[error("virtqueue error: {0}")]
+    #[error("virtqueue error")]
     Queue(#[from] virtio_queue::Error),
     /// A request was malformed.
     #[error("malformed request: {0}")]
     BadRequest(String),
     /// The host side of the device failed.
-    #[error("host I/O failed: {0}")]
+    #[error("host I/O failed")]
     Io(#[from] std::io::Error),
 }
 

@@ -50,6 +50,7 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a request to the guest agent failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AgentError {
     /// The agent did not answer in time (not booted yet, or no agent in this guest).
     #[error("the guest agent is not ready: {0}")]
@@ -79,8 +80,24 @@ pub enum AgentError {
     #[error("i/o: {0}")]
     Io(std::io::Error),
     /// The VM could not be reached (no vsock device, VM not running).
-    #[error("{0}")]
+    #[error(transparent)]
     Vm(Box<crate::Error>),
+}
+
+impl AgentError {
+    /// What kind of failure this is; for [`AgentError::Vm`], its VM error's kind.
+    pub fn kind(&self) -> crate::ErrorKind {
+        use crate::ErrorKind as K;
+        match self {
+            Self::NotReady(_) => K::AgentNotReady,
+            Self::CommandNotFound(_) => K::CommandNotFound,
+            Self::TimedOut => K::TimedOut,
+            Self::ConnectionLost => K::ConnectionLost,
+            Self::Agent(_) | Self::Protocol(_) | Self::Unexpected(_) => K::Agent,
+            Self::Io(_) => K::Io,
+            Self::Vm(error) => error.kind(),
+        }
+    }
 }
 
 impl From<ProtocolError> for AgentError {

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use forkvm::agent::{Command, IMAGE_CMDLINE, IMAGE_MEMORY_MIB, Stream};
 use forkvm::{
-    ConsoleBuffer, ConsoleInput, ConsoleOutput, DEFAULT_MEMORY_MIB, GuestExit, VmBuilder,
-    VsockConfig,
+    ConsoleBuffer, ConsoleInput, ConsoleOutput, DEFAULT_MEMORY_MIB, ErrorChain, GuestExit,
+    VmBuilder, VsockConfig, error_chain,
 };
 
 const USAGE: &str =
@@ -200,11 +200,11 @@ fn exec(args: ExecArgs) -> Result<u8, String> {
         .vsock(VsockConfig::new(3))
         .console(ConsoleOutput::Buffer(console.clone()))
         .build()
-        .map_err(|e| e.to_string())?;
-    vm.start().map_err(|e| e.to_string())?;
+        .map_err(|e| error_chain(&e))?;
+    vm.start().map_err(|e| error_chain(&e))?;
     let agent = vm.agent(args.timeout).map_err(|e| {
         eprint!("{}", console.text());
-        e.to_string()
+        error_chain(&e)
     })?;
     let command = Command::new(args.argv).timeout(args.timeout);
     let status = agent
@@ -215,7 +215,7 @@ fn exec(args: ExecArgs) -> Result<u8, String> {
                 Stream::Stderr => std::io::stderr().write_all(bytes),
             };
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| error_chain(&e))?;
     vm.stop();
     Ok(match (status.code, status.signal) {
         _ if status.timed_out => 124,
@@ -235,6 +235,8 @@ fn exit_code(exit: &GuestExit) -> ExitCode {
         }),
         GuestExit::TripleFault { .. } => ExitCode::from(EXIT_TRIPLE_FAULT),
         GuestExit::Crashed(_) | GuestExit::Stopped => ExitCode::from(EXIT_CRASH),
+        // An exit this program does not know: not a clean one.
+        _ => ExitCode::from(EXIT_CRASH),
     }
 }
 
@@ -275,7 +277,7 @@ fn main() -> ExitCode {
             exit_code(&exit)
         }
         Err(e) => {
-            eprintln!("forkvm: {e}");
+            eprintln!("forkvm: {}", ErrorChain(&e));
             ExitCode::FAILURE
         }
     }

@@ -26,7 +26,7 @@ use crate::memory::GuestRam;
 #[derive(Debug, Error)]
 pub enum BootError {
     /// The kernel file cannot be opened or read.
-    #[error("cannot read kernel {path}: {source}")]
+    #[error("cannot read kernel {path}")]
     KernelUnreadable {
         /// The kernel path.
         path: PathBuf,
@@ -55,8 +55,8 @@ pub enum BootError {
     },
     /// The loader rejected the image (corrupt, truncated, or it does not fit in guest memory).
     #[error(
-        "cannot load kernel {path} ({kind}): {source}; the image is corrupt, truncated, or \
-             does not fit in {memory_mib} MiB of guest memory"
+        "cannot load kernel {path} ({kind}; the image is corrupt, truncated, or does not fit \
+         in {memory_mib} MiB of guest memory)"
     )]
     KernelLoad {
         /// The kernel path.
@@ -70,7 +70,7 @@ pub enum BootError {
         source: loader::Error,
     },
     /// The initrd file cannot be opened or read.
-    #[error("cannot read initrd {path}: {source}")]
+    #[error("cannot read initrd {path}")]
     InitrdUnreadable {
         /// The initrd path.
         path: PathBuf,

@@ -31,7 +31,7 @@ pub enum MptableError {
     #[error("the MP table ({0} bytes) does not fit below 1 MiB")]
     TooLarge(usize),
     /// Guest memory rejected the write.
-    #[error("cannot write the MP table to guest memory: {0}")]
+    #[error("cannot write the MP table to guest memory")]
     Write(#[source] vm_memory::GuestMemoryError),
 }
 

@@ -40,10 +40,10 @@ pub const MIN_MEMORY_MIB: u64 = 2;
 #[derive(Debug, Error)]
 pub enum MemoryError {
     /// `memfd_create` failed.
-    #[error("cannot create the guest memory file (memfd_create): {0}")]
+    #[error("cannot create the guest memory file (memfd_create)")]
     Memfd(#[source] std::io::Error),
     /// Sizing the memfd failed.
-    #[error("cannot size the guest memory file to {size} bytes: {source}")]
+    #[error("cannot size the guest memory file to {size} bytes")]
     Resize {
         /// Requested size.
         size: u64,
@@ -52,7 +52,7 @@ pub enum MemoryError {
         source: std::io::Error,
     },
     /// Mapping a region of the memfd failed.
-    #[error("cannot map {size} bytes of guest memory at {addr:#x}: {source}")]
+    #[error("cannot map {size} bytes of guest memory at {addr:#x}")]
     Map {
         /// Guest address of the region.
         addr: u64,
@@ -71,7 +71,7 @@ pub enum MemoryError {
         size: u64,
     },
     /// Guest RAM could not be frozen (re-mapped, copied or sealed).
-    #[error("cannot freeze guest memory: {what}: {source}")]
+    #[error("cannot freeze guest memory: {what}")]
     Freeze {
         /// The step that failed.
         what: &'static str,
@@ -80,10 +80,10 @@ pub enum MemoryError {
         source: std::io::Error,
     },
     /// The guest memory file could not be inspected.
-    #[error("cannot stat the guest memory file: {0}")]
+    #[error("cannot stat the guest memory file")]
     Stat(#[source] std::io::Error),
     /// The regions did not form a valid guest memory.
-    #[error("invalid guest memory layout: {0}")]
+    #[error("invalid guest memory layout")]
     Layout(#[source] vm_memory::GuestRegionCollectionError),
 }
 

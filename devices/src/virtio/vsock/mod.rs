@@ -67,7 +67,7 @@ pub enum VsockError {
     #[error("guest CID {0} is invalid: use a value from 3 to 4294967294")]
     InvalidCid(u64),
     /// The host sockets could not be set up.
-    #[error("cannot set up the vsock host side: {0}")]
+    #[error("cannot set up the vsock host side")]
     Host(#[from] io::Error),
 }
 
