@@ -1,5 +1,5 @@
 //! The guest agent's cost on the host side: the real agent server (`forkvm-agent`) run in this
-//! process over Unix socket pairs, driven through the host API (`forkvm::agent`), with its
+//! process over Unix socket pairs, driven through the host API (`forkvm_agent_client`), with its
 //! privileged calls stubbed out. What a guest adds on top (vsock, the guest kernel) is measured
 //! end to end by `cargo test --test rootfs -- --nocapture`.
 //!
@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use forkvm::agent::{Agent, Connector, WriteOptions};
 use forkvm_agent::server::{Agent as AgentServer, Config, serve_connection};
 use forkvm_agent::system::System;
+use forkvm_agent_client::{Agent, Connector, WriteOptions};
 use forkvm_agent_protocol::PowerAction;
 
 /// Privileged calls that do nothing (the host's RNG and clock are left alone).

@@ -1,4 +1,4 @@
-//! The host API of the guest agent (`forkvm::agent`), against the real agent's server run in
+//! The host API of the guest agent (`forkvm_agent_client`), against the real agent's server run in
 //! this process over Unix socket pairs, with its privileged calls recorded instead of made (so
 //! this host's RNG and clock are left alone). End to end in a Linux guest: tests/linux.rs.
 
@@ -6,9 +6,9 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use forkvm::agent::{Agent, AgentError, Command, Connector, PtyEvent, Stream, WriteOptions};
 use forkvm_agent::server::{Agent as AgentServer, Config, serve_connection};
 use forkvm_agent::system::System;
+use forkvm_agent_client::{Agent, AgentError, Command, Connector, PtyEvent, Stream, WriteOptions};
 use forkvm_agent_protocol::{ErrorKind, PowerAction};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -290,7 +290,7 @@ fn requests_fail_cleanly_once_the_connection_is_gone() {
 
 #[test]
 fn a_spawned_process_takes_input_as_it_goes_and_can_be_signalled() {
-    use forkvm::agent::ProcessEvent;
+    use forkvm_agent_client::ProcessEvent;
 
     let agent = agent();
     let cat = agent.spawn(&Command::new(["cat"])).unwrap();

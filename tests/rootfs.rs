@@ -10,10 +10,11 @@
 //! every process spawn ~0.5 s, so the timeouts are minutes. One boot. `scripts/test.sh` builds the
 //! kernel and the image before the tests run; here the build scripts reuse their cache.
 
+use forkvm_agent_client::VmAgentExt;
 use std::time::{Duration, Instant};
 
-use forkvm::agent::{Agent, AgentError, Command, IMAGE_CMDLINE, PtyEvent, WriteOptions};
 use forkvm::{Child, ConsoleBuffer, ConsoleOutput, GuestExit, Vm, VmBuilder, VsockConfig};
+use forkvm_agent_client::{Agent, AgentError, Command, IMAGE_CMDLINE, PtyEvent, WriteOptions};
 use forkvm_agent_protocol::{ErrorKind, PowerAction};
 use forkvm_tests::built_artifact;
 
@@ -244,7 +245,7 @@ fn the_image_runs_commands_files_and_ptys_through_the_agent_and_forks_with_them(
 
 /// Reads the PTY until a line after `marker` satisfies `wanted`; returns that line.
 fn read_line_after(
-    pty: &forkvm::agent::Pty,
+    pty: &forkvm_agent_client::Pty,
     marker: &str,
     wanted: impl Fn(&str) -> bool,
 ) -> String {

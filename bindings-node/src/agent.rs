@@ -1,10 +1,13 @@
 //! The guest agent (forkvm's Linux image): commands, files and PTY sessions, reached through
 //! the VM's vsock device. Every request runs on the thread pool.
 
+use forkvm_agent_client::VmAgentExt;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use forkvm::agent::{AgentDirEntry, AgentFileStat, Command, DEFAULT_REQUEST_TIMEOUT, ExitStatus};
+use forkvm_agent_client::{
+    AgentDirEntry, AgentFileStat, Command, DEFAULT_REQUEST_TIMEOUT, ExitStatus,
+};
 use napi::bindgen_prelude::{Buffer, Either};
 use napi::{Env, JsObject};
 use napi_derive::napi;
@@ -153,11 +156,11 @@ pub(crate) fn command(argv: Vec<String>, options: Option<ExecOptions>) -> Comman
 }
 
 /// The VM's agent (fails if the VM was closed).
-pub(crate) fn agent(vm: Outcome<Arc<forkvm::Vm>>) -> Outcome<forkvm::agent::Agent> {
+pub(crate) fn agent(vm: Outcome<Arc<forkvm::Vm>>) -> Outcome<forkvm_agent_client::Agent> {
     Ok(vm?.agent(DEFAULT_REQUEST_TIMEOUT)?)
 }
 
-pub(crate) fn exec_to_js(_: Env, out: forkvm::agent::ExecOutput) -> napi::Result<ExecResult> {
+pub(crate) fn exec_to_js(_: Env, out: forkvm_agent_client::ExecOutput) -> napi::Result<ExecResult> {
     Ok(ExecResult {
         stdout: out.stdout.into(),
         stderr: out.stderr.into(),
@@ -193,7 +196,7 @@ fn list_to_js(_: Env, entries: Vec<AgentDirEntry>) -> napi::Result<Vec<DirEntry>
         .collect())
 }
 
-fn pty_to_js(_: Env, pty: forkvm::agent::Pty) -> napi::Result<Pty> {
+fn pty_to_js(_: Env, pty: forkvm_agent_client::Pty) -> napi::Result<Pty> {
     Ok(Pty {
         session: pty.session().try_into().unwrap_or(i64::MAX),
         pty: RwLock::new(Some(Arc::new(Mutex::new(pty)))),
@@ -251,11 +254,12 @@ impl VM {
     ) -> napi::Result<JsObject> {
         let vm = self.get();
         let data = bytes(data);
-        let options = options.map_or_else(Default::default, |o| forkvm::agent::WriteOptions {
-            append: o.append.unwrap_or(false),
-            exclusive: o.exclusive.unwrap_or(false),
-            mode: o.mode,
-        });
+        let options =
+            options.map_or_else(Default::default, |o| forkvm_agent_client::WriteOptions {
+                append: o.append.unwrap_or(false),
+                exclusive: o.exclusive.unwrap_or(false),
+                mode: o.mode,
+            });
         spawn_run(env, move || {
             Ok(agent(vm)?.write_file(&path, data.as_slice(), options)? as f64)
         })
@@ -377,27 +381,32 @@ impl VM {
 pub struct Pty {
     session: i64,
     // The Rust handle is `Send` but not `Sync`: calls on one PTY take turns.
-    pty: RwLock<Option<Arc<Mutex<forkvm::agent::Pty>>>>,
+    pty: RwLock<Option<Arc<Mutex<forkvm_agent_client::Pty>>>>,
 }
 
-fn lock(pty: &Arc<Mutex<forkvm::agent::Pty>>) -> std::sync::MutexGuard<'_, forkvm::agent::Pty> {
+fn lock(
+    pty: &Arc<Mutex<forkvm_agent_client::Pty>>,
+) -> std::sync::MutexGuard<'_, forkvm_agent_client::Pty> {
     pty.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Pty {
-    fn get(&self) -> Outcome<Arc<Mutex<forkvm::agent::Pty>>> {
+    fn get(&self) -> Outcome<Arc<Mutex<forkvm_agent_client::Pty>>> {
         let guard = self.pty.read().unwrap_or_else(|e| e.into_inner());
         guard.clone().ok_or_else(|| Failure::closed("PTY"))
     }
 }
 
-fn event_to_js(_: Env, event: Option<forkvm::agent::PtyEvent>) -> napi::Result<Option<PtyEvent>> {
+fn event_to_js(
+    _: Env,
+    event: Option<forkvm_agent_client::PtyEvent>,
+) -> napi::Result<Option<PtyEvent>> {
     Ok(event.map(|event| match event {
-        forkvm::agent::PtyEvent::Output(bytes) => PtyEvent {
+        forkvm_agent_client::PtyEvent::Output(bytes) => PtyEvent {
             output: Some(bytes.into()),
             exit: None,
         },
-        forkvm::agent::PtyEvent::Exited(status) => PtyEvent {
+        forkvm_agent_client::PtyEvent::Exited(status) => PtyEvent {
             output: None,
             exit: Some(status.into()),
         },

@@ -4,7 +4,7 @@
 //! `index.js` gives each code its `Error` subclass.
 
 use forkvm::ErrorKind;
-use forkvm::agent::AgentError;
+use forkvm_agent_client::AgentError;
 use napi::{Env, JsError, JsUnknown, NapiValue};
 
 /// A failed call: its code and message, made into a JS error on the JS thread.

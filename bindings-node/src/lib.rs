@@ -25,4 +25,4 @@ pub fn version() -> &'static str {
 /// The kernel command line of forkvm's Linux image (root on the read-only `/dev/vda`, the
 /// agent as PID 1): pass it as `cmdline` with the image as a read-only disk and a vsock device.
 #[napi]
-pub const IMAGE_CMDLINE: &str = forkvm::agent::IMAGE_CMDLINE;
+pub const IMAGE_CMDLINE: &str = forkvm_agent_client::IMAGE_CMDLINE;

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
-use forkvm::agent::{ExecOutput, ExitStatus, ProcessEvent as Event, Stream};
+use forkvm_agent_client::{ExecOutput, ExitStatus, ProcessEvent as Event, Stream};
 use napi::bindgen_prelude::{Buffer, Either};
 use napi::threadsafe_function::{
     ErrorStrategy, ThreadSafeCallContext, ThreadsafeFunction, ThreadsafeFunctionCallMode,
@@ -174,7 +174,7 @@ impl VM {
     }
 }
 
-fn process_to_js(_: Env, process: forkvm::agent::Process) -> napi::Result<Process> {
+fn process_to_js(_: Env, process: forkvm_agent_client::Process) -> napi::Result<Process> {
     Ok(Process {
         pid: process.pid(),
         running: RwLock::new(Some(Arc::new(Running {
@@ -187,7 +187,7 @@ fn process_to_js(_: Env, process: forkvm::agent::Process) -> napi::Result<Proces
 
 /// A spawned process and how it ended, once that was read.
 struct Running {
-    process: forkvm::agent::Process,
+    process: forkvm_agent_client::Process,
     /// Its end, once `read` or `wait` saw it (the agent says it once; later calls answer with
     /// it again). Held while waiting for its next event: reads and waits take turns.
     exit: Mutex<Option<ExitStatus>>,

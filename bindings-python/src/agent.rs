@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use forkvm::agent::{
+use forkvm_agent_client::{
     Agent, AgentError, Command, ExecOutput, ExitStatus, Process, ProcessEvent, Pty, PtyEvent,
     Stream, WriteOptions,
 };
@@ -337,7 +337,7 @@ impl PyPty {
     fn with<T: Send>(
         &self,
         py: Python<'_>,
-        f: impl FnOnce(&Pty) -> Result<T, forkvm::agent::AgentError> + Send,
+        f: impl FnOnce(&Pty) -> Result<T, forkvm_agent_client::AgentError> + Send,
     ) -> PyResult<T> {
         py.allow_threads(|| {
             let pty = self.pty.lock().unwrap_or_else(|e| e.into_inner());

@@ -1,5 +1,5 @@
 //! The exception hierarchy: `forkvm.Error` and one subclass per [`ErrorKind`] of
-//! [`forkvm::Error`] and [`forkvm::agent::AgentError`] (the classification the C and Node
+//! [`forkvm::Error`] and [`forkvm_agent_client::AgentError`] (the classification the C and Node
 //! bindings map too), raised with the error's message and its causes.
 
 use forkvm::ErrorKind;
@@ -155,7 +155,7 @@ pub(crate) fn vm_error(e: forkvm::Error) -> PyErr {
 }
 
 /// The exception for an [`AgentError`], with its message and causes.
-pub(crate) fn agent_error(e: forkvm::agent::AgentError) -> PyErr {
+pub(crate) fn agent_error(e: forkvm_agent_client::AgentError) -> PyErr {
     exception(e.kind(), forkvm::error_chain(&e))
 }
 

@@ -37,8 +37,8 @@ fn _forkvm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(vm::stop_all, m)?)?;
     errors::register(m)?;
     m.add("DEFAULT_MEMORY_MIB", forkvm::DEFAULT_MEMORY_MIB)?;
-    m.add("IMAGE_CMDLINE", forkvm::agent::IMAGE_CMDLINE)?;
-    m.add("IMAGE_MEMORY_MIB", forkvm::agent::IMAGE_MEMORY_MIB)?;
+    m.add("IMAGE_CMDLINE", forkvm_agent_client::IMAGE_CMDLINE)?;
+    m.add("IMAGE_MEMORY_MIB", forkvm_agent_client::IMAGE_MEMORY_MIB)?;
     m.add("IDENTITY_PAGE_ADDR", forkvm::IDENTITY_PAGE_ADDR)?;
     Ok(())
 }

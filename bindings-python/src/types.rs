@@ -2,8 +2,8 @@
 //! file metadata.
 
 use forkvm::Identity;
-use forkvm::agent::{AgentDirEntry, AgentFileStat, ExecOutput, ExitStatus};
 use forkvm::{CrashReason, DeviceInfo, GuestExit};
+use forkvm_agent_client::{AgentDirEntry, AgentFileStat, ExecOutput, ExitStatus};
 use forkvm_agent_protocol::FileType;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;

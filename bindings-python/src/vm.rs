@@ -1,11 +1,12 @@
 //! `forkvm.VM` and what builds one: `Disk`, `Balloon`, `Child`; a VM's balloon handle.
 
+use forkvm_agent_client::VmAgentExt;
 use std::os::fd::IntoRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use forkvm::agent::DEFAULT_REQUEST_TIMEOUT;
 use forkvm::{BalloonConfig, BalloonHandle, Child, DiskConfig, Vm, VmBuilder, VsockConfig};
+use forkvm_agent_client::DEFAULT_REQUEST_TIMEOUT;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};

@@ -1,12 +1,13 @@
-//! `forkvm_agent` and `forkvm_pty`: the guest agent of forkvm's Linux image (`forkvm::agent`):
+//! `forkvm_agent` and `forkvm_pty`: the guest agent of forkvm's Linux image (`forkvm_agent_client`):
 //! run commands, move files, open terminals.
 
+use forkvm_agent_client::VmAgentExt;
 use std::ffi::{CString, c_char, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use forkvm::agent::{
+use forkvm_agent_client::{
     Agent, Command, ExecOutput, ExitStatus, IMAGE_CMDLINE, Process, ProcessEvent, Pty, PtyEvent,
     Stream, WriteOptions,
 };
@@ -17,7 +18,7 @@ use crate::handle::Registry;
 use crate::vm::{VMS, forkvm_vm};
 use crate::{bytes_arg, forkvm_bytes, opt_str_arg, out_arg, str_arg, str_array_arg};
 
-/// A connection to a VM's guest agent (`forkvm::agent::Agent`). Made by `forkvm_vm_agent`,
+/// A connection to a VM's guest agent (`forkvm_agent_client::Agent`). Made by `forkvm_vm_agent`,
 /// freed by `forkvm_agent_free`. Thread-safe: threads may make requests at once.
 pub struct forkvm_agent {
     _private: [u8; 0],
@@ -143,7 +144,7 @@ pub unsafe extern "C" fn forkvm_exec_output_free(output: *mut forkvm_exec_output
     }
 }
 
-/// A command to run in the guest (`forkvm::agent::Command`). Zeroed fields mean "default".
+/// A command to run in the guest (`forkvm_agent_client::Command`). Zeroed fields mean "default".
 #[repr(C)]
 #[derive(Debug)]
 pub struct forkvm_command {
@@ -304,7 +305,7 @@ pub unsafe extern "C" fn forkvm_agent_run_streaming(
     })
 }
 
-/// A command running in the guest (`forkvm::agent::Process`), started by `forkvm_agent_spawn`
+/// A command running in the guest (`forkvm_agent_client::Process`), started by `forkvm_agent_spawn`
 /// on a connection of its own; freed by `forkvm_process_free`. Thread-safe: one thread may read
 /// its output (`forkvm_process_read`, `forkvm_process_wait`) while others write its input or
 /// signal it (two readers at once each get some of the events).
@@ -759,7 +760,7 @@ pub unsafe extern "C" fn forkvm_agent_shutdown(
     })
 }
 
-/// A PTY session in the guest (`forkvm::agent::Pty`): a terminal running a program, on a
+/// A PTY session in the guest (`forkvm_agent_client::Pty`): a terminal running a program, on a
 /// connection of its own. `forkvm_pty_free` detaches (the session runs on; attach again with
 /// `forkvm_agent_pty_attach`); `forkvm_pty_close` ends it. Calls on one handle take turns (a
 /// read waiting for output holds up a write on another thread: read with short timeouts).

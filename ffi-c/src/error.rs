@@ -5,7 +5,7 @@ use std::ffi::{CString, c_char};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use forkvm::ErrorKind;
-use forkvm::agent::AgentError;
+use forkvm_agent_client::AgentError;
 
 /// What a forkvm function returns: `FORKVM_OK` (0), or why it failed (details in
 /// `forkvm_last_error()`).

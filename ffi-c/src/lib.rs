@@ -1,7 +1,7 @@
 //! The C binding of forkvm: `libforkvm.so` / `libforkvm.a` and `include/forkvm.h` (generated from
 //! this crate by cbindgen; `tests/header.rs` fails when it is stale).
 //!
-//! A thin layer over the Rust API (`forkvm::VmBuilder`, `forkvm::Vm`, `forkvm::agent::Agent`):
+//! A thin layer over the Rust API (`forkvm::VmBuilder`, `forkvm::Vm`, `forkvm_agent_client::Agent`):
 //! every function converts its arguments, calls the Rust API once and converts the result.
 //!
 //! **Conventions.** Every function returns a `forkvm_status` (`FORKVM_OK` is 0) and writes its

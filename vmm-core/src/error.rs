@@ -9,8 +9,8 @@ use thiserror::Error;
 use crate::boot::BootError;
 use crate::memory::MemoryError;
 
-/// What kind of failure an [`Error`] or an [`AgentError`](crate::agent::AgentError) is, from
-/// [`Error::kind`] and [`AgentError::kind`](crate::agent::AgentError::kind).
+/// What kind of failure an [`Error`] (or the guest agent client's `AgentError`) is, from
+/// [`Error::kind`] (and `AgentError::kind`, in `forkvm-agent-client`).
 ///
 /// This is the one classification of forkvm's errors: the C binding's status codes, the Python
 /// binding's exception classes and the Node binding's error codes are each one `match` on it.
@@ -279,11 +279,9 @@ pub(crate) fn setup_err(what: &'static str, e: impl std::fmt::Display) -> Error 
 mod tests {
     use std::collections::BTreeSet;
 
-    use forkvm_agent_protocol::{ErrorKind as ReplyKind, ErrorReply, ProtocolError};
     use forkvm_devices::virtio::DeviceError;
 
     use super::*;
-    use crate::agent::AgentError;
     use crate::memory::MemoryError;
 
     fn io() -> io::Error {
@@ -454,40 +452,6 @@ mod tests {
     }
 
     #[test]
-    fn agent_errors_have_their_kind_and_a_vm_error_its_own() {
-        use ErrorKind as K;
-        let reply = ErrorReply {
-            kind: ReplyKind::NotFound,
-            message: "no".into(),
-            errno: None,
-        };
-        for (error, kind) in [
-            (AgentError::NotReady("no".into()), K::AgentNotReady),
-            (AgentError::CommandNotFound("x".into()), K::CommandNotFound),
-            (AgentError::TimedOut, K::TimedOut),
-            (AgentError::ConnectionLost, K::ConnectionLost),
-            (AgentError::Agent(reply), K::Agent),
-            (
-                AgentError::Protocol(ProtocolError::UnknownKind(9)),
-                K::Agent,
-            ),
-            (AgentError::Unexpected("x".into()), K::Agent),
-            (AgentError::Io(io()), K::Io),
-            (AgentError::Vm(Box::new(Error::NoVsock)), K::NoDevice),
-            (
-                AgentError::Vm(Box::new(Error::KvmMissing("/x".into()))),
-                K::Kvm,
-            ),
-            (
-                AgentError::Vm(Box::new(Error::NotRunning(Box::new(None)))),
-                K::NotRunning,
-            ),
-        ] {
-            assert_eq!(error.kind(), kind, "{error:?}");
-        }
-    }
-
-    #[test]
     fn messages_leave_the_cause_to_the_chain() {
         let error = Error::BlockImage {
             path: "/x".into(),
@@ -499,14 +463,13 @@ mod tests {
         assert!(chain.ends_with(&io().to_string()), "{chain}");
         assert_eq!(chain.matches(&io().to_string()).count(), 1, "{chain}");
 
-        // Through a transparent wrapper and an agent error, the cause still comes once.
+        // Through a transparent wrapper, the cause still comes once.
         let memory = Error::Memory(MemoryError::Freeze {
             what: "seal",
             source: io(),
         });
-        let agent = AgentError::Vm(Box::new(memory));
         assert_eq!(
-            crate::error_chain(&agent),
+            crate::error_chain(&memory),
             format!("cannot freeze guest memory: seal: {}", io())
         );
     }

@@ -16,7 +16,6 @@
 //! # Ok::<(), forkvm::Error>(())
 //! ```
 
-pub mod agent;
 mod arch;
 mod boot;
 mod builder;
@@ -51,6 +50,6 @@ pub use layout::{IDENTITY_PAGE_ADDR, ZERO_PAGE_ADDR};
 pub use memory::MemoryError;
 pub use snapshot::{Child, DISK_FILE_PREFIX, MEMORY_FILE, SNAPSHOT_FORMAT, STATE_FILE, Snapshot};
 pub use virtio::{DeviceInfo, DeviceKind};
-pub use vm::Vm;
+pub use vm::{Extensions, Vm, VsockDialer};
 pub use vstate::run_state::PauseGuard;
 pub use vstate::vcpu::{KICK_SIGNAL_OFFSET, kick_signal};

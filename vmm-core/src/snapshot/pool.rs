@@ -141,7 +141,10 @@ impl ShellPool {
                     match Shell::new(&kvm, shape.clone()) {
                         Ok(shell) => pool.push(shell),
                         Err(e) => {
-                            log::warn!("cannot prepare a child for the next fork: {e}");
+                            log::warn!(
+                                "cannot prepare a child for the next fork: {}",
+                                forkvm_devices::chain::ErrorChain(&e)
+                            );
                             return;
                         }
                     }

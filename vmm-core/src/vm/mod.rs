@@ -7,6 +7,9 @@
 //! capture), ended. Starting a running VM changes nothing.
 
 mod capture;
+mod extensions;
+
+pub use extensions::Extensions;
 
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,8 +74,8 @@ pub struct Vm {
     last_capture: Mutex<Option<capture::LastCapture>>,
     /// Counts the host's writes into guest memory ([`Vm::write_memory`]).
     host_writes: AtomicU64,
-    /// The connection to the guest agent ([`Vm::agent`]).
-    pub(crate) agent: crate::agent::AgentSlot,
+    /// What crates layered on forkvm keep for this VM ([`Vm::extensions`]).
+    extensions: Extensions,
     /// Children created ahead of forks ([`Vm::prepare_forks`], [`Vm::keep_forks_ready`]).
     pub(crate) shells: Arc<ShellPool>,
     /// How long the last fork or snapshot held this VM paused ([`Vm::last_pause`]).
@@ -107,7 +110,7 @@ impl Vm {
             user_pause: Mutex::default(),
             last_capture: Mutex::default(),
             host_writes: AtomicU64::new(0),
-            agent: crate::agent::AgentSlot::default(),
+            extensions: Extensions::default(),
             shells: Arc::default(),
             last_pause: Mutex::default(),
             spare_threads: Mutex::new(parts.threads),
@@ -275,9 +278,16 @@ impl Vm {
             .map_err(|source| Error::VsockConnect { port, source })
     }
 
-    /// The handle that opens in-process vsock connections, if the VM has a vsock device.
-    pub(crate) fn vsock_connector(&self) -> Option<VsockConnector> {
-        self.vsock.clone()
+    /// A handle that opens in-process vsock connections to this VM's guest (as
+    /// [`Vm::vsock_connect`]) without borrowing the VM, if it has a vsock device.
+    pub fn vsock_dialer(&self) -> Option<VsockDialer> {
+        self.vsock.clone().map(VsockDialer)
+    }
+
+    /// State that crates layered on forkvm keep for this VM, one value per type (the guest
+    /// agent client keeps its connection there); dropped with the VM handle.
+    pub fn extensions(&self) -> &Extensions {
+        &self.extensions
     }
 
     /// The balloon added with [`crate::VmBuilder::balloon`], if any: set its target, read what
@@ -350,6 +360,25 @@ impl Vm {
 
     fn lock_phase(&self) -> MutexGuard<'_, Phase> {
         lock(&self.phase)
+    }
+}
+
+/// Opens in-process vsock connections to one VM's guest: [`Vm::vsock_dialer`]. Cloneable and
+/// `Send + Sync`; connections fail once the VM is gone.
+#[derive(Clone)]
+pub struct VsockDialer(VsockConnector);
+
+impl VsockDialer {
+    /// Opens a stream to `port` in the guest, as [`Vm::vsock_connect`] (whose
+    /// [`Error::VsockConnect`] carries the same I/O error).
+    pub fn connect(&self, port: u32, timeout: Duration) -> std::io::Result<UnixStream> {
+        self.0.connect(port, timeout)
+    }
+}
+
+impl std::fmt::Debug for VsockDialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VsockDialer")
     }
 }
 

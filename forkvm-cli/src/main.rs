@@ -1,17 +1,18 @@
 //! `forkvm`: boot a guest from the command line, its serial console on this terminal; or boot
 //! forkvm's Linux image and run one command in it through the guest agent.
 
+use forkvm_agent_client::VmAgentExt;
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use forkvm::agent::{Command, IMAGE_CMDLINE, IMAGE_MEMORY_MIB, Stream};
 use forkvm::{
     ConsoleBuffer, ConsoleInput, ConsoleOutput, DEFAULT_MEMORY_MIB, ErrorChain, GuestExit,
     VmBuilder, VsockConfig, error_chain,
 };
+use forkvm_agent_client::{Command, IMAGE_CMDLINE, IMAGE_MEMORY_MIB, Stream};
 
 const USAGE: &str =
     "usage: forkvm run --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MIB] \

@@ -1,7 +1,9 @@
 //! The host side of the guest agent (`forkvm-agent`, PID 1 of forkvm's Linux guest image): run
 //! commands, move files and keep terminals open in a guest, over vsock.
 //!
-//! [`Vm::agent`] connects to the agent of a VM (waiting for it to come up); [`Agent`] then runs
+//! A crate of its own above `forkvm`: the VMM knows nothing of the agent. [`VmAgentExt::agent`]
+//! (`use forkvm_agent_client::VmAgentExt` gives every [`forkvm::Vm`] `vm.agent(timeout)`)
+//! connects to the agent of a VM (waiting for it to come up); [`Agent`] then runs
 //! commands ([`Agent::exec`], [`Agent::run`], [`Agent::run_streaming`]), moves files
 //! ([`Agent::write_file`], [`Agent::read_file`], [`Agent::stat`], ...) and opens PTY sessions
 //! ([`Agent::pty`]). The wire protocol is `forkvm-agent-protocol`'s (documented there): one
@@ -9,10 +11,10 @@
 //! connection of their own, so that a process that stops reading cannot hold up the others.
 //!
 //! Every connection starts with a Hello carrying the VM's generation
-//! ([`crate::identity::Identity`]), fresh host entropy and the host's time: in a fork child or
+//! ([`forkvm::Identity`]), fresh host entropy and the host's time: in a fork child or
 //! a restored VM (a new generation) the agent reseeds the guest's RNG and steps its clock before
 //! it answers, so no request is served on stale randomness. A fork child's connections are its
-//! own: [`Vm::agent`] on the child connects afresh (vsock connections do not survive a fork).
+//! own: [`VmAgentExt::agent`] on the child connects afresh (vsock connections do not survive a fork).
 
 mod connection;
 mod pty;
@@ -30,7 +32,7 @@ use forkvm_devices::sync::lock;
 
 use self::connection::{Call, Connection};
 pub use self::pty::{Pty, PtyEvent};
-use crate::vm::Vm;
+use forkvm::Vm;
 pub use forkvm_agent_protocol::{DirEntry as AgentDirEntry, ExitStatus, FileStat as AgentFileStat};
 
 /// The kernel command line of forkvm's Linux image (`guest/image.sh`): its root file system is
@@ -81,13 +83,13 @@ pub enum AgentError {
     Io(std::io::Error),
     /// The VM could not be reached (no vsock device, VM not running).
     #[error(transparent)]
-    Vm(Box<crate::Error>),
+    Vm(Box<forkvm::Error>),
 }
 
 impl AgentError {
     /// What kind of failure this is; for [`AgentError::Vm`], its VM error's kind.
-    pub fn kind(&self) -> crate::ErrorKind {
-        use crate::ErrorKind as K;
+    pub fn kind(&self) -> forkvm::ErrorKind {
+        use forkvm::ErrorKind as K;
         match self {
             Self::NotReady(_) => K::AgentNotReady,
             Self::CommandNotFound(_) => K::CommandNotFound,
@@ -247,7 +249,7 @@ impl std::fmt::Debug for Agent {
 
 impl Agent {
     /// Connects through `connector` to an agent in a VM of `generation`, waiting at most
-    /// `timeout` for its Hello (a single attempt: [`Vm::agent`] retries while the guest boots).
+    /// `timeout` for its Hello (a single attempt: [`VmAgentExt::agent`] retries while the guest boots).
     pub fn connect(
         connector: Connector,
         generation: u64,
@@ -643,22 +645,37 @@ fn unexpected(reply: &Reply) -> AgentError {
     AgentError::Unexpected(format!("{reply:?}"))
 }
 
-/// The VM's agent connection, kept between calls to [`Vm::agent`].
+/// A VM's agent connection, kept between calls to [`VmAgentExt::agent`] (in the VM's
+/// [`forkvm::Extensions`]).
 #[derive(Default)]
-pub(crate) struct AgentSlot(Mutex<Option<Agent>>);
+struct AgentSlot(Mutex<Option<Agent>>);
 
-impl Vm {
+/// The guest agent of a [`forkvm::Vm`]: `use forkvm_agent_client::VmAgentExt` and call
+/// `vm.agent(timeout)` or `vm.exec(argv)`.
+pub trait VmAgentExt {
     /// The guest agent of this VM (forkvm's Linux image runs it as PID 1), connecting through
     /// the vsock device — and retrying while the guest boots — for at most `timeout`. The
     /// connection is kept for later calls and re-made if it was lost.
-    pub fn agent(&self, timeout: Duration) -> Result<Agent, AgentError> {
-        let mut slot = lock(&self.agent.0);
+    fn agent(&self, timeout: Duration) -> Result<Agent, AgentError>;
+
+    /// Runs `argv` in the guest through its agent ([`VmAgentExt::agent`], waiting up to
+    /// [`DEFAULT_REQUEST_TIMEOUT`] for it) and returns its output and status.
+    fn exec<S: Into<String>>(
+        &self,
+        argv: impl IntoIterator<Item = S>,
+    ) -> Result<ExecOutput, AgentError>;
+}
+
+impl VmAgentExt for Vm {
+    fn agent(&self, timeout: Duration) -> Result<Agent, AgentError> {
+        let slot = self.extensions().get_or_default::<AgentSlot>();
+        let mut slot = lock(&slot.0);
         if let Some(agent) = slot.as_ref().filter(|a| a.is_connected()) {
             return Ok(agent.clone());
         }
         let vsock = self
-            .vsock_connector()
-            .ok_or_else(|| AgentError::Vm(Box::new(crate::Error::NoVsock)))?;
+            .vsock_dialer()
+            .ok_or_else(|| AgentError::Vm(Box::new(forkvm::Error::NoVsock)))?;
         let connector: Connector =
             Arc::new(move || vsock.connect(AGENT_PORT, Duration::from_secs(5)));
         let generation = self.identity().generation;
@@ -679,7 +696,7 @@ impl Vm {
                 }
                 Err(_) => {
                     if let Some(exit) = self.exit() {
-                        return Err(AgentError::Vm(Box::new(crate::Error::NotRunning(
+                        return Err(AgentError::Vm(Box::new(forkvm::Error::NotRunning(
                             Box::new(Some(exit)),
                         ))));
                     }
@@ -691,12 +708,77 @@ impl Vm {
         Ok(agent)
     }
 
-    /// Runs `argv` in the guest through its agent ([`Vm::agent`], waiting up to
-    /// [`DEFAULT_REQUEST_TIMEOUT`] for it) and returns its output and status.
-    pub fn exec<S: Into<String>>(
+    fn exec<S: Into<String>>(
         &self,
         argv: impl IntoIterator<Item = S>,
     ) -> Result<ExecOutput, AgentError> {
         self.agent(DEFAULT_REQUEST_TIMEOUT)?.exec(argv)
+    }
+}
+
+#[cfg(test)]
+mod kind_tests {
+    use forkvm_agent_protocol::{ErrorKind as ReplyKind, ErrorReply, ProtocolError};
+
+    use super::AgentError;
+
+    #[test]
+    fn agent_errors_have_their_kind_and_a_vm_error_its_own() {
+        use forkvm::ErrorKind as K;
+        let reply = ErrorReply {
+            kind: ReplyKind::NotFound,
+            message: "no".into(),
+            errno: None,
+        };
+        for (error, kind) in [
+            (AgentError::NotReady("no".into()), K::AgentNotReady),
+            (AgentError::CommandNotFound("x".into()), K::CommandNotFound),
+            (AgentError::TimedOut, K::TimedOut),
+            (AgentError::ConnectionLost, K::ConnectionLost),
+            (AgentError::Agent(reply), K::Agent),
+            (
+                AgentError::Protocol(ProtocolError::UnknownKind(9)),
+                K::Agent,
+            ),
+            (AgentError::Unexpected("x".into()), K::Agent),
+            (
+                AgentError::Io(std::io::Error::from_raw_os_error(libc::ENOENT)),
+                K::Io,
+            ),
+            (
+                AgentError::Vm(Box::new(forkvm::Error::NoVsock)),
+                K::NoDevice,
+            ),
+            (
+                AgentError::Vm(Box::new(forkvm::Error::KvmMissing("/x".into()))),
+                K::Kvm,
+            ),
+            (
+                AgentError::Vm(Box::new(forkvm::Error::NotRunning(Box::new(None)))),
+                K::NotRunning,
+            ),
+        ] {
+            assert_eq!(error.kind(), kind, "{error:?}");
+        }
+    }
+
+    /// An agent error wrapping a VM error prints the VM error's causes once.
+    #[test]
+    fn a_vm_error_inside_an_agent_error_keeps_its_chain() {
+        let io = std::io::Error::from_raw_os_error(libc::ENOENT);
+        let vm = forkvm::Error::BlockImage {
+            path: "/x".into(),
+            source: io,
+        };
+        let agent = AgentError::Vm(Box::new(vm));
+        let chain = forkvm::error_chain(&agent);
+        assert!(chain.starts_with("cannot open disk image /x: "), "{chain}");
+        assert_eq!(
+            chain
+                .matches(&std::io::Error::from_raw_os_error(libc::ENOENT).to_string())
+                .count(),
+            1,
+            "{chain}"
+        );
     }
 }
