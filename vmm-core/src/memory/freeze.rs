@@ -1,9 +1,9 @@
 //! Freezing guest RAM at an instant, so that several VMs can continue from it (fork, restore).
 //!
-//! [`GuestRam::freeze`] (with the VM paused) replaces, in place, RAM's shared mappings of its
-//! memfd by private ones and seals the file: the file is the image ([`FrozenRam`]), which VMs
-//! started from it map privately. RAM that already maps an image is frozen into a new file: the mapped image's
-//! data and the RAM's own pages, nearly all copied while the VM still runs
+//! A first freeze replaces, in place, RAM's shared mappings of its memfd by private ones and
+//! seals the file: the file is the image ([`FrozenRam`]), which VMs started from it map
+//! privately. RAM that already maps an image is frozen into a new file: the mapped image's data
+//! and the RAM's own pages, nearly all copied while the VM still runs
 //! ([`GuestRam::draft_freeze`], with its writes tracked by `memory::dirty`), so that with the VM
 //! paused [`GuestRam::freeze_from`] copies only the pages written since the draft's last scan. The
 //! RAM goes on mapping the image it mapped unless it holds many pages of its own (`REMAP_RATIO`).

@@ -12,7 +12,7 @@
 //! restoring costs the same for any memory size, and restoring twice gives two independent VMs.
 //! Each block device's disk, as it was at the snapshot, goes to `disk-<device index>` (sparse;
 //! the VM may go on writing its image meanwhile, its old content is preserved for the copy as
-//! for a fork child). A restored VM's devices continue as a fork child's do ([`crate::fork`]):
+//! for a fork child). A restored VM's devices continue as a fork child's do ([`super::spawn`]):
 //! its identity is the next generation, its vsock connections are gone, and its disks read the
 //! snapshot's disk files and write private overlays, so the snapshot never changes.
 

@@ -1,8 +1,9 @@
-//! VMM threads started ahead of need. A child prepared for a fork ([`crate::prepared`]) comes with
-//! its event-loop and vCPU threads already started, each waiting for the one job it will run,
-//! because starting a thread in a process that holds many VMs costs more than the rest of a fork:
-//! a new thread's stack changes the process's mappings, and every such change goes past the MMU
-//! notifier of every VM in the process (about 0.6 ms per thread with 1,000 VMs on this host).
+//! VMM threads started ahead of need. A child prepared for a fork ([`crate::snapshot::pool`])
+//! comes with its event-loop and vCPU threads already started, each waiting for the one job it
+//! will run, because starting a thread in a process that holds many VMs costs more than the rest
+//! of a fork: a new thread's stack changes the process's mappings, and every such change goes
+//! past the MMU notifier of every VM in the process (about 0.6 ms per thread with 1,000 VMs on
+//! this host).
 
 use std::collections::VecDeque;
 use std::io;
