@@ -131,7 +131,7 @@ fn continue_devices(
     let mut devices = Vec::with_capacity(frozen.len());
     for device in frozen {
         let spec = match &device.state.device {
-            DeviceState::Rng => VirtioDeviceSpec::new(Box::new(Rng::new())),
+            DeviceState::Rng => VirtioDeviceSpec::new(Box::new(Rng::from_state())),
             DeviceState::Block(state) => {
                 let overlay = (!layer_files.is_empty()).then(|| layer_files.remove(0));
                 let block = match overlay {
