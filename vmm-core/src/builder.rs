@@ -199,9 +199,15 @@ impl Balloon {
         self
     }
 
-    fn create(&self, ram_bytes: u64) -> Result<(VirtioDeviceSpec, BalloonHandle), Error> {
-        let device = BalloonDevice::new(ram_bytes, self.deflate_on_oom, self.free_page_reporting)
-            .map_err(|e| setup_err("virtio-balloon", e))?;
+    /// The device for a VM with `ram`, which it frees the pages its guest gives up from.
+    fn create(&self, ram: &GuestRam) -> Result<(VirtioDeviceSpec, BalloonHandle), Error> {
+        let device = BalloonDevice::new(
+            ram.size(),
+            self.deflate_on_oom,
+            self.free_page_reporting,
+            ram.discarder(),
+        )
+        .map_err(|e| setup_err("virtio-balloon", e))?;
         let handle = device.handle();
         Ok((VirtioDeviceSpec::new(Box::new(device)), handle))
     }
@@ -437,7 +443,7 @@ impl VmBuilder {
         });
         let balloon = match &self.balloon {
             Some(config) => {
-                let (device, handle) = config.create(ram.size())?;
+                let (device, handle) = config.create(&ram)?;
                 devices.push(device);
                 Some(handle)
             }

@@ -27,6 +27,7 @@ use crate::builder::{LegacyConfig, legacy_devices, setup_err};
 use crate::console::ConsoleOutput;
 use crate::error::Error;
 use crate::event_loop::EventLoop;
+use crate::memory::GuestRam;
 use crate::run_state::RunState;
 use crate::vcpu::IoBuses;
 use crate::virtio::{FrozenDevice, VirtioDeviceSpec, VirtioPlan};
@@ -89,7 +90,7 @@ pub(crate) fn start_from(
         plan,
         vsock,
         balloon,
-    } = continue_devices(&point.devices, child, &mut layer_files)?;
+    } = continue_devices(&point.devices, child, &mut layer_files, &ram)?;
     let mut mmio = Bus::new();
     let devices = plan.attach(&vm_fd, &mut mmio, &mut event_loop, &ram.memory)?;
     let vm = Vm::new(VmParts {
@@ -121,11 +122,13 @@ struct ChildDevices {
 }
 
 /// Creates a child's copy of each `frozen` device, connected to the host ends `child` names; its
-/// disks' overlays are `layer_files` as long as there are some.
+/// disks' overlays are `layer_files` as long as there are some, and its balloon frees pages of
+/// `ram`, the child's own RAM (which has adopted the image).
 fn continue_devices(
     frozen: &[FrozenDevice],
     mut child: Child,
     layer_files: &mut Vec<File>,
+    ram: &GuestRam,
 ) -> Result<ChildDevices, Error> {
     let (mut vsock, mut balloon) = (None, None);
     let mut devices = Vec::with_capacity(frozen.len());
@@ -164,8 +167,8 @@ fn continue_devices(
                 VirtioDeviceSpec::new(Box::new(device))
             }
             DeviceState::Balloon(state) => {
-                let device =
-                    Balloon::from_state(state).map_err(|e| setup_err("virtio-balloon", e))?;
+                let device = Balloon::from_state(state, ram.discarder())
+                    .map_err(|e| setup_err("virtio-balloon", e))?;
                 balloon = Some(device.handle());
                 VirtioDeviceSpec::new(Box::new(device))
             }

@@ -14,7 +14,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::handle::{BalloonHandle, BalloonStats, PENDING_STATS, PENDING_TARGET, Shared};
 use super::{
     ACTUAL_OFFSET, BALLOON_DEVICE_TYPE, CONFIG_SIZE, F_DEFLATE_ON_OOM, F_REPORTING, F_STATS_VQ,
-    MAX_PFNS_PER_CHAIN, MAX_REPORT_RANGES, MAX_STATS, PAGE_SIZE, QUEUE_SIZE, STAT_ENTRY_SIZE,
+    MAX_PFNS_PER_CHAIN, MAX_REPORT_RANGES, MAX_STATS, PAGE_SIZE, QUEUE_SIZE, RamDiscard,
+    STAT_ENTRY_SIZE,
 };
 use crate::virtio::{
     DeviceError, DeviceState, GuestMemoryMmap, INT_CONFIG, INT_USED_RING, Interrupt,
@@ -74,15 +75,19 @@ pub struct Balloon {
     pub(super) pfns: Vec<u64>,
     /// Validated page runs or ranges: (guest address, length).
     pub(super) ranges: Vec<(u64, usize)>,
+    /// Frees the host memory behind the pages the guest gives up.
+    pub(super) discard: Arc<dyn RamDiscard>,
 }
 
 impl Balloon {
     /// A balloon for a guest with `ram_bytes` of RAM, offering statistics, deflate-on-OOM if
-    /// `deflate_on_oom`, and free page reporting if `free_page_reporting`.
+    /// `deflate_on_oom`, and free page reporting if `free_page_reporting`; `discard` frees the
+    /// pages its guest gives up (it must discard that guest's RAM and nothing else).
     pub fn new(
         ram_bytes: u64,
         deflate_on_oom: bool,
         free_page_reporting: bool,
+        discard: Arc<dyn RamDiscard>,
     ) -> io::Result<Self> {
         let mut features = (1 << VIRTIO_F_VERSION_1) | (1 << F_STATS_VQ);
         if deflate_on_oom {
@@ -91,10 +96,14 @@ impl Balloon {
         if free_page_reporting {
             features |= 1 << F_REPORTING;
         }
-        Self::with_features(ram_bytes / PAGE_SIZE, features)
+        Self::with_features(ram_bytes / PAGE_SIZE, features, discard)
     }
 
-    pub(super) fn with_features(ram_pages: u64, features: u64) -> io::Result<Self> {
+    pub(super) fn with_features(
+        ram_pages: u64,
+        features: u64,
+        discard: Arc<dyn RamDiscard>,
+    ) -> io::Result<Self> {
         let shared = Shared {
             ram_pages,
             target: AtomicU32::new(0),
@@ -117,6 +126,7 @@ impl Balloon {
             bytes: Vec::new(),
             pfns: Vec::new(),
             ranges: Vec::new(),
+            discard,
         })
     }
 
@@ -205,10 +215,10 @@ impl Balloon {
     }
 
     /// Frees the host memory behind `self.ranges`; returns the bytes freed.
-    fn discard_ranges(&self, memory: &GuestMemoryMmap) -> u64 {
+    fn discard_ranges(&self) -> u64 {
         let mut freed = 0;
         for (addr, len) in &self.ranges {
-            match discard(memory, *addr, *len) {
+            match self.discard.discard(*addr, *len as u64) {
                 Ok(()) => freed += *len as u64,
                 Err(e) => log::warn!("virtio-balloon: cannot free {addr:#x}+{len:#x}: {e}"),
             }
@@ -225,7 +235,7 @@ impl Balloon {
         if let Err(why) = self.read_page_runs(chain, memory)? {
             self.reject(why);
         } else if inflate {
-            let freed = self.discard_ranges(memory);
+            let freed = self.discard_ranges();
             self.shared.inflated.fetch_add(freed, Ordering::SeqCst);
         } else {
             let bytes = self.pfns.len() as u64 * PAGE_SIZE;
@@ -242,7 +252,7 @@ impl Balloon {
         match self.read_report(chain, memory) {
             Err(why) => self.reject(why),
             Ok(()) => {
-                let freed = self.discard_ranges(memory);
+                let freed = self.discard_ranges();
                 self.shared.reported.fetch_add(freed, Ordering::SeqCst);
             }
         }
@@ -335,52 +345,6 @@ pub(super) fn page_runs(
         }
     }
     Ok(())
-}
-
-/// Frees the host memory behind `len` bytes of guest RAM at `addr` (within one region), as the
-/// balloon does with the pages its guest gives up: shared RAM reads zeros there afterwards, RAM
-/// mapped privately over a frozen image reads the image's contents.
-pub fn discard(memory: &GuestMemoryMmap, addr: u64, len: usize) -> io::Result<()> {
-    let slice = memory
-        .get_slice(GuestAddress(addr), len)
-        .map_err(io::Error::other)?;
-    let guard = slice.ptr_guard_mut();
-    let advise = |advice| {
-        // SAFETY: the pointer and length describe `len` bytes of one live mapping of guest
-        // memory, which `memory` keeps mapped for the duration of the call. Both advices free
-        // the pages backing it and leave the mapping in place; guest memory is only ever accessed
-        // through volatile accesses that expect its contents to change.
-        if unsafe { libc::madvise(guard.as_ptr().cast(), len, advice) } == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    };
-    // A shared mapping (a VM's own memfd) has its pages punched out (later reads see zeros). A
-    // private one (RAM over a frozen image, see forkvm's memory::freeze) refuses that with
-    // EACCES — the image must not change, other VMs read it — and drops its copied pages
-    // instead, falling back to the image's contents.
-    match advise(libc::MADV_REMOVE) {
-        Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
-            let dropped = advise(libc::MADV_DONTNEED);
-            // Counted after the pages are gone: a freeze that read the count before it copied
-            // them sees it change.
-            PRIVATE_DISCARDS.fetch_add(1, Ordering::SeqCst);
-            dropped
-        }
-        other => other,
-    }
-}
-
-/// Drops of copied pages from privately mapped guest RAM (`MADV_DONTNEED`), by any balloon in
-/// this process.
-static PRIVATE_DISCARDS: AtomicU64 = AtomicU64::new(0);
-
-/// How many times a balloon in this process has dropped copied pages from guest RAM mapped
-/// privately over a frozen image, after which that RAM reads the image's contents there again.
-/// A freeze that copied pages from such RAM re-checks them when this changed meanwhile.
-pub fn private_discards() -> u64 {
-    PRIVATE_DISCARDS.load(Ordering::SeqCst)
 }
 
 impl VirtioDevice for Balloon {

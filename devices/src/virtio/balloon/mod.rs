@@ -2,9 +2,10 @@
 //! them again (deflate), reports its memory statistics, and reports ranges of free memory that
 //! the host may reclaim (free page reporting).
 //!
-//! Guest RAM is a memfd mapped `MAP_SHARED`, so `madvise(MADV_REMOVE)` over the pages the guest
-//! gave up frees their backing memory; the guest reads zeros if it touches them again. The host
-//! drives the device through a [`BalloonHandle`]: it sets the target size, reads what the guest
+//! The device checks what the guest names and hands the pages it gave up (or reported free) to a
+//! [`RamDiscard`], which the VMM implements over the RAM of the balloon's own VM: it frees their
+//! backing memory, and the guest reads zeros (or, over a frozen image, the image's contents) if
+//! it touches them again. The host drives the device through a [`BalloonHandle`]: it sets the target size, reads what the guest
 //! reports, and asks for fresh statistics; those requests reach the device on the VM's event loop
 //! through the eventfd of [`VirtioDevice::host_event`].
 //!
@@ -22,9 +23,11 @@ mod persist;
 #[cfg(test)]
 mod tests;
 
+use std::io;
+
 use thiserror::Error;
 
-pub use device::{Balloon, discard, private_discards};
+pub use device::Balloon;
 pub use handle::{BalloonHandle, BalloonStats};
 pub use persist::BalloonState;
 
@@ -89,4 +92,16 @@ pub enum BalloonError {
         /// Guest RAM in 4 KiB pages.
         max: u64,
     },
+}
+
+/// Frees the host memory behind guest RAM: what a balloon does with the pages its guest gives up
+/// or reports free. The VMM implements it over the RAM of the balloon's own VM (and nothing
+/// else), and gives it to the balloon when it creates it ([`Balloon::new`],
+/// [`Balloon::from_state`]).
+pub trait RamDiscard: Send + Sync {
+    /// Frees the host memory behind `len` bytes of guest RAM at guest-physical `addr`: whole
+    /// [`PAGE_SIZE`] pages inside one region of guest memory (the balloon checked them against
+    /// the memory it serves). Afterwards the guest reads zeros there or, where its RAM maps a
+    /// frozen image privately, the image's contents.
+    fn discard(&self, addr: u64, len: u64) -> io::Result<()>;
 }

@@ -4,15 +4,18 @@ use std::fs::File;
 use std::io;
 use std::os::fd::FromRawFd;
 use std::os::unix::fs::MetadataExt;
+use std::sync::{Arc, Mutex};
 
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestRegionMmap};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestRegionMmap};
 
 use super::device::{Rejected, page_runs};
 use super::*;
 use crate::bus::BusDevice;
 use crate::virtio::test_driver::{BUF, Driver, MEM_SIZE, QUEUE_STRIDE, S_NEEDS_RESET, USED, reg};
-use crate::virtio::{GuestMemoryMmap, INT_CONFIG, INT_USED_RING, VIRTIO_F_VERSION_1, VirtioDevice};
+use crate::virtio::{
+    DeviceState, GuestMemoryMmap, INT_CONFIG, INT_USED_RING, VIRTIO_F_VERSION_1, VirtioDevice,
+};
 
 const PAGE: u64 = PAGE_SIZE;
 const BALLOON_RAM: u64 = MEM_SIZE as u64;
@@ -36,6 +39,65 @@ fn memfd_memory(flags: i32) -> (GuestMemoryMmap, File) {
     (GuestMemoryMmap::from_regions(vec![region]).unwrap(), file)
 }
 
+/// What a VMM's [`RamDiscard`] does (forkvm's is `memory::discard`), over the tests' guest
+/// memory: a shared mapping has its pages punched out of the memfd, a private one drops its
+/// copied pages and reads the file again.
+struct MadviseDiscard(GuestMemoryMmap);
+
+impl RamDiscard for MadviseDiscard {
+    fn discard(&self, addr: u64, len: u64) -> io::Result<()> {
+        let len = usize::try_from(len).map_err(io::Error::other)?;
+        let slice = self
+            .0
+            .get_slice(GuestAddress(addr), len)
+            .map_err(io::Error::other)?;
+        let guard = slice.ptr_guard_mut();
+        let advise = |advice| {
+            // SAFETY: the pointer and length describe `len` bytes of one live mapping of the
+            // test's guest memory, which `self.0` keeps mapped; both advices free the pages and
+            // leave the mapping in place, and guest memory is only accessed through volatile
+            // copies.
+            if unsafe { libc::madvise(guard.as_ptr().cast(), len, advice) } == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        };
+        match advise(libc::MADV_REMOVE) {
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => advise(libc::MADV_DONTNEED),
+            other => other,
+        }
+    }
+}
+
+/// A [`RamDiscard`] that records what it is asked to discard and fails for `fail_at`.
+#[derive(Default)]
+struct Recorder {
+    calls: Mutex<Vec<(u64, u64)>>,
+    fail_at: Option<u64>,
+}
+
+impl RamDiscard for Recorder {
+    fn discard(&self, addr: u64, len: u64) -> io::Result<()> {
+        self.calls.lock().unwrap().push((addr, len));
+        match self.fail_at {
+            Some(at) if at == addr => Err(io::Error::other("refused")),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A balloon whose discards are recorded only.
+fn recorded(ram_bytes: u64, deflate_on_oom: bool, reporting: bool) -> Balloon {
+    Balloon::new(
+        ram_bytes,
+        deflate_on_oom,
+        reporting,
+        Arc::new(Recorder::default()),
+    )
+    .unwrap()
+}
+
 fn allocated(file: &File) -> u64 {
     file.metadata().unwrap().blocks() * 512
 }
@@ -53,9 +115,10 @@ fn balloon(reporting: bool, features: u64) -> Setup {
 
 /// [`balloon`] over guest memory mapped with `flags`.
 fn balloon_over(flags: i32, reporting: bool, features: u64) -> Setup {
-    let device = Balloon::new(BALLOON_RAM, false, reporting).unwrap();
-    let handle = device.handle();
     let (memory, file) = memfd_memory(flags);
+    let discard = Arc::new(MadviseDiscard(memory.clone()));
+    let device = Balloon::new(BALLOON_RAM, false, reporting, discard).unwrap();
+    let handle = device.handle();
     let mut d = Driver::with_memory(Box::new(device), memory);
     d.start_with(features);
     // The device writes the used rings: touch their pages now, so that the allocation counts
@@ -93,14 +156,14 @@ fn needs_reset(d: &mut Driver) -> bool {
 
 #[test]
 fn offers_stats_always_and_deflate_on_oom_and_reporting_on_request() {
-    let plain = Balloon::new(BALLOON_RAM, false, false).unwrap();
+    let plain = recorded(BALLOON_RAM, false, false);
     assert_eq!(plain.device_type(), 5);
     assert_eq!(
         plain.features(),
         (1 << VIRTIO_F_VERSION_1) | (1 << F_STATS_VQ)
     );
     assert_eq!(plain.queue_max_sizes().len(), 3);
-    let full = Balloon::new(BALLOON_RAM, true, true).unwrap();
+    let full = recorded(BALLOON_RAM, true, true);
     assert_eq!(
         full.features(),
         (1 << VIRTIO_F_VERSION_1)
@@ -345,9 +408,10 @@ fn a_huge_stats_buffer_is_read_only_up_to_the_limit() {
 
 #[test]
 fn host_requests_before_the_driver_is_live_are_drained() {
-    let device = Balloon::new(BALLOON_RAM, false, false).unwrap();
-    let handle = device.handle();
     let (memory, _file) = memfd_memory(libc::MAP_SHARED);
+    let discard = Arc::new(MadviseDiscard(memory.clone()));
+    let device = Balloon::new(BALLOON_RAM, false, false, discard).unwrap();
+    let handle = device.handle();
     let mut d = Driver::with_memory(Box::new(device), memory);
     handle.set_target_pages(16).unwrap();
     handle.request_stats();
@@ -408,9 +472,7 @@ fn config_space_reads_safely_and_only_actual_is_writable() {
     assert_eq!(read(&mut d, 6, 4), [0x0b, 0x0a, 0, 0]);
     assert_eq!(read(&mut d, 0xefc, 4), [0; 4]);
     let mut far = [0xee; 8];
-    Balloon::new(BALLOON_RAM, false, false)
-        .unwrap()
-        .read_config(u64::MAX - 3, &mut far);
+    recorded(BALLOON_RAM, false, false).read_config(u64::MAX - 3, &mut far);
     assert_eq!(far, [0; 8], "offsets that overflow read as zero");
 
     d.write(0x100, 7);
@@ -556,4 +618,100 @@ fn a_queue_of_a_feature_not_accepted_is_ignored() {
     assert_eq!(handle.reported_bytes(), 0);
     assert!(handle.stats().is_none());
     assert_eq!(page_byte(&d, 0x40), 0xa5);
+}
+
+#[test]
+fn the_ram_discard_gets_each_validated_run_and_only_what_it_freed_is_counted() {
+    let (memory, _file) = memfd_memory(libc::MAP_SHARED);
+    let recorder = Arc::new(Recorder {
+        fail_at: Some(0x50 * PAGE),
+        ..Recorder::default()
+    });
+    let device = Balloon::new(BALLOON_RAM, false, true, recorder.clone()).unwrap();
+    let handle = device.handle();
+    let mut d = Driver::with_memory(Box::new(device), memory);
+    d.start_with(1 << F_REPORTING);
+    let len = write_pfns(&d, BUF, &[0x41, 0x40, 0x50]);
+    d.chain(0, &[(BUF, len, false)]);
+    d.notify();
+    assert_eq!(
+        *recorder.calls.lock().unwrap(),
+        [(0x40 * PAGE, 2 * PAGE), (0x50 * PAGE, PAGE)]
+    );
+    assert_eq!(
+        handle.inflated_bytes(),
+        2 * PAGE,
+        "the refused run is not counted"
+    );
+    // A rejected request discards nothing; a report hands over its ranges in address order.
+    let bad = write_pfns(&d, BUF, &[0x40, (BALLOON_RAM / PAGE) as u32]);
+    d.chain(1, &[(BUF, bad, false)]);
+    d.notify();
+    d.select(2);
+    report_chain(
+        &d,
+        &[(0x80 * PAGE, PAGE as u32), (0x60 * PAGE, 2 * PAGE as u32)],
+    );
+    d.notify();
+    assert_eq!(handle.rejected_requests(), 1);
+    assert_eq!(handle.reported_bytes(), 3 * PAGE);
+    assert_eq!(
+        recorder.calls.lock().unwrap()[2..],
+        [(0x60 * PAGE, 2 * PAGE), (0x80 * PAGE, PAGE)]
+    );
+}
+
+#[test]
+fn a_child_continues_from_the_state_and_damaged_states_are_refused() {
+    let Setup { mut d, handle, .. } = balloon(true, 1 << F_STATS_VQ);
+    handle.set_target_pages(0x30).unwrap();
+    d.write(0x104, 0x20);
+    d.select(2);
+    let len = write_stats(&d, BUF, &[(stat_tag::FREE_MEMORY, 7)]);
+    d.chain(0, &[(BUF, len, false)]);
+    d.notify();
+    let DeviceState::Balloon(state) = d.transport.freeze().unwrap().device else {
+        panic!("not a balloon state");
+    };
+    let child = Balloon::from_state(&state, Arc::new(Recorder::default())).unwrap();
+    let child_handle = child.handle();
+    assert_eq!(
+        child.features(),
+        (1 << VIRTIO_F_VERSION_1) | (1 << F_STATS_VQ) | (1 << F_REPORTING)
+    );
+    assert_eq!(
+        (child_handle.target_pages(), child_handle.actual_pages()),
+        (0x30, 0x20)
+    );
+    assert_eq!(
+        child_handle.stats().unwrap().get(stat_tag::FREE_MEMORY),
+        Some(7)
+    );
+    assert_eq!(
+        child_handle.inflated_bytes(),
+        0,
+        "counters are the child's own"
+    );
+    assert_eq!(
+        child.stats_head,
+        Some(0),
+        "the guest's stats buffer stays with the child"
+    );
+
+    let too_large = BalloonState {
+        target: u32::try_from(state.ram_pages + 1).unwrap(),
+        ..state.clone()
+    };
+    let unknown_feature = BalloonState {
+        features: state.features | 1 << 40,
+        ..state.clone()
+    };
+    for damaged in [too_large, unknown_feature] {
+        let refused = Balloon::from_state(&damaged, Arc::new(Recorder::default())).err();
+        assert_eq!(
+            refused.map(|e| e.kind()),
+            Some(io::ErrorKind::InvalidData),
+            "{damaged:?}"
+        );
+    }
 }
