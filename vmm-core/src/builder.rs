@@ -99,9 +99,14 @@ impl VirtioConfig {
                 )?,
             )),
             Self::Console { output, input } => {
-                let console = Console::new(output.into_writer()?)
+                let mut console = Console::new(output.into_writer()?)
                     .map_err(|e| setup_err("virtio-console", e))?;
-                VirtioDeviceSpec::console(console, input.map(|i| i.into_fd()).transpose()?)
+                if let Some(input) = input {
+                    console = console
+                        .with_input(input.into_fd()?)
+                        .map_err(|e| setup_err("virtio-console input", e))?;
+                }
+                VirtioDeviceSpec::new(Box::new(console))
             }
         })
     }

@@ -157,9 +157,14 @@ fn continue_devices(
                     .virtio_consoles
                     .pop_front()
                     .unwrap_or((ConsoleOutput::Discard, None));
-                let console = Console::from_state(state, output.into_writer()?)
+                let mut console = Console::from_state(state, output.into_writer()?)
                     .map_err(|e| setup_err("virtio-console", e))?;
-                VirtioDeviceSpec::console(console, input.map(|i| i.into_fd()).transpose()?)
+                if let Some(input) = input {
+                    console = console
+                        .with_input(input.into_fd()?)
+                        .map_err(|e| setup_err("virtio-console input", e))?;
+                }
+                VirtioDeviceSpec::new(Box::new(console))
             }
             DeviceState::Vsock(state) => {
                 let device = Vsock::from_state(state, child.vsock_uds_path.as_deref())?;

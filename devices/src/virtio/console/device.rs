@@ -2,10 +2,11 @@
 //! into the guest's receive buffers.
 
 use std::io::{self, Read, Write};
+use std::os::fd::{OwnedFd, RawFd};
 
 use virtio_queue::{Queue, QueueT};
 
-use super::input::ConsoleInputQueue;
+use super::input::{ConsoleInputQueue, HostInput};
 use super::{CONSOLE_DEVICE_TYPE, MAX_TX_CHAIN, QUEUE_SIZE, RX_QUEUE};
 use crate::virtio::{
     DeviceError, DeviceState, GuestMemoryMmap, INT_USED_RING, Interrupt, VIRTIO_F_VERSION_1,
@@ -16,6 +17,8 @@ use crate::virtio::{
 pub struct Console {
     pub(super) output: Box<dyn Write + Send>,
     pub(super) input: ConsoleInputQueue,
+    /// The host fd that fills `input`, if any.
+    pub(super) host_input: Option<HostInput>,
     pub(super) chunk: Vec<u8>,
 }
 
@@ -25,11 +28,20 @@ impl Console {
         Ok(Self {
             output,
             input: ConsoleInputQueue::new()?,
+            host_input: None,
             chunk: Vec::new(),
         })
     }
 
-    /// The input queue a [`super::ConsoleSink`] fills.
+    /// This console, fed from the host fd `source` (a pipe, terminal or socket): the device reads
+    /// it on the VM's event loop (through [`VirtioDevice::host_event`]) while its input queue has
+    /// room, until the end of input.
+    pub fn with_input(mut self, source: OwnedFd) -> io::Result<Self> {
+        self.host_input = Some(HostInput::new(source, &self.input)?);
+        Ok(self)
+    }
+
+    /// The input queue, which host input waits in for the guest's receive buffers.
     pub fn input(&self) -> ConsoleInputQueue {
         self.input.clone()
     }
@@ -117,6 +129,29 @@ impl VirtioDevice for Console {
         match index {
             RX_QUEUE => self.receive(queue, memory, interrupt),
             _ => self.transmit(queue, memory, interrupt),
+        }
+    }
+
+    fn host_event(&self) -> Option<RawFd> {
+        self.host_input.as_ref().map(HostInput::fd)
+    }
+
+    fn process_host_event(
+        &mut self,
+        queues: &mut [Queue],
+        memory: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        let Some(host_input) = &mut self.host_input else {
+            return Ok(());
+        };
+        // Read even while the device is not live: the input waits in the queue for the driver.
+        if !host_input.process(&self.input) {
+            return Ok(());
+        }
+        match queues.get_mut(RX_QUEUE).filter(|queue| queue.ready()) {
+            Some(queue) => self.receive(queue, memory, interrupt),
+            None => Ok(()),
         }
     }
 

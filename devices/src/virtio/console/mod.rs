@@ -1,9 +1,13 @@
 //! virtio-console (type 3), one port without multiport: the guest's `hvc0`. Output goes to the
-//! same kinds of sinks as the serial console; input comes from a host fd through the event loop.
+//! same kinds of sinks as the serial console; input comes from a host fd ([`Console::with_input`])
+//! that the device reads on the VM's event loop, through [`VirtioDevice::host_event`] like every
+//! device's host-side work.
 //!
 //! Input is held in a bounded buffer ([`INPUT_BUFFER_SIZE`]) until the guest posts receive
-//! buffers; while it is full the event loop stops reading the fd, so a fast producer never makes
+//! buffers; while it is full the device stops watching the fd, so a fast producer never makes
 //! the host buffer without bound.
+//!
+//! [`VirtioDevice::host_event`]: crate::virtio::VirtioDevice::host_event
 
 mod device;
 mod input;
@@ -12,7 +16,7 @@ mod persist;
 mod tests;
 
 pub use device::Console;
-pub use input::{ConsoleInputQueue, ConsoleSink};
+pub use input::ConsoleInputQueue;
 pub use persist::ConsoleState;
 
 /// Virtio device type of the console.
