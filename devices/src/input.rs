@@ -1,6 +1,7 @@
-//! Host input for a guest-facing device (the UART, virtio-console): an event-loop subscriber that
+//! Host input for a legacy device (the UART): an event-loop subscriber that
 //! reads a host fd only while the device has room, so a fast producer never makes the host
-//! buffer without bound, and that stops at end of input.
+//! buffer without bound, and that stops at end of input. (Virtio devices read their host input
+//! themselves, through `VirtioDevice::host_event`: virtio-console does so in `virtio::console`.)
 
 use std::fs::File;
 use std::io::{self, Read};

@@ -81,9 +81,14 @@ impl VirtioConfig {
                 )?,
             )),
             Self::Console { output, input } => {
-                let console = Console::new(output.into_writer()?)
+                let mut console = Console::new(output.into_writer()?)
                     .map_err(|e| setup_err("virtio-console", e))?;
-                VirtioDeviceSpec::console(console, input.map(|i| i.into_fd()).transpose()?)
+                if let Some(input) = input {
+                    console = console
+                        .with_input(input.into_fd()?)
+                        .map_err(|e| setup_err("virtio-console input", e))?;
+                }
+                VirtioDeviceSpec::new(Box::new(console))
             }
         })
     }
@@ -181,9 +186,15 @@ impl BalloonConfig {
         self
     }
 
-    fn create(&self, ram_bytes: u64) -> Result<(VirtioDeviceSpec, BalloonHandle), Error> {
-        let device = BalloonDevice::new(ram_bytes, self.deflate_on_oom, self.free_page_reporting)
-            .map_err(|e| setup_err("virtio-balloon", e))?;
+    /// The device for a VM with `ram`, which it frees the pages its guest gives up from.
+    fn create(&self, ram: &GuestRam) -> Result<(VirtioDeviceSpec, BalloonHandle), Error> {
+        let device = BalloonDevice::new(
+            ram.size(),
+            self.deflate_on_oom,
+            self.free_page_reporting,
+            ram.discarder(),
+        )
+        .map_err(|e| setup_err("virtio-balloon", e))?;
         let handle = device.handle();
         Ok((VirtioDeviceSpec::new(Box::new(device)), handle))
     }
@@ -418,7 +429,7 @@ impl VmBuilder {
         });
         let balloon = match &self.balloon {
             Some(config) => {
-                let (device, handle) = config.create(ram.size())?;
+                let (device, handle) = config.create(&ram)?;
                 devices.push(device);
                 Some(handle)
             }

@@ -4,14 +4,11 @@
 //! A forked child's devices are placed where its parent's were and continue from their frozen
 //! state ([`FrozenDevice`]).
 
-use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use forkvm_devices::bus::Bus;
-use forkvm_devices::input::InputFeeder;
 use forkvm_devices::trigger::IrqTrigger;
 use forkvm_devices::virtio::block::BLOCK_DEVICE_TYPE;
-use forkvm_devices::virtio::console::{Console, ConsoleInputQueue, ConsoleSink};
 use forkvm_devices::virtio::mmio::{
     MMIO_WINDOW_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, QueueEvents, TransportState, VirtioState,
 };
@@ -30,29 +27,17 @@ pub const FIRST_VIRTIO_IRQ: u32 = 5;
 /// Last IRQ: the in-kernel IOAPIC has 24 pins.
 pub const LAST_VIRTIO_IRQ: u32 = 23;
 
-/// A virtio device to attach, with the host input a console device reads, if any.
+/// A virtio device to attach. Whatever host-side work it has (console input, vsock sockets,
+/// balloon requests) reaches it through its [`VirtioDevice::host_event`].
 pub struct VirtioDeviceSpec {
     /// The device.
     pub device: Box<dyn VirtioDevice>,
-    /// For a console: its input queue and the fd that fills it.
-    pub console_input: Option<(ConsoleInputQueue, OwnedFd)>,
 }
 
 impl VirtioDeviceSpec {
-    /// A device without host input.
+    /// `device`, to attach.
     pub fn new(device: Box<dyn VirtioDevice>) -> Self {
-        Self {
-            device,
-            console_input: None,
-        }
-    }
-
-    /// A console, fed from `input` if given.
-    pub fn console(console: Console, input: Option<OwnedFd>) -> Self {
-        Self {
-            console_input: input.map(|fd| (console.input(), fd)),
-            device: Box::new(console),
-        }
+        Self { device }
     }
 }
 
@@ -232,7 +217,7 @@ impl VirtioPlan {
     }
 
     /// Connects every device to the VM: MMIO window on `mmio`, irqfd, one ioeventfd per queue,
-    /// queue service (and console input) on `event_loop`.
+    /// queue service and host-side work on `event_loop`.
     pub fn attach(
         self,
         vm: &VmFd,
@@ -256,11 +241,7 @@ impl Placed {
         memory: &GuestMemoryMmap,
     ) -> Result<AttachedDevice, Error> {
         let Placed {
-            spec:
-                VirtioDeviceSpec {
-                    device,
-                    console_input,
-                },
+            spec: VirtioDeviceSpec { device },
             base,
             irq,
             transport,
@@ -292,10 +273,6 @@ impl Placed {
         event_loop.add(Arc::new(Mutex::new(
             QueueEvents::new(transport.clone()).map_err(setup_err)?,
         )));
-        if let Some((queue, fd)) = console_input {
-            let sink = ConsoleSink::new(transport.clone(), queue);
-            event_loop.add(Arc::new(Mutex::new(InputFeeder::new(sink, fd))));
-        }
         Ok(AttachedDevice {
             transport,
             base,

@@ -17,8 +17,6 @@ use std::sync::{Arc, Once};
 
 use vm_memory::{Bytes, GuestAddress};
 
-use forkvm_devices::virtio::balloon::private_discards;
-
 use super::PAGE;
 use super::dirty::WriteTracker;
 use super::image::{COPY_CHUNK, seal};
@@ -52,7 +50,7 @@ pub struct FreezeDraft {
 struct Precopy {
     /// The RAM's epoch when the draft (re)started its write tracking.
     epoch: u64,
-    /// [`private_discards`] before the draft copied anything.
+    /// The RAM's [`GuestRam::private_discards`] before the draft copied anything.
     discards: u64,
     /// For each range of the RAM, the pages copied: sorted, disjoint runs (first page, count).
     copied: Vec<Vec<(usize, usize)>>,
@@ -172,7 +170,7 @@ impl GuestRam {
         let Tracking::On(tracker) = &self.tracking else {
             return Ok(None);
         };
-        let discards = private_discards();
+        let discards = self.private_discards();
         // The pages the RAM holds as its own (written since it began to map its image), each
         // reported as it is protected: a write after that is reported by the next scan.
         let hosts = self.hosts()?;
@@ -332,8 +330,8 @@ impl GuestRam {
     }
 
     /// Finishes a draft whose copies `precopy` were made from this RAM into `file`, with the VM
-    /// paused: copies the pages written since the draft's last scan, and, if a balloon dropped
-    /// pages of privately mapped RAM since the draft began, again the pages the draft copied that
+    /// paused: copies the pages written since the draft's last scan, and, if the VM's balloon
+    /// dropped pages of this RAM since the draft began, again the pages the draft copied that
     /// the RAM no longer holds as its own present pages (dropped with `MADV_DONTNEED` after the
     /// draft protected them, so no scan reports them, and the RAM reads the image there again).
     /// Returns about how many pages of its own the RAM holds.
@@ -356,7 +354,7 @@ impl GuestRam {
             .flatten()
             .map(|&(_, count)| count)
             .sum::<usize>();
-        if private_discards() == precopy.discards {
+        if self.private_discards() == precopy.discards {
             return Ok(own);
         }
         let pagemap = File::open("/proc/self/pagemap")?;
@@ -607,7 +605,7 @@ mod tests {
         write(&ram, 0x1000, 2);
         write(&ram, 0x2000, 3);
         let draft = Some(ram.draft_freeze().unwrap());
-        forkvm_devices::virtio::balloon::discard(&ram.memory, 0x1000, 4096).unwrap();
+        ram.discarder().discard(0x1000, 4096).unwrap();
         assert_eq!(read(&ram, 0x1000), 1, "the image's page again");
         let image = ram.freeze_from(draft).unwrap();
         let m = image.map().unwrap();

@@ -6,6 +6,7 @@
 
 mod adopt;
 mod dirty;
+mod discard;
 pub mod freeze;
 mod image;
 mod pagemap;
@@ -19,6 +20,7 @@ use std::io;
 use std::os::fd::FromRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use thiserror::Error;
 use vm_memory::mmap::MmapRegionBuilder;
@@ -142,6 +144,9 @@ pub struct GuestRam {
     /// Changes whenever the regions are re-mapped or their write tracking starts again: a draft
     /// of a freeze made at another epoch cannot be finished with the pages written since.
     epoch: u64,
+    /// Drops of copied pages from this RAM mapped privately, by its balloon (see
+    /// [`GuestRam::discarder`]); shared with the discarders it handed out.
+    private_discards: Arc<AtomicU64>,
 }
 
 impl GuestRam {
@@ -181,6 +186,7 @@ impl GuestRam {
             moved: Vec::new(),
             tracking: freeze::Tracking::Untried,
             epoch: 0,
+            private_discards: Arc::default(),
         })
     }
 

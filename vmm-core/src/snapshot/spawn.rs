@@ -25,6 +25,7 @@ use super::pool::{Shell, ShellShape};
 use crate::console::ConsoleOutput;
 use crate::error::{Error, setup_err};
 use crate::machine::{self, LegacyConfig, Machine, MachineSpec};
+use crate::memory::GuestRam;
 use crate::virtio::{FrozenDevice, VirtioDeviceSpec, VirtioPlan};
 
 /// The machine of a new VM that continues from `point`, connected to the host as `child` says,
@@ -72,7 +73,7 @@ pub(crate) fn machine_from(
         plan,
         vsock,
         balloon,
-    } = continue_devices(&point.devices, &mut child, &mut layer_files)?;
+    } = continue_devices(&point.devices, &mut child, &mut layer_files, &ram)?;
     let machine = machine::assemble(MachineSpec {
         kvm,
         vm_fd,
@@ -103,17 +104,19 @@ struct ChildDevices {
 }
 
 /// Creates a child's copy of each `frozen` device, connected to the host ends `child` names; its
-/// disks' overlays are `layer_files` as long as there are some.
+/// disks' overlays are `layer_files` as long as there are some, and its balloon frees pages of
+/// `ram`, the child's own RAM (which has adopted the image).
 fn continue_devices(
     frozen: &[FrozenDevice],
     child: &mut Child,
     layer_files: &mut Vec<File>,
+    ram: &GuestRam,
 ) -> Result<ChildDevices, Error> {
     let (mut vsock, mut balloon) = (None, None);
     let mut devices = Vec::with_capacity(frozen.len());
     for device in frozen {
         let spec = match &device.state.device {
-            DeviceState::Rng => VirtioDeviceSpec::new(Box::new(Rng::new())),
+            DeviceState::Rng => VirtioDeviceSpec::new(Box::new(Rng::from_state())),
             DeviceState::Block(state) => {
                 let overlay = (!layer_files.is_empty()).then(|| layer_files.remove(0));
                 let block = match overlay {
@@ -136,9 +139,14 @@ fn continue_devices(
                     .virtio_consoles
                     .pop_front()
                     .unwrap_or((ConsoleOutput::Discard, None));
-                let console = Console::from_state(state, output.into_writer()?)
+                let mut console = Console::from_state(state, output.into_writer()?)
                     .map_err(|e| setup_err("virtio-console", e))?;
-                VirtioDeviceSpec::console(console, input.map(|i| i.into_fd()).transpose()?)
+                if let Some(input) = input {
+                    console = console
+                        .with_input(input.into_fd()?)
+                        .map_err(|e| setup_err("virtio-console input", e))?;
+                }
+                VirtioDeviceSpec::new(Box::new(console))
             }
             DeviceState::Vsock(state) => {
                 let device = Vsock::from_state(state, child.vsock_uds_path.as_deref())?;
@@ -146,8 +154,8 @@ fn continue_devices(
                 VirtioDeviceSpec::new(Box::new(device))
             }
             DeviceState::Balloon(state) => {
-                let device =
-                    Balloon::from_state(state).map_err(|e| setup_err("virtio-balloon", e))?;
+                let device = Balloon::from_state(state, ram.discarder())
+                    .map_err(|e| setup_err("virtio-balloon", e))?;
                 balloon = Some(device.handle());
                 VirtioDeviceSpec::new(Box::new(device))
             }

@@ -1,19 +1,14 @@
-//! virtio-rng (entropy device, type 4): fills the guest's buffers from the host's `getrandom`.
+//! The entropy device: one request queue of write-only buffers, filled from `getrandom`.
 
 use std::io::Write;
 
 use virtio_queue::Queue;
 
-use super::{
+use super::{MAX_BYTES_PER_REQUEST, QUEUE_SIZE, RNG_DEVICE_TYPE};
+use crate::virtio::{
     DeviceError, DeviceState, GuestMemoryMmap, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice,
     serve_queue,
 };
-
-/// Virtio device type of the entropy device.
-pub const RNG_DEVICE_TYPE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-const QUEUE_SIZE: u16 = 256;
-/// Most bytes served per request, so one request cannot make the host fill gigabytes.
-pub const MAX_BYTES_PER_REQUEST: usize = 64 * 1024;
 
 /// The entropy device: one request queue of write-only buffers.
 #[derive(Default)]
@@ -60,7 +55,7 @@ impl VirtioDevice for Rng {
     }
 
     fn freeze(&mut self) -> Result<DeviceState, DeviceError> {
-        Ok(DeviceState::Rng)
+        Ok(self.state())
     }
 }
 

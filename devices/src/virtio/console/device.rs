@@ -1,0 +1,161 @@
+//! The console device: guest output from the transmit queue to the host sink, queued host input
+//! into the guest's receive buffers.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{OwnedFd, RawFd};
+
+use virtio_queue::{Queue, QueueT};
+
+use super::input::{ConsoleInputQueue, HostInput};
+use super::{CONSOLE_DEVICE_TYPE, MAX_TX_CHAIN, QUEUE_SIZE, RX_QUEUE};
+use crate::virtio::{
+    DeviceError, DeviceState, GuestMemoryMmap, INT_USED_RING, Interrupt, VIRTIO_F_VERSION_1,
+    VirtioDevice, serve_queue,
+};
+
+/// The console device.
+pub struct Console {
+    pub(super) output: Box<dyn Write + Send>,
+    pub(super) input: ConsoleInputQueue,
+    /// The host fd that fills `input`, if any.
+    pub(super) host_input: Option<HostInput>,
+    pub(super) chunk: Vec<u8>,
+}
+
+impl Console {
+    /// A console writing the guest's output to `output`.
+    pub fn new(output: Box<dyn Write + Send>) -> io::Result<Self> {
+        Ok(Self {
+            output,
+            input: ConsoleInputQueue::new()?,
+            host_input: None,
+            chunk: Vec::new(),
+        })
+    }
+
+    /// This console, fed from the host fd `source` (a pipe, terminal or socket): the device reads
+    /// it on the VM's event loop (through [`VirtioDevice::host_event`]) while its input queue has
+    /// room, until the end of input.
+    pub fn with_input(mut self, source: OwnedFd) -> io::Result<Self> {
+        self.host_input = Some(HostInput::new(source, &self.input)?);
+        Ok(self)
+    }
+
+    /// The input queue, which host input waits in for the guest's receive buffers.
+    pub fn input(&self) -> ConsoleInputQueue {
+        self.input.clone()
+    }
+
+    fn transmit(
+        &mut self,
+        queue: &mut Queue,
+        memory: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        serve_queue(queue, memory, interrupt, |chain| {
+            let mut reader = chain.reader(memory)?;
+            let len = reader.available_bytes().min(MAX_TX_CHAIN);
+            self.chunk.resize(len, 0);
+            reader.read_exact(&mut self.chunk)?;
+            if let Err(e) = self
+                .output
+                .write_all(&self.chunk)
+                .and_then(|()| self.output.flush())
+            {
+                // The guest's output is dropped, as a serial line with nobody listening would.
+                log::warn!("virtio-console: output dropped: {e}");
+            }
+            Ok(0)
+        })
+    }
+
+    fn receive(
+        &mut self,
+        queue: &mut Queue,
+        memory: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        let input = self.input.clone();
+        let mut pending = input.lock();
+        let mut took = false;
+        while !pending.is_empty() {
+            let Some(chain) = queue.pop_descriptor_chain(memory) else {
+                break;
+            };
+            let head = chain.head_index();
+            let mut writer = chain.writer(memory)?;
+            let n = writer.available_bytes().min(pending.len());
+            let (front, back) = pending.as_slices();
+            let from_front = n.min(front.len());
+            writer.write_all(&front[..from_front])?;
+            writer.write_all(&back[..n - from_front])?;
+            pending.drain(..n);
+            // `n` is at most INPUT_BUFFER_SIZE.
+            queue.add_used(memory, head, n as u32)?;
+            took = true;
+        }
+        drop(pending);
+        if took {
+            let _ = input.drained.write(1);
+            if queue.needs_notification(memory)? {
+                interrupt.raise(INT_USED_RING);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VirtioDevice for Console {
+    fn device_type(&self) -> u32 {
+        CONSOLE_DEVICE_TYPE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+    }
+
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        memory: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        let queue = &mut queues[index];
+        match index {
+            RX_QUEUE => self.receive(queue, memory, interrupt),
+            _ => self.transmit(queue, memory, interrupt),
+        }
+    }
+
+    fn host_event(&self) -> Option<RawFd> {
+        self.host_input.as_ref().map(HostInput::fd)
+    }
+
+    fn process_host_event(
+        &mut self,
+        queues: &mut [Queue],
+        memory: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        let Some(host_input) = &mut self.host_input else {
+            return Ok(());
+        };
+        // Read even while the device is not live: the input waits in the queue for the driver.
+        if !host_input.process(&self.input) {
+            return Ok(());
+        }
+        match queues.get_mut(RX_QUEUE).filter(|queue| queue.ready()) {
+            Some(queue) => self.receive(queue, memory, interrupt),
+            None => Ok(()),
+        }
+    }
+
+    fn freeze(&mut self) -> Result<DeviceState, DeviceError> {
+        Ok(DeviceState::Console(self.state()))
+    }
+}
