@@ -53,7 +53,7 @@ impl<S: InputSink> InputFeeder<S> {
             Ok(()) => self.reading = on,
             Err(e) => {
                 // A regular file cannot be polled; treat it like a closed input.
-                log::warn!("input: cannot watch the input fd: {e:?}");
+                crate::ratelimit::guest_warn!("input: cannot watch the input fd: {e:?}");
                 self.eof = true;
             }
         }
@@ -78,7 +78,7 @@ impl<S: InputSink> InputFeeder<S> {
                     io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
                 ) => {}
             Err(e) => {
-                log::warn!("input: read failed, input closed: {e}");
+                crate::ratelimit::guest_warn!("input: read failed, input closed: {e}");
                 self.set_reading(ops, false);
                 self.eof = true;
             }
@@ -89,7 +89,7 @@ impl<S: InputSink> InputFeeder<S> {
 impl<S: InputSink> MutEventSubscriber for InputFeeder<S> {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(self.sink.room_made(), EventSet::IN)) {
-            log::warn!("input: cannot watch the device's wake-up: {e:?}");
+            crate::ratelimit::guest_warn!("input: cannot watch the device's wake-up: {e:?}");
         }
         self.set_reading(ops, true);
     }

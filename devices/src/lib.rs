@@ -11,6 +11,7 @@ pub mod bus;
 pub mod chain;
 pub mod input;
 pub mod legacy;
+pub mod ratelimit;
 pub mod sync;
 #[cfg(test)]
 mod test_util;

@@ -1,4 +1,6 @@
 //! `include/forkvm.h` is what cbindgen makes of this crate now. `FORKVM_BLESS=1` rewrites it.
+// Test helpers: a broken set-up panics.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
 

@@ -15,6 +15,7 @@
 //! a restored VM (a new generation) the agent reseeds the guest's RNG and steps its clock before
 //! it answers, so no request is served on stale randomness. A fork child's connections are its
 //! own: [`VmAgentExt::agent`] on the child connects afresh (vsock connections do not survive a fork).
+#![warn(missing_debug_implementations)]
 
 mod connection;
 mod pty;

@@ -1,6 +1,9 @@
 //! The `forkvm` CLI: `run` boots the test guest with the console on stdout and exits with the
 //! guest's end state; `exec` refuses what it cannot run.
 
+// Test helpers: a broken set-up panics.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 

@@ -89,6 +89,15 @@ pub struct ConsoleBuffer {
     limit: usize,
 }
 
+impl std::fmt::Debug for ConsoleBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsoleBuffer")
+            .field("len", &self.bytes.lock().map_or(0, |bytes| bytes.len()))
+            .field("limit", &self.limit)
+            .finish()
+    }
+}
+
 impl Default for ConsoleBuffer {
     fn default() -> Self {
         Self::with_limit(DEFAULT_CONSOLE_BUFFER_LIMIT)

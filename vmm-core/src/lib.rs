@@ -15,6 +15,7 @@
 //! println!("{}: {}", vm.wait()?, console.text());
 //! # Ok::<(), forkvm::Error>(())
 //! ```
+#![warn(missing_debug_implementations)]
 
 mod arch;
 mod boot;

@@ -73,7 +73,7 @@ impl SerialPort {
             Ok(n) => n,
             Err(vm_superio::serial::Error::FullFifo) => 0,
             Err(e) => {
-                log::warn!("serial: raising the receive interrupt failed: {e}");
+                crate::ratelimit::guest_warn!("serial: raising the receive interrupt failed: {e}");
                 bytes.len().min(self.uart.fifo_capacity())
             }
         }
@@ -102,7 +102,7 @@ impl BusDevice for SerialPort {
             && offset < u64::from(SERIAL_PORT_LEN)
             && let Err(e) = self.uart.write(offset as u8, *value)
         {
-            log::warn!("serial: guest write dropped: {e}");
+            crate::ratelimit::guest_warn!("serial: guest write dropped: {e}");
         }
     }
 }

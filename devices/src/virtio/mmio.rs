@@ -40,28 +40,51 @@ const CONFIG_SPACE_OFFSET: u64 = 0x100;
 
 /// Register offsets in the window (virtio 1.1 §4.2.2).
 pub mod reg {
+    /// Magic value, "virt".
     pub const MAGIC: u64 = 0x000;
+    /// Device version (2: virtio 1.x).
     pub const VERSION: u64 = 0x004;
+    /// Virtio device type.
     pub const DEVICE_ID: u64 = 0x008;
+    /// Vendor id.
     pub const VENDOR_ID: u64 = 0x00c;
+    /// The 32 feature bits the device offers, at `DEVICE_FEATURES_SEL`.
     pub const DEVICE_FEATURES: u64 = 0x010;
+    /// Which 32 device feature bits `DEVICE_FEATURES` shows.
     pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    /// The 32 feature bits the driver accepts, at `DRIVER_FEATURES_SEL`.
     pub const DRIVER_FEATURES: u64 = 0x020;
+    /// Which 32 driver feature bits `DRIVER_FEATURES` sets.
     pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    /// The queue the queue registers address.
     pub const QUEUE_SEL: u64 = 0x030;
+    /// The selected queue's largest size.
     pub const QUEUE_NUM_MAX: u64 = 0x034;
+    /// The selected queue's size.
     pub const QUEUE_NUM: u64 = 0x038;
+    /// Whether the selected queue is live.
     pub const QUEUE_READY: u64 = 0x044;
+    /// The driver notifies a queue (written with its index).
     pub const QUEUE_NOTIFY: u64 = super::QUEUE_NOTIFY_OFFSET;
+    /// Why the device interrupted (bit 0 used buffers, bit 1 configuration).
     pub const INTERRUPT_STATUS: u64 = 0x060;
+    /// The driver acknowledges interrupt causes.
     pub const INTERRUPT_ACK: u64 = 0x064;
+    /// Device status (the virtio status bits).
     pub const STATUS: u64 = 0x070;
+    /// Descriptor table address, low 32 bits.
     pub const QUEUE_DESC_LOW: u64 = 0x080;
+    /// Descriptor table address, high 32 bits.
     pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    /// Available ring address, low 32 bits.
     pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    /// Available ring address, high 32 bits.
     pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    /// Used ring address, low 32 bits.
     pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    /// Used ring address, high 32 bits.
     pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    /// Changes whenever the configuration space changes.
     pub const CONFIG_GENERATION: u64 = 0x0fc;
 }
 
@@ -255,7 +278,7 @@ impl MmioTransport {
     }
 
     fn needs_reset(&mut self, why: &dyn std::fmt::Display) {
-        log::warn!(
+        crate::ratelimit::guest_warn!(
             "virtio device type {}: {why}; needs reset",
             self.device.device_type()
         );
@@ -529,14 +552,16 @@ impl MutEventSubscriber for QueueEvents {
     fn init(&mut self, ops: &mut EventOps) {
         for (index, event) in self.events.iter().enumerate() {
             if let Err(e) = ops.add(Events::with_data(event, index as u32, EventSet::IN)) {
-                log::error!("virtio: cannot watch queue {index}: {e:?}");
+                crate::ratelimit::guest_warn!("virtio: cannot watch queue {index}: {e:?}");
             }
         }
         if let Some(fd) = self.host_event {
             // The fd belongs to the device inside `transport`, which this subscriber keeps alive.
             let events = Events::with_data_raw(fd, HOST_EVENT_DATA, EventSet::IN);
             if let Err(e) = ops.add(events) {
-                log::error!("virtio: cannot watch the device's host events: {e:?}");
+                crate::ratelimit::guest_warn!(
+                    "virtio: cannot watch the device's host events: {e:?}"
+                );
             }
         }
     }

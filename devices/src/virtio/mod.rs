@@ -75,7 +75,7 @@ impl Interrupt {
     pub fn raise(&self, bits: u32) {
         self.status.fetch_or(bits, Ordering::SeqCst);
         if let Err(e) = vm_superio::Trigger::trigger(&*self.irq) {
-            log::warn!("virtio: cannot raise the interrupt: {e}");
+            crate::ratelimit::guest_warn!("virtio: cannot raise the interrupt: {e}");
         }
     }
 

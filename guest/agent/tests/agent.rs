@@ -1,6 +1,8 @@
 //! The agent's server and handlers as an ordinary host process: hello and reseed, exec, files,
 //! PTY sessions, bad frames. The agent runs in-process over Unix socket pairs with a fake
 //! privileged system; processes and files are real (in a temp dir).
+// Test helpers: a broken set-up panics.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

@@ -1,6 +1,8 @@
 //! The reaper that waits for every child, as PID 1 does. Its own test binary: it reaps every
 //! child of the process, which would steal other tests' children. The binary makes itself a child
 //! subreaper so that orphans come to it, as they come to PID 1.
+// Test helpers: a broken set-up panics.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 

@@ -145,7 +145,7 @@ impl Balloon {
     }
 
     fn reject(&self, why: Rejected) {
-        log::warn!("virtio-balloon: request dropped: {why}");
+        crate::ratelimit::guest_warn!("virtio-balloon: request dropped: {why}");
         self.shared.rejected.fetch_add(1, Ordering::SeqCst);
     }
 
@@ -220,7 +220,9 @@ impl Balloon {
         for (addr, len) in &self.ranges {
             match self.discard.discard(*addr, *len as u64) {
                 Ok(()) => freed += *len as u64,
-                Err(e) => log::warn!("virtio-balloon: cannot free {addr:#x}+{len:#x}: {e}"),
+                Err(e) => crate::ratelimit::guest_warn!(
+                    "virtio-balloon: cannot free {addr:#x}+{len:#x}: {e}"
+                ),
             }
         }
         freed

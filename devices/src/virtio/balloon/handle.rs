@@ -53,7 +53,7 @@ impl Shared {
     pub(super) fn request(&self, what: u32) {
         self.pending.fetch_or(what, Ordering::SeqCst);
         if let Err(e) = self.event.write(1) {
-            log::warn!("virtio-balloon: cannot signal the device: {e}");
+            crate::ratelimit::guest_warn!("virtio-balloon: cannot signal the device: {e}");
         }
     }
 

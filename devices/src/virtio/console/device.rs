@@ -63,7 +63,7 @@ impl Console {
                 .and_then(|()| self.output.flush())
             {
                 // The guest's output is dropped, as a serial line with nobody listening would.
-                log::warn!("virtio-console: output dropped: {e}");
+                crate::ratelimit::guest_warn!("virtio-console: output dropped: {e}");
             }
             Ok(0)
         })

@@ -116,7 +116,7 @@ impl HostInput {
             Ok(()) => self.reading = on,
             Err(e) => {
                 // A regular file cannot be polled; treat it like a closed input.
-                log::warn!("virtio-console: cannot watch the input fd: {e}");
+                crate::ratelimit::guest_warn!("virtio-console: cannot watch the input fd: {e}");
                 self.eof = true;
             }
         }
@@ -129,7 +129,7 @@ impl HostInput {
         let ready = match self.epoll.wait(0, &mut events) {
             Ok(ready) => ready,
             Err(e) => {
-                log::warn!("virtio-console: cannot poll the input: {e}");
+                crate::ratelimit::guest_warn!("virtio-console: cannot poll the input: {e}");
                 return false;
             }
         };
@@ -175,7 +175,9 @@ impl HostInput {
                 false
             }
             Err(e) => {
-                log::warn!("virtio-console: input read failed, input closed: {e}");
+                crate::ratelimit::guest_warn!(
+                    "virtio-console: input read failed, input closed: {e}"
+                );
                 self.set_reading(false);
                 self.eof = true;
                 false

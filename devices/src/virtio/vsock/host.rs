@@ -263,7 +263,7 @@ impl HostSockets {
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
                     if e.kind() != ErrorKind::WouldBlock {
-                        log::warn!("vsock: accept failed: {e}");
+                        crate::ratelimit::guest_warn!("vsock: accept failed: {e}");
                     }
                     break;
                 }
@@ -283,7 +283,7 @@ impl HostSockets {
             .set_nonblocking(true)
             .and_then(|()| self.watch(fd, EventSet::IN))
         {
-            log::warn!("vsock: cannot watch a host client: {e}");
+            crate::ratelimit::guest_warn!("vsock: cannot watch a host client: {e}");
             return;
         }
         self.clients.insert(

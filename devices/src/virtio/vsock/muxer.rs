@@ -18,7 +18,9 @@ use crate::virtio::DeviceError;
 impl Vsock {
     pub(super) fn push_control(&mut self, key: ConnKey, op: u16, flags: u32) {
         if self.control.len() >= MAX_CONTROL_PACKETS {
-            log::warn!("vsock: the guest takes no packets; dropped op {op} for {key:?}");
+            crate::ratelimit::guest_warn!(
+                "vsock: the guest takes no packets; dropped op {op} for {key:?}"
+            );
             return;
         }
         self.control.push_back(Control { key, op, flags });
@@ -168,7 +170,7 @@ impl Vsock {
                 self.add_connection(key, conn);
                 self.push_control(key, OP_REQUEST, 0);
             }
-            Err(e) => log::warn!("vsock: cannot set up a host connection: {e}"),
+            Err(e) => crate::ratelimit::guest_warn!("vsock: cannot set up a host connection: {e}"),
         }
     }
 
@@ -292,7 +294,9 @@ impl Vsock {
             if wanted != conn.registered {
                 match self.host.rewatch(conn.as_raw_fd(), conn.registered, wanted) {
                     Ok(()) => conn.registered = wanted,
-                    Err(e) => log::warn!("vsock: cannot watch a host socket: {e}"),
+                    Err(e) => {
+                        crate::ratelimit::guest_warn!("vsock: cannot watch a host socket: {e}")
+                    }
                 }
             }
         }
