@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use forkvm_devices::bus::Bus;
 use forkvm_devices::trigger::IrqTrigger;
-use forkvm_devices::virtio::block::BLOCK_DEVICE_TYPE;
 use forkvm_devices::virtio::mmio::{
     MMIO_WINDOW_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, QueueEvents, TransportState, VirtioState,
 };
@@ -65,10 +64,7 @@ impl FrozenDevice {
     /// The size in bytes of a block device's disk (`None` for other devices): what a prepared
     /// child's overlay file is made for.
     pub(crate) fn disk_size(&self) -> Option<u64> {
-        match &self.state.device {
-            forkvm_devices::virtio::DeviceState::Block(disk) => Some(disk.disk_bytes()),
-            _ => None,
-        }
+        self.state.device.needs().overlay_bytes
     }
 }
 
@@ -300,15 +296,10 @@ impl AttachedDevice {
         }
     }
 
-    /// The size in bytes of a block device's disk (`None` for other devices).
+    /// The size in bytes of a block device's disk (`None` for other devices): what a fork
+    /// child's overlay file is made for, as the device says.
     pub(crate) fn disk_size(&self) -> Option<u64> {
-        let transport = self.lock();
-        (transport.device_type() == BLOCK_DEVICE_TYPE).then(|| {
-            // virtio-blk's configuration starts with the capacity in 512-byte sectors.
-            let mut capacity = [0u8; 8];
-            transport.read_device_config(0, &mut capacity);
-            u64::from_le_bytes(capacity) * 512
-        })
+        self.lock().fork_needs().overlay_bytes
     }
 
     /// Freezes the device (the VM must be paused): what a forked child's copy continues from.

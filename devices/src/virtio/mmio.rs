@@ -268,6 +268,11 @@ impl MmioTransport {
         self.device.device_type()
     }
 
+    /// What a copy of the device will need from the host at a fork.
+    pub fn fork_needs(&self) -> crate::virtio::persist::HostNeeds {
+        self.device.fork_needs()
+    }
+
     /// Reads the device's configuration space from `offset`, as the driver would.
     pub fn read_device_config(&self, offset: u64, data: &mut [u8]) {
         self.device.read_config(offset, data);

@@ -11,6 +11,7 @@ pub mod balloon;
 pub mod block;
 pub mod console;
 pub mod mmio;
+pub mod persist;
 pub mod rng;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_driver;
@@ -174,6 +175,11 @@ pub trait VirtioDevice: Send {
     }
     /// Returns to the state before the driver's first access (the transport resets the queues).
     fn reset(&mut self) {}
+    /// What a copy of this device will need from the host when the VM forks (a disk's overlay
+    /// size), so that children prepared ahead can have it ready.
+    fn fork_needs(&self) -> persist::HostNeeds {
+        persist::HostNeeds::default()
+    }
     /// What a copy of this device continues from at a fork (called while the VM is paused, so it
     /// must be cheap; queue state is the transport's). The device keeps serving its own VM.
     fn freeze(&mut self) -> Result<DeviceState, DeviceError>;

@@ -10,19 +10,16 @@
 use std::fs::File;
 use std::sync::Arc;
 
-use forkvm_devices::virtio::DeviceState;
-use forkvm_devices::virtio::balloon::{Balloon, BalloonHandle};
-use forkvm_devices::virtio::block::Block;
-use forkvm_devices::virtio::console::Console;
-use forkvm_devices::virtio::rng::Rng;
-use forkvm_devices::virtio::vsock::Vsock;
+use forkvm_devices::chain::ErrorChain;
+use forkvm_devices::virtio::balloon::BalloonHandle;
+use forkvm_devices::virtio::persist::{ContinueError, HostEnds};
 use forkvm_devices::virtio::vsock::host::VsockConnector;
 use kvm_ioctls::Kvm;
 
 use super::Snapshot;
 use super::child::Child;
 use super::pool::{Shell, ShellShape};
-use crate::console::ConsoleOutput;
+use crate::console::{ConsoleInput, ConsoleOutput};
 use crate::error::{Error, setup_err};
 use crate::machine::{self, LegacyConfig, Machine, MachineSpec};
 use crate::memory::GuestRam;
@@ -103,9 +100,11 @@ struct ChildDevices {
     balloon: Option<BalloonHandle>,
 }
 
-/// Creates a child's copy of each `frozen` device, connected to the host ends `child` names; its
-/// disks' overlays are `layer_files` as long as there are some, and its balloon frees pages of
-/// `ram`, the child's own RAM (which has adopted the image).
+/// Creates a child's copy of each `frozen` device, connected to the host ends `child` names
+/// (each console takes the child's next virtio console); its disks' overlays are `layer_files`
+/// as long as there are some, and its balloon frees pages of `ram`, the child's own RAM (which
+/// has adopted the image). Each device says what it needs and rebuilds itself
+/// ([`forkvm_devices::virtio::DeviceState::into_device`]).
 fn continue_devices(
     frozen: &[FrozenDevice],
     child: &mut Child,
@@ -115,52 +114,32 @@ fn continue_devices(
     let (mut vsock, mut balloon) = (None, None);
     let mut devices = Vec::with_capacity(frozen.len());
     for device in frozen {
-        let spec = match &device.state.device {
-            DeviceState::Rng => VirtioDeviceSpec::new(Box::new(Rng::from_state())),
-            DeviceState::Block(state) => {
-                let overlay = (!layer_files.is_empty()).then(|| layer_files.remove(0));
-                let block = match overlay {
-                    Some(overlay) => Block::from_state_over(state, overlay),
-                    None => Block::from_state(state),
-                };
-                VirtioDeviceSpec::new(Box::new(
-                    block.map_err(|e| setup_err("virtio-blk overlay", e))?,
-                ))
-            }
-            DeviceState::SavedBlock(saved) => {
-                // Snapshots turn these back into `Block` before a VM starts from them.
-                return Err(setup_err(
-                    "virtio-blk",
-                    format!("disk {} was not opened", saved.file),
-                ));
-            }
-            DeviceState::Console(state) => {
-                let (output, input) = child
-                    .virtio_consoles
-                    .pop_front()
-                    .unwrap_or((ConsoleOutput::Discard, None));
-                let mut console = Console::from_state(state, output.into_writer()?)
-                    .map_err(|e| setup_err("virtio-console", e))?;
-                if let Some(input) = input {
-                    console = console
-                        .with_input(input.into_fd()?)
-                        .map_err(|e| setup_err("virtio-console input", e))?;
-                }
-                VirtioDeviceSpec::new(Box::new(console))
-            }
-            DeviceState::Vsock(state) => {
-                let device = Vsock::from_state(state, child.vsock_uds_path.as_deref())?;
-                vsock = Some(device.connector());
-                VirtioDeviceSpec::new(Box::new(device))
-            }
-            DeviceState::Balloon(state) => {
-                let device = Balloon::from_state(state, ram.discarder())
-                    .map_err(|e| setup_err("virtio-balloon", e))?;
-                balloon = Some(device.handle());
-                VirtioDeviceSpec::new(Box::new(device))
-            }
-        };
-        devices.push((spec, device));
+        let needs = device.state.device.needs();
+        let mut ends = HostEnds::default();
+        if needs.console {
+            let (output, input) = child
+                .virtio_consoles
+                .pop_front()
+                .unwrap_or((ConsoleOutput::Discard, None));
+            ends.console_output = Some(output.into_writer()?);
+            ends.console_input = input.map(ConsoleInput::into_fd).transpose()?;
+        }
+        if needs.overlay_bytes.is_some() && !layer_files.is_empty() {
+            ends.overlay = Some(layer_files.remove(0));
+        }
+        if needs.vsock_uds {
+            ends.vsock_uds_path = child.vsock_uds_path.clone();
+        }
+        if needs.ram_discard {
+            ends.ram_discard = Some(ram.discarder());
+        }
+        let (continued, handles) = device.state.device.into_device(ends).map_err(|e| match e {
+            ContinueError::Vsock(e) => Error::Vsock(e),
+            e => setup_err("virtio device of a child", ErrorChain(&e)),
+        })?;
+        vsock = vsock.or(handles.vsock);
+        balloon = balloon.or(handles.balloon);
+        devices.push((VirtioDeviceSpec::new(continued), device));
     }
     Ok(ChildDevices {
         plan: VirtioPlan::continued(devices)?,

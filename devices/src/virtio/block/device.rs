@@ -287,6 +287,13 @@ impl VirtioDevice for Block {
         BLOCK_DEVICE_TYPE
     }
 
+    fn fork_needs(&self) -> crate::virtio::persist::HostNeeds {
+        crate::virtio::persist::HostNeeds {
+            overlay_bytes: Some(self.capacity_sectors().saturating_mul(SECTOR_SIZE)),
+            ..Default::default()
+        }
+    }
+
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE]
     }
