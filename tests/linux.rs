@@ -83,6 +83,7 @@ fn linux_boots_to_init_and_shuts_down() {
     let mut to_init = None;
     let mut echo = None;
     let mut status_seen = [0u32; 5];
+    let mut balloon_seen = 0;
     while vm.exit().is_none() {
         if to_init.is_none() && hvc.text().contains(MARKER) {
             to_init = Some(t0.elapsed());
@@ -93,6 +94,7 @@ fn linux_boots_to_init_and_shuts_down() {
         for (seen, device) in status_seen.iter_mut().zip(vm.devices()) {
             *seen |= device.status;
         }
+        balloon_seen = balloon_seen.max(balloon.actual_pages());
         std::thread::sleep(Duration::from_millis(20));
     }
     let exit = vm.wait().unwrap();
@@ -109,8 +111,9 @@ fn linux_boots_to_init_and_shuts_down() {
     // DRIVER_OK, never NEEDS_RESET); the kernel resets its devices on the way down, so look at
     // what was seen while it ran.
     assert_eq!(status_seen, [0xf; 5], "{:?}", vm.devices());
-    // Linux's virtio-balloon driver inflated to the target and said so.
-    assert_eq!(balloon.actual_pages(), BALLOON_MIB << 8);
+    // Linux's virtio-balloon driver inflated to the target and said so (while it ran: newer 6.1
+    // stable kernels reset virtio devices at shutdown, and a reset balloon's size is 0).
+    assert_eq!(balloon_seen, BALLOON_MIB << 8);
     assert_eq!(balloon.inflated_bytes(), BALLOON_MIB << 20);
     assert_eq!(balloon.rejected_requests(), 0);
     let ping = host_side
