@@ -137,7 +137,7 @@ typedef enum forkvm_exit_kind {
   FORKVM_EXIT_STOPPED = 5,
 } forkvm_exit_kind;
 
-// A connection to a VM's guest agent (`forkvm::agent::Agent`). Made by `forkvm_vm_agent`,
+// A connection to a VM's guest agent (`forkvm_agent_client::Agent`). Made by `forkvm_vm_agent`,
 // freed by `forkvm_agent_free`. Thread-safe: threads may make requests at once.
 typedef struct forkvm_agent forkvm_agent;
 
@@ -150,13 +150,13 @@ typedef struct forkvm_builder forkvm_builder;
 // the caller reads it. It keeps only the newest bytes, up to its limit. Thread-safe.
 typedef struct forkvm_console forkvm_console;
 
-// A command running in the guest (`forkvm::agent::Process`), started by `forkvm_agent_spawn`
+// A command running in the guest (`forkvm_agent_client::Process`), started by `forkvm_agent_spawn`
 // on a connection of its own; freed by `forkvm_process_free`. Thread-safe: one thread may read
 // its output (`forkvm_process_read`, `forkvm_process_wait`) while others write its input or
 // signal it (two readers at once each get some of the events).
 typedef struct forkvm_process forkvm_process;
 
-// A PTY session in the guest (`forkvm::agent::Pty`): a terminal running a program, on a
+// A PTY session in the guest (`forkvm_agent_client::Pty`): a terminal running a program, on a
 // connection of its own. `forkvm_pty_free` detaches (the session runs on; attach again with
 // `forkvm_agent_pty_attach`); `forkvm_pty_close` ends it. Calls on one handle take turns (a
 // read waiting for output holds up a write on another thread: read with short timeouts).
@@ -200,7 +200,7 @@ typedef struct forkvm_exec_output {
   struct forkvm_exit_status status;
 } forkvm_exec_output;
 
-// A command to run in the guest (`forkvm::agent::Command`). Zeroed fields mean "default".
+// A command to run in the guest (`forkvm_agent_client::Command`). Zeroed fields mean "default".
 typedef struct forkvm_command {
   // The program (looked up in the guest's `PATH`) and its arguments, NULL-terminated.
   const char *const *argv;
@@ -336,7 +336,7 @@ typedef struct forkvm_exit {
   char description[1024];
 } forkvm_exit;
 
-// Who a VM is (`forkvm::identity::Identity`).
+// Who a VM is (`forkvm::Identity`).
 typedef struct forkvm_identity {
   // 0 for a booted VM; a fork child or a restored snapshot has its source's + 1.
   uint64_t generation;
