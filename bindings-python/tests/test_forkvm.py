@@ -375,3 +375,21 @@ def test_vsock_connect_and_a_child_with_its_own_socket(guest: str, tmp_path: Pat
         (child,) = vm.fork([forkvm.Child(None, vsock_uds_path=tmp_path / "child.sock")])
         with child:
             assert (tmp_path / "child.sock").exists()
+
+
+def test_a_fork_child_used_as_a_context_manager_keeps_its_lifecycle(guest: str) -> None:
+    """`with child:` (which starts a VM, and takes "already started" as success) leaves a fork
+    child running and whole: it pauses, resumes, forks and stops as any VM does."""
+    console = forkvm.ConsoleBuffer()
+    with forkvm.VM(kernel=guest, memory_mib=32, cmdline="mode=spin", console=console) as vm:
+        wait_until("the counter", lambda: "counter at" in lines(console))
+        (child,) = vm.fork([forkvm.ConsoleBuffer()])
+        with child:
+            child.pause()
+            assert child.is_paused
+            (grandchild,) = child.fork([forkvm.ConsoleBuffer()])
+            child.resume()
+            assert not child.is_paused
+            assert grandchild.stop().kind == "stopped"
+            grandchild.close()
+        assert child.closed, "leaving the block stopped and closed the child"
