@@ -5,6 +5,7 @@
 //! mapping the same file privately, which is why anonymous memory is not used.
 
 mod adopt;
+pub(crate) use adopt::PlaceholderRam;
 mod dirty;
 mod discard;
 pub mod freeze;
@@ -116,6 +117,39 @@ pub fn ram_ranges(size: u64) -> Vec<RamRange> {
         });
     }
     ranges
+}
+
+/// One range of guest RAM as a KVM memory slot takes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RamSlot {
+    /// Guest-physical start.
+    pub guest_addr: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Host address of the range's mapping.
+    pub host_addr: u64,
+}
+
+/// RAM a KVM VM can have memory slots over: a [`GuestRam`], or a [`PlaceholderRam`] that will
+/// adopt an image at the same addresses.
+pub(crate) trait RamSlots {
+    /// One slot per range of the RAM, in guest-address order.
+    fn slots(&self) -> io::Result<Vec<RamSlot>>;
+}
+
+impl RamSlots for GuestRam {
+    fn slots(&self) -> io::Result<Vec<RamSlot>> {
+        Ok(self
+            .ranges
+            .iter()
+            .zip(self.hosts()?)
+            .map(|(range, host_addr)| RamSlot {
+                guest_addr: range.guest_addr,
+                size: range.size,
+                host_addr,
+            })
+            .collect())
+    }
 }
 
 /// Guest RAM backed by one memfd.

@@ -23,7 +23,7 @@ use crate::arch::probe::host_caps;
 use crate::error::Error;
 use crate::error::setup_err;
 use crate::identity::IdentityPage;
-use crate::memory::GuestRam;
+use crate::memory::PlaceholderRam;
 use crate::vstate::kvm::{create_vcpus, create_vm};
 use crate::vstate::threads::SpareThreads;
 use crate::vstate::vcpu::Vcpu;
@@ -35,7 +35,7 @@ pub(crate) struct Shell {
     // before the mappings.
     pub vm_fd: VmFd,
     pub vcpus: Vec<Vcpu>,
-    pub ram: GuestRam,
+    pub ram: PlaceholderRam,
     pub identity_page: IdentityPage,
     /// The child's event-loop and vCPU threads, started.
     pub threads: SpareThreads,
@@ -52,7 +52,7 @@ impl Shell {
             disks,
             expected,
         } = shape;
-        let ram = GuestRam::placeholder(memory_size, expected)?;
+        let ram = PlaceholderRam::new(memory_size, expected)?;
         let identity_page = IdentityPage::new()?;
         let vm_fd = create_vm(kvm, &ram, &identity_page)?;
         let threads = SpareThreads::spawn(vcpus).map_err(|source| Error::Thread {
@@ -78,7 +78,7 @@ impl Shell {
 
 /// What a shell is made for: a VM of `memory_size` bytes, `vcpus` vCPUs and block devices of
 /// `disks` bytes each, whose RAM maps `expected`, the file of the image it will most likely adopt
-/// (see [`GuestRam::placeholder`]).
+/// (see [`PlaceholderRam::new`]).
 #[derive(Clone)]
 pub(crate) struct ShellShape {
     pub memory_size: u64,

@@ -52,12 +52,12 @@ pub(crate) fn machine_from(
     let Shell {
         vm_fd,
         vcpus,
-        mut ram,
+        ram,
         identity_page,
         threads,
         mut layer_files,
     } = shell;
-    ram.adopt(&point.image)?;
+    let ram = ram.adopt(&point.image)?;
     let identity = point.identity.next()?;
     identity_page.write(&identity)?;
     point.cpu.vm.restore(&vm_fd)?;

@@ -11,7 +11,6 @@ use kvm_bindings::{
     kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::vcpu::Vcpu;
 use crate::arch::cpuid;
@@ -19,7 +18,7 @@ use crate::arch::probe::HostCaps;
 use crate::error::{Error, kvm_err, setup_err};
 use crate::identity::IdentityPage;
 use crate::layout::{IDENTITY_PAGE_ADDR, IDENTITY_PAGE_SIZE, KVM_TSS_ADDR};
-use crate::memory::GuestRam;
+use crate::memory::RamSlots;
 
 /// KVM's supported CPUID, asked once per process: it does not change while KVM is loaded, and
 /// asking costs ~1 ms on hosts that emulate the host `cpuid`s it makes (every fork of an
@@ -75,22 +74,25 @@ pub(crate) fn open_kvm(path: &Path) -> Result<Kvm, Error> {
     })
 }
 
-/// Creates the KVM VM with its memory slots (RAM, and the identity page read-only where KVM
-/// can), in-kernel interrupt controllers and PIT.
+/// Creates the KVM VM with its memory slots (RAM — guest RAM, or placeholder RAM that will adopt
+/// an image at the same addresses — and the identity page read-only where KVM can), in-kernel
+/// interrupt controllers and PIT.
 ///
 /// The memory slots go in before the irqchip: on some hosts (seen on kvm_pvm) adding the first
 /// slot to a VM that already has an irqchip waits ~7 ms for KVM to synchronise, against ~0.1 ms
 /// before it.
-pub(crate) fn create_vm(kvm: &Kvm, ram: &GuestRam, identity: &IdentityPage) -> Result<VmFd, Error> {
+pub(crate) fn create_vm(
+    kvm: &Kvm,
+    ram: &impl RamSlots,
+    identity: &IdentityPage,
+) -> Result<VmFd, Error> {
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    let mut slots = Vec::with_capacity(ram.ranges.len() + 1);
-    for range in &ram.ranges {
-        let host = ram
-            .memory
-            .get_host_address(GuestAddress(range.guest_addr))
-            .map_err(|e| setup_err("memory slot", e))?;
-        slots.push((range.guest_addr, range.size, host as u64, 0));
-    }
+    let mut slots: Vec<_> = ram
+        .slots()
+        .map_err(|e| setup_err("memory slot", e))?
+        .into_iter()
+        .map(|slot| (slot.guest_addr, slot.size, slot.host_addr, 0))
+        .collect();
     let read_only = if kvm.check_extension(Cap::ReadonlyMem) {
         KVM_MEM_READONLY
     } else {

@@ -8,18 +8,18 @@ use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::{ByteValued, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::handle::{BalloonHandle, BalloonStats, PENDING_STATS, PENDING_TARGET, Shared};
 use super::{
-    ACTUAL_OFFSET, BALLOON_DEVICE_TYPE, CONFIG_SIZE, F_DEFLATE_ON_OOM, F_REPORTING, F_STATS_VQ,
-    MAX_PFNS_PER_CHAIN, MAX_REPORT_RANGES, MAX_STATS, PAGE_SIZE, QUEUE_SIZE, RamDiscard,
-    STAT_ENTRY_SIZE,
+    ACTUAL_OFFSET, BALLOON_DEVICE_TYPE, BalloonConfig, CONFIG_SIZE, F_DEFLATE_ON_OOM, F_REPORTING,
+    F_STATS_VQ, MAX_PFNS_PER_CHAIN, MAX_REPORT_RANGES, MAX_STATS, PAGE_SIZE, QUEUE_SIZE,
+    RamDiscard, STAT_ENTRY_SIZE,
 };
 use crate::virtio::{
     DeviceError, DeviceState, GuestMemoryMmap, INT_CONFIG, INT_USED_RING, Interrupt,
-    VIRTIO_F_VERSION_1, VirtioDevice, serve_queue,
+    VIRTIO_F_VERSION_1, VirtioDevice, read_config_bytes, serve_queue,
 };
 
 /// Why a request was dropped.
@@ -137,11 +137,13 @@ impl Balloon {
         }
     }
 
-    fn config(&self) -> [u8; CONFIG_SIZE] {
-        let mut config = [0; CONFIG_SIZE];
-        config[..4].copy_from_slice(&self.shared.target.load(Ordering::SeqCst).to_le_bytes());
-        config[4..].copy_from_slice(&self.shared.actual.load(Ordering::SeqCst).to_le_bytes());
-        config
+    /// The config space: the host's target and the guest's balloon, now.
+    fn config(&self) -> BalloonConfig {
+        BalloonConfig {
+            num_pages: self.shared.target.load(Ordering::SeqCst).to_le(),
+            actual: self.shared.actual.load(Ordering::SeqCst).to_le(),
+            ..BalloonConfig::default()
+        }
     }
 
     fn reject(&self, why: Rejected) {
@@ -363,15 +365,7 @@ impl VirtioDevice for Balloon {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok())
-                .and_then(|o| config.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.config().as_slice()[..CONFIG_SIZE], offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

@@ -26,6 +26,7 @@ mod tests;
 use std::io;
 
 use thiserror::Error;
+use vm_memory::ByteValued;
 
 pub use device::Balloon;
 pub use handle::{BalloonHandle, BalloonStats};
@@ -53,9 +54,31 @@ pub const MAX_STATS: usize = 64;
 const QUEUE_SIZE: u16 = 256;
 /// One statistics entry: le16 tag, le64 value, packed.
 const STAT_ENTRY_SIZE: usize = 10;
-/// Config space: le32 `num_pages` (the host's target), le32 `actual` (the guest's balloon).
-const CONFIG_SIZE: usize = 8;
-const ACTUAL_OFFSET: u64 = 4;
+
+/// `struct virtio_balloon_config` as the driver reads it (virtio 1.2 §5.5.4; Linux
+/// `include/uapi/linux/virtio_balloon.h`). virtio-bindings 0.2.7 has no balloon bindings, so
+/// this is its layout, field for field; each field holds its little-endian value.
+#[derive(Clone, Copy, Default)]
+#[repr(C)]
+struct BalloonConfig {
+    /// The host's target, in pages.
+    num_pages: u32,
+    /// The pages in the guest's balloon (the one field the driver writes).
+    actual: u32,
+    /// With `VIRTIO_BALLOON_F_FREE_PAGE_HINT`, which the device does not offer.
+    free_page_hint_cmd_id: u32,
+    /// With `VIRTIO_BALLOON_F_PAGE_POISON`, which the device does not offer.
+    poison_val: u32,
+}
+
+// SAFETY: `BalloonConfig` is `repr(C)` and made of `u32`s only, so it has no padding and every
+// byte pattern is a valid value.
+unsafe impl ByteValued for BalloonConfig {}
+
+/// The bytes of the config space the device exposes: `num_pages` and `actual`, up to the fields
+/// of the features it does not offer (a read past the end reads zeroes).
+const CONFIG_SIZE: usize = std::mem::offset_of!(BalloonConfig, free_page_hint_cmd_id);
+const ACTUAL_OFFSET: u64 = std::mem::offset_of!(BalloonConfig, actual) as u64;
 
 /// Tags of the statistics a Linux guest reports (virtio 1.2 §5.5.6.3).
 pub mod stat_tag {

@@ -456,6 +456,22 @@ fn a_new_target_raises_the_config_interrupt() {
 }
 
 #[test]
+fn config_space_is_num_pages_then_actual_little_endian() {
+    assert_eq!((CONFIG_SIZE, ACTUAL_OFFSET), (8, 4));
+    let mut device = recorded(BALLOON_RAM, false, false);
+    device.handle().set_target_pages(0xf1).unwrap();
+    device.write_config(ACTUAL_OFFSET, &0x0a0b_0c0du32.to_le_bytes());
+    let mut config = [0xee; CONFIG_SIZE + 4];
+    device.read_config(0, &mut config);
+    // The layout the device had before it was built from `BalloonConfig`.
+    let mut old = [0; CONFIG_SIZE];
+    old[..4].copy_from_slice(&0xf1u32.to_le_bytes());
+    old[4..].copy_from_slice(&0x0a0b_0c0du32.to_le_bytes());
+    assert_eq!(config[..CONFIG_SIZE], old);
+    assert_eq!(config[CONFIG_SIZE..], [0; 4], "nothing past `actual`");
+}
+
+#[test]
 fn config_space_reads_safely_and_only_actual_is_writable() {
     let Setup { mut d, handle, .. } = balloon(false, 0);
     handle.set_target_pages(0xf1).unwrap();

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::{PKT_HEADER_SIZE, VsockPacket};
+use vm_memory::ByteValued;
 use vmm_sys_util::epoll::EpollEvent;
 
 use super::connection::Connection;
@@ -15,7 +16,7 @@ use super::host::{HostSockets, VsockConnector};
 use super::packet::{ConnKey, Control};
 use super::{
     EVENT_QUEUE, EVENT_TRANSPORT_RESET, EVENTS_PER_ROUND, FIRST_LOCAL_PORT, MAX_PACKET_DATA,
-    QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VSOCK_DEVICE_TYPE, VsockError,
+    QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VSOCK_DEVICE_TYPE, VsockConfig, VsockError,
 };
 use crate::virtio::{
     DeviceError, DeviceState, GuestMemoryMmap, INT_USED_RING, Interrupt, VIRTIO_F_VERSION_1,
@@ -176,7 +177,10 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.cid.to_le_bytes(), offset, data);
+        let config = VsockConfig {
+            guest_cid: self.cid.to_le(),
+        };
+        read_config_bytes(config.as_slice(), offset, data);
     }
 
     fn process_queue(

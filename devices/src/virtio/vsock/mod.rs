@@ -30,6 +30,20 @@ use std::io;
 pub use device::Vsock;
 pub use persist::VsockState;
 
+/// `struct virtio_vsock_config` as the driver reads it (virtio 1.2 §5.10.4; Linux
+/// `include/uapi/linux/virtio_vsock.h`, packed). virtio-bindings 0.2.7 has no vsock bindings, so
+/// this is its layout; the field holds its little-endian value.
+#[derive(Clone, Copy, Default)]
+#[repr(C, packed)]
+struct VsockConfig {
+    /// The guest's context ID.
+    guest_cid: u64,
+}
+
+// SAFETY: `VsockConfig` is `repr(C, packed)` and holds one `u64`, so it has no padding and every
+// byte pattern is a valid value.
+unsafe impl vm_memory::ByteValued for VsockConfig {}
+
 /// Virtio device type of the socket device.
 pub const VSOCK_DEVICE_TYPE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 /// The receive queue (device → guest packets).

@@ -29,6 +29,20 @@ fn config_space_holds_the_guest_cid_and_reserved_cids_are_refused() {
 }
 
 #[test]
+fn config_space_is_the_guest_cid_little_endian() {
+    use crate::virtio::VirtioDevice;
+    let vsock = Vsock::new(0x0102_0304, None).unwrap();
+    let mut config = [0xee; 12];
+    vsock.read_config(0, &mut config);
+    // The layout the device had before it was built from `VsockConfig`: the CID's 8 bytes.
+    assert_eq!(config[..8], 0x0102_0304u64.to_le_bytes());
+    assert_eq!(config[8..], [0; 4]);
+    let mut part = [0xee; 4];
+    vsock.read_config(2, &mut part);
+    assert_eq!(part, [2, 1, 0, 0]);
+}
+
+#[test]
 fn guest_connection_carries_data_both_ways() {
     let (mut g, mut host, _dir) = guest_connected("both-ways");
     g.send(Hdr::to_host(1234, OP_RW), b"hello host");
