@@ -334,7 +334,7 @@ typedef struct forkvm_exit {
   char description[1024];
 } forkvm_exit;
 
-// Who a VM is (`forkvm::identity::Identity`).
+// Who a VM is (`forkvm::Identity`).
 typedef struct forkvm_identity {
   // 0 for a booted VM; a fork child or a restored snapshot has its source's + 1.
   uint64_t generation;
