@@ -24,6 +24,7 @@ fn no_kernel() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn missing_kernel_names_the_path() {
     let e = build(VmBuilder::new().kernel("/nonexistent/vmlinux"));
     assert!(
@@ -34,6 +35,7 @@ fn missing_kernel_names_the_path() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn unreadable_kernel() {
     let e = build(VmBuilder::new().kernel(std::env::temp_dir()));
     assert!(
@@ -43,6 +45,7 @@ fn unreadable_kernel() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn file_that_is_neither_elf_nor_bzimage() {
     let junk = TempFile::with_contents("junk", &[0x42; 4096]);
     let e = build(VmBuilder::new().kernel(junk.path()));
@@ -62,6 +65,7 @@ fn file_that_is_neither_elf_nor_bzimage() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kernel_larger_than_memory() {
     // Loads at 1 MiB but claims 64 MiB of memory.
     let big = TempFile::with_contents("big", &fake_elf(0x10_0000, &REPORT_RSI, 64 << 20));
@@ -85,6 +89,7 @@ fn kernel_larger_than_memory() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn initrd_that_does_not_fit() {
     let initrd = TempFile::with_contents("initrd", b"");
     std::fs::File::options()
@@ -101,6 +106,7 @@ fn initrd_that_does_not_fit() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn missing_initrd() {
     let e = build(guest().initrd("/nonexistent/initrd"));
     assert!(
@@ -118,6 +124,7 @@ fn too_little_memory() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn zero_or_too_many_vcpus() {
     assert!(matches!(build(guest().vcpus(0)), Error::NoVcpus));
     let e = build(guest().vcpus(100_000));
@@ -134,6 +141,7 @@ fn zero_or_too_many_vcpus() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn command_line_too_long() {
     let e = build(guest().cmdline("x".repeat(4096)));
     assert!(matches!(e, Error::Boot(BootError::Cmdline(_))), "{e:?}");
@@ -152,6 +160,7 @@ fn no_kvm_device() {
 /// Runs [`kvm_permission_child`] as user `nobody`, who may not open /dev/kvm. The test binary is
 /// copied where `nobody` can execute it (the checkout may not be readable by other users).
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn no_permission_for_kvm() {
     // SAFETY: geteuid has no preconditions and touches no memory.
     let euid = unsafe { libc::geteuid() };
@@ -194,6 +203,7 @@ fn kvm_permission_child() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn missing_disk_image() {
     let e = build(guest().block("/nonexistent/disk.img", false));
     assert!(matches!(e, Error::BlockImage { .. }), "{e:?}");

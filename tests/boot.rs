@@ -10,6 +10,7 @@ use forkvm_tests::{
 };
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn test_guest_boots_through_pvh_takes_timer_interrupts_and_checks_memory() {
     let (exit, console) = run_test_guest("mode=exit");
     assert_eq!(
@@ -24,18 +25,21 @@ fn test_guest_boots_through_pvh_takes_timer_interrupts_and_checks_memory() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn guest_status_reaches_the_host() {
     let (exit, _) = run_test_guest("mode=exit memcheck=1 exit_code=42");
     assert_eq!(exit, GuestExit::PoweredOff { status: Some(42) });
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn i8042_reset_ends_the_vm_as_reset() {
     let (exit, console) = run_test_guest("mode=reset");
     assert_eq!(exit, GuestExit::Reset, "{console}");
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn triple_fault_is_reported_with_registers() {
     let (exit, console) = run_test_guest("mode=triple-fault");
     let GuestExit::TripleFault { vcpu, registers } = exit else {
@@ -48,6 +52,7 @@ fn triple_fault_is_reported_with_registers() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn without_debug_exit_the_guest_falls_back_to_reset() {
     let console = ConsoleBuffer::new();
     let vm = test_guest_vm("mode=exit memcheck=1", &console)
@@ -59,6 +64,7 @@ fn without_debug_exit_the_guest_falls_back_to_reset() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn bzimage_boots_through_the_64_bit_protocol_with_the_zero_page_in_rsi() {
     let exit = run_image("bzImage", &fake_bzimage(&REPORT_RSI));
     assert_eq!(
@@ -70,6 +76,7 @@ fn bzimage_boots_through_the_64_bit_protocol_with_the_zero_page_in_rsi() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn elf_without_pvh_note_boots_through_the_64_bit_protocol() {
     let exit = run_image("vmlinux", &fake_elf(0x20_0000, &REPORT_RSI, 0));
     assert_eq!(
@@ -81,6 +88,7 @@ fn elf_without_pvh_note_boots_through_the_64_bit_protocol() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn memory_above_the_mmio_hole_boots() {
     let console = ConsoleBuffer::new();
     let vm = test_guest_vm("mode=exit memcheck=1", &console)
@@ -103,6 +111,7 @@ fn assert_succeeds(vm: &forkvm::Vm, console: &ConsoleBuffer) {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn several_vcpus_boot_with_an_mp_table() {
     let console = ConsoleBuffer::new();
     let vm = test_guest_vm("mode=exit memcheck=1", &console)
@@ -113,6 +122,7 @@ fn several_vcpus_boot_with_an_mp_table() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn serial_input_reaches_the_guest_and_its_echo_comes_back() {
     let console = ConsoleBuffer::new();
     let (vm, writer) = forkvm_tests::echo_guest(&console);
@@ -199,16 +209,19 @@ fn virtio_console_echoes(input_before_start: bool) {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn virtio_console_input_reaches_the_guest_and_its_echo_comes_back() {
     virtio_console_echoes(false);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn virtio_console_input_sent_before_the_guest_has_buffers_is_not_lost() {
     virtio_console_echoes(true);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn console_goes_to_a_file_or_a_callback() {
     let file = TempFile::with_contents("console.log", b"");
     let vm = VmBuilder::new()
@@ -246,6 +259,7 @@ fn console_goes_to_a_file_or_a_callback() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn stop_ends_a_spinning_guest() {
     let console = ConsoleBuffer::new();
     let vm = test_guest_vm("mode=spin", &console)
@@ -264,6 +278,7 @@ fn stop_ends_a_spinning_guest() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn stop_from_another_thread_ends_a_halted_guest_and_wakes_the_waiter() {
     let console = ConsoleBuffer::new();
     let vm = std::sync::Arc::new(test_guest_vm("mode=halt", &console).build().unwrap());
@@ -282,6 +297,7 @@ fn stop_from_another_thread_ends_a_halted_guest_and_wakes_the_waiter() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn dropping_a_running_vm_stops_it() {
     let console = ConsoleBuffer::new();
     let vm = test_guest_vm("mode=spin", &console).build().unwrap();
@@ -291,6 +307,7 @@ fn dropping_a_running_vm_stops_it() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn lifecycle_misuse_is_an_error() {
     let console = ConsoleBuffer::new();
     let vm = test_guest_vm("mode=exit memcheck=1", &console)
@@ -315,6 +332,7 @@ fn the_vm_handle_is_send_and_sync() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn generated_pvh_image_runs_its_first_instruction() {
     let exit = run_image(
         "pvh",
@@ -324,6 +342,7 @@ fn generated_pvh_image_runs_its_first_instruction() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn test_guest_reads_entropy_from_virtio_rng() {
     let console = ConsoleBuffer::new();
     let vm = test_guest_vm("mode=virtio-rng", &console)
@@ -356,6 +375,7 @@ fn test_guest_reads_entropy_from_virtio_rng() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn test_guest_writes_and_reads_back_a_sector_over_virtio_blk() {
     // 1 MiB image whose sector 5 starts with 0xa5.
     let mut bytes = vec![0u8; 1 << 20];
@@ -384,6 +404,7 @@ fn test_guest_writes_and_reads_back_a_sector_over_virtio_blk() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn direct_io_disk_works_end_to_end() {
     let disk = TempFile::with_contents("boot-disk-direct", &vec![0u8; 1 << 20]);
     let console = ConsoleBuffer::new();
@@ -395,6 +416,7 @@ fn direct_io_disk_works_end_to_end() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn read_only_disk_refuses_the_guests_write() {
     let disk = TempFile::with_contents("boot-disk-ro", &vec![0x3cu8; 1 << 20]);
     let console = ConsoleBuffer::new();
@@ -412,6 +434,7 @@ fn read_only_disk_refuses_the_guests_write() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn test_guest_inflates_the_balloon_and_the_host_gets_the_memory_back() {
     const TOUCHED: u64 = 512;
     const TARGET: u64 = 384;

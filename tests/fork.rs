@@ -4,6 +4,7 @@ use forkvm::{ConsoleBuffer, ConsoleOutput, GuestExit, Vm};
 use forkvm_tests::{hex_after, read_u64, spinning_guest, test_guest_vm, wait_until_above};
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn children_continue_from_the_fork_point_and_run_on_their_own() {
     let (parent, addr, _console) = spinning_guest(1);
     wait_until_above(&parent, addr, 0);
@@ -51,6 +52,7 @@ fn fork_quiet(vm: &Vm, n: usize) -> Vec<Vm> {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn no_vm_sees_another_vms_writes_after_a_fork_at_any_depth() {
     let (parent, addr, _console) = spinning_guest(2);
     wait_until_above(&parent, addr, 0);
@@ -87,6 +89,7 @@ fn no_vm_sees_another_vms_writes_after_a_fork_at_any_depth() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_vm_that_was_not_started_cannot_be_forked() {
     let console = ConsoleBuffer::new();
     let unstarted = test_guest_vm("mode=spin", &console).build().unwrap();
@@ -97,6 +100,7 @@ fn a_vm_that_was_not_started_cannot_be_forked() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn prepared_children_are_used_first_and_behave_like_any_other() {
     let (parent, addr, _console) = spinning_guest(2);
     wait_until_above(&parent, addr, 0);
@@ -122,6 +126,7 @@ fn prepared_children_are_used_first_and_behave_like_any_other() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_vm_keeps_children_prepared_in_the_background() {
     let (parent, addr, _console) = spinning_guest(1);
     wait_until_above(&parent, addr, 0);
@@ -154,6 +159,7 @@ fn a_vm_keeps_children_prepared_in_the_background() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_fork_records_how_long_it_held_the_parent_paused() {
     let (parent, addr, _console) = spinning_guest(2);
     wait_until_above(&parent, addr, 0);
@@ -173,6 +179,7 @@ fn a_fork_records_how_long_it_held_the_parent_paused() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn repeated_forks_of_a_running_guest_carry_what_it_counted() {
     let (parent, addr, _console) = spinning_guest(1);
     wait_until_above(&parent, addr, 0);
@@ -212,6 +219,7 @@ fn repeated_forks_of_a_running_guest_carry_what_it_counted() {
 /// captures anew. (A child forked from a stale capture would start where the parent paused
 /// first, 200 ms of counting behind.)
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_fork_after_the_parent_ran_again_continues_from_its_new_state() {
     let (parent, addr, _console) = spinning_guest(2);
     wait_until_above(&parent, addr, 0);
@@ -237,6 +245,7 @@ fn a_fork_after_the_parent_ran_again_continues_from_its_new_state() {
 /// After a fork, each VM counts only the memory it holds on its own: a child starts with what its
 /// guest wrote since the fork, and grows by what it writes.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_child_counts_only_the_memory_it_writes() {
     let (parent, addr, _console) = spinning_guest(1);
     wait_until_above(&parent, addr, 0);
@@ -263,6 +272,7 @@ fn a_child_counts_only_the_memory_it_writes() {
 /// middle of it all ends every thread's loop with errors, not hangs. (Fails on the flag-pause
 /// design this replaced: a resume between a fork's pause and its capture tore the fork point.)
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn concurrent_lifecycle_calls_never_tear_a_fork_point() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
@@ -387,6 +397,7 @@ fn concurrent_lifecycle_calls_never_tear_a_fork_point() {
 /// `start` on a VM that already runs (a fork child runs from its start) changes nothing: the
 /// child can still be paused, forked, snapshotted and stopped (Python's `with child:` starts it).
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn starting_a_running_fork_child_changes_nothing() {
     let (parent, addr, _console) = spinning_guest(1);
     wait_until_above(&parent, addr, 0);
@@ -410,6 +421,7 @@ fn starting_a_running_fork_child_changes_nothing() {
 /// Pause holds are counted: the VM runs again only when the last is released, and a user's
 /// `resume` releases only the user's own pause.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_vm_runs_again_only_when_the_last_pause_hold_is_released() {
     let (vm, addr, _console) = spinning_guest(2);
     wait_until_above(&vm, addr, 0);
@@ -441,6 +453,7 @@ fn a_vm_runs_again_only_when_the_last_pause_hold_is_released() {
 /// source ran meanwhile; it saves to a directory that restores the same, and a builder spawns
 /// from it with its own KVM device.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_held_snapshot_spawns_saves_and_builds_from_its_instant() {
     let (vm, addr, _console) = spinning_guest(1);
     wait_until_above(&vm, addr, 0);

@@ -10,6 +10,7 @@ use forkvm_tests::{BlkMailbox, assert_exits_ok, test_guest_vm, wait_for_output};
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn children_have_copies_of_every_device_in_the_same_place() {
     let serial = ConsoleBuffer::new();
     let parent = test_guest_vm("mode=spin", &serial)
@@ -41,6 +42,7 @@ fn children_have_copies_of_every_device_in_the_same_place() {
 /// consoles have their own input pipes and outputs, and checks that every VM (the parent too)
 /// echoes exactly its own input.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_virtio_console_continues_in_every_child_with_its_own_host_end() {
     let serial = ConsoleBuffer::new();
     let hvc = ConsoleBuffer::new();
@@ -97,6 +99,7 @@ fn a_virtio_console_continues_in_every_child_with_its_own_host_end() {
 /// A guest holding a vsock connection is forked: each child's guest receives a transport reset
 /// and loses the connection, while the parent's connection carries on.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn vsock_connections_end_in_children_with_a_transport_reset_and_survive_in_the_parent() {
     let serial = ConsoleBuffer::new();
     let socket =
@@ -170,6 +173,7 @@ fn sector_2(path: &std::path::Path) -> u64 {
 /// value into the same sector of their disk, in turns the host orders; each reads back only its own, the parent's reach its
 /// image file, the children's never do.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn block_devices_fork_copy_on_write_at_any_depth() {
     let image = disk_image("fork.img");
     let serial = ConsoleBuffer::new();

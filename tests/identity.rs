@@ -18,6 +18,7 @@ fn fork_one(vm: &Vm) -> (Vm, ConsoleBuffer) {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_guest_reads_its_generation_and_id_and_sees_them_change_in_children() {
     let console = ConsoleBuffer::new();
     let parent = test_guest_vm("mode=generation", &console).build().unwrap();

@@ -87,6 +87,7 @@ fn assert_no_growth(what: &str, mut cycle: impl FnMut(usize)) {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn thousand_cycles_and_failed_builds_leave_no_growth() {
     assert_no_growth("create, run, stop", |i| {
         cycle(i);

@@ -28,6 +28,7 @@ const ECHO_BYTES: usize = 100 << 10;
 const BALLOON_MIB: u64 = 4;
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn linux_boots_to_init_and_shuts_down() {
     let kernel = built_artifact("guest/kernel/build.sh");
     let initramfs = built_artifact("guest/initramfs/build.sh");
@@ -174,6 +175,7 @@ fn echo_through_guest(vm: &forkvm::Vm) -> std::io::Result<Vec<u8>> {
 /// (Entropy the guest buffered before the fork is the same in every child: reseeding the guest's
 /// RNG after a fork is the guest agent's job, told by the identity page.)
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_booted_linux_guest_forks_and_each_child_runs_its_own_command() {
     let kernel = built_artifact("guest/kernel/build.sh");
     let initramfs = built_artifact("guest/initramfs/build.sh");

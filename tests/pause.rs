@@ -7,6 +7,7 @@ use forkvm::{ConsoleBuffer, GuestExit};
 use forkvm_tests::{read_u64, spinning_guest, test_guest_vm, wait_for_output, wait_until_above};
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_paused_guest_makes_no_progress_and_resumes_where_it_stopped() {
     let (vm, addr, _console) = spinning_guest(2);
     wait_until_above(&vm, addr, 0);
@@ -24,6 +25,7 @@ fn a_paused_guest_makes_no_progress_and_resumes_where_it_stopped() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn many_pauses_in_a_row_all_take_effect() {
     let (vm, addr, _console) = spinning_guest(2);
     let mut last = wait_until_above(&vm, addr, 0);
@@ -48,6 +50,7 @@ fn many_pauses_in_a_row_all_take_effect() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_paused_vm_serves_no_device_input_until_it_resumes() {
     let console = ConsoleBuffer::new();
     let (vm, writer) = forkvm_tests::echo_guest(&console);
@@ -71,6 +74,7 @@ fn a_paused_vm_serves_no_device_input_until_it_resumes() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn stop_and_drop_end_a_paused_vm() {
     let (vm, _, _console) = spinning_guest(2);
     vm.pause().unwrap();
@@ -82,6 +86,7 @@ fn stop_and_drop_end_a_paused_vm() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn pause_and_resume_need_a_running_vm() {
     let console = ConsoleBuffer::new();
     let vm = test_guest_vm("mode=exit", &console).build().unwrap();
@@ -103,6 +108,7 @@ fn pause_and_resume_need_a_running_vm() {
 /// A VM built with another kick signal pauses, forks and stops with it (its children too); an
 /// offset that is no real-time signal is refused at build.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_vm_with_its_own_kick_signal_pauses_forks_and_stops() {
     let console = ConsoleBuffer::new();
     let vm = test_guest_vm("mode=spin", &console)

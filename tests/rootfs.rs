@@ -24,6 +24,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const PTY_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn the_image_runs_commands_files_and_ptys_through_the_agent_and_forks_with_them() {
     let kernel = built_artifact("guest/kernel/build.sh");
     let image = built_artifact("guest/rootfs/build.sh");

@@ -19,6 +19,7 @@ fn restore(dir: &PathBuf) -> Vm {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_snapshot_restores_twice_into_independent_vms_that_continue_from_it() {
     let dir = snapshot_dir("twice");
     let (vm, addr, _console) = spinning_guest(2);
@@ -58,6 +59,7 @@ fn a_snapshot_restores_twice_into_independent_vms_that_continue_from_it() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn incomplete_or_foreign_snapshots_are_refused() {
     let dir = snapshot_dir("refused");
     let (vm, _, _console) = spinning_guest(1);
@@ -99,6 +101,7 @@ fn incomplete_or_foreign_snapshots_are_refused() {
 /// The console-echo guest is snapshotted once its banner is out; each of two restores gets its
 /// own virtio console ends, and each echoes exactly its own input.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn virtio_devices_are_snapshotted_with_their_queues_and_continue_after_restore() {
     use std::io::Write;
 
@@ -162,6 +165,7 @@ fn virtio_devices_are_snapshotted_with_their_queues_and_continue_after_restore()
 /// A disk is part of a snapshot: the parent's later writes do not reach it, and each VM
 /// restored from it writes its own copy.
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_snapshot_keeps_the_disk_as_it_was_and_restores_write_privately() {
     use forkvm::ConsoleBuffer;
     use forkvm_tests::BlkMailbox;

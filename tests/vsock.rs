@@ -178,11 +178,13 @@ fn guest_connect_echo(bytes: usize, delay: Duration) -> (u32, u32, u32) {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn guest_connects_to_a_host_listener_and_its_300_kib_come_back_intact() {
     guest_connect_echo(300 << 10, Duration::ZERO);
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn guest_waits_for_credit_when_the_host_reads_late() {
     // The listener reads nothing for a while: the guest runs out of the device's credit
     // (128 KiB beyond what the host socket buffers) and must wait for CREDIT_UPDATE; then the
@@ -195,6 +197,7 @@ fn guest_waits_for_credit_when_the_host_reads_late() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn host_connects_through_the_unix_socket_and_gets_an_echo() {
     let dir = TempDir::new("uds");
     let uds = dir.join("v.sock");
@@ -224,6 +227,7 @@ fn host_connects_through_the_unix_socket_and_gets_an_echo() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn host_connects_in_process_and_closing_it_ends_the_guests_connection() {
     let console = ConsoleBuffer::new();
     let vm = listening_guest(77, None, &console);
@@ -244,6 +248,7 @@ fn host_connects_in_process_and_closing_it_ends_the_guests_connection() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn guest_connecting_to_a_port_nobody_listens_on_is_refused() {
     let dir = TempDir::new("refused");
     let uds = dir.join("v.sock");
@@ -264,6 +269,7 @@ fn guest_connecting_to_a_port_nobody_listens_on_is_refused() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn host_connecting_to_a_port_the_guest_does_not_listen_on_fails_cleanly() {
     let dir = TempDir::new("noport");
     let uds = dir.join("v.sock");

@@ -33,6 +33,7 @@ fn forkvm(args: &[&str], kernel: &Path) -> std::process::Output {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn run_prints_the_banner_and_exits_zero() {
     let out = forkvm(&[], &test_guest());
     assert_eq!(
@@ -45,6 +46,7 @@ fn run_prints_the_banner_and_exits_zero() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn exit_status_follows_the_guest() {
     let guest = test_guest();
     let status = forkvm(
@@ -62,6 +64,7 @@ fn exit_status_follows_the_guest() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn bad_arguments_print_usage() {
     let out = Command::new(env!("CARGO_BIN_EXE_forkvm"))
         .args(["run", "--vcpus", "x"])
@@ -75,6 +78,7 @@ fn bad_arguments_print_usage() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn exec_needs_an_image_and_a_program() {
     let forkvm = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_forkvm"))

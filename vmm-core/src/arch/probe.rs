@@ -177,6 +177,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
     fn probe_is_cached_and_recognises_an_emulating_host() {
         let kvm = Kvm::new().expect("/dev/kvm");
         let first = host_caps(&kvm).unwrap();

@@ -232,6 +232,7 @@ mod tests {
     /// if it had none. Its KVM does not carry MXCSR through KVM_GET_FPU/KVM_SET_FPU at all, so
     /// MXCSR is not checked.)
     #[test]
+    #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
     fn the_legacy_fpu_state_is_restored_where_there_is_no_xsave() {
         let kvm = Kvm::new().unwrap();
         let vm = kvm.create_vm().unwrap();

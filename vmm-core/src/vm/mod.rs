@@ -483,6 +483,7 @@ mod tests {
     /// its frozen image in place, and the VM runs on (KVM re-faults through the same memory
     /// slots) without ever writing into the image.
     #[test]
+    #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
     fn a_running_vm_continues_over_its_frozen_image() {
         let (vm, addr) = spinning_vm();
         wait_until("the guest counts", || counter(&vm, addr) > 0);
@@ -506,6 +507,7 @@ mod tests {
     /// freeze write-protected its RAM are tracked: the image holds the counter at the pause,
     /// not the value the draft copied while the guest ran.
     #[test]
+    #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
     fn guest_writes_between_a_draft_and_the_pause_are_in_the_image() {
         let (vm, addr) = spinning_vm();
         wait_until("the guest counts", || counter(&vm, addr) > 0);
