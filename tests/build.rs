@@ -1,6 +1,6 @@
 //! `cfg(no_kvm)` where this host's `/dev/kvm` cannot be opened read-write: the tests that need
 //! KVM carry `#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]` and show there as ignored instead
-//! of failing (`scripts/test.sh` says what it skipped). `vmm-core/build.rs` is the same script.
+//! of failing (`scripts/test.sh` says what it skipped). `vmm-core/build.rs` is the same script; `forkvm-cli` uses this one.
 
 const KVM: &str = "/dev/kvm";
 
