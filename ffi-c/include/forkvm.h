@@ -88,16 +88,6 @@ typedef enum forkvm_stream {
   FORKVM_STREAM_STDERR = 2,
 } forkvm_stream;
 
-// What `forkvm_process_read` got.
-typedef enum forkvm_process_event_kind {
-  // Nothing within the timeout.
-  FORKVM_PROCESS_NOTHING = 0,
-  // A chunk of output, in `output`, from `stream`.
-  FORKVM_PROCESS_OUTPUT = 1,
-  // The process ended, as `status` says (its last event: reading on fails).
-  FORKVM_PROCESS_EXITED = 2,
-} forkvm_process_event_kind;
-
 // The type of a guest file.
 typedef enum forkvm_file_type {
   // A regular file.
@@ -109,6 +99,16 @@ typedef enum forkvm_file_type {
   // Anything else (device, FIFO, socket).
   FORKVM_FILE_OTHER = 4,
 } forkvm_file_type;
+
+// What `forkvm_process_read` got.
+typedef enum forkvm_process_event_kind {
+  // Nothing within the timeout.
+  FORKVM_PROCESS_NOTHING = 0,
+  // A chunk of output, in `output`, from `stream`.
+  FORKVM_PROCESS_OUTPUT = 1,
+  // The process ended, as `status` says (its last event: reading on fails).
+  FORKVM_PROCESS_EXITED = 2,
+} forkvm_process_event_kind;
 
 // What `forkvm_pty_read` got.
 typedef enum forkvm_pty_event_kind {
@@ -230,19 +230,6 @@ typedef void (*forkvm_stream_fn)(void *user_data,
                                  const uint8_t *bytes,
                                  size_t len);
 
-// An event of a spawned process. Free with `forkvm_process_event_free`.
-typedef struct forkvm_process_event {
-  // What happened.
-  enum forkvm_process_event_kind kind;
-  // Which stream `output` came from, for `FORKVM_PROCESS_OUTPUT` (else
-  // `FORKVM_STREAM_STDOUT`).
-  enum forkvm_stream stream;
-  // The output, for `FORKVM_PROCESS_OUTPUT`.
-  struct forkvm_bytes output;
-  // How the process ended, for `FORKVM_PROCESS_EXITED`.
-  struct forkvm_exit_status status;
-} forkvm_process_event;
-
 // How `forkvm_agent_write_file` writes. A zeroed value truncates and creates with 0644.
 typedef struct forkvm_write_options {
   // Append instead of truncating.
@@ -287,16 +274,6 @@ typedef struct forkvm_dir_list {
   size_t count;
 } forkvm_dir_list;
 
-// An event of a PTY session. Free with `forkvm_pty_event_free`.
-typedef struct forkvm_pty_event {
-  // What happened.
-  enum forkvm_pty_event_kind kind;
-  // The output, for `FORKVM_PTY_OUTPUT`.
-  struct forkvm_bytes output;
-  // How the program ended, for `FORKVM_PTY_EXITED`.
-  struct forkvm_exit_status status;
-} forkvm_pty_event;
-
 // Which kind of destination a `forkvm_output` is (one of the `FORKVM_OUTPUT_*` values).
 typedef uint32_t forkvm_output_kind;
 
@@ -317,6 +294,29 @@ typedef struct forkvm_output {
   // Passed to `callback` as is; must stay valid until the VM is stopped or freed.
   void *user_data;
 } forkvm_output;
+
+// An event of a spawned process. Free with `forkvm_process_event_free`.
+typedef struct forkvm_process_event {
+  // What happened.
+  enum forkvm_process_event_kind kind;
+  // Which stream `output` came from, for `FORKVM_PROCESS_OUTPUT` (else
+  // `FORKVM_STREAM_STDOUT`).
+  enum forkvm_stream stream;
+  // The output, for `FORKVM_PROCESS_OUTPUT`.
+  struct forkvm_bytes output;
+  // How the process ended, for `FORKVM_PROCESS_EXITED`.
+  struct forkvm_exit_status status;
+} forkvm_process_event;
+
+// An event of a PTY session. Free with `forkvm_pty_event_free`.
+typedef struct forkvm_pty_event {
+  // What happened.
+  enum forkvm_pty_event_kind kind;
+  // The output, for `FORKVM_PTY_OUTPUT`.
+  struct forkvm_bytes output;
+  // How the program ended, for `FORKVM_PTY_EXITED`.
+  struct forkvm_exit_status status;
+} forkvm_pty_event;
 
 // A description of how a guest ended.
 typedef struct forkvm_exit {
@@ -479,50 +479,6 @@ enum forkvm_status forkvm_agent_run_streaming(const struct forkvm_agent *agent,
                                               void *user_data,
                                               struct forkvm_exit_status *status);
 
-// Starts `command` (as `forkvm_agent_run` takes it) and returns at once with a handle to it in
-// `*out`. Its standard input is a pipe: what `stdin_data` gives (with `has_stdin`) is written
-// first, then `forkvm_process_write_stdin` writes more and `forkvm_process_close_stdin` ends it.
-enum forkvm_status forkvm_agent_spawn(const struct forkvm_agent *agent,
-                                      const struct forkvm_command *command,
-                                      struct forkvm_process **out);
-
-// The process's id in the guest, into `*pid`.
-enum forkvm_status forkvm_process_pid(const struct forkvm_process *process, uint32_t *pid);
-
-// Writes `len` bytes of `input` to the process's standard input.
-enum forkvm_status forkvm_process_write_stdin(const struct forkvm_process *process,
-                                              const uint8_t *input,
-                                              size_t len);
-
-// Closes the process's standard input (it reads end-of-file).
-enum forkvm_status forkvm_process_close_stdin(const struct forkvm_process *process);
-
-// Sends `signal` (e.g. `SIGTERM`) to the process's process group.
-enum forkvm_status forkvm_process_signal(const struct forkvm_process *process, int32_t signal);
-
-// Kills the process (`SIGKILL` to its process group); its end still comes as an event.
-enum forkvm_status forkvm_process_kill(const struct forkvm_process *process);
-
-// The process's next chunk of output or its end, waiting at most `timeout_ms`, into `*event`
-// (free it with `forkvm_process_event_free`).
-enum forkvm_status forkvm_process_read(const struct forkvm_process *process,
-                                       uint64_t timeout_ms,
-                                       struct forkvm_process_event *event);
-
-// Frees an event's output and resets it; NULL is ignored.
-void forkvm_process_event_free(struct forkvm_process_event *event);
-
-// Waits (without a limit) for the process to end and puts the output it printed since the
-// last read and how it ended in `*output`, as `forkvm_agent_run` does (free it with
-// `forkvm_exec_output_free`).
-enum forkvm_status forkvm_process_wait(const struct forkvm_process *process,
-                                       struct forkvm_exec_output *output);
-
-// Frees the handle, killing the process first if no read saw it end (a kill that fails is
-// ignored: closing its connection makes the agent kill it too); NULL is ignored. A read or
-// wait on another thread then returns with the process's end.
-enum forkvm_status forkvm_process_free(struct forkvm_process *process);
-
 // Writes `len` bytes of `data` to the guest file `path`; `options` may be NULL (truncate,
 // 0644); `*written` (may be NULL) is how many bytes were written.
 enum forkvm_status forkvm_agent_write_file(const struct forkvm_agent *agent,
@@ -569,45 +525,6 @@ enum forkvm_status forkvm_agent_rename(const struct forkvm_agent *agent,
 // Asks the agent to power the guest off (`reboot` false) or reboot it (`reboot` true; with
 // `reboot=k` that ends a forkvm VM too).
 enum forkvm_status forkvm_agent_shutdown(const struct forkvm_agent *agent, bool reboot);
-
-// Opens a PTY session running `argv` (NULL-terminated) on a `rows` × `cols` terminal, into
-// `*out`.
-enum forkvm_status forkvm_agent_pty(const struct forkvm_agent *agent,
-                                    const char *const *argv,
-                                    uint16_t rows,
-                                    uint16_t cols,
-                                    struct forkvm_pty **out);
-
-// Attaches to the PTY session `session` (output it produced meanwhile comes first), into
-// `*out`.
-enum forkvm_status forkvm_agent_pty_attach(const struct forkvm_agent *agent,
-                                           uint64_t session,
-                                           struct forkvm_pty **out);
-
-// The session's id (for `forkvm_agent_pty_attach`), into `*session`.
-enum forkvm_status forkvm_pty_session(const struct forkvm_pty *pty, uint64_t *session);
-
-// Types `len` bytes of `input` into the terminal.
-enum forkvm_status forkvm_pty_write(const struct forkvm_pty *pty, const uint8_t *input, size_t len);
-
-// The terminal's next output or its program's end, waiting at most `timeout_ms`, into
-// `*event` (free it with `forkvm_pty_event_free`).
-enum forkvm_status forkvm_pty_read(const struct forkvm_pty *pty,
-                                   uint64_t timeout_ms,
-                                   struct forkvm_pty_event *event);
-
-// Frees an event's output and resets it; NULL is ignored.
-void forkvm_pty_event_free(struct forkvm_pty_event *event);
-
-// Changes the terminal's size (the program gets `SIGWINCH`).
-enum forkvm_status forkvm_pty_resize(const struct forkvm_pty *pty, uint16_t rows, uint16_t cols);
-
-// Ends the session (kills its program) and frees the handle, even when the agent's answer is
-// an error. `FORKVM_ERR_BUSY` (handle kept) while another thread is in a call on it.
-enum forkvm_status forkvm_pty_close(struct forkvm_pty *pty);
-
-// Detaches from the session (it runs on) and frees the handle; NULL is ignored.
-enum forkvm_status forkvm_pty_free(struct forkvm_pty *pty);
 
 // The kernel command line of forkvm's Linux image (`guest/image.sh`: root on the read-only
 // `/dev/vda`, the agent as init), for `forkvm_builder_cmdline` (a static string).
@@ -702,6 +619,89 @@ const char *forkvm_last_error(void);
 // The name of a status (`"FORKVM_ERR_NOT_RUNNING"`), or `"FORKVM_ERR_UNKNOWN"` for a number
 // that is none. A static string.
 const char *forkvm_status_name(int32_t status);
+
+// Starts `command` (as `forkvm_agent_run` takes it) and returns at once with a handle to it in
+// `*out`. Its standard input is a pipe: what `stdin_data` gives (with `has_stdin`) is written
+// first, then `forkvm_process_write_stdin` writes more and `forkvm_process_close_stdin` ends it.
+enum forkvm_status forkvm_agent_spawn(const struct forkvm_agent *agent,
+                                      const struct forkvm_command *command,
+                                      struct forkvm_process **out);
+
+// The process's id in the guest, into `*pid`.
+enum forkvm_status forkvm_process_pid(const struct forkvm_process *process, uint32_t *pid);
+
+// Writes `len` bytes of `input` to the process's standard input.
+enum forkvm_status forkvm_process_write_stdin(const struct forkvm_process *process,
+                                              const uint8_t *input,
+                                              size_t len);
+
+// Closes the process's standard input (it reads end-of-file).
+enum forkvm_status forkvm_process_close_stdin(const struct forkvm_process *process);
+
+// Sends `signal` (e.g. `SIGTERM`) to the process's process group.
+enum forkvm_status forkvm_process_signal(const struct forkvm_process *process, int32_t signal);
+
+// Kills the process (`SIGKILL` to its process group); its end still comes as an event.
+enum forkvm_status forkvm_process_kill(const struct forkvm_process *process);
+
+// The process's next chunk of output or its end, waiting at most `timeout_ms`, into `*event`
+// (free it with `forkvm_process_event_free`).
+enum forkvm_status forkvm_process_read(const struct forkvm_process *process,
+                                       uint64_t timeout_ms,
+                                       struct forkvm_process_event *event);
+
+// Frees an event's output and resets it; NULL is ignored.
+void forkvm_process_event_free(struct forkvm_process_event *event);
+
+// Waits (without a limit) for the process to end and puts the output it printed since the
+// last read and how it ended in `*output`, as `forkvm_agent_run` does (free it with
+// `forkvm_exec_output_free`).
+enum forkvm_status forkvm_process_wait(const struct forkvm_process *process,
+                                       struct forkvm_exec_output *output);
+
+// Frees the handle, killing the process first if no read saw it end (a kill that fails is
+// ignored: closing its connection makes the agent kill it too); NULL is ignored. A read or
+// wait on another thread then returns with the process's end.
+enum forkvm_status forkvm_process_free(struct forkvm_process *process);
+
+// Opens a PTY session running `argv` (NULL-terminated) on a `rows` × `cols` terminal, into
+// `*out`.
+enum forkvm_status forkvm_agent_pty(const struct forkvm_agent *agent,
+                                    const char *const *argv,
+                                    uint16_t rows,
+                                    uint16_t cols,
+                                    struct forkvm_pty **out);
+
+// Attaches to the PTY session `session` (output it produced meanwhile comes first), into
+// `*out`.
+enum forkvm_status forkvm_agent_pty_attach(const struct forkvm_agent *agent,
+                                           uint64_t session,
+                                           struct forkvm_pty **out);
+
+// The session's id (for `forkvm_agent_pty_attach`), into `*session`.
+enum forkvm_status forkvm_pty_session(const struct forkvm_pty *pty, uint64_t *session);
+
+// Types `len` bytes of `input` into the terminal.
+enum forkvm_status forkvm_pty_write(const struct forkvm_pty *pty, const uint8_t *input, size_t len);
+
+// The terminal's next output or its program's end, waiting at most `timeout_ms`, into
+// `*event` (free it with `forkvm_pty_event_free`).
+enum forkvm_status forkvm_pty_read(const struct forkvm_pty *pty,
+                                   uint64_t timeout_ms,
+                                   struct forkvm_pty_event *event);
+
+// Frees an event's output and resets it; NULL is ignored.
+void forkvm_pty_event_free(struct forkvm_pty_event *event);
+
+// Changes the terminal's size (the program gets `SIGWINCH`).
+enum forkvm_status forkvm_pty_resize(const struct forkvm_pty *pty, uint16_t rows, uint16_t cols);
+
+// Ends the session (kills its program) and frees the handle, even when the agent's answer is
+// an error. `FORKVM_ERR_BUSY` (handle kept) while another thread is in a call on it.
+enum forkvm_status forkvm_pty_close(struct forkvm_pty *pty);
+
+// Detaches from the session (it runs on) and frees the handle; NULL is ignored.
+enum forkvm_status forkvm_pty_free(struct forkvm_pty *pty);
 
 // Stops the VM if it runs, and frees it (with its threads, fds and memory); NULL is ignored.
 // A call on it in flight on another thread returns (a wait with `FORKVM_EXIT_STOPPED`).

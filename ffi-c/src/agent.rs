@@ -1,15 +1,13 @@
-//! `forkvm_agent` and `forkvm_pty`: the guest agent of forkvm's Linux image (`forkvm_agent_client`):
-//! run commands, move files, open terminals.
+//! `forkvm_agent`: the guest agent of forkvm's Linux image (`forkvm_agent_client`):
+//! run commands and move files (spawned processes: `process.rs`; terminals: `pty.rs`).
 
 use forkvm_agent_client::VmAgentExt;
 use std::ffi::{CString, c_char, c_void};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use forkvm_agent_client::{
-    Agent, Command, ExecOutput, ExitStatus, IMAGE_CMDLINE, Process, ProcessEvent, Pty, PtyEvent,
-    Stream, WriteOptions,
+    Agent, Command, ExecOutput, ExitStatus, IMAGE_CMDLINE, Stream, WriteOptions,
 };
 use forkvm_agent_protocol::{FileType, PowerAction};
 
@@ -24,7 +22,7 @@ pub struct forkvm_agent {
     _private: [u8; 0],
 }
 
-static AGENTS: Registry<Agent> = Registry::new("forkvm_agent");
+pub(crate) static AGENTS: Registry<Agent> = Registry::new("forkvm_agent");
 
 /// Connects to the VM's guest agent through its vsock device, retrying while the guest boots,
 /// for at most `timeout_ms`; into `*out`.
@@ -125,7 +123,7 @@ pub struct forkvm_exec_output {
     pub status: forkvm_exit_status,
 }
 
-fn put_output(out: &mut forkvm_exec_output, output: ExecOutput) {
+pub(crate) fn put_output(out: &mut forkvm_exec_output, output: ExecOutput) {
     *out = forkvm_exec_output {
         stdout_bytes: forkvm_bytes::from_vec(output.stdout),
         stderr_bytes: forkvm_bytes::from_vec(output.stderr),
@@ -169,7 +167,7 @@ pub struct forkvm_command {
     pub timeout_ms: u64,
 }
 
-fn command_arg(command: *const forkvm_command) -> Result<Command, Failure> {
+pub(crate) fn command_arg(command: *const forkvm_command) -> Result<Command, Failure> {
     // SAFETY: NULL or a valid `forkvm_command` for the call.
     let c = unsafe { command.as_ref() }.ok_or_else(|| Failure::null("command"))?;
     let mut built = Command::new(str_array_arg(c.argv, "argv")?);
@@ -301,212 +299,6 @@ pub unsafe extern "C" fn forkvm_agent_run_streaming(
                 unsafe { callback(user_data, stream, bytes.as_ptr(), bytes.len()) }
             })?;
         *out = ended.into();
-        Ok(())
-    })
-}
-
-/// A command running in the guest (`forkvm_agent_client::Process`), started by `forkvm_agent_spawn`
-/// on a connection of its own; freed by `forkvm_process_free`. Thread-safe: one thread may read
-/// its output (`forkvm_process_read`, `forkvm_process_wait`) while others write its input or
-/// signal it (two readers at once each get some of the events).
-pub struct forkvm_process {
-    _private: [u8; 0],
-}
-
-/// A spawned process and whether a read saw it end (then freeing it needs no kill).
-struct Spawned {
-    process: Process,
-    exited: AtomicBool,
-}
-
-static PROCESSES: Registry<Spawned> = Registry::new("forkvm_process");
-
-/// Starts `command` (as `forkvm_agent_run` takes it) and returns at once with a handle to it in
-/// `*out`. Its standard input is a pipe: what `stdin_data` gives (with `has_stdin`) is written
-/// first, then `forkvm_process_write_stdin` writes more and `forkvm_process_close_stdin` ends it.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn forkvm_agent_spawn(
-    agent: *const forkvm_agent,
-    command: *const forkvm_command,
-    out: *mut *mut forkvm_process,
-) -> forkvm_status {
-    ffi(|| {
-        let out = out_arg(out, "out")?;
-        let command = command_arg(command)?;
-        let process = AGENTS.get(agent)?.spawn(&command)?;
-        *out = PROCESSES.insert(Spawned {
-            process,
-            exited: AtomicBool::new(false),
-        });
-        Ok(())
-    })
-}
-
-/// The process's id in the guest, into `*pid`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn forkvm_process_pid(
-    process: *const forkvm_process,
-    pid: *mut u32,
-) -> forkvm_status {
-    ffi(|| {
-        let out = out_arg(pid, "pid")?;
-        *out = PROCESSES.get(process)?.process.pid();
-        Ok(())
-    })
-}
-
-/// Writes `len` bytes of `input` to the process's standard input.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn forkvm_process_write_stdin(
-    process: *const forkvm_process,
-    input: *const u8,
-    len: usize,
-) -> forkvm_status {
-    ffi(|| {
-        let input = bytes_arg(input, len, "input")?;
-        Ok(PROCESSES.get(process)?.process.write_stdin(input)?)
-    })
-}
-
-/// Closes the process's standard input (it reads end-of-file).
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn forkvm_process_close_stdin(
-    process: *const forkvm_process,
-) -> forkvm_status {
-    ffi(|| Ok(PROCESSES.get(process)?.process.close_stdin()?))
-}
-
-/// Sends `signal` (e.g. `SIGTERM`) to the process's process group.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn forkvm_process_signal(
-    process: *const forkvm_process,
-    signal: i32,
-) -> forkvm_status {
-    ffi(|| Ok(PROCESSES.get(process)?.process.signal(signal)?))
-}
-
-/// Kills the process (`SIGKILL` to its process group); its end still comes as an event.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn forkvm_process_kill(process: *const forkvm_process) -> forkvm_status {
-    ffi(|| Ok(PROCESSES.get(process)?.process.kill()?))
-}
-
-/// What `forkvm_process_read` got.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum forkvm_process_event_kind {
-    /// Nothing within the timeout.
-    FORKVM_PROCESS_NOTHING = 0,
-    /// A chunk of output, in `output`, from `stream`.
-    FORKVM_PROCESS_OUTPUT = 1,
-    /// The process ended, as `status` says (its last event: reading on fails).
-    FORKVM_PROCESS_EXITED = 2,
-}
-
-/// An event of a spawned process. Free with `forkvm_process_event_free`.
-#[repr(C)]
-#[derive(Debug)]
-pub struct forkvm_process_event {
-    /// What happened.
-    pub kind: forkvm_process_event_kind,
-    /// Which stream `output` came from, for `FORKVM_PROCESS_OUTPUT` (else
-    /// `FORKVM_STREAM_STDOUT`).
-    pub stream: forkvm_stream,
-    /// The output, for `FORKVM_PROCESS_OUTPUT`.
-    pub output: forkvm_bytes,
-    /// How the process ended, for `FORKVM_PROCESS_EXITED`.
-    pub status: forkvm_exit_status,
-}
-
-/// The process's next chunk of output or its end, waiting at most `timeout_ms`, into `*event`
-/// (free it with `forkvm_process_event_free`).
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn forkvm_process_read(
-    process: *const forkvm_process,
-    timeout_ms: u64,
-    event: *mut forkvm_process_event,
-) -> forkvm_status {
-    ffi(|| {
-        let out = out_arg(event, "event")?;
-        let spawned = PROCESSES.get(process)?;
-        let got = spawned
-            .process
-            .next(Some(Duration::from_millis(timeout_ms)))?;
-        let mut event = forkvm_process_event {
-            kind: forkvm_process_event_kind::FORKVM_PROCESS_NOTHING,
-            stream: forkvm_stream::FORKVM_STREAM_STDOUT,
-            output: forkvm_bytes::EMPTY,
-            status: forkvm_exit_status::default(),
-        };
-        match got {
-            None => {}
-            Some(ProcessEvent::Output(stream, bytes)) => {
-                event.kind = forkvm_process_event_kind::FORKVM_PROCESS_OUTPUT;
-                event.stream = stream.into();
-                event.output = forkvm_bytes::from_vec(bytes);
-            }
-            Some(ProcessEvent::Exited(status)) => {
-                spawned.exited.store(true, Ordering::Relaxed);
-                event.kind = forkvm_process_event_kind::FORKVM_PROCESS_EXITED;
-                event.status = status.into();
-            }
-        }
-        *out = event;
-        Ok(())
-    })
-}
-
-/// Frees an event's output and resets it; NULL is ignored.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn forkvm_process_event_free(event: *mut forkvm_process_event) {
-    // SAFETY: NULL or a valid `forkvm_process_event`.
-    if let Some(event) = unsafe { event.as_mut() } {
-        event.output.release();
-        event.kind = forkvm_process_event_kind::FORKVM_PROCESS_NOTHING;
-    }
-}
-
-/// Waits (without a limit) for the process to end and puts the output it printed since the
-/// last read and how it ended in `*output`, as `forkvm_agent_run` does (free it with
-/// `forkvm_exec_output_free`).
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn forkvm_process_wait(
-    process: *const forkvm_process,
-    output: *mut forkvm_exec_output,
-) -> forkvm_status {
-    ffi(|| {
-        let out = out_arg(output, "output")?;
-        let spawned = PROCESSES.get(process)?;
-        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-        let status = spawned.process.wait(|stream, bytes| match stream {
-            Stream::Stdout => stdout.extend_from_slice(bytes),
-            Stream::Stderr => stderr.extend_from_slice(bytes),
-        })?;
-        spawned.exited.store(true, Ordering::Relaxed);
-        put_output(
-            out,
-            ExecOutput {
-                stdout,
-                stderr,
-                status,
-            },
-        );
-        Ok(())
-    })
-}
-
-/// Frees the handle, killing the process first if no read saw it end (a kill that fails is
-/// ignored: closing its connection makes the agent kill it too); NULL is ignored. A read or
-/// wait on another thread then returns with the process's end.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn forkvm_process_free(process: *mut forkvm_process) -> forkvm_status {
-    ffi(|| {
-        if !process.is_null() {
-            let spawned = PROCESSES.remove(process)?;
-            if !spawned.exited.load(Ordering::Relaxed) {
-                let _ = spawned.process.kill();
-            }
-        }
         Ok(())
     })
 }
@@ -757,179 +549,6 @@ pub unsafe extern "C" fn forkvm_agent_shutdown(
             PowerAction::PowerOff
         };
         Ok(AGENTS.get(agent)?.shutdown(action)?)
-    })
-}
-
-/// A PTY session in the guest (`forkvm_agent_client::Pty`): a terminal running a program, on a
-/// connection of its own. `forkvm_pty_free` detaches (the session runs on; attach again with
-/// `forkvm_agent_pty_attach`); `forkvm_pty_close` ends it. Calls on one handle take turns (a
-/// read waiting for output holds up a write on another thread: read with short timeouts).
-pub struct forkvm_pty {
-    _private: [u8; 0],
-}
-
-/// A `Pty` is not `Sync`: calls on one PTY handle take turns.
-static PTYS: Registry<Mutex<Pty>> = Registry::new("forkvm_pty");
-
-fn lock(pty: &std::sync::Arc<Mutex<Pty>>) -> std::sync::MutexGuard<'_, Pty> {
-    pty.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Opens a PTY session running `argv` (NULL-terminated) on a `rows` × `cols` terminal, into
-/// `*out`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn forkvm_agent_pty(
-    agent: *const forkvm_agent,
-    argv: *const *const c_char,
-    rows: u16,
-    cols: u16,
-    out: *mut *mut forkvm_pty,
-) -> forkvm_status {
-    ffi(|| {
-        let out = out_arg(out, "out")?;
-        let argv = str_array_arg(argv, "argv")?;
-        *out = PTYS.insert(Mutex::new(AGENTS.get(agent)?.pty(argv, rows, cols)?));
-        Ok(())
-    })
-}
-
-/// Attaches to the PTY session `session` (output it produced meanwhile comes first), into
-/// `*out`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn forkvm_agent_pty_attach(
-    agent: *const forkvm_agent,
-    session: u64,
-    out: *mut *mut forkvm_pty,
-) -> forkvm_status {
-    ffi(|| {
-        let out = out_arg(out, "out")?;
-        *out = PTYS.insert(Mutex::new(AGENTS.get(agent)?.pty_attach(session)?));
-        Ok(())
-    })
-}
-
-/// The session's id (for `forkvm_agent_pty_attach`), into `*session`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn forkvm_pty_session(
-    pty: *const forkvm_pty,
-    session: *mut u64,
-) -> forkvm_status {
-    ffi(|| {
-        *out_arg(session, "session")? = lock(&PTYS.get(pty)?).session();
-        Ok(())
-    })
-}
-
-/// Types `len` bytes of `input` into the terminal.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn forkvm_pty_write(
-    pty: *const forkvm_pty,
-    input: *const u8,
-    len: usize,
-) -> forkvm_status {
-    ffi(|| {
-        let input = bytes_arg(input, len, "input")?;
-        Ok(lock(&PTYS.get(pty)?).write(input)?)
-    })
-}
-
-/// What `forkvm_pty_read` got.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum forkvm_pty_event_kind {
-    /// Nothing within the timeout.
-    FORKVM_PTY_NOTHING = 0,
-    /// Terminal output, in `output`.
-    FORKVM_PTY_OUTPUT = 1,
-    /// The program ended, as `status` says (the session stays until closed).
-    FORKVM_PTY_EXITED = 2,
-}
-
-/// An event of a PTY session. Free with `forkvm_pty_event_free`.
-#[repr(C)]
-#[derive(Debug)]
-pub struct forkvm_pty_event {
-    /// What happened.
-    pub kind: forkvm_pty_event_kind,
-    /// The output, for `FORKVM_PTY_OUTPUT`.
-    pub output: forkvm_bytes,
-    /// How the program ended, for `FORKVM_PTY_EXITED`.
-    pub status: forkvm_exit_status,
-}
-
-/// The terminal's next output or its program's end, waiting at most `timeout_ms`, into
-/// `*event` (free it with `forkvm_pty_event_free`).
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn forkvm_pty_read(
-    pty: *const forkvm_pty,
-    timeout_ms: u64,
-    event: *mut forkvm_pty_event,
-) -> forkvm_status {
-    ffi(|| {
-        let out = out_arg(event, "event")?;
-        let got = lock(&PTYS.get(pty)?).read(Duration::from_millis(timeout_ms))?;
-        *out = match got {
-            None => forkvm_pty_event {
-                kind: forkvm_pty_event_kind::FORKVM_PTY_NOTHING,
-                output: forkvm_bytes::EMPTY,
-                status: forkvm_exit_status::default(),
-            },
-            Some(PtyEvent::Output(bytes)) => forkvm_pty_event {
-                kind: forkvm_pty_event_kind::FORKVM_PTY_OUTPUT,
-                output: forkvm_bytes::from_vec(bytes),
-                status: forkvm_exit_status::default(),
-            },
-            Some(PtyEvent::Exited(status)) => forkvm_pty_event {
-                kind: forkvm_pty_event_kind::FORKVM_PTY_EXITED,
-                output: forkvm_bytes::EMPTY,
-                status: status.into(),
-            },
-        };
-        Ok(())
-    })
-}
-
-/// Frees an event's output and resets it; NULL is ignored.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn forkvm_pty_event_free(event: *mut forkvm_pty_event) {
-    // SAFETY: NULL or a valid `forkvm_pty_event`.
-    if let Some(event) = unsafe { event.as_mut() } {
-        event.output.release();
-        event.kind = forkvm_pty_event_kind::FORKVM_PTY_NOTHING;
-    }
-}
-
-/// Changes the terminal's size (the program gets `SIGWINCH`).
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn forkvm_pty_resize(
-    pty: *const forkvm_pty,
-    rows: u16,
-    cols: u16,
-) -> forkvm_status {
-    ffi(|| Ok(lock(&PTYS.get(pty)?).resize(rows, cols)?))
-}
-
-/// Ends the session (kills its program) and frees the handle, even when the agent's answer is
-/// an error. `FORKVM_ERR_BUSY` (handle kept) while another thread is in a call on it.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn forkvm_pty_close(pty: *mut forkvm_pty) -> forkvm_status {
-    ffi(|| {
-        let pty = PTYS.take(pty)?;
-        Ok(pty
-            .into_inner()
-            .unwrap_or_else(|e| e.into_inner())
-            .close()?)
-    })
-}
-
-/// Detaches from the session (it runs on) and frees the handle; NULL is ignored.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn forkvm_pty_free(pty: *mut forkvm_pty) -> forkvm_status {
-    ffi(|| {
-        if !pty.is_null() {
-            PTYS.remove(pty)?;
-        }
-        Ok(())
     })
 }
 

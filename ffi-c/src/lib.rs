@@ -38,6 +38,8 @@ mod builder;
 mod console;
 mod error;
 mod handle;
+mod process;
+mod pty;
 mod vm;
 
 #[cfg(test)]
