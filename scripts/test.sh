@@ -48,7 +48,7 @@ for target in mmio_transport block_requests block_ring console_queues vsock_pack
     (cd fuzz && cargo fuzz run "$target" --sanitizer none -- -max_total_time="${FORKVM_FUZZ_SECONDS:-30}" 2>&1 | tail -n 1)
 done
 
-# The build scripts' test (vmm-core/build.rs, tests/build.rs): /dev/kvm opens read-write.
+# The build script's test (vmm-core/build.rs, which tests and forkvm-cli share): /dev/kvm opens read-write.
 if python3 -c 'import os; os.close(os.open("/dev/kvm", os.O_RDWR))' 2>/dev/null; then
     kvm=1
 else
@@ -91,7 +91,7 @@ END
 fi
 if [ "$kvm_tests" -gt 0 ]; then
     echo "error: $kvm_tests tests were built as if this host had no KVM (cfg(no_kvm), left from" \
-        "a build without it): touch vmm-core/build.rs tests/build.rs and run again" >&2
+        "a build without it): touch vmm-core/build.rs and run again" >&2
     exit 1
 fi
 

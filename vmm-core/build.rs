@@ -1,6 +1,6 @@
 //! `cfg(no_kvm)` where this host's `/dev/kvm` cannot be opened read-write: the tests that need
 //! KVM carry `#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]` and show there as ignored instead
-//! of failing (`scripts/test.sh` says what it skipped). `tests/build.rs` is the same script.
+//! of failing (`scripts/test.sh` says what it skipped). `tests` and `forkvm-cli` build with this same script.
 
 const KVM: &str = "/dev/kvm";
 
