@@ -173,13 +173,12 @@ fn no_permission_for_kvm() {
         &std::fs::read(std::env::current_exe().unwrap()).unwrap(),
     );
     std::fs::set_permissions(exe.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The child's name in this test binary: its path less the crate's name (`bad_input::...`).
+    let (_, child) = concat!(module_path!(), "::kvm_permission_child")
+        .split_once("::")
+        .unwrap();
     let status = std::process::Command::new(exe.path())
-        .args([
-            "--ignored",
-            "--exact",
-            "kvm_permission_child",
-            "--test-threads=1",
-        ])
+        .args(["--ignored", "--exact", child, "--test-threads=1"])
         .current_dir("/")
         .uid(65534)
         .gid(65534)
