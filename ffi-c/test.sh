@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The C binding's tests: builds libforkvm, checks that include/forkvm.h is current, installs
-# the library, header and pkg-config file into a prefix (target/ffi-c/prefix), checks that
+# The C binding's tests: checks that include/forkvm.h is current, installs the library, header and
+# pkg-config file into a prefix (target/ffi-c/prefix) with ffi-c/install.sh, checks that
 # the README's C snippet is examples/hello.c, compiles the example through pkg-config and
 # runs it, then compiles the C tests with gcc under AddressSanitizer and
 # UndefinedBehaviorSanitizer (leak checking on) and runs them on this host's KVM, then once more
@@ -10,17 +10,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build -p forkvm-ffi --quiet
 cargo test -p forkvm-ffi --quiet --test header
 
 guest=$(tests/guest/build.sh)
 prefix=$PWD/target/ffi-c/prefix
-version=$(cargo pkgid -p forkvm-ffi | sed 's/.*[#@]//')
-rm -rf "$prefix" && mkdir -p "$prefix/include" "$prefix/lib/pkgconfig"
-cp ffi-c/include/forkvm.h "$prefix/include/"
-cp target/debug/libforkvm.so target/debug/libforkvm.a "$prefix/lib/"
-sed -e "s|@PREFIX@|$prefix|" -e "s|@VERSION@|$version|" ffi-c/forkvm.pc.in \
-    >"$prefix/lib/pkgconfig/forkvm.pc"
+rm -rf "$prefix"
+ffi-c/install.sh --debug "$prefix"
 export PKG_CONFIG_PATH=$prefix/lib/pkgconfig
 bin=$PWD/target/ffi-c/bin
 mkdir -p "$bin"
