@@ -8,7 +8,7 @@ names `b` and `b` is neither `a` nor inside it. Deeper, the files of one module 
 seams may refer to each other. Prints each cycle (strongly connected set of more than one
 module) and exits 1 if there is one.
 
-    scripts/module-cycles.py [--depth N] vmm-core/src [devices/src ...]
+    scripts/module-cycles.py [--depth N] forkvm/src [forkvm-devices/src ...]
 """
 import re
 import sys

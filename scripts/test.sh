@@ -3,7 +3,7 @@
 # the tests that need no KVM and bounded fuzzing, then builds the guests (kernel, initramfs, Debian
 # root image) and runs every other test, including the Linux boot tests on this host's KVM.
 # Without a usable /dev/kvm it still runs all that needs none (the Rust tests that need KVM show
-# as ignored, "needs /dev/kvm": see vmm-core/build.rs), says what it skipped and fails, unless
+# as ignored, "needs /dev/kvm": see forkvm/build.rs), says what it skipped and fails, unless
 # FORKVM_ALLOW_NO_KVM=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +35,7 @@ fi
 step "lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-python3 scripts/module-cycles.py vmm-core/src devices/src forkvm-agent-client/src
+python3 scripts/module-cycles.py forkvm/src forkvm-devices/src forkvm-agent-client/src
 
 # The crates whose tests need no KVM at all (the others' tests run below, after the guests;
 # without KVM, those of them that need it show as ignored).
@@ -48,7 +48,7 @@ for target in mmio_transport block_requests block_ring console_queues vsock_pack
     (cd fuzz && cargo fuzz run "$target" --sanitizer none -- -max_total_time="${FORKVM_FUZZ_SECONDS:-30}" 2>&1 | tail -n 1)
 done
 
-# The build script's test (vmm-core/build.rs, which tests and forkvm-cli share): /dev/kvm opens read-write.
+# The build script's test (forkvm/build.rs, which tests and forkvm-cli share): /dev/kvm opens read-write.
 if python3 -c 'import os; os.close(os.open("/dev/kvm", os.O_RDWR))' 2>/dev/null; then
     kvm=1
 else
@@ -79,9 +79,9 @@ SKIPPED: this host has no usable /dev/kvm (missing, or not readable and writable
 so these did not run:
   - $kvm_tests Rust tests that need KVM (above: "ignored, needs /dev/kvm")
   - guests: tests/guest, guest/kernel, guest/initramfs and guest/rootfs builds
-  - C binding (ffi-c/test.sh: gcc, ASan+UBSan, valgrind)
-  - Python binding (bindings-python/test.sh)
-  - Node binding (bindings-node/test.sh)
+  - C binding (forkvm-ffi/test.sh: gcc, ASan+UBSan, valgrind)
+  - Python binding (forkvm-python/test.sh)
+  - Node binding (forkvm-node/test.sh)
 Only the lints, the tests without KVM and the fuzzing ran. FORKVM_ALLOW_NO_KVM=1 makes this
 an exit status of 0.
 END
@@ -91,17 +91,17 @@ END
 fi
 if [ "$kvm_tests" -gt 0 ]; then
     echo "error: $kvm_tests tests were built as if this host had no KVM (cfg(no_kvm), left from" \
-        "a build without it): touch vmm-core/build.rs and run again" >&2
+        "a build without it): touch forkvm/build.rs and run again" >&2
     exit 1
 fi
 
 step "C binding (gcc, ASan+UBSan, valgrind)"
-FORKVM_LINUX_KERNEL=$kernel FORKVM_LINUX_IMAGE=$rootfs ffi-c/test.sh
+FORKVM_LINUX_KERNEL=$kernel FORKVM_LINUX_IMAGE=$rootfs forkvm-ffi/test.sh
 
 step "Python binding (maturin wheel, pytest, stubtest)"
-bindings-python/test.sh
+forkvm-python/test.sh
 
 step "Node binding (npm install, node --test, README example)"
-FORKVM_LINUX_KERNEL=$kernel FORKVM_LINUX_IMAGE=$rootfs bindings-node/test.sh
+FORKVM_LINUX_KERNEL=$kernel FORKVM_LINUX_IMAGE=$rootfs forkvm-node/test.sh
 
 summary

@@ -4,7 +4,7 @@
 #   rootfs=$(guest/rootfs/build.sh)
 #
 # Debian bookworm, `debootstrap --variant=minbase` plus the packages in $packages (python3), with
-# forkvm's agent (guest/agent/build.sh) at /sbin/forkvm-agent and /sbin/init pointing to it. Apt
+# forkvm's agent (guest/forkvm-agent/build.sh) at /sbin/forkvm-agent and /sbin/init pointing to it. Apt
 # lists and caches, documentation, man pages, translations and glibc's iconv modules are removed.
 # The tree goes into an ext4 image with `mkfs.ext4 -d` (no mount, no loop device), sized to the
 # tree plus slack and without a journal: the guest attaches it read-only (root=/dev/vda ro) and
@@ -46,7 +46,7 @@ ensure_packages debootstrap e2fsprogs
 sudo=()
 [[ $(id -u) -eq 0 ]] || sudo=(sudo)
 
-agent=$("$here/../agent/build.sh")
+agent=$("$here/../forkvm-agent/build.sh")
 
 hash() { sha256sum | cut -c1-16; }
 base_key=$(printf '%s\n' "$suite" "$mirror" "${packages[*]}" "${debootstrap_args[*]}" "$trim" | hash)

@@ -1,7 +1,7 @@
 //! Warnings a guest can cause, rate-limited: a misbehaving guest must not be able to fill the
 //! host's logs. [`guest_warn!`] logs at most [`BURST`] messages per call site in each second and
 //! says how many it left out when it logs again. Every warning and error this crate logs goes
-//! through it: `devices/clippy.toml` disallows `log::warn!` and `log::error!` here.
+//! through it: `forkvm-devices/clippy.toml` disallows `log::warn!` and `log::error!` here.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};

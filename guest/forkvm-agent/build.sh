@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds forkvm-agent as a static x86_64 Linux binary and prints its absolute path.
 #
-#   agent=$(guest/agent/build.sh)
+#   agent=$(guest/forkvm-agent/build.sh)
 #
 # Release profile, glibc linked statically (RUSTFLAGS="-C target-feature=+crt-static",
 # --target x86_64-unknown-linux-gnu), symbols stripped. It builds in its own target directory,
@@ -20,7 +20,7 @@ repo=$(cd "$here/../.." && pwd)
 target=x86_64-unknown-linux-gnu
 target_dir=${FORKVM_AGENT_TARGET_DIR:-$repo/target/agent}
 
-log() { printf 'guest/agent: %s\n' "$*" >&2; }
+log() { printf 'guest/forkvm-agent: %s\n' "$*" >&2; }
 
 if ! rustup target list --installed 2>/dev/null | grep -qx "$target"; then
     # Not a rustup toolchain, or the target is missing: cargo will say which.

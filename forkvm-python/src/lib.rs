@@ -1,5 +1,5 @@
 //! Python bindings for forkvm: the `forkvm._forkvm` extension module, which the pure-Python
-//! package `forkvm` (bindings-python/forkvm/) re-exports.
+//! package `forkvm` (forkvm-python/forkvm/) re-exports.
 //!
 //! A thin layer over the Rust API: every class wraps one Rust type, every method calls one Rust
 //! method, converting arguments and results and mapping errors onto the exception hierarchy

@@ -1,7 +1,7 @@
 // forkvm from Node: build a VM, start it, print its serial banner, fork it into two children,
-// stop everything. README.md shows this file; bindings-node/test.sh runs it.
+// stop everything. README.md shows this file; forkvm-node/test.sh runs it.
 //
-//   npm install ./bindings-node && node hello.js vmlinux
+//   npm install ./forkvm-node && node hello.js vmlinux
 const { VM, ConsoleBuffer } = require('forkvm');
 
 async function main(kernel, cmdline = 'mode=spin') {

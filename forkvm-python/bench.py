@@ -1,7 +1,7 @@
-"""Per-call overhead of the Python binding, on the test guest, as ffi-c/src/bench.rs measures
+"""Per-call overhead of the Python binding, on the test guest, as forkvm-ffi/src/bench.rs measures
 the Rust API and the C binding: a no-op call (`is_paused`) and `fork(1)` of a running 32 MiB
 guest. Compare with that benchmark's Rust figures (README, "From C"); run with the package
-installed: `target/python-venv/bin/python bindings-python/bench.py "$(tests/guest/build.sh)"`."""
+installed: `target/python-venv/bin/python forkvm-python/bench.py "$(tests/guest/build.sh)"`."""
 
 import statistics
 import sys

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The Python binding's tests: a virtualenv in target/python-venv with maturin, pytest and mypy;
-# the package installed twice — `pip install ./bindings-python` and the wheel `maturin build`
+# the package installed twice — `pip install ./forkvm-python` and the wheel `maturin build`
 # makes — then: the README's Python snippet is examples/hello.py and runs; the type stubs match
 # the module (mypy's stubtest) and type-check the tests and example; pytest on the test guest,
 # plus the Linux image test when the image is built (FORKVM_PY_IMAGE=0 skips it).
@@ -27,36 +27,36 @@ source scripts/checks.sh
 
 pip_install() {
     "$venv/bin/pip" install --quiet --disable-pip-version-check --no-build-isolation \
-        --force-reinstall --no-deps ./bindings-python &&
+        --force-reinstall --no-deps ./forkvm-python &&
         (cd /tmp && "$venv/bin/python" -c 'import forkvm; forkvm.ConsoleBuffer()')
 }
-run "pip install ./bindings-python" pip_install
+run "pip install ./forkvm-python" pip_install
 
 wheel() {
     local out=$PWD/target/python-wheels
     rm -rf "$out" &&
-        (cd bindings-python && "$venv/bin/maturin" build --quiet --release --out "$out") &&
+        (cd forkvm-python && "$venv/bin/maturin" build --quiet --release --out "$out") &&
         "$venv/bin/pip" install --quiet --disable-pip-version-check --force-reinstall --no-deps \
             "$out"/forkvm-*.whl &&
         (cd /tmp && "$venv/bin/python" -c 'import forkvm; forkvm.ConsoleBuffer()')
 }
 run "maturin build: the wheel installs" wheel
 
-run "README Python snippet is examples/hello.py" readme_snippet bindings-python/examples/hello.py python
+run "README Python snippet is examples/hello.py" readme_snippet forkvm-python/examples/hello.py python
 hello() {
-    "$venv/bin/python" bindings-python/examples/hello.py "$guest" | tee target/python-hello.out &&
+    "$venv/bin/python" forkvm-python/examples/hello.py "$guest" | tee target/python-hello.out &&
         grep -q "child 1: generation 1" target/python-hello.out
 }
 run "examples/hello.py" hello
 
 stubs() {
     (cd /tmp && "$venv/bin/python" -m mypy.stubtest forkvm --ignore-disjoint-bases) &&
-        "$venv/bin/python" -m mypy --strict --no-error-summary bindings-python/examples/hello.py &&
-        "$venv/bin/python" -m mypy --no-error-summary --check-untyped-defs bindings-python/tests bindings-python/bench.py
+        "$venv/bin/python" -m mypy --strict --no-error-summary forkvm-python/examples/hello.py &&
+        "$venv/bin/python" -m mypy --no-error-summary --check-untyped-defs forkvm-python/tests forkvm-python/bench.py
 }
 run "type stubs: stubtest and mypy" stubs
-run "ruff check and format" bash -c "ruff check --quiet bindings-python && ruff format --quiet --check bindings-python"
+run "ruff check and format" bash -c "ruff check --quiet forkvm-python && ruff format --quiet --check forkvm-python"
 
-run "pytest" "$venv/bin/python" -m pytest -q -rs bindings-python/tests
+run "pytest" "$venv/bin/python" -m pytest -q -rs forkvm-python/tests
 
-finish bindings-python
+finish forkvm-python

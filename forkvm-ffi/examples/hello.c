@@ -1,6 +1,6 @@
 /*
  * forkvm from C: build a VM, start it, print its serial banner, fork it into two children,
- * stop everything. README.md shows this file; ffi-c/test.sh compiles and runs it.
+ * stop everything. README.md shows this file; forkvm-ffi/test.sh compiles and runs it.
  *
  *   cc hello.c $(pkg-config --cflags --libs forkvm) -o hello && ./hello vmlinux
  */

@@ -2,7 +2,7 @@
 processes (iterated, awaited, closed), and a fork.
 
 Needs the image: $FORKVM_IMAGE_KERNEL (guest/kernel/build.sh) and $FORKVM_IMAGE_ROOTFS
-(guest/rootfs/build.sh), which bindings-python/test.sh sets when the image is built; skipped
+(guest/rootfs/build.sh), which forkvm-python/test.sh sets when the image is built; skipped
 otherwise. Boots Linux once for the module (~30 s here)."""
 
 import asyncio
@@ -22,7 +22,7 @@ BOOT_TIMEOUT = 300.0
 pytestmark = pytest.mark.skipif(
     not (KERNEL and ROOTFS and os.path.exists(KERNEL) and os.path.exists(ROOTFS)),
     reason="the Linux image is not built: set FORKVM_IMAGE_KERNEL and FORKVM_IMAGE_ROOTFS "
-    "(guest/kernel/build.sh, guest/rootfs/build.sh print them; bindings-python/test.sh does)",
+    "(guest/kernel/build.sh, guest/rootfs/build.sh print them; forkvm-python/test.sh does)",
 )
 
 
