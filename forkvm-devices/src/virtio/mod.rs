@@ -13,6 +13,7 @@ pub mod console;
 pub mod mmio;
 pub mod persist;
 pub mod rng;
+pub mod saved;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_driver;
 pub mod vsock;

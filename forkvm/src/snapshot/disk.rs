@@ -30,8 +30,8 @@ use crate::error::Error;
 use crate::identity::Identity;
 use crate::memory::freeze::FrozenRam;
 use crate::virtio::FrozenDevice;
-use forkvm_devices::virtio::DeviceState;
-use forkvm_devices::virtio::block::BlockState;
+pub use forkvm_devices::virtio::saved::DISK_FILE_PREFIX;
+use forkvm_devices::virtio::saved::SnapshotFiles;
 
 /// Version of the snapshot format; a snapshot of another version is refused.
 pub const SNAPSHOT_FORMAT: u32 = 2;
@@ -39,8 +39,6 @@ pub const SNAPSHOT_FORMAT: u32 = 2;
 pub const STATE_FILE: &str = "state.json";
 /// The memory file.
 pub const MEMORY_FILE: &str = "memory";
-/// Start of the name of each block device's disk file (then the device's index).
-pub const DISK_FILE_PREFIX: &str = "disk-";
 
 /// Everything but the memory.
 #[derive(Serialize, Deserialize)]
@@ -114,23 +112,20 @@ pub(super) fn save(point: &Snapshot, dir: &Path) -> Result<(), Error> {
         }
         _ => sync_dir(dir).map_err(io_err("syncing the directory"))?,
     }
-    write_atomically(dir, MEMORY_FILE, |file| point.image.copy_data_to(file))
+    write_atomically(dir, MEMORY_FILE, &mut |file| point.image.copy_data_to(file))
         .map_err(io_err("writing the memory"))?;
-    let mut devices = point.devices.clone();
-    for (index, device) in devices.iter_mut().enumerate() {
-        if let DeviceState::Block(disk) = &device.state.device {
-            let name = format!("{DISK_FILE_PREFIX}{index}");
-            let mut saved = None;
-            write_atomically(dir, &name, |file| {
-                saved = Some(disk.save(file, name.clone())?);
-                Ok(())
-            })
-            .map_err(io_err("writing a disk"))?;
-            if let Some(saved) = saved {
-                device.state.device = DeviceState::SavedBlock(saved);
-            }
-        }
-    }
+    let mut files = Directory(dir);
+    let devices = point
+        .devices
+        .iter()
+        .enumerate()
+        .map(|(index, device)| {
+            let mut device = device.clone();
+            device.state.device = device.state.device.to_saved(index, &mut files)?;
+            Ok(device)
+        })
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(io_err("writing a device's files"))?;
     let state = SnapshotState {
         format: SNAPSHOT_FORMAT,
         forkvm_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -142,7 +137,7 @@ pub(super) fn save(point: &Snapshot, dir: &Path) -> Result<(), Error> {
         identity: point.identity,
         devices,
     };
-    write_atomically(dir, STATE_FILE, |file| {
+    write_atomically(dir, STATE_FILE, &mut |file| {
         let mut writer = BufWriter::new(file);
         serde_json::to_writer(&mut writer, &state).map_err(std::io::Error::other)?;
         writer.flush()
@@ -213,37 +208,52 @@ pub(super) fn load(dir: &Path) -> Result<Snapshot, Error> {
     }))
 }
 
-/// Turns each block device a snapshot in `dir` saved into one over its disk file there (with a
-/// private overlay if it is writable). A disk file name must be a plain name in `dir`.
-fn open_disks(dir: &Path, mut devices: Vec<FrozenDevice>) -> Result<Vec<FrozenDevice>, Error> {
-    for device in &mut devices {
-        let DeviceState::SavedBlock(saved) = &device.state.device else {
-            continue;
-        };
-        let bad = |reason: String| Error::SnapshotInvalid {
+/// Opens the files of each device a snapshot in `dir` saved (a disk's content).
+fn open_disks(dir: &Path, devices: Vec<FrozenDevice>) -> Result<Vec<FrozenDevice>, Error> {
+    let files = Directory(dir);
+    devices
+        .into_iter()
+        .map(|mut device| {
+            device.state.device = device.state.device.from_saved(&files)?;
+            Ok(device)
+        })
+        .collect::<std::io::Result<_>>()
+        .map_err(|e| Error::SnapshotInvalid {
             path: dir.to_owned(),
-            reason,
-        };
-        let plain = Path::new(&saved.file).file_name() == Some(saved.file.as_ref());
-        if !plain || !saved.file.starts_with(DISK_FILE_PREFIX) {
-            return Err(bad(format!(
-                "disk file {:?} is not a disk of the snapshot",
-                saved.file
-            )));
-        }
-        let disk = File::open(dir.join(&saved.file))
-            .and_then(|file| BlockState::open_saved(saved, file))
-            .map_err(|e| bad(format!("{}: {e}", saved.file)))?;
-        device.state.device = DeviceState::Block(disk);
+            reason: e.to_string(),
+        })
+}
+
+/// A snapshot directory as devices see it: new files are written atomically, and only plain
+/// names of device files can be opened.
+struct Directory<'a>(&'a Path);
+
+impl SnapshotFiles for Directory<'_> {
+    fn write(
+        &mut self,
+        name: &str,
+        write: &mut dyn FnMut(&File) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        write_atomically(self.0, name, write)
     }
-    Ok(devices)
+
+    fn open(&self, name: &str) -> std::io::Result<File> {
+        let plain = Path::new(name).file_name() == Some(name.as_ref());
+        if !plain || !name.starts_with(DISK_FILE_PREFIX) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("disk file {name:?} is not a disk of the snapshot"),
+            ));
+        }
+        File::open(self.0.join(name))
+    }
 }
 
 /// Writes `dir/name` through a temporary file that is fsynced and then renamed into place.
 fn write_atomically(
     dir: &Path,
     name: &str,
-    write: impl FnOnce(&File) -> std::io::Result<()>,
+    write: &mut dyn FnMut(&File) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
     let temporary: PathBuf = dir.join(format!(".{name}.tmp"));
     let file = File::create(&temporary)?;
