@@ -35,7 +35,7 @@ fi
 step "lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-python3 scripts/module-cycles.py forkvm/src forkvm-devices/src forkvm-agent-client/src
+python3 scripts/module-cycles.py forkvm/src forkvm-devices/src forkvm-agent-client/src guest/forkvm-agent/src
 
 # The crates whose tests need no KVM at all (the others' tests run below, after the guests;
 # without KVM, those of them that need it show as ignored).

@@ -221,12 +221,13 @@ fn a_pty_session_resizes_and_survives_its_handle() {
             .contains("40 100")
     );
     let session = pty.session();
-    // Output made while nobody is attached waits for the next handle. It comes a second after
-    // the detach: output written while the agent still counts the closing connection as attached
-    // is lost (a race in the agent, seen under load in CI; not fixed yet).
-    pty.write(b"sleep 1; echo detached-$((40+2))\n").unwrap();
-    drop(pty);
-    std::thread::sleep(Duration::from_millis(1500));
+    // Output made while nobody is attached waits for the next handle, even output made the
+    // moment the detach has returned.
+    pty.write(b"while [ ! -e /tmp/go ]; do sleep 0.05; done; echo detached-$((40+2))\n")
+        .unwrap();
+    pty.read_until("done; echo", TIMEOUT).unwrap();
+    pty.detach().unwrap();
+    agent.exec(["touch", "/tmp/go"]).unwrap();
     let again = agent.pty_attach(session).unwrap();
     assert!(
         again

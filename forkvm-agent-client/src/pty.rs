@@ -18,8 +18,8 @@ pub enum PtyEvent {
     Exited(ExitStatus),
 }
 
-/// A handle on a PTY session, on a connection of its own. Dropping it detaches: the session
-/// runs on and keeps its latest output for the next attach.
+/// A handle on a PTY session, on a connection of its own. [`Pty::detach`] or dropping it detaches:
+/// the session runs on and keeps its latest output for the next attach.
 pub struct Pty {
     agent: Agent,
     session: u64,
@@ -119,10 +119,34 @@ impl Pty {
         })
     }
 
+    /// Detaches from the session, which runs on and keeps its latest output for the next attach.
+    /// Returns once the agent has detached it, so that all output made from then on is kept
+    /// (dropping the handle detaches too, without waiting: output the agent sends before it
+    /// sees that detach is lost).
+    pub fn detach(self) -> Result<(), AgentError> {
+        let call = self._connection.start(&Request::PtyDetach {
+            session: self.session,
+        })?;
+        match call.reply(self.agent.deadline())? {
+            Reply::Ok => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Ends the session: kills its program and forgets it.
     pub fn close(self) -> Result<(), AgentError> {
         self.agent.expect_ok(&Request::PtyClose {
             session: self.session,
         })
+    }
+}
+
+impl Drop for Pty {
+    fn drop(&mut self) {
+        // Tells the agent first (a request of its own, not waited for); the connection's close
+        // detaches as well, later.
+        let _ = self._connection.start(&Request::PtyDetach {
+            session: self.session,
+        });
     }
 }

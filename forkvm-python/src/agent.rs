@@ -396,10 +396,17 @@ impl PyPty {
         })
     }
 
-    /// Drops this handle; the session runs on (attach again with `pty_attach(session)`). Later
-    /// calls on this handle raise `ClosedError`; `close()` then does nothing.
+    /// Detaches this handle; the session runs on (attach again with `pty_attach(session)`) and
+    /// keeps all output made from the return on. Later calls on this handle raise `ClosedError`;
+    /// `close()` then does nothing.
     fn detach(&self, py: Python<'_>) {
-        py.allow_threads(|| drop(self.pty.lock().unwrap_or_else(|e| e.into_inner()).take()));
+        py.allow_threads(|| {
+            let pty = self.pty.lock().unwrap_or_else(|e| e.into_inner()).take();
+            // Detached either way: a failed request only loses the wait for the agent's answer.
+            if let Some(pty) = pty {
+                let _ = pty.detach();
+            }
+        });
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {

@@ -59,7 +59,7 @@
 //! | [`Request::List`] | — | [`Reply::Entries`] |
 //! | [`Request::Mkdir`], [`Request::Remove`], [`Request::Rename`] | — | [`Reply::Ok`] |
 //! | [`Request::PtyOpen`], [`Request::PtyAttach`] | [`Reply::PtyOpened`] / [`Reply::PtyAttached`], then output as data frames (host: input as data frames) | [`Reply::PtyExited`], or none when the session is detached or closed |
-//! | [`Request::PtyResize`], [`Request::PtyClose`] | — | [`Reply::Ok`] |
+//! | [`Request::PtyResize`], [`Request::PtyDetach`], [`Request::PtyClose`] | — | [`Reply::Ok`] |
 //! | [`Request::Shutdown`] | — | [`Reply::Ok`], then the guest powers off or reboots |
 //!
 //! Any request may instead end with [`Reply::Error`]; for a file write that error may come before
@@ -82,7 +82,7 @@
 //!
 //! **PTY sessions** live in the agent independently of connections: a session's output produced
 //! while no connection is attached is kept (the last [`PTY_BACKLOG`] bytes) and sent on attach.
-//! Closing the connection detaches; [`Request::PtyAttach`] (from any connection) takes the
+//! [`Request::PtyDetach`] detaches, and so does closing the connection; [`Request::PtyAttach`] (from any connection) takes the
 //! session over from a connection still attached. [`Request::PtyClose`] kills and forgets it.
 //!
 //! Paths and strings are UTF-8 (JSON); file names that are not are reported lossily.
@@ -96,8 +96,8 @@ use serde::{Deserialize, Serialize};
 ///
 /// It changes whenever a message of one version could fail to decode in a peer of the previous
 /// one (a new [`ErrorKind`], reply or required field: an unknown enum value fails the whole
-/// message). Version 2 added [`ErrorKind::ProgramNotFound`].
-pub const PROTOCOL_VERSION: u32 = 2;
+/// message). Version 2 added [`ErrorKind::ProgramNotFound`], version 3 [`Request::PtyDetach`].
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
 /// The host vsock port the agent sends its [`Reply::Ready`] to (best effort).
@@ -481,6 +481,14 @@ pub enum Request {
         rows: u16,
         /// Columns.
         cols: u16,
+    },
+    /// Detaches a session attached to this connection (a session another connection took over
+    /// stays attached there): its output from then on is kept
+    /// for the next attach. (Closing the attached connection detaches too, but output the agent
+    /// writes before it sees the close is lost; after this request's reply none is.)
+    PtyDetach {
+        /// The session.
+        session: u64,
     },
     /// Kills a session's process group and forgets it.
     PtyClose {

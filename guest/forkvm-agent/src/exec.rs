@@ -25,7 +25,7 @@ use forkvm_agent_protocol::{
 };
 
 use crate::reaper::kill_group;
-use crate::server::{Chunk, Out, RequestContext};
+use crate::request::{Chunk, Out, RequestContext};
 use crate::{error, io_error, user};
 
 /// How long output may still arrive after the process exits.
@@ -196,7 +196,6 @@ pub fn run(
         .stderr(Stdio::piped())
         .process_group(0);
     let (mut child, exited) = ctx
-        .agent
         .reaper
         .spawn(&mut command)
         .map_err(|e| launch.spawn_error(&e))?;

@@ -10,7 +10,7 @@ use forkvm_agent_protocol::{
     WriteFileRequest, write_parts,
 };
 
-use crate::server::{Chunk, RequestContext};
+use crate::request::{Chunk, RequestContext};
 use crate::{error, io_error};
 
 /// Size of the reads of a file being sent (and so of its data frames).

@@ -25,6 +25,7 @@ pub mod files;
 pub mod init;
 pub mod pty;
 pub mod reaper;
+pub mod request;
 pub mod reseed;
 pub mod server;
 pub mod system;

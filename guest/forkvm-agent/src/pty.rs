@@ -26,8 +26,8 @@ use forkvm_agent_protocol::{
     ErrorKind, ErrorReply, ExitStatus, Kind, PTY_BACKLOG, PtyOpenRequest, Reply,
 };
 
-use crate::reaper::kill_group;
-use crate::server::{Agent, Out};
+use crate::reaper::{Reaper, kill_group};
+use crate::request::Out;
 use crate::{error, exec, io_error};
 
 /// Size of the reads from a PTY (and so of its largest output frames).
@@ -81,7 +81,7 @@ impl Registry {
     /// Opens a session attached to request `id` of `connection`, sending `PtyOpened` on `out`.
     pub(crate) fn open(
         &self,
-        agent: &Agent,
+        reaper: &Reaper,
         request: PtyOpenRequest,
         connection: u64,
         id: u32,
@@ -118,8 +118,7 @@ impl Registry {
                 Ok(())
             });
         }
-        let (child, exited) = agent
-            .reaper
+        let (child, exited) = reaper
             .spawn(&mut command)
             .map_err(|e| launch.spawn_error(&e))?;
         // The parent's copies of the terminal's slave side go, so that the master reads EIO once
@@ -209,6 +208,21 @@ impl Registry {
     pub(crate) fn resize(&self, session: u64, rows: u16, cols: u16) -> Result<Reply, ErrorReply> {
         let session = self.get(session)?;
         set_size(&session.master, rows, cols).map_err(|e| io_error("TIOCSWINSZ", &e))?;
+        Ok(Reply::Ok)
+    }
+
+    /// Detaches a session if it is attached to `connection` (not if another connection took it
+    /// over); its output goes to the backlog from now on.
+    pub(crate) fn detach(&self, session: u64, connection: u64) -> Result<Reply, ErrorReply> {
+        let session = self.get(session)?;
+        let mut state = session.lock();
+        if state
+            .attached
+            .as_ref()
+            .is_some_and(|a| a.connection == connection)
+        {
+            state.attached = None;
+        }
         Ok(Reply::Ok)
     }
 

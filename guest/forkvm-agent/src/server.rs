@@ -13,17 +13,18 @@ use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 use std::{io, thread};
 
 use forkvm_agent_protocol::{
     ErrorKind, ErrorReply, Frame, Hello, INPUT_QUEUE, Kind, PROTOCOL_VERSION, PowerAction,
-    ProtocolError, Reply, Request, read_frame, write_control, write_parts,
+    ProtocolError, Reply, Request, read_frame,
 };
 
 use crate::pty::{Registry, Session};
 use crate::reaper::{Reaper, kill_group};
+use crate::request::{Chunk, Out, RequestContext, Running};
 use crate::system::System;
 use crate::{error, exec, files, io_error, reseed};
 
@@ -110,86 +111,9 @@ impl Agent {
     }
 }
 
-/// The sending half of a connection, shared by the threads serving its requests; each frame is
-/// written whole under its lock.
-pub struct Out {
-    stream: Mutex<UnixStream>,
-}
-
-impl Out {
-    fn new(stream: UnixStream) -> Out {
-        Out {
-            stream: Mutex::new(stream),
-        }
-    }
-
-    /// The stream, locked: frames written through the guard are not interleaved with others.
-    pub(crate) fn lock(&self) -> MutexGuard<'_, UnixStream> {
-        self.stream.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Sends a control frame.
-    pub fn reply(&self, id: u32, reply: &Reply) -> Result<(), ProtocolError> {
-        write_control(&mut *self.lock(), id, reply)
-    }
-
-    /// Sends `bytes` as frames of `kind`, split at the maximum payload.
-    pub fn bytes(&self, kind: Kind, id: u32, bytes: &[u8]) -> Result<(), ProtocolError> {
-        let mut stream = self.lock();
-        for chunk in bytes.chunks(forkvm_agent_protocol::MAX_PAYLOAD) {
-            write_parts(&mut *stream, kind, id, chunk)?;
-        }
-        Ok(())
-    }
-}
-
-/// Input for a request: a data frame's payload, or the end of it.
-pub enum Chunk {
-    /// Bytes.
-    Data(Vec<u8>),
-    /// No more bytes.
-    Eof,
-}
-
 enum Input {
     Queue(SyncSender<Chunk>),
     Pty(Arc<Session>),
-}
-
-/// The requests of a connection that run on their own threads, with the pid of each exec.
-#[derive(Default)]
-pub struct Running {
-    requests: Mutex<HashMap<u32, Option<libc::pid_t>>>,
-}
-
-impl Running {
-    fn lock(&self) -> MutexGuard<'_, HashMap<u32, Option<libc::pid_t>>> {
-        self.requests.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Records the process an exec request runs.
-    pub(crate) fn set_pid(&self, id: u32, pid: libc::pid_t) {
-        self.lock().insert(id, Some(pid));
-    }
-
-    /// Forgets the process of an exec request (it has been reaped).
-    pub(crate) fn clear_pid(&self, id: u32) {
-        if let Some(pid) = self.lock().get_mut(&id) {
-            *pid = None;
-        }
-    }
-}
-
-/// What a request handler running on its own thread gets.
-pub struct RequestContext {
-    /// The agent.
-    pub agent: Arc<Agent>,
-    /// Where to send frames.
-    pub out: Arc<Out>,
-    /// The request's id.
-    pub id: u32,
-    /// The connection's running requests.
-    pub running: Arc<Running>,
 }
 
 struct Connection {
@@ -351,15 +275,21 @@ impl Connection {
                 rows,
                 cols,
             } => self.reply(id, self.agent.sessions.resize(session, rows, cols)),
+            Request::PtyDetach { session } => {
+                self.reply(id, self.agent.sessions.detach(session, self.token))
+            }
             Request::PtyClose { session } => self.reply(id, self.agent.sessions.close(session)),
             Request::PtyOpen(_) | Request::PtyAttach { .. } if self.busy(id) => {
                 self.reply(id, Err(duplicate(id)));
             }
             Request::PtyOpen(request) => {
-                let opened =
-                    self.agent
-                        .sessions
-                        .open(&self.agent, request, self.token, id, &self.out);
+                let opened = self.agent.sessions.open(
+                    &self.agent.reaper,
+                    request,
+                    self.token,
+                    id,
+                    &self.out,
+                );
                 match opened {
                     Ok(session) => {
                         self.inputs.insert(id, Input::Pty(session));
@@ -419,7 +349,7 @@ impl Connection {
         });
         self.running.lock().insert(id, None);
         let ctx = RequestContext {
-            agent: Arc::clone(&self.agent),
+            reaper: Arc::clone(&self.agent.reaper),
             out: Arc::clone(&self.out),
             id,
             running: Arc::clone(&self.running),

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use forkvm_agent::reseed;
+use forkvm_agent::system::{RealSystem, System};
 use forkvm_agent_protocol::*;
 
 fn is_root() -> bool {
@@ -21,8 +21,8 @@ fn is_root() -> bool {
 #[test]
 fn real_entropy_calls_need_privilege() {
     let entropy = vec![0x5a; MIN_ENTROPY];
-    let added = reseed::add_entropy(&entropy);
-    let reseeded = reseed::reseed_crng();
+    let added = RealSystem.add_entropy(&entropy);
+    let reseeded = RealSystem.reseed_crng();
     if is_root() {
         added.unwrap();
         reseeded.unwrap();

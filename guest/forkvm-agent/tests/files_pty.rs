@@ -409,6 +409,44 @@ fn pty_echo_resize_detach_reattach_close() {
     assert_eq!(gone.error().kind, ErrorKind::NotFound);
 }
 
+/// After `PtyDetach` is answered, every byte of output goes to the backlog, even when the program
+/// writes it at once and the detaching connection stays open (it used to be lost when written
+/// before the agent saw the connection close).
+#[test]
+fn output_right_after_a_detach_is_kept_for_the_next_attach() {
+    let (agent, _) = agent(false, false);
+    let dir = temp_dir("pty-detach");
+    let go = format!("{dir}/go");
+    let mut client = Client::connect(&agent, 0);
+    let session = open_shell(&mut client, 1);
+    client.data(
+        1,
+        format!("while [ ! -e {go} ]; do sleep 0.01; done; echo de''tached\n").as_bytes(),
+    );
+    read_until(&mut client, 1, "done; echo");
+    let detached = client.call(2, &Request::PtyDetach { session });
+    assert_eq!(*detached.last(), Reply::Ok);
+    std::fs::write(&go, b"").unwrap();
+    // The old connection stays open and gets nothing more for the session.
+    let mut other = Client::connect(&agent, 0);
+    other.request(1, &Request::PtyAttach { session });
+    assert_eq!(other.next_reply(1), Reply::PtyAttached { session });
+    read_until(&mut other, 1, "detached\r\n");
+    // A detach from a connection the session is not attached to changes nothing.
+    let stray = client.call(3, &Request::PtyDetach { session });
+    assert_eq!(*stray.last(), Reply::Ok);
+    other.data(1, b"echo st''ill\n");
+    read_until(&mut other, 1, "still\r\n");
+    // An unknown session is reported.
+    let unknown = client.call(
+        4,
+        &Request::PtyDetach {
+            session: session + 100,
+        },
+    );
+    assert_eq!(unknown.error().kind, ErrorKind::NotFound);
+}
+
 #[test]
 fn pty_exit_is_reported_and_kept_for_attach() {
     let (agent, _) = agent(false, false);
