@@ -19,6 +19,7 @@ use crate::identity::{IDENTITY_CMDLINE_KEY, Identity, IdentityPage};
 use crate::layout::IDENTITY_PAGE_ADDR;
 use crate::machine::{self, LegacyConfig, MachineSpec};
 use crate::memory::{GuestRam, MIN_MEMORY_MIB};
+use crate::network::{Network, VmNetwork};
 use crate::virtio::{VirtioDeviceSpec, VirtioPlan};
 use crate::vm::Vm;
 use crate::vstate::kvm::{create_vcpus, create_vm, open_kvm};
@@ -52,6 +53,7 @@ pub struct VmBuilder {
     virtio: Vec<VirtioConfig>,
     vsock: Option<VsockConfig>,
     balloon: Option<BalloonConfig>,
+    network: Option<Network>,
 }
 
 /// A virtio device requested from the builder.
@@ -218,6 +220,7 @@ impl Default for VmBuilder {
             kick_signal_offset: crate::KICK_SIGNAL_OFFSET,
             virtio: Vec::new(),
             vsock: None,
+            network: None,
             balloon: None,
         }
     }
@@ -311,6 +314,14 @@ impl VmBuilder {
         self
     }
 
+    /// Adds a network: a virtio-net device with forkvm's user-mode network behind it (a VM has at
+    /// most one; a second call replaces the first). With [`VmBuilder::build_from_snapshot`], it
+    /// is the new VM's network instead of one like its source's.
+    pub fn network(mut self, network: Network) -> Self {
+        self.network = Some(network);
+        self
+    }
+
     /// Adds the virtio-vsock device (a VM has at most one; a second call replaces the first).
     pub fn vsock(mut self, vsock: VsockConfig) -> Self {
         self.vsock = Some(vsock);
@@ -370,11 +381,20 @@ impl VmBuilder {
         }
         let kvm = Arc::new(open_kvm(&self.kvm_device)?);
         let kick = self.kick_signal()?;
-        snapshot.spawn_in(kvm, kick, child.into(), None)
+        let mut child = child.into();
+        if let Some(network) = self.network.take() {
+            child = child.network(network);
+        }
+        snapshot.spawn_in(kvm, kick, child, None)
     }
 
     /// The full command line the guest receives on a host with `caps`.
-    fn full_cmdline(&self, caps: &HostCaps, virtio: &VirtioPlan) -> String {
+    fn full_cmdline(
+        &self,
+        caps: &HostCaps,
+        virtio: &VirtioPlan,
+        network: Option<&VmNetwork>,
+    ) -> String {
         let identity = format!("{IDENTITY_CMDLINE_KEY}={IDENTITY_PAGE_ADDR:#x}");
         let mut parts = vec![PLATFORM_CMDLINE, &identity];
         if caps.ring0_emulated {
@@ -386,6 +406,9 @@ impl VmBuilder {
         let devices = virtio.cmdline();
         if !devices.is_empty() {
             parts.push(&devices);
+        }
+        if let Some(dhcp) = network.and_then(|n| n.config.cmdline(&self.cmdline)) {
+            parts.push(dhcp);
         }
         if !self.cmdline.is_empty() {
             parts.push(&self.cmdline);
@@ -435,8 +458,16 @@ impl VmBuilder {
             }
             None => None,
         };
+        let network = match self.network.take() {
+            Some(config) => {
+                let (device, handle) = config.create()?;
+                devices.push(device);
+                Some(VmNetwork { config, handle })
+            }
+            None => None,
+        };
         let virtio = VirtioPlan::new(devices)?;
-        let cmdline = self.full_cmdline(&caps, &virtio);
+        let cmdline = self.full_cmdline(&caps, &virtio, network.as_ref());
         let vcpu_count = self.vcpus as u8; // checked against MAX_MPTABLE_VCPUS above
         let entry = boot::load(
             &ram,
@@ -474,6 +505,7 @@ impl VmBuilder {
             virtio,
             vsock,
             balloon,
+            network,
             identity,
             identity_page,
             threads: SpareThreads::default(),

@@ -29,7 +29,7 @@ pub enum ErrorKind {
     /// A host file or socket failed: a disk image, the console output file, a snapshot's
     /// files, the agent's host-side I/O.
     Io,
-    /// The VM lacks the device a call needs (no vsock device).
+    /// The VM lacks the device a call needs (no vsock device, no network).
     NoDevice,
     /// The vsock device could not be created, or a connection through it failed.
     Vsock,
@@ -230,6 +230,27 @@ pub enum Error {
     /// `wait()` was called on a VM that was never started.
     #[error("the VM was not started: call start() first")]
     NotStarted,
+    /// A network call on a VM built without [`crate::VmBuilder::network`].
+    #[error("this VM has no network: add one with VmBuilder::network")]
+    NoNetwork,
+    /// A published port could not be bound on the host.
+    #[error("cannot publish a guest port on {host}")]
+    Publish {
+        /// The host address asked for.
+        host: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// An in-process connection to a guest TCP port could not be set up.
+    #[error("cannot connect to guest TCP port {port}")]
+    NetworkConnect {
+        /// The guest port.
+        port: u16,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl Error {
@@ -250,7 +271,8 @@ impl Error {
             Self::Memory(_) | Self::GuestAddress { .. } => K::Memory,
             Self::Boot(_) => K::Boot,
             Self::BlockImage { .. } | Self::ConsoleFile { .. } | Self::Snapshot { .. } => K::Io,
-            Self::NoVsock => K::NoDevice,
+            Self::NoVsock | Self::NoNetwork => K::NoDevice,
+            Self::Publish { .. } | Self::NetworkConnect { .. } => K::Io,
             Self::Vsock(_) | Self::VsockConnect { .. } => K::Vsock,
             Self::NotStarted => K::NotStarted,
             Self::AlreadyStarted => K::AlreadyStarted,
@@ -293,7 +315,7 @@ mod tests {
     }
 
     /// How many variants [`Error`] has.
-    const VARIANTS: usize = 27;
+    const VARIANTS: usize = 30;
 
     /// Numbers each variant (no wildcard: a new variant must be added here, then to `VARIANTS`
     /// and [`samples`]).
@@ -326,6 +348,9 @@ mod tests {
             Error::SnapshotIncompatible { .. } => 24,
             Error::GuestAddress { .. } => 25,
             Error::NotStarted => 26,
+            Error::NoNetwork => 27,
+            Error::Publish { .. } => 28,
+            Error::NetworkConnect { .. } => 29,
         }
     }
 
@@ -382,6 +407,21 @@ mod tests {
             ),
             (Error::Vsock(VsockError::InvalidCid(2)), K::Vsock),
             (Error::NoVsock, K::NoDevice),
+            (Error::NoNetwork, K::NoDevice),
+            (
+                Error::Publish {
+                    host: "127.0.0.1:1".parse().unwrap(),
+                    source: io(),
+                },
+                K::Io,
+            ),
+            (
+                Error::NetworkConnect {
+                    port: 1,
+                    source: io(),
+                },
+                K::Io,
+            ),
             (
                 Error::VsockConnect {
                     port: 1,

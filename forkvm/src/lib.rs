@@ -26,6 +26,7 @@ mod exit;
 mod identity;
 mod layout;
 mod machine;
+pub mod network;
 mod memory;
 mod snapshot;
 mod virtio;
@@ -49,6 +50,7 @@ pub use forkvm_devices::virtio::balloon::{
 pub use identity::Identity;
 pub use layout::{IDENTITY_PAGE_ADDR, ZERO_PAGE_ADDR};
 pub use memory::MemoryError;
+pub use network::{Network, NetworkHandle, NetworkPolicy};
 pub use snapshot::{Child, DISK_FILE_PREFIX, MEMORY_FILE, SNAPSHOT_FORMAT, STATE_FILE, Snapshot};
 pub use virtio::{DeviceInfo, DeviceKind};
 pub use vm::{Extensions, Vm, VsockDialer};

@@ -21,6 +21,7 @@ use crate::error::{Error, kvm_err, setup_err};
 use crate::exit::GuestExit;
 use crate::identity::{Identity, IdentityPage};
 use crate::memory::GuestRam;
+use crate::network::VmNetwork;
 use crate::virtio::{AttachedDevice, VirtioPlan};
 use crate::vstate::event_loop::EventLoop;
 use crate::vstate::run_state::RunState;
@@ -40,6 +41,7 @@ pub(crate) struct MachineSpec {
     pub virtio: VirtioPlan,
     pub vsock: Option<VsockConnector>,
     pub balloon: Option<BalloonHandle>,
+    pub network: Option<VmNetwork>,
     pub identity: Identity,
     pub identity_page: IdentityPage,
     /// Threads started ahead for the event loop and the vCPUs (none: [`crate::Vm::start`]
@@ -61,6 +63,7 @@ pub(crate) struct Machine {
     pub state: Arc<RunState>,
     pub vsock: Option<VsockConnector>,
     pub balloon: Option<BalloonHandle>,
+    pub network: Option<VmNetwork>,
     pub identity: Identity,
     pub identity_page: IdentityPage,
     pub threads: SpareThreads,
@@ -91,6 +94,7 @@ pub(crate) fn assemble(spec: MachineSpec) -> Result<Machine, Error> {
         state,
         vsock: spec.vsock,
         balloon: spec.balloon,
+        network: spec.network,
         identity: spec.identity,
         identity_page: spec.identity_page,
         threads: spec.threads,

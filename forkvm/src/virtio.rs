@@ -72,6 +72,8 @@ impl FrozenDevice {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum DeviceKind {
+    /// virtio-net.
+    Net,
     /// virtio-blk.
     Block,
     /// virtio-console.
@@ -90,6 +92,7 @@ impl DeviceKind {
     /// The kind of virtio device type `id`.
     pub fn from_virtio_id(id: u32) -> Self {
         match id {
+            1 => Self::Net,
             2 => Self::Block,
             3 => Self::Console,
             4 => Self::Entropy,
@@ -99,9 +102,10 @@ impl DeviceKind {
         }
     }
 
-    /// The virtio device type number (2 block, 3 console, 4 entropy, 5 balloon, 19 vsock).
+    /// The virtio device type number (1 net, 2 block, 3 console, 4 entropy, 5 balloon, 19 vsock).
     pub fn virtio_id(self) -> u32 {
         match self {
+            Self::Net => 1,
             Self::Block => 2,
             Self::Console => 3,
             Self::Entropy => 4,

@@ -120,7 +120,8 @@ printf '127.0.0.1\tlocalhost\n127.0.1.1\tforkvm\n::1\tlocalhost ip6-localhost ip
     > "$root/etc/hosts"
 printf '# The root is mounted by the kernel (read-only) and overlaid by forkvm-agent.\n' \
     > "$root/etc/fstab"
-: > "$root/etc/resolv.conf"
+# The name server of the DHCP lease the kernel took at boot (ip=dhcp; see guest/kernel).
+ln -sfn ../proc/net/pnp "$root/etc/resolv.conf"
 # The mount points the agent uses must exist in the read-only lower layer (/run also holds the
 # overlay's tmpfs).
 mkdir -p "$root"/proc "$root"/sys "$root"/dev "$root"/run "$root"/tmp

@@ -4,9 +4,10 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 
 use crate::console::{ConsoleInput, ConsoleOutput};
+use crate::network::Network;
 
 /// How one child of a fork reaches the host: its serial console and input, the host ends of
-/// its virtio consoles, and its vsock Unix socket. A [`ConsoleOutput`] converts into a child
+/// its virtio consoles, its vsock Unix socket and its network. A [`ConsoleOutput`] converts into a child
 /// with only a serial console (its virtio consoles' output is discarded, and host programs
 /// reach its vsock device only through [`crate::Vm::vsock_connect`]).
 #[derive(Debug)]
@@ -15,6 +16,7 @@ pub struct Child {
     pub(super) console_input: Option<ConsoleInput>,
     pub(super) virtio_consoles: VecDeque<(ConsoleOutput, Option<ConsoleInput>)>,
     pub(super) vsock_uds_path: Option<PathBuf>,
+    pub(super) network: Option<Network>,
 }
 
 impl Child {
@@ -25,6 +27,7 @@ impl Child {
             console_input: None,
             virtio_consoles: VecDeque::new(),
             vsock_uds_path: None,
+            network: None,
         }
     }
 
@@ -45,6 +48,16 @@ impl Child {
     /// parent's socket stays the parent's).
     pub fn vsock_uds_path(mut self, path: impl Into<PathBuf>) -> Self {
         self.vsock_uds_path = Some(path.into());
+        self
+    }
+}
+
+impl Child {
+    /// The child's network, if its source has one (without this: a network like the source's,
+    /// with the policy it had at the capture, no published ports, and for a snapshot loaded from
+    /// a directory the defaults). Each child has a network of its own either way.
+    pub fn network(mut self, network: Network) -> Self {
+        self.network = Some(network);
         self
     }
 }

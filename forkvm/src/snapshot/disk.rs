@@ -205,6 +205,7 @@ pub(super) fn load(dir: &Path) -> Result<Snapshot, Error> {
         debug_exit: state.debug_exit,
         devices: open_disks(dir, state.devices)?,
         identity: state.identity,
+        network: None,
     }))
 }
 

@@ -69,6 +69,9 @@ pub struct Snapshot {
     pub(crate) devices: Vec<FrozenDevice>,
     /// The identity of the VM it was taken from.
     pub(crate) identity: Identity,
+    /// The network spawned VMs get unless their [`Child`] names one: the source VM's, with the
+    /// policy it had at the capture and no published ports (a loaded snapshot: the defaults).
+    pub(crate) network: Option<Network>,
     /// Children prepared ahead for this snapshot.
     prepared: Mutex<Vec<Shell>>,
 }
@@ -95,6 +98,7 @@ pub(crate) struct SnapshotParts {
     pub debug_exit: bool,
     pub devices: Vec<FrozenDevice>,
     pub identity: Identity,
+    pub network: Option<Network>,
 }
 
 impl Snapshot {
@@ -108,6 +112,7 @@ impl Snapshot {
             debug_exit: parts.debug_exit,
             devices: parts.devices,
             identity: parts.identity,
+            network: parts.network,
             prepared: Mutex::default(),
         }
     }

@@ -23,7 +23,8 @@ use crate::console::{ConsoleInput, ConsoleOutput};
 use crate::error::{Error, setup_err};
 use crate::machine::{self, LegacyConfig, Machine, MachineSpec};
 use crate::memory::GuestRam;
-use crate::virtio::{FrozenDevice, VirtioDeviceSpec, VirtioPlan};
+use crate::network::VmNetwork;
+use crate::virtio::{VirtioDeviceSpec, VirtioPlan};
 
 /// The machine of a new VM that continues from `point`, connected to the host as `child` says,
 /// built in `shell` if one is given (its KVM VM must come from `kvm`).
@@ -70,7 +71,8 @@ pub(crate) fn machine_from(
         plan,
         vsock,
         balloon,
-    } = continue_devices(&point.devices, &mut child, &mut layer_files, &ram)?;
+        network,
+    } = continue_devices(point, &mut child, &mut layer_files, &ram)?;
     let machine = machine::assemble(MachineSpec {
         kvm,
         vm_fd,
@@ -86,6 +88,7 @@ pub(crate) fn machine_from(
         virtio: plan,
         vsock,
         balloon,
+        network,
         identity,
         identity_page,
         threads,
@@ -98,22 +101,24 @@ struct ChildDevices {
     plan: VirtioPlan,
     vsock: Option<VsockConnector>,
     balloon: Option<BalloonHandle>,
+    network: Option<VmNetwork>,
 }
 
-/// Creates a child's copy of each `frozen` device, connected to the host ends `child` names
+/// Creates a child's copy of each device of `point`, connected to the host ends `child` names
 /// (each console takes the child's next virtio console); its disks' overlays are `layer_files`
-/// as long as there are some, and its balloon frees pages of `ram`, the child's own RAM (which
-/// has adopted the image). Each device says what it needs and rebuilds itself
+/// as long as there are some, its balloon frees pages of `ram`, the child's own RAM (which
+/// has adopted the image), and its network device gets a network of its own (the child's, or
+/// one like the snapshot's source's). Each device says what it needs and rebuilds itself
 /// ([`forkvm_devices::virtio::DeviceState::into_device`]).
 fn continue_devices(
-    frozen: &[FrozenDevice],
+    point: &Snapshot,
     child: &mut Child,
     layer_files: &mut Vec<File>,
     ram: &GuestRam,
 ) -> Result<ChildDevices, Error> {
-    let (mut vsock, mut balloon) = (None, None);
-    let mut devices = Vec::with_capacity(frozen.len());
-    for device in frozen {
+    let (mut vsock, mut balloon, mut network) = (None, None, None);
+    let mut devices = Vec::with_capacity(point.devices.len());
+    for device in &point.devices {
         let needs = device.state.device.needs();
         let mut ends = HostEnds::default();
         if needs.console {
@@ -133,6 +138,16 @@ fn continue_devices(
         if needs.ram_discard {
             ends.ram_discard = Some(ram.discarder());
         }
+        if needs.network && network.is_none() {
+            let config = child
+                .network
+                .take()
+                .or_else(|| point.network.clone())
+                .unwrap_or_default();
+            let (backend, handle) = config.backend()?;
+            ends.net_backend = Some(backend);
+            network = Some(VmNetwork { config, handle });
+        }
         let (continued, handles) = device.state.device.into_device(ends).map_err(|e| match e {
             ContinueError::Vsock(e) => Error::Vsock(e),
             e => setup_err("virtio device of a child", ErrorChain(&e)),
@@ -145,5 +160,6 @@ fn continue_devices(
         plan: VirtioPlan::continued(devices)?,
         vsock,
         balloon,
+        network,
     })
 }

@@ -96,6 +96,10 @@ impl Vm {
             debug_exit: self.debug_exit,
             devices,
             identity: self.identity,
+            network: self
+                .network
+                .as_ref()
+                .map(|network| network.config.for_child(Some(&network.handle))),
         }))
     }
 

@@ -28,6 +28,7 @@ use crate::exit::GuestExit;
 use crate::identity::{Identity, IdentityPage};
 use crate::machine::Machine;
 use crate::memory::GuestRam;
+use crate::network::{NetworkHandle, VmNetwork};
 use crate::snapshot::pool::ShellPool;
 use crate::virtio::{AttachedDevice, DeviceInfo};
 use crate::vstate::event_loop::EventLoop;
@@ -57,6 +58,7 @@ pub struct Vm {
     pub(crate) devices: Vec<AttachedDevice>,
     vsock: Option<VsockConnector>,
     balloon: Option<BalloonHandle>,
+    pub(crate) network: Option<VmNetwork>,
     pub(crate) kvm: Arc<Kvm>,
     // Declared before `ram`, so the VM (and its memory slots) is destroyed before the mapping.
     pub(crate) vm_fd: VmFd,
@@ -102,6 +104,7 @@ impl Vm {
             devices: parts.devices,
             vsock: parts.vsock,
             balloon: parts.balloon,
+            network: parts.network,
             kvm: parts.kvm,
             vm_fd: parts.vm_fd,
             ram: Mutex::new(parts.ram),
@@ -282,6 +285,24 @@ impl Vm {
     /// [`Vm::vsock_connect`]) without borrowing the VM, if it has a vsock device.
     pub fn vsock_dialer(&self) -> Option<VsockDialer> {
         self.vsock.clone().map(VsockDialer)
+    }
+
+    /// The network added with [`crate::VmBuilder::network`] (or given to a fork child), if any:
+    /// change its policy, read its counters, publish ports, connect to guest ports.
+    pub fn network(&self) -> Option<&NetworkHandle> {
+        self.network.as_ref().map(|network| &network.handle)
+    }
+
+    /// Opens a TCP connection to `port` in the guest through its network, in-process (no host
+    /// listener): the stream's other end is bridged to the guest's TCP socket. A guest that
+    /// refuses (nothing listens) shows as a stream that ends at once. Fails if the VM has no
+    /// network.
+    pub fn connect_tcp(&self, port: u16) -> Result<UnixStream, Error> {
+        let network = self.network.as_ref().ok_or(Error::NoNetwork)?;
+        network
+            .handle
+            .connect_tcp(port)
+            .map_err(|source| Error::NetworkConnect { port, source })
     }
 
     /// State that crates layered on forkvm keep for this VM, one value per type (the guest

@@ -1,0 +1,148 @@
+//! [`Network`]: a VM's network, a virtio-net device with forkvm's user-mode network behind it
+//! (crate `forkvm-net`): no privileges, no helper process; each VM, and each fork child, has its
+//! own. The guest gets its address by DHCP (forkvm adds `ip=dhcp` to a Linux guest's command line
+//! unless it names `ip=` itself), reaches the public internet through host sockets, and is kept
+//! from this host, its networks and metadata addresses by the [`NetworkPolicy`]. The design is in
+//! `docs/design/network.md`.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use forkvm_devices::virtio::net::{Net, NetBackend};
+pub use forkvm_net::{
+    Cidr, Connector, DeniedFlow, DenyReason, HostConnector, HostResolver, NetworkHandle,
+    NetworkPolicy, NetworkStats, Protocol, Resolver, Seams, StaticResolver, Verdict,
+};
+
+use crate::error::{Error, setup_err};
+use crate::virtio::VirtioDeviceSpec;
+
+/// A VM's network: [`crate::VmBuilder::network`] adds it, [`crate::Child::network`] gives a fork
+/// child another. Defaults: addresses 10.0.2.15/24 (guest), 10.0.2.2 (gateway, standing for the
+/// host), 10.0.2.3 (DNS); the policy [`NetworkPolicy::public_internet`]; no published ports.
+#[derive(Clone, Debug)]
+pub struct Network {
+    addresses: forkvm_net::NetworkConfig,
+    policy: NetworkPolicy,
+    publish: Vec<(SocketAddr, u16)>,
+    seams: Seams,
+    kernel_dhcp: bool,
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Self::user()
+    }
+}
+
+impl Network {
+    /// The user-mode network with its defaults.
+    pub fn user() -> Self {
+        Self {
+            addresses: forkvm_net::NetworkConfig::default(),
+            policy: NetworkPolicy::default(),
+            publish: Vec::new(),
+            seams: Seams::host(),
+            kernel_dhcp: true,
+        }
+    }
+
+    /// The egress policy (changeable later with [`NetworkHandle::set_policy`]).
+    pub fn policy(mut self, policy: NetworkPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Publishes guest TCP port `guest_port` on the host at `host` (port 0 picks a free one:
+    /// [`NetworkHandle::published`] lists what was bound).
+    pub fn publish(mut self, host: SocketAddr, guest_port: u16) -> Self {
+        self.publish.push((host, guest_port));
+        self
+    }
+
+    /// Publishes guest TCP port `guest_port` on the host's 127.0.0.1, port `host_port`.
+    pub fn publish_local(self, host_port: u16, guest_port: u16) -> Self {
+        self.publish(
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), host_port),
+            guest_port,
+        )
+    }
+
+    /// Answers `name` with `addresses` in the VM's DNS, without asking the host's resolver.
+    pub fn host(mut self, name: &str, addresses: &[IpAddr]) -> Self {
+        self.seams
+            .hosts
+            .insert(name.trim_end_matches('.').to_ascii_lowercase(), addresses.to_vec());
+        self
+    }
+
+    /// How the network opens host sockets and resolves names (tests give ones that never leave
+    /// the machine); the hosts given with [`Network::host`] stay.
+    pub fn seams(mut self, connector: Arc<dyn Connector>, resolver: Arc<dyn Resolver>) -> Self {
+        self.seams.connector = connector;
+        self.seams.resolver = resolver;
+        self
+    }
+
+    /// The guest's MAC address.
+    pub fn mac(mut self, mac: [u8; 6]) -> Self {
+        self.addresses.guest_mac = mac;
+        self
+    }
+
+    /// Whether forkvm adds `ip=dhcp` to the guest kernel's command line (default: yes, unless the
+    /// command line names `ip=` already).
+    pub fn kernel_dhcp(mut self, on: bool) -> Self {
+        self.kernel_dhcp = on;
+        self
+    }
+
+    /// The command-line switch for the guest kernel, if forkvm adds one.
+    pub(crate) fn cmdline(&self, user_cmdline: &str) -> Option<&'static str> {
+        let named = user_cmdline.split_whitespace().any(|arg| arg.starts_with("ip="));
+        (self.kernel_dhcp && !named).then_some("ip=dhcp")
+    }
+
+    /// The same network for a fork child: the policy `handle` holds now, no published ports.
+    pub(crate) fn for_child(&self, handle: Option<&NetworkHandle>) -> Self {
+        let mut child = self.clone();
+        if let Some(handle) = handle {
+            child.policy = handle.policy();
+        }
+        child.publish.clear();
+        child
+    }
+
+    /// A new network instance: the device's backend and the handle the VM keeps, its ports
+    /// published.
+    pub(crate) fn backend(&self) -> Result<(Box<dyn NetBackend>, NetworkHandle), Error> {
+        let (network, handle) = forkvm_net::UserNetwork::new(
+            self.addresses.clone(),
+            self.policy.clone(),
+            self.seams.clone(),
+        )
+        .map_err(|e| setup_err("the user-mode network", e))?;
+        for &(host, guest_port) in &self.publish {
+            handle
+                .publish(host, guest_port)
+                .map_err(|source| Error::Publish { host, source })?;
+        }
+        Ok((Box::new(network), handle))
+    }
+
+    /// The virtio-net device of a new VM, with its network.
+    pub(crate) fn create(&self) -> Result<(VirtioDeviceSpec, NetworkHandle), Error> {
+        let (backend, handle) = self.backend()?;
+        let device = Net::new(self.addresses.guest_mac, backend);
+        Ok((VirtioDeviceSpec::new(Box::new(device)), handle))
+    }
+}
+
+
+/// A VM's network as the VM keeps it: how it was made (for its children) and its handle.
+#[derive(Clone, Debug)]
+pub(crate) struct VmNetwork {
+    pub config: Network,
+    pub handle: NetworkHandle,
+}
