@@ -11,6 +11,7 @@ pub mod balloon;
 pub mod block;
 pub mod console;
 pub mod mmio;
+pub mod net;
 pub mod persist;
 pub mod rng;
 pub mod saved;

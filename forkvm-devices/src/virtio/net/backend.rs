@@ -1,0 +1,45 @@
+//! What a virtio-net device talks to: a [`NetBackend`] takes the Ethernet frames the guest sends
+//! and holds the frames for the guest until the device has receive buffers for them.
+//!
+//! The device never drops a frame it was given and never makes the backend drop one: a backend
+//! whose queue toward the guest is full stops producing (a user-mode stack keeps the data in its
+//! TCP buffers), and the device drains that queue whenever the guest adds receive buffers.
+
+use std::os::fd::RawFd;
+
+/// The host side of a virtio-net device. Runs on the VM's event loop, called by the device only.
+pub trait NetBackend: Send {
+    /// Takes one Ethernet frame the guest transmitted (without the virtio-net header), copied out
+    /// of guest memory by the device. Never blocks; a frame it cannot use is dropped and counted
+    /// by the backend (a NIC on a wire would lose it the same way).
+    fn transmit(&mut self, frame: &[u8]);
+    /// The next frame for the guest, if one is ready (without the virtio-net header). The device
+    /// calls [`Self::consume_receive`] once it has written the frame into guest buffers.
+    fn peek_receive(&mut self) -> Option<&[u8]>;
+    /// Removes the frame [`Self::peek_receive`] returned.
+    fn consume_receive(&mut self);
+    /// An fd that becomes readable when the backend has host-side work (host sockets, timers,
+    /// requests from the VM handle); the device's event loop watches it and then calls
+    /// [`Self::process`].
+    fn event_fd(&self) -> Option<RawFd>;
+    /// Does the backend's host-side work: what `event_fd` announced and what the frames given to
+    /// [`Self::transmit`] since the last call started. Consumes the event so the loop does not spin.
+    fn process(&mut self);
+}
+
+/// A backend with no network behind it: it drops what the guest sends and has nothing for it.
+/// A device built without a network gets this (its link is up, and nothing answers).
+#[derive(Debug, Default)]
+pub struct Unconnected;
+
+impl NetBackend for Unconnected {
+    fn transmit(&mut self, _frame: &[u8]) {}
+    fn peek_receive(&mut self) -> Option<&[u8]> {
+        None
+    }
+    fn consume_receive(&mut self) {}
+    fn event_fd(&self) -> Option<RawFd> {
+        None
+    }
+    fn process(&mut self) {}
+}

@@ -1,0 +1,27 @@
+//! forkvm's user-mode network: each VM gets its own small TCP/IP endpoint, in process and without
+//! privileges, that terminates the guest's TCP and UDP flows and opens ordinary host sockets on
+//! its behalf (the slirp/passt model). It plugs into the virtio-net device as its
+//! [`forkvm_devices::virtio::net::NetBackend`] and runs on the VM's event loop.
+//!
+//! What the guest sees (defaults of [`NetworkConfig`]): a gateway at 10.0.2.2 that answers ARP and
+//! ping and stands for the host (a flow to it goes to the host's 127.0.0.1, if the policy allows
+//! loopback), a DNS server at 10.0.2.3, and a DHCP server that leases 10.0.2.15/24.
+//!
+//! Why smoltcp: it is the maintained Rust TCP/IP stack with Ethernet, ARP, IPv4, window scaling
+//! and a SYN-ACK that can be held back until the host side has connected (so a refused or denied
+//! destination reaches the guest as a reset, not as a connection that opened and died), and it is
+//! what microsandbox uses for the same job. forkvm keeps its own flow table, NAT and policy around
+//! it: smoltcp has no wildcard listen, so a socket is made per guest SYN on that exact address.
+//!
+//! Everything that reaches the outside goes through two seams that tests replace: a
+//! [`Connector`] opens host sockets and a [`Resolver`] resolves names. The design is in
+//! `docs/design/network.md`.
+
+mod config;
+pub mod dns;
+pub mod policy;
+mod seams;
+
+pub use config::NetworkConfig;
+pub use policy::{Cidr, DenyReason, NetworkPolicy, Protocol, Verdict};
+pub use seams::{Connector, HostConnector, HostResolver, Resolver, StaticResolver};

@@ -1,0 +1,96 @@
+//! The two ways the network reaches outside the process: opening host sockets ([`Connector`]) and
+//! resolving names ([`Resolver`]). Tests replace both, so that no test can send a packet off the
+//! machine even when the code under test is wrong.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
+
+use socket2::{Domain, Socket, Type};
+
+/// Opens host sockets for the guest's flows. Every host socket the network opens comes from here,
+/// after the policy allowed the exact destination.
+pub trait Connector: Send + Sync {
+    /// A non-blocking TCP socket whose connect to `to` has started (it may still be in
+    /// progress: the caller waits for it to become writable and reads `SO_ERROR`).
+    fn connect_tcp(&self, to: SocketAddr) -> io::Result<TcpStream>;
+    /// A non-blocking UDP socket connected to `to`.
+    fn connect_udp(&self, to: SocketAddr) -> io::Result<UdpSocket>;
+}
+
+/// The real connector: ordinary host sockets.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostConnector;
+
+impl Connector for HostConnector {
+    fn connect_tcp(&self, to: SocketAddr) -> io::Result<TcpStream> {
+        let socket = Socket::new(Domain::for_address(to), Type::STREAM, None)?;
+        socket.set_nonblocking(true)?;
+        socket.set_tcp_nodelay(true)?;
+        match socket.connect(&to.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(socket.into())
+    }
+
+    fn connect_udp(&self, to: SocketAddr) -> io::Result<UdpSocket> {
+        let socket = Socket::new(Domain::for_address(to), Type::DGRAM, None)?;
+        socket.set_nonblocking(true)?;
+        socket.connect(&to.into())?;
+        Ok(socket.into())
+    }
+}
+
+/// Resolves names for the DNS forwarder. Called on a worker thread (it may block); never called
+/// with a name that parses as an IP address.
+pub trait Resolver: Send + Sync {
+    /// The addresses of `name`; an empty list or `NotFound` when it has none.
+    fn resolve(&self, name: &str) -> io::Result<Vec<IpAddr>>;
+}
+
+/// The host's resolver (the C library's, through the standard library).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostResolver;
+
+impl Resolver for HostResolver {
+    fn resolve(&self, name: &str) -> io::Result<Vec<IpAddr>> {
+        Ok((name, 0)
+            .to_socket_addrs()?
+            .map(|address| address.ip())
+            .collect())
+    }
+}
+
+/// A resolver that answers from a fixed map only (for tests, and for users who pin names).
+#[derive(Clone, Debug, Default)]
+pub struct StaticResolver {
+    names: HashMap<String, Vec<IpAddr>>,
+}
+
+impl StaticResolver {
+    /// An empty map: every name is unknown.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `name` with `addresses` (names compare without case and without a trailing dot).
+    pub fn with(mut self, name: &str, addresses: &[IpAddr]) -> Self {
+        self.names.insert(normalize(name), addresses.to_vec());
+        self
+    }
+}
+
+impl Resolver for StaticResolver {
+    fn resolve(&self, name: &str) -> io::Result<Vec<IpAddr>> {
+        self.names
+            .get(&normalize(name))
+            .cloned()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{name}: unknown")))
+    }
+}
+
+fn normalize(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
