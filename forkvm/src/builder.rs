@@ -363,7 +363,7 @@ impl VmBuilder {
     /// node. The snapshot defines the machine (memory, vCPUs, devices, guest state), so a
     /// builder that also names a kernel, an initrd or devices is refused.
     pub fn build_from_snapshot(
-        self,
+        mut self,
         snapshot: &crate::Snapshot,
         child: impl Into<crate::Child>,
     ) -> Result<Vm, Error> {

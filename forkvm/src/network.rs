@@ -5,7 +5,6 @@
 //! from this host, its networks and metadata addresses by the [`NetworkPolicy`]. The design is in
 //! `docs/design/network.md`.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 

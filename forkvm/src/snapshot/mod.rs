@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::arch::state::{VcpuState, VmState};
 use crate::error::Error;
 use crate::identity::Identity;
+use crate::network::Network;
 use crate::machine::Machine;
 use crate::memory::freeze::FrozenRam;
 use crate::virtio::FrozenDevice;
