@@ -3,6 +3,7 @@
 
 use forkvm_agent_client::VmAgentExt;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,14 +11,20 @@ use std::time::Duration;
 
 use forkvm::{
     ConsoleBuffer, ConsoleInput, ConsoleOutput, DEFAULT_MEMORY_MIB, ErrorChain, GuestExit,
-    VmBuilder, VsockConfig, error_chain,
+    Network, VmBuilder, VsockConfig, error_chain,
 };
 use forkvm_agent_client::{Command, IMAGE_CMDLINE, IMAGE_MEMORY_MIB, Stream};
 
 const USAGE: &str =
     "usage: forkvm run --kernel PATH [--initrd PATH] [--cmdline STR] [--memory MIB] \
 [--vcpus N] [--rng] [--disk PATH] [--disk-ro PATH] [--vsock CID[:UDS_PATH]] [--debug-exit]
-       forkvm exec --image DIR [--memory MIB] [--vcpus N] [--timeout SECS] -- PROGRAM [ARG...]
+       [--net] [--publish [ADDR:]HOST_PORT:GUEST_PORT]...
+       forkvm exec --image DIR [--memory MIB] [--vcpus N] [--timeout SECS] [--net]
+       [--publish [ADDR:]HOST_PORT:GUEST_PORT]... -- PROGRAM [ARG...]
+
+--net gives the guest forkvm's user-mode network (DHCP; the public internet, nothing on this
+host or its networks); --publish forwards a host TCP port (on 127.0.0.1 unless ADDR is given)
+to a guest port, and implies --net.
 
 `run` boots the kernel with the serial console on this terminal and exits with the guest's end
 state:
@@ -47,6 +54,7 @@ struct RunArgs {
     rng: bool,
     disks: Vec<(PathBuf, bool)>,
     vsock: Option<VsockConfig>,
+    network: Option<Network>,
 }
 
 /// What `forkvm exec` runs, and in what.
@@ -55,6 +63,7 @@ struct ExecArgs {
     memory_mib: u64,
     vcpus: u32,
     timeout: Duration,
+    network: Option<Network>,
     argv: Vec<String>,
 }
 
@@ -74,7 +83,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Invocation, String> {
 }
 
 fn parse_exec(mut args: impl Iterator<Item = String>) -> Result<ExecArgs, String> {
-    let mut image = None;
+    let (mut image, mut network) = (None, None);
     let (mut memory_mib, mut vcpus, mut timeout) = (IMAGE_MEMORY_MIB, 1, Duration::from_secs(600));
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -86,6 +95,8 @@ fn parse_exec(mut args: impl Iterator<Item = String>) -> Result<ExecArgs, String
                 let secs: u64 = value()?.parse().map_err(|e| format!("--timeout: {e}"))?;
                 timeout = Duration::from_secs(secs);
             }
+            "--net" => network = Some(network.unwrap_or_default()),
+            "--publish" => network = Some(parse_publish(network, &value()?)?),
             "--" => break,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown option {other}")),
@@ -100,6 +111,7 @@ fn parse_exec(mut args: impl Iterator<Item = String>) -> Result<ExecArgs, String
         memory_mib,
         vcpus,
         timeout,
+        network,
         argv,
     })
 }
@@ -109,7 +121,7 @@ fn parse_run(mut args: impl Iterator<Item = String>) -> Result<RunArgs, String> 
     let (mut memory_mib, mut vcpus, mut debug_exit, mut rng) =
         (DEFAULT_MEMORY_MIB, 1, false, false);
     let mut disks = Vec::new();
-    let mut vsock = None;
+    let (mut vsock, mut network) = (None, None);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
@@ -123,6 +135,8 @@ fn parse_run(mut args: impl Iterator<Item = String>) -> Result<RunArgs, String> 
             "--disk" => disks.push((PathBuf::from(value()?), false)),
             "--disk-ro" => disks.push((PathBuf::from(value()?), true)),
             "--vsock" => vsock = Some(parse_vsock(&value()?)?),
+            "--net" => network = Some(network.unwrap_or_default()),
+            "--publish" => network = Some(parse_publish(network, &value()?)?),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown option {other}")),
         }
@@ -138,7 +152,20 @@ fn parse_run(mut args: impl Iterator<Item = String>) -> Result<RunArgs, String> 
         rng,
         disks,
         vsock,
+        network,
     })
+}
+
+/// `[ADDR:]HOST_PORT:GUEST_PORT`, added to `network` (or to a new default one).
+fn parse_publish(network: Option<Network>, value: &str) -> Result<Network, String> {
+    let bad = |what: &str| format!("--publish {value:?}: {what} (want [ADDR:]HOST_PORT:GUEST_PORT)");
+    let (host, guest) = value.rsplit_once(':').ok_or_else(|| bad("no guest port"))?;
+    let guest: u16 = guest.parse().map_err(|_| bad("bad guest port"))?;
+    let host: SocketAddr = match host.parse::<u16>() {
+        Ok(port) => SocketAddr::from(([127, 0, 0, 1], port)),
+        Err(_) => host.parse().map_err(|_| bad("bad host address"))?,
+    };
+    Ok(network.unwrap_or_default().publish(host, guest))
 }
 
 /// `CID` or `CID:UDS_PATH`.
@@ -182,6 +209,9 @@ fn run(args: RunArgs) -> Result<GuestExit, forkvm::Error> {
     if let Some(cmdline) = args.cmdline {
         builder = builder.cmdline(cmdline);
     }
+    if let Some(network) = args.network {
+        builder = builder.network(network);
+    }
     let vm = builder.build()?;
     vm.start()?;
     vm.wait()
@@ -191,7 +221,11 @@ fn run(args: RunArgs) -> Result<GuestExit, forkvm::Error> {
 /// returns its exit status for this process.
 fn exec(args: ExecArgs) -> Result<u8, String> {
     let console = ConsoleBuffer::new();
-    let vm = VmBuilder::new()
+    let mut builder = VmBuilder::new();
+    if let Some(network) = args.network {
+        builder = builder.network(network);
+    }
+    let vm = builder
         .kernel(args.image.join("vmlinux"))
         .block(args.image.join("rootfs.ext4"), true)
         .cmdline(IMAGE_CMDLINE)

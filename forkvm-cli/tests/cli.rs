@@ -98,3 +98,34 @@ fn exec_needs_an_image_and_a_program() {
         String::from_utf8_lossy(&missing.stderr)
     );
 }
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn net_and_publish_give_the_guest_a_network_and_bad_ports_are_refused() {
+    let guest = test_guest();
+    let args = ["--debug-exit", "--cmdline", "mode=exit exit_code=0"];
+    // A guest with a network device (the test guest ignores it) and a published port.
+    let ok = forkvm(&[&args[..], &["--net", "--publish", "0:80"]].concat(), &guest);
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    for bad in ["80", "x:80", "0:y", "1.2.3:0:80"] {
+        let out = forkvm(&[&args[..], &["--publish", bad]].concat(), &guest);
+        assert_eq!(out.status.code(), Some(2), "--publish {bad}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--publish"));
+    }
+    // A host port that is taken fails the build.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let spec = format!("127.0.0.1:{port}:80");
+    let out = forkvm(&[&args[..], &["--publish", &spec]].concat(), &guest);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot publish"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
