@@ -1,0 +1,218 @@
+//! forkvm's Linux image on a network, end to end: the kernel takes its address by DHCP from the
+//! user-mode network (`ip=dhcp`, added by forkvm), the guest fetches pages from an HTTP server
+//! this test runs on 127.0.0.1 (through the gateway, which the policy opens for the host's
+//! loopback only, and by a name from the VM's static DNS map), a denied destination fails fast
+//! without a host socket ever being opened, a published port and `Vm::connect_tcp` reach a
+//! server in the guest, and a fork with a flow open keeps the flow in the parent and resets it
+//! in the child, after which both open new flows.
+//!
+//! No packet leaves this machine: the network opens host sockets only through a connector that
+//! refuses (and records) every destination outside 127.0.0.0/8, and resolves names only from a
+//! static map. One boot; guest ring 0 is emulated here, so timeouts are minutes.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use forkvm::network::{Connector, DenyReason, HostConnector, StaticResolver};
+use forkvm::{ConsoleBuffer, ConsoleOutput, Network, NetworkPolicy, Vm, VmBuilder, VsockConfig};
+use forkvm_agent_client::{Agent, Command, IMAGE_CMDLINE, VmAgentExt};
+use forkvm_tests::built_artifact;
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+const GUEST_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Opens host sockets to 127.0.0.0/8 only; every other destination is refused and recorded.
+#[derive(Default)]
+struct LoopbackOnly {
+    refused: Mutex<Vec<SocketAddr>>,
+}
+
+impl LoopbackOnly {
+    fn check(&self, to: SocketAddr) -> io::Result<()> {
+        if to.ip().is_loopback() {
+            return Ok(());
+        }
+        self.refused.lock().unwrap().push(to);
+        Err(io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            "test connector: not loopback",
+        ))
+    }
+}
+
+impl Connector for LoopbackOnly {
+    fn connect_tcp(&self, to: SocketAddr) -> io::Result<TcpStream> {
+        self.check(to)?;
+        HostConnector.connect_tcp(to)
+    }
+    fn connect_udp(&self, to: SocketAddr) -> io::Result<UdpSocket> {
+        self.check(to)?;
+        HostConnector.connect_udp(to)
+    }
+}
+
+/// A small HTTP server on 127.0.0.1: `/` answers a page; `/slow` sends one line, waits for a
+/// signal, then sends another and closes. Serves until the test ends (bounded by the test).
+fn http_server() -> (SocketAddr, Sender<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let (go, release): (Sender<()>, Receiver<()>) = channel();
+    let release = Arc::new(Mutex::new(release));
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(64) {
+            let Ok(mut stream) = stream else { continue };
+            let release = release.clone();
+            std::thread::spawn(move || {
+                let mut request = String::new();
+                let _ = BufReader::new(&stream).read_line(&mut request);
+                if request.starts_with("GET /slow") {
+                    let _ = stream.write_all(b"HTTP/1.0 200 OK\r\n\r\npart1\n");
+                    let _ = stream.flush();
+                    let _ = release.lock().unwrap().recv_timeout(GUEST_TIMEOUT);
+                    let _ = stream.write_all(b"part2\n");
+                } else {
+                    let _ = stream.write_all(b"HTTP/1.0 200 OK\r\n\r\nhello-from-host\n");
+                }
+            });
+        }
+    });
+    (address, go)
+}
+
+fn python(agent: &Agent, code: &str) -> String {
+    let out = agent
+        .run(&Command::new(["python3", "-c", code]).timeout(GUEST_TIMEOUT))
+        .unwrap();
+    assert!(
+        out.success(),
+        "python failed: {}{}",
+        out.stdout_text(),
+        out.stderr_text()
+    );
+    out.stdout_text()
+}
+
+/// Waits until the guest file `path` contains `needle`; returns its content.
+fn wait_for_file(agent: &Agent, path: &str, needle: &str) -> String {
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    loop {
+        let text = String::from_utf8_lossy(&agent.read_file(path).unwrap_or_default()).into_owned();
+        if text.contains(needle) || Instant::now() > deadline {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn http_get(mut stream: impl Read + Write) -> String {
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn the_image_reaches_the_host_through_dhcp_dns_policy_published_ports_and_forks() {
+    let kernel = built_artifact("guest/kernel/build.sh");
+    let image = built_artifact("guest/rootfs/build.sh");
+    let (server, go) = http_server();
+    let connector = Arc::new(LoopbackOnly::default());
+    let resolver = StaticResolver::new().with("host.test", &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    let policy = NetworkPolicy::public_internet().allow("127.0.0.1/32".parse().unwrap());
+    let console = ConsoleBuffer::new();
+    let vm = VmBuilder::new()
+        .kernel(&kernel)
+        .cmdline(IMAGE_CMDLINE)
+        .memory_mib(256)
+        .block(&image, true)
+        .vsock(VsockConfig::new(3))
+        .network(
+            Network::user()
+                .policy(policy)
+                .seams(connector.clone(), Arc::new(resolver)),
+        )
+        .console(ConsoleOutput::Buffer(console.clone()))
+        .build()
+        .unwrap();
+    vm.start().unwrap();
+    let agent = vm
+        .agent(BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}; console:\n{}", console.text()));
+
+    // DHCP: the kernel took a lease and wrote the name server where resolv.conf points.
+    let pnp = String::from_utf8_lossy(&agent.read_file("/proc/net/pnp").unwrap()).into_owned();
+    assert!(pnp.contains("nameserver 10.0.2.3"), "{pnp}\n{}", console.text());
+
+    // The host's loopback through the gateway, by address and by name.
+    let port = server.port();
+    let fetch = |host: &str| {
+        format!(
+            "import urllib.request; print(urllib.request.urlopen('http://{host}:{port}/', timeout=60).read().decode(), end='')"
+        )
+    };
+    assert_eq!(python(&agent, &fetch("10.0.2.2")), "hello-from-host\n");
+    assert_eq!(python(&agent, &fetch("host.test")), "hello-from-host\n");
+
+    // The metadata address is denied at once, and no host socket was opened for it.
+    let denied = python(
+        &agent,
+        "import socket\ntry:\n socket.create_connection(('169.254.169.254', 80), timeout=60)\n print('connected')\nexcept ConnectionRefusedError:\n print('refused')",
+    );
+    assert_eq!(denied, "refused\n");
+    let stats = vm.network().unwrap().stats();
+    assert!(stats.denied_by_reason.get(&DenyReason::Metadata).copied().unwrap_or(0) >= 1);
+    assert!(connector.refused.lock().unwrap().is_empty());
+
+    // A server in the guest, reached through a published port and in-process.
+    agent
+        .run(&Command::new([
+            "sh",
+            "-c",
+            "setsid python3 -m http.server 8000 --bind 0.0.0.0 >/tmp/http.log 2>&1 &",
+        ]))
+        .unwrap();
+    let published = vm
+        .network()
+        .unwrap()
+        .publish("127.0.0.1:0".parse().unwrap(), 8000)
+        .unwrap();
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    let page = loop {
+        let page = TcpStream::connect(published).map(http_get).unwrap_or_default();
+        if page.contains("200") || Instant::now() > deadline {
+            break page;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(page.contains("Directory listing"), "{page}");
+    assert!(http_get(vm.connect_tcp(8000).unwrap()).contains("Directory listing"));
+
+    // A flow open across a fork: it completes in the parent and is reset in the child.
+    let script = format!(
+        "import socket\ns = socket.create_connection(('10.0.2.2', {port}), timeout=600)\ns.sendall(b'GET /slow HTTP/1.0\\r\\n\\r\\n')\nf = s.makefile('rb')\nout = open('/tmp/flow', 'w', buffering=1)\nwhile b'part1' not in f.readline(): pass\nout.write('part1\\n')\ntry:\n out.write('complete\\n' if b'part2' in f.read() else 'eof\\n')\nexcept ConnectionResetError:\n out.write('reset\\n')\n"
+    );
+    agent.write_file("/tmp/flow.py", script.as_bytes(), Default::default()).unwrap();
+    agent
+        .run(&Command::new(["sh", "-c", "setsid python3 /tmp/flow.py >/tmp/flow.err 2>&1 &"]))
+        .unwrap();
+    let first = wait_for_file(&agent, "/tmp/flow", "part1");
+    assert!(first.contains("part1"), "{first}");
+    let child = vm.fork([ConsoleOutput::Discard]).unwrap().remove(0);
+    go.send(()).unwrap();
+    let parent_flow = wait_for_file(&agent, "/tmp/flow", "complete");
+    assert!(parent_flow.contains("complete"), "{parent_flow}");
+    let child_agent = child.agent(BOOT_TIMEOUT).unwrap();
+    let child_flow = wait_for_file(&child_agent, "/tmp/flow", "reset");
+    assert!(child_flow.contains("reset"), "{child_flow}");
+    // Both open new flows.
+    assert_eq!(python(&agent, &fetch("10.0.2.2")), "hello-from-host\n");
+    assert_eq!(python(&child_agent, &fetch("10.0.2.2")), "hello-from-host\n");
+    assert!(connector.refused.lock().unwrap().is_empty());
+    child.stop();
+    vm.stop();
+    let _: &Vm = &vm;
+}
