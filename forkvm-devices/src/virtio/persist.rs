@@ -136,7 +136,8 @@ impl DeviceState {
     }
 
     /// A copy of the device this state was frozen from, connected to `ends`. A snapshot's saved
-    /// disk ([`DeviceState::SavedBlock`]) must be opened first; a balloon needs a discard handle.
+    /// disk ([`DeviceState::SavedBlock`]) must be opened first; a balloon needs a discard handle;
+    /// a network device given no backend is [`Unconnected`].
     pub fn into_device(&self, ends: HostEnds) -> Result<Continued, ContinueError> {
         let mut handles = DeviceHandles::default();
         let device: Box<dyn VirtioDevice> = match self {

@@ -5,8 +5,9 @@
 //! whose queue toward the guest is full stops producing (a user-mode stack keeps the data in its
 //! TCP buffers), and the device drains that queue whenever the guest adds receive buffers. The
 //! one exception is a frame no receive buffers the guest can post would hold (longer than
-//! [`super::MAX_FRAME_LEN`], or than its one buffer without `MRG_RXBUF`): the device consumes it
-//! and counts it as dropped, or the queue would be wedged behind it forever.
+//! [`super::MAX_FRAME_LEN`], than a whole ring of its buffers, or without `MRG_RXBUF` than one
+//! buffer): the device consumes it and counts it as dropped, or the queue would be wedged behind
+//! it forever.
 
 use std::os::fd::RawFd;
 

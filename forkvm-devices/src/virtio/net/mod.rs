@@ -3,8 +3,8 @@
 //!
 //! One receive queue and one transmit queue, no control queue, no offloads: the device offers
 //! `VERSION_1`, `MAC`, `STATUS` (the link is always up) and `MRG_RXBUF`, so every buffer starts
-//! with the 12-byte virtio 1.x header ([`NET_HDR_LEN`]). The transmit path ([`tx`]) copies each
-//! frame out of guest memory before the backend sees it; the receive path ([`rx`]) leaves a frame
+//! with the 12-byte virtio 1.x header ([`NET_HDR_LEN`]). The transmit path (`tx.rs`) copies each
+//! frame out of guest memory before the backend sees it; the receive path (`rx.rs`) leaves a frame
 //! in the backend until the guest's buffers can hold all of it, and drops (and counts) only a
 //! frame that no set of buffers the guest can post would ever hold.
 
