@@ -658,3 +658,35 @@ fn a_frozen_device_continues_with_its_mac_and_a_backend_of_its_own() {
     assert_eq!(used(&d, 1, 0), (1, (0, 0)));
     assert!(!needs_reset(&mut d));
 }
+
+#[test]
+fn a_restored_transport_keeps_mrg_rxbuf_and_serves_what_the_driver_left_available() {
+    let (mut d, _, _) = net(MRG);
+    // Made available before the fork, not yet notified.
+    d.chain(0, &[(RX_BUF, 1024, true)]);
+    d.chain(1, &[(RX_BUF + 0x1000, 1024, true)]);
+    let state = d.transport.freeze().unwrap();
+    let child_wire = Wire::new();
+    child_wire.receive(&frame(1500, 7));
+    let (device, _) = state
+        .device
+        .into_device(HostEnds {
+            net_backend: Some(child_wire.backend()),
+            ..HostEnds::default()
+        })
+        .unwrap();
+    let interrupt = crate::virtio::Interrupt::new(crate::trigger::IrqTrigger::new().unwrap());
+    d.transport = crate::virtio::mmio::MmioTransport::restore(
+        device,
+        d.memory.clone(),
+        interrupt,
+        &state.transport,
+    )
+    .unwrap();
+    // The restored queue events are signalled: the event loop serves the receive queue.
+    d.transport.queue_events()[RX_QUEUE].read().unwrap();
+    d.transport.process_queue(RX_QUEUE);
+    assert_eq!(used(&d, 0, 0), (2, (0, 1024)));
+    assert_eq!(used(&d, 0, 1).1, (1, 488));
+    assert_eq!(read(&d, RX_BUF, 12), rx_header(2));
+}
