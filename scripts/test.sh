@@ -44,7 +44,7 @@ cargo test -p forkvm-devices -p forkvm-agent-protocol -p forkvm-agent 2>&1 | tee
 
 step "fuzzing (bounded)"
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
-for target in mmio_transport block_requests block_ring console_queues vsock_packets legacy_ports; do
+for target in mmio_transport block_requests block_ring console_queues vsock_packets net_frames legacy_ports; do
     (cd fuzz && cargo fuzz run "$target" --sanitizer none -- -max_total_time="${FORKVM_FUZZ_SECONDS:-30}" 2>&1 | tail -n 1)
 done
 

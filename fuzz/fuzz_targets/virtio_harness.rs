@@ -19,14 +19,26 @@ const QUEUES: u32 = 3;
 
 /// The register writes of a well-behaved driver up to DRIVER_OK, with queue size and ring
 /// addresses taken from the fuzzer (queue `n`'s rings `n` pages after queue 0's), so that the
-/// queue-processing paths are reached quickly.
-fn driver_init(transport: &mut MmioTransport, value: [u8; 4]) {
+/// queue-processing paths are reached quickly. With `all_features`, the driver accepts every
+/// feature the device offers in the low 32 bits (virtio-net's MRG_RXBUF, virtio-blk's
+/// read-only and discard, ...); otherwise VERSION_1 only.
+fn driver_init(transport: &mut MmioTransport, value: [u8; 4], all_features: bool) {
     let size = 1u32 << (value[0] % 10);
     let addr = |b: u8, queue: u32| (u32::from(b) << 8).wrapping_add(queue << 12) % MEM_SIZE as u32;
+    transport.write(0x14, &0u32.to_le_bytes());
+    let mut offered = [0u8; 4];
+    transport.read(0x10, &mut offered);
+    let low = if all_features {
+        u32::from_le_bytes(offered)
+    } else {
+        0
+    };
     for (reg, v) in [
         (STATUS, 0u32),
         (STATUS, 1),
         (STATUS, 3),
+        (0x24, 0),
+        (0x20, low),
         (0x24, 1),
         (0x20, 1),
         (STATUS, 0xb),
@@ -71,7 +83,7 @@ pub fn run(device: Box<dyn VirtioDevice>, data: &[u8]) {
                 transport.read(offset, &mut out);
             }
             2 => transport.write(offset, &value[..usize::from(op[2] % 4) + 1]),
-            3 => driver_init(&mut transport, value),
+            3 => driver_init(&mut transport, value, op[1] & 1 == 1),
             4 => transport.process_queue(usize::from(op[1]) % QUEUES as usize),
             _ => transport.process_host_event(),
         }

@@ -204,4 +204,6 @@ pub enum DeviceState {
     Vsock(vsock::VsockState),
     /// virtio-balloon: its target, size and held statistics buffer.
     Balloon(balloon::BalloonState),
+    /// virtio-net: its MAC address (flows do not survive a fork).
+    Net(net::NetState),
 }

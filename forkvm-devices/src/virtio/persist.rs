@@ -13,6 +13,7 @@ use std::sync::Arc;
 use super::balloon::{Balloon, BalloonHandle, RamDiscard};
 use super::block::Block;
 use super::console::Console;
+use super::net::{Net, NetBackend, Unconnected};
 use super::rng::Rng;
 use super::vsock::host::VsockConnector;
 use super::vsock::{Vsock, VsockError};
@@ -30,6 +31,8 @@ pub struct HostNeeds {
     pub vsock_uds: bool,
     /// A balloon: the discard handle of the new VM's RAM.
     pub ram_discard: bool,
+    /// A network device: a backend of its own (flows are not shared with the parent).
+    pub network: bool,
 }
 
 /// The host ends a device gets in a new VM; what its [`HostNeeds`] did not ask for is ignored.
@@ -45,6 +48,8 @@ pub struct HostEnds {
     pub vsock_uds_path: Option<PathBuf>,
     /// A balloon's discard handle on the new VM's RAM.
     pub ram_discard: Option<Arc<dyn RamDiscard>>,
+    /// A network device's backend (unconnected when not given).
+    pub net_backend: Option<Box<dyn NetBackend>>,
 }
 
 impl std::fmt::Debug for HostEnds {
@@ -55,6 +60,7 @@ impl std::fmt::Debug for HostEnds {
             .field("overlay", &self.overlay)
             .field("vsock_uds_path", &self.vsock_uds_path)
             .field("ram_discard", &self.ram_discard.is_some())
+            .field("net_backend", &self.net_backend.is_some())
             .finish()
     }
 }
@@ -122,11 +128,16 @@ impl DeviceState {
                 ram_discard: true,
                 ..HostNeeds::default()
             },
+            Self::Net(_) => HostNeeds {
+                network: true,
+                ..HostNeeds::default()
+            },
         }
     }
 
     /// A copy of the device this state was frozen from, connected to `ends`. A snapshot's saved
-    /// disk ([`DeviceState::SavedBlock`]) must be opened first; a balloon needs a discard handle.
+    /// disk ([`DeviceState::SavedBlock`]) must be opened first; a balloon needs a discard handle;
+    /// a network device given no backend is [`Unconnected`].
     pub fn into_device(&self, ends: HostEnds) -> Result<Continued, ContinueError> {
         let mut handles = DeviceHandles::default();
         let device: Box<dyn VirtioDevice> = match self {
@@ -171,6 +182,10 @@ impl DeviceState {
                     Balloon::from_state(state, discard).map_err(failed("virtio-balloon"))?;
                 handles.balloon = Some(device.handle());
                 Box::new(device)
+            }
+            Self::Net(state) => {
+                let backend = ends.net_backend.unwrap_or_else(|| Box::new(Unconnected));
+                Box::new(Net::from_state(state, backend))
             }
         };
         Ok((device, handles))
@@ -220,5 +235,29 @@ mod tests {
             .unwrap();
         assert_eq!(device.device_type(), 5);
         assert!(handles.balloon.is_some());
+
+        let mut net = Net::new([2, 0, 0, 0, 0, 1], Box::new(Unconnected));
+        let state = net.freeze().unwrap();
+        assert_eq!(
+            state.needs(),
+            HostNeeds {
+                network: true,
+                ..HostNeeds::default()
+            }
+        );
+        for ends in [
+            HostEnds::default(),
+            HostEnds {
+                net_backend: Some(Box::new(Unconnected)),
+                ..HostEnds::default()
+            },
+        ] {
+            let (device, handles) = state.into_device(ends).unwrap();
+            assert_eq!(device.device_type(), 1);
+            let mut mac = [0u8; 6];
+            device.read_config(0, &mut mac);
+            assert_eq!(mac, [2, 0, 0, 0, 0, 1]);
+            assert!(handles.vsock.is_none() && handles.balloon.is_none());
+        }
     }
 }

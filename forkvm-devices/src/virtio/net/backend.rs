@@ -3,7 +3,11 @@
 //!
 //! The device never drops a frame it was given and never makes the backend drop one: a backend
 //! whose queue toward the guest is full stops producing (a user-mode stack keeps the data in its
-//! TCP buffers), and the device drains that queue whenever the guest adds receive buffers.
+//! TCP buffers), and the device drains that queue whenever the guest adds receive buffers. The
+//! one exception is a frame no receive buffers the guest can post would hold (longer than
+//! [`super::MAX_FRAME_LEN`], than a whole ring of its buffers, or without `MRG_RXBUF` than one
+//! buffer): the device consumes it and counts it as dropped, or the queue would be wedged behind
+//! it forever.
 
 use std::os::fd::RawFd;
 
@@ -13,8 +17,9 @@ pub trait NetBackend: Send {
     /// of guest memory by the device. Never blocks; a frame it cannot use is dropped and counted
     /// by the backend (a NIC on a wire would lose it the same way).
     fn transmit(&mut self, frame: &[u8]);
-    /// The next frame for the guest, if one is ready (without the virtio-net header). The device
-    /// calls [`Self::consume_receive`] once it has written the frame into guest buffers.
+    /// The next frame for the guest, if one is ready (without the virtio-net header); the same
+    /// frame until [`Self::consume_receive`], which the device calls once it has written the
+    /// frame into guest buffers (or dropped it: see the module docs).
     fn peek_receive(&mut self) -> Option<&[u8]>;
     /// Removes the frame [`Self::peek_receive`] returned.
     fn consume_receive(&mut self);

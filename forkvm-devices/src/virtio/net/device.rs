@@ -1,0 +1,204 @@
+//! The network device: frames from the transmit queue to the backend, frames from the backend
+//! into the receive queue's buffers.
+
+use std::os::fd::RawFd;
+
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    virtio_net_config,
+};
+use virtio_queue::{Queue, QueueT};
+
+use super::rx::{Placed, Receiver};
+use super::tx::Transmitter;
+use super::{NET_DEVICE_TYPE, NetBackend, NetStats, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+use crate::virtio::persist::HostNeeds;
+use crate::virtio::{
+    DeviceError, DeviceState, GuestMemoryMmap, INT_USED_RING, Interrupt, VIRTIO_F_VERSION_1,
+    VirtioDevice, read_config_bytes,
+};
+
+/// Size of the configuration space (`struct virtio_net_config`; only `mac` and `status` mean
+/// something with the features offered).
+const CONFIG_LEN: usize = std::mem::size_of::<virtio_net_config>();
+
+/// The network device.
+pub struct Net {
+    pub(super) mac: [u8; 6],
+    backend: Box<dyn NetBackend>,
+    /// The features the driver accepted.
+    acked_features: u64,
+    tx: Transmitter,
+    rx: Receiver,
+    stats: NetStats,
+}
+
+impl Net {
+    /// A network device with address `mac`, connected to `backend`.
+    pub fn new(mac: [u8; 6], backend: Box<dyn NetBackend>) -> Self {
+        Self {
+            mac,
+            backend,
+            acked_features: 0,
+            tx: Transmitter::default(),
+            rx: Receiver::default(),
+            stats: NetStats::default(),
+        }
+    }
+
+    /// The device's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// The device's counters (a handle that stays valid while the device runs).
+    pub fn stats(&self) -> NetStats {
+        self.stats.clone()
+    }
+
+    fn config(&self) -> [u8; CONFIG_LEN] {
+        let mut config = [0u8; CONFIG_LEN];
+        let mac = std::mem::offset_of!(virtio_net_config, mac);
+        let status = std::mem::offset_of!(virtio_net_config, status);
+        config[mac..mac + 6].copy_from_slice(&self.mac);
+        // The status bits fit in 16 bits (VIRTIO_NET_S_LINK_UP is 1).
+        config[status..status + 2].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        config
+    }
+
+    /// Serves the receive queue if the driver made it ready (`queues` is empty while the device
+    /// is not live: the frames then wait in the backend).
+    fn receive_on(
+        &mut self,
+        queues: &mut [Queue],
+        memory: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        match queues.get_mut(RX_QUEUE).filter(|queue| queue.ready()) {
+            Some(queue) => self.receive(queue, memory, interrupt),
+            None => Ok(()),
+        }
+    }
+
+    /// Moves frames from the backend into the receive buffers while both last; a frame is taken
+    /// from the backend only once it is written (or once it is clear that no buffers would ever
+    /// hold it: then it is dropped and counted). Interrupts the driver once if it asked.
+    fn receive(
+        &mut self,
+        queue: &mut Queue,
+        memory: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        let mergeable = self.acked_features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
+        let mut delivered = false;
+        let result = loop {
+            let Some(frame) = self.backend.peek_receive() else {
+                break Ok(());
+            };
+            let len = frame.len();
+            match self.rx.place(queue, memory, frame, mergeable) {
+                Ok(Placed::Delivered) => {
+                    self.backend.consume_receive();
+                    NetStats::count(&self.stats.0.rx_frames);
+                    delivered = true;
+                }
+                Ok(Placed::NoRoom) => break Ok(()),
+                Ok(Placed::NeverFits) => {
+                    crate::ratelimit::guest_warn!(
+                        "virtio-net: frame of {len} bytes dropped: the guest's receive buffers \
+                         cannot hold it"
+                    );
+                    self.backend.consume_receive();
+                    NetStats::count(&self.stats.0.rx_dropped);
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        if delivered && queue.needs_notification(memory)? {
+            interrupt.raise(INT_USED_RING);
+        }
+        result
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        NET_DEVICE_TYPE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_NET_F_MAC)
+            | (1 << VIRTIO_NET_F_STATUS)
+            | (1 << VIRTIO_NET_F_MRG_RXBUF)
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config(), offset, data);
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        memory: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        match index {
+            RX_QUEUE => self.receive_on(queues, memory, interrupt),
+            TX_QUEUE => {
+                let Some(queue) = queues.get_mut(TX_QUEUE) else {
+                    return Ok(());
+                };
+                let sent =
+                    self.tx
+                        .transmit(queue, memory, interrupt, &mut *self.backend, &self.stats);
+                // What was sent before a malformed chain still reaches the backend's work.
+                self.backend.process();
+                sent?;
+                // The backend often answers at once (ARP, DHCP, a loopback peer).
+                self.receive_on(queues, memory, interrupt)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn host_event(&self) -> Option<RawFd> {
+        self.backend.event_fd()
+    }
+
+    fn process_host_event(
+        &mut self,
+        queues: &mut [Queue],
+        memory: &GuestMemoryMmap,
+        interrupt: &Interrupt,
+    ) -> Result<(), DeviceError> {
+        // Always: the backend consumes its event even while the device is not live.
+        self.backend.process();
+        self.receive_on(queues, memory, interrupt)
+    }
+
+    fn reset(&mut self) {
+        self.acked_features = 0;
+        self.rx.clear();
+    }
+
+    fn fork_needs(&self) -> HostNeeds {
+        HostNeeds {
+            network: true,
+            ..HostNeeds::default()
+        }
+    }
+
+    fn freeze(&mut self) -> Result<DeviceState, DeviceError> {
+        Ok(DeviceState::Net(self.state()))
+    }
+}
