@@ -15,7 +15,7 @@
 //!    carry an IPv4 address (compatible, SIIT, NAT64, 6to4) take the IPv4 address's group and no
 //!    rule opens them; IPv4-mapped addresses are the IPv4 address.
 //! 4. The egress mode for the rest: with a domain allowlist ([`NetworkPolicy::allow_domain`]) an
-//!    address must be pinned by a DNS answer for an allowed name ([`DnsPins`]); otherwise
+//!    address must be pinned by a DNS answer for a name allowed now ([`DnsPins`]); otherwise
 //!    `public_internet` allows it and `deny_all` denies it.
 //!
 //! For DNS: [`NetworkPolicy::name_allowed`] says which names the forwarder resolves, and
@@ -294,9 +294,11 @@ impl NetworkPolicy {
                 } else if host_address {
                     Verdict::Deny(DenyReason::HostAddress)
                 } else if !self.domains.is_empty() {
+                    // A pin counts only for a name the policy allows now (pins are made for
+                    // every answer, and the policy can change while they last).
                     match context.pins.pinned(ip, context.now) {
-                        Some(_) => Verdict::Allow,
-                        None => Verdict::Deny(DenyReason::NotPinned),
+                        Some(name) if self.name_allowed(name) => Verdict::Allow,
+                        _ => Verdict::Deny(DenyReason::NotPinned),
                     }
                 } else {
                     match self.egress {

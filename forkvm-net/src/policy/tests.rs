@@ -407,6 +407,14 @@ fn domain_allowlist_allows_pinned_addresses_until_they_expire() {
         Verdict::Deny(DenyReason::NotPinned)
     );
 
+    // A pin made for a name the policy does not allow (pins are made for every answer) does
+    // not count.
+    pins.pin("evil.net", &[ip("6.6.6.6")], now + Duration::from_secs(60));
+    assert_eq!(
+        verdict(&pins, "6.6.6.6", now),
+        Verdict::Deny(DenyReason::NotPinned)
+    );
+
     // A pin does not open a default group.
     pins.pin(
         "example.com",
