@@ -223,11 +223,19 @@ fn a_pty_session_resizes_and_survives_its_handle() {
     let session = pty.session();
     // Output made while nobody is attached waits for the next handle, even output made the
     // moment the detach has returned.
-    pty.write(b"while [ ! -e /tmp/go ]; do sleep 0.05; done; echo detached-$((40+2))\n")
-        .unwrap();
+    // (This agent runs on the host: the file that releases the output is a fresh host path.)
+    let go = std::env::temp_dir().join(format!("forkvm-pty-go-{}-{}", std::process::id(), session));
+    let _ = std::fs::remove_file(&go);
+    let wait = format!(
+        "while [ ! -e {} ]; do sleep 0.05; done; echo detached-$((40+2))\n",
+        go.display()
+    );
+    pty.write(wait.as_bytes()).unwrap();
     pty.read_until("done; echo", TIMEOUT).unwrap();
     pty.detach().unwrap();
-    agent.exec(["touch", "/tmp/go"]).unwrap();
+    agent
+        .exec(["touch".to_owned(), go.display().to_string()])
+        .unwrap();
     let again = agent.pty_attach(session).unwrap();
     assert!(
         again
@@ -235,6 +243,7 @@ fn a_pty_session_resizes_and_survives_its_handle() {
             .unwrap()
             .contains("detached-42")
     );
+    let _ = std::fs::remove_file(&go);
     again.write(b"exit 5\n").unwrap();
     let status = loop {
         match again.read(TIMEOUT).unwrap() {
