@@ -7,8 +7,6 @@
 mod common;
 
 use std::fs;
-use std::thread;
-use std::time::Duration;
 
 use common::*;
 use forkvm_agent_protocol::*;
@@ -381,12 +379,13 @@ fn pty_echo_resize_detach_reattach_close() {
         Reply::Pong { sessions: 1, .. }
     ));
 
-    // Output produced while detached is kept for the next attach.
-    // (The output comes a second later: by then the agent has surely seen the connection end,
-    // also on a loaded machine, where once it came while the old connection still counted.)
+    // Output produced while detached is kept for the next attach. (Detached explicitly: output
+    // the agent writes before it sees a closed connection end would be lost, and on a loaded
+    // machine that took more than a second.)
     client.data(1, b"sleep 1; echo la''ter\n");
+    let detached = client.call(4, &Request::PtyDetach { session });
+    assert_eq!(*detached.last(), Reply::Ok);
     drop(client);
-    thread::sleep(Duration::from_millis(1500));
     let mut client = Client::connect(&agent, 0);
     client.request(5, &Request::PtyAttach { session });
     assert_eq!(client.next_reply(5), Reply::PtyAttached { session });
