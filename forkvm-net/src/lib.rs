@@ -18,10 +18,22 @@
 //! `docs/design/network.md`.
 
 mod config;
+mod device;
+mod dhcp;
 pub mod dns;
+mod frames;
+mod handle;
 pub mod policy;
 mod seams;
+mod slab;
+mod stack;
+mod tcp;
+mod udp;
 
 pub use config::NetworkConfig;
+pub use handle::{DeniedFlow, NetworkHandle, NetworkStats};
 pub use policy::{Cidr, DenyReason, NetworkPolicy, Protocol, Verdict};
-pub use seams::{Connector, HostConnector, HostResolver, Resolver, StaticResolver};
+pub use seams::{Connector, HostConnector, HostResolver, Resolver, Seams, StaticResolver};
+pub use stack::UserNetwork;
+pub use tcp::{MAX_PENDING_HANDSHAKES, MAX_TCP_FLOWS};
+pub use udp::MAX_UDP_FLOWS;
