@@ -82,6 +82,13 @@ impl HostStream {
         self.sock().send_with_flags(buffer, libc::MSG_NOSIGNAL)
     }
 
+    fn set_nonblocking(&self) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_nonblocking(true),
+            Self::Unix(s) => s.set_nonblocking(true),
+        }
+    }
+
     fn shutdown_write(&self) {
         let _ = self.sock().shutdown(Shutdown::Write);
     }
@@ -132,6 +139,13 @@ pub(crate) struct TcpTable {
     pending: usize,
     pub(crate) total: u64,
     next_port: u16,
+}
+
+/// Closes a host socket (if any) with a reset.
+fn reset_host(host: Option<HostStream>) {
+    if let Some(host) = host {
+        host.reset();
+    }
 }
 
 fn new_socket() -> Socket<'static> {
@@ -245,7 +259,10 @@ impl Stack {
     /// A connection to the guest's `guest_port` for `host` (a published port's connection or
     /// an in-process connect), from the gateway's address.
     pub(crate) fn open_inbound(&mut self, guest_port: u16, host: HostStream, now: Instant) {
-        if self.tcp.flows.len() >= MAX_TCP_FLOWS || guest_port == 0 {
+        if self.tcp.flows.len() >= MAX_TCP_FLOWS
+            || guest_port == 0
+            || host.set_nonblocking().is_err()
+        {
             self.stats.tcp_rejected += 1;
             host.reset();
             return;
@@ -378,13 +395,13 @@ impl Stack {
                     socket.abort();
                     flow.phase = Phase::Resetting;
                     flow.deadline = now + RESET_GRACE;
-                    flow.host.take().map(HostStream::reset);
+                    reset_host(flow.host.take());
                     true
                 }
                 State::SynSent => true,
                 State::Closed | State::Listen | State::TimeWait => {
                     // The guest refused (or smoltcp gave up): the host side reads EOF/reset.
-                    flow.host.take().map(HostStream::reset);
+                    reset_host(flow.host.take());
                     false
                 }
                 _ => {
@@ -533,7 +550,7 @@ impl Stack {
         if failed {
             // A host error or reset, or idleness: reset both sides.
             socket.abort();
-            flow.host.take().map(HostStream::reset);
+            reset_host(flow.host.take());
             flow.phase = Phase::Resetting;
             flow.deadline = now + RESET_GRACE;
             return true;
@@ -544,7 +561,7 @@ impl Stack {
                 // smoltcp timed it out); the host's peer gets a reset too.
                 let host = flow.host.take();
                 if !(flow.host_eof && flow.host_write_shut) {
-                    host.map(HostStream::reset);
+                    reset_host(host);
                 }
                 false
             }

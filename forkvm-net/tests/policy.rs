@@ -1,6 +1,8 @@
 //! The egress policy as the guest meets it: denied flows are reset before any host socket is
 //! opened, counted and reported; a policy change takes effect on the running network.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod support;
 
 use std::io::{Read, Write};
@@ -44,7 +46,9 @@ fn the_gateway_is_the_hosts_loopback_only_when_allowed() {
     let mut h = Harness::new(NetworkPolicy::public_internet(), FakeInternet::new());
     let denied = Arc::new(Mutex::new(Vec::new()));
     let seen = denied.clone();
-    h.handle.on_denied(Box::new(move |flow| seen.lock().unwrap().push(flow.clone())));
+    h.handle.on_denied(Box::new(move |flow| {
+        seen.lock().unwrap().push(flow.clone())
+    }));
 
     // The default policy denies loopback: the guest gets a reset, the connector is never asked.
     let gateway = SocketAddr::from((GATEWAY, port));
@@ -62,7 +66,8 @@ fn the_gateway_is_the_hosts_loopback_only_when_allowed() {
 
     // Allowing 127.0.0.1/32 on the running network opens it.
     let allow: Cidr = "127.0.0.1/32".parse().unwrap();
-    h.handle.set_policy(NetworkPolicy::public_internet().allow(allow));
+    h.handle
+        .set_policy(NetworkPolicy::public_internet().allow(allow));
     let conn = h.connect(gateway);
     assert!(h.run_until(LIMIT, |h| h.state(conn) == State::Established));
     h.tcp(conn).send_slice(b"ping").unwrap();
@@ -91,11 +96,26 @@ fn the_gateway_is_the_hosts_loopback_only_when_allowed() {
 fn private_and_metadata_destinations_never_reach_the_connector() {
     let mut h = Harness::new(NetworkPolicy::public_internet(), FakeInternet::new());
     let cases = [
-        (SocketAddr::from(([169, 254, 169, 254], 80)), DenyReason::Metadata),
-        (SocketAddr::from(([192, 168, 1, 1], 80)), DenyReason::Private),
-        (SocketAddr::from(([172, 16, 0, 1], 443)), DenyReason::Private),
-        (SocketAddr::from(([100, 64, 0, 1], 80)), DenyReason::SharedAddressSpace),
-        (SocketAddr::from(([100, 100, 100, 200], 80)), DenyReason::Metadata),
+        (
+            SocketAddr::from(([169, 254, 169, 254], 80)),
+            DenyReason::Metadata,
+        ),
+        (
+            SocketAddr::from(([192, 168, 1, 1], 80)),
+            DenyReason::Private,
+        ),
+        (
+            SocketAddr::from(([172, 16, 0, 1], 443)),
+            DenyReason::Private,
+        ),
+        (
+            SocketAddr::from(([100, 64, 0, 1], 80)),
+            DenyReason::SharedAddressSpace,
+        ),
+        (
+            SocketAddr::from(([100, 100, 100, 200], 80)),
+            DenyReason::Metadata,
+        ),
     ];
     for (to, _) in cases {
         let conn = h.connect(to);
@@ -105,7 +125,10 @@ fn private_and_metadata_destinations_never_reach_the_connector() {
     let stats = h.handle.stats();
     assert_eq!(stats.denied_total, cases.len() as u64);
     for (_, reason) in cases {
-        assert!(stats.denied_by_reason.get(&reason).is_some_and(|n| *n >= 1), "{reason:?}");
+        assert!(
+            stats.denied_by_reason.get(&reason).is_some_and(|n| *n >= 1),
+            "{reason:?}"
+        );
     }
 }
 

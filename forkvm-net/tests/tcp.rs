@@ -1,5 +1,7 @@
 //! TCP through the user-mode network: a smoltcp guest, servers on 127.0.0.1, the fake internet.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod support;
 
 use std::io::{Read, Write};
@@ -45,15 +47,21 @@ fn bulk_both_ways_with_half_close() {
             closed = true;
         }
         while socket.can_recv() {
-            socket.recv(|data| {
-                received.extend_from_slice(data);
-                (data.len(), ())
-            })
-            .unwrap();
+            socket
+                .recv(|data| {
+                    received.extend_from_slice(data);
+                    (data.len(), ())
+                })
+                .unwrap();
         }
         closed && !socket.may_recv() && received.len() >= SIZE
     });
-    assert!(done, "sent {sent}, received {} bytes, state {}", received.len(), h.state(conn));
+    assert!(
+        done,
+        "sent {sent}, received {} bytes, state {}",
+        received.len(),
+        h.state(conn)
+    );
     let got = server.join().unwrap();
     assert_eq!(got.len(), SIZE);
     assert_eq!(checksum(&got), checksum(&upload));
@@ -73,7 +81,9 @@ fn host_reset_reaches_the_guest_as_reset() {
         conn.set_read_timeout(Some(LIMIT)).unwrap();
         let mut first = [0u8; 5];
         conn.read_exact(&mut first).unwrap();
-        socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO)).unwrap();
+        socket2::SockRef::from(&conn)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
         drop(conn);
         first
     });
@@ -148,7 +158,9 @@ fn flows_up_to_the_cap_and_one_past_it_refused() {
     while conns.len() < cap {
         let batch = (cap - conns.len()).min(forkvm_net::MAX_PENDING_HANDSHAKES / 2);
         let new: Vec<_> = (0..batch).map(|_| h.connect(public(80))).collect();
-        assert!(h.run_until(LIMIT, |h| new.iter().all(|c| h.state(*c) == State::Established)));
+        assert!(h.run_until(LIMIT, |h| {
+            new.iter().all(|c| h.state(*c) == State::Established)
+        }));
         conns.extend(new);
     }
     assert_eq!(h.handle.stats().tcp_flows_open, cap as u64);
@@ -169,10 +181,15 @@ fn handshakes_past_the_pending_cap_are_refused() {
     let pending = forkvm_net::MAX_PENDING_HANDSHAKES;
     // All SYNs reach the network in one turn, before any host connect was seen to complete.
     let conns: Vec<_> = (0..pending + 3).map(|_| h.connect(public(80))).collect();
-    assert!(h.run_until(LIMIT, |h| conns
+    assert!(h.run_until(LIMIT, |h| {
+        conns
+            .iter()
+            .all(|c| matches!(h.state(*c), State::Established | State::Closed))
+    }));
+    let closed = conns
         .iter()
-        .all(|c| matches!(h.state(*c), State::Established | State::Closed))));
-    let closed = conns.iter().filter(|c| h.state(**c) == State::Closed).count();
+        .filter(|c| h.state(**c) == State::Closed)
+        .count();
     assert_eq!(closed, 3);
     assert_eq!(h.handle.stats().tcp_rejected, 3);
     drop(listener);

@@ -5,7 +5,7 @@
 //! No packet leaves the machine: the fake connector maps a few fake public addresses to
 //! loopback ports, passes loopback through, and refuses and records everything else.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -15,7 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use forkvm_devices::virtio::net::NetBackend;
-use forkvm_net::{Connector, NetworkConfig, NetworkHandle, NetworkPolicy, Seams, StaticResolver, UserNetwork};
+use forkvm_net::{
+    Connector, NetworkConfig, NetworkHandle, NetworkPolicy, Seams, StaticResolver, UserNetwork,
+};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
@@ -52,7 +54,10 @@ impl FakeInternet {
             None if to.ip().is_loopback() => to,
             None => {
                 self.refused.lock().unwrap().push(to);
-                return Err(io::Error::new(io::ErrorKind::ConnectionRefused, "off the fake internet"));
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    "off the fake internet",
+                ));
             }
         };
         assert!(real.ip().is_loopback());
@@ -156,7 +161,12 @@ impl Harness {
     }
 
     /// A guest without an address when `static_ip` is false (it runs DHCP itself).
-    pub fn with(policy: NetworkPolicy, internet: FakeInternet, resolver: StaticResolver, static_ip: bool) -> Self {
+    pub fn with(
+        policy: NetworkPolicy,
+        internet: FakeInternet,
+        resolver: StaticResolver,
+        static_ip: bool,
+    ) -> Self {
         let config = NetworkConfig::default();
         let internet = Arc::new(internet);
         let seams = Seams {
@@ -173,9 +183,13 @@ impl Harness {
         );
         if static_ip {
             iface.update_ip_addrs(|a| {
-                a.push(IpCidr::new(config.guest_ip.into(), config.prefix_len)).unwrap();
+                a.push(IpCidr::new(config.guest_ip.into(), config.prefix_len))
+                    .unwrap();
             });
-            iface.routes_mut().add_default_ipv4_route(config.gateway_ip).unwrap();
+            iface
+                .routes_mut()
+                .add_default_ipv4_route(config.gateway_ip)
+                .unwrap();
         }
         Self {
             net,
@@ -208,7 +222,9 @@ impl Harness {
         // The device drains a bounded number of frames per round, as a guest with few receive
         // buffers would.
         for _ in 0..256 {
-            let Some(frame) = self.net.peek_receive() else { break };
+            let Some(frame) = self.net.peek_receive() else {
+                break;
+            };
             self.link.rx.push_back(frame.to_vec());
             self.net.consume_receive();
             moved = true;
@@ -249,9 +265,13 @@ impl Harness {
         let handle = self.tcp_socket(256 * 1024);
         let port = self.next_port;
         self.next_port += 1;
-        let SocketAddr::V4(to) = to else { panic!("IPv4 only") };
+        let SocketAddr::V4(to) = to else {
+            panic!("IPv4 only")
+        };
         let socket = self.sockets.get_mut::<tcp::Socket>(handle);
-        socket.connect(self.iface.context(), (*to.ip(), to.port()), port).unwrap();
+        socket
+            .connect(self.iface.context(), (*to.ip(), to.port()), port)
+            .unwrap();
         handle
     }
 
@@ -266,7 +286,11 @@ impl Harness {
 
 /// Waits up to `ms` for `fd` to become readable.
 pub fn wait_readable(fd: RawFd, ms: i32) {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd, its count, a bounded timeout.
     unsafe { libc::poll(&mut pfd, 1, ms) };
 }
@@ -285,7 +309,9 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 }
 
 pub fn checksum(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100000001b3))
+    data.iter().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    })
 }
 
 /// A public-looking address the fake internet maps.

@@ -1,0 +1,334 @@
+//! What the gateway answers itself or relays: UDP, DNS, DHCP, ARP, ping; and hostile frames.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::thread;
+use std::time::Duration;
+
+use forkvm_devices::virtio::net::NetBackend;
+use forkvm_net::{NetworkPolicy, StaticResolver};
+use simple_dns::rdata::RData;
+use simple_dns::{CLASS, Name, Packet, Question, RCODE, TYPE};
+use smoltcp::iface::SocketHandle;
+use smoltcp::socket::{dhcpv4, udp};
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr, Icmpv4Packet, Icmpv4Repr, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr,
+};
+use support::*;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn udp_socket(h: &mut Harness, port: u16) -> SocketHandle {
+    let meta = || udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 16], vec![0; 16384]);
+    let mut socket = udp::Socket::new(meta(), meta());
+    socket.bind(port).unwrap();
+    h.sockets.add(socket)
+}
+
+/// Receives one datagram on a guest UDP socket.
+fn recv_udp(h: &mut Harness, socket: SocketHandle) -> (Vec<u8>, SocketAddr) {
+    let mut got = None;
+    assert!(h.run_until(LIMIT, |h| {
+        if let Ok((data, meta)) = h.sockets.get_mut::<udp::Socket>(socket).recv() {
+            let IpAddress::Ipv4(ip) = meta.endpoint.addr;
+            got = Some((data.to_vec(), SocketAddr::from((ip, meta.endpoint.port))));
+        }
+        got.is_some()
+    }));
+    got.unwrap()
+}
+
+#[test]
+fn udp_round_trip_through_the_relay() {
+    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let echo = thread::spawn(move || {
+        server.set_read_timeout(Some(LIMIT)).unwrap();
+        let mut buffer = [0u8; 2048];
+        let (n, from) = server.recv_from(&mut buffer).unwrap();
+        server.send_to(&buffer[..n], from).unwrap();
+    });
+    let internet = FakeInternet::new().map(SocketAddr::from(([8, 8, 4, 4], 7)), loopback(port));
+    let mut h = Harness::new(NetworkPolicy::public_internet(), internet);
+    let socket = udp_socket(&mut h, 5000);
+    h.sockets
+        .get_mut::<udp::Socket>(socket)
+        .send_slice(b"echo me", (Ipv4Addr::new(8, 8, 4, 4), 7))
+        .unwrap();
+    let (data, from) = recv_udp(&mut h, socket);
+    assert_eq!(data, b"echo me");
+    assert_eq!(from, SocketAddr::from(([8, 8, 4, 4], 7)));
+    echo.join().unwrap();
+    assert_eq!(h.handle.stats().udp_flows_total, 1);
+
+    // A documentation address is denied by the default groups: nothing reaches the connector.
+    h.sockets
+        .get_mut::<udp::Socket>(socket)
+        .send_slice(b"x", (Ipv4Addr::new(198, 51, 100, 7), 7))
+        .unwrap();
+    h.run_for(Duration::from_millis(50));
+    assert_eq!(
+        h.internet.calls(),
+        vec![SocketAddr::from(([8, 8, 4, 4], 7))]
+    );
+    assert_eq!(h.handle.stats().denied_total, 1);
+}
+
+fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut packet = Packet::new_query(id);
+    packet.questions.push(Question::new(
+        Name::new_unchecked(name),
+        TYPE::A.into(),
+        CLASS::IN.into(),
+        false,
+    ));
+    packet.build_bytes_vec().unwrap()
+}
+
+#[test]
+fn dns_through_the_forwarder_then_a_connection_to_the_answer() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let internet = FakeInternet::new().map(public(80), loopback(port));
+    let resolver = StaticResolver::new().with("example.com", &[ip(93, 184, 216, 34)]);
+    let mut h = Harness::with(NetworkPolicy::public_internet(), internet, resolver, true);
+    let socket = udp_socket(&mut h, 5353);
+    let dns = (Ipv4Addr::new(10, 0, 2, 3), 53);
+    h.sockets
+        .get_mut::<udp::Socket>(socket)
+        .send_slice(&dns_query(7, "example.com"), dns)
+        .unwrap();
+    let (answer, from) = recv_udp(&mut h, socket);
+    assert_eq!(from, SocketAddr::from(dns));
+    let packet = Packet::parse(&answer).unwrap();
+    assert_eq!(packet.id(), 7);
+    assert_eq!(packet.rcode(), RCODE::NoError);
+    let addrs: Vec<Ipv4Addr> = packet
+        .answers
+        .iter()
+        .filter_map(|r| match &r.rdata {
+            RData::A(a) => Some(Ipv4Addr::from(a.address)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(addrs, vec![Ipv4Addr::new(93, 184, 216, 34)]);
+
+    // An unknown name: NXDOMAIN.
+    h.sockets
+        .get_mut::<udp::Socket>(socket)
+        .send_slice(&dns_query(8, "nowhere.example"), dns)
+        .unwrap();
+    let (answer, _) = recv_udp(&mut h, socket);
+    assert_eq!(Packet::parse(&answer).unwrap().rcode(), RCODE::NameError);
+    assert!(h.handle.stats().dns.queries >= 2);
+
+    let conn = h.connect(public(80));
+    assert!(h.run_until(LIMIT, |h| h.state(conn)
+        == smoltcp::socket::tcp::State::Established));
+    assert!(listener.accept().is_ok());
+    assert!(h.internet.refused().is_empty());
+}
+
+#[test]
+fn dhcp_leases_the_guest_its_address() {
+    let mut h = Harness::with(
+        NetworkPolicy::public_internet(),
+        FakeInternet::new(),
+        StaticResolver::new(),
+        false,
+    );
+    let socket = h.sockets.add(dhcpv4::Socket::new());
+    let mut config = None;
+    assert!(h.run_until(LIMIT, |h| {
+        if let Some(dhcpv4::Event::Configured(c)) =
+            h.sockets.get_mut::<dhcpv4::Socket>(socket).poll()
+        {
+            config = Some((
+                c.address,
+                c.router,
+                c.dns_servers.to_vec(),
+                c.server.address,
+            ));
+        }
+        config.is_some()
+    }));
+    let (address, router, dns, server) = config.unwrap();
+    assert_eq!(address.address(), Ipv4Addr::new(10, 0, 2, 15));
+    assert_eq!(address.prefix_len(), 24);
+    assert_eq!(router, Some(Ipv4Addr::new(10, 0, 2, 2)));
+    assert_eq!(dns, vec![Ipv4Addr::new(10, 0, 2, 3)]);
+    assert_eq!(server, Ipv4Addr::new(10, 0, 2, 2));
+}
+
+fn arp_request(target: Ipv4Addr) -> Vec<u8> {
+    let config = forkvm_net::NetworkConfig::default();
+    let eth = EthernetRepr {
+        src_addr: EthernetAddress(config.guest_mac),
+        dst_addr: EthernetAddress::BROADCAST,
+        ethertype: EthernetProtocol::Arp,
+    };
+    let arp = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: EthernetAddress(config.guest_mac),
+        source_protocol_addr: config.guest_ip,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: target,
+    };
+    let mut frame = vec![0u8; eth.buffer_len() + arp.buffer_len()];
+    let mut eth_frame = EthernetFrame::new_unchecked(&mut frame[..]);
+    eth.emit(&mut eth_frame);
+    arp.emit(&mut ArpPacket::new_unchecked(eth_frame.payload_mut()));
+    frame
+}
+
+/// Sends `frame` and collects what comes back within a short time.
+fn exchange(h: &mut Harness, frame: &[u8]) -> Vec<Vec<u8>> {
+    h.net.transmit(frame);
+    let mut replies = Vec::new();
+    for _ in 0..20 {
+        h.net.process();
+        while let Some(reply) = h.net.peek_receive() {
+            replies.push(reply.to_vec());
+            h.net.consume_receive();
+        }
+        if !replies.is_empty() {
+            break;
+        }
+        wait_readable(h.net.event_fd().unwrap(), 5);
+    }
+    replies
+}
+
+#[test]
+fn arp_answers_the_gateway_and_dns_only() {
+    let mut h = Harness::new(NetworkPolicy::public_internet(), FakeInternet::new());
+    let config = h.config.clone();
+    for target in [config.gateway_ip, config.dns_ip] {
+        let replies = exchange(&mut h, &arp_request(target));
+        assert_eq!(replies.len(), 1);
+        let eth = EthernetFrame::new_checked(&replies[0][..]).unwrap();
+        let arp = ArpRepr::parse(&ArpPacket::new_checked(eth.payload()).unwrap()).unwrap();
+        let ArpRepr::EthernetIpv4 {
+            operation,
+            source_hardware_addr,
+            source_protocol_addr,
+            ..
+        } = arp
+        else {
+            panic!()
+        };
+        assert_eq!(operation, ArpOperation::Reply);
+        assert_eq!(source_protocol_addr, target);
+        assert_eq!(source_hardware_addr, EthernetAddress(config.gateway_mac));
+    }
+    // Not the guest's own address (DHCP clients probe it) nor another neighbour's.
+    for target in [config.guest_ip, Ipv4Addr::new(10, 0, 2, 99)] {
+        assert!(exchange(&mut h, &arp_request(target)).is_empty());
+    }
+}
+
+fn ping(to: Ipv4Addr, data: &[u8]) -> Vec<u8> {
+    let config = forkvm_net::NetworkConfig::default();
+    let icmp = Icmpv4Repr::EchoRequest {
+        ident: 0x77,
+        seq_no: 3,
+        data,
+    };
+    let ip = Ipv4Repr {
+        src_addr: config.guest_ip,
+        dst_addr: to,
+        next_header: IpProtocol::Icmp,
+        payload_len: icmp.buffer_len(),
+        hop_limit: 64,
+    };
+    let eth = EthernetRepr {
+        src_addr: EthernetAddress(config.guest_mac),
+        dst_addr: EthernetAddress(config.gateway_mac),
+        ethertype: EthernetProtocol::Ipv4,
+    };
+    let mut frame = vec![0u8; eth.buffer_len() + ip.buffer_len() + icmp.buffer_len()];
+    let mut eth_frame = EthernetFrame::new_unchecked(&mut frame[..]);
+    eth.emit(&mut eth_frame);
+    let mut ip_packet = Ipv4Packet::new_unchecked(eth_frame.payload_mut());
+    ip.emit(&mut ip_packet, &Default::default());
+    icmp.emit(
+        &mut Icmpv4Packet::new_unchecked(ip_packet.payload_mut()),
+        &Default::default(),
+    );
+    frame
+}
+
+#[test]
+fn ping_to_the_gateway_is_answered_and_elsewhere_is_not() {
+    let mut h = Harness::new(NetworkPolicy::public_internet(), FakeInternet::new());
+    let replies = exchange(&mut h, &ping(GATEWAY, b"abcdef"));
+    assert_eq!(replies.len(), 1);
+    let eth = EthernetFrame::new_checked(&replies[0][..]).unwrap();
+    let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+    assert_eq!(ip.src_addr(), GATEWAY);
+    assert_eq!(ip.dst_addr(), Ipv4Addr::new(10, 0, 2, 15));
+    let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+    assert!(icmp.verify_checksum());
+    let repr = Icmpv4Repr::parse(&icmp, &Default::default()).unwrap();
+    assert_eq!(
+        repr,
+        Icmpv4Repr::EchoReply {
+            ident: 0x77,
+            seq_no: 3,
+            data: b"abcdef"
+        }
+    );
+    let before = h.handle.stats().frames_dropped;
+    assert!(exchange(&mut h, &ping(Ipv4Addr::new(1, 1, 1, 1), b"x")).is_empty());
+    assert_eq!(h.handle.stats().frames_dropped, before + 1);
+}
+
+#[test]
+fn garbage_frames_are_dropped_and_the_network_lives_on() {
+    let mut h = Harness::new(NetworkPolicy::public_internet(), FakeInternet::new());
+    let valid = ping(GATEWAY, b"0123456789");
+    let mut x = 0x9e3779b97f4a7c15u64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for round in 0..4000 {
+        let mut frame = if round % 2 == 0 {
+            valid.clone()
+        } else {
+            vec![0u8; (next() % 200) as usize]
+        };
+        // Corrupt a few bytes (the checksums catch most; the parsers must survive the rest).
+        for _ in 0..(next() % 4) {
+            if !frame.is_empty() {
+                let i = (next() as usize) % frame.len();
+                frame[i] = next() as u8;
+            }
+        }
+        let len = (next() as usize) % (frame.len() + 1);
+        frame.truncate(len.max(frame.len() / 2));
+        h.net.transmit(&frame);
+        if round % 64 == 0 {
+            h.net.process();
+            while h.net.peek_receive().is_some() {
+                h.net.consume_receive();
+            }
+        }
+    }
+    h.net.process();
+    while h.net.peek_receive().is_some() {
+        h.net.consume_receive();
+    }
+    let stats = h.handle.stats();
+    assert!(!stats.down);
+    assert!(stats.frames_dropped > 0);
+    // And it still works.
+    assert_eq!(exchange(&mut h, &ping(GATEWAY, b"alive")).len(), 1);
+    assert!(h.internet.calls().is_empty());
+}
