@@ -50,6 +50,8 @@ const TOKEN_KIND: u64 = !((1 << 40) - 1);
 
 /// Guest frames waiting for `process()`, at most (more are dropped and counted).
 const FROM_GUEST_FRAMES: usize = 1024;
+/// Bytes of guest frames waiting for `process()`, at most.
+const FROM_GUEST_BYTES: usize = 8 << 20;
 /// Guest frames handled in one turn (the rest wait for the next, which comes at once).
 const FRAMES_PER_TURN: usize = 256;
 /// Connections accepted per listener per turn.
@@ -109,6 +111,7 @@ pub(crate) struct Stack {
     control: Arc<EventFd>,
     commands: Receiver<Command>,
     from_guest: VecDeque<Vec<u8>>,
+    from_guest_bytes: usize,
     pub(crate) stats: NetworkStats,
     denied_udp: HashMap<(SocketAddrV4, SocketAddrV4), Instant>,
     epoch: Instant,
@@ -177,6 +180,7 @@ impl UserNetwork {
             control,
             commands,
             from_guest: VecDeque::new(),
+            from_guest_bytes: 0,
             stats: NetworkStats::default(),
             denied_udp: HashMap::new(),
             epoch: now,
@@ -311,13 +315,16 @@ impl Stack {
 
     fn queue_guest_frame(&mut self, frame: &[u8]) {
         self.stats.frames_from_guest += 1;
-        if self.from_guest.len() >= FROM_GUEST_FRAMES {
+        if self.from_guest.len() >= FROM_GUEST_FRAMES
+            || self.from_guest_bytes + frame.len() > FROM_GUEST_BYTES
+        {
             self.stats.frames_dropped += 1;
             return;
         }
         if self.from_guest.is_empty() {
             let _ = self.control.write(1);
         }
+        self.from_guest_bytes += frame.len();
         self.from_guest.push_back(frame.to_vec());
     }
 
@@ -334,6 +341,7 @@ impl Stack {
             let Some(frame) = self.from_guest.pop_front() else {
                 break;
             };
+            self.from_guest_bytes = self.from_guest_bytes.saturating_sub(frame.len());
             self.guest_frame(frame, now);
         }
         self.service_tcp(now);

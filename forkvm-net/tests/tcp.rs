@@ -9,6 +9,7 @@ use std::net::{Shutdown, TcpListener};
 use std::thread;
 use std::time::Duration;
 
+use forkvm_devices::virtio::net::NetBackend;
 use forkvm_net::NetworkPolicy;
 use smoltcp::socket::tcp::State;
 use support::*;
@@ -193,4 +194,42 @@ fn handshakes_past_the_pending_cap_are_refused() {
     assert_eq!(closed, 3);
     assert_eq!(h.handle.stats().tcp_rejected, 3);
     drop(listener);
+}
+
+#[test]
+fn a_panic_inside_the_network_takes_only_this_network_down() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let internet = FakeInternet::new()
+        .map(public(80), loopback(port))
+        .panic_on(public(666));
+    let mut h = Harness::new(NetworkPolicy::public_internet(), internet);
+    let good = h.connect(public(80));
+    assert!(h.run_until(LIMIT, |h| h.state(good) == State::Established));
+    let (accepted, _) = listener.accept().unwrap();
+
+    let bad = h.connect(public(666));
+    assert!(h.run_until(LIMIT, |h| h.handle.stats().down));
+    // Everything is gone: the guest's connections time out or stay silent, frames are counted
+    // as dropped, the event fd stays quiet, the handle refuses new work.
+    h.run_for(Duration::from_millis(100));
+    let before = h.handle.stats().frames_dropped;
+    h.net.transmit(&[0u8; 60]);
+    h.net.process();
+    assert_eq!(h.handle.stats().frames_dropped, before + 1);
+    assert!(h.net.peek_receive().is_none());
+    let mut pfd = libc::pollfd {
+        fd: h.net.event_fd().unwrap(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no timeout.
+    assert_eq!(unsafe { libc::poll(&mut pfd, 1, 0) }, 0);
+    assert!(h.handle.connect_tcp(80).is_err());
+    assert_ne!(h.state(bad), State::Established);
+    // The accepted host connection was closed with the network.
+    let mut conn = accepted;
+    conn.set_read_timeout(Some(LIMIT)).unwrap();
+    let mut buffer = [0u8; 1];
+    assert!(matches!(conn.read(&mut buffer), Ok(0) | Err(_)));
 }

@@ -33,6 +33,8 @@ pub struct FakeInternet {
     pub calls: Mutex<Vec<SocketAddr>>,
     /// Destinations refused because they are neither mapped nor loopback.
     pub refused: Mutex<Vec<SocketAddr>>,
+    /// A destination whose connect panics (a broken connector, to test containment).
+    panic_on: Option<SocketAddr>,
 }
 
 impl FakeInternet {
@@ -47,8 +49,17 @@ impl FakeInternet {
         self
     }
 
+    /// Makes connects to `to` panic.
+    pub fn panic_on(mut self, to: SocketAddr) -> Self {
+        self.panic_on = Some(to);
+        self
+    }
+
     fn route(&self, to: SocketAddr) -> io::Result<SocketAddr> {
         self.calls.lock().unwrap().push(to);
+        if self.panic_on == Some(to) {
+            panic!("the fake connector panics on {to} (on purpose)");
+        }
         let real = match self.map.get(&to) {
             Some(local) => *local,
             None if to.ip().is_loopback() => to,
