@@ -131,3 +131,15 @@ fn a_published_port_without_a_guest_listener_ends_the_connection() {
     client.set_nonblocking(true).unwrap();
     assert!(ends(&mut h, |b| client.read(b)));
 }
+
+#[test]
+fn dropping_the_in_process_stream_closes_the_guests_connection() {
+    let mut h = Harness::new(NetworkPolicy::public_internet(), FakeInternet::new());
+    let listener = guest_listener(&mut h, 7000);
+    let stream = h.handle.connect_tcp(7000).unwrap();
+    assert!(h.run_until(LIMIT, |h| h.state(listener) == State::Established));
+    drop(stream);
+    assert!(h.run_until(LIMIT, |h| h.state(listener) == State::CloseWait));
+    h.tcp(listener).close();
+    assert!(h.run_until(LIMIT, |h| h.handle.stats().tcp_flows_open == 0));
+}

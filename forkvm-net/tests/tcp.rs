@@ -233,3 +233,100 @@ fn a_panic_inside_the_network_takes_only_this_network_down() {
     let mut buffer = [0u8; 1];
     assert!(matches!(conn.read(&mut buffer), Ok(0) | Err(_)));
 }
+
+#[test]
+fn the_syn_ack_waits_for_a_slow_host_connect() {
+    use socket2::{Domain, Socket, Type};
+    // A listener whose accept queue is full: the kernel drops further SYNs, so our connect stays
+    // in progress until the server accepts.
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    listener.bind(&loopback(0).into()).unwrap();
+    listener.listen(0).unwrap();
+    let address = listener.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        let filler = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        filler.set_nonblocking(true).unwrap();
+        let _ = filler.connect(&address.into());
+        fillers.push(filler);
+    }
+    thread::sleep(Duration::from_millis(100));
+    let internet = FakeInternet::new().map(public(80), address);
+    let mut h = Harness::new(NetworkPolicy::public_internet(), internet);
+    let conn = h.connect(public(80));
+    h.run_for(Duration::from_millis(1500));
+    // No SYN-ACK while the host connect is in progress (whatever SYNs the guest retransmitted).
+    assert_eq!(h.state(conn), State::SynSent);
+    assert_eq!(h.internet.calls(), vec![public(80)]);
+    // The server drains its queue: the connect completes, the SYN-ACK goes out.
+    listener.set_nonblocking(true).unwrap();
+    let mut accepted = Vec::new();
+    assert!(h.run_until(LIMIT, |h| {
+        while let Ok((conn, _)) = listener.accept() {
+            accepted.push(conn);
+        }
+        h.state(conn) == State::Established
+    }));
+    assert_eq!(h.handle.stats().tcp_rejected, 0);
+}
+
+/// How many times the network's event fd turned readable (each followed by `process()`) in
+/// `span`, with the guest idle.
+fn wakeups(h: &mut Harness, span: Duration) -> usize {
+    let start = std::time::Instant::now();
+    let mut count = 0;
+    while start.elapsed() < span {
+        let mut pfd = libc::pollfd {
+            fd: h.net.event_fd().unwrap(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, a bounded timeout.
+        if unsafe { libc::poll(&mut pfd, 1, 10) } == 1 {
+            count += 1;
+            h.net.process();
+        }
+    }
+    count
+}
+
+#[test]
+fn an_idle_network_does_not_spin() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let internet = FakeInternet::new().map(public(80), loopback(port));
+    let mut h = Harness::new(NetworkPolicy::public_internet(), internet);
+    let conn = h.connect(public(80));
+    assert!(h.run_until(LIMIT, |h| h.state(conn) == State::Established));
+    let (mut server, _) = listener.accept().unwrap();
+    server.write_all(b"x").unwrap();
+    assert!(h.run_until(LIMIT, |h| h.tcp(conn).recv_queue() == 1));
+    // An open, idle flow: the housekeeping tick at most, no busy loop.
+    assert!(wakeups(&mut h, Duration::from_millis(500)) < 10);
+    // The host's side closes and the guest keeps its half open: still no busy loop.
+    server.shutdown(Shutdown::Write).unwrap();
+    assert!(h.run_until(LIMIT, |h| h.state(conn) == State::CloseWait));
+    assert!(wakeups(&mut h, Duration::from_millis(500)) < 10);
+    // The guest closes too; once the flow is gone the network is silent.
+    h.tcp(conn).close();
+    assert!(h.run_until(LIMIT, |h| h.handle.stats().tcp_flows_open == 0));
+    h.run_for(Duration::from_millis(20));
+    assert_eq!(wakeups(&mut h, Duration::from_millis(300)), 0);
+}
+
+#[test]
+fn a_guest_reset_resets_the_host_connection() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let internet = FakeInternet::new().map(public(80), loopback(port));
+    let mut h = Harness::new(NetworkPolicy::public_internet(), internet);
+    let conn = h.connect(public(80));
+    assert!(h.run_until(LIMIT, |h| h.state(conn) == State::Established));
+    let (mut server, _) = listener.accept().unwrap();
+    h.tcp(conn).abort();
+    assert!(h.run_until(LIMIT, |h| h.handle.stats().tcp_flows_open == 0));
+    server.set_read_timeout(Some(LIMIT)).unwrap();
+    let mut buffer = [0u8; 8];
+    let error = server.read(&mut buffer).unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
+}
