@@ -332,3 +332,52 @@ fn garbage_frames_are_dropped_and_the_network_lives_on() {
     assert_eq!(exchange(&mut h, &ping(GATEWAY, b"alive")).len(), 1);
     assert!(h.internet.calls().is_empty());
 }
+
+#[test]
+fn a_domain_allowlist_opens_only_addresses_its_names_resolved_to() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let internet = FakeInternet::new().map(public(443), loopback(port));
+    let resolver = StaticResolver::new()
+        .with("example.com", &[ip(93, 184, 216, 34)])
+        .with("other.org", &[ip(93, 184, 216, 35)]);
+    let policy = NetworkPolicy::public_internet()
+        .allow_domain("example.com")
+        .unwrap();
+    let mut h = Harness::with(policy, internet, resolver, true);
+
+    // Before any answer the address is not pinned: reset, connector never asked.
+    let conn = h.connect(public(443));
+    assert!(h.run_until(LIMIT, |h| h.state(conn)
+        == smoltcp::socket::tcp::State::Closed));
+    assert_eq!(
+        h.handle
+            .stats()
+            .denied_by_reason
+            .get(&forkvm_net::DenyReason::NotPinned),
+        Some(&1)
+    );
+    assert!(h.internet.calls().is_empty());
+
+    let socket = udp_socket(&mut h, 5353);
+    let dns = (Ipv4Addr::new(10, 0, 2, 3), 53);
+    h.sockets
+        .get_mut::<udp::Socket>(socket)
+        .send_slice(&dns_query(1, "other.org"), dns)
+        .unwrap();
+    let (answer, _) = recv_udp(&mut h, socket);
+    assert_eq!(Packet::parse(&answer).unwrap().rcode(), RCODE::NameError);
+    h.sockets
+        .get_mut::<udp::Socket>(socket)
+        .send_slice(&dns_query(2, "example.com"), dns)
+        .unwrap();
+    let (answer, _) = recv_udp(&mut h, socket);
+    assert_eq!(Packet::parse(&answer).unwrap().answers.len(), 1);
+
+    // Now pinned: the same destination connects.
+    let conn = h.connect(public(443));
+    assert!(h.run_until(LIMIT, |h| h.state(conn)
+        == smoltcp::socket::tcp::State::Established));
+    assert_eq!(h.internet.calls(), vec![public(443)]);
+    assert_eq!(h.handle.stats().dns.denied_names, 1);
+}

@@ -295,6 +295,20 @@ impl Harness {
     }
 }
 
+impl Drop for Harness {
+    /// Every test checks, at its end, that the network never asked the fake internet for a
+    /// destination outside it (none of them expects one).
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            assert!(
+                self.internet.refused().is_empty(),
+                "the network asked for destinations off the fake internet: {:?}",
+                self.internet.refused()
+            );
+        }
+    }
+}
+
 /// Waits up to `ms` for `fd` to become readable.
 pub fn wait_readable(fd: RawFd, ms: i32) {
     let mut pfd = libc::pollfd {
