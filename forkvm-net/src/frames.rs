@@ -232,6 +232,27 @@ pub(crate) fn udp_frame(
     )
 }
 
+/// An ARP request from `src_mac`/`src_ip` for `target`.
+pub(crate) fn arp_request_frame(src_mac: [u8; 6], src_ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let eth = EthernetRepr {
+        src_addr: EthernetAddress(src_mac),
+        dst_addr: EthernetAddress::BROADCAST,
+        ethertype: EthernetProtocol::Arp,
+    };
+    let arp = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: EthernetAddress(src_mac),
+        source_protocol_addr: src_ip,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: target,
+    };
+    let mut buffer = vec![0u8; eth.buffer_len() + arp.buffer_len()];
+    let mut frame = EthernetFrame::new_unchecked(&mut buffer[..]);
+    eth.emit(&mut frame);
+    arp.emit(&mut ArpPacket::new_unchecked(frame.payload_mut()));
+    buffer
+}
+
 /// An ICMP echo reply from `src` to `dst`.
 pub(crate) fn echo_reply_frame(
     src_mac: [u8; 6],

@@ -60,6 +60,8 @@ const ACCEPTS_PER_TURN: usize = 16;
 const COMMANDS_PER_TURN: usize = 64;
 /// How often the host's own addresses are read again.
 const HOST_ADDRS_REFRESH: Duration = Duration::from_secs(30);
+/// How often smoltcp is reminded of the guest's MAC address (its ARP entries last 60 s).
+const NEIGHBOR_REFRESH: Duration = Duration::from_secs(30);
 /// A wake-up at least this often while flows are open (their timeouts).
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 /// Denials of one UDP flow are reported once per this long.
@@ -104,6 +106,7 @@ pub(crate) struct Stack {
     pub(crate) pins: DnsPins,
     pub(crate) host_addrs: Vec<IpAddr>,
     host_addrs_at: Instant,
+    neighbor_at: Option<Instant>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) connector: Arc<dyn Connector>,
     pub(crate) epoll: Arc<Epoll>,
@@ -173,6 +176,7 @@ impl UserNetwork {
             pins: DnsPins::default(),
             host_addrs: policy::host_addresses(),
             host_addrs_at: now,
+            neighbor_at: None,
             shared: shared.clone(),
             connector: seams.connector,
             epoll: epoll.clone(),
@@ -334,6 +338,12 @@ impl Stack {
         if now.duration_since(self.host_addrs_at) >= HOST_ADDRS_REFRESH {
             self.host_addrs = policy::host_addresses();
             self.host_addrs_at = now;
+        }
+        if self
+            .neighbor_at
+            .is_none_or(|at| now.duration_since(at) >= NEIGHBOR_REFRESH)
+        {
+            self.prime_neighbor(now);
         }
         self.read_events(now);
         self.run_commands(now);
@@ -515,6 +525,23 @@ impl Stack {
             return;
         }
         self.tcp_segment(frame, src, dst, syn, now);
+    }
+
+    /// Tells smoltcp the guest's MAC address (the configured one) with an ARP request "from the
+    /// guest" whose reply is discarded, so that smoltcp can answer the guest at once, without
+    /// asking first. That matters for a fresh network behind a running guest (a fork child): the
+    /// guest's old connections get their resets on their first segment.
+    fn prime_neighbor(&mut self, now: Instant) {
+        self.neighbor_at = Some(now);
+        let (queued, sent, dropped) = (self.link.to_guest.len(), self.link.sent, self.link.dropped);
+        let frame = crate::frames::arp_request_frame(
+            self.config.guest_mac,
+            self.config.guest_ip,
+            self.config.gateway_ip,
+        );
+        self.ingest(frame, false, now);
+        self.link.to_guest.truncate(queued);
+        (self.link.sent, self.link.dropped) = (sent, dropped);
     }
 
     /// Gives one frame to smoltcp, against the pending sockets or the active ones.

@@ -381,3 +381,61 @@ fn a_domain_allowlist_opens_only_addresses_its_names_resolved_to() {
     assert_eq!(h.internet.calls(), vec![public(443)]);
     assert_eq!(h.handle.stats().dns.denied_names, 1);
 }
+
+#[test]
+fn a_segment_of_a_connection_the_network_never_saw_is_reset_at_once() {
+    use smoltcp::wire::{TcpControl, TcpPacket, TcpRepr, TcpSeqNumber};
+    // What a fork child's fresh network meets: the guest goes on with a connection (no ARP
+    // first, its cache is warm). The answer must be the reset, not an ARP request.
+    let mut h = Harness::new(NetworkPolicy::public_internet(), FakeInternet::new());
+    let config = h.config.clone();
+    let (src, dst) = (config.guest_ip, Ipv4Addr::new(93, 184, 216, 34));
+    let tcp = TcpRepr {
+        src_port: 40000,
+        dst_port: 80,
+        control: TcpControl::Psh,
+        seq_number: TcpSeqNumber(1000),
+        ack_number: Some(TcpSeqNumber(2000)),
+        window_len: 1000,
+        window_scale: None,
+        max_seg_size: None,
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload: b"old data",
+    };
+    let ip = Ipv4Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: IpProtocol::Tcp,
+        payload_len: tcp.buffer_len(),
+        hop_limit: 64,
+    };
+    let eth = EthernetRepr {
+        src_addr: EthernetAddress(config.guest_mac),
+        dst_addr: EthernetAddress(config.gateway_mac),
+        ethertype: EthernetProtocol::Ipv4,
+    };
+    let mut frame = vec![0u8; eth.buffer_len() + ip.buffer_len() + tcp.buffer_len()];
+    let mut eth_frame = EthernetFrame::new_unchecked(&mut frame[..]);
+    eth.emit(&mut eth_frame);
+    let mut ip_packet = Ipv4Packet::new_unchecked(eth_frame.payload_mut());
+    ip.emit(&mut ip_packet, &Default::default());
+    tcp.emit(
+        &mut TcpPacket::new_unchecked(ip_packet.payload_mut()),
+        &src.into(),
+        &dst.into(),
+        &Default::default(),
+    );
+    let replies = exchange(&mut h, &frame);
+    assert_eq!(replies.len(), 1);
+    let eth = EthernetFrame::new_checked(&replies[0][..]).unwrap();
+    assert_eq!(eth.ethertype(), EthernetProtocol::Ipv4);
+    assert_eq!(eth.dst_addr(), EthernetAddress(config.guest_mac));
+    let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+    let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+    assert!(tcp.rst());
+    assert_eq!((ip.src_addr(), tcp.src_port()), (dst, 80));
+    assert_eq!(tcp.dst_port(), 40000);
+    assert!(h.internet.calls().is_empty());
+}
