@@ -25,8 +25,15 @@ use crate::stack::{Stack, TOKEN_TCP, in_subnet};
 pub const MAX_TCP_FLOWS: usize = 1024;
 /// Guest connections waiting for their host connect, at most.
 pub const MAX_PENDING_HANDSHAKES: usize = 64;
-/// Each smoltcp socket's buffer, each way (the window the guest sees).
-const BUFFER: usize = 256 * 1024;
+/// Each smoltcp socket's buffer, each way (the window the guest sees), for the first
+/// [`LARGE_FLOWS`] flows open at once.
+const LARGE_BUFFER: usize = 256 * 1024;
+/// Flows with large buffers at once; the others get [`SMALL_BUFFER`]. Buffers are sized when the
+/// socket is made (smoltcp fixes the window scale then), and calloc'd memory may be resident at
+/// once, so this bounds the TCP buffers of a VM to 64 × 512 KiB + 960 × 64 KiB ≈ 92 MiB.
+const LARGE_FLOWS: usize = 64;
+/// The buffer, each way, of flows beyond the first [`LARGE_FLOWS`].
+const SMALL_BUFFER: usize = 32 * 1024;
 /// A host connect (or a connect to the guest) that takes longer fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A flow with no data either way for this long is reset.
@@ -129,6 +136,7 @@ pub(crate) struct TcpFlow {
     host_write_shut: bool,
     deadline: Instant,
     last_activity: Instant,
+    large: bool,
 }
 
 /// The TCP flows.
@@ -139,6 +147,18 @@ pub(crate) struct TcpTable {
     pending: usize,
     pub(crate) total: u64,
     next_port: u16,
+    large: usize,
+}
+
+impl TcpTable {
+    /// Whether a new flow gets large buffers, and their size.
+    fn buffer_size(&self) -> (bool, usize) {
+        if self.large < LARGE_FLOWS {
+            (true, LARGE_BUFFER)
+        } else {
+            (false, SMALL_BUFFER)
+        }
+    }
 }
 
 /// Closes a host socket (if any) with a reset.
@@ -148,10 +168,10 @@ fn reset_host(host: Option<HostStream>) {
     }
 }
 
-fn new_socket() -> Socket<'static> {
+fn new_socket(size: usize) -> Socket<'static> {
     let mut socket = Socket::new(
-        SocketBuffer::new(vec![0; BUFFER]),
-        SocketBuffer::new(vec![0; BUFFER]),
+        SocketBuffer::new(vec![0; size]),
+        SocketBuffer::new(vec![0; size]),
     );
     socket.set_nagle_enabled(false);
     socket.set_ack_delay(None);
@@ -223,7 +243,8 @@ impl Stack {
             return None;
         }
         let _ = stream.set_nodelay(true);
-        let mut socket = new_socket();
+        let (large, size) = self.tcp.buffer_size();
+        let mut socket = new_socket(size);
         let endpoint = IpListenEndpoint {
             addr: Some((*dialled.ip()).into()),
             port: dialled.port(),
@@ -251,6 +272,7 @@ impl Stack {
             host_write_shut: false,
             deadline: now + CONNECT_TIMEOUT,
             last_activity: now,
+            large,
         });
         self.set_interest(index, Some(EventSet::OUT));
         Some(index)
@@ -274,7 +296,8 @@ impl Stack {
             return;
         };
         let remote = SocketAddrV4::new(self.config.gateway_ip, port);
-        let mut socket = new_socket();
+        let (large, size) = self.tcp.buffer_size();
+        let mut socket = new_socket(size);
         let connected = socket.connect(
             self.iface.context(),
             IpEndpoint::new(self.config.guest_ip.into(), guest_port),
@@ -305,6 +328,7 @@ impl Stack {
             host_write_shut: false,
             deadline: now + CONNECT_TIMEOUT,
             last_activity: now,
+            large,
         });
         // Only errors and hang-ups until the guest accepted.
         self.set_interest(index, Some(EventSet::empty()));
@@ -328,6 +352,9 @@ impl Stack {
         let index = self.tcp.flows.insert(flow);
         self.tcp.by_key.insert(key, index);
         self.tcp.total += 1;
+        if self.tcp.flows.get(index).is_some_and(|flow| flow.large) {
+            self.tcp.large += 1;
+        }
         index
     }
 
@@ -337,6 +364,9 @@ impl Stack {
             return;
         };
         self.tcp.by_key.remove(&flow.key);
+        if flow.large {
+            self.tcp.large = self.tcp.large.saturating_sub(1);
+        }
         if flow.in_pending {
             self.pending.remove(flow.handle);
         } else {
