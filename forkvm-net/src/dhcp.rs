@@ -111,6 +111,100 @@ mod tests {
         assert_eq!(netmask(40), Ipv4Addr::new(255, 255, 255, 255));
     }
 
+    fn message(
+        message_type: DhcpMessageType,
+        requested: Option<Ipv4Addr>,
+        server: Option<Ipv4Addr>,
+    ) -> Vec<u8> {
+        let repr = DhcpRepr {
+            message_type,
+            transaction_id: 0x1234_5678,
+            secs: 0,
+            client_hardware_address: EthernetAddress([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+            client_ip: Ipv4Addr::UNSPECIFIED,
+            your_ip: Ipv4Addr::UNSPECIFIED,
+            server_ip: Ipv4Addr::UNSPECIFIED,
+            router: None,
+            subnet_mask: None,
+            relay_agent_ip: Ipv4Addr::UNSPECIFIED,
+            broadcast: false,
+            requested_ip: requested,
+            client_identifier: None,
+            server_identifier: server,
+            parameter_request_list: None,
+            dns_servers: None,
+            max_size: None,
+            lease_duration: None,
+            renew_duration: None,
+            rebind_duration: None,
+            additional_options: &[],
+        };
+        let mut body = vec![0u8; repr.buffer_len()];
+        repr.emit(&mut DhcpPacket::new_unchecked(&mut body[..]))
+            .unwrap();
+        body
+    }
+
+    /// The DHCP message inside a reply frame.
+    fn answer(frame: &[u8]) -> (DhcpMessageType, Ipv4Addr, Option<u32>, Ipv4Addr) {
+        let crate::frames::Guest::Udp { dst, payload, .. } = crate::frames::classify(frame) else {
+            panic!("not udp");
+        };
+        assert_eq!(dst.port(), DHCP_CLIENT_PORT);
+        let packet = DhcpPacket::new_checked(payload).unwrap();
+        let repr = DhcpRepr::parse(&packet).unwrap();
+        assert_eq!(repr.transaction_id, 0x1234_5678);
+        (
+            repr.message_type,
+            repr.your_ip,
+            repr.lease_duration,
+            *dst.ip(),
+        )
+    }
+
+    #[test]
+    fn discover_gets_an_offer_and_request_an_ack_or_a_nak() {
+        let config = NetworkConfig::default();
+        let offer = reply(&config, &message(DhcpMessageType::Discover, None, None)).unwrap();
+        assert_eq!(
+            answer(&offer),
+            (
+                DhcpMessageType::Offer,
+                config.guest_ip,
+                Some(LEASE_SECS),
+                Ipv4Addr::BROADCAST
+            )
+        );
+        let ours = Some(config.gateway_ip);
+        let ack = reply(
+            &config,
+            &message(DhcpMessageType::Request, Some(config.guest_ip), ours),
+        );
+        assert_eq!(answer(&ack.unwrap()).0, DhcpMessageType::Ack);
+        let other = Some(Ipv4Addr::new(10, 0, 2, 99));
+        let nak = reply(&config, &message(DhcpMessageType::Request, other, ours)).unwrap();
+        assert_eq!(
+            answer(&nak),
+            (
+                DhcpMessageType::Nak,
+                Ipv4Addr::UNSPECIFIED,
+                None,
+                Ipv4Addr::BROADCAST
+            )
+        );
+        // A request that chose another server's offer, and messages a server does not answer.
+        let elsewhere = Some(Ipv4Addr::new(10, 0, 2, 1));
+        assert!(
+            reply(
+                &config,
+                &message(DhcpMessageType::Request, Some(config.guest_ip), elsewhere)
+            )
+            .is_none()
+        );
+        assert!(reply(&config, &message(DhcpMessageType::Release, None, ours)).is_none());
+        assert!(reply(&config, &message(DhcpMessageType::Offer, None, None)).is_none());
+    }
+
     #[test]
     fn garbage_gets_no_reply() {
         let config = NetworkConfig::default();

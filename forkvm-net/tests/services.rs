@@ -439,3 +439,42 @@ fn a_segment_of_a_connection_the_network_never_saw_is_reset_at_once() {
     assert_eq!(tcp.dst_port(), 40000);
     assert!(h.internet.calls().is_empty());
 }
+
+#[test]
+fn udp_flows_past_the_cap_are_dropped() {
+    let cap = forkvm_net::MAX_UDP_FLOWS;
+    // Ports the test owns on 127.0.0.1, reached through the gateway once loopback is allowed.
+    let servers: Vec<UdpSocket> = (0..=cap)
+        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let allow: forkvm_net::Cidr = "127.0.0.1/32".parse().unwrap();
+    let mut h = Harness::new(
+        NetworkPolicy::public_internet().allow(allow),
+        FakeInternet::new(),
+    );
+    let socket = h.sockets.add(udp::Socket::new(
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 512], vec![0; 65536]),
+        udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 512], vec![0; 65536]),
+    ));
+    h.sockets.get_mut::<udp::Socket>(socket).bind(6000).unwrap();
+    for server in &servers {
+        let port = server.local_addr().unwrap().port();
+        h.sockets
+            .get_mut::<udp::Socket>(socket)
+            .send_slice(b"hi", (GATEWAY, port))
+            .unwrap();
+    }
+    assert!(h.run_until(LIMIT, |h| h.handle.stats().frames_from_guest
+        >= (cap + 1) as u64));
+    h.run_for(Duration::from_millis(50));
+    let stats = h.handle.stats();
+    assert_eq!(stats.udp_flows_open, cap as u64);
+    assert_eq!(stats.udp_flows_total, cap as u64);
+    assert_eq!(h.internet.calls().len(), cap);
+    // The first servers got their datagram, the last one did not.
+    let mut buffer = [0u8; 8];
+    servers[0].set_read_timeout(Some(LIMIT)).unwrap();
+    assert_eq!(servers[0].recv(&mut buffer).unwrap(), 2);
+    servers[cap].set_nonblocking(true).unwrap();
+    assert!(servers[cap].recv(&mut buffer).is_err());
+}
