@@ -24,7 +24,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::config::NetworkConfig;
-use crate::device::{Link, TO_GUEST_SOFT_CAP};
+use crate::device::Link;
 use crate::dns::DnsForwarder;
 use crate::frames::{Guest, IPV4_UDP_HEADERS, classify, echo_reply_frame, udp_frame};
 use crate::handle::{COMMAND_QUEUE, Command, DeniedFlow, NetworkHandle, NetworkStats, Shared};
@@ -236,19 +236,14 @@ impl NetBackend for UserNetwork {
     }
 
     fn peek_receive(&mut self) -> Option<&[u8]> {
-        self.stack
-            .as_ref()?
-            .link
-            .to_guest
-            .front()
-            .map(Vec::as_slice)
+        self.stack.as_ref()?.link.front()
     }
 
     fn consume_receive(&mut self) {
         if let Some(stack) = self.stack.as_mut() {
             let was_full = !stack.link.has_room();
-            stack.link.to_guest.pop_front();
-            if was_full && stack.link.to_guest.len() < TO_GUEST_SOFT_CAP {
+            stack.link.pop();
+            if was_full && stack.link.has_room() {
                 // smoltcp stopped for a full queue: let it go on.
                 let _ = stack.control.write(1);
             }
@@ -533,15 +528,15 @@ impl Stack {
     /// guest's old connections get their resets on their first segment.
     fn prime_neighbor(&mut self, now: Instant) {
         self.neighbor_at = Some(now);
-        let (queued, sent, dropped) = (self.link.to_guest.len(), self.link.sent, self.link.dropped);
+        let (queued, dropped) = (self.link.queued(), self.link.dropped);
         let frame = crate::frames::arp_request_frame(
             self.config.guest_mac,
             self.config.guest_ip,
             self.config.gateway_ip,
         );
         self.ingest(frame, false, now);
-        self.link.to_guest.truncate(queued);
-        (self.link.sent, self.link.dropped) = (sent, dropped);
+        self.link.truncate(queued);
+        self.link.dropped = dropped;
     }
 
     /// Gives one frame to smoltcp, against the pending sockets or the active ones.

@@ -330,3 +330,44 @@ fn a_guest_reset_resets_the_host_connection() {
     let error = server.read(&mut buffer).unwrap_err();
     assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
 }
+
+#[test]
+fn a_guest_that_stops_receiving_gets_everything_later_and_nothing_is_dropped() {
+    const SIZE: usize = 4 << 20;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.write_all(&pattern(SIZE, 9)).unwrap();
+    });
+    let internet = FakeInternet::new().map(public(80), loopback(port));
+    let mut h = Harness::new(NetworkPolicy::public_internet(), internet);
+    let conn = h.connect(public(80));
+    assert!(h.run_until(LIMIT, |h| h.state(conn) == State::Established));
+    // No receive buffers: the network stops producing at its queue's bound.
+    h.rx_paused = true;
+    let before = h.handle.stats().frames_to_guest;
+    h.run_for(Duration::from_millis(300));
+    let queued = h.handle.stats().frames_to_guest - before;
+    assert!(queued > 0 && queued <= 600, "{queued}");
+    h.run_for(Duration::from_millis(200));
+    assert_eq!(h.handle.stats().frames_to_guest - before, queued);
+    // Buffers again: all of it arrives, in order, and nothing was dropped on the way.
+    h.rx_paused = false;
+    let mut received = Vec::new();
+    assert!(h.run_until(LIMIT, |h| {
+        let socket = h.tcp(conn);
+        while socket.can_recv() {
+            socket
+                .recv(|data| {
+                    received.extend_from_slice(data);
+                    (data.len(), ())
+                })
+                .unwrap();
+        }
+        received.len() >= SIZE
+    }));
+    server.join().unwrap();
+    assert_eq!(checksum(&received), checksum(&pattern(SIZE, 9)));
+    assert_eq!(h.handle.stats().frames_dropped, 0);
+}

@@ -160,6 +160,8 @@ pub struct Harness {
     pub sockets: SocketSet<'static>,
     epoch: Instant,
     next_port: u16,
+    /// When set, the "device" takes no frames for the guest (a guest without receive buffers).
+    pub rx_paused: bool,
 }
 
 /// The address of the gateway as the guest sees it.
@@ -212,6 +214,7 @@ impl Harness {
             sockets: SocketSet::new(Vec::new()),
             epoch: Instant::now(),
             next_port: 40000,
+            rx_paused: false,
         }
     }
 
@@ -232,7 +235,7 @@ impl Harness {
         self.net.process();
         // The device drains a bounded number of frames per round, as a guest with few receive
         // buffers would.
-        for _ in 0..256 {
+        for _ in 0..if self.rx_paused { 0 } else { 256 } {
             let Some(frame) = self.net.peek_receive() else {
                 break;
             };
