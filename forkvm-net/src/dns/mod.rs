@@ -146,15 +146,9 @@ impl DnsForwarder {
         // The hosts map is the user's own: neither filtered nor checked against host addresses.
         let _ = host_addrs;
         self.stats.queries += 1;
-        let Some(parsed) = parse(packet) else {
+        let Some(query) = parse(packet) else {
             self.stats.malformed += 1;
             return None;
-        };
-        let query = Query {
-            id: parsed.id(),
-            opcode: parsed.opcode(),
-            recursion_desired: parsed.has_flags(PacketFlag::RECURSION_DESIRED),
-            question: parsed.questions.into_iter().next()?.into_owned(),
         };
         if query.opcode != OPCODE::StandardQuery
             || query.question.qclass != QCLASS::CLASS(CLASS::IN)
@@ -318,14 +312,16 @@ impl DnsForwarder {
 /// The name in a query, lowercased and without a trailing dot, for logs and tests (`None` when
 /// the forwarder would drop the packet as malformed, or the name is not printable ASCII).
 pub fn parse_query_name(packet: &[u8]) -> Option<String> {
-    let parsed = parse(packet)?;
-    question_name(parsed.questions.first()?)
+    question_name(&parse(packet)?.question)
 }
 
 /// `packet` parsed, when it is a plausible query: a header, exactly one question, no more records
-/// than its length can hold (so that the parser never reserves room for thousands), and not a
-/// response.
-fn parse(packet: &[u8]) -> Option<Packet<'_>> {
+/// than its length can hold, and not a response.
+///
+/// Only the header and the question go to the parser: the other sections (at most an EDNS record
+/// in a query) are not needed, and leaving them out keeps the guest's bytes away from the record
+/// parsers. A panic in the parser, which would be its bug, drops the packet.
+fn parse(packet: &[u8]) -> Option<Query> {
     let header: &[u8; HEADER_LEN] = packet.get(..HEADER_LEN)?.try_into().ok()?;
     // The four counts follow the id and the flags; the indices are within the 12 bytes.
     let count = |at: usize| usize::from(u16::from_be_bytes([header[at], header[at + 1]]));
@@ -333,11 +329,24 @@ fn parse(packet: &[u8]) -> Option<Packet<'_>> {
     if questions != 1 || packet.len() - HEADER_LEN < MIN_QUESTION_LEN + records * MIN_RECORD_LEN {
         return None;
     }
-    let parsed = Packet::parse(packet).ok()?;
-    if parsed.has_flags(PacketFlag::RESPONSE) || parsed.questions.len() != 1 {
-        return None;
+    let mut question_only = packet.to_vec();
+    if let Some(counts) = question_only.get_mut(6..HEADER_LEN) {
+        counts.fill(0);
     }
-    Some(parsed)
+    catch_unwind(|| {
+        let parsed = Packet::parse(&question_only).ok()?;
+        if parsed.has_flags(PacketFlag::RESPONSE) {
+            return None;
+        }
+        Some(Query {
+            id: parsed.id(),
+            opcode: parsed.opcode(),
+            recursion_desired: parsed.has_flags(PacketFlag::RECURSION_DESIRED),
+            question: parsed.questions.into_iter().next()?.into_owned(),
+        })
+    })
+    .ok()
+    .flatten()
 }
 
 /// The question's name, lowercased and without a trailing dot, when its labels are printable

@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use simple_dns::rdata::RData;
+use simple_dns::rdata::{OPT, RData};
 use simple_dns::{CLASS, Name, Packet, PacketFlag, Question, RCODE, TYPE};
 
 use super::*;
@@ -572,6 +572,38 @@ fn malformed_packets_get_no_answer() {
             h.send(&packet);
         }
     }
+}
+
+#[test]
+fn edns_queries_are_answered_without_edns() {
+    let hosts = HashMap::from([("host.internal".to_owned(), vec![ip("10.0.2.2")])]);
+    let mut h = Harness::with_hosts(Arc::new(Recording::default()), hosts);
+    let mut packet = Packet::new_query(0x4242);
+    packet.set_flags(PacketFlag::RECURSION_DESIRED);
+    packet.questions.push(Question::new(
+        Name::new_unchecked("host.internal"),
+        TYPE::A.into(),
+        CLASS::IN.into(),
+        false,
+    ));
+    *packet.opt_mut() = Some(OPT {
+        opt_codes: Vec::new(),
+        udp_packet_size: 1232,
+        version: 0,
+    });
+    let bytes = packet.build_bytes_vec().unwrap();
+    assert_eq!(
+        u16::from_be_bytes([bytes[10], bytes[11]]),
+        1,
+        "one additional record"
+    );
+    let answer = h.send(&bytes).unwrap();
+    let (rcode, addrs) = decode(&answer, 0x4242, "host.internal");
+    assert_eq!(
+        (rcode, addrs),
+        (RCODE::NoError, vec![Ipv4Addr::new(10, 0, 2, 2)])
+    );
+    assert!(Packet::parse(&answer).unwrap().opt().is_none());
 }
 
 #[test]
