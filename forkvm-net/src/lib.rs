@@ -14,14 +14,41 @@
 //! it: smoltcp has no wildcard listen, so a socket is made per guest SYN on that exact address.
 //!
 //! Everything that reaches the outside goes through two seams that tests replace: a
-//! [`Connector`] opens host sockets and a [`Resolver`] resolves names. The design is in
-//! `docs/design/network.md`.
+//! [`Connector`] opens host sockets and a [`Resolver`] resolves names (both in [`Seams`]). The
+//! design is in `docs/design/network.md`.
+//!
+//! Use: [`UserNetwork::new`] gives the backend (hand it to the virtio-net device, whose event
+//! loop watches its one event fd and calls `process()`) and a [`NetworkHandle`] (any thread:
+//! change the [`NetworkPolicy`], read [`NetworkStats`], hear of each [`DeniedFlow`], connect to
+//! a guest port in process, publish a guest port on a host address).
+//!
+//! ```no_run
+//! use forkvm_net::{NetworkConfig, NetworkPolicy, Seams, UserNetwork};
+//!
+//! let (backend, handle) =
+//!     UserNetwork::new(NetworkConfig::default(), NetworkPolicy::public_internet(), Seams::host())?;
+//! let published = handle.publish("127.0.0.1:0".parse().unwrap(), 80)?;
+//! # let _ = (backend, published);
+//! # Ok::<(), std::io::Error>(())
+//! ```
 
 mod config;
+mod device;
+mod dhcp;
 pub mod dns;
+mod frames;
+mod handle;
 pub mod policy;
 mod seams;
+mod slab;
+mod stack;
+mod tcp;
+mod udp;
 
 pub use config::NetworkConfig;
+pub use handle::{DeniedFlow, NetworkHandle, NetworkStats};
 pub use policy::{Cidr, DenyReason, NetworkPolicy, Protocol, Verdict};
-pub use seams::{Connector, HostConnector, HostResolver, Resolver, StaticResolver};
+pub use seams::{Connector, HostConnector, HostResolver, Resolver, Seams, StaticResolver};
+pub use stack::UserNetwork;
+pub use tcp::{MAX_PENDING_HANDSHAKES, MAX_TCP_FLOWS};
+pub use udp::MAX_UDP_FLOWS;

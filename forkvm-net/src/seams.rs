@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
+use std::sync::Arc;
 
 use socket2::{Domain, Socket, Type};
 
@@ -93,4 +94,36 @@ impl Resolver for StaticResolver {
 
 fn normalize(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// What a [`crate::UserNetwork`] uses to reach outside the process: the connector for host
+/// sockets, the resolver for the DNS forwarder, and the VM's static names (answered by the
+/// forwarder without asking the resolver).
+#[derive(Clone)]
+pub struct Seams {
+    /// Opens every host socket.
+    pub connector: Arc<dyn Connector>,
+    /// Resolves every name the guest asks for (outside `hosts`).
+    pub resolver: Arc<dyn Resolver>,
+    /// Names answered from this map.
+    pub hosts: HashMap<String, Vec<IpAddr>>,
+}
+
+impl Seams {
+    /// The real ones: host sockets and the host's resolver, no static names.
+    pub fn host() -> Self {
+        Self {
+            connector: Arc::new(HostConnector),
+            resolver: Arc::new(HostResolver),
+            hosts: HashMap::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Seams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Seams")
+            .field("hosts", &self.hosts)
+            .finish_non_exhaustive()
+    }
 }
