@@ -145,7 +145,11 @@ fn the_image_reaches_the_host_through_dhcp_dns_policy_published_ports_and_forks(
 
     // DHCP: the kernel took a lease and wrote the name server where resolv.conf points.
     let pnp = String::from_utf8_lossy(&agent.read_file("/proc/net/pnp").unwrap()).into_owned();
-    assert!(pnp.contains("nameserver 10.0.2.3"), "{pnp}\n{}", console.text());
+    assert!(
+        pnp.contains("nameserver 10.0.2.3"),
+        "{pnp}\n{}",
+        console.text()
+    );
 
     // The host's loopback through the gateway, by address and by name.
     let port = server.port();
@@ -164,7 +168,14 @@ fn the_image_reaches_the_host_through_dhcp_dns_policy_published_ports_and_forks(
     );
     assert_eq!(denied, "refused\n");
     let stats = vm.network().unwrap().stats();
-    assert!(stats.denied_by_reason.get(&DenyReason::Metadata).copied().unwrap_or(0) >= 1);
+    assert!(
+        stats
+            .denied_by_reason
+            .get(&DenyReason::Metadata)
+            .copied()
+            .unwrap_or(0)
+            >= 1
+    );
     assert!(connector.refused.lock().unwrap().is_empty());
 
     // A server in the guest, reached through a published port and in-process.
@@ -182,7 +193,9 @@ fn the_image_reaches_the_host_through_dhcp_dns_policy_published_ports_and_forks(
         .unwrap();
     let deadline = Instant::now() + GUEST_TIMEOUT;
     let page = loop {
-        let page = TcpStream::connect(published).map(http_get).unwrap_or_default();
+        let page = TcpStream::connect(published)
+            .map(http_get)
+            .unwrap_or_default();
         if page.contains("200") || Instant::now() > deadline {
             break page;
         }
@@ -195,9 +208,15 @@ fn the_image_reaches_the_host_through_dhcp_dns_policy_published_ports_and_forks(
     let script = format!(
         "import socket\ns = socket.create_connection(('10.0.2.2', {port}), timeout=600)\ns.sendall(b'GET /slow HTTP/1.0\\r\\n\\r\\n')\nf = s.makefile('rb')\nout = open('/tmp/flow', 'w', buffering=1)\nwhile b'part1' not in f.readline(): pass\nout.write('part1\\n')\ntry:\n out.write('complete\\n' if b'part2' in f.read() else 'eof\\n')\nexcept ConnectionResetError:\n out.write('reset\\n')\n"
     );
-    agent.write_file("/tmp/flow.py", script.as_bytes(), Default::default()).unwrap();
     agent
-        .run(&Command::new(["sh", "-c", "setsid python3 /tmp/flow.py >/tmp/flow.err 2>&1 &"]))
+        .write_file("/tmp/flow.py", script.as_bytes(), Default::default())
+        .unwrap();
+    agent
+        .run(&Command::new([
+            "sh",
+            "-c",
+            "setsid python3 /tmp/flow.py >/tmp/flow.err 2>&1 &",
+        ]))
         .unwrap();
     let first = wait_for_file(&agent, "/tmp/flow", "part1");
     assert!(first.contains("part1"), "{first}");
@@ -210,7 +229,10 @@ fn the_image_reaches_the_host_through_dhcp_dns_policy_published_ports_and_forks(
     assert!(child_flow.contains("reset"), "{child_flow}");
     // Both open new flows.
     assert_eq!(python(&agent, &fetch("10.0.2.2")), "hello-from-host\n");
-    assert_eq!(python(&child_agent, &fetch("10.0.2.2")), "hello-from-host\n");
+    assert_eq!(
+        python(&child_agent, &fetch("10.0.2.2")),
+        "hello-from-host\n"
+    );
     assert!(connector.refused.lock().unwrap().is_empty());
     child.stop();
     vm.stop();

@@ -10,8 +10,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use forkvm::{
-    ConsoleBuffer, ConsoleInput, ConsoleOutput, DEFAULT_MEMORY_MIB, ErrorChain, GuestExit,
-    Network, VmBuilder, VsockConfig, error_chain,
+    ConsoleBuffer, ConsoleInput, ConsoleOutput, DEFAULT_MEMORY_MIB, ErrorChain, GuestExit, Network,
+    VmBuilder, VsockConfig, error_chain,
 };
 use forkvm_agent_client::{Command, IMAGE_CMDLINE, IMAGE_MEMORY_MIB, Stream};
 
@@ -158,7 +158,8 @@ fn parse_run(mut args: impl Iterator<Item = String>) -> Result<RunArgs, String> 
 
 /// `[ADDR:]HOST_PORT:GUEST_PORT`, added to `network` (or to a new default one).
 fn parse_publish(network: Option<Network>, value: &str) -> Result<Network, String> {
-    let bad = |what: &str| format!("--publish {value:?}: {what} (want [ADDR:]HOST_PORT:GUEST_PORT)");
+    let bad =
+        |what: &str| format!("--publish {value:?}: {what} (want [ADDR:]HOST_PORT:GUEST_PORT)");
     let (host, guest) = value.rsplit_once(':').ok_or_else(|| bad("no guest port"))?;
     let guest: u16 = guest.parse().map_err(|_| bad("bad guest port"))?;
     let host: SocketAddr = match host.parse::<u16>() {

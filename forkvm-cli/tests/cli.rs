@@ -105,7 +105,10 @@ fn net_and_publish_give_the_guest_a_network_and_bad_ports_are_refused() {
     let guest = test_guest();
     let args = ["--debug-exit", "--cmdline", "mode=exit exit_code=0"];
     // A guest with a network device (the test guest ignores it) and a published port.
-    let ok = forkvm(&[&args[..], &["--net", "--publish", "0:80"]].concat(), &guest);
+    let ok = forkvm(
+        &[&args[..], &["--net", "--publish", "0:80"]].concat(),
+        &guest,
+    );
     assert_eq!(
         ok.status.code(),
         Some(0),

@@ -8,7 +8,7 @@ use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
     EthernetRepr, Icmpv4Message, Icmpv4Packet, Icmpv4Repr, IpAddress, IpProtocol, Ipv4Packet,
-    Ipv4Repr, TcpPacket, UdpPacket, UdpRepr,
+    Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
 };
 
 /// Ethernet header length.
@@ -226,6 +226,51 @@ pub(crate) fn udp_frame(
                 &dst_ip,
                 payload.len(),
                 |out| out.copy_from_slice(payload),
+                &ChecksumCapabilities::default(),
+            );
+        },
+    )
+}
+
+/// A bare TCP ACK from `src` to `dst` with sequence number `seq`: sent to a guest connection
+/// with a sequence number outside its window, it makes the guest answer with an ACK that
+/// carries its own sequence numbers (RFC 793's reply to an unacceptable segment), which a
+/// stack without that connection then resets exactly.
+pub(crate) fn tcp_probe_frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    seq: u32,
+) -> Vec<u8> {
+    let tcp = TcpRepr {
+        src_port: src.port(),
+        dst_port: dst.port(),
+        control: TcpControl::None,
+        // The wire carries the 32 bits; smoltcp's type is signed.
+        seq_number: TcpSeqNumber(seq as i32),
+        ack_number: Some(TcpSeqNumber(0)),
+        window_len: 0,
+        window_scale: None,
+        max_seg_size: None,
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload: &[],
+    };
+    let (src_ip, dst_ip) = (IpAddress::Ipv4(*src.ip()), IpAddress::Ipv4(*dst.ip()));
+    ipv4_frame(
+        src_mac,
+        dst_mac,
+        *src.ip(),
+        *dst.ip(),
+        IpProtocol::Tcp,
+        tcp.buffer_len(),
+        |buffer| {
+            tcp.emit(
+                &mut TcpPacket::new_unchecked(buffer),
+                &src_ip,
+                &dst_ip,
                 &ChecksumCapabilities::default(),
             );
         },

@@ -71,6 +71,8 @@ pub(crate) struct Shared {
     pub(crate) stats: Mutex<NetworkStats>,
     pub(crate) callbacks: Mutex<Vec<DeniedCallback>>,
     pub(crate) published: Mutex<HashSet<SocketAddr>>,
+    /// The guest's TCP connections the network carries now, as of the loop's last turn.
+    pub(crate) connections: Mutex<Vec<GuestConnection>>,
 }
 
 impl Shared {
@@ -80,6 +82,7 @@ impl Shared {
             stats: Mutex::new(NetworkStats::default()),
             callbacks: Mutex::new(Vec::new()),
             published: Mutex::new(HashSet::new()),
+            connections: Mutex::new(Vec::new()),
         }
     }
 
@@ -125,6 +128,9 @@ pub(crate) enum Command {
     /// Stop accepting on the listener bound to this address.
     Unpublish(SocketAddr),
 }
+
+/// One TCP connection of the guest: its own end, and the other end as the guest sees it.
+pub type GuestConnection = (SocketAddrV4, SocketAddrV4);
 
 /// Steers one VM's user-mode network from any thread. Cheap to clone.
 #[derive(Clone)]
@@ -204,6 +210,13 @@ impl NetworkHandle {
             return Err(e);
         }
         Ok(bound)
+    }
+
+    /// The guest's TCP connections this network carries (as of the event loop's last turn). A
+    /// fork takes them while the VM is paused, so that each child's new network can reset them
+    /// ([`crate::UserNetwork::reset_guest_connections`]).
+    pub fn tcp_connections(&self) -> Vec<GuestConnection> {
+        lock(&self.shared.connections).clone()
     }
 
     /// Stops publishing the port [`Self::publish`] bound at `host` (open connections stay).

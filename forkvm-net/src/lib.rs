@@ -46,7 +46,7 @@ mod tcp;
 mod udp;
 
 pub use config::NetworkConfig;
-pub use handle::{DeniedFlow, NetworkHandle, NetworkStats};
+pub use handle::{DeniedFlow, GuestConnection, NetworkHandle, NetworkStats};
 pub use policy::{Cidr, DenyReason, NetworkPolicy, Protocol, Verdict};
 pub use seams::{Connector, HostConnector, HostResolver, Resolver, Seams, StaticResolver};
 pub use stack::UserNetwork;

@@ -26,8 +26,12 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::config::NetworkConfig;
 use crate::device::Link;
 use crate::dns::DnsForwarder;
-use crate::frames::{Guest, IPV4_UDP_HEADERS, classify, echo_reply_frame, udp_frame};
-use crate::handle::{COMMAND_QUEUE, Command, DeniedFlow, NetworkHandle, NetworkStats, Shared};
+use crate::frames::{
+    Guest, IPV4_UDP_HEADERS, classify, echo_reply_frame, tcp_probe_frame, udp_frame,
+};
+use crate::handle::{
+    COMMAND_QUEUE, Command, DeniedFlow, GuestConnection, NetworkHandle, NetworkStats, Shared, lock,
+};
 use crate::policy::{self, DenyReason, DnsPins, NetworkPolicy, PolicyContext, Protocol, Verdict};
 use crate::seams::{Connector, Seams};
 use crate::slab::Slab;
@@ -117,6 +121,8 @@ pub(crate) struct Stack {
     from_guest_bytes: usize,
     pub(crate) stats: NetworkStats,
     denied_udp: HashMap<(SocketAddrV4, SocketAddrV4), Instant>,
+    /// Flow count and total when the shared list of connections was last written.
+    connections_shape: (usize, u64),
     epoch: Instant,
 }
 
@@ -187,6 +193,7 @@ impl UserNetwork {
             from_guest_bytes: 0,
             stats: NetworkStats::default(),
             denied_udp: HashMap::new(),
+            connections_shape: (0, 0),
             epoch: now,
         };
         let network = UserNetwork {
@@ -220,6 +227,34 @@ impl UserNetwork {
 
     fn dropped(&self) {
         self.shared.stats().frames_dropped += 1;
+    }
+
+    /// Resets `connections` in the guest: the guest's connections of the VM this one continues
+    /// (a fork child, a restored snapshot), which this network never carried. Each gets an ACK
+    /// far outside its window; the guest answers it with an ACK carrying its own sequence
+    /// numbers, and that, matching no connection here, is answered with an exact reset. A guest
+    /// that waits to read on such a connection therefore sees a reset at once rather than
+    /// hanging. (The probe's sequence number is arbitrary: with a window of `w` bytes it falls
+    /// inside with odds `w / 2^32`, and then the connection is reset on its next segment.)
+    pub fn reset_guest_connections(&mut self, connections: &[GuestConnection]) {
+        let Some(stack) = self.stack.as_mut() else {
+            return;
+        };
+        for (index, &(guest, remote)) in connections.iter().enumerate() {
+            if !stack.link.has_room() {
+                break;
+            }
+            let seq = (random_seed() as u32).wrapping_add((index as u32).wrapping_mul(0x9e37_79b9));
+            stack.link.push(tcp_probe_frame(
+                stack.config.gateway_mac,
+                stack.config.guest_mac,
+                remote,
+                guest,
+                seq,
+            ));
+        }
+        // The device drains the frames when it next serves the network's events.
+        let _ = stack.control.write(1);
     }
 }
 
@@ -666,6 +701,11 @@ impl Stack {
     }
 
     fn publish_stats(&mut self) {
+        let shape = (self.tcp.flows.len(), self.tcp.total);
+        if shape != self.connections_shape {
+            self.connections_shape = shape;
+            *lock(&self.shared.connections) = self.tcp.keys();
+        }
         self.stats.tcp_flows_open = self.tcp.flows.len() as u64;
         self.stats.tcp_flows_total = self.tcp.total;
         self.stats.udp_flows_open = self.udp.flows.len() as u64;

@@ -151,6 +151,11 @@ pub(crate) struct TcpTable {
 }
 
 impl TcpTable {
+    /// The 4-tuples of the flows.
+    pub(crate) fn keys(&self) -> Vec<Key> {
+        self.by_key.keys().copied().collect()
+    }
+
     /// Whether a new flow gets large buffers, and their size.
     fn buffer_size(&self) -> (bool, usize) {
         if self.large < LARGE_FLOWS {

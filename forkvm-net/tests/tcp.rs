@@ -371,3 +371,45 @@ fn a_guest_that_stops_receiving_gets_everything_later_and_nothing_is_dropped() {
     assert_eq!(checksum(&received), checksum(&pattern(SIZE, 9)));
     assert_eq!(h.handle.stats().frames_dropped, 0);
 }
+
+/// A fork child's network never carried its guest's connections: given them, it resets them in
+/// the guest at once, even one whose guest side only waits to read (it would send nothing, so
+/// the reset-on-next-segment alone would leave it hanging).
+#[test]
+fn a_new_network_resets_the_connections_it_is_given_without_the_guest_sending() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = thread::spawn(move || listener.accept().unwrap().0);
+    let internet = FakeInternet::new().map(public(80), loopback(port));
+    let mut h = Harness::new(NetworkPolicy::public_internet(), internet);
+    let conn = h.connect(public(80));
+    assert!(h.run_until(LIMIT, |h| h.state(conn) == State::Established));
+    let _host = server.join().unwrap();
+    // The loop publishes its connections at the end of a turn.
+    h.run_for(Duration::from_millis(50));
+    let connections = h.handle.tcp_connections();
+    assert_eq!(connections.len(), 1, "{connections:?}");
+    let (guest, remote) = connections[0];
+    assert_eq!(remote.port(), 80);
+    assert_eq!(*guest.ip(), h.config.guest_ip);
+
+    // The "child": the same guest, now behind a new network that was told of the connection.
+    let seams = forkvm_net::Seams {
+        connector: h.internet.clone(),
+        resolver: std::sync::Arc::new(forkvm_net::StaticResolver::new()),
+        hosts: Default::default(),
+    };
+    let (mut child, child_handle) =
+        forkvm_net::UserNetwork::new(h.config.clone(), NetworkPolicy::public_internet(), seams)
+            .unwrap();
+    child.reset_guest_connections(&connections);
+    h.net = child;
+    h.handle = child_handle;
+    // The guest sends nothing of its own; only the probe's answer reaches the new network.
+    assert!(
+        h.run_until(LIMIT, |h| h.state(conn) == State::Closed),
+        "{:?}",
+        h.state(conn)
+    );
+    assert!(h.handle.tcp_connections().is_empty());
+}

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use forkvm_devices::virtio::net::{Net, NetBackend};
 pub use forkvm_net::{
-    Cidr, Connector, DeniedFlow, DenyReason, HostConnector, HostResolver, NetworkHandle,
-    NetworkPolicy, NetworkStats, Protocol, Resolver, Seams, StaticResolver, Verdict,
+    Cidr, Connector, DeniedFlow, DenyReason, GuestConnection, HostConnector, HostResolver,
+    NetworkHandle, NetworkPolicy, NetworkStats, Protocol, Resolver, Seams, StaticResolver, Verdict,
 };
 
 use crate::error::{Error, setup_err};
@@ -70,9 +70,10 @@ impl Network {
 
     /// Answers `name` with `addresses` in the VM's DNS, without asking the host's resolver.
     pub fn host(mut self, name: &str, addresses: &[IpAddr]) -> Self {
-        self.seams
-            .hosts
-            .insert(name.trim_end_matches('.').to_ascii_lowercase(), addresses.to_vec());
+        self.seams.hosts.insert(
+            name.trim_end_matches('.').to_ascii_lowercase(),
+            addresses.to_vec(),
+        );
         self
     }
 
@@ -99,7 +100,9 @@ impl Network {
 
     /// The command-line switch for the guest kernel, if forkvm adds one.
     pub(crate) fn cmdline(&self, user_cmdline: &str) -> Option<&'static str> {
-        let named = user_cmdline.split_whitespace().any(|arg| arg.starts_with("ip="));
+        let named = user_cmdline
+            .split_whitespace()
+            .any(|arg| arg.starts_with("ip="));
         (self.kernel_dhcp && !named).then_some("ip=dhcp")
     }
 
@@ -114,14 +117,18 @@ impl Network {
     }
 
     /// A new network instance: the device's backend and the handle the VM keeps, its ports
-    /// published.
-    pub(crate) fn backend(&self) -> Result<(Box<dyn NetBackend>, NetworkHandle), Error> {
-        let (network, handle) = forkvm_net::UserNetwork::new(
+    /// published, and the guest's connections of the VM it continues (`resets`) reset.
+    pub(crate) fn backend(
+        &self,
+        resets: &[GuestConnection],
+    ) -> Result<(Box<dyn NetBackend>, NetworkHandle), Error> {
+        let (mut network, handle) = forkvm_net::UserNetwork::new(
             self.addresses.clone(),
             self.policy.clone(),
             self.seams.clone(),
         )
         .map_err(|e| setup_err("the user-mode network", e))?;
+        network.reset_guest_connections(resets);
         for &(host, guest_port) in &self.publish {
             handle
                 .publish(host, guest_port)
@@ -132,12 +139,11 @@ impl Network {
 
     /// The virtio-net device of a new VM, with its network.
     pub(crate) fn create(&self) -> Result<(VirtioDeviceSpec, NetworkHandle), Error> {
-        let (backend, handle) = self.backend()?;
+        let (backend, handle) = self.backend(&[])?;
         let device = Net::new(self.addresses.guest_mac, backend);
         Ok((VirtioDeviceSpec::new(Box::new(device)), handle))
     }
 }
-
 
 /// A VM's network as the VM keeps it: how it was made (for its children) and its handle.
 #[derive(Clone, Debug)]

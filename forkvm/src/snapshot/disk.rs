@@ -29,6 +29,7 @@ use crate::boot::mptable::MAX_MPTABLE_VCPUS;
 use crate::error::Error;
 use crate::identity::Identity;
 use crate::memory::freeze::FrozenRam;
+use crate::network::GuestConnection;
 use crate::virtio::FrozenDevice;
 pub use forkvm_devices::virtio::saved::DISK_FILE_PREFIX;
 use forkvm_devices::virtio::saved::SnapshotFiles;
@@ -57,6 +58,10 @@ struct SnapshotState {
     identity: Identity,
     /// Virtio devices: where each sits, its transport registers and queues, its own state.
     devices: Vec<FrozenDevice>,
+    /// The guest's TCP connections through its network, which a restored VM's new network
+    /// resets (absent in snapshots of VMs without a network).
+    #[serde(default)]
+    network_connections: Vec<GuestConnection>,
 }
 
 /// `SerialState` for serde (vm-superio offers none), field by field.
@@ -136,6 +141,7 @@ pub(super) fn save(point: &Snapshot, dir: &Path) -> Result<(), Error> {
         serial: point.serial.clone(),
         identity: point.identity,
         devices,
+        network_connections: point.network_connections.clone(),
     };
     write_atomically(dir, STATE_FILE, &mut |file| {
         let mut writer = BufWriter::new(file);
@@ -206,6 +212,7 @@ pub(super) fn load(dir: &Path) -> Result<Snapshot, Error> {
         devices: open_disks(dir, state.devices)?,
         identity: state.identity,
         network: None,
+        network_connections: state.network_connections,
     }))
 }
 

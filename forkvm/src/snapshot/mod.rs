@@ -29,9 +29,9 @@ use serde::{Deserialize, Serialize};
 use crate::arch::state::{VcpuState, VmState};
 use crate::error::Error;
 use crate::identity::Identity;
-use crate::network::Network;
 use crate::machine::Machine;
 use crate::memory::freeze::FrozenRam;
+use crate::network::{GuestConnection, Network};
 use crate::virtio::FrozenDevice;
 
 pub use child::Child;
@@ -73,6 +73,8 @@ pub struct Snapshot {
     /// The network spawned VMs get unless their [`Child`] names one: the source VM's, with the
     /// policy it had at the capture and no published ports (a loaded snapshot: the defaults).
     pub(crate) network: Option<Network>,
+    /// The guest's TCP connections at the capture, which each spawned VM's new network resets.
+    pub(crate) network_connections: Vec<GuestConnection>,
     /// Children prepared ahead for this snapshot.
     prepared: Mutex<Vec<Shell>>,
 }
@@ -100,6 +102,7 @@ pub(crate) struct SnapshotParts {
     pub devices: Vec<FrozenDevice>,
     pub identity: Identity,
     pub network: Option<Network>,
+    pub network_connections: Vec<GuestConnection>,
 }
 
 impl Snapshot {
@@ -114,6 +117,7 @@ impl Snapshot {
             devices: parts.devices,
             identity: parts.identity,
             network: parts.network,
+            network_connections: parts.network_connections,
             prepared: Mutex::default(),
         }
     }

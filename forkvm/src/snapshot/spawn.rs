@@ -144,7 +144,7 @@ fn continue_devices(
                 .take()
                 .or_else(|| point.network.clone())
                 .unwrap_or_default();
-            let (backend, handle) = config.backend()?;
+            let (backend, handle) = config.backend(&point.network_connections)?;
             ends.net_backend = Some(backend);
             network = Some(VmNetwork { config, handle });
         }

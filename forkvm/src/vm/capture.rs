@@ -100,6 +100,11 @@ impl Vm {
                 .network
                 .as_ref()
                 .map(|network| network.config.for_child(Some(&network.handle))),
+            network_connections: self
+                .network
+                .as_ref()
+                .map(|network| network.handle.tcp_connections())
+                .unwrap_or_default(),
         }))
     }
 
