@@ -1,7 +1,7 @@
 //! forkvm's Linux image on a network, end to end: the kernel takes its address by DHCP from the
 //! user-mode network (`ip=dhcp`, added by forkvm), the guest fetches pages from an HTTP server
 //! this test runs on 127.0.0.1 (through the gateway, which the policy opens for the host's
-//! loopback only, and by a name from the VM's static DNS map), a denied destination fails fast
+//! loopback only, and by a name the VM's static DNS map gives the gateway's address), a denied destination fails fast
 //! without a host socket ever being opened, a published port and `Vm::connect_tcp` reach a
 //! server in the guest, and a fork with a flow open keeps the flow in the parent and resets it
 //! in the child, after which both open new flows.
@@ -107,11 +107,12 @@ fn wait_for_file(agent: &Agent, path: &str, needle: &str) -> String {
     }
 }
 
-fn http_get(mut stream: impl Read + Write) -> String {
-    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+/// Sends an HTTP/1.0 GET of `/` on `stream` and reads the answer to its end.
+fn http_get(mut stream: impl Read + Write) -> io::Result<String> {
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
     let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    text
+    stream.read_to_string(&mut text)?;
+    Ok(text)
 }
 
 #[test]
@@ -121,7 +122,9 @@ fn the_image_reaches_the_host_through_dhcp_dns_policy_published_ports_and_forks(
     let image = built_artifact("guest/rootfs/build.sh");
     let (server, go) = http_server();
     let connector = Arc::new(LoopbackOnly::default());
-    let resolver = StaticResolver::new().with("host.test", &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    // Names resolve only from static maps: the VM's own (`Network::host`, which names the
+    // gateway, the host as the guest sees it) and an empty resolver.
+    let resolver = StaticResolver::new();
     let policy = NetworkPolicy::public_internet().allow("127.0.0.1/32".parse().unwrap());
     let console = ConsoleBuffer::new();
     let vm = VmBuilder::new()
@@ -133,6 +136,7 @@ fn the_image_reaches_the_host_through_dhcp_dns_policy_published_ports_and_forks(
         .network(
             Network::user()
                 .policy(policy)
+                .host("host.test", &[IpAddr::V4(Ipv4Addr::new(10, 0, 2, 2))])
                 .seams(connector.clone(), Arc::new(resolver)),
         )
         .console(ConsoleOutput::Buffer(console.clone()))
@@ -158,7 +162,17 @@ fn the_image_reaches_the_host_through_dhcp_dns_policy_published_ports_and_forks(
             "import urllib.request; print(urllib.request.urlopen('http://{host}:{port}/', timeout=60).read().decode(), end='')"
         )
     };
-    assert_eq!(python(&agent, &fetch("10.0.2.2")), "hello-from-host\n");
+    let fetched = agent
+        .run(&Command::new(["python3", "-c", &fetch("10.0.2.2")]).timeout(GUEST_TIMEOUT))
+        .unwrap();
+    assert_eq!(
+        fetched.stdout_text(),
+        "hello-from-host\n",
+        "{}\n{:?}\nrefused: {:?}",
+        fetched.stderr_text(),
+        vm.network().unwrap().stats(),
+        connector.refused.lock().unwrap()
+    );
     assert_eq!(python(&agent, &fetch("host.test")), "hello-from-host\n");
 
     // The metadata address is denied at once, and no host socket was opened for it.
@@ -193,8 +207,9 @@ fn the_image_reaches_the_host_through_dhcp_dns_policy_published_ports_and_forks(
         .unwrap();
     let deadline = Instant::now() + GUEST_TIMEOUT;
     let page = loop {
+        // Until the server listens, the guest refuses: the host side reads a reset.
         let page = TcpStream::connect(published)
-            .map(http_get)
+            .and_then(http_get)
             .unwrap_or_default();
         if page.contains("200") || Instant::now() > deadline {
             break page;
@@ -202,7 +217,8 @@ fn the_image_reaches_the_host_through_dhcp_dns_policy_published_ports_and_forks(
         std::thread::sleep(Duration::from_millis(500));
     };
     assert!(page.contains("Directory listing"), "{page}");
-    assert!(http_get(vm.connect_tcp(8000).unwrap()).contains("Directory listing"));
+    let page = http_get(vm.connect_tcp(8000).unwrap()).unwrap();
+    assert!(page.contains("Directory listing"), "{page}");
 
     // A flow open across a fork: it completes in the parent and is reset in the child.
     let script = format!(

@@ -143,3 +143,48 @@ fn dropping_the_in_process_stream_closes_the_guests_connection() {
     h.tcp(listener).close();
     assert!(h.run_until(LIMIT, |h| h.handle.stats().tcp_flows_open == 0));
 }
+
+/// A request-response over an in-process connect, as an HTTP/1.0 server in the guest does it:
+/// the host writes its request at once (before the guest accepted), the guest answers and
+/// closes; the host reads the whole answer and then end-of-file, never a reset.
+#[test]
+fn a_request_written_before_the_guest_accepts_gets_its_whole_answer_then_eof() {
+    let mut h = Harness::new(NetworkPolicy::public_internet(), FakeInternet::new());
+    let listener = guest_listener(&mut h, 8000);
+    let mut stream = h.handle.connect_tcp(8000).unwrap();
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    stream.set_nonblocking(true).unwrap();
+    let mut request = Vec::new();
+    assert!(h.run_until(LIMIT, |h| {
+        let mut buffer = [0u8; 64];
+        if let Ok(n) = h.tcp(listener).recv_slice(&mut buffer) {
+            request.extend_from_slice(&buffer[..n]);
+        }
+        request.ends_with(b"\r\n\r\n")
+    }));
+    let answer = vec![b'x'; 100_000];
+    let mut sent = 0;
+    assert!(h.run_until(LIMIT, |h| {
+        if sent < answer.len() {
+            sent += h.tcp(listener).send_slice(&answer[sent..]).unwrap();
+            if sent == answer.len() {
+                h.tcp(listener).close();
+            }
+        }
+        sent == answer.len()
+    }));
+    let mut got = Vec::new();
+    let mut end = None;
+    assert!(h.run_until(LIMIT, |_| {
+        let mut buffer = [0u8; 4096];
+        match stream.read(&mut buffer) {
+            Ok(0) => end = Some(Ok(())),
+            Ok(n) => got.extend_from_slice(&buffer[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => end = Some(Err(e)),
+        }
+        end.is_some()
+    }));
+    assert!(end.unwrap().is_ok());
+    assert_eq!(got.len(), answer.len());
+}
