@@ -35,12 +35,13 @@ fi
 step "lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-python3 scripts/module-cycles.py forkvm/src forkvm-devices/src forkvm-agent-client/src guest/forkvm-agent/src
+python3 scripts/module-cycles.py forkvm/src forkvm-devices/src forkvm-net/src forkvm-agent-client/src \
+    guest/forkvm-agent/src
 
 # The crates whose tests need no KVM at all (the others' tests run below, after the guests;
 # without KVM, those of them that need it show as ignored).
-step "tests without KVM (devices, agent protocol, agent)"
-cargo test -p forkvm-devices -p forkvm-agent-protocol -p forkvm-agent 2>&1 | tee "$log"
+step "tests without KVM (devices, network, agent protocol, agent)"
+cargo test -p forkvm-devices -p forkvm-net -p forkvm-agent-protocol -p forkvm-agent 2>&1 | tee "$log"
 
 step "fuzzing (bounded)"
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
@@ -68,7 +69,8 @@ if [ "$kvm" = 1 ]; then
 else
     step "tests (no usable /dev/kvm: those that need it show as ignored)"
 fi
-cargo test --workspace --exclude forkvm-devices --exclude forkvm-agent-protocol --exclude forkvm-agent 2>&1 |
+cargo test --workspace --exclude forkvm-devices --exclude forkvm-net --exclude forkvm-agent-protocol \
+    --exclude forkvm-agent 2>&1 |
     tee -a "$log"
 kvm_tests=$(grep -c '^test .* ignored, needs /dev/kvm$' "$log" || true)
 

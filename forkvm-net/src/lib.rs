@@ -42,13 +42,11 @@ pub mod policy;
 mod seams;
 mod slab;
 mod stack;
-mod tcp;
-mod udp;
 
 pub use config::NetworkConfig;
 pub use handle::{DeniedFlow, GuestConnection, NetworkHandle, NetworkStats};
 pub use policy::{Cidr, DenyReason, NetworkPolicy, Protocol, Verdict};
 pub use seams::{Connector, HostConnector, HostResolver, Resolver, Seams, StaticResolver};
 pub use stack::UserNetwork;
-pub use tcp::{MAX_PENDING_HANDSHAKES, MAX_TCP_FLOWS};
-pub use udp::MAX_UDP_FLOWS;
+pub use stack::tcp::{MAX_PENDING_HANDSHAKES, MAX_TCP_FLOWS};
+pub use stack::udp::MAX_UDP_FLOWS;

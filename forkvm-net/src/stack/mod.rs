@@ -35,8 +35,11 @@ use crate::handle::{
 use crate::policy::{self, DenyReason, DnsPins, NetworkPolicy, PolicyContext, Protocol, Verdict};
 use crate::seams::{Connector, Seams};
 use crate::slab::Slab;
-use crate::tcp::TcpTable;
-use crate::udp::UdpTable;
+pub(crate) mod tcp;
+pub(crate) mod udp;
+
+use tcp::TcpTable;
+use udp::UdpTable;
 
 /// Epoll token of the control eventfd.
 pub(crate) const TOKEN_CONTROL: u64 = 1;
@@ -429,7 +432,7 @@ impl Stack {
         for _ in 0..COMMANDS_PER_TURN {
             match self.commands.try_recv() {
                 Ok(Command::Connect { guest_port, stream }) => {
-                    self.open_inbound(guest_port, crate::tcp::HostStream::Unix(stream), now);
+                    self.open_inbound(guest_port, tcp::HostStream::Unix(stream), now);
                 }
                 Ok(Command::Publish {
                     listener,
@@ -481,7 +484,7 @@ impl Stack {
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
-                    self.open_inbound(guest_port, crate::tcp::HostStream::Tcp(stream), now);
+                    self.open_inbound(guest_port, tcp::HostStream::Tcp(stream), now);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {

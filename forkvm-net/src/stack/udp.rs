@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
 
+use super::tcp::Key;
+use super::{Stack, TOKEN_UDP, in_subnet};
 use crate::frames::{IPV4_UDP_HEADERS, udp_frame};
 use crate::policy::{Protocol, Verdict};
 use crate::slab::Slab;
-use crate::stack::{Stack, TOKEN_UDP, in_subnet};
-use crate::tcp::Key;
 
 /// UDP flows open at once, at most (datagrams of further flows are dropped).
 pub const MAX_UDP_FLOWS: usize = 256;

@@ -17,9 +17,9 @@ use smoltcp::wire::{IpEndpoint, IpListenEndpoint};
 use socket2::SockRef;
 use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
 
+use super::{Stack, TOKEN_TCP, in_subnet};
 use crate::policy::{Protocol, Verdict};
 use crate::slab::Slab;
-use crate::stack::{Stack, TOKEN_TCP, in_subnet};
 
 /// TCP flows open at once, at most (one more gets a reset).
 pub const MAX_TCP_FLOWS: usize = 1024;
