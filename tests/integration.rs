@@ -10,6 +10,7 @@ mod boot;
 mod fork;
 mod fork_devices;
 mod identity;
+mod network_devices;
 mod pause;
 mod snapshot;
 mod vsock;

@@ -42,6 +42,7 @@ pub mod policy;
 mod seams;
 mod slab;
 mod stack;
+mod tap;
 
 pub use config::NetworkConfig;
 pub use handle::{DeniedFlow, GuestConnection, NetworkHandle, NetworkStats};
@@ -50,3 +51,4 @@ pub use seams::{Connector, HostConnector, HostResolver, Resolver, Seams, StaticR
 pub use stack::UserNetwork;
 pub use stack::tcp::{MAX_PENDING_HANDSHAKES, MAX_TCP_FLOWS};
 pub use stack::udp::MAX_UDP_FLOWS;
+pub use tap::TapBackend;

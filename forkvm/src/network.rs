@@ -16,12 +16,15 @@ pub use forkvm_net::{
 
 use crate::error::{Error, setup_err};
 use crate::virtio::VirtioDeviceSpec;
+use forkvm_devices::chain::ErrorChain;
 
 /// A VM's network: [`crate::VmBuilder::network`] adds it, [`crate::Child::network`] gives a fork
 /// child another. Defaults: addresses 10.0.2.15/24 (guest), 10.0.2.2 (gateway, standing for the
 /// host), 10.0.2.3 (DNS); the policy [`NetworkPolicy::public_internet`]; no published ports.
 #[derive(Clone, Debug)]
 pub struct Network {
+    /// The host TAP interface behind the device instead of the user-mode network.
+    tap: Option<String>,
     addresses: forkvm_net::NetworkConfig,
     policy: NetworkPolicy,
     publish: Vec<(SocketAddr, u16)>,
@@ -39,11 +42,26 @@ impl Network {
     /// The user-mode network with its defaults.
     pub fn user() -> Self {
         Self {
+            tap: None,
             addresses: forkvm_net::NetworkConfig::default(),
             policy: NetworkPolicy::default(),
             publish: Vec::new(),
             seams: Seams::host(),
             kernel_dhcp: true,
+        }
+    }
+
+    /// The device on the host TAP interface `name` instead (Firecracker-style networking: the
+    /// host configures and routes the interface; opening it needs `CAP_NET_ADMIN` or a
+    /// persistent TAP device the caller owns). forkvm's policy, DHCP, DNS and published ports do
+    /// not apply, and [`crate::Vm::network`] is `None`. A TAP interface serves one VM: a fork
+    /// child of a VM on one gets the user-mode network unless its [`crate::Child::network`]
+    /// names another interface.
+    pub fn tap(name: &str) -> Self {
+        Self {
+            tap: Some(name.to_owned()),
+            kernel_dhcp: false,
+            ..Self::user()
         }
     }
 
@@ -109,6 +127,7 @@ impl Network {
     /// The same network for a fork child: the policy `handle` holds now, no published ports.
     pub(crate) fn for_child(&self, handle: Option<&NetworkHandle>) -> Self {
         let mut child = self.clone();
+        child.tap = None;
         if let Some(handle) = handle {
             child.policy = handle.policy();
         }
@@ -121,7 +140,12 @@ impl Network {
     pub(crate) fn backend(
         &self,
         resets: &[GuestConnection],
-    ) -> Result<(Box<dyn NetBackend>, NetworkHandle), Error> {
+    ) -> Result<(Box<dyn NetBackend>, Option<NetworkHandle>), Error> {
+        if let Some(name) = &self.tap {
+            let tap = forkvm_net::TapBackend::open(name)
+                .map_err(|e| setup_err("the TAP interface", ErrorChain(&e)))?;
+            return Ok((Box::new(tap), None));
+        }
         let (mut network, handle) = forkvm_net::UserNetwork::new(
             self.addresses.clone(),
             self.policy.clone(),
@@ -134,11 +158,11 @@ impl Network {
                 .publish(host, guest_port)
                 .map_err(|source| Error::Publish { host, source })?;
         }
-        Ok((Box::new(network), handle))
+        Ok((Box::new(network), Some(handle)))
     }
 
     /// The virtio-net device of a new VM, with its network.
-    pub(crate) fn create(&self) -> Result<(VirtioDeviceSpec, NetworkHandle), Error> {
+    pub(crate) fn create(&self) -> Result<(VirtioDeviceSpec, Option<NetworkHandle>), Error> {
         let (backend, handle) = self.backend(&[])?;
         let device = Net::new(self.addresses.guest_mac, backend);
         Ok((VirtioDeviceSpec::new(Box::new(device)), handle))
@@ -149,5 +173,6 @@ impl Network {
 #[derive(Clone, Debug)]
 pub(crate) struct VmNetwork {
     pub config: Network,
-    pub handle: NetworkHandle,
+    /// The user-mode network's handle (none on a TAP interface).
+    pub handle: Option<NetworkHandle>,
 }

@@ -18,6 +18,7 @@ use super::Vm;
 use crate::arch::state::{VcpuState, VmState};
 use crate::error::Error;
 use crate::memory::freeze::FreezeDraft;
+use crate::network::NetworkHandle;
 use crate::snapshot::pool::{Shell, ShellShape};
 use crate::snapshot::{Child, CpuState, Snapshot, SnapshotParts};
 use kvm_ioctls::Kvm;
@@ -99,11 +100,12 @@ impl Vm {
             network: self
                 .network
                 .as_ref()
-                .map(|network| network.config.for_child(Some(&network.handle))),
+                .map(|network| network.config.for_child(network.handle.as_ref())),
             network_connections: self
                 .network
                 .as_ref()
-                .map(|network| network.handle.tcp_connections())
+                .and_then(|network| network.handle.as_ref())
+                .map(NetworkHandle::tcp_connections)
                 .unwrap_or_default(),
         }))
     }

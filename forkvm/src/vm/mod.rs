@@ -290,17 +290,18 @@ impl Vm {
     /// The network added with [`crate::VmBuilder::network`] (or given to a fork child), if any:
     /// change its policy, read its counters, publish ports, connect to guest ports.
     pub fn network(&self) -> Option<&NetworkHandle> {
-        self.network.as_ref().map(|network| &network.handle)
+        self.network
+            .as_ref()
+            .and_then(|network| network.handle.as_ref())
     }
 
     /// Opens a TCP connection to `port` in the guest through its network, in-process (no host
     /// listener): the stream's other end is bridged to the guest's TCP socket. A guest that
     /// refuses (nothing listens) shows as a stream that ends at once. Fails if the VM has no
-    /// network.
+    /// user-mode network.
     pub fn connect_tcp(&self, port: u16) -> Result<UnixStream, Error> {
-        let network = self.network.as_ref().ok_or(Error::NoNetwork)?;
-        network
-            .handle
+        let handle = self.network().ok_or(Error::NoNetwork)?;
+        handle
             .connect_tcp(port)
             .map_err(|source| Error::NetworkConnect { port, source })
     }
