@@ -82,7 +82,9 @@ fn a_vm_without_a_network_says_so_and_a_taken_port_fails_the_build() {
     let built = forkvm_tests::test_guest_vm("mode=spin", &console)
         .network(network().publish(taken.local_addr().unwrap(), 80))
         .build();
-    let error = built.err().expect("the port is taken");
+    let Err(error) = built else {
+        panic!("built on a taken port")
+    };
     assert_eq!(error.kind(), ErrorKind::Io);
     assert!(forkvm::error_chain(&error).contains("cannot publish"));
 }
@@ -115,10 +117,11 @@ fn a_tap_interface_can_back_the_device_in_a_namespace_of_the_tests_own() {
     }
     // An impossible interface name fails the build with a readable error.
     let console = forkvm::ConsoleBuffer::new();
-    let error = forkvm_tests::test_guest_vm("mode=spin", &console)
+    let Err(error) = forkvm_tests::test_guest_vm("mode=spin", &console)
         .network(Network::tap("a-name-far-too-long-for-linux"))
         .build()
-        .err()
-        .expect("a bad name");
+    else {
+        panic!("built with a bad TAP name")
+    };
     assert!(forkvm::error_chain(&error).contains("TAP"), "{error}");
 }
