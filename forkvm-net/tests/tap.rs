@@ -173,12 +173,12 @@ fn run(tap: &mut TapBackend) {
     while echoed.len() < 11 {
         assert!(Instant::now() < deadline, "no echo through the TAP device");
         iface.poll(now(), &mut Link(tap), &mut sockets);
-        if server.is_none() {
-            if let Ok((stream, peer)) = listener.accept() {
-                assert_eq!(peer.ip(), std::net::IpAddr::V4(GUEST));
-                stream.set_nonblocking(true).unwrap();
-                server = Some(stream);
-            }
+        if server.is_none()
+            && let Ok((stream, peer)) = listener.accept()
+        {
+            assert_eq!(peer.ip(), std::net::IpAddr::V4(GUEST));
+            stream.set_nonblocking(true).unwrap();
+            server = Some(stream);
         }
         let socket = sockets.get_mut::<tcp::Socket>(handle);
         if socket.may_send() && !sent {
