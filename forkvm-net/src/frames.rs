@@ -7,8 +7,9 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
-    EthernetRepr, Icmpv4Message, Icmpv4Packet, Icmpv4Repr, IpAddress, IpProtocol, Ipv4Packet,
-    Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
+    EthernetRepr, Icmpv4DstUnreachable, Icmpv4Message, Icmpv4Packet, Icmpv4Repr, IpAddress,
+    IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket,
+    UdpRepr,
 };
 
 /// Ethernet header length.
@@ -273,6 +274,48 @@ pub(crate) fn tcp_probe_frame(
                 &dst_ip,
                 &ChecksumCapabilities::default(),
             );
+        },
+    )
+}
+
+/// An ICMP "communication administratively prohibited" from `router` to the guest about its UDP
+/// datagram from `src` to `dst` of `payload_len` bytes (the guest's connected socket fails with
+/// EHOSTUNREACH at once rather than waiting for an answer).
+pub(crate) fn udp_prohibited_frame(
+    router_mac: [u8; 6],
+    guest_mac: [u8; 6],
+    router: Ipv4Addr,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    payload_len: usize,
+) -> Vec<u8> {
+    // The offending datagram's IP header and its first 8 bytes: the UDP header (checksum 0).
+    let udp_len = u16::try_from(payload_len + 8).unwrap_or(u16::MAX);
+    let mut udp_header = [0u8; 8];
+    udp_header[0..2].copy_from_slice(&src.port().to_be_bytes());
+    udp_header[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    udp_header[4..6].copy_from_slice(&udp_len.to_be_bytes());
+    let icmp = Icmpv4Repr::DstUnreachable {
+        reason: Icmpv4DstUnreachable::CommProhibited,
+        header: Ipv4Repr {
+            src_addr: *src.ip(),
+            dst_addr: *dst.ip(),
+            next_header: IpProtocol::Udp,
+            payload_len: usize::from(udp_len),
+            hop_limit: 64,
+        },
+        data: &udp_header,
+    };
+    ipv4_frame(
+        router_mac,
+        guest_mac,
+        router,
+        *src.ip(),
+        IpProtocol::Icmp,
+        icmp.buffer_len(),
+        |buffer| {
+            let mut packet = Icmpv4Packet::new_unchecked(buffer);
+            icmp.emit(&mut packet, &ChecksumCapabilities::default());
         },
     )
 }

@@ -478,3 +478,61 @@ fn udp_flows_past_the_cap_are_dropped() {
     servers[cap].set_nonblocking(true).unwrap();
     assert!(servers[cap].recv(&mut buffer).is_err());
 }
+
+/// A UDP datagram the policy denies fails fast in the guest: an ICMP "communication
+/// administratively prohibited" from the gateway quoting it, and no host socket.
+#[test]
+fn a_denied_udp_datagram_gets_an_icmp_prohibited_back() {
+    let mut h = Harness::new(NetworkPolicy::public_internet(), FakeInternet::new());
+    let config = h.config.clone();
+    let (src, dst) = (config.guest_ip, Ipv4Addr::new(169, 254, 169, 254));
+    let udp = smoltcp::wire::UdpRepr {
+        src_port: 5353,
+        dst_port: 53,
+    };
+    let payload = b"where am I";
+    let ip = Ipv4Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: IpProtocol::Udp,
+        payload_len: udp.header_len() + payload.len(),
+        hop_limit: 64,
+    };
+    let eth = EthernetRepr {
+        src_addr: EthernetAddress(config.guest_mac),
+        dst_addr: EthernetAddress(config.gateway_mac),
+        ethertype: EthernetProtocol::Ipv4,
+    };
+    let mut frame = vec![0u8; eth.buffer_len() + ip.buffer_len() + ip.payload_len];
+    let mut eth_frame = EthernetFrame::new_unchecked(&mut frame[..]);
+    eth.emit(&mut eth_frame);
+    let mut ip_packet = Ipv4Packet::new_unchecked(eth_frame.payload_mut());
+    ip.emit(&mut ip_packet, &Default::default());
+    udp.emit(
+        &mut smoltcp::wire::UdpPacket::new_unchecked(ip_packet.payload_mut()),
+        &src.into(),
+        &dst.into(),
+        payload.len(),
+        |out| out.copy_from_slice(payload),
+        &Default::default(),
+    );
+    let replies = exchange(&mut h, &frame);
+    assert_eq!(replies.len(), 1);
+    let eth = EthernetFrame::new_checked(&replies[0][..]).unwrap();
+    let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
+    assert_eq!((ip.src_addr(), ip.dst_addr()), (config.gateway_ip, src));
+    let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+    assert_eq!(
+        icmp.msg_type(),
+        smoltcp::wire::Icmpv4Message::DstUnreachable
+    );
+    assert_eq!(icmp.msg_code(), 13); // communication administratively prohibited
+    // The quote: the datagram's IP header (as a truncated packet: smoltcp's checked parser
+    // refuses it, as it should) and its UDP header.
+    let quote = icmp.data();
+    assert_eq!(quote.len(), 28);
+    assert_eq!(&quote[12..20], &[10, 0, 2, 15, 169, 254, 169, 254]);
+    assert_eq!(&quote[20..24], &[0x14, 0xe9, 0x00, 0x35]); // ports 5353 -> 53
+    assert!(h.internet.calls().is_empty());
+    assert_eq!(h.handle.stats().denied_total, 1);
+}

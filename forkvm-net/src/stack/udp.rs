@@ -12,7 +12,7 @@ use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
 
 use super::tcp::Key;
 use super::{Stack, TOKEN_UDP, in_subnet};
-use crate::frames::{IPV4_UDP_HEADERS, udp_frame};
+use crate::frames::{IPV4_UDP_HEADERS, udp_frame, udp_prohibited_frame};
 use crate::policy::{Protocol, Verdict};
 use crate::slab::Slab;
 
@@ -52,7 +52,7 @@ impl Stack {
         let key = (src, dst);
         let index = match self.udp.by_key.get(&key) {
             Some(&index) => index,
-            None => match self.open_udp(key, now) {
+            None => match self.open_udp(key, payload.len(), now) {
                 Some(index) => index,
                 None => {
                     self.stats.frames_dropped += 1;
@@ -70,7 +70,9 @@ impl Stack {
         }
     }
 
-    fn open_udp(&mut self, key: Key, now: Instant) -> Option<usize> {
+    /// A flow for `key`, if the policy, the caps and the connector allow; a denied datagram (of
+    /// `payload_len` bytes) gets the guest an ICMP "administratively prohibited".
+    fn open_udp(&mut self, key: Key, payload_len: usize, now: Instant) -> Option<usize> {
         let dialled = key.1;
         if *dialled.ip() != self.config.gateway_ip && in_subnet(&self.config, *dialled.ip()) {
             return None;
@@ -79,6 +81,16 @@ impl Stack {
         if let Verdict::Deny(reason) = self.check(target, Protocol::Udp, now) {
             if self.report_udp_denial(key, now) {
                 self.denied(Protocol::Udp, target, dialled, reason);
+            }
+            if self.link.has_room() {
+                self.link.push(udp_prohibited_frame(
+                    self.config.gateway_mac,
+                    self.config.guest_mac,
+                    self.config.gateway_ip,
+                    key.0,
+                    dialled,
+                    payload_len,
+                ));
             }
             return None;
         }
