@@ -125,3 +125,24 @@ fn a_tap_interface_can_back_the_device_in_a_namespace_of_the_tests_own() {
     };
     assert!(forkvm::error_chain(&error).contains("TAP"), "{error}");
 }
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_restored_vm_gets_a_fresh_network_of_the_childs_choosing() {
+    let (vm, _, _) = spinning_guest_with(1, 32, |b| {
+        b.network(network().policy(NetworkPolicy::deny_all()))
+    });
+    let dir = std::env::temp_dir().join(format!("forkvm-net-snapshot-{}", std::process::id()));
+    vm.snapshot(&dir).unwrap();
+    vm.stop();
+    let own = NetworkPolicy::public_internet().allow("127.0.0.1/32".parse().unwrap());
+    let restored = forkvm::Vm::restore(
+        &dir,
+        Child::new(ConsoleOutput::Discard).network(network().policy(own.clone())),
+    )
+    .unwrap();
+    assert_eq!(restored.network().unwrap().policy(), own);
+    assert!(restored.devices().iter().any(|d| d.kind == DeviceKind::Net));
+    restored.stop();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
