@@ -276,6 +276,7 @@ fn throughput(_: &mut Criterion) {
     }
     let bytes = env("FORKVM_NET_BENCH_MIB", 32) << 20;
     let rounds = env("FORKVM_NET_BENCH_ROUNDS", 12);
+    let profiling = env("FORKVM_NET_BENCH_PROFILE", 0) == 1;
     for mtu in [1500u16, 65520] {
         for guest_sends in [true, false] {
             let way = if guest_sends {
@@ -293,7 +294,12 @@ fn throughput(_: &mut Criterion) {
             let counts = bulk.guest.counts();
             for _ in 0..rounds {
                 let va = gbits(bytes, bulk.round(bytes, guest_sends));
-                let vb = gbits(bytes, lo.round(bytes, guest_sends));
+                // FORKVM_NET_BENCH_PROFILE=1 leaves loopback out (for `perf record`).
+                let vb = if profiling {
+                    1.0
+                } else {
+                    gbits(bytes, lo.round(bytes, guest_sends))
+                };
                 a.push(va);
                 b.push(vb);
                 ratios.push(va / vb);
@@ -393,8 +399,33 @@ fn memory(_: &mut Criterion) {
     };
     let warm = make();
     let (h0, r0, t0) = (heap(), proc_kib("RssAnon"), proc_kib("Threads"));
-    let networks: Vec<_> = (0..NETWORKS).map(|_| make()).collect();
+    let mut created = Vec::new();
+    let networks: Vec<_> = (0..NETWORKS)
+        .map(|_| {
+            let t = Instant::now();
+            let network = make();
+            created.push(t.elapsed().as_secs_f64() * 1e6);
+            network
+        })
+        .collect();
     let (h1, r1, t1) = (heap(), proc_kib("RssAnon"), proc_kib("Threads"));
+    print_pct(
+        "net_memory/create_network (UserNetwork::new + Net::new)",
+        &mut created,
+        "us",
+    );
+    let mut ifaddrs: Vec<f64> = (0..NETWORKS)
+        .map(|_| {
+            let t = Instant::now();
+            std::hint::black_box(forkvm_net::policy::host_addresses());
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    print_pct(
+        "net_memory/of_which_host_addresses (getifaddrs)",
+        &mut ifaddrs,
+        "us",
+    );
     println!(
         "net_memory/idle_network: {NETWORKS} UserNetwork + Net: heap {:.1} KiB, RssAnon {:.1} \
          KiB, threads {} per network",
