@@ -14,8 +14,8 @@
 //! No packet leaves 127.0.0.0/8: the guest reaches the host's 127.0.0.1 through the gateway
 //! 10.0.2.2 with a policy that allows 127.0.0.1/32 only, and the connector refuses (and the
 //! benchmark fails on) anything that is not loopback. Every loop is bounded in count and time.
-//! `FORKVM_NET_BENCH_MIB` sets the bytes per throughput round (default 32 MiB),
-//! `FORKVM_NET_BENCH_ROUNDS` the rounds (default 12); `FORKVM_NET_BENCH_ONLY=throughput`
+//! `FORKVM_NET_BENCH_MIB` sets the bytes per throughput round (default 64 MiB),
+//! `FORKVM_NET_BENCH_ROUNDS` the rounds (default 30); `FORKVM_NET_BENCH_ONLY=throughput`
 //! (`connect`, `memory`, `fork`) runs one part.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -274,8 +274,8 @@ fn throughput(_: &mut Criterion) {
     if !runs("throughput") {
         return;
     }
-    let bytes = env("FORKVM_NET_BENCH_MIB", 32) << 20;
-    let rounds = env("FORKVM_NET_BENCH_ROUNDS", 12);
+    let bytes = env("FORKVM_NET_BENCH_MIB", 64) << 20;
+    let rounds = env("FORKVM_NET_BENCH_ROUNDS", 30);
     let profiling = env("FORKVM_NET_BENCH_PROFILE", 0) == 1;
     for mtu in [1500u16, 65520] {
         for guest_sends in [true, false] {
@@ -329,7 +329,7 @@ fn connect_latency(_: &mut Criterion) {
     if !runs("connect") {
         return;
     }
-    const ROUNDS: usize = 300;
+    const ROUNDS: usize = 1000;
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
@@ -350,10 +350,21 @@ fn connect_latency(_: &mut Criterion) {
     });
     let (seams, connector, policy) = loopback_only();
     let mut g = VirtioGuest::new(1500, 2048, policy, seams, true);
-    let (mut a, mut b) = (Vec::new(), Vec::new());
+    let (mut a, mut b, mut host) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..ROUNDS + 20 {
         let t0 = Instant::now();
         let conn = g.connect_gateway(address.port(), 4096);
+        // The guest puts its SYN in the transmit ring; the host side's part is from the kick
+        // to the SYN-ACK in the guest's receive buffer (device, NAT, host connect, device).
+        let now = g.now();
+        g.iface.poll(now, &mut g.link, &mut g.sockets);
+        let kick = Instant::now();
+        g.link.flush();
+        let deadline = Instant::now() + LIMIT;
+        while !g.link.rx_ready() && Instant::now() < deadline {
+            g.link.serve_host_event(1);
+        }
+        let host_side = kick.elapsed();
         assert!(g.run_until(LIMIT, |g| g.tcp(conn).state() == State::Established));
         let took = t0.elapsed();
         g.tcp(conn).abort();
@@ -368,11 +379,17 @@ fn connect_latency(_: &mut Criterion) {
         if round >= 20 {
             a.push(took.as_secs_f64() * 1e6);
             b.push(took_lo.as_secs_f64() * 1e6);
+            host.push(host_side.as_secs_f64() * 1e6);
         }
     }
     stop.store(true, Ordering::Relaxed);
     acceptor.join().unwrap();
     let ma = print_pct("net_connect/virtio_net_guest_to_host", &mut a, "us");
+    print_pct(
+        "net_connect/virtio_net_host_side (SYN kicked -> SYN-ACK in guest memory)",
+        &mut host,
+        "us",
+    );
     let mb = print_pct("net_connect/loopback_connect", &mut b, "us");
     println!("net_connect: ratio of medians {:.2}", ma / mb);
     assert!(connector.refused.lock().unwrap().is_empty());
@@ -477,7 +494,7 @@ fn fork_with_network(_: &mut Criterion) {
     if !runs("fork") {
         return;
     }
-    const ROUNDS: usize = 60;
+    const ROUNDS: usize = 100;
     let quiet = || vec![forkvm::ConsoleOutput::Discard];
     let (plain, _, _) = forkvm_tests::spinning_guest_with(2, 256, |b| b);
     let (seams, connector, policy) = loopback_only();

@@ -202,6 +202,11 @@ impl VirtioLink {
         true
     }
 
+    /// Whether the device has written a frame the guest has not reaped.
+    pub fn rx_ready(&self) -> bool {
+        read::<u16>(&self.tx.driver.memory, USED + 2) != self.rx_used
+    }
+
     /// Kicks the transmit queue if frames wait and the receive queue if buffers were given back.
     pub fn flush(&mut self) {
         self.tx.kick();
