@@ -39,6 +39,8 @@ fn each_fork_child_gets_its_own_network_with_the_parents_policy_or_its_own() {
     let (vm, _, _) = spinning_guest_with(1, 32, |b| b.network(network().publish_local(0, 80)));
     assert!(vm.devices().iter().any(|d| d.kind == DeviceKind::Net));
     let parent = vm.network().expect("a network").clone();
+    // Children prepared ahead make their networks ahead too, with the policy of then.
+    vm.prepare_forks(2).unwrap();
     // Changed on the running VM: the children take the policy of the fork instant.
     parent.set_policy(NetworkPolicy::deny_all());
     let own = NetworkPolicy::public_internet().allow("127.0.0.1/32".parse().unwrap());
@@ -49,6 +51,7 @@ fn each_fork_child_gets_its_own_network_with_the_parents_policy_or_its_own() {
         ])
         .unwrap();
     let (second, first) = (children.pop().unwrap(), children.pop().unwrap());
+    assert_eq!(vm.prepared_forks(), 0);
     assert_eq!(first.network().unwrap().policy(), NetworkPolicy::deny_all());
     assert_eq!(second.network().unwrap().policy(), own);
     // Their networks are their own: a policy change in one is seen in no other.

@@ -135,12 +135,47 @@ impl Network {
         child
     }
 
+    /// A user-mode network made ahead for a child that will get this network (a prepared
+    /// child's), or `None` for a TAP interface.
+    pub(crate) fn prepare(&self) -> Result<Option<PreparedNetwork>, Error> {
+        if self.tap.is_some() {
+            return Ok(None);
+        }
+        let (network, handle) = forkvm_net::UserNetwork::new(
+            self.addresses.clone(),
+            self.policy.clone(),
+            self.seams.clone(),
+        )
+        .map_err(|e| setup_err("the user-mode network", e))?;
+        Ok(Some(PreparedNetwork { network, handle }))
+    }
+
     /// A new network instance: the device's backend and the handle the VM keeps, its ports
-    /// published, and the guest's connections of the VM it continues (`resets`) reset.
+    /// published, and the guest's connections of the VM it continues (`resets`) reset. Uses
+    /// `prepared`, made ahead by [`Network::prepare`] of a network like this one, if given.
     pub(crate) fn backend(
         &self,
         resets: &[GuestConnection],
+        prepared: Option<PreparedNetwork>,
     ) -> Result<(Box<dyn NetBackend>, Option<NetworkHandle>), Error> {
+        if let (
+            None,
+            Some(PreparedNetwork {
+                mut network,
+                handle,
+            }),
+        ) = (&self.tap, prepared)
+        {
+            // Made with this network's addresses and seams; the policy may have changed since.
+            handle.set_policy(self.policy.clone());
+            network.reset_guest_connections(resets);
+            for &(host, guest_port) in &self.publish {
+                handle
+                    .publish(host, guest_port)
+                    .map_err(|source| Error::Publish { host, source })?;
+            }
+            return Ok((Box::new(network), Some(handle)));
+        }
         if let Some(name) = &self.tap {
             let tap = forkvm_net::TapBackend::open(name)
                 .map_err(|e| setup_err("the TAP interface", ErrorChain(&e)))?;
@@ -163,10 +198,16 @@ impl Network {
 
     /// The virtio-net device of a new VM, with its network.
     pub(crate) fn create(&self) -> Result<(VirtioDeviceSpec, Option<NetworkHandle>), Error> {
-        let (backend, handle) = self.backend(&[])?;
+        let (backend, handle) = self.backend(&[], None)?;
         let device = Net::new(self.addresses.guest_mac, backend);
         Ok((VirtioDeviceSpec::new(Box::new(device)), handle))
     }
+}
+
+/// A user-mode network made ahead for a prepared child ([`Network::prepare`]).
+pub(crate) struct PreparedNetwork {
+    network: forkvm_net::UserNetwork,
+    handle: NetworkHandle,
 }
 
 /// A VM's network as the VM keeps it: how it was made (for its children) and its handle.

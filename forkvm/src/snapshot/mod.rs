@@ -233,6 +233,11 @@ impl Snapshot {
                 .filter_map(FrozenDevice::disk_size)
                 .collect(),
             expected: Some(self.image.file().clone()),
+            network: self
+                .devices
+                .iter()
+                .any(|device| device.state.device.needs().network)
+                .then(|| self.network.clone().unwrap_or_default()),
         }
     }
 }

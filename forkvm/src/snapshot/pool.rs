@@ -24,6 +24,7 @@ use crate::error::Error;
 use crate::error::setup_err;
 use crate::identity::IdentityPage;
 use crate::memory::PlaceholderRam;
+use crate::network::{Network, PreparedNetwork};
 use crate::vstate::kvm::{create_vcpus, create_vm};
 use crate::vstate::threads::SpareThreads;
 use crate::vstate::vcpu::Vcpu;
@@ -41,6 +42,8 @@ pub(crate) struct Shell {
     pub threads: SpareThreads,
     /// Files for the overlays of the child's disks, sized (one per block device).
     pub layer_files: Vec<File>,
+    /// The child's user-mode network, made ahead, if the VM has one.
+    pub network: Option<PreparedNetwork>,
 }
 
 impl Shell {
@@ -51,6 +54,7 @@ impl Shell {
             vcpus,
             disks,
             expected,
+            network,
         } = shape;
         let ram = PlaceholderRam::new(memory_size, expected)?;
         let identity_page = IdentityPage::new()?;
@@ -65,6 +69,10 @@ impl Shell {
             .map(|&size| layer_file(size))
             .collect::<std::io::Result<_>>()
             .map_err(|e| setup_err("virtio-blk overlay", e))?;
+        let network = match &network {
+            Some(network) => network.prepare()?,
+            None => None,
+        };
         Ok(Self {
             vm_fd,
             vcpus,
@@ -72,6 +80,7 @@ impl Shell {
             identity_page,
             threads,
             layer_files,
+            network,
         })
     }
 }
@@ -85,6 +94,8 @@ pub(crate) struct ShellShape {
     pub vcpus: u8,
     pub disks: Vec<u64>,
     pub expected: Option<Arc<File>>,
+    /// The network of the VM's children, if it has one.
+    pub network: Option<Network>,
 }
 
 /// The shells one VM has ready, and how many it keeps ready.

@@ -23,7 +23,7 @@ use crate::console::{ConsoleInput, ConsoleOutput};
 use crate::error::{Error, setup_err};
 use crate::machine::{self, LegacyConfig, Machine, MachineSpec};
 use crate::memory::GuestRam;
-use crate::network::VmNetwork;
+use crate::network::{PreparedNetwork, VmNetwork};
 use crate::virtio::{VirtioDeviceSpec, VirtioPlan};
 
 /// The machine of a new VM that continues from `point`, connected to the host as `child` says,
@@ -47,6 +47,8 @@ pub(crate) fn machine_from(
                 // Made ahead of a fork, overlay files save it time; here they would not.
                 disks: Vec::new(),
                 expected: Some(point.image.file().clone()),
+                // Likewise its network: made below.
+                network: None,
             },
         )?,
     };
@@ -57,6 +59,7 @@ pub(crate) fn machine_from(
         identity_page,
         threads,
         mut layer_files,
+        network: mut prepared_network,
     } = shell;
     let ram = ram.adopt(&point.image)?;
     let identity = point.identity.next()?;
@@ -72,7 +75,13 @@ pub(crate) fn machine_from(
         vsock,
         balloon,
         network,
-    } = continue_devices(point, &mut child, &mut layer_files, &ram)?;
+    } = continue_devices(
+        point,
+        &mut child,
+        &mut layer_files,
+        &mut prepared_network,
+        &ram,
+    )?;
     let machine = machine::assemble(MachineSpec {
         kvm,
         vm_fd,
@@ -114,6 +123,7 @@ fn continue_devices(
     point: &Snapshot,
     child: &mut Child,
     layer_files: &mut Vec<File>,
+    prepared_network: &mut Option<PreparedNetwork>,
     ram: &GuestRam,
 ) -> Result<ChildDevices, Error> {
     let (mut vsock, mut balloon, mut network) = (None, None, None);
@@ -139,12 +149,15 @@ fn continue_devices(
             ends.ram_discard = Some(ram.discarder());
         }
         if needs.network && network.is_none() {
-            let config = child
-                .network
-                .take()
-                .or_else(|| point.network.clone())
-                .unwrap_or_default();
-            let (backend, handle) = config.backend(&point.network_connections)?;
+            // A network prepared ahead was made like the snapshot's: not for the child's own.
+            let (config, prepared) = match child.network.take() {
+                Some(own) => (own, None),
+                None => (
+                    point.network.clone().unwrap_or_default(),
+                    prepared_network.take(),
+                ),
+            };
+            let (backend, handle) = config.backend(&point.network_connections, prepared)?;
             ends.net_backend = Some(backend);
             network = Some(VmNetwork { config, handle });
         }

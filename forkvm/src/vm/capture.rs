@@ -192,6 +192,10 @@ impl Vm {
                 .filter_map(|device| device.disk_size())
                 .collect(),
             expected,
+            network: self
+                .network
+                .as_ref()
+                .map(|network| network.config.for_child(network.handle.as_ref())),
         }
     }
 }
