@@ -692,7 +692,7 @@ enum forkvm_status forkvm_network_publish(struct forkvm_network *network,
                                           uint16_t guest_port);
 
 // Answers the name `name` with the address `ip` in the VM's DNS (without asking the host's
-// resolver); call again to add addresses.
+// resolver); call again to add addresses to the name (compared without case and trailing dot).
 enum forkvm_status forkvm_network_host(struct forkvm_network *network,
                                        const char *name,
                                        const char *ip);

@@ -1,6 +1,7 @@
 //! `forkvm_network`: a VM's network (`forkvm::Network`: the virtio-net device with forkvm's
 //! user-mode network behind it) and its egress policy; the network calls of a running VM.
 
+use std::collections::BTreeMap;
 use std::ffi::c_char;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::IntoRawFd;
@@ -30,13 +31,15 @@ enum Rule {
     Domain(String),
 }
 
-/// What a `forkvm_network` holds: the network without its policy, and the policy's parts (kept
-/// apart so that `forkvm_network_deny_all` keeps the rules given before it).
+/// What a `forkvm_network` holds: the network without its policy and static names, the policy's
+/// parts (kept apart so that `forkvm_network_deny_all` keeps the rules given before it) and the
+/// names (so that `forkvm_network_host` adds an address to a name).
 #[derive(Clone, Debug, Default)]
 struct NetworkSpec {
     network: Network,
     deny_all: bool,
     rules: Vec<Rule>,
+    hosts: BTreeMap<String, Vec<IpAddr>>,
 }
 
 impl NetworkSpec {
@@ -56,7 +59,11 @@ impl NetworkSpec {
     }
 
     fn build(&self) -> Result<Network, Failure> {
-        Ok(self.network.clone().policy(self.policy()?))
+        let network = self.network.clone().policy(self.policy()?);
+        Ok(self
+            .hosts
+            .iter()
+            .fold(network, |network, (name, ips)| network.host(name, ips)))
     }
 }
 
@@ -190,7 +197,7 @@ pub unsafe extern "C" fn forkvm_network_publish(
 }
 
 /// Answers the name `name` with the address `ip` in the VM's DNS (without asking the host's
-/// resolver); call again to add addresses.
+/// resolver); call again to add addresses to the name (compared without case and trailing dot).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn forkvm_network_host(
     network: *mut forkvm_network,
@@ -198,9 +205,11 @@ pub unsafe extern "C" fn forkvm_network_host(
     ip: *const c_char,
 ) -> forkvm_status {
     with_network(network, |spec| {
-        let name = str_arg(name, "name")?;
+        let name = str_arg(name, "name")?
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
         let ip = ip_arg(ip, "ip")?;
-        spec.network = spec.network.clone().host(name, &[ip]);
+        spec.hosts.entry(name).or_default().push(ip);
         Ok(())
     })
 }

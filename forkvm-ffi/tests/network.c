@@ -84,6 +84,7 @@ int main(void)
     OK(forkvm_network_deny(net, "10.0.0.0/8"));
     OK(forkvm_network_allow_domain(net, "example.com"));
     OK(forkvm_network_host(net, "db.internal", "10.0.2.2"));
+    OK(forkvm_network_host(net, "DB.internal.", "10.0.2.3")); /* a second address, same name */
     OK(forkvm_network_publish(net, "127.0.0.1", 0, 80));
     forkvm_console *console;
     OK(forkvm_console_new(0, &console));
