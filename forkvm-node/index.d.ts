@@ -3,6 +3,18 @@
 export * from './native'
 import { Vm } from './native'
 export { Vm as VM }
+import type { Socket } from 'net'
+
+declare module './native' {
+  interface Vm {
+    /**
+     * Connects to the guest's TCP `port` in-process through its network (no host listener), as
+     * a `net.Socket`; when nothing listens in the guest, the socket ends at once. Rejects with
+     * `NoDeviceError` for a VM without a network.
+     */
+    connectTcp(port: number): Promise<Socket>
+  }
+}
 
 /** Base class of every error forkvm reports; `code` says what failed. */
 export declare class ForkvmError extends Error {

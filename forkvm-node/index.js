@@ -4,6 +4,7 @@
 // errors into those classes (and napi's argument errors into `TypeError`) and keeps a console
 // or output callback that throws from taking the process down.
 
+const net = require('node:net');
 const native = require('./forkvm.node');
 
 /** Base class of every error forkvm reports; `code` says what failed. */
@@ -122,6 +123,10 @@ NativeVM.prototype.execStreaming = function (argv, onOutput, options) {
     if (failed) throw failure;
     return exit;
   });
+};
+// A connection to a guest TCP port as a `net.Socket` over the stream's fd (which it owns).
+NativeVM.prototype.connectTcp = function (port) {
+  return this.connectTcpFd(port).then((fd) => new net.Socket({ fd, readable: true, writable: true }));
 };
 const nativeBuild = wrap(NativeVM.build);
 const nativeRestore = wrap(NativeVM.restore);

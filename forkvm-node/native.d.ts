@@ -80,6 +80,92 @@ export interface PtyEvent {
   /** The program ended (the session stays until `close()`). */
   exit?: ExitInfo
 }
+/**
+ * A VM's egress policy: the public internet (nothing on this host or its networks), or
+ * nothing with `denyAll`. `allow` and `deny` are CIDRs (`'127.0.0.1/32'` opens the host's
+ * loopback through the gateway 10.0.2.2); allow rules are checked before deny rules, the first
+ * that matches deciding. `allowDomains` limits egress to those names and their subdomains.
+ */
+export interface NetworkPolicyOptions {
+  /** CIDRs to allow (`'10.0.0.0/8'`; a bare address is a /32). */
+  allow?: Array<string>
+  /** CIDRs to deny. */
+  deny?: Array<string>
+  /** Domains (and their subdomains) the guest may reach; none: any. */
+  allowDomains?: Array<string>
+  /** Deny all egress but what `allow` and `allowDomains` open. */
+  denyAll?: boolean
+}
+/**
+ * A VM's network (`{}` for the defaults: guest 10.0.2.15 by DHCP, gateway 10.0.2.2 standing
+ * for the host, DNS 10.0.2.3, the public internet, no published ports).
+ */
+export interface NetworkOptions {
+  /**
+   * Host ports published to guest TCP ports: `{ 8080: 80 }` (on 127.0.0.1) or
+   * `{ '127.0.0.1:0': 80 }` (port 0 picks a free one: `vm.publish` returns what it binds).
+   */
+  publish?: Record<string, number>
+  /** CIDRs to allow (see `NetworkPolicyOptions`). */
+  allow?: Array<string>
+  /** CIDRs to deny. */
+  deny?: Array<string>
+  /** Domains (and their subdomains) the guest may reach. */
+  allowDomains?: Array<string>
+  /** Deny all egress but what `allow` and `allowDomains` open. */
+  denyAll?: boolean
+  /** Names the VM's DNS answers itself: `{ db: ['10.0.2.2'] }`. */
+  hosts?: Record<string, Array<string>>
+}
+/** Where `vm.publish` bound. */
+export interface Published {
+  /** The host address. */
+  host: string
+  /** The port. */
+  port: number
+}
+/** The DNS forwarder's counters. */
+export interface DnsStats {
+  /** Queries from the guest. */
+  queries: number
+  /** Queries answered. */
+  answered: number
+  /** Names the policy refused. */
+  deniedNames: number
+  /** Addresses dropped from answers (rebinding). */
+  filteredAddresses: number
+  /** Malformed queries. */
+  malformed: number
+  /** Queries dropped with too many in flight. */
+  busy: number
+}
+/** A VM's network counters, as of its event loop's last turn. */
+export interface NetworkStats {
+  /** Frames the guest sent. */
+  framesFromGuest: number
+  /** Frames queued for the guest. */
+  framesToGuest: number
+  /** Frames dropped (unusable, or lost at a full queue). */
+  framesDropped: number
+  /** TCP flows open now. */
+  tcpFlowsOpen: number
+  /** TCP flows opened in total (both directions). */
+  tcpFlowsTotal: number
+  /** Guest connections reset without a policy decision (caps, failed host connects). */
+  tcpRejected: number
+  /** UDP flows open now. */
+  udpFlowsOpen: number
+  /** UDP flows opened in total. */
+  udpFlowsTotal: number
+  /** Flows the policy denied. */
+  deniedTotal: number
+  /** The same by reason (`loopback`, `private`, `metadata`, `rule`, `denyAll`, ...). */
+  deniedByReason: Record<string, number>
+  /** The DNS forwarder's counters. */
+  dns: DnsStats
+  /** Whether the network went down after an internal error. */
+  down: boolean
+}
 /** What `Process.read` got: a chunk of output, or the process's end. */
 export interface ProcessEvent {
   /** The stream a chunk of output came from. */
@@ -147,6 +233,8 @@ export interface VmOptions {
   virtioConsoles?: Array<VirtioConsoleOptions>
   /** The KVM device (default `/dev/kvm`). */
   kvmDevice?: string
+  /** A virtio-net device with forkvm's user-mode network (`{}` for the defaults). */
+  network?: NetworkOptions
 }
 /** How a guest ended. */
 export interface Exit {
@@ -168,7 +256,7 @@ export interface Identity {
 }
 /** A virtio device of a VM. */
 export interface Device {
-  /** Virtio device type (2 block, 3 console, 4 entropy, 5 balloon, 19 vsock). */
+  /** Virtio device type (1 net, 2 block, 3 console, 4 entropy, 5 balloon, 19 vsock). */
   deviceType: number
   /** Guest-physical base of its virtio-mmio window. */
   mmioBase: number
@@ -202,6 +290,11 @@ export interface ChildOptions {
   virtioConsoles?: Array<VirtioConsoleOptions>
   /** Its vsock Unix socket path. */
   vsockUdsPath?: string
+  /**
+   * Its own network (default: like its source's, with the policy in force, no published
+   * ports).
+   */
+  network?: NetworkOptions
 }
 /** The forkvm version this binding was built from. */
 export declare function version(): string
@@ -320,6 +413,27 @@ export declare class Vm {
   pty(argv: Array<string>, rows?: number | undefined | null, cols?: number | undefined | null): Promise<Pty>
   /** Attaches to the PTY session `session` (opened earlier, maybe before a fork). */
   ptyAttach(session: number): Promise<Pty>
+  /**
+   * Connects to the guest's TCP `port` in-process through its network (no host listener);
+   * resolves with the stream's file descriptor, which the caller owns. `index.js` makes it
+   * `connectTcp`, resolving with a `net.Socket`. When nothing listens in the guest, the
+   * stream ends at once.
+   */
+  connectTcpFd(port: number): Promise<number>
+  /**
+   * Publishes the guest's TCP `guestPort` on the host at `host` (default `'127.0.0.1'`),
+   * `port` (default 0: a free one); returns where it bound.
+   */
+  publish(guestPort: number, host?: string | undefined | null, port?: number | undefined | null): Published
+  /**
+   * Stops publishing what `publish` bound at `host` (default `'127.0.0.1'`), `port` (open
+   * connections stay).
+   */
+  unpublish(port: number, host?: string | undefined | null): void
+  /** Replaces the network's egress policy; flows opened from now on are judged by it. */
+  setNetworkPolicy(policy: NetworkPolicyOptions): void
+  /** The network's counters. */
+  networkStats(): NetworkStats
   /**
    * Runs `argv` in the guest, calling `onOutput(stream, data)` on the JS thread with each
    * chunk of its output, in order, as the guest produces it; resolves with how it ended,

@@ -150,6 +150,12 @@ typedef struct forkvm_builder forkvm_builder;
 // the caller reads it. It keeps only the newest bytes, up to its limit. Thread-safe.
 typedef struct forkvm_console forkvm_console;
 
+// A VM's network configuration (`forkvm::Network` and its `NetworkPolicy`). Made by
+// `forkvm_network_new`, set with the `forkvm_network_*` functions, given to
+// `forkvm_builder_network`, a `forkvm_child` or `forkvm_vm_set_network_policy` (which copy it:
+// it stays the caller's), freed with `forkvm_network_free`. Thread-safe.
+typedef struct forkvm_network forkvm_network;
+
 // A command running in the guest (`forkvm_agent_client::Process`), started by `forkvm_agent_spawn`
 // on a connection of its own; freed by `forkvm_process_free`. Thread-safe: one thread may read
 // its output (`forkvm_process_read`, `forkvm_process_wait`) while others write its input or
@@ -295,6 +301,30 @@ typedef struct forkvm_output {
   void *user_data;
 } forkvm_output;
 
+// Counters of a VM's network (`forkvm::NetworkStats`), as of its event loop's last turn.
+typedef struct forkvm_network_stats {
+  // Frames the guest sent.
+  uint64_t frames_from_guest;
+  // Frames queued for the guest.
+  uint64_t frames_to_guest;
+  // Frames dropped (unusable, or lost at a full queue).
+  uint64_t frames_dropped;
+  // TCP flows open now.
+  uint64_t tcp_flows_open;
+  // TCP flows opened in total (both directions).
+  uint64_t tcp_flows_total;
+  // Guest connections reset without a policy decision (caps, failed host connects).
+  uint64_t tcp_rejected;
+  // UDP flows open now.
+  uint64_t udp_flows_open;
+  // UDP flows opened in total.
+  uint64_t udp_flows_total;
+  // Flows the policy denied.
+  uint64_t denied_total;
+  // Whether the network went down after an internal error.
+  bool down;
+} forkvm_network_stats;
+
 // An event of a spawned process. Free with `forkvm_process_event_free`.
 typedef struct forkvm_process_event {
   // What happened.
@@ -346,7 +376,7 @@ typedef struct forkvm_identity {
 
 // One of a VM's virtio devices (`forkvm::DeviceInfo`).
 typedef struct forkvm_device_info {
-  // Virtio device type (2 block, 3 console, 4 entropy, 5 balloon, 19 vsock).
+  // Virtio device type (1 net, 2 block, 3 console, 4 entropy, 5 balloon, 19 vsock).
   uint32_t device_type;
   // Guest-physical base of its virtio-mmio window.
   uint64_t mmio_base;
@@ -378,6 +408,9 @@ typedef struct forkvm_child {
   size_t virtio_console_count;
   // Its vsock Unix socket path, or NULL.
   const char *vsock_uds_path;
+  // Its own network (copied), or NULL: like the parent's, with the parent's policy in force
+  // now and no published ports. Ignored for a VM without a network.
+  const struct forkvm_network *network;
 } forkvm_child;
 
 // The balloon's state (`forkvm::BalloonHandle`).
@@ -588,6 +621,11 @@ enum forkvm_status forkvm_builder_balloon(struct forkvm_builder *builder,
                                           bool deflate_on_oom,
                                           bool free_page_reporting);
 
+// Adds a virtio-net device with forkvm's user-mode network as `network` describes (copied: the
+// caller keeps and frees its `forkvm_network`). Published ports are bound when the VM is built.
+enum forkvm_status forkvm_builder_network(struct forkvm_builder *builder,
+                                          const struct forkvm_network *network);
+
 // The KVM device to open (default `/dev/kvm`).
 enum forkvm_status forkvm_builder_kvm_device(struct forkvm_builder *builder, const char *path);
 
@@ -619,6 +657,72 @@ const char *forkvm_last_error(void);
 // The name of a status (`"FORKVM_ERR_NOT_RUNNING"`), or `"FORKVM_ERR_UNKNOWN"` for a number
 // that is none. A static string.
 const char *forkvm_status_name(int32_t status);
+
+// Makes a network with the defaults into `*out`: guest 10.0.2.15/24 by DHCP, gateway 10.0.2.2
+// (standing for the host), DNS 10.0.2.3; the policy "public internet" (nothing on this host or
+// its networks); no published ports.
+enum forkvm_status forkvm_network_new(struct forkvm_network **out);
+
+// Frees a network configuration (VMs built with it keep their copy); NULL is ignored.
+enum forkvm_status forkvm_network_free(struct forkvm_network *network);
+
+// Adds a rule allowing `cidr` (`"10.0.0.0/8"`; a bare address is a /32). Rules are checked in
+// the order they were added, the first that matches decides; `"127.0.0.1/32"` opens the host's
+// loopback through the gateway 10.0.2.2. `FORKVM_ERR_INVALID_ARGUMENT` for a CIDR that does not
+// parse.
+enum forkvm_status forkvm_network_allow(struct forkvm_network *network, const char *cidr);
+
+// Adds a rule denying `cidr` (see `forkvm_network_allow`).
+enum forkvm_status forkvm_network_deny(struct forkvm_network *network, const char *cidr);
+
+// Allows the domain `name` and its subdomains. Once a domain is allowed, only addresses that
+// answers for allowed names gave (or that an allow rule covers) are reachable.
+// `FORKVM_ERR_INVALID_ARGUMENT` for a name that is not a host name.
+enum forkvm_status forkvm_network_allow_domain(struct forkvm_network *network, const char *name);
+
+// Denies all egress but what the rules allow (the default is the public internet).
+enum forkvm_status forkvm_network_deny_all(struct forkvm_network *network);
+
+// Publishes the guest's TCP `guest_port` on the host at `addr` (`"127.0.0.1"`), port
+// `host_port` (0 picks a free one: `forkvm_vm_publish` on the built VM returns the port it
+// binds). Bound when the VM is built.
+enum forkvm_status forkvm_network_publish(struct forkvm_network *network,
+                                          const char *addr,
+                                          uint16_t host_port,
+                                          uint16_t guest_port);
+
+// Answers the name `name` with the address `ip` in the VM's DNS (without asking the host's
+// resolver); call again to add addresses to the name (compared without case and trailing dot).
+enum forkvm_status forkvm_network_host(struct forkvm_network *network,
+                                       const char *name,
+                                       const char *ip);
+
+// Connects to the guest's TCP `port` in-process (no host listener) through the VM's network:
+// `*fd` is a connected Unix stream socket the caller owns (close it to disconnect). When the
+// guest refuses (nothing listens), the socket reads end-of-file (or a reset) at once.
+enum forkvm_status forkvm_vm_connect_tcp(const struct forkvm_vm *vm, uint16_t port, int32_t *fd);
+
+// Publishes the guest's TCP `guest_port` on the host at `addr` (`"127.0.0.1"`), port `port` (0
+// picks a free one); `*bound_port` (may be NULL) is the port bound.
+enum forkvm_status forkvm_vm_publish(const struct forkvm_vm *vm,
+                                     const char *addr,
+                                     uint16_t port,
+                                     uint16_t guest_port,
+                                     uint16_t *bound_port);
+
+// Stops publishing the port `forkvm_vm_publish` (or the network's configuration) bound at
+// `addr`, `port` (open connections stay). `FORKVM_ERR_IO` if nothing is published there.
+enum forkvm_status forkvm_vm_unpublish(const struct forkvm_vm *vm, const char *addr, uint16_t port);
+
+// Replaces the VM's egress policy with the one `network` holds (its allow, deny, domain and
+// deny-all settings; the rest of it is ignored). Flows opened from now on are judged by it;
+// open ones stay.
+enum forkvm_status forkvm_vm_set_network_policy(const struct forkvm_vm *vm,
+                                                const struct forkvm_network *network);
+
+// The VM's network counters, into `*stats`.
+enum forkvm_status forkvm_vm_network_stats(const struct forkvm_vm *vm,
+                                           struct forkvm_network_stats *stats);
 
 // Starts `command` (as `forkvm_agent_run` takes it) and returns at once with a handle to it in
 // `*out`. Its standard input is a pipe: what `stdin_data` gives (with `has_stdin`) is written

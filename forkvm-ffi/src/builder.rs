@@ -8,6 +8,7 @@ use forkvm::{BalloonConfig, DiskConfig, VmBuilder, VsockConfig};
 use crate::console::{input_arg, output_arg};
 use crate::error::{Failure, ffi, forkvm_status};
 use crate::handle::Registry;
+use crate::network::{forkvm_network, network_arg};
 use crate::vm::{VMS, forkvm_vm};
 use crate::{forkvm_output, opt_str_arg, out_arg, str_arg};
 
@@ -212,6 +213,19 @@ pub unsafe extern "C" fn forkvm_builder_balloon(
             .deflate_on_oom(deflate_on_oom)
             .free_page_reporting(free_page_reporting);
         Ok(move |b: VmBuilder| b.balloon(balloon))
+    })
+}
+
+/// Adds a virtio-net device with forkvm's user-mode network as `network` describes (copied: the
+/// caller keeps and frees its `forkvm_network`). Published ports are bound when the VM is built.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn forkvm_builder_network(
+    builder: *mut forkvm_builder,
+    network: *const forkvm_network,
+) -> forkvm_status {
+    with_builder(builder, || {
+        let network = network_arg(network)?;
+        Ok(move |b: VmBuilder| b.network(network))
     })
 }
 

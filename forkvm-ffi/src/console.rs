@@ -8,6 +8,7 @@ use forkvm::{Child, ConsoleBuffer, ConsoleInput, ConsoleOutput, DEFAULT_CONSOLE_
 
 use crate::error::{Failure, ffi, forkvm_status};
 use crate::handle::Registry;
+use crate::network::forkvm_network;
 use crate::{forkvm_bytes, out_arg, str_arg};
 
 /// An in-memory console buffer (`ConsoleBuffer`): a VM writes its console output into it and
@@ -201,6 +202,9 @@ pub struct forkvm_child {
     pub virtio_console_count: usize,
     /// Its vsock Unix socket path, or NULL.
     pub vsock_uds_path: *const c_char,
+    /// Its own network (copied), or NULL: like the parent's, with the parent's policy in force
+    /// now and no published ports. Ignored for a VM without a network.
+    pub network: *const forkvm_network,
 }
 
 /// The `Child` `child` describes; NULL is a child whose output is discarded.
@@ -226,6 +230,9 @@ pub(crate) fn child_arg(child: *const forkvm_child) -> Result<Child, Failure> {
     }
     if let Some(path) = crate::opt_str_arg(child.vsock_uds_path, "vsock_uds_path")? {
         built = built.vsock_uds_path(path);
+    }
+    if !child.network.is_null() {
+        built = built.network(crate::network::network_arg(child.network)?);
     }
     Ok(built)
 }

@@ -9,14 +9,14 @@
 //! Rust error's message) on the calling thread until that thread's next call into forkvm. No Rust
 //! panic crosses into C: one becomes `FORKVM_ERR_PANIC`.
 //!
-//! **Handles** (`forkvm_builder`, `forkvm_vm`, `forkvm_console`, `forkvm_agent`, `forkvm_pty`,
-//! `forkvm_process`) are opaque: they are never dereferenced, but looked up in a table of live
-//! handles, and a handle's number is never reused. So a handle that was freed, a double free or a
-//! handle of the wrong type gets `FORKVM_ERR_INVALID_HANDLE`, not undefined behaviour. Each handle
-//! is freed with its `_free` function (which accepts NULL). Result buffers (`forkvm_bytes`,
-//! `forkvm_exec_output`, `forkvm_dir_list`, `forkvm_pty_event`, `forkvm_process_event`) belong to
-//! the caller and are freed with their `_free` function, which resets them, so a second free of
-//! the same struct does nothing.
+//! **Handles** (`forkvm_builder`, `forkvm_network`, `forkvm_vm`, `forkvm_console`, `forkvm_agent`,
+//! `forkvm_pty`, `forkvm_process`) are opaque: they are never dereferenced, but looked up in a
+//! table of live handles, and a handle's number is never reused. So a handle that was freed, a
+//! double free or a handle of the wrong type gets `FORKVM_ERR_INVALID_HANDLE`, not undefined
+//! behaviour. Each handle is freed with its `_free` function (which accepts NULL). Result buffers
+//! (`forkvm_bytes`, `forkvm_exec_output`, `forkvm_dir_list`, `forkvm_pty_event`,
+//! `forkvm_process_event`) belong to the caller and are freed with their `_free` function, which
+//! resets them, so a second free of the same struct does nothing.
 //!
 //! **Pointers.** A pointer argument is NULL (refused with `FORKVM_ERR_NULL_POINTER` where it is
 //! required) or valid for the access the function documents for the duration of the call;
@@ -38,6 +38,7 @@ mod builder;
 mod console;
 mod error;
 mod handle;
+mod network;
 mod process;
 mod pty;
 mod vm;
@@ -51,6 +52,7 @@ pub use agent::*;
 pub use builder::*;
 pub use console::*;
 pub use error::{forkvm_last_error, forkvm_status, forkvm_status_name};
+pub use network::*;
 pub use vm::*;
 
 use error::Failure;

@@ -317,7 +317,7 @@ pub unsafe extern "C" fn forkvm_vm_last_pause(
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct forkvm_device_info {
-    /// Virtio device type (2 block, 3 console, 4 entropy, 5 balloon, 19 vsock).
+    /// Virtio device type (1 net, 2 block, 3 console, 4 entropy, 5 balloon, 19 vsock).
     pub device_type: u32,
     /// Guest-physical base of its virtio-mmio window.
     pub mmio_base: u64,

@@ -10,6 +10,7 @@
 mod agent;
 mod console;
 mod error;
+mod network;
 mod process;
 mod task;
 mod vm;

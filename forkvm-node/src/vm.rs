@@ -10,6 +10,7 @@ use napi_derive::napi;
 
 use crate::console;
 use crate::error::{Failure, Outcome, sync};
+use crate::network::{self, NetworkOptions};
 use crate::task::{Blocking, blocking, run, spawn, spawn_run};
 
 /// A virtio block device.
@@ -79,6 +80,8 @@ pub struct VmOptions {
     pub virtio_consoles: Option<Vec<VirtioConsoleOptions>>,
     /// The KVM device (default `/dev/kvm`).
     pub kvm_device: Option<String>,
+    /// A virtio-net device with forkvm's user-mode network (`{}` for the defaults).
+    pub network: Option<NetworkOptions>,
 }
 
 /// How a guest ended.
@@ -128,7 +131,7 @@ pub struct Identity {
 /// A virtio device of a VM.
 #[napi(object)]
 pub struct Device {
-    /// Virtio device type (2 block, 3 console, 4 entropy, 5 balloon, 19 vsock).
+    /// Virtio device type (1 net, 2 block, 3 console, 4 entropy, 5 balloon, 19 vsock).
     pub device_type: u32,
     /// Guest-physical base of its virtio-mmio window.
     pub mmio_base: f64,
@@ -168,6 +171,9 @@ pub struct ChildOptions {
     pub virtio_consoles: Option<Vec<VirtioConsoleOptions>>,
     /// Its vsock Unix socket path.
     pub vsock_uds_path: Option<String>,
+    /// Its own network (default: like its source's, with the policy in force, no published
+    /// ports).
+    pub network: Option<NetworkOptions>,
 }
 
 /// A virtual machine. Made by `VM.build`, `VM.restore` or `vm.fork`; every method that may
@@ -273,6 +279,9 @@ fn builder(env: Env, options: VmOptions) -> Outcome<forkvm::VmBuilder> {
     if let Some(path) = options.kvm_device {
         b = b.kvm_device(path);
     }
+    if let Some(network) = options.network {
+        b = b.network(network::network(network)?);
+    }
     Ok(b)
 }
 
@@ -319,6 +328,9 @@ fn child(env: Env, value: Option<JsUnknown>, what: &str) -> Outcome<forkvm::Chil
     }
     if let Some(path) = options.vsock_uds_path {
         c = c.vsock_uds_path(path);
+    }
+    if let Some(network) = options.network {
+        c = c.network(network::network(network)?);
     }
     Ok(c)
 }

@@ -1,10 +1,12 @@
 'use strict';
 // The guest agent end to end on forkvm's Linux image: commands, streamed output, spawned
-// processes, files, a PTY and a fork, on one VM. Slow (the image boots in ~20 s here), so it
+// processes, files, a PTY, a fork and the network (inbound only: its policy denies all egress
+// but the host's 127.0.0.1), on one VM. Slow (the image boots in ~20 s here), so it
 // runs only when FORKVM_LINUX_KERNEL and FORKVM_LINUX_IMAGE name the built kernel and root
 // image (scripts/test.sh sets them from guest/kernel/build.sh and guest/rootfs/build.sh).
 const { describe, it, before, after } = require('node:test');
 const assert = require('node:assert');
+const net = require('node:net');
 const { signals } = require('node:os').constants;
 const { VM, IMAGE_CMDLINE, Process } = require('..');
 
@@ -18,12 +20,46 @@ describe('the agent of the Linux image', { skip, timeout: 300000 }, () => {
     if (skip) return;
     vm = await VM.build({
       kernel, cmdline: IMAGE_CMDLINE, memoryMib: 256, disks: [{ path: image, readOnly: true }], vsockCid: 3,
+      network: { denyAll: true, allow: ['127.0.0.1/32'] },
     });
     await vm.start();
     await vm.agentReady(180000);
   }, { timeout: 240000 });
   after(async () => {
     if (vm) await vm.close();
+  });
+
+  it('connectTcp and a published port reach a server in the guest', { timeout: 120000 }, async () => {
+    const server = 'import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n' +
+      "s.bind(('0.0.0.0', 7001))\ns.listen()\nwhile True:\n    c, _ = s.accept()\n    c.sendall(c.recv(100).upper())\n    c.close()\n";
+    await vm.writeFile('/tmp/echo.py', server);
+    const proc = await vm.spawn(['python3', '/tmp/echo.py']);
+    // What the server answers to 'ping' on a new socket, retried while it does not listen yet.
+    const ask = async (connect) => {
+      for (const end = Date.now() + 60000; Date.now() < end;) {
+        const answer = await new Promise((resolve) => {
+          let got = '';
+          Promise.resolve(connect()).then((socket) => {
+            socket.on('data', (d) => { got += d; });
+            socket.on('close', () => resolve(got));
+            socket.on('error', () => resolve(got));
+            socket.write('ping');
+          }, () => resolve(''));
+        });
+        if (answer) return answer;
+        await new Promise((r) => setTimeout(r, 200));
+      }
+      return '';
+    };
+    try {
+      assert.strictEqual(await ask(() => vm.connectTcp(7001)), 'PING');
+      const { host, port } = vm.publish(7001);
+      assert.strictEqual(await ask(() => net.connect({ host, port })), 'PING');
+      vm.unpublish(port);
+      assert.ok(vm.networkStats().tcpFlowsTotal >= 2);
+    } finally {
+      await proc.close();
+    }
   });
 
   it('exec, files, PTY and a fork', { timeout: 120000 }, async () => {

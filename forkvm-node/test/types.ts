@@ -25,6 +25,14 @@ async function main(): Promise<void> {
   const m: Buffer = vm.readMemory(0, 8);
   const e = new NotRunningError('x');
   const ok: boolean = e instanceof ForkvmError && vm.isPaused;
+  const netVm: VM = await VM.build({ kernel: 'k', network: { publish: { 8080: 80 }, allow: ['127.0.0.1/32'], denyAll: true, hosts: { db: ['10.0.2.2'] } } });
+  const sock: import('net').Socket = await netVm.connectTcp(80);
+  const bound: { host: string; port: number } = netVm.publish(80, '127.0.0.1', 0);
+  netVm.unpublish(bound.port);
+  netVm.setNetworkPolicy({ allowDomains: ['example.com'] });
+  const flows: number = netVm.networkStats().tcpFlowsOpen;
+  const kids3 = await vm.fork([{ network: { denyAll: true } }]);
+  void [sock, flows, kids3];
   void [kids, kids2, exit, r, m, ok, vm.identity.generation, console_.text()];
 }
 void main;

@@ -10,6 +10,7 @@
 mod agent;
 mod console;
 mod errors;
+mod network;
 mod types;
 mod vm;
 
@@ -24,6 +25,7 @@ fn _forkvm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<vm::PyDisk>()?;
     m.add_class::<vm::PyBalloon>()?;
     m.add_class::<vm::PyBalloonHandle>()?;
+    m.add_class::<network::PyNetwork>()?;
     m.add_class::<agent::PyAgent>()?;
     m.add_class::<agent::PyPty>()?;
     m.add_class::<agent::PyProcess>()?;

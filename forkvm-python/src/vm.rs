@@ -14,6 +14,7 @@ use pyo3::types::{PyBytes, PyDict, PyTuple};
 use crate::agent::{PyAgent, PyProcess, PyPty, duration};
 use crate::console::{ConsoleArg, console_input, console_output};
 use crate::errors::{agent_error, closed, vm_error};
+use crate::network::{self, PyNetwork};
 use crate::types::{PyDeviceInfo, PyDirEntry, PyExecResult, PyExit, PyFileStat, PyIdentity};
 
 /// Every VM this process made, so that interpreter exit can stop those still running
@@ -168,30 +169,34 @@ impl PyBalloonHandle {
 
 /// How one child of a fork (or a restored VM) reaches the host: its serial console and input,
 /// the host ends of its virtio consoles (each a console output, or an `(output, input)` pair)
-/// and its vsock Unix socket.
+/// and its vsock Unix socket; its own `network` (default: like its source's, with the policy in
+/// force, no published ports).
 #[pyclass(module = "forkvm", name = "Child", frozen)]
 pub(crate) struct PyChild {
     console: Option<Py<PyAny>>,
     console_input: Option<Py<PyAny>>,
     virtio_consoles: Vec<Py<PyAny>>,
     vsock_uds_path: Option<PathBuf>,
+    network: Option<Py<PyNetwork>>,
 }
 
 #[pymethods]
 impl PyChild {
     #[new]
-    #[pyo3(signature = (console = None, *, console_input = None, virtio_consoles = Vec::new(), vsock_uds_path = None))]
+    #[pyo3(signature = (console = None, *, console_input = None, virtio_consoles = Vec::new(), vsock_uds_path = None, network = None))]
     fn new(
         console: Option<Py<PyAny>>,
         console_input: Option<Py<PyAny>>,
         virtio_consoles: Vec<Py<PyAny>>,
         vsock_uds_path: Option<PathBuf>,
+        network: Option<Py<PyNetwork>>,
     ) -> Self {
         Self {
             console,
             console_input,
             virtio_consoles,
             vsock_uds_path,
+            network,
         }
     }
 }
@@ -240,6 +245,9 @@ fn child(spec: Option<&Bound<'_, PyAny>>) -> PyResult<Child> {
     }
     if let Some(path) = &c.vsock_uds_path {
         child = child.vsock_uds_path(path);
+    }
+    if let Some(network) = &c.network {
+        child = child.network(network.get().network.clone());
     }
     Ok(child)
 }
@@ -297,13 +305,13 @@ impl PyVm {
     /// callable receiving `bytes` (on a vCPU thread; an exception it raises goes to
     /// `sys.unraisablehook`). `console_input`: `None`, `"stdin"`, an fd or an object with
     /// `fileno()`. `disks`: paths or `Disk`s. `virtio_consoles`: outputs or `(output, input)`
-    /// pairs. `balloon`: `True` or a `Balloon`.
+    /// pairs. `balloon`: `True` or a `Balloon`. `network`: a `Network` (a virtio-net device).
     #[new]
     #[pyo3(signature = (
         kernel, *, initrd = None, cmdline = None, memory_mib = forkvm::DEFAULT_MEMORY_MIB,
         vcpus = 1, console = ConsoleArg::stdout(), console_input = None, rng = false, disks = Vec::new(),
         virtio_consoles = Vec::new(), vsock_cid = None, vsock_uds_path = None, balloon = None,
-        debug_exit = false, kvm_device = None
+        debug_exit = false, kvm_device = None, network = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -323,6 +331,7 @@ impl PyVm {
         balloon: Option<&Bound<'_, PyAny>>,
         debug_exit: bool,
         kvm_device: Option<PathBuf>,
+        network: Option<PyRef<'_, PyNetwork>>,
     ) -> PyResult<Self> {
         let mut builder = VmBuilder::new()
             .kernel(kernel)
@@ -395,6 +404,9 @@ impl PyVm {
         }
         if let Some(path) = kvm_device {
             builder = builder.kvm_device(path);
+        }
+        if let Some(network) = network {
+            builder = builder.network(network.network.clone());
         }
         let vm = py
             .allow_threads(move || builder.build())
@@ -611,6 +623,44 @@ impl PyVm {
         let kwargs = PyDict::new(py);
         kwargs.set_item("fileno", fd)?;
         socket.getattr("socket")?.call((), Some(&kwargs))
+    }
+
+    /// Connects to the guest's TCP `port` in-process through its network (no host listener), as
+    /// a connected `socket.socket`; when nothing listens in the guest it ends at once.
+    fn connect_tcp<'py>(&self, py: Python<'py>, port: u16) -> PyResult<Bound<'py, PyAny>> {
+        network::connect_tcp(py, &*self.get()?, port)
+    }
+
+    /// Publishes the guest's TCP `guest_port` on the host at `host`, `port` (0: a free one);
+    /// returns the bound `(host, port)`.
+    #[pyo3(signature = (guest_port, host = "127.0.0.1", port = 0))]
+    fn publish(&self, guest_port: u16, host: &str, port: u16) -> PyResult<(String, u16)> {
+        network::publish(&*self.get()?, guest_port, host, port)
+    }
+
+    /// Stops publishing what `publish` bound at `host`, `port` (open connections stay).
+    #[pyo3(signature = (port, host = "127.0.0.1"))]
+    fn unpublish(&self, port: u16, host: &str) -> PyResult<()> {
+        network::unpublish(&*self.get()?, host, port)
+    }
+
+    /// Replaces the network's egress policy (arguments as `Network`'s); flows opened from now
+    /// on are judged by it.
+    #[pyo3(signature = (*, allow = Vec::new(), deny = Vec::new(), allow_domains = Vec::new(), deny_all = false))]
+    fn set_network_policy(
+        &self,
+        allow: Vec<String>,
+        deny: Vec<String>,
+        allow_domains: Vec<String>,
+        deny_all: bool,
+    ) -> PyResult<()> {
+        let policy = network::policy(&allow, &deny, &allow_domains, deny_all)?;
+        network::set_policy(&*self.get()?, policy)
+    }
+
+    /// The network's counters, as a dict (flows, frames, denials by reason, DNS).
+    fn network_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        network::stats(py, &*self.get()?)
     }
 
     /// The guest agent (forkvm's Linux image), connecting through the vsock device and

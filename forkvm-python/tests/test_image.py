@@ -1,5 +1,6 @@
 """forkvm's Linux image through the binding: the agent's exec, files, PTY and spawned
-processes (iterated, awaited, closed), and a fork.
+processes (iterated, awaited, closed), a fork, and the network (whose policy lets the guest
+reach only the host's 127.0.0.1, through the gateway 10.0.2.2).
 
 Needs the image: $FORKVM_IMAGE_KERNEL (guest/kernel/build.sh) and $FORKVM_IMAGE_ROOTFS
 (guest/rootfs/build.sh), which forkvm-python/test.sh sets when the image is built; skipped
@@ -8,8 +9,10 @@ otherwise. Boots Linux once for the module (~30 s here)."""
 import asyncio
 import os
 import signal
+import socket
 import threading
-from typing import Iterator, List, Tuple
+import time
+from typing import Callable, Iterator, List, Tuple
 
 import pytest
 
@@ -37,6 +40,7 @@ def vm() -> Iterator[forkvm.VM]:
         disks=[forkvm.Disk(ROOTFS, read_only=True)],
         vsock_cid=3,
         console=forkvm.ConsoleBuffer(),
+        network=forkvm.Network(deny_all=True, allow=["127.0.0.1/32"]),
     ) as vm:
         vm.agent(timeout=BOOT_TIMEOUT)
         yield vm
@@ -239,3 +243,74 @@ def test_async_for_over_a_process(vm: forkvm.VM) -> None:
 
     with pytest.raises(forkvm.ClosedError):
         asyncio.run(closed())
+
+
+ECHO = """import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 7000))
+s.listen()
+while True:
+    c, _ = s.accept()
+    c.sendall(c.recv(100).upper())
+    c.close()
+"""
+
+DIAL = """import socket, sys
+print(socket.create_connection(("10.0.2.2", int(sys.argv[1])), timeout=10).recv(100).decode())
+"""
+
+
+def echo(connect: Callable[[], socket.socket]) -> bytes:
+    """What the guest's echo server answers to b"ping" on a connection from `connect`, retried
+    while the guest refuses (its server not listening yet)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with connect() as stream:
+                stream.settimeout(30)
+                stream.sendall(b"ping")
+                answer = stream.recv(100)
+        except OSError:
+            answer = b""
+        if answer or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.2)
+
+
+def test_network_connect_tcp_publish_and_the_host_loopback(vm: forkvm.VM) -> None:
+    vm.write_file("/tmp/echo.py", ECHO.encode())
+    server = vm.spawn(["python3", "/tmp/echo.py"])
+    try:
+        assert echo(lambda: vm.connect_tcp(7000)) == b"PING"
+        host, port = vm.publish(7000)
+        assert echo(lambda: socket.create_connection((host, port), timeout=10)) == b"PING"
+    finally:
+        server.close()
+
+    # The guest reaches a listener on the host's 127.0.0.1 through the gateway, as allowed.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        host_port = listener.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(b"hello from the host")
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        vm.write_file("/tmp/dial.py", DIAL.encode())
+        result = vm.exec(["python3", "/tmp/dial.py", str(host_port)], timeout=60)
+        assert result.stdout == b"hello from the host\n", result
+        thread.join(timeout=10)
+
+        # With everything denied, the same dial is refused and counted.
+        vm.set_network_policy(deny_all=True)
+        before = vm.network_stats()["denied_total"]
+        result = vm.exec(["python3", "/tmp/dial.py", str(host_port)], timeout=60)
+        assert result.exit_code != 0
+        stats = vm.network_stats()
+        assert stats["denied_total"] > before
+        assert stats["denied_by_reason"].get("loopback", 0) + stats["denied_by_reason"].get("deny_all", 0) > 0

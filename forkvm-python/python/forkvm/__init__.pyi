@@ -6,6 +6,7 @@ from types import TracebackType
 from typing import (
     Any,
     Callable,
+    Dict,
     List,
     Literal,
     Mapping,
@@ -13,6 +14,7 @@ from typing import (
     Sequence,
     Tuple,
     Type,
+    TypedDict,
     Union,
     final,
 )
@@ -93,6 +95,45 @@ class BalloonHandle:
     def stats(self) -> Optional[List[Tuple[int, int]]]: ...
 
 @final
+class Network:
+    """A VM's network: a virtio-net device with forkvm's user-mode network behind it."""
+
+    def __new__(
+        cls,
+        *,
+        publish: Optional[Mapping[Union[int, Tuple[str, int]], int]] = None,
+        allow: Sequence[str] = ...,
+        deny: Sequence[str] = ...,
+        allow_domains: Sequence[str] = ...,
+        deny_all: bool = False,
+        hosts: Optional[Mapping[str, Sequence[str]]] = None,
+    ) -> "Network": ...
+
+class _DnsStats(TypedDict):
+    queries: int
+    answered: int
+    denied_names: int
+    filtered_addresses: int
+    malformed: int
+    busy: int
+
+class _NetworkStats(TypedDict):
+    """A VM's network counters (`VM.network_stats()`)."""
+
+    frames_from_guest: int
+    frames_to_guest: int
+    frames_dropped: int
+    tcp_flows_open: int
+    tcp_flows_total: int
+    tcp_rejected: int
+    udp_flows_open: int
+    udp_flows_total: int
+    denied_total: int
+    denied_by_reason: Dict[str, int]
+    dns: _DnsStats
+    down: bool
+
+@final
 class Child:
     """How one child of a fork (or a restored VM) reaches the host."""
 
@@ -103,6 +144,7 @@ class Child:
         console_input: _ConsoleInput = None,
         virtio_consoles: Sequence[_VirtioConsole] = ...,
         vsock_uds_path: Optional[_Path] = None,
+        network: Optional[Network] = None,
     ) -> "Child": ...
 
 @final
@@ -307,6 +349,7 @@ class VM:
         balloon: Union[None, bool, Balloon] = None,
         debug_exit: bool = False,
         kvm_device: Optional[_Path] = None,
+        network: Optional[Network] = None,
     ) -> "VM": ...
     @staticmethod
     def restore(directory: _Path, console: Union[_ConsoleOutput, Child] = ...) -> "VM": ...
@@ -342,6 +385,18 @@ class VM:
     @property
     def prepared_forks(self) -> int: ...
     def vsock_connect(self, port: int, timeout: float = 5.0) -> socket.socket: ...
+    def connect_tcp(self, port: int) -> socket.socket: ...
+    def publish(self, guest_port: int, host: str = "127.0.0.1", port: int = 0) -> Tuple[str, int]: ...
+    def unpublish(self, port: int, host: str = "127.0.0.1") -> None: ...
+    def set_network_policy(
+        self,
+        *,
+        allow: Sequence[str] = ...,
+        deny: Sequence[str] = ...,
+        allow_domains: Sequence[str] = ...,
+        deny_all: bool = False,
+    ) -> None: ...
+    def network_stats(self) -> _NetworkStats: ...
     def agent(self, timeout: float = 60.0) -> Agent: ...
     def exec(
         self,
@@ -449,6 +504,7 @@ __all__ = [
     "Identity",
     "InvalidArgumentError",
     "KvmError",
+    "Network",
     "NoDeviceError",
     "NotRunningError",
     "NotStartedError",
