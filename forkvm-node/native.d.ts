@@ -116,6 +116,8 @@ export interface NetworkOptions {
   denyAll?: boolean
   /** Names the VM's DNS answers itself: `{ db: ['10.0.2.2'] }`. */
   hosts?: Record<string, Array<string>>
+  /** Open host sockets to the host's loopback only, whatever the policy allows. */
+  loopbackOnly?: boolean
 }
 /** Where `vm.publish` bound. */
 export interface Published {

@@ -680,6 +680,10 @@ enum forkvm_status forkvm_network_deny(struct forkvm_network *network, const cha
 // `FORKVM_ERR_INVALID_ARGUMENT` for a name that is not a host name.
 enum forkvm_status forkvm_network_allow_domain(struct forkvm_network *network, const char *name);
 
+// Lets the network open host sockets to the host's loopback only (127.0.0.0/8, ::1), whatever
+// its policy allows: a guest that may reach services on this host and nothing beyond it.
+enum forkvm_status forkvm_network_loopback_only(struct forkvm_network *network);
+
 // Denies all egress but what the rules allow (the default is the public internet).
 enum forkvm_status forkvm_network_deny_all(struct forkvm_network *network);
 

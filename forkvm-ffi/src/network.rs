@@ -170,6 +170,18 @@ pub unsafe extern "C" fn forkvm_network_allow_domain(
     })
 }
 
+/// Lets the network open host sockets to the host's loopback only (127.0.0.0/8, ::1), whatever
+/// its policy allows: a guest that may reach services on this host and nothing beyond it.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn forkvm_network_loopback_only(
+    network: *mut forkvm_network,
+) -> forkvm_status {
+    with_network(network, |spec| {
+        spec.network = spec.network.clone().loopback_only();
+        Ok(())
+    })
+}
+
 /// Denies all egress but what the rules allow (the default is the public internet).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn forkvm_network_deny_all(network: *mut forkvm_network) -> forkvm_status {

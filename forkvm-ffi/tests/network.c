@@ -79,6 +79,9 @@ int main(void)
 
     forkvm_network *net;
     OK(forkvm_network_new(&net));
+    /* Host sockets to the host's loopback only, whatever the policy: nothing leaves the machine. */
+    OK(forkvm_network_loopback_only(net));
+    EXPECT(FORKVM_ERR_NULL_POINTER, forkvm_network_loopback_only(NULL));
     OK(forkvm_network_deny_all(net));
     OK(forkvm_network_allow(net, "127.0.0.1/32"));
     OK(forkvm_network_deny(net, "10.0.0.0/8"));
@@ -159,6 +162,7 @@ int main(void)
     /* A policy change, from another forkvm_network's rules. */
     forkvm_network *open;
     OK(forkvm_network_new(&open));
+    OK(forkvm_network_loopback_only(open));
     OK(forkvm_network_allow(open, "127.0.0.1/32"));
     OK(forkvm_vm_set_network_policy(vm, open));
     EXPECT(FORKVM_ERR_NULL_POINTER, forkvm_vm_set_network_policy(vm, NULL));

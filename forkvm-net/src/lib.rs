@@ -47,7 +47,9 @@ mod tap;
 pub use config::NetworkConfig;
 pub use handle::{DeniedFlow, GuestConnection, NetworkHandle, NetworkStats};
 pub use policy::{Cidr, DenyReason, NetworkPolicy, Protocol, Verdict};
-pub use seams::{Connector, HostConnector, HostResolver, Resolver, Seams, StaticResolver};
+pub use seams::{
+    Connector, HostConnector, HostResolver, LoopbackOnly, Resolver, Seams, StaticResolver,
+};
 pub use stack::UserNetwork;
 pub use stack::tcp::{MAX_PENDING_HANDSHAKES, MAX_TCP_FLOWS};
 pub use stack::udp::MAX_UDP_FLOWS;

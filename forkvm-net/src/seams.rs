@@ -44,6 +44,44 @@ impl Connector for HostConnector {
     }
 }
 
+/// A connector that opens host sockets only to the host's loopback (127.0.0.0/8, ::1) through
+/// `inner` and refuses every other destination, whatever the policy says: a network that can
+/// reach services on this host and nothing beyond it (and a guard for tests that must never
+/// send a packet off the machine, even when the code under test is wrong).
+pub struct LoopbackOnly {
+    inner: Arc<dyn Connector>,
+}
+
+impl LoopbackOnly {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn Connector>) -> Self {
+        Self { inner }
+    }
+
+    fn check(to: SocketAddr) -> io::Result<()> {
+        if to.ip().is_loopback() {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!("{to}: this network reaches the host's loopback only"),
+            ))
+        }
+    }
+}
+
+impl Connector for LoopbackOnly {
+    fn connect_tcp(&self, to: SocketAddr) -> io::Result<TcpStream> {
+        Self::check(to)?;
+        self.inner.connect_tcp(to)
+    }
+
+    fn connect_udp(&self, to: SocketAddr) -> io::Result<UdpSocket> {
+        Self::check(to)?;
+        self.inner.connect_udp(to)
+    }
+}
+
 /// Resolves names for the DNS forwarder. Called on a worker thread (it may block); never called
 /// with a name that parses as an IP address.
 pub trait Resolver: Send + Sync {
@@ -125,5 +163,47 @@ impl std::fmt::Debug for Seams {
         f.debug_struct("Seams")
             .field("hosts", &self.hosts)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records what reaches it and refuses it all.
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<SocketAddr>>);
+
+    impl Connector for Recorder {
+        fn connect_tcp(&self, to: SocketAddr) -> io::Result<TcpStream> {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).push(to);
+            Err(io::ErrorKind::Other.into())
+        }
+        fn connect_udp(&self, to: SocketAddr) -> io::Result<UdpSocket> {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).push(to);
+            Err(io::ErrorKind::Other.into())
+        }
+    }
+
+    #[test]
+    fn loopback_only_passes_loopback_and_refuses_the_rest() {
+        let inner = Arc::new(Recorder::default());
+        let guard = LoopbackOnly::new(inner.clone());
+        for to in [
+            "93.184.216.34:80",
+            "10.0.0.1:80",
+            "169.254.169.254:80",
+            "[2001:db8::1]:80",
+        ] {
+            let to: SocketAddr = to.parse().unwrap();
+            let refused = guard.connect_tcp(to).unwrap_err();
+            assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+            assert!(guard.connect_udp(to).is_err());
+        }
+        assert!(inner.0.lock().unwrap().is_empty());
+        for to in ["127.0.0.1:80", "127.1.2.3:80", "[::1]:80"] {
+            let _ = guard.connect_tcp(to.parse().unwrap());
+        }
+        assert_eq!(inner.0.lock().unwrap().len(), 3);
     }
 }

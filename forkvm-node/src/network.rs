@@ -47,6 +47,8 @@ pub struct NetworkOptions {
     pub deny_all: Option<bool>,
     /// Names the VM's DNS answers itself: `{ db: ['10.0.2.2'] }`.
     pub hosts: Option<HashMap<String, Vec<String>>>,
+    /// Open host sockets to the host's loopback only, whatever the policy allows.
+    pub loopback_only: Option<bool>,
 }
 
 /// An IP address argument.
@@ -122,6 +124,9 @@ pub(crate) fn network(options: NetworkOptions) -> Outcome<Network> {
             .map(|a| ip(a))
             .collect::<Outcome<Vec<_>>>()?;
         network = network.host(&name, &addresses);
+    }
+    if options.loopback_only.unwrap_or(false) {
+        network = network.loopback_only();
     }
     Ok(network)
 }

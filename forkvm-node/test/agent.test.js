@@ -20,7 +20,7 @@ describe('the agent of the Linux image', { skip, timeout: 300000 }, () => {
     if (skip) return;
     vm = await VM.build({
       kernel, cmdline: IMAGE_CMDLINE, memoryMib: 256, disks: [{ path: image, readOnly: true }], vsockCid: 3,
-      network: { denyAll: true, allow: ['127.0.0.1/32'] },
+      network: { denyAll: true, allow: ['127.0.0.1/32'], loopbackOnly: true },
     });
     await vm.start();
     await vm.agentReady(180000);

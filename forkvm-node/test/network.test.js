@@ -35,7 +35,7 @@ test('publish, connectTcp, policy and stats on the test guest', async () => {
     network: {
       publish: { 0: 80, '127.0.0.1:0': 81 },
       allow: ['127.0.0.1/32'], deny: ['10.0.0.0/8'], allowDomains: ['example.com'], denyAll: true,
-      hosts: { 'db.internal': ['10.0.2.2'] },
+      hosts: { 'db.internal': ['10.0.2.2'] }, loopbackOnly: true,
     },
   });
   try {
@@ -75,7 +75,7 @@ test('publish, connectTcp, policy and stats on the test guest', async () => {
       (e) => e instanceof InvalidArgumentError && /10\.0\.0\.0\/33/.test(e.message));
 
     // Fork: one child with a network of its own, one with the parent's policy.
-    const children = await vm.fork([{ network: { denyAll: true } }, null]);
+    const children = await vm.fork([{ network: { denyAll: true, loopbackOnly: true } }, null]);
     for (const child of children) {
       assert.strictEqual(child.networkStats().tcpFlowsTotal, 0);
       const published = child.publish(80);

@@ -22,7 +22,8 @@ use crate::errors::{HostIoError, InvalidArgumentError, vm_error};
 /// with `deny_all`; `allow` and `deny` are CIDRs (`"127.0.0.1/32"` opens the host's loopback
 /// through the gateway), allow rules checked before deny rules, the first that matches
 /// deciding; `allow_domains` limits egress to those names and their subdomains. `hosts` answers
-/// names in the VM's DNS: `{"db": ["10.0.2.2"]}`.
+/// names in the VM's DNS: `{"db": ["10.0.2.2"]}`. `loopback_only` lets it open host sockets to
+/// the host's loopback only, whatever the policy allows.
 #[pyclass(module = "forkvm", name = "Network", frozen)]
 pub(crate) struct PyNetwork {
     pub(crate) network: Network,
@@ -33,7 +34,7 @@ impl PyNetwork {
     #[new]
     #[pyo3(signature = (
         *, publish = None, allow = Vec::new(), deny = Vec::new(), allow_domains = Vec::new(),
-        deny_all = false, hosts = None
+        deny_all = false, hosts = None, loopback_only = false
     ))]
     fn new(
         publish: Option<&Bound<'_, PyDict>>,
@@ -42,8 +43,12 @@ impl PyNetwork {
         allow_domains: Vec<String>,
         deny_all: bool,
         hosts: Option<HashMap<String, Vec<String>>>,
+        loopback_only: bool,
     ) -> PyResult<Self> {
         let mut network = Network::user().policy(policy(&allow, &deny, &allow_domains, deny_all)?);
+        if loopback_only {
+            network = network.loopback_only();
+        }
         for (host, guest_port) in publish.into_iter().flat_map(|d| d.iter()) {
             let host = publish_address(&host)?;
             let guest_port = guest_port.extract::<u16>().map_err(|_| {

@@ -40,7 +40,7 @@ def vm() -> Iterator[forkvm.VM]:
         disks=[forkvm.Disk(ROOTFS, read_only=True)],
         vsock_cid=3,
         console=forkvm.ConsoleBuffer(),
-        network=forkvm.Network(deny_all=True, allow=["127.0.0.1/32"]),
+        network=forkvm.Network(deny_all=True, allow=["127.0.0.1/32"], loopback_only=True),
     ) as vm:
         vm.agent(timeout=BOOT_TIMEOUT)
         yield vm

@@ -29,6 +29,7 @@ def network() -> forkvm.Network:
         allow_domains=["example.com"],
         deny_all=True,
         hosts={"db.internal": ["10.0.2.2"]},
+        loopback_only=True,
     )
 
 
@@ -68,7 +69,7 @@ def test_publish_connect_tcp_policy_and_stats(guest: str) -> None:
             vm.set_network_policy(allow=["10.0.0.0/33"])
 
         # Fork: one child with a network of its own, one with the parent's policy.
-        children = vm.fork([forkvm.Child(network=forkvm.Network(deny_all=True)), None])
+        children = vm.fork([forkvm.Child(network=forkvm.Network(deny_all=True, loopback_only=True)), None])
         for child in children:
             assert child.network_stats()["tcp_flows_total"] == 0
             _, child_port = child.publish(80)
@@ -104,4 +105,4 @@ def test_a_published_port_is_bound_at_build(guest: str) -> None:
         taken = probe.getsockname()[1]
         probe.listen()
         with pytest.raises(forkvm.HostIoError, match=f"127.0.0.1:{taken}"):
-            forkvm.VM(guest, memory_mib=32, console=None, network=forkvm.Network(publish={taken: 80}))
+            forkvm.VM(guest, memory_mib=32, console=None, network=forkvm.Network(publish={taken: 80}, loopback_only=True))

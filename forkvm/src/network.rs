@@ -103,6 +103,14 @@ impl Network {
         self
     }
 
+    /// Lets the network open host sockets to the host's loopback only (127.0.0.0/8, ::1),
+    /// whatever its policy allows: a guest that may reach services on this host and nothing
+    /// beyond it. (Tests use it so that no packet can leave the machine.)
+    pub fn loopback_only(mut self) -> Self {
+        self.seams.connector = Arc::new(forkvm_net::LoopbackOnly::new(self.seams.connector));
+        self
+    }
+
     /// The guest's MAC address.
     pub fn mac(mut self, mac: [u8; 6]) -> Self {
         self.addresses.guest_mac = mac;

@@ -107,6 +107,7 @@ class Network:
         allow_domains: Sequence[str] = ...,
         deny_all: bool = False,
         hosts: Optional[Mapping[str, Sequence[str]]] = None,
+        loopback_only: bool = False,
     ) -> "Network": ...
 
 class _DnsStats(TypedDict):
