@@ -2,8 +2,10 @@
 //! by a smoltcp guest whose link is a virtio-net driver in guest memory (the register-level test
 //! driver; no KVM, no guest code: the bench thread plays guest and event loop):
 //!
-//! - bulk TCP guest → host and host → guest at MTU 1500 and 65520, against a loopback TCP socket
-//!   pair moving the same bytes, in alternating rounds (Gbit/s, p50/p90/p99, ratio of medians);
+//! - bulk TCP guest → host and host → guest at MTU 1500 and 65520, with the checksum offloads
+//!   negotiated (`CSUM`, `GUEST_CSUM`, as a Linux guest does) and without, against a loopback
+//!   TCP socket pair moving the same bytes, in alternating rounds (Gbit/s, p50/p90/p99, ratio
+//!   of medians; the offload's gain as the median of per-round ratios);
 //! - connection set-up, guest `connect` → established through the NAT to a listener on
 //!   127.0.0.1, against a loopback `connect`, alternating;
 //! - memory: heap (a counting allocator) and `RssAnon` per idle network (`UserNetwork` + `Net`),
@@ -174,12 +176,12 @@ struct Bulk {
 }
 
 impl Bulk {
-    fn new(mtu: u16, guest_sends: bool) -> Self {
+    fn new(mtu: u16, guest_sends: bool, offload: bool) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let (seams, connector, policy) = loopback_only();
-        let mut guest =
-            VirtioGuest::new(mtu, VirtioGuest::rx_buf_len_for(mtu), policy, seams, true);
+        let rx_buf_len = VirtioGuest::rx_buf_len_for(mtu);
+        let mut guest = VirtioGuest::with_offload(mtu, rx_buf_len, policy, seams, true, offload);
         let conn = guest.connect_gateway(port, GUEST_BUFFER);
         assert!(guest.run_until(LIMIT, |g| g.tcp(conn).state() == State::Established));
         let (host, _) = listener.accept().unwrap();
@@ -285,15 +287,19 @@ fn throughput(_: &mut Criterion) {
                 "host_to_guest"
             };
             let name = format!("net_throughput/{way}/mtu{mtu}");
-            let mut bulk = Bulk::new(mtu, guest_sends);
+            let mut bulk = Bulk::new(mtu, guest_sends, true);
+            let mut plain = Bulk::new(mtu, guest_sends, false);
             let mut lo = Loopback::new(guest_sends);
             // One untimed round each: windows open, buffers are allocated.
             bulk.round(bytes / 4, guest_sends);
+            plain.round(bytes / 4, guest_sends);
             lo.round(bytes / 4, guest_sends);
-            let (mut a, mut b, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut a, mut p, mut b) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut ratios, mut gains) = (Vec::new(), Vec::new());
             let counts = bulk.guest.counts();
             for _ in 0..rounds {
                 let va = gbits(bytes, bulk.round(bytes, guest_sends));
+                let vp = gbits(bytes, plain.round(bytes, guest_sends));
                 // FORKVM_NET_BENCH_PROFILE=1 leaves loopback out (for `perf record`).
                 let vb = if profiling {
                     1.0
@@ -301,25 +307,40 @@ fn throughput(_: &mut Criterion) {
                     gbits(bytes, lo.round(bytes, guest_sends))
                 };
                 a.push(va);
+                p.push(vp);
                 b.push(vb);
                 ratios.push(va / vb);
+                gains.push(va / vp);
             }
             let after = bulk.guest.counts();
             let ma = print_pct(&format!("{name}/virtio_net"), &mut a, "Gbit/s");
+            let mp = print_pct(
+                &format!("{name}/virtio_net_no_csum_offload"),
+                &mut p,
+                "Gbit/s",
+            );
             let mb = print_pct(&format!("{name}/loopback_tcp"), &mut b, "Gbit/s");
             print_pct(&format!("{name}/ratio_per_round"), &mut ratios, "x");
+            print_pct(
+                &format!("{name}/csum_offload_gain_per_round"),
+                &mut gains,
+                "x",
+            );
             println!(
-                "{name}: ratio of medians {:.2}; per round: {:.0} frames to the guest, {:.0} \
-                 from it, {:.0} tx kicks, {:.0} rx kicks, {:.0} host events; device dropped {}",
+                "{name}: ratio of medians {:.2} (without checksum offload {:.2}); per round: {:.0} \
+                 frames to the guest, {:.0} from it, {:.0} tx kicks, {:.0} rx kicks, {:.0} host \
+                 events; device dropped {}",
                 ma / mb,
+                mp / mb,
                 (after.rx_frames - counts.rx_frames) as f64 / rounds as f64,
                 (after.tx_frames - counts.tx_frames) as f64 / rounds as f64,
                 (after.tx_kicks - counts.tx_kicks) as f64 / rounds as f64,
                 (after.rx_kicks - counts.rx_kicks) as f64 / rounds as f64,
                 (after.host_events - counts.host_events) as f64 / rounds as f64,
-                bulk.guest.stats.rx_dropped(),
+                bulk.guest.stats.rx_dropped() + plain.guest.stats.rx_dropped(),
             );
             assert!(bulk.connector.refused.lock().unwrap().is_empty());
+            assert!(plain.connector.refused.lock().unwrap().is_empty());
         }
     }
 }

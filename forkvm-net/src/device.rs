@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 
-use smoltcp::phy::{self, DeviceCapabilities, Medium};
+use smoltcp::phy::{self, Checksum, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
 /// Frames queued for the guest before smoltcp is told to wait...
@@ -31,6 +31,11 @@ pub(crate) struct Link {
     /// Frames queued for the guest in total.
     pub(crate) sent: u64,
     mtu: usize,
+    /// The guest sends partial TCP checksums: smoltcp must not verify them.
+    pub(crate) from_guest_partial: bool,
+    /// The guest takes frames whose TCP checksum was not computed (the device sets
+    /// `DATA_VALID`): smoltcp need not compute them.
+    pub(crate) to_guest_unchecked: bool,
 }
 
 impl Link {
@@ -42,6 +47,8 @@ impl Link {
             dropped: 0,
             sent: 0,
             mtu: usize::from(mtu),
+            from_guest_partial: false,
+            to_guest_unchecked: false,
         }
     }
 
@@ -112,6 +119,15 @@ impl phy::Device for Link {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
         caps.max_transmission_unit = self.mtu + crate::frames::ETHERNET_HEADER;
+        // TCP only: smoltcp carries no UDP of the guest's, and the IPv4 and ICMP checksums are
+        // always computed by both sides (the guest verifies IPv4 headers whatever the device
+        // says). smoltcp reads these once, when its `Interface` is made (see `Stack::set_offload`).
+        caps.checksum.tcp = match (self.from_guest_partial, self.to_guest_unchecked) {
+            (false, false) => Checksum::Both,
+            (false, true) => Checksum::Rx,
+            (true, false) => Checksum::Tx,
+            (true, true) => Checksum::None,
+        };
         caps
     }
 }

@@ -62,15 +62,23 @@ pub(crate) enum Guest<'a> {
     Other(&'static str),
 }
 
-/// Reads one guest frame.
+/// Reads one guest frame, verifying every checksum in it.
+#[cfg(test)]
 pub(crate) fn classify(frame: &[u8]) -> Guest<'_> {
+    classify_with(frame, true)
+}
+
+/// Reads one guest frame; with `verify_l4` false its TCP and UDP checksums are not looked at
+/// (the guest sends them partial: checksum offload). The IPv4 header's and ICMP's are always
+/// verified (the guest computes those itself).
+pub(crate) fn classify_with(frame: &[u8], verify_l4: bool) -> Guest<'_> {
     let Ok(eth) = EthernetFrame::new_checked(frame) else {
         return Guest::Other("short ethernet frame");
     };
     let payload = &frame[ETHERNET_HEADER..];
     match eth.ethertype() {
         EthernetProtocol::Arp => classify_arp(payload),
-        EthernetProtocol::Ipv4 => classify_ipv4(payload),
+        EthernetProtocol::Ipv4 => classify_ipv4(payload, verify_l4),
         EthernetProtocol::Ipv6 => Guest::Other("ipv6"),
         _ => Guest::Other("ethertype"),
     }
@@ -96,7 +104,7 @@ fn classify_arp(payload: &[u8]) -> Guest<'_> {
     }
 }
 
-fn classify_ipv4(payload: &[u8]) -> Guest<'_> {
+fn classify_ipv4(payload: &[u8], verify_l4: bool) -> Guest<'_> {
     let Ok(ip) = Ipv4Packet::new_checked(payload) else {
         return Guest::Other("malformed ipv4");
     };
@@ -119,7 +127,7 @@ fn classify_ipv4(payload: &[u8]) -> Guest<'_> {
             let Ok(tcp) = TcpPacket::new_checked(body) else {
                 return Guest::Other("malformed tcp");
             };
-            if !tcp.verify_checksum(&src_ip, &dst_ip) {
+            if verify_l4 && !tcp.verify_checksum(&src_ip, &dst_ip) {
                 return Guest::Other("tcp checksum");
             }
             Guest::Tcp {
@@ -132,7 +140,7 @@ fn classify_ipv4(payload: &[u8]) -> Guest<'_> {
             let Ok(udp) = UdpPacket::new_checked(body) else {
                 return Guest::Other("malformed udp");
             };
-            if !udp.verify_checksum(&src_ip, &dst_ip) {
+            if verify_l4 && !udp.verify_checksum(&src_ip, &dst_ip) {
                 return Guest::Other("udp checksum");
             }
             let length = usize::from(udp.len());
@@ -390,12 +398,32 @@ mod tests {
     }
 
     #[test]
+    fn l4_checksums_are_ignored_only_when_asked() {
+        let src = SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 15), 1);
+        let dst = SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 2), 2);
+        let mut frame = udp_frame([2; 6], [4; 6], src, dst, b"partial");
+        // The UDP checksum (after the Ethernet and IPv4 headers, at 6) made wrong.
+        frame[ETHERNET_HEADER + 20 + 6] ^= 0x5a;
+        assert_eq!(classify(&frame), Guest::Other("udp checksum"));
+        let payload = b"partial";
+        assert_eq!(
+            classify_with(&frame, false),
+            Guest::Udp { src, dst, payload }
+        );
+        // The IPv4 header's checksum is verified either way.
+        frame[ETHERNET_HEADER + 10] ^= 0x5a;
+        assert_eq!(classify_with(&frame, false), Guest::Other("ipv4 checksum"));
+    }
+
+    #[test]
     fn every_truncation_of_a_frame_is_rejected_without_panic() {
         let src = SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 15), 1);
         let dst = SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 2), 2);
         let frame = udp_frame([2; 6], [4; 6], src, dst, &[7; 40]);
         for len in 0..frame.len() {
             assert!(matches!(classify(&frame[..len]), Guest::Other(_)), "{len}");
+            let unverified = classify_with(&frame[..len], false);
+            assert!(matches!(unverified, Guest::Other(_)), "{len}");
         }
         let ping = echo_reply_frame([2; 6], [4; 6], *src.ip(), *dst.ip(), 1, 2, &[1; 9]);
         for len in 0..ping.len() {

@@ -1,7 +1,9 @@
 //! [`TapBackend`]: a virtio-net device on a host TAP interface, for users who already run
 //! Firecracker-style networking (a TAP device per VM, bridged or routed by the host). The host
 //! configures the interface; forkvm only moves Ethernet frames between it and the guest, so no
-//! policy, DHCP or DNS of forkvm's applies. Opening a TAP device needs `CAP_NET_ADMIN` (or a
+//! policy, DHCP or DNS of forkvm's applies. No checksum offload: the device opens the TAP
+//! without a vnet header, so a partial checksum from the guest would reach the host's network
+//! wrong (the default [`NetBackend::checksum_offload`] says no). Opening a TAP device needs `CAP_NET_ADMIN` (or a
 //! persistent TAP device owned by the caller).
 
 use std::collections::VecDeque;

@@ -22,8 +22,17 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 #[test]
 fn dhcp_leases_the_guest_its_address_through_the_device() {
+    dhcp(false);
+}
+
+#[test]
+fn dhcp_leases_the_guest_its_address_with_checksum_offload() {
+    dhcp(true);
+}
+
+fn dhcp(offload: bool) {
     let (seams, connector, policy) = loopback_only();
-    let mut g = VirtioGuest::new(1500, 2048, policy, seams, false);
+    let mut g = VirtioGuest::with_offload(1500, 2048, policy, seams, false, offload);
     let socket = g.sockets.add(dhcpv4::Socket::new());
     let mut lease = None;
     assert!(g.run_until(LIMIT, |g| {
@@ -46,7 +55,9 @@ fn dhcp_leases_the_guest_its_address_through_the_device() {
 
 /// Moves `size` bytes each way between the guest and a server on 127.0.0.1 (the guest sends all
 /// and half-closes, then the server answers with its bytes and closes) and compares checksums.
-fn bulk_both_ways(mtu: u16, size: usize) {
+/// With `offload`, the guest sends every TCP segment with a partial (zero) checksum and takes
+/// every segment unverified.
+fn bulk_both_ways(mtu: u16, size: usize, offload: bool) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let server = thread::spawn(move || {
@@ -59,7 +70,8 @@ fn bulk_both_ways(mtu: u16, size: usize) {
         got
     });
     let (seams, connector, policy) = loopback_only();
-    let mut g = VirtioGuest::new(mtu, VirtioGuest::rx_buf_len_for(mtu), policy, seams, true);
+    let rx_buf_len = VirtioGuest::rx_buf_len_for(mtu);
+    let mut g = VirtioGuest::with_offload(mtu, rx_buf_len, policy, seams, true, offload);
     let conn = g.connect_gateway(port, 1 << 20);
     let upload = pattern(size, 1);
     let (mut sent, mut closed, mut received) = (0, false, Vec::new());
@@ -101,10 +113,20 @@ fn bulk_both_ways(mtu: u16, size: usize) {
 
 #[test]
 fn bulk_both_ways_through_the_device_at_mtu_1500() {
-    bulk_both_ways(1500, 4 << 20);
+    bulk_both_ways(1500, 4 << 20, false);
+}
+
+#[test]
+fn bulk_both_ways_with_checksum_offload_at_mtu_1500() {
+    bulk_both_ways(1500, 4 << 20, true);
 }
 
 #[test]
 fn bulk_both_ways_through_the_device_at_mtu_65520() {
-    bulk_both_ways(65520, 4 << 20);
+    bulk_both_ways(65520, 4 << 20, false);
+}
+
+#[test]
+fn bulk_both_ways_with_checksum_offload_at_mtu_65520() {
+    bulk_both_ways(65520, 4 << 20, true);
 }

@@ -17,8 +17,8 @@ use std::sync::mpsc::{Receiver, TryRecvError, sync_channel};
 use std::time::{Duration, Instant};
 
 use forkvm_devices::virtio::net::NetBackend;
-use smoltcp::iface::{Config, Interface, PollResult, SocketSet};
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
+use smoltcp::iface::{Interface, PollResult, SocketSet};
+use smoltcp::wire::EthernetAddress;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::timerfd::TimerFd;
@@ -27,7 +27,7 @@ use crate::config::NetworkConfig;
 use crate::device::Link;
 use crate::dns::DnsForwarder;
 use crate::frames::{
-    Guest, IPV4_UDP_HEADERS, classify, echo_reply_frame, tcp_probe_frame, udp_frame,
+    Guest, IPV4_UDP_HEADERS, classify_with, echo_reply_frame, tcp_probe_frame, udp_frame,
 };
 use crate::handle::{
     COMMAND_QUEUE, Command, DeniedFlow, GuestConnection, NetworkHandle, NetworkStats, Shared, lock,
@@ -35,6 +35,7 @@ use crate::handle::{
 use crate::policy::{self, DenyReason, DnsPins, NetworkPolicy, PolicyContext, Protocol, Verdict};
 use crate::seams::{Connector, Seams};
 use crate::slab::Slab;
+mod offload;
 pub(crate) mod tcp;
 pub(crate) mod udp;
 
@@ -156,19 +157,7 @@ impl UserNetwork {
         add(dns.event_fd(), TOKEN_DNS)?;
 
         let mut link = Link::new(config.mtu);
-        let mut iface_config = Config::new(HardwareAddress::Ethernet(EthernetAddress(
-            config.gateway_mac,
-        )));
-        iface_config.random_seed = random_seed();
-        let mut iface = Interface::new(iface_config, &mut link, smoltcp::time::Instant::ZERO);
-        iface.update_ip_addrs(|addrs| {
-            let _ = addrs.push(IpCidr::new(config.gateway_ip.into(), config.prefix_len));
-        });
-        iface
-            .routes_mut()
-            .add_default_ipv4_route(config.gateway_ip)
-            .map_err(|_| io::Error::other("smoltcp route table full"))?;
-        iface.set_any_ip(true);
+        let iface = offload::new_iface(&config, &mut link)?;
 
         let shared = Arc::new(Shared::new(policy));
         let (sender, commands) = sync_channel(COMMAND_QUEUE);
@@ -300,6 +289,17 @@ impl NetBackend for UserNetwork {
         };
         if catch_unwind(AssertUnwindSafe(|| stack.turn())).is_err() {
             self.go_down();
+        }
+    }
+
+    /// Yes: see `offload.rs`.
+    fn checksum_offload(&self) -> bool {
+        true
+    }
+
+    fn set_checksum_offload(&mut self, from_guest_partial: bool, to_guest_unchecked: bool) {
+        if let Some(stack) = self.stack.as_mut() {
+            stack.set_offload(from_guest_partial, to_guest_unchecked);
         }
     }
 }
@@ -504,7 +504,7 @@ impl Stack {
     fn guest_frame(&mut self, frame: Vec<u8>, now: Instant) {
         let config = &self.config;
         let (gateway, dns_ip, guest) = (config.gateway_ip, config.dns_ip, config.guest_ip);
-        let tcp = match classify(&frame) {
+        let tcp = match classify_with(&frame, self.verify_guest_checksums()) {
             Guest::Arp { target, .. } => {
                 // Only the gateway's and the DNS server's addresses are answered (smoltcp would
                 // answer every address with AnyIP on, the guest's own included).

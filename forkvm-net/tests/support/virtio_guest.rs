@@ -4,7 +4,10 @@
 //! backend. No KVM: the "VM's event loop" is [`VirtioGuest::step`], which kicks the queues
 //! and serves the backend's event fd the way the VMM's loop does.
 //!
-//! The driver negotiates `MRG_RXBUF` (and `MAC`, `STATUS`), keeps every receive descriptor
+//! The driver negotiates `MRG_RXBUF` (and `MAC`, `STATUS`; with `offload`, also `CSUM` and
+//! `GUEST_CSUM`: its smoltcp then neither computes TCP/UDP checksums, marking those frames
+//! `NEEDS_CSUM` as Linux does, nor verifies received ones, each of which must then come
+//! `DATA_VALID`), keeps every receive descriptor
 //! posted as a one-buffer chain, puts each transmitted frame behind a zeroed 12-byte header in a
 //! one-descriptor chain, kicks the transmit queue once per batch and reaps used entries. Shared
 //! by the tests (`mod support`) and the benchmarks (`#[path]` include from `benches/net.rs`), so
@@ -33,6 +36,8 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
 use vm_memory::{Bytes, GuestAddress};
 
 /// virtio-net feature bits the guest accepts (VERSION_1 is added by the driver).
+const F_CSUM: u64 = 1 << 0;
+const F_GUEST_CSUM: u64 = 1 << 1;
 const F_MAC: u64 = 1 << 5;
 const F_MRG_RXBUF: u64 = 1 << 15;
 const F_STATUS: u64 = 1 << 16;
@@ -104,6 +109,8 @@ pub struct VirtioLink {
     rx_reposted: u16,
     rx_buf_len: u32,
     mtu: usize,
+    /// Checksum offloads negotiated.
+    offload: bool,
     /// Frames received and transmitted, kicks of each queue.
     pub counts: Counts,
 }
@@ -129,6 +136,8 @@ struct TxSide {
     scratch: Vec<u8>,
     kicks: u64,
     frames: u64,
+    /// Checksum offloads negotiated: TCP/UDP frames go out with `NEEDS_CSUM`.
+    offload: bool,
 }
 
 impl TxSide {
@@ -175,6 +184,13 @@ impl VirtioLink {
         }
         let (id, len) = self.rx_used_entry(self.rx_used);
         let num_buffers: u16 = read(&self.tx.driver.memory, self.rx_buffer(id) + 10);
+        let flags: u8 = read(&self.tx.driver.memory, self.rx_buffer(id));
+        // DATA_VALID (2) exactly when GUEST_CSUM was negotiated: the guest verifies nothing.
+        assert_eq!(
+            flags,
+            if self.offload { 2 } else { 0 },
+            "received header flags"
+        );
         assert!(num_buffers >= 1 && used.wrapping_sub(self.rx_used) >= num_buffers);
         self.frame.clear();
         for k in 0..num_buffers {
@@ -276,6 +292,9 @@ impl phy::TxToken for Tx<'_> {
         tx.scratch.clear();
         tx.scratch.resize(NET_HDR_LEN + len, 0);
         let r = f(&mut tx.scratch[NET_HDR_LEN..]);
+        if tx.offload {
+            mark_partial(&mut tx.scratch);
+        }
         let slot = tx.next % QUEUE_SIZE;
         let at = tx.base + u64::from(slot) * tx.slot;
         assert!(tx.scratch.len() as u64 <= tx.slot);
@@ -291,6 +310,24 @@ impl phy::TxToken for Tx<'_> {
         tx.frames += 1;
         r
     }
+}
+
+/// Marks a TCP or UDP frame over IPv4 behind its virtio-net header `NEEDS_CSUM`, with where its
+/// checksum starts and lies, as a driver with `CSUM` does (smoltcp left the field zero).
+fn mark_partial(bytes: &mut [u8]) {
+    let frame = &bytes[NET_HDR_LEN..];
+    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] {
+        return;
+    }
+    let start = 14 + 4 * u16::from(frame[14] & 0x0f);
+    let offset: u16 = match frame[23] {
+        6 => 16,
+        17 => 6,
+        _ => return,
+    };
+    bytes[0] = 1;
+    bytes[6..8].copy_from_slice(&start.to_le_bytes());
+    bytes[8..10].copy_from_slice(&offset.to_le_bytes());
 }
 
 impl phy::Device for VirtioLink {
@@ -312,6 +349,10 @@ impl phy::Device for VirtioLink {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
         caps.max_transmission_unit = self.mtu + 14;
+        if self.offload {
+            caps.checksum.tcp = phy::Checksum::None;
+            caps.checksum.udp = phy::Checksum::None;
+        }
         caps
     }
 }
@@ -332,13 +373,26 @@ pub struct VirtioGuest {
 impl VirtioGuest {
     /// A guest with link MTU `mtu` (the network's and its own) and receive buffers of
     /// `rx_buf_len` bytes (one per descriptor, the ring full of them); with `static_ip` it has
-    /// 10.0.2.15/24 and the gateway as its route, otherwise no address (it runs DHCP).
+    /// 10.0.2.15/24 and the gateway as its route, otherwise no address (it runs DHCP). No
+    /// checksum offloads.
     pub fn new(
         mtu: u16,
         rx_buf_len: u32,
         policy: NetworkPolicy,
         seams: Seams,
         static_ip: bool,
+    ) -> Self {
+        Self::with_offload(mtu, rx_buf_len, policy, seams, static_ip, false)
+    }
+
+    /// The same, negotiating the checksum offloads (`CSUM`, `GUEST_CSUM`) with `offload`.
+    pub fn with_offload(
+        mtu: u16,
+        rx_buf_len: u32,
+        policy: NetworkPolicy,
+        seams: Seams,
+        static_ip: bool,
+        offload: bool,
     ) -> Self {
         let config = NetworkConfig {
             mtu,
@@ -353,7 +407,8 @@ impl VirtioGuest {
         let size = tx_base + u64::from(QUEUE_SIZE) * slot;
         let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap();
         let mut driver = Driver::with_memory(Box::new(device), memory);
-        driver.start_with(F_MAC | F_STATUS | F_MRG_RXBUF);
+        let offloads = if offload { F_CSUM | F_GUEST_CSUM } else { 0 };
+        driver.start_with(F_MAC | F_STATUS | F_MRG_RXBUF | offloads);
         driver.select(RX);
         for id in 0..QUEUE_SIZE {
             let at = RX_BASE + u64::from(id) * u64::from(rx_buf_len);
@@ -370,12 +425,14 @@ impl VirtioGuest {
                 scratch: Vec::new(),
                 kicks: 0,
                 frames: 0,
+                offload,
             },
             frame: Vec::new(),
             rx_used: 0,
             rx_reposted: 0,
             rx_buf_len,
             mtu: usize::from(mtu),
+            offload,
             counts: Counts::default(),
         };
         let mut iface = Interface::new(

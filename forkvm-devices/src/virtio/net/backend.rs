@@ -30,6 +30,23 @@ pub trait NetBackend: Send {
     /// Does the backend's host-side work: what `event_fd` announced and what the frames given to
     /// [`Self::transmit`] since the last call started. Consumes the event so the loop does not spin.
     fn process(&mut self);
+    /// Whether the backend can take frames from the guest whose TCP/UDP checksum is partial
+    /// (`VIRTIO_NET_HDR_F_NEEDS_CSUM`: the guest left it for the device to complete) and give
+    /// the guest frames whose checksum it did not compute. Only then does the device offer
+    /// `VIRTIO_NET_F_CSUM` and `VIRTIO_NET_F_GUEST_CSUM`. A backend that passes frames on to a
+    /// real network (TAP) says no: a partial checksum would reach that network wrong.
+    fn checksum_offload(&self) -> bool {
+        false
+    }
+    /// Told (by a backend that said [`Self::checksum_offload`]) what the driver accepted, when it
+    /// acks its features (also when a device continues from its state, and `false, false` at a
+    /// reset): with `from_guest_partial` the TCP/UDP checksums of frames from the guest may be
+    /// partial or anything (the backend must not check them), with `to_guest_unchecked` the
+    /// device tells the guest that frames for it were checked (`VIRTIO_NET_HDR_F_DATA_VALID`),
+    /// so the backend need not compute their TCP/UDP checksums.
+    fn set_checksum_offload(&mut self, from_guest_partial: bool, to_guest_unchecked: bool) {
+        let _ = (from_guest_partial, to_guest_unchecked);
+    }
 }
 
 /// A backend with no network behind it: it drops what the guest sends and has nothing for it.

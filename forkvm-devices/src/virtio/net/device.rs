@@ -4,11 +4,12 @@
 use std::os::fd::RawFd;
 
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
-    virtio_net_config,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP, virtio_net_config,
 };
 use virtio_queue::{Queue, QueueT};
 
+use super::csum::DATA_VALID;
 use super::rx::{Placed, Receiver};
 use super::tx::Transmitter;
 use super::{NET_DEVICE_TYPE, NetBackend, NetStats, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
@@ -28,6 +29,12 @@ pub struct Net {
     backend: Box<dyn NetBackend>,
     /// The features the driver accepted.
     acked_features: u64,
+    /// The driver sends partial checksums (`CSUM`) and the backend cannot take them: the device
+    /// completes them (see `csum.rs`).
+    complete_checksums: bool,
+    /// The header's flags on every received frame: `DATA_VALID` when the driver accepts it
+    /// (`GUEST_CSUM`) and the backend leaves checksums to it, 0 otherwise.
+    rx_flags: u8,
     tx: Transmitter,
     rx: Receiver,
     stats: NetStats,
@@ -40,6 +47,8 @@ impl Net {
             mac,
             backend,
             acked_features: 0,
+            complete_checksums: false,
+            rx_flags: 0,
             tx: Transmitter::default(),
             rx: Receiver::default(),
             stats: NetStats::default(),
@@ -54,6 +63,22 @@ impl Net {
     /// The device's counters (a handle that stays valid while the device runs).
     pub fn stats(&self) -> NetStats {
         self.stats.clone()
+    }
+
+    /// Tells the backend (if it can offload) what the driver accepted, and decides what the
+    /// device itself does: complete partial checksums when the backend cannot take them, and
+    /// set `DATA_VALID` only when the backend leaves the checksums of received frames to it.
+    /// Called when the driver acks its features, when a restored transport re-acks them for a
+    /// device that continues from its state (so a new backend learns them), and at a reset.
+    fn set_checksum_offload(&mut self) {
+        let partial = self.acked_features & (1 << VIRTIO_NET_F_CSUM) != 0;
+        let unchecked = self.acked_features & (1 << VIRTIO_NET_F_GUEST_CSUM) != 0;
+        let capable = self.backend.checksum_offload();
+        if capable {
+            self.backend.set_checksum_offload(partial, unchecked);
+        }
+        self.complete_checksums = partial && !capable;
+        self.rx_flags = if unchecked && capable { DATA_VALID } else { 0 };
     }
 
     fn config(&self) -> [u8; CONFIG_LEN] {
@@ -96,7 +121,10 @@ impl Net {
                 break Ok(());
             };
             let len = frame.len();
-            match self.rx.place(queue, memory, frame, mergeable) {
+            match self
+                .rx
+                .place(queue, memory, frame, mergeable, self.rx_flags)
+            {
                 Ok(Placed::Delivered) => {
                     self.backend.consume_receive();
                     NetStats::count(&self.stats.0.rx_frames);
@@ -131,10 +159,16 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
+        let offloads = if self.backend.checksum_offload() {
+            (1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_GUEST_CSUM)
+        } else {
+            0
+        };
         (1 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_NET_F_MAC)
             | (1 << VIRTIO_NET_F_STATUS)
             | (1 << VIRTIO_NET_F_MRG_RXBUF)
+            | offloads
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -143,6 +177,7 @@ impl VirtioDevice for Net {
 
     fn ack_features(&mut self, features: u64) {
         self.acked_features = features;
+        self.set_checksum_offload();
     }
 
     fn process_queue(
@@ -158,9 +193,14 @@ impl VirtioDevice for Net {
                 let Some(queue) = queues.get_mut(TX_QUEUE) else {
                     return Ok(());
                 };
-                let sent =
-                    self.tx
-                        .transmit(queue, memory, interrupt, &mut *self.backend, &self.stats);
+                let sent = self.tx.transmit(
+                    queue,
+                    memory,
+                    interrupt,
+                    &mut *self.backend,
+                    &self.stats,
+                    self.complete_checksums,
+                );
                 // What was sent before a malformed chain still reaches the backend's work.
                 self.backend.process();
                 sent?;
@@ -188,6 +228,7 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.acked_features = 0;
+        self.set_checksum_offload();
         self.rx.clear();
     }
 

@@ -1,14 +1,16 @@
 //! virtio-net (device type 1): an Ethernet link between the guest and a [`NetBackend`] (forkvm's
 //! user-mode network in crate `forkvm-net`, or a TAP device).
 //!
-//! One receive queue and one transmit queue, no control queue, no offloads: the device offers
-//! `VERSION_1`, `MAC`, `STATUS` (the link is always up) and `MRG_RXBUF`, so every buffer starts
-//! with the 12-byte virtio 1.x header ([`NET_HDR_LEN`]). The transmit path (`tx.rs`) copies each
+//! One receive queue and one transmit queue, no control queue: the device offers `VERSION_1`,
+//! `MAC`, `STATUS` (the link is always up) and `MRG_RXBUF`, so every buffer starts with the
+//! 12-byte virtio 1.x header ([`NET_HDR_LEN`]); with a backend that can take them, also the
+//! checksum offloads `CSUM` and `GUEST_CSUM` (`csum.rs`). No segmentation offloads. The transmit path (`tx.rs`) copies each
 //! frame out of guest memory before the backend sees it; the receive path (`rx.rs`) leaves a frame
 //! in the backend until the guest's buffers can hold all of it, and drops (and counts) only a
 //! frame that no set of buffers the guest can post would ever hold.
 
 pub mod backend;
+mod csum;
 mod device;
 mod persist;
 mod rx;
@@ -52,6 +54,7 @@ pub struct NetStats(Arc<Counters>);
 #[derive(Debug, Default)]
 struct Counters {
     tx_frames: AtomicU64,
+    tx_dropped: AtomicU64,
     rx_frames: AtomicU64,
     rx_dropped: AtomicU64,
 }
@@ -60,6 +63,12 @@ impl NetStats {
     /// Frames the guest transmitted (handed to the backend).
     pub fn tx_frames(&self) -> u64 {
         self.0.tx_frames.load(Ordering::Relaxed)
+    }
+
+    /// Frames the guest transmitted that were dropped: their partial checksum could not be
+    /// completed (its fields lie outside the frame).
+    pub fn tx_dropped(&self) -> u64 {
+        self.0.tx_dropped.load(Ordering::Relaxed)
     }
 
     /// Frames delivered into the guest's receive buffers.

@@ -1,6 +1,8 @@
 //! What a network device carries across a fork or into a snapshot ([`NetState`]): its MAC
 //! address. Flows do not survive: each child's device gets a fresh backend, and the frames
-//! waiting in the parent's stay there.
+//! waiting in the parent's stay there. The features the driver accepted are the transport's
+//! state: restoring it acks them again, which tells the new backend the checksum offloads the
+//! guest uses (`Net::set_checksum_offload`).
 
 use super::NetBackend;
 use super::device::Net;

@@ -66,13 +66,14 @@ impl Receiver {
     /// Writes the virtio-net header and `frame` into the receive buffers available on `queue`
     /// and adds the chains used to the used ring (the caller notifies the driver). With
     /// `mergeable` (`MRG_RXBUF`), the frame may span several chains and the header's
-    /// `num_buffers` says how many.
+    /// `num_buffers` says how many. `flags` goes into the header's `flags` (`DATA_VALID` or 0).
     pub(super) fn place(
         &mut self,
         queue: &mut Queue,
         memory: &GuestMemoryMmap,
         frame: &[u8],
         mergeable: bool,
+        flags: u8,
     ) -> Result<Placed, DeviceError> {
         if frame.len() > MAX_FRAME_LEN {
             return Ok(Placed::NeverFits);
@@ -113,6 +114,7 @@ impl Receiver {
         let num_buffers = u16::try_from(self.taken.len())
             .map_err(|_| bad("more receive chains than a queue holds".into()))?;
         let mut header = [0u8; NET_HDR_LEN];
+        header[0] = flags;
         header[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2]
             .copy_from_slice(&num_buffers.to_le_bytes());
         let mut cursor = Cursor {

@@ -35,6 +35,10 @@ struct Shared {
     processed: usize,
     /// Sent frames come back (at the next `process`).
     echo: bool,
+    /// The backend says it can take checksum offloads.
+    offload: bool,
+    /// What `set_checksum_offload` was told, in order.
+    told: Vec<(bool, bool)>,
 }
 
 /// The test's view of the backend it gave the device.
@@ -114,6 +118,16 @@ impl NetBackend for TestBackend {
 
     fn event_fd(&self) -> Option<RawFd> {
         Some(self.wire.event.as_raw_fd())
+    }
+
+    fn checksum_offload(&self) -> bool {
+        self.wire.shared.lock().unwrap().offload
+    }
+
+    fn set_checksum_offload(&mut self, from_guest_partial: bool, to_guest_unchecked: bool) {
+        let mut shared = self.wire.shared.lock().unwrap();
+        assert!(shared.offload, "told an offload it cannot take");
+        shared.told.push((from_guest_partial, to_guest_unchecked));
     }
 
     fn process(&mut self) {
@@ -690,3 +704,7 @@ fn a_restored_transport_keeps_mrg_rxbuf_and_serves_what_the_driver_left_availabl
     assert_eq!(used(&d, 0, 1).1, (1, 488));
     assert_eq!(read(&d, RX_BUF, 12), rx_header(2));
 }
+
+/// Checksum offload (`csum.rs`).
+#[path = "csum_tests.rs"]
+mod csum_tests;

@@ -6,7 +6,9 @@
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::Bytes;
 
-use super::{MAX_CHAIN_DESCRIPTORS, MAX_FRAME_LEN, NET_HDR_LEN, NetBackend, NetStats, next_chain};
+use super::{
+    MAX_CHAIN_DESCRIPTORS, MAX_FRAME_LEN, NET_HDR_LEN, NetBackend, NetStats, csum, next_chain,
+};
 use crate::virtio::{DeviceError, GuestMemoryMmap, INT_USED_RING, Interrupt};
 
 /// Longest transmit chain: the header and the largest frame.
@@ -26,7 +28,7 @@ impl Transmitter {
     /// Sends every frame available on `queue` to `backend` and interrupts the driver once if it
     /// asked to be told. Takes at most a ring's worth of chains per call: chains the driver adds
     /// meanwhile come with a notification of their own, so a guest that keeps adding cannot hold
-    /// the event loop.
+    /// the event loop. With `complete_checksums`, partial checksums are completed first.
     pub(super) fn transmit(
         &mut self,
         queue: &mut Queue,
@@ -34,6 +36,7 @@ impl Transmitter {
         interrupt: &Interrupt,
         backend: &mut dyn NetBackend,
         stats: &NetStats,
+        complete_checksums: bool,
     ) -> Result<(), DeviceError> {
         let mut used_any = false;
         for _ in 0..queue.size() {
@@ -42,8 +45,24 @@ impl Transmitter {
             };
             let head = chain.head_index();
             self.read_chain(chain, memory)?;
-            backend.transmit(self.buf.get(NET_HDR_LEN..).unwrap_or_default());
-            NetStats::count(&stats.0.tx_frames);
+            // read_chain checked that the buffer holds at least the header.
+            let (header, frame) = self.buf.split_at_mut(NET_HDR_LEN);
+            match complete_checksums.then(|| csum::complete(header, frame)) {
+                Some(Err(bad)) => {
+                    crate::ratelimit::guest_warn!(
+                        "virtio-net: frame of {} bytes dropped: its checksum fields (start {}, \
+                         offset {}) lie outside it",
+                        bad.len,
+                        bad.start,
+                        bad.offset
+                    );
+                    NetStats::count(&stats.0.tx_dropped);
+                }
+                _ => {
+                    backend.transmit(frame);
+                    NetStats::count(&stats.0.tx_frames);
+                }
+            }
             queue.add_used(memory, head, 0)?;
             used_any = true;
         }
