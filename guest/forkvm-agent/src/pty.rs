@@ -214,15 +214,7 @@ impl Registry {
     /// Detaches a session if it is attached to `connection` (not if another connection took it
     /// over); its output goes to the backlog from now on.
     pub(crate) fn detach(&self, session: u64, connection: u64) -> Result<Reply, ErrorReply> {
-        let session = self.get(session)?;
-        let mut state = session.lock();
-        if state
-            .attached
-            .as_ref()
-            .is_some_and(|a| a.connection == connection)
-        {
-            state.attached = None;
-        }
+        self.get(session)?.detach_from(connection);
         Ok(Reply::Ok)
     }
 
@@ -252,14 +244,7 @@ impl Registry {
     pub(crate) fn detach_connection(&self, connection: u64) {
         let sessions: Vec<Arc<Session>> = self.lock().values().cloned().collect();
         for session in sessions {
-            let mut state = session.lock();
-            if state
-                .attached
-                .as_ref()
-                .is_some_and(|a| a.connection == connection)
-            {
-                state.attached = None;
-            }
+            session.detach_from(connection);
         }
     }
 }
@@ -267,6 +252,18 @@ impl Registry {
 impl Session {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Detaches the session if it is attached to `connection`.
+    fn detach_from(&self, connection: u64) {
+        let mut state = self.lock();
+        if state
+            .attached
+            .as_ref()
+            .is_some_and(|a| a.connection == connection)
+        {
+            state.attached = None;
+        }
     }
 
     /// Whether the session is attached to request `id` of `connection`.
