@@ -105,4 +105,9 @@ def test_a_published_port_is_bound_at_build(guest: str) -> None:
         taken = probe.getsockname()[1]
         probe.listen()
         with pytest.raises(forkvm.HostIoError, match=f"127.0.0.1:{taken}"):
-            forkvm.VM(guest, memory_mib=32, console=None, network=forkvm.Network(publish={taken: 80}, loopback_only=True))
+            forkvm.VM(
+                guest,
+                memory_mib=32,
+                console=None,
+                network=forkvm.Network(publish={taken: 80}, loopback_only=True),
+            )
