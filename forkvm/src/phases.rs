@@ -75,3 +75,28 @@ pub fn take_phase_timings() -> Vec<(&'static str, u64)> {
         .map(|mut recorded| std::mem::take(&mut *recorded))
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_record_only_when_on() {
+        // (Other tests of this process may record meanwhile: only this test's names are checked.)
+        STATE.store(1, Ordering::Relaxed);
+        drop(span("test.off"));
+        count("test.off_pages", 1);
+        assert!(
+            !take_phase_timings()
+                .iter()
+                .any(|(n, _)| n.starts_with("test.off"))
+        );
+        STATE.store(2, Ordering::Relaxed);
+        drop(span("test.on"));
+        count("test.on_pages", 7);
+        STATE.store(1, Ordering::Relaxed);
+        let recorded = take_phase_timings();
+        assert!(recorded.iter().any(|&(n, _)| n == "test.on"));
+        assert!(recorded.contains(&("test.on_pages", 7)));
+    }
+}

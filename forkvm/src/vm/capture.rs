@@ -39,6 +39,7 @@ impl Vm {
     /// held for later, whatever this VM does meanwhile. Captures of one VM from several
     /// threads are taken one after the other.
     pub fn capture(&self) -> Result<Arc<Snapshot>, Error> {
+        let _span = phases::span("capture");
         let mut last = lock(&self.last_capture);
         // What a freeze can do before the pause (unless the last capture will be reused):
         // re-map RAM that was never frozen privately, or copy the image private RAM maps and
@@ -73,6 +74,7 @@ impl Vm {
         self.lock_ram().release_replaced();
         drop(span);
         // Kept only while the VM stays paused (by someone else): once it ran, it differs.
+        let _span = phases::span("capture.replace_last");
         *last = (self.state.run_epoch() == run_epoch).then(|| LastCapture {
             run_epoch,
             writes,
@@ -136,6 +138,7 @@ impl Vm {
         &self,
         children: impl IntoIterator<Item = C>,
     ) -> Result<Vec<Vm>, Error> {
+        let _span = phases::span("fork");
         let snapshot = self.capture()?;
         let children = children
             .into_iter()
@@ -147,7 +150,9 @@ impl Vm {
                 snapshot.spawn_in(self.kvm.clone(), kick, child.into(), shell)
             })
             .collect();
+        let span = phases::span("fork.refill_start");
         self.refill_shells();
+        drop(span);
         children
     }
 
