@@ -47,7 +47,9 @@ impl PlaceholderRam {
                 ),
             });
         }
-        if !Arc::ptr_eq(&ram.file, &image.file) {
+        let remap = !Arc::ptr_eq(&ram.file, &image.file);
+        crate::phases::count("spawn.adopt_remapped", u64::from(remap));
+        if remap {
             ram.file = image.file.clone();
             ram.remap_private()?;
         }

@@ -23,6 +23,7 @@ use super::image::{COPY_CHUNK, seal};
 use super::pagemap::{scan_not_held, written_runs};
 use super::runs::{merged, subtract};
 use super::{GuestRam, MemoryError, RamRange};
+use crate::phases;
 
 pub use super::image::FrozenRam;
 
@@ -110,7 +111,10 @@ impl GuestRam {
         let Some(base) = self.mapped.clone() else {
             return self.draft_own_file();
         };
+        let span = phases::span("draft.copy_image");
         let file = Arc::new(base.copy_into_new_file()?);
+        drop(span);
+        let _span = phases::span("draft.precopy");
         let precopy = match self.precopy(&file) {
             Ok(precopy) => precopy,
             Err(e) => {
@@ -177,20 +181,26 @@ impl GuestRam {
         let mut copied = Vec::with_capacity(self.ranges.len());
         let mut pages = 0;
         for (range, &host) in self.ranges.iter().zip(&hosts) {
+            let span = phases::span("draft.precopy_scan_protect");
             let runs = tracker.start(host, range.size)?;
+            drop(span);
+            let _span = phases::span("draft.precopy_copy_own");
             pages += self.copy_runs(range, &runs, file)?;
             copied.push(runs);
         }
+        phases::count("draft.own_pages", pages as u64);
         for _ in 0..PRECOPY_ROUNDS {
             if pages <= PRECOPY_ENOUGH {
                 break;
             }
             pages = 0;
             for ((range, &host), copied) in self.ranges.iter().zip(&hosts).zip(&mut copied) {
+                let _span = phases::span("draft.precopy_round");
                 let runs = tracker.written(host, range.size)?;
                 pages += self.copy_runs(range, &runs, file)?;
                 copied.extend(runs);
             }
+            phases::count("draft.round_pages", pages as u64);
         }
         Ok(Some(Precopy {
             epoch: self.epoch,
@@ -234,10 +244,18 @@ impl GuestRam {
                 frozen
             }
             Some(mapped) => {
+                let span = phases::span("freeze.finish_draft");
                 let (file, own) = self.finish_draft(Some(&mapped), draft)?;
+                drop(span);
+                phases::count("freeze.own_pages", own as u64);
+                let span = phases::span("freeze.seal");
                 seal(&file)?;
+                drop(span);
                 let frozen = self.frozen_over(file);
-                if own > (self.size() as usize / PAGE) / REMAP_RATIO {
+                let remap = own > (self.size() as usize / PAGE) / REMAP_RATIO;
+                phases::count("freeze.remapped", u64::from(remap));
+                if remap {
+                    let _span = phases::span("freeze.remap");
                     self.move_own_pages_out();
                     self.file = frozen.file.clone();
                     self.remap_private()?;
@@ -345,8 +363,12 @@ impl GuestRam {
         let mut own = 0;
         for (range, &host) in self.ranges.iter().zip(&hosts) {
             // Paused: nothing to protect against; the next draft protects every page again.
+            let span = phases::span("freeze.paused_scan");
             let runs = tracker.written_since_scan(host, range.size)?;
-            own += self.copy_runs(range, &runs, file)?;
+            drop(span);
+            let paused = self.copy_runs(range, &runs, file)?;
+            phases::count("freeze.paused_pages", paused as u64);
+            own += paused;
         }
         own += precopy
             .copied

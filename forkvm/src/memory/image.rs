@@ -62,7 +62,12 @@ impl FrozenRam {
     /// Writes the image's data into `to` at the same offsets (holes stay holes).
     pub fn copy_data_to(&self, to: &File) -> io::Result<()> {
         to.set_len(self.size())?;
-        for (start, end) in data_extents(&self.file)? {
+        let extents = data_extents(&self.file)?;
+        crate::phases::count(
+            "image.data_bytes",
+            extents.iter().map(|&(start, end)| end - start).sum(),
+        );
+        for (start, end) in extents {
             copy_range(&self.file, to, start, end)?;
         }
         Ok(())

@@ -24,6 +24,7 @@ use crate::error::{Error, setup_err};
 use crate::machine::{self, LegacyConfig, Machine, MachineSpec};
 use crate::memory::GuestRam;
 use crate::network::{PreparedNetwork, VmNetwork};
+use crate::phases;
 use crate::virtio::{VirtioDeviceSpec, VirtioPlan};
 
 /// The machine of a new VM that continues from `point`, connected to the host as `child` says,
@@ -61,7 +62,10 @@ pub(crate) fn machine_from(
         mut layer_files,
         network: mut prepared_network,
     } = shell;
+    let span = phases::span("spawn.adopt");
     let ram = ram.adopt(&point.image)?;
+    drop(span);
+    let span = phases::span("spawn.state");
     let identity = point.identity.next()?;
     identity_page.write(&identity)?;
     point.cpu.vm.restore(&vm_fd)?;
@@ -70,6 +74,8 @@ pub(crate) fn machine_from(
     for (vcpu, state) in vcpus.iter().zip(&point.cpu.vcpus) {
         state.restore(&vcpu.fd)?;
     }
+    drop(span);
+    let span = phases::span("spawn.devices");
     let ChildDevices {
         plan,
         vsock,
@@ -82,6 +88,8 @@ pub(crate) fn machine_from(
         &mut prepared_network,
         &ram,
     )?;
+    drop(span);
+    let _span = phases::span("spawn.assemble");
     let machine = machine::assemble(MachineSpec {
         kvm,
         vm_fd,

@@ -19,6 +19,7 @@ use crate::arch::state::{VcpuState, VmState};
 use crate::error::Error;
 use crate::memory::freeze::FreezeDraft;
 use crate::network::NetworkHandle;
+use crate::phases;
 use crate::snapshot::pool::{Shell, ShellShape};
 use crate::snapshot::{Child, CpuState, Snapshot, SnapshotParts};
 use kvm_ioctls::Kvm;
@@ -38,6 +39,7 @@ impl Vm {
     /// held for later, whatever this VM does meanwhile. Captures of one VM from several
     /// threads are taken one after the other.
     pub fn capture(&self) -> Result<Arc<Snapshot>, Error> {
+        let _span = phases::span("capture");
         let mut last = lock(&self.last_capture);
         // What a freeze can do before the pause (unless the last capture will be reused):
         // re-map RAM that was never frozen privately, or copy the image private RAM maps and
@@ -45,10 +47,13 @@ impl Vm {
         let draft = if self.is_paused() && last.is_some() {
             None
         } else {
+            let _span = phases::span("capture.draft");
             Some(self.lock_ram().draft_freeze()?)
         };
         let paused_at = Instant::now();
+        let span = phases::span("capture.pause");
         let hold = self.pause_guard()?;
+        drop(span);
         let (run_epoch, writes) = (
             self.state.run_epoch(),
             self.host_writes.load(Ordering::SeqCst),
@@ -61,10 +66,15 @@ impl Vm {
             Some(snapshot) => snapshot,
             None => Arc::new(self.read_snapshot(draft)?),
         };
+        let span = phases::span("capture.resume");
         drop(hold);
+        drop(span);
         *lock(&self.last_pause) = Some(paused_at.elapsed());
+        let span = phases::span("capture.release_replaced");
         self.lock_ram().release_replaced();
+        drop(span);
         // Kept only while the VM stays paused (by someone else): once it ran, it differs.
+        let _span = phases::span("capture.replace_last");
         *last = (self.state.run_epoch() == run_epoch).then(|| LastCapture {
             run_epoch,
             writes,
@@ -75,18 +85,26 @@ impl Vm {
 
     /// Reads the paused VM's state and freezes its memory, finishing `draft`.
     fn read_snapshot(&self, draft: Option<FreezeDraft>) -> Result<Snapshot, Error> {
+        let span = phases::span("capture.devices");
         let devices = self
             .devices
             .iter()
             .map(|device| device.freeze())
             .collect::<Result<_, _>>()?;
+        drop(span);
+        let span = phases::span("capture.vcpus");
         let vcpus = self
             .vcpus
             .iter()
             .map(|vcpu| VcpuState::capture(&self.kvm, &lock(vcpu).fd))
             .collect::<Result<_, _>>()?;
+        drop(span);
+        let span = phases::span("capture.vm_state");
         let vm = VmState::capture(&self.vm_fd)?;
+        drop(span);
+        let span = phases::span("capture.freeze");
         let image = self.lock_ram().freeze_from(draft)?;
+        drop(span);
         let serial = lock(&self.serial).state();
         Ok(Snapshot::new(SnapshotParts {
             kvm: Some(self.kvm.clone()),
@@ -120,15 +138,21 @@ impl Vm {
         &self,
         children: impl IntoIterator<Item = C>,
     ) -> Result<Vec<Vm>, Error> {
+        let _span = phases::span("fork");
         let snapshot = self.capture()?;
         let children = children
             .into_iter()
             .map(|child| {
                 let kick = self.state.kick_signal();
-                snapshot.spawn_in(self.kvm.clone(), kick, child.into(), self.shells.take())
+                let shell = self.shells.take();
+                phases::count("fork.prepared", u64::from(shell.is_some()));
+                let _span = phases::span("fork.spawn");
+                snapshot.spawn_in(self.kvm.clone(), kick, child.into(), shell)
             })
             .collect();
+        let span = phases::span("fork.refill_start");
         self.refill_shells();
+        drop(span);
         children
     }
 
