@@ -28,8 +28,14 @@ pub(crate) fn enabled() -> bool {
     }
 }
 
+/// Entries kept until [`take_phase_timings`] drains them; later ones are dropped (a process that
+/// turned the probes on and never drains them stays bounded).
+const MAX_RECORDED: usize = 1 << 20;
+
 fn record(name: &'static str, value: u64) {
-    if let Ok(mut recorded) = RECORDED.lock() {
+    if let Ok(mut recorded) = RECORDED.lock()
+        && recorded.len() < MAX_RECORDED
+    {
         recorded.push((name, value));
     }
 }
