@@ -149,13 +149,18 @@ impl Network {
         if self.tap.is_some() {
             return Ok(None);
         }
+        self.user_network().map(Some)
+    }
+
+    /// A new user-mode network with this network's addresses, policy and seams.
+    fn user_network(&self) -> Result<PreparedNetwork, Error> {
         let (network, handle) = forkvm_net::UserNetwork::new(
             self.addresses.clone(),
             self.policy.clone(),
             self.seams.clone(),
         )
         .map_err(|e| setup_err("the user-mode network", e))?;
-        Ok(Some(PreparedNetwork { network, handle }))
+        Ok(PreparedNetwork { network, handle })
     }
 
     /// A new network instance: the device's backend and the handle the VM keeps, its ports
@@ -166,35 +171,23 @@ impl Network {
         resets: &[GuestConnection],
         prepared: Option<PreparedNetwork>,
     ) -> Result<(Box<dyn NetBackend>, Option<NetworkHandle>), Error> {
-        if let (
-            None,
-            Some(PreparedNetwork {
-                mut network,
-                handle,
-            }),
-        ) = (&self.tap, prepared)
-        {
-            // Made with this network's addresses and seams; the policy may have changed since.
-            handle.set_policy(self.policy.clone());
-            network.reset_guest_connections(resets);
-            for &(host, guest_port) in &self.publish {
-                handle
-                    .publish(host, guest_port)
-                    .map_err(|source| Error::Publish { host, source })?;
-            }
-            return Ok((Box::new(network), Some(handle)));
-        }
         if let Some(name) = &self.tap {
             let tap = forkvm_net::TapBackend::open(name)
                 .map_err(|e| setup_err("the TAP interface", ErrorChain(&e)))?;
             return Ok((Box::new(tap), None));
         }
-        let (mut network, handle) = forkvm_net::UserNetwork::new(
-            self.addresses.clone(),
-            self.policy.clone(),
-            self.seams.clone(),
-        )
-        .map_err(|e| setup_err("the user-mode network", e))?;
+        let PreparedNetwork {
+            mut network,
+            handle,
+        } = match prepared {
+            Some(prepared) => {
+                // Made with this network's addresses and seams; the policy may have changed
+                // since.
+                prepared.handle.set_policy(self.policy.clone());
+                prepared
+            }
+            None => self.user_network()?,
+        };
         network.reset_guest_connections(resets);
         for &(host, guest_port) in &self.publish {
             handle
