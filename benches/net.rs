@@ -26,6 +26,7 @@
 mod virtio_guest;
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
@@ -530,17 +531,44 @@ fn fork_with_network(_: &mut Criterion) {
     plain.pause().unwrap();
     networked.pause().unwrap();
     let (mut a, mut b) = (Vec::new(), Vec::new());
+    // With FORKVM_PHASES=1: each phase's times, with and without the network.
+    let mut phases: [BTreeMap<&'static str, Vec<f64>>; 2] = Default::default();
     for round in 0..ROUNDS + 5 {
-        for (vm, out) in [(&networked, &mut a), (&plain, &mut b)] {
+        for (which, (vm, out)) in [(&networked, &mut a), (&plain, &mut b)]
+            .into_iter()
+            .enumerate()
+        {
             vm.prepare_forks(1).unwrap();
+            forkvm::take_phase_timings();
             let t0 = Instant::now();
             let children = vm.fork(quiet()).unwrap();
             let took = t0.elapsed();
+            let timed = forkvm::take_phase_timings();
             drop(children);
             if round >= 5 {
                 out.push(took.as_secs_f64() * 1e3);
+                for (phase, ns) in timed {
+                    phases[which]
+                        .entry(phase)
+                        .or_default()
+                        .push(ns as f64 / 1e3);
+                }
             }
         }
+    }
+    for (phase, with) in &mut phases[0].clone() {
+        let mut without = phases[1].get(phase).cloned().unwrap_or_default();
+        with.sort_by(f64::total_cmp);
+        without.sort_by(f64::total_cmp);
+        println!(
+            "net_fork1 phase {phase}: p50 {:.1} / {:.1} µs (with / without network)",
+            pct(with, 50.0),
+            if without.is_empty() {
+                f64::NAN
+            } else {
+                pct(&without, 50.0)
+            },
+        );
     }
     // Each round forked both: the difference within a round is less exposed to this host's
     // scheduler (a fork that loses the CPU for a tick takes ~3 ms more).

@@ -154,6 +154,9 @@ fn the_image_reaches_the_host_through_dhcp_dns_policy_published_ports_and_forks(
         "{pnp}\n{}",
         console.text()
     );
+    // The link's MTU (65,520 by default) reached the interface.
+    let mtu = agent.read_file("/sys/class/net/eth0/mtu").unwrap();
+    assert_eq!(String::from_utf8_lossy(&mtu).trim(), "65520");
 
     // The host's loopback through the gateway, by address and by name.
     let port = server.port();

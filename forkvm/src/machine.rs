@@ -78,9 +78,11 @@ pub(crate) fn assemble(spec: MachineSpec) -> Result<Machine, Error> {
     let debug_exit = spec.legacy.debug_exit;
     let (pio, serial) = legacy_devices(&spec.vm_fd, &state, &mut event_loop, spec.legacy)?;
     let mut mmio = Bus::new();
+    let span = crate::phases::span("assemble.virtio");
     let devices = spec
         .virtio
         .attach(&spec.vm_fd, &mut mmio, &mut event_loop, &spec.ram.memory)?;
+    drop(span);
     Ok(Machine {
         kvm: spec.kvm,
         vm_fd: spec.vm_fd,

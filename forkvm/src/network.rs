@@ -111,6 +111,14 @@ impl Network {
         self
     }
 
+    /// The link's MTU, 576 to 65,520 (default 65,520, as passt and slirp4netns: the network
+    /// ends the guest's TCP flows, and large segments cost less per byte). The guest's
+    /// interface comes up with it. User-mode network only; a TAP device keeps its own.
+    pub fn mtu(mut self, mtu: u16) -> Self {
+        self.addresses.mtu = mtu;
+        self
+    }
+
     /// The guest's MAC address.
     pub fn mac(mut self, mac: [u8; 6]) -> Self {
         self.addresses.guest_mac = mac;

@@ -80,6 +80,8 @@ pub struct UserNetwork {
     epoll: Arc<Epoll>,
     shared: Arc<Shared>,
     stack: Option<Box<Stack>>,
+    /// The link's MTU (kept for the device after the stack is down).
+    mtu: u16,
 }
 
 impl std::fmt::Debug for UserNetwork {
@@ -163,6 +165,7 @@ impl UserNetwork {
         let (sender, commands) = sync_channel(COMMAND_QUEUE);
         let handle = NetworkHandle::new(shared.clone(), sender, control.clone());
         let now = Instant::now();
+        let mtu = config.mtu;
         let stack = Stack {
             config,
             iface,
@@ -194,6 +197,7 @@ impl UserNetwork {
             epoll,
             shared,
             stack: Some(Box::new(stack)),
+            mtu,
         };
         Ok((network, handle))
     }
@@ -295,6 +299,12 @@ impl NetBackend for UserNetwork {
     /// Yes: see `offload.rs`.
     fn checksum_offload(&self) -> bool {
         true
+    }
+
+    /// The configured MTU (65,520 by default), so that the guest's interface uses it from the
+    /// start, before DHCP (which says it too) and with a static `ip=`.
+    fn mtu(&self) -> Option<u16> {
+        Some(self.mtu)
     }
 
     fn set_checksum_offload(&mut self, from_guest_partial: bool, to_guest_unchecked: bool) {

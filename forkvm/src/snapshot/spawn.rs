@@ -165,7 +165,9 @@ fn continue_devices(
                     prepared_network.take(),
                 ),
             };
+            let span = phases::span("devices.network");
             let (backend, handle) = config.backend(&point.network_connections, prepared)?;
+            drop(span);
             ends.net_backend = Some(backend);
             network = Some(VmNetwork { config, handle });
         }

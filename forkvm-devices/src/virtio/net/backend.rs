@@ -47,6 +47,12 @@ pub trait NetBackend: Send {
     fn set_checksum_offload(&mut self, from_guest_partial: bool, to_guest_unchecked: bool) {
         let _ = (from_guest_partial, to_guest_unchecked);
     }
+    /// The link's MTU, if the backend sets one (68 to 65535): the device then offers
+    /// `VIRTIO_NET_F_MTU` with it, and the guest's driver brings the interface up with that MTU.
+    /// `None` (the default): the guest chooses (Linux: 1500).
+    fn mtu(&self) -> Option<u16> {
+        None
+    }
 }
 
 /// A backend with no network behind it: it drops what the guest sends and has nothing for it.

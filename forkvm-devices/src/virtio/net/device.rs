@@ -5,7 +5,7 @@ use std::os::fd::RawFd;
 
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP, virtio_net_config,
+    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP, virtio_net_config,
 };
 use virtio_queue::{Queue, QueueT};
 
@@ -19,9 +19,12 @@ use crate::virtio::{
     VirtioDevice, read_config_bytes,
 };
 
-/// Size of the configuration space (`struct virtio_net_config`; only `mac` and `status` mean
-/// something with the features offered).
+/// Size of the configuration space (`struct virtio_net_config`; only `mac`, `status` and `mtu`
+/// mean something with the features offered).
 const CONFIG_LEN: usize = std::mem::size_of::<virtio_net_config>();
+/// The smallest MTU a driver takes from `VIRTIO_NET_F_MTU` (IPv4's minimum; Linux refuses the
+/// device below it).
+const MIN_MTU: u16 = 68;
 
 /// The network device.
 pub struct Net {
@@ -88,7 +91,16 @@ impl Net {
         config[mac..mac + 6].copy_from_slice(&self.mac);
         // The status bits fit in 16 bits (VIRTIO_NET_S_LINK_UP is 1).
         config[status..status + 2].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        if let Some(value) = self.mtu() {
+            let mtu = std::mem::offset_of!(virtio_net_config, mtu);
+            config[mtu..mtu + 2].copy_from_slice(&value.to_le_bytes());
+        }
         config
+    }
+
+    /// The MTU the device announces: the backend's, if it has one the driver would accept.
+    fn mtu(&self) -> Option<u16> {
+        self.backend.mtu().filter(|mtu| *mtu >= MIN_MTU)
     }
 
     /// Serves the receive queue if the driver made it ready (`queues` is empty while the device
@@ -164,11 +176,17 @@ impl VirtioDevice for Net {
         } else {
             0
         };
+        let mtu = if self.mtu().is_some() {
+            1 << VIRTIO_NET_F_MTU
+        } else {
+            0
+        };
         (1 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_NET_F_MAC)
             | (1 << VIRTIO_NET_F_STATUS)
             | (1 << VIRTIO_NET_F_MRG_RXBUF)
             | offloads
+            | mtu
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

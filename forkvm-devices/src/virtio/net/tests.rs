@@ -5,7 +5,10 @@ use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
-use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
+    virtio_net_config,
+};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -39,6 +42,8 @@ struct Shared {
     offload: bool,
     /// What `set_checksum_offload` was told, in order.
     told: Vec<(bool, bool)>,
+    /// The MTU the backend reports.
+    mtu: Option<u16>,
 }
 
 /// The test's view of the backend it gave the device.
@@ -122,6 +127,10 @@ impl NetBackend for TestBackend {
 
     fn checksum_offload(&self) -> bool {
         self.wire.shared.lock().unwrap().offload
+    }
+
+    fn mtu(&self) -> Option<u16> {
+        self.wire.shared.lock().unwrap().mtu
     }
 
     fn set_checksum_offload(&mut self, from_guest_partial: bool, to_guest_unchecked: bool) {
@@ -245,6 +254,43 @@ fn the_device_offers_its_features_and_a_read_only_config_with_mac_and_link_up() 
             & crate::virtio::test_driver::S_FEATURES_OK,
         0
     );
+}
+
+#[test]
+fn a_backend_with_an_mtu_gets_it_offered_and_in_the_config() {
+    let features = |d: &mut Driver| {
+        d.write(reg::DEVICE_FEATURES_SEL, 0);
+        let low = u64::from(d.read(reg::DEVICE_FEATURES));
+        d.write(reg::DEVICE_FEATURES_SEL, 1);
+        low | u64::from(d.read(reg::DEVICE_FEATURES)) << 32
+    };
+    let mtu = |d: &mut Driver| {
+        let at = 0x100 + std::mem::offset_of!(virtio_net_config, mtu) as u64;
+        let mut bytes = [0u8; 2];
+        crate::bus::BusDevice::read(&mut d.transport, at, &mut bytes);
+        u16::from_le_bytes(bytes)
+    };
+    for (reported, offered) in [
+        (Some(65520), Some(65520)),
+        (Some(1500), Some(1500)),
+        (Some(67), None),
+        (None, None),
+    ] {
+        let wire = Wire::new();
+        wire.shared.lock().unwrap().mtu = reported;
+        let mut d = Driver::new(Box::new(Net::new(MAC, wire.backend())));
+        let has = features(&mut d) & (1 << VIRTIO_NET_F_MTU) != 0;
+        assert_eq!(has, offered.is_some(), "{reported:?}");
+        assert_eq!(mtu(&mut d), offered.unwrap_or(0), "{reported:?}");
+        // A driver that accepts it gets FEATURES_OK.
+        let wanted = (1 << VIRTIO_F_VERSION_1) | MRG | (1 << VIRTIO_NET_F_MTU);
+        let status = d.negotiate(if has {
+            wanted
+        } else {
+            wanted & !(1 << VIRTIO_NET_F_MTU)
+        });
+        assert_ne!(status & crate::virtio::test_driver::S_FEATURES_OK, 0);
+    }
 }
 
 #[test]
