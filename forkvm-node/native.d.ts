@@ -82,14 +82,15 @@ export interface PtyEvent {
 }
 /**
  * A VM's egress policy: the public internet (nothing on this host or its networks), or
- * nothing with `denyAll`. `allow` and `deny` are CIDRs (`'127.0.0.1/32'` opens the host's
- * loopback through the gateway 10.0.2.2); allow rules are checked before deny rules, the first
- * that matches deciding. `allowDomains` limits egress to those names and their subdomains.
+ * nothing with `denyAll`. `allow` and `deny` are rules: a CIDR (`'127.0.0.1/32'` opens the
+ * host's loopback through the gateway 10.0.2.2), optionally with one protocol and its ports
+ * (`'127.0.0.1 tcp/8080'`, `'10.0.0.0/8 udp/5000-5999'`, `'10.0.0.0/8 tcp'`, `'192.0.2.1
+ * icmp'`); allow rules are checked before deny rules, the first that matches deciding. `allowDomains` limits egress to those names and their subdomains.
  */
 export interface NetworkPolicyOptions {
-  /** CIDRs to allow (`'10.0.0.0/8'`; a bare address is a /32). */
+  /** Rules to allow (`'10.0.0.0/8'`, a bare address is a /32; `'127.0.0.1 tcp/8080'`). */
   allow?: Array<string>
-  /** CIDRs to deny. */
+  /** Rules to deny (written as for `allow`). */
   deny?: Array<string>
   /** Domains (and their subdomains) the guest may reach; none: any. */
   allowDomains?: Array<string>

@@ -666,14 +666,15 @@ enum forkvm_status forkvm_network_new(struct forkvm_network **out);
 // Frees a network configuration (VMs built with it keep their copy); NULL is ignored.
 enum forkvm_status forkvm_network_free(struct forkvm_network *network);
 
-// Adds a rule allowing `cidr` (`"10.0.0.0/8"`; a bare address is a /32). Rules are checked in
-// the order they were added, the first that matches decides; `"127.0.0.1/32"` opens the host's
-// loopback through the gateway 10.0.2.2. `FORKVM_ERR_INVALID_ARGUMENT` for a CIDR that does not
-// parse.
-enum forkvm_status forkvm_network_allow(struct forkvm_network *network, const char *cidr);
+// Adds a rule allowing `rule`: a CIDR (`"10.0.0.0/8"`; a bare address is a /32), optionally
+// with one protocol and its ports (`"127.0.0.1 tcp/8080"`, `"10.0.0.0/8 udp/5000-5999"`,
+// `"10.0.0.0/8 tcp"` for every TCP port, `"192.0.2.1 icmp"`). Rules are checked in the order
+// they were added, the first that matches decides; `"127.0.0.1/32"` opens the host's loopback
+// through the gateway 10.0.2.2. `FORKVM_ERR_INVALID_ARGUMENT` for a rule that does not parse.
+enum forkvm_status forkvm_network_allow(struct forkvm_network *network, const char *rule);
 
-// Adds a rule denying `cidr` (see `forkvm_network_allow`).
-enum forkvm_status forkvm_network_deny(struct forkvm_network *network, const char *cidr);
+// Adds a rule denying `rule` (written as for `forkvm_network_allow`).
+enum forkvm_status forkvm_network_deny(struct forkvm_network *network, const char *rule);
 
 // Allows the domain `name` and its subdomains. Once a domain is allowed, only addresses that
 // answers for allowed names gave (or that an allow rule covers) are reachable.

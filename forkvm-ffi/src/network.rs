@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::IntoRawFd;
 use std::sync::Mutex;
 
-use forkvm::network::Cidr;
+use forkvm::network::RuleTarget;
 use forkvm::{Network, NetworkHandle, NetworkPolicy, Vm};
 
 use crate::error::{Failure, ffi, forkvm_status};
@@ -26,8 +26,8 @@ pub struct forkvm_network {
 /// One rule of the policy, in the order given.
 #[derive(Clone, Debug)]
 enum Rule {
-    Allow(Cidr),
-    Deny(Cidr),
+    Allow(RuleTarget),
+    Deny(RuleTarget),
     Domain(String),
 }
 
@@ -50,8 +50,8 @@ impl NetworkSpec {
             NetworkPolicy::public_internet()
         };
         self.rules.iter().try_fold(base, |policy, rule| match rule {
-            Rule::Allow(cidr) => Ok(policy.allow(*cidr)),
-            Rule::Deny(cidr) => Ok(policy.deny(*cidr)),
+            Rule::Allow(target) => Ok(policy.allow_target(*target)),
+            Rule::Deny(target) => Ok(policy.deny_target(*target)),
             Rule::Domain(name) => policy
                 .allow_domain(name)
                 .map_err(|e| Failure::invalid(e.to_string())),
@@ -91,9 +91,9 @@ pub(crate) fn network_arg(network: *const forkvm_network) -> Result<Network, Fai
     spec.build()
 }
 
-fn cidr_arg(cidr: *const c_char) -> Result<Cidr, Failure> {
-    let text = str_arg(cidr, "cidr")?;
-    text.parse::<Cidr>()
+fn rule_arg(rule: *const c_char) -> Result<RuleTarget, Failure> {
+    let text = str_arg(rule, "rule")?;
+    text.parse::<RuleTarget>()
         .map_err(|e| Failure::invalid(e.to_string()))
 }
 
@@ -125,29 +125,30 @@ pub unsafe extern "C" fn forkvm_network_free(network: *mut forkvm_network) -> fo
     })
 }
 
-/// Adds a rule allowing `cidr` (`"10.0.0.0/8"`; a bare address is a /32). Rules are checked in
-/// the order they were added, the first that matches decides; `"127.0.0.1/32"` opens the host's
-/// loopback through the gateway 10.0.2.2. `FORKVM_ERR_INVALID_ARGUMENT` for a CIDR that does not
-/// parse.
+/// Adds a rule allowing `rule`: a CIDR (`"10.0.0.0/8"`; a bare address is a /32), optionally
+/// with one protocol and its ports (`"127.0.0.1 tcp/8080"`, `"10.0.0.0/8 udp/5000-5999"`,
+/// `"10.0.0.0/8 tcp"` for every TCP port, `"192.0.2.1 icmp"`). Rules are checked in the order
+/// they were added, the first that matches decides; `"127.0.0.1/32"` opens the host's loopback
+/// through the gateway 10.0.2.2. `FORKVM_ERR_INVALID_ARGUMENT` for a rule that does not parse.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn forkvm_network_allow(
     network: *mut forkvm_network,
-    cidr: *const c_char,
+    rule: *const c_char,
 ) -> forkvm_status {
     with_network(network, |spec| {
-        spec.rules.push(Rule::Allow(cidr_arg(cidr)?));
+        spec.rules.push(Rule::Allow(rule_arg(rule)?));
         Ok(())
     })
 }
 
-/// Adds a rule denying `cidr` (see `forkvm_network_allow`).
+/// Adds a rule denying `rule` (written as for `forkvm_network_allow`).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn forkvm_network_deny(
     network: *mut forkvm_network,
-    cidr: *const c_char,
+    rule: *const c_char,
 ) -> forkvm_status {
     with_network(network, |spec| {
-        spec.rules.push(Rule::Deny(cidr_arg(cidr)?));
+        spec.rules.push(Rule::Deny(rule_arg(rule)?));
         Ok(())
     })
 }

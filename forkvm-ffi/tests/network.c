@@ -51,6 +51,10 @@ static void misuse(void)
     EXPECT(FORKVM_ERR_NULL_POINTER, forkvm_network_allow(net, NULL));
     EXPECT(FORKVM_ERR_NULL_POINTER, forkvm_network_allow(NULL, "10.0.0.0/8"));
     OK(forkvm_network_allow(net, "127.0.0.1")); /* a bare address is a /32 */
+    OK(forkvm_network_allow(net, "127.0.0.1 tcp/8000-8999"));
+    OK(forkvm_network_deny(net, "10.0.0.0/8 udp/53"));
+    EXPECT(FORKVM_ERR_INVALID_ARGUMENT, forkvm_network_deny(net, "10.0.0.0/8 sctp"));
+    CHECK(strstr(forkvm_last_error(), "sctp") != NULL);
     OK(forkvm_network_free(net));
     EXPECT(FORKVM_ERR_INVALID_HANDLE, forkvm_network_allow(net, "10.0.0.0/8"));
     EXPECT(FORKVM_ERR_INVALID_HANDLE, forkvm_network_free(net));

@@ -46,7 +46,7 @@ mod tap;
 
 pub use config::NetworkConfig;
 pub use handle::{DeniedFlow, GuestConnection, NetworkHandle, NetworkStats};
-pub use policy::{Cidr, DenyReason, NetworkPolicy, Protocol, Verdict};
+pub use policy::{Cidr, DenyReason, NetworkPolicy, Protocol, RuleTarget, Verdict};
 pub use seams::{
     Connector, HostConnector, HostResolver, LoopbackOnly, Resolver, Seams, StaticResolver,
 };

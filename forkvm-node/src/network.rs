@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::IntoRawFd;
 
-use forkvm::network::{Cidr, DenyReason};
+use forkvm::network::{DenyReason, RuleTarget};
 use forkvm::{Network, NetworkHandle, NetworkPolicy};
 use napi::{Env, JsObject};
 use napi_derive::napi;
@@ -15,14 +15,15 @@ use crate::task::spawn_run;
 use crate::vm::VM;
 
 /// A VM's egress policy: the public internet (nothing on this host or its networks), or
-/// nothing with `denyAll`. `allow` and `deny` are CIDRs (`'127.0.0.1/32'` opens the host's
-/// loopback through the gateway 10.0.2.2); allow rules are checked before deny rules, the first
-/// that matches deciding. `allowDomains` limits egress to those names and their subdomains.
+/// nothing with `denyAll`. `allow` and `deny` are rules: a CIDR (`'127.0.0.1/32'` opens the
+/// host's loopback through the gateway 10.0.2.2), optionally with one protocol and its ports
+/// (`'127.0.0.1 tcp/8080'`, `'10.0.0.0/8 udp/5000-5999'`, `'10.0.0.0/8 tcp'`, `'192.0.2.1
+/// icmp'`); allow rules are checked before deny rules, the first that matches deciding. `allowDomains` limits egress to those names and their subdomains.
 #[napi(object)]
 pub struct NetworkPolicyOptions {
-    /// CIDRs to allow (`'10.0.0.0/8'`; a bare address is a /32).
+    /// Rules to allow (`'10.0.0.0/8'`, a bare address is a /32; `'127.0.0.1 tcp/8080'`).
     pub allow: Option<Vec<String>>,
-    /// CIDRs to deny.
+    /// Rules to deny (written as for `allow`).
     pub deny: Option<Vec<String>>,
     /// Domains (and their subdomains) the guest may reach; none: any.
     pub allow_domains: Option<Vec<String>>,
@@ -69,8 +70,8 @@ fn policy(
     allow_domains: Option<Vec<String>>,
     deny_all: Option<bool>,
 ) -> Outcome<NetworkPolicy> {
-    let cidr = |text: &String| {
-        text.parse::<Cidr>()
+    let rule = |text: &String| {
+        text.parse::<RuleTarget>()
             .map_err(|e| Failure::invalid(e.to_string()))
     };
     let mut policy = if deny_all.unwrap_or(false) {
@@ -79,10 +80,10 @@ fn policy(
         NetworkPolicy::public_internet()
     };
     for text in allow.unwrap_or_default() {
-        policy = policy.allow(cidr(&text)?);
+        policy = policy.allow_target(rule(&text)?);
     }
     for text in deny.unwrap_or_default() {
-        policy = policy.deny(cidr(&text)?);
+        policy = policy.deny_target(rule(&text)?);
     }
     for name in allow_domains.unwrap_or_default() {
         policy = policy

@@ -70,6 +70,9 @@ test('publish, connectTcp, policy and stats on the test guest', async () => {
     await until('the flow to close', () => vm.networkStats().tcpFlowsOpen === 0);
 
     vm.setNetworkPolicy({ allow: ['127.0.0.1/32'], allowDomains: ['example.org'] });
+    vm.setNetworkPolicy({ allow: ['127.0.0.1 tcp/8000-8999'], deny: ['10.0.0.0/8 udp/53'] });
+    assert.throws(() => vm.setNetworkPolicy({ allow: ['127.0.0.1 tcp/99999'] }),
+      (e) => e instanceof InvalidArgumentError && /tcp\/99999/.test(e.message));
     vm.setNetworkPolicy({ denyAll: true });
     assert.throws(() => vm.setNetworkPolicy({ allow: ['10.0.0.0/33'] }),
       (e) => e instanceof InvalidArgumentError && /10\.0\.0\.0\/33/.test(e.message));

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::IntoRawFd;
 
-use forkvm::network::{Cidr, DenyReason};
+use forkvm::network::{DenyReason, RuleTarget};
 use forkvm::{Network, NetworkHandle, NetworkPolicy, Vm};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -19,8 +19,9 @@ use crate::errors::{HostIoError, InvalidArgumentError, vm_error};
 /// `publish` maps host ports to guest TCP ports: `{8080: 80}` (on 127.0.0.1) or
 /// `{("127.0.0.1", 0): 80}` (port 0 picks a free one: `VM.publish` returns what it binds).
 /// The egress policy: the public internet (nothing on this host or its networks), or nothing
-/// with `deny_all`; `allow` and `deny` are CIDRs (`"127.0.0.1/32"` opens the host's loopback
-/// through the gateway), allow rules checked before deny rules, the first that matches
+/// with `deny_all`; `allow` and `deny` are rules: a CIDR (`"127.0.0.1/32"` opens the host's
+/// loopback through the gateway), optionally with one protocol and its ports (`"127.0.0.1
+/// tcp/8080"`, `"10.0.0.0/8 udp/5000-5999"`, `"10.0.0.0/8 tcp"`, `"192.0.2.1 icmp"`); allow rules checked before deny rules, the first that matches
 /// deciding; `allow_domains` limits egress to those names and their subdomains. `hosts` answers
 /// names in the VM's DNS: `{"db": ["10.0.2.2"]}`. `loopback_only` lets it open host sockets to
 /// the host's loopback only, whatever the policy allows.
@@ -93,8 +94,8 @@ pub(crate) fn policy(
     allow_domains: &[String],
     deny_all: bool,
 ) -> PyResult<NetworkPolicy> {
-    let cidr = |text: &String| {
-        text.parse::<Cidr>()
+    let rule = |text: &String| {
+        text.parse::<RuleTarget>()
             .map_err(|e| InvalidArgumentError::new_err(e.to_string()))
     };
     let mut policy = if deny_all {
@@ -103,10 +104,10 @@ pub(crate) fn policy(
         NetworkPolicy::public_internet()
     };
     for text in allow {
-        policy = policy.allow(cidr(text)?);
+        policy = policy.allow_target(rule(text)?);
     }
     for text in deny {
-        policy = policy.deny(cidr(text)?);
+        policy = policy.deny_target(rule(text)?);
     }
     for name in allow_domains {
         policy = policy

@@ -64,6 +64,9 @@ def test_publish_connect_tcp_policy_and_stats(guest: str) -> None:
         wait_until("the flow to close", lambda: vm.network_stats()["tcp_flows_open"] == 0)
 
         vm.set_network_policy(allow=["127.0.0.1/32"], allow_domains=["example.org"])
+        vm.set_network_policy(allow=["127.0.0.1 tcp/8000-8999"], deny=["10.0.0.0/8 udp/53"])
+        with pytest.raises(forkvm.InvalidArgumentError, match="tcp/99999"):
+            vm.set_network_policy(allow=["127.0.0.1 tcp/99999"])
         vm.set_network_policy(deny_all=True)
         with pytest.raises(forkvm.InvalidArgumentError, match="10.0.0.0/33"):
             vm.set_network_policy(allow=["10.0.0.0/33"])

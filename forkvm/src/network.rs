@@ -11,7 +11,8 @@ use std::sync::Arc;
 use forkvm_devices::virtio::net::{Net, NetBackend};
 pub use forkvm_net::{
     Cidr, Connector, DeniedFlow, DenyReason, GuestConnection, HostConnector, HostResolver,
-    NetworkHandle, NetworkPolicy, NetworkStats, Protocol, Resolver, Seams, StaticResolver, Verdict,
+    NetworkHandle, NetworkPolicy, NetworkStats, Protocol, Resolver, RuleTarget, Seams,
+    StaticResolver, Verdict,
 };
 
 use crate::error::{Error, setup_err};

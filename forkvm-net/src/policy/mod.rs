@@ -30,6 +30,7 @@ mod groups;
 mod host;
 mod names;
 mod pins;
+mod rule_text;
 #[cfg(test)]
 mod tests;
 
@@ -40,6 +41,7 @@ use std::time::Instant;
 pub use cidr::Cidr;
 pub use host::host_addresses;
 pub use pins::{DnsPins, MAX_PINS};
+pub use rule_text::RuleTarget;
 
 use cidr::canonical;
 use groups::Group;
