@@ -19,9 +19,10 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::PAGE;
 use super::dirty::WriteTracker;
-use super::image::{COPY_CHUNK, seal};
+use super::image::COPY_CHUNK;
 use super::pagemap::{scan_not_held, written_runs};
 use super::runs::{merged, subtract};
+use super::seal::seal;
 use super::{GuestRam, MemoryError, RamRange};
 use crate::phases;
 

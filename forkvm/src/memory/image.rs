@@ -114,19 +114,6 @@ fn copy_range(from: &File, to: &File, start: u64, end: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Seals `file` against any further change of contents or size.
-pub(super) fn seal(file: &File) -> Result<(), MemoryError> {
-    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
-    // SAFETY: F_ADD_SEALS on an owned, open memfd; no memory is passed.
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
-        return Err(MemoryError::Freeze {
-            what: "sealing the frozen memory file",
-            source: io::Error::last_os_error(),
-        });
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::MetadataExt;

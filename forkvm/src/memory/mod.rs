@@ -13,6 +13,7 @@ mod image;
 mod pagemap;
 mod remap;
 mod runs;
+mod seal;
 #[cfg(test)]
 mod testutil;
 
