@@ -53,6 +53,10 @@ impl PlaceholderRam {
             ram.file = image.file.clone();
             ram.remap_private()?;
         }
+        if let Some(overlay) = &image.overlay {
+            let _span = crate::phases::span("spawn.adopt_overlay");
+            ram.apply_overlay(overlay)?;
+        }
         ram.mapped = Some(image.clone());
         Ok(ram)
     }

@@ -7,12 +7,15 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+use super::overlay::Overlay;
 use super::{GuestRam, MemoryError, RamRange, create_memfd};
 
-/// Guest RAM frozen at one instant: a sealed memfd that nobody writes any more.
+/// Guest RAM frozen at one instant: a sealed memfd that nobody writes any more (the base), and,
+/// for a re-freeze of RAM that maps a base, the pages that differ from it ([`Overlay`]).
 pub struct FrozenRam {
     pub(super) file: Arc<File>,
     pub(super) ranges: Vec<RamRange>,
+    pub(super) overlay: Option<Overlay>,
 }
 
 /// Bytes copied per step into a memory file (from another file or from RAM).
@@ -21,15 +24,25 @@ pub(super) const COPY_CHUNK: usize = 1 << 20;
 impl FrozenRam {
     /// New guest RAM that starts as this image: private copy-on-write mappings of it.
     pub fn map(self: &Arc<Self>) -> Result<GuestRam, MemoryError> {
-        GuestRam::map(
+        let ram = GuestRam::map(
             self.file.clone(),
             self.ranges.clone(),
             libc::MAP_PRIVATE,
             Some(self.clone()),
-        )
+        )?;
+        if let Some(overlay) = &self.overlay {
+            ram.apply_overlay(overlay)?;
+        }
+        Ok(ram)
     }
 
-    /// The sealed file holding the image.
+    /// The overlay's runs, if the image has one.
+    #[cfg(test)]
+    pub(crate) fn overlay_runs(&self) -> Option<usize> {
+        self.overlay.as_ref().map(Overlay::run_count)
+    }
+
+    /// The sealed file holding the image's base (all of it, for an image without overlay).
     pub(crate) fn file(&self) -> &Arc<File> {
         &self.file
     }
@@ -45,6 +58,7 @@ impl FrozenRam {
         Arc::new(Self {
             file: Arc::new(file),
             ranges: super::ram_ranges(size),
+            overlay: None,
         })
     }
 
@@ -59,7 +73,8 @@ impl FrozenRam {
         Ok(file)
     }
 
-    /// Writes the image's data into `to` at the same offsets (holes stay holes).
+    /// Writes the image's data into `to` at the same offsets (holes stay holes), the overlay's
+    /// pages over the base's.
     pub fn copy_data_to(&self, to: &File) -> io::Result<()> {
         to.set_len(self.size())?;
         let extents = data_extents(&self.file)?;
@@ -70,7 +85,10 @@ impl FrozenRam {
         for (start, end) in extents {
             copy_range(&self.file, to, start, end)?;
         }
-        Ok(())
+        match &self.overlay {
+            Some(overlay) => overlay.copy_to(&self.ranges, to),
+            None => Ok(()),
+        }
     }
 }
 

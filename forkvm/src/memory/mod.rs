@@ -10,6 +10,7 @@ mod dirty;
 mod discard;
 pub mod freeze;
 mod image;
+mod overlay;
 mod pagemap;
 mod remap;
 mod runs;

@@ -63,7 +63,9 @@ pub(super) fn mapping_kb(ram: &GuestRam, addr: u64) -> (u64, u64) {
 
 /// The whole contents of an image.
 pub(super) fn contents(image: &FrozenRam) -> Vec<u8> {
+    let flat = super::create_memfd().unwrap();
+    image.copy_data_to(&flat).unwrap();
     let mut bytes = vec![0u8; image.size() as usize];
-    image.file.read_exact_at(&mut bytes, 0).unwrap();
+    flat.read_exact_at(&mut bytes, 0).unwrap();
     bytes
 }

@@ -1,0 +1,124 @@
+//! Two-layer images: a frozen image can be a **base** (a sealed image the parent maps) plus an
+//! **overlay** holding only the pages the parent wrote since it began to map that base. A
+//! re-freeze of a running parent then copies those pages, not the base's data again
+//! (`docs/design/fork-layers.md`). The overlay is a sealed, sparse memory file of the image's
+//! size with its pages at their own offsets, so a VM maps each run of it privately over the base
+//! with one `mmap` (or, past [`MAX_MAPPED_RUNS`], copies the pages into its own memory, so that
+//! a child holds a bounded number of mappings).
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use vm_memory::{Bytes, GuestAddress};
+
+#[cfg(test)]
+use super::create_memfd;
+use super::{GuestRam, MemoryError, PAGE};
+
+/// Runs an overlay may have to be mapped (one `mmap` and one mapping each); a VM copies the
+/// pages of an overlay with more.
+pub(super) const MAX_MAPPED_RUNS: usize = 256;
+
+/// The pages of an image that are not its base's.
+pub struct Overlay {
+    /// The sealed, sparse file holding them, at the image's offsets.
+    pub(super) file: Arc<File>,
+    /// For each range of the image, the runs of pages (first page, count) the overlay holds:
+    /// sorted, disjoint.
+    pub(super) runs: Vec<Vec<(usize, usize)>>,
+}
+
+impl Overlay {
+    /// How many runs it holds.
+    pub(super) fn run_count(&self) -> usize {
+        self.runs.iter().map(Vec::len).sum()
+    }
+
+    /// Copies its pages into `to` at their offsets (`ranges` give each range's file offset).
+    pub(super) fn copy_to(&self, ranges: &[super::RamRange], to: &File) -> io::Result<()> {
+        let mut buffer = Vec::new();
+        for (range, runs) in ranges.iter().zip(&self.runs) {
+            for &(first, count) in runs {
+                let offset = range.file_offset + (first * PAGE) as u64;
+                buffer.resize(count * PAGE, 0);
+                self.file.read_exact_at(&mut buffer, offset)?;
+                to.write_all_at(&buffer, offset)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl GuestRam {
+    /// Puts `overlay`'s pages over what this RAM maps (its base, just mapped): each run mapped
+    /// privately from the overlay's file in place, or, past [`MAX_MAPPED_RUNS`] runs, copied in.
+    /// No vCPU may run meanwhile.
+    pub(super) fn apply_overlay(&self, overlay: &Overlay) -> Result<(), MemoryError> {
+        let fail = |what, source| MemoryError::Freeze { what, source };
+        if overlay.runs.len() != self.ranges.len() {
+            return Err(fail(
+                "applying an overlay",
+                io::Error::from(io::ErrorKind::InvalidInput),
+            ));
+        }
+        let copy = overlay.run_count() > MAX_MAPPED_RUNS;
+        let hosts = self.hosts().map_err(|e| fail("finding a region", e))?;
+        let mut buffer = Vec::new();
+        for ((range, host), runs) in self.ranges.iter().zip(hosts).zip(&overlay.runs) {
+            for &(first, count) in runs {
+                let (start, len) = (first * PAGE, count * PAGE);
+                let in_range = start
+                    .checked_add(len)
+                    .is_some_and(|end| end as u64 <= range.size);
+                if !in_range {
+                    return Err(fail(
+                        "applying an overlay",
+                        io::Error::from(io::ErrorKind::InvalidInput),
+                    ));
+                }
+                let offset = range.file_offset + start as u64;
+                if copy {
+                    buffer.resize(len, 0);
+                    overlay
+                        .file
+                        .read_exact_at(&mut buffer, offset)
+                        .map_err(|e| fail("reading an overlay", e))?;
+                    self.memory
+                        .write_slice(&buffer, GuestAddress(range.guest_addr + start as u64))
+                        .map_err(|e| fail("copying an overlay", io::Error::other(e.to_string())))?;
+                    continue;
+                }
+                let file_offset = libc::off_t::try_from(offset)
+                    .map_err(|_| fail("overlay offset", io::ErrorKind::InvalidInput.into()))?;
+                let at = host + start as u64;
+                // SAFETY: `at..at + len` lies inside one mapping that `self.memory` made for
+                // this range and owns (checked above: the run is inside the range). MAP_FIXED
+                // swaps what backs those pages in one step, at the same addresses, so every
+                // pointer into the mapping stays valid; guest memory is only accessed through
+                // volatile copies, and the caller runs no vCPU. KVM re-faults through its MMU
+                // notifier.
+                let mapped = unsafe {
+                    libc::mmap(
+                        at as *mut libc::c_void,
+                        len,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                        overlay.file.as_raw_fd(),
+                        file_offset,
+                    )
+                };
+                if mapped != at as *mut libc::c_void {
+                    return Err(fail("mapping an overlay", io::Error::last_os_error()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[path = "overlay_tests.rs"]
+mod tests;

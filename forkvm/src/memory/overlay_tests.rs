@@ -1,0 +1,181 @@
+//! Tests of two-layer images (`overlay.rs`, made by `freeze.rs`).
+use std::os::unix::fs::FileExt;
+
+use super::*;
+use crate::memory::adopt::PlaceholderRam;
+use crate::memory::freeze::Tracking;
+use crate::memory::testutil::{MIB, contents, read, write};
+
+fn tracked(ram: &GuestRam) -> bool {
+    let on = matches!(ram.tracking, Tracking::On(_));
+    if !on {
+        eprintln!("writes are not tracked on this host: re-freezes make full images");
+    }
+    on
+}
+
+/// Freezes `ram` with a draft made first, `between` run between draft and pause.
+fn drafted_freeze(
+    ram: &mut GuestRam,
+    between: impl FnOnce(&GuestRam),
+) -> Arc<super::super::image::FrozenRam> {
+    let draft = ram.draft_freeze().unwrap();
+    between(ram);
+    ram.freeze_from(Some(draft)).unwrap()
+}
+
+#[test]
+fn a_re_freeze_of_few_runs_is_the_base_and_an_overlay_of_the_ram_s_own_pages() {
+    let mut ram = GuestRam::new(8 * MIB).unwrap();
+    write(&ram, 0x1000, 1);
+    write(&ram, 0x9000, 9);
+    let base = ram.freeze().unwrap();
+    for page in [2u64, 3, 4, 600] {
+        write(&ram, page * 4096, page);
+    }
+    let first = drafted_freeze(&mut ram, |ram| write(ram, 0x5000, 5));
+    if !tracked(&ram) {
+        return;
+    }
+    assert_eq!(first.overlay_runs(), Some(2), "pages 2-5 and 600");
+    assert!(
+        Arc::ptr_eq(&first.file, &base.file),
+        "the base is shared, not copied"
+    );
+    assert!(
+        Arc::ptr_eq(ram.mapped.as_ref().unwrap(), &base),
+        "the RAM maps its base still"
+    );
+    let child = first.map().unwrap();
+    let pages = [1u64, 2, 3, 4, 5, 6, 9, 600].map(|page| read(&child, page * 4096));
+    assert_eq!(pages, [1, 2, 3, 4, 5, 0, 9, 600]);
+
+    // Writes after the freeze reach no image; the next overlay holds all the RAM's own pages.
+    write(&ram, 0x2000, 20);
+    write(&child, 0x3000, 30);
+    let second = drafted_freeze(&mut ram, |_| {});
+    assert_eq!(second.overlay_runs(), Some(2));
+    let grandchild = second.map().unwrap();
+    assert_eq!(
+        [2u64, 3, 5, 600].map(|page| read(&grandchild, page * 4096)),
+        [20, 3, 5, 600]
+    );
+    assert_eq!([read(&child, 0x2000), read(&child, 0x3000)], [2, 30]);
+    assert_eq!(
+        read(&first.map().unwrap(), 0x2000),
+        2,
+        "an image never changes"
+    );
+
+    // Flattened (a snapshot's memory file), it is what a VM reads.
+    let flat = contents(&second);
+    let at = |addr: usize| u64::from_le_bytes(flat[addr..addr + 8].try_into().unwrap());
+    assert_eq!(
+        [at(0x1000), at(0x2000), at(0x9000), at(600 * 4096)],
+        [1, 20, 9, 600]
+    );
+}
+
+#[test]
+fn a_prepared_child_that_maps_the_base_adopts_the_overlay_without_a_re_map() {
+    let mut ram = GuestRam::new(4 * MIB).unwrap();
+    write(&ram, 0x1000, 1);
+    ram.freeze().unwrap();
+    write(&ram, 0x2000, 2);
+    let expected = ram.next_image_file();
+    let placeholder = PlaceholderRam::new(4 * MIB, expected).unwrap();
+    let image = drafted_freeze(&mut ram, |_| {});
+    if !tracked(&ram) {
+        return;
+    }
+    assert!(image.overlay_runs().is_some());
+    let child = placeholder.adopt(&image).unwrap();
+    assert_eq!([read(&child, 0x1000), read(&child, 0x2000)], [1, 2]);
+}
+
+#[test]
+fn a_child_of_a_layered_image_freezes_into_a_full_image() {
+    let mut ram = GuestRam::new(4 * MIB).unwrap();
+    write(&ram, 0x1000, 1);
+    ram.freeze().unwrap();
+    write(&ram, 0x2000, 2);
+    let image = drafted_freeze(&mut ram, |_| {});
+    let mut child = image.map().unwrap();
+    write(&child, 0x3000, 3);
+    let grandchildren = drafted_freeze(&mut child, |child| write(child, 0x4000, 4));
+    assert_eq!(
+        grandchildren.overlay_runs(),
+        None,
+        "one layer over a base at most"
+    );
+    let g = grandchildren.map().unwrap();
+    assert_eq!(
+        [1u64, 2, 3, 4].map(|page| read(&g, page * 4096)),
+        [1, 2, 3, 4]
+    );
+}
+
+#[test]
+fn scattered_pages_make_a_full_image_and_re_map_the_ram() {
+    let mut ram = GuestRam::new(8 * MIB).unwrap();
+    ram.freeze().unwrap();
+    // Every other page: more runs than a child should map.
+    for page in 0..200u64 {
+        write(&ram, page * 2 * 4096, page + 1);
+    }
+    let image = drafted_freeze(&mut ram, |_| {});
+    if !tracked(&ram) {
+        return;
+    }
+    assert_eq!(image.overlay_runs(), None);
+    assert!(
+        Arc::ptr_eq(ram.mapped.as_ref().unwrap(), &image),
+        "re-mapped over it"
+    );
+    let m = image.map().unwrap();
+    assert_eq!(
+        [0u64, 2, 398].map(|page| read(&m, page * 4096)),
+        [1, 2, 200]
+    );
+    // Few runs again after the re-map: the next re-freeze is layered.
+    write(&ram, 0x1000, 7);
+    let next = drafted_freeze(&mut ram, |_| {});
+    assert_eq!(next.overlay_runs(), Some(1));
+    assert_eq!(read(&next.map().unwrap(), 0x1000), 7);
+}
+
+#[test]
+fn an_overlay_of_many_runs_is_copied_in_and_reads_the_same() {
+    let base = {
+        let mut ram = GuestRam::new(4 * MIB).unwrap();
+        write(&ram, 0, 1);
+        ram.freeze().unwrap()
+    };
+    let file = create_memfd().unwrap();
+    file.set_len(4 * MIB).unwrap();
+    let runs: Vec<(usize, usize)> = (0..MAX_MAPPED_RUNS + 10).map(|i| (2 * i + 1, 1)).collect();
+    for &(page, _) in &runs {
+        file.write_all_at(&(page as u64).to_le_bytes(), (page * PAGE) as u64)
+            .unwrap();
+    }
+    super::super::seal::seal(&file).unwrap();
+    let image = Arc::new(super::super::image::FrozenRam {
+        file: base.file.clone(),
+        ranges: base.ranges.clone(),
+        overlay: Some(Overlay {
+            file: Arc::new(file),
+            runs: vec![runs],
+        }),
+    });
+    let m = image.map().unwrap();
+    assert_eq!(
+        [0u64, 1, 2, 3, 531].map(|page| read(&m, page * 4096)),
+        [1, 1, 0, 3, 531]
+    );
+    // A run past the RAM is an error, not a mapping elsewhere.
+    let bad = Overlay {
+        file: image.overlay.as_ref().unwrap().file.clone(),
+        runs: vec![vec![(1023, 2)]],
+    };
+    assert!(m.apply_overlay(&bad).is_err());
+}
