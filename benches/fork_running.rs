@@ -116,7 +116,7 @@ impl Record {
 
 /// Whether a phase name is a count (pages, bytes, flags) rather than a time.
 fn is_count(phase: &str) -> bool {
-    ["_pages", "_bytes", "remapped", "prepared"]
+    ["_pages", "_runs", "_bytes", "remapped", "prepared"]
         .iter()
         .any(|s| phase.ends_with(s))
 }
