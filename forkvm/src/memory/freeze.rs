@@ -39,9 +39,8 @@ const PRECOPY_ENOUGH: usize = 64;
 const REMAP_RATIO: usize = 8;
 /// A re-freeze of RAM that maps a base image makes an image of two layers (the base and an
 /// overlay of the RAM's own pages: `overlay.rs`) while those pages form at most this many runs;
-/// past it, a full image, over which the RAM is re-mapped so that later re-freezes start from
-/// few runs again. Each run costs a child one `mmap` (6–14 µs here) when it maps the image.
-const MAX_LAYER_RUNS: usize = 64;
+/// past it, a full image. Each run costs a child that maps the image one `mmap` (6–14 µs here).
+const MAX_LAYER_RUNS: usize = super::overlay::MAX_MAPPED_RUNS;
 
 /// The part of freezing private RAM that does not need the VM paused: a new file holding the
 /// data of the image the RAM maps privately (which nobody writes) and, where the RAM's writes are
@@ -54,8 +53,6 @@ pub struct FreezeDraft {
     precopy: Option<Precopy>,
     /// `file` holds only the RAM's own pages (an overlay over `base`), not `base`'s data.
     layered: bool,
-    /// The RAM is to be re-mapped over the image: its own pages were too scattered to layer.
-    remap: bool,
 }
 
 /// Runs of pages (first page, count): sorted, disjoint.
@@ -67,7 +64,6 @@ struct Finished {
     file: Arc<File>,
     own: usize,
     overlay_runs: Option<Vec<PageRuns>>,
-    remap: bool,
 }
 
 /// The pages a draft copied from RAM whose writes are tracked.
@@ -154,7 +150,6 @@ impl GuestRam {
                     base: Some(base),
                     precopy: None,
                     layered: false,
-                    remap: false,
                 });
             }
         };
@@ -163,14 +158,13 @@ impl GuestRam {
             base: Some(base),
             precopy,
             layered: false,
-            remap: false,
         })
     }
 
     /// The draft of a layered re-freeze of RAM that maps `base` (with no overlay) and tracks its
     /// writes: a new, empty file of the image's size that the pre-copy fills with the RAM's own
     /// pages only. Where they form more than [`MAX_LAYER_RUNS`] runs, the draft becomes a full
-    /// one (the base's data copied, the pages put over it) that re-maps the RAM at the pause.
+    /// one (the base's data copied, the pages put over it).
     /// `None` where writes are not tracked (the caller drafts a full image).
     fn draft_overlay(&mut self, base: &Arc<FrozenRam>) -> Result<Option<FreezeDraft>, MemoryError> {
         let fail = |what, source| MemoryError::Freeze { what, source };
@@ -196,7 +190,6 @@ impl GuestRam {
                 base: Some(base.clone()),
                 precopy: Some(precopy),
                 layered: true,
-                remap: false,
             }));
         }
         let _span = phases::span("draft.copy_image");
@@ -213,7 +206,6 @@ impl GuestRam {
             base: Some(base.clone()),
             precopy: Some(precopy),
             layered: false,
-            remap: true,
         }))
     }
 
@@ -238,7 +230,6 @@ impl GuestRam {
             base: None,
             precopy,
             layered: false,
-            remap: false,
         })
     }
 
@@ -352,7 +343,7 @@ impl GuestRam {
                     return Ok(frozen);
                 }
                 let frozen = self.frozen_over(file);
-                let remap = finished.remap || own > (self.size() as usize / PAGE) / REMAP_RATIO;
+                let remap = own > (self.size() as usize / PAGE) / REMAP_RATIO;
                 phases::count("freeze.remapped", u64::from(remap));
                 if remap {
                     let _span = phases::span("freeze.remap");
@@ -401,7 +392,6 @@ impl GuestRam {
                     file,
                     precopy: Some(precopy),
                     layered,
-                    remap,
                     ..
                 }),
             ) if precopy.epoch == self.epoch => match self.finish_precopy(tracker, &file, &precopy)
@@ -417,7 +407,6 @@ impl GuestRam {
                             .map(|(copied, paused)| merged([copied.as_slice(), &paused].concat()))
                             .collect()
                     }),
-                    remap,
                 }),
                 Err(e) => {
                     self.stop_tracking(&e);
@@ -438,7 +427,6 @@ impl GuestRam {
                     file,
                     own,
                     overlay_runs: None,
-                    remap: false,
                 })
             }
             // No draft, or one whose copies were not tracked to the end.
@@ -461,16 +449,21 @@ impl GuestRam {
             file,
             own,
             overlay_runs: None,
-            remap: false,
         })
     }
 
     /// Frees what the last freeze replaced (see [`GuestRam::freeze_from`]): the images it froze
-    /// or mapped before, unless other VMs map them, and the pages it moved out. Call it once the
-    /// VM runs again.
+    /// or mapped before, unless other VMs map them, and the pages it moved out — on the reaper's
+    /// thread ([`crate::reaper`]): freeing takes time in proportion to the pages. Call it once
+    /// the VM runs again.
     pub fn release_replaced(&mut self) {
-        self.replaced.clear();
-        self.moved.clear();
+        let replaced = (
+            std::mem::take(&mut self.replaced),
+            std::mem::take(&mut self.moved),
+        );
+        if !replaced.0.is_empty() || !replaced.1.is_empty() {
+            crate::reaper::drop_later(replaced);
+        }
     }
 
     /// Finishes a draft whose copies `precopy` were made from this RAM into `file`, with the VM

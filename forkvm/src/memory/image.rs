@@ -24,7 +24,7 @@ pub(super) const COPY_CHUNK: usize = 1 << 20;
 impl FrozenRam {
     /// New guest RAM that starts as this image: private copy-on-write mappings of it.
     pub fn map(self: &Arc<Self>) -> Result<GuestRam, MemoryError> {
-        let ram = GuestRam::map(
+        let mut ram = GuestRam::map(
             self.file.clone(),
             self.ranges.clone(),
             libc::MAP_PRIVATE,

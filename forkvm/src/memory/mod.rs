@@ -183,6 +183,8 @@ pub struct GuestRam {
     /// Drops of copied pages from this RAM mapped privately, by its balloon (see
     /// [`GuestRam::discarder`]); shared with the discarders it handed out.
     private_discards: Arc<AtomicU64>,
+    /// The overlay mappings this RAM holds (counted against the process's budget).
+    overlay_mappings: Option<overlay::OverlayMappings>,
 }
 
 impl GuestRam {
@@ -223,6 +225,7 @@ impl GuestRam {
             tracking: freeze::Tracking::Untried,
             epoch: 0,
             private_discards: Arc::default(),
+            overlay_mappings: None,
         })
     }
 

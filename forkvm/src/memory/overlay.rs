@@ -3,14 +3,17 @@
 //! re-freeze of a running parent then copies those pages, not the base's data again
 //! (`docs/design/fork-layers.md`). The overlay is a sealed, sparse memory file of the image's
 //! size with its pages at their own offsets, so a VM maps each run of it privately over the base
-//! with one `mmap` (or, past [`MAX_MAPPED_RUNS`], copies the pages into its own memory, so that
-//! a child holds a bounded number of mappings).
+//! with one `mmap` (or, past [`MAX_MAPPED_RUNS`] runs or past the process's
+//! [`MAPPING_BUDGET`], copies the pages into its own memory: each mapping is one of the 65,530
+//! that Linux allows a process by default, `vm.max_map_count`, and every VM of forkvm lives in
+//! its user's process).
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -21,6 +24,34 @@ use super::{GuestRam, MemoryError, PAGE};
 /// Runs an overlay may have to be mapped (one `mmap` and one mapping each); a VM copies the
 /// pages of an overlay with more.
 pub(super) const MAX_MAPPED_RUNS: usize = 256;
+
+/// Mappings that overlays may add to this process, all VMs together; past it a VM copies an
+/// overlay's pages in (a quarter of Linux's default `vm.max_map_count`).
+pub(super) const MAPPING_BUDGET: usize = 16_384;
+
+/// Mappings overlays add to this process now.
+static OVERLAY_MAPPINGS: AtomicUsize = AtomicUsize::new(0);
+
+/// The mappings one VM's RAM added for an overlay: given back to the budget when dropped.
+pub(super) struct OverlayMappings(usize);
+
+impl OverlayMappings {
+    /// Takes `n` mappings from `budget` (of at most `limit`), if they are left.
+    fn reserve(budget: &'static AtomicUsize, n: usize, limit: usize) -> Option<Self> {
+        budget
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
+                held.checked_add(n).filter(|&total| total <= limit)
+            })
+            .ok()
+            .map(|_| Self(n))
+    }
+}
+
+impl Drop for OverlayMappings {
+    fn drop(&mut self) {
+        OVERLAY_MAPPINGS.fetch_sub(self.0, Ordering::SeqCst);
+    }
+}
 
 /// The pages of an image that are not its base's.
 pub struct Overlay {
@@ -54,9 +85,9 @@ impl Overlay {
 
 impl GuestRam {
     /// Puts `overlay`'s pages over what this RAM maps (its base, just mapped): each run mapped
-    /// privately from the overlay's file in place, or, past [`MAX_MAPPED_RUNS`] runs, copied in.
-    /// No vCPU may run meanwhile.
-    pub(super) fn apply_overlay(&self, overlay: &Overlay) -> Result<(), MemoryError> {
+    /// privately from the overlay's file in place, or, past [`MAX_MAPPED_RUNS`] runs or the
+    /// process's [`MAPPING_BUDGET`], copied in. No vCPU may run meanwhile.
+    pub(super) fn apply_overlay(&mut self, overlay: &Overlay) -> Result<(), MemoryError> {
         let fail = |what, source| MemoryError::Freeze { what, source };
         if overlay.runs.len() != self.ranges.len() {
             return Err(fail(
@@ -64,7 +95,13 @@ impl GuestRam {
                 io::Error::from(io::ErrorKind::InvalidInput),
             ));
         }
-        let copy = overlay.run_count() > MAX_MAPPED_RUNS;
+        let runs = overlay.run_count();
+        // Each run splits one mapping in up to three.
+        let mappings = (runs <= MAX_MAPPED_RUNS)
+            .then(|| OverlayMappings::reserve(&OVERLAY_MAPPINGS, 2 * runs, MAPPING_BUDGET))
+            .flatten();
+        let copy = mappings.is_none();
+        crate::phases::count("spawn.overlay_copied", u64::from(copy));
         let hosts = self.hosts().map_err(|e| fail("finding a region", e))?;
         let mut buffer = Vec::new();
         for ((range, host), runs) in self.ranges.iter().zip(hosts).zip(&overlay.runs) {
@@ -114,6 +151,9 @@ impl GuestRam {
                     return Err(fail("mapping an overlay", io::Error::last_os_error()));
                 }
             }
+        }
+        if mappings.is_some() {
+            self.overlay_mappings = mappings;
         }
         Ok(())
     }

@@ -12,6 +12,8 @@ impl GuestRam {
     /// new epoch: the mappings are new, so no write tracking is set up on them.
     pub(super) fn remap_private(&mut self) -> Result<(), MemoryError> {
         self.epoch += 1;
+        // One mapping per range again: an overlay's mappings go with the old ones.
+        self.overlay_mappings = None;
         let hosts = self.hosts().map_err(|source| MemoryError::Freeze {
             what: "finding a region",
             source,
