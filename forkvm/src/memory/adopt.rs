@@ -53,9 +53,9 @@ impl PlaceholderRam {
             ram.file = image.file.clone();
             ram.remap_private()?;
         }
-        if let Some(overlay) = &image.overlay {
+        if !image.overlays.is_empty() {
             let _span = crate::phases::span("spawn.adopt_overlay");
-            ram.apply_overlay(overlay)?;
+            ram.apply_overlays(&image.overlays)?;
         }
         ram.mapped = Some(image.clone());
         Ok(ram)

@@ -20,11 +20,12 @@ use vm_memory::{Bytes, GuestAddress};
 use super::PAGE;
 use super::dirty::WriteTracker;
 use super::image::COPY_CHUNK;
+use super::layers::Stack;
 use super::overlay::Overlay;
 use super::pagemap::{scan_not_held, written_runs};
 use super::runs::{merged, subtract};
 use super::seal::seal;
-use super::{GuestRam, MemoryError, RamRange, create_memfd};
+use super::{GuestRam, MemoryError, RamRange};
 use crate::phases;
 
 pub use super::image::FrozenRam;
@@ -37,43 +38,44 @@ const PRECOPY_ENOUGH: usize = 64;
 /// A re-freeze re-maps RAM that holds more than one page in this many as its own over the new
 /// image (why: `docs/design/memory-freeze.md`).
 const REMAP_RATIO: usize = 8;
-/// A re-freeze of RAM that maps a base image makes an image of two layers (the base and an
-/// overlay of the RAM's own pages: `overlay.rs`) while those pages form at most this many runs;
-/// past it, a full image. Each run costs a child that maps the image one `mmap` (6–14 µs here).
-const MAX_LAYER_RUNS: usize = super::overlay::MAX_MAPPED_RUNS;
 
 /// The part of freezing private RAM that does not need the VM paused: a new file holding the
 /// data of the image the RAM maps privately (which nobody writes) and, where the RAM's writes are
 /// tracked, the pages it wrote. [`GuestRam::freeze_from`] then adds only the pages written since.
 pub struct FreezeDraft {
-    /// The file the draft copies into: a new one over `base`'s data, or the RAM's own file.
-    file: Arc<File>,
+    /// The file the draft copies into: a new one over `base`'s data (or a stack's), a new
+    /// overlay, or the RAM's own file.
+    pub(super) file: Arc<File>,
     /// The image the RAM maps, or `None` for the RAM's own file (see [`GuestRam::draft_freeze`]).
-    base: Option<Arc<FrozenRam>>,
-    precopy: Option<Precopy>,
-    /// `file` holds only the RAM's own pages (an overlay over `base`), not `base`'s data.
-    layered: bool,
+    pub(super) base: Option<Arc<FrozenRam>>,
+    pub(super) precopy: Option<Precopy>,
+    /// For an overlay (`file` holds only pages, not data below them): what it goes on.
+    pub(super) stack: Option<Stack>,
+    /// The balloon drops the draft relies on not changing by the pause (see [`Stack::since`]).
+    pub(super) since: Option<u64>,
 }
 
 /// Runs of pages (first page, count): sorted, disjoint.
 type PageRuns = Vec<(usize, usize)>;
 
 /// A draft finished with the VM paused: the file, about how many pages of its own the RAM holds,
-/// and, for a layered draft, the runs of those pages (the overlay's).
+/// and, for an overlay, what it goes on and the runs of its pages.
 struct Finished {
     file: Arc<File>,
     own: usize,
-    overlay_runs: Option<Vec<PageRuns>>,
+    overlay: Option<(Stack, Vec<PageRuns>)>,
+    /// Copied with write tracking unbroken: the next re-freeze may stack on this one.
+    tracked: bool,
 }
 
 /// The pages a draft copied from RAM whose writes are tracked.
-struct Precopy {
+pub(super) struct Precopy {
     /// The RAM's epoch when the draft (re)started its write tracking.
     epoch: u64,
     /// The RAM's [`GuestRam::private_discards`] before the draft copied anything.
     discards: u64,
     /// For each range of the RAM, the pages copied: sorted, disjoint runs (first page, count).
-    copied: Vec<Vec<(usize, usize)>>,
+    pub(super) copied: Vec<Vec<(usize, usize)>>,
 }
 
 #[cfg(test)]
@@ -130,17 +132,17 @@ impl GuestRam {
         let Some(base) = self.mapped.clone() else {
             return self.draft_own_file();
         };
-        if base.overlay.is_none()
-            && !matches!(self.tracking, Tracking::Off)
-            && let Some(draft) = self.draft_overlay(&base)?
+        if let Some(stack) = self.stack_for(&base)
+            && let Some(draft) = self.draft_layered(&base, stack)?
         {
             return Ok(draft);
         }
+        self.break_chain();
         let span = phases::span("draft.copy_image");
         let file = Arc::new(base.copy_into_new_file()?);
         drop(span);
         let _span = phases::span("draft.precopy");
-        let precopy = match self.precopy(&file) {
+        let precopy = match self.precopy(&file, false) {
             Ok(precopy) => precopy,
             Err(e) => {
                 // What was copied may be stale by now: start again from the image alone.
@@ -149,7 +151,8 @@ impl GuestRam {
                     file: Arc::new(base.copy_into_new_file()?),
                     base: Some(base),
                     precopy: None,
-                    layered: false,
+                    stack: None,
+                    since: None,
                 });
             }
         };
@@ -157,56 +160,9 @@ impl GuestRam {
             file,
             base: Some(base),
             precopy,
-            layered: false,
+            stack: None,
+            since: None,
         })
-    }
-
-    /// The draft of a layered re-freeze of RAM that maps `base` (with no overlay) and tracks its
-    /// writes: a new, empty file of the image's size that the pre-copy fills with the RAM's own
-    /// pages only. Where they form more than [`MAX_LAYER_RUNS`] runs, the draft becomes a full
-    /// one (the base's data copied, the pages put over it).
-    /// `None` where writes are not tracked (the caller drafts a full image).
-    fn draft_overlay(&mut self, base: &Arc<FrozenRam>) -> Result<Option<FreezeDraft>, MemoryError> {
-        let fail = |what, source| MemoryError::Freeze { what, source };
-        let file = create_memfd()?;
-        file.set_len(base.size())
-            .map_err(|e| fail("sizing an overlay", e))?;
-        let file = Arc::new(file);
-        let span = phases::span("draft.precopy");
-        let precopy = match self.precopy(&file) {
-            Ok(Some(precopy)) => precopy,
-            Ok(None) => return Ok(None),
-            Err(e) => {
-                self.stop_tracking(&e);
-                return Ok(None);
-            }
-        };
-        drop(span);
-        let runs: usize = precopy.copied.iter().map(Vec::len).sum();
-        phases::count("draft.own_runs", runs as u64);
-        if runs <= MAX_LAYER_RUNS {
-            return Ok(Some(FreezeDraft {
-                file,
-                base: Some(base.clone()),
-                precopy: Some(precopy),
-                layered: true,
-            }));
-        }
-        let _span = phases::span("draft.copy_image");
-        let full = base.copy_into_new_file()?;
-        let copied = Overlay {
-            file,
-            runs: precopy.copied.clone(),
-        };
-        copied
-            .copy_to(&self.ranges, &full)
-            .map_err(|e| fail("copying pages over an image", e))?;
-        Ok(Some(FreezeDraft {
-            file: Arc::new(full),
-            base: Some(base.clone()),
-            precopy: Some(precopy),
-            layered: false,
-        }))
     }
 
     /// The draft of a first freeze: re-maps the RAM privately over its own file now, while the VM
@@ -220,7 +176,7 @@ impl GuestRam {
             self.privatized = true;
         }
         let file = self.file.clone();
-        let precopy = self.precopy(&file).unwrap_or_else(|e| {
+        let precopy = self.precopy(&file, false).unwrap_or_else(|e| {
             // Nothing is lost: the pause copies every page of the RAM's own.
             self.stop_tracking(&e);
             None
@@ -229,14 +185,16 @@ impl GuestRam {
             file,
             base: None,
             precopy,
-            layered: false,
+            stack: None,
+            since: None,
         })
     }
 
     /// Write-protects the whole RAM, copying into `file` the pages it wrote since it began to map
-    /// its image, then, in rounds, those written since the previous round's scan (the VM runs).
+    /// its image (with `since_last`: since the last freeze's scans, which tracking unbroken
+    /// since requires), then, in rounds, those written since the previous round's scan (the VM runs).
     /// `None` where writes are not tracked.
-    fn precopy(&mut self, file: &File) -> io::Result<Option<Precopy>> {
+    pub(super) fn precopy(&mut self, file: &File, since_last: bool) -> io::Result<Option<Precopy>> {
         if let Tracking::Untried = self.tracking {
             self.tracking = match WriteTracker::new() {
                 Ok(tracker) => Tracking::On(tracker),
@@ -258,7 +216,11 @@ impl GuestRam {
         let mut pages = 0;
         for (range, &host) in self.ranges.iter().zip(&hosts) {
             let span = phases::span("draft.precopy_scan_protect");
-            let runs = tracker.start(host, range.size)?;
+            let runs = if since_last {
+                tracker.written(host, range.size)?
+            } else {
+                tracker.start(host, range.size)?
+            };
             drop(span);
             let _span = phases::span("draft.precopy_copy_own");
             pages += self.copy_runs(range, &runs, file)?;
@@ -286,7 +248,7 @@ impl GuestRam {
     }
 
     /// Stops tracking writes after `why` (a draft's copies are then no longer finished).
-    fn stop_tracking(&mut self, why: &io::Error) {
+    pub(super) fn stop_tracking(&mut self, why: &io::Error) {
         log_untracked(why);
         self.tracking = Tracking::Off;
         self.epoch += 1;
@@ -328,21 +290,30 @@ impl GuestRam {
                 let span = phases::span("freeze.seal");
                 seal(&file)?;
                 drop(span);
-                if let Some(runs) = finished.overlay_runs {
-                    // Two layers: the base this RAM goes on mapping, and its own pages.
+                if let Some((stack, runs)) = finished.overlay {
+                    // One more overlay on the stack; the RAM goes on mapping what it maps.
                     phases::count(
                         "freeze.overlay_runs",
                         runs.iter().map(Vec::len).sum::<usize>() as u64,
                     );
+                    let mut overlays = stack.on.overlays.clone();
+                    overlays.push(Arc::new(Overlay { file, runs }));
                     let frozen = Arc::new(FrozenRam {
-                        file: mapped.file.clone(),
+                        file: stack.on.file.clone(),
                         ranges: self.ranges.clone(),
-                        overlay: Some(Overlay { file, runs }),
+                        overlays,
                     });
+                    phases::count("freeze.depth", frozen.depth() as u64);
+                    self.chain_to(&frozen);
                     self.replaced.extend(self.latest.replace(frozen.clone()));
                     return Ok(frozen);
                 }
                 let frozen = self.frozen_over(file);
+                if finished.tracked {
+                    self.chain_to(&frozen);
+                } else {
+                    self.break_chain();
+                }
                 let remap = own > (self.size() as usize / PAGE) / REMAP_RATIO;
                 phases::count("freeze.remapped", u64::from(remap));
                 if remap {
@@ -366,7 +337,7 @@ impl GuestRam {
         Arc::new(FrozenRam {
             file,
             ranges: self.ranges.clone(),
-            overlay: None,
+            overlays: Vec::new(),
         })
     }
 
@@ -391,28 +362,36 @@ impl GuestRam {
                 Some(FreezeDraft {
                     file,
                     precopy: Some(precopy),
-                    layered,
+                    stack,
+                    since,
                     ..
                 }),
-            ) if precopy.epoch == self.epoch => match self.finish_precopy(tracker, &file, &precopy)
+            ) if precopy.epoch == self.epoch
+                && since.is_none_or(|drops| drops == self.private_discards()) =>
             {
-                Ok((own, paused)) => Some(Finished {
-                    file,
-                    own,
-                    overlay_runs: layered.then(|| {
-                        precopy
-                            .copied
-                            .iter()
-                            .zip(paused)
-                            .map(|(copied, paused)| merged([copied.as_slice(), &paused].concat()))
-                            .collect()
+                match self.finish_precopy(tracker, &file, &precopy) {
+                    Ok((own, paused)) => Some(Finished {
+                        file,
+                        own,
+                        overlay: stack.map(|stack| {
+                            let runs = precopy
+                                .copied
+                                .iter()
+                                .zip(paused)
+                                .map(|(copied, paused)| {
+                                    merged([copied.as_slice(), &paused].concat())
+                                })
+                                .collect();
+                            (stack, runs)
+                        }),
+                        tracked: true,
                     }),
-                }),
-                Err(e) => {
-                    self.stop_tracking(&e);
-                    None
+                    Err(e) => {
+                        self.stop_tracking(&e);
+                        None
+                    }
                 }
-            },
+            }
             // Not tracked: the draft holds what the RAM maps alone.
             (
                 _,
@@ -426,7 +405,8 @@ impl GuestRam {
                 Some(Finished {
                     file,
                     own,
-                    overlay_runs: None,
+                    overlay: None,
+                    tracked: false,
                 })
             }
             // No draft, or one whose copies were not tracked to the end.
@@ -448,7 +428,8 @@ impl GuestRam {
         Ok(Finished {
             file,
             own,
-            overlay_runs: None,
+            overlay: None,
+            tracked: false,
         })
     }
 

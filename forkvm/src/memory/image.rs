@@ -11,11 +11,12 @@ use super::overlay::Overlay;
 use super::{GuestRam, MemoryError, RamRange, create_memfd};
 
 /// Guest RAM frozen at one instant: a sealed memfd that nobody writes any more (the base), and,
-/// for a re-freeze of RAM that maps a base, the pages that differ from it ([`Overlay`]).
+/// for a re-freeze of RAM that maps an image, overlays of the pages written since (oldest first;
+/// a page is the last overlay's that holds it, else the base's: [`Overlay`]).
 pub struct FrozenRam {
     pub(super) file: Arc<File>,
     pub(super) ranges: Vec<RamRange>,
-    pub(super) overlay: Option<Overlay>,
+    pub(super) overlays: Vec<Arc<Overlay>>,
 }
 
 /// Bytes copied per step into a memory file (from another file or from RAM).
@@ -30,16 +31,18 @@ impl FrozenRam {
             libc::MAP_PRIVATE,
             Some(self.clone()),
         )?;
-        if let Some(overlay) = &self.overlay {
-            ram.apply_overlay(overlay)?;
-        }
+        ram.apply_overlays(&self.overlays)?;
         Ok(ram)
     }
 
-    /// The overlay's runs, if the image has one.
-    #[cfg(test)]
+    /// The overlays' runs, all together, if the image has overlays.
     pub(crate) fn overlay_runs(&self) -> Option<usize> {
-        self.overlay.as_ref().map(Overlay::run_count)
+        (!self.overlays.is_empty()).then(|| self.overlays.iter().map(|o| o.run_count()).sum())
+    }
+
+    /// How many overlays the image has over its base.
+    pub(crate) fn depth(&self) -> usize {
+        self.overlays.len()
     }
 
     /// The sealed file holding the image's base (all of it, for an image without overlay).
@@ -58,7 +61,7 @@ impl FrozenRam {
         Arc::new(Self {
             file: Arc::new(file),
             ranges: super::ram_ranges(size),
-            overlay: None,
+            overlays: Vec::new(),
         })
     }
 
@@ -73,8 +76,8 @@ impl FrozenRam {
         Ok(file)
     }
 
-    /// Writes the image's data into `to` at the same offsets (holes stay holes), the overlay's
-    /// pages over the base's.
+    /// Writes the image's data into `to` at the same offsets (holes stay holes), each overlay's
+    /// pages over what is below.
     pub fn copy_data_to(&self, to: &File) -> io::Result<()> {
         to.set_len(self.size())?;
         let extents = data_extents(&self.file)?;
@@ -85,10 +88,9 @@ impl FrozenRam {
         for (start, end) in extents {
             copy_range(&self.file, to, start, end)?;
         }
-        match &self.overlay {
-            Some(overlay) => overlay.copy_to(&self.ranges, to),
-            None => Ok(()),
-        }
+        self.overlays
+            .iter()
+            .try_for_each(|overlay| overlay.copy_to(&self.ranges, to))
     }
 }
 

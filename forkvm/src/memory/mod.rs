@@ -10,6 +10,7 @@ mod dirty;
 mod discard;
 pub mod freeze;
 mod image;
+mod layers;
 mod overlay;
 mod pagemap;
 mod remap;
@@ -185,6 +186,10 @@ pub struct GuestRam {
     private_discards: Arc<AtomicU64>,
     /// The overlay mappings this RAM holds (counted against the process's budget).
     overlay_mappings: Option<overlay::OverlayMappings>,
+    /// The image of its last re-freeze, which the next may stack on (`layers.rs`).
+    chain: Option<layers::Chain>,
+    /// Its stacks flattened in the background.
+    compaction: Arc<layers::Compaction>,
 }
 
 impl GuestRam {
@@ -226,6 +231,8 @@ impl GuestRam {
             epoch: 0,
             private_discards: Arc::default(),
             overlay_mappings: None,
+            chain: None,
+            compaction: Arc::default(),
         })
     }
 

@@ -84,10 +84,31 @@ impl Overlay {
 }
 
 impl GuestRam {
-    /// Puts `overlay`'s pages over what this RAM maps (its base, just mapped): each run mapped
-    /// privately from the overlay's file in place, or, past [`MAX_MAPPED_RUNS`] runs or the
-    /// process's [`MAPPING_BUDGET`], copied in. No vCPU may run meanwhile.
-    pub(super) fn apply_overlay(&mut self, overlay: &Overlay) -> Result<(), MemoryError> {
+    /// Puts `overlays`' pages over what this RAM maps (their base, just mapped), oldest first:
+    /// each run mapped privately from its overlay's file in place, or, past [`MAX_MAPPED_RUNS`]
+    /// runs or the process's [`MAPPING_BUDGET`], copied in. No vCPU may run meanwhile.
+    pub(super) fn apply_overlays(&mut self, overlays: &[Arc<Overlay>]) -> Result<(), MemoryError> {
+        if overlays.is_empty() {
+            return Ok(());
+        }
+        let runs: usize = overlays.iter().map(|o| o.run_count()).sum();
+        // Each run splits one mapping in up to three.
+        let mappings = (runs <= MAX_MAPPED_RUNS)
+            .then(|| OverlayMappings::reserve(&OVERLAY_MAPPINGS, 2 * runs, MAPPING_BUDGET))
+            .flatten();
+        let copy = mappings.is_none();
+        crate::phases::count("spawn.overlay_copied", u64::from(copy));
+        for overlay in overlays {
+            self.apply_overlay(overlay, copy)?;
+        }
+        if mappings.is_some() {
+            self.overlay_mappings = mappings;
+        }
+        Ok(())
+    }
+
+    /// Puts one overlay's pages over what this RAM maps: mapped, or with `copy` copied in.
+    fn apply_overlay(&self, overlay: &Overlay, copy: bool) -> Result<(), MemoryError> {
         let fail = |what, source| MemoryError::Freeze { what, source };
         if overlay.runs.len() != self.ranges.len() {
             return Err(fail(
@@ -95,13 +116,6 @@ impl GuestRam {
                 io::Error::from(io::ErrorKind::InvalidInput),
             ));
         }
-        let runs = overlay.run_count();
-        // Each run splits one mapping in up to three.
-        let mappings = (runs <= MAX_MAPPED_RUNS)
-            .then(|| OverlayMappings::reserve(&OVERLAY_MAPPINGS, 2 * runs, MAPPING_BUDGET))
-            .flatten();
-        let copy = mappings.is_none();
-        crate::phases::count("spawn.overlay_copied", u64::from(copy));
         let hosts = self.hosts().map_err(|e| fail("finding a region", e))?;
         let mut buffer = Vec::new();
         for ((range, host), runs) in self.ranges.iter().zip(hosts).zip(&overlay.runs) {
@@ -151,9 +165,6 @@ impl GuestRam {
                     return Err(fail("mapping an overlay", io::Error::last_os_error()));
                 }
             }
-        }
-        if mappings.is_some() {
-            self.overlay_mappings = mappings;
         }
         Ok(())
     }
