@@ -116,9 +116,11 @@ impl Record {
 
 /// Whether a phase name is a count (pages, bytes, flags) rather than a time.
 fn is_count(phase: &str) -> bool {
-    ["_pages", "_runs", "_bytes", "remapped", "prepared"]
-        .iter()
-        .any(|s| phase.ends_with(s))
+    [
+        "_pages", "_runs", "_bytes", "remapped", "prepared", "depth", "rebased", "copied",
+    ]
+    .iter()
+    .any(|s| phase.ends_with(s))
 }
 
 fn rss_kb() -> u64 {

@@ -36,6 +36,7 @@ impl FrozenRam {
     }
 
     /// The overlays' runs, all together, if the image has overlays.
+    #[cfg(test)]
     pub(crate) fn overlay_runs(&self) -> Option<usize> {
         (!self.overlays.is_empty()).then(|| self.overlays.iter().map(|o| o.run_count()).sum())
     }

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use super::freeze::{FreezeDraft, Tracking};
 use super::image::FrozenRam;
-use super::overlay::{MAX_MAPPED_RUNS, Overlay};
+use super::overlay::{MAX_MAPPED_RUNS, Overlay, visible_runs};
 use super::seal::seal;
 use super::{GuestRam, MemoryError, create_memfd};
 use crate::phases;
@@ -27,11 +27,12 @@ use forkvm_devices::sync::lock;
 /// a VM that maps the image one `mmap` (6–14 µs here).
 const MAX_LAYER_RUNS: usize = MAX_MAPPED_RUNS;
 /// A stack this deep is flattened in the background...
-const COMPACT_DEPTH: usize = 4;
-/// ...and so is one whose overlays hold this many runs together.
+const COMPACT_DEPTH: usize = 32;
+/// ...and so is one whose overlays show this many runs together ([`visible_runs`]: what a VM
+/// maps for it). Flattening copies all the image's data (the base's too) on another thread.
 const COMPACT_RUNS: usize = MAX_MAPPED_RUNS / 2;
 /// No deeper stack is made: a re-freeze then starts over from the image the RAM maps.
-const MAX_DEPTH: usize = 16;
+const MAX_DEPTH: usize = 64;
 
 /// The image of this RAM's last re-freeze, on which the next stacks an overlay of the pages
 /// written since, while `epoch` (write tracking unbroken, the same mappings) and `discards` (no
@@ -93,9 +94,11 @@ impl GuestRam {
     }
 
     /// `image` re-based onto a flattened copy of the stack it grew from, if one is done.
+    /// The flattened copy is let go of either way: once used, the new image holds it, and one
+    /// that does not fit any more never will.
     fn rebased(&self, image: &Arc<FrozenRam>) -> Arc<FrozenRam> {
-        let done = lock(&self.compaction.done);
-        let Some(Flattened { source, flat }) = done.as_ref() else {
+        let done = lock(&self.compaction.done).take();
+        let Some(Flattened { source, flat }) = done else {
             return image.clone();
         };
         let below = source.overlays.len();
@@ -111,7 +114,7 @@ impl GuestRam {
         }
         phases::count("draft.rebased", 1);
         Arc::new(FrozenRam {
-            file: flat.clone(),
+            file: flat,
             ranges: image.ranges.clone(),
             overlays: image.overlays[below..].to_vec(),
         })
@@ -179,8 +182,7 @@ impl GuestRam {
             epoch: self.epoch,
             discards: self.private_discards(),
         });
-        let deep =
-            image.depth() >= COMPACT_DEPTH || image.overlay_runs().unwrap_or(0) >= COMPACT_RUNS;
+        let deep = image.depth() >= COMPACT_DEPTH || visible_runs(&image.overlays) >= COMPACT_RUNS;
         if deep && !self.compaction.running.swap(true, Ordering::SeqCst) {
             let (compaction, image) = (self.compaction.clone(), image.clone());
             let spawned = std::thread::Builder::new()

@@ -19,6 +19,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 #[cfg(test)]
 use super::create_memfd;
+use super::runs::{merged, subtract};
 use super::{GuestRam, MemoryError, PAGE};
 
 /// Runs an overlay may have to be mapped (one `mmap` and one mapping each); a VM copies the
@@ -64,6 +65,7 @@ pub struct Overlay {
 
 impl Overlay {
     /// How many runs it holds.
+    #[cfg(test)]
     pub(super) fn run_count(&self) -> usize {
         self.runs.iter().map(Vec::len).sum()
     }
@@ -83,6 +85,32 @@ impl Overlay {
     }
 }
 
+/// What each overlay of a stack (oldest first) still shows: for each overlay and range, its runs
+/// less those of every overlay above it. A VM maps only these, so that a page written at every
+/// re-freeze costs one mapping, not one per overlay.
+pub(super) fn visible(overlays: &[Arc<Overlay>]) -> Vec<Vec<Vec<(usize, usize)>>> {
+    let ranges = overlays.iter().map(|o| o.runs.len()).max().unwrap_or(0);
+    let mut covered: Vec<Vec<(usize, usize)>> = vec![Vec::new(); ranges];
+    let mut shown = vec![Vec::new(); overlays.len()];
+    for (i, overlay) in overlays.iter().enumerate().rev() {
+        shown[i] = overlay
+            .runs
+            .iter()
+            .zip(&covered)
+            .map(|(runs, covered)| subtract(runs, covered.iter().copied()))
+            .collect();
+        for (covered, runs) in covered.iter_mut().zip(&overlay.runs) {
+            *covered = merged([covered.as_slice(), runs].concat());
+        }
+    }
+    shown
+}
+
+/// How many runs a VM maps for `overlays` (see [`visible`]).
+pub(super) fn visible_runs(overlays: &[Arc<Overlay>]) -> usize {
+    visible(overlays).iter().flatten().map(Vec::len).sum()
+}
+
 impl GuestRam {
     /// Puts `overlays`' pages over what this RAM maps (their base, just mapped), oldest first:
     /// each run mapped privately from its overlay's file in place, or, past [`MAX_MAPPED_RUNS`]
@@ -91,15 +119,17 @@ impl GuestRam {
         if overlays.is_empty() {
             return Ok(());
         }
-        let runs: usize = overlays.iter().map(|o| o.run_count()).sum();
+        let shown = visible(overlays);
+        let runs: usize = shown.iter().flatten().map(Vec::len).sum();
+        crate::phases::count("spawn.overlay_mapped_runs", runs as u64);
         // Each run splits one mapping in up to three.
         let mappings = (runs <= MAX_MAPPED_RUNS)
             .then(|| OverlayMappings::reserve(&OVERLAY_MAPPINGS, 2 * runs, MAPPING_BUDGET))
             .flatten();
         let copy = mappings.is_none();
         crate::phases::count("spawn.overlay_copied", u64::from(copy));
-        for overlay in overlays {
-            self.apply_overlay(overlay, copy)?;
+        for (overlay, runs) in overlays.iter().zip(&shown) {
+            self.apply_overlay(&overlay.file, runs, copy)?;
         }
         if mappings.is_some() {
             self.overlay_mappings = mappings;
@@ -107,10 +137,16 @@ impl GuestRam {
         Ok(())
     }
 
-    /// Puts one overlay's pages over what this RAM maps: mapped, or with `copy` copied in.
-    fn apply_overlay(&self, overlay: &Overlay, copy: bool) -> Result<(), MemoryError> {
+    /// Puts the `runs` (for each range) of an overlay's `file` over what this RAM maps: mapped,
+    /// or with `copy` copied in.
+    fn apply_overlay(
+        &self,
+        file: &File,
+        runs: &[Vec<(usize, usize)>],
+        copy: bool,
+    ) -> Result<(), MemoryError> {
         let fail = |what, source| MemoryError::Freeze { what, source };
-        if overlay.runs.len() != self.ranges.len() {
+        if runs.len() != self.ranges.len() {
             return Err(fail(
                 "applying an overlay",
                 io::Error::from(io::ErrorKind::InvalidInput),
@@ -118,7 +154,7 @@ impl GuestRam {
         }
         let hosts = self.hosts().map_err(|e| fail("finding a region", e))?;
         let mut buffer = Vec::new();
-        for ((range, host), runs) in self.ranges.iter().zip(hosts).zip(&overlay.runs) {
+        for ((range, host), runs) in self.ranges.iter().zip(hosts).zip(runs) {
             for &(first, count) in runs {
                 let (start, len) = (first * PAGE, count * PAGE);
                 let in_range = start
@@ -133,9 +169,7 @@ impl GuestRam {
                 let offset = range.file_offset + start as u64;
                 if copy {
                     buffer.resize(len, 0);
-                    overlay
-                        .file
-                        .read_exact_at(&mut buffer, offset)
+                    file.read_exact_at(&mut buffer, offset)
                         .map_err(|e| fail("reading an overlay", e))?;
                     self.memory
                         .write_slice(&buffer, GuestAddress(range.guest_addr + start as u64))
@@ -157,7 +191,7 @@ impl GuestRam {
                         len,
                         libc::PROT_READ | libc::PROT_WRITE,
                         libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                        overlay.file.as_raw_fd(),
+                        file.as_raw_fd(),
                         file_offset,
                     )
                 };

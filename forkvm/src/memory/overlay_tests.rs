@@ -203,3 +203,23 @@ fn overlay_mappings_are_counted_against_a_budget_and_given_back() {
             .is_some()
     );
 }
+
+#[test]
+fn a_vm_maps_of_each_overlay_only_what_no_newer_one_covers() {
+    let overlay = |runs: Vec<(usize, usize)>| {
+        Arc::new(Overlay {
+            file: Arc::new(create_memfd().unwrap()),
+            runs: vec![runs],
+        })
+    };
+    let stack = [
+        overlay(vec![(0, 10), (20, 1)]),
+        overlay(vec![(5, 10)]),
+        overlay(vec![(20, 1), (2, 1)].into_iter().rev().collect()),
+    ];
+    let shown = visible(&stack);
+    assert_eq!(shown[2], [vec![(2, 1), (20, 1)]]);
+    assert_eq!(shown[1], [vec![(5, 10)]]);
+    assert_eq!(shown[0], [vec![(0, 2), (3, 2)]]);
+    assert_eq!(visible_runs(&stack), 5);
+}
