@@ -20,7 +20,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::PAGE;
 use super::dirty::WriteTracker;
 use super::image::COPY_CHUNK;
-use super::layers::Stack;
+use super::layers::{Stack, without_hidden};
 use super::overlay::Overlay;
 use super::pagemap::{scan_not_held, written_runs};
 use super::runs::{merged, subtract};
@@ -298,6 +298,7 @@ impl GuestRam {
                     );
                     let mut overlays = stack.on.overlays.clone();
                     overlays.push(Arc::new(Overlay { file, runs }));
+                    let overlays = without_hidden(overlays);
                     let frozen = Arc::new(FrozenRam {
                         file: stack.on.file.clone(),
                         ranges: self.ranges.clone(),

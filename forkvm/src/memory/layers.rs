@@ -9,7 +9,8 @@
 //! hide). A stack at least [`COMPACT_DEPTH`] deep, or with [`COMPACT_RUNS`] runs, is flattened
 //! into a new base on a thread of its own while the VM runs; the next re-freeze stacks on that
 //! base the overlays made since. Past [`MAX_DEPTH`] (the flattening lags) or
-//! [`MAX_LAYER_RUNS`] runs in one overlay, a re-freeze makes a full image, as before layers.
+//! [`MAX_LAYER_RUNS`] runs in one overlay, a re-freeze makes a full image, as before layers. An
+//! overlay that newer ones hide entirely (a page written at every re-freeze) leaves the stack.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use super::freeze::{FreezeDraft, Tracking};
 use super::image::FrozenRam;
-use super::overlay::{MAX_MAPPED_RUNS, Overlay, visible_runs};
+use super::overlay::{MAX_MAPPED_RUNS, Overlay, visible, visible_runs};
 use super::seal::seal;
 use super::{GuestRam, MemoryError, create_memfd};
 use crate::phases;
@@ -51,6 +52,18 @@ pub(super) struct Stack {
     /// which must not have changed by the pause. `None` for an overlay of all the RAM's own pages
     /// (`on` is the image it maps).
     pub(super) since: Option<u64>,
+}
+
+/// `overlays` (oldest first) without those every newer one hides entirely: they change nothing
+/// the image shows, and would only hold memory.
+pub(super) fn without_hidden(overlays: Vec<Arc<Overlay>>) -> Vec<Arc<Overlay>> {
+    let shown = visible(&overlays);
+    overlays
+        .into_iter()
+        .zip(shown)
+        .filter(|(_, shown)| shown.iter().any(|runs| !runs.is_empty()))
+        .map(|(overlay, _)| overlay)
+        .collect()
 }
 
 /// A stack flattened in the background: the image, and its flat copy (sealed).
@@ -101,14 +114,12 @@ impl GuestRam {
         let Some(Flattened { source, flat }) = done else {
             return image.clone();
         };
-        let below = source.overlays.len();
+        // The image grew from the flattened one if it has its base and, of its overlays, some
+        // first (those the image still shows, in order), then only newer ones.
+        let in_source = |o: &Arc<Overlay>| source.overlays.iter().any(|s| Arc::ptr_eq(s, o));
+        let below = image.overlays.iter().take_while(|o| in_source(o)).count();
         let grew_from = Arc::ptr_eq(&source.file, &image.file)
-            && image.overlays.len() >= below
-            && source
-                .overlays
-                .iter()
-                .zip(&image.overlays)
-                .all(|(a, b)| Arc::ptr_eq(a, b));
+            && !image.overlays[below..].iter().any(in_source);
         if !grew_from {
             return image.clone();
         }

@@ -113,3 +113,31 @@ fn a_deep_stack_is_flattened_in_the_background_and_the_next_stacks_on_that() {
             })[..]
     );
 }
+
+#[test]
+fn an_overlay_newer_ones_hide_entirely_leaves_the_stack() {
+    let mut ram = GuestRam::new(4 * MIB).unwrap();
+    ram.freeze().unwrap();
+    write(&ram, 0x1000, 1);
+    write(&ram, 0x2000, 2);
+    let first = refreeze(&mut ram);
+    if !tracked(&ram) {
+        return;
+    }
+    write(&ram, 0x3000, 3);
+    let second = refreeze(&mut ram);
+    assert_eq!(second.depth(), 2);
+    // Both pages of the first written again: the first shows nothing any more.
+    write(&ram, 0x1000, 10);
+    write(&ram, 0x2000, 20);
+    let third = refreeze(&mut ram);
+    assert_eq!(third.depth(), 2);
+    assert!(
+        !third
+            .overlays
+            .iter()
+            .any(|o| Arc::ptr_eq(o, &first.overlays[0]))
+    );
+    let m = third.map().unwrap();
+    assert_eq!([1u64, 2, 3].map(|p| read(&m, p * 4096)), [10, 20, 3]);
+}
