@@ -47,6 +47,7 @@ impl FrozenRam {
     }
 
     /// The sealed file holding the image's base (all of it, for an image without overlay).
+    #[cfg(test)]
     pub(crate) fn file(&self) -> &Arc<File> {
         &self.file
     }

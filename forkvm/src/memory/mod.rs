@@ -5,7 +5,7 @@
 //! mapping the same file privately, which is why anonymous memory is not used.
 
 mod adopt;
-pub(crate) use adopt::PlaceholderRam;
+pub(crate) use adopt::{Expected, PlaceholderRam};
 mod dirty;
 mod discard;
 pub mod freeze;

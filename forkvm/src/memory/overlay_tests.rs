@@ -88,7 +88,7 @@ fn a_prepared_child_that_maps_the_base_adopts_the_overlay_without_a_re_map() {
     write(&ram, 0x1000, 1);
     ram.freeze().unwrap();
     write(&ram, 0x2000, 2);
-    let expected = ram.next_image_file();
+    let expected = ram.next_image();
     let placeholder = PlaceholderRam::new(4 * MIB, expected).unwrap();
     let image = drafted_freeze(&mut ram, |_| {});
     if !tracked(&ram) {
@@ -222,4 +222,36 @@ fn a_vm_maps_of_each_overlay_only_what_no_newer_one_covers() {
     assert_eq!(shown[1], [vec![(5, 10)]]);
     assert_eq!(shown[0], [vec![(0, 2), (3, 2)]]);
     assert_eq!(visible_runs(&stack), 5);
+}
+
+#[test]
+fn a_placeholder_over_the_last_image_maps_only_the_next_overlay() {
+    let mut ram = GuestRam::new(4 * MIB).unwrap();
+    write(&ram, 0x1000, 1);
+    ram.freeze().unwrap();
+    write(&ram, 0x2000, 2);
+    let first = drafted_freeze(&mut ram, |_| {});
+    if !tracked(&ram) {
+        return;
+    }
+    let placeholder = PlaceholderRam::new(4 * MIB, ram.next_image()).unwrap();
+    write(&ram, 0x3000, 3);
+    let second = drafted_freeze(&mut ram, |_| {});
+    assert_eq!(second.depth(), 2);
+    crate::phases::take_phase_timings();
+    let child = placeholder.adopt(&second).unwrap();
+    assert_eq!([1u64, 2, 3].map(|p| read(&child, p * 4096)), [1, 2, 3]);
+    assert_eq!(first.depth(), 1);
+
+    // One prepared over an image the next does not stack on (the balloon broke the chain):
+    // re-mapped, and it reads what the image holds.
+    let stale = PlaceholderRam::new(4 * MIB, ram.next_image()).unwrap();
+    ram.discarder().discard(0x2000, 4096).unwrap();
+    write(&ram, 0x4000, 4);
+    let third = drafted_freeze(&mut ram, |_| {});
+    let child = stale.adopt(&third).unwrap();
+    assert_eq!(
+        [1u64, 2, 3, 4].map(|p| read(&child, p * 4096)),
+        [1, 0, 3, 4]
+    );
 }

@@ -30,6 +30,7 @@ use crate::arch::state::{VcpuState, VmState};
 use crate::error::Error;
 use crate::identity::Identity;
 use crate::machine::Machine;
+use crate::memory::Expected;
 use crate::memory::freeze::FrozenRam;
 use crate::network::{GuestConnection, Network};
 use crate::virtio::FrozenDevice;
@@ -232,7 +233,7 @@ impl Snapshot {
                 .iter()
                 .filter_map(FrozenDevice::disk_size)
                 .collect(),
-            expected: Some(self.image.file().clone()),
+            expected: Some(Expected::Image(self.image.clone())),
             network: self
                 .devices
                 .iter()

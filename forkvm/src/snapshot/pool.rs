@@ -23,7 +23,7 @@ use crate::arch::probe::host_caps;
 use crate::error::Error;
 use crate::error::setup_err;
 use crate::identity::IdentityPage;
-use crate::memory::PlaceholderRam;
+use crate::memory::{Expected, PlaceholderRam};
 use crate::network::{Network, PreparedNetwork};
 use crate::vstate::kvm::{create_vcpus, create_vm};
 use crate::vstate::threads::SpareThreads;
@@ -86,14 +86,14 @@ impl Shell {
 }
 
 /// What a shell is made for: a VM of `memory_size` bytes, `vcpus` vCPUs and block devices of
-/// `disks` bytes each, whose RAM maps `expected`, the file of the image it will most likely adopt
+/// `disks` bytes each, whose RAM maps `expected`, what the image it will most likely adopt maps
 /// (see [`PlaceholderRam::new`]).
 #[derive(Clone)]
 pub(crate) struct ShellShape {
     pub memory_size: u64,
     pub vcpus: u8,
     pub disks: Vec<u64>,
-    pub expected: Option<Arc<File>>,
+    pub expected: Option<Expected>,
     /// The network of the VM's children, if it has one.
     pub network: Option<Network>,
 }

@@ -22,7 +22,7 @@ use super::pool::{Shell, ShellShape};
 use crate::console::{ConsoleInput, ConsoleOutput};
 use crate::error::{Error, setup_err};
 use crate::machine::{self, LegacyConfig, Machine, MachineSpec};
-use crate::memory::GuestRam;
+use crate::memory::{Expected, GuestRam};
 use crate::network::{PreparedNetwork, VmNetwork};
 use crate::phases;
 use crate::virtio::{VirtioDeviceSpec, VirtioPlan};
@@ -47,7 +47,7 @@ pub(crate) fn machine_from(
                 vcpus: count,
                 // Made ahead of a fork, overlay files save it time; here they would not.
                 disks: Vec::new(),
-                expected: Some(point.image.file().clone()),
+                expected: Some(Expected::Image(point.image.clone())),
                 // Likewise its network: made below.
                 network: None,
             },

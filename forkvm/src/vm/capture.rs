@@ -204,7 +204,7 @@ impl Vm {
     fn shell_shape(&self) -> ShellShape {
         let (memory_size, expected) = {
             let ram = self.lock_ram();
-            (ram.size(), ram.next_image_file())
+            (ram.size(), ram.next_image())
         };
         ShellShape {
             memory_size,
