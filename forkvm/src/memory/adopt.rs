@@ -96,6 +96,9 @@ impl PlaceholderRam {
             ram.apply_overlays(&image.overlays[below..])?;
         }
         ram.mapped = Some(image.clone());
+        // Overlays the image dropped may have been held here last: their memory is freed off
+        // the fork's path.
+        crate::reaper::drop_later(applied);
         Ok(ram)
     }
 }
