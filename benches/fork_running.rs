@@ -18,7 +18,9 @@
 //!   (what the guest "ever touched"), then W MiB before each fork;
 //! - the same VMs' **paused** parent forks, for comparison (the capture is reused).
 //!
-//! `FORK_RUNNING_LINUX=0` skips the Linux cases; `FORK_RUNNING_MIB` sets the RAM (default 256).
+//! `FORK_RUNNING_LINUX=0` skips the Linux cases; `FORK_RUNNING_MIB` sets the RAM (default 256);
+//! `FORK_RUNNING_FAULTS=1` also times, untimed in the fork, the host reading all of each child's
+//! RAM below 1 GiB (the first touches of its mappings: lazy faults).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -50,6 +52,9 @@ fn pct(sorted: &[u64], p: f64) -> u64 {
 struct Record {
     fork: Vec<u64>,
     pause: Vec<u64>,
+    /// With `FORK_RUNNING_FAULTS=1`: how long the host took to read all of each child's RAM
+    /// below 1 GiB (first touches: the lazy faults of its mappings), untimed in `fork`.
+    child_read: Vec<u64>,
     /// Every phase's values (ns, or counts), over the forks.
     phases: BTreeMap<&'static str, Vec<u64>>,
     rss_kb: (u64, u64),
@@ -63,7 +68,14 @@ impl Record {
         if self.failed > 0 {
             println!("{name}: {} forks failed (not counted below)", self.failed);
         }
-        for (what, samples) in [("fork", &mut self.fork), ("pause", &mut self.pause)] {
+        for (what, samples) in [
+            ("fork", &mut self.fork),
+            ("pause", &mut self.pause),
+            ("child_reads_its_ram", &mut self.child_read),
+        ] {
+            if samples.is_empty() {
+                continue;
+            }
             samples.sort_unstable();
             println!(
                 "{name}: {what} n={} p50={:.3} ms p90={:.3} ms p99={:.3} ms max={:.3} ms",
@@ -172,6 +184,15 @@ fn fork_repeatedly(parent: &Vm, n: usize, mut between: impl FnMut()) -> Record {
         record
             .pause
             .extend(parent.last_pause().map(|d| d.as_nanos() as u64));
+        if std::env::var("FORK_RUNNING_FAULTS").as_deref() == Ok("1") {
+            let size = parent.memory_size().min(1 << 30);
+            let mut buf = vec![0u8; MIB as usize];
+            let t0 = Instant::now();
+            for at in (0..size).step_by(MIB as usize) {
+                children[0].read_memory(at, &mut buf).unwrap();
+            }
+            record.child_read.push(t0.elapsed().as_nanos() as u64);
+        }
         drop(children);
     }
     record.rss_kb.1 = rss_kb();
