@@ -185,9 +185,18 @@ fn fork_n(max: usize) {
                 }
                 let t0 = Instant::now();
                 drop(children);
+                let dropped = t0.elapsed();
+                // The KVM VMs, vCPUs and RAM go on the reaper's threads (`forkvm::pending_releases`).
+                let released = forkvm::wait_for_releases(Duration::from_secs(120));
                 println!(
-                    "{name}: tearing down {n} children took {:.2} s",
-                    t0.elapsed().as_secs_f64()
+                    "{name}: dropping {n} children returned after {:.1} ms; all released after {:.2} s{}",
+                    dropped.as_secs_f64() * 1e3,
+                    t0.elapsed().as_secs_f64(),
+                    if released {
+                        ""
+                    } else {
+                        " (not all within 120 s)"
+                    }
                 );
             }
             if rounds > 1 {

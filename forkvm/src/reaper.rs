@@ -1,39 +1,62 @@
-//! Dropping what takes time to free — a replaced image's memory file, pages moved out of guest
-//! RAM — on a thread of its own, off the path of the call that let go of it (a fork). One
-//! process-wide thread, started on first use; it drops in the order it was given. Where it
-//! cannot start, things are dropped where they are let go, as before.
+//! Dropping what takes time to free — a dropped VM (its KVM VM, memory, threads), a replaced
+//! image's memory file, pages moved out of guest RAM — on threads of their own, off the path of
+//! the call that let go of it (a drop, a fork). A process-wide pool of up to 4 threads (KVM tears
+//! VMs down in parallel), started on first use; each value is dropped whole by one of them.
+//! Where no thread can start, things are dropped where they are let go, as before.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Sender, channel};
-use std::sync::{Mutex, OnceLock};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Something to drop later.
 type Job = Box<dyn Send>;
 
-/// The reaper's queue (`None` where its thread could not start).
+/// Threads in the pool at most.
+const MAX_THREADS: usize = 4;
+
+/// The reaper's queue (`None` where none of its threads could start).
 fn queue() -> &'static Option<Mutex<Sender<Job>>> {
     static QUEUE: OnceLock<Option<Mutex<Sender<Job>>>> = OnceLock::new();
     QUEUE.get_or_init(|| {
         let (sender, receiver) = channel::<Job>();
-        std::thread::Builder::new()
-            .name("forkvm-reaper".into())
-            .spawn(move || {
-                for job in receiver {
-                    // A panic in a destructor must not end the reaper.
-                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(job)));
-                    PENDING.fetch_sub(1, Ordering::SeqCst);
-                }
+        let receiver = Arc::new(Mutex::new(receiver));
+        let threads = std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .clamp(1, MAX_THREADS);
+        let started = (0..threads)
+            .filter(|i| {
+                let receiver = receiver.clone();
+                std::thread::Builder::new()
+                    .name(format!("forkvm-reaper-{i}"))
+                    .spawn(move || reap(&receiver))
+                    .is_ok()
             })
-            .ok()
-            .map(|_| Mutex::new(sender))
+            .count();
+        (started > 0).then(|| Mutex::new(sender))
     })
+}
+
+/// One reaper thread: drops what it receives until the queue is gone.
+fn reap(receiver: &Mutex<Receiver<Job>>) {
+    loop {
+        let job = match receiver.lock() {
+            Ok(receiver) => receiver.recv(),
+            Err(_) => return,
+        };
+        let Ok(job) = job else {
+            return;
+        };
+        // A panic in a destructor must not end the reaper.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(job)));
+        PENDING.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Jobs given to the reaper and not yet dropped.
 static PENDING: AtomicUsize = AtomicUsize::new(0);
 
-/// Drops `value` on the reaper's thread (or here, if it has none).
+/// Drops `value` on a reaper thread (or here, if there is none).
 pub(crate) fn drop_later<T: Send + 'static>(value: T) {
     let Some(queue) = queue() else {
         drop(value);
@@ -49,7 +72,7 @@ pub(crate) fn drop_later<T: Send + 'static>(value: T) {
     }
 }
 
-/// How many things let go of are still to be freed in the background.
+/// How many things let go of (dropped VMs included) are still to be freed in the background.
 pub fn pending_releases() -> usize {
     PENDING.load(Ordering::SeqCst)
 }

@@ -171,6 +171,11 @@ impl ShellPool {
         !self.closed.load(Ordering::SeqCst) && self.len() < self.target.load(Ordering::SeqCst)
     }
 
+    /// Tells the refill thread to stop after the shell it is making, without waiting.
+    pub(crate) fn stop_refilling(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
     /// Stops the refill thread and waits for it.
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);

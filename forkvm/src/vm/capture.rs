@@ -100,7 +100,7 @@ impl Vm {
             .collect::<Result<_, _>>()?;
         drop(span);
         let span = phases::span("capture.vm_state");
-        let vm = VmState::capture(&self.vm_fd)?;
+        let vm = VmState::capture(&self.kernel.vm_fd)?;
         drop(span);
         let span = phases::span("capture.freeze");
         let image = self.lock_ram().freeze_from(draft)?;

@@ -11,6 +11,7 @@ mod extensions;
 
 pub use extensions::Extensions;
 
+use std::mem::ManuallyDrop;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -60,13 +61,10 @@ pub struct Vm {
     balloon: Option<BalloonHandle>,
     pub(crate) network: Option<VmNetwork>,
     pub(crate) kvm: Arc<Kvm>,
-    // Declared before `ram`, so the VM (and its memory slots) is destroyed before the mapping.
-    pub(crate) vm_fd: VmFd,
-    pub(crate) ram: Mutex<GuestRam>,
-    /// Who the VM is; its guest reads it on `identity_page`.
+    /// The KVM VM, its RAM and identity page: released on the reaper's threads.
+    kernel: ManuallyDrop<KernelParts>,
+    /// Who the VM is; its guest reads it on its identity page.
     pub(crate) identity: Identity,
-    // Declared after `vm_fd`, like `ram`: its memory slot goes first.
-    _identity_page: IdentityPage,
     /// The pause hold [`Vm::pause`] parks here, which [`Vm::resume`] releases.
     user_pause: Mutex<Option<PauseGuard>>,
     /// Serializes captures, and keeps the last while the VM has not run since: a capture of a
@@ -106,10 +104,12 @@ impl Vm {
             balloon: parts.balloon,
             network: parts.network,
             kvm: parts.kvm,
-            vm_fd: parts.vm_fd,
-            ram: Mutex::new(parts.ram),
+            kernel: ManuallyDrop::new(KernelParts {
+                vm_fd: parts.vm_fd,
+                ram: Mutex::new(parts.ram),
+                identity_page: parts.identity_page,
+            }),
             identity: parts.identity,
-            _identity_page: parts.identity_page,
             user_pause: Mutex::default(),
             last_capture: Mutex::default(),
             host_writes: AtomicU64::new(0),
@@ -377,7 +377,7 @@ impl Vm {
     }
 
     pub(crate) fn lock_ram(&self) -> MutexGuard<'_, GuestRam> {
-        lock(&self.ram)
+        lock(&self.kernel.ram)
     }
 
     fn lock_phase(&self) -> MutexGuard<'_, Phase> {
@@ -422,10 +422,52 @@ impl std::fmt::Debug for Vm {
     }
 }
 
-impl Drop for Vm {
+/// What a VM holds in the kernel, in the order it is released: the KVM VM (with its memory
+/// slots) before the mappings under them.
+#[expect(
+    dead_code,
+    reason = "the identity page is held to be released in this order"
+)]
+struct KernelParts {
+    vm_fd: VmFd,
+    ram: Mutex<GuestRam>,
+    identity_page: IdentityPage,
+}
+
+/// What a dropped VM leaves to the reaper's threads ([`crate::reaper`]): its prepared children
+/// (KVM VMs too), vCPUs and kernel parts, released in that order. Tearing a KVM VM down takes
+/// milliseconds here (its memory slots' metadata, its MMU), so dropping many VMs would otherwise
+/// hold the caller for seconds.
+#[expect(dead_code, reason = "the fields are held to be released in this order")]
+struct Teardown {
+    shells: Arc<ShellPool>,
+    vcpus: Vec<SharedVcpu>,
+    kernel: KernelParts,
+}
+
+impl Drop for Teardown {
     fn drop(&mut self) {
+        // Waits for a child being prepared, if any; then the fields, in declaration order.
         self.shells.close();
+    }
+}
+
+impl Drop for Vm {
+    /// Stops the VM and waits for its threads, releases what the host sees of it (its devices'
+    /// sockets and files, its network's ports) and returns; its KVM VM, vCPUs, RAM and prepared
+    /// children are released in the background ([`crate::pending_releases`],
+    /// [`crate::wait_for_releases`]).
+    fn drop(&mut self) {
+        self.shells.stop_refilling();
         self.stop();
+        // SAFETY: `kernel` is taken once, here in `drop`, and never used again.
+        let kernel = unsafe { ManuallyDrop::take(&mut self.kernel) };
+        crate::reaper::drop_later(Teardown {
+            shells: self.shells.clone(),
+            vcpus: std::mem::take(&mut self.vcpus),
+            kernel,
+        });
+        // The devices and the network go with the other fields, here.
     }
 }
 
