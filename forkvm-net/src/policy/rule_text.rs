@@ -168,30 +168,21 @@ mod tests {
         let check = |ip: IpAddr, protocol, port| {
             policy.check(SocketAddr::new(ip, port), protocol, &context)
         };
-        assert_eq!(
-            check(loopback, Protocol::Tcp, 8080),
-            super::super::Verdict::Allow
-        );
-        assert_ne!(
-            check(loopback, Protocol::Tcp, 8081),
-            super::super::Verdict::Allow
-        );
-        assert_ne!(
-            check(loopback, Protocol::Udp, 8080),
-            super::super::Verdict::Allow
-        );
         let other = IpAddr::V4(Ipv4Addr::new(1, 2, 3, 7));
-        assert_ne!(
-            check(other, Protocol::Udp, 53),
-            super::super::Verdict::Allow
-        );
-        assert_eq!(
-            check(other, Protocol::Udp, 54),
-            super::super::Verdict::Allow
-        );
-        assert_eq!(
-            check(other, Protocol::Tcp, 53),
-            super::super::Verdict::Allow
-        );
+        for (ip, protocol, port, allowed) in [
+            (loopback, Protocol::Tcp, 8080, true),
+            (loopback, Protocol::Tcp, 8081, false),
+            (loopback, Protocol::Udp, 8080, false),
+            (other, Protocol::Udp, 53, false),
+            (other, Protocol::Udp, 54, true),
+            (other, Protocol::Tcp, 53, true),
+        ] {
+            let verdict = check(ip, protocol, port);
+            assert_eq!(
+                verdict == super::super::Verdict::Allow,
+                allowed,
+                "{ip} {protocol:?}/{port}: {verdict:?}"
+            );
+        }
     }
 }

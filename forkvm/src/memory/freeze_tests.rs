@@ -2,7 +2,7 @@
 use vm_memory::{Bytes, GuestMemoryBackend};
 
 use super::*;
-use crate::memory::testutil::{MIB, contents, mapping_kb, read, write};
+use crate::memory::testutil::{MIB, contents, mapping_kb, read, tracked, write};
 
 #[test]
 fn after_a_freeze_no_writer_sees_another_writers_pages() {
@@ -81,14 +81,6 @@ fn a_freeze_drafted_before_more_writes_carries_them_all() {
 
 /// Whether `ram` tracks its writes (after a draft); says so when it does not, since the
 /// tests then check only what an image holds.
-fn tracked(ram: &GuestRam) -> bool {
-    let on = matches!(ram.tracking, Tracking::On(_));
-    if !on {
-        eprintln!("writes are not tracked on this host: only images are checked");
-    }
-    on
-}
-
 /// The pages a draft copied from RAM, for the first range.
 fn precopied(draft: &Option<FreezeDraft>) -> Vec<(usize, usize)> {
     let precopy = draft.as_ref().unwrap().precopy.as_ref().unwrap();

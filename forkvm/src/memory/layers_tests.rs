@@ -2,20 +2,10 @@
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::memory::freeze::Tracking;
-use crate::memory::testutil::{MIB, contents, read, write};
-
-fn tracked(ram: &GuestRam) -> bool {
-    let on = matches!(ram.tracking, Tracking::On(_));
-    if !on {
-        eprintln!("writes are not tracked on this host: re-freezes make full images");
-    }
-    on
-}
+use crate::memory::testutil::{MIB, contents, drafted_freeze, read, tracked, write};
 
 fn refreeze(ram: &mut GuestRam) -> Arc<FrozenRam> {
-    let draft = ram.draft_freeze().unwrap();
-    ram.freeze_from(Some(draft)).unwrap()
+    drafted_freeze(ram, |_| {})
 }
 
 #[test]

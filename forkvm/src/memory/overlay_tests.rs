@@ -1,28 +1,9 @@
-//! Tests of two-layer images (`overlay.rs`, made by `freeze.rs`).
+//! Tests of overlays and stacked images (`overlay.rs`, `adopt.rs`; made by `freeze.rs`).
 use std::os::unix::fs::FileExt;
 
 use super::*;
 use crate::memory::adopt::PlaceholderRam;
-use crate::memory::freeze::Tracking;
-use crate::memory::testutil::{MIB, contents, read, write};
-
-fn tracked(ram: &GuestRam) -> bool {
-    let on = matches!(ram.tracking, Tracking::On(_));
-    if !on {
-        eprintln!("writes are not tracked on this host: re-freezes make full images");
-    }
-    on
-}
-
-/// Freezes `ram` with a draft made first, `between` run between draft and pause.
-fn drafted_freeze(
-    ram: &mut GuestRam,
-    between: impl FnOnce(&GuestRam),
-) -> Arc<super::super::image::FrozenRam> {
-    let draft = ram.draft_freeze().unwrap();
-    between(ram);
-    ram.freeze_from(Some(draft)).unwrap()
-}
+use crate::memory::testutil::{MIB, contents, drafted_freeze, read, tracked, write};
 
 #[test]
 fn a_re_freeze_of_few_runs_is_the_base_and_an_overlay_of_the_ram_s_own_pages() {

@@ -56,32 +56,52 @@ fn add_seals(file: &File, seals: i32) -> io::Result<()> {
 /// Whether a file sealed with `F_SEAL_FUTURE_WRITE` can still be mapped privately read-only and
 /// then made writable (`mprotect`), as forkvm's dirty tracking does (Linux 6.7 and later).
 fn future_write_keeps_private_mappings_writable() -> io::Result<bool> {
-    const LEN: usize = 4096;
     let file = create_memfd().map_err(|_| io::Error::other("memfd"))?;
-    file.set_len(LEN as u64)?;
+    file.set_len(PAGE_LEN as u64)?;
     if add_seals(&file, libc::F_SEAL_FUTURE_WRITE).is_err() {
         return Ok(false);
     }
-    // SAFETY: a new private mapping of an open file, at an address the kernel picks; it is
-    // unmapped below and never given out.
-    let at = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            LEN,
-            libc::PROT_READ,
-            libc::MAP_PRIVATE,
-            file.as_raw_fd(),
-            0,
-        )
-    };
-    if at == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
+    Ok(OnePage::map(&file, libc::MAP_PRIVATE)?.make_writable())
+}
+
+/// The bytes [`OnePage`] maps.
+const PAGE_LEN: usize = 4096;
+
+/// A read-only mapping of a file's first page, unmapped when dropped.
+struct OnePage(*mut libc::c_void);
+
+impl OnePage {
+    /// Maps the first page of `file` read-only, with `flags` (`MAP_PRIVATE` or `MAP_SHARED`).
+    fn map(file: &File, flags: i32) -> io::Result<Self> {
+        // SAFETY: a new mapping of an open file at an address the kernel picks; `Self` owns it.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                PAGE_LEN,
+                libc::PROT_READ,
+                flags,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if at == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self(at))
     }
-    // SAFETY: `at` is the mapping made above, `LEN` long, used by nothing else.
-    let writable = unsafe { libc::mprotect(at, LEN, libc::PROT_READ | libc::PROT_WRITE) } == 0;
-    // SAFETY: as above; nothing refers to the mapping after this.
-    unsafe { libc::munmap(at, LEN) };
-    Ok(writable)
+
+    /// Makes the mapping writable; says whether the kernel allowed it.
+    fn make_writable(&self) -> bool {
+        // SAFETY: `self.0` is the mapping `map` made, `PAGE_LEN` long, owned by `self`.
+        unsafe { libc::mprotect(self.0, PAGE_LEN, libc::PROT_READ | libc::PROT_WRITE) == 0 }
+    }
+}
+
+impl Drop for OnePage {
+    fn drop(&mut self) {
+        // SAFETY: the mapping `map` made; nothing refers to it after `self` goes.
+        unsafe { libc::munmap(self.0, PAGE_LEN) };
+    }
 }
 
 /// Debug builds: no mapping of this process writes `file` shared (the future-write seal would
@@ -124,27 +144,14 @@ mod tests {
         assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
         // SAFETY: the descriptors were just made and are owned by nobody else.
         let pipe = fds.map(|fd| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
-        // SAFETY: a new read-only shared mapping of one page of an open file.
-        let at = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                4096,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(at, libc::MAP_FAILED);
+        let page = OnePage::map(file, libc::MAP_SHARED).unwrap();
         let iov = libc::iovec {
-            iov_base: at,
-            iov_len: 4096,
+            iov_base: page.0,
+            iov_len: PAGE_LEN,
         };
         // SAFETY: `iov` describes the mapping above; the pipe's write end is open.
         let spliced = unsafe { libc::vmsplice(pipe[1].as_raw_fd(), &iov, 1, 0) };
-        assert_eq!(spliced, 4096, "{}", io::Error::last_os_error());
-        // SAFETY: the mapping above, which nothing refers to any more (the pipe holds the page).
-        unsafe { libc::munmap(at, 4096) };
+        assert_eq!(spliced, PAGE_LEN as isize, "{}", io::Error::last_os_error());
         pipe
     }
 
@@ -189,27 +196,11 @@ mod tests {
     #[test]
     fn private_mappings_of_a_sealed_image_stay_writable() {
         let file = create_memfd().unwrap();
-        file.set_len(4096).unwrap();
+        file.set_len(PAGE_LEN as u64).unwrap();
         seal(&file).unwrap();
-        // SAFETY: a new private read-only mapping of one page, unmapped below.
-        let at = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                4096,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(at, libc::MAP_FAILED);
-        // SAFETY: the mapping above.
-        let protected = unsafe { libc::mprotect(at, 4096, libc::PROT_READ | libc::PROT_WRITE) };
-        assert_eq!(protected, 0);
-        // SAFETY: the mapping above, now writable; unmapped after.
-        unsafe {
-            *(at as *mut u8) = 1;
-            libc::munmap(at, 4096);
-        }
+        let page = OnePage::map(&file, libc::MAP_PRIVATE).unwrap();
+        assert!(page.make_writable());
+        // SAFETY: the page is mapped and now writable; nothing else uses it.
+        unsafe { *(page.0 as *mut u8) = 1 };
     }
 }

@@ -5,7 +5,10 @@ use std::os::unix::fs::FileExt;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use std::sync::Arc;
+
 use super::GuestRam;
+use super::freeze::Tracking;
 use super::image::FrozenRam;
 
 pub(super) const MIB: u64 = 1 << 20;
@@ -68,4 +71,23 @@ pub(super) fn contents(image: &FrozenRam) -> Vec<u8> {
     let mut bytes = vec![0u8; image.size() as usize];
     flat.read_exact_at(&mut bytes, 0).unwrap();
     bytes
+}
+
+/// Whether `ram` tracks its writes (said on stderr when not: then only images are checked).
+pub(super) fn tracked(ram: &GuestRam) -> bool {
+    let on = matches!(ram.tracking, Tracking::On(_));
+    if !on {
+        eprintln!("writes are not tracked on this host: only images are checked");
+    }
+    on
+}
+
+/// Freezes `ram` with a draft made first, `between` run between the draft and the pause.
+pub(super) fn drafted_freeze(
+    ram: &mut GuestRam,
+    between: impl FnOnce(&GuestRam),
+) -> Arc<FrozenRam> {
+    let draft = ram.draft_freeze().unwrap();
+    between(ram);
+    ram.freeze_from(Some(draft)).unwrap()
 }
