@@ -1,13 +1,14 @@
 //! Snapshot and restore of a running test guest: writing a snapshot whose memory holds 128 MiB of
 //! data (filled by the host) against copying the same memory file in the same run, and restore
-//! latency (call → VM running) for 256 MiB and 4 GiB guests.
+//! latency (call → VM running) for 256 MiB and 4 GiB guests: `Vm::restore`, and a loaded
+//! snapshot's spawn with a child kept ready (`Snapshot::keep_ready`).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use forkvm::{ConsoleOutput, MEMORY_FILE, Vm};
-use forkvm_tests::{spinning_guest_sized, time_each};
+use forkvm_tests::{print_percentiles, spinning_guest_sized, time_each};
 
 const DATA_MIB: u64 = 128;
 
@@ -60,11 +61,38 @@ fn bench_snapshot(c: &mut Criterion) {
                 })
             })
         });
+        restore_prepared(&snapshot, mib);
         let _ = std::fs::remove_dir_all(&snapshot);
     }
     group.finish();
     let _ = std::fs::remove_dir_all(&target);
     let _ = std::fs::remove_dir_all(&copy);
+}
+
+/// `Vm::restore` (load + spawn) against `Snapshot::spawn` of a loaded snapshot that keeps one
+/// child ready (`keep_ready(1)`, refilled in the background; each round waits, untimed, until it
+/// is), alternating, 50 rounds each.
+fn restore_prepared(snapshot: &std::path::Path, mib: u64) {
+    let loaded = forkvm::Snapshot::load(snapshot).unwrap();
+    loaded.keep_ready(1).unwrap();
+    let (mut cold, mut ready) = (Vec::new(), Vec::new());
+    for _ in 0..50 {
+        let t0 = std::time::Instant::now();
+        let vm = Vm::restore(snapshot, ConsoleOutput::Discard).unwrap();
+        cold.push(t0.elapsed());
+        drop(vm);
+        let wait = std::time::Instant::now();
+        while loaded.prepared() == 0 && wait.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let t0 = std::time::Instant::now();
+        let vm = loaded.spawn(ConsoleOutput::Discard).unwrap();
+        ready.push(t0.elapsed());
+        drop(vm);
+    }
+    forkvm::wait_for_releases(Duration::from_secs(60));
+    print_percentiles(&format!("snapshot/restore_cold/{mib}MiB"), &mut cold);
+    print_percentiles(&format!("snapshot/restore_kept_ready/{mib}MiB"), &mut ready);
 }
 
 criterion_group!(benches, bench_snapshot);

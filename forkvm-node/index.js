@@ -160,6 +160,7 @@ module.exports = {
   Process: native.Process,
   ConsoleBuffer: native.ConsoleBuffer,
   version: native.version,
+  waitForReleases: native.waitForReleases,
   IMAGE_CMDLINE: native.IMAGE_CMDLINE,
   ...errors,
 };

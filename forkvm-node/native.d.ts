@@ -302,6 +302,12 @@ export interface ChildOptions {
 /** The forkvm version this binding was built from. */
 export declare function version(): string
 /**
+ * Waits up to `timeoutMs` until what closed VMs and forks let go of (KVM VMs, memory) is
+ * released on forkvm's background threads and those threads have ended; says whether it was.
+ * Blocks the calling thread: for shutdown paths and tests that count threads or fds.
+ */
+export declare function waitForReleases(timeoutMs: number): boolean
+/**
  * The kernel command line of forkvm's Linux image (root on the read-only `/dev/vda`, the
  * agent as PID 1): pass it as `cmdline` with the image as a read-only disk and a vsock device.
  */

@@ -477,8 +477,27 @@ fn a_held_snapshot_spawns_saves_and_builds_from_its_instant() {
     let loaded = forkvm::Snapshot::load(&dir).unwrap();
     assert_eq!(loaded.memory_size(), snapshot.memory_size());
     assert_eq!(loaded.vcpus(), 1);
+    // Kept ready in the background: each restore in a row finds a child prepared.
+    loaded.keep_ready(2).unwrap();
+    let ready = |n: usize| {
+        let t0 = std::time::Instant::now();
+        while loaded.prepared() < n {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(30),
+                "never {n} prepared"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    };
+    ready(2);
+    let again = loaded.spawn(ConsoleOutput::Discard).unwrap();
+    ready(2);
+    assert_eq!(scratch(&again), 5);
+    drop(again);
+    loaded.keep_ready(0).unwrap();
     let restored = loaded.spawn(ConsoleOutput::Discard).unwrap();
     assert_eq!(scratch(&restored), 5);
+    assert_eq!(loaded.prepared(), 1, "not refilled once told to stop");
     let built = forkvm::VmBuilder::new()
         .kvm_device("/dev/kvm")
         .build_from_snapshot(&snapshot, ConsoleOutput::Discard)

@@ -70,5 +70,7 @@ int main(int argc, char **argv)
     printf("parent: %s\n", exit.description);
     TRY(forkvm_vm_free(vm));
     TRY(forkvm_console_free(console));
+    /* Freed VMs are released on forkvm's threads: let them finish before exiting. */
+    TRY(forkvm_wait_for_releases(10000));
     return 0;
 }

@@ -812,9 +812,20 @@ enum forkvm_status forkvm_pty_close(struct forkvm_pty *pty);
 // Detaches from the session (it runs on) and frees the handle; NULL is ignored.
 enum forkvm_status forkvm_pty_free(struct forkvm_pty *pty);
 
-// Stops the VM if it runs, and frees it (with its threads, fds and memory); NULL is ignored.
-// A call on it in flight on another thread returns (a wait with `FORKVM_EXIT_STOPPED`).
+// Stops the VM if it runs, and frees it; NULL is ignored. A call on it in flight on another
+// thread returns (a wait with `FORKVM_EXIT_STOPPED`). Its devices and network (socket paths,
+// published ports) are released before this returns; its KVM VM, vCPUs and memory on forkvm's
+// own threads afterwards (see `forkvm_wait_for_releases`).
 enum forkvm_status forkvm_vm_free(struct forkvm_vm *vm);
+
+// How many things freed VMs and forks let go of (KVM VMs, memory) are still being released in
+// the background.
+uint64_t forkvm_pending_releases(void);
+
+// Waits up to `timeout_ms` until everything freed so far is released and the threads that
+// released it have ended (for a shutdown path, or a test counting threads and fds);
+// `FORKVM_ERR_TIMED_OUT` if that takes longer.
+enum forkvm_status forkvm_wait_for_releases(uint64_t timeout_ms);
 
 // Starts the vCPU threads and the event loop.
 enum forkvm_status forkvm_vm_start(const struct forkvm_vm *vm);

@@ -8,6 +8,7 @@ use std::time::Duration;
 use forkvm::{BalloonHandle, GuestExit, Vm};
 
 use crate::console::{child_arg, forkvm_child, slice_arg};
+use crate::error::forkvm_status::FORKVM_ERR_TIMED_OUT;
 use crate::error::{Failure, ffi, forkvm_status};
 use crate::handle::Registry;
 use crate::{bytes_arg, out_arg, str_arg};
@@ -125,8 +126,10 @@ fn put_exit(out: *mut forkvm_exit, exit: Option<&GuestExit>) {
     }
 }
 
-/// Stops the VM if it runs, and frees it (with its threads, fds and memory); NULL is ignored.
-/// A call on it in flight on another thread returns (a wait with `FORKVM_EXIT_STOPPED`).
+/// Stops the VM if it runs, and frees it; NULL is ignored. A call on it in flight on another
+/// thread returns (a wait with `FORKVM_EXIT_STOPPED`). Its devices and network (socket paths,
+/// published ports) are released before this returns; its KVM VM, vCPUs and memory on forkvm's
+/// own threads afterwards (see `forkvm_wait_for_releases`).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn forkvm_vm_free(vm: *mut forkvm_vm) -> forkvm_status {
     ffi(|| {
@@ -134,6 +137,30 @@ pub unsafe extern "C" fn forkvm_vm_free(vm: *mut forkvm_vm) -> forkvm_status {
             VMS.remove(vm)?.stop();
         }
         Ok(())
+    })
+}
+
+/// How many things freed VMs and forks let go of (KVM VMs, memory) are still being released in
+/// the background.
+#[unsafe(no_mangle)]
+pub extern "C" fn forkvm_pending_releases() -> u64 {
+    forkvm::pending_releases() as u64
+}
+
+/// Waits up to `timeout_ms` until everything freed so far is released and the threads that
+/// released it have ended (for a shutdown path, or a test counting threads and fds);
+/// `FORKVM_ERR_TIMED_OUT` if that takes longer.
+#[unsafe(no_mangle)]
+pub extern "C" fn forkvm_wait_for_releases(timeout_ms: u64) -> forkvm_status {
+    ffi(|| {
+        if forkvm::wait_for_releases(Duration::from_millis(timeout_ms)) {
+            Ok(())
+        } else {
+            Err(Failure::new(
+                FORKVM_ERR_TIMED_OUT,
+                format!("not all released within {timeout_ms} ms"),
+            ))
+        }
     })
 }
 

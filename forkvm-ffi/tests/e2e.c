@@ -119,6 +119,9 @@ int main(void)
     OK(forkvm_vm_free(parent));
     OK(forkvm_console_free(console));
 
+    /* Freed VMs are released in the background: wait for that before counting. */
+    OK(forkvm_wait_for_releases(60000));
+    CHECK(forkvm_pending_releases() == 0);
     int threads_after = count_entries("/proc/self/task");
     int fds_after = count_entries("/proc/self/fd");
     printf("threads %d -> %d, fds %d -> %d\n", threads_before, threads_after, fds_before,

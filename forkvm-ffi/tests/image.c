@@ -329,6 +329,7 @@ int main(void)
     OK(forkvm_vm_free(child));
     OK(forkvm_vm_stop(vm, &ended));
     OK(forkvm_vm_free(vm));
+    OK(forkvm_wait_for_releases(60000));
     CHECK(count_entries("/proc/self/task") == threads_before);
     CHECK(count_entries("/proc/self/fd") == fds_before);
     printf("image: %d checks passed\n", checks_passed);

@@ -267,6 +267,7 @@ int main(void)
     build_failures();
     a_vm_that_ended();
     free_while_waited_for_and_snapshots();
+    OK(forkvm_wait_for_releases(60000));
     CHECK(count_entries("/proc/self/task") == threads_before);
     CHECK(count_entries("/proc/self/fd") == fds_before);
     printf("misuse: %d checks passed\n", checks_passed);

@@ -190,7 +190,8 @@ int main(void)
     OK(forkvm_vm_free(vm));
     forkvm_console_free(console);
 
-    /* Every thread and fd forkvm made is gone. */
+    /* Every thread and fd forkvm made is gone, once what was freed is released. */
+    OK(forkvm_wait_for_releases(60000));
     CHECK(count_entries("/proc/self/task") == threads_before);
     CHECK(count_entries("/proc/self/fd") == fds_before);
     printf("network: %d checks passed\n", checks_passed);

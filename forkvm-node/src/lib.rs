@@ -23,6 +23,14 @@ pub fn version() -> &'static str {
     env!("CARGO_PKG_VERSION")
 }
 
+/// Waits up to `timeoutMs` until what closed VMs and forks let go of (KVM VMs, memory) is
+/// released on forkvm's background threads and those threads have ended; says whether it was.
+/// Blocks the calling thread: for shutdown paths and tests that count threads or fds.
+#[napi]
+pub fn wait_for_releases(timeout_ms: u32) -> bool {
+    forkvm::wait_for_releases(std::time::Duration::from_millis(u64::from(timeout_ms)))
+}
+
 /// The kernel command line of forkvm's Linux image (root on the read-only `/dev/vda`, the
 /// agent as PID 1): pass it as `cmdline` with the image as a read-only disk and a vsock device.
 #[napi]

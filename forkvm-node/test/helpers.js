@@ -24,7 +24,9 @@ function generationLine({ generation, id }) {
   return `generation ${generation} id 0x${low.toString(16)}\n`;
 }
 
-const threads = () => require('node:fs').readdirSync('/proc/self/task').length;
-const fds = () => require('node:fs').readdirSync('/proc/self/fd').length;
+// Counted once what closed VMs let go of is released on forkvm's threads.
+const settle = () => require('..').waitForReleases(60000);
+const threads = () => { settle(); return require('node:fs').readdirSync('/proc/self/task').length; };
+const fds = () => { settle(); return require('node:fs').readdirSync('/proc/self/fd').length; };
 
 module.exports = { root, guest, waitFor, generationLine, threads, fds };

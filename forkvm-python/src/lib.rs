@@ -37,6 +37,7 @@ fn _forkvm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<types::PyFileStat>()?;
     m.add_class::<types::PyDirEntry>()?;
     m.add_function(wrap_pyfunction!(vm::stop_all, m)?)?;
+    m.add_function(wrap_pyfunction!(vm::wait_for_releases, m)?)?;
     errors::register(m)?;
     m.add("DEFAULT_MEMORY_MIB", forkvm::DEFAULT_MEMORY_MIB)?;
     m.add("IMAGE_CMDLINE", forkvm_agent_client::IMAGE_CMDLINE)?;

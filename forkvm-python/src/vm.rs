@@ -37,6 +37,17 @@ pub(crate) fn stop_all(py: Python<'_>) {
     });
 }
 
+/// Waits up to `timeout` seconds until what closed VMs and forks let go of (KVM VMs, memory) is
+/// released on forkvm's background threads and those threads have ended; says whether it was.
+/// For shutdown paths and tests that count threads or fds.
+#[pyfunction]
+#[pyo3(signature = (timeout = 60.0))]
+pub(crate) fn wait_for_releases(py: Python<'_>, timeout: f64) -> bool {
+    let timeout = std::time::Duration::try_from_secs_f64(timeout.max(0.0))
+        .unwrap_or(std::time::Duration::MAX);
+    py.allow_threads(move || forkvm::wait_for_releases(timeout))
+}
+
 /// A virtio-blk disk over the raw image at `path` (`/dev/vda`, `/dev/vdb`, ... in order).
 #[pyclass(module = "forkvm", name = "Disk", frozen, get_all)]
 #[derive(Clone)]

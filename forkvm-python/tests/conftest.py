@@ -59,5 +59,6 @@ def counter_address(buffer: forkvm.ConsoleBuffer) -> int:
 
 
 def resources() -> tuple:
-    """This process's thread and open fd counts."""
+    """This process's thread and open fd counts, once what closed VMs let go of is released."""
+    assert forkvm.wait_for_releases(60)
     return len(os.listdir("/proc/self/task")), len(os.listdir("/proc/self/fd"))

@@ -1,11 +1,11 @@
 //! Dropping what takes time to free — a dropped VM (its KVM VM, memory, threads), a replaced
 //! image's memory file, pages moved out of guest RAM — on threads of their own, off the path of
 //! the call that let go of it (a drop, a fork). A process-wide pool of up to 4 threads (KVM tears
-//! VMs down in parallel), started on first use; each value is dropped whole by one of them.
-//! Where no thread can start, things are dropped where they are let go, as before.
+//! VMs down in parallel), started when there is work and ended when idle; each value is dropped
+//! whole by one of them. Where no thread can start, things are dropped where they are let go.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -14,61 +14,127 @@ type Job = Box<dyn Send>;
 
 /// Threads in the pool at most.
 const MAX_THREADS: usize = 4;
+/// A thread with nothing to drop for this long ends (a new one starts when there is work), so
+/// that an idle process holds no reaper thread.
+const IDLE: Duration = Duration::from_millis(50);
 
-/// The reaper's queue (`None` where none of its threads could start).
-fn queue() -> &'static Option<Mutex<Sender<Job>>> {
-    static QUEUE: OnceLock<Option<Mutex<Sender<Job>>>> = OnceLock::new();
-    QUEUE.get_or_init(|| {
-        let (sender, receiver) = channel::<Job>();
-        let receiver = Arc::new(Mutex::new(receiver));
-        let threads = std::thread::available_parallelism()
-            .map_or(1, usize::from)
-            .clamp(1, MAX_THREADS);
-        let started = (0..threads)
-            .filter(|i| {
-                let receiver = receiver.clone();
-                std::thread::Builder::new()
-                    .name(format!("forkvm-reaper-{i}"))
-                    .spawn(move || reap(&receiver))
-                    .is_ok()
-            })
-            .count();
-        (started > 0).then(|| Mutex::new(sender))
-    })
+/// The pool's queue.
+struct Reaper {
+    sender: Mutex<Sender<Job>>,
+    receiver: Arc<Mutex<Receiver<Job>>>,
 }
 
-/// One reaper thread: drops what it receives until the queue is gone.
-fn reap(receiver: &Mutex<Receiver<Job>>) {
-    loop {
-        let job = match receiver.lock() {
-            Ok(receiver) => receiver.recv(),
-            Err(_) => return,
-        };
-        let Ok(job) = job else {
-            return;
-        };
-        // A panic in a destructor must not end the reaper.
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(job)));
-        PENDING.fetch_sub(1, Ordering::SeqCst);
-    }
+fn reaper() -> &'static Reaper {
+    static REAPER: OnceLock<Reaper> = OnceLock::new();
+    REAPER.get_or_init(|| {
+        let (sender, receiver) = channel::<Job>();
+        Reaper {
+            sender: Mutex::new(sender),
+            receiver: Arc::new(Mutex::new(receiver)),
+        }
+    })
 }
 
 /// Jobs given to the reaper and not yet dropped.
 static PENDING: AtomicUsize = AtomicUsize::new(0);
+/// Reaper threads alive.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+/// The reaper threads started, to be joined by [`wait_for_releases`] once they have ended.
+static THREADS: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new());
 
-/// Drops `value` on a reaper thread (or here, if there is none).
+/// Drops `value` on a reaper thread (or here, if none can start).
 pub(crate) fn drop_later<T: Send + 'static>(value: T) {
-    let Some(queue) = queue() else {
-        drop(value);
-        return;
-    };
+    let reaper = reaper();
     PENDING.fetch_add(1, Ordering::SeqCst);
-    let sent = queue
-        .lock()
-        .map_err(|_| ())
-        .and_then(|sender| sender.send(Box::new(value)).map_err(|e| drop(e.0)));
-    if sent.is_err() {
+    let job: Job = Box::new(value);
+    let unsent = match reaper.sender.lock() {
+        Ok(sender) => sender.send(job).err().map(|e| e.0),
+        Err(_) => Some(job),
+    };
+    if let Some(job) = unsent {
         PENDING.fetch_sub(1, Ordering::SeqCst);
+        drop(job);
+        return;
+    }
+    let wanted = PENDING.load(Ordering::SeqCst).clamp(1, max_threads());
+    while LIVE.load(Ordering::SeqCst) < wanted {
+        LIVE.fetch_add(1, Ordering::SeqCst);
+        let receiver = reaper.receiver.clone();
+        let spawned = std::thread::Builder::new()
+            .name("forkvm-reaper".into())
+            .spawn(move || reap(&receiver));
+        match spawned {
+            Ok(thread) => {
+                if let Ok(mut threads) = THREADS.lock() {
+                    threads.retain(|t| !t.is_finished());
+                    threads.push(thread);
+                }
+            }
+            Err(_) => {
+                LIVE.fetch_sub(1, Ordering::SeqCst);
+                break;
+            }
+        }
+    }
+    if LIVE.load(Ordering::SeqCst) == 0 {
+        // No thread could start: drop what waits here.
+        reap_now(&reaper.receiver);
+    }
+}
+
+/// How many threads the pool may have: the CPUs, at most [`MAX_THREADS`] (KVM tears VMs down in
+/// parallel).
+fn max_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(1, MAX_THREADS)
+}
+
+/// Drops one job.
+fn run(job: Job) {
+    // A panic in a destructor must not end the reaper.
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(job)));
+    PENDING.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Drops, on this thread, whatever is queued now.
+fn reap_now(receiver: &Mutex<Receiver<Job>>) {
+    loop {
+        let job = match receiver.lock() {
+            Ok(receiver) => receiver.try_recv(),
+            Err(_) => return,
+        };
+        match job {
+            Ok(job) => run(job),
+            Err(_) => return,
+        }
+    }
+}
+
+/// One reaper thread: drops what it receives, and ends once idle for [`IDLE`] with nothing
+/// pending.
+fn reap(receiver: &Mutex<Receiver<Job>>) {
+    loop {
+        let job = match receiver.lock() {
+            Ok(receiver) => receiver.recv_timeout(IDLE),
+            Err(_) => Err(RecvTimeoutError::Disconnected),
+        };
+        match job {
+            Ok(job) => run(job),
+            Err(RecvTimeoutError::Timeout) => {
+                LIVE.fetch_sub(1, Ordering::SeqCst);
+                // Work counted before this thread left: stay for it (a sender that counts its
+                // job after this starts a thread itself).
+                if PENDING.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                LIVE.fetch_add(1, Ordering::SeqCst);
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                LIVE.fetch_sub(1, Ordering::SeqCst);
+                return;
+            }
+        }
     }
 }
 
@@ -77,14 +143,24 @@ pub fn pending_releases() -> usize {
     PENDING.load(Ordering::SeqCst)
 }
 
-/// Waits until everything let go of so far is freed, or `timeout` passes; says whether it was.
+/// Waits until everything let go of so far is freed and the threads that freed it have ended
+/// (they end [`IDLE`] after their last job), or until `timeout` passes; says whether that was
+/// reached. For tests and shutdown paths that count threads or fds.
 pub fn wait_for_releases(timeout: Duration) -> bool {
     let t0 = Instant::now();
-    while pending_releases() > 0 {
+    while PENDING.load(Ordering::SeqCst) > 0 || LIVE.load(Ordering::SeqCst) > 0 {
         if t0.elapsed() >= timeout {
             return false;
         }
-        std::thread::sleep(Duration::from_micros(200));
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    // Each has left its loop: joined, it is gone from the process, not only on its way out.
+    let ended = THREADS
+        .lock()
+        .map(|mut threads| std::mem::take(&mut *threads))
+        .unwrap_or_default();
+    for thread in ended {
+        let _ = thread.join();
     }
     true
 }

@@ -58,6 +58,7 @@ from ._forkvm import (
     UnsupportedError,
     VsockError,
     stop_all,
+    wait_for_releases,
 )
 
 # The ``*_async`` methods. Each is made here from its blocking twin: adding one is adding the
@@ -185,4 +186,5 @@ __all__ = [
     "UnsupportedError",
     "VsockError",
     "stop_all",
+    "wait_for_releases",
 ]

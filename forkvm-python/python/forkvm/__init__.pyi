@@ -38,6 +38,11 @@ IDENTITY_PAGE_ADDR: int
 def stop_all() -> None:
     """Stops every VM of this process that is still running (registered with atexit)."""
 
+def wait_for_releases(timeout: float = 60.0) -> bool:
+    """Waits until what closed VMs let go of is released in the background (and its threads
+    ended); False if `timeout` seconds pass first."""
+    ...
+
 class Error(Exception): ...
 class InvalidArgumentError(Error): ...
 class KvmError(Error): ...
@@ -516,4 +521,5 @@ __all__ = [
     "UnsupportedError",
     "VsockError",
     "stop_all",
+    "wait_for_releases",
 ]

@@ -38,7 +38,7 @@ use crate::virtio::FrozenDevice;
 pub use child::Child;
 pub use disk::{DISK_FILE_PREFIX, MEMORY_FILE, SNAPSHOT_FORMAT, STATE_FILE};
 pub(crate) use pool::Shell;
-use pool::ShellShape;
+use pool::{ShellPool, ShellShape};
 
 /// The processor state of a snapshot.
 #[derive(Serialize, Deserialize)]
@@ -76,8 +76,17 @@ pub struct Snapshot {
     pub(crate) network: Option<Network>,
     /// The guest's TCP connections at the capture, which each spawned VM's new network resets.
     pub(crate) network_connections: Vec<GuestConnection>,
-    /// Children prepared ahead for this snapshot.
-    prepared: Mutex<Vec<Shell>>,
+    /// Children prepared ahead for this snapshot ([`Snapshot::prepare`],
+    /// [`Snapshot::keep_ready`]).
+    shells: Arc<ShellPool>,
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        // The refill thread holds only the pool: told to stop, it ends after the child it is
+        // making, if any; the pool's children go with the last holder.
+        self.shells.stop_refilling();
+    }
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -119,7 +128,7 @@ impl Snapshot {
             identity: parts.identity,
             network: parts.network,
             network_connections: parts.network_connections,
-            prepared: Mutex::default(),
+            shells: Arc::default(),
         }
     }
 
@@ -138,7 +147,9 @@ impl Snapshot {
 
     /// A child prepared for this snapshot, if one is ready.
     pub(crate) fn take_prepared(&self) -> Option<Shell> {
-        lock(&self.prepared).pop()
+        let shell = self.shells.take();
+        self.refill();
+        shell
     }
 
     /// The KVM handle and kick signal VMs are spawned with (for a loaded snapshot, `/dev/kvm`
@@ -155,15 +166,32 @@ impl Snapshot {
         let kvm = self.kvm()?;
         let shape = self.shell_shape();
         for _ in 0..n {
-            let shell = Shell::new(&kvm, shape.clone())?;
-            lock(&self.prepared).push(shell);
+            self.shells.push(Shell::new(&kvm, shape.clone())?);
         }
         Ok(())
     }
 
+    /// Keeps `n` children prepared for this snapshot (see [`Snapshot::prepare`]): creates what is
+    /// missing on a background thread now, and again after each spawn that used one, so that
+    /// spawns (restores) in a row each find one ready. 0 stops refilling (children already
+    /// prepared stay ready).
+    pub fn keep_ready(&self, n: usize) -> Result<(), Error> {
+        self.kvm()?;
+        self.shells.set_target(n);
+        self.refill();
+        Ok(())
+    }
+
+    /// Starts the refill thread if the pool is short and none runs.
+    fn refill(&self) {
+        if let Ok(kvm) = self.kvm() {
+            self.shells.refill(kvm, || self.shell_shape());
+        }
+    }
+
     /// How many children are prepared for this snapshot.
     pub fn prepared(&self) -> usize {
-        lock(&self.prepared).len()
+        self.shells.len()
     }
 
     /// Writes this snapshot to `dir` (created if missing; a snapshot already there is replaced):
