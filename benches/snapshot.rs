@@ -81,6 +81,8 @@ fn restore_prepared(snapshot: &std::path::Path, mib: u64) {
         let vm = Vm::restore(snapshot, ConsoleOutput::Discard).unwrap();
         cold.push(t0.elapsed());
         drop(vm);
+        // Untimed: the dropped VM's teardown must not compete with the next restore.
+        forkvm::wait_for_releases(Duration::from_secs(10));
         let wait = std::time::Instant::now();
         while loaded.prepared() == 0 && wait.elapsed() < Duration::from_secs(10) {
             std::thread::sleep(Duration::from_millis(1));
@@ -89,6 +91,7 @@ fn restore_prepared(snapshot: &std::path::Path, mib: u64) {
         let vm = loaded.spawn(ConsoleOutput::Discard).unwrap();
         ready.push(t0.elapsed());
         drop(vm);
+        forkvm::wait_for_releases(Duration::from_secs(10));
     }
     forkvm::wait_for_releases(Duration::from_secs(60));
     print_percentiles(&format!("snapshot/restore_cold/{mib}MiB"), &mut cold);
