@@ -20,7 +20,7 @@
 //!
 //! `FORK_RUNNING_LINUX=0` skips the Linux cases; `FORK_RUNNING_MIB` sets the RAM (default 256);
 //! `FORK_RUNNING_FAULTS=1` also times, untimed in the fork, the host reading all of each child's
-//! RAM below 1 GiB (the first touches of its mappings: lazy faults).
+//! RAM below 1 GiB (the first touches of its mappings: lazy faults), the parent held paused.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -185,6 +185,8 @@ fn fork_repeatedly(parent: &Vm, n: usize, mut between: impl FnMut()) -> Record {
             .pause
             .extend(parent.last_pause().map(|d| d.as_nanos() as u64));
         if std::env::var("FORK_RUNNING_FAULTS").as_deref() == Ok("1") {
+            // The parent held paused meanwhile, so that its vCPU does not compete for the CPUs.
+            let _hold = parent.pause_guard().unwrap();
             let size = parent.memory_size().min(1 << 30);
             let mut buf = vec![0u8; MIB as usize];
             let t0 = Instant::now();
