@@ -65,7 +65,7 @@ impl PlaceholderRam {
     /// holds no stale mapping of it). That spares a re-map, which makes KVM drop its mappings of
     /// the whole RAM (with shadow paging, time in proportion to the RAM's size). Of the image's
     /// overlays, only those the placeholder does not map yet are mapped, where what it maps is
-    /// what the image shows below them (see [`PlaceholderRam::maps_below`]).
+    /// what the image shows below them (see `maps_below`).
     ///
     /// On an error the placeholder is gone (unmapped), and so must be the VM created over it,
     /// whose vCPUs never ran.
@@ -148,6 +148,14 @@ fn maps_below(applied: &[Arc<Overlay>], image: &FrozenRam) -> Option<usize> {
         }
     }
     Some(below)
+}
+
+#[cfg(test)]
+impl PlaceholderRam {
+    /// The RAM it is.
+    pub(super) fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
 }
 
 impl RamSlots for PlaceholderRam {

@@ -2,11 +2,13 @@
 //!
 //! A first freeze replaces, in place, RAM's shared mappings of its memfd by private ones and
 //! seals the file: the file is the image ([`FrozenRam`]), which VMs started from it map
-//! privately. RAM that already maps an image is frozen into a new file: the mapped image's data
-//! and the RAM's own pages, nearly all copied while the VM still runs
-//! ([`GuestRam::draft_freeze`], with its writes tracked by `memory::dirty`), so that with the VM
-//! paused [`GuestRam::freeze_from`] copies only the pages written since the draft's last scan. The
-//! RAM goes on mapping the image it mapped unless it holds many pages of its own (`REMAP_RATIO`).
+//! privately. RAM that already maps an image is frozen into an overlay of the pages written since
+//! (stacked on the image: `layers.rs`) or, where that cannot be, into a new file holding the
+//! mapped image's data and the RAM's own pages — either nearly all copied while the VM still
+//! runs ([`GuestRam::draft_freeze`], with its writes tracked by `memory::dirty`), so that with the
+//! VM paused [`GuestRam::freeze_from`] copies only the pages written since the draft's last scan.
+//! The RAM goes on mapping the image it mapped unless it holds many pages of its own
+//! (`REMAP_RATIO`).
 //!
 //! The design, what each step costs and why: `docs/design/memory-freeze.md` in the repository.
 
@@ -20,7 +22,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::PAGE;
 use super::dirty::WriteTracker;
 use super::image::COPY_CHUNK;
-use super::layers::{Stack, without_hidden};
+use super::layers::without_hidden;
 use super::overlay::Overlay;
 use super::pagemap::{scan_not_held, written_runs};
 use super::runs::{merged, subtract};
@@ -49,9 +51,10 @@ pub struct FreezeDraft {
     /// The image the RAM maps, or `None` for the RAM's own file (see [`GuestRam::draft_freeze`]).
     pub(super) base: Option<Arc<FrozenRam>>,
     pub(super) precopy: Option<Precopy>,
-    /// For an overlay (`file` holds only pages, not data below them): what it goes on.
-    pub(super) stack: Option<Stack>,
-    /// The balloon drops the draft relies on not changing by the pause (see [`Stack::since`]).
+    /// For an overlay (`file` holds only pages, not data below them): the image it goes on.
+    pub(super) on: Option<Arc<FrozenRam>>,
+    /// The balloon drops the draft relies on not changing by the pause (`Stack::since` in
+    /// `layers.rs`).
     pub(super) since: Option<u64>,
 }
 
@@ -63,7 +66,7 @@ type PageRuns = Vec<(usize, usize)>;
 struct Finished {
     file: Arc<File>,
     own: usize,
-    overlay: Option<(Stack, Vec<PageRuns>)>,
+    overlay: Option<(Arc<FrozenRam>, Vec<PageRuns>)>,
     /// Copied with write tracking unbroken: the next re-freeze may stack on this one.
     tracked: bool,
 }
@@ -125,9 +128,10 @@ impl GuestRam {
     }
 
     /// Starts a freeze while the VM still runs: for RAM that maps an image privately, copies
-    /// that image's data into a new file and, where writes are tracked, the pages written since
-    /// the RAM began to map it; for RAM that maps its own file, re-maps it privately (see
-    /// `docs/design/memory-freeze.md`). Pass it to [`GuestRam::freeze_from`] with the VM paused.
+    /// into a new overlay the pages written since the last re-freeze or since it began to map
+    /// the image (`layers.rs`), or, where that cannot be, the image's data into a new file and,
+    /// where writes are tracked, the pages written since the RAM began to map it; for RAM that
+    /// maps its own file, re-maps it privately (see `docs/design/memory-freeze.md`). Pass it to [`GuestRam::freeze_from`] with the VM paused.
     pub fn draft_freeze(&mut self) -> Result<FreezeDraft, MemoryError> {
         let Some(base) = self.mapped.clone() else {
             return self.draft_own_file();
@@ -151,7 +155,7 @@ impl GuestRam {
                     file: Arc::new(base.copy_into_new_file()?),
                     base: Some(base),
                     precopy: None,
-                    stack: None,
+                    on: None,
                     since: None,
                 });
             }
@@ -160,7 +164,7 @@ impl GuestRam {
             file,
             base: Some(base),
             precopy,
-            stack: None,
+            on: None,
             since: None,
         })
     }
@@ -185,7 +189,7 @@ impl GuestRam {
             file,
             base: None,
             precopy,
-            stack: None,
+            on: None,
             since: None,
         })
     }
@@ -290,41 +294,41 @@ impl GuestRam {
                 let span = phases::span("freeze.seal");
                 seal(&file)?;
                 drop(span);
-                if let Some((stack, runs)) = finished.overlay {
+                if let Some((on, runs)) = finished.overlay {
                     // One more overlay on the stack; the RAM goes on mapping what it maps.
                     phases::count(
                         "freeze.overlay_runs",
                         runs.iter().map(Vec::len).sum::<usize>() as u64,
                     );
-                    let mut overlays = stack.on.overlays.clone();
+                    let mut overlays = on.overlays.clone();
                     overlays.push(Arc::new(Overlay { file, runs }));
-                    let overlays = without_hidden(overlays);
+                    let (overlays, shown_runs) = without_hidden(overlays);
                     let frozen = Arc::new(FrozenRam {
-                        file: stack.on.file.clone(),
+                        file: on.file.clone(),
                         ranges: self.ranges.clone(),
                         overlays,
                     });
                     phases::count("freeze.depth", frozen.depth() as u64);
-                    self.chain_to(&frozen);
-                    self.replaced.extend(self.latest.replace(frozen.clone()));
-                    return Ok(frozen);
-                }
-                let frozen = self.frozen_over(file);
-                if finished.tracked {
-                    self.chain_to(&frozen);
+                    self.chain_to(&frozen, shown_runs);
+                    frozen
                 } else {
-                    self.break_chain();
+                    let frozen = self.frozen_over(file);
+                    if finished.tracked {
+                        self.chain_to(&frozen, 0);
+                    } else {
+                        self.break_chain();
+                    }
+                    let remap = own > (self.size() as usize / PAGE) / REMAP_RATIO;
+                    phases::count("freeze.remapped", u64::from(remap));
+                    if remap {
+                        let _span = phases::span("freeze.remap");
+                        self.move_own_pages_out();
+                        self.file = frozen.file.clone();
+                        self.remap_private()?;
+                        self.replaced.extend(self.mapped.replace(frozen.clone()));
+                    }
+                    frozen
                 }
-                let remap = own > (self.size() as usize / PAGE) / REMAP_RATIO;
-                phases::count("freeze.remapped", u64::from(remap));
-                if remap {
-                    let _span = phases::span("freeze.remap");
-                    self.move_own_pages_out();
-                    self.file = frozen.file.clone();
-                    self.remap_private()?;
-                    self.replaced.extend(self.mapped.replace(frozen.clone()));
-                }
-                frozen
             }
         };
         // Freeing the previous image (its file's memory, unless other VMs map it) can wait for
@@ -363,7 +367,7 @@ impl GuestRam {
                 Some(FreezeDraft {
                     file,
                     precopy: Some(precopy),
-                    stack,
+                    on,
                     since,
                     ..
                 }),
@@ -374,7 +378,7 @@ impl GuestRam {
                     Ok((own, paused)) => Some(Finished {
                         file,
                         own,
-                        overlay: stack.map(|stack| {
+                        overlay: on.map(|on| {
                             let runs = precopy
                                 .copied
                                 .iter()
@@ -383,7 +387,7 @@ impl GuestRam {
                                     merged([copied.as_slice(), &paused].concat())
                                 })
                                 .collect();
-                            (stack, runs)
+                            (on, runs)
                         }),
                         tracked: true,
                     }),
@@ -434,10 +438,11 @@ impl GuestRam {
         })
     }
 
-    /// Frees what the last freeze replaced (see [`GuestRam::freeze_from`]): the images it froze
-    /// or mapped before, unless other VMs map them, and the pages it moved out — on the reaper's
-    /// thread ([`crate::reaper`]): freeing takes time in proportion to the pages. Call it once
-    /// the VM runs again.
+    /// Does what the last freeze leaves for after the pause: frees what it replaced (see
+    /// [`GuestRam::freeze_from`]: the images it froze or mapped before, unless other VMs map
+    /// them, and the pages it moved out) on the reaper's threads ([`crate::reaper`]), freeing
+    /// taking time in proportion to the pages; and starts flattening its stack if it grew deep
+    /// (a new thread: not something for the pause). Call it once the VM runs again.
     pub fn release_replaced(&mut self) {
         let replaced = (
             std::mem::take(&mut self.replaced),
@@ -446,6 +451,7 @@ impl GuestRam {
         if !replaced.0.is_empty() || !replaced.1.is_empty() {
             crate::reaper::drop_later(replaced);
         }
+        self.start_flattening();
     }
 
     /// Finishes a draft whose copies `precopy` were made from this RAM into `file`, with the VM

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use super::freeze::{FreezeDraft, Tracking};
 use super::image::FrozenRam;
-use super::overlay::{MAX_MAPPED_RUNS, Overlay, visible, visible_runs};
+use super::overlay::{MAX_MAPPED_RUNS, Overlay, visible};
 use super::seal::seal;
 use super::{GuestRam, MemoryError, create_memfd};
 use crate::phases;
@@ -29,7 +29,7 @@ use forkvm_devices::sync::lock;
 const MAX_LAYER_RUNS: usize = MAX_MAPPED_RUNS;
 /// A stack this deep is flattened in the background...
 const COMPACT_DEPTH: usize = 32;
-/// ...and so is one whose overlays show this many runs together ([`visible_runs`]: what a VM
+/// ...and so is one whose overlays show this many runs together ([`visible`]: what a VM
 /// maps for it). Flattening copies all the image's data (the base's too) on another thread.
 const COMPACT_RUNS: usize = MAX_MAPPED_RUNS / 2;
 /// No deeper stack is made: a re-freeze then starts over from the image the RAM maps.
@@ -55,15 +55,18 @@ pub(super) struct Stack {
 }
 
 /// `overlays` (oldest first) without those every newer one hides entirely: they change nothing
-/// the image shows, and would only hold memory.
-pub(super) fn without_hidden(overlays: Vec<Arc<Overlay>>) -> Vec<Arc<Overlay>> {
+/// the image shows, and would only hold memory. Also returns how many runs the rest show
+/// ([`visible`]: what a VM maps for them).
+pub(super) fn without_hidden(overlays: Vec<Arc<Overlay>>) -> (Vec<Arc<Overlay>>, usize) {
     let shown = visible(&overlays);
-    overlays
+    let runs = shown.iter().flatten().map(Vec::len).sum();
+    let kept = overlays
         .into_iter()
         .zip(shown)
         .filter(|(_, shown)| shown.iter().any(|runs| !runs.is_empty()))
         .map(|(overlay, _)| overlay)
-        .collect()
+        .collect();
+    (kept, runs)
 }
 
 /// A stack flattened in the background: the image, and its flat copy (sealed).
@@ -76,6 +79,8 @@ struct Flattened {
 #[derive(Default)]
 pub(super) struct Compaction {
     running: AtomicBool,
+    /// A deep stack the last freeze left to flatten once the VM runs again.
+    wanted: Mutex<Option<Arc<FrozenRam>>>,
     done: Mutex<Option<Flattened>>,
 }
 
@@ -157,14 +162,13 @@ impl GuestRam {
         drop(span);
         let runs: usize = precopy.copied.iter().map(Vec::len).sum();
         phases::count("draft.own_runs", runs as u64);
-        let since = stack.since;
         if runs <= MAX_LAYER_RUNS {
             return Ok(Some(FreezeDraft {
                 file,
                 base: Some(mapped.clone()),
                 precopy: Some(precopy),
-                stack: Some(stack),
-                since,
+                on: Some(stack.on),
+                since: stack.since,
             }));
         }
         let _span = phases::span("draft.copy_image");
@@ -180,22 +184,33 @@ impl GuestRam {
             file: Arc::new(full),
             base: Some(mapped.clone()),
             precopy: Some(precopy),
-            stack: None,
-            since,
+            on: None,
+            since: stack.since,
         }))
     }
 
     /// Records `image`, just frozen from this RAM with its writes tracked to the pause, as what
-    /// the next re-freeze stacks on, and flattens it in the background if its stack is deep.
-    pub(super) fn chain_to(&mut self, image: &Arc<FrozenRam>) {
+    /// the next re-freeze stacks on; if its stack is deep (`shown_runs`: what its overlays
+    /// show), it is to be flattened once the VM runs again ([`GuestRam::start_flattening`]).
+    pub(super) fn chain_to(&mut self, image: &Arc<FrozenRam>, shown_runs: usize) {
         self.chain = Some(Chain {
             image: image.clone(),
             epoch: self.epoch,
             discards: self.private_discards(),
         });
-        let deep = image.depth() >= COMPACT_DEPTH || visible_runs(&image.overlays) >= COMPACT_RUNS;
-        if deep && !self.compaction.running.swap(true, Ordering::SeqCst) {
-            let (compaction, image) = (self.compaction.clone(), image.clone());
+        if image.depth() >= COMPACT_DEPTH || shown_runs >= COMPACT_RUNS {
+            *lock(&self.compaction.wanted) = Some(image.clone());
+        }
+    }
+
+    /// Flattens, on a thread of its own, the deep stack the last freeze left (if any, and if no
+    /// flattening runs already).
+    pub(super) fn start_flattening(&mut self) {
+        let Some(image) = lock(&self.compaction.wanted).take() else {
+            return;
+        };
+        if !self.compaction.running.swap(true, Ordering::SeqCst) {
+            let compaction = self.compaction.clone();
             let spawned = std::thread::Builder::new()
                 .name("forkvm-compact".into())
                 .spawn(move || {

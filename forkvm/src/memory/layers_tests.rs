@@ -4,8 +4,11 @@ use std::time::{Duration, Instant};
 use super::*;
 use crate::memory::testutil::{MIB, contents, drafted_freeze, read, tracked, write};
 
+/// A re-freeze as a capture makes it: draft, pause, and what follows once the VM runs again.
 fn refreeze(ram: &mut GuestRam) -> Arc<FrozenRam> {
-    drafted_freeze(ram, |_| {})
+    let image = drafted_freeze(ram, |_| {});
+    ram.release_replaced();
+    image
 }
 
 #[test]

@@ -1,8 +1,8 @@
-//! Two-layer images: a frozen image can be a **base** (a sealed image the parent maps) plus an
-//! **overlay** holding only the pages the parent wrote since it began to map that base. A
-//! re-freeze of a running parent then copies those pages, not the base's data again
-//! (`docs/design/fork-layers.md`). The overlay is a sealed, sparse memory file of the image's
-//! size with its pages at their own offsets, so a VM maps each run of it privately over the base
+//! Overlays: a frozen image can be a **base** (a sealed image) plus a stack of **overlays**, each
+//! holding only pages written between two re-freezes (`layers.rs`, `docs/design/fork-layers.md`),
+//! so that a re-freeze of a running parent copies those pages, not the base's data again. An
+//! overlay is a sealed, sparse memory file of the image's size with its pages at their own
+//! offsets, so a VM maps each run of it that no newer overlay covers privately over the base
 //! with one `mmap` (or, past [`MAX_MAPPED_RUNS`] runs or past the process's
 //! [`MAPPING_BUDGET`], copies the pages into its own memory: each mapping is one of the 65,530
 //! that Linux allows a process by default, `vm.max_map_count`, and every VM of forkvm lives in
@@ -45,6 +45,14 @@ impl OverlayMappings {
             })
             .ok()
             .map(|_| Self(n))
+    }
+}
+
+impl OverlayMappings {
+    /// One reservation holding both (a placeholder's mappings and those its adoption adds).
+    fn join(mut self, mut other: Self) -> Self {
+        self.0 += std::mem::take(&mut other.0);
+        self
     }
 }
 
@@ -106,11 +114,6 @@ pub(super) fn visible(overlays: &[Arc<Overlay>]) -> Vec<Vec<Vec<(usize, usize)>>
     shown
 }
 
-/// How many runs a VM maps for `overlays` (see [`visible`]).
-pub(super) fn visible_runs(overlays: &[Arc<Overlay>]) -> usize {
-    visible(overlays).iter().flatten().map(Vec::len).sum()
-}
-
 impl GuestRam {
     /// Puts `overlays`' pages over what this RAM maps (their base, just mapped), oldest first:
     /// each run mapped privately from its overlay's file in place, or, past [`MAX_MAPPED_RUNS`]
@@ -131,8 +134,12 @@ impl GuestRam {
         for (overlay, runs) in overlays.iter().zip(&shown) {
             self.apply_overlay(&overlay.file, runs, copy)?;
         }
-        if mappings.is_some() {
-            self.overlay_mappings = mappings;
+        if let Some(added) = mappings {
+            // Mappings made before (a placeholder's) stay counted.
+            self.overlay_mappings = Some(match self.overlay_mappings.take() {
+                Some(held) => held.join(added),
+                None => added,
+            });
         }
         Ok(())
     }
