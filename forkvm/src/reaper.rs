@@ -12,22 +12,32 @@ use std::time::{Duration, Instant};
 /// Something to drop later.
 type Job = Box<dyn Send>;
 
+/// What a reaper thread receives.
+enum Work {
+    /// A job to drop.
+    Drop(Job),
+    /// End, unless there is work pending ([`wait_for_releases`]).
+    Exit,
+}
+
 /// Threads in the pool at most.
 const MAX_THREADS: usize = 4;
 /// A thread with nothing to drop for this long ends (a new one starts when there is work), so
-/// that an idle process holds no reaper thread.
-const IDLE: Duration = Duration::from_millis(50);
+/// that an idle process holds no reaper thread. Long enough that a VM forked or dropped now and
+/// then does not start a thread each time (with many VMs in the process that costs ~0.6 ms:
+/// `vstate/threads.rs`); [`wait_for_releases`] ends idle threads at once.
+const IDLE: Duration = Duration::from_secs(5);
 
 /// The pool's queue.
 struct Reaper {
-    sender: Mutex<Sender<Job>>,
-    receiver: Arc<Mutex<Receiver<Job>>>,
+    sender: Mutex<Sender<Work>>,
+    receiver: Arc<Mutex<Receiver<Work>>>,
 }
 
 fn reaper() -> &'static Reaper {
     static REAPER: OnceLock<Reaper> = OnceLock::new();
     REAPER.get_or_init(|| {
-        let (sender, receiver) = channel::<Job>();
+        let (sender, receiver) = channel::<Work>();
         Reaper {
             sender: Mutex::new(sender),
             receiver: Arc::new(Mutex::new(receiver)),
@@ -46,10 +56,10 @@ static THREADS: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new())
 pub(crate) fn drop_later<T: Send + 'static>(value: T) {
     let reaper = reaper();
     PENDING.fetch_add(1, Ordering::SeqCst);
-    let job: Job = Box::new(value);
+    let work = Work::Drop(Box::new(value));
     let unsent = match reaper.sender.lock() {
-        Ok(sender) => sender.send(job).err().map(|e| e.0),
-        Err(_) => Some(job),
+        Ok(sender) => sender.send(work).err().map(|e| e.0),
+        Err(_) => Some(work),
     };
     if let Some(job) = unsent {
         PENDING.fetch_sub(1, Ordering::SeqCst);
@@ -98,30 +108,31 @@ fn run(job: Job) {
 }
 
 /// Drops, on this thread, whatever is queued now.
-fn reap_now(receiver: &Mutex<Receiver<Job>>) {
+fn reap_now(receiver: &Mutex<Receiver<Work>>) {
     loop {
-        let job = match receiver.lock() {
+        let work = match receiver.lock() {
             Ok(receiver) => receiver.try_recv(),
             Err(_) => return,
         };
-        match job {
-            Ok(job) => run(job),
+        match work {
+            Ok(Work::Drop(job)) => run(job),
+            Ok(Work::Exit) => {}
             Err(_) => return,
         }
     }
 }
 
-/// One reaper thread: drops what it receives, and ends once idle for [`IDLE`] with nothing
-/// pending.
-fn reap(receiver: &Mutex<Receiver<Job>>) {
+/// One reaper thread: drops what it receives, and ends once idle for [`IDLE`] or told to, with
+/// nothing pending.
+fn reap(receiver: &Mutex<Receiver<Work>>) {
     loop {
-        let job = match receiver.lock() {
+        let work = match receiver.lock() {
             Ok(receiver) => receiver.recv_timeout(IDLE),
             Err(_) => Err(RecvTimeoutError::Disconnected),
         };
-        match job {
-            Ok(job) => run(job),
-            Err(RecvTimeoutError::Timeout) => {
+        match work {
+            Ok(Work::Drop(job)) => run(job),
+            Ok(Work::Exit) | Err(RecvTimeoutError::Timeout) => {
                 LIVE.fetch_sub(1, Ordering::SeqCst);
                 // Work counted before this thread left: stay for it (a sender that counts its
                 // job after this starts a thread itself).
@@ -144,15 +155,29 @@ pub fn pending_releases() -> usize {
 }
 
 /// Waits until everything let go of so far is freed and the threads that freed it have ended
-/// (they end [`IDLE`] after their last job), or until `timeout` passes; says whether that was
-/// reached. For tests and shutdown paths that count threads or fds.
+/// (told to, once idle), or until `timeout` passes; says whether that was reached. For tests and
+/// shutdown paths that count threads or fds.
 pub fn wait_for_releases(timeout: Duration) -> bool {
     let t0 = Instant::now();
-    while PENDING.load(Ordering::SeqCst) > 0 || LIVE.load(Ordering::SeqCst) > 0 {
-        if t0.elapsed() >= timeout {
-            return false;
+    let waited = |done: &dyn Fn() -> bool| {
+        while !done() {
+            if t0.elapsed() >= timeout {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(500));
         }
-        std::thread::sleep(Duration::from_micros(500));
+        true
+    };
+    if !waited(&|| PENDING.load(Ordering::SeqCst) == 0) {
+        return false;
+    }
+    if let Ok(sender) = reaper().sender.lock() {
+        for _ in 0..LIVE.load(Ordering::SeqCst) {
+            let _ = sender.send(Work::Exit);
+        }
+    }
+    if !waited(&|| PENDING.load(Ordering::SeqCst) == 0 && LIVE.load(Ordering::SeqCst) == 0) {
+        return false;
     }
     // Each has left its loop: joined, it is gone from the process, not only on its way out.
     let ended = THREADS
