@@ -125,22 +125,7 @@ fn data_valid_is_set_only_with_guest_csum_and_a_capable_backend() {
 /// A device whose driver negotiated both offloads, continued (as a fork child does) on `child`.
 fn continued_on(child: &Wire) -> Driver {
     let (mut d, _) = net_on(&wire(true), MRG | CSUM | GUEST_CSUM);
-    let state = d.transport.freeze().unwrap();
-    let (device, _) = state
-        .device
-        .into_device(HostEnds {
-            net_backend: Some(child.backend()),
-            ..HostEnds::default()
-        })
-        .unwrap();
-    let interrupt = crate::virtio::Interrupt::new(crate::trigger::IrqTrigger::new().unwrap());
-    d.transport = crate::virtio::mmio::MmioTransport::restore(
-        device,
-        d.memory.clone(),
-        interrupt,
-        &state.transport,
-    )
-    .unwrap();
+    continue_device(&mut d, child.backend());
     // The restored queue events are signalled (the event loop would serve them): taken here.
     for event in d.transport.queue_events() {
         let _ = event.read();

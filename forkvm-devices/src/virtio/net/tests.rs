@@ -159,6 +159,27 @@ fn net(features: u64) -> (Driver, Wire, NetStats) {
     (d, wire, stats)
 }
 
+/// Freezes `d`'s device and continues it on `backend`, as a fork child's is: a device from the
+/// frozen state behind a transport restored from it, in place of the old.
+fn continue_device(d: &mut Driver, backend: Box<dyn NetBackend>) {
+    let state = d.transport.freeze().unwrap();
+    let (device, _) = state
+        .device
+        .into_device(HostEnds {
+            net_backend: Some(backend),
+            ..HostEnds::default()
+        })
+        .unwrap();
+    let interrupt = crate::virtio::Interrupt::new(crate::trigger::IrqTrigger::new().unwrap());
+    d.transport = crate::virtio::mmio::MmioTransport::restore(
+        device,
+        d.memory.clone(),
+        interrupt,
+        &state.transport,
+    )
+    .unwrap();
+}
+
 /// A frame of `len` bytes that tells its bytes apart.
 fn frame(len: usize, seed: u8) -> Vec<u8> {
     (0..len).map(|i| (i as u8).wrapping_mul(7) ^ seed).collect()
@@ -725,24 +746,9 @@ fn a_restored_transport_keeps_mrg_rxbuf_and_serves_what_the_driver_left_availabl
     // Made available before the fork, not yet notified.
     d.chain(0, &[(RX_BUF, 1024, true)]);
     d.chain(1, &[(RX_BUF + 0x1000, 1024, true)]);
-    let state = d.transport.freeze().unwrap();
     let child_wire = Wire::new();
     child_wire.receive(&frame(1500, 7));
-    let (device, _) = state
-        .device
-        .into_device(HostEnds {
-            net_backend: Some(child_wire.backend()),
-            ..HostEnds::default()
-        })
-        .unwrap();
-    let interrupt = crate::virtio::Interrupt::new(crate::trigger::IrqTrigger::new().unwrap());
-    d.transport = crate::virtio::mmio::MmioTransport::restore(
-        device,
-        d.memory.clone(),
-        interrupt,
-        &state.transport,
-    )
-    .unwrap();
+    continue_device(&mut d, child_wire.backend());
     // The restored queue events are signalled: the event loop serves the receive queue.
     d.transport.queue_events()[RX_QUEUE].read().unwrap();
     d.transport.process_queue(RX_QUEUE);
