@@ -445,6 +445,7 @@ impl VmBuilder {
             .into_iter()
             .map(VirtioConfig::create)
             .collect::<Result<Vec<_>, _>>()?;
+        let vsock_uds = self.vsock.as_ref().is_some_and(|v| v.uds_path.is_some());
         let vsock = self.vsock.take().map(VsockConfig::create).transpose()?;
         let vsock = vsock.map(|(spec, connector)| {
             devices.push(spec);
@@ -504,6 +505,7 @@ impl VmBuilder {
             },
             virtio,
             vsock,
+            vsock_uds,
             balloon,
             network,
             identity,

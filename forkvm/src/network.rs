@@ -227,3 +227,11 @@ pub(crate) struct VmNetwork {
     /// The user-mode network's handle (none on a TAP interface).
     pub handle: Option<NetworkHandle>,
 }
+
+impl VmNetwork {
+    /// Whether the network holds names on the host that a caller may want back at once: published
+    /// ports, a TAP interface.
+    pub fn holds_host_names(&self) -> bool {
+        !self.config.publish.is_empty() || self.config.tap.is_some()
+    }
+}

@@ -104,6 +104,7 @@ pub(crate) fn machine_from(
         },
         virtio: plan,
         vsock,
+        vsock_uds: child.vsock_uds_path.is_some(),
         balloon,
         network,
         identity,

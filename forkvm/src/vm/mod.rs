@@ -8,6 +8,7 @@
 
 mod capture;
 mod extensions;
+mod teardown;
 
 pub use extensions::Extensions;
 
@@ -22,11 +23,11 @@ use forkvm_devices::virtio::vsock::host::VsockConnector;
 
 use forkvm_devices::legacy::SerialPort;
 use forkvm_devices::virtio::balloon::BalloonHandle;
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::Kvm;
 
 use crate::error::Error;
 use crate::exit::GuestExit;
-use crate::identity::{Identity, IdentityPage};
+use crate::identity::Identity;
 use crate::machine::Machine;
 use crate::memory::GuestRam;
 use crate::network::{NetworkHandle, VmNetwork};
@@ -37,6 +38,7 @@ use crate::vstate::run_state::{PauseGuard, RunState};
 use crate::vstate::threads::{EVENTS_THREAD, SpareThreads, run_on_thread, vcpu_thread};
 use crate::vstate::vcpu::{IoBuses, SharedVcpu, Vcpu};
 use forkvm_devices::sync::lock;
+use teardown::KernelParts;
 
 /// Where a VM is in its life.
 enum Phase {
@@ -82,10 +84,18 @@ pub struct Vm {
     pub(crate) last_pause: Mutex<Option<Duration>>,
     /// Threads started ahead, which [`Vm::start`] uses.
     spare_threads: Mutex<SpareThreads>,
+    /// Whether the VM holds names on the host (a vsock socket path, published ports, a TAP
+    /// interface) that dropping it gives back before it returns.
+    host_names: bool,
 }
 
 impl Vm {
     pub(crate) fn new(parts: Machine) -> Self {
+        let host_names = parts.vsock_uds
+            || parts
+                .network
+                .as_ref()
+                .is_some_and(VmNetwork::holds_host_names);
         Self {
             phase: Mutex::new(Phase::Built {
                 event_loop: Box::new(parts.event_loop),
@@ -117,6 +127,7 @@ impl Vm {
             shells: Arc::default(),
             last_pause: Mutex::default(),
             spare_threads: Mutex::new(parts.threads),
+            host_names,
         }
     }
 
@@ -153,7 +164,9 @@ impl Vm {
             let (vcpu, state, buses) = (vcpu.clone(), self.state.clone(), self.buses.clone());
             let spawned =
                 run_on_thread(spare.vcpus.pop_front(), vcpu_thread(id as u32), move || {
-                    Vcpu::run(&vcpu, &buses, &state)
+                    Vcpu::run(&vcpu, &buses, &state);
+                    drop((vcpu, buses));
+                    state.vcpu_left();
                 });
             match spawned {
                 Ok(handle) => threads.push(handle),
@@ -422,55 +435,6 @@ impl std::fmt::Debug for Vm {
     }
 }
 
-/// What a VM holds in the kernel, in the order it is released: the KVM VM (with its memory
-/// slots) before the mappings under them.
-#[expect(
-    dead_code,
-    reason = "the identity page is held to be released in this order"
-)]
-struct KernelParts {
-    vm_fd: VmFd,
-    ram: Mutex<GuestRam>,
-    identity_page: IdentityPage,
-}
-
-/// What a dropped VM leaves to the reaper's threads ([`crate::reaper`]): its prepared children
-/// (KVM VMs too), vCPUs and kernel parts, released in that order. Tearing a KVM VM down takes
-/// milliseconds here (its memory slots' metadata, its MMU), so dropping many VMs would otherwise
-/// hold the caller for seconds.
-#[expect(dead_code, reason = "the fields are held to be released in this order")]
-struct Teardown {
-    shells: Arc<ShellPool>,
-    vcpus: Vec<SharedVcpu>,
-    kernel: KernelParts,
-}
-
-impl Drop for Teardown {
-    fn drop(&mut self) {
-        // Waits for a child being prepared, if any; then the fields, in declaration order.
-        self.shells.close();
-    }
-}
-
-impl Drop for Vm {
-    /// Stops the VM and waits for its threads, releases what the host sees of it (its devices'
-    /// sockets and files, its network's ports) and returns; its KVM VM, vCPUs, RAM and prepared
-    /// children are released in the background ([`crate::pending_releases`],
-    /// [`crate::wait_for_releases`]).
-    fn drop(&mut self) {
-        self.shells.stop_refilling();
-        self.stop();
-        // SAFETY: `kernel` is taken once, here in `drop`, and never used again.
-        let kernel = unsafe { ManuallyDrop::take(&mut self.kernel) };
-        crate::reaper::drop_later(Teardown {
-            shells: self.shells.clone(),
-            vcpus: std::mem::take(&mut self.vcpus),
-            kernel,
-        });
-        // The devices and the network go with the other fields, here.
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
@@ -492,6 +456,49 @@ mod tests {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).unwrap().trim().into()
+    }
+
+    /// Dropping a VM does not wait for the reaper (here held busy): its teardown is counted as
+    /// pending. A VM with a vsock socket path gives the path back before the drop returns all
+    /// the same.
+    #[test]
+    #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+    fn a_drop_leaves_the_teardown_to_the_reaper_but_gives_back_host_names_at_once() {
+        let halted = |vsock: Option<crate::VsockConfig>| {
+            let console = ConsoleBuffer::new();
+            let mut builder = VmBuilder::new()
+                .kernel(test_guest())
+                .memory_mib(32)
+                .cmdline("mode=halt")
+                .console(ConsoleOutput::Buffer(console.clone()));
+            if let Some(vsock) = vsock {
+                builder = builder.vsock(vsock);
+            }
+            let vm = builder.build().unwrap();
+            vm.start().unwrap();
+            wait_until("the guest halts", || console.text().contains("halting"));
+            vm
+        };
+        let plain = halted(None);
+        let path = std::env::temp_dir().join(format!("forkvm-drop-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let named = halted(Some(crate::VsockConfig::new(3).uds_path(&path)));
+        assert!(path.exists());
+
+        let hold = crate::reaper::Hold::all_threads();
+        let pending = crate::pending_releases();
+        drop(plain);
+        assert!(
+            crate::pending_releases() > pending,
+            "the teardown waits for the reaper"
+        );
+        drop(named);
+        assert!(
+            !path.exists(),
+            "the socket path is given back before drop returns"
+        );
+        drop(hold);
+        assert!(crate::wait_for_releases(Duration::from_secs(60)));
     }
 
     fn wait_until(what: &str, mut done: impl FnMut() -> bool) {

@@ -33,6 +33,9 @@ pub struct RunState {
     exit: Mutex<Option<GuestExit>>,
     ended: Condvar,
     vcpu_threads: Mutex<Vec<JoinHandle<()>>>,
+    /// How many vCPU threads have left their run loop ([`Self::vcpu_left`]).
+    vcpus_left: Mutex<usize>,
+    vcpu_left_changed: Condvar,
     /// Wakes the event loop so it notices the exiting flag or a pause request.
     pub loop_wakeup: EventFd,
     /// Fast-path copy of `pause.requested`, read by every loop iteration.
@@ -65,6 +68,8 @@ impl RunState {
             exit: Mutex::new(None),
             ended: Condvar::new(),
             vcpu_threads: Mutex::new(Vec::new()),
+            vcpus_left: Mutex::new(0),
+            vcpu_left_changed: Condvar::new(),
             loop_wakeup: EventFd::new(libc::EFD_NONBLOCK)?,
             pause_requested: AtomicBool::new(false),
             pause: Mutex::default(),
@@ -217,22 +222,36 @@ impl RunState {
             exit.clone()
         };
         let threads = std::mem::take(&mut *lock(&self.vcpu_threads));
-        for thread in threads {
-            // A kick has been seen lost once here, on a loaded host whose KVM emulates guest
-            // ring 0: both vCPUs of a VM stayed in `KVM_RUN` with the VM ending. A thread not
-            // gone soon is kicked again, at growing intervals.
-            let mut delay = Duration::from_micros(100);
-            while !thread.is_finished() {
-                std::thread::sleep(delay);
-                if !thread.is_finished() {
+        // Woken as each thread leaves its loop. A kick has been seen lost once, on a loaded host
+        // whose KVM emulates guest ring 0: both vCPUs of a VM stayed in `KVM_RUN` with the VM
+        // ending. Threads not out soon are kicked again, at growing intervals.
+        let mut delay = Duration::from_micros(500);
+        let mut left = lock(&self.vcpus_left);
+        while *left < threads.len() && !threads.iter().all(JoinHandle::is_finished) {
+            let (guard, waited) = self
+                .vcpu_left_changed
+                .wait_timeout(left, delay)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            left = guard;
+            if waited.timed_out() {
+                for thread in threads.iter().filter(|t| !t.is_finished()) {
                     let _ = thread.kill(self.kick_signal);
                 }
                 delay = (delay * 2).min(RE_KICK_INTERVAL);
             }
+        }
+        drop(left);
+        for thread in threads {
             // A vCPU thread that panicked has nothing more to report than the exit above.
             let _ = thread.join();
         }
         exit.unwrap_or(GuestExit::Stopped)
+    }
+
+    /// Says that a vCPU thread has left its run loop for good, the last thing it does.
+    pub fn vcpu_left(&self) {
+        *lock(&self.vcpus_left) += 1;
+        self.vcpu_left_changed.notify_all();
     }
 
     /// The exit, if the VM has ended.
