@@ -1,7 +1,8 @@
 //! Snapshot and restore of a running test guest: writing a snapshot whose memory holds 128 MiB of
 //! data (filled by the host) against copying the same memory file in the same run, and restore
-//! latency (call → VM running) for 256 MiB and 4 GiB guests: `Vm::restore`, and a loaded
-//! snapshot's spawn with a child kept ready (`Snapshot::keep_ready`).
+//! latency (call → VM running) for 256 MiB and 4 GiB guests: `Vm::restore`, a loaded
+//! snapshot's spawn with a child kept ready (`Snapshot::keep_ready`), and `Vm::restore` of a
+//! directory kept ready (`Vm::keep_restores_ready`).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -71,31 +72,60 @@ fn bench_snapshot(c: &mut Criterion) {
 
 /// `Vm::restore` (load + spawn) against `Snapshot::spawn` of a loaded snapshot that keeps one
 /// child ready (`keep_ready(1)`, refilled in the background; each round waits, untimed, until it
-/// is), alternating, 50 rounds each.
+/// is) and `Vm::restore` of the same files in a directory kept ready
+/// (`Vm::keep_restores_ready(dir, 1)`), alternating, `FORKVM_RESTORE_ROUNDS` rounds each
+/// (default 50).
 fn restore_prepared(snapshot: &std::path::Path, mib: u64) {
     let loaded = forkvm::Snapshot::load(snapshot).unwrap();
     loaded.keep_ready(1).unwrap();
-    let (mut cold, mut ready) = (Vec::new(), Vec::new());
-    for _ in 0..50 {
+    // The same files under another name, kept ready (`Vm::restore` of `snapshot` stays cold).
+    let kept = dir(&format!("restore-kept-{mib}"));
+    std::fs::create_dir_all(&kept).unwrap();
+    for entry in std::fs::read_dir(snapshot).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::hard_link(entry.path(), kept.join(entry.file_name())).unwrap();
+    }
+    Vm::keep_restores_ready(&kept, 1).unwrap();
+    let rounds = std::env::var("FORKVM_RESTORE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let (mut cold, mut ready, mut dir_ready) = (Vec::new(), Vec::new(), Vec::new());
+    let wait_until = |done: &dyn Fn() -> bool| {
+        let wait = std::time::Instant::now();
+        while !done() && wait.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    for _ in 0..rounds {
         let t0 = std::time::Instant::now();
         let vm = Vm::restore(snapshot, ConsoleOutput::Discard).unwrap();
         cold.push(t0.elapsed());
         drop(vm);
         // Untimed: the dropped VM's teardown must not compete with the next restore.
         forkvm::wait_for_releases(Duration::from_secs(10));
-        let wait = std::time::Instant::now();
-        while loaded.prepared() == 0 && wait.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_until(&|| loaded.prepared() > 0);
         let t0 = std::time::Instant::now();
         let vm = loaded.spawn(ConsoleOutput::Discard).unwrap();
         ready.push(t0.elapsed());
         drop(vm);
         forkvm::wait_for_releases(Duration::from_secs(10));
+        wait_until(&|| Vm::restores_ready(&kept) > 0);
+        let t0 = std::time::Instant::now();
+        let vm = Vm::restore(&kept, ConsoleOutput::Discard).unwrap();
+        dir_ready.push(t0.elapsed());
+        drop(vm);
+        forkvm::wait_for_releases(Duration::from_secs(10));
     }
+    Vm::keep_restores_ready(&kept, 0).unwrap();
     forkvm::wait_for_releases(Duration::from_secs(60));
+    let _ = std::fs::remove_dir_all(&kept);
     print_percentiles(&format!("snapshot/restore_cold/{mib}MiB"), &mut cold);
     print_percentiles(&format!("snapshot/restore_kept_ready/{mib}MiB"), &mut ready);
+    print_percentiles(
+        &format!("snapshot/restore_dir_kept_ready/{mib}MiB"),
+        &mut dir_ready,
+    );
 }
 
 criterion_group!(benches, bench_snapshot);

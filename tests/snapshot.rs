@@ -58,6 +58,60 @@ fn a_snapshot_restores_twice_into_independent_vms_that_continue_from_it() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Waits until `dir` has `n` restores ready (they are made in the background).
+fn wait_for_ready(dir: &PathBuf, n: usize) {
+    let t0 = std::time::Instant::now();
+    while Vm::restores_ready(dir) != n {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "{} restores ready, not {n}",
+            Vm::restores_ready(dir)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// A directory kept ready restores into prepared children, refilled after each restore; a
+/// snapshot saved over it is loaded anew (its state, not the kept one), and 0 lets it go.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn restores_of_a_directory_kept_ready_use_prepared_children_until_it_is_saved_over() {
+    let dir = snapshot_dir("kept");
+    let (vm, addr, _console) = spinning_guest(2);
+    wait_until_above(&vm, addr, 0);
+    vm.write_memory(SCRATCH, &7u64.to_le_bytes()).unwrap();
+    vm.snapshot(&dir).unwrap();
+    assert_eq!(Vm::restores_ready(&dir), 0, "not kept ready yet");
+    Vm::keep_restores_ready(&dir, 2).unwrap();
+    wait_for_ready(&dir, 2);
+
+    let a = restore(&dir);
+    assert_eq!(read_u64(&a, SCRATCH), 7);
+    wait_until_above(&a, addr, 0);
+    wait_for_ready(&dir, 2);
+
+    // Saved over: the kept snapshot is stale and forgotten; restores show the new state.
+    vm.write_memory(SCRATCH, &9u64.to_le_bytes()).unwrap();
+    vm.snapshot(&dir).unwrap();
+    assert_eq!(
+        Vm::restores_ready(&dir),
+        0,
+        "a replaced snapshot is not kept"
+    );
+    let b = restore(&dir);
+    assert_eq!(read_u64(&b, SCRATCH), 9, "the snapshot saved last");
+
+    Vm::keep_restores_ready(&dir, 1).unwrap();
+    wait_for_ready(&dir, 1);
+    Vm::keep_restores_ready(&dir, 0).unwrap();
+    assert_eq!(Vm::restores_ready(&dir), 0);
+    assert!(Vm::keep_restores_ready(dir.join("missing"), 1).is_err());
+    for v in [&a, &b, &vm] {
+        v.stop();
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn incomplete_or_foreign_snapshots_are_refused() {

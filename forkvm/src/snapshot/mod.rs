@@ -16,6 +16,7 @@
 mod child;
 mod disk;
 pub(crate) mod pool;
+pub(crate) mod ready;
 pub(crate) mod spawn;
 
 use std::path::Path;

@@ -166,9 +166,31 @@ impl Vm {
     /// Starts a new VM from the snapshot in `dir`, connected to the host as `child` says:
     /// [`Snapshot::load`], then [`Snapshot::spawn`]. Its devices continue as a fork child's do,
     /// so vsock connections are gone and its guest gets a transport reset. Restoring the same
-    /// snapshot again gives another independent VM.
+    /// snapshot again gives another independent VM. A directory kept ready
+    /// ([`Vm::keep_restores_ready`]) is not loaded again: the VM starts in a prepared child.
     pub fn restore(dir: impl AsRef<Path>, child: impl Into<Child>) -> Result<Vm, Error> {
-        Snapshot::load(dir)?.spawn(child)
+        match crate::snapshot::ready::get(dir.as_ref()) {
+            Some(snapshot) => snapshot.spawn(child),
+            None => Snapshot::load(dir)?.spawn(child),
+        }
+    }
+
+    /// Keeps `n` children prepared for [`Vm::restore`]s of the snapshot in `dir`: loads it once
+    /// and keeps it loaded, with `n` children made ahead and refilled in the background after
+    /// each restore ([`Snapshot::keep_ready`]), so that each restore only loads processor and
+    /// device state into a ready KVM VM (under a millisecond here, whatever the memory size).
+    /// Costs meanwhile: the snapshot's memory file stays mapped and each prepared child holds a
+    /// KVM VM and its threads. A directory whose `state.json` or `memory` file is replaced (a
+    /// new snapshot saved there) is loaded again by the next restore, as without this. 0 lets
+    /// the directory go.
+    pub fn keep_restores_ready(dir: impl AsRef<Path>, n: usize) -> Result<(), Error> {
+        crate::snapshot::ready::keep(dir.as_ref(), n)
+    }
+
+    /// How many children are prepared for restores of `dir` ([`Vm::keep_restores_ready`]): 0
+    /// for a directory not kept ready, or whose files were replaced since.
+    pub fn restores_ready(dir: impl AsRef<Path>) -> usize {
+        crate::snapshot::ready::get(dir.as_ref()).map_or(0, |snapshot| snapshot.prepared())
     }
 
     /// Creates `n` more children ahead of time (KVM VMs with memory slots, interrupt
