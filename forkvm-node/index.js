@@ -130,6 +130,7 @@ NativeVM.prototype.connectTcp = function (port) {
 };
 const nativeBuild = wrap(NativeVM.build);
 const nativeRestore = wrap(NativeVM.restore);
+const nativeKeepRestoresReady = wrap(NativeVM.keepRestoresReady);
 class VM extends NativeVM {
   /** Builds a VM (not started). */
   static build(options) {
@@ -139,6 +140,11 @@ class VM extends NativeVM {
   /** Starts a VM from a snapshot directory. */
   static restore(dir, child) {
     return nativeRestore.call(NativeVM, dir, guardConsoles(child));
+  }
+
+  /** Keeps `n` children prepared for restores of the snapshot in `dir` (0: no longer). */
+  static keepRestoresReady(dir, n) {
+    return nativeKeepRestoresReady.call(NativeVM, dir, n);
   }
 
   static [Symbol.hasInstance](value) {

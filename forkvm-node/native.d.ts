@@ -463,6 +463,14 @@ export declare class Vm {
    * `ChildOptions`; discarded output if omitted). The VM runs at once.
    */
   static restore(dir: string, child?: ConsoleBuffer | 'stdout' | string | null | ((chunk: Buffer) => void) | ChildOptions): Promise<VM>
+  /**
+   * Keeps `n` children prepared for restores of the snapshot in `dir`: it stays loaded and
+   * each `restore` of it starts in a child made ahead (refilled in the background), until a
+   * new snapshot is saved there. 0 lets the directory go.
+   */
+  static keepRestoresReady(dir: string, n: number): Promise<void>
+  /** How many children are prepared for restores of `dir` (`keepRestoresReady`). */
+  static restoresReady(dir: string): number
   /** Starts the vCPUs and the event loop. */
   start(): Promise<void>
   /** Resolves when the guest ends (or `stop()` is called) with how it ended. */

@@ -813,9 +813,10 @@ enum forkvm_status forkvm_pty_close(struct forkvm_pty *pty);
 enum forkvm_status forkvm_pty_free(struct forkvm_pty *pty);
 
 // Stops the VM if it runs, and frees it; NULL is ignored. A call on it in flight on another
-// thread returns (a wait with `FORKVM_EXIT_STOPPED`). Its devices and network (socket paths,
-// published ports) are released before this returns; its KVM VM, vCPUs and memory on forkvm's
-// own threads afterwards (see `forkvm_wait_for_releases`).
+// thread returns (a wait with `FORKVM_EXIT_STOPPED`). Returns at once: the VM's threads,
+// devices, KVM VM and memory are released on forkvm's own threads afterwards (see
+// `forkvm_wait_for_releases`), except the names it holds on the host (a vsock socket path,
+// published ports, a TAP interface), released before this returns.
 enum forkvm_status forkvm_vm_free(struct forkvm_vm *vm);
 
 // How many things freed VMs and forks let go of (KVM VMs, memory) are still being released in
@@ -914,6 +915,15 @@ enum forkvm_status forkvm_vm_snapshot(const struct forkvm_vm *vm, const char *di
 enum forkvm_status forkvm_vm_restore(const char *dir,
                                      const struct forkvm_child *child,
                                      struct forkvm_vm **out);
+
+// Keeps `n` children prepared for restores of the snapshot in `dir`: it stays loaded and each
+// `forkvm_vm_restore` of `dir` starts in a child made ahead (refilled in the background), until
+// a new snapshot is saved there. 0 lets the directory go.
+enum forkvm_status forkvm_keep_restores_ready(const char *dir, uint32_t n);
+
+// How many children are prepared for restores of `dir` (`forkvm_keep_restores_ready`); 0 for
+// NULL or a directory not kept ready.
+uint32_t forkvm_restores_ready(const char *dir);
 
 // Opens a stream to guest vsock `port` in-process, waiting at most `timeout_ms` for the guest
 // to accept; `*fd` is a connected Unix stream socket the caller owns (close it to disconnect).

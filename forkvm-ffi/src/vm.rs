@@ -3,6 +3,7 @@
 
 use std::ffi::c_char;
 use std::os::fd::IntoRawFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 use forkvm::{BalloonHandle, GuestExit, Vm};
@@ -127,14 +128,18 @@ fn put_exit(out: *mut forkvm_exit, exit: Option<&GuestExit>) {
 }
 
 /// Stops the VM if it runs, and frees it; NULL is ignored. A call on it in flight on another
-/// thread returns (a wait with `FORKVM_EXIT_STOPPED`). Its devices and network (socket paths,
-/// published ports) are released before this returns; its KVM VM, vCPUs and memory on forkvm's
-/// own threads afterwards (see `forkvm_wait_for_releases`).
+/// thread returns (a wait with `FORKVM_EXIT_STOPPED`). Returns at once: the VM's threads,
+/// devices, KVM VM and memory are released on forkvm's own threads afterwards (see
+/// `forkvm_wait_for_releases`), except the names it holds on the host (a vsock socket path,
+/// published ports, a TAP interface), released before this returns.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn forkvm_vm_free(vm: *mut forkvm_vm) -> forkvm_status {
     ffi(|| {
         if !vm.is_null() {
-            VMS.remove(vm)?.stop();
+            // A call in flight holds the VM too: stopped here, it returns.
+            if let Err(shared) = Arc::try_unwrap(VMS.remove(vm)?) {
+                shared.stop();
+            }
         }
         Ok(())
     })
@@ -479,6 +484,23 @@ pub unsafe extern "C" fn forkvm_vm_restore(
         let vm = Vm::restore(str_arg(dir, "dir")?, child_arg(child)?)?;
         *out = VMS.insert(vm);
         Ok(())
+    })
+}
+
+/// Keeps `n` children prepared for restores of the snapshot in `dir`: it stays loaded and each
+/// `forkvm_vm_restore` of `dir` starts in a child made ahead (refilled in the background), until
+/// a new snapshot is saved there. 0 lets the directory go.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn forkvm_keep_restores_ready(dir: *const c_char, n: u32) -> forkvm_status {
+    ffi(|| Ok(Vm::keep_restores_ready(str_arg(dir, "dir")?, n as usize)?))
+}
+
+/// How many children are prepared for restores of `dir` (`forkvm_keep_restores_ready`); 0 for
+/// NULL or a directory not kept ready.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn forkvm_restores_ready(dir: *const c_char) -> u32 {
+    str_arg(dir, "dir").map_or(0, |dir| {
+        u32::try_from(Vm::restores_ready(dir)).unwrap_or(u32::MAX)
     })
 }
 

@@ -242,6 +242,25 @@ static void free_while_waited_for_and_snapshots(void)
     OK(forkvm_vm_free(quiet));
     OK(forkvm_vm_free(restored));
     OK(forkvm_console_free(restored_console));
+
+    /* Kept ready: restores start in children made ahead, refilled after each. */
+    CHECK(forkvm_restores_ready(snapshot) == 0);
+    OK(forkvm_keep_restores_ready(snapshot, 1));
+    for (int round = 0; round < 2; round++) {
+        for (int i = 0; i < 10000 && forkvm_restores_ready(snapshot) < 1; i++)
+            usleep(1000);
+        CHECK(forkvm_restores_ready(snapshot) == 1);
+        forkvm_vm *ready;
+        OK(forkvm_vm_restore(snapshot, NULL, &ready));
+        forkvm_identity c;
+        OK(forkvm_vm_identity(ready, &c));
+        CHECK(c.generation == 1);
+        OK(forkvm_vm_free(ready));
+    }
+    OK(forkvm_keep_restores_ready(snapshot, 0));
+    CHECK(forkvm_restores_ready(snapshot) == 0);
+    CHECK(forkvm_restores_ready(NULL) == 0);
+    EXPECT(FORKVM_ERR_SNAPSHOT, forkvm_keep_restores_ready(dir, 1));
     forkvm_vm *none;
     EXPECT(FORKVM_ERR_SNAPSHOT, forkvm_vm_restore(dir, NULL, &none));
     char command[128];

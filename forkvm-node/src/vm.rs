@@ -378,6 +378,20 @@ impl VM {
         Ok(blocking(move || Ok(forkvm::Vm::restore(dir, c)?), wrap_vm))
     }
 
+    /// Keeps `n` children prepared for restores of the snapshot in `dir`: it stays loaded and
+    /// each `restore` of it starts in a child made ahead (refilled in the background), until a
+    /// new snapshot is saved there. 0 lets the directory go.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn keep_restores_ready(dir: String, n: u32) -> AsyncTask<Blocking<(), ()>> {
+        run(move || Ok(forkvm::Vm::keep_restores_ready(dir, n as usize)?))
+    }
+
+    /// How many children are prepared for restores of `dir` (`keepRestoresReady`).
+    #[napi]
+    pub fn restores_ready(dir: String) -> u32 {
+        u32::try_from(forkvm::Vm::restores_ready(dir)).unwrap_or(u32::MAX)
+    }
+
     /// Starts the vCPUs and the event loop.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn start(&self) -> napi::Result<AsyncTask<Blocking<(), ()>>> {

@@ -89,6 +89,20 @@ test('pause, resume, snapshot and restore', async (t) => {
   assert.strictEqual(restored.identity.generation, 1);
   await waitFor(restoredConsole, (s) => s.includes(generationLine(restored.identity)));
   await restored.close();
+  // Kept ready: restores start in children made ahead, refilled after each.
+  assert.strictEqual(VM.restoresReady(`${dir}/snap`), 0);
+  await VM.keepRestoresReady(`${dir}/snap`, 1);
+  for (let round = 0; round < 2; round++) {
+    const end = Date.now() + 10000;
+    while (VM.restoresReady(`${dir}/snap`) < 1 && Date.now() < end) await new Promise((r) => setTimeout(r, 5));
+    assert.strictEqual(VM.restoresReady(`${dir}/snap`), 1);
+    const ready = await VM.restore(`${dir}/snap`);
+    assert.strictEqual(ready.identity.generation, 1);
+    await ready.close();
+  }
+  await VM.keepRestoresReady(`${dir}/snap`, 0);
+  assert.strictEqual(VM.restoresReady(`${dir}/snap`), 0);
+  await assert.rejects(VM.keepRestoresReady(dir, 1), { code: 'SNAPSHOT' });
   await vm.close();
 });
 

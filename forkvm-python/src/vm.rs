@@ -437,6 +437,21 @@ impl PyVm {
         Ok(Self::wrap(vm))
     }
 
+    /// Keeps `n` children prepared for restores of the snapshot in `directory`: it stays loaded
+    /// and each `restore` of it starts in a child made ahead (refilled in the background), until
+    /// a new snapshot is saved there. 0 lets the directory go.
+    #[staticmethod]
+    fn keep_restores_ready(py: Python<'_>, directory: PathBuf, n: usize) -> PyResult<()> {
+        py.allow_threads(move || Vm::keep_restores_ready(directory, n))
+            .map_err(vm_error)
+    }
+
+    /// How many children are prepared for restores of `directory` (`keep_restores_ready`).
+    #[staticmethod]
+    fn restores_ready(directory: PathBuf) -> usize {
+        Vm::restores_ready(directory)
+    }
+
     /// Starts the vCPU threads and the event loop.
     fn start(&self, py: Python<'_>) -> PyResult<()> {
         let vm = self.get()?;

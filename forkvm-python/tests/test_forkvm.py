@@ -105,6 +105,17 @@ def test_snapshot_and_restore(guest: str, tmp_path: Path) -> None:
     again = asyncio.run(forkvm.VM.restore_async(tmp_path / "snap", console=None))
     assert again.identity.generation == 1
     again.close()
+    # Kept ready: restores start in children made ahead, refilled after each.
+    assert forkvm.VM.restores_ready(tmp_path / "snap") == 0
+    forkvm.VM.keep_restores_ready(tmp_path / "snap", 1)
+    for _ in range(2):
+        wait_until("a restore ready", lambda: forkvm.VM.restores_ready(tmp_path / "snap") == 1)
+        with forkvm.VM.restore(tmp_path / "snap", console=None) as ready:
+            assert ready.identity.generation == 1
+    forkvm.VM.keep_restores_ready(tmp_path / "snap", 0)
+    assert forkvm.VM.restores_ready(tmp_path / "snap") == 0
+    with pytest.raises(forkvm.SnapshotError):
+        forkvm.VM.keep_restores_ready(tmp_path, 1)
 
 
 def test_devices_and_prepared_forks(guest: str) -> None:

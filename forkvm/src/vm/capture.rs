@@ -267,6 +267,7 @@ impl Snapshot {
         shell: Option<Shell>,
     ) -> Result<Vm, Error> {
         let vm = Vm::new(self.machine(kvm, kick_signal, child, shell)?);
+        let _span = crate::phases::span("spawn.start");
         vm.start()?;
         Ok(vm)
     }

@@ -1,0 +1,201 @@
+//! Where the tail of a fork goes (issue 14, item 3), without criterion: `FORK_TAILS_N` forks
+//! (default 10,000) per case of a 256 MiB, 2-vCPU test guest with four devices (virtio-blk,
+//! -rng, -console, -vsock), each fork's latency and its phases (`forkvm::take_phase_timings`,
+//! `FORKVM_PHASES=1` is set here) kept. Cases:
+//!
+//! - `prepared`: a paused parent, the child prepared (`Vm::prepare_forks(1)`) untimed before
+//!   each fork;
+//! - `kept_ready`: the same with `Vm::keep_forks_ready(2)`: the refill thread runs meanwhile;
+//! - `unprepared`: a paused parent, no child prepared;
+//! - `running`: a running parent (the guest spins and writes) forked with a prepared child; the
+//!   parent's pause ([`Vm::last_pause`]) is the figure there.
+//!
+//! Each case prints p50/p90/p99/max, then the mean of each phase over the forks at or above the
+//! 99th percentile against the mean over the forks around the median, and what no phase covers
+//! ("other"): where the slow forks spent their extra time. Each child is dropped and its release
+//! waited for (untimed) before the next fork, so teardown does not overlap the forks. The load
+//! average before and after each case is printed: the figures mean something only on an
+//! otherwise idle machine.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use forkvm::{ConsoleOutput, Vm, VsockConfig};
+use forkvm_tests::{TempFile, print_percentiles, spinning_guest_with};
+
+/// One fork: its latency, the parent's pause (running parent), and its phases.
+struct Sample {
+    took: Duration,
+    pause: Option<Duration>,
+    phases: Vec<(&'static str, u64)>,
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn n() -> usize {
+    std::env::var("FORK_TAILS_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000)
+}
+
+/// Waits (untimed) until every child dropped so far is released.
+fn settle() {
+    let t0 = Instant::now();
+    while forkvm::pending_releases() > 0 && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn run_case(name: &str, parent: &Vm, prepare: bool) -> Vec<Sample> {
+    let load = loadavg();
+    let mut samples = Vec::with_capacity(n());
+    for _ in 0..n() {
+        if prepare {
+            parent.prepare_forks(1).unwrap();
+        }
+        forkvm::take_phase_timings();
+        let t0 = Instant::now();
+        let children = parent.fork(vec![ConsoleOutput::Discard]).unwrap();
+        let took = t0.elapsed();
+        samples.push(Sample {
+            took,
+            pause: parent.last_pause(),
+            phases: forkvm::take_phase_timings(),
+        });
+        drop(children);
+        settle();
+    }
+    println!(
+        "{name}: n={} load average before {load}, after {}",
+        samples.len(),
+        loadavg()
+    );
+    samples
+}
+
+/// Prints the percentiles of `what` over `samples`, then where the slowest 1 % went.
+fn report(name: &str, samples: &[Sample], what: impl Fn(&Sample) -> Option<Duration>) {
+    let mut values: Vec<(Duration, usize)> = samples
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| what(s).map(|v| (v, i)))
+        .collect();
+    if values.is_empty() {
+        return;
+    }
+    let mut durations: Vec<Duration> = values.iter().map(|v| v.0).collect();
+    print_percentiles(name, &mut durations);
+    values.sort();
+    let len = values.len();
+    let tail = &values[(len * 99 / 100).min(len - 1)..];
+    let middle = &values[len * 45 / 100..(len * 55 / 100).max(len * 45 / 100 + 1)];
+    let means = |set: &[(Duration, usize)]| {
+        let mut sums: BTreeMap<&'static str, f64> = BTreeMap::new();
+        let mut total = 0.0;
+        for &(v, i) in set {
+            total += v.as_secs_f64() * 1e6;
+            for &(phase, ns) in &samples[i].phases {
+                // Counts (names ending in their unit) are not times.
+                if phase.ends_with("_pages")
+                    || phase.ends_with("_runs")
+                    || phase.ends_with("prepared")
+                    || phase.ends_with("_copied")
+                    || phase.ends_with("remapped")
+                    || phase.ends_with("depth")
+                    || phase.ends_with("rebased")
+                {
+                    continue;
+                }
+                *sums.entry(phase).or_default() += ns as f64 / 1e3;
+            }
+        }
+        let count = set.len() as f64;
+        (
+            total / count,
+            sums.into_iter()
+                .map(|(k, v)| (k, v / count))
+                .collect::<BTreeMap<_, _>>(),
+        )
+    };
+    let (tail_total, tail_phases) = means(tail);
+    let (mid_total, mid_phases) = means(middle);
+    println!(
+        "{name}: mean µs of the {} forks ≥ p99 ({tail_total:.0} µs) against the {} around the median ({mid_total:.0} µs), by phase (nested phases count inside their parent):",
+        tail.len(),
+        middle.len()
+    );
+    let mut rows: Vec<(&str, f64, f64)> = tail_phases
+        .iter()
+        .map(|(k, &t)| (*k, t, mid_phases.get(k).copied().unwrap_or(0.0)))
+        .collect();
+    rows.sort_by(|a, b| (b.1 - b.2).total_cmp(&(a.1 - a.2)));
+    for (phase, t, m) in rows.iter().take(12) {
+        println!(
+            "  {phase:28} tail {t:9.1}  median {m:9.1}  extra {:9.1}",
+            t - m
+        );
+    }
+    let top = |phases: &BTreeMap<&str, f64>| phases.get("fork").copied().unwrap_or(0.0);
+    println!(
+        "  {:28} tail {:9.1}  median {:9.1}",
+        "other (outside `fork`)",
+        tail_total - top(&tail_phases),
+        mid_total - top(&mid_phases)
+    );
+}
+
+fn main() {
+    // SAFETY: set before any other thread of this process reads the environment.
+    unsafe { std::env::set_var("FORKVM_PHASES", "1") };
+    forkvm_tests::raise_fd_limit();
+    let disk = TempFile::with_contents("fork-tails.img", &vec![0u8; 64 << 20]);
+    let (parent, _, _) = spinning_guest_with(2, 256, |builder| {
+        builder
+            .block(disk.path(), false)
+            .rng()
+            .virtio_console(ConsoleOutput::Discard, None)
+            .vsock(VsockConfig::new(3))
+    });
+    let only = std::env::var("FORK_TAILS_ONLY").unwrap_or_default();
+    let wanted = |case: &str| only.is_empty() || only.split(',').any(|c| c == case);
+
+    if wanted("running") {
+        // Warm-up: the first forks of a fresh parent differ (the image is made).
+        for _ in 0..20 {
+            parent.prepare_forks(1).unwrap();
+            drop(parent.fork(vec![ConsoleOutput::Discard]).unwrap());
+        }
+        settle();
+        let samples = run_case("running", &parent, true);
+        report("fork_tails/running: fork latency", &samples, |s| {
+            Some(s.took)
+        });
+        report("fork_tails/running: parent paused", &samples, |s| s.pause);
+    }
+    parent.pause().unwrap();
+    for (case, prepare, keep) in [
+        ("prepared", true, 0),
+        ("kept_ready", false, 2),
+        ("unprepared", false, 0),
+    ] {
+        if !wanted(case) {
+            continue;
+        }
+        parent.keep_forks_ready(keep);
+        let samples = run_case(case, &parent, prepare);
+        parent.keep_forks_ready(0);
+        report(&format!("fork_tails/{case}: fork latency"), &samples, |s| {
+            Some(s.took)
+        });
+    }
+    drop(parent);
+    forkvm::wait_for_releases(Duration::from_secs(60));
+}
