@@ -132,9 +132,10 @@ impl Vm {
     }
 
     /// Starts the vCPU threads and the event loop (on threads started ahead where the VM has
-    /// them). The threads are held until all of them are started, then let go at once: a vCPU
-    /// that ran its guest at once could take the CPU from the thread still starting the others
-    /// (for a scheduler tick, with 2 CPUs and 2 vCPUs).
+    /// them). Where threads must be started, they are held until all of them are, then let go
+    /// at once: a vCPU that ran its guest at once could take the CPU from the thread still
+    /// starting the others (for a scheduler tick, with 2 CPUs and 2 vCPUs). Threads started
+    /// ahead only get their jobs: holding them would wake each twice.
     ///
     /// Starting a VM that runs (a fork child or a restored VM runs from the start) or that ended
     /// (stopped before it started, too) changes nothing and returns [`Error::AlreadyStarted`].
@@ -146,8 +147,11 @@ impl Vm {
         let Phase::Built { event_loop } = std::mem::replace(&mut *phase, Phase::Ended) else {
             return Err(Error::AlreadyStarted);
         };
-        self.state.hold_at_start();
         let mut spare = std::mem::take(&mut *lock(&self.spare_threads));
+        let held = !spare.ready_for(self.vcpus.len());
+        if held {
+            self.state.hold_at_start();
+        }
         let state = self.state.clone();
         let event_thread = run_on_thread(spare.events.take(), EVENTS_THREAD.into(), move || {
             event_loop.run(&state)
@@ -181,8 +185,10 @@ impl Vm {
             }
         }
         drop(threads);
-        // The hold the threads started under.
-        self.state.release();
+        if held {
+            // The hold the threads started under.
+            self.state.release();
+        }
         Ok(())
     }
 

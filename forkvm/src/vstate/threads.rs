@@ -89,6 +89,11 @@ pub(crate) struct SpareThreads {
 }
 
 impl SpareThreads {
+    /// Whether there is a thread for the event loop and for each of `vcpus` vCPUs.
+    pub(crate) fn ready_for(&self, vcpus: usize) -> bool {
+        self.events.is_some() && self.vcpus.len() >= vcpus
+    }
+
     /// Starts the threads of a VM with `vcpus` vCPUs, named as [`crate::Vm::start`] names them.
     pub(crate) fn spawn(vcpus: u8) -> io::Result<Self> {
         Ok(Self {
