@@ -478,7 +478,8 @@ impl PyVm {
     /// time.
     fn close(&self, py: Python<'_>) {
         let vm = lock(&self.vm).take();
-        // Dropping the last reference stops the VM and joins its threads: without the GIL.
+        // Dropping the last reference ends the VM (its threads are joined in the background,
+        // unless it holds host names): without the GIL.
         py.allow_threads(move || drop(vm));
     }
 
