@@ -180,12 +180,26 @@ pub fn wait_for_releases(timeout: Duration) -> bool {
     if !waited(&|| PENDING.load(Ordering::SeqCst) == 0) {
         return false;
     }
-    if let Ok(sender) = reaper().sender.lock() {
-        for _ in 0..LIVE.load(Ordering::SeqCst) {
-            let _ = sender.send(Work::Exit);
+    // Idle threads are told to end; a thread that got the word while work came in meanwhile
+    // stays for it, so the word is sent again while threads remain.
+    let tell = || {
+        if let Ok(sender) = reaper().sender.lock() {
+            for _ in 0..LIVE.load(Ordering::SeqCst) {
+                let _ = sender.send(Work::Exit);
+            }
         }
-    }
-    if !waited(&|| PENDING.load(Ordering::SeqCst) == 0 && LIVE.load(Ordering::SeqCst) == 0) {
+    };
+    tell();
+    let told = std::cell::Cell::new(Instant::now());
+    let ended = || {
+        let done = PENDING.load(Ordering::SeqCst) == 0 && LIVE.load(Ordering::SeqCst) == 0;
+        if !done && told.get().elapsed() > Duration::from_millis(20) {
+            tell();
+            told.set(Instant::now());
+        }
+        done
+    };
+    if !waited(&ended) {
         return false;
     }
     // Each has left its loop: joined, it is gone from the process, not only on its way out.
@@ -266,5 +280,32 @@ mod tests {
         );
         assert!(wait_for_releases(Duration::from_secs(10)));
         assert!(dropped.load(Ordering::SeqCst));
+    }
+
+    struct Nap;
+
+    impl Drop for Nap {
+        fn drop(&mut self) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Work let go of while a wait tells the idle threads to end keeps a thread that got the
+    /// word: the wait tells it again rather than waiting for the thread's own idle timeout.
+    #[test]
+    fn a_wait_ends_the_threads_when_work_keeps_coming_during_it() {
+        let feeder = std::thread::spawn(|| {
+            for _ in 0..300 {
+                drop_later(Nap);
+                std::thread::sleep(Duration::from_micros(300));
+            }
+        });
+        let mut waits = Vec::new();
+        while !feeder.is_finished() {
+            waits.push(wait_for_releases(Duration::from_secs(3)));
+        }
+        feeder.join().unwrap();
+        assert!(wait_for_releases(Duration::from_secs(3)));
+        assert!(waits.iter().all(|&w| w), "{waits:?}");
     }
 }

@@ -57,14 +57,22 @@ impl Shell {
             expected,
             network,
         } = shape;
+        let span = crate::phases::span("shell.ram");
         let ram = PlaceholderRam::new(memory_size, expected)?;
         let identity_page = IdentityPage::new()?;
+        drop(span);
+        let span = crate::phases::span("shell.vm");
         let vm_fd = create_vm(kvm, &ram, &identity_page)?;
+        drop(span);
+        let span = crate::phases::span("shell.threads");
         let threads = SpareThreads::spawn(vcpus).map_err(|source| Error::Thread {
             what: "prepared child",
             source,
         })?;
+        drop(span);
+        let span = crate::phases::span("shell.vcpus");
         let vcpus = create_vcpus(kvm, &vm_fd, &host_caps(kvm)?, vcpus, |_, _| Ok(()))?;
+        drop(span);
         let layer_files = disks
             .iter()
             .map(|&size| layer_file(size))
