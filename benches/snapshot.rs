@@ -1,14 +1,16 @@
 //! Snapshot and restore of a running test guest: writing a snapshot whose memory holds 128 MiB of
 //! data (filled by the host) against copying the same memory file in the same run, and restore
 //! latency (call → VM running) for 256 MiB and 4 GiB guests: `Vm::restore`, and a loaded
-//! snapshot's spawn with a child kept ready (`Snapshot::keep_ready`).
+//! snapshot's spawn with a child kept ready (`Snapshot::keep_ready`): p50/p90/p99/max of
+//! `SNAPSHOT_BENCH_N` rounds each (else `FORKVM_BENCH_SAMPLES`, else 1,000), also in the report
+//! (`forkvm_tests::report`).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use forkvm::{ConsoleOutput, MEMORY_FILE, Vm};
-use forkvm_tests::{print_percentiles, spinning_guest_sized, time_each};
+use forkvm_tests::{print_percentiles, sample_count, spinning_guest_sized, time_each};
 
 const DATA_MIB: u64 = 128;
 
@@ -71,12 +73,12 @@ fn bench_snapshot(c: &mut Criterion) {
 
 /// `Vm::restore` (load + spawn) against `Snapshot::spawn` of a loaded snapshot that keeps one
 /// child ready (`keep_ready(1)`, refilled in the background; each round waits, untimed, until it
-/// is), alternating, 50 rounds each.
+/// is), alternating, the sample count of rounds each.
 fn restore_prepared(snapshot: &std::path::Path, mib: u64) {
     let loaded = forkvm::Snapshot::load(snapshot).unwrap();
     loaded.keep_ready(1).unwrap();
     let (mut cold, mut ready) = (Vec::new(), Vec::new());
-    for _ in 0..50 {
+    for _ in 0..sample_count("SNAPSHOT_BENCH_N") {
         let t0 = std::time::Instant::now();
         let vm = Vm::restore(snapshot, ConsoleOutput::Discard).unwrap();
         cold.push(t0.elapsed());
@@ -94,8 +96,8 @@ fn restore_prepared(snapshot: &std::path::Path, mib: u64) {
         forkvm::wait_for_releases(Duration::from_secs(10));
     }
     forkvm::wait_for_releases(Duration::from_secs(60));
-    print_percentiles(&format!("snapshot/restore_cold/{mib}MiB"), &mut cold);
-    print_percentiles(&format!("snapshot/restore_kept_ready/{mib}MiB"), &mut ready);
+    print_percentiles(&format!("snapshot/restore_cold/{mib}MiB"), &cold);
+    print_percentiles(&format!("snapshot/restore_kept_ready/{mib}MiB"), &ready);
 }
 
 criterion_group!(benches, bench_snapshot);
