@@ -155,10 +155,14 @@ fn line(row: &Row, figures: &BTreeMap<String, Figure>) -> Option<String> {
         .iter()
         .map(|name| figures.get(*name))
         .collect::<Option<_>>()?;
+    // One sample (one `fork(1000)` call) is a figure, not a distribution: p50 only.
     let cell = |stat: &str| {
         found
             .iter()
-            .map(|f| f.ns(stat).map(ms).unwrap_or_default())
+            .map(|f| match f.ns(stat) {
+                Some(_) if stat != "p50" && f.ns("n") == Some(1) => "—".to_owned(),
+                value => value.map(ms).unwrap_or_default(),
+            })
             .collect::<Vec<_>>()
             .join(" / ")
     };
