@@ -46,9 +46,9 @@ impl Record {
         if self.fork.is_empty() {
             return; // filtered out
         }
-        print_percentiles(&format!("{name}: fork latency"), &self.fork);
+        print_percentiles(&format!("{name}: fork latency"), &mut self.fork);
         if !paused_parent {
-            print_percentiles(&format!("{name}: parent paused"), &self.pause);
+            print_percentiles(&format!("{name}: parent paused"), &mut self.pause);
         }
         *self = Self::default();
     }
@@ -161,7 +161,7 @@ fn first_and_heavy_pauses(_: &mut Criterion) {
             // Untimed: the teardowns must not pile up behind the next rounds.
             forkvm::wait_for_releases(Duration::from_secs(10));
         }
-        print_percentiles(&format!("pause/first_fork/{mib}"), &first);
+        print_percentiles(&format!("pause/first_fork/{mib}"), &mut first);
 
         let parent = spinning_parent(mib);
         let mut heavy = Vec::new();
@@ -178,10 +178,10 @@ fn first_and_heavy_pauses(_: &mut Criterion) {
             heavy.extend(parent.last_pause());
             drop(children);
         }
-        print_percentiles(&format!("pause/repeated_16MiB_written/{mib}"), &heavy);
+        print_percentiles(&format!("pause/repeated_16MiB_written/{mib}"), &mut heavy);
         print_percentiles(
             &format!("fork1/running_16MiB_written/{mib}: fork latency"),
-            &latency,
+            &mut latency,
         );
     }
 }

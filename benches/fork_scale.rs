@@ -208,7 +208,7 @@ fn fork_n(max: usize) {
                     }
                 );
             }
-            print_percentiles(&format!("{name}: total"), &totals);
+            print_percentiles(&format!("{name}: total"), &mut totals);
         }
     }
 }
@@ -339,7 +339,7 @@ fn lazy_faults() {
         }
         print_percentiles(
             &format!("lazy_fault/never_forked/{mib}: guest touches 64 MiB"),
-            &fresh,
+            &mut fresh,
         );
 
         for populated in [false, true] {
@@ -393,14 +393,17 @@ fn forked_touches(mib: u64, cmdline: &str, populated: bool) {
         }
         host_side.push(t0.elapsed());
     }
-    print_percentiles(&format!("lazy_fault/{name}/{mib}: the fork itself"), &forks);
+    print_percentiles(
+        &format!("lazy_fault/{name}/{mib}: the fork itself"),
+        &mut forks,
+    );
     print_percentiles(
         &format!("lazy_fault/{name}/{mib}: guest touches 64 MiB"),
-        &guest_side,
+        &mut guest_side,
     );
     print_percentiles(
         &format!("lazy_fault/{name}/{mib}: host writes a byte per page of 64 MiB"),
-        &host_side,
+        &mut host_side,
     );
 }
 

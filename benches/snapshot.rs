@@ -96,8 +96,8 @@ fn restore_prepared(snapshot: &std::path::Path, mib: u64) {
         forkvm::wait_for_releases(Duration::from_secs(10));
     }
     forkvm::wait_for_releases(Duration::from_secs(60));
-    print_percentiles(&format!("snapshot/restore_cold/{mib}MiB"), &cold);
-    print_percentiles(&format!("snapshot/restore_kept_ready/{mib}MiB"), &ready);
+    print_percentiles(&format!("snapshot/restore_cold/{mib}MiB"), &mut cold);
+    print_percentiles(&format!("snapshot/restore_kept_ready/{mib}MiB"), &mut ready);
 }
 
 criterion_group!(benches, bench_snapshot);

@@ -61,8 +61,9 @@ pub fn print_percentiles_ns(name: &str, samples: &[u64]) {
     }));
 }
 
-/// [`print_percentiles_ns`] of durations.
-pub fn print_percentiles(name: &str, samples: &[Duration]) {
+/// [`print_percentiles_ns`] of durations (`samples` stays as it is: `&mut` is the signature the
+/// benchmarks call).
+pub fn print_percentiles(name: &str, samples: &mut [Duration]) {
     let ns: Vec<u64> = samples.iter().map(|d| d.as_nanos() as u64).collect();
     print_percentiles_ns(name, &ns);
 }
