@@ -10,9 +10,11 @@
 //! - `fork(1)` of a paused parent with virtio-blk (64 MiB image), virtio-rng, virtio-console and
 //!   virtio-vsock (the children get copies of each), with and without the child prepared.
 //!
-//! Criterion reports medians of the fork latency; every single fork is also timed, and after each
-//! benchmark its median, 99th percentile and maximum are printed (warm-up forks included), with
-//! those of the parent's pause. Only the fork is timed; tearing the children down comes after.
+//! Criterion reports medians of the fork latency; every single fork is also timed, topped up after
+//! criterion's loop to `FORK_BENCH_N` forks (else `FORKVM_BENCH_SAMPLES`, else 1,000; warm-up
+//! forks included), and after each benchmark its p50, p90, p99 and maximum are printed and
+//! written to the report (`forkvm_tests::report`), with those of the parent's pause; the first and
+//! heavy pauses take as many rounds. Only the fork is timed; tearing the children down comes after.
 //! `cargo bench --bench fork_scale` has `fork(n)`, the lazy-fault tail and density.
 
 use std::sync::Mutex;
@@ -20,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use forkvm::{ConsoleOutput, Vm};
-use forkvm_tests::{print_percentiles, spinning_guest_sized, spinning_guest_with};
+use forkvm_tests::{print_percentiles, sample_count, spinning_guest_sized, spinning_guest_with};
 
 const VCPUS: u32 = 2;
 
@@ -73,6 +75,16 @@ fn time_forks(parent: &Vm, iters: u64, prepared: bool, record: &Mutex<Record>) -
     total
 }
 
+/// Forks more, outside criterion's loop, until `record` holds the sample count (nothing if
+/// criterion's filter skipped the benchmark).
+fn top_up(parent: &Vm, prepared: bool, record: &Mutex<Record>) {
+    let want = sample_count("FORK_BENCH_N");
+    let have = record.lock().unwrap().fork.len();
+    if have > 0 && have < want {
+        time_forks(parent, (want - have) as u64, prepared, record);
+    }
+}
+
 fn bench_fork1(c: &mut Criterion) {
     let record = Mutex::new(Record::default());
     let mut group = c.benchmark_group("fork1");
@@ -91,6 +103,7 @@ fn bench_fork1(c: &mut Criterion) {
                 group.bench_with_input(BenchmarkId::new(&name, mib), &mib, |b, _| {
                     b.iter_custom(|iters| time_forks(&parent, iters, prepared, &record))
                 });
+                top_up(&parent, prepared, &record);
                 record
                     .lock()
                     .unwrap()
@@ -119,6 +132,7 @@ fn bench_fork1_devices(c: &mut Criterion) {
             group.bench_with_input(BenchmarkId::new(&name, mib), &mib, |b, _| {
                 b.iter_custom(|iters| time_forks(&parent, iters, prepared, &record))
             });
+            top_up(&parent, prepared, &record);
             record
                 .lock()
                 .unwrap()
@@ -132,23 +146,30 @@ fn bench_fork1_devices(c: &mut Criterion) {
 /// repeated forks of a running parent into which the host writes 16 MiB (4,096 pages) between
 /// forks, so that each re-freeze copies them.
 fn first_and_heavy_pauses(_: &mut Criterion) {
+    let rounds = sample_count("FORK_BENCH_N");
     for mib in [256, 4096] {
+        if !selected(&format!("pause/{mib}")) {
+            continue;
+        }
         let mut first = Vec::new();
-        for _ in 0..20 {
+        for _ in 0..rounds {
             let parent = spinning_parent(mib);
             let children = parent.fork(quiet(1)).unwrap();
             first.extend(parent.last_pause());
             drop(children);
+            drop(parent);
+            // Untimed: the teardowns must not pile up behind the next rounds.
+            forkvm::wait_for_releases(Duration::from_secs(10));
         }
         print_percentiles(&format!("pause/first_fork/{mib}"), &mut first);
 
         let parent = spinning_parent(mib);
         let mut heavy = Vec::new();
         let mut latency = Vec::new();
-        for round in 0..30u8 {
+        for round in 0..rounds {
             for page in 0..4096u64 {
                 parent
-                    .write_memory((16 << 20) + page * 4096, &[round])
+                    .write_memory((16 << 20) + page * 4096, &[round as u8])
                     .unwrap();
             }
             let t0 = Instant::now();
@@ -163,6 +184,13 @@ fn first_and_heavy_pauses(_: &mut Criterion) {
             &mut latency,
         );
     }
+}
+
+/// Whether criterion's filter (a plain substring here, the first argument not an option) names
+/// `id`, or there is none.
+fn selected(id: &str) -> bool {
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with("--"));
+    filter.is_none_or(|f| id.contains(&f))
 }
 
 criterion_group! {

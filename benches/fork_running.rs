@@ -1,6 +1,7 @@
 //! Repeated `fork(1)` of a *running* parent that ran (and wrote memory) since its previous fork
 //! (issue 14), without criterion: each case prints p50/p90/p99/max of the fork call and of the
-//! parent's pause ([`Vm::last_pause`]) over `FORK_RUNNING_N` forks (default 100), the host's
+//! parent's pause ([`Vm::last_pause`]) over `FORK_RUNNING_N` forks (else `FORKVM_BENCH_SAMPLES`,
+//! else 1,000; also written to the report, `forkvm_tests::report`), the host's
 //! `Shmem` (memfds: images) before and after, and, with `FORKVM_PHASES=1`, the new image's size
 //! per fork and the p50/p90 of every
 //! phase the library times (`forkvm::take_phase_timings`; what each is: `docs/measurements.md`).
@@ -27,7 +28,9 @@ use std::time::{Duration, Instant};
 
 use forkvm::{ConsoleBuffer, ConsoleOutput, Vm, VmBuilder, VsockConfig};
 use forkvm_agent_client::{Command, IMAGE_CMDLINE, ProcessEvent, VmAgentExt};
-use forkvm_tests::{built_artifact, proc_status, spinning_guest_sized};
+use forkvm_tests::{
+    built_artifact, print_percentiles_ns, proc_status, sample_count, spinning_guest_sized,
+};
 
 const MIB: u64 = 1 << 20;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -69,22 +72,13 @@ impl Record {
             println!("{name}: {} forks failed (not counted below)", self.failed);
         }
         for (what, samples) in [
-            ("fork", &mut self.fork),
-            ("pause", &mut self.pause),
-            ("child_reads_its_ram", &mut self.child_read),
+            ("fork", &self.fork),
+            ("pause", &self.pause),
+            ("child_reads_its_ram", &self.child_read),
         ] {
-            if samples.is_empty() {
-                continue;
+            if !samples.is_empty() {
+                print_percentiles_ns(&format!("{name}: {what}"), samples);
             }
-            samples.sort_unstable();
-            println!(
-                "{name}: {what} n={} p50={:.3} ms p90={:.3} ms p99={:.3} ms max={:.3} ms",
-                samples.len(),
-                ms(pct(samples, 50.0)),
-                ms(pct(samples, 90.0)),
-                ms(pct(samples, 99.0)),
-                ms(samples.last().copied().unwrap_or(0)),
-            );
         }
         let forks = self.fork.len().max(1) as i64;
         println!(
@@ -305,7 +299,7 @@ fn linux_cases(mib: u64, n: usize, t: Duration) {
 
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument is not supported.
-    let n = env_u64("FORK_RUNNING_N", 100) as usize;
+    let n = sample_count("FORK_RUNNING_N");
     let mib = env_u64("FORK_RUNNING_MIB", 256);
     let t = Duration::from_millis(env_u64("FORK_RUNNING_T_MS", 50));
     println!(

@@ -13,6 +13,12 @@
 //!   (each first write a KVM page fault and a copy-on-write copy), against the same in a VM that
 //!   was never forked, and the host-side equivalent (`Vm::write_memory` of one byte per page).
 //!
+//! Each `fork(n)` call is also a timeline: the time from the call until each child was started
+//! (its threads running), from forkvm's phase probes (`FORKVM_PHASES=1`, which this benchmark turns
+//! on: a clock read per phase, ~µs per child), `capture` plus the `fork.spawn` of each child so
+//! far. The children are returned together at the end of the call; the timeline and the per-child
+//! spawn percentiles go to the report (`forkvm_tests::report`) for `docs/plots/fork1000.svg`.
+//!
 //! `FORK_SCALE_MAX=N` caps n (default 1,000).
 
 use std::sync::{Arc, Mutex, mpsc};
@@ -20,7 +26,8 @@ use std::time::{Duration, Instant};
 
 use forkvm::{ConsoleBuffer, ConsoleOutput, Vm, VmBuilder};
 use forkvm_tests::{
-    open_fds, print_percentiles, proc_status, raise_fd_limit, test_guest, wait_for_output,
+    open_fds, print_percentiles, print_percentiles_ns, proc_status, raise_fd_limit, record_series,
+    test_guest, wait_for_output,
 };
 
 const VCPUS: u32 = 2;
@@ -156,6 +163,7 @@ fn fork_n(max: usize) {
                         t0.elapsed().as_secs_f64() * 1e3
                     );
                 }
+                forkvm::take_phase_timings();
                 let t0 = Instant::now();
                 let children = match parent.fork(quiet(n)) {
                     Ok(children) => children,
@@ -166,6 +174,7 @@ fn fork_n(max: usize) {
                 };
                 let took = t0.elapsed();
                 totals.push(took);
+                timeline(&name, n, took);
                 println!(
                     "{name}: {:.1} ms, {:.1} µs per child; fds +{}",
                     took.as_secs_f64() * 1e3,
@@ -199,11 +208,52 @@ fn fork_n(max: usize) {
                     }
                 );
             }
-            if rounds > 1 {
-                print_percentiles(&format!("{name}: total"), &mut totals);
-            }
+            print_percentiles(&format!("{name}: total"), &mut totals);
         }
     }
+}
+
+/// Reports when each child of the `fork(n)` call that took `took` was started, from the phase
+/// probes: `capture`, then each child's `fork.spawn`, in order.
+fn timeline(name: &str, n: usize, took: Duration) {
+    let phases = forkvm::take_phase_timings();
+    let capture: u64 = phases
+        .iter()
+        .filter(|(phase, _)| *phase == "capture")
+        .map(|(_, ns)| ns)
+        .sum();
+    let spawns: Vec<u64> = phases
+        .iter()
+        .filter(|(phase, _)| *phase == "fork.spawn")
+        .map(|(_, ns)| *ns)
+        .collect();
+    if spawns.len() != n {
+        println!(
+            "{name}: no timeline ({} spawns timed; FORKVM_PHASES=1?)",
+            spawns.len()
+        );
+        return;
+    }
+    let started: Vec<u64> = spawns
+        .iter()
+        .scan(capture, |t, spawn| {
+            *t += spawn;
+            Some(*t)
+        })
+        .collect();
+    let total = took.as_nanos() as u64;
+    let last = started.last().copied().unwrap_or(capture);
+    println!(
+        "{name}: timeline: capture {:.2} ms, last child started at {:.1} ms, call returned at {:.1} ms",
+        capture as f64 / 1e6,
+        last as f64 / 1e6,
+        total as f64 / 1e6,
+    );
+    print_percentiles_ns(&format!("{name}: spawn per child"), &spawns);
+    record_series(
+        &format!("{name}: timeline"),
+        serde_json::json!({ "n": n, "unit": "ns", "capture": capture, "total": total, "started": started }),
+    );
 }
 
 /// CPU time this process used so far, all threads, user and system.
@@ -358,6 +408,10 @@ fn forked_touches(mib: u64, cmdline: &str, populated: bool) {
 }
 
 fn main() {
+    if std::env::var_os("FORKVM_PHASES").is_none() {
+        // SAFETY: no other thread runs yet, so none reads the environment meanwhile.
+        unsafe { std::env::set_var("FORKVM_PHASES", "1") };
+    }
     // Criterion-style arguments (`--bench`) are accepted and ignored.
     let max = std::env::var("FORK_SCALE_MAX")
         .ok()

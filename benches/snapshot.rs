@@ -2,14 +2,16 @@
 //! data (filled by the host) against copying the same memory file in the same run, and restore
 //! latency (call → VM running) for 256 MiB and 4 GiB guests: `Vm::restore`, a loaded
 //! snapshot's spawn with a child kept ready (`Snapshot::keep_ready`), and `Vm::restore` of a
-//! directory kept ready (`Vm::keep_restores_ready`).
+//! directory kept ready (`Vm::keep_restores_ready`): p50/p90/p99/max of `SNAPSHOT_BENCH_N`
+//! rounds each (else `FORKVM_BENCH_SAMPLES`, else 1,000), also in the report
+//! (`forkvm_tests::report`).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use forkvm::{ConsoleOutput, MEMORY_FILE, Vm};
-use forkvm_tests::{print_percentiles, spinning_guest_sized, time_each};
+use forkvm_tests::{print_percentiles, sample_count, spinning_guest_sized, time_each};
 
 const DATA_MIB: u64 = 128;
 
@@ -73,8 +75,7 @@ fn bench_snapshot(c: &mut Criterion) {
 /// `Vm::restore` (load + spawn) against `Snapshot::spawn` of a loaded snapshot that keeps one
 /// child ready (`keep_ready(1)`, refilled in the background; each round waits, untimed, until it
 /// is) and `Vm::restore` of the same files in a directory kept ready
-/// (`Vm::keep_restores_ready(dir, 1)`), alternating, `FORKVM_RESTORE_ROUNDS` rounds each
-/// (default 50).
+/// (`Vm::keep_restores_ready(dir, 1)`), alternating, the sample count of rounds each.
 fn restore_prepared(snapshot: &std::path::Path, mib: u64) {
     let loaded = forkvm::Snapshot::load(snapshot).unwrap();
     loaded.keep_ready(1).unwrap();
@@ -86,10 +87,7 @@ fn restore_prepared(snapshot: &std::path::Path, mib: u64) {
         std::fs::hard_link(entry.path(), kept.join(entry.file_name())).unwrap();
     }
     Vm::keep_restores_ready(&kept, 1).unwrap();
-    let rounds = std::env::var("FORKVM_RESTORE_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50);
+    let rounds = sample_count("SNAPSHOT_BENCH_N");
     let (mut cold, mut ready, mut dir_ready) = (Vec::new(), Vec::new(), Vec::new());
     let wait_until = |done: &dyn Fn() -> bool| {
         let wait = std::time::Instant::now();

@@ -8,6 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use forkvm::{ConsoleBuffer, ConsoleOutput, GuestExit, VmBuilder};
 
+pub mod report;
+pub use report::{print_percentiles, print_percentiles_ns, record_series, sample_count};
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -383,31 +386,6 @@ pub fn time_each<T>(iters: u64, mut make: impl FnMut() -> T) -> std::time::Durat
             took
         })
         .sum()
-}
-
-/// The `p`-th percentile (0–100, nearest rank) of `samples`, which it sorts; zero if empty.
-pub fn percentile(samples: &mut [std::time::Duration], p: f64) -> std::time::Duration {
-    if samples.is_empty() {
-        return std::time::Duration::ZERO;
-    }
-    samples.sort_unstable();
-    let rank = ((p / 100.0) * samples.len() as f64).ceil() as usize;
-    samples[rank.clamp(1, samples.len()) - 1]
-}
-
-/// Prints `name`'s sample count, median, 99th percentile and maximum (benchmarks report tails
-/// that criterion's medians do not show).
-pub fn print_percentiles(name: &str, samples: &mut [std::time::Duration]) {
-    let p50 = percentile(samples, 50.0);
-    let p99 = percentile(samples, 99.0);
-    let max = samples.last().copied().unwrap_or_default();
-    println!(
-        "{name}: n={} p50={:.3} ms p99={:.3} ms max={:.3} ms",
-        samples.len(),
-        p50.as_secs_f64() * 1e3,
-        p99.as_secs_f64() * 1e3,
-        max.as_secs_f64() * 1e3,
-    );
 }
 
 /// Raises this process's soft limit on open files to its hard limit (a thousand VMs need
