@@ -70,8 +70,11 @@ impl Shell {
             source,
         })?;
         drop(span);
+        let span = crate::phases::span("shell.caps");
+        let caps = host_caps(kvm)?;
+        drop(span);
         let span = crate::phases::span("shell.vcpus");
-        let vcpus = create_vcpus(kvm, &vm_fd, &host_caps(kvm)?, vcpus, |_, _| Ok(()))?;
+        let vcpus = create_vcpus(kvm, &vm_fd, &caps, vcpus, |_, _| Ok(()))?;
         drop(span);
         let layer_files = disks
             .iter()

@@ -43,12 +43,17 @@ pub(crate) fn create_vcpus(
     count: u8,
     mut init: impl FnMut(u8, &VcpuFd) -> Result<(), Error>,
 ) -> Result<Vec<Vcpu>, Error> {
+    let span = crate::phases::span("vcpus.supported_cpuid");
     let supported = supported_cpuid(kvm)?;
+    drop(span);
     (0..count)
         .map(|id| {
+            let span = crate::phases::span("vcpus.create");
             let fd = vm
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            drop(span);
+            let _span = crate::phases::span("vcpus.set_cpuid");
             fd.set_cpuid2(&cpuid::guest_cpuid(&supported, caps, id, count))
                 .map_err(kvm_err("KVM_SET_CPUID2"))?;
             init(id, &fd)?;
