@@ -26,10 +26,11 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use forkvm::{ConsoleBuffer, ConsoleOutput, Vm, VmBuilder, VsockConfig};
-use forkvm_agent_client::{Command, IMAGE_CMDLINE, ProcessEvent, VmAgentExt};
+use forkvm::{ConsoleBuffer, ConsoleOutput, Vm};
+use forkvm_agent_client::{Command, ProcessEvent};
 use forkvm_tests::{
-    built_artifact, print_percentiles_ns, proc_status, sample_count, spinning_guest_sized,
+    linux_image_vm, print_percentiles_ns, proc_status, sample_count, spinning_guest_sized,
+    start_linux_image,
 };
 
 const MIB: u64 = 1 << 20;
@@ -246,23 +247,9 @@ fn workload(mib: u64) -> Command {
 }
 
 fn linux_cases(mib: u64, n: usize, t: Duration) {
-    let kernel = built_artifact("guest/kernel/build.sh");
-    let image = built_artifact("guest/rootfs/build.sh");
     let console = ConsoleBuffer::new();
-    let vm = VmBuilder::new()
-        .kernel(&kernel)
-        .cmdline(IMAGE_CMDLINE)
-        .memory_mib(mib)
-        .block(&image, true)
-        .vsock(VsockConfig::new(3))
-        .console(ConsoleOutput::Buffer(console.clone()))
-        .build()
-        .expect("build the VM");
     let t0 = Instant::now();
-    vm.start().unwrap();
-    let agent = vm
-        .agent(BOOT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("{e}; console:\n{}", console.text()));
+    let (vm, agent) = start_linux_image(linux_image_vm(mib, &console), &console, BOOT_TIMEOUT);
     println!(
         "linux/{mib}MiB: agent up after {:.1} s",
         t0.elapsed().as_secs_f64()

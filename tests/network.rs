@@ -17,9 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use forkvm::network::{Connector, DenyReason, HostConnector, StaticResolver};
-use forkvm::{ConsoleBuffer, ConsoleOutput, Network, NetworkPolicy, Vm, VmBuilder, VsockConfig};
-use forkvm_agent_client::{Agent, Command, IMAGE_CMDLINE, VmAgentExt};
-use forkvm_tests::built_artifact;
+use forkvm::{ConsoleBuffer, ConsoleOutput, Network, NetworkPolicy, Vm};
+use forkvm_agent_client::{Agent, Command, VmAgentExt};
+use forkvm_tests::{linux_image_vm, start_linux_image};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const GUEST_TIMEOUT: Duration = Duration::from_secs(180);
@@ -118,8 +118,6 @@ fn http_get(mut stream: impl Read + Write) -> io::Result<String> {
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn the_image_reaches_the_host_through_dhcp_dns_policy_published_ports_and_forks() {
-    let kernel = built_artifact("guest/kernel/build.sh");
-    let image = built_artifact("guest/rootfs/build.sh");
     let (server, go) = http_server();
     let connector = Arc::new(LoopbackOnly::default());
     // Names resolve only from static maps: the VM's own (`Network::host`, which names the
@@ -127,25 +125,13 @@ fn the_image_reaches_the_host_through_dhcp_dns_policy_published_ports_and_forks(
     let resolver = StaticResolver::new();
     let policy = NetworkPolicy::public_internet().allow("127.0.0.1/32".parse().unwrap());
     let console = ConsoleBuffer::new();
-    let vm = VmBuilder::new()
-        .kernel(&kernel)
-        .cmdline(IMAGE_CMDLINE)
-        .memory_mib(256)
-        .block(&image, true)
-        .vsock(VsockConfig::new(3))
-        .network(
-            Network::user()
-                .policy(policy)
-                .host("host.test", &[IpAddr::V4(Ipv4Addr::new(10, 0, 2, 2))])
-                .seams(connector.clone(), Arc::new(resolver)),
-        )
-        .console(ConsoleOutput::Buffer(console.clone()))
-        .build()
-        .unwrap();
-    vm.start().unwrap();
-    let agent = vm
-        .agent(BOOT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("{e}; console:\n{}", console.text()));
+    let builder = linux_image_vm(256, &console).network(
+        Network::user()
+            .policy(policy)
+            .host("host.test", &[IpAddr::V4(Ipv4Addr::new(10, 0, 2, 2))])
+            .seams(connector.clone(), Arc::new(resolver)),
+    );
+    let (vm, agent) = start_linux_image(builder, &console, BOOT_TIMEOUT);
 
     // DHCP: the kernel took a lease and wrote the name server where resolv.conf points.
     let pnp = String::from_utf8_lossy(&agent.read_file("/proc/net/pnp").unwrap()).into_owned();

@@ -13,10 +13,10 @@
 use forkvm_agent_client::VmAgentExt;
 use std::time::{Duration, Instant};
 
-use forkvm::{Child, ConsoleBuffer, ConsoleOutput, GuestExit, Vm, VmBuilder, VsockConfig};
-use forkvm_agent_client::{Agent, AgentError, Command, IMAGE_CMDLINE, PtyEvent, WriteOptions};
+use forkvm::{Child, ConsoleBuffer, ConsoleOutput, GuestExit, Vm};
+use forkvm_agent_client::{Agent, AgentError, Command, PtyEvent, WriteOptions};
 use forkvm_agent_protocol::{ErrorKind, PowerAction};
-use forkvm_tests::built_artifact;
+use forkvm_tests::{linux_image_vm, start_linux_image};
 
 /// How long the guest may take to boot to its agent (~25 s here when the host is idle).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -26,23 +26,9 @@ const PTY_TIMEOUT: Duration = Duration::from_secs(120);
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn the_image_runs_commands_files_and_ptys_through_the_agent_and_forks_with_them() {
-    let kernel = built_artifact("guest/kernel/build.sh");
-    let image = built_artifact("guest/rootfs/build.sh");
     let console = ConsoleBuffer::new();
-    let vm = VmBuilder::new()
-        .kernel(&kernel)
-        .cmdline(IMAGE_CMDLINE)
-        .memory_mib(256)
-        .block(&image, true)
-        .vsock(VsockConfig::new(3))
-        .console(ConsoleOutput::Buffer(console.clone()))
-        .build()
-        .expect("build the VM");
     let t0 = Instant::now();
-    vm.start().unwrap();
-    let agent = vm
-        .agent(BOOT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("{e}; console:\n{}", console.text()));
+    let (vm, agent) = start_linux_image(linux_image_vm(256, &console), &console, BOOT_TIMEOUT);
     let booted = t0.elapsed();
     // The agent reports what failed of its PID-1 set-up (overlay, mounts, hostname) this way.
     let text = console.text();

@@ -78,6 +78,38 @@ pub fn echo_guest(console: &ConsoleBuffer) -> (forkvm::Vm, std::io::PipeWriter) 
     (vm, writer)
 }
 
+/// A builder for forkvm's Linux image: the kernel of `guest/kernel/build.sh` on
+/// [`forkvm_agent_client::IMAGE_CMDLINE`], the root image of `guest/rootfs/build.sh` read-only as
+/// `/dev/vda` (its agent serves on vsock, guest CID 3), `memory_mib` of RAM and the console in
+/// `console`. Both build scripts reuse their cache.
+pub fn linux_image_vm(memory_mib: u64, console: &ConsoleBuffer) -> VmBuilder {
+    let kernel = built_artifact("guest/kernel/build.sh");
+    let image = built_artifact("guest/rootfs/build.sh");
+    VmBuilder::new()
+        .kernel(&kernel)
+        .cmdline(forkvm_agent_client::IMAGE_CMDLINE)
+        .memory_mib(memory_mib)
+        .block(&image, true)
+        .vsock(forkvm::VsockConfig::new(3))
+        .console(ConsoleOutput::Buffer(console.clone()))
+}
+
+/// Builds and starts the VM of `builder` (see [`linux_image_vm`]) and waits up to `timeout` for
+/// its agent; panics with the console `console` if it does not answer.
+pub fn start_linux_image(
+    builder: VmBuilder,
+    console: &ConsoleBuffer,
+    timeout: std::time::Duration,
+) -> (forkvm::Vm, forkvm_agent_client::Agent) {
+    use forkvm_agent_client::VmAgentExt;
+    let vm = builder.build().expect("build the Linux image's VM");
+    vm.start().expect("start the Linux image");
+    let agent = vm
+        .agent(timeout)
+        .unwrap_or_else(|e| panic!("{e}; console:\n{}", console.text()));
+    (vm, agent)
+}
+
 /// A builder for a generated image: 16 MiB, the debug-exit port, no console.
 pub fn image_vm(image: &Path) -> VmBuilder {
     VmBuilder::new()

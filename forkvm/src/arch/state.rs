@@ -1,6 +1,6 @@
 //! The architectural state a copy of a paused VM needs to continue from the same instruction:
 //! each vCPU's registers, FPU/XSAVE, control and debug registers, MSRs, local APIC, run state
-//! and pending events, and the VM's in-kernel PIC, IOAPIC, PIT and clock.
+//! and pending events, and the VM's in-kernel PIC, IOAPIC, clock and PIT (VMs made by older versions had one).
 //!
 //! Captured only while the VM is paused (every vCPU out of `KVM_RUN`, any pending port or MMIO
 //! access completed), and restored into freshly created vCPUs that already have their CPUID, in
@@ -10,9 +10,10 @@
 use std::sync::OnceLock;
 
 use kvm_bindings::{
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Msrs, kvm_clock_data,
-    kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
-    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY, Msrs,
+    kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -55,11 +56,15 @@ struct LegacyFpu {
     pad2: u32,
 }
 
-/// The VM-wide state: interrupt controllers, PIT and kvmclock.
+/// The VM-wide state: interrupt controllers, kvmclock and, for a VM that has one, the PIT.
 #[derive(Serialize, Deserialize)]
 pub struct VmState {
     irqchips: [kvm_irqchip; 3],
-    pit: kvm_pit_state2,
+    /// forkvm no longer gives its VMs a PIT (its guests use the local APIC's TSC-deadline timer,
+    /// and KVM gives each PIT a kernel thread); snapshots of VMs that had one carry its state
+    /// and get one again when they are restored.
+    #[serde(default)]
+    pit: Option<kvm_pit_state2>,
     clock: kvm_clock_data,
 }
 
@@ -184,6 +189,16 @@ impl VcpuState {
     }
 }
 
+/// Gives `vm` (which has its irqchip) an in-kernel PIT, with the PC speaker port a dummy: only
+/// for a snapshot of a VM made when forkvm's VMs had one.
+fn create_pit(vm: &VmFd) -> Result<(), Error> {
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))
+}
+
 impl VmState {
     /// Reads the VM-wide state of a paused VM.
     pub fn capture(vm: &VmFd) -> Result<Self, Error> {
@@ -201,18 +216,27 @@ impl VmState {
         }
         Ok(Self {
             irqchips,
-            pit: vm.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
+            pit: match vm.get_pit2() {
+                Ok(pit) => Some(pit),
+                // No PIT in this VM.
+                Err(e) if e.errno() == libc::ENXIO => None,
+                Err(e) => return Err(kvm_err("KVM_GET_PIT2")(e)),
+            },
             clock: vm.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?,
         })
     }
 
-    /// Writes the state into a new VM that has its irqchip and PIT. The clock continues from
-    /// the captured instant (only the stable-clock flag of the captured data is kept).
+    /// Writes the state into a new VM that has its irqchip and no PIT, creating the PIT if the
+    /// state has one. The clock continues from the captured instant (only the stable-clock flag
+    /// of the captured data is kept).
     pub fn restore(&self, vm: &VmFd) -> Result<(), Error> {
         for chip in &self.irqchips {
             vm.set_irqchip(chip).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
         }
-        vm.set_pit2(&self.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
+        if let Some(pit) = &self.pit {
+            create_pit(vm)?;
+            vm.set_pit2(pit).map_err(kvm_err("KVM_SET_PIT2"))?;
+        }
         let clock = kvm_clock_data {
             clock: self.clock.clock,
             ..Default::default()
@@ -251,5 +275,36 @@ mod tests {
         state.restore(&vcpus[1].fd).unwrap();
         let after = vcpus[1].fd.get_fpu().unwrap();
         assert_eq!((after.fcw, after.xmm[3]), (fpu.fcw, fpu.xmm[3]));
+    }
+
+    /// A new VM has no PIT (its guests use the local APIC timer; KVM starts a kernel thread
+    /// per PIT); the state of one made with a PIT (older snapshots) gives the VM it is
+    /// restored into a PIT in the same state.
+    #[test]
+    #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+    fn new_vms_have_no_pit_and_a_captured_pit_is_restored_with_one() {
+        let kvm = Kvm::new().unwrap();
+        let ram = crate::memory::GuestRam::new(16 << 20).unwrap();
+        let identity = crate::identity::IdentityPage::new().unwrap();
+        let vm = crate::vstate::kvm::create_vm(&kvm, &ram, &identity).unwrap();
+        let state = VmState::capture(&vm).unwrap();
+        assert!(state.pit.is_none());
+
+        let old = kvm.create_vm().unwrap();
+        old.create_irq_chip().unwrap();
+        create_pit(&old).unwrap();
+        let mut pit = old.get_pit2().unwrap();
+        pit.channels[0].count = 0x1234;
+        pit.channels[0].mode = 2;
+        old.set_pit2(&pit).unwrap();
+        let old_state = VmState::capture(&old).unwrap();
+        assert!(old_state.pit.is_some());
+        // Through the snapshot file's JSON, as a snapshot of an older version holds it.
+        let old_state: VmState =
+            serde_json::from_str(&serde_json::to_string(&old_state).unwrap()).unwrap();
+        let restored = crate::vstate::kvm::create_vm(&kvm, &ram, &identity).unwrap();
+        old_state.restore(&restored).unwrap();
+        let back = restored.get_pit2().unwrap();
+        assert_eq!((back.channels[0].count, back.channels[0].mode), (0x1234, 2));
     }
 }

@@ -3,10 +3,10 @@
 //! A snapshot directory holds `memory` (guest RAM laid out as forkvm's memory file: the low
 //! range, then the range above the MMIO hole; pages never written are holes) and `state.json`
 //! (versioned: the format, the forkvm version and the host CPU it was taken on, then each vCPU's
-//! state, the interrupt controllers, PIT, clock and UART, the VM's identity, and each virtio
-//! device's window, IRQ, transport registers, queue positions and own state). The snapshot was
-//! captured with the VM paused, exactly as for a fork; the files are written from it whenever the
-//! VM does meanwhile (the frozen image does not change). Each file is written under a temporary name, fsynced and
+//! state, the interrupt controllers, clock (and PIT, for VMs that had one) and UART, the VM's
+//! identity, and each virtio device's window, IRQ, transport registers, queue positions and own
+//! state). The snapshot was captured with the VM paused, exactly as for a fork; the files are
+//! written from it whenever the VM does meanwhile (the frozen image does not change). Each file is written under a temporary name, fsynced and
 //! renamed, `state.json` last and only after any old one was removed, so a directory whose
 //! snapshot did not finish never has a `state.json`. A restored VM maps `memory` privately:
 //! restoring costs the same for any memory size, and restoring twice gives two independent VMs.

@@ -46,11 +46,11 @@ use pool::{ShellPool, ShellShape};
 pub(crate) struct CpuState {
     /// Each vCPU's state.
     pub vcpus: Vec<VcpuState>,
-    /// Interrupt controllers, PIT and clock.
+    /// Interrupt controllers and clock (and a PIT, for VMs that had one).
     pub vm: VmState,
 }
 
-/// A VM's complete state at one instant: frozen RAM, vCPUs, interrupt controllers, PIT, clock,
+/// A VM's complete state at one instant: frozen RAM, vCPUs, interrupt controllers, clock,
 /// UART and virtio devices. Taken by [`Vm::capture`], or read from a directory by
 /// [`Snapshot::load`]; every VM spawned from it continues from that instant on its own.
 /// Cheap to hold: its RAM is an image shared with the VMs spawned from it.
@@ -160,7 +160,7 @@ impl Snapshot {
     }
 
     /// Creates `n` more children ahead of time for this snapshot (KVM VMs with memory slots
-    /// over the image, interrupt controllers, PIT, vCPUs, started threads and disk overlays), so
+    /// over the image, interrupt controllers, vCPUs, started threads and disk overlays), so
     /// that the next spawns only load state and attach devices. [`Snapshot::prepared`] tells
     /// how many are ready.
     pub fn prepare(&self, n: usize) -> Result<(), Error> {

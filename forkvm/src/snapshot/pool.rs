@@ -1,6 +1,6 @@
 //! Children prepared ahead of forks: the part of a fork that can be done before it.
 //!
-//! Creating a child's KVM VM (memory slots, interrupt controllers, PIT) and vCPUs is the part of
+//! Creating a child's KVM VM (memory slots, interrupt controllers) and vCPUs is the part of
 //! a fork that grows with memory size on some hosts (KVM allocates per-page slot metadata up
 //! front). A [`Shell`] is all of that over placeholder RAM; a fork maps the frozen image into it
 //! in place and loads the state. The placeholder already maps the file the next image will most
@@ -31,7 +31,7 @@ use crate::vstate::threads::SpareThreads;
 use crate::vstate::vcpu::Vcpu;
 
 /// A child VM created ahead of a fork: memory slots over placeholder RAM, interrupt
-/// controllers, PIT, vCPUs with their CPUID, and its threads, waiting.
+/// controllers, vCPUs with their CPUID, and its threads, waiting.
 pub(crate) struct Shell {
     // Declared before `ram` and `identity_page`, so the VM (and its memory slots) is destroyed
     // before the mappings.

@@ -194,7 +194,7 @@ impl Vm {
     }
 
     /// Creates `n` more children ahead of time (KVM VMs with memory slots, interrupt
-    /// controllers, PIT and vCPUs), so that the next forks only map memory and load state.
+    /// controllers and vCPUs), so that the next forks only map memory and load state.
     /// [`Vm::prepared_forks`] tells how many are ready.
     pub fn prepare_forks(&self, n: usize) -> Result<(), Error> {
         let shape = self.shell_shape();

@@ -1,15 +1,12 @@
-//! KVM itself: opening the device, the VM with its memory slots, interrupt controllers and PIT,
-//! and vCPUs with their CPUID.
+//! KVM itself: opening the device, the VM with its memory slots and interrupt controllers (no
+//! PIT), and vCPUs with their CPUID.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::OnceLock;
 
-use kvm_bindings::{
-    KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config,
-    kvm_userspace_memory_region,
-};
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY, kvm_userspace_memory_region};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
 use super::vcpu::Vcpu;
@@ -80,8 +77,14 @@ pub(crate) fn open_kvm(path: &Path) -> Result<Kvm, Error> {
 }
 
 /// Creates the KVM VM with its memory slots (RAM — guest RAM, or placeholder RAM that will adopt
-/// an image at the same addresses — and the identity page read-only where KVM can), in-kernel
-/// interrupt controllers and PIT.
+/// an image at the same addresses — and the identity page read-only where KVM can) and in-kernel
+/// interrupt controllers.
+///
+/// No PIT: forkvm's guests time with the local APIC (TSC deadline; Linux with a TSC-deadline
+/// APIC timer does not use the PIT), and KVM gives each PIT a kernel thread (`kvm-pit/<pid>`,
+/// its task and 16 KiB stack) and timer state. Port accesses to 0x40-0x43 and 0x61 reach the
+/// VMM's port bus instead, which ignores them. A snapshot of a VM that had one gets one back
+/// (`arch::state`).
 ///
 /// The memory slots go in before the irqchip: on some hosts (seen on kvm_pvm) adding the first
 /// slot to a VM that already has an irqchip waits ~7 ms for KVM to synchronise, against ~0.1 ms
@@ -128,10 +131,5 @@ pub(crate) fn create_vm(
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip()
         .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
     Ok(vm)
 }

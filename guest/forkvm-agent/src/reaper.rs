@@ -11,7 +11,6 @@ use std::process::{Child, Command};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread;
-use std::time::Duration;
 
 use forkvm_agent_protocol::ExitStatus;
 
@@ -47,7 +46,13 @@ impl Reaper {
         Arc::clone(REAP_ALL.get_or_init(|| {
             let reaper = new();
             let r = Arc::clone(&reaper);
-            thread::spawn(move || r.reap_all_loop());
+            // Named, so that a test can find it.
+            if let Err(e) = thread::Builder::new()
+                .name("agent-reaper".into())
+                .spawn(move || r.reap_all_loop())
+            {
+                eprintln!("forkvm-agent: cannot start the reaping thread: {e}");
+            }
             reaper
         }))
     }
@@ -110,14 +115,18 @@ impl Reaper {
             if err.raw_os_error() == Some(libc::EINTR) {
                 continue;
             }
-            // ECHILD: no children. Sleep until one is spawned (or a second passes, for orphans
-            // the kernel hands us).
+            // ECHILD: no children. Sleep until one is spawned, without a timeout: an idle guest
+            // must not wake up (each wake-up is emulated kernel code on some hosts). No orphan
+            // can come meanwhile: a process is reparented to us only when its parent, one of
+            // our descendants, exits, and with no children we have no descendants either (an
+            // orphan is ours before the parent that left it can be reaped).
             let state = self.lock();
             if state.spawns == spawns {
-                let _ = self
-                    .spawned
-                    .wait_timeout(state, Duration::from_secs(1))
-                    .unwrap_or_else(PoisonError::into_inner);
+                drop(
+                    self.spawned
+                        .wait(state)
+                        .unwrap_or_else(PoisonError::into_inner),
+                );
             }
         }
     }
