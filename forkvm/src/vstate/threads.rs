@@ -24,8 +24,15 @@ impl SpareThread {
     fn spawn(name: String) -> io::Result<Self> {
         let (job, waiting) = mpsc::sync_channel::<Job>(1);
         let handle = thread::Builder::new().name(name).spawn(move || {
+            // Woken for its job, a thread of the batch class does not take the CPU from the
+            // thread that woke it (the fork, which returns next); it runs at the scheduler's
+            // next decision, and as an ordinary thread from then on.
+            let batch = set_policy(libc::SCHED_BATCH);
             // No job: the spare was dropped unused.
             if let Ok(job) = waiting.recv() {
+                if batch {
+                    set_policy(libc::SCHED_OTHER);
+                }
                 job();
             }
         })?;
@@ -60,6 +67,19 @@ impl Drop for SpareThread {
             let _ = handle.join();
         }
     }
+}
+
+/// Puts the calling thread in scheduling class `policy` (`SCHED_OTHER` or `SCHED_BATCH`, which
+/// any thread may switch between); says whether it did. `FORKVM_NO_BATCH=1` leaves the class
+/// alone, for measuring what the batch class saves (`benches/fork_tails.rs`).
+fn set_policy(policy: libc::c_int) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *OFF.get_or_init(|| std::env::var_os("FORKVM_NO_BATCH").is_some_and(|v| v == "1")) {
+        return false;
+    }
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param for the call; pid 0 is the calling thread.
+    unsafe { libc::sched_setscheduler(0, policy, &param) == 0 }
 }
 
 /// Runs `job` on a thread named `name`: on `spare` if one is given and can take it, else on a
