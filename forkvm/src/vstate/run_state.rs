@@ -22,6 +22,7 @@ use std::time::Duration;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
+use super::threads::set_policy;
 use crate::exit::GuestExit;
 use forkvm_devices::sync::lock;
 
@@ -183,7 +184,9 @@ impl RunState {
     }
 
     /// Called by each VMM thread between units of work: parks it while a pause is in force
-    /// (returns at once otherwise, or when the VM is exiting).
+    /// (returns at once otherwise, or when the VM is exiting). A parked thread waits in the batch
+    /// scheduling class, so that the resume that wakes it (a fork, which goes on to spawn its
+    /// children) keeps its CPU; it is an ordinary thread again once it runs.
     pub fn park_while_paused(&self) {
         if !self.pause_requested.load(Ordering::SeqCst) {
             return;
@@ -194,6 +197,7 @@ impl RunState {
         }
         pause.parked += 1;
         self.pause_changed.notify_all();
+        let batch = set_policy(libc::SCHED_BATCH);
         while pause.holds > 0 && !self.is_exiting() {
             pause = self
                 .pause_changed
@@ -201,6 +205,10 @@ impl RunState {
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
         }
         pause.parked -= 1;
+        drop(pause);
+        if batch {
+            set_policy(libc::SCHED_OTHER);
+        }
     }
 
     /// Records a started vCPU thread. Call with the guard from [`Self::threads`] held across all

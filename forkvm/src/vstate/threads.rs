@@ -72,7 +72,7 @@ impl Drop for SpareThread {
 /// Puts the calling thread in scheduling class `policy` (`SCHED_OTHER` or `SCHED_BATCH`, which
 /// any thread may switch between); says whether it did. `FORKVM_NO_BATCH=1` leaves the class
 /// alone, for measuring what the batch class saves (`benches/fork_tails.rs`).
-fn set_policy(policy: libc::c_int) -> bool {
+pub(crate) fn set_policy(policy: libc::c_int) -> bool {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if *OFF.get_or_init(|| std::env::var_os("FORKVM_NO_BATCH").is_some_and(|v| v == "1")) {
         return false;
