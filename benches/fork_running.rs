@@ -29,19 +29,12 @@ use std::time::{Duration, Instant};
 use forkvm::{ConsoleBuffer, ConsoleOutput, Vm};
 use forkvm_agent_client::{Command, ProcessEvent};
 use forkvm_tests::{
-    linux_image_vm, print_percentiles_ns, proc_status, sample_count, spinning_guest_sized,
+    env_u64, linux_image_vm, print_percentiles_ns, proc_status, sample_count, spinning_guest_sized,
     start_linux_image,
 };
 
 const MIB: u64 = 1 << 20;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn pct(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {

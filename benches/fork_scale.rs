@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use forkvm::{ConsoleBuffer, ConsoleOutput, Vm, VmBuilder};
 use forkvm_tests::{
-    open_fds, print_percentiles, print_percentiles_ns, proc_status, raise_fd_limit, record_series,
-    test_guest, wait_for_output,
+    MEMINFO, meminfo, open_fds, print_percentiles, print_percentiles_ns, proc_status,
+    raise_fd_limit, record_series, test_guest, wait_for_output,
 };
 
 const VCPUS: u32 = 2;
@@ -51,30 +51,6 @@ fn guest(cmdline: &str, memory_mib: u64, ready: &str) -> (Vm, ConsoleBuffer) {
     vm.start().unwrap();
     wait_for_output(&console, ready);
     (vm, console)
-}
-
-/// The kB fields of `/proc/meminfo` this benchmark reports.
-const MEMINFO: [&str; 7] = [
-    "MemAvailable",
-    "Slab",
-    "SUnreclaim",
-    "VmallocUsed",
-    "KernelStack",
-    "PageTables",
-    "SecPageTables",
-];
-
-fn meminfo() -> Vec<i64> {
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    MEMINFO
-        .iter()
-        .map(|field| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-                .unwrap_or(0)
-        })
-        .collect()
 }
 
 /// This process's `Pss` from `/proc/self/smaps_rollup`, in kB.

@@ -21,22 +21,13 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use forkvm::{ConsoleOutput, Vm, VsockConfig};
-use forkvm_tests::{TempFile, print_percentiles, spinning_guest_with};
+use forkvm_tests::{TempFile, load_average, print_percentiles, spinning_guest_with};
 
 /// One fork: its latency, the parent's pause (running parent), and its phases.
 struct Sample {
     took: Duration,
     pause: Option<Duration>,
     phases: Vec<(&'static str, u64)>,
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 fn n() -> usize {
@@ -55,7 +46,7 @@ fn settle() {
 }
 
 fn run_case(name: &str, parent: &Vm, prepare: bool) -> Vec<Sample> {
-    let load = loadavg();
+    let load = load_average();
     let mut samples = Vec::with_capacity(n());
     for _ in 0..n() {
         if prepare {
@@ -76,7 +67,7 @@ fn run_case(name: &str, parent: &Vm, prepare: bool) -> Vec<Sample> {
     println!(
         "{name}: n={} load average before {load}, after {}",
         samples.len(),
-        loadavg()
+        load_average()
     );
     samples
 }

@@ -26,16 +26,12 @@ use std::time::{Duration, Instant};
 
 use forkvm::{ConsoleBuffer, ConsoleOutput, Vm};
 use forkvm_agent_client::Agent;
-use forkvm_tests::{linux_image_vm, open_fds, proc_status, raise_fd_limit, start_linux_image};
+use forkvm_tests::{
+    MEMINFO, env_u64, linux_image_vm, load_average, meminfo, open_fds, proc_status, raise_fd_limit,
+    start_linux_image,
+};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn env_list(name: &str, default: &str) -> Vec<usize> {
     std::env::var(name)
@@ -247,7 +243,7 @@ impl Window {
             self.cpu.as_secs_f64() * 100.0 / wall,
             self.cpu.as_secs_f64() * 100.0 / wall / vms as f64,
             self.machine.0 as f64 * 100.0 / self.machine.1.max(1) as f64,
-            load(),
+            load_average(),
         );
         let mut threads: Vec<_> = self.threads.iter().collect();
         threads.sort_by_key(|(_, (ns, _))| std::cmp::Reverse(*ns));
@@ -280,39 +276,6 @@ impl Window {
             println!("{name}: KVM times per VM and second: {}", line.join(", "));
         }
     }
-}
-
-fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// The kB fields of `/proc/meminfo` this benchmark reports.
-const MEMINFO: [&str; 7] = [
-    "MemAvailable",
-    "Slab",
-    "SUnreclaim",
-    "VmallocUsed",
-    "KernelStack",
-    "PageTables",
-    "SecPageTables",
-];
-
-fn meminfo() -> Vec<i64> {
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    MEMINFO
-        .iter()
-        .map(|field| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-                .unwrap_or(0)
-        })
-        .collect()
 }
 
 /// This process's memory figures (kB) and thread count, then the kernel's.
@@ -364,7 +327,7 @@ fn fork_latency(name: &str, vm: &Vm, n: usize) {
         p(0.9),
         p(0.99),
         p(1.0),
-        load()
+        load_average()
     );
 }
 

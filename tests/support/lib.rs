@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use forkvm::{ConsoleBuffer, ConsoleOutput, GuestExit, VmBuilder};
 
+pub mod host;
 pub mod report;
+pub use host::{MEMINFO, env_u64, load_average, meminfo};
 pub use report::{print_percentiles, print_percentiles_ns, record_series, sample_count};
 
 /// The repository root.

@@ -1,0 +1,46 @@
+//! What benchmarks read from the host and their environment: the load average, the kernel's
+//! memory counters, numeric settings.
+
+/// The 1-, 5- and 15-minute load averages (`/proc/loadavg`), as the kernel prints them.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The kB fields of `/proc/meminfo` that [`meminfo`] reads: what KVM allocates per VM shows in
+/// them, not in any process's RSS.
+pub const MEMINFO: [&str; 7] = [
+    "MemAvailable",
+    "Slab",
+    "SUnreclaim",
+    "VmallocUsed",
+    "KernelStack",
+    "PageTables",
+    "SecPageTables",
+];
+
+/// The [`MEMINFO`] fields now, in kB (0 where unreadable).
+pub fn meminfo() -> Vec<i64> {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    MEMINFO
+        .iter()
+        .map(|field| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+/// The number in environment variable `name`, or `default`.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
