@@ -1,5 +1,5 @@
 //! Where the tail of a fork goes (issue 14, item 3), without criterion: `FORK_TAILS_N` forks
-//! (default 10,000) per case of a 256 MiB, 2-vCPU test guest with four devices (virtio-blk,
+//! (else `FORKVM_BENCH_SAMPLES`, else 10,000) per case of a 256 MiB, 2-vCPU test guest with four devices (virtio-blk,
 //! -rng, -console, -vsock), each fork's latency and its phases (`forkvm::take_phase_timings`,
 //! `FORKVM_PHASES=1` is set here) kept. Cases:
 //!
@@ -30,10 +30,11 @@ struct Sample {
     phases: Vec<(&'static str, u64)>,
 }
 
+/// `FORK_TAILS_N`, else `FORKVM_BENCH_SAMPLES` (a quick report run), else 10,000.
 fn n() -> usize {
-    std::env::var("FORK_TAILS_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
+    ["FORK_TAILS_N", "FORKVM_BENCH_SAMPLES"]
+        .iter()
+        .find_map(|var| std::env::var(var).ok()?.parse().ok())
         .unwrap_or(10_000)
 }
 

@@ -3,7 +3,7 @@
 # the README's generated table (between <!-- bench-report:begin/end -->) and draws
 # docs/plots/fork-latency.svg and docs/plots/fork1000.svg from the figures the benchmarks wrote.
 #
-#   scripts/bench-report.sh                 # fork, fork_scale, snapshot (restore): the table's sources
+#   scripts/bench-report.sh                 # fork, fork_scale, snapshot (restore), fork_tails: the table's sources
 #   scripts/bench-report.sh fork snapshot   # a subset; the table keeps the other rows' lines
 #   scripts/bench-report.sh --report-only   # no benchmark: redraw from what they wrote before
 #   scripts/bench-report.sh fork_running    # also possible (not in the table; Linux cases slow)
@@ -23,11 +23,11 @@ benches=()
 for arg in "$@"; do
     case "$arg" in
         --report-only) run=0 ;;
-        fork | fork_scale | snapshot | fork_running) benches+=("$arg") ;;
-        *) echo "usage: $0 [--report-only] [fork] [fork_scale] [snapshot] [fork_running]" >&2; exit 2 ;;
+        fork | fork_scale | snapshot | fork_running | fork_tails) benches+=("$arg") ;;
+        *) echo "usage: $0 [--report-only] [fork] [fork_scale] [snapshot] [fork_running] [fork_tails]" >&2; exit 2 ;;
     esac
 done
-[ ${#benches[@]} -gt 0 ] || benches=(fork fork_scale snapshot)
+[ ${#benches[@]} -gt 0 ] || benches=(fork fork_scale snapshot fork_tails)
 
 if [ "$run" = 1 ]; then
     mkdir -p "$FORKVM_BENCH_OUT"

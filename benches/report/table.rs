@@ -119,7 +119,24 @@ pub const ROWS: &[Row] = &[
         labels: SIZES,
         targets: &[check("≤ 1 ms", "p50", 1.0), note("flat in size")],
     },
-    // Left out until the snapshot bench times it (`Vm::keep_restores_ready`, newer than this table).
+    Row {
+        what: "10,000 `fork(1)`s of a paused 256 MiB test guest with 2 vCPUs and 4 devices, child prepared (`cargo bench --bench fork_tails`)",
+        figures: &["fork_tails/prepared: fork latency"],
+        labels: &[],
+        targets: &[check("p99 ≤ 1 ms", "p99", 1.0)],
+    },
+    Row {
+        what: "… not prepared",
+        figures: &["fork_tails/unprepared: fork latency"],
+        labels: &[],
+        targets: &[check("p50 ≤ 0.5 ms", "p50", 0.5)],
+    },
+    Row {
+        what: "… how long a fork of it held it paused while it ran (both vCPUs spinning), child prepared",
+        figures: &["fork_tails/running: parent paused"],
+        labels: &[],
+        targets: &[check("p99 ≤ 1 ms", "p99", 1.0)],
+    },
     Row {
         what: "`Vm::restore` of a directory kept ready (`Vm::keep_restores_ready`)",
         figures: &[
