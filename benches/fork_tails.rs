@@ -1,7 +1,7 @@
 //! Where the tail of a fork goes (issue 14, item 3), without criterion: `FORK_TAILS_N` forks
 //! (else `FORKVM_BENCH_SAMPLES`, else 10,000) per case of a 256 MiB, 2-vCPU test guest with four
-//! devices (virtio-blk, -rng, -console, -vsock), each fork's latency and its phases (`forkvm::take_phase_timings`,
-//! `FORKVM_PHASES=1` is set here) kept. Cases:
+//! devices (virtio-blk, -rng, -console, -vsock), each fork's latency and its phases
+//! (`forkvm::take_phase_timings`; `FORKVM_PHASES=1` is set here) kept. Cases:
 //!
 //! - `prepared`: a paused parent, the child prepared (`Vm::prepare_forks(1)`) untimed before
 //!   each fork;
