@@ -87,6 +87,9 @@ pub struct Vm {
     /// Whether the VM holds names on the host (a vsock socket path, published ports, a TAP
     /// interface) that dropping it gives back before it returns.
     host_names: bool,
+    /// Where dropping the VM puts what it leaves to the reaper, allocated with the VM.
+    /// (In a mutex, which makes it `Sync`; only `drop` takes it.)
+    teardown: Mutex<Option<Box<std::mem::MaybeUninit<teardown::Teardown>>>>,
 }
 
 impl Vm {
@@ -128,6 +131,8 @@ impl Vm {
             last_pause: Mutex::default(),
             spare_threads: Mutex::new(parts.threads),
             host_names,
+            // Written (zeroed) now, so that the drop neither allocates nor touches new pages.
+            teardown: Mutex::new(Some(Box::new(std::mem::MaybeUninit::zeroed()))),
         }
     }
 

@@ -20,7 +20,8 @@ use crate::snapshot::pool::ShellPool;
 use crate::virtio::AttachedDevice;
 use crate::vstate::run_state::RunState;
 use crate::vstate::threads::SpareThreads;
-use crate::vstate::vcpu::SharedVcpu;
+use crate::vstate::vcpu::{IoBuses, SharedVcpu};
+use forkvm_devices::legacy::SerialPort;
 
 /// What a VM holds in the kernel, in the order it is released: the KVM VM (with its memory
 /// slots) before the mappings under them.
@@ -36,7 +37,7 @@ pub(super) struct KernelParts {
 /// a KVM VM down takes milliseconds here (its memory slots' metadata, its MMU) and each thread's
 /// end goes past the MMU notifier of every VM in the process, so dropping many VMs would
 /// otherwise hold the caller for seconds.
-struct Teardown {
+pub(super) struct Teardown {
     state: Arc<RunState>,
     phase: Phase,
     ends: HostEnds,
@@ -67,6 +68,10 @@ struct HostEnds {
     extensions: Extensions,
     last_capture: Option<capture::LastCapture>,
     spare_threads: SpareThreads,
+    /// References to what the VM's own fields hold, so that their last holder is likely the
+    /// reaper rather than the caller's drop (see [`Vm::drop`] on the heap).
+    buses: Option<Arc<IoBuses>>,
+    serial: Option<Arc<Mutex<SerialPort>>>,
 }
 
 impl Drop for Teardown {
@@ -131,20 +136,31 @@ impl Drop for Vm {
                 extensions: std::mem::take(&mut self.extensions),
                 last_capture: lock(&self.last_capture).take(),
                 spare_threads: std::mem::take(&mut *lock(&self.spare_threads)),
+                buses: Some(self.buses.clone()),
+                serial: Some(self.serial.clone()),
             };
         }
         // SAFETY: `kernel` is taken once, here in `drop`, and never used again.
         let kernel = unsafe { ManuallyDrop::take(&mut self.kernel) };
         let phase = std::mem::replace(&mut *self.lock_phase(), Phase::Ended);
         let _span = crate::phases::span("vm.drop.send");
-        crate::reaper::drop_later(Teardown {
+        let teardown = Teardown {
             state: self.state.clone(),
             phase,
             ends,
             shells: self.shells.clone(),
             vcpus: std::mem::take(&mut self.vcpus),
             kernel: Some(kernel),
-        });
+        };
+        // Into the box the VM was made with: growing the heap here would wait behind every
+        // other change to the process's mappings, which a mass drop makes many of (the exiting
+        // threads' stacks, the unmapped RAM; see `crate::reaper`'s queue).
+        let slot = self.teardown.get_mut().ok().and_then(Option::take);
+        let teardown = match slot {
+            Some(slot) => Box::write(slot, teardown),
+            None => Box::new(teardown),
+        };
+        crate::reaper::drop_boxed_later(teardown);
         // What is left goes with the other fields, here.
     }
 }
