@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use forkvm::{ConsoleBuffer, ConsoleOutput, Vm, VmBuilder};
 use forkvm_tests::{
-    MEMINFO, meminfo, open_fds, print_percentiles, print_percentiles_ns, proc_status,
+    MEMINFO, cpu_time, meminfo, open_fds, print_percentiles, print_percentiles_ns, proc_status,
     raise_fd_limit, record_series, test_guest, wait_for_output,
 };
 
@@ -230,19 +230,6 @@ fn timeline(name: &str, n: usize, took: Duration) {
         &format!("{name}: timeline"),
         serde_json::json!({ "n": n, "unit": "ns", "capture": capture, "total": total, "started": started }),
     );
-}
-
-/// CPU time this process used so far, all threads, user and system.
-fn cpu_time() -> Duration {
-    // SAFETY: getrusage writes only the struct passed, which outlives the call; all-zero bytes
-    // are a valid `rusage`.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
-        usage
-    };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 /// A console whose text a thread can wait for: each write appends and wakes the waiter.

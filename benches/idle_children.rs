@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use forkvm::{ConsoleBuffer, ConsoleOutput, Vm};
 use forkvm_agent_client::Agent;
 use forkvm_tests::{
-    MEMINFO, env_u64, linux_image_vm, load_average, meminfo, open_fds, proc_status, raise_fd_limit,
-    start_linux_image,
+    MEMINFO, cpu_time, env_u64, linux_image_vm, load_average, meminfo, open_fds, proc_status,
+    raise_fd_limit, start_linux_image,
 };
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -39,19 +39,6 @@ fn env_list(name: &str, default: &str) -> Vec<usize> {
         .split(',')
         .filter_map(|n| n.trim().parse().ok())
         .collect()
-}
-
-/// CPU time this process used so far, all threads, user and system.
-fn cpu_time() -> Duration {
-    // SAFETY: getrusage writes only the struct passed, which outlives the call; all-zero bytes
-    // are a valid `rusage`.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
-        usage
-    };
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 /// Busy and total jiffies of the whole machine (`/proc/stat`).

@@ -1,5 +1,5 @@
 //! What benchmarks read from the host and their environment: the load average, the kernel's
-//! memory counters, numeric settings.
+//! memory counters, this process's CPU time, numeric settings.
 
 /// The 1-, 5- and 15-minute load averages (`/proc/loadavg`), as the kernel prints them.
 pub fn load_average() -> String {
@@ -43,4 +43,17 @@ pub fn env_u64(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// CPU time this process used so far, all threads, user and system.
+pub fn cpu_time() -> std::time::Duration {
+    // SAFETY: getrusage writes only the struct passed, which outlives the call; all-zero bytes
+    // are a valid `rusage`.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let tv = |t: libc::timeval| std::time::Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
