@@ -37,8 +37,9 @@ const IDLE: Duration = Duration::from_secs(5);
 
 /// Queue slots reserved up front: queuing a dropped VM allocates nothing until this many wait.
 /// (A mass drop runs while thousands of exiting threads and unmapped RAM regions hold the
-/// process's mappings lock in turn; growing the heap then waits behind them: 1,000 drops took
-/// 0.3–0.8 s where the queue allocated, 20–30 ms where it did not.)
+/// process's mappings lock in turn; growing the heap then waits behind them. In the first drop
+/// of 1,000 VMs in a process, `Vm::drop` took 88–118 µs each while queuing allocated — the
+/// channel's blocks and the teardown's box — and 22–34 µs without.)
 const RESERVED: usize = 4096;
 
 /// The pool's queue.
