@@ -165,11 +165,7 @@ impl Snapshot {
     /// how many are ready.
     pub fn prepare(&self, n: usize) -> Result<(), Error> {
         let kvm = self.kvm()?;
-        let shape = self.shell_shape();
-        for _ in 0..n {
-            self.shells.push(Shell::new(&kvm, shape.clone())?);
-        }
-        Ok(())
+        self.shells.prepare(&kvm, &self.shell_shape(), n)
     }
 
     /// Keeps `n` children prepared for this snapshot (see [`Snapshot::prepare`]): creates what is

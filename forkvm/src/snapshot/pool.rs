@@ -155,6 +155,14 @@ impl ShellPool {
         lock(&self.shells).push(shell);
     }
 
+    /// Makes `n` more shells of `shape` with `kvm`, here and now.
+    pub(crate) fn prepare(&self, kvm: &Kvm, shape: &ShellShape, n: usize) -> Result<(), Error> {
+        for _ in 0..n {
+            self.push(Shell::new(kvm, shape.clone())?);
+        }
+        Ok(())
+    }
+
     /// Keeps `n` shells ready from now on (0: stop refilling).
     pub(crate) fn set_target(&self, n: usize) {
         self.target.store(n, Ordering::SeqCst);

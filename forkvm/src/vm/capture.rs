@@ -197,11 +197,7 @@ impl Vm {
     /// controllers and vCPUs), so that the next forks only map memory and load state.
     /// [`Vm::prepared_forks`] tells how many are ready.
     pub fn prepare_forks(&self, n: usize) -> Result<(), Error> {
-        let shape = self.shell_shape();
-        for _ in 0..n {
-            self.shells.push(Shell::new(&self.kvm, shape.clone())?);
-        }
-        Ok(())
+        self.shells.prepare(&self.kvm, &self.shell_shape(), n)
     }
 
     /// Keeps `n` children prepared (see [`Vm::prepare_forks`]): creates what is missing on a
