@@ -169,13 +169,17 @@ fn fork_n(max: usize) {
                     Memory::print_growth(&before, n, &format!("{n}_children_{what}"));
                 }
                 let t0 = Instant::now();
+                let mut children = children;
+                children.drain(..).for_each(drop);
+                let vms_dropped = t0.elapsed();
                 drop(children);
                 let dropped = t0.elapsed();
                 // The KVM VMs, vCPUs and RAM go on the reaper's threads (`forkvm::pending_releases`).
                 let released = forkvm::wait_for_releases(Duration::from_secs(120));
                 println!(
-                    "{name}: dropping {n} children returned after {:.1} ms; all released after {:.2} s{}",
+                    "{name}: dropping {n} children returned after {:.1} ms ({:.1} ms the VMs, the rest their `Vec`'s buffer); all released after {:.2} s{}",
                     dropped.as_secs_f64() * 1e3,
+                    vms_dropped.as_secs_f64() * 1e3,
                     t0.elapsed().as_secs_f64(),
                     if released {
                         ""

@@ -57,3 +57,9 @@ pub fn cpu_time() -> std::time::Duration {
     let tv = |t: libc::timeval| std::time::Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
+
+/// How many mappings this process has (lines of `/proc/self/maps`): creating a KVM VM takes
+/// every mapping's lock, so its cost grows with them.
+pub fn mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps").map_or(0, |maps| maps.lines().count())
+}

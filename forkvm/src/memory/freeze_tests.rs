@@ -124,6 +124,44 @@ fn a_draft_copies_the_pages_written_since_the_last_freeze_and_the_pause_those_si
 }
 
 #[test]
+fn a_draft_finds_the_pages_written_far_apart_and_a_scan_protects_each_again() {
+    // Windows of existing pages megabytes apart are scanned one by one: each run is reported
+    // from the start of the RAM, and a page written in a hole after the draft is found.
+    let mut ram = GuestRam::new(64 * MIB).unwrap();
+    ram.freeze().unwrap();
+    for page in [1u64, 2, 3000, 9000, 16383] {
+        write(&ram, page * 4096, page);
+    }
+    let draft = Some(ram.draft_freeze().unwrap());
+    if tracked(&ram) {
+        assert_eq!(
+            precopied(&draft),
+            [(1, 2), (3000, 1), (9000, 1), (16383, 1)]
+        );
+        for page in [2u64, 6000, 9000, 16383] {
+            write(&ram, page * 4096, page + 1);
+        }
+        let Tracking::On(tracker) = &ram.tracking else {
+            unreachable!()
+        };
+        let host = ram.hosts().unwrap()[0];
+        assert_eq!(
+            tracker.written(host, 64 * MIB).unwrap(),
+            [(2, 1), (6000, 1), (9000, 1), (16383, 1)]
+        );
+        assert_eq!(tracker.written(host, 64 * MIB).unwrap(), []);
+    }
+    // (The scans above took these: written again, they are reported again.)
+    for page in [2u64, 6000, 9000, 12000] {
+        write(&ram, page * 4096, page + 2);
+    }
+    let image = ram.freeze_from(draft).unwrap();
+    let m = image.map().unwrap();
+    let pages = [1u64, 2, 3000, 6000, 9000, 12000, 16383].map(|page| read(&m, page * 4096));
+    assert_eq!(pages, [1, 4, 3000, 6002, 9002, 12002, 16383]);
+}
+
+#[test]
 fn pages_written_while_a_draft_copies_are_in_the_image() {
     let mut ram = GuestRam::new(16 * MIB).unwrap();
     ram.freeze().unwrap();
