@@ -247,7 +247,14 @@ fn linux_cases(mib: u64, n: usize, t: Duration) {
         "linux/{mib}MiB: agent up after {:.1} s",
         t0.elapsed().as_secs_f64()
     );
-    for written in [0u64, 1, 16] {
+    // `FORK_RUNNING_W_MIB=0` (one value): only that case.
+    let only: Option<u64> = std::env::var("FORK_RUNNING_W_MIB")
+        .ok()
+        .and_then(|w| w.parse().ok());
+    for written in [0u64, 1, 16]
+        .into_iter()
+        .filter(|w| only.is_none_or(|o| o == *w))
+    {
         let process = (written > 0).then(|| {
             let process = agent.spawn(&workload(written)).unwrap();
             let mut out = Vec::new();

@@ -168,12 +168,23 @@ fn fork_n(max: usize) {
                     let what = if prepared { "prepared" } else { "not_prepared" };
                     Memory::print_growth(&before, n, &format!("{n}_children_{what}"));
                 }
+                forkvm::take_phase_timings();
                 let t0 = Instant::now();
                 let mut children = children;
                 children.drain(..).for_each(drop);
                 let vms_dropped = t0.elapsed();
                 drop(children);
                 let dropped = t0.elapsed();
+                // Where the VMs' drops went (the phases of `Vm::drop`, summed).
+                let mut drop_phases = std::collections::BTreeMap::<&str, u64>::new();
+                for (phase, ns) in forkvm::take_phase_timings() {
+                    if phase.starts_with("vm.drop") {
+                        *drop_phases.entry(phase).or_default() += ns;
+                    }
+                }
+                for (phase, ns) in drop_phases {
+                    println!("{name}:   {phase} {:.1} ms in all", ns as f64 / 1e6);
+                }
                 // The KVM VMs, vCPUs and RAM go on the reaper's threads (`forkvm::pending_releases`).
                 let released = forkvm::wait_for_releases(Duration::from_secs(120));
                 println!(

@@ -10,9 +10,12 @@
 //! - `running`: a running parent (the guest spins and writes) forked with a prepared child; the
 //!   parent's pause ([`Vm::last_pause`]) is the figure there.
 //!
+//! - `unprepared_1vcpu`: the same as `unprepared` for a 128 MiB parent with one vCPU and no
+//!   devices (the shape zeroboot forks, for comparison);
 //! - `kvm_floor`: what this host's KVM alone takes to make a VM of the same shape, timed from
 //!   plain `kvm-ioctls` calls (`KVM_CREATE_VM`, the 256 MiB and identity-page memory slots,
-//!   `KVM_SET_TSS_ADDR`, `KVM_CREATE_IRQCHIP`, two `KVM_CREATE_VCPU` + `KVM_SET_CPUID2`): the
+//!   `KVM_SET_TSS_ADDR`, `KVM_CREATE_IRQCHIP`, a `KVM_CREATE_VCPU` + `KVM_SET_CPUID2` per vCPU), for
+//!   both shapes above: the
 //!   floor under an unprepared fork, which makes all of that in its path.
 //!
 //! Each case prints p50/p90/p99/max, then the mean of each phase over the forks at or above the
@@ -197,13 +200,24 @@ fn main() {
     }
     drop(parent);
     forkvm::wait_for_releases(Duration::from_secs(60));
+    if wanted("unprepared_1vcpu") {
+        let (parent, _, _) = spinning_guest_with(1, 128, |builder| builder);
+        parent.pause().unwrap();
+        let samples = run_case("unprepared_1vcpu", &parent, false);
+        report("fork_tails/unprepared_1vcpu: fork latency", &samples, |s| {
+            Some(s.took)
+        });
+        drop(parent);
+        forkvm::wait_for_releases(Duration::from_secs(60));
+    }
     if wanted("kvm_floor") {
-        kvm_floor();
+        kvm_floor(2, 256);
+        kvm_floor(1, 128);
     }
 }
 
-/// The `kvm_floor` case: KVM's own calls for a VM shaped as the parent's children, `n()` times.
-fn kvm_floor() {
+/// The `kvm_floor` case: KVM's own calls for a VM of `vcpus` vCPUs and `mib` MiB, `n()` times.
+fn kvm_floor(vcpus: u64, mib: u64) {
     use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY, kvm_userspace_memory_region};
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
@@ -223,7 +237,7 @@ fn kvm_floor() {
         assert_ne!(at, libc::MAP_FAILED);
         at as u64
     };
-    let (ram, identity) = (map(256 << 20), map(4096));
+    let (ram, identity) = (map((mib << 20) as usize), map(4096));
     let steps = ["create_vm", "memory_slots", "tss_irqchip", "vcpus"];
     let mut times: Vec<Vec<Duration>> = vec![Vec::new(); steps.len() + 1];
     let load = load_average();
@@ -232,7 +246,7 @@ fn kvm_floor() {
         let vm = kvm.create_vm().unwrap();
         let t1 = Instant::now();
         for (slot, flags, guest_phys_addr, memory_size, userspace_addr) in [
-            (0, 0, 0, 256 << 20, ram),
+            (0, 0, 0, mib << 20, ram),
             (1, KVM_MEM_READONLY, 0xfeff_c000, 4096, identity),
         ] {
             let region = kvm_userspace_memory_region {
@@ -249,7 +263,7 @@ fn kvm_floor() {
         vm.set_tss_address(0xfffb_d000).unwrap();
         vm.create_irq_chip().unwrap();
         let t3 = Instant::now();
-        let vcpus: Vec<_> = (0..2)
+        let fds: Vec<_> = (0..vcpus)
             .map(|id| {
                 let fd = vm.create_vcpu(id).unwrap();
                 fd.set_cpuid2(&cpuid).unwrap();
@@ -263,15 +277,16 @@ fn kvm_floor() {
         {
             times[i].push(*b - *a);
         }
-        drop(vcpus);
+        drop(fds);
         drop(vm);
     }
+    let name = format!("kvm_floor/{vcpus}vcpu_{mib}MiB");
     println!(
-        "kvm_floor: n={} load average before {load}, after {}",
+        "{name}: n={} load average before {load}, after {}",
         n(),
         load_average()
     );
     for (step, values) in steps.iter().chain(["all"].iter()).zip(&mut times) {
-        print_percentiles(&format!("fork_tails/kvm_floor: {step}"), values);
+        print_percentiles(&format!("fork_tails/{name}: {step}"), values);
     }
 }

@@ -258,11 +258,26 @@ impl Hold {
                 }
             }
         }
-        for _ in 0..MAX_THREADS {
+        // One at a time: a thread grows the pool only when it takes work while more waits, so
+        // blockers queued while every live thread is taken (by other tests' work too) could
+        // wait for a thread that never comes. One not taken soon gets a thread started for it.
+        let t0 = Instant::now();
+        for held in 0..MAX_THREADS {
             drop_later(Blocker(gate.clone(), entered.clone()));
-        }
-        while entered.load(Ordering::SeqCst) < MAX_THREADS {
-            std::thread::sleep(Duration::from_millis(1));
+            let mut asked = Instant::now();
+            while entered.load(Ordering::SeqCst) <= held {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "{held} of {MAX_THREADS} reaper threads held after 30 s ({} live, {} pending)",
+                    LIVE.load(Ordering::SeqCst),
+                    PENDING.load(Ordering::SeqCst),
+                );
+                if asked.elapsed() > Duration::from_millis(20) {
+                    grow();
+                    asked = Instant::now();
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
         Self(gate)
     }

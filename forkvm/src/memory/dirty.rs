@@ -187,7 +187,7 @@ impl WriteTracker {
             WINDOW_GAP,
         );
         drop(span);
-        crate::phases::count("tracker.window_count", windows.len() as u64);
+        crate::phases::count("tracker.window_runs", windows.len() as u64);
         let mut runs: Vec<(usize, usize)> = Vec::new();
         for (first, count) in windows {
             let start = host + (first * PAGE) as u64;

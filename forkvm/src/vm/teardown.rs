@@ -11,7 +11,7 @@ use forkvm_devices::virtio::balloon::BalloonHandle;
 use forkvm_devices::virtio::vsock::host::VsockConnector;
 use kvm_ioctls::VmFd;
 
-use super::{Extensions, Phase, Vm, capture};
+use super::{Extensions, Inner, Phase, Vm, capture};
 use crate::exit::GuestExit;
 use crate::identity::IdentityPage;
 use crate::memory::GuestRam;
@@ -44,6 +44,8 @@ pub(super) struct Teardown {
     shells: Arc<ShellPool>,
     vcpus: Vec<SharedVcpu>,
     kernel: Option<KernelParts>,
+    /// The rest of the VM (emptied above), freed here rather than by the caller.
+    rest: Option<Box<Inner>>,
 }
 
 /// A dropped VM's RAM and identity page, unmapped once its KVM VM is gone.
@@ -151,16 +153,26 @@ impl Drop for Vm {
             shells: self.shells.clone(),
             vcpus: std::mem::take(&mut self.vcpus),
             kernel: Some(kernel),
+            rest: None,
         };
         // Into the box the VM was made with: growing the heap here would wait behind every
         // other change to the process's mappings, which a mass drop makes many of (the exiting
         // threads' stacks, the unmapped RAM; see `crate::reaper`'s queue).
         let slot = self.teardown.get_mut().ok().and_then(Option::take);
-        let teardown = match slot {
+        let mut teardown = match slot {
             Some(slot) => Box::write(slot, teardown),
             None => Box::new(teardown),
         };
-        crate::reaper::drop_boxed_later(teardown);
-        // What is left goes with the other fields, here.
+        let host_names = self.host_names;
+        // SAFETY: `inner` is taken once, here in `drop`, and never used again.
+        let inner = unsafe { ManuallyDrop::take(&mut self.inner) };
+        if host_names {
+            // The rest (its buses hold the devices) goes now, with the names on the host.
+            crate::reaper::drop_boxed_later(teardown);
+            drop(inner);
+        } else {
+            teardown.rest = Some(inner);
+            crate::reaper::drop_boxed_later(teardown);
+        }
     }
 }
