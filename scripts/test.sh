@@ -46,7 +46,11 @@ cargo test -p forkvm-devices -p forkvm-net -p forkvm-agent-protocol -p forkvm-ag
 step "fuzzing (bounded)"
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
 for target in mmio_transport block_requests block_ring console_queues vsock_packets net_frames legacy_ports; do
-    (cd fuzz && cargo fuzz run "$target" --sanitizer none -- -max_total_time="${FORKVM_FUZZ_SECONDS:-30}" 2>&1 | tail -n 1)
+    # From the checked-in seeds, where the target has them (fuzz/README.md).
+    seeds=()
+    [ -d "fuzz/seeds/$target" ] && seeds=("seeds/$target")
+    (cd fuzz && mkdir -p "corpus/$target" && cargo fuzz run "$target" --sanitizer none "corpus/$target" ${seeds[@]+"${seeds[@]}"} \
+        -- -max_total_time="${FORKVM_FUZZ_SECONDS:-30}" 2>&1 | tail -n 1)
 done
 
 # The build script's test (forkvm/build.rs, which tests and forkvm-cli share): /dev/kvm opens read-write.

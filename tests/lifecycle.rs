@@ -1,6 +1,7 @@
 //! Many VMs, one process: 1,000 create → run → stop cycles and a batch of failed builds, then
 //! 1,000 fork → stop cycles of one running VM, leave no growth in open fds, threads or resident
 //! memory. One test only, so nothing else runs alongside and disturbs the counts.
+//! `FORKVM_SOAK_CYCLES=N` runs N cycles of each instead (`scripts/soak.sh`: 10,000).
 
 use forkvm::{
     BalloonConfig, Child, ConsoleBuffer, ConsoleOutput, GuestExit, VmBuilder, VsockConfig,
@@ -9,10 +10,13 @@ use std::time::Duration;
 
 use forkvm_tests::{open_fds, proc_status, test_guest, test_guest_vm};
 
-const CYCLES: usize = 1000;
+/// Cycles of each kind: `FORKVM_SOAK_CYCLES`, else 1,000.
+fn cycles() -> usize {
+    forkvm_tests::env_u64("FORKVM_SOAK_CYCLES", 1000) as usize
+}
 const WARM_UP: usize = 20;
-/// Resident-memory growth tolerated after 1,000 cycles: allocator noise, far below one leaked
-/// page per cycle (4 MB) or one leaked guest (32 MiB).
+/// Resident-memory growth tolerated after the cycles: allocator noise, far below one leaked
+/// page per cycle (4 MB over 1,000) or one leaked guest (32 MiB).
 const RSS_SLACK_KB: u64 = 3 * 1024;
 
 fn cycle(i: usize) {
@@ -74,20 +78,29 @@ fn assert_no_growth(what: &str, mut cycle: impl FnMut(usize)) {
     // What the cycles let go of is freed in the background: counted once it is.
     assert!(forkvm::wait_for_releases(Duration::from_secs(60)));
     let (fds, threads, rss) = (open_fds(), proc_status("Threads"), proc_status("VmRSS"));
-    for i in 0..CYCLES {
+    let t0 = std::time::Instant::now();
+    let mut peak_rss = rss;
+    for i in 0..cycles() {
         cycle(i);
+        if i % 100 == 99 {
+            peak_rss = peak_rss.max(proc_status("VmRSS"));
+        }
     }
+    let took = t0.elapsed();
     assert!(forkvm::wait_for_releases(Duration::from_secs(60)));
     let (fds_after, threads_after, rss_after) =
         (open_fds(), proc_status("Threads"), proc_status("VmRSS"));
     eprintln!(
-        "{what}: fds {fds} -> {fds_after}, threads {threads} -> {threads_after}, RSS {rss} kB -> {rss_after} kB"
+        "{what}: {} cycles in {:.1} s; fds {fds} -> {fds_after}, threads {threads} -> {threads_after}, RSS {rss} kB -> {rss_after} kB (peak {peak_rss} kB)",
+        cycles(),
+        took.as_secs_f64()
     );
     assert_eq!(fds_after, fds, "{what}: open fds");
     assert_eq!(threads_after, threads, "{what}: threads");
     assert!(
         rss_after <= rss + RSS_SLACK_KB,
-        "{what}: RSS grew from {rss} kB to {rss_after} kB over {CYCLES} cycles"
+        "{what}: RSS grew from {rss} kB to {rss_after} kB over {} cycles",
+        cycles()
     );
 }
 
