@@ -5,15 +5,20 @@
 //! device and the queue state the driver programs through its registers, validates every value
 //! the guest writes, and moves the device into `DEVICE_NEEDS_RESET` when the guest breaks the
 //! rules. Queue notifications arrive on one eventfd per queue (a KVM ioeventfd in a VM) and are
-//! served on the VM's event loop; interrupts leave through an irqfd.
+//! served on the VM's event loop, each within a [`Budget`] (the rest on the loop's next turn);
+//! interrupts leave through an irqfd. Devices read the driver's chains through [`chains`], which
+//! checks them once (no indirect descriptors, no loops, buffers inside guest memory).
 
 pub mod balloon;
 pub mod block;
+pub mod chains;
 pub mod console;
 pub mod mmio;
 pub mod net;
 pub mod persist;
 pub mod rng;
+#[cfg(test)]
+mod rules_tests;
 pub mod saved;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_driver;
@@ -24,7 +29,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use thiserror::Error;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{Queue, QueueT};
+
+pub use chains::{Budget, Chain, ChainError};
 
 use crate::trigger::IrqTrigger;
 
@@ -40,6 +47,9 @@ pub enum DeviceError {
     /// The guest's queue structures are unusable (bad addresses, indexes or chains).
     #[error("virtqueue error")]
     Queue(#[from] virtio_queue::Error),
+    /// A descriptor chain or the available ring breaks the rules (see [`chains`]).
+    #[error("unusable descriptor chain")]
+    Chain(#[from] ChainError),
     /// A request was malformed.
     #[error("malformed request: {0}")]
     BadRequest(String),
@@ -93,17 +103,19 @@ impl Interrupt {
     }
 }
 
-/// Serves every chain the driver made available on `queue` with `serve`, which returns how many
-/// bytes it wrote into the chain's buffers, then interrupts the driver if it asked to be told.
+/// Serves the chains the driver made available on `queue` with `serve`, which returns how many
+/// bytes it wrote into the chain's buffers (and charges the bytes it moved to `budget`), until
+/// none is left or `budget` is spent; then interrupts the driver if it asked to be told.
 pub fn serve_queue(
     queue: &mut Queue,
     memory: &GuestMemoryMmap,
     interrupt: &Interrupt,
-    mut serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> Result<u32, DeviceError>,
+    budget: &Budget,
+    mut serve: impl FnMut(Chain<'_>) -> Result<u32, DeviceError>,
 ) -> Result<(), DeviceError> {
     let mut used_any = false;
-    while let Some(chain) = queue.pop_descriptor_chain(memory) {
-        let head = chain.head_index();
+    while let Some(chain) = chains::next_chain(queue, memory, budget)? {
+        let head = chain.head();
         let written = serve(chain)?;
         queue.add_used(memory, head, written)?;
         used_any = true;
@@ -149,13 +161,17 @@ pub trait VirtioDevice: Send {
     }
     /// Serves the available buffers of queue `index`, one of `queues` (called on the event loop
     /// after a notify). Devices whose work spans queues (vsock) reach the others through
-    /// `queues`; a queue the driver did not make ready yields no chains.
+    /// `queues`; a queue the driver did not make ready yields no chains. The device takes
+    /// chains through [`chains::next_chain`] (or [`serve_queue`]) with `budget`, and charges it
+    /// the bytes it moves; when the budget runs out the transport calls again on the event
+    /// loop's next turn.
     fn process_queue(
         &mut self,
         index: usize,
         queues: &mut [Queue],
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
+        budget: &Budget,
     ) -> Result<(), DeviceError>;
     /// An fd that becomes readable when the host side has work for the device (a socket that
     /// connected or has data, a request from the VM handle); the event loop watches it and then

@@ -87,8 +87,14 @@ impl Driver {
 
     /// Programs the selected queue with [`QUEUE_SIZE`] entries at the given addresses and marks it ready.
     pub fn setup_queue(&mut self, desc: u64, avail: u64, used: u64) {
+        self.program_queue(u32::from(QUEUE_SIZE), desc, avail, used);
+    }
+
+    /// Programs the selected queue with `size` entries (whatever the value) at the given
+    /// addresses and writes 1 to `QueueReady`.
+    pub fn program_queue(&mut self, size: u32, desc: u64, avail: u64, used: u64) {
         self.write(reg::QUEUE_SEL, u32::from(self.queue));
-        self.write(reg::QUEUE_NUM, u32::from(QUEUE_SIZE));
+        self.write(reg::QUEUE_NUM, size);
         for (low, value) in [
             (reg::QUEUE_DESC_LOW, desc),
             (reg::QUEUE_DRIVER_LOW, avail),
@@ -164,10 +170,38 @@ impl Driver {
             .unwrap();
     }
 
-    /// Notifies the selected queue and lets the "event loop" serve it.
+    /// Notifies the selected queue and lets the "event loop" serve it: one turn, then as many
+    /// more as the transport asks for (by signalling the queue again).
     pub fn notify(&mut self) {
+        self.notify_once();
+        while self.turn_pending() {
+            self.serve_turn();
+        }
+    }
+
+    /// Notifies the selected queue and lets the "event loop" take one turn at it.
+    pub fn notify_once(&mut self) {
         let q = usize::from(self.queue);
         self.write(reg::QUEUE_NOTIFY, q as u32);
+        self.serve_turn();
+    }
+
+    /// Whether the selected queue's eventfd is signalled (the event loop would serve it).
+    pub fn turn_pending(&self) -> bool {
+        let q = usize::from(self.queue);
+        // Reading clears it; signal it again for `serve_turn`.
+        match self.transport.queue_events()[q].read() {
+            Ok(n) => {
+                self.transport.queue_events()[q].write(n).unwrap();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// One turn of the "event loop" at the selected queue: takes its signal and serves it.
+    pub fn serve_turn(&mut self) {
+        let q = usize::from(self.queue);
         assert_eq!(self.transport.queue_events()[q].read().unwrap(), 1);
         self.transport.process_queue(q);
     }

@@ -1,13 +1,13 @@
 //! The balloon device: its queues (inflate, deflate, statistics, free page reporting), the
 //! validation of what the guest sends on them, and the host's requests from the event loop.
 
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{ByteValued, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -17,8 +17,9 @@ use super::{
     F_STATS_VQ, MAX_PFNS_PER_CHAIN, MAX_REPORT_RANGES, MAX_STATS, PAGE_SIZE, QUEUE_SIZE,
     RamDiscard, STAT_ENTRY_SIZE,
 };
+use crate::virtio::chains::next_chain;
 use crate::virtio::{
-    DeviceError, DeviceState, GuestMemoryMmap, INT_CONFIG, INT_USED_RING, Interrupt,
+    Budget, Chain, DeviceError, DeviceState, GuestMemoryMmap, INT_CONFIG, INT_USED_RING, Interrupt,
     VIRTIO_F_VERSION_1, VirtioDevice, read_config_bytes, serve_queue,
 };
 
@@ -77,6 +78,10 @@ pub struct Balloon {
     pub(super) ranges: Vec<(u64, usize)>,
     /// Frees the host memory behind the pages the guest gives up.
     pub(super) discard: Arc<dyn RamDiscard>,
+    /// The pages in the balloon (inflated and not deflated since), one bit per page frame of
+    /// guest memory, so that a page inflated again is not counted again. Sized to guest memory
+    /// (one bit per 4 KiB page: 32 KiB per GiB) at the first inflation.
+    pub(super) in_balloon: Vec<u64>,
 }
 
 impl Balloon {
@@ -127,6 +132,7 @@ impl Balloon {
             pfns: Vec::new(),
             ranges: Vec::new(),
             discard,
+            in_balloon: Vec::new(),
         })
     }
 
@@ -155,19 +161,19 @@ impl Balloon {
     /// contiguous pages in `self.ranges`, each inside one memory region.
     fn read_page_runs(
         &mut self,
-        chain: DescriptorChain<&GuestMemoryMmap>,
+        chain: &Chain<'_>,
         memory: &GuestMemoryMmap,
+        budget: &Budget,
     ) -> Result<Result<(), Rejected>, DeviceError> {
-        let mut reader = chain.reader(memory)?;
-        let len = reader.available_bytes();
+        let len = chain.readable_len();
         if len > MAX_PFNS_PER_CHAIN * 4 {
             return Ok(Err(Rejected::TooManyPfns(len)));
         }
-        if len % 4 != 0 {
+        if !len.is_multiple_of(4) {
             return Ok(Err(Rejected::PartialPfn(len)));
         }
         self.bytes.resize(len, 0);
-        reader.read_exact(&mut self.bytes)?;
+        budget.charge_bytes(chain.read(memory, &mut self.bytes)?);
         self.pfns.clear();
         self.pfns.extend(
             self.bytes
@@ -180,13 +186,9 @@ impl Balloon {
     }
 
     /// Reads the ranges of a free page report into `self.ranges`.
-    fn read_report(
-        &mut self,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-        memory: &GuestMemoryMmap,
-    ) -> Result<(), Rejected> {
+    fn read_report(&mut self, chain: &Chain<'_>, memory: &GuestMemoryMmap) -> Result<(), Rejected> {
         self.ranges.clear();
-        for desc in chain.take(MAX_REPORT_RANGES + 1) {
+        for desc in chain.descriptors().iter().take(MAX_REPORT_RANGES + 1) {
             if self.ranges.len() == MAX_REPORT_RANGES {
                 return Err(Rejected::TooManyRanges);
             }
@@ -216,47 +218,73 @@ impl Balloon {
         }
     }
 
-    /// Frees the host memory behind `self.ranges`; returns the bytes freed.
-    fn discard_ranges(&self) -> u64 {
-        let mut freed = 0;
+    /// Frees the host memory behind `self.ranges`; returns the bytes freed and, with
+    /// `inflating`, of those the bytes of pages that were not in the balloon yet (which join
+    /// it).
+    fn discard_ranges(&mut self, inflating: bool, memory: &GuestMemoryMmap) -> (u64, u64) {
+        if inflating {
+            self.size_in_balloon(memory);
+        }
+        let (mut freed, mut fresh) = (0, 0);
         for (addr, len) in &self.ranges {
             match self.discard.discard(*addr, *len as u64) {
-                Ok(()) => freed += *len as u64,
+                Ok(()) => {
+                    freed += *len as u64;
+                    if inflating {
+                        let first = addr / PAGE_SIZE;
+                        for pfn in first..first + *len as u64 / PAGE_SIZE {
+                            if mark(&mut self.in_balloon, pfn, true) {
+                                fresh += PAGE_SIZE;
+                            }
+                        }
+                    }
+                }
                 Err(e) => crate::ratelimit::guest_warn!(
                     "virtio-balloon: cannot free {addr:#x}+{len:#x}: {e}"
                 ),
             }
         }
-        freed
+        (freed, fresh)
+    }
+
+    /// Sizes the page bitmap to guest memory (the memory never changes size).
+    fn size_in_balloon(&mut self, memory: &GuestMemoryMmap) {
+        let frames = memory.last_addr().0 / PAGE_SIZE + 1;
+        let words = usize::try_from(frames.div_ceil(64)).unwrap_or(usize::MAX);
+        if self.in_balloon.len() < words {
+            self.in_balloon.resize(words, 0);
+        }
     }
 
     fn inflate_or_deflate(
         &mut self,
         inflate: bool,
-        chain: DescriptorChain<&GuestMemoryMmap>,
+        chain: &Chain<'_>,
         memory: &GuestMemoryMmap,
+        budget: &Budget,
     ) -> Result<u32, DeviceError> {
-        if let Err(why) = self.read_page_runs(chain, memory)? {
+        if let Err(why) = self.read_page_runs(chain, memory, budget)? {
             self.reject(why);
         } else if inflate {
-            let freed = self.discard_ranges();
-            self.shared.inflated.fetch_add(freed, Ordering::SeqCst);
+            // A page inflated again (without a deflation between) is freed again but counted
+            // once.
+            let (_, fresh) = self.discard_ranges(true, memory);
+            self.shared.inflated.fetch_add(fresh, Ordering::SeqCst);
         } else {
+            for pfn in &self.pfns {
+                mark(&mut self.in_balloon, *pfn, false);
+            }
             let bytes = self.pfns.len() as u64 * PAGE_SIZE;
             self.shared.deflated.fetch_add(bytes, Ordering::SeqCst);
         }
         Ok(0)
     }
 
-    fn report(
-        &mut self,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-        memory: &GuestMemoryMmap,
-    ) -> Result<u32, DeviceError> {
+    fn report(&mut self, chain: &Chain<'_>, memory: &GuestMemoryMmap) -> Result<u32, DeviceError> {
         match self.read_report(chain, memory) {
             Err(why) => self.reject(why),
             Ok(()) => {
-                let freed = self.discard_ranges();
+                let (freed, _) = self.discard_ranges(false, memory);
                 self.shared.reported.fetch_add(freed, Ordering::SeqCst);
             }
         }
@@ -269,14 +297,14 @@ impl Balloon {
         queue: &mut Queue,
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
+        budget: &Budget,
     ) -> Result<(), DeviceError> {
         let mut returned = false;
-        while let Some(chain) = queue.pop_descriptor_chain(memory) {
-            let head = chain.head_index();
-            let mut reader = chain.reader(memory)?;
-            let count = (reader.available_bytes() / STAT_ENTRY_SIZE).min(MAX_STATS);
+        while let Some(chain) = next_chain(queue, memory, budget)? {
+            let head = chain.head();
+            let count = (chain.readable_len() / STAT_ENTRY_SIZE).min(MAX_STATS);
             self.bytes.resize(count * STAT_ENTRY_SIZE, 0);
-            reader.read_exact(&mut self.bytes)?;
+            budget.charge_bytes(chain.read(memory, &mut self.bytes)?);
             let entries = self
                 .bytes
                 .chunks_exact(STAT_ENTRY_SIZE)
@@ -322,6 +350,25 @@ impl Balloon {
         }
         Ok(())
     }
+}
+
+/// Sets (`on`) or clears the bit of page frame `pfn` in `bitmap`; whether it changed. Frames
+/// past the bitmap change nothing (the device checked them against guest memory already).
+fn mark(bitmap: &mut [u64], pfn: u64, on: bool) -> bool {
+    let Some(word) = usize::try_from(pfn / 64)
+        .ok()
+        .and_then(|w| bitmap.get_mut(w))
+    else {
+        return false;
+    };
+    let bit = 1u64 << (pfn % 64);
+    let was = *word & bit != 0;
+    if on {
+        *word |= bit;
+    } else {
+        *word &= !bit;
+    }
+    was != on
 }
 
 /// Turns sorted, distinct `pfns` into runs of contiguous pages in `runs`, each inside one memory
@@ -391,6 +438,7 @@ impl VirtioDevice for Balloon {
         queues: &mut [Queue],
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
+        budget: &Budget,
     ) -> Result<(), DeviceError> {
         let (Some(role), Some(queue)) = (self.roles.get(index).copied(), queues.get_mut(index))
         else {
@@ -400,14 +448,14 @@ impl VirtioDevice for Balloon {
         match role {
             QueueRole::Inflate | QueueRole::Deflate => {
                 let inflate = role == QueueRole::Inflate;
-                serve_queue(queue, memory, interrupt, |chain| {
-                    self.inflate_or_deflate(inflate, chain, memory)
+                serve_queue(queue, memory, interrupt, budget, |chain| {
+                    self.inflate_or_deflate(inflate, &chain, memory, budget)
                 })
             }
-            QueueRole::Stats => self.take_stats(queue, memory, interrupt),
-            QueueRole::Reporting => {
-                serve_queue(queue, memory, interrupt, |chain| self.report(chain, memory))
-            }
+            QueueRole::Stats => self.take_stats(queue, memory, interrupt, budget),
+            QueueRole::Reporting => serve_queue(queue, memory, interrupt, budget, |chain| {
+                self.report(&chain, memory)
+            }),
         }
     }
 
@@ -441,6 +489,7 @@ impl VirtioDevice for Balloon {
         // The guest starts over with all of its memory; the statistics stay for the host.
         self.roles = queue_roles(0);
         self.stats_head = None;
+        self.in_balloon.clear();
         self.shared.actual.store(0, Ordering::SeqCst);
     }
 }

@@ -118,7 +118,9 @@ impl BalloonHandle {
         self.shared.stats_updates.load(Ordering::SeqCst)
     }
 
-    /// Bytes of guest memory given back to the host by inflating, in total.
+    /// Bytes of guest memory given back to the host by inflating, in total: a page counts each
+    /// time it joins the balloon, not again while it stays there (a deflation, or a driver
+    /// reset, takes it out).
     pub fn inflated_bytes(&self) -> u64 {
         self.shared.inflated.load(Ordering::SeqCst)
     }

@@ -14,8 +14,11 @@
 //! ranges and a statistics buffer at most [`MAX_STATS`] entries are read. A malformed request
 //! (a PFN outside guest RAM, a length that is not whole PFNs, an unaligned or overlapping range)
 //! is dropped whole: nothing of it is discarded, and the handle counts it in
-//! [`BalloonHandle::rejected_requests`]. Buffers outside guest memory are the transport's
-//! business: the device needs a reset, as with every device.
+//! [`BalloonHandle::rejected_requests`]. Buffers outside guest memory (a report's ranges are
+//! its buffers) are the transport's business: the device needs a reset, as with every device.
+//! The device keeps a bitmap of the pages in the balloon (one bit per page of guest memory), so
+//! that [`BalloonHandle::inflated_bytes`] counts a page inflated again without a deflation
+//! between only once.
 
 mod device;
 mod handle;

@@ -19,11 +19,14 @@ use super::io::AlignedBuffer;
 use super::layers::{ChildCow, Cow, ImageCow};
 use super::persist::BlockState;
 use super::request::{Request, RequestError};
-use super::ring::{DescriptorTable, GuestView, Rings};
-use super::{BLOCK_DEVICE_TYPE, BOUNCE_SIZE, ID_LEN, MAX_RANGE_SECTORS, QUEUE_SIZE, SECTOR_SIZE};
+use super::ring::{DescriptorTable, GuestView, Rings, has_available};
+use super::{
+    BLOCK_DEVICE_TYPE, BOUNCE_SIZE, ID_LEN, MAX_BYTES_PER_TURN, MAX_RANGE_SECTORS, QUEUE_SIZE,
+    SECTOR_SIZE,
+};
 use crate::virtio::{
-    DeviceError, DeviceState, GuestMemoryMmap, INT_USED_RING, Interrupt, VIRTIO_F_VERSION_1,
-    VirtioDevice, read_config_bytes,
+    Budget, DeviceError, DeviceState, GuestMemoryMmap, INT_USED_RING, Interrupt,
+    VIRTIO_F_VERSION_1, VirtioDevice, read_config_bytes,
 };
 
 /// A raw disk image behind a virtio-blk device.
@@ -41,6 +44,9 @@ pub struct Block {
     /// Copy-on-write state, once the disk was frozen or if it is a child (then `file` is its
     /// own overlay); `None` for a disk never frozen (and for read-only disks, which need none).
     pub(super) cow: Option<Cow>,
+    /// The features the driver accepted: discard and write-zeroes are served only if it
+    /// accepted theirs (otherwise they complete with `VIRTIO_BLK_S_UNSUPP`).
+    pub(super) acked_features: u64,
 }
 
 impl Block {
@@ -87,6 +93,7 @@ impl Block {
             bounce: AlignedBuffer::new(BOUNCE_SIZE),
             requests: Vec::new(),
             cow,
+            acked_features: 0,
         }
     }
 
@@ -178,12 +185,15 @@ impl Block {
     /// requests in order, then write their status bytes and used entries, and interrupt once.
     /// Keeping the ring and descriptor accesses together, away from the image I/O between
     /// them, is what makes a request cheap. A chain the device cannot use ends the pass with
-    /// an error after the requests before it have completed.
+    /// an error after the requests before it have completed. Rounds go on while `budget` lasts
+    /// (each charged its descriptors and data bytes); requests left then are marked for the
+    /// next turn of the event loop.
     fn serve(
         &mut self,
         queue: &mut Queue,
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
+        budget: &Budget,
     ) -> Result<(), DeviceError> {
         let view = GuestView::new(memory);
         let table = DescriptorTable::new(&view, queue);
@@ -191,9 +201,17 @@ impl Block {
         let mut requests = std::mem::take(&mut self.requests);
         let mut result = Ok(());
         let mut used_any = false;
+        let mut bytes = 0usize;
+        let spent = |bytes: usize| budget.spent() || bytes >= MAX_BYTES_PER_TURN;
         while result.is_ok() {
+            if spent(bytes) {
+                if has_available(queue, memory)? {
+                    budget.leave_more();
+                }
+                break;
+            }
             let mut parsed = 0;
-            while parsed < usize::from(table.size()) {
+            while parsed < usize::from(table.size()) && !spent(bytes) {
                 let head = match rings.pop(queue, memory) {
                     Ok(Some(head)) => head,
                     Ok(None) => break,
@@ -210,6 +228,9 @@ impl Block {
                     break;
                 }
                 requests[parsed].plain = self.plain_io(&view, &requests[parsed]);
+                let request = &requests[parsed];
+                budget.charge_descriptors(request.descriptors());
+                bytes = bytes.saturating_add(request.data_len());
                 parsed += 1;
             }
             if parsed == 0 {
@@ -313,14 +334,26 @@ impl VirtioDevice for Block {
         read_config_bytes(&self.config, offset, data);
     }
 
+    fn ack_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+
+    fn reset(&mut self) {
+        self.acked_features = 0;
+    }
+
     fn process_queue(
         &mut self,
         index: usize,
         queues: &mut [Queue],
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
+        budget: &Budget,
     ) -> Result<(), DeviceError> {
-        self.serve(&mut queues[index], memory, interrupt)
+        let Some(queue) = queues.get_mut(index) else {
+            return Ok(());
+        };
+        self.serve(queue, memory, interrupt, budget)
     }
 
     fn freeze(&mut self) -> Result<DeviceState, DeviceError> {

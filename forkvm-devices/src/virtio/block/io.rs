@@ -8,8 +8,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use vm_memory::bitmap::Bitmap;
 use vm_memory::volatile_memory::PtrGuardMut;
@@ -137,6 +137,13 @@ impl Block {
         let readable = request.readable_len - RequestHeader::LEN;
         let writable = request.writable_len;
         match header.request_type {
+            // Not negotiated: as unknown to this driver as an undefined type.
+            VIRTIO_BLK_T_DISCARD if !self.accepted(VIRTIO_BLK_F_DISCARD) => {
+                Err(RequestError::Unsupported)
+            }
+            VIRTIO_BLK_T_WRITE_ZEROES if !self.accepted(VIRTIO_BLK_F_WRITE_ZEROES) => {
+                Err(RequestError::Unsupported)
+            }
             VIRTIO_BLK_T_IN if readable != 0 => Err(RequestError::Direction),
             VIRTIO_BLK_T_IN => self.read_sectors(memory, request, header.sector),
             VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES
@@ -161,6 +168,11 @@ impl Block {
                 .map(|()| 0),
             _ => Err(RequestError::Unsupported),
         }
+    }
+
+    /// Whether the driver accepted feature bit `feature`.
+    fn accepted(&self, feature: u32) -> bool {
+        self.acked_features & (1 << feature) != 0
     }
 
     /// The image offset of `len` data bytes from `sector`, if the request may move them.

@@ -8,14 +8,18 @@
 //! - `ring.rs`: the split-ring reader of the fast path (available and used rings, descriptor
 //!   table, guest memory as one pass sees it). A chain the device cannot use puts it into
 //!   `DEVICE_NEEDS_RESET`: one that loops or is longer than the queue, names a descriptor
-//!   outside the table, or uses an indirect descriptor (not offered).
+//!   outside the table, or uses an indirect descriptor (not offered); so does an available
+//!   index more than a queue ahead. One notification serves requests while the transport's
+//!   budget of descriptors lasts and at most [`MAX_BYTES_PER_TURN`] of data; the rest is
+//!   served on the event loop's next turn.
 //! - `request.rs`: a chain parsed into a request: segments checked to lie inside guest memory,
 //!   the header, the status byte (a chain without a device-writable byte needs a reset too).
 //! - `io.rs`: requests executed against the image (one `pread`/`pwrite` per plain request, no
 //!   bounce copy unless the image is opened with `O_DIRECT`). Every request is checked before
 //!   it touches the file (complete header, buffers in the right direction, whole sectors inside
 //!   the image, no write on a read-only device, at most [`MAX_REQUEST_BYTES`]); a bad one
-//!   completes with `VIRTIO_BLK_S_IOERR` (or `UNSUPP` for unknown types).
+//!   completes with `VIRTIO_BLK_S_IOERR` (or `UNSUPP` for unknown types, and for discard and
+//!   write-zeroes unless the driver accepted `VIRTIO_BLK_F_DISCARD` or `_WRITE_ZEROES`).
 //! - `layers.rs`: copy-on-write storage of forked disks ([`Block::freeze`],
 //!   [`Block::from_state`]); `docs/design/block-cow.md` describes how and at what cost. A disk
 //!   never frozen pays nothing for it.
@@ -47,6 +51,9 @@ pub const BLOCK_DEVICE_TYPE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 pub const SECTOR_SIZE: u64 = 512;
 /// Most data one request may move (larger requests fail with IOERR).
 pub const MAX_REQUEST_BYTES: usize = 32 << 20;
+/// Most data the requests served for one notification move (at least one request is served;
+/// the rest waits for the event loop's next turn): about a millisecond of copying.
+pub const MAX_BYTES_PER_TURN: usize = 4 << 20;
 /// Length of the device ID returned by GET_ID.
 pub const ID_LEN: usize = 20;
 const QUEUE_SIZE: u16 = 256;

@@ -70,6 +70,18 @@ pub(super) struct PlainIo {
 }
 
 impl Request {
+    /// The non-empty descriptors of the parsed chain (its status byte's included).
+    #[inline]
+    pub(super) fn descriptors(&self) -> usize {
+        self.readable.len() + self.writable.len() + 1
+    }
+
+    /// Bytes of the guest's buffers the request names, besides the status byte.
+    #[inline]
+    pub(super) fn data_len(&self) -> usize {
+        usize::try_from(self.readable_len.saturating_add(self.writable_len)).unwrap_or(usize::MAX)
+    }
+
     /// Walks the chain at `head` once. The chain is unusable — the device needs a reset — when
     /// a descriptor index lies outside the table, the chain loops or is longer than the queue,
     /// a descriptor is indirect (not offered), a buffer lies outside guest memory, or no byte

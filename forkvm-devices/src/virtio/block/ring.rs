@@ -262,6 +262,12 @@ impl<'m> Rings<'m> {
     }
 }
 
+/// Whether the driver made requests available on `queue` that the device has not taken.
+pub(super) fn has_available(queue: &Queue, memory: &GuestMemoryMmap) -> Result<bool, DeviceError> {
+    let idx = queue.avail_idx(memory, Ordering::Acquire)?;
+    Ok(idx.0 != queue.next_avail())
+}
+
 /// A split virtqueue's descriptor table (virtio 1.1 §2.6.5).
 pub(super) struct DescriptorTable<'m> {
     addr: GuestAddress,

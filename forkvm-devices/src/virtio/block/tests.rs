@@ -4,9 +4,10 @@ use std::fs::File;
 use std::path::PathBuf;
 
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use vm_memory::{Bytes, GuestAddress};
 
@@ -49,7 +50,7 @@ fn driver(image: &Image, read_only: bool) -> Driver {
     d.start_with(if read_only {
         1 << VIRTIO_BLK_F_RO
     } else {
-        1 << VIRTIO_BLK_F_FLUSH
+        (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
     });
     d
 }
@@ -134,11 +135,53 @@ fn read_only_device_refuses_writes_with_ioerr() {
         request(&mut d, 0, VIRTIO_BLK_T_OUT, 0, 512, false).0,
         VIRTIO_BLK_S_IOERR as u8
     );
+    // Not offered on a read-only disk, so never negotiated: unsupported.
     assert_eq!(
         request(&mut d, 1, VIRTIO_BLK_T_WRITE_ZEROES, 0, 16, false).0,
-        VIRTIO_BLK_S_IOERR as u8
+        VIRTIO_BLK_S_UNSUPP as u8
     );
     assert_eq!(std::fs::read(&image.0).unwrap()[0], 0);
+}
+
+#[test]
+fn discard_and_write_zeroes_not_negotiated_are_unsupported() {
+    let image = Image::new("unnegotiated");
+    let block = Block::open(&image.0, false, false, "forkvm-disk-0").unwrap();
+    assert_ne!(block.features() & (1 << VIRTIO_BLK_F_DISCARD), 0, "offered");
+    let mut d = Driver::new(Box::new(block));
+    d.start_with(1 << VIRTIO_BLK_F_FLUSH);
+    // One segment: sector 2, 3 sectors, no flags.
+    d.memory.write_obj(2u64, GuestAddress(BUF)).unwrap();
+    d.memory.write_obj(3u32, GuestAddress(BUF + 8)).unwrap();
+    d.memory.write_obj(0u32, GuestAddress(BUF + 12)).unwrap();
+    for (n, request_type) in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES]
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(
+            request(&mut d, n as u16, request_type, 0, 16, false),
+            (VIRTIO_BLK_S_UNSUPP as u8, 1),
+            "type {request_type}"
+        );
+    }
+    assert_eq!(
+        d.read(reg::STATUS) & S_NEEDS_RESET,
+        0,
+        "a request, not a driver error"
+    );
+    let on_disk = std::fs::read(&image.0).unwrap();
+    assert_eq!(on_disk[2 * 512], 2, "the image is untouched");
+    // Accepted after a reset: served.
+    // The rings cleared before the driver goes live again.
+    d.memory
+        .write_obj(0u16, GuestAddress(crate::virtio::test_driver::AVAIL + 2))
+        .unwrap();
+    d.start_with((1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES));
+    assert_eq!(
+        request(&mut d, 0, VIRTIO_BLK_T_WRITE_ZEROES, 0, 16, false).0,
+        VIRTIO_BLK_S_OK as u8
+    );
+    assert_eq!(std::fs::read(&image.0).unwrap()[2 * 512], 0);
 }
 
 #[test]

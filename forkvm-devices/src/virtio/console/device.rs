@@ -1,16 +1,17 @@
 //! The console device: guest output from the transmit queue to the host sink, queued host input
 //! into the guest's receive buffers.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{OwnedFd, RawFd};
 
 use virtio_queue::{Queue, QueueT};
 
 use super::input::{ConsoleInputQueue, HostInput};
 use super::{CONSOLE_DEVICE_TYPE, MAX_TX_CHAIN, QUEUE_SIZE, RX_QUEUE};
+use crate::virtio::chains::next_chain;
 use crate::virtio::{
-    DeviceError, DeviceState, GuestMemoryMmap, INT_USED_RING, Interrupt, VIRTIO_F_VERSION_1,
-    VirtioDevice, serve_queue,
+    Budget, DeviceError, DeviceState, GuestMemoryMmap, INT_USED_RING, Interrupt,
+    VIRTIO_F_VERSION_1, VirtioDevice, serve_queue,
 };
 
 /// The console device.
@@ -51,12 +52,13 @@ impl Console {
         queue: &mut Queue,
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
+        budget: &Budget,
     ) -> Result<(), DeviceError> {
-        serve_queue(queue, memory, interrupt, |chain| {
-            let mut reader = chain.reader(memory)?;
-            let len = reader.available_bytes().min(MAX_TX_CHAIN);
+        serve_queue(queue, memory, interrupt, budget, |chain| {
+            let len = chain.readable_len().min(MAX_TX_CHAIN);
             self.chunk.resize(len, 0);
-            reader.read_exact(&mut self.chunk)?;
+            let read = chain.read(memory, &mut self.chunk)?;
+            budget.charge_bytes(read);
             if let Err(e) = self
                 .output
                 .write_all(&self.chunk)
@@ -74,21 +76,31 @@ impl Console {
         queue: &mut Queue,
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
+        budget: &Budget,
     ) -> Result<(), DeviceError> {
         let input = self.input.clone();
         let mut pending = input.lock();
         let mut took = false;
+        let mut result = Ok(());
         while !pending.is_empty() {
-            let Some(chain) = queue.pop_descriptor_chain(memory) else {
-                break;
+            let chain = match next_chain(queue, memory, budget) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break,
+                Err(e) => {
+                    result = Err(e.into());
+                    break;
+                }
             };
-            let head = chain.head_index();
-            let mut writer = chain.writer(memory)?;
-            let n = writer.available_bytes().min(pending.len());
+            let head = chain.head();
             let (front, back) = pending.as_slices();
-            let from_front = n.min(front.len());
-            writer.write_all(&front[..from_front])?;
-            writer.write_all(&back[..n - from_front])?;
+            let n = match chain.write(memory, &[front, back]) {
+                Ok(n) => n,
+                Err(e) => {
+                    result = Err(e.into());
+                    break;
+                }
+            };
+            budget.charge_bytes(n);
             pending.drain(..n);
             // `n` is at most INPUT_BUFFER_SIZE.
             queue.add_used(memory, head, n as u32)?;
@@ -101,7 +113,7 @@ impl Console {
                 interrupt.raise(INT_USED_RING);
             }
         }
-        Ok(())
+        result
     }
 }
 
@@ -124,11 +136,14 @@ impl VirtioDevice for Console {
         queues: &mut [Queue],
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
+        budget: &Budget,
     ) -> Result<(), DeviceError> {
-        let queue = &mut queues[index];
+        let Some(queue) = queues.get_mut(index) else {
+            return Ok(());
+        };
         match index {
-            RX_QUEUE => self.receive(queue, memory, interrupt),
-            _ => self.transmit(queue, memory, interrupt),
+            RX_QUEUE => self.receive(queue, memory, interrupt, budget),
+            _ => self.transmit(queue, memory, interrupt, budget),
         }
     }
 
@@ -150,7 +165,8 @@ impl VirtioDevice for Console {
             return Ok(());
         }
         match queues.get_mut(RX_QUEUE).filter(|queue| queue.ready()) {
-            Some(queue) => self.receive(queue, memory, interrupt),
+            // Host input is bounded by the input queue's size, not by the guest.
+            Some(queue) => self.receive(queue, memory, interrupt, &Budget::per_turn()),
             None => Ok(()),
         }
     }

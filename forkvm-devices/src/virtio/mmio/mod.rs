@@ -2,10 +2,31 @@
 //! a device, negotiates features, programs its queues and drives its status.
 //!
 //! Every register write is checked against the status state machine of the virtio 1.x spec
-//! (§2.1, §3.1, §4.2.2): features only before `FEATURES_OK`, queues only between `FEATURES_OK`
-//! and `DRIVER_OK` and only while not ready, status bits only added (0 resets). Writes that break
-//! these rules are ignored; queues that turn out unusable when the driver says `DRIVER_OK`, and
-//! requests a device cannot parse, put the device into `DEVICE_NEEDS_RESET`.
+//! (§2.1, §3.1, §4.2.2). The rules, and what breaking each one does:
+//!
+//! - Status: bits are only added (0 resets); `DRIVER` needs `ACKNOWLEDGE`, `FEATURES_OK` needs
+//!   both, and `DRIVER_OK` needs `FEATURES_OK` already accepted (the driver must read it back,
+//!   §3.1.1: `0x0f` written from reset is refused). A write that breaks the order is ignored;
+//!   bits the spec does not define for the driver (and `DEVICE_NEEDS_RESET`) are dropped.
+//! - Features only between `DRIVER` and `FEATURES_OK`; `FEATURES_OK` stays clear for features
+//!   not offered or without `VERSION_1`. Late writes are ignored.
+//! - Queue registers only between `FEATURES_OK` and `DRIVER_OK`, on a queue not ready. The
+//!   values are checked when the driver sets `QueueReady`: a size that is 0, above
+//!   `QueueNumMax` or not a power of two, or a descriptor table, available or used ring not
+//!   aligned to 16, 2 and 4 bytes (§2.7), leaves the queue not ready and the device in
+//!   `DEVICE_NEEDS_RESET`.
+//! - At `DRIVER_OK`, a ready queue outside guest memory: `DEVICE_NEEDS_RESET`.
+//! - Once live, what the driver puts in its queues is read through
+//!   [`chains`](super::chains) (virtio-blk: its own reader, same rules). An available index
+//!   more than a queue ahead, a chain that loops, leaves the table or guest memory, or uses a
+//!   feature not negotiated (indirect descriptors: no device offers them) is an error of the
+//!   driver: `DEVICE_NEEDS_RESET`, with a configuration interrupt, and no queue is served again
+//!   until the driver resets the device. A well-formed request a device does not support
+//!   (virtio-blk discard or write-zeroes not negotiated, an unknown type) completes with the
+//!   device's own status for it (`VIRTIO_BLK_S_UNSUPP`).
+//! - Work is bounded: one notification serves a queue within a [`Budget`] (descriptors walked,
+//!   bytes moved); what is left is served on the event loop's next turn (the transport signals
+//!   the queue's eventfd again), so a flood of chains never holds the loop, nor `Vm::pause`.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
@@ -21,12 +42,15 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    DeviceError, DeviceState, GuestMemoryMmap, INT_CONFIG, Interrupt, VIRTIO_F_VERSION_1,
+    Budget, DeviceError, DeviceState, GuestMemoryMmap, INT_CONFIG, Interrupt, VIRTIO_F_VERSION_1,
     VirtioDevice,
 };
 use crate::bus::BusDevice;
 use crate::chain::ErrorChain;
 use crate::sync::lock;
+use setup::{QueueSetup, set_high, set_low};
+
+mod setup;
 
 /// Size of one device's register window.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
@@ -100,6 +124,8 @@ pub const S_DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
 pub const S_NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
 /// The driver gave up on the device.
 pub const S_FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
+/// The status bits a driver may write (`DEVICE_NEEDS_RESET` is the device's).
+const DRIVER_STATUS_BITS: u32 = S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK | S_FAILED;
 
 /// A virtio device with its virtio-mmio register state and queues.
 pub struct MmioTransport {
@@ -107,6 +133,8 @@ pub struct MmioTransport {
     memory: GuestMemoryMmap,
     interrupt: Interrupt,
     queues: Vec<Queue>,
+    /// What the driver wrote into each queue's registers, checked at `QueueReady`.
+    setups: Vec<QueueSetup>,
     queue_events: Vec<EventFd>,
     status: u32,
     device_features_sel: u32,
@@ -179,6 +207,7 @@ impl MmioTransport {
             device,
             memory,
             interrupt,
+            setups: queues.iter().map(QueueSetup::of).collect(),
             queues,
             queue_events,
             status: 0,
@@ -230,6 +259,7 @@ impl MmioTransport {
                 Queue::try_from(q.0).map_err(|e| std::io::Error::other(format!("queue state: {e}")))
             })
             .collect::<Result<_, _>>()?;
+        transport.setups = transport.queues.iter().map(QueueSetup::of).collect();
         transport.status = state.status;
         transport.device_features_sel = state.device_features_sel;
         transport.driver_features_sel = state.driver_features_sel;
@@ -294,7 +324,9 @@ impl MmioTransport {
     }
 
     /// Serves queue `index` after a notification: the device processes what the driver made
-    /// available. A device error moves the device into `DEVICE_NEEDS_RESET`.
+    /// available, within one turn's [`Budget`]; if it left work, the queue's eventfd is
+    /// signalled again so that the event loop comes back to it after its other events. A device
+    /// error moves the device into `DEVICE_NEEDS_RESET`.
     pub fn process_queue(&mut self, index: usize) {
         if !self.is_active() {
             return;
@@ -302,11 +334,23 @@ impl MmioTransport {
         if !self.queues.get(index).is_some_and(Queue::ready) {
             return;
         }
-        if let Err(e) =
-            self.device
-                .process_queue(index, &mut self.queues, &self.memory, &self.interrupt)
-        {
-            self.needs_reset(&format_args!("queue {index}: {}", ErrorChain(&e)));
+        let budget = Budget::per_turn();
+        match self.device.process_queue(
+            index,
+            &mut self.queues,
+            &self.memory,
+            &self.interrupt,
+            &budget,
+        ) {
+            Err(e) => self.needs_reset(&format_args!("queue {index}: {}", ErrorChain(&e))),
+            Ok(()) if budget.more() => {
+                if let Some(event) = self.queue_events.get(index) {
+                    // An eventfd write fails only when its counter would overflow: then it is
+                    // signalled anyway.
+                    let _ = event.write(1);
+                }
+            }
+            Ok(()) => {}
         }
     }
 
@@ -348,6 +392,7 @@ impl MmioTransport {
         for queue in &mut self.queues {
             queue.reset();
         }
+        self.setups = self.queues.iter().map(QueueSetup::of).collect();
         self.status = 0;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
@@ -361,19 +406,25 @@ impl MmioTransport {
             self.reset();
             return;
         }
+        // Bits the driver may not set are dropped (NEEDS_RESET is kept as the device has it).
+        let new = new & DRIVER_STATUS_BITS;
+        let current = self.status & DRIVER_STATUS_BITS;
         // The driver only adds bits; dropping one (other than by a reset) is ignored.
-        if new & self.status != self.status {
+        if new & current != current {
             return;
         }
-        let added = new & !self.status;
+        let added = new & !current;
         let ordered = |bit: u32, needs: u32| added & bit == 0 || new & needs == needs;
+        // DRIVER_OK only once FEATURES_OK was accepted and could be read back (§3.1.1).
+        let driver_ok_ordered = added & S_DRIVER_OK == 0 || current & S_FEATURES_OK != 0;
         if !ordered(S_DRIVER, S_ACKNOWLEDGE)
             || !ordered(S_FEATURES_OK, S_ACKNOWLEDGE | S_DRIVER)
             || !ordered(S_DRIVER_OK, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK)
+            || !driver_ok_ordered
         {
             return;
         }
-        let mut new = new & !S_NEEDS_RESET | (self.status & S_NEEDS_RESET);
+        let mut new = new | (self.status & S_NEEDS_RESET);
         if added & S_FEATURES_OK != 0 {
             if self.features_acceptable() {
                 self.device.ack_features(self.driver_features);
@@ -446,38 +497,15 @@ impl MmioTransport {
                 _ => {}
             },
             reg::QUEUE_SEL => self.queue_sel = value,
-            reg::QUEUE_NUM => {
-                if let Some(q) = self.queue_config_writable() {
-                    // Sizes that are zero, above the maximum or not a power of two are refused
-                    // by the queue; `is_valid` then fails at DRIVER_OK.
-                    q.set_size(value.try_into().unwrap_or(0));
-                }
-            }
-            reg::QUEUE_READY => {
-                let in_setup =
-                    self.status & (S_FEATURES_OK | S_DRIVER_OK | S_FAILED) == S_FEATURES_OK;
-                if let Some(q) = self.selected_queue().filter(|_| in_setup) {
-                    q.set_ready(value == 1);
-                }
-            }
-            reg::QUEUE_DESC_LOW => {
-                self.queue_address(|q, v| q.set_desc_table_address(Some(v), None), value)
-            }
-            reg::QUEUE_DESC_HIGH => {
-                self.queue_address(|q, v| q.set_desc_table_address(None, Some(v)), value)
-            }
-            reg::QUEUE_DRIVER_LOW => {
-                self.queue_address(|q, v| q.set_avail_ring_address(Some(v), None), value)
-            }
-            reg::QUEUE_DRIVER_HIGH => {
-                self.queue_address(|q, v| q.set_avail_ring_address(None, Some(v)), value)
-            }
-            reg::QUEUE_DEVICE_LOW => {
-                self.queue_address(|q, v| q.set_used_ring_address(Some(v), None), value)
-            }
-            reg::QUEUE_DEVICE_HIGH => {
-                self.queue_address(|q, v| q.set_used_ring_address(None, Some(v)), value)
-            }
+            // Kept as written; checked when the driver sets QueueReady.
+            reg::QUEUE_NUM => self.queue_setup(|s| s.size = value),
+            reg::QUEUE_READY => self.set_queue_ready(value),
+            reg::QUEUE_DESC_LOW => self.queue_setup(|s| set_low(&mut s.desc, value)),
+            reg::QUEUE_DESC_HIGH => self.queue_setup(|s| set_high(&mut s.desc, value)),
+            reg::QUEUE_DRIVER_LOW => self.queue_setup(|s| set_low(&mut s.avail, value)),
+            reg::QUEUE_DRIVER_HIGH => self.queue_setup(|s| set_high(&mut s.avail, value)),
+            reg::QUEUE_DEVICE_LOW => self.queue_setup(|s| set_low(&mut s.used, value)),
+            reg::QUEUE_DEVICE_HIGH => self.queue_setup(|s| set_high(&mut s.used, value)),
             reg::QUEUE_NOTIFY => {
                 // Reached only without a KVM ioeventfd (tests, or a host without the capability).
                 if let Some(event) = self.queue_events.get(value as usize) {
@@ -490,9 +518,38 @@ impl MmioTransport {
         }
     }
 
-    fn queue_address(&mut self, set: impl FnOnce(&mut Queue, u32), value: u32) {
-        if let Some(q) = self.queue_config_writable() {
-            set(q, value);
+    /// Records a queue register the driver wrote, if it may write it now.
+    fn queue_setup(&mut self, set: impl FnOnce(&mut QueueSetup)) {
+        let index = self.queue_sel as usize;
+        if self.queue_config_writable().is_some()
+            && let Some(setup) = self.setups.get_mut(index)
+        {
+            set(setup);
+        }
+    }
+
+    /// `QueueReady`: 1 checks what the driver wrote and makes the queue live, anything else
+    /// takes it down. A queue set up against the rules stays down and the device needs a reset.
+    fn set_queue_ready(&mut self, value: u32) {
+        let in_setup = self.status & (S_FEATURES_OK | S_DRIVER_OK | S_FAILED) == S_FEATURES_OK;
+        let index = self.queue_sel as usize;
+        let (Some(queue), Some(setup)) = (self.queues.get_mut(index), self.setups.get(index))
+        else {
+            return;
+        };
+        if !in_setup {
+            return;
+        }
+        if value != 1 {
+            queue.set_ready(false);
+            return;
+        }
+        match setup.apply(queue) {
+            Ok(()) => queue.set_ready(true),
+            Err(why) => {
+                queue.set_ready(false);
+                self.needs_reset(&format_args!("queue {index} set up with {why}"));
+            }
         }
     }
 }

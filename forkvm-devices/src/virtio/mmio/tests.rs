@@ -230,3 +230,126 @@ fn random_register_traffic_never_panics() {
         }
     }
 }
+
+/// A driver that accepted VERSION_1 and may now set up queue 0.
+fn in_queue_setup() -> Driver {
+    let mut d = rng_driver();
+    assert_ne!(d.negotiate(1 << VIRTIO_F_VERSION_1) & S_FEATURES_OK, 0);
+    d
+}
+
+#[test]
+fn a_misaligned_ring_is_refused_at_queue_ready_and_needs_reset() {
+    for (desc, avail, used) in [
+        (DESC + 8, AVAIL, USED),
+        (DESC, AVAIL + 1, USED),
+        (DESC, AVAIL, USED + 2),
+        (DESC + (1 << 32) + 4, AVAIL, USED),
+    ] {
+        let mut d = in_queue_setup();
+        d.setup_queue(desc, avail, used);
+        assert_eq!(
+            d.read(reg::QUEUE_READY),
+            0,
+            "rings at {desc:#x} {avail:#x} {used:#x} made ready"
+        );
+        assert_ne!(d.read(reg::STATUS) & S_NEEDS_RESET, 0);
+        assert_eq!(d.read(reg::INTERRUPT_STATUS) & INT_CONFIG, INT_CONFIG);
+        // DRIVER_OK changes nothing: no queue runs, at guest address 0 or anywhere.
+        d.write(
+            reg::STATUS,
+            S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
+        );
+        d.memory.write_obj(1u16, GuestAddress(2)).unwrap();
+        d.write(reg::QUEUE_NOTIFY, 0);
+        let _ = d.transport.queue_events()[0].read();
+        d.transport.process_queue(0);
+        assert_eq!(d.memory.read_obj::<u16>(GuestAddress(2)).unwrap(), 1);
+        assert_eq!(d.transport.queues[0].next_avail(), 0, "nothing was taken");
+    }
+}
+
+#[test]
+fn an_invalid_queue_size_is_refused_at_queue_ready_and_needs_reset() {
+    for size in [0, 3, 100, 512, 65_536, u32::MAX] {
+        let mut d = in_queue_setup();
+        d.program_queue(size, DESC, AVAIL, USED);
+        assert_eq!(d.read(reg::QUEUE_READY), 0, "size {size} made ready");
+        assert_ne!(d.read(reg::STATUS) & S_NEEDS_RESET, 0, "size {size}");
+    }
+    // Every power of two up to the maximum is fine, and is the size the queue runs with.
+    for size in [1, 2, 64, 256] {
+        let mut d = in_queue_setup();
+        d.program_queue(size, DESC, AVAIL, USED);
+        assert_eq!(d.read(reg::QUEUE_READY), 1, "size {size}");
+        assert_eq!(d.read(reg::STATUS) & S_NEEDS_RESET, 0, "size {size}");
+        assert_eq!(u32::from(d.transport.queues[0].size()), size);
+    }
+}
+
+#[test]
+fn a_reset_clears_a_refused_set_up() {
+    let mut d = in_queue_setup();
+    d.setup_queue(DESC + 8, AVAIL, USED);
+    assert_ne!(d.read(reg::STATUS) & S_NEEDS_RESET, 0);
+    d.start();
+    assert_eq!(d.read(reg::STATUS) & S_NEEDS_RESET, 0);
+    d.chain(0, &[(BUF, 16, true)]);
+    d.notify();
+    assert_eq!(d.used(0), (1, 16));
+}
+
+#[test]
+fn driver_ok_needs_features_ok_accepted_first() {
+    let mut d = rng_driver();
+    d.write(reg::STATUS, 0x0f);
+    assert_eq!(d.read(reg::STATUS), 0, "0x0f from reset");
+    // Features written, then FEATURES_OK and DRIVER_OK in one write: refused whole.
+    d.write(reg::STATUS, S_ACKNOWLEDGE);
+    d.write(reg::STATUS, S_ACKNOWLEDGE | S_DRIVER);
+    d.write(reg::DRIVER_FEATURES_SEL, 1);
+    d.write(reg::DRIVER_FEATURES, 1);
+    d.write(
+        reg::STATUS,
+        S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
+    );
+    assert_eq!(d.read(reg::STATUS), S_ACKNOWLEDGE | S_DRIVER);
+    // Refused features and DRIVER_OK: FEATURES_OK stays clear, and so does DRIVER_OK.
+    let mut d = rng_driver();
+    d.write(reg::STATUS, S_ACKNOWLEDGE);
+    d.write(reg::STATUS, S_ACKNOWLEDGE | S_DRIVER);
+    d.write(
+        reg::STATUS,
+        S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
+    );
+    assert_eq!(d.read(reg::STATUS) & (S_FEATURES_OK | S_DRIVER_OK), 0);
+}
+
+#[test]
+fn undefined_status_bits_do_not_stick() {
+    let mut d = rng_driver();
+    d.write(reg::STATUS, S_ACKNOWLEDGE | 0x10 | 0x20 | 0x100 | (1 << 31));
+    assert_eq!(d.read(reg::STATUS), S_ACKNOWLEDGE);
+    d.write(reg::STATUS, S_ACKNOWLEDGE | S_NEEDS_RESET);
+    assert_eq!(
+        d.read(reg::STATUS),
+        S_ACKNOWLEDGE,
+        "NEEDS_RESET is the device's"
+    );
+    d.start();
+    assert_eq!(
+        d.read(reg::STATUS),
+        S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK
+    );
+}
+
+#[test]
+fn after_needs_reset_the_driver_may_still_set_failed() {
+    let mut d = in_queue_setup();
+    d.setup_queue(DESC + 8, AVAIL, USED);
+    let status = d.read(reg::STATUS);
+    assert_ne!(status & S_NEEDS_RESET, 0);
+    // Written back without NEEDS_RESET, as a driver masking to its own bits would.
+    d.write(reg::STATUS, (status & !S_NEEDS_RESET) | S_FAILED);
+    assert_eq!(d.read(reg::STATUS), status | S_FAILED);
+}

@@ -15,8 +15,8 @@ use super::tx::Transmitter;
 use super::{NET_DEVICE_TYPE, NetBackend, NetStats, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 use crate::virtio::persist::HostNeeds;
 use crate::virtio::{
-    DeviceError, DeviceState, GuestMemoryMmap, INT_USED_RING, Interrupt, VIRTIO_F_VERSION_1,
-    VirtioDevice, read_config_bytes,
+    Budget, DeviceError, DeviceState, GuestMemoryMmap, INT_USED_RING, Interrupt,
+    VIRTIO_F_VERSION_1, VirtioDevice, read_config_bytes,
 };
 
 /// Size of the configuration space (`struct virtio_net_config`; only `mac`, `status` and `mtu`
@@ -204,6 +204,7 @@ impl VirtioDevice for Net {
         queues: &mut [Queue],
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
+        budget: &Budget,
     ) -> Result<(), DeviceError> {
         match index {
             RX_QUEUE => self.receive_on(queues, memory, interrupt),
@@ -215,6 +216,7 @@ impl VirtioDevice for Net {
                     queue,
                     memory,
                     interrupt,
+                    budget,
                     &mut *self.backend,
                     &self.stats,
                     self.complete_checksums,

@@ -85,23 +85,3 @@ impl NetStats {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 }
-
-/// The next chain the driver made available on `queue`: none while the queue is not ready (or
-/// has no available ring), an error when its available index is impossible.
-fn next_chain<'m>(
-    queue: &mut virtio_queue::Queue,
-    memory: &'m crate::virtio::GuestMemoryMmap,
-) -> Result<
-    Option<virtio_queue::DescriptorChain<&'m crate::virtio::GuestMemoryMmap>>,
-    crate::virtio::DeviceError,
-> {
-    use virtio_queue::{QueueOwnedT, QueueT};
-    if !queue.ready() {
-        return Ok(None);
-    }
-    match queue.iter(memory) {
-        Ok(mut chains) => Ok(chains.next()),
-        Err(virtio_queue::Error::QueueNotReady) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}

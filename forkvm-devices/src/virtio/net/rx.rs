@@ -8,11 +8,12 @@
 //! The buffers are checked and recorded once ([`Segment`]) and then written from the record, so
 //! a guest rewriting its descriptors meanwhile changes nothing.
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::{MAX_CHAIN_DESCRIPTORS, MAX_FRAME_LEN, NET_HDR_LEN, next_chain};
-use crate::virtio::{DeviceError, GuestMemoryMmap};
+use super::{MAX_CHAIN_DESCRIPTORS, MAX_FRAME_LEN, NET_HDR_LEN};
+use crate::virtio::chains::next_chain;
+use crate::virtio::{Budget, Chain, DeviceError, GuestMemoryMmap};
 
 /// Where `num_buffers` lies in the virtio-net header.
 const NUM_BUFFERS_OFFSET: usize =
@@ -86,13 +87,16 @@ impl Receiver {
         };
         self.clear();
         let mut capacity = 0usize;
+        // The frames waiting in the backend bound this work, not the guest: a frame takes at
+        // most a ring's worth of chains, each at most a queue's worth of descriptors.
+        let budget = Budget::unlimited();
         while capacity < needed && self.taken.len() < most_chains {
-            let Some(chain) = next_chain(queue, memory)? else {
+            let Some(chain) = next_chain(queue, memory, &budget)? else {
                 break;
             };
-            let head = chain.head_index();
+            let head = chain.head();
             let want = (needed - capacity).max(NET_HDR_LEN);
-            let got = self.take_buffers(chain, memory, want)?;
+            let got = self.take_buffers(&chain, memory, want)?;
             self.taken.push(Taken {
                 head,
                 capacity: got,
@@ -142,12 +146,12 @@ impl Receiver {
     /// descriptors, or less room than the virtio-net header (`want` is at least its size).
     fn take_buffers(
         &mut self,
-        chain: DescriptorChain<&GuestMemoryMmap>,
+        chain: &Chain<'_>,
         memory: &GuestMemoryMmap,
         want: usize,
     ) -> Result<usize, DeviceError> {
         let mut got = 0usize;
-        for (n, descriptor) in chain.enumerate() {
+        for (n, descriptor) in chain.descriptors().iter().enumerate() {
             if n >= MAX_CHAIN_DESCRIPTORS {
                 return Err(bad(format!(
                     "receive chain of more than {MAX_CHAIN_DESCRIPTORS} descriptors"

@@ -3,13 +3,12 @@
 //! the guest writes into the shared buffers afterwards), stripped of its virtio-net header and
 //! handed to the backend.
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::Bytes;
 
-use super::{
-    MAX_CHAIN_DESCRIPTORS, MAX_FRAME_LEN, NET_HDR_LEN, NetBackend, NetStats, csum, next_chain,
-};
-use crate::virtio::{DeviceError, GuestMemoryMmap, INT_USED_RING, Interrupt};
+use super::{MAX_CHAIN_DESCRIPTORS, MAX_FRAME_LEN, NET_HDR_LEN, NetBackend, NetStats, csum};
+use crate::virtio::chains::next_chain;
+use crate::virtio::{Budget, Chain, DeviceError, GuestMemoryMmap, INT_USED_RING, Interrupt};
 
 /// Longest transmit chain: the header and the largest frame.
 pub(super) const MAX_TX_CHAIN_LEN: usize = NET_HDR_LEN + MAX_FRAME_LEN;
@@ -25,26 +24,26 @@ pub(super) struct Transmitter {
 }
 
 impl Transmitter {
-    /// Sends every frame available on `queue` to `backend` and interrupts the driver once if it
-    /// asked to be told. Takes at most a ring's worth of chains per call: chains the driver adds
-    /// meanwhile come with a notification of their own, so a guest that keeps adding cannot hold
-    /// the event loop. With `complete_checksums`, partial checksums are completed first.
+    /// Sends the frames available on `queue` to `backend` within `budget` (the rest on the
+    /// event loop's next turn, so a guest that keeps adding cannot hold the loop) and interrupts
+    /// the driver once if it asked to be told. With `complete_checksums`, partial checksums are
+    /// completed first.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn transmit(
         &mut self,
         queue: &mut Queue,
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
+        budget: &Budget,
         backend: &mut dyn NetBackend,
         stats: &NetStats,
         complete_checksums: bool,
     ) -> Result<(), DeviceError> {
         let mut used_any = false;
-        for _ in 0..queue.size() {
-            let Some(chain) = next_chain(queue, memory)? else {
-                break;
-            };
-            let head = chain.head_index();
-            self.read_chain(chain, memory)?;
+        while let Some(chain) = next_chain(queue, memory, budget)? {
+            let head = chain.head();
+            self.read_chain(&chain, memory)?;
+            budget.charge_bytes(self.buf.len());
             // read_chain checked that the buffer holds at least the header.
             let (header, frame) = self.buf.split_at_mut(NET_HDR_LEN);
             match complete_checksums.then(|| csum::complete(header, frame)) {
@@ -78,11 +77,11 @@ impl Transmitter {
     /// [`MAX_TX_CHAIN_LEN`].
     fn read_chain(
         &mut self,
-        chain: DescriptorChain<&GuestMemoryMmap>,
+        chain: &Chain<'_>,
         memory: &GuestMemoryMmap,
     ) -> Result<(), DeviceError> {
         self.buf.clear();
-        for (n, descriptor) in chain.enumerate() {
+        for (n, descriptor) in chain.descriptors().iter().enumerate() {
             if n >= MAX_CHAIN_DESCRIPTORS {
                 return Err(bad(format!(
                     "transmit chain of more than {MAX_CHAIN_DESCRIPTORS} descriptors"

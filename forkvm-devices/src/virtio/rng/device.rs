@@ -1,12 +1,10 @@
 //! The entropy device: one request queue of write-only buffers, filled from `getrandom`.
 
-use std::io::Write;
-
 use virtio_queue::Queue;
 
 use super::{MAX_BYTES_PER_REQUEST, QUEUE_SIZE, RNG_DEVICE_TYPE};
 use crate::virtio::{
-    DeviceError, DeviceState, GuestMemoryMmap, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice,
+    Budget, DeviceError, DeviceState, GuestMemoryMmap, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice,
     serve_queue,
 };
 
@@ -42,15 +40,19 @@ impl VirtioDevice for Rng {
         queues: &mut [Queue],
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
+        budget: &Budget,
     ) -> Result<(), DeviceError> {
-        serve_queue(&mut queues[index], memory, interrupt, |chain| {
-            let mut writer = chain.writer(memory)?;
-            let len = writer.available_bytes().min(MAX_BYTES_PER_REQUEST);
+        let Some(queue) = queues.get_mut(index) else {
+            return Ok(());
+        };
+        serve_queue(queue, memory, interrupt, budget, |chain| {
+            let len = chain.writable_len().min(MAX_BYTES_PER_REQUEST);
             self.buffer.resize(len, 0);
             fill_random(&mut self.buffer)?;
-            writer.write_all(&self.buffer)?;
-            // `len` is at most MAX_BYTES_PER_REQUEST, so it fits in u32.
-            Ok(len as u32)
+            let written = chain.write(memory, &[&self.buffer])?;
+            budget.charge_bytes(written);
+            // At most MAX_BYTES_PER_REQUEST, so it fits in u32.
+            Ok(written as u32)
         })
     }
 

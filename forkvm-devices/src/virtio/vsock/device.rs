@@ -2,7 +2,6 @@
 //! child owes its guest, and the host-side work the event loop hands it.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::Write;
 use std::os::fd::RawFd;
 use std::path::Path;
 
@@ -18,9 +17,10 @@ use super::{
     EVENT_QUEUE, EVENT_TRANSPORT_RESET, EVENTS_PER_ROUND, FIRST_LOCAL_PORT, MAX_PACKET_DATA,
     QUEUE_SIZE, RX_QUEUE, TX_QUEUE, VSOCK_DEVICE_TYPE, VsockConfig, VsockError,
 };
+use crate::virtio::chains::next_chain;
 use crate::virtio::{
-    DeviceError, DeviceState, GuestMemoryMmap, INT_USED_RING, Interrupt, VIRTIO_F_VERSION_1,
-    VirtioDevice, read_config_bytes,
+    Budget, DeviceError, DeviceState, GuestMemoryMmap, INT_USED_RING, Interrupt,
+    VIRTIO_F_VERSION_1, VirtioDevice, read_config_bytes,
 };
 
 /// The socket device.
@@ -68,24 +68,24 @@ impl Vsock {
         queue: &mut Queue,
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
+        budget: &Budget,
     ) -> Result<(), DeviceError> {
         if !self.reset_pending {
             return Ok(());
         }
         // One buffer takes the event; any others wait for a later fork of this guest.
-        let Some(chain) = queue.pop_descriptor_chain(memory) else {
+        let Some(chain) = next_chain(queue, memory, budget)? else {
             return Ok(());
         };
-        let head = chain.head_index();
+        let head = chain.head();
         let event = EVENT_TRANSPORT_RESET.to_le_bytes();
-        let mut writer = chain.writer(memory)?;
-        if writer.available_bytes() < event.len() {
+        if chain.writable_len() < event.len() {
             return Err(DeviceError::BadRequest(format!(
                 "vsock event buffer of {} bytes",
-                writer.available_bytes()
+                chain.writable_len()
             )));
         }
-        writer.write_all(&event)?;
+        chain.write(memory, &[&event])?;
         queue.add_used(memory, head, event.len() as u32)?;
         self.reset_pending = false;
         if queue.needs_notification(memory)? {
@@ -102,6 +102,7 @@ impl Vsock {
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
         readable: Vec<ConnKey>,
+        budget: &Budget,
     ) -> Result<(), DeviceError> {
         let Some(rx) = queues.get_mut(RX_QUEUE) else {
             return Ok(());
@@ -109,12 +110,12 @@ impl Vsock {
         let mut readable = VecDeque::from(readable);
         let mut used = false;
         while !self.control.is_empty() || !readable.is_empty() {
-            let Some(mut chain) = rx.pop_descriptor_chain(memory) else {
+            let Some(mut chain) = next_chain(rx, memory, budget)? else {
                 self.rx_starved = true;
                 break;
             };
-            let head = chain.head_index();
-            let mut pkt = VsockPacket::from_rx_virtq_chain(memory, &mut chain, MAX_PACKET_DATA)
+            let head = chain.head();
+            let mut pkt = VsockPacket::from_rx_virtq_chain(memory, chain.raw(), MAX_PACKET_DATA)
                 .map_err(|e| DeviceError::BadRequest(format!("vsock receive buffer: {e}")))?;
             let len = if let Some(control) = self.control.pop_front() {
                 self.write_header(&mut pkt, control, 0);
@@ -128,6 +129,7 @@ impl Vsock {
                     }
                 }
             };
+            budget.charge_bytes(PKT_HEADER_SIZE + len as usize);
             rx.add_used(memory, head, PKT_HEADER_SIZE as u32 + len)?;
             used = true;
         }
@@ -142,15 +144,19 @@ impl Vsock {
         queues: &mut [Queue],
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
+        budget: &Budget,
     ) -> Result<(), DeviceError> {
         let Some(tx) = queues.get_mut(TX_QUEUE) else {
             return Ok(());
         };
         let mut used = false;
-        while let Some(mut chain) = tx.pop_descriptor_chain(memory) {
-            let head = chain.head_index();
-            match VsockPacket::from_tx_virtq_chain(memory, &mut chain, MAX_PACKET_DATA) {
-                Ok(pkt) => self.handle_guest_packet(&pkt),
+        while let Some(mut chain) = next_chain(tx, memory, budget)? {
+            let head = chain.head();
+            match VsockPacket::from_tx_virtq_chain(memory, chain.raw(), MAX_PACKET_DATA) {
+                Ok(pkt) => {
+                    budget.charge_bytes(PKT_HEADER_SIZE + pkt.len() as usize);
+                    self.handle_guest_packet(&pkt);
+                }
                 Err(e) => log::debug!("vsock: dropped a malformed packet: {e}"),
             }
             tx.add_used(memory, head, 0)?;
@@ -189,19 +195,21 @@ impl VirtioDevice for Vsock {
         queues: &mut [Queue],
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
+        budget: &Budget,
     ) -> Result<(), DeviceError> {
         match index {
             RX_QUEUE => self.rx_starved = false,
-            TX_QUEUE => self.process_tx(queues, memory, interrupt)?,
+            TX_QUEUE => self.process_tx(queues, memory, interrupt, budget)?,
             // Event buffers wait for a transport event.
             _ => {
                 return match queues.get_mut(EVENT_QUEUE) {
-                    Some(queue) => self.send_transport_reset(queue, memory, interrupt),
+                    Some(queue) => self.send_transport_reset(queue, memory, interrupt, budget),
                     None => Ok(()),
                 };
             }
         }
-        let result = self.deliver(queues, memory, interrupt, Vec::new());
+        // What waits for the guest's receive buffers is bounded by the host's sockets.
+        let result = self.deliver(queues, memory, interrupt, Vec::new(), &Budget::unlimited());
         self.sync_interests(true);
         result
     }
@@ -236,7 +244,7 @@ impl VirtioDevice for Vsock {
         for request in requests {
             self.host_connect(request);
         }
-        let result = self.deliver(queues, memory, interrupt, readable);
+        let result = self.deliver(queues, memory, interrupt, readable, &Budget::unlimited());
         self.sync_interests(live);
         result
     }
