@@ -14,11 +14,12 @@ use vm_memory::{Bytes, GuestAddress};
 const MEM_SIZE: usize = 0x1_0000;
 const STATUS: u64 = 0x70;
 
-/// Most queues a fuzzed device has (vsock: receive, transmit, event).
-const QUEUES: u32 = 3;
+/// Most queues a fuzzed device has (balloon: inflate, deflate, statistics, reporting).
+const QUEUES: u32 = 4;
 
 /// The register writes of a well-behaved driver up to DRIVER_OK, with queue size and ring
-/// addresses taken from the fuzzer (queue `n`'s rings `n` pages after queue 0's), so that the
+/// addresses taken from the fuzzer (queue `n`'s rings `n` pages after queue 0's; misaligned
+/// ones put the device into `DEVICE_NEEDS_RESET` at `QueueReady`), so that the
 /// queue-processing paths are reached quickly. With `all_features`, the driver accepts every
 /// feature the device offers in the low 32 bits (virtio-net's MRG_RXBUF, virtio-blk's
 /// read-only and discard, ...); otherwise VERSION_1 only.
