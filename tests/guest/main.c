@@ -431,6 +431,66 @@ static NORETURN void mode_virtio_rng(void)
     guest_exit(EXIT_OK);
 }
 
+/* Most entries of flood_indirect='s table (64 KiB of descriptors). */
+#define FLOOD_TABLE_MAX 4096
+
+/*
+ * A hostile driver for the pause benchmark: the entropy device's queue (128 entries) is kept
+ * full of one chain of all 128 descriptors (one byte each), and whatever the device returns is
+ * made available again at once, with a notification, so the device always has up to 128 x 128
+ * descriptors to walk. With flood_indirect=N (up to 4096), the chain is one indirect
+ * descriptor naming a table of N one-byte buffers instead (VIRTIO_F_INDIRECT_DESC is never
+ * negotiated: a device that follows it anyway walks 128 x N). Runs until the host stops it.
+ */
+static NORETURN void mode_virtio_flood(void)
+{
+    static uint8_t bytes[FLOOD_TABLE_MAX];
+    static struct virtq_desc table[FLOOD_TABLE_MAX] __attribute__((aligned(16)));
+    struct virtio_mmio_dev dev;
+    struct virtq vq;
+    struct str arg;
+    uint64_t indirect = 0;
+
+    if (get_arg("flood_indirect", &arg))
+        indirect = parse_u64(arg, "flood_indirect\n");
+    if (indirect > FLOOD_TABLE_MAX)
+        fail("bad value for flood_indirect (0 up to 4096)\n", EXIT_BAD_ARG);
+
+    if (!virtio_mmio_find((const char *)(uintptr_t)start_info->cmdline_paddr,
+                          VIRTIO_ID_ENTROPY, &dev))
+        fail("virtio-flood: no entropy device (DeviceID 4) among the virtio_mmio.device= "
+             "entries\n", EXIT_VIRTIO_NO_DEVICE);
+    virtio_queue_limit = VIRTIO_QUEUE_LIMIT;
+    virtio_init(&dev, &vq, 1, 0);
+    uint16_t n = vq.num;
+    volatile struct virtq_desc *descs = indirect ? table : vq.desc;
+    uint64_t len = indirect ? indirect : n;
+    for (uint64_t i = 0; i < len; i++) {
+        int last = i + 1 == len;
+        descs[i].addr = (uintptr_t)&bytes[i];
+        descs[i].len = 1;
+        descs[i].flags = VIRTQ_DESC_F_WRITE | (last ? 0 : VIRTQ_DESC_F_NEXT);
+        descs[i].next = (uint16_t)(last ? 0 : i + 1);
+    }
+    if (indirect) {
+        vq.desc[0].addr = (uintptr_t)table;
+        vq.desc[0].len = (uint32_t)(indirect * sizeof(struct virtq_desc));
+        vq.desc[0].flags = VIRTQ_DESC_F_INDIRECT;
+        vq.desc[0].next = 0;
+    }
+    serial_puts("virtio-flood ready: chains of ");
+    serial_put_dec(len);
+    serial_puts(indirect ? " indirect descriptors\n" : " descriptors\n");
+    for (;;) {
+        /* Every entry the device used is made available again. */
+        while ((uint16_t)(vq.avail_idx - vq.used->idx) < n)
+            vq.avail->ring[vq.avail_idx++ % n] = 0;
+        __asm__ volatile("" ::: "memory");
+        vq.avail->idx = vq.avail_idx;
+        virtq_notify(&dev, &vq);
+    }
+}
+
 /* ---- virtio-blk ---- */
 
 static struct virtio_mmio_dev blk_dev;
@@ -1030,6 +1090,8 @@ NORETURN void user_main(void)
         mode_touch();
     if (str_eq(mode, "virtio-rng"))
         mode_virtio_rng();
+    if (str_eq(mode, "virtio-flood"))
+        mode_virtio_flood();
     if (str_eq(mode, "virtio-blk"))
         mode_virtio_blk();
     if (str_eq(mode, "blk-mailbox"))

@@ -8,6 +8,9 @@
 #define MAPPED_END (4ull << 30)     /* the page tables map only the first 4 GiB */
 #define VQ_MAX_SIZE 16              /* we never have more than a few buffers in flight */
 
+/* Largest queue virtio_init sets up; a mode may raise it up to VIRTIO_QUEUE_LIMIT. */
+unsigned virtio_queue_limit = VQ_MAX_SIZE;
+
 /*
  * Ring memory, one page per queue: descriptor table at 0, avail ring right
  * after it, used ring after that (4-byte aligned). In the image (.bss is
@@ -266,7 +269,7 @@ static void setup_queue(const struct virtio_mmio_dev *dev, struct virtq *vq, uin
 
     /* Split queue sizes are powers of 2: largest one within both limits. */
     uint16_t num = 1;
-    while (num * 2 <= VQ_MAX_SIZE && num * 2 <= max)
+    while (num * 2 <= virtio_queue_limit && num * 2 <= VIRTIO_QUEUE_LIMIT && num * 2 <= max)
         num *= 2;
 
     /* Descriptors 16-aligned, avail 2-aligned, used 4-aligned (2.6). */
@@ -274,7 +277,8 @@ static void setup_queue(const struct virtio_mmio_dev *dev, struct virtq *vq, uin
     size_t avail_off = desc_off + sizeof(struct virtq_desc) * num;
     size_t used_off = (avail_off + 6 + 2 * num + 3) & ~(size_t)3;
     size_t end = used_off + 6 + sizeof(struct virtq_used_elem) * num;
-    _Static_assert(6 + 2 * VQ_MAX_SIZE + 3 + 6 + 8 * VQ_MAX_SIZE + 16 * VQ_MAX_SIZE <= PAGE_SIZE,
+    _Static_assert(6 + 2 * VIRTIO_QUEUE_LIMIT + 3 + 6 + 8 * VIRTIO_QUEUE_LIMIT +
+                       16 * VIRTIO_QUEUE_LIMIT <= PAGE_SIZE,
                    "virtqueue does not fit its page");
     for (size_t i = 0; i < end; i++)
         ((volatile uint8_t *)mem)[i] = 0;

@@ -100,6 +100,7 @@ struct virtio_blk_req_hdr {
 /* Split virtqueue (2.6). */
 #define VIRTQ_DESC_F_NEXT  1
 #define VIRTQ_DESC_F_WRITE 2
+#define VIRTQ_DESC_F_INDIRECT 4
 
 struct virtq_desc {
     uint64_t addr;
@@ -139,6 +140,10 @@ struct virtio_mmio_dev {
  * time (each mode drives a single device).
  */
 #define VIRTIO_MAX_QUEUES 4
+/* Most entries of a queue this driver sets up (its rings fit one page). */
+#define VIRTIO_QUEUE_LIMIT 128
+/* The queue size virtio_init asks for (16 unless a mode raises it, up to the limit). */
+extern unsigned virtio_queue_limit;
 
 /* Driver state of one split virtqueue. */
 struct virtq {
