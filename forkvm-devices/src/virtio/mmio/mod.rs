@@ -13,7 +13,8 @@
 //! - Queue registers only between `FEATURES_OK` and `DRIVER_OK`, on a queue not ready. The
 //!   values are checked when the driver sets `QueueReady`: a size that is 0, above
 //!   `QueueNumMax` or not a power of two, or a descriptor table, available or used ring not
-//!   aligned to 16, 2 and 4 bytes (§2.7), leaves the queue not ready and the device in
+//!   aligned to 16, 2 and 4 bytes (§2.7), or an available ring at guest address 0 (which
+//!   virtio-queue takes for a queue never set up), leaves the queue not ready and the device in
 //!   `DEVICE_NEEDS_RESET`.
 //! - At `DRIVER_OK`, a ready queue outside guest memory: `DEVICE_NEEDS_RESET`.
 //! - Once live, what the driver puts in its queues is read through

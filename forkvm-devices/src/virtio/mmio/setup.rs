@@ -43,6 +43,10 @@ impl QueueSetup {
                     queue.max_size()
                 )
             })?;
+        if self.avail == 0 {
+            // virtio-queue takes a ring there for a queue never set up and serves nothing.
+            return Err("the available ring at guest address 0".into());
+        }
         for (what, addr, align) in [
             ("descriptor table", self.desc, DESC_ALIGN),
             ("available ring", self.avail, AVAIL_ALIGN),

@@ -288,6 +288,15 @@ fn an_invalid_queue_size_is_refused_at_queue_ready_and_needs_reset() {
 }
 
 #[test]
+fn an_available_ring_at_address_0_is_refused_rather_than_left_idle() {
+    let mut d = in_queue_setup();
+    // Also what a driver that never wrote the ring addresses would have.
+    d.setup_queue(DESC, 0, USED);
+    assert_eq!(d.read(reg::QUEUE_READY), 0);
+    assert_ne!(d.read(reg::STATUS) & S_NEEDS_RESET, 0);
+}
+
+#[test]
 fn a_reset_clears_a_refused_set_up() {
     let mut d = in_queue_setup();
     d.setup_queue(DESC + 8, AVAIL, USED);
