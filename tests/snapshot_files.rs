@@ -376,7 +376,7 @@ fn out_of_range_state_values_are_refused_by_name() {
 /// The state files of real snapshots (a spinning guest with two vCPUs, a guest with virtio rng,
 /// console and vsock, a guest with a disk) pass the state check as they are. With
 /// `FORKVM_SNAPSHOT_SEEDS=<dir>`, they are written there as `seed-*.json`: the seeds of the
-/// `snapshot_state` fuzz target (`fuzz/corpus/snapshot_state/`).
+/// `snapshot_state` fuzz target (`fuzz/seeds/snapshot_state/`).
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn state_files_of_real_snapshots_pass_the_state_check() {
@@ -388,14 +388,16 @@ fn state_files_of_real_snapshots_pass_the_state_check() {
     vm.stop();
     states.push(("spinning", std::fs::read(dir.join(STATE_FILE)).unwrap()));
 
-    let serial = ConsoleBuffer::new();
+    // Its drivers set up (queues ready) before the snapshot.
+    let (serial, hvc) = (ConsoleBuffer::new(), ConsoleBuffer::new());
     let vm = forkvm_tests::test_guest_vm("mode=virtio-console", &serial)
         .rng()
-        .virtio_console(ConsoleOutput::Discard, None)
+        .virtio_console(ConsoleOutput::Buffer(hvc.clone()), None)
         .vsock(forkvm::VsockConfig::new(3))
         .build()
         .unwrap();
     vm.start().unwrap();
+    forkvm_tests::wait_for_output(&hvc, "virtio-console ready\n");
     vm.snapshot(&dir).unwrap();
     vm.stop();
     states.push(("virtio", std::fs::read(dir.join(STATE_FILE)).unwrap()));

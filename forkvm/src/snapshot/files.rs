@@ -13,7 +13,8 @@
 //! created with `O_CREAT | O_EXCL | O_NOFOLLOW` and synced, then the directory synced; then
 //! `renameat2(RENAME_EXCHANGE)` swaps it with the old directory in one step, the parent is
 //! synced, and the old snapshot (now under the temporary name) is removed. A failure before the
-//! swap removes the new directory and leaves the old snapshot as it was. Where the filesystem
+//! swap removes the new directory and leaves the old snapshot as it was (a process killed
+//! midway leaves it behind: nothing can tell it from another process's save). Where the filesystem
 //! cannot exchange (`EINVAL`: some network and FUSE filesystems), the old directory is renamed
 //! aside and the new one renamed in: a crash between the two leaves the old snapshot under its
 //! temporary name and none under the target's. An existing target that holds other files than a

@@ -224,3 +224,113 @@ impl SnapshotState {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    /// State files of real snapshots (the fuzz target's seeds, written by an integration test).
+    const SEEDS: [&str; 3] = [
+        include_str!("../../../fuzz/seeds/snapshot_state/seed-spinning.json"),
+        include_str!("../../../fuzz/seeds/snapshot_state/seed-virtio.json"),
+        include_str!("../../../fuzz/seeds/snapshot_state/seed-disk.json"),
+    ];
+
+    fn check(state: &Value) -> Result<(), SnapshotError> {
+        SnapshotState::parse(&serde_json::to_vec(state).unwrap())?.check()
+    }
+
+    /// The field a refusal names.
+    fn refused(state: &Value) -> String {
+        match check(state) {
+            Err(SnapshotError::Field { field, .. }) => field,
+            other => panic!("not refused by field: {other:?}"),
+        }
+    }
+
+    /// Real state files pass; each value used as a size, an index or an address is refused
+    /// out of range, naming its field (no KVM needed: this runs where the integration tests
+    /// cannot).
+    #[test]
+    fn each_out_of_range_value_is_refused_by_name() {
+        for seed in SEEDS {
+            SnapshotState::parse(seed.as_bytes())
+                .unwrap()
+                .check()
+                .unwrap();
+        }
+        let spinning: Value = serde_json::from_str(SEEDS[0]).unwrap();
+        let virtio: Value = serde_json::from_str(SEEDS[1]).unwrap();
+        type Tamper = fn(&mut Value);
+        let cases: [(&Value, &str, Tamper); 10] = [
+            (&spinning, "format", |s| s["format"] = 1.into()),
+            (&spinning, "memory_size", |s| s["memory_size"] = 0.into()),
+            (&spinning, "vcpus", |s| {
+                let one = s["vcpus"][0].clone();
+                s["vcpus"] = vec![one; 255].into()
+            }),
+            (&spinning, "vcpus[1].msrs", |s| {
+                let msr = s["vcpus"][1]["msrs"][0].clone();
+                s["vcpus"][1]["msrs"] = vec![msr; 257].into()
+            }),
+            (&spinning, "network_connections", |s| {
+                let any = json!([["10.0.2.15:1", "10.0.2.2:2"]]);
+                s["network_connections"] = vec![any[0].clone(); (1 << 16) + 1].into()
+            }),
+            (&virtio, "devices[2].irq", |s| {
+                s["devices"][2]["irq"] = 6.into()
+            }),
+            (&virtio, "devices[1].state.transport.status", |s| {
+                s["devices"][1]["state"]["transport"]["status"] = 0x100.into()
+            }),
+            (
+                &virtio,
+                "devices[1].state.transport.queues[1].desc_table",
+                |s| {
+                    // Past the end of guest RAM (32 MiB), below the MMIO hole.
+                    s["devices"][1]["state"]["transport"]["queues"][1]["desc_table"] =
+                        (64u64 << 20).into()
+                },
+            ),
+            (
+                &virtio,
+                "devices[1].state.device.Console.pending_input",
+                |s| {
+                    s["devices"][1]["state"]["device"]["Console"]["pending_input"] =
+                        vec![0u8; (64 << 10) + 1].into()
+                },
+            ),
+            (&virtio, "devices[2].state.device.Vsock.cid", |s| {
+                s["devices"][2]["state"]["device"]["Vsock"]["cid"] = 2.into()
+            }),
+        ];
+        for (seed, field, tamper) in cases {
+            let mut state = seed.clone();
+            tamper(&mut state);
+            let named = refused(&state);
+            // A slot used twice is named at its window.
+            let field = field.replace("devices[2].irq", "devices[2].base");
+            assert_eq!(named, field);
+        }
+        // A ring whose end overflows an address is refused, not wrapped.
+        let mut state = virtio.clone();
+        state["devices"][1]["state"]["transport"]["queues"][0]["desc_table"] =
+            (u64::MAX - 15).into();
+        assert!(matches!(check(&state), Err(SnapshotError::Field { .. })));
+        // Bytes that are not a state are a parse error; too many are refused unread.
+        assert!(matches!(
+            SnapshotState::parse(b"{\"format\": 3"),
+            Err(SnapshotError::Parse { .. })
+        ));
+        let huge = vec![b' '; usize::try_from(MAX_STATE_BYTES).unwrap() + 1];
+        assert!(matches!(
+            SnapshotState::parse(&huge),
+            Err(SnapshotError::File {
+                problem: FileProblem::TooLarge { .. },
+                ..
+            })
+        ));
+    }
+}
