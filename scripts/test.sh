@@ -45,7 +45,8 @@ cargo test -p forkvm-devices -p forkvm-net -p forkvm-agent-protocol -p forkvm-ag
 
 step "fuzzing (bounded)"
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
-for target in mmio_transport block_requests block_ring console_queues balloon_queues vsock_packets net_frames legacy_ports; do
+for target in mmio_transport block_requests block_ring console_queues balloon_queues vsock_packets net_frames legacy_ports \
+    snapshot_state; do
     # From the checked-in seeds, where the target has them (fuzz/README.md).
     seeds=()
     [ -d "fuzz/seeds/$target" ] && seeds=("seeds/$target")

@@ -13,4 +13,5 @@ mod identity;
 mod network_devices;
 mod pause;
 mod snapshot;
+mod snapshot_files;
 mod vsock;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use forkvm::{ConsoleOutput, GuestExit, STATE_FILE, Vm};
-use forkvm_tests::{read_u64, spinning_guest, wait_until_above};
+use forkvm_tests::{read_u64, rewrite_snapshot_state, spinning_guest, wait_until_above};
 
 /// Scratch memory the spinning test guest does not use.
 const SCRATCH: u64 = 20 << 20;
@@ -36,7 +36,11 @@ fn a_snapshot_restores_twice_into_independent_vms_that_continue_from_it() {
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert_eq!(names.len(), 2, "only the memory and state files: {names:?}");
+    assert_eq!(
+        names.len(),
+        3,
+        "only the memory, state and checksum files: {names:?}"
+    );
 
     let a = restore(&dir);
     let b = restore(&dir);
@@ -125,24 +129,23 @@ fn incomplete_or_foreign_snapshots_are_refused() {
         Err(e) => e.to_string(),
     };
 
-    std::fs::write(
-        dir.join(STATE_FILE),
-        state.replacen(
+    rewrite_snapshot_state(
+        &dir,
+        &state.replacen(
             &format!("\"format\":{}", forkvm::SNAPSHOT_FORMAT),
             "\"format\":99",
             1,
         ),
-    )
-    .unwrap();
+    );
     let err = refusal(&dir);
     assert!(err.contains("snapshot format"), "{err}");
 
     let other_cpu = state.replacen("\"host_cpu\":\"", "\"host_cpu\":\"OtherVendor ", 1);
-    std::fs::write(dir.join(STATE_FILE), other_cpu).unwrap();
+    rewrite_snapshot_state(&dir, &other_cpu);
     let err = refusal(&dir);
     assert!(err.contains("host CPU"), "{err}");
 
-    std::fs::write(dir.join(STATE_FILE), "{ not json").unwrap();
+    rewrite_snapshot_state(&dir, "{ not json");
     let err = refusal(&dir);
     assert!(err.contains("not a usable snapshot"), "{err}");
 
@@ -208,11 +211,11 @@ fn virtio_devices_are_snapshotted_with_their_queues_and_continue_after_restore()
     // A device moved onto a line that is not a virtio IRQ is refused.
     let tampered = state.replacen("\"irq\":5", "\"irq\":99", 1);
     assert_ne!(tampered, state);
-    std::fs::write(dir.join(STATE_FILE), tampered).unwrap();
+    rewrite_snapshot_state(&dir, &tampered);
     let Err(err) = Vm::restore(&dir, ConsoleOutput::Discard) else {
         panic!("restored a device on IRQ 99");
     };
-    assert!(err.to_string().contains("virtio device placement"), "{err}");
+    assert!(err.to_string().contains("not a free virtio slot"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -273,12 +276,12 @@ fn a_snapshot_keeps_the_disk_as_it_was_and_restores_write_privately() {
     let state = std::fs::read_to_string(dir.join(STATE_FILE)).unwrap();
     let tampered = state.replacen("\"file\":\"disk-0\"", "\"file\":\"../disk-0\"", 1);
     assert_ne!(tampered, state);
-    std::fs::write(dir.join(STATE_FILE), tampered).unwrap();
+    rewrite_snapshot_state(&dir, &tampered);
     let Err(err) = Vm::restore(&dir, ConsoleOutput::Discard) else {
         panic!("restored a disk from outside the snapshot");
     };
     assert!(
-        err.to_string().contains("not a disk of the snapshot"),
+        err.to_string().contains("not this device's disk file"),
         "{err}"
     );
     std::fs::remove_dir_all(&dir).unwrap();

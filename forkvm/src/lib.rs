@@ -55,7 +55,10 @@ pub use memory::MemoryError;
 pub use network::{Network, NetworkHandle, NetworkPolicy};
 pub use phases::take_phase_timings;
 pub use reaper::{pending_releases, wait_for_releases};
-pub use snapshot::{Child, DISK_FILE_PREFIX, MEMORY_FILE, SNAPSHOT_FORMAT, STATE_FILE, Snapshot};
+pub use snapshot::{
+    CHECKSUM_FILE, Child, DISK_FILE_PREFIX, FileProblem, LoadOptions, MEMORY_FILE, SNAPSHOT_FORMAT,
+    STATE_FILE, Snapshot, SnapshotError,
+};
 pub use virtio::{DeviceInfo, DeviceKind};
 pub use vm::{Extensions, Vm, VsockDialer};
 pub use vstate::run_state::PauseGuard;

@@ -26,6 +26,14 @@ pub const FIRST_VIRTIO_IRQ: u32 = 5;
 /// Last IRQ: the in-kernel IOAPIC has 24 pins.
 pub const LAST_VIRTIO_IRQ: u32 = 23;
 
+/// Whether a device may sit at window `base` with `irq`: one of the virtio area's windows, and
+/// one of the virtio IRQs.
+pub(crate) fn is_virtio_slot(base: u64, irq: u32) -> bool {
+    let window_ok = (VIRTIO_MMIO_START..VIRTIO_MMIO_START + VIRTIO_MMIO_SIZE).contains(&base)
+        && base.is_multiple_of(MMIO_WINDOW_SIZE);
+    window_ok && (FIRST_VIRTIO_IRQ..=LAST_VIRTIO_IRQ).contains(&irq)
+}
+
 /// A virtio device to attach. Whatever host-side work it has (console input, vsock sockets,
 /// balloon requests) reaches it through its [`VirtioDevice::host_event`].
 pub struct VirtioDeviceSpec {
@@ -177,11 +185,8 @@ impl VirtioPlan {
             .into_iter()
             .map(|(spec, frozen)| {
                 let (base, irq) = (frozen.base, frozen.irq);
-                let window_ok = (VIRTIO_MMIO_START..VIRTIO_MMIO_START + VIRTIO_MMIO_SIZE)
-                    .contains(&base)
-                    && base.is_multiple_of(MMIO_WINDOW_SIZE);
-                let irq_ok = (FIRST_VIRTIO_IRQ..=LAST_VIRTIO_IRQ).contains(&irq);
-                if !window_ok || !irq_ok || !seen.insert(base) || !seen.insert(u64::from(irq)) {
+                if !is_virtio_slot(base, irq) || !seen.insert(base) || !seen.insert(u64::from(irq))
+                {
                     return Err(Error::Setup {
                         what: "virtio device placement",
                         reason: format!(

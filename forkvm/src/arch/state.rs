@@ -153,6 +153,11 @@ impl VcpuState {
         })
     }
 
+    /// How many MSRs the state holds (a state read from a file may hold any number).
+    pub fn msr_count(&self) -> usize {
+        self.msrs.len()
+    }
+
     /// Writes the state into a new vCPU that has its CPUID.
     pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), Error> {
         vcpu.set_mp_state(self.mp_state)

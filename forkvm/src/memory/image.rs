@@ -67,6 +67,25 @@ impl FrozenRam {
         })
     }
 
+    /// An image holding a copy of `file`'s `size` bytes of RAM (laid out as [`Self::from_file`]
+    /// says), in a new memory file sealed against any change: whatever happens to `file`
+    /// afterwards (truncated, rewritten) does not reach the VMs mapping the copy. Holes stay
+    /// holes; a file that shrinks during the copy is an error, never a `SIGBUS` (it is read,
+    /// not mapped).
+    pub fn copied_from(file: &File, size: u64) -> io::Result<Arc<Self>> {
+        let copy = create_memfd().map_err(io::Error::other)?;
+        copy.set_len(size)?;
+        for (start, end) in data_extents(file)? {
+            copy_range(file, &copy, start.min(size), end.min(size))?;
+        }
+        super::seal::seal(&copy).map_err(io::Error::other)?;
+        Ok(Arc::new(Self {
+            file: Arc::new(copy),
+            ranges: super::ram_ranges(size),
+            overlays: Vec::new(),
+        }))
+    }
+
     /// A new memory file holding the image's data.
     pub(super) fn copy_into_new_file(&self) -> Result<File, MemoryError> {
         let file = create_memfd()?;
@@ -213,5 +232,28 @@ mod tests {
         let copy = FrozenRam::from_file(copy, 8 * MIB);
         assert!(contents(&copy) == contents(&image));
         assert_eq!(read(&copy.map().unwrap(), 5 * MIB), 2);
+    }
+
+    /// A copy of a memory file is sealed and its own: truncating the file afterwards changes
+    /// nothing the image's VMs read (a mapping of the file itself would raise SIGBUS).
+    #[test]
+    fn a_copied_image_outlives_its_file() {
+        let path = std::env::temp_dir().join(format!("forkvm-image-copy-{}", std::process::id()));
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(4 * MIB).unwrap();
+        file.write_all_at(&5u64.to_le_bytes(), 3 * MIB).unwrap();
+        let image = FrozenRam::copied_from(&file, 4 * MIB).unwrap();
+        file.set_len(0).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let ram = image.map().unwrap();
+        assert_eq!(read(&ram, 3 * MIB), 5);
+        assert_eq!(read(&ram, MIB), 0);
+        assert!(image.file.set_len(0).is_err(), "sealed");
     }
 }

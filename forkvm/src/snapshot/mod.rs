@@ -12,12 +12,20 @@
 //! continue, disks fork copy-on-write, vsock connections are reset, and the VM is the next
 //! generation on its identity page. Children prepared ahead ([`Snapshot::prepare`]) have their
 //! KVM VM, vCPUs, threads and disk overlays made and their RAM already mapping the image.
+//!
+//! A snapshot directory is not trusted when it is loaded (someone else may have written it):
+//! [`disk`] says what a load checks, [`files`] how files are opened and how a save replaces a
+//! snapshot without ever leaving none, [`state`] the bounds of the state file, [`checksum`] the
+//! checksums; the design is in `docs/design/snapshot-files.md`.
 
+mod checksum;
 mod child;
 mod disk;
+mod files;
 pub(crate) mod pool;
 pub(crate) mod ready;
 pub(crate) mod spawn;
+mod state;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -36,10 +44,13 @@ use crate::memory::freeze::FrozenRam;
 use crate::network::{GuestConnection, Network};
 use crate::virtio::FrozenDevice;
 
+pub use crate::error::{FileProblem, SnapshotError};
+pub use checksum::CHECKSUM_FILE;
 pub use child::Child;
-pub use disk::{DISK_FILE_PREFIX, MEMORY_FILE, SNAPSHOT_FORMAT, STATE_FILE};
+pub use disk::{DISK_FILE_PREFIX, LoadOptions, MEMORY_FILE, STATE_FILE};
 pub(crate) use pool::Shell;
 use pool::{ShellPool, ShellShape};
+pub use state::SNAPSHOT_FORMAT;
 
 /// The processor state of a snapshot.
 #[derive(Serialize, Deserialize)]
@@ -191,17 +202,33 @@ impl Snapshot {
         self.shells.len()
     }
 
-    /// Writes this snapshot to `dir` (created if missing; a snapshot already there is replaced):
-    /// see [`crate::Vm::snapshot`] for the format. The files are written under temporary names,
-    /// fsynced and renamed, the state last.
+    /// Writes this snapshot to `dir` (created if missing; a snapshot already there is replaced,
+    /// a directory holding other files is refused): see [`crate::Vm::snapshot`] for the format.
+    /// The files are written into a fresh directory beside `dir` and fsynced, which then takes
+    /// `dir`'s place in one step: a failure at any point leaves the old snapshot whole.
     pub fn save(&self, dir: impl AsRef<Path>) -> Result<(), Error> {
         disk::save(self, dir.as_ref())
     }
 
     /// Reads the snapshot in `dir`. Refuses one that is incomplete, of another format or forkvm
-    /// version, taken on another CPU model, or whose files disagree with its state.
+    /// version, taken on another CPU model, whose state is out of range or damaged, or whose
+    /// files are links, special files, another user's, or disagree with its state
+    /// ([`Error::SnapshotInvalid`] says which, as a [`SnapshotError`]). The memory file is
+    /// mapped: see [`LoadOptions::copy_memory`] for a directory others may change.
     pub fn load(dir: impl AsRef<Path>) -> Result<Arc<Snapshot>, Error> {
-        disk::load(dir.as_ref()).map(Arc::new)
+        Self::load_with(dir, LoadOptions::default())
+    }
+
+    /// [`Snapshot::load`] with `options`: the memory and disk files checked against their
+    /// checksums, the memory copied into a sealed memory file.
+    pub fn load_with(dir: impl AsRef<Path>, options: LoadOptions) -> Result<Arc<Snapshot>, Error> {
+        disk::load(dir.as_ref(), options).map(Arc::new)
+    }
+
+    /// Parses and range-checks the contents of a snapshot's `state.json` as [`Snapshot::load`]
+    /// does, without its other files, KVM, or the checks of the host (forkvm version, CPU).
+    pub fn check_state_file(bytes: &[u8]) -> Result<(), SnapshotError> {
+        disk::check_state_file(bytes)
     }
 
     /// Guest memory size in bytes.

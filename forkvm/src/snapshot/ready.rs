@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use forkvm_devices::sync::lock;
 
-use super::{MEMORY_FILE, STATE_FILE, Snapshot};
+use super::{MEMORY_FILE, STATE_FILE, Snapshot, SnapshotError};
 use crate::error::Error;
 
 /// Which files a kept snapshot was loaded from.
@@ -65,14 +65,20 @@ pub(crate) fn keep(dir: &Path, n: usize) -> Result<(), Error> {
     }
     let stamp = Stamp::of(&dir).ok_or_else(|| Error::SnapshotInvalid {
         path: dir.clone(),
-        reason: format!("no {STATE_FILE} or {MEMORY_FILE}: not a snapshot"),
+        reason: SnapshotError::Missing {
+            file: STATE_FILE,
+            error: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no {STATE_FILE} or {MEMORY_FILE}"),
+            ),
+        },
     })?;
     let snapshot = Snapshot::load(&dir)?;
     // Loaded from other files than stamped (replaced meanwhile): not kept.
     if Stamp::of(&dir) != Some(stamp) {
         return Err(Error::SnapshotInvalid {
             path: dir,
-            reason: "its files were replaced while it was loaded".into(),
+            reason: SnapshotError::Replaced,
         });
     }
     snapshot.keep_ready(n)?;
@@ -107,6 +113,6 @@ pub(crate) fn get(dir: &Path) -> Option<Arc<Snapshot>> {
 fn canonical(dir: &Path) -> Result<PathBuf, Error> {
     std::fs::canonicalize(dir).map_err(|e| Error::SnapshotInvalid {
         path: dir.to_owned(),
-        reason: format!("cannot resolve the directory: {e}"),
+        reason: SnapshotError::Directory(e),
     })
 }

@@ -21,7 +21,7 @@ use crate::memory::freeze::FreezeDraft;
 use crate::network::NetworkHandle;
 use crate::phases;
 use crate::snapshot::pool::{Shell, ShellShape};
-use crate::snapshot::{Child, CpuState, Snapshot, SnapshotParts};
+use crate::snapshot::{Child, CpuState, LoadOptions, Snapshot, SnapshotParts};
 use kvm_ioctls::Kvm;
 
 /// The last capture, and what the VM had done when it was taken: a capture of a VM with the same
@@ -173,6 +173,18 @@ impl Vm {
             Some(snapshot) => snapshot.spawn(child),
             None => Snapshot::load(dir)?.spawn(child),
         }
+    }
+
+    /// [`Vm::restore`] with `options` (see [`LoadOptions`]): the memory and disk files checked
+    /// against their checksums, or the memory copied into a sealed file, for a directory that
+    /// others may change while the VM runs. The directory is loaded anew even if it is kept
+    /// ready.
+    pub fn restore_with(
+        dir: impl AsRef<Path>,
+        child: impl Into<Child>,
+        options: LoadOptions,
+    ) -> Result<Vm, Error> {
+        Snapshot::load_with(dir, options)?.spawn(child)
     }
 
     /// Keeps `n` children prepared for [`Vm::restore`]s of the snapshot in `dir`: loads it once

@@ -9,6 +9,12 @@ use std::sync::Arc;
 
 use super::layers::FrozenLayers;
 use super::{ID_LEN, SECTOR_SIZE};
+use crate::virtio::saved::{DISK_FILE_PREFIX, SavedStateError};
+
+/// The largest disk a snapshot may record: 16 TiB, the largest file ext4 holds. A restored disk
+/// keeps a bitmap of one bit per sector (4 GiB at this size, zeroed memory the kernel gives
+/// lazily); a state file naming more is refused before anything is allocated.
+pub const MAX_SAVED_DISK_BYTES: u64 = 16 << 40;
 
 /// What a block device's children continue from (cheap to clone; `Send + Sync`): the disk's
 /// content at [`Block::freeze`](super::Block::freeze), and its configuration.
@@ -33,6 +39,36 @@ pub struct SavedBlock {
     read_only: bool,
     capacity_sectors: u64,
     id: [u8; ID_LEN],
+}
+
+impl SavedBlock {
+    /// Checks a record read back from a snapshot, as device `index`: its file is the snapshot's
+    /// file for that device, and its capacity at most [`MAX_SAVED_DISK_BYTES`].
+    pub fn check(&self, index: usize) -> Result<(), SavedStateError> {
+        if self.file != format!("{DISK_FILE_PREFIX}{index}") {
+            return Err(SavedStateError::new(
+                "file",
+                format_args!("{:?}", self.file),
+                "not this device's disk file of the snapshot",
+            ));
+        }
+        self.capacity_bytes().map(|_| ()).map_err(|e| {
+            SavedStateError::new("capacity_sectors", self.capacity_sectors, e.reason())
+        })
+    }
+
+    /// The recorded capacity in bytes, if it is one a snapshot may hold.
+    fn capacity_bytes(&self) -> Result<u64, SavedDiskError> {
+        match self.capacity_sectors.checked_mul(SECTOR_SIZE) {
+            None => Err(SavedDiskError::CapacityOverflow {
+                capacity_sectors: self.capacity_sectors,
+            }),
+            Some(bytes) if bytes > MAX_SAVED_DISK_BYTES => Err(SavedDiskError::TooLarge {
+                capacity_sectors: self.capacity_sectors,
+            }),
+            Some(bytes) => Ok(bytes),
+        }
+    }
 }
 
 impl BlockState {
@@ -68,14 +104,10 @@ impl BlockState {
     /// record that does not fit its file fails with an error of kind `InvalidData` that wraps
     /// a [`SavedDiskError`].
     pub fn open_saved(saved: &SavedBlock, file: File) -> io::Result<Self> {
+        // The capacity comes from the snapshot's state file, which is not trusted: checked before
+        // the file's length is compared and anything is allocated for it.
+        let expected = saved.capacity_bytes()?;
         let len = file.metadata()?.len();
-        // The capacity comes from the snapshot's state file, which is not trusted.
-        let Some(expected) = saved.capacity_sectors.checked_mul(SECTOR_SIZE) else {
-            return Err(SavedDiskError::CapacityOverflow {
-                capacity_sectors: saved.capacity_sectors,
-            }
-            .into());
-        };
         if len != expected {
             return Err(SavedDiskError::SizeMismatch {
                 len,
@@ -106,6 +138,12 @@ pub enum SavedDiskError {
         /// The recorded capacity, in sectors.
         capacity_sectors: u64,
     },
+    /// The recorded capacity is more than a snapshot may hold ([`MAX_SAVED_DISK_BYTES`]).
+    #[error("a capacity of {capacity_sectors} sectors is more than a snapshot's disk may hold")]
+    TooLarge {
+        /// The recorded capacity, in sectors.
+        capacity_sectors: u64,
+    },
     /// The file's length is not the recorded capacity.
     #[error("disk file of {len} bytes for {capacity_sectors} sectors")]
     SizeMismatch {
@@ -114,6 +152,17 @@ pub enum SavedDiskError {
         /// The recorded capacity, in sectors.
         capacity_sectors: u64,
     },
+}
+
+impl SavedDiskError {
+    /// Why a capacity is refused, in a few words.
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::CapacityOverflow { .. } => "overflows a byte count",
+            Self::TooLarge { .. } => "more than a snapshot's disk may hold (16 TiB)",
+            Self::SizeMismatch { .. } => "not the disk file's length",
+        }
+    }
 }
 
 impl From<SavedDiskError> for io::Error {
@@ -175,5 +224,48 @@ mod tests {
         let err = BlockState::open_saved(&short, File::open(&path).unwrap()).unwrap_err();
         assert_eq!(err.to_string(), "disk file of 512 bytes for 2 sectors");
         std::fs::remove_file(&path).unwrap();
+    }
+
+    /// A record whose capacity fits its file, but where the file is a huge sparse one (tmpfs
+    /// holds files of any length without storing them), must be refused before the restored
+    /// disk's bitmap is allocated: 2^45 sectors asked for a 4 TiB bitmap, and the allocator
+    /// aborted the process.
+    #[test]
+    fn a_saved_capacity_beyond_the_limit_is_refused_before_allocating() {
+        let dir = std::path::Path::new("/dev/shm");
+        let base = if dir.is_dir() {
+            dir.to_owned()
+        } else {
+            std::env::temp_dir()
+        };
+        let path = base.join(format!("forkvm-blk-huge-{}", std::process::id()));
+        let capacity_sectors = 1u64 << 45;
+        let file = File::create(&path).unwrap();
+        file.set_len(capacity_sectors * SECTOR_SIZE).unwrap();
+        drop(file);
+        let saved = SavedBlock {
+            file: "disk-3".into(),
+            read_only: false,
+            capacity_sectors,
+            id: [0; ID_LEN],
+        };
+        let err = BlockState::open_saved(&saved, File::open(&path).unwrap()).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        let inner = err
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<SavedDiskError>());
+        assert!(
+            matches!(inner, Some(SavedDiskError::TooLarge { .. })),
+            "{err}"
+        );
+        let check = saved.check(3).unwrap_err();
+        assert_eq!(check.field, "capacity_sectors");
+        // The record names its own device's file, and no other.
+        let fits = SavedBlock {
+            capacity_sectors: 8,
+            ..saved
+        };
+        assert_eq!(fits.check(3), Ok(()));
+        assert_eq!(fits.check(4).unwrap_err().field, "file");
     }
 }

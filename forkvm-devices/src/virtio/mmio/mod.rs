@@ -256,7 +256,16 @@ impl MmioTransport {
         transport.queues = state
             .queues
             .iter()
-            .map(|q| {
+            .zip(&transport.queues)
+            .map(|(q, fresh)| {
+                // A saved queue keeps its device's size limit (the state may come from a file).
+                if q.0.max_size != fresh.max_size() {
+                    return Err(std::io::Error::other(format!(
+                        "queue state of {} entries at most for a queue of {}",
+                        q.0.max_size,
+                        fresh.max_size()
+                    )));
+                }
                 Queue::try_from(q.0).map_err(|e| std::io::Error::other(format!("queue state: {e}")))
             })
             .collect::<Result<_, _>>()?;
@@ -646,5 +655,6 @@ impl MutEventSubscriber for QueueEvents {
     }
 }
 
+mod check;
 #[cfg(test)]
 mod tests;

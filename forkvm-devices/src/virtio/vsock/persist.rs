@@ -5,12 +5,27 @@ use std::path::Path;
 
 use super::VsockError;
 use super::device::Vsock;
+use crate::virtio::saved::SavedStateError;
 
 /// A socket device at a fork. Connections do not survive it: each child's device starts with
 /// none, new host endpoints, and a transport reset for its guest.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct VsockState {
     cid: u64,
+}
+
+impl VsockState {
+    /// Checks a state read back from a snapshot: the CID is one a guest may have.
+    pub fn check(&self) -> Result<(), SavedStateError> {
+        if !(3..u64::from(u32::MAX)).contains(&self.cid) {
+            return Err(SavedStateError::new(
+                "cid",
+                self.cid,
+                "not a guest CID (3 to 2^32 - 2)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Vsock {

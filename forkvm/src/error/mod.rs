@@ -9,6 +9,10 @@ use thiserror::Error;
 use crate::boot::BootError;
 use crate::memory::MemoryError;
 
+mod snapshot;
+
+pub use snapshot::{FileProblem, SnapshotError};
+
 /// What kind of failure an [`Error`] (or the guest agent client's `AgentError`) is, from
 /// [`Error::kind`] (and `AgentError::kind`, in `forkvm-agent-client`).
 ///
@@ -204,8 +208,8 @@ pub enum Error {
     SnapshotInvalid {
         /// The snapshot directory.
         path: PathBuf,
-        /// Why.
-        reason: String,
+        /// Why: the file or the state field that is wrong.
+        reason: SnapshotError,
     },
     /// A snapshot from another forkvm, format or host CPU: restoring it could break the guest.
     #[error(
@@ -464,7 +468,7 @@ mod tests {
             (
                 Error::SnapshotInvalid {
                     path: path(),
-                    reason: "no".into(),
+                    reason: SnapshotError::Replaced,
                 },
                 K::Snapshot,
             ),
