@@ -12,5 +12,6 @@ mod fork_devices;
 mod identity;
 mod network_devices;
 mod pause;
+mod rate_limit;
 mod snapshot;
 mod vsock;
