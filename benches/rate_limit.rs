@@ -9,7 +9,8 @@
 use std::time::{Duration, Instant};
 
 use forkvm::{Bucket, ConsoleBuffer, DeviceKind, RateLimit, Vm};
-use forkvm_tests::{TempFile, hex_after, percentile_ns, read_u64, test_guest_vm};
+use forkvm_tests::report::percentile_ns;
+use forkvm_tests::{TempFile, hex_after, read_u64, test_guest_vm};
 
 /// VM A's limit, in KiB per second (a bucket of one second's worth).
 const LIMIT_KIB: u64 = 1024;
@@ -55,12 +56,14 @@ fn phase(name: &str, guests: [&Guest; 2], seconds: u64) {
     let mut last = first;
     let mut slices: [Vec<u64>; 2] = Default::default();
     let start = Instant::now();
+    let mut slice_start = start;
     while start.elapsed() < Duration::from_secs(seconds) {
         std::thread::sleep(SLICE);
         let now = guests.map(count);
+        let took = slice_start.elapsed().as_secs_f64();
+        slice_start = Instant::now();
         for i in 0..2 {
-            // Reads per second in this slice (the slice's length is close to SLICE).
-            slices[i].push((now[i] - last[i]) * 1_000_000_000 / SLICE.as_nanos() as u64);
+            slices[i].push(((now[i] - last[i]) as f64 / took) as u64);
         }
         last = now;
     }
