@@ -352,8 +352,14 @@ impl MmioTransport {
         if !self.queues.get(index).is_some_and(Queue::ready) {
             return;
         }
-        let Some(allowance) = self.throttle.allowance(index) else {
-            return;
+        let allowance = match self.throttle.allowance(index) {
+            Ok(allowance) => allowance,
+            Err(retry) => {
+                if retry {
+                    self.signal(index);
+                }
+                return;
+            }
         };
         let budget = Budget::within(allowance);
         let result = self.device.process_queue(

@@ -53,19 +53,19 @@ impl Throttle {
         self.limiter.set_clock(clock);
     }
 
-    /// What a turn of queue `index` may do, or `None` when nothing: the queue then waits for
-    /// the timer.
-    pub(super) fn allowance(&mut self, index: usize) -> Option<Allowance> {
+    /// What a turn of queue `index` may do, or `Err(retry)` when nothing: the queue then waits
+    /// for the timer, or, if the timer cannot be armed (`retry`), must be signalled again.
+    pub(super) fn allowance(&mut self, index: usize) -> Result<Allowance, bool> {
         let allowance = self.limiter.allowance();
         if allowance.is_empty() {
-            self.wait(index);
-            return None;
+            return Err(!self.wait(index));
         }
-        Some(allowance)
+        Ok(allowance)
     }
 
     /// Charges what the turn of queue `index` used. Returns whether the queue should be served
-    /// again at once (it left work and tokens remain); if it left work without tokens, it waits.
+    /// again at once (it left work and tokens remain, or the timer cannot be armed); if it left
+    /// work without tokens, it waits for the timer.
     pub(super) fn after_turn(&mut self, index: usize, budget: &Budget) -> bool {
         let (ops, bytes) = budget.used();
         self.limiter.charge(ops, bytes);
@@ -73,17 +73,15 @@ impl Throttle {
             return false;
         }
         if self.limiter.wait().is_some() {
-            self.wait(index);
-            return false;
+            return !self.wait(index);
         }
         true
     }
 
-    /// Queue `index` waits for tokens; the timer is armed for when they are back.
-    fn wait(&mut self, index: usize) {
-        if let Some(w) = self.waiting.get_mut(index) {
-            *w = true;
-        }
+    /// Queue `index` waits for tokens; the timer is armed for when they are back. Returns
+    /// whether it was: if not, the queue is not left waiting (its caller signals it again: a
+    /// busy retry rather than a device that never resumes).
+    fn wait(&mut self, index: usize) -> bool {
         let after = self.limiter.wait().unwrap_or(Duration::from_nanos(1));
         // Re-arming also moves a timer armed for another queue: the wait is the limiter's,
         // the same for every queue of the device.
@@ -92,7 +90,12 @@ impl Throttle {
             .reset(after.clamp(Duration::from_nanos(1), MAX_TIMER), None)
         {
             crate::ratelimit::guest_warn!("virtio: cannot arm the rate-limit timer: {e}");
+            return false;
         }
+        if let Some(w) = self.waiting.get_mut(index) {
+            *w = true;
+        }
+        true
     }
 
     /// The timer fired: returns the queues to serve again.
