@@ -1,5 +1,5 @@
 //! Rate limits on a running VM's disk: requests beyond the bucket wait, a limit changed at run
-//! time applies at once, and fork children keep their parent's limit.
+//! time applies at once, and fork children and restored snapshots keep the limit.
 
 use std::time::{Duration, Instant};
 
@@ -38,7 +38,7 @@ fn disk_index(vm: &Vm) -> usize {
 
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
-fn a_disk_limit_holds_requests_until_lifted_and_children_keep_it() {
+fn a_disk_limit_holds_requests_until_lifted_and_children_and_snapshots_keep_it() {
     let image = forkvm_tests::TempFile::with_contents("rate-limit.img", &[0u8; 64 * 512]);
     let serial = ConsoleBuffer::new();
     let vm = test_guest_vm("mode=blk-mailbox", &serial)
@@ -107,4 +107,32 @@ fn a_disk_limit_holds_requests_until_lifted_and_children_keep_it() {
         limit,
         "the parent's is its own"
     );
+
+    // A snapshot saved to disk keeps it too; the restored VM serves two requests, then waits.
+    let dir = std::env::temp_dir().join(format!("forkvm-rate-limit-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    vm.snapshot(&dir).unwrap();
+    let restored = Vm::restore(&dir, ConsoleOutput::Discard).unwrap();
+    assert_eq!(restored.devices()[disk].rate_limit, limit);
+    assert!(read_done_within(
+        &restored,
+        mailbox,
+        Duration::from_secs(10)
+    ));
+    assert!(read_done_within(
+        &restored,
+        mailbox,
+        Duration::from_secs(10)
+    ));
+    assert!(!read_done_within(
+        &restored,
+        mailbox,
+        Duration::from_millis(300)
+    ));
+    restored
+        .set_rate_limit(disk, RateLimit::unlimited())
+        .unwrap();
+    wait_served(&restored, mailbox);
+    drop(restored);
+    let _ = std::fs::remove_dir_all(&dir);
 }
