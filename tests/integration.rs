@@ -12,6 +12,7 @@ mod fork_devices;
 mod identity;
 mod network_devices;
 mod pause;
+mod rate_limit;
 mod snapshot;
 mod snapshot_files;
 mod vsock;

@@ -374,6 +374,26 @@ typedef struct forkvm_identity {
   uint8_t id[16];
 } forkvm_identity;
 
+// One token bucket of a rate limit (`forkvm::Bucket`): `size` tokens (bytes or requests),
+// refilled from empty in `refill_ms` milliseconds, plus `one_time_burst` tokens once. A
+// `size` of 0 limits nothing.
+typedef struct forkvm_bucket {
+  // The most tokens it holds; 0: no limit.
+  uint64_t size;
+  // Extra tokens available once, before the bucket's own.
+  uint64_t one_time_burst;
+  // How long an empty bucket takes to fill, in milliseconds (above 0 when `size` is).
+  uint64_t refill_ms;
+} forkvm_bucket;
+
+// A virtio device's rate limit (`forkvm::RateLimit`): bytes moved and requests served.
+typedef struct forkvm_rate_limit {
+  // Bytes between guest memory and the host.
+  struct forkvm_bucket bytes;
+  // Requests (descriptor chains).
+  struct forkvm_bucket ops;
+} forkvm_rate_limit;
+
 // One of a VM's virtio devices (`forkvm::DeviceInfo`).
 typedef struct forkvm_device_info {
   // Virtio device type (1 net, 2 block, 3 console, 4 entropy, 5 balloon, 19 vsock).
@@ -879,6 +899,15 @@ enum forkvm_status forkvm_vm_memory(const struct forkvm_vm *vm,
 // How long the last fork or snapshot of this VM held it paused, in nanoseconds, into
 // `*nanos`; -1 before the first.
 enum forkvm_status forkvm_vm_last_pause(const struct forkvm_vm *vm, int64_t *nanos);
+
+// Replaces the rate limit of virtio device `device` (an index into `forkvm_vm_devices`)
+// while the VM runs or before it starts (`forkvm::Vm::set_rate_limit`): its buckets start
+// full; NULL lifts the limit. Fork children and snapshots keep the limit in force.
+// `FORKVM_ERR_NO_DEVICE` for an index out of range, `FORKVM_ERR_INVALID_ARGUMENT` for a
+// bucket with a size but no refill time.
+enum forkvm_status forkvm_vm_set_rate_limit(const struct forkvm_vm *vm,
+                                            size_t device,
+                                            const struct forkvm_rate_limit *limit);
 
 // The VM's virtio devices: sets `*count` to how many there are and copies up to `capacity`
 // of them into `devices` (NULL when `capacity` is 0); `FORKVM_ERR_BUFFER_TOO_SMALL` if

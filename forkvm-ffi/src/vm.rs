@@ -345,6 +345,60 @@ pub unsafe extern "C" fn forkvm_vm_last_pause(
     })
 }
 
+/// One token bucket of a rate limit (`forkvm::Bucket`): `size` tokens (bytes or requests),
+/// refilled from empty in `refill_ms` milliseconds, plus `one_time_burst` tokens once. A
+/// `size` of 0 limits nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct forkvm_bucket {
+    /// The most tokens it holds; 0: no limit.
+    pub size: u64,
+    /// Extra tokens available once, before the bucket's own.
+    pub one_time_burst: u64,
+    /// How long an empty bucket takes to fill, in milliseconds (above 0 when `size` is).
+    pub refill_ms: u64,
+}
+
+/// A virtio device's rate limit (`forkvm::RateLimit`): bytes moved and requests served.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct forkvm_rate_limit {
+    /// Bytes between guest memory and the host.
+    pub bytes: forkvm_bucket,
+    /// Requests (descriptor chains).
+    pub ops: forkvm_bucket,
+}
+
+fn bucket(b: forkvm_bucket) -> Option<forkvm::Bucket> {
+    (b.size != 0).then(|| {
+        forkvm::Bucket::new(b.size, Duration::from_millis(b.refill_ms))
+            .with_one_time_burst(b.one_time_burst)
+    })
+}
+
+/// Replaces the rate limit of virtio device `device` (an index into `forkvm_vm_devices`)
+/// while the VM runs or before it starts (`forkvm::Vm::set_rate_limit`): its buckets start
+/// full; NULL lifts the limit. Fork children and snapshots keep the limit in force.
+/// `FORKVM_ERR_NO_DEVICE` for an index out of range, `FORKVM_ERR_INVALID_ARGUMENT` for a
+/// bucket with a size but no refill time.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn forkvm_vm_set_rate_limit(
+    vm: *const forkvm_vm,
+    device: usize,
+    limit: *const forkvm_rate_limit,
+) -> forkvm_status {
+    ffi(|| {
+        // SAFETY: NULL or a valid `forkvm_rate_limit` for the call.
+        let limit = unsafe { limit.as_ref() }.copied().unwrap_or_default();
+        let limit = forkvm::RateLimit {
+            bytes: bucket(limit.bytes),
+            ops: bucket(limit.ops),
+        };
+        VMS.get(vm)?.set_rate_limit(device, limit)?;
+        Ok(())
+    })
+}
+
 /// One of a VM's virtio devices (`forkvm::DeviceInfo`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]

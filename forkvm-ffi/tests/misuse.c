@@ -161,6 +161,15 @@ static void a_vm_that_ended(void)
     OK(forkvm_vm_devices(vm, devices, 2, &count));
     CHECK(count == 1 && devices[0].device_type == 4);
 
+    /* Rate limits: set, lifted with NULL, refused without a refill time or a device. */
+    forkvm_rate_limit limit = { .ops = { .size = 100, .refill_ms = 1000 } };
+    OK(forkvm_vm_set_rate_limit(vm, 0, &limit));
+    OK(forkvm_vm_set_rate_limit(vm, 0, NULL));
+    limit.bytes = (forkvm_bucket){ .size = 4096, .refill_ms = 0 };
+    EXPECT(FORKVM_ERR_INVALID_ARGUMENT, forkvm_vm_set_rate_limit(vm, 0, &limit));
+    EXPECT(FORKVM_ERR_NO_DEVICE, forkvm_vm_set_rate_limit(vm, 1, NULL));
+    EXPECT(FORKVM_ERR_NULL_POINTER, forkvm_vm_set_rate_limit(NULL, 0, NULL));
+
     OK(forkvm_vm_start(vm));
     OK(forkvm_vm_wait(vm, &ended));
     CHECK(ended.kind == FORKVM_EXIT_POWERED_OFF && ended.has_status && ended.status == 3);

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use forkvm_devices::virtio::balloon::{Balloon as BalloonDevice, BalloonHandle};
 use forkvm_devices::virtio::block::Block;
 use forkvm_devices::virtio::console::Console;
+use forkvm_devices::virtio::rate_limit::RateLimit;
 use forkvm_devices::virtio::rng::Rng;
 use forkvm_devices::virtio::vsock::Vsock as VsockDevice;
 use forkvm_devices::virtio::vsock::host::VsockConnector;
@@ -81,7 +82,8 @@ impl VirtioConfig {
                         source,
                     },
                 )?,
-            )),
+            ))
+            .with_rate_limit(disk.rate_limit),
             Self::Console { output, input } => {
                 let mut console = Console::new(output.into_writer()?)
                     .map_err(|e| setup_err("virtio-console", e))?;
@@ -102,6 +104,7 @@ pub struct DiskConfig {
     path: PathBuf,
     read_only: bool,
     direct_io: bool,
+    rate_limit: RateLimit,
 }
 
 impl DiskConfig {
@@ -111,7 +114,15 @@ impl DiskConfig {
             path: path.into(),
             read_only: false,
             direct_io: false,
+            rate_limit: RateLimit::unlimited(),
         }
+    }
+
+    /// Limits the guest's requests to the disk: bytes read and written, and requests (see
+    /// [`RateLimit`]). None by default; [`Vm::set_rate_limit`] changes it while the VM runs.
+    pub fn rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rate_limit = limit;
+        self
     }
 
     /// Whether the guest may only read (writes fail with an I/O error).
@@ -133,6 +144,7 @@ impl DiskConfig {
 pub struct VsockConfig {
     cid: u64,
     uds_path: Option<PathBuf>,
+    rate_limit: RateLimit,
 }
 
 impl VsockConfig {
@@ -142,7 +154,15 @@ impl VsockConfig {
         Self {
             cid,
             uds_path: None,
+            rate_limit: RateLimit::unlimited(),
         }
+    }
+
+    /// Limits what the guest sends (packets and their bytes; see [`RateLimit`]). None by
+    /// default; [`Vm::set_rate_limit`] changes it while the VM runs.
+    pub fn rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rate_limit = limit;
+        self
     }
 
     /// Also listens on the Unix socket `path` (which must not exist; it is removed when the VM
@@ -158,7 +178,8 @@ impl VsockConfig {
     fn create(self) -> Result<(VirtioDeviceSpec, VsockConnector), Error> {
         let device = VsockDevice::new(self.cid, self.uds_path.as_deref())?;
         let connector = device.connector();
-        Ok((VirtioDeviceSpec::new(Box::new(device)), connector))
+        let spec = VirtioDeviceSpec::new(Box::new(device)).with_rate_limit(self.rate_limit);
+        Ok((spec, connector))
     }
 }
 

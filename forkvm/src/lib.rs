@@ -49,6 +49,7 @@ pub use forkvm_devices::chain::{ErrorChain, error_chain};
 pub use forkvm_devices::virtio::balloon::{
     BalloonError, BalloonHandle, BalloonStats, stat_tag as balloon_stat_tag,
 };
+pub use forkvm_devices::virtio::rate_limit::{Bucket, RateLimit, RateLimitError};
 pub use identity::Identity;
 pub use layout::{IDENTITY_PAGE_ADDR, ZERO_PAGE_ADDR};
 pub use memory::MemoryError;

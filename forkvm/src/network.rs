@@ -31,6 +31,7 @@ pub struct Network {
     publish: Vec<(SocketAddr, u16)>,
     seams: Seams,
     kernel_dhcp: bool,
+    rate_limit: forkvm_devices::virtio::rate_limit::RateLimit,
 }
 
 impl Default for Network {
@@ -49,6 +50,7 @@ impl Network {
             publish: Vec::new(),
             seams: Seams::host(),
             kernel_dhcp: true,
+            rate_limit: Default::default(),
         }
     }
 
@@ -133,6 +135,14 @@ impl Network {
         self
     }
 
+    /// Limits what the guest transmits (frames and their bytes; see [`crate::RateLimit`]). None
+    /// by default; [`crate::Vm::set_rate_limit`] changes it while the VM runs. A fork child
+    /// keeps the limit its parent's device had, whatever network it is given.
+    pub fn rate_limit(mut self, limit: crate::RateLimit) -> Self {
+        self.rate_limit = limit;
+        self
+    }
+
     /// The command-line switch for the guest kernel, if forkvm adds one.
     pub(crate) fn cmdline(&self, user_cmdline: &str) -> Option<&'static str> {
         let named = user_cmdline
@@ -210,7 +220,8 @@ impl Network {
     pub(crate) fn create(&self) -> Result<(VirtioDeviceSpec, Option<NetworkHandle>), Error> {
         let (backend, handle) = self.backend(&[], None)?;
         let device = Net::new(self.addresses.guest_mac, backend);
-        Ok((VirtioDeviceSpec::new(Box::new(device)), handle))
+        let spec = VirtioDeviceSpec::new(Box::new(device)).with_rate_limit(self.rate_limit);
+        Ok((spec, handle))
     }
 }
 

@@ -11,6 +11,7 @@ use forkvm_devices::trigger::IrqTrigger;
 use forkvm_devices::virtio::mmio::{
     MMIO_WINDOW_SIZE, MmioTransport, QUEUE_NOTIFY_OFFSET, QueueEvents, TransportState, VirtioState,
 };
+use forkvm_devices::virtio::rate_limit::RateLimit;
 use forkvm_devices::virtio::{Interrupt, VirtioDevice};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_allocator::{AddressAllocator, AllocPolicy, IdAllocator};
@@ -39,12 +40,23 @@ pub(crate) fn is_virtio_slot(base: u64, irq: u32) -> bool {
 pub struct VirtioDeviceSpec {
     /// The device.
     pub device: Box<dyn VirtioDevice>,
+    /// Its rate limit (a continued device keeps the one it was frozen with instead).
+    pub rate_limit: RateLimit,
 }
 
 impl VirtioDeviceSpec {
-    /// `device`, to attach.
+    /// `device`, to attach, without a rate limit.
     pub fn new(device: Box<dyn VirtioDevice>) -> Self {
-        Self { device }
+        Self {
+            device,
+            rate_limit: RateLimit::unlimited(),
+        }
+    }
+
+    /// The same device, limited by `limit`.
+    pub fn with_rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rate_limit = limit;
+        self
     }
 }
 
@@ -136,6 +148,8 @@ pub struct DeviceInfo {
     pub irq: u32,
     /// The driver's status register (0 until a driver touches it; bit 0x40 = needs reset).
     pub status: u32,
+    /// Its rate limit (see [`crate::Vm::set_rate_limit`]).
+    pub rate_limit: RateLimit,
 }
 
 /// Virtio devices with their windows and IRQs chosen, not yet attached to a VM.
@@ -246,7 +260,7 @@ impl Placed {
         memory: &GuestMemoryMmap,
     ) -> Result<AttachedDevice, Error> {
         let Placed {
-            spec: VirtioDeviceSpec { device },
+            spec: VirtioDeviceSpec { device, rate_limit },
             base,
             irq,
             transport,
@@ -261,7 +275,11 @@ impl Placed {
         let interrupt = Interrupt::new(line);
         let transport = match transport {
             Some(state) => MmioTransport::restore(device, memory.clone(), interrupt, &state),
-            None => MmioTransport::new(device, memory.clone(), interrupt),
+            None => MmioTransport::new(device, memory.clone(), interrupt).and_then(|mut t| {
+                t.set_rate_limit(rate_limit)
+                    .map_err(std::io::Error::other)?;
+                Ok(t)
+            }),
         }
         .map_err(setup_err)?;
         for (index, event) in transport.queue_events().iter().enumerate() {
@@ -302,7 +320,15 @@ impl AttachedDevice {
             mmio_base: self.base,
             irq: self.irq,
             status: transport.status(),
+            rate_limit: transport.rate_limit(),
         }
+    }
+
+    /// Replaces the device's rate limit (its buckets start full).
+    pub(crate) fn set_rate_limit(&self, limit: RateLimit) -> Result<(), Error> {
+        self.lock()
+            .set_rate_limit(limit)
+            .map_err(Error::InvalidRateLimit)
     }
 
     /// The size in bytes of a block device's disk (`None` for other devices): what a fork

@@ -329,6 +329,11 @@ impl BlkMailbox {
         Self(hex_after(console, "blk-mailbox at "))
     }
 
+    /// The mailbox's guest address (its first word is the command, 0 once served).
+    pub fn address(self) -> u64 {
+        self.0
+    }
+
     /// Has the guest of `vm` (its console `console`) write `value` into its sector.
     pub fn write(self, vm: &forkvm::Vm, console: &ConsoleBuffer, value: u64) {
         let before = console.text().matches("blk wrote").count();

@@ -20,7 +20,10 @@
 //! [`MAX_DESCRIPTORS_PER_TURN`] descriptors and [`MAX_BYTES_PER_TURN`] bytes moved. When it runs
 //! out with chains still available, [`next_chain`] yields nothing and marks the budget; the
 //! transport then signals the queue again, so the rest is served on the event loop's next turn,
-//! after whatever else (a pause, another device) is waiting.
+//! after whatever else (a pause, another device) is waiting. A rate-limited device's budget is
+//! also capped by what its buckets allow ([`Budget::within`], see
+//! [`rate_limit`](super::rate_limit)); the budget counts the operations (chains) and bytes a
+//! turn used, for the transport to charge the buckets.
 
 use std::cell::Cell;
 use std::sync::atomic::Ordering;
@@ -31,6 +34,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::GuestMemoryMmap;
+use super::rate_limit::Allowance;
 
 /// Most descriptors one notification of one queue walks before the rest waits for the next
 /// turn of the event loop (four chains of a full 256-entry queue; 1,024 one-descriptor chains).
@@ -91,15 +95,30 @@ pub enum ChainError {
 pub struct Budget {
     descriptors: Cell<usize>,
     bytes: Cell<usize>,
+    /// What the rate limits still allow this turn (`u64::MAX` without a limit).
+    limited_ops: Cell<u64>,
+    limited_bytes: Cell<u64>,
+    /// What the turn used.
+    ops_used: Cell<u64>,
+    bytes_used: Cell<u64>,
     more: Cell<bool>,
 }
 
 impl Budget {
     /// A fresh budget for one turn: [`MAX_DESCRIPTORS_PER_TURN`], [`MAX_BYTES_PER_TURN`].
     pub fn per_turn() -> Self {
+        Self::within(Allowance::default())
+    }
+
+    /// A fresh budget for one turn, capped also by what a rate limiter allows.
+    pub fn within(allowance: Allowance) -> Self {
         Self {
             descriptors: Cell::new(MAX_DESCRIPTORS_PER_TURN),
             bytes: Cell::new(MAX_BYTES_PER_TURN),
+            limited_ops: Cell::new(allowance.ops.unwrap_or(u64::MAX)),
+            limited_bytes: Cell::new(allowance.bytes.unwrap_or(u64::MAX)),
+            ops_used: Cell::new(0),
+            bytes_used: Cell::new(0),
             more: Cell::new(false),
         }
     }
@@ -110,13 +129,36 @@ impl Budget {
         Self {
             descriptors: Cell::new(usize::MAX),
             bytes: Cell::new(usize::MAX),
-            more: Cell::new(false),
+            ..Self::per_turn()
         }
     }
 
     /// Counts `bytes` moved between guest memory and the host.
     pub fn charge_bytes(&self, bytes: usize) {
         self.bytes.set(self.bytes.get().saturating_sub(bytes));
+        self.charge_limited_bytes(bytes);
+    }
+
+    /// Counts `bytes` against the rate limit only, for a device that bounds its turn's bytes
+    /// itself (virtio-blk, whose turn may move more than [`MAX_BYTES_PER_TURN`]).
+    pub fn charge_limited_bytes(&self, bytes: usize) {
+        let bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
+        self.limited_bytes
+            .set(self.limited_bytes.get().saturating_sub(bytes));
+        self.bytes_used
+            .set(self.bytes_used.get().saturating_add(bytes));
+    }
+
+    /// Counts one operation (a chain taken).
+    pub fn charge_op(&self) {
+        self.limited_ops
+            .set(self.limited_ops.get().saturating_sub(1));
+        self.ops_used.set(self.ops_used.get().saturating_add(1));
+    }
+
+    /// The operations and bytes charged so far.
+    pub fn used(&self) -> (u64, u64) {
+        (self.ops_used.get(), self.bytes_used.get())
     }
 
     /// Counts `descriptors` walked.
@@ -127,7 +169,10 @@ impl Budget {
 
     /// Whether the budget is spent: no further chain should be started this turn.
     pub fn spent(&self) -> bool {
-        self.descriptors.get() == 0 || self.bytes.get() == 0
+        self.descriptors.get() == 0
+            || self.bytes.get() == 0
+            || self.limited_ops.get() == 0
+            || self.limited_bytes.get() == 0
     }
 
     /// Notes that work was left for the next turn.
@@ -164,8 +209,8 @@ fn has_available(queue: &Queue, memory: &GuestMemoryMmap) -> Result<bool, ChainE
 
 /// The next chain the driver made available on `queue`, checked: `None` when there is none, the
 /// queue is not ready, or `budget` is spent (then marked if chains are left for the next turn).
-/// The descriptors walked are charged to `budget`; the bytes the device moves are the device's
-/// to charge.
+/// The chain and the descriptors walked are charged to `budget`; the bytes the device moves are
+/// the device's to charge.
 pub fn next_chain<'m>(
     queue: &mut Queue,
     memory: &'m GuestMemoryMmap,
@@ -207,6 +252,7 @@ pub fn next_chain<'m>(
     let head = raw.head_index();
     let descriptors = walk(memory, GuestAddress(queue.desc_table()), size, head)?;
     budget.charge_descriptors(descriptors.len());
+    budget.charge_op();
     Ok(Some(Chain {
         head,
         descriptors,

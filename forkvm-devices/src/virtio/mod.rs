@@ -16,6 +16,9 @@ pub mod console;
 pub mod mmio;
 pub mod net;
 pub mod persist;
+pub mod rate_limit;
+#[cfg(test)]
+mod rate_limit_tests;
 pub mod rng;
 #[cfg(test)]
 mod rules_tests;

@@ -246,6 +246,12 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A rate limit with a bucket that cannot work (size or refill time 0).
+    #[error("invalid rate limit")]
+    InvalidRateLimit(#[source] forkvm_devices::virtio::rate_limit::RateLimitError),
+    /// No virtio device at this index of [`crate::Vm::devices`].
+    #[error("the VM has no virtio device {0}")]
+    NoSuchDevice(usize),
     /// An in-process connection to a guest TCP port could not be set up.
     #[error("cannot connect to guest TCP port {port}")]
     NetworkConnect {
@@ -271,11 +277,12 @@ impl Error {
             Self::NoKernel
             | Self::NoVcpus
             | Self::TooManyVcpus { .. }
-            | Self::MemoryTooSmall { .. } => K::InvalidArgument,
+            | Self::MemoryTooSmall { .. }
+            | Self::InvalidRateLimit(_) => K::InvalidArgument,
             Self::Memory(_) | Self::GuestAddress { .. } => K::Memory,
             Self::Boot(_) => K::Boot,
             Self::BlockImage { .. } | Self::ConsoleFile { .. } | Self::Snapshot { .. } => K::Io,
-            Self::NoVsock | Self::NoNetwork => K::NoDevice,
+            Self::NoVsock | Self::NoNetwork | Self::NoSuchDevice(_) => K::NoDevice,
             Self::Publish { .. } | Self::NetworkConnect { .. } => K::Io,
             Self::Vsock(_) | Self::VsockConnect { .. } => K::Vsock,
             Self::NotStarted => K::NotStarted,
@@ -319,7 +326,7 @@ mod tests {
     }
 
     /// How many variants [`Error`] has.
-    const VARIANTS: usize = 30;
+    const VARIANTS: usize = 32;
 
     /// Numbers each variant (no wildcard: a new variant must be added here, then to `VARIANTS`
     /// and [`samples`]).
@@ -355,6 +362,8 @@ mod tests {
             Error::NoNetwork => 27,
             Error::Publish { .. } => 28,
             Error::NetworkConnect { .. } => 29,
+            Error::InvalidRateLimit(_) => 30,
+            Error::NoSuchDevice(_) => 31,
         }
     }
 
@@ -412,6 +421,13 @@ mod tests {
             (Error::Vsock(VsockError::InvalidCid(2)), K::Vsock),
             (Error::NoVsock, K::NoDevice),
             (Error::NoNetwork, K::NoDevice),
+            (Error::NoSuchDevice(9), K::NoDevice),
+            (
+                Error::InvalidRateLimit(
+                    forkvm_devices::virtio::rate_limit::RateLimitError::ZeroSize,
+                ),
+                K::InvalidArgument,
+            ),
             (
                 Error::Publish {
                     host: "127.0.0.1:1".parse().unwrap(),

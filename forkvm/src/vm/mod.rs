@@ -320,9 +320,20 @@ impl Vm {
         self.state.exit()
     }
 
-    /// The VM's virtio devices: type, window, IRQ and driver status.
+    /// The VM's virtio devices: type, window, IRQ, driver status and rate limit.
     pub fn devices(&self) -> Vec<DeviceInfo> {
         self.devices.iter().map(AttachedDevice::info).collect()
+    }
+
+    /// Replaces the rate limit of virtio device `device` (an index into [`Vm::devices`]) while
+    /// the VM runs: its buckets start full, and requests waiting for tokens are looked at again
+    /// at once. [`RateLimit::unlimited`](crate::RateLimit::unlimited) lifts it. Fork children
+    /// and snapshots take the limit in force.
+    pub fn set_rate_limit(&self, device: usize, limit: crate::RateLimit) -> Result<(), Error> {
+        self.devices
+            .get(device)
+            .ok_or(Error::NoSuchDevice(device))?
+            .set_rate_limit(limit)
     }
 
     /// Opens a stream to `port` in the guest through the vsock device, in-process (no file

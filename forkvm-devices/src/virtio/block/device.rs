@@ -230,6 +230,8 @@ impl Block {
                 requests[parsed].plain = self.plain_io(&view, &requests[parsed]);
                 let request = &requests[parsed];
                 budget.charge_descriptors(request.descriptors());
+                budget.charge_op();
+                budget.charge_limited_bytes(request.data_len());
                 bytes = bytes.saturating_add(request.data_len());
                 parsed += 1;
             }

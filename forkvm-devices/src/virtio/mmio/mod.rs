@@ -28,6 +28,9 @@
 //! - Work is bounded: one notification serves a queue within a [`Budget`] (descriptors walked,
 //!   bytes moved); what is left is served on the event loop's next turn (the transport signals
 //!   the queue's eventfd again), so a flood of chains never holds the loop, nor `Vm::pause`.
+//! - A device may be rate-limited ([`MmioTransport::set_rate_limit`]): each turn is also capped
+//!   by its token buckets, and a queue left without tokens is served again when the
+//!   transport's timer says they are back ([`rate_limit`](super::rate_limit)).
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
@@ -42,6 +45,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::rate_limit::{Clock, RateLimit, RateLimitError};
 use super::{
     Budget, DeviceError, DeviceState, GuestMemoryMmap, INT_CONFIG, Interrupt, VIRTIO_F_VERSION_1,
     VirtioDevice,
@@ -50,8 +54,10 @@ use crate::bus::BusDevice;
 use crate::chain::ErrorChain;
 use crate::sync::lock;
 use setup::{QueueSetup, set_high, set_low};
+use throttle::Throttle;
 
 mod setup;
+mod throttle;
 
 /// Size of one device's register window.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
@@ -142,6 +148,7 @@ pub struct MmioTransport {
     driver_features_sel: u32,
     driver_features: u64,
     queue_sel: u32,
+    throttle: Throttle,
 }
 
 /// The registers a driver programmed and the position of every queue: with a device's
@@ -155,6 +162,9 @@ pub struct TransportState {
     queue_sel: u32,
     queues: Vec<SavedQueue>,
     interrupt_status: u32,
+    /// The device's rate limit (its buckets start full in a copy).
+    #[serde(default)]
+    rate_limit: RateLimit,
 }
 
 /// One queue's [`QueueState`], serializable.
@@ -204,6 +214,7 @@ impl MmioTransport {
             .iter()
             .map(|_| EventFd::new(libc::EFD_NONBLOCK))
             .collect::<Result<Vec<_>, _>>()?;
+        let throttle = Throttle::new(queues.len())?;
         Ok(Self {
             device,
             memory,
@@ -216,6 +227,7 @@ impl MmioTransport {
             driver_features_sel: 0,
             driver_features: 0,
             queue_sel: 0,
+            throttle,
         })
     }
 
@@ -230,6 +242,7 @@ impl MmioTransport {
                 queue_sel: self.queue_sel,
                 queues: self.queues.iter().map(|q| SavedQueue(q.state())).collect(),
                 interrupt_status: self.interrupt.status(),
+                rate_limit: self.throttle.limit(),
             },
             device: self.device.freeze()?,
         })
@@ -275,6 +288,10 @@ impl MmioTransport {
         transport.driver_features_sel = state.driver_features_sel;
         transport.driver_features = state.driver_features;
         transport.queue_sel = state.queue_sel;
+        transport
+            .throttle
+            .set(state.rate_limit)
+            .map_err(std::io::Error::other)?;
         if state.status & S_FEATURES_OK != 0 {
             transport.device.ack_features(state.driver_features);
         }
@@ -344,23 +361,70 @@ impl MmioTransport {
         if !self.queues.get(index).is_some_and(Queue::ready) {
             return;
         }
-        let budget = Budget::per_turn();
-        match self.device.process_queue(
+        let allowance = match self.throttle.allowance(index) {
+            Ok(allowance) => allowance,
+            Err(retry) => {
+                if retry {
+                    self.signal(index);
+                }
+                return;
+            }
+        };
+        let budget = Budget::within(allowance);
+        let result = self.device.process_queue(
             index,
             &mut self.queues,
             &self.memory,
             &self.interrupt,
             &budget,
-        ) {
+        );
+        let again = self.throttle.after_turn(index, &budget);
+        match result {
             Err(e) => self.needs_reset(&format_args!("queue {index}: {}", ErrorChain(&e))),
-            Ok(()) if budget.more() => {
-                if let Some(event) = self.queue_events.get(index) {
-                    // An eventfd write fails only when its counter would overflow: then it is
-                    // signalled anyway.
-                    let _ = event.write(1);
-                }
-            }
+            Ok(()) if again => self.signal(index),
             Ok(()) => {}
+        }
+    }
+
+    /// Signals queue `index`'s eventfd: the event loop serves it on its next turn.
+    fn signal(&self, index: usize) {
+        if let Some(event) = self.queue_events.get(index) {
+            // An eventfd write fails only when its counter would overflow: then it is
+            // signalled anyway.
+            let _ = event.write(1);
+        }
+    }
+
+    /// Replaces the device's rate limit (buckets start full); queues that waited for tokens are
+    /// served again on the event loop's next turn.
+    pub fn set_rate_limit(&mut self, limit: RateLimit) -> Result<(), RateLimitError> {
+        for index in self.throttle.set(limit)? {
+            self.signal(index);
+        }
+        Ok(())
+    }
+
+    /// The device's rate limit.
+    pub fn rate_limit(&self) -> RateLimit {
+        self.throttle.limit()
+    }
+
+    /// Runs the rate limit on `clock` (tests move time by hand); the buckets start full.
+    pub fn set_rate_limit_clock(&mut self, clock: std::sync::Arc<dyn Clock>) {
+        self.throttle.set_clock(clock);
+    }
+
+    /// The timerfd that fires when a rate-limited queue has tokens again; the event loop
+    /// watches it and then calls [`Self::rate_limit_timer_fired`].
+    pub fn rate_limit_timer(&self) -> RawFd {
+        self.throttle.timer_fd()
+    }
+
+    /// The rate-limit timer fired: queues that waited for tokens are signalled (and served on
+    /// the event loop's next turn, within what the buckets then allow).
+    pub fn rate_limit_timer_fired(&mut self) {
+        for index in self.throttle.on_timer() {
+            self.signal(index);
         }
     }
 
@@ -598,10 +662,13 @@ pub struct QueueEvents {
     transport: Arc<Mutex<MmioTransport>>,
     events: Vec<EventFd>,
     host_event: Option<RawFd>,
+    timer: RawFd,
 }
 
 /// Event data that marks the device's host-side event fd (queue events carry their index).
 const HOST_EVENT_DATA: u32 = u32::MAX;
+/// Event data that marks the transport's rate-limit timer.
+const TIMER_DATA: u32 = u32::MAX - 1;
 
 impl QueueEvents {
     /// Watches the queue eventfds of `transport`.
@@ -612,10 +679,12 @@ impl QueueEvents {
             .map(EventFd::try_clone)
             .collect::<Result<_, _>>()?;
         let host_event = lock(&transport).host_event();
+        let timer = lock(&transport).rate_limit_timer();
         Ok(Self {
             transport,
             events,
             host_event,
+            timer,
         })
     }
 }
@@ -636,11 +705,20 @@ impl MutEventSubscriber for QueueEvents {
                 );
             }
         }
+        // The timer belongs to `transport` too.
+        let timer = Events::with_data_raw(self.timer, TIMER_DATA, EventSet::IN);
+        if let Err(e) = ops.add(timer) {
+            crate::ratelimit::guest_warn!("virtio: cannot watch the rate-limit timer: {e:?}");
+        }
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         if events.data() == HOST_EVENT_DATA && Some(events.fd()) == self.host_event {
             lock(&self.transport).process_host_event();
+            return;
+        }
+        if events.data() == TIMER_DATA && events.fd() == self.timer {
+            lock(&self.transport).rate_limit_timer_fired();
             return;
         }
         let index = events.data() as usize;

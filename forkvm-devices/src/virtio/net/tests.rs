@@ -760,3 +760,5 @@ fn a_restored_transport_keeps_mrg_rxbuf_and_serves_what_the_driver_left_availabl
 /// Checksum offload (`csum.rs`).
 #[path = "csum_tests.rs"]
 mod csum_tests;
+
+mod limits;
