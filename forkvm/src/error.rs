@@ -103,6 +103,14 @@ pub enum Error {
         /// Minimum in MiB.
         min: u64,
     },
+    /// More memory than a guest can address (or than fits in a byte count).
+    #[error("{mib} MiB of guest memory is too much: at most {max} MiB are allowed")]
+    MemoryTooLarge {
+        /// Requested size in MiB.
+        mib: u64,
+        /// Maximum in MiB.
+        max: u64,
+    },
     /// Guest memory could not be created.
     #[error(transparent)]
     Memory(#[from] MemoryError),
@@ -267,7 +275,8 @@ impl Error {
             Self::NoKernel
             | Self::NoVcpus
             | Self::TooManyVcpus { .. }
-            | Self::MemoryTooSmall { .. } => K::InvalidArgument,
+            | Self::MemoryTooSmall { .. }
+            | Self::MemoryTooLarge { .. } => K::InvalidArgument,
             Self::Memory(_) | Self::GuestAddress { .. } => K::Memory,
             Self::Boot(_) => K::Boot,
             Self::BlockImage { .. } | Self::ConsoleFile { .. } | Self::Snapshot { .. } => K::Io,
@@ -315,7 +324,7 @@ mod tests {
     }
 
     /// How many variants [`Error`] has.
-    const VARIANTS: usize = 30;
+    const VARIANTS: usize = 31;
 
     /// Numbers each variant (no wildcard: a new variant must be added here, then to `VARIANTS`
     /// and [`samples`]).
@@ -351,6 +360,7 @@ mod tests {
             Error::NoNetwork => 27,
             Error::Publish { .. } => 28,
             Error::NetworkConnect { .. } => 29,
+            Error::MemoryTooLarge { .. } => 30,
         }
     }
 
@@ -378,6 +388,7 @@ mod tests {
                 K::InvalidArgument,
             ),
             (Error::MemoryTooSmall { mib: 1, min: 2 }, K::InvalidArgument),
+            (Error::MemoryTooLarge { mib: 1, max: 0 }, K::InvalidArgument),
             (Error::Memory(MemoryError::Stat(io())), K::Memory),
             (
                 Error::Boot(BootError::UnknownKernelFormat { path: path() }),
