@@ -14,12 +14,12 @@
 //! its output.
 //!
 //! A connection ends when the agent closes it or when its VM ends ([`Shared::end`], from
-//! [`crate::life::VmLife`]): every request waiting on it then fails at once with the reason.
+//! `crate::life::VmLife`): every request waiting on it then fails at once with the reason.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -32,7 +32,7 @@ use forkvm_devices::sync::lock;
 use forkvm_devices::virtio::rng::fill_random;
 
 use super::AgentError;
-use super::life::VmLife;
+use super::life::{Ending, VmLife, not_running};
 
 /// Bytes of frames (payload plus [`FRAME_COST`] each) one request keeps for its caller before
 /// the connection stops reading from the guest, unless the agent was given another limit
@@ -47,7 +47,7 @@ pub const FRAME_COST: usize = 64;
 
 /// Why a connection ended.
 #[derive(Clone, Debug)]
-pub(super) enum Ended {
+enum Ended {
     /// The agent closed it, or it failed.
     Lost,
     /// The VM stopped or ended, with this exit if known.
@@ -55,12 +55,10 @@ pub(super) enum Ended {
 }
 
 impl Ended {
-    pub(super) fn error(&self) -> AgentError {
+    fn error(&self) -> AgentError {
         match self {
             Self::Lost => AgentError::ConnectionLost,
-            Self::NotRunning(exit) => {
-                AgentError::Vm(Box::new(forkvm::Error::NotRunning(Box::new(exit.clone()))))
-            }
+            Self::NotRunning(exit) => not_running(exit.clone()),
         }
     }
 }
@@ -85,7 +83,7 @@ struct State {
 }
 
 /// What the reader thread, the callers and the VM's end share.
-pub(super) struct Shared {
+struct Shared {
     state: Mutex<State>,
     /// Signalled on every change of `state`.
     changed: Condvar,
@@ -121,7 +119,7 @@ impl Shared {
 
     /// Ends the connection for `why` (a VM's end overrides an earlier loss: it says more),
     /// waking every waiting request and the reader thread.
-    pub(super) fn end(&self, why: Ended) {
+    fn end(&self, why: Ended) {
         {
             let mut state = self.lock();
             match (&state.ended, &why) {
@@ -166,6 +164,12 @@ impl Shared {
     }
 }
 
+impl Ending for Shared {
+    fn vm_ended(&self, exit: Option<GuestExit>) {
+        self.end(Ended::NotRunning(exit));
+    }
+}
+
 /// What a buffered frame counts for.
 fn cost(frame: &Frame) -> usize {
     frame.payload.len().saturating_add(FRAME_COST)
@@ -196,7 +200,8 @@ impl Connection {
             limit: AtomicUsize::new(CALL_BUFFER),
         });
         if let Some(life) = life {
-            life.register(&shared)?;
+            let ending: Weak<dyn Ending> = Arc::downgrade(&shared) as Weak<Shared>;
+            life.register(ending)?;
         }
         let hello = say_hello(stream, generation, timeout);
         // A VM that ended meanwhile shut the socket down: say so rather than what that did.

@@ -5,13 +5,23 @@
 //! still be captured), so nothing else would tell a waiting request; the VM's exit hook
 //! ([`forkvm::Vm::on_exit`], registered once per VM) calls [`VmLife::end`].
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Mutex, Weak};
 
 use forkvm::GuestExit;
 use forkvm_devices::sync::lock;
 
 use super::AgentError;
-use super::connection::{Ended, Shared};
+
+/// What the VM's end ends: a connection to its agent.
+pub(crate) trait Ending: Send + Sync {
+    /// The VM ended, with `exit` if known.
+    fn vm_ended(&self, exit: Option<GuestExit>);
+}
+
+/// The error of a request to a VM that ended, with `exit` if known.
+pub(crate) fn not_running(exit: Option<GuestExit>) -> AgentError {
+    AgentError::Vm(Box::new(forkvm::Error::NotRunning(Box::new(exit))))
+}
 
 /// A VM's end, if it came, and the live connections to its agent.
 #[derive(Default)]
@@ -24,7 +34,7 @@ struct LifeState {
     /// `Some` once the VM ended, with its exit if known.
     ended: Option<Option<GuestExit>>,
     /// Pruned of dropped connections each time one is added, so at most twice the live ones.
-    connections: Vec<Weak<Shared>>,
+    connections: Vec<Weak<dyn Ending>>,
 }
 
 impl VmLife {
@@ -39,7 +49,7 @@ impl VmLife {
             std::mem::take(&mut state.connections)
         };
         for connection in connections.iter().filter_map(Weak::upgrade) {
-            connection.end(Ended::NotRunning(exit.clone()));
+            connection.vm_ended(exit.clone());
         }
     }
 
@@ -47,18 +57,18 @@ impl VmLife {
     pub(crate) fn check(&self) -> Result<(), AgentError> {
         match &lock(&self.state).ended {
             None => Ok(()),
-            Some(exit) => Err(Ended::NotRunning(exit.clone()).error()),
+            Some(exit) => Err(not_running(exit.clone())),
         }
     }
 
     /// Ends `connection` with the VM; fails at once if it ended.
-    pub(super) fn register(&self, connection: &Arc<Shared>) -> Result<(), AgentError> {
+    pub(crate) fn register(&self, connection: Weak<dyn Ending>) -> Result<(), AgentError> {
         let mut state = lock(&self.state);
         if let Some(exit) = &state.ended {
-            return Err(Ended::NotRunning(exit.clone()).error());
+            return Err(not_running(exit.clone()));
         }
         state.connections.retain(|c| c.strong_count() > 0);
-        state.connections.push(Arc::downgrade(connection));
+        state.connections.push(connection);
         Ok(())
     }
 }
