@@ -45,8 +45,14 @@ cargo test -p forkvm-devices -p forkvm-net -p forkvm-agent-protocol -p forkvm-ag
 
 step "fuzzing (bounded)"
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
-for target in mmio_transport block_requests block_ring console_queues vsock_packets net_frames legacy_ports; do
-    (cd fuzz && cargo fuzz run "$target" --sanitizer none -- -max_total_time="${FORKVM_FUZZ_SECONDS:-30}" 2>&1 | tail -n 1)
+for target in mmio_transport block_requests block_ring console_queues vsock_packets net_frames legacy_ports agent_frames; do
+    # A target with seeds (fuzz/seeds/<target>) starts from them; new inputs go to fuzz/corpus.
+    corpus=()
+    if [ -d "fuzz/seeds/$target" ]; then
+        mkdir -p "fuzz/corpus/$target"
+        corpus=("corpus/$target" "seeds/$target")
+    fi
+    (cd fuzz && cargo fuzz run "$target" --sanitizer none "${corpus[@]}" -- -max_total_time="${FORKVM_FUZZ_SECONDS:-30}" 2>&1 | tail -n 1)
 done
 
 # The build script's test (forkvm/build.rs, which tests and forkvm-cli share): /dev/kvm opens read-write.
