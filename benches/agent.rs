@@ -42,7 +42,7 @@ fn agent() -> Agent {
         reap_all: false,
         allow_shutdown: false,
     });
-    let connector: Connector = Arc::new(move || {
+    let connector: Connector = Arc::new(move |_| {
         let (ours, theirs) = UnixStream::pair()?;
         let server = server.clone();
         std::thread::spawn(move || serve_connection(server, theirs));

@@ -46,7 +46,7 @@ cargo test -p forkvm-devices -p forkvm-net -p forkvm-agent-protocol -p forkvm-ag
 step "fuzzing (bounded)"
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
 for target in mmio_transport block_requests block_ring console_queues balloon_queues vsock_packets net_frames legacy_ports \
-    snapshot_state; do
+    snapshot_state agent_frames; do
     # From the checked-in seeds, where the target has them (fuzz/README.md).
     seeds=()
     [ -d "fuzz/seeds/$target" ] && seeds=("seeds/$target")

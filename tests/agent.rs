@@ -47,7 +47,7 @@ fn agent_server() -> (Connector, Arc<Mutex<Calls>>) {
         reap_all: false,
         allow_shutdown: false,
     });
-    let connector: Connector = Arc::new(move || {
+    let connector: Connector = Arc::new(move |_| {
         let (ours, theirs) = UnixStream::pair()?;
         let server = server.clone();
         std::thread::spawn(move || serve_connection(server, theirs));
@@ -261,7 +261,7 @@ fn requests_fail_cleanly_once_the_connection_is_gone() {
     let (ours, theirs) = UnixStream::pair().unwrap();
     let server_end = theirs.try_clone().unwrap();
     let slot = Arc::new(Mutex::new(Some(ours)));
-    let connector: Connector = Arc::new(move || {
+    let connector: Connector = Arc::new(move |_| {
         slot.lock()
             .unwrap()
             .take()
@@ -360,4 +360,63 @@ fn a_spawned_process_is_signalled_and_fed_while_another_thread_waits_for_it() {
         assert_eq!(status.unwrap().signal, Some(libc::SIGTERM));
         assert_eq!(out, b"got it\n");
     });
+}
+
+/// This process's resident memory, in bytes.
+fn rss() -> u64 {
+    forkvm_tests::proc_status("RssAnon") << 10
+}
+
+/// A process writes 1 GiB that nobody reads for a while: the host buffers at most its bound
+/// (the connection stops reading, the agent's writes wait) and its memory stays flat; read
+/// afterwards, every byte arrives. (The case, `cat /dev/zero` in a guest, grew the host
+/// without bound: every frame went into an unbounded channel.) The agent runs in this process
+/// here, so its memory counts too.
+#[test]
+fn output_nobody_reads_keeps_host_memory_flat_and_nothing_is_lost() {
+    const VOLUME: u64 = 1 << 30;
+    let agent = agent();
+    let process = agent
+        .spawn(&Command::new([
+            "head",
+            "-c",
+            &VOLUME.to_string(),
+            "/dev/zero",
+        ]))
+        .unwrap();
+    let before = rss();
+    let bound = forkvm_agent_client::CALL_BUFFER
+        + forkvm_agent_protocol::MAX_PAYLOAD
+        + forkvm_agent_client::FRAME_COST;
+    let mut peak = (0, before);
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_millis(100));
+        peak = (peak.0.max(process.buffered_bytes()), peak.1.max(rss()));
+    }
+    assert!(peak.0 > 0, "no output came at all");
+    assert!(peak.0 <= bound, "{} bytes buffered, bound {bound}", peak.0);
+    let grown = peak.1.saturating_sub(before);
+    assert!(grown < 64 << 20, "the host grew by {grown} bytes");
+    let mut total = 0u64;
+    let status = process
+        .wait(|_, bytes| total += bytes.len() as u64)
+        .unwrap();
+    assert_eq!((status.code, total), (Some(0), VOLUME));
+}
+
+/// A process whose output nobody reads can still be signalled: the answer gets past the
+/// output held back on its connection.
+#[test]
+fn a_process_whose_output_nobody_reads_can_be_killed() {
+    let agent = agent();
+    let process = agent.spawn(&Command::new(["cat", "/dev/zero"])).unwrap();
+    let t0 = std::time::Instant::now();
+    while process.buffered_bytes() < forkvm_agent_client::CALL_BUFFER / 2 {
+        assert!(t0.elapsed() < TIMEOUT, "no output came");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    process.kill().unwrap();
+    let status = process.wait(|_, _| {}).unwrap();
+    assert_eq!(status.signal, Some(libc::SIGKILL));
 }

@@ -123,6 +123,20 @@ fn too_little_memory() {
     ));
 }
 
+/// A size whose byte count does not fit in 64 bits is refused, not truncated: `2^44 + 256` MiB
+/// once built a 256 MiB VM (the shift dropped the high bits).
+#[test]
+fn too_much_memory() {
+    for mib in [(1u64 << 44) + 256, u64::MAX, forkvm::MAX_MEMORY_MIB + 1] {
+        let e = build(guest().memory_mib(mib));
+        assert!(
+            matches!(e, Error::MemoryTooLarge { mib: m, max } if m == mib && max == forkvm::MAX_MEMORY_MIB),
+            "{mib}: {e:?}"
+        );
+        assert_eq!(e.kind(), forkvm::ErrorKind::InvalidArgument);
+    }
+}
+
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn zero_or_too_many_vcpus() {

@@ -5,6 +5,7 @@
 //! (Linux boots, slow: they do not run alongside these).
 
 mod agent;
+mod agent_life;
 mod bad_input;
 mod boot;
 mod fork;

@@ -15,25 +15,36 @@
 //! a restored VM (a new generation) the agent reseeds the guest's RNG and steps its clock before
 //! it answers, so no request is served on stale randomness. A fork child's connections are its
 //! own: [`VmAgentExt::agent`] on the child connects afresh (vsock connections do not survive a fork).
+//!
+//! Output nobody reads does not grow host memory: each request buffers at most
+//! [`CALL_BUFFER`] bytes ([`Agent::with_buffer_limit`]), then the connection stops reading and
+//! vsock credit stops the guest's writer (see `connection`). Requests on a VM that never started, stopped or ended fail at
+//! once with [`forkvm::ErrorKind::NotStarted`] or [`forkvm::ErrorKind::NotRunning`], those
+//! already waiting included; connection attempts take at most the rest of the caller's timeout.
 #![warn(missing_debug_implementations)]
 
 mod connection;
+mod life;
+mod process;
 mod pty;
+mod vm;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forkvm_agent_protocol::{
-    AGENT_PORT, DirEntry, ErrorKind, ErrorReply, ExecRequest, FileStat, Kind, MAX_PAYLOAD,
-    PowerAction, ProtocolError, PtyOpenRequest, Reply, Request, WriteFileRequest,
+    DirEntry, ErrorKind, ErrorReply, ExecRequest, FileStat, Kind, MAX_PAYLOAD, PowerAction,
+    ProtocolError, PtyOpenRequest, Reply, Request, WriteFileRequest,
 };
-use forkvm_devices::sync::lock;
 
-use self::connection::{Call, Connection};
+use self::connection::Connection;
+pub use self::connection::{CALL_BUFFER, FRAME_COST, OVERCOMMIT};
+use self::life::VmLife;
+pub use self::process::{Process, ProcessEvent};
 pub use self::pty::{Pty, PtyEvent};
-use forkvm::Vm;
+pub use self::vm::VmAgentExt;
 pub use forkvm_agent_protocol::{DirEntry as AgentDirEntry, ExitStatus, FileStat as AgentFileStat};
 
 /// The kernel command line of forkvm's Linux image (`guest/image.sh`): its root file system is
@@ -122,8 +133,9 @@ impl From<ProtocolError> for AgentError {
     }
 }
 
-/// Opens a new stream to the agent (a vsock connection, or any stream speaking the protocol).
-pub type Connector = Arc<dyn Fn() -> std::io::Result<UnixStream> + Send + Sync>;
+/// Opens a new stream to the agent (a vsock connection, or any stream speaking the protocol),
+/// taking at most the given time (the rest of the caller's timeout).
+pub type Connector = Arc<dyn Fn(Duration) -> std::io::Result<UnixStream> + Send + Sync>;
 
 /// A command to run in the guest.
 #[derive(Clone, Debug, Default)]
@@ -238,6 +250,11 @@ pub struct Agent {
     generation: u64,
     shared: Arc<Connection>,
     timeout: Duration,
+    /// Bytes each request may hold for its caller ([`CALL_BUFFER`] by default).
+    buffer_limit: usize,
+    /// The VM's life, for an agent reached through [`VmAgentExt::agent`]: its connections end
+    /// with the VM.
+    life: Option<Arc<VmLife>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -249,20 +266,38 @@ impl std::fmt::Debug for Agent {
 }
 
 impl Agent {
-    /// Connects through `connector` to an agent in a VM of `generation`, waiting at most
-    /// `timeout` for its Hello (a single attempt: [`VmAgentExt::agent`] retries while the guest boots).
+    /// Connects through `connector` to an agent in a VM of `generation`, taking at most
+    /// `timeout` for the connection and its Hello together (a single attempt:
+    /// [`VmAgentExt::agent`] retries while the guest boots).
     pub fn connect(
         connector: Connector,
         generation: u64,
         timeout: Duration,
     ) -> Result<Self, AgentError> {
-        let stream = connector().map_err(|e| AgentError::NotReady(e.to_string()))?;
-        let shared = Arc::new(Connection::open(stream, generation, timeout)?);
+        Self::open(connector, generation, timeout, timeout, None)
+    }
+
+    /// [`Agent::connect`] with at most `dial` for the connection, `timeout` in all, and the
+    /// VM's `life`.
+    fn open(
+        connector: Connector,
+        generation: u64,
+        dial: Duration,
+        timeout: Duration,
+        life: Option<Arc<VmLife>>,
+    ) -> Result<Self, AgentError> {
+        let started = Instant::now();
+        let stream =
+            connector(dial.min(timeout)).map_err(|e| AgentError::NotReady(e.to_string()))?;
+        let left = timeout.saturating_sub(started.elapsed());
+        let shared = Arc::new(Connection::open(stream, generation, left, life.as_deref())?);
         Ok(Self {
             connector,
             generation,
             shared,
             timeout: DEFAULT_REQUEST_TIMEOUT,
+            buffer_limit: CALL_BUFFER,
+            life,
         })
     }
 
@@ -273,19 +308,46 @@ impl Agent {
         self
     }
 
+    /// The same agent with another bound on what each request may hold of output its caller has
+    /// not read ([`CALL_BUFFER`] by default; a request may hold [`OVERCOMMIT`] times as much while
+    /// another request on its connection waits for an answer). Beyond it the host stops reading
+    /// and the guest's writes wait. It applies to the connection this agent shares with its
+    /// clones and to the connections it opens from now on (commands with input, PTYs).
+    pub fn with_buffer_limit(mut self, bytes: usize) -> Self {
+        self.buffer_limit = bytes;
+        self.shared.set_buffer_limit(bytes);
+        self
+    }
+
     /// Whether the shared connection is still up.
     pub fn is_connected(&self) -> bool {
         self.shared.is_open()
     }
 
-    /// A connection of its own, for a command with input or a PTY.
+    /// A connection of its own, for a command with input or a PTY: made within the request
+    /// timeout; at once [`forkvm::Error::NotRunning`] once the VM ended.
     fn own_connection(&self) -> Result<Arc<Connection>, AgentError> {
-        let stream = (self.connector)().map_err(AgentError::Io)?;
-        Ok(Arc::new(Connection::open(
+        if let Some(life) = &self.life {
+            life.check()?;
+        }
+        let started = Instant::now();
+        let stream = (self.connector)(self.timeout).map_err(|e| self.dial_error(e))?;
+        let connection = Connection::open(
             stream,
             self.generation,
-            self.timeout,
-        )?))
+            self.timeout.saturating_sub(started.elapsed()),
+            self.life.as_deref(),
+        )?;
+        connection.set_buffer_limit(self.buffer_limit);
+        Ok(Arc::new(connection))
+    }
+
+    /// Why a connection could not be made: the VM's end if it came meanwhile, else `error`.
+    fn dial_error(&self, error: std::io::Error) -> AgentError {
+        match self.life.as_ref().map(|life| life.check()) {
+            Some(Err(ended)) => ended,
+            _ => AgentError::Io(error),
+        }
     }
 
     fn deadline(&self) -> Option<Instant> {
@@ -517,119 +579,6 @@ impl Agent {
     }
 }
 
-/// What a running [`Process`] did next.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ProcessEvent {
-    /// A chunk of its output.
-    Output(Stream, Vec<u8>),
-    /// It ended.
-    Exited(ExitStatus),
-}
-
-/// A command running in the guest ([`Agent::spawn`]). Dropping the handle before the process
-/// ends closes its connection, which makes the agent kill it. `Send + Sync`: one thread may wait
-/// for its output ([`Process::next`]) while another feeds its input or signals it.
-pub struct Process {
-    call: Call,
-    connection: Arc<Connection>,
-    pid: u32,
-}
-
-impl std::fmt::Debug for Process {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Process")
-            .field("pid", &self.pid)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Process {
-    /// Sends `command` on `connection` and waits (until `deadline`) for the agent to start it.
-    fn start(
-        connection: Arc<Connection>,
-        command: &Command,
-        deadline: Option<Instant>,
-    ) -> Result<Self, AgentError> {
-        let call = connection.start(&Request::Exec(command.request.clone()))?;
-        let pid = match call.reply(deadline) {
-            Ok(Reply::Started { pid }) => pid,
-            Ok(other) => return Err(unexpected(&other)),
-            Err(e) => return Err(program_not_found(e, &command.request.argv)),
-        };
-        Ok(Self {
-            call,
-            connection,
-            pid,
-        })
-    }
-
-    /// The process id in the guest.
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
-    /// Writes `input` to its standard input.
-    pub fn write_stdin(&self, input: &[u8]) -> Result<(), AgentError> {
-        self.call.send_data(input)
-    }
-
-    /// Closes its standard input (it reads end-of-file).
-    pub fn close_stdin(&self) -> Result<(), AgentError> {
-        self.call.send_eof()
-    }
-
-    /// Sends `signal` (e.g. `libc::SIGTERM`) to its process group.
-    pub fn signal(&self, signal: i32) -> Result<(), AgentError> {
-        let call = self.connection.start(&Request::Signal {
-            target: self.call.id(),
-            signal,
-        })?;
-        match call.reply(Instant::now().checked_add(DEFAULT_REQUEST_TIMEOUT))? {
-            Reply::Ok => Ok(()),
-            other => Err(unexpected(&other)),
-        }
-    }
-
-    /// Kills it (`SIGKILL` to its process group).
-    pub fn kill(&self) -> Result<(), AgentError> {
-        self.signal(libc::SIGKILL)
-    }
-
-    /// Its next output, or its end; `None` if nothing came within `timeout` (`None`: no limit).
-    pub fn next(&self, timeout: Option<Duration>) -> Result<Option<ProcessEvent>, AgentError> {
-        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-        loop {
-            let frame = match self.call.next(deadline) {
-                Ok(frame) => frame,
-                Err(AgentError::TimedOut) if timeout.is_some() => return Ok(None),
-                Err(e) => return Err(e),
-            };
-            return Ok(Some(match frame.kind {
-                Kind::Data => ProcessEvent::Output(Stream::Stdout, frame.payload),
-                Kind::Stderr => ProcessEvent::Output(Stream::Stderr, frame.payload),
-                Kind::Control => match frame.decode::<Reply>()? {
-                    Reply::Exited(status) => ProcessEvent::Exited(status),
-                    Reply::Error(error) => return Err(AgentError::Agent(error)),
-                    other => return Err(unexpected(&other)),
-                },
-                Kind::Eof => continue,
-            }));
-        }
-    }
-
-    /// Hands `output` everything it prints until it ends; returns how it ended.
-    pub fn wait(&self, mut output: impl FnMut(Stream, &[u8])) -> Result<ExitStatus, AgentError> {
-        loop {
-            // The agent enforces the command's timeout; the host waits as long as it takes.
-            match self.next(None)? {
-                Some(ProcessEvent::Output(stream, bytes)) => output(stream, &bytes),
-                Some(ProcessEvent::Exited(status)) => return Ok(status),
-                None => {}
-            }
-        }
-    }
-}
-
 /// `error`, or [`AgentError::CommandNotFound`] when the agent says that the program `argv[0]`
 /// does not exist ([`ErrorKind::ProgramNotFound`]).
 fn program_not_found(error: AgentError, argv: &[String]) -> AgentError {
@@ -644,77 +593,6 @@ fn program_not_found(error: AgentError, argv: &[String]) -> AgentError {
 
 fn unexpected(reply: &Reply) -> AgentError {
     AgentError::Unexpected(format!("{reply:?}"))
-}
-
-/// A VM's agent connection, kept between calls to [`VmAgentExt::agent`] (in the VM's
-/// [`forkvm::Extensions`]).
-#[derive(Default)]
-struct AgentSlot(Mutex<Option<Agent>>);
-
-/// The guest agent of a [`forkvm::Vm`]: `use forkvm_agent_client::VmAgentExt` and call
-/// `vm.agent(timeout)` or `vm.exec(argv)`.
-pub trait VmAgentExt {
-    /// The guest agent of this VM (forkvm's Linux image runs it as PID 1), connecting through
-    /// the vsock device — and retrying while the guest boots — for at most `timeout`. The
-    /// connection is kept for later calls and re-made if it was lost.
-    fn agent(&self, timeout: Duration) -> Result<Agent, AgentError>;
-
-    /// Runs `argv` in the guest through its agent ([`VmAgentExt::agent`], waiting up to
-    /// [`DEFAULT_REQUEST_TIMEOUT`] for it) and returns its output and status.
-    fn exec<S: Into<String>>(
-        &self,
-        argv: impl IntoIterator<Item = S>,
-    ) -> Result<ExecOutput, AgentError>;
-}
-
-impl VmAgentExt for Vm {
-    fn agent(&self, timeout: Duration) -> Result<Agent, AgentError> {
-        let slot = self.extensions().get_or_default::<AgentSlot>();
-        let mut slot = lock(&slot.0);
-        if let Some(agent) = slot.as_ref().filter(|a| a.is_connected()) {
-            return Ok(agent.clone());
-        }
-        let vsock = self
-            .vsock_dialer()
-            .ok_or_else(|| AgentError::Vm(Box::new(forkvm::Error::NoVsock)))?;
-        let connector: Connector =
-            Arc::new(move || vsock.connect(AGENT_PORT, Duration::from_secs(5)));
-        let generation = self.identity().generation;
-        let deadline = Instant::now() + timeout;
-        let agent = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match Agent::connect(
-                connector.clone(),
-                generation,
-                left.max(Duration::from_millis(1)),
-            ) {
-                Ok(agent) => break agent,
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(match e {
-                        AgentError::NotReady(_) => e,
-                        e => AgentError::NotReady(e.to_string()),
-                    });
-                }
-                Err(_) => {
-                    if let Some(exit) = self.exit() {
-                        return Err(AgentError::Vm(Box::new(forkvm::Error::NotRunning(
-                            Box::new(Some(exit)),
-                        ))));
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
-        };
-        *slot = Some(agent.clone());
-        Ok(agent)
-    }
-
-    fn exec<S: Into<String>>(
-        &self,
-        argv: impl IntoIterator<Item = S>,
-    ) -> Result<ExecOutput, AgentError> {
-        self.agent(DEFAULT_REQUEST_TIMEOUT)?.exec(argv)
-    }
 }
 
 #[cfg(test)]

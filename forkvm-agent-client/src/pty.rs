@@ -98,10 +98,11 @@ impl Pty {
     /// Reads until the output so far contains `needle` (or `timeout` passes, or the program
     /// ends); returns everything read.
     pub fn read_until(&self, needle: &str, timeout: Duration) -> Result<String, AgentError> {
-        let deadline = Instant::now() + timeout;
+        // `None`: a timeout beyond the clock's range, no limit.
+        let deadline = Instant::now().checked_add(timeout);
         let mut text = String::new();
         while !text.contains(needle) {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
             match self.read(left)? {
                 Some(PtyEvent::Output(bytes)) => text.push_str(&String::from_utf8_lossy(&bytes)),
                 Some(PtyEvent::Exited(_)) | None => break,

@@ -119,6 +119,33 @@ static void build_failures(void)
     expect_error("cannot read kernel /nonexistent/vmlinux: No such file or directory");
     CHECK(strstr(strstr(forkvm_last_error(), cause) + strlen(cause), cause) == NULL);
     OK(forkvm_builder_free(builder));
+
+    /* A size that does not fit is refused, not truncated: 2^44 + 256 MiB once built 256 MiB. */
+    OK(forkvm_builder_new(&builder));
+    OK(forkvm_builder_kernel(builder, "/nonexistent/vmlinux"));
+    OK(forkvm_builder_memory_mib(builder, (1ull << 44) + 256));
+    EXPECT(FORKVM_ERR_INVALID_ARGUMENT, forkvm_builder_build(builder, &vm));
+    expect_error("too much");
+    OK(forkvm_builder_free(builder));
+}
+
+/* The agent of a VM that never started or stopped fails at once, whatever the timeout (the
+ * largest once overflowed the clock and panicked). */
+static void agent_of_a_vm_that_cannot_answer(void)
+{
+    forkvm_output discard = { .kind = FORKVM_OUTPUT_DISCARD };
+    forkvm_builder *builder = test_guest("mode=spin", &discard);
+    OK(forkvm_builder_vsock(builder, 3, NULL));
+    forkvm_vm *vm;
+    OK(forkvm_builder_build(builder, &vm));
+    OK(forkvm_builder_free(builder));
+    forkvm_agent *agent;
+    EXPECT(FORKVM_ERR_NOT_STARTED, forkvm_vm_agent(vm, UINT64_MAX, &agent));
+    OK(forkvm_vm_start(vm));
+    forkvm_exit ended;
+    OK(forkvm_vm_stop(vm, &ended));
+    EXPECT(FORKVM_ERR_NOT_RUNNING, forkvm_vm_agent(vm, UINT64_MAX, &agent));
+    OK(forkvm_vm_free(vm));
 }
 
 static char seen[4096];
@@ -293,6 +320,7 @@ int main(void)
     int fds_before = count_entries("/proc/self/fd");
     null_pointers_and_bad_handles();
     build_failures();
+    agent_of_a_vm_that_cannot_answer();
     a_vm_that_ended();
     free_while_waited_for_and_snapshots();
     OK(forkvm_wait_for_releases(60000));

@@ -12,6 +12,7 @@ use napi::bindgen_prelude::{Buffer, Either};
 use napi::{Env, JsObject};
 use napi_derive::napi;
 
+use crate::convert;
 use crate::error::{Failure, Outcome, sync};
 use crate::task::{spawn, spawn_run};
 use crate::vm::VM;
@@ -31,7 +32,7 @@ pub struct ExecOptions {
     /// The user to run it as.
     pub user: Option<String>,
     /// Kill it after this many milliseconds (then `timedOut` is set).
-    pub timeout_ms: Option<u32>,
+    pub timeout_ms: Option<f64>,
 }
 
 /// What a command printed and how it ended.
@@ -130,7 +131,7 @@ fn file_type(t: forkvm_agent_protocol::FileType) -> String {
 }
 
 /// The command `argv` with `options` (those of `exec`, `execStreaming` and `spawn`).
-pub(crate) fn command(argv: Vec<String>, options: Option<ExecOptions>) -> Command {
+pub(crate) fn command(argv: Vec<String>, options: Option<ExecOptions>) -> Outcome<Command> {
     let mut command = Command::new(argv);
     if let Some(o) = options {
         if o.clear_env == Some(true) {
@@ -149,10 +150,10 @@ pub(crate) fn command(argv: Vec<String>, options: Option<ExecOptions>) -> Comman
             command = command.stdin(bytes(stdin));
         }
         if let Some(ms) = o.timeout_ms {
-            command = command.timeout(Duration::from_millis(ms.into()));
+            command = command.timeout(convert::millis(ms, "timeoutMs")?);
         }
     }
-    command
+    Ok(command)
 }
 
 /// The VM's agent (fails if the VM was closed).
@@ -214,11 +215,11 @@ pub(crate) fn bytes(data: Either<Buffer, String>) -> Vec<u8> {
 impl VM {
     /// Waits (at most `timeoutMs`, default 60 s) until the guest agent answers.
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn agent_ready(&self, env: Env, timeout_ms: Option<u32>) -> napi::Result<JsObject> {
+    pub fn agent_ready(&self, env: Env, timeout_ms: Option<f64>) -> napi::Result<JsObject> {
         let vm = self.get();
-        let timeout = timeout_ms.map_or(DEFAULT_REQUEST_TIMEOUT, |ms| {
-            Duration::from_millis(ms.into())
-        });
+        let timeout = sync(env, || {
+            convert::millis_or(timeout_ms, "timeoutMs", DEFAULT_REQUEST_TIMEOUT)
+        })?;
         spawn_run(env, move || Ok(vm?.agent(timeout).map(drop)?))
     }
 
@@ -239,7 +240,7 @@ impl VM {
         options: Option<ExecOptions>,
     ) -> napi::Result<JsObject> {
         let vm = self.get();
-        let command = command(argv, options);
+        let command = sync(env, || command(argv, options))?;
         spawn(env, move || Ok(agent(vm)?.run(&command)?), exec_to_js)
     }
 
@@ -346,13 +347,12 @@ impl VM {
         &self,
         env: Env,
         argv: Vec<String>,
-        rows: Option<u32>,
-        cols: Option<u32>,
+        rows: Option<f64>,
+        cols: Option<f64>,
     ) -> napi::Result<JsObject> {
         let (vm, rows, cols) = sync(env, || {
-            let size = |v: Option<u32>, default: u16, what: &str| {
-                u16::try_from(v.unwrap_or(default.into()))
-                    .map_err(|_| Failure::invalid(format!("{what} must be below 65536")))
+            let size = |v: Option<f64>, default: u16, what: &str| {
+                v.map_or(Ok(default), |v| convert::u16_arg(v, what))
             };
             Ok((self.get(), size(rows, 24, "rows")?, size(cols, 80, "cols")?))
         })?;
@@ -432,29 +432,28 @@ impl Pty {
     /// The next output or the program's end; `null` if nothing came within `timeoutMs`
     /// (default 1000).
     #[napi(ts_return_type = "Promise<PtyEvent | null>")]
-    pub fn read(&self, env: Env, timeout_ms: Option<u32>) -> napi::Result<JsObject> {
+    pub fn read(&self, env: Env, timeout_ms: Option<f64>) -> napi::Result<JsObject> {
         let pty = self.get();
-        let timeout = Duration::from_millis(timeout_ms.unwrap_or(1000).into());
+        let timeout = sync(env, || {
+            convert::millis_or(timeout_ms, "timeoutMs", Duration::from_millis(1000))
+        })?;
         spawn(env, move || Ok(lock(&pty?).read(timeout)?), event_to_js)
     }
 
     /// Reads until the output contains `needle` (or `timeoutMs` passes, or the program ends);
     /// resolves with everything read.
     #[napi(ts_return_type = "Promise<string>")]
-    pub fn read_until(&self, env: Env, needle: String, timeout_ms: u32) -> napi::Result<JsObject> {
+    pub fn read_until(&self, env: Env, needle: String, timeout_ms: f64) -> napi::Result<JsObject> {
         let pty = self.get();
-        let timeout = Duration::from_millis(timeout_ms.into());
+        let timeout = sync(env, || convert::millis(timeout_ms, "timeoutMs"))?;
         spawn_run(env, move || Ok(lock(&pty?).read_until(&needle, timeout)?))
     }
 
     /// Changes the terminal's size.
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn resize(&self, env: Env, rows: u32, cols: u32) -> napi::Result<JsObject> {
+    pub fn resize(&self, env: Env, rows: f64, cols: f64) -> napi::Result<JsObject> {
         let (pty, rows, cols) = sync(env, || {
-            let size = |v: u32, what: &str| {
-                u16::try_from(v)
-                    .map_err(|_| Failure::invalid(format!("{what} must be below 65536")))
-            };
+            let size = convert::u16_arg;
             Ok((self.get(), size(rows, "rows")?, size(cols, "cols")?))
         })?;
         spawn_run(env, move || Ok(lock(&pty?).resize(rows, cols)?))

@@ -11,7 +11,8 @@ use napi::threadsafe_function::{
 use napi::{Env, JsFunction, JsString, JsUnknown, NapiRaw, ValueType};
 use napi_derive::napi;
 
-use crate::error::{Failure, Outcome};
+use crate::convert;
+use crate::error::{Failure, Outcome, sync};
 
 /// Console output kept in memory (the last `limit` bytes, 1 MiB by default), shared with the
 /// VMs that write to it: pass it as a `console`, read it with `text()`.
@@ -24,12 +25,14 @@ pub struct ConsoleBuffer {
 impl ConsoleBuffer {
     /// A buffer keeping the last `limit` bytes (default 1 MiB).
     #[napi(constructor)]
-    pub fn new(limit: Option<u32>) -> Self {
-        Self {
-            inner: limit.map_or_else(forkvm::ConsoleBuffer::new, |limit| {
-                forkvm::ConsoleBuffer::with_limit(limit as usize)
-            }),
-        }
+    pub fn new(env: Env, limit: Option<f64>) -> napi::Result<Self> {
+        let inner = match limit {
+            None => forkvm::ConsoleBuffer::new(),
+            Some(limit) => {
+                forkvm::ConsoleBuffer::with_limit(sync(env, || convert::usize_arg(limit, "limit"))?)
+            }
+        };
+        Ok(Self { inner })
     }
 
     /// What the buffer holds, as text (invalid UTF-8 replaced).
@@ -51,9 +54,16 @@ impl ConsoleBuffer {
     }
 }
 
+/// Chunks of console output waiting for a JS callback, at most (each at most 64 KiB, the
+/// virtio console's largest): beyond that, while the JS thread is busy, output is dropped as
+/// a serial line with nobody listening would drop it. (Waiting instead would hold a vCPU, and a
+/// JS thread waiting for that vCPU would never drain the queue.)
+const CALLBACK_QUEUE: usize = 256;
+
 /// The sink a JS value names: `undefined`/`null` discard, `'stdout'`, a path, a
 /// [`ConsoleBuffer`], or a function called with each chunk (on the JS thread, through a
-/// threadsafe function that does not keep node alive).
+/// threadsafe function that does not keep node alive, with at most [`CALLBACK_QUEUE`] chunks
+/// queued).
 pub fn output(env: Env, value: Option<JsUnknown>, what: &str) -> Outcome<forkvm::ConsoleOutput> {
     let Some(value) = value else {
         return Ok(forkvm::ConsoleOutput::Discard);
@@ -75,9 +85,10 @@ pub fn output(env: Env, value: Option<JsUnknown>, what: &str) -> Outcome<forkvm:
             // SAFETY: the value's type was checked to be a function.
             let function = unsafe { value.cast::<JsFunction>() };
             let mut tsfn: ThreadsafeFunction<Vec<u8>, ErrorStrategy::Fatal> = function
-                .create_threadsafe_function(0, |ctx: ThreadSafeCallContext<Vec<u8>>| {
-                    Ok(vec![Buffer::from(ctx.value)])
-                })?;
+                .create_threadsafe_function(
+                    CALLBACK_QUEUE,
+                    |ctx: ThreadSafeCallContext<Vec<u8>>| Ok(vec![Buffer::from(ctx.value)]),
+                )?;
             tsfn.unref(&env)?;
             Ok(forkvm::ConsoleOutput::Callback(Box::new(move |bytes| {
                 tsfn.call(bytes.to_vec(), ThreadsafeFunctionCallMode::NonBlocking);

@@ -9,12 +9,14 @@
 
 mod agent;
 mod console;
+mod convert;
 mod error;
 mod network;
 mod process;
 mod task;
 mod vm;
 
+use napi::Env;
 use napi_derive::napi;
 
 /// The forkvm version this binding was built from.
@@ -27,8 +29,13 @@ pub fn version() -> &'static str {
 /// released on forkvm's background threads and those threads have ended; says whether it was.
 /// Blocks the calling thread: for shutdown paths and tests that count threads or fds.
 #[napi]
-pub fn wait_for_releases(timeout_ms: u32) -> bool {
-    forkvm::wait_for_releases(std::time::Duration::from_millis(u64::from(timeout_ms)))
+pub fn wait_for_releases(env: Env, timeout_ms: f64) -> napi::Result<bool> {
+    error::sync(env, || {
+        Ok(forkvm::wait_for_releases(convert::millis(
+            timeout_ms,
+            "timeoutMs",
+        )?))
+    })
 }
 
 /// The kernel command line of forkvm's Linux image (root on the read-only `/dev/vda`, the

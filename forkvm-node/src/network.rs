@@ -37,7 +37,7 @@ pub struct NetworkPolicyOptions {
 pub struct NetworkOptions {
     /// Host ports published to guest TCP ports: `{ 8080: 80 }` (on 127.0.0.1) or
     /// `{ '127.0.0.1:0': 80 }` (port 0 picks a free one: `vm.publish` returns what it binds).
-    pub publish: Option<HashMap<String, u32>>,
+    pub publish: Option<HashMap<String, f64>>,
     /// CIDRs to allow (see `NetworkPolicyOptions`).
     pub allow: Option<Vec<String>>,
     /// CIDRs to deny.
@@ -59,8 +59,8 @@ fn ip(text: &str) -> Outcome<IpAddr> {
 }
 
 /// A port argument.
-fn port(value: u32, what: &str) -> Outcome<u16> {
-    u16::try_from(value).map_err(|_| Failure::invalid(format!("{what} {value} is not a port")))
+fn port(value: f64, what: &str) -> Outcome<u16> {
+    crate::convert::u16_arg(value, what)
 }
 
 /// The policy the options describe.
@@ -216,7 +216,7 @@ impl VM {
     /// `connectTcp`, resolving with a `net.Socket`. When nothing listens in the guest, the
     /// stream ends at once.
     #[napi(ts_return_type = "Promise<number>")]
-    pub fn connect_tcp_fd(&self, env: Env, port: u32) -> napi::Result<JsObject> {
+    pub fn connect_tcp_fd(&self, env: Env, port: f64) -> napi::Result<JsObject> {
         let vm = self.get();
         let guest_port = self::port(port, "port");
         spawn_run(env, move || Ok(vm?.connect_tcp(guest_port?)?.into_raw_fd()))
@@ -228,14 +228,14 @@ impl VM {
     pub fn publish(
         &self,
         env: Env,
-        guest_port: u32,
+        guest_port: f64,
         host: Option<String>,
-        port: Option<u32>,
+        port: Option<f64>,
     ) -> napi::Result<Published> {
         sync(env, || {
             let host = SocketAddr::new(
                 ip(host.as_deref().unwrap_or("127.0.0.1"))?,
-                self::port(port.unwrap_or(0), "port")?,
+                self::port(port.unwrap_or(0.0), "port")?,
             );
             let guest_port = self::port(guest_port, "guestPort")?;
             let vm = self.get()?;
@@ -252,7 +252,7 @@ impl VM {
     /// Stops publishing what `publish` bound at `host` (default `'127.0.0.1'`), `port` (open
     /// connections stay).
     #[napi]
-    pub fn unpublish(&self, env: Env, port: u32, host: Option<String>) -> napi::Result<()> {
+    pub fn unpublish(&self, env: Env, port: f64, host: Option<String>) -> napi::Result<()> {
         sync(env, || {
             let host = SocketAddr::new(
                 ip(host.as_deref().unwrap_or("127.0.0.1"))?,

@@ -14,6 +14,7 @@ use napi::{Env, JsFunction, JsObject, JsUnknown, Status, ValueType};
 use napi_derive::napi;
 
 use crate::agent::{ExecOptions, ExitInfo, agent, bytes, command, exec_to_js};
+use crate::convert;
 use crate::error::{Failure, Outcome, sync};
 use crate::task::{spawn, spawn_run};
 use crate::vm::VM;
@@ -95,6 +96,11 @@ fn exit_to_js(_: Env, status: ExitStatus) -> napi::Result<ExitInfo> {
     Ok(status.into())
 }
 
+/// Chunks of output (each at most the agent's 1 MiB frame, 64 KiB in practice) waiting for
+/// `onOutput`, at most: when the JS thread falls behind, the command's worker thread waits, the
+/// agent client stops reading and the guest's writes wait (host memory stays bounded).
+const OUTPUT_QUEUE: usize = 64;
+
 #[napi]
 impl VM {
     /// Runs `argv` in the guest, calling `onOutput(stream, data)` on the JS thread with each
@@ -121,12 +127,12 @@ impl VM {
             )),
         })?;
         let vm = self.get();
-        let command = command(argv, options);
+        let command = sync(env, || command(argv, options))?;
         let delivered = Arc::new(Delivered::default());
         let counter = Counter(delivered.clone());
         let tsfn: ThreadsafeFunction<(Stream, Vec<u8>), ErrorStrategy::Fatal> = on_output
             .create_threadsafe_function(
-                0,
+                OUTPUT_QUEUE,
                 move |ctx: ThreadSafeCallContext<(Stream, Vec<u8>)>| {
                     // Counted before the callback runs, but it runs at once, on the JS thread: the
                     // promise's settlement, queued after this, can only follow it.
@@ -142,9 +148,10 @@ impl VM {
             move || {
                 let mut sent = 0;
                 let status = agent(vm)?.run_streaming(&command, |stream, data| {
+                    // Waits for room in the queue (on this worker thread, never the JS one).
                     let queued = tsfn.call(
                         (stream, data.to_vec()),
-                        ThreadsafeFunctionCallMode::NonBlocking,
+                        ThreadsafeFunctionCallMode::Blocking,
                     );
                     if queued == Status::Ok {
                         sent += 1;
@@ -169,7 +176,7 @@ impl VM {
         options: Option<ExecOptions>,
     ) -> napi::Result<JsObject> {
         let vm = self.get();
-        let command = command(argv, options);
+        let command = sync(env, || command(argv, options))?;
         spawn(env, move || Ok(agent(vm)?.spawn(&command)?), process_to_js)
     }
 }
@@ -288,9 +295,13 @@ impl Process {
     /// call); `null` if nothing came within `timeoutMs` (default: no limit). Reads and `wait()`
     /// take turns.
     #[napi(ts_return_type = "Promise<ProcessEvent | null>")]
-    pub fn read(&self, env: Env, timeout_ms: Option<u32>) -> napi::Result<JsObject> {
+    pub fn read(&self, env: Env, timeout_ms: Option<f64>) -> napi::Result<JsObject> {
         let running = self.get();
-        let timeout = timeout_ms.map(|ms| Duration::from_millis(ms.into()));
+        let timeout = sync(env, || {
+            timeout_ms
+                .map(|ms| convert::millis(ms, "timeoutMs"))
+                .transpose()
+        })?;
         spawn(env, move || running?.next(timeout), event_to_js)
     }
 

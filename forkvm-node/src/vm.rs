@@ -9,6 +9,7 @@ use napi::{Env, JsObject, JsUnknown, ValueType};
 use napi_derive::napi;
 
 use crate::console;
+use crate::convert;
 use crate::error::{Failure, Outcome, sync};
 use crate::network::{self, NetworkOptions};
 use crate::task::{Blocking, blocking, run, spawn, spawn_run};
@@ -54,9 +55,9 @@ pub struct VmOptions {
     /// The kernel command line (default `console=ttyS0`).
     pub cmdline: Option<String>,
     /// Guest memory in MiB (default 256).
-    pub memory_mib: Option<u32>,
+    pub memory_mib: Option<f64>,
     /// vCPUs (default 1).
-    pub vcpus: Option<u32>,
+    pub vcpus: Option<f64>,
     /// Where the serial console goes: a `ConsoleBuffer`, `'stdout'`, a file path, a function
     /// receiving `Buffer`s, or `null`/omitted to discard it.
     #[napi(ts_type = "ConsoleBuffer | 'stdout' | string | null | ((chunk: Buffer) => void)")]
@@ -69,7 +70,7 @@ pub struct VmOptions {
     /// Virtio block devices, `/dev/vda` first.
     pub disks: Option<Vec<DiskOptions>>,
     /// A virtio-vsock device with this guest CID.
-    pub vsock_cid: Option<u32>,
+    pub vsock_cid: Option<f64>,
     /// The vsock device's Unix socket path (Firecracker-style `CONNECT <port>`).
     pub vsock_uds_path: Option<String>,
     /// A virtio balloon.
@@ -231,10 +232,10 @@ fn builder(env: Env, options: VmOptions) -> Outcome<forkvm::VmBuilder> {
         b = b.cmdline(cmdline);
     }
     if let Some(mib) = options.memory_mib {
-        b = b.memory_mib(mib.into());
+        b = b.memory_mib(convert::whole(mib, "memoryMib", forkvm::MAX_MEMORY_MIB)?);
     }
     if let Some(vcpus) = options.vcpus {
-        b = b.vcpus(vcpus);
+        b = b.vcpus(convert::u32_arg(vcpus, "vcpus")?);
     }
     if let Some(input) = console::input(options.console_input, "consoleInput")? {
         b = b.console_input(input);
@@ -250,7 +251,7 @@ fn builder(env: Env, options: VmOptions) -> Outcome<forkvm::VmBuilder> {
         );
     }
     if let Some(cid) = options.vsock_cid {
-        let mut vsock = forkvm::VsockConfig::new(cid.into());
+        let mut vsock = forkvm::VsockConfig::new(convert::u32_arg(cid, "vsockCid")?.into());
         if let Some(path) = options.vsock_uds_path {
             vsock = vsock.uds_path(path);
         }
@@ -382,8 +383,11 @@ impl VM {
     /// each `restore` of it starts in a child made ahead (refilled in the background), until a
     /// new snapshot is saved there. 0 lets the directory go.
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn keep_restores_ready(dir: String, n: u32) -> AsyncTask<Blocking<(), ()>> {
-        run(move || Ok(forkvm::Vm::keep_restores_ready(dir, n as usize)?))
+    pub fn keep_restores_ready(dir: String, n: f64) -> AsyncTask<Blocking<(), ()>> {
+        run(move || {
+            let n = convert::count(n, "n")?;
+            Ok(forkvm::Vm::keep_restores_ready(dir, n)?)
+        })
     }
 
     /// How many children are prepared for restores of `dir` (`keepRestoresReady`).
@@ -516,10 +520,13 @@ impl VM {
 
     /// Reads `length` bytes of guest-physical memory at `addr` (consistent while paused).
     #[napi]
-    pub fn read_memory(&self, env: Env, addr: i64, length: u32) -> napi::Result<Buffer> {
+    pub fn read_memory(&self, env: Env, addr: i64, length: f64) -> napi::Result<Buffer> {
         sync(env, || {
             let addr = nonnegative(addr, "addr")?;
-            let mut buf = vec![0u8; length as usize];
+            let vm = self.get()?;
+            // Bounded before the buffer is made: no more than the VM has.
+            let length = convert::whole(length, "length", vm.memory_size())?;
+            let mut buf = vec![0u8; usize::try_from(length).unwrap_or(usize::MAX)];
             self.get()?.read_memory(addr, &mut buf)?;
             Ok(buf.into())
         })
@@ -543,12 +550,12 @@ impl VM {
         #[napi(
             ts_arg_type = "number | Array<ConsoleBuffer | 'stdout' | string | null | ((chunk: Buffer) => void) | ChildOptions>"
         )]
-        children: Either<u32, Vec<JsUnknown>>,
+        children: Either<f64, Vec<JsUnknown>>,
     ) -> napi::Result<AsyncTask<Blocking<Vec<forkvm::Vm>, Vec<VM>>>> {
         let (vm, children) = sync(env, || {
             let vm = self.get();
             let children = match children {
-                Either::A(n) => (0..n)
+                Either::A(n) => (0..convert::count(n, "children")?)
                     .map(|_| forkvm::Child::new(forkvm::ConsoleOutput::Discard))
                     .collect(),
                 Either::B(values) => values
@@ -571,15 +578,21 @@ impl VM {
 
     /// Creates `n` children's KVM VMs ahead of forks.
     #[napi(ts_return_type = "Promise<void>")]
-    pub fn prepare_forks(&self, n: u32) -> napi::Result<AsyncTask<Blocking<(), ()>>> {
+    pub fn prepare_forks(&self, n: f64) -> napi::Result<AsyncTask<Blocking<(), ()>>> {
         let vm = self.get();
-        Ok(run(move || Ok(vm?.prepare_forks(n as usize)?)))
+        Ok(run(move || {
+            let n = convert::count(n, "n")?;
+            Ok(vm?.prepare_forks(n)?)
+        }))
     }
 
     /// Keeps `n` prepared children ready, topped up on a background thread after each fork.
     #[napi]
-    pub fn keep_forks_ready(&self, env: Env, n: u32) -> napi::Result<()> {
-        sync(env, || self.with(|vm| vm.keep_forks_ready(n as usize)))
+    pub fn keep_forks_ready(&self, env: Env, n: f64) -> napi::Result<()> {
+        sync(env, || {
+            let n = convert::count(n, "n")?;
+            self.with(|vm| vm.keep_forks_ready(n))
+        })
     }
 
     /// How many prepared children there are.
@@ -594,11 +607,16 @@ impl VM {
     pub fn vsock_connect(
         &self,
         env: Env,
-        port: u32,
-        timeout_ms: Option<u32>,
+        port: f64,
+        timeout_ms: Option<f64>,
     ) -> napi::Result<JsObject> {
         let vm = self.get();
-        let timeout = Duration::from_millis(timeout_ms.unwrap_or(5000).into());
+        let (port, timeout) = sync(env, || {
+            Ok((
+                convert::u32_arg(port, "port")?,
+                convert::millis_or(timeout_ms, "timeoutMs", Duration::from_millis(5000))?,
+            ))
+        })?;
         spawn_run(env, move || {
             Ok(vm?.vsock_connect(port, timeout)?.into_raw_fd())
         })
@@ -606,8 +624,9 @@ impl VM {
 
     /// Asks the guest's balloon to hold `mib` MiB.
     #[napi]
-    pub fn set_balloon_target(&self, env: Env, mib: u32) -> napi::Result<()> {
+    pub fn set_balloon_target(&self, env: Env, mib: f64) -> napi::Result<()> {
         sync(env, || {
+            let mib = convert::u32_arg(mib, "mib")?;
             let vm = self.get()?;
             let balloon = vm
                 .balloon()

@@ -59,6 +59,28 @@ test('a failed build has its kind as code and its cause in the message, once', a
   });
 });
 
+test('sizes, counts, ports and timeouts out of range are refused, never wrapped', async () => {
+  // napi's own u32 conversion wraps: 2 ** 32 + 256 MiB once built a 256 MiB VM, -1 was 4294967295.
+  for (const options of [{ memoryMib: 2 ** 32 + 256 }, { memoryMib: -1 }, { memoryMib: 2 ** 44 + 256 },
+    { memoryMib: NaN }, { vcpus: 2 ** 32 + 1 }, { vcpus: -1 }, { vsockCid: 2 ** 32 + 3 }]) {
+    await assert.rejects(async () => VM.build({ kernel: guest, console: null, ...options }),
+      { code: 'INVALID_ARGUMENT' }, JSON.stringify(options));
+  }
+  assert.throws(() => new ConsoleBuffer(-1), { code: 'INVALID_ARGUMENT' });
+  const vm = await VM.build({ kernel: guest, memoryMib: 32, cmdline: 'mode=spin', console: null, vsockCid: 3 });
+  await assert.rejects(async () => vm.fork(-1), { code: 'INVALID_ARGUMENT' });
+  await assert.rejects(async () => vm.prepareForks(2 ** 32 + 1), { code: 'INVALID_ARGUMENT' });
+  assert.throws(() => vm.readMemory(0, 2 ** 32 + 4), { code: 'INVALID_ARGUMENT' });
+  await assert.rejects(async () => vm.agentReady(-1), { code: 'INVALID_ARGUMENT' });
+  await assert.rejects(async () => vm.exec(['true'], { timeoutMs: 1.5 }), { code: 'INVALID_ARGUMENT' });
+  await assert.rejects(async () => vm.vsockConnect(2 ** 32 + 52), { code: 'INVALID_ARGUMENT' });
+  // A VM never started: its agent fails at once, whatever the timeout.
+  const started = Date.now();
+  await assert.rejects(vm.agentReady(2 ** 53 - 1), { code: 'NOT_STARTED' });
+  assert.ok(Date.now() - started < 1000);
+  await vm.close();
+});
+
 test('the agent of a VM without vsock: NO_DEVICE', async () => {
   const vm = await VM.build({ kernel: guest, memoryMib: 32, cmdline: 'mode=spin', console: null });
   await vm.start();

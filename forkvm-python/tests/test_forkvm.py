@@ -183,6 +183,26 @@ def test_bad_configurations(guest: str, tmp_path: Path) -> None:
         forkvm.VM(kernel=guest, memory_mib=32, console=None, vsock_uds_path=tmp_path / "v")
 
 
+def test_sizes_and_timeouts_out_of_range_raise_and_never_wrap(guest: str) -> None:
+    # 2**44 + 256 MiB once built a 256 MiB VM: the byte count's top bits were dropped.
+    with pytest.raises(forkvm.InvalidArgumentError, match="too much"):
+        forkvm.VM(kernel=guest, memory_mib=2**44 + 256, console=None)
+    for memory_mib, vcpus in ((-1, 1), (2**64, 1), (32, 2**32), (32, -1)):
+        with pytest.raises(OverflowError):
+            forkvm.VM(kernel=guest, memory_mib=memory_mib, vcpus=vcpus, console=None)
+    # Not `with`: that would start it.
+    vm = forkvm.VM(kernel=guest, memory_mib=32, cmdline="mode=spin", console=None, vsock_cid=3)
+    for timeout in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="timeout"):
+            vm.agent(timeout=timeout)
+    # A VM never started fails at once, whatever the timeout (it waited without end).
+    started = time.monotonic()
+    with pytest.raises(forkvm.NotStartedError):
+        vm.agent(timeout=1e18)
+    assert time.monotonic() - started < 1
+    vm.close()
+
+
 def test_errors_have_their_kind_and_their_cause_once(guest: str, tmp_path: Path) -> None:
     with pytest.raises(forkvm.KvmError, match="kvm does not exist"):
         forkvm.VM(kernel=guest, memory_mib=32, console=None, kvm_device=tmp_path / "kvm")

@@ -19,7 +19,7 @@ use crate::error::{Error, setup_err};
 use crate::identity::{IDENTITY_CMDLINE_KEY, Identity, IdentityPage};
 use crate::layout::IDENTITY_PAGE_ADDR;
 use crate::machine::{self, LegacyConfig, MachineSpec};
-use crate::memory::{GuestRam, MIN_MEMORY_MIB};
+use crate::memory::{GuestRam, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 use crate::network::{Network, VmNetwork};
 use crate::virtio::{VirtioDeviceSpec, VirtioPlan};
 use crate::vm::Vm;
@@ -278,7 +278,8 @@ impl VmBuilder {
         self
     }
 
-    /// Guest memory in MiB.
+    /// Guest memory in MiB, [`crate::MIN_MEMORY_MIB`] to [`crate::MAX_MEMORY_MIB`] ([`VmBuilder::build`]
+    /// refuses other sizes).
     pub fn memory_mib(mut self, mib: u64) -> Self {
         self.memory_mib = mib;
         self
@@ -450,6 +451,15 @@ impl VmBuilder {
                 min: MIN_MEMORY_MIB,
             });
         }
+        // The bound keeps the byte count (and RAM's end above the MMIO hole) far from u64's.
+        let memory_bytes = self
+            .memory_mib
+            .checked_mul(1 << 20)
+            .filter(|_| self.memory_mib <= MAX_MEMORY_MIB)
+            .ok_or(Error::MemoryTooLarge {
+                mib: self.memory_mib,
+                max: MAX_MEMORY_MIB,
+            })?;
         let kvm = open_kvm(&self.kvm_device)?;
         let max_vcpus = (kvm.get_max_vcpus() as u32).min(u32::from(MAX_MPTABLE_VCPUS));
         if self.vcpus > max_vcpus {
@@ -461,7 +471,7 @@ impl VmBuilder {
         let caps = host_caps(&kvm)?;
         let kick = self.kick_signal()?;
 
-        let ram = GuestRam::new(self.memory_mib << 20)?;
+        let ram = GuestRam::new(memory_bytes)?;
         let mut devices = std::mem::take(&mut self.virtio)
             .into_iter()
             .map(VirtioConfig::create)

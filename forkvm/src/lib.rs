@@ -52,7 +52,7 @@ pub use forkvm_devices::virtio::balloon::{
 pub use forkvm_devices::virtio::rate_limit::{Bucket, RateLimit, RateLimitError};
 pub use identity::Identity;
 pub use layout::{IDENTITY_PAGE_ADDR, ZERO_PAGE_ADDR};
-pub use memory::MemoryError;
+pub use memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB, MemoryError};
 pub use network::{Network, NetworkHandle, NetworkPolicy};
 pub use phases::take_phase_timings;
 pub use reaper::{pending_releases, wait_for_releases};

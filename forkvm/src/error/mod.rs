@@ -107,6 +107,14 @@ pub enum Error {
         /// Minimum in MiB.
         min: u64,
     },
+    /// More memory than a guest can address (or than fits in a byte count).
+    #[error("{mib} MiB of guest memory is too much: at most {max} MiB are allowed")]
+    MemoryTooLarge {
+        /// Requested size in MiB.
+        mib: u64,
+        /// Maximum in MiB.
+        max: u64,
+    },
     /// Guest memory could not be created.
     #[error(transparent)]
     Memory(#[from] MemoryError),
@@ -278,7 +286,8 @@ impl Error {
             | Self::NoVcpus
             | Self::TooManyVcpus { .. }
             | Self::MemoryTooSmall { .. }
-            | Self::InvalidRateLimit(_) => K::InvalidArgument,
+            | Self::InvalidRateLimit(_)
+            | Self::MemoryTooLarge { .. } => K::InvalidArgument,
             Self::Memory(_) | Self::GuestAddress { .. } => K::Memory,
             Self::Boot(_) => K::Boot,
             Self::BlockImage { .. } | Self::ConsoleFile { .. } | Self::Snapshot { .. } => K::Io,
@@ -326,7 +335,7 @@ mod tests {
     }
 
     /// How many variants [`Error`] has.
-    const VARIANTS: usize = 32;
+    const VARIANTS: usize = 33;
 
     /// Numbers each variant (no wildcard: a new variant must be added here, then to `VARIANTS`
     /// and [`samples`]).
@@ -364,6 +373,7 @@ mod tests {
             Error::NetworkConnect { .. } => 29,
             Error::InvalidRateLimit(_) => 30,
             Error::NoSuchDevice(_) => 31,
+            Error::MemoryTooLarge { .. } => 32,
         }
     }
 
@@ -391,6 +401,7 @@ mod tests {
                 K::InvalidArgument,
             ),
             (Error::MemoryTooSmall { mib: 1, min: 2 }, K::InvalidArgument),
+            (Error::MemoryTooLarge { mib: 1, max: 0 }, K::InvalidArgument),
             (Error::Memory(MemoryError::Stat(io())), K::Memory),
             (
                 Error::Boot(BootError::UnknownKernelFormat { path: path() }),

@@ -41,6 +41,9 @@ pub(super) const PAGE: usize = 4096;
 
 /// Smallest guest RAM accepted: room for the boot structures and a tiny kernel.
 pub const MIN_MEMORY_MIB: u64 = 2;
+/// Largest guest RAM accepted: 64 TiB, what an x86-64 guest with 4-level paging can address
+/// (46 physical address bits).
+pub const MAX_MEMORY_MIB: u64 = 1 << 26;
 
 /// Errors creating guest memory.
 #[derive(Debug, Error)]

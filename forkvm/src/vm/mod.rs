@@ -320,6 +320,25 @@ impl Vm {
         self.state.exit()
     }
 
+    /// `Ok` while the VM runs (paused or not); else why not: [`Error::NotStarted`] before
+    /// [`Vm::start`], [`Error::NotRunning`] once it ends or is ending. For layers that talk to
+    /// the guest (the agent client) and must fail at once rather than wait for a dead guest.
+    pub fn check_running(&self) -> Result<(), Error> {
+        let phase = self.lock_phase();
+        if matches!(&*phase, Phase::Built { .. }) || self.state.is_exiting() {
+            return Err(self.not_running(&phase));
+        }
+        Ok(())
+    }
+
+    /// Runs `hook` once with the VM's exit when it ends — on the thread that ends it (a vCPU
+    /// thread, the event loop, or the caller of [`Vm::stop`] or of the drop), so keep it short
+    /// and never call back into this VM from it — or at once, here, if it has ended. Hooks are
+    /// kept until the VM ends: register one per VM, not one per request.
+    pub fn on_exit(&self, hook: impl FnOnce(&GuestExit) + Send + 'static) {
+        self.state.on_exit(Box::new(hook));
+    }
+
     /// The VM's virtio devices: type, window, IRQ, driver status and rate limit.
     pub fn devices(&self) -> Vec<DeviceInfo> {
         self.devices.iter().map(AttachedDevice::info).collect()

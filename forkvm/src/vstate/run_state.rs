@@ -26,9 +26,14 @@ use super::threads::set_policy;
 use crate::exit::GuestExit;
 use forkvm_devices::sync::lock;
 
+/// Called once with the VM's exit, on the thread that ends it ([`RunState::on_exit`]).
+pub type ExitHook = Box<dyn FnOnce(&GuestExit) + Send>;
+
 /// Shared between the VM handle, its vCPU threads, its event loop and the devices that end it.
 pub struct RunState {
     exiting: AtomicBool,
+    /// Run once when the VM ends; `None` once they ran.
+    exit_hooks: Mutex<Option<Vec<ExitHook>>>,
     /// The signal that kicks this VM's vCPU threads out of `KVM_RUN`.
     kick_signal: i32,
     exit: Mutex<Option<GuestExit>>,
@@ -65,6 +70,7 @@ impl RunState {
     pub fn new(kick_signal: i32) -> std::io::Result<Self> {
         Ok(Self {
             exiting: AtomicBool::new(false),
+            exit_hooks: Mutex::new(Some(Vec::new())),
             kick_signal,
             exit: Mutex::new(None),
             ended: Condvar::new(),
@@ -99,8 +105,23 @@ impl RunState {
         // any thread's check of the flag).
         drop(lock(&self.pause));
         self.pause_changed.notify_all();
-        *lock(&self.exit) = Some(exit);
+        *lock(&self.exit) = Some(exit.clone());
         self.ended.notify_all();
+        let hooks = lock(&self.exit_hooks).take().unwrap_or_default();
+        for hook in hooks {
+            hook(&exit);
+        }
+    }
+
+    /// Runs `hook` with the exit once the VM ends (at once, on this thread, if it has ended).
+    pub fn on_exit(&self, hook: ExitHook) {
+        let mut hooks = lock(&self.exit_hooks);
+        if let Some(hooks) = hooks.as_mut() {
+            hooks.push(hook);
+            return;
+        }
+        drop(hooks);
+        hook(&self.exit().unwrap_or(GuestExit::Stopped));
     }
 
     /// Kicks every vCPU out of `KVM_RUN` and wakes the event loop.
@@ -295,5 +316,41 @@ impl Drop for PauseGuard {
 impl std::fmt::Debug for PauseGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PauseGuard").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::RunState;
+    use crate::exit::GuestExit;
+
+    #[test]
+    fn exit_hooks_run_once_with_the_exit_and_late_ones_at_once() {
+        let state = RunState::new(libc::SIGRTMIN()).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        for name in ["first", "second"] {
+            let seen = seen.clone();
+            state.on_exit(Box::new(move |exit| {
+                seen.lock().unwrap().push((name, exit.clone()));
+            }));
+        }
+        assert!(seen.lock().unwrap().is_empty());
+        state.finish(GuestExit::Reset);
+        // A second end changes nothing and runs nothing again.
+        state.finish(GuestExit::Stopped);
+        let late = seen.clone();
+        state.on_exit(Box::new(move |exit| {
+            late.lock().unwrap().push(("late", exit.clone()));
+        }));
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                ("first", GuestExit::Reset),
+                ("second", GuestExit::Reset),
+                ("late", GuestExit::Reset)
+            ]
+        );
     }
 }
