@@ -6,59 +6,11 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use forkvm_agent::server::{Agent as AgentServer, Config, serve_connection};
-use forkvm_agent::system::System;
 use forkvm_agent_client::{Agent, AgentError, Command, Connector, PtyEvent, Stream, WriteOptions};
 use forkvm_agent_protocol::{ErrorKind, PowerAction};
 
-const TIMEOUT: Duration = Duration::from_secs(20);
-
-/// What the agent was asked to do with the (fake) system.
-#[derive(Default)]
-struct Calls {
-    entropy: Vec<usize>,
-    clock: Vec<u64>,
-}
-
-struct Recorder(Arc<Mutex<Calls>>);
-
-impl System for Recorder {
-    fn add_entropy(&self, entropy: &[u8]) -> std::io::Result<()> {
-        self.0.lock().unwrap().entropy.push(entropy.len());
-        Ok(())
-    }
-    fn reseed_crng(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn set_clock(&self, time_ns: u64) -> std::io::Result<()> {
-        self.0.lock().unwrap().clock.push(time_ns);
-        Ok(())
-    }
-    fn power(&self, _: PowerAction) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// An agent server and a connector that opens connections to it.
-fn agent_server() -> (Connector, Arc<Mutex<Calls>>) {
-    let calls = Arc::new(Mutex::new(Calls::default()));
-    let server = AgentServer::new(Config {
-        system: Box::new(Recorder(calls.clone())),
-        reap_all: false,
-        allow_shutdown: false,
-    });
-    let connector: Connector = Arc::new(move |_| {
-        let (ours, theirs) = UnixStream::pair()?;
-        let server = server.clone();
-        std::thread::spawn(move || serve_connection(server, theirs));
-        Ok(ours)
-    });
-    (connector, calls)
-}
-
-fn agent() -> Agent {
-    Agent::connect(agent_server().0, 3, TIMEOUT).unwrap()
-}
+use crate::agent_support::{Recorder, TIMEOUT, agent, agent_server};
+use forkvm_agent::server::{Agent as AgentServer, Config, serve_connection};
 
 #[test]
 fn the_hello_reseeds_once_per_generation_and_requests_follow() {
@@ -360,48 +312,6 @@ fn a_spawned_process_is_signalled_and_fed_while_another_thread_waits_for_it() {
         assert_eq!(status.unwrap().signal, Some(libc::SIGTERM));
         assert_eq!(out, b"got it\n");
     });
-}
-
-/// This process's resident memory, in bytes.
-fn rss() -> u64 {
-    forkvm_tests::proc_status("RssAnon") << 10
-}
-
-/// A process writes 1 GiB that nobody reads for a while: the host buffers at most its bound
-/// (the connection stops reading, the agent's writes wait) and its memory stays flat; read
-/// afterwards, every byte arrives. (The case, `cat /dev/zero` in a guest, grew the host
-/// without bound: every frame went into an unbounded channel.) The agent runs in this process
-/// here, so its memory counts too.
-#[test]
-fn output_nobody_reads_keeps_host_memory_flat_and_nothing_is_lost() {
-    const VOLUME: u64 = 1 << 30;
-    let agent = agent();
-    let process = agent
-        .spawn(&Command::new([
-            "head",
-            "-c",
-            &VOLUME.to_string(),
-            "/dev/zero",
-        ]))
-        .unwrap();
-    let before = rss();
-    let bound = forkvm_agent_client::CALL_BUFFER
-        + forkvm_agent_protocol::MAX_PAYLOAD
-        + forkvm_agent_client::FRAME_COST;
-    let mut peak = (0, before);
-    for _ in 0..30 {
-        std::thread::sleep(Duration::from_millis(100));
-        peak = (peak.0.max(process.buffered_bytes()), peak.1.max(rss()));
-    }
-    assert!(peak.0 > 0, "no output came at all");
-    assert!(peak.0 <= bound, "{} bytes buffered, bound {bound}", peak.0);
-    let grown = peak.1.saturating_sub(before);
-    assert!(grown < 64 << 20, "the host grew by {grown} bytes");
-    let mut total = 0u64;
-    let status = process
-        .wait(|_, bytes| total += bytes.len() as u64)
-        .unwrap();
-    assert_eq!((status.code, total), (Some(0), VOLUME));
 }
 
 /// A process whose output nobody reads can still be signalled: the answer gets past the

@@ -6,6 +6,7 @@
 
 mod agent;
 mod agent_life;
+mod agent_support;
 mod bad_input;
 mod boot;
 mod fork;

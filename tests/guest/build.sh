@@ -26,8 +26,8 @@ ldflags=(
     -nostdlib -static -no-pie -Wl,--build-id=none -Wl,-z,max-page-size=4096
     -Wl,-z,noexecstack -Wl,-T,guest.ld
 )
-sources=(entry.S kernel.c serial.c main.c virtio.c vsock.c)
-inputs=("${sources[@]}" guest.h virtio.h vsock.h guest.ld build.sh)
+sources=(entry.S kernel.c serial.c main.c console_mode.c virtio.c vsock.c)
+inputs=("${sources[@]}" guest.h virtio.h vsock.h modes.h guest.ld build.sh)
 
 # Serialise concurrent builds (e.g. parallel cargo tests).
 exec 9>"$out_dir/.build.lock"
