@@ -30,6 +30,7 @@ mod memory;
 pub mod network;
 mod phases;
 mod reaper;
+mod seccomp;
 mod snapshot;
 mod virtio;
 mod vm;
@@ -55,6 +56,10 @@ pub use memory::MemoryError;
 pub use network::{Network, NetworkHandle, NetworkPolicy};
 pub use phases::take_phase_timings;
 pub use reaper::{pending_releases, wait_for_releases};
+pub use seccomp::{
+    SeccompDenials, SeccompError, SeccompPolicy, ThreadKind, seccomp_denials, seccomp_policy,
+    set_seccomp_policy,
+};
 pub use snapshot::{Child, DISK_FILE_PREFIX, MEMORY_FILE, SNAPSHOT_FORMAT, STATE_FILE, Snapshot};
 pub use virtio::{DeviceInfo, DeviceKind};
 pub use vm::{Extensions, Vm, VsockDialer};

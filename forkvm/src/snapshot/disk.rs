@@ -31,6 +31,7 @@ use crate::identity::Identity;
 use crate::memory::freeze::FrozenRam;
 use crate::network::GuestConnection;
 use crate::virtio::FrozenDevice;
+use crate::vstate::ThreadSetup;
 pub use forkvm_devices::virtio::saved::DISK_FILE_PREFIX;
 use forkvm_devices::virtio::saved::SnapshotFiles;
 
@@ -204,7 +205,10 @@ pub(super) fn load(dir: &Path) -> Result<Snapshot, Error> {
     }
     Ok(Snapshot::new(SnapshotParts {
         kvm: None,
-        kick_signal: crate::kick_signal(),
+        setup: ThreadSetup {
+            kick_signal: crate::kick_signal(),
+            seccomp: crate::seccomp_policy(),
+        },
         image: FrozenRam::from_file(memory, state.memory_size),
         cpu: state.cpu,
         serial: state.serial,
