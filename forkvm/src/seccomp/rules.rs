@@ -156,6 +156,9 @@ pub(super) fn allowlist(kind: ThreadKind) -> Result<Rules, BackendError> {
 
 fn vcpu(rules: &mut Rules) -> Result<(), BackendError> {
     kvm_ioctls(rules)?;
+    // A device reset by its driver (a status write, on this thread) drops its host connections,
+    // which leave the device's epoll set (vsock).
+    allow(rules, &[libc::SYS_epoll_ctl]);
     // A spare thread waits in the batch scheduling class and leaves it for the ordinary one
     // when it gets its job (`vstate::threads`); only for itself (pid 0).
     for class in [libc::SCHED_BATCH, libc::SCHED_OTHER] {
