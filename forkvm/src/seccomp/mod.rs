@@ -68,7 +68,8 @@ pub enum ThreadKind {
     /// A VM's event loop serving its devices (also its spare thread), and the DNS resolver
     /// threads it starts, which inherit its filter.
     EventLoop,
-    /// The thread preparing children ahead of forks (`Vm::keep_forks_ready`).
+    /// The thread preparing children ahead of forks (`Vm::keep_forks_ready`), and the one
+    /// flattening a deep stack of memory layers.
     Prepare,
     /// The reaper's threads, which drop released VMs and memory.
     Reaper,
