@@ -26,9 +26,9 @@
 //! **Threads.** Every function may be called from any thread, at once on the same handle: a VM
 //! may be waited for on one thread and stopped, paused or forked from others. `forkvm_vm_free`
 //! while another thread is inside a call on the same VM stops the VM, which makes that call
-//! return; the VM is released when the last such call returns. Callbacks run on threads forkvm
-//! owns (a vCPU or the event loop), never two at once for one output, and must not stop or free
-//! the VM they report on (that waits for the thread the callback runs on).
+//! return; the VM is released when the last such call returns. Console callbacks run on a thread
+//! forkvm starts for each output (never a seccomp-filtered VMM thread), never two at once for one
+//! output, and must not stop or free the VM they report on (that waits for the callback).
 #![allow(non_camel_case_types)]
 // The safety contract is the same for every exported function: see "Pointers" above.
 #![allow(clippy::missing_safety_doc)]

@@ -5,7 +5,7 @@
 //! method, converting arguments and results and mapping errors onto the exception hierarchy
 //! rooted at `forkvm.Error` ([`errors`]). Every call that can block — on the guest, on another
 //! thread or on I/O — releases the GIL, so Python threads run VMs in parallel and a console
-//! callback (which takes the GIL on a vCPU thread) can never deadlock against a caller.
+//! callback (which takes the GIL on a thread of forkvm's) can never deadlock against a caller.
 
 mod agent;
 mod console;

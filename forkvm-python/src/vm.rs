@@ -313,7 +313,7 @@ impl PyVm {
     /// Builds a VM (validates the configuration, creates the VM, loads the guest).
     ///
     /// `console`: `"stdout"` (default), `None` (discarded), a `ConsoleBuffer`, a path, or a
-    /// callable receiving `bytes` (on a vCPU thread; an exception it raises goes to
+    /// callable receiving `bytes` (on a thread of forkvm's; an exception it raises goes to
     /// `sys.unraisablehook`). `console_input`: `None`, `"stdin"`, an fd or an object with
     /// `fileno()`. `disks`: paths or `Disk`s. `virtio_consoles`: outputs or `(output, input)`
     /// pairs. `balloon`: `True` or a `Balloon`. `network`: a `Network` (a virtio-net device).

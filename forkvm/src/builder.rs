@@ -21,8 +21,10 @@ use crate::layout::IDENTITY_PAGE_ADDR;
 use crate::machine::{self, LegacyConfig, MachineSpec};
 use crate::memory::{GuestRam, MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 use crate::network::{Network, VmNetwork};
+use crate::seccomp::SeccompPolicy;
 use crate::virtio::{VirtioDeviceSpec, VirtioPlan};
 use crate::vm::Vm;
+use crate::vstate::ThreadSetup;
 use crate::vstate::kvm::{create_vcpus, create_vm, open_kvm};
 use crate::vstate::threads::SpareThreads;
 use crate::vstate::vcpu::{install_kick_handler, kick_signal_at};
@@ -51,6 +53,8 @@ pub struct VmBuilder {
     debug_exit: bool,
     kvm_device: PathBuf,
     kick_signal_offset: i32,
+    replace_signal_handler: bool,
+    seccomp: Option<SeccompPolicy>,
     virtio: Vec<VirtioConfig>,
     vsock: Option<VsockConfig>,
     balloon: Option<BalloonConfig>,
@@ -239,6 +243,8 @@ impl Default for VmBuilder {
             debug_exit: false,
             kvm_device: PathBuf::from(DEFAULT_KVM_DEVICE),
             kick_signal_offset: crate::KICK_SIGNAL_OFFSET,
+            replace_signal_handler: false,
+            seccomp: None,
             virtio: Vec::new(),
             vsock: None,
             network: None,
@@ -368,16 +374,44 @@ impl VmBuilder {
     /// installs its handler for the signal at the first build that uses it; the handler only
     /// sets a flag of the vCPU running on the signalled thread. Fork children and VMs spawned
     /// from a capture use their source's signal.
+    ///
+    /// A signal's handler belongs to the whole process: if the program installed one for this
+    /// signal (anything but the default action, before or after forkvm's), the build fails with
+    /// [`Error::SignalTaken`] rather than replace it, unless
+    /// [`VmBuilder::replace_signal_handler`] allows it.
     pub fn kick_signal_offset(mut self, offset: i32) -> Self {
         self.kick_signal_offset = offset;
         self
     }
 
-    /// The kick signal, its handler installed.
-    fn kick_signal(&self) -> Result<i32, Error> {
-        let signal = kick_signal_at(self.kick_signal_offset)?;
-        install_kick_handler(signal)?;
-        Ok(signal)
+    /// Whether this build may replace a handler the program installed for the kick signal
+    /// (default: no, the build fails with [`Error::SignalTaken`]). Signal handlers are per
+    /// process: the replaced handler is gone for the whole process, not just for this VM.
+    pub fn replace_signal_handler(mut self, replace: bool) -> Self {
+        self.replace_signal_handler = replace;
+        self
+    }
+
+    /// The seccomp policy of this VM's threads (its vCPUs, event loop, the threads that prepare
+    /// its children) and of its children's; default: the process-wide policy
+    /// ([`crate::set_seccomp_policy`], itself [`SeccompPolicy::Deny`] by default). See
+    /// `docs/seccomp.md`.
+    pub fn seccomp(mut self, policy: SeccompPolicy) -> Self {
+        self.seccomp = Some(policy);
+        self
+    }
+
+    /// How the VM's threads are set up: the kick signal, its handler installed, and the seccomp
+    /// policy, its filters compiled.
+    fn thread_setup(&self) -> Result<ThreadSetup, Error> {
+        let kick_signal = kick_signal_at(self.kick_signal_offset)?;
+        install_kick_handler(kick_signal, self.replace_signal_handler)?;
+        let seccomp = self.seccomp.unwrap_or_else(crate::seccomp_policy);
+        crate::seccomp::prepare(seccomp).map_err(Error::Seccomp)?;
+        Ok(ThreadSetup {
+            kick_signal,
+            seccomp,
+        })
     }
 
     /// Starts a VM that continues from `snapshot` (see [`crate::Snapshot::spawn`]), connected
@@ -402,12 +436,12 @@ impl VmBuilder {
             });
         }
         let kvm = Arc::new(open_kvm(&self.kvm_device)?);
-        let kick = self.kick_signal()?;
+        let setup = self.thread_setup()?;
         let mut child = child.into();
         if let Some(network) = self.network.take() {
             child = child.network(network);
         }
-        snapshot.spawn_in(kvm, kick, child, None)
+        snapshot.spawn_in(kvm, setup, child, None)
     }
 
     /// The full command line the guest receives on a host with `caps`.
@@ -469,7 +503,7 @@ impl VmBuilder {
             });
         }
         let caps = host_caps(&kvm)?;
-        let kick = self.kick_signal()?;
+        let setup = self.thread_setup()?;
 
         let ram = GuestRam::new(memory_bytes)?;
         let mut devices = std::mem::take(&mut self.virtio)
@@ -527,7 +561,7 @@ impl VmBuilder {
             vm_fd,
             ram,
             vcpus,
-            kick_signal: kick,
+            setup,
             legacy: LegacyConfig {
                 console: self.console,
                 console_input: self.console_input,

@@ -30,6 +30,7 @@ mod memory;
 pub mod network;
 mod phases;
 mod reaper;
+mod seccomp;
 mod snapshot;
 mod virtio;
 mod vm;
@@ -56,6 +57,10 @@ pub use memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB, MemoryError};
 pub use network::{Network, NetworkHandle, NetworkPolicy};
 pub use phases::take_phase_timings;
 pub use reaper::{pending_releases, wait_for_releases};
+pub use seccomp::{
+    SeccompDenials, SeccompError, SeccompPolicy, ThreadKind, seccomp_denials, seccomp_policy,
+    set_seccomp_policy,
+};
 pub use snapshot::{
     CHECKSUM_FILE, Child, DISK_FILE_PREFIX, FileProblem, LoadOptions, MEMORY_FILE, SNAPSHOT_FORMAT,
     STATE_FILE, Snapshot, SnapshotError,

@@ -3,7 +3,7 @@
 //! the virtio devices attached to their windows, put together with a KVM VM, its RAM and vCPUs
 //! made by the caller ([`crate::vstate`]). What comes out is handed to [`crate::Vm`].
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use forkvm_devices::bus::Bus;
 use forkvm_devices::input::InputFeeder;
@@ -16,13 +16,14 @@ use forkvm_devices::virtio::balloon::BalloonHandle;
 use forkvm_devices::virtio::vsock::host::VsockConnector;
 use kvm_ioctls::{Kvm, VmFd};
 
-use crate::console::{ConsoleInput, ConsoleOutput};
+use crate::console::{ConsoleInput, ConsoleOutput, Delivery, take_deliveries};
 use crate::error::{Error, kvm_err, setup_err};
 use crate::exit::GuestExit;
 use crate::identity::{Identity, IdentityPage};
 use crate::memory::GuestRam;
 use crate::network::VmNetwork;
 use crate::virtio::{AttachedDevice, VirtioPlan};
+use crate::vstate::ThreadSetup;
 use crate::vstate::event_loop::EventLoop;
 use crate::vstate::run_state::RunState;
 use crate::vstate::threads::SpareThreads;
@@ -35,8 +36,8 @@ pub(crate) struct MachineSpec {
     pub vm_fd: VmFd,
     pub ram: GuestRam,
     pub vcpus: Vec<Vcpu>,
-    /// The signal that kicks the vCPU threads (its handler installed).
-    pub kick_signal: i32,
+    /// The kick signal (its handler installed) and seccomp policy of the VM's threads.
+    pub setup: ThreadSetup,
     pub legacy: LegacyConfig,
     pub virtio: VirtioPlan,
     pub vsock: Option<VsockConnector>,
@@ -70,13 +71,14 @@ pub(crate) struct Machine {
     pub identity: Identity,
     pub identity_page: IdentityPage,
     pub threads: SpareThreads,
+    /// The deliveries of its consoles' callbacks, drained by [`crate::Vm::wait`].
+    pub console_deliveries: Vec<Weak<Delivery>>,
 }
 
 /// Puts `spec` together: a run state and event loop, the legacy devices on the port bus, the
 /// virtio devices on the MMIO bus.
 pub(crate) fn assemble(spec: MachineSpec) -> Result<Machine, Error> {
-    let state =
-        Arc::new(RunState::new(spec.kick_signal).map_err(|e| setup_err("VM run state", e))?);
+    let state = Arc::new(RunState::new(spec.setup).map_err(|e| setup_err("VM run state", e))?);
     let mut event_loop = EventLoop::new(&state)?;
     let debug_exit = spec.legacy.debug_exit;
     let (pio, serial) = legacy_devices(&spec.vm_fd, &state, &mut event_loop, spec.legacy)?;
@@ -104,6 +106,9 @@ pub(crate) fn assemble(spec: MachineSpec) -> Result<Machine, Error> {
         identity: spec.identity,
         identity_page: spec.identity_page,
         threads: spec.threads,
+        // Made in this build or fork, on this thread: the virtio consoles' before this call,
+        // the serial console's in it.
+        console_deliveries: take_deliveries(),
     })
 }
 

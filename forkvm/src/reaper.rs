@@ -9,12 +9,16 @@
 //! `docs/measurements.md`), so it runs in parallel beyond the CPUs. The caller starts the first
 //! thread only; each thread starts the next while work waits, so a mass drop does not pay for
 //! starting threads (~0.6 ms each with 1,000 VMs in the process: `vstate/threads.rs`).
+//! Each thread runs under the reaper's seccomp filter, with the process-wide policy
+//! ([`crate::set_seccomp_policy`]).
 
 use std::collections::VecDeque;
 use std::sync::Condvar;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use crate::seccomp::{self, ThreadKind};
 
 /// Something to drop later.
 type Job = Box<dyn Send>;
@@ -123,9 +127,13 @@ fn grow() -> bool {
         LIVE.fetch_sub(1, Ordering::SeqCst);
         return false;
     }
+    let parent = seccomp::current();
     let spawned = std::thread::Builder::new()
         .name("forkvm-reaper".into())
-        .spawn(reap);
+        .spawn(move || {
+            seccomp::enter_or_log(ThreadKind::Reaper, seccomp::seccomp_policy(), parent);
+            reap();
+        });
     match spawned {
         Ok(thread) => {
             if let Ok(mut threads) = THREADS.lock() {

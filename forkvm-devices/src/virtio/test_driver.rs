@@ -122,6 +122,15 @@ impl Driver {
             reg::STATUS,
             S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
         );
+        self.serve_activation();
+    }
+
+    /// Lets the "event loop" serve what going live signalled: every queue, once.
+    pub fn serve_activation(&mut self) {
+        for q in 0..self.transport.queue_events().len() {
+            assert_eq!(self.transport.queue_events()[q].read().unwrap(), 1);
+            self.transport.process_queue(q);
+        }
     }
 
     /// Makes the ring helpers (and `setup_queue`) work on queue `q`.

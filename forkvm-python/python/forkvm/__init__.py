@@ -141,7 +141,8 @@ for _name, _method in (("__aiter__", _process_aiter), ("__anext__", _process_ane
     setattr(Process, _name, _method)
 
 # VMs still running when the interpreter exits are stopped first, so that no console callback
-# runs on a vCPU thread while the interpreter is being torn down.
+# runs on forkvm's threads while the interpreter is being torn down (stopping a VM waits until
+# its callbacks have received all of its output).
 atexit.register(stop_all)
 
 __all__ = [

@@ -8,6 +8,7 @@ use thiserror::Error;
 
 use crate::boot::BootError;
 use crate::memory::MemoryError;
+use crate::seccomp::SeccompError;
 
 mod snapshot;
 
@@ -141,6 +142,20 @@ pub enum Error {
     /// The host probe VM failed.
     #[error("probing the host's KVM failed: {0}")]
     Probe(String),
+    /// The program installed a handler for a signal forkvm needs (the process has one handler
+    /// per signal, and forkvm does not silently replace the program's).
+    #[error(
+        "signal {signal} (forkvm's {what} signal) has a handler this program installed: pick another signal (VmBuilder::kick_signal_offset) or let forkvm replace it (VmBuilder::replace_signal_handler)"
+    )]
+    SignalTaken {
+        /// The signal number.
+        signal: i32,
+        /// What forkvm uses it for.
+        what: &'static str,
+    },
+    /// The seccomp filters of the VM's threads could not be readied.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// A block device's image could not be opened.
     #[error("cannot open disk image {path}")]
     BlockImage {
@@ -287,7 +302,8 @@ impl Error {
             | Self::TooManyVcpus { .. }
             | Self::MemoryTooSmall { .. }
             | Self::InvalidRateLimit(_)
-            | Self::MemoryTooLarge { .. } => K::InvalidArgument,
+            | Self::MemoryTooLarge { .. }
+            | Self::SignalTaken { .. } => K::InvalidArgument,
             Self::Memory(_) | Self::GuestAddress { .. } => K::Memory,
             Self::Boot(_) => K::Boot,
             Self::BlockImage { .. } | Self::ConsoleFile { .. } | Self::Snapshot { .. } => K::Io,
@@ -299,7 +315,10 @@ impl Error {
             Self::NotRunning(_) => K::NotRunning,
             Self::PauseTimedOut => K::TimedOut,
             Self::SnapshotInvalid { .. } | Self::SnapshotIncompatible { .. } => K::Snapshot,
-            Self::Setup { .. } | Self::Thread { .. } | Self::DeviceFreeze { .. } => K::Other,
+            Self::Setup { .. }
+            | Self::Thread { .. }
+            | Self::DeviceFreeze { .. }
+            | Self::Seccomp(_) => K::Other,
         }
     }
 }
@@ -335,7 +354,7 @@ mod tests {
     }
 
     /// How many variants [`Error`] has.
-    const VARIANTS: usize = 33;
+    const VARIANTS: usize = 35;
 
     /// Numbers each variant (no wildcard: a new variant must be added here, then to `VARIANTS`
     /// and [`samples`]).
@@ -374,6 +393,8 @@ mod tests {
             Error::InvalidRateLimit(_) => 30,
             Error::NoSuchDevice(_) => 31,
             Error::MemoryTooLarge { .. } => 32,
+            Error::SignalTaken { .. } => 33,
+            Error::Seccomp(_) => 34,
         }
     }
 
@@ -460,6 +481,14 @@ mod tests {
                 },
                 K::Vsock,
             ),
+            (
+                Error::SignalTaken {
+                    signal: 36,
+                    what: "vCPU kick",
+                },
+                K::InvalidArgument,
+            ),
+            (Error::Seccomp(SeccompError::Handler("no".into())), K::Other),
             (
                 Error::ConsoleFile {
                     path: path(),

@@ -22,6 +22,7 @@ use super::overlay::{MAX_MAPPED_RUNS, Overlay, visible};
 use super::seal::seal;
 use super::{GuestRam, MemoryError, create_memfd};
 use crate::phases;
+use crate::seccomp::{self, ThreadKind};
 use forkvm_devices::sync::lock;
 
 /// Most runs of pages one overlay holds; past it a re-freeze makes a full image. Each run costs
@@ -211,9 +212,12 @@ impl GuestRam {
         };
         if !self.compaction.running.swap(true, Ordering::SeqCst) {
             let compaction = self.compaction.clone();
+            let parent = seccomp::current();
             let spawned = std::thread::Builder::new()
                 .name("forkvm-compact".into())
                 .spawn(move || {
+                    // Memory files, sealed: what the thread preparing children may do.
+                    seccomp::enter_or_log(ThreadKind::Prepare, seccomp::seccomp_policy(), parent);
                     match flatten(&image) {
                         Ok(flat) => {
                             *lock(&compaction.done) = Some(Flattened {

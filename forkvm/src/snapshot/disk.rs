@@ -33,6 +33,7 @@ use crate::error::Error;
 use crate::error::{FileProblem, SnapshotError};
 use crate::memory::freeze::FrozenRam;
 use crate::virtio::FrozenDevice;
+use crate::vstate::ThreadSetup;
 pub use forkvm_devices::virtio::saved::DISK_FILE_PREFIX;
 use forkvm_devices::virtio::saved::SnapshotFiles;
 
@@ -212,7 +213,10 @@ pub(super) fn load(path: &Path, options: LoadOptions) -> Result<Snapshot, Error>
     let devices = open_devices(&files, state.devices).map_err(invalid)?;
     Ok(Snapshot::new(SnapshotParts {
         kvm: None,
-        kick_signal: crate::kick_signal(),
+        setup: ThreadSetup {
+            kick_signal: crate::kick_signal(),
+            seccomp: crate::seccomp_policy(),
+        },
         image,
         cpu: state.cpu,
         serial: state.serial,

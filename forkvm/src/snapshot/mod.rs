@@ -43,6 +43,7 @@ use crate::memory::Expected;
 use crate::memory::freeze::FrozenRam;
 use crate::network::{GuestConnection, Network};
 use crate::virtio::FrozenDevice;
+use crate::vstate::ThreadSetup;
 
 pub use crate::error::{FileProblem, SnapshotError};
 pub use checksum::CHECKSUM_FILE;
@@ -69,8 +70,8 @@ pub struct Snapshot {
     /// The KVM handle spawned VMs are made with: the source VM's, or (for a loaded snapshot)
     /// `/dev/kvm`, opened at the first spawn.
     kvm: Mutex<Option<Arc<Kvm>>>,
-    /// The signal that kicks spawned VMs' vCPU threads: the source VM's, or the default.
-    kick_signal: i32,
+    /// How spawned VMs' threads are set up: as the source VM's, or (loaded) the defaults.
+    setup: ThreadSetup,
     /// The frozen RAM.
     pub(crate) image: Arc<FrozenRam>,
     /// The vCPUs' and the VM's state.
@@ -116,7 +117,7 @@ impl std::fmt::Debug for Snapshot {
 /// What a snapshot is made of, as a capture or a load puts it together.
 pub(crate) struct SnapshotParts {
     pub kvm: Option<Arc<Kvm>>,
-    pub kick_signal: i32,
+    pub setup: ThreadSetup,
     pub image: Arc<FrozenRam>,
     pub cpu: Arc<CpuState>,
     pub serial: SerialState,
@@ -131,7 +132,7 @@ impl Snapshot {
     pub(crate) fn new(parts: SnapshotParts) -> Self {
         Self {
             kvm: Mutex::new(parts.kvm),
-            kick_signal: parts.kick_signal,
+            setup: parts.setup,
             image: parts.image,
             cpu: parts.cpu,
             serial: parts.serial,
@@ -144,17 +145,17 @@ impl Snapshot {
         }
     }
 
-    /// The machine of a VM spawned from this snapshot with the KVM handle `kvm`, the kick signal
-    /// `kick_signal` (its handler installed) and the prepared child `shell`, if any. (The VM
-    /// itself: [`Snapshot::spawn`], with the VM handle.)
+    /// The machine of a VM spawned from this snapshot with the KVM handle `kvm`, its threads set
+    /// up as `setup` says (the kick handler installed) and the prepared child `shell`, if any.
+    /// (The VM itself: [`Snapshot::spawn`], with the VM handle.)
     pub(crate) fn machine(
         &self,
         kvm: Arc<Kvm>,
-        kick_signal: i32,
+        setup: ThreadSetup,
         child: Child,
         shell: Option<Shell>,
     ) -> Result<Machine, Error> {
-        spawn::machine_from(kvm, kick_signal, self, child, shell)
+        spawn::machine_from(kvm, setup, self, child, shell)
     }
 
     /// A child prepared for this snapshot, if one is ready.
@@ -164,10 +165,10 @@ impl Snapshot {
         shell
     }
 
-    /// The KVM handle and kick signal VMs are spawned with (for a loaded snapshot, `/dev/kvm`
+    /// The KVM handle and thread setup VMs are spawned with (for a loaded snapshot, `/dev/kvm`
     /// opened now).
-    pub(crate) fn host(&self) -> Result<(Arc<Kvm>, i32), Error> {
-        Ok((self.kvm()?, self.kick_signal))
+    pub(crate) fn host(&self) -> Result<(Arc<Kvm>, ThreadSetup), Error> {
+        Ok((self.kvm()?, self.setup))
     }
 
     /// Creates `n` more children ahead of time for this snapshot (KVM VMs with memory slots
@@ -269,7 +270,8 @@ impl Snapshot {
         let opened = Arc::new(crate::vstate::kvm::open_kvm(Path::new(
             crate::DEFAULT_KVM_DEVICE,
         ))?);
-        crate::vstate::vcpu::install_kick_handler(self.kick_signal)?;
+        crate::vstate::vcpu::install_kick_handler(self.setup.kick_signal, false)?;
+        crate::seccomp::prepare(self.setup.seccomp).map_err(Error::Seccomp)?;
         *kvm = Some(opened.clone());
         Ok(opened)
     }
@@ -291,6 +293,7 @@ impl Snapshot {
                 .iter()
                 .any(|device| device.state.device.needs().network)
                 .then(|| self.network.clone().unwrap_or_default()),
+            seccomp: self.setup.seccomp,
         }
     }
 }

@@ -26,6 +26,7 @@ use crate::error::setup_err;
 use crate::identity::IdentityPage;
 use crate::memory::{Expected, PlaceholderRam};
 use crate::network::{Network, PreparedNetwork};
+use crate::seccomp::{self, SeccompPolicy, ThreadKind};
 use crate::vstate::kvm::{create_vcpus, create_vm};
 use crate::vstate::threads::SpareThreads;
 use crate::vstate::vcpu::Vcpu;
@@ -56,6 +57,7 @@ impl Shell {
             disks,
             expected,
             network,
+            seccomp,
         } = shape;
         let span = crate::phases::span("shell.ram");
         let ram = PlaceholderRam::new(memory_size, expected)?;
@@ -65,7 +67,7 @@ impl Shell {
         let vm_fd = create_vm(kvm, &ram, &identity_page)?;
         drop(span);
         let span = crate::phases::span("shell.threads");
-        let threads = SpareThreads::spawn(vcpus).map_err(|source| Error::Thread {
+        let threads = SpareThreads::spawn(vcpus, seccomp).map_err(|source| Error::Thread {
             what: "prepared child",
             source,
         })?;
@@ -108,6 +110,8 @@ pub(crate) struct ShellShape {
     pub expected: Option<Expected>,
     /// The network of the VM's children, if it has one.
     pub network: Option<Network>,
+    /// The seccomp policy of the children's threads.
+    pub seccomp: SeccompPolicy,
 }
 
 /// The shells one VM has ready, and how many it keeps ready.
@@ -185,9 +189,13 @@ impl ShellPool {
             let _ = done.join();
         }
         let (pool, shape) = (self.clone(), shape());
+        let parent = seccomp::current();
         let spawned = thread::Builder::new()
             .name("forkvm-prepare".into())
-            .spawn(move || pool.refill_loop(&kvm, shape));
+            .spawn(move || {
+                seccomp::enter_or_log(ThreadKind::Prepare, shape.seccomp, parent);
+                pool.refill_loop(&kvm, shape);
+            });
         match spawned {
             Ok(thread) => {
                 refill.thread = Some(thread);

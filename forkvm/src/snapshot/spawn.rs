@@ -26,12 +26,13 @@ use crate::memory::{Expected, GuestRam};
 use crate::network::{PreparedNetwork, VmNetwork};
 use crate::phases;
 use crate::virtio::{VirtioDeviceSpec, VirtioPlan};
+use crate::vstate::ThreadSetup;
 
 /// The machine of a new VM that continues from `point`, connected to the host as `child` says,
 /// built in `shell` if one is given (its KVM VM must come from `kvm`).
 pub(crate) fn machine_from(
     kvm: Arc<Kvm>,
-    kick_signal: i32,
+    setup: ThreadSetup,
     point: &Snapshot,
     mut child: Child,
     shell: Option<Shell>,
@@ -50,6 +51,7 @@ pub(crate) fn machine_from(
                 expected: Some(Expected::Image(point.image.clone())),
                 // Likewise its network: made below.
                 network: None,
+                seccomp: setup.seccomp,
             },
         )?,
     };
@@ -95,7 +97,7 @@ pub(crate) fn machine_from(
         vm_fd,
         ram,
         vcpus,
-        kick_signal,
+        setup,
         legacy: LegacyConfig {
             console: std::mem::replace(&mut child.console, ConsoleOutput::Discard),
             console_input: child.console_input.take(),

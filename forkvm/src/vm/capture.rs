@@ -22,6 +22,7 @@ use crate::network::NetworkHandle;
 use crate::phases;
 use crate::snapshot::pool::{Shell, ShellShape};
 use crate::snapshot::{Child, CpuState, LoadOptions, Snapshot, SnapshotParts};
+use crate::vstate::ThreadSetup;
 use kvm_ioctls::Kvm;
 
 /// The last capture, and what the VM had done when it was taken: a capture of a VM with the same
@@ -108,7 +109,7 @@ impl Vm {
         let serial = lock(&self.serial).state();
         Ok(Snapshot::new(SnapshotParts {
             kvm: Some(self.kvm.clone()),
-            kick_signal: self.state.kick_signal(),
+            setup: self.state.setup(),
             image,
             cpu: Arc::new(CpuState { vcpus, vm }),
             serial,
@@ -143,11 +144,11 @@ impl Vm {
         let children = children
             .into_iter()
             .map(|child| {
-                let kick = self.state.kick_signal();
+                let setup = self.state.setup();
                 let shell = self.shells.take();
                 phases::count("fork.prepared", u64::from(shell.is_some()));
                 let _span = phases::span("fork.spawn");
-                snapshot.spawn_in(self.kvm.clone(), kick, child.into(), shell)
+                snapshot.spawn_in(self.kvm.clone(), setup, child.into(), shell)
             })
             .collect();
         let span = phases::span("fork.refill_start");
@@ -250,6 +251,7 @@ impl Vm {
                 .network
                 .as_ref()
                 .map(|network| network.config.for_child(network.handle.as_ref())),
+            seccomp: self.state.setup().seccomp,
         }
     }
 }
@@ -260,21 +262,21 @@ impl Snapshot {
     /// (a [`Child`], or just the [`crate::ConsoleOutput`] of its serial console). Uses a child
     /// prepared with [`Snapshot::prepare`] when one is ready.
     pub fn spawn(&self, child: impl Into<Child>) -> Result<Vm, Error> {
-        let (kvm, kick_signal) = self.host()?;
+        let (kvm, setup) = self.host()?;
         let shell = self.take_prepared();
-        self.spawn_in(kvm, kick_signal, child.into(), shell)
+        self.spawn_in(kvm, setup, child.into(), shell)
     }
 
-    /// [`Snapshot::spawn`] with the KVM handle `kvm`, the kick signal `kick_signal` (its handler
-    /// installed) and the prepared child `shell`, if any.
+    /// [`Snapshot::spawn`] with the KVM handle `kvm`, its threads set up as `setup` says (the
+    /// kick handler installed) and the prepared child `shell`, if any.
     pub(crate) fn spawn_in(
         &self,
         kvm: Arc<Kvm>,
-        kick_signal: i32,
+        setup: ThreadSetup,
         child: Child,
         shell: Option<Shell>,
     ) -> Result<Vm, Error> {
-        let vm = Vm::new(self.machine(kvm, kick_signal, child, shell)?);
+        let vm = Vm::new(self.machine(kvm, setup, child, shell)?);
         let _span = crate::phases::span("spawn.start");
         vm.start()?;
         Ok(vm)

@@ -15,7 +15,7 @@ pub use extensions::Extensions;
 use std::mem::ManuallyDrop;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -25,12 +25,14 @@ use forkvm_devices::legacy::SerialPort;
 use forkvm_devices::virtio::balloon::BalloonHandle;
 use kvm_ioctls::Kvm;
 
+use crate::console::Delivery;
 use crate::error::Error;
 use crate::exit::GuestExit;
 use crate::identity::Identity;
 use crate::machine::Machine;
 use crate::memory::GuestRam;
 use crate::network::{NetworkHandle, VmNetwork};
+use crate::seccomp::ThreadKind;
 use crate::snapshot::pool::ShellPool;
 use crate::virtio::{AttachedDevice, DeviceInfo};
 use crate::vstate::event_loop::EventLoop;
@@ -112,6 +114,8 @@ pub struct Inner {
     pub(crate) last_pause: Mutex<Option<Duration>>,
     /// Threads started ahead, which [`Vm::start`] uses.
     spare_threads: Mutex<SpareThreads>,
+    /// The deliveries of console output to callbacks, which [`Vm::wait`] drains.
+    console_deliveries: Vec<Weak<Delivery>>,
     /// Whether the VM holds names on the host (a vsock socket path, published ports, a TAP
     /// interface) that dropping it gives back before it returns.
     host_names: bool,
@@ -158,6 +162,7 @@ impl Vm {
             shells: Arc::default(),
             last_pause: Mutex::default(),
             spare_threads: Mutex::new(parts.threads),
+            console_deliveries: parts.console_deliveries,
             host_names,
             // Written (zeroed) now, so that the drop neither allocates nor touches new pages.
             teardown: Mutex::new(Some(Box::new(std::mem::MaybeUninit::zeroed()))),
@@ -189,9 +194,14 @@ impl Vm {
             self.state.hold_at_start();
         }
         let state = self.state.clone();
-        let event_thread = run_on_thread(spare.events.take(), EVENTS_THREAD.into(), move || {
-            event_loop.run(&state)
-        })
+        let policy = self.state.setup().seccomp;
+        let event_thread = run_on_thread(
+            spare.events.take(),
+            EVENTS_THREAD.into(),
+            ThreadKind::EventLoop,
+            policy,
+            move || event_loop.run(&state),
+        )
         .map_err(|source| Error::Thread {
             what: "event loop",
             source,
@@ -202,12 +212,17 @@ impl Vm {
         let mut threads = self.state.threads();
         for (id, vcpu) in self.vcpus.iter().enumerate() {
             let (vcpu, state, buses) = (vcpu.clone(), self.state.clone(), self.buses.clone());
-            let spawned =
-                run_on_thread(spare.vcpus.pop_front(), vcpu_thread(id as u32), move || {
+            let spawned = run_on_thread(
+                spare.vcpus.pop_front(),
+                vcpu_thread(id as u32),
+                ThreadKind::Vcpu,
+                policy,
+                move || {
                     Vcpu::run(&vcpu, &buses, &state);
                     drop((vcpu, buses));
                     state.vcpu_left();
-                });
+                },
+            );
             match spawned {
                 Ok(handle) => threads.push(handle),
                 Err(source) => {
@@ -229,7 +244,8 @@ impl Vm {
     }
 
     /// Blocks until the guest ends (or [`Vm::stop`] is called) and returns how it ended.
-    /// Every VMM thread has exited when this returns.
+    /// Every VMM thread has exited when this returns, and console callbacks have received all
+    /// the output.
     pub fn wait(&self) -> Result<GuestExit, Error> {
         if matches!(*self.lock_phase(), Phase::Built { .. }) && !self.state.is_exiting() {
             return Err(Error::NotStarted);
@@ -240,6 +256,9 @@ impl Vm {
         {
             // The event loop only returns; a panic in it has nothing to add to `exit`.
             let _ = event_thread.join();
+        }
+        for delivery in self.console_deliveries.iter().filter_map(Weak::upgrade) {
+            delivery.drain();
         }
         Ok(exit)
     }

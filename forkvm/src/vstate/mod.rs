@@ -8,3 +8,14 @@ pub(crate) mod kvm;
 pub(crate) mod run_state;
 pub(crate) mod threads;
 pub(crate) mod vcpu;
+
+use crate::seccomp::SeccompPolicy;
+
+/// How a VM's threads are set up: the signal that kicks its vCPUs out of `KVM_RUN` (its handler
+/// installed) and the seccomp policy of its threads. A VM's children and spawned VMs get their
+/// source's, unless a builder says otherwise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ThreadSetup {
+    pub kick_signal: i32,
+    pub seccomp: SeccompPolicy,
+}

@@ -22,6 +22,7 @@ use std::time::Duration;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
+use super::ThreadSetup;
 use super::threads::set_policy;
 use crate::exit::GuestExit;
 use forkvm_devices::sync::lock;
@@ -34,8 +35,8 @@ pub struct RunState {
     exiting: AtomicBool,
     /// Run once when the VM ends; `None` once they ran.
     exit_hooks: Mutex<Option<Vec<ExitHook>>>,
-    /// The signal that kicks this VM's vCPU threads out of `KVM_RUN`.
-    kick_signal: i32,
+    /// The signal that kicks this VM's vCPU threads out of `KVM_RUN`, and their seccomp policy.
+    setup: ThreadSetup,
     exit: Mutex<Option<GuestExit>>,
     ended: Condvar,
     vcpu_threads: Mutex<Vec<JoinHandle<()>>>,
@@ -66,12 +67,12 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 const RE_KICK_INTERVAL: Duration = Duration::from_millis(50);
 
 impl RunState {
-    /// State of a VM that has not ended, whose vCPU threads are kicked with `kick_signal`.
-    pub fn new(kick_signal: i32) -> std::io::Result<Self> {
+    /// State of a VM that has not ended, whose threads are set up as `setup` says.
+    pub fn new(setup: ThreadSetup) -> std::io::Result<Self> {
         Ok(Self {
             exiting: AtomicBool::new(false),
             exit_hooks: Mutex::new(Some(Vec::new())),
-            kick_signal,
+            setup,
             exit: Mutex::new(None),
             ended: Condvar::new(),
             vcpu_threads: Mutex::new(Vec::new()),
@@ -84,9 +85,9 @@ impl RunState {
         })
     }
 
-    /// The signal that kicks this VM's vCPU threads.
-    pub fn kick_signal(&self) -> i32 {
-        self.kick_signal
+    /// How this VM's threads are set up.
+    pub(crate) fn setup(&self) -> ThreadSetup {
+        self.setup
     }
 
     /// Whether the VM is ending; every loop checks this before blocking again.
@@ -132,7 +133,7 @@ impl RunState {
             let threads = lock(&self.vcpu_threads);
             for thread in threads.iter() {
                 // A thread that already returned cannot be kicked and needs no kick.
-                let _ = thread.kill(self.kick_signal);
+                let _ = thread.kill(self.setup.kick_signal);
             }
         }
         let _ = self.loop_wakeup.write(1);
@@ -264,7 +265,7 @@ impl RunState {
             left = guard;
             if waited.timed_out() {
                 for thread in threads.iter().filter(|t| !t.is_finished()) {
-                    let _ = thread.kill(self.kick_signal);
+                    let _ = thread.kill(self.setup.kick_signal);
                 }
                 delay = (delay * 2).min(RE_KICK_INTERVAL);
             }
@@ -328,7 +329,11 @@ mod tests {
 
     #[test]
     fn exit_hooks_run_once_with_the_exit_and_late_ones_at_once() {
-        let state = RunState::new(libc::SIGRTMIN()).unwrap();
+        let state = RunState::new(crate::vstate::ThreadSetup {
+            kick_signal: libc::SIGRTMIN(),
+            seccomp: crate::SeccompPolicy::Off,
+        })
+        .unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         for name in ["first", "second"] {
             let seen = seen.clone();

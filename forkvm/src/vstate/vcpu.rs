@@ -20,7 +20,9 @@ use forkvm_devices::sync::lock;
 /// ([`crate::VmBuilder::kick_signal_offset`] picks another). An embedding program must leave
 /// this real-time signal to forkvm: forkvm installs its handler (once per process and signal,
 /// at the first build of a VM using it), which only sets a flag of the vCPU running on the
-/// signalled thread and does nothing on any other thread.
+/// signalled thread and does nothing on any other thread. A build finding another handler for
+/// the signal fails with [`crate::Error::SignalTaken`] instead of replacing it (unless
+/// [`crate::VmBuilder::replace_signal_handler`] allows it).
 pub const KICK_SIGNAL_OFFSET: i32 = 2;
 
 /// The signal number used to kick vCPU threads by default.
@@ -56,19 +58,41 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
     }
 }
 
-/// Installs the kick handler for `signal`, once per process and signal.
-pub(crate) fn install_kick_handler(signal: i32) -> Result<(), Error> {
-    static INSTALLED: Mutex<Vec<i32>> = Mutex::new(Vec::new());
-    let mut installed = lock(&INSTALLED);
-    if installed.contains(&signal) {
-        return Ok(());
-    }
-    register_signal_handler(signal, on_kick).map_err(|e| Error::Setup {
+/// Makes forkvm's kick handler the handler of `signal`: finds it there, or installs it over the
+/// default action, or (`replace`) over whatever the program installed; anything else (a handler,
+/// or `SIG_IGN`) is the program's, and fails with [`Error::SignalTaken`]. Checked at every build
+/// (one `sigaction` call), so a handler the program installed after forkvm's is noticed too.
+pub(crate) fn install_kick_handler(signal: i32, replace: bool) -> Result<(), Error> {
+    static INSTALLING: Mutex<()> = Mutex::new(());
+    let _held = lock(&INSTALLING);
+    let setup_err = |e: &dyn std::fmt::Display| Error::Setup {
         what: "vCPU kick signal handler",
         reason: e.to_string(),
-    })?;
-    installed.push(signal);
-    Ok(())
+    };
+    let current = current_handler(signal).map_err(|e| setup_err(&e))?;
+    if current == on_kick as *const () as usize {
+        return Ok(());
+    }
+    if current != libc::SIG_DFL && !replace {
+        return Err(Error::SignalTaken {
+            signal,
+            what: "vCPU kick",
+        });
+    }
+    register_signal_handler(signal, on_kick).map_err(|e| setup_err(&e))
+}
+
+/// The handler (or `SIG_DFL`, `SIG_IGN`) installed for `signal`.
+fn current_handler(signal: i32) -> std::io::Result<usize> {
+    // SAFETY: an all-zero sigaction is a valid out-parameter; a null new action only reads
+    // the current one.
+    unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(signal, std::ptr::null(), &mut current) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(current.sa_sigaction)
+    }
 }
 
 /// The buses a vCPU routes its port and MMIO exits to.

@@ -530,8 +530,11 @@ impl MmioTransport {
             ));
             return;
         }
-        for index in 0..self.queues.len() {
-            self.process_queue(index);
+        // Served on the event loop, as a notification is: never on the vCPU thread that wrote
+        // the status, whose seccomp filter allows no device I/O (`forkvm::seccomp`).
+        for event in &self.queue_events {
+            // An eventfd's counter does not overflow from one write per activation.
+            let _ = event.write(1);
         }
     }
 

@@ -362,3 +362,22 @@ fn after_needs_reset_the_driver_may_still_set_failed() {
     d.write(reg::STATUS, (status & !S_NEEDS_RESET) | S_FAILED);
     assert_eq!(d.read(reg::STATUS), status | S_FAILED);
 }
+
+/// Going live does no device work on the thread writing the status (a vCPU thread, whose seccomp
+/// filter allows no device I/O): it signals every queue, and the request the driver made
+/// available before is served when the event loop serves the queue.
+#[test]
+fn going_live_signals_the_queues_instead_of_serving_them_on_the_writing_thread() {
+    let mut d = rng_driver();
+    assert_ne!(d.negotiate(1 << VIRTIO_F_VERSION_1) & S_FEATURES_OK, 0);
+    d.setup_queue(DESC, AVAIL, USED);
+    d.chain(0, &[(BUF, 16, true)]);
+    d.write(
+        reg::STATUS,
+        S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
+    );
+    assert_eq!(d.used(0).0, 0, "nothing served on the writing thread");
+    assert_eq!(d.transport.queue_events()[0].read().unwrap(), 1);
+    d.transport.process_queue(0);
+    assert_eq!(d.used(0), (1, 16));
+}
