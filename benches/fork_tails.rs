@@ -18,6 +18,9 @@
 //!   both shapes above: the
 //!   floor under an unprepared fork, which makes all of that in its path.
 //!
+//! `FORK_TAILS_SECCOMP=off` turns forkvm's seccomp filters off for the run (they are on by
+//! default), to measure what they cost.
+//!
 //! Each case prints p50/p90/p99/max, then the mean of each phase over the forks at or above the
 //! 99th percentile against the mean over the forks around the median, and what no phase covers
 //! ("other"): where the slow forks spent their extra time. Each child is dropped and its release
@@ -158,6 +161,11 @@ fn main() {
     // SAFETY: set before any other thread of this process reads the environment.
     unsafe { std::env::set_var("FORKVM_PHASES", "1") };
     forkvm_tests::raise_fd_limit();
+    // `FORK_TAILS_SECCOMP=off`: no filters on forkvm's threads, for measuring what they cost.
+    if std::env::var("FORK_TAILS_SECCOMP").as_deref() == Ok("off") {
+        forkvm::set_seccomp_policy(forkvm::SeccompPolicy::Off);
+    }
+    println!("fork_tails: seccomp {:?}", forkvm::seccomp_policy());
     let disk = TempFile::with_contents("fork-tails.img", &vec![0u8; 64 << 20]);
     let (parent, _, _) = spinning_guest_with(2, 256, |builder| {
         builder

@@ -49,4 +49,3 @@ fn output_nobody_reads_keeps_host_memory_flat_and_nothing_is_lost() {
         .unwrap();
     assert_eq!((status.code, total), (Some(0), VOLUME));
 }
-

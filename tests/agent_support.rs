@@ -59,4 +59,3 @@ pub fn agent_server() -> (Connector, Arc<Mutex<Calls>>) {
 pub fn agent() -> Agent {
     Agent::connect(agent_server().0, 3, TIMEOUT).unwrap()
 }
-
