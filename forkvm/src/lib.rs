@@ -32,6 +32,8 @@ mod phases;
 mod reaper;
 mod seccomp;
 mod snapshot;
+#[cfg(test)]
+mod test_guest;
 mod virtio;
 mod vm;
 mod vstate;

@@ -139,20 +139,6 @@ fn kill_policies_kill_and_off_installs_nothing() {
     );
 }
 
-fn test_guest() -> std::path::PathBuf {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/guest/build.sh");
-    let out = std::process::Command::new("bash")
-        .arg(script)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().into()
-}
-
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !done() {
@@ -173,7 +159,7 @@ fn every_thread_of_a_vm_and_of_its_children_is_filtered() {
     let before: Vec<u64> = ThreadKind::ALL.iter().map(|&k| denied(k)).collect();
     let console = ConsoleBuffer::new();
     let vm = VmBuilder::new()
-        .kernel(test_guest())
+        .kernel(crate::test_guest::path())
         .memory_mib(32)
         .cmdline("mode=halt")
         .console(ConsoleOutput::Buffer(console.clone()))
@@ -226,7 +212,7 @@ fn a_console_callback_runs_unfiltered_and_has_everything_when_wait_returns() {
     let seen = std::sync::Arc::new(Mutex::new((Vec::new(), Vec::new())));
     let sink = seen.clone();
     let vm = VmBuilder::new()
-        .kernel(test_guest())
+        .kernel(crate::test_guest::path())
         .memory_mib(32)
         .cmdline("mode=exit")
         .debug_exit(true)

@@ -534,21 +534,6 @@ mod tests {
 
     use crate::{ConsoleBuffer, ConsoleOutput, Vm, VmBuilder};
 
-    /// The freestanding test guest, built by its script (cached).
-    fn test_guest() -> std::path::PathBuf {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/guest/build.sh");
-        let out = std::process::Command::new("bash")
-            .arg(script)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().into()
-    }
-
     /// Dropping a VM does not wait for the reaper (here held busy): its teardown is counted as
     /// pending. A VM with a vsock socket path gives the path back before the drop returns all
     /// the same.
@@ -558,7 +543,7 @@ mod tests {
         let halted = |vsock: Option<crate::VsockConfig>| {
             let console = ConsoleBuffer::new();
             let mut builder = VmBuilder::new()
-                .kernel(test_guest())
+                .kernel(crate::test_guest::path())
                 .memory_mib(32)
                 .cmdline("mode=halt")
                 .console(ConsoleOutput::Buffer(console.clone()));
@@ -604,7 +589,7 @@ mod tests {
     fn spinning_vm() -> (Vm, u64) {
         let console = ConsoleBuffer::new();
         let vm = VmBuilder::new()
-            .kernel(test_guest())
+            .kernel(crate::test_guest::path())
             .memory_mib(32)
             .cmdline("mode=spin")
             .console(ConsoleOutput::Buffer(console.clone()))
