@@ -13,8 +13,10 @@
 //! created with `O_CREAT | O_EXCL | O_NOFOLLOW` and synced, then the directory synced; then
 //! `renameat2(RENAME_EXCHANGE)` swaps it with the old directory in one step, the parent is
 //! synced, and the old snapshot (now under the temporary name) is removed. A failure before the
-//! swap removes the new directory and leaves the old snapshot as it was (a process killed
-//! midway leaves it behind: nothing can tell it from another process's save). Where the filesystem
+//! swap removes the new directory and leaves the old snapshot as it was. A process killed midway
+//! leaves its new directory behind; the next save beside it removes such a leftover once its
+//! process is gone from this host and it has not changed for [`LEFTOVER_AGE`] (a save from
+//! another machine sharing the directory keeps changing its own). Where the filesystem
 //! cannot exchange (`EINVAL`: some network and FUSE filesystems), the old directory is renamed
 //! aside and the new one renamed in: a crash between the two leaves the old snapshot under its
 //! temporary name and none under the target's. An existing target that holds other files than a
@@ -154,6 +156,10 @@ pub(super) struct NewSnapshot {
     committed: bool,
 }
 
+/// How long a new directory left by a save whose process is gone stays untouched before the
+/// next save beside it removes it.
+pub(super) const LEFTOVER_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Tells apart the temporary directories of one process.
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
@@ -188,6 +194,7 @@ impl NewSnapshot {
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
+        remove_leftovers(&parent, name);
         let mut tries = 0;
         let temporary = loop {
             let temporary = temporary_name(name, "new");
@@ -302,6 +309,49 @@ impl Drop for NewSnapshot {
     }
 }
 
+/// Removes the new directories of saves to `name` that a killed process left in `parent`: named
+/// `.<name>.new-<pid>-…` with no process `pid` on this host, and unchanged for [`LEFTOVER_AGE`].
+/// Only snapshot files are removed (a directory holding anything else stays). The `.old-`
+/// directory of an interrupted fallback swap may be the only copy left, and is kept.
+fn remove_leftovers(parent: &OwnedFd, name: &OsStr) {
+    let mut prefix = OsString::from(".");
+    prefix.push(name);
+    prefix.push(".new-");
+    let prefix = prefix.as_bytes();
+    let Ok(entries) = rustix::fs::Dir::read_from(parent) else {
+        return;
+    };
+    let now = std::time::SystemTime::now();
+    for entry in entries.filter_map(Result::ok) {
+        let file = OsStr::from_bytes(entry.file_name().to_bytes());
+        let Some(rest) = file.as_bytes().strip_prefix(prefix) else {
+            continue;
+        };
+        let pid = std::str::from_utf8(rest)
+            .ok()
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<i32>().ok())
+            .and_then(rustix::process::Pid::from_raw);
+        let Some(pid) = pid else { continue };
+        let gone = pid.as_raw_nonzero().get() != std::process::id() as i32
+            && rustix::process::test_kill_process(pid) == Err(Errno::SRCH);
+        let Ok(stat) = rustix::fs::statat(parent, file, AtFlags::SYMLINK_NOFOLLOW) else {
+            continue;
+        };
+        let changed = std::time::UNIX_EPOCH
+            + std::time::Duration::new(
+                u64::try_from(stat.st_mtime).unwrap_or(0),
+                u32::try_from(stat.st_mtime_nsec).unwrap_or(0),
+            );
+        let old = now
+            .duration_since(changed)
+            .is_ok_and(|age| age >= LEFTOVER_AGE);
+        if gone && old && FileType::from_raw_mode(stat.st_mode) == FileType::Directory {
+            remove_snapshot_dir(parent, file);
+        }
+    }
+}
+
 /// `target` with its parent created and its links resolved (the caller's own path: a link to
 /// the snapshot directory, or in its path, is the caller's choice).
 fn resolve(target: &Path) -> io::Result<PathBuf> {
@@ -412,6 +462,43 @@ mod tests {
             file.write_all(bytes)
         })
         .unwrap();
+    }
+
+    /// A save removes what an earlier save killed midway left beside it (its process gone,
+    /// unchanged for [`LEFTOVER_AGE`]), and nothing else: not a live process's, not a recent
+    /// one, not the `.old-` copy of an interrupted fallback swap, not another snapshot's.
+    #[test]
+    fn a_save_removes_the_leftovers_of_a_killed_save_only() {
+        let parent = scratch("leftovers");
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        child.wait().unwrap();
+        let dead = child.id();
+        let alive = std::process::id();
+        let stale = std::time::SystemTime::now() - LEFTOVER_AGE * 2;
+        let make = |name: String, age: std::time::SystemTime| {
+            let dir = parent.join(&name);
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::write(dir.join(super::super::STATE_FILE), b"{}").unwrap();
+            let file = std::fs::File::open(&dir).unwrap();
+            file.set_modified(age).unwrap();
+            name
+        };
+        let now = std::time::SystemTime::now();
+        let killed = make(format!(".snap.new-{dead}-0-1"), stale);
+        let kept = [
+            make(format!(".snap.new-{dead}-0-2"), now),
+            make(format!(".snap.new-{alive}-0-3"), stale),
+            make(format!(".snap.old-{dead}-0-4"), stale),
+            make(format!(".other.new-{dead}-0-5"), stale),
+        ];
+        let new = NewSnapshot::create(&parent.join("snap")).unwrap();
+        let names = entries(&parent);
+        assert!(!names.contains(&killed), "{names:?}");
+        for name in &kept {
+            assert!(names.contains(name), "{name} went: {names:?}");
+        }
+        drop(new);
+        std::fs::remove_dir_all(&parent).unwrap();
     }
 
     /// The old snapshot stays whole until the new one is committed: a new one dropped midway
