@@ -1,6 +1,6 @@
 //! The guest agent's cost on the host side: the real agent server (`forkvm-agent`) run in this
 //! process over Unix socket pairs, driven through the host API (`forkvm_agent_client`), with its
-//! privileged calls stubbed out. What a guest adds on top (vsock, the guest kernel) is measured
+//! privileged calls recorded instead of made (`forkvm_tests::agent_server`). What a guest adds on top (vsock, the guest kernel) is measured
 //! end to end by `cargo test --test rootfs -- --nocapture`.
 //!
 //! - `exec_true`: `Agent::exec(["true"])`, call → exit status (a process spawn on this host);
@@ -8,47 +8,14 @@
 //! - `upload_64MiB` / `download_64MiB`: `write_file` / `read_file` of 64 MiB to and from a file
 //!   in the temporary directory (throughput as criterion reports it).
 
-use std::os::unix::net::UnixStream;
-use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use forkvm_agent::server::{Agent as AgentServer, Config, serve_connection};
-use forkvm_agent::system::System;
-use forkvm_agent_client::{Agent, Connector, WriteOptions};
-use forkvm_agent_protocol::PowerAction;
-
-/// Privileged calls that do nothing (the host's RNG and clock are left alone).
-struct NoSystem;
-
-impl System for NoSystem {
-    fn add_entropy(&self, _: &[u8]) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn reseed_crng(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn set_clock(&self, _: u64) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn power(&self, _: PowerAction) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use forkvm_agent_client::{Agent, WriteOptions};
+use forkvm_tests::agent_server::agent_server;
 
 fn agent() -> Agent {
-    let server = AgentServer::new(Config {
-        system: Box::new(NoSystem),
-        reap_all: false,
-        allow_shutdown: false,
-    });
-    let connector: Connector = Arc::new(move |_| {
-        let (ours, theirs) = UnixStream::pair()?;
-        let server = server.clone();
-        std::thread::spawn(move || serve_connection(server, theirs));
-        Ok(ours)
-    });
-    Agent::connect(connector, 0, Duration::from_secs(10)).unwrap()
+    Agent::connect(agent_server().0, 0, Duration::from_secs(10)).unwrap()
 }
 
 fn bench_agent(c: &mut Criterion) {

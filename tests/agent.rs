@@ -9,8 +9,8 @@ use std::time::Duration;
 use forkvm_agent_client::{Agent, AgentError, Command, Connector, PtyEvent, Stream, WriteOptions};
 use forkvm_agent_protocol::{ErrorKind, PowerAction};
 
-use crate::agent_support::{Recorder, TIMEOUT, agent, agent_server};
 use forkvm_agent::server::{Agent as AgentServer, Config, serve_connection};
+use forkvm_tests::agent_server::{Recorder, TIMEOUT, agent, agent_server};
 
 #[test]
 fn the_hello_reseeds_once_per_generation_and_requests_follow() {

@@ -1,12 +1,10 @@
 //! Output nobody reads keeps the host's memory flat (issue 15 item 3): a test binary of its own,
 //! since it measures this process's resident memory, which tests running alongside would move.
 
-mod agent_support;
-
 use std::time::Duration;
 
-use agent_support::agent;
 use forkvm_agent_client::Command;
+use forkvm_tests::agent_server::agent;
 
 /// This process's resident memory, in bytes.
 fn rss() -> u64 {

@@ -6,7 +6,6 @@
 
 mod agent;
 mod agent_life;
-mod agent_support;
 mod bad_input;
 mod boot;
 mod fork;

@@ -16,7 +16,7 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use forkvm::network::{Connector, DenyReason, HostConnector, StaticResolver};
+use forkvm::network::{Connector, DenyReason, HostConnector, Resolver, StaticResolver};
 use forkvm::{ConsoleBuffer, ConsoleOutput, Network, NetworkPolicy, Vm};
 use forkvm_agent_client::{Agent, Command, VmAgentExt};
 use forkvm_tests::{linux_image_vm, start_linux_image};
@@ -24,14 +24,28 @@ use forkvm_tests::{linux_image_vm, start_linux_image};
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const GUEST_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// Opens host sockets to 127.0.0.0/8 only; every other destination is refused and recorded.
+/// The seccomp mode of the calling thread (`Seccomp:` in `/proc/thread-self/status`: 0 for none,
+/// 2 for a filter), or the error reading it (a filtered forkvm thread may not open files).
+fn seccomp_mode() -> Result<u32, String> {
+    let status = std::fs::read_to_string("/proc/thread-self/status").map_err(|e| e.to_string())?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Seccomp:"))
+        .and_then(|mode| mode.trim().parse().ok())
+        .ok_or_else(|| "no Seccomp line".to_owned())
+}
+
+/// Opens host sockets to 127.0.0.0/8 only; every other destination is refused and recorded,
+/// and so is the seccomp mode of each thread it was called on.
 #[derive(Default)]
 struct LoopbackOnly {
     refused: Mutex<Vec<SocketAddr>>,
+    modes: Mutex<Vec<Result<u32, String>>>,
 }
 
 impl LoopbackOnly {
     fn check(&self, to: SocketAddr) -> io::Result<()> {
+        self.modes.lock().unwrap().push(seccomp_mode());
         if to.ip().is_loopback() {
             return Ok(());
         }
@@ -51,6 +65,19 @@ impl Connector for LoopbackOnly {
     fn connect_udp(&self, to: SocketAddr) -> io::Result<UdpSocket> {
         self.check(to)?;
         HostConnector.connect_udp(to)
+    }
+}
+
+/// Resolves from a static map, and records the seccomp mode of each thread it was called on.
+struct RecordingResolver {
+    names: StaticResolver,
+    modes: Mutex<Vec<Result<u32, String>>>,
+}
+
+impl Resolver for RecordingResolver {
+    fn resolve(&self, name: &str) -> io::Result<Vec<IpAddr>> {
+        self.modes.lock().unwrap().push(seccomp_mode());
+        self.names.resolve(name)
     }
 }
 
@@ -122,16 +149,24 @@ fn the_image_reaches_the_host_through_dhcp_dns_policy_published_ports_and_forks(
     let connector = Arc::new(LoopbackOnly::default());
     // Names resolve only from static maps: the VM's own (`Network::host`, which names the
     // gateway, the host as the guest sees it) and an empty resolver.
-    let resolver = StaticResolver::new();
+    let resolver = Arc::new(RecordingResolver {
+        names: StaticResolver::new(),
+        modes: Mutex::new(Vec::new()),
+    });
     let policy = NetworkPolicy::public_internet().allow("127.0.0.1/32".parse().unwrap());
     let console = ConsoleBuffer::new();
     let builder = linux_image_vm(256, &console).network(
         Network::user()
             .policy(policy)
             .host("host.test", &[IpAddr::V4(Ipv4Addr::new(10, 0, 2, 2))])
-            .seams(connector.clone(), Arc::new(resolver)),
+            .seams(connector.clone(), resolver.clone()),
     );
     let (vm, agent) = start_linux_image(builder, &console, BOOT_TIMEOUT);
+    let denials = Arc::new(Mutex::new(Vec::new()));
+    let seen = denials.clone();
+    vm.network().unwrap().on_denied(Box::new(move |flow| {
+        seen.lock().unwrap().push((flow.reason, seccomp_mode()))
+    }));
 
     // DHCP: the kernel took a lease and wrote the name server where resolv.conf points.
     let pnp = String::from_utf8_lossy(&agent.read_file("/proc/net/pnp").unwrap()).into_owned();
@@ -180,6 +215,31 @@ fn the_image_reaches_the_host_through_dhcp_dns_policy_published_ports_and_forks(
             >= 1
     );
     assert!(connector.refused.lock().unwrap().is_empty());
+
+    // A name outside the static map goes to the resolver (which knows nothing).
+    let unknown = python(
+        &agent,
+        "import socket\ntry:\n socket.gethostbyname('unknown.test')\n print('found')\nexcept socket.gaierror:\n print('unknown')",
+    );
+    assert_eq!(unknown, "unknown\n");
+    // The embedder's code (connector, resolver, denial callback) ran on threads without a
+    // seccomp filter, never on the VM's event loop.
+    let deadline = Instant::now() + GUEST_TIMEOUT;
+    while denials.lock().unwrap().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let denied = denials.lock().unwrap().clone();
+    assert!(
+        denied.contains(&(DenyReason::Metadata, Ok(0))),
+        "{denied:?}"
+    );
+    for modes in [&connector.modes, &resolver.modes] {
+        let modes = modes.lock().unwrap().clone();
+        assert!(
+            !modes.is_empty() && modes.iter().all(|m| *m == Ok(0)),
+            "{modes:?}"
+        );
+    }
 
     // A server in the guest, reached through a published port and in-process.
     agent

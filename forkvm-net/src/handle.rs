@@ -3,7 +3,7 @@
 //! published ports travel to the loop as commands over a bounded channel plus the loop's control
 //! eventfd. No call waits for the loop, so a stopped VM never blocks a caller.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4, TcpListener};
 use std::os::unix::net::UnixStream;
@@ -17,6 +17,8 @@ use crate::policy::{DenyReason, NetworkPolicy, Protocol};
 
 /// Commands waiting for the loop, at most.
 pub(crate) const COMMAND_QUEUE: usize = 256;
+/// Denied flows waiting for the `on_denied` callbacks, at most (more are counted, not told).
+pub(crate) const DENIED_QUEUE: usize = 1024;
 
 /// A flow the policy refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,6 +72,8 @@ pub(crate) struct Shared {
     pub(crate) policy: RwLock<NetworkPolicy>,
     pub(crate) stats: Mutex<NetworkStats>,
     pub(crate) callbacks: Mutex<Vec<DeniedCallback>>,
+    /// Denied flows on their way to the callbacks.
+    untold: Mutex<Untold>,
     pub(crate) published: Mutex<HashSet<SocketAddr>>,
     /// The guest's TCP connections the network carries now, as of the loop's last turn.
     pub(crate) connections: Mutex<Vec<GuestConnection>>,
@@ -81,6 +85,7 @@ impl Shared {
             policy: RwLock::new(policy),
             stats: Mutex::new(NetworkStats::default()),
             callbacks: Mutex::new(Vec::new()),
+            untold: Mutex::new(Untold::default()),
             published: Mutex::new(HashSet::new()),
             connections: Mutex::new(Vec::new()),
         }
@@ -97,16 +102,67 @@ impl Shared {
         lock(&self.stats)
     }
 
-    /// Calls every callback on `flow` (a panicking callback is contained and logged).
-    pub(crate) fn denied(&self, flow: &DeniedFlow) {
-        let callbacks = lock(&self.callbacks).clone();
-        for callback in callbacks {
-            let call = std::panic::AssertUnwindSafe(|| callback(flow));
-            if std::panic::catch_unwind(call).is_err() {
-                log::error!("forkvm-net: an on_denied callback panicked");
+    /// Tells the callbacks of `flow` on one of the network's worker threads (`outside.rs`), in
+    /// the order the flows were denied; a panicking callback is contained and logged. Never
+    /// waits for a callback: at most [`DENIED_QUEUE`] flows wait, the rest are only counted.
+    pub(crate) fn denied(self: &Arc<Self>, flow: &DeniedFlow) {
+        if lock(&self.callbacks).is_empty() {
+            return;
+        }
+        let mut untold = lock(&self.untold);
+        if untold.flows.len() >= DENIED_QUEUE {
+            if untold.dropped == 0 {
+                log::warn!("forkvm-net: on_denied callbacks fall behind; flows go untold");
+            }
+            untold.dropped += 1;
+            return;
+        }
+        untold.flows.push_back(flow.clone());
+        if untold.delivering {
+            return;
+        }
+        untold.delivering = true;
+        let shared = self.clone();
+        if let Err(e) = crate::outside::submit(move || shared.tell()) {
+            log::warn!("forkvm-net: cannot tell the on_denied callbacks: {e}");
+            untold.delivering = false;
+            untold.dropped += untold.flows.len() as u64;
+            untold.flows.clear();
+        }
+    }
+
+    /// Runs on a worker: calls the callbacks on every waiting flow, until none waits.
+    fn tell(&self) {
+        loop {
+            let flows = {
+                let mut untold = lock(&self.untold);
+                if untold.flows.is_empty() {
+                    untold.delivering = false;
+                    return;
+                }
+                std::mem::take(&mut untold.flows)
+            };
+            let callbacks = lock(&self.callbacks).clone();
+            for flow in &flows {
+                for callback in &callbacks {
+                    let call = std::panic::AssertUnwindSafe(|| callback(flow));
+                    if std::panic::catch_unwind(call).is_err() {
+                        log::error!("forkvm-net: an on_denied callback panicked");
+                    }
+                }
             }
         }
     }
+}
+
+/// Denied flows the callbacks have not been told of yet.
+#[derive(Default)]
+struct Untold {
+    flows: VecDeque<DeniedFlow>,
+    /// Whether a worker is telling them.
+    delivering: bool,
+    /// Flows never told (the queue was full).
+    dropped: u64,
 }
 
 /// Locks `mutex`, taking the data of a poisoned one (the counters stay usable).
@@ -177,8 +233,10 @@ impl NetworkHandle {
         self.shared.stats().clone()
     }
 
-    /// Calls `callback` on the VM's event loop for every flow the policy denies (keep it short;
-    /// a panic in it is contained).
+    /// Calls `callback` for every flow the policy denies, soon after, in order, on one of the
+    /// network's worker threads (never the VM's event loop; a panic in it is contained). If the
+    /// callbacks fall more than 1,024 flows behind, the flows beyond are counted in
+    /// [`NetworkStats::denied_total`] but not told.
     pub fn on_denied(&self, callback: Box<dyn Fn(&DeniedFlow) + Send + Sync>) {
         lock(&self.shared.callbacks).push(Arc::from(callback));
     }

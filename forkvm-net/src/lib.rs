@@ -38,6 +38,7 @@ mod dhcp;
 pub mod dns;
 mod frames;
 mod handle;
+mod outside;
 pub mod policy;
 mod seams;
 mod slab;
@@ -48,7 +49,8 @@ pub use config::NetworkConfig;
 pub use handle::{DeniedFlow, GuestConnection, NetworkHandle, NetworkStats};
 pub use policy::{Cidr, DenyReason, NetworkPolicy, Protocol, RuleTarget, Verdict};
 pub use seams::{
-    Connector, HostConnector, HostResolver, LoopbackOnly, Resolver, Seams, StaticResolver,
+    CONNECT_CALL_LIMIT, Connector, HostConnector, HostResolver, LoopbackOnly, Resolver, Seams,
+    StaticResolver,
 };
 pub use stack::UserNetwork;
 pub use stack::tcp::{MAX_PENDING_HANDSHAKES, MAX_TCP_FLOWS};

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
 use std::sync::Arc;
+use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
 
@@ -17,6 +18,37 @@ pub trait Connector: Send + Sync {
     fn connect_tcp(&self, to: SocketAddr) -> io::Result<TcpStream>;
     /// A non-blocking UDP socket connected to `to`.
     fn connect_udp(&self, to: SocketAddr) -> io::Result<UdpSocket>;
+
+    /// Whether the VM's event loop may call this connector itself. `false` (the default): it
+    /// is called on the network's worker threads, off the event loop's
+    /// seccomp filter, and must return within [`CONNECT_CALL_LIMIT`] (the event loop waits for
+    /// it; a later answer fails the flow). `true` only for code that makes just the socket
+    /// calls of [`HostConnector`], which the event loop's filter allows.
+    fn runs_on_event_loop(&self) -> bool {
+        false
+    }
+}
+
+/// How long a VM's event loop waits for a [`Connector`] that runs on the network's worker
+/// threads.
+pub const CONNECT_CALL_LIMIT: Duration = Duration::from_secs(1);
+
+/// Opens a TCP socket to `to` through `connector`, on the event loop or on a worker.
+pub(crate) fn connect_tcp(connector: &Arc<dyn Connector>, to: SocketAddr) -> io::Result<TcpStream> {
+    if connector.runs_on_event_loop() {
+        return connector.connect_tcp(to);
+    }
+    let connector = connector.clone();
+    crate::outside::call(CONNECT_CALL_LIMIT, move || connector.connect_tcp(to))?
+}
+
+/// Opens a UDP socket to `to` through `connector`, on the event loop or on a worker.
+pub(crate) fn connect_udp(connector: &Arc<dyn Connector>, to: SocketAddr) -> io::Result<UdpSocket> {
+    if connector.runs_on_event_loop() {
+        return connector.connect_udp(to);
+    }
+    let connector = connector.clone();
+    crate::outside::call(CONNECT_CALL_LIMIT, move || connector.connect_udp(to))?
 }
 
 /// The real connector: ordinary host sockets.
@@ -41,6 +73,10 @@ impl Connector for HostConnector {
         socket.set_nonblocking(true)?;
         socket.connect(&to.into())?;
         Ok(socket.into())
+    }
+
+    fn runs_on_event_loop(&self) -> bool {
+        true
     }
 }
 
@@ -80,9 +116,14 @@ impl Connector for LoopbackOnly {
         Self::check(to)?;
         self.inner.connect_udp(to)
     }
+
+    fn runs_on_event_loop(&self) -> bool {
+        self.inner.runs_on_event_loop()
+    }
 }
 
-/// Resolves names for the DNS forwarder. Called on a worker thread (it may block); never called
+/// Resolves names for the DNS forwarder. Called on the network's worker threads
+/// (never on the event loop, so it may block and read files); never called
 /// with a name that parses as an IP address.
 pub trait Resolver: Send + Sync {
     /// The addresses of `name`; an empty list or `NotFound` when it has none.

@@ -47,7 +47,9 @@ fn the_gateway_is_the_hosts_loopback_only_when_allowed() {
     let denied = Arc::new(Mutex::new(Vec::new()));
     let seen = denied.clone();
     h.handle.on_denied(Box::new(move |flow| {
-        seen.lock().unwrap().push(flow.clone())
+        seen.lock()
+            .unwrap()
+            .push((flow.clone(), std::thread::current().id()))
     }));
 
     // The default policy denies loopback: the guest gets a reset, the connector is never asked.
@@ -58,11 +60,19 @@ fn the_gateway_is_the_hosts_loopback_only_when_allowed() {
     let stats = h.handle.stats();
     assert_eq!(stats.denied_total, 1);
     assert_eq!(stats.denied_by_reason.get(&DenyReason::Loopback), Some(&1));
+    // The callback runs soon after, on a worker thread: never on the thread running the
+    // network (the VM's event loop, under its seccomp filter).
+    let deadline = std::time::Instant::now() + LIMIT;
+    while denied.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let flows = denied.lock().unwrap().clone();
     assert_eq!(flows.len(), 1);
-    assert_eq!(flows[0].protocol, Protocol::Tcp);
-    assert_eq!(flows[0].destination, loopback(port));
-    assert_eq!(flows[0].reason, DenyReason::Loopback);
+    let (flow, thread) = &flows[0];
+    assert_ne!(*thread, std::thread::current().id());
+    assert_eq!(flow.protocol, Protocol::Tcp);
+    assert_eq!(flow.destination, loopback(port));
+    assert_eq!(flow.reason, DenyReason::Loopback);
 
     // Allowing 127.0.0.1/32 on the running network opens it.
     let allow: Cidr = "127.0.0.1/32".parse().unwrap();

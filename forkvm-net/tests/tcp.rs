@@ -196,13 +196,38 @@ fn handshakes_past_the_pending_cap_are_refused() {
     drop(listener);
 }
 
+/// A connector that is the embedder's code runs on the network's worker threads, not on the
+/// thread running the network (the VM's event loop, under its seccomp filter); a panic in it
+/// fails that flow only.
+#[test]
+fn an_embedders_connector_runs_off_the_event_loop_and_its_panic_fails_one_flow() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let internet = FakeInternet::new()
+        .map(public(80), loopback(port))
+        .panic_on(public(666));
+    let mut h = Harness::new(NetworkPolicy::public_internet(), internet);
+    let bad = h.connect(public(666));
+    assert!(h.run_until(LIMIT, |h| h.state(bad) == State::Closed));
+    let good = h.connect(public(80));
+    assert!(h.run_until(LIMIT, |h| h.state(good) == State::Established));
+    let (_accepted, _) = listener.accept().unwrap();
+    let stats = h.handle.stats();
+    assert!(!stats.down);
+    assert_eq!(stats.tcp_rejected, 1);
+    let threads = h.internet.threads.lock().unwrap().clone();
+    assert_eq!(threads.len(), 2);
+    assert!(threads.iter().all(|t| *t != std::thread::current().id()));
+}
+
 #[test]
 fn a_panic_inside_the_network_takes_only_this_network_down() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let internet = FakeInternet::new()
         .map(public(80), loopback(port))
-        .panic_on(public(666));
+        .panic_on(public(666))
+        .on_event_loop();
     let mut h = Harness::new(NetworkPolicy::public_internet(), internet);
     let good = h.connect(public(80));
     assert!(h.run_until(LIMIT, |h| h.state(good) == State::Established));

@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use forkvm_devices::virtio::net::{Net, NetBackend};
 pub use forkvm_net::{
-    Cidr, Connector, DeniedFlow, DenyReason, GuestConnection, HostConnector, HostResolver,
-    NetworkHandle, NetworkPolicy, NetworkStats, Protocol, Resolver, RuleTarget, Seams,
-    StaticResolver, Verdict,
+    CONNECT_CALL_LIMIT, Cidr, Connector, DeniedFlow, DenyReason, GuestConnection, HostConnector,
+    HostResolver, NetworkHandle, NetworkPolicy, NetworkStats, Protocol, Resolver, RuleTarget,
+    Seams, StaticResolver, Verdict,
 };
 
 use crate::error::{Error, setup_err};

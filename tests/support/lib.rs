@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use forkvm::{ConsoleBuffer, ConsoleOutput, GuestExit, VmBuilder};
 
+pub mod agent_server;
 pub mod host;
 pub mod report;
 pub use host::{MEMINFO, cpu_time, env_u64, load_average, mappings, meminfo};

@@ -1,5 +1,5 @@
 //! The DNS forwarder at the gateway's DNS address: parses the guest's query, answers from the
-//! VM's static hosts map or through the [`Resolver`] on a bounded set of worker threads, filters
+//! VM's static hosts map or through the [`Resolver`] on the network's worker threads, filters
 //! the answer through the policy, pins what it gave, and builds a new response. The guest never
 //! gets a byte-level path to the host's resolver.
 //!
@@ -14,7 +14,8 @@
 //! - a name in the hosts map: answered at once, unfiltered (the user wrote it);
 //! - a name the policy does not allow: NXDOMAIN ([`DnsStats::denied_names`]);
 //! - AAAA: NOERROR with no answers (the network is IPv4 only);
-//! - A: resolved on a worker thread, at most [`MAX_IN_FLIGHT`] at once (more: SERVFAIL at once).
+//! - A: resolved on a worker thread (never the event loop), at most [`MAX_IN_FLIGHT`] at once
+//!   (more: SERVFAIL at once).
 //!   When it comes back ([`DnsForwarder::take_answers`]): the name is checked again against the
 //!   policy of that moment; not found or no address → NXDOMAIN; a resolver error → SERVFAIL;
 //!   IPv6 addresses are left out (only IPv6 → NOERROR with no answers); addresses the rebinding
@@ -23,8 +24,8 @@
 //!   pinned for [`ANSWER_TTL`] and answered with that TTL.
 //!
 //! Answers copy the question and the id, set RA and copy RD, and carry no EDNS record (they fit
-//! in 512 bytes). A resolver that never returns keeps its thread and its slot; the forwarder never
-//! waits for it, and dropping the forwarder does not join its threads.
+//! in 512 bytes). A resolver that never returns keeps its worker and its slot; the forwarder never
+//! waits for it.
 
 use std::collections::HashMap;
 use std::io;
@@ -33,7 +34,6 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use simple_dns::rdata::{A, RData};
@@ -192,7 +192,7 @@ impl DnsForwarder {
                 None
             }
             Err(e) => {
-                log::warn!("DNS forwarder: cannot start a resolver thread: {e}");
+                log::warn!("DNS forwarder: cannot hand the name to a worker thread: {e}");
                 answer(&query, RCODE::ServerFailure, &[])
             }
         }
@@ -241,23 +241,22 @@ impl DnsForwarder {
         self.pending.len()
     }
 
-    /// Starts resolving `name` on a thread of its own; its result comes back with the token.
+    /// Starts resolving `name` on one of the network's worker threads (`outside.rs`); its
+    /// result comes back with the token.
     fn spawn(&mut self, name: String) -> io::Result<u64> {
         let token = self.next_token;
         self.next_token = self.next_token.wrapping_add(1);
         let resolver = Arc::clone(&self.resolver);
         let sender = self.sender.clone();
         let event = Arc::clone(&self.event);
-        thread::Builder::new()
-            .name("forkvm-dns".to_owned())
-            .spawn(move || {
-                let result = catch_unwind(AssertUnwindSafe(|| resolver.resolve(&name)))
-                    .unwrap_or_else(|_| Err(io::Error::other("the resolver panicked")));
-                // The forwarder may be gone: then nobody waits for this answer.
-                if sender.send((token, result)).is_ok() {
-                    let _ = event.write(1);
-                }
-            })?;
+        crate::outside::submit(move || {
+            let result = catch_unwind(AssertUnwindSafe(|| resolver.resolve(&name)))
+                .unwrap_or_else(|_| Err(io::Error::other("the resolver panicked")));
+            // The forwarder may be gone: then nobody waits for this answer.
+            if sender.send((token, result)).is_ok() {
+                let _ = event.write(1);
+            }
+        })?;
         Ok(token)
     }
 

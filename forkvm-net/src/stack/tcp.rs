@@ -235,7 +235,7 @@ impl Stack {
             self.stats.tcp_rejected += 1;
             return None;
         }
-        let stream = match self.connector.connect_tcp(target) {
+        let stream = match crate::seams::connect_tcp(&self.connector, target) {
             Ok(stream) => stream,
             Err(e) => {
                 log::debug!("forkvm-net: connect to {target}: {e}");

@@ -97,7 +97,7 @@ impl Stack {
         if self.udp.flows.len() >= MAX_UDP_FLOWS {
             return None;
         }
-        let socket = match self.connector.connect_udp(target) {
+        let socket = match crate::seams::connect_udp(&self.connector, target) {
             Ok(socket) => socket,
             Err(e) => {
                 log::debug!("forkvm-net: udp to {target}: {e}");

@@ -35,6 +35,10 @@ pub struct FakeInternet {
     pub refused: Mutex<Vec<SocketAddr>>,
     /// A destination whose connect panics (a broken connector, to test containment).
     panic_on: Option<SocketAddr>,
+    /// Whether it says it may run on the event loop (as forkvm's own connector does).
+    on_event_loop: bool,
+    /// The threads connects ran on.
+    pub threads: Mutex<Vec<std::thread::ThreadId>>,
 }
 
 impl FakeInternet {
@@ -55,8 +59,19 @@ impl FakeInternet {
         self
     }
 
+    /// Says it may run on the event loop, as forkvm's own connector does (so that a panic in it
+    /// is a panic inside the network).
+    pub fn on_event_loop(mut self) -> Self {
+        self.on_event_loop = true;
+        self
+    }
+
     fn route(&self, to: SocketAddr) -> io::Result<SocketAddr> {
         self.calls.lock().unwrap().push(to);
+        self.threads
+            .lock()
+            .unwrap()
+            .push(std::thread::current().id());
         if self.panic_on == Some(to) {
             panic!("the fake connector panics on {to} (on purpose)");
         }
@@ -103,6 +118,10 @@ impl Connector for FakeInternet {
         socket.set_nonblocking(true)?;
         socket.connect(real)?;
         Ok(socket)
+    }
+
+    fn runs_on_event_loop(&self) -> bool {
+        self.on_event_loop
     }
 }
 

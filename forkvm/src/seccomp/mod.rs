@@ -176,6 +176,7 @@ fn compile(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProgram, Secc
         .try_into()
         .map_err(|e: seccompiler::BackendError| err(&e))?;
     trap::tag(&mut program, kind);
+    program.splice(0..0, rules::spawn_guard(kind));
     Ok(program)
 }
 

@@ -6,7 +6,9 @@
 
 use std::collections::BTreeMap;
 
-use seccompiler::{BackendError, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
+use seccompiler::{
+    BackendError, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule, sock_filter,
+};
 
 use super::ThreadKind;
 
@@ -49,10 +51,10 @@ const BASE: &[i64] = &[
     libc::SYS_getrandom,
 ];
 
-/// Starting a thread (std and glibc), and the filter a new forkvm thread installs.
+/// Starting a thread (std and glibc), and the filter a new forkvm thread installs. `clone` only
+/// for threads, and `clone3` never: [`spawn_guard`] decides those before the list.
 const SPAWN: &[i64] = &[
     libc::SYS_clone,
-    libc::SYS_clone3,
     libc::SYS_set_robust_list,
     libc::SYS_rseq,
     libc::SYS_sched_getaffinity,
@@ -102,9 +104,6 @@ const EVENT_LOOP: &[i64] = &[
     libc::SYS_recvmsg,
     libc::SYS_sendmmsg,
     libc::SYS_recvmmsg,
-    // The DNS resolver threads (glibc's getaddrinfo reads its configuration files).
-    libc::SYS_newfstatat,
-    libc::SYS_uname,
 ];
 
 /// The thread preparing children: KVM VMs and vCPUs over memory files, overlay files.
@@ -142,6 +141,10 @@ pub(super) fn allowlist(kind: ThreadKind) -> Result<Rules, BackendError> {
             vcpu(&mut rules)?;
             event_loop(&mut rules)?;
             allow(&mut rules, PREPARE);
+            // It starts the spare threads of children, which install their own filters.
+            allow(&mut rules, SPAWN);
+            no_new_privs(&mut rules)?;
+            set_name(&mut rules)?;
         }
         ThreadKind::Reaper => {
             allow(&mut rules, REAPER);
@@ -174,23 +177,9 @@ fn vcpu(rules: &mut Rules) -> Result<(), BackendError> {
 fn event_loop(rules: &mut Rules) -> Result<(), BackendError> {
     vcpu(rules)?;
     allow(rules, EVENT_LOOP);
-    allow(rules, SPAWN);
-    no_new_privs(rules)?;
-    set_name(rules)?;
     for request in [libc::FIONBIO, libc::FIONREAD, libc::FIOCLEX] {
         allow_if(rules, libc::SYS_ioctl, vec![arg_eq(1, request)?])?;
     }
-    // The resolver's configuration files (/etc/hosts, /etc/resolv.conf, ...): read-only opens.
-    let read_only = SeccompCondition::new(
-        2,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::MaskedEq(
-            (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND | libc::O_TMPFILE)
-                as u64,
-        ),
-        libc::O_RDONLY as u64,
-    )?;
-    allow_if(rules, libc::SYS_openat, vec![read_only])?;
     // A disk's overlay file, made at the guest's first write after a fork (or ahead of it, by
     // the thread preparing children): unnamed temporary files only (`O_TMPFILE`).
     let tmpfile = SeccompCondition::new(
@@ -200,6 +189,58 @@ fn event_loop(rules: &mut Rules) -> Result<(), BackendError> {
         libc::O_TMPFILE as u64,
     )?;
     allow_if(rules, libc::SYS_openat, vec![tmpfile])
+}
+
+/// Instructions put before a filter's program: `clone3` fails with `ENOSYS` (glibc then uses
+/// `clone`, whose flags a filter can see), and `fork`, `vfork` and a `clone` that makes a process
+/// (not a thread, or on a thread that may not start threads) fail with `EPERM`.
+///
+/// Why not the trap: glibc blocks every signal around `clone` (`pthread_create`), and the
+/// kernel kills the process on a trap while `SIGSYS` is blocked. So these are refused without
+/// the trap, and not counted.
+pub(super) fn spawn_guard(kind: ThreadKind) -> Vec<sock_filter> {
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const JSET_K: u16 = 0x45;
+    const RET_K: u16 = 0x06;
+    // `struct seccomp_data`: the call's number, and the low half of its first argument.
+    const NR: u32 = 0;
+    const ARG0_LOW: u32 = 16;
+    let op = |code, k| sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jump = |code, k, jt, jf| sock_filter { code, jt, jf, k };
+    let nr = |call: i64| call as u32;
+    let errno = |e: i32| libc::SECCOMP_RET_ERRNO | e as u32;
+    let may_spawn = matches!(kind, ThreadKind::Prepare | ThreadKind::Reaper);
+    let mut guard = vec![
+        op(LD_W_ABS, NR),
+        jump(JEQ_K, nr(libc::SYS_clone3), 0, 1),
+        op(RET_K, errno(libc::ENOSYS)),
+    ];
+    if may_spawn {
+        // 3: fork and vfork to the EPERM at 8; clone to 6; anything else past the guard (9).
+        guard.extend([
+            jump(JEQ_K, nr(libc::SYS_fork), 4, 0),
+            jump(JEQ_K, nr(libc::SYS_vfork), 3, 0),
+            jump(JEQ_K, nr(libc::SYS_clone), 0, 3),
+            op(LD_W_ABS, ARG0_LOW),
+            jump(JSET_K, libc::CLONE_THREAD as u32, 1, 0),
+            op(RET_K, errno(libc::EPERM)),
+        ]);
+    } else {
+        // 3: fork, vfork and clone to the EPERM at 6; anything else past the guard (7).
+        guard.extend([
+            jump(JEQ_K, nr(libc::SYS_fork), 2, 0),
+            jump(JEQ_K, nr(libc::SYS_vfork), 1, 0),
+            jump(JEQ_K, nr(libc::SYS_clone), 0, 1),
+            op(RET_K, errno(libc::EPERM)),
+        ]);
+    }
+    guard
 }
 
 /// Every KVM ioctl (type `KVMIO`) on the KVM fds the thread holds.

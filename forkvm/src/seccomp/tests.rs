@@ -95,6 +95,51 @@ fn each_kind_denies_exec_and_new_files_with_eperm_and_counts_them() {
     }
 }
 
+/// The threads that face the guest (vCPU, event loop) neither read files nor start threads:
+/// what the user-mode network needs for those (name resolution, embedder code) runs on its own
+/// unfiltered workers. The thread preparing children and the reaper still start threads; no
+/// kind starts a process. A refused thread start fails (glibc blocks signals around it, so a
+/// trap there would kill the process).
+#[test]
+fn vcpu_and_event_loop_threads_read_no_files_and_start_no_threads() {
+    for kind in ThreadKind::ALL {
+        let (read, spawned, forked) = std::thread::spawn(move || {
+            enter(kind, SeccompPolicy::Deny, None).unwrap();
+            // SAFETY: NUL-terminated path; a returned fd is closed at once.
+            let fd = unsafe { libc::open(c"/proc/self/status".as_ptr(), libc::O_RDONLY) };
+            let read = if fd >= 0 {
+                // SAFETY: just opened here.
+                unsafe { libc::close(fd) };
+                0
+            } else {
+                std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+            };
+            let spawned = std::thread::Builder::new()
+                .spawn(|| ())
+                .map(|thread| thread.join().is_ok())
+                .unwrap_or(false);
+            // SAFETY: a child, if one is made, ends at once without running anything.
+            let forked = match unsafe { libc::fork() } {
+                // SAFETY: the child (if the filter let it be made) ends here.
+                0 => unsafe { libc::_exit(0) },
+                -1 => std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+                child => {
+                    // SAFETY: waits for the child just made.
+                    unsafe { libc::waitpid(child, std::ptr::null_mut(), 0) };
+                    0
+                }
+            };
+            (read, spawned, forked)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(read, libc::EPERM, "{kind:?} opened a file to read");
+        assert_eq!(forked, libc::EPERM, "{kind:?} made a process");
+        let may_spawn = matches!(kind, ThreadKind::Prepare | ThreadKind::Reaper);
+        assert_eq!(spawned, may_spawn, "{kind:?} starting a thread");
+    }
+}
+
 /// Without a filter (and on the embedder's threads) the same calls reach the kernel.
 #[test]
 fn without_a_filter_the_calls_reach_the_kernel() {
@@ -121,8 +166,11 @@ fn kill_policies_kill_and_off_installs_nothing() {
             .collect::<Vec<_>>()
     };
     let deny = returns(SeccompPolicy::Deny);
+    // Allow, forkvm's tagged trap, or the spawn guard's errno (`rules::spawn_guard`).
     assert!(deny.iter().all(|&k| k == libc::SECCOMP_RET_ALLOW
-        || k & 0xffff_0000 == libc::SECCOMP_RET_TRAP && k & 0xfff0 == 0xf0c0));
+        || k & 0xffff_0000 == libc::SECCOMP_RET_TRAP && k & 0xfff0 == 0xf0c0
+        || k == libc::SECCOMP_RET_ERRNO | libc::EPERM as u32
+        || k == libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32));
     let kill = returns(SeccompPolicy::KillProcess);
     assert!(kill.contains(&libc::SECCOMP_RET_KILL_PROCESS));
     assert!(

@@ -172,10 +172,10 @@ fn chain(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_
     }
 }
 
-/// Writes "forkvm seccomp: denied syscall N on a KIND thread (rdi, rsi)" to standard error
-/// without allocating.
+/// Writes "forkvm seccomp: denied syscall N on a KIND thread (rdi, rsi)" (and the path, for
+/// `openat`) to standard error without allocating.
 fn trace(kind: usize, syscall: i32, args: [i64; 2]) {
-    let mut line = [0u8; 160];
+    let mut line = [0u8; 240];
     let mut len = 0;
     let mut put = |bytes: &[u8]| {
         let n = bytes.len().min(line.len() - len);
@@ -191,7 +191,22 @@ fn trace(kind: usize, syscall: i32, args: [i64; 2]) {
     put(&decimal(args[0]));
     put(b", ");
     put(&decimal(args[1]));
-    put(b")\n");
+    put(b")");
+    if i64::from(syscall) == libc::SYS_openat && args[1] != 0 {
+        // The path the thread passed to the call it just made (so readable), up to 64 bytes.
+        put(b" path ");
+        let path = args[1] as *const u8;
+        for i in 0..64 {
+            // SAFETY: `path` is the NUL-terminated string this thread passed to `openat`;
+            // reading stops at its NUL (or after 64 bytes).
+            let byte = unsafe { path.add(i).read() };
+            if byte == 0 {
+                break;
+            }
+            put(&[byte]);
+        }
+    }
+    put(b"\n");
     // SAFETY: writes `len` initialized bytes of `line` to fd 2; a failure is ignored.
     unsafe { libc::write(2, line.as_ptr().cast(), len) };
 }

@@ -1,6 +1,6 @@
 //! The real guest agent's server run in this process over Unix socket pairs, with its privileged
-//! calls recorded instead of made, and a client connected to it: for the agent tests
-//! (`agent.rs`) and the memory test that needs a process of its own (`agent_memory.rs`).
+//! calls recorded instead of made (this host's RNG and clock are left alone), and a client
+//! connected to it: for the agent tests (`agent.rs`, `agent_memory.rs`) and the agent bench.
 
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
