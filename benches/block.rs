@@ -7,15 +7,21 @@
 //! `virtio_blk_forked_child` reads the same offsets from a child of a fork of the (writable)
 //! image, through its copy-on-write layers: a quarter of the reads from its own overlay, a
 //! quarter from what the parent preserved before overwriting it, half from the image.
+//!
+//! Then the hardening's costs (issue 15), each device on a thread of its own, in alternating
+//! rounds: a rate limit that never binds (1 TiB/s, 2^30 requests/s) against none, and the
+//! event loop's seccomp filter on the thread serving the device against none.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use forkvm::{Bucket, RateLimit, ThreadKind};
 use forkvm_devices::virtio::block::{Block, SECTOR_SIZE};
 use forkvm_devices::virtio::test_driver::{BUF, Driver};
 use forkvm_tests::TempFile;
+use forkvm_tests::rounds::{Worker, compare};
 use vm_memory::{Bytes, GuestAddress};
 
 const IMAGE_SIZE: u64 = 64 << 20;
@@ -115,7 +121,57 @@ fn bench_block(c: &mut Criterion) {
             per_request(forked),
             pread.as_secs_f64() / forked.as_secs_f64()
         );
+        overheads(image.path(), &offsets);
     }
+}
+
+/// A rate limit that never binds here (1 TiB/s and 2^30 requests/s), so that only its
+/// bookkeeping is measured.
+fn unbinding_limit() -> RateLimit {
+    RateLimit {
+        bytes: Some(Bucket::new(1 << 40, Duration::from_secs(1))),
+        ops: Some(Bucket::new(1 << 30, Duration::from_secs(1))),
+    }
+}
+
+/// The costs of a rate limit and of the seccomp filter on the read path (see the module docs).
+fn overheads(image: &std::path::Path, offsets: &[u64]) {
+    let reader = |limit: Option<RateLimit>| {
+        let mut driver = Driver::new(Box::new(Block::open(image, true, false, "bench").unwrap()));
+        driver.start_with(1 << 5); // VIRTIO_BLK_F_RO
+        if let Some(limit) = limit {
+            driver.transport.set_rate_limit(limit).unwrap();
+        }
+        prepare_reads(&mut driver, offsets);
+        driver
+    };
+    let worker = |mut driver: Driver, filtered: bool| {
+        let enter = move || {
+            if filtered {
+                forkvm::filter_this_thread_for_bench(ThreadKind::EventLoop).unwrap();
+            }
+        };
+        Worker::spawn(enter, move || read_batch(&mut driver))
+    };
+    let rounds = forkvm_tests::env_u64("FORKVM_BENCH_ROUNDS", 201).max(21) as usize;
+    let plain = worker(reader(None), false);
+    let limited = worker(reader(Some(unbinding_limit())), false);
+    compare(
+        "block_4k_qd32_rate_limit",
+        ("none", &plain),
+        ("unbinding", &limited),
+        rounds,
+        200,
+    );
+    drop(limited);
+    let filtered = worker(reader(None), true);
+    compare(
+        "block_4k_qd32_seccomp",
+        ("off", &plain),
+        ("event_loop_filter", &filtered),
+        rounds,
+        200,
+    );
 }
 
 /// Writes each request's header (a read of 4 KiB at its offset) and chain once; each batch only

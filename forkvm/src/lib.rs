@@ -59,6 +59,9 @@ pub use memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB, MemoryError};
 pub use network::{Network, NetworkHandle, NetworkPolicy};
 pub use phases::take_phase_timings;
 pub use reaper::{pending_releases, wait_for_releases};
+#[cfg(feature = "bench-utils")]
+#[doc(hidden)]
+pub use seccomp::filter_this_thread_for_bench;
 pub use seccomp::{
     SeccompDenials, SeccompError, SeccompPolicy, ThreadKind, seccomp_denials, seccomp_policy,
     set_seccomp_policy,

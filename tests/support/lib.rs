@@ -11,6 +11,7 @@ use forkvm::{ConsoleBuffer, ConsoleOutput, GuestExit, VmBuilder};
 pub mod agent_server;
 pub mod host;
 pub mod report;
+pub mod rounds;
 pub use host::{MEMINFO, cpu_time, env_u64, load_average, mappings, meminfo};
 pub use report::{print_percentiles, print_percentiles_ns, record_series, sample_count};
 

@@ -180,6 +180,16 @@ fn compile(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProgram, Secc
     Ok(program)
 }
 
+/// Puts the calling thread under the filter forkvm gives its threads of `kind` (policy
+/// [`SeccompPolicy::Deny`]), for `benches/`: they drive device models on a thread of their own
+/// and measure what the filter costs them. The thread stays filtered; not for embedders.
+#[cfg(feature = "bench-utils")]
+#[doc(hidden)]
+pub fn filter_this_thread_for_bench(kind: ThreadKind) -> Result<(), SeccompError> {
+    prepare(SeccompPolicy::Deny)?;
+    enter(kind, SeccompPolicy::Deny, None)
+}
+
 /// Readies `policy` for threads about to start, on the calling (unfiltered) thread: compiles
 /// every kind's filter and, for [`SeccompPolicy::Deny`], installs the SIGSYS handler. A VM
 /// build calls this, so that its threads only install what is ready.
