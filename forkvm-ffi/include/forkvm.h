@@ -909,6 +909,17 @@ enum forkvm_status forkvm_vm_set_rate_limit(const struct forkvm_vm *vm,
                                             size_t device,
                                             const struct forkvm_rate_limit *limit);
 
+// Replaces the limit on what virtio device `device` pushes to the guest on its own — frames
+// for a network device, host data for a vsock device — while the VM runs or before it starts
+// (`forkvm::Vm::set_rx_rate_limit`), independently of `forkvm_vm_set_rate_limit`: its buckets
+// start full; NULL lifts the limit. Data beyond it waits on the host side (nothing is dropped).
+// Fork children and snapshots keep it. `FORKVM_ERR_NO_DEVICE` for an index out of range,
+// `FORKVM_ERR_INVALID_ARGUMENT` for a device without a receive direction (block, console,
+// entropy, balloon) or a bucket with a size but no refill time.
+enum forkvm_status forkvm_vm_set_rx_rate_limit(const struct forkvm_vm *vm,
+                                               size_t device,
+                                               const struct forkvm_rate_limit *limit);
+
 // The VM's virtio devices: sets `*count` to how many there are and copies up to `capacity`
 // of them into `devices` (NULL when `capacity` is 0); `FORKVM_ERR_BUFFER_TOO_SMALL` if
 // `capacity < *count`.

@@ -399,6 +399,31 @@ pub unsafe extern "C" fn forkvm_vm_set_rate_limit(
     })
 }
 
+/// Replaces the limit on what virtio device `device` pushes to the guest on its own — frames
+/// for a network device, host data for a vsock device — while the VM runs or before it starts
+/// (`forkvm::Vm::set_rx_rate_limit`), independently of `forkvm_vm_set_rate_limit`: its buckets
+/// start full; NULL lifts the limit. Data beyond it waits on the host side (nothing is dropped).
+/// Fork children and snapshots keep it. `FORKVM_ERR_NO_DEVICE` for an index out of range,
+/// `FORKVM_ERR_INVALID_ARGUMENT` for a device without a receive direction (block, console,
+/// entropy, balloon) or a bucket with a size but no refill time.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn forkvm_vm_set_rx_rate_limit(
+    vm: *const forkvm_vm,
+    device: usize,
+    limit: *const forkvm_rate_limit,
+) -> forkvm_status {
+    ffi(|| {
+        // SAFETY: NULL or a valid `forkvm_rate_limit` for the call.
+        let limit = unsafe { limit.as_ref() }.copied().unwrap_or_default();
+        let limit = forkvm::RateLimit {
+            bytes: bucket(limit.bytes),
+            ops: bucket(limit.ops),
+        };
+        VMS.get(vm)?.set_rx_rate_limit(device, limit)?;
+        Ok(())
+    })
+}
+
 /// One of a VM's virtio devices (`forkvm::DeviceInfo`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]

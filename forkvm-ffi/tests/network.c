@@ -109,8 +109,17 @@ int main(void)
     size_t count;
     OK(forkvm_vm_devices(vm, devices, 8, &count));
     int nets = 0;
-    for (size_t i = 0; i < count; i++)
-        nets += devices[i].device_type == 1;
+    for (size_t i = 0; i < count; i++) {
+        if (devices[i].device_type != 1)
+            continue;
+        nets++;
+        /* What the guest receives can be limited, apart from what it sends, and lifted. */
+        forkvm_rate_limit rx = { .bytes = { .size = 1 << 20, .refill_ms = 1000 } };
+        OK(forkvm_vm_set_rx_rate_limit(vm, i, &rx));
+        rx.ops = (forkvm_bucket){ .size = 10, .refill_ms = 0 };
+        EXPECT(FORKVM_ERR_INVALID_ARGUMENT, forkvm_vm_set_rx_rate_limit(vm, i, &rx));
+        OK(forkvm_vm_set_rx_rate_limit(vm, i, NULL));
+    }
     CHECK(nets == 1);
 
     /* Publish on 127.0.0.1:0: the bound port accepts connects until it is unpublished. */

@@ -149,6 +149,7 @@ pub struct VsockConfig {
     cid: u64,
     uds_path: Option<PathBuf>,
     rate_limit: RateLimit,
+    rx_rate_limit: RateLimit,
 }
 
 impl VsockConfig {
@@ -159,6 +160,7 @@ impl VsockConfig {
             cid,
             uds_path: None,
             rate_limit: RateLimit::unlimited(),
+            rx_rate_limit: RateLimit::unlimited(),
         }
     }
 
@@ -166,6 +168,15 @@ impl VsockConfig {
     /// default; [`Vm::set_rate_limit`] changes it while the VM runs.
     pub fn rate_limit(mut self, limit: RateLimit) -> Self {
         self.rate_limit = limit;
+        self
+    }
+
+    /// Limits what host programs send the guest (data packets, header and payload, and their
+    /// count; see [`RateLimit`]), independently of [`Self::rate_limit`]. Data beyond it stays in
+    /// the host sockets, so their writers block or slow down; nothing is dropped. None by
+    /// default; [`Vm::set_rx_rate_limit`] changes it while the VM runs.
+    pub fn rx_rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rx_rate_limit = limit;
         self
     }
 
@@ -182,7 +193,9 @@ impl VsockConfig {
     fn create(self) -> Result<(VirtioDeviceSpec, VsockConnector), Error> {
         let device = VsockDevice::new(self.cid, self.uds_path.as_deref())?;
         let connector = device.connector();
-        let spec = VirtioDeviceSpec::new(Box::new(device)).with_rate_limit(self.rate_limit);
+        let spec = VirtioDeviceSpec::new(Box::new(device))
+            .with_rate_limit(self.rate_limit)
+            .with_rx_rate_limit(self.rx_rate_limit);
         Ok((spec, connector))
     }
 }

@@ -32,6 +32,7 @@ pub struct Network {
     seams: Seams,
     kernel_dhcp: bool,
     rate_limit: forkvm_devices::virtio::rate_limit::RateLimit,
+    rx_rate_limit: forkvm_devices::virtio::rate_limit::RateLimit,
 }
 
 impl Default for Network {
@@ -51,6 +52,7 @@ impl Network {
             seams: Seams::host(),
             kernel_dhcp: true,
             rate_limit: Default::default(),
+            rx_rate_limit: Default::default(),
         }
     }
 
@@ -143,6 +145,16 @@ impl Network {
         self
     }
 
+    /// Limits what the guest receives (frames delivered into its receive queue and their
+    /// bytes; see [`crate::RateLimit`]), independently of [`Self::rate_limit`]. Frames beyond it
+    /// wait in the network's queues as for a guest that posts no receive buffers, so TCP
+    /// senders slow down. None by default; [`crate::Vm::set_rx_rate_limit`] changes it while the
+    /// VM runs; a fork child keeps it.
+    pub fn rx_rate_limit(mut self, limit: crate::RateLimit) -> Self {
+        self.rx_rate_limit = limit;
+        self
+    }
+
     /// The command-line switch for the guest kernel, if forkvm adds one.
     pub(crate) fn cmdline(&self, user_cmdline: &str) -> Option<&'static str> {
         let named = user_cmdline
@@ -220,7 +232,9 @@ impl Network {
     pub(crate) fn create(&self) -> Result<(VirtioDeviceSpec, Option<NetworkHandle>), Error> {
         let (backend, handle) = self.backend(&[], None)?;
         let device = Net::new(self.addresses.guest_mac, backend);
-        let spec = VirtioDeviceSpec::new(Box::new(device)).with_rate_limit(self.rate_limit);
+        let spec = VirtioDeviceSpec::new(Box::new(device))
+            .with_rate_limit(self.rate_limit)
+            .with_rx_rate_limit(self.rx_rate_limit);
         Ok((spec, handle))
     }
 }

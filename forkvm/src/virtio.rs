@@ -42,6 +42,9 @@ pub struct VirtioDeviceSpec {
     pub device: Box<dyn VirtioDevice>,
     /// Its rate limit (a continued device keeps the one it was frozen with instead).
     pub rate_limit: RateLimit,
+    /// Its limit on what it pushes to the guest (net and vsock only; likewise kept by a
+    /// continued device).
+    pub rx_rate_limit: RateLimit,
 }
 
 impl VirtioDeviceSpec {
@@ -50,12 +53,20 @@ impl VirtioDeviceSpec {
         Self {
             device,
             rate_limit: RateLimit::unlimited(),
+            rx_rate_limit: RateLimit::unlimited(),
         }
     }
 
     /// The same device, limited by `limit`.
     pub fn with_rate_limit(mut self, limit: RateLimit) -> Self {
         self.rate_limit = limit;
+        self
+    }
+
+    /// The same device, its receive direction limited by `limit` (attaching a device without
+    /// one fails unless `limit` is unlimited).
+    pub fn with_rx_rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rx_rate_limit = limit;
         self
     }
 }
@@ -150,6 +161,9 @@ pub struct DeviceInfo {
     pub status: u32,
     /// Its rate limit (see [`crate::Vm::set_rate_limit`]).
     pub rate_limit: RateLimit,
+    /// Its limit on what it pushes to the guest (see [`crate::Vm::set_rx_rate_limit`]); `None`
+    /// for a device without a receive direction (only net and vsock have one).
+    pub rx_rate_limit: Option<RateLimit>,
 }
 
 /// Virtio devices with their windows and IRQs chosen, not yet attached to a VM.
@@ -260,7 +274,12 @@ impl Placed {
         memory: &GuestMemoryMmap,
     ) -> Result<AttachedDevice, Error> {
         let Placed {
-            spec: VirtioDeviceSpec { device, rate_limit },
+            spec:
+                VirtioDeviceSpec {
+                    device,
+                    rate_limit,
+                    rx_rate_limit,
+                },
             base,
             irq,
             transport,
@@ -278,6 +297,10 @@ impl Placed {
             None => MmioTransport::new(device, memory.clone(), interrupt).and_then(|mut t| {
                 t.set_rate_limit(rate_limit)
                     .map_err(std::io::Error::other)?;
+                if !rx_rate_limit.is_unlimited() {
+                    t.set_rx_rate_limit(rx_rate_limit)
+                        .map_err(std::io::Error::other)?;
+                }
                 Ok(t)
             }),
         }
@@ -321,6 +344,7 @@ impl AttachedDevice {
             irq: self.irq,
             status: transport.status(),
             rate_limit: transport.rate_limit(),
+            rx_rate_limit: transport.rx_rate_limit(),
         }
     }
 
@@ -328,6 +352,13 @@ impl AttachedDevice {
     pub(crate) fn set_rate_limit(&self, limit: RateLimit) -> Result<(), Error> {
         self.lock()
             .set_rate_limit(limit)
+            .map_err(Error::InvalidRateLimit)
+    }
+
+    /// Replaces the limit on what the device pushes to the guest (its buckets start full).
+    pub(crate) fn set_rx_rate_limit(&self, limit: RateLimit) -> Result<(), Error> {
+        self.lock()
+            .set_rx_rate_limit(limit)
             .map_err(Error::InvalidRateLimit)
     }
 

@@ -126,10 +126,16 @@ impl Budget {
     /// A budget that never runs out, for paths whose work the host bounds rather than the
     /// guest (frames or socket data waiting for the guest's receive buffers).
     pub fn unlimited() -> Self {
+        Self::unlimited_within(Allowance::default())
+    }
+
+    /// A budget bounded only by what a rate limiter allows: for what the host pushes to the
+    /// guest (the receive direction's limit), whose work the host bounds.
+    pub fn unlimited_within(allowance: Allowance) -> Self {
         Self {
             descriptors: Cell::new(usize::MAX),
             bytes: Cell::new(usize::MAX),
-            ..Self::per_turn()
+            ..Self::within(allowance)
         }
     }
 

@@ -167,7 +167,9 @@ pub trait VirtioDevice: Send {
     /// `queues`; a queue the driver did not make ready yields no chains. The device takes
     /// chains through [`chains::next_chain`] (or [`serve_queue`]) with `budget`, and charges it
     /// the bytes it moves; when the budget runs out the transport calls again on the event
-    /// loop's next turn.
+    /// loop's next turn. What the device pushes into its receive queue on the way (host data
+    /// the guest's new buffers can now take) counts against `rx` instead (see
+    /// [`Self::has_receive_direction`]).
     fn process_queue(
         &mut self,
         index: usize,
@@ -175,7 +177,17 @@ pub trait VirtioDevice: Send {
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
         budget: &Budget,
+        rx: &Budget,
     ) -> Result<(), DeviceError>;
+    /// Whether the device delivers host data to the guest on its own (frames, socket data):
+    /// then the transport's receive rate limit applies to it. Such a device charges each
+    /// packet it delivers to the `rx` budget it is given (an operation, and its bytes); when
+    /// `rx` is spent it stops delivering, leaves the data where it is (a host socket, the
+    /// backend's queue), and calls [`Budget::leave_more`]: the transport then calls
+    /// [`Self::process_host_event`] again once tokens are back.
+    fn has_receive_direction(&self) -> bool {
+        false
+    }
     /// An fd that becomes readable when the host side has work for the device (a socket that
     /// connected or has data, a request from the VM handle); the event loop watches it and then
     /// calls [`Self::process_host_event`].
@@ -185,13 +197,15 @@ pub trait VirtioDevice: Send {
     /// Does the host-side work announced by [`Self::host_event`]. `queues` is empty while the
     /// device is not live: the device must still consume the event (or stop watching its
     /// source), so that the event loop does not spin, and keep what it owes the guest for later.
+    /// What it delivers to the guest counts against `rx` ([`Self::has_receive_direction`]).
     fn process_host_event(
         &mut self,
         queues: &mut [Queue],
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
+        rx: &Budget,
     ) -> Result<(), DeviceError> {
-        let _ = (queues, memory, interrupt);
+        let _ = (queues, memory, interrupt, rx);
         Ok(())
     }
     /// Returns to the state before the driver's first access (the transport resets the queues).

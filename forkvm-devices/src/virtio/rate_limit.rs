@@ -34,6 +34,10 @@ pub enum RateLimitError {
     /// A bucket refilled in no time limits nothing.
     #[error("a rate-limit bucket needs a refill time above 0")]
     ZeroRefill,
+    /// A receive limit for a device that pushes nothing to the guest on its own (only
+    /// virtio-net and virtio-vsock do).
+    #[error("the device has no receive direction to limit")]
+    NoReceiveDirection,
 }
 
 /// One token bucket: `size` tokens, refilled from empty in `refill_time` (so `size /

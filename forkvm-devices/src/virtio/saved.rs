@@ -72,12 +72,21 @@ pub struct VirtioStateCheck<'a> {
 }
 
 impl VirtioState {
-    /// Checks a state read back from a snapshot: its transport's registers and queues, and the
-    /// device's own state (`check`).
+    /// Checks a state read back from a snapshot: its transport's registers, queues and rate
+    /// limits (a receive limit only on a device with a receive direction), and the device's own
+    /// state (`check`).
     pub fn check_saved(&self, check: &VirtioStateCheck<'_>) -> Result<(), SavedStateError> {
         self.transport
             .check_saved(check.in_ram)
             .map_err(|e| e.under("transport"))?;
+        let receives = matches!(self.device, DeviceState::Net(_) | DeviceState::Vsock(_));
+        if !receives && !self.transport.rx_rate_limit().is_unlimited() {
+            return Err(SavedStateError::new(
+                "transport.rx_rate_limit",
+                format_args!("{:?}", self.transport.rx_rate_limit()),
+                "a receive limit on a device without a receive direction",
+            ));
+        }
         self.device
             .check_saved(check)
             .map_err(|e| e.under("device"))

@@ -264,7 +264,7 @@ mod tests {
         let spinning: Value = serde_json::from_str(SEEDS[0]).unwrap();
         let virtio: Value = serde_json::from_str(SEEDS[1]).unwrap();
         type Tamper = fn(&mut Value);
-        let cases: [(&Value, &str, Tamper); 10] = [
+        let cases: [(&Value, &str, Tamper); 12] = [
             (&spinning, "format", |s| s["format"] = 1.into()),
             (&spinning, "memory_size", |s| s["memory_size"] = 0.into()),
             (&spinning, "vcpus", |s| {
@@ -302,6 +302,21 @@ mod tests {
                         vec![0u8; (64 << 10) + 1].into()
                 },
             ),
+            // The console pushes nothing to the guest on its own: no receive limit.
+            (&virtio, "devices[1].state.transport.rx_rate_limit", |s| {
+                s["devices"][1]["state"]["transport"]["rx_rate_limit"] = json!({
+                    "bytes": { "size": 1, "one_time_burst": 0,
+                        "refill_time": { "secs": 1, "nanos": 0 } },
+                    "ops": null
+                })
+            }),
+            (&virtio, "devices[2].state.transport.rx_rate_limit", |s| {
+                s["devices"][2]["state"]["transport"]["rx_rate_limit"] = json!({
+                    "bytes": null,
+                    "ops": { "size": 0, "one_time_burst": 0,
+                        "refill_time": { "secs": 1, "nanos": 0 } }
+                })
+            }),
             (&virtio, "devices[2].state.device.Vsock.cid", |s| {
                 s["devices"][2]["state"]["device"]["Vsock"]["cid"] = 2.into()
             }),

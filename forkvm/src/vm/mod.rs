@@ -358,7 +358,7 @@ impl Vm {
         self.state.on_exit(Box::new(hook));
     }
 
-    /// The VM's virtio devices: type, window, IRQ, driver status and rate limit.
+    /// The VM's virtio devices: type, window, IRQ, driver status and rate limits.
     pub fn devices(&self) -> Vec<DeviceInfo> {
         self.devices.iter().map(AttachedDevice::info).collect()
     }
@@ -372,6 +372,20 @@ impl Vm {
             .get(device)
             .ok_or(Error::NoSuchDevice(device))?
             .set_rate_limit(limit)
+    }
+
+    /// Replaces the limit on what virtio device `device` (an index into [`Vm::devices`]) pushes
+    /// to the guest on its own — frames for a network device, host data for a vsock device —
+    /// while the VM runs: its buckets start full, and data held back for tokens is delivered
+    /// on the event loop's next turn if the new limit allows. Independent of
+    /// [`Vm::set_rate_limit`]; fork children and snapshots take it. Fails with
+    /// [`RateLimitError::NoReceiveDirection`](crate::RateLimitError::NoReceiveDirection) for
+    /// a device without a receive direction (block, console, entropy, balloon).
+    pub fn set_rx_rate_limit(&self, device: usize, limit: crate::RateLimit) -> Result<(), Error> {
+        self.devices
+            .get(device)
+            .ok_or(Error::NoSuchDevice(device))?
+            .set_rx_rate_limit(limit)
     }
 
     /// Opens a stream to `port` in the guest through the vsock device, in-process (no file

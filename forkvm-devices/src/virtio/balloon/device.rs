@@ -439,6 +439,7 @@ impl VirtioDevice for Balloon {
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
         budget: &Budget,
+        _rx: &Budget,
     ) -> Result<(), DeviceError> {
         let (Some(role), Some(queue)) = (self.roles.get(index).copied(), queues.get_mut(index))
         else {
@@ -468,6 +469,7 @@ impl VirtioDevice for Balloon {
         queues: &mut [Queue],
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
+        _rx: &Budget,
     ) -> Result<(), DeviceError> {
         // Drained whatever happens; EAGAIN only means another wake-up already consumed it.
         let _ = self.shared.event.read();

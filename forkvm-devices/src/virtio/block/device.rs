@@ -351,6 +351,7 @@ impl VirtioDevice for Block {
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
         budget: &Budget,
+        _rx: &Budget,
     ) -> Result<(), DeviceError> {
         let Some(queue) = queues.get_mut(index) else {
             return Ok(());

@@ -137,6 +137,7 @@ impl VirtioDevice for Console {
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
         budget: &Budget,
+        _rx: &Budget,
     ) -> Result<(), DeviceError> {
         let Some(queue) = queues.get_mut(index) else {
             return Ok(());
@@ -156,6 +157,7 @@ impl VirtioDevice for Console {
         queues: &mut [Queue],
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
+        _rx: &Budget,
     ) -> Result<(), DeviceError> {
         let Some(host_input) = &mut self.host_input else {
             return Ok(());

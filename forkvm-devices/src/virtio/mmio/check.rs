@@ -4,6 +4,7 @@
 use virtio_queue::Queue;
 
 use super::TransportState;
+use crate::virtio::rate_limit::{RateLimit, RateLimitError};
 use crate::virtio::saved::SavedStateError;
 use crate::virtio::{INT_CONFIG, INT_USED_RING};
 
@@ -11,11 +12,17 @@ use crate::virtio::{INT_CONFIG, INT_USED_RING};
 const MAX_QUEUES: usize = 16;
 
 impl TransportState {
-    /// Checks a state read back from a snapshot: a status byte, known interrupt bits, at most
-    /// [`MAX_QUEUES`] queues, each a valid virtio queue (sizes, alignment), and the rings of a
-    /// ready queue all in guest RAM (`in_ram(addr, len)`), with no address arithmetic that
-    /// overflows. (`queue_sel` may be any value: the transport reads it through `get`, as the
-    /// driver may write any.)
+    /// The limit on what the device pushes to the guest (unlimited for a device without a
+    /// receive direction).
+    pub fn rx_rate_limit(&self) -> RateLimit {
+        self.rx_rate_limit
+    }
+
+    /// Checks a state read back from a snapshot: a status byte, known interrupt bits, rate
+    /// limits that can hold, at most [`MAX_QUEUES`] queues, each a valid virtio queue (sizes,
+    /// alignment), and the rings of a ready queue all in guest RAM (`in_ram(addr, len)`), with
+    /// no address arithmetic that overflows. (`queue_sel` may be any value: the transport reads
+    /// it through `get`, as the driver may write any.)
     pub fn check_saved(&self, in_ram: &dyn Fn(u64, u64) -> bool) -> Result<(), SavedStateError> {
         if self.status > 0xff {
             return Err(SavedStateError::new(
@@ -30,6 +37,22 @@ impl TransportState {
                 format_args!("{:#x}", self.interrupt_status),
                 "interrupt bits no transport raises",
             ));
+        }
+        for (name, limit) in [
+            ("rate_limit", &self.rate_limit),
+            ("rx_rate_limit", &self.rx_rate_limit),
+        ] {
+            if let Err(e) = limit.check() {
+                return Err(SavedStateError::new(
+                    name,
+                    format_args!("{limit:?}"),
+                    match e {
+                        RateLimitError::ZeroSize => "a bucket of size 0",
+                        RateLimitError::ZeroRefill => "a bucket refilled in no time",
+                        RateLimitError::NoReceiveDirection => "not a limit",
+                    },
+                ));
+            }
         }
         if self.queues.len() > MAX_QUEUES {
             return Err(SavedStateError::new(

@@ -30,7 +30,9 @@
 //!   the queue's eventfd again), so a flood of chains never holds the loop, nor `Vm::pause`.
 //! - A device may be rate-limited ([`MmioTransport::set_rate_limit`]): each turn is also capped
 //!   by its token buckets, and a queue left without tokens is served again when the
-//!   transport's timer says they are back ([`rate_limit`](super::rate_limit)).
+//!   transport's timer says they are back ([`rate_limit`](super::rate_limit)). A device that
+//!   pushes host data to the guest (net, vsock) has a second, independent limit on that
+//!   direction ([`MmioTransport::set_rx_rate_limit`], `limits.rs`).
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
@@ -45,7 +47,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::rate_limit::{Clock, RateLimit, RateLimitError};
+use super::rate_limit::RateLimit;
 use super::{
     Budget, DeviceError, DeviceState, GuestMemoryMmap, INT_CONFIG, Interrupt, VIRTIO_F_VERSION_1,
     VirtioDevice,
@@ -56,6 +58,7 @@ use crate::sync::lock;
 use setup::{QueueSetup, set_high, set_low};
 use throttle::Throttle;
 
+mod limits;
 mod setup;
 mod throttle;
 
@@ -149,6 +152,8 @@ pub struct MmioTransport {
     driver_features: u64,
     queue_sel: u32,
     throttle: Throttle,
+    /// The receive direction's limit, for a device that has one.
+    rx_throttle: Option<Throttle>,
 }
 
 /// The registers a driver programmed and the position of every queue: with a device's
@@ -165,6 +170,9 @@ pub struct TransportState {
     /// The device's rate limit (its buckets start full in a copy).
     #[serde(default)]
     rate_limit: RateLimit,
+    /// The limit on what it pushes to the guest (a snapshot from before it: none).
+    #[serde(default)]
+    rx_rate_limit: RateLimit,
 }
 
 /// One queue's [`QueueState`], serializable.
@@ -215,6 +223,11 @@ impl MmioTransport {
             .map(|_| EventFd::new(libc::EFD_NONBLOCK))
             .collect::<Result<Vec<_>, _>>()?;
         let throttle = Throttle::new(queues.len())?;
+        let rx_throttle = if device.has_receive_direction() {
+            Some(Throttle::new(1)?)
+        } else {
+            None
+        };
         Ok(Self {
             device,
             memory,
@@ -228,6 +241,7 @@ impl MmioTransport {
             driver_features: 0,
             queue_sel: 0,
             throttle,
+            rx_throttle,
         })
     }
 
@@ -243,6 +257,7 @@ impl MmioTransport {
                 queues: self.queues.iter().map(|q| SavedQueue(q.state())).collect(),
                 interrupt_status: self.interrupt.status(),
                 rate_limit: self.throttle.limit(),
+                rx_rate_limit: self.rx_rate_limit().unwrap_or_default(),
             },
             device: self.device.freeze()?,
         })
@@ -292,6 +307,11 @@ impl MmioTransport {
             .throttle
             .set(state.rate_limit)
             .map_err(std::io::Error::other)?;
+        if !state.rx_rate_limit.is_unlimited() {
+            transport
+                .set_rx_rate_limit(state.rx_rate_limit)
+                .map_err(std::io::Error::other)?;
+        }
         if state.status & S_FEATURES_OK != 0 {
             transport.device.ack_features(state.driver_features);
         }
@@ -371,13 +391,16 @@ impl MmioTransport {
             }
         };
         let budget = Budget::within(allowance);
+        let rx = self.rx_budget();
         let result = self.device.process_queue(
             index,
             &mut self.queues,
             &self.memory,
             &self.interrupt,
             &budget,
+            &rx,
         );
+        self.after_rx(&rx);
         let again = self.throttle.after_turn(index, &budget);
         match result {
             Err(e) => self.needs_reset(&format_args!("queue {index}: {}", ErrorChain(&e))),
@@ -395,39 +418,6 @@ impl MmioTransport {
         }
     }
 
-    /// Replaces the device's rate limit (buckets start full); queues that waited for tokens are
-    /// served again on the event loop's next turn.
-    pub fn set_rate_limit(&mut self, limit: RateLimit) -> Result<(), RateLimitError> {
-        for index in self.throttle.set(limit)? {
-            self.signal(index);
-        }
-        Ok(())
-    }
-
-    /// The device's rate limit.
-    pub fn rate_limit(&self) -> RateLimit {
-        self.throttle.limit()
-    }
-
-    /// Runs the rate limit on `clock` (tests move time by hand); the buckets start full.
-    pub fn set_rate_limit_clock(&mut self, clock: std::sync::Arc<dyn Clock>) {
-        self.throttle.set_clock(clock);
-    }
-
-    /// The timerfd that fires when a rate-limited queue has tokens again; the event loop
-    /// watches it and then calls [`Self::rate_limit_timer_fired`].
-    pub fn rate_limit_timer(&self) -> RawFd {
-        self.throttle.timer_fd()
-    }
-
-    /// The rate-limit timer fired: queues that waited for tokens are signalled (and served on
-    /// the event loop's next turn, within what the buckets then allow).
-    pub fn rate_limit_timer_fired(&mut self) {
-        for index in self.throttle.on_timer() {
-            self.signal(index);
-        }
-    }
-
     /// The device's host-side event fd, if it has one (see [`VirtioDevice::host_event`]).
     pub fn host_event(&self) -> Option<RawFd> {
         self.device.host_event()
@@ -437,15 +427,17 @@ impl MmioTransport {
     /// slice otherwise), so it always drains its host events but touches guest memory only when
     /// the driver allows. A device error moves it into `DEVICE_NEEDS_RESET`.
     pub fn process_host_event(&mut self) {
+        let rx = self.rx_budget();
         let queues: &mut [Queue] = if self.is_active() {
             &mut self.queues
         } else {
             &mut []
         };
-        if let Err(e) = self
+        let result = self
             .device
-            .process_host_event(queues, &self.memory, &self.interrupt)
-        {
+            .process_host_event(queues, &self.memory, &self.interrupt, &rx);
+        self.after_rx(&rx);
+        if let Err(e) = result {
             self.needs_reset(&format_args!("host event: {}", ErrorChain(&e)));
         }
     }
@@ -666,12 +658,15 @@ pub struct QueueEvents {
     events: Vec<EventFd>,
     host_event: Option<RawFd>,
     timer: RawFd,
+    rx_timer: Option<RawFd>,
 }
 
 /// Event data that marks the device's host-side event fd (queue events carry their index).
 const HOST_EVENT_DATA: u32 = u32::MAX;
 /// Event data that marks the transport's rate-limit timer.
 const TIMER_DATA: u32 = u32::MAX - 1;
+/// Event data that marks the receive direction's rate-limit timer.
+const RX_TIMER_DATA: u32 = u32::MAX - 2;
 
 impl QueueEvents {
     /// Watches the queue eventfds of `transport`.
@@ -683,11 +678,13 @@ impl QueueEvents {
             .collect::<Result<_, _>>()?;
         let host_event = lock(&transport).host_event();
         let timer = lock(&transport).rate_limit_timer();
+        let rx_timer = lock(&transport).rx_rate_limit_timer();
         Ok(Self {
             transport,
             events,
             host_event,
             timer,
+            rx_timer,
         })
     }
 }
@@ -713,6 +710,11 @@ impl MutEventSubscriber for QueueEvents {
         if let Err(e) = ops.add(timer) {
             crate::ratelimit::guest_warn!("virtio: cannot watch the rate-limit timer: {e:?}");
         }
+        if let Some(fd) = self.rx_timer
+            && let Err(e) = ops.add(Events::with_data_raw(fd, RX_TIMER_DATA, EventSet::IN))
+        {
+            crate::ratelimit::guest_warn!("virtio: cannot watch the receive limit's timer: {e:?}");
+        }
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
@@ -722,6 +724,10 @@ impl MutEventSubscriber for QueueEvents {
         }
         if events.data() == TIMER_DATA && events.fd() == self.timer {
             lock(&self.transport).rate_limit_timer_fired();
+            return;
+        }
+        if events.data() == RX_TIMER_DATA && Some(events.fd()) == self.rx_timer {
+            lock(&self.transport).rx_rate_limit_timer_fired();
             return;
         }
         let index = events.data() as usize;

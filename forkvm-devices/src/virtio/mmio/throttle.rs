@@ -78,6 +78,29 @@ impl Throttle {
         true
     }
 
+    /// What may be done now, without waiting (the receive direction: the device is called
+    /// anyway, for its host-side work, and holds back what the allowance does not cover).
+    pub(super) fn allowance_now(&mut self) -> Allowance {
+        self.limiter.allowance()
+    }
+
+    /// Charges what the receive direction pushed; if the device held data back
+    /// ([`Budget::more`]), it waits (as queue 0) for the timer.
+    pub(super) fn after_push(&mut self, budget: &Budget) {
+        let (ops, bytes) = budget.used();
+        self.limiter.charge(ops, bytes);
+        if budget.more() {
+            // If the timer cannot be armed (warned), the device resumes at its next event.
+            let _ = self.wait(0);
+        }
+    }
+
+    /// Arms the timer to fire at once for what waited (after the limit changed), so that it is
+    /// served on the event loop.
+    pub(super) fn resume_soon(&mut self) {
+        let _ = self.wait(0);
+    }
+
     /// Queue `index` waits for tokens; the timer is armed for when they are back. Returns
     /// whether it was: if not, the queue is not left waiting (its caller signals it again: a
     /// busy retry rather than a device that never resumes).

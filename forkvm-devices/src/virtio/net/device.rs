@@ -110,21 +110,24 @@ impl Net {
         queues: &mut [Queue],
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
+        rx: &Budget,
     ) -> Result<(), DeviceError> {
         match queues.get_mut(RX_QUEUE).filter(|queue| queue.ready()) {
-            Some(queue) => self.receive(queue, memory, interrupt),
+            Some(queue) => self.receive(queue, memory, interrupt, rx),
             None => Ok(()),
         }
     }
 
-    /// Moves frames from the backend into the receive buffers while both last; a frame is taken
-    /// from the backend only once it is written (or once it is clear that no buffers would ever
-    /// hold it: then it is dropped and counted). Interrupts the driver once if it asked.
+    /// Moves frames from the backend into the receive buffers while both last, and while the
+    /// receive rate limit (`rx`: a frame and its bytes each) allows; a frame is taken from the
+    /// backend only once it is written (or once it is clear that no buffers would ever hold it:
+    /// then it is dropped and counted). Interrupts the driver once if it asked.
     fn receive(
         &mut self,
         queue: &mut Queue,
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
+        rx: &Budget,
     ) -> Result<(), DeviceError> {
         let mergeable = self.acked_features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
         let mut delivered = false;
@@ -132,12 +135,20 @@ impl Net {
             let Some(frame) = self.backend.peek_receive() else {
                 break Ok(());
             };
+            if rx.spent() {
+                // The frame waits in the backend, as for a full receive queue; the transport
+                // comes back when the limit allows.
+                rx.leave_more();
+                break Ok(());
+            }
             let len = frame.len();
             match self
                 .rx
                 .place(queue, memory, frame, mergeable, self.rx_flags)
             {
                 Ok(Placed::Delivered) => {
+                    rx.charge_op();
+                    rx.charge_bytes(len);
                     self.backend.consume_receive();
                     NetStats::count(&self.stats.0.rx_frames);
                     delivered = true;
@@ -205,9 +216,10 @@ impl VirtioDevice for Net {
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
         budget: &Budget,
+        rx: &Budget,
     ) -> Result<(), DeviceError> {
         match index {
-            RX_QUEUE => self.receive_on(queues, memory, interrupt),
+            RX_QUEUE => self.receive_on(queues, memory, interrupt, rx),
             TX_QUEUE => {
                 let Some(queue) = queues.get_mut(TX_QUEUE) else {
                     return Ok(());
@@ -225,7 +237,7 @@ impl VirtioDevice for Net {
                 self.backend.process();
                 sent?;
                 // The backend often answers at once (ARP, DHCP, a loopback peer).
-                self.receive_on(queues, memory, interrupt)
+                self.receive_on(queues, memory, interrupt, rx)
             }
             _ => Ok(()),
         }
@@ -240,10 +252,15 @@ impl VirtioDevice for Net {
         queues: &mut [Queue],
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
+        rx: &Budget,
     ) -> Result<(), DeviceError> {
         // Always: the backend consumes its event even while the device is not live.
         self.backend.process();
-        self.receive_on(queues, memory, interrupt)
+        self.receive_on(queues, memory, interrupt, rx)
+    }
+
+    fn has_receive_direction(&self) -> bool {
+        true
     }
 
     fn reset(&mut self) {

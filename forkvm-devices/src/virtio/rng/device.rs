@@ -41,6 +41,7 @@ impl VirtioDevice for Rng {
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
         budget: &Budget,
+        _rx: &Budget,
     ) -> Result<(), DeviceError> {
         let Some(queue) = queues.get_mut(index) else {
             return Ok(());

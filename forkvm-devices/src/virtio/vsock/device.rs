@@ -34,6 +34,9 @@ pub struct Vsock {
     /// The guest had no receive buffer for the last packet; host sockets are not read until it
     /// posts more.
     pub(super) rx_starved: bool,
+    /// The receive rate limit was spent with host data waiting: host sockets are not read until
+    /// the transport comes back with tokens (the data stays in them).
+    pub(super) rx_throttled: bool,
     /// A transport reset waits for an event buffer (set in a forked child).
     pub(super) reset_pending: bool,
 }
@@ -53,6 +56,7 @@ impl Vsock {
             control: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
             rx_starved: false,
+            rx_throttled: false,
             reset_pending: false,
         })
     }
@@ -95,21 +99,31 @@ impl Vsock {
     }
 
     /// Fills the guest's receive buffers: control packets first, then data from `readable`
-    /// connections (each takes a turn per packet).
+    /// connections (each takes a turn per packet) while the receive rate limit (`rx`: each data
+    /// packet, header and payload) allows. Control packets are not held back by it: they answer
+    /// the guest, carry no data, and their number is bounded.
     fn deliver(
         &mut self,
         queues: &mut [Queue],
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
         readable: Vec<ConnKey>,
-        budget: &Budget,
+        rx_limit: &Budget,
     ) -> Result<(), DeviceError> {
+        // What waits for the guest's receive buffers is bounded by the host's sockets.
+        let budget = &Budget::unlimited();
         let Some(rx) = queues.get_mut(RX_QUEUE) else {
             return Ok(());
         };
         let mut readable = VecDeque::from(readable);
         let mut used = false;
         while !self.control.is_empty() || !readable.is_empty() {
+            if self.control.is_empty() && rx_limit.spent() {
+                // The data stays in the host sockets, unread, until tokens are back.
+                rx_limit.leave_more();
+                self.rx_throttled = true;
+                break;
+            }
             let Some(mut chain) = next_chain(rx, memory, budget)? else {
                 self.rx_starved = true;
                 break;
@@ -122,14 +136,17 @@ impl Vsock {
                 0
             } else {
                 match self.write_data(&mut pkt, &mut readable)? {
-                    Some(len) => len,
+                    Some(len) => {
+                        rx_limit.charge_op();
+                        rx_limit.charge_bytes(PKT_HEADER_SIZE + len as usize);
+                        len
+                    }
                     None => {
                         rx.go_to_previous_position();
                         continue;
                     }
                 }
             };
-            budget.charge_bytes(PKT_HEADER_SIZE + len as usize);
             rx.add_used(memory, head, PKT_HEADER_SIZE as u32 + len)?;
             used = true;
         }
@@ -196,6 +213,7 @@ impl VirtioDevice for Vsock {
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
         budget: &Budget,
+        rx: &Budget,
     ) -> Result<(), DeviceError> {
         match index {
             RX_QUEUE => self.rx_starved = false,
@@ -208,8 +226,7 @@ impl VirtioDevice for Vsock {
                 };
             }
         }
-        // What waits for the guest's receive buffers is bounded by the host's sockets.
-        let result = self.deliver(queues, memory, interrupt, Vec::new(), &Budget::unlimited());
+        let result = self.deliver(queues, memory, interrupt, Vec::new(), rx);
         self.sync_interests(true);
         result
     }
@@ -223,8 +240,13 @@ impl VirtioDevice for Vsock {
         queues: &mut [Queue],
         memory: &GuestMemoryMmap,
         interrupt: &Interrupt,
+        rx: &Budget,
     ) -> Result<(), DeviceError> {
         let live = !queues.is_empty();
+        if !rx.spent() {
+            // Tokens are back: host sockets are read again (from the next round of events).
+            self.rx_throttled = false;
+        }
         if !live && !self.connections.is_empty() {
             self.close_all();
         }
@@ -244,9 +266,13 @@ impl VirtioDevice for Vsock {
         for request in requests {
             self.host_connect(request);
         }
-        let result = self.deliver(queues, memory, interrupt, readable, &Budget::unlimited());
+        let result = self.deliver(queues, memory, interrupt, readable, rx);
         self.sync_interests(live);
         result
+    }
+
+    fn has_receive_direction(&self) -> bool {
+        true
     }
 
     fn reset(&mut self) {

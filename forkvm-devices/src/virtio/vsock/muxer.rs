@@ -54,6 +54,7 @@ impl Vsock {
         self.host.drop_clients();
         self.control.clear();
         self.rx_starved = false;
+        self.rx_throttled = false;
     }
 
     /// A guest packet from the transmit queue.
@@ -288,7 +289,7 @@ impl Vsock {
 
     /// Registers each host socket for exactly the events that can make progress now.
     pub(super) fn sync_interests(&mut self, live: bool) {
-        let rx_open = live && !self.rx_starved;
+        let rx_open = live && !self.rx_starved && !self.rx_throttled;
         for conn in self.connections.values_mut() {
             let wanted = conn.interest(rx_open);
             if wanted != conn.registered {

@@ -460,3 +460,66 @@ fn a_bytes_limit_holds_back_what_the_guest_sends_until_the_refill() {
     assert_eq!(host.read(&mut got).unwrap(), 64);
     assert_eq!(got[..64], [3u8; 64]);
 }
+
+#[test]
+fn a_receive_limit_leaves_host_data_in_the_socket_and_loses_none() {
+    use std::sync::Arc;
+
+    use crate::virtio::rate_limit::{Bucket, ManualClock, RateLimit};
+
+    let (mut g, mut host, _dir) = guest_connected("rx-limited");
+    let clock = Arc::new(ManualClock::default());
+    g.d.transport.set_rate_limit_clock(clock.clone());
+    // Two data packets a second.
+    let ops = Bucket::new(2, Duration::from_secs(1));
+    g.d.transport
+        .set_rx_rate_limit(RateLimit {
+            bytes: None,
+            ops: Some(ops),
+        })
+        .unwrap();
+    g.post_rx(7);
+    // Five buffers' worth of data, and a little more.
+    let sent: Vec<u8> = (0..5 * RX_DATA + 100).map(|i| (i % 251) as u8).collect();
+    host.write_all(&sent).unwrap();
+    g.host_event();
+    let mut got: Vec<u8> = Vec::new();
+    let take = |g: &mut Guest, got: &mut Vec<u8>| {
+        let packets = g.received();
+        for (hdr, data) in &packets {
+            assert_eq!(hdr.op, OP_RW);
+            got.extend_from_slice(data);
+        }
+        packets.len()
+    };
+    assert_eq!(take(&mut g, &mut got), 2);
+    // Nothing more without the timer: the socket is not even watched for input meanwhile.
+    g.host_event();
+    assert_eq!(take(&mut g, &mut got), 0);
+    // The guest's own packets still go out (credit updates are not held either).
+    g.send(Hdr::to_host(1234, OP_RW), b"ping");
+    let mut ping = [0u8; 4];
+    host.read_exact(&mut ping).unwrap();
+    assert_eq!(&ping, b"ping");
+    assert_eq!(take(&mut g, &mut got), 0);
+
+    let mut turns = 0;
+    while got.len() < sent.len() {
+        turns += 1;
+        assert!(
+            turns < 10,
+            "only {} of {} bytes arrived",
+            got.len(),
+            sent.len()
+        );
+        clock.advance(Duration::from_millis(500));
+        g.d.transport.rx_rate_limit_timer_fired();
+        g.host_event();
+        assert!(
+            take(&mut g, &mut got) <= 1,
+            "half a second: one packet at most"
+        );
+    }
+    assert_eq!(got, sent, "every byte, in order");
+    assert_eq!(turns, 4);
+}
