@@ -3,15 +3,21 @@
 //! (8 × 64 KiB per iteration, with the guest's credit update for the previous 8), against plain
 //! `read`s of the same bytes from a Unix socket into a
 //! host buffer in the same run.
+//!
+//! Then the hardening's costs (issue 15), each connection served on a thread of its own, in
+//! alternating rounds: rate limits that never bind on both directions against none, and the
+//! event loop's seccomp filter against none.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use forkvm::{Bucket, RateLimit, ThreadKind};
 use forkvm_devices::virtio::test_driver::{Driver, QUEUE_SIZE};
 use forkvm_devices::virtio::vsock::packet::{HOST_CID, OP_CREDIT_UPDATE, OP_REQUEST, TYPE_STREAM};
 use forkvm_devices::virtio::vsock::{MAX_PACKET_DATA, RX_QUEUE, TX_QUEUE, Vsock};
+use forkvm_tests::rounds::{Worker, compare};
 use virtio_vsock::packet::PKT_HEADER_SIZE;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -47,43 +53,132 @@ fn feed(mut stream: UnixStream) {
     });
 }
 
+/// A guest's connection to a host program that keeps writing: the driver, its receive buffers
+/// posted, and what it has read so far.
+struct Stream {
+    d: Driver,
+    dir: std::path::PathBuf,
+    used: u16,
+    consumed: u32,
+    /// The host program's end, when this thread writes it itself (no feeding thread).
+    host: Option<UnixStream>,
+}
+
+impl Stream {
+    /// Connects a fresh device's guest to a host program (in a directory named after `tag`),
+    /// optionally with `limit` on both directions, and fills the first buffers.
+    /// With `fed`, a thread of its own keeps the host end full; without, [`Stream::iteration`]
+    /// writes it between the device's turns, on the calling thread.
+    fn new(tag: &str, limit: Option<RateLimit>, fed: bool) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("forkvm-bench-vsock-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let listener = UnixListener::bind(dir.join(format!("v.sock_{HOST_PORT}"))).unwrap();
+        let vsock = Vsock::new(GUEST_CID, Some(&dir.join("v.sock"))).unwrap();
+        let mut d = Driver::new(Box::new(vsock));
+        d.start();
+        if let Some(limit) = limit {
+            d.transport.set_rate_limit(limit).unwrap();
+            d.transport.set_rx_rate_limit(limit).unwrap();
+        }
+
+        // Connect from the guest; the host program accepts and starts writing.
+        d.select(TX_QUEUE as u16);
+        d.memory
+            .write_slice(&packet(OP_REQUEST, 0), GuestAddress(HEADERS))
+            .unwrap();
+        d.chain(0, &[(HEADERS, 44, false)]);
+        d.notify();
+        let (host, _) = listener.accept().unwrap();
+        let host = if fed {
+            feed(host);
+            None
+        } else {
+            host.set_nonblocking(true).unwrap();
+            Some(host)
+        };
+
+        // Receive buffers: descriptor pairs (header, 64 KiB of data), written once.
+        d.select(RX_QUEUE as u16);
+        for i in 0..BUFFERS {
+            let n = u64::from(i);
+            d.chain(
+                2 * i,
+                &[
+                    (HEADERS + 0x100 * (n + 1), 44, true),
+                    (DATA + n * u64::from(MAX_PACKET_DATA), MAX_PACKET_DATA, true),
+                ],
+            );
+        }
+        d.notify(); // the RESPONSE takes the first buffer, data the other seven
+        let mut stream = Self {
+            d,
+            dir,
+            used: 0,
+            consumed: 0,
+            host,
+        };
+        stream.serve_until(BUFFERS);
+        stream.used = BUFFERS;
+        stream.consumed = payload(&stream.d, 1, BUFFERS);
+        stream
+    }
+
+    /// Serves host events until `target` buffers were used, writing the host end first when
+    /// this thread feeds it.
+    fn serve_until(&mut self, target: u16) {
+        let chunk = [0x5au8; 64 << 10];
+        while self.d.used(0).0 != target {
+            if let Some(host) = &mut self.host {
+                let _ = host.write(&chunk);
+            }
+            self.d.transport.process_host_event();
+        }
+    }
+
+    /// The guest consumed the data and says so, as a driver does, and gives the device back
+    /// every buffer; then the device fills them from the socket. Returns the bytes moved.
+    fn iteration(&mut self) -> u32 {
+        let d = &mut self.d;
+        d.select(TX_QUEUE as u16);
+        d.memory
+            .write_slice(
+                &packet(OP_CREDIT_UPDATE, self.consumed),
+                GuestAddress(HEADERS),
+            )
+            .unwrap();
+        d.make_available(0);
+        d.notify();
+        d.select(RX_QUEUE as u16);
+        for i in 0..BUFFERS {
+            d.make_available(2 * i);
+        }
+        d.notify();
+        let target = self.used.wrapping_add(BUFFERS);
+        self.serve_until(target);
+        let moved = payload(&self.d, self.used, target);
+        self.consumed = self.consumed.wrapping_add(moved);
+        self.used = target;
+        moved
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What the guest has read: the payloads of the used buffers `from..to`.
+fn payload(d: &Driver, from: u16, to: u16) -> u32 {
+    (0..to.wrapping_sub(from))
+        .map(|i| d.used(from.wrapping_add(i) % QUEUE_SIZE).1 - PKT_HEADER_SIZE as u32)
+        .sum()
+}
+
 fn bench_vsock(c: &mut Criterion) {
-    let dir = std::env::temp_dir().join(format!("forkvm-bench-vsock-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let listener = UnixListener::bind(dir.join(format!("v.sock_{HOST_PORT}"))).unwrap();
-    let vsock = Vsock::new(GUEST_CID, Some(&dir.join("v.sock"))).unwrap();
-    let mut d = Driver::new(Box::new(vsock));
-    d.start();
-
-    // Connect from the guest; the host program accepts and starts writing.
-    d.select(TX_QUEUE as u16);
-    d.memory
-        .write_slice(&packet(OP_REQUEST, 0), GuestAddress(HEADERS))
-        .unwrap();
-    d.chain(0, &[(HEADERS, 44, false)]);
-    d.notify();
-    let (host, _) = listener.accept().unwrap();
-    feed(host);
-
-    // Receive buffers: descriptor pairs (header, 64 KiB of data), written once.
-    d.select(RX_QUEUE as u16);
-    for i in 0..BUFFERS {
-        let n = u64::from(i);
-        d.chain(
-            2 * i,
-            &[
-                (HEADERS + 0x100 * (n + 1), 44, true),
-                (DATA + n * u64::from(MAX_PACKET_DATA), MAX_PACKET_DATA, true),
-            ],
-        );
-    }
-    d.notify(); // the RESPONSE takes the first buffer, data the other seven
-    while d.used(0).0 != BUFFERS {
-        d.transport.process_host_event();
-    }
-    let mut used = BUFFERS;
-
+    let mut stream = Stream::new("plain", None, true);
     let mut group = c.benchmark_group("vsock_host_to_guest");
     group.throughput(Throughput::Bytes(
         u64::from(BUFFERS) * u64::from(MAX_PACKET_DATA),
@@ -91,40 +186,14 @@ fn bench_vsock(c: &mut Criterion) {
     group
         .sample_size(50)
         .measurement_time(Duration::from_secs(5));
-    // What the guest has read: the payloads of every used buffer (the first held the response).
-    let payload = |d: &Driver, from: u16, to: u16| -> u32 {
-        (0..to.wrapping_sub(from))
-            .map(|i| d.used(from.wrapping_add(i) % QUEUE_SIZE).1 - PKT_HEADER_SIZE as u32)
-            .sum()
-    };
-    let mut consumed = payload(&d, 1, BUFFERS);
     // Bytes moved and buffers filled over all iterations: buffers are not always full (the
     // device takes what the socket holds), so the real throughput is criterion's figure times
     // the fill ratio printed at the end.
     let mut totals = (0u64, 0u64);
     group.bench_function("virtio_vsock", |b| {
         b.iter(|| {
-            // The guest consumed the data and says so, as a driver does, and gives the device
-            // back every buffer; then the device fills them from the socket.
-            d.select(TX_QUEUE as u16);
-            d.memory
-                .write_slice(&packet(OP_CREDIT_UPDATE, consumed), GuestAddress(HEADERS))
-                .unwrap();
-            d.make_available(0);
-            d.notify();
-            d.select(RX_QUEUE as u16);
-            for i in 0..BUFFERS {
-                d.make_available(2 * i);
-            }
-            d.notify();
-            let target = used.wrapping_add(BUFFERS);
-            while d.used(0).0 != target {
-                d.transport.process_host_event();
-            }
-            let moved = payload(&d, used, target);
-            consumed = consumed.wrapping_add(moved);
+            let moved = stream.iteration();
             totals = (totals.0 + u64::from(moved), totals.1 + u64::from(BUFFERS));
-            used = target;
         })
     });
 
@@ -140,7 +209,53 @@ fn bench_vsock(c: &mut Criterion) {
         b.iter(|| (&ours).read_exact(&mut buffer).unwrap())
     });
     group.finish();
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(stream);
+
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--profile-time") {
+        overheads();
+    }
+}
+
+/// The costs of rate limits that never bind (1 TiB/s and 2^30 packets/s, both directions)
+/// and of the event loop's seccomp filter, on the thread serving the device; alternating
+/// rounds against the same set-up without them. Each thread writes its host end itself, in
+/// 64 KiB writes between the device's turns (a feeding thread per connection would make the
+/// figures follow the scheduler on a small machine).
+fn overheads() {
+    let worker = |mut stream: Stream, filtered: bool| {
+        let enter = move || {
+            if filtered {
+                forkvm::filter_this_thread_for_bench(ThreadKind::EventLoop).unwrap();
+            }
+        };
+        Worker::spawn(enter, move || {
+            stream.iteration();
+        })
+    };
+    let unbinding = RateLimit {
+        bytes: Some(Bucket::new(1 << 40, Duration::from_secs(1))),
+        ops: Some(Bucket::new(1 << 30, Duration::from_secs(1))),
+    };
+    let rounds = forkvm_tests::env_u64("FORKVM_BENCH_ROUNDS", 201).max(21) as usize;
+    let plain = worker(Stream::new("a", None, false), false);
+    let limited = worker(Stream::new("b", Some(unbinding), false), false);
+    compare(
+        "vsock_512KiB_rate_limit",
+        ("none", &plain),
+        ("unbinding", &limited),
+        rounds,
+        20,
+    );
+    drop(limited);
+    let filtered = worker(Stream::new("c", None, false), true);
+    compare(
+        "vsock_512KiB_seccomp",
+        ("off", &plain),
+        ("event_loop_filter", &filtered),
+        rounds,
+        20,
+    );
 }
 
 criterion_group!(benches, bench_vsock);
