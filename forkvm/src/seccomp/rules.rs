@@ -141,6 +141,8 @@ pub(super) fn allowlist(kind: ThreadKind) -> Result<Rules, BackendError> {
             vcpu(&mut rules)?;
             event_loop(&mut rules)?;
             allow(&mut rules, PREPARE);
+            // It makes the children's VMs and vCPUs.
+            kvm_ioctls(&mut rules)?;
             // It starts the spare threads of children, which install their own filters.
             allow(&mut rules, SPAWN);
             no_new_privs(&mut rules)?;
@@ -158,7 +160,7 @@ pub(super) fn allowlist(kind: ThreadKind) -> Result<Rules, BackendError> {
 }
 
 fn vcpu(rules: &mut Rules) -> Result<(), BackendError> {
-    kvm_ioctls(rules)?;
+    guest_facing_kvm_ioctls(rules)?;
     // A device reset by its driver (a status write, on this thread) drops its host connections,
     // which leave the device's epoll set (vsock).
     allow(rules, &[libc::SYS_epoll_ctl]);
@@ -245,14 +247,65 @@ pub(super) fn spawn_guard(kind: ThreadKind) -> Vec<sock_filter> {
 
 /// Every KVM ioctl (type `KVMIO`) on the KVM fds the thread holds.
 fn kvm_ioctls(rules: &mut Rules) -> Result<(), BackendError> {
-    let kvm = SeccompCondition::new(
+    allow_if(rules, libc::SYS_ioctl, vec![kvm_type()?])
+}
+
+/// The KVM ioctls of the threads a guest drives (vCPU, event loop): every one but those that
+/// make VMs, vCPUs or devices, or change a VM's memory map ([`VM_SHAPING`]). A thread a guest
+/// took over could otherwise map any of the process's memory into its guest.
+fn guest_facing_kvm_ioctls(rules: &mut Rules) -> Result<(), BackendError> {
+    let mut conditions = vec![kvm_type()?];
+    for request in vm_shaping() {
+        conditions.push(SeccompCondition::new(
+            1,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Ne,
+            u64::from(request),
+        )?);
+    }
+    allow_if(rules, libc::SYS_ioctl, conditions)
+}
+
+fn kvm_type() -> Result<SeccompCondition, BackendError> {
+    SeccompCondition::new(
         1,
         SeccompCmpArgLen::Dword,
         SeccompCmpOp::MaskedEq(0xff00),
         KVMIO << 8,
-    )?;
-    allow_if(rules, libc::SYS_ioctl, vec![kvm])
+    )
 }
+
+/// A KVM ioctl request number (`_IO`, `_IOW`, `_IOWR` of `<linux/kvm.h>`).
+const fn kvm_request(direction: u32, number: u32, size: usize) -> u32 {
+    (direction << 30) | ((size as u32) << 16) | ((KVMIO as u32) << 8) | number
+}
+
+const IO: u32 = 0;
+const IOW: u32 = 1;
+const IOWR: u32 = 3;
+
+/// What only the threads making VMs may ask of KVM (see [`guest_facing_kvm_ioctls`]).
+pub(super) fn vm_shaping() -> [u32; VM_SHAPING] {
+    use kvm_bindings::{
+        kvm_create_device, kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region,
+    };
+    [
+        kvm_request(IO, 0x01, 0), // CREATE_VM
+        kvm_request(IO, 0x41, 0), // CREATE_VCPU
+        kvm_request(IO, 0x44, 0), // SET_NR_MMU_PAGES
+        kvm_request(IOW, 0x46, size_of::<kvm_userspace_memory_region>()), // SET_USER_MEMORY_REGION
+        kvm_request(IO, 0x47, 0), // SET_TSS_ADDR
+        kvm_request(IOW, 0x48, size_of::<u64>()), // SET_IDENTITY_MAP_ADDR
+        kvm_request(IOW, 0x49, 160), // SET_USER_MEMORY_REGION2
+        kvm_request(IO, 0x60, 0), // CREATE_IRQCHIP
+        kvm_request(IOW, 0x77, size_of::<kvm_pit_config>()), // CREATE_PIT2
+        kvm_request(IOW, 0xa3, size_of::<kvm_enable_cap>()), // ENABLE_CAP
+        kvm_request(IOWR, 0xe0, size_of::<kvm_create_device>()), // CREATE_DEVICE
+    ]
+}
+
+/// How many requests [`vm_shaping`] lists.
+pub(super) const VM_SHAPING: usize = 11;
 
 /// `prctl(PR_SET_NO_NEW_PRIVS)`, which installing a filter does first.
 fn no_new_privs(rules: &mut Rules) -> Result<(), BackendError> {

@@ -140,6 +140,36 @@ fn vcpu_and_event_loop_threads_read_no_files_and_start_no_threads() {
     }
 }
 
+/// A thread a guest drives may not shape VMs (here: map memory into one, make a vCPU), while
+/// its own KVM calls pass; the thread preparing children may do both. On fd -1, an allowed call
+/// fails with EBADF, a denied one with EPERM.
+#[test]
+fn guest_facing_threads_may_not_map_memory_into_a_vm() {
+    let shaping = rules::vm_shaping();
+    // Checked against <linux/kvm.h>: KVM_SET_USER_MEMORY_REGION, KVM_CREATE_VCPU.
+    assert_eq!(shaping[3], 0x4020_ae46);
+    assert_eq!(shaping[1], 0xae41);
+    const KVM_RUN: u64 = 0xae80;
+    for kind in ThreadKind::ALL {
+        let errnos = std::thread::spawn(move || {
+            enter(kind, SeccompPolicy::Deny, None).unwrap();
+            [u64::from(shaping[3]), u64::from(shaping[1]), KVM_RUN].map(|request| {
+                // SAFETY: an ioctl on fd -1 does nothing but fail.
+                let r = unsafe { libc::ioctl(-1, request as libc::c_ulong, 0) };
+                assert_eq!(r, -1);
+                std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+            })
+        })
+        .join()
+        .unwrap();
+        let expected = match kind {
+            ThreadKind::Vcpu | ThreadKind::EventLoop => [libc::EPERM, libc::EPERM, libc::EBADF],
+            ThreadKind::Prepare | ThreadKind::Reaper => [libc::EBADF; 3],
+        };
+        assert_eq!(errnos, expected, "{kind:?}");
+    }
+}
+
 /// Without a filter (and on the embedder's threads) the same calls reach the kernel.
 #[test]
 fn without_a_filter_the_calls_reach_the_kernel() {
