@@ -399,6 +399,36 @@ pub unsafe extern "C" fn forkvm_vm_set_rate_limit(
     })
 }
 
+/// The rate limit in force on virtio device `device` (an index into `forkvm_vm_devices`), into
+/// `*limit`: a bucket of size 0 is no limit; `refill_ms` is rounded down to whole milliseconds.
+/// `FORKVM_ERR_NO_DEVICE` for an index out of range.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn forkvm_vm_rate_limit(
+    vm: *const forkvm_vm,
+    device: usize,
+    limit: *mut forkvm_rate_limit,
+) -> forkvm_status {
+    ffi(|| {
+        let out = out_arg(limit, "limit")?;
+        let devices = VMS.get(vm)?.devices();
+        let info = devices
+            .get(device)
+            .ok_or_else(|| Failure::from(forkvm::Error::NoSuchDevice(device)))?;
+        let to_c = |b: Option<forkvm::Bucket>| {
+            b.map_or_else(forkvm_bucket::default, |b| forkvm_bucket {
+                size: b.size,
+                one_time_burst: b.one_time_burst,
+                refill_ms: u64::try_from(b.refill_time.as_millis()).unwrap_or(u64::MAX),
+            })
+        };
+        *out = forkvm_rate_limit {
+            bytes: to_c(info.rate_limit.bytes),
+            ops: to_c(info.rate_limit.ops),
+        };
+        Ok(())
+    })
+}
+
 /// One of a VM's virtio devices (`forkvm::DeviceInfo`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
