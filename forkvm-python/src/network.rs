@@ -26,7 +26,7 @@ use crate::limits::PyRateLimit;
 /// deciding; `allow_domains` limits egress to those names and their subdomains. `hosts` answers
 /// names in the VM's DNS: `{"db": ["10.0.2.2"]}`. `loopback_only` lets it open host sockets to
 /// the host's loopback only, whatever the policy allows. `rate_limit`: a `RateLimit` on what
-/// the guest transmits.
+/// the guest transmits (a fork child keeps its parent's, whatever network it is given).
 #[pyclass(module = "forkvm", name = "Network", frozen)]
 pub(crate) struct PyNetwork {
     pub(crate) network: Network,
