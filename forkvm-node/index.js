@@ -137,9 +137,9 @@ class VM extends NativeVM {
     return nativeBuild.call(NativeVM, guardConsoles(options));
   }
 
-  /** Starts a VM from a snapshot directory. */
-  static restore(dir, child) {
-    return nativeRestore.call(NativeVM, dir, guardConsoles(child));
+  /** Starts a VM from a snapshot directory (`options`: `{ verifyData, copyMemory }`). */
+  static restore(dir, child, options) {
+    return nativeRestore.call(NativeVM, dir, guardConsoles(child), options);
   }
 
   /** Keeps `n` children prepared for restores of the snapshot in `dir` (0: no longer). */
@@ -167,6 +167,9 @@ module.exports = {
   ConsoleBuffer: native.ConsoleBuffer,
   version: native.version,
   waitForReleases: native.waitForReleases,
+  setSeccompPolicy: wrap(native.setSeccompPolicy),
+  seccompPolicy: native.seccompPolicy,
+  seccompDenials: native.seccompDenials,
   IMAGE_CMDLINE: native.IMAGE_CMDLINE,
   ...errors,
 };

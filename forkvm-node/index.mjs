@@ -2,6 +2,6 @@
 import forkvm from './index.js';
 
 export const {
-  VM, Vm, Pty, Process, ConsoleBuffer, version, waitForReleases, IMAGE_CMDLINE, ForkvmError, InvalidArgumentError, NotStartedError, AlreadyStartedError, NotRunningError, TimedOutError, IoError, KvmError, BootError, MemoryError, SnapshotError, NoDeviceError, VsockError, AgentNotReadyError, CommandNotFoundError, ConnectionLostError, AgentError, BusyError, UnsupportedError, OtherError, PanicError, ClosedError,
+  VM, Vm, Pty, Process, ConsoleBuffer, version, waitForReleases, setSeccompPolicy, seccompPolicy, seccompDenials, IMAGE_CMDLINE, ForkvmError, InvalidArgumentError, NotStartedError, AlreadyStartedError, NotRunningError, TimedOutError, IoError, KvmError, BootError, MemoryError, SnapshotError, NoDeviceError, VsockError, AgentNotReadyError, CommandNotFoundError, ConnectionLostError, AgentError, BusyError, UnsupportedError, OtherError, PanicError, ClosedError,
 } = forkvm;
 export default forkvm;

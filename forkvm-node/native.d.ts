@@ -81,6 +81,72 @@ export interface PtyEvent {
   exit?: ExitInfo
 }
 /**
+ * One token bucket: `size` tokens (bytes or requests), refilled from empty in
+ * `refillTimeMs`, plus `oneTimeBurst` tokens given once at the start. A size or refill time
+ * of 0 is refused (`INVALID_ARGUMENT`).
+ */
+export interface Bucket {
+  /** The most tokens it holds (at least 1). */
+  size: number
+  /** Milliseconds an empty bucket takes to fill (at least 1). */
+  refillTimeMs: number
+  /** Extra tokens available once, before the bucket's own (default 0). */
+  oneTimeBurst?: number
+}
+/**
+ * A virtio device's rate limit: a bucket on the `bytes` it moves and one on the requests
+ * (`ops`) it serves; an absent bucket limits nothing (`{}` is no limit).
+ */
+export interface RateLimit {
+  /** Bytes between guest memory and the host. */
+  bytes?: Bucket
+  /** Requests (descriptor chains) served. */
+  ops?: Bucket
+}
+/**
+ * Sets the seccomp policy (`'deny'`, the default, `'killThread'`, `'killProcess'` or
+ * `'off'`) of the threads forkvm starts from now on for the whole process and of VMs built
+ * without `seccomp`; threads running keep theirs.
+ */
+export declare function setSeccompPolicy(policy: 'deny' | 'killThread' | 'killProcess' | 'off'): void
+/** The process-wide seccomp policy (`setSeccompPolicy`). */
+export declare function seccompPolicy(): 'deny' | 'killThread' | 'killProcess' | 'off'
+/**
+ * The seccomp denials counted in this process: system calls of forkvm's threads outside
+ * their allowlist, each of which failed with `EPERM`.
+ */
+export interface SeccompDenials {
+  /** All denied calls. */
+  total: number
+  /** Denied on vCPU threads. */
+  vcpu: number
+  /** Denied on event-loop threads (and the DNS threads they start). */
+  eventLoop: number
+  /** Denied on the threads preparing children. */
+  prepare: number
+  /** Denied on the reaper's threads. */
+  reaper: number
+  /** The number of the last denied system call (x86-64), if any. */
+  lastSyscall?: number
+  /** Threads that run unfiltered because the kernel refused their filter. */
+  installFailures: number
+}
+/** The seccomp denials counted so far. */
+export declare function seccompDenials(): SeccompDenials
+/** How `VM.restore` reads the snapshot. */
+export interface RestoreOptions {
+  /**
+   * Read the memory and disk files whole and check them against their checksums (a damaged
+   * one rejects with `SNAPSHOT`); costs a read of every byte.
+   */
+  verifyData?: boolean
+  /**
+   * Copy the memory rather than map the file, so that nothing done to it later (a
+   * truncation, a write) reaches the VM; costs a copy.
+   */
+  copyMemory?: boolean
+}
+/**
  * A VM's egress policy: the public internet (nothing on this host or its networks), or
  * nothing with `denyAll`. `allow` and `deny` are rules: a CIDR (`'127.0.0.1/32'` opens the
  * host's loopback through the gateway 10.0.2.2), optionally with one protocol and its ports
@@ -119,6 +185,8 @@ export interface NetworkOptions {
   hosts?: Record<string, Array<string>>
   /** Open host sockets to the host's loopback only, whatever the policy allows. */
   loopbackOnly?: boolean
+  /** A limit on what the guest transmits (a fork child keeps its parent's and ignores this). */
+  rateLimit?: RateLimit
 }
 /** Where `vm.publish` bound. */
 export interface Published {
@@ -186,6 +254,8 @@ export interface DiskOptions {
   readOnly?: boolean
   /** Open the image with `O_DIRECT`. */
   directIo?: boolean
+  /** A limit on the guest's requests to it (`vm.setRateLimit` changes it while it runs). */
+  rateLimit?: RateLimit
 }
 /** A virtio console (the guest's `hvc0`, `hvc1`, ...). */
 export interface VirtioConsoleOptions {
@@ -238,6 +308,17 @@ export interface VmOptions {
   kvmDevice?: string
   /** A virtio-net device with forkvm's user-mode network (`{}` for the defaults). */
   network?: NetworkOptions
+  /** A limit on what the guest sends through the vsock device. */
+  vsockRateLimit?: RateLimit
+  /** The seccomp policy of this VM's threads (default: the process-wide `seccompPolicy()`). */
+  seccomp?: 'deny' | 'killThread' | 'killProcess' | 'off'
+  /** Kick vCPUs with `SIGRTMIN + kickSignalOffset` (default 2). */
+  kickSignalOffset?: number
+  /**
+   * Replace a handler the program installed for the kick signal (default: the build
+   * rejects with `INVALID_ARGUMENT`).
+   */
+  replaceSignalHandler?: boolean
 }
 /** How a guest ended. */
 export interface Exit {
@@ -267,6 +348,8 @@ export interface Device {
   irq: number
   /** The driver's status register. */
   status: number
+  /** The rate limit in force (`vm.setRateLimit`). */
+  rateLimit: RateLimit
 }
 /** The balloon's state. */
 export interface BalloonInfo {
@@ -460,9 +543,11 @@ export declare class Vm {
   static build(options: VmOptions): Promise<VM>
   /**
    * Starts a VM from the snapshot in `dir`, its host ends from `child` (a console sink or
-   * `ChildOptions`; discarded output if omitted). The VM runs at once.
+   * `ChildOptions`; discarded output if omitted), reading it as `options` say (with
+   * `verifyData` or `copyMemory` the directory is loaded anew, even if kept ready). The VM
+   * runs at once.
    */
-  static restore(dir: string, child?: ConsoleBuffer | 'stdout' | string | null | ((chunk: Buffer) => void) | ChildOptions): Promise<VM>
+  static restore(dir: string, child?: ConsoleBuffer | 'stdout' | string | null | ((chunk: Buffer) => void) | ChildOptions, options?: RestoreOptions | undefined | null): Promise<VM>
   /**
    * Keeps `n` children prepared for restores of the snapshot in `dir`: it stays loaded and
    * each `restore` of it starts in a child made ahead (refilled in the background), until a
@@ -509,6 +594,12 @@ export declare class Vm {
   get lastPauseMs(): number | null
   /** The VM's virtio devices. */
   get devices(): Array<Device>
+  /**
+   * Replaces the rate limit of device `device` (an index into `devices`) while the VM runs or
+   * before it starts: its buckets start full; `null` lifts it. Fork children and snapshots
+   * keep the limit in force. `NO_DEVICE` for an index out of range.
+   */
+  setRateLimit(device: number, limit?: RateLimit | undefined | null): void
   /** Reads `length` bytes of guest-physical memory at `addr` (consistent while paused). */
   readMemory(addr: number, length: number): Buffer
   /** Writes `data` into guest-physical memory at `addr` (only this VM's copy). */

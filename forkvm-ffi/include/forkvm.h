@@ -301,6 +301,62 @@ typedef struct forkvm_output {
   void *user_data;
 } forkvm_output;
 
+// What a forkvm thread's system call outside its allowlist does (one of the
+// `FORKVM_SECCOMP_*` values; `docs/seccomp.md`).
+typedef uint32_t forkvm_seccomp_policy;
+
+// The seccomp denials counted in this process so far (`forkvm::SeccompDenials`): system calls
+// of forkvm's threads outside their allowlist, each of which failed with `EPERM`.
+typedef struct forkvm_seccomp_denials {
+  // All denied calls.
+  uint64_t total;
+  // Denied on vCPU threads.
+  uint64_t vcpu;
+  // Denied on event-loop threads (and the DNS threads they start).
+  uint64_t event_loop;
+  // Denied on the threads preparing children.
+  uint64_t prepare;
+  // Denied on the reaper's threads.
+  uint64_t reaper;
+  // Whether `last_syscall` is set (a call was denied).
+  bool has_last_syscall;
+  // The number of the last denied system call (x86-64 numbering).
+  int64_t last_syscall;
+  // Threads that run unfiltered because the kernel refused their filter.
+  uint64_t install_failures;
+} forkvm_seccomp_denials;
+
+// The host end of a virtio console: its output, and the fd it reads input from. A zeroed
+// value discards output and has no input.
+typedef struct forkvm_virtio_console {
+  // Where its output goes.
+  struct forkvm_output output;
+  // Points to the fd its input comes from (duplicated), or NULL for none.
+  const int32_t *input_fd;
+} forkvm_virtio_console;
+
+// How a fork child (or a restored VM) reaches the host (`forkvm::Child`). A zeroed value is a
+// child whose output is discarded.
+typedef struct forkvm_child {
+  // Its serial console.
+  struct forkvm_output console;
+  // Points to the fd its serial console input comes from (duplicated), or NULL for none.
+  const int32_t *console_input_fd;
+  // The host ends of its virtio consoles, in the parent's order (the rest discard output).
+  const struct forkvm_virtio_console *virtio_consoles;
+  // How many `virtio_consoles`.
+  size_t virtio_console_count;
+  // Its vsock Unix socket path, or NULL.
+  const char *vsock_uds_path;
+  // Its own network (copied), or NULL: like the parent's, with the parent's policy in force
+  // now and no published ports. Ignored for a VM without a network.
+  const struct forkvm_network *network;
+} forkvm_child;
+
+// How `forkvm_vm_restore_with` reads a snapshot: 0, or `FORKVM_LOAD_*` values or'ed together
+// (`forkvm::LoadOptions`).
+typedef uint32_t forkvm_load_flags;
+
 // Counters of a VM's network (`forkvm::NetworkStats`), as of its event loop's last turn.
 typedef struct forkvm_network_stats {
   // Frames the guest sent.
@@ -406,33 +462,6 @@ typedef struct forkvm_device_info {
   uint32_t status;
 } forkvm_device_info;
 
-// The host end of a virtio console: its output, and the fd it reads input from. A zeroed
-// value discards output and has no input.
-typedef struct forkvm_virtio_console {
-  // Where its output goes.
-  struct forkvm_output output;
-  // Points to the fd its input comes from (duplicated), or NULL for none.
-  const int32_t *input_fd;
-} forkvm_virtio_console;
-
-// How a fork child (or a restored VM) reaches the host (`forkvm::Child`). A zeroed value is a
-// child whose output is discarded.
-typedef struct forkvm_child {
-  // Its serial console.
-  struct forkvm_output console;
-  // Points to the fd its serial console input comes from (duplicated), or NULL for none.
-  const int32_t *console_input_fd;
-  // The host ends of its virtio consoles, in the parent's order (the rest discard output).
-  const struct forkvm_virtio_console *virtio_consoles;
-  // How many `virtio_consoles`.
-  size_t virtio_console_count;
-  // Its vsock Unix socket path, or NULL.
-  const char *vsock_uds_path;
-  // Its own network (copied), or NULL: like the parent's, with the parent's policy in force
-  // now and no published ports. Ignored for a VM without a network.
-  const struct forkvm_network *network;
-} forkvm_child;
-
 // The balloon's state (`forkvm::BalloonHandle`).
 typedef struct forkvm_balloon_info {
   // The target the host set, in 4 KiB pages.
@@ -473,6 +502,27 @@ typedef struct forkvm_balloon_stat {
 
 // Output is handed to `callback(user_data, bytes, len)`.
 #define FORKVM_OUTPUT_CALLBACK 4
+
+// The call fails with `EPERM` and is counted (`forkvm_get_seccomp_denials`). The default.
+#define FORKVM_SECCOMP_DENY 0
+
+// The kernel ends the thread (a VM whose thread is killed hangs: prefer `KILL_PROCESS`).
+#define FORKVM_SECCOMP_KILL_THREAD 1
+
+// The kernel ends the whole process.
+#define FORKVM_SECCOMP_KILL_PROCESS 2
+
+// No filter.
+#define FORKVM_SECCOMP_OFF 3
+
+// Reads all of the memory and disk files and checks them against their checksums
+// (`state.json` is always checked): a damaged file gets `FORKVM_ERR_SNAPSHOT`. Costs a read of
+// every byte.
+#define FORKVM_LOAD_VERIFY_DATA 1
+
+// Copies the memory into a sealed memory file instead of mapping the snapshot's `memory`, so
+// that nothing done to the file later (a truncation, a write) reaches the VM. Costs a copy.
+#define FORKVM_LOAD_COPY_MEMORY 2
 
 #ifdef __cplusplus
 extern "C" {
@@ -649,6 +699,22 @@ enum forkvm_status forkvm_builder_network(struct forkvm_builder *builder,
 // The KVM device to open (default `/dev/kvm`).
 enum forkvm_status forkvm_builder_kvm_device(struct forkvm_builder *builder, const char *path);
 
+// The seccomp policy of this VM's threads and its children's (a `FORKVM_SECCOMP_*` value;
+// default: the process-wide policy, `forkvm_set_seccomp_policy`). See `docs/seccomp.md`.
+enum forkvm_status forkvm_builder_seccomp(struct forkvm_builder *builder,
+                                          forkvm_seccomp_policy policy);
+
+// Kicks the VM's vCPU threads with `SIGRTMIN + offset` instead of `SIGRTMIN + 2`, for a program
+// that uses that signal itself (a negative offset, or one past `SIGRTMAX`, fails at build).
+enum forkvm_status forkvm_builder_kick_signal_offset(struct forkvm_builder *builder,
+                                                     int32_t offset);
+
+// Whether the build may replace a handler the program installed for the kick signal (default:
+// no, the build fails with `FORKVM_ERR_INVALID_ARGUMENT`). Handlers are per process: the
+// program's is gone for the whole process.
+enum forkvm_status forkvm_builder_replace_signal_handler(struct forkvm_builder *builder,
+                                                         bool replace);
+
 // Validates the configuration, creates the VM and loads the guest into `*out` (not started:
 // `forkvm_vm_start`). Spends the builder, even when it fails; free it still.
 enum forkvm_status forkvm_builder_build(struct forkvm_builder *builder, struct forkvm_vm **out);
@@ -677,6 +743,25 @@ const char *forkvm_last_error(void);
 // The name of a status (`"FORKVM_ERR_NOT_RUNNING"`), or `"FORKVM_ERR_UNKNOWN"` for a number
 // that is none. A static string.
 const char *forkvm_status_name(int32_t status);
+
+// Sets the seccomp policy of the threads forkvm starts from now on for the whole process and
+// of VMs whose builder sets none (`forkvm_builder_seccomp`); threads running keep theirs.
+// `FORKVM_ERR_INVALID_ARGUMENT` for a value that is not a `FORKVM_SECCOMP_*`.
+enum forkvm_status forkvm_set_seccomp_policy(forkvm_seccomp_policy policy);
+
+// The process-wide seccomp policy (`forkvm_set_seccomp_policy`), into `*policy`.
+enum forkvm_status forkvm_get_seccomp_policy(forkvm_seccomp_policy *policy);
+
+// The seccomp denials counted so far, into `*denials`.
+enum forkvm_status forkvm_get_seccomp_denials(struct forkvm_seccomp_denials *denials);
+
+// `forkvm_vm_restore` reading the snapshot as `flags` say (`FORKVM_LOAD_*`; unknown bits get
+// `FORKVM_ERR_INVALID_ARGUMENT`). The directory is read anew even if it is kept ready
+// (`forkvm_keep_restores_ready`).
+enum forkvm_status forkvm_vm_restore_with(const char *dir,
+                                          const struct forkvm_child *child,
+                                          forkvm_load_flags flags,
+                                          struct forkvm_vm **out);
 
 // Makes a network with the defaults into `*out`: guest 10.0.2.15/24 by DHCP, gateway 10.0.2.2
 // (standing for the host), DNS 10.0.2.3; the policy "public internet" (nothing on this host or
@@ -919,6 +1004,21 @@ enum forkvm_status forkvm_vm_set_rate_limit(const struct forkvm_vm *vm,
 enum forkvm_status forkvm_vm_set_rx_rate_limit(const struct forkvm_vm *vm,
                                                size_t device,
                                                const struct forkvm_rate_limit *limit);
+
+// The rate limit in force on virtio device `device` (an index into `forkvm_vm_devices`), into
+// `*limit`: a bucket of size 0 is no limit; `refill_ms` is rounded down to whole milliseconds.
+// `FORKVM_ERR_NO_DEVICE` for an index out of range.
+enum forkvm_status forkvm_vm_rate_limit(const struct forkvm_vm *vm,
+                                        size_t device,
+                                        struct forkvm_rate_limit *limit);
+
+// The receive-direction limit in force on virtio device `device` (see
+// `forkvm_vm_set_rx_rate_limit`), into `*limit`, as `forkvm_vm_rate_limit` gives the other.
+// `FORKVM_ERR_NO_DEVICE` for an index out of range, `FORKVM_ERR_INVALID_ARGUMENT` for a device
+// without a receive direction.
+enum forkvm_status forkvm_vm_rx_rate_limit(const struct forkvm_vm *vm,
+                                           size_t device,
+                                           struct forkvm_rate_limit *limit);
 
 // The VM's virtio devices: sets `*count` to how many there are and copies up to `capacity`
 // of them into `devices` (NULL when `capacity` is 0); `FORKVM_ERR_BUFFER_TOO_SMALL` if

@@ -8,6 +8,7 @@ use forkvm::{BalloonConfig, DiskConfig, VmBuilder, VsockConfig};
 use crate::console::{input_arg, output_arg};
 use crate::error::{Failure, ffi, forkvm_status};
 use crate::handle::Registry;
+use crate::hardening::{forkvm_seccomp_policy, policy_arg};
 use crate::network::{forkvm_network, network_arg};
 use crate::vm::{VMS, forkvm_vm};
 use crate::{forkvm_output, opt_str_arg, out_arg, str_arg};
@@ -238,6 +239,44 @@ pub unsafe extern "C" fn forkvm_builder_kvm_device(
     with_builder(builder, || {
         let path = str_arg(path, "path")?;
         Ok(move |b: VmBuilder| b.kvm_device(path))
+    })
+}
+
+/// The seccomp policy of this VM's threads and its children's (a `FORKVM_SECCOMP_*` value;
+/// default: the process-wide policy, `forkvm_set_seccomp_policy`). See `docs/seccomp.md`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn forkvm_builder_seccomp(
+    builder: *mut forkvm_builder,
+    policy: forkvm_seccomp_policy,
+) -> forkvm_status {
+    with_builder(builder, || {
+        let policy = policy_arg(policy)?;
+        Ok(move |b: VmBuilder| b.seccomp(policy))
+    })
+}
+
+/// Kicks the VM's vCPU threads with `SIGRTMIN + offset` instead of `SIGRTMIN + 2`, for a program
+/// that uses that signal itself (a negative offset, or one past `SIGRTMAX`, fails at build).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn forkvm_builder_kick_signal_offset(
+    builder: *mut forkvm_builder,
+    offset: i32,
+) -> forkvm_status {
+    with_builder(builder, || {
+        Ok(move |b: VmBuilder| b.kick_signal_offset(offset))
+    })
+}
+
+/// Whether the build may replace a handler the program installed for the kick signal (default:
+/// no, the build fails with `FORKVM_ERR_INVALID_ARGUMENT`). Handlers are per process: the
+/// program's is gone for the whole process.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn forkvm_builder_replace_signal_handler(
+    builder: *mut forkvm_builder,
+    replace: bool,
+) -> forkvm_status {
+    with_builder(builder, || {
+        Ok(move |b: VmBuilder| b.replace_signal_handler(replace))
     })
 }
 

@@ -38,6 +38,7 @@ mod builder;
 mod console;
 mod error;
 mod handle;
+mod hardening;
 mod network;
 mod process;
 mod pty;
@@ -52,6 +53,7 @@ pub use agent::*;
 pub use builder::*;
 pub use console::*;
 pub use error::{forkvm_last_error, forkvm_status, forkvm_status_name};
+pub use hardening::*;
 pub use network::*;
 pub use vm::*;
 

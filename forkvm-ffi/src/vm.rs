@@ -389,11 +389,7 @@ pub unsafe extern "C" fn forkvm_vm_set_rate_limit(
 ) -> forkvm_status {
     ffi(|| {
         // SAFETY: NULL or a valid `forkvm_rate_limit` for the call.
-        let limit = unsafe { limit.as_ref() }.copied().unwrap_or_default();
-        let limit = forkvm::RateLimit {
-            bytes: bucket(limit.bytes),
-            ops: bucket(limit.ops),
-        };
+        let limit = unsafe { from_c_limit(limit) };
         VMS.get(vm)?.set_rate_limit(device, limit)?;
         Ok(())
     })
@@ -414,14 +410,84 @@ pub unsafe extern "C" fn forkvm_vm_set_rx_rate_limit(
 ) -> forkvm_status {
     ffi(|| {
         // SAFETY: NULL or a valid `forkvm_rate_limit` for the call.
-        let limit = unsafe { limit.as_ref() }.copied().unwrap_or_default();
-        let limit = forkvm::RateLimit {
-            bytes: bucket(limit.bytes),
-            ops: bucket(limit.ops),
-        };
+        let limit = unsafe { from_c_limit(limit) };
         VMS.get(vm)?.set_rx_rate_limit(device, limit)?;
         Ok(())
     })
+}
+
+/// The rate limit in force on virtio device `device` (an index into `forkvm_vm_devices`), into
+/// `*limit`: a bucket of size 0 is no limit; `refill_ms` is rounded down to whole milliseconds.
+/// `FORKVM_ERR_NO_DEVICE` for an index out of range.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn forkvm_vm_rate_limit(
+    vm: *const forkvm_vm,
+    device: usize,
+    limit: *mut forkvm_rate_limit,
+) -> forkvm_status {
+    ffi(|| {
+        let out = out_arg(limit, "limit")?;
+        let devices = VMS.get(vm)?.devices();
+        let info = devices
+            .get(device)
+            .ok_or_else(|| Failure::from(forkvm::Error::NoSuchDevice(device)))?;
+        *out = to_c_limit(info.rate_limit);
+        Ok(())
+    })
+}
+
+/// The receive-direction limit in force on virtio device `device` (see
+/// `forkvm_vm_set_rx_rate_limit`), into `*limit`, as `forkvm_vm_rate_limit` gives the other.
+/// `FORKVM_ERR_NO_DEVICE` for an index out of range, `FORKVM_ERR_INVALID_ARGUMENT` for a device
+/// without a receive direction.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn forkvm_vm_rx_rate_limit(
+    vm: *const forkvm_vm,
+    device: usize,
+    limit: *mut forkvm_rate_limit,
+) -> forkvm_status {
+    ffi(|| {
+        let out = out_arg(limit, "limit")?;
+        let devices = VMS.get(vm)?.devices();
+        let info = devices
+            .get(device)
+            .ok_or_else(|| Failure::from(forkvm::Error::NoSuchDevice(device)))?;
+        let rx = info.rx_rate_limit.ok_or_else(|| {
+            Failure::from(forkvm::Error::InvalidRateLimit(
+                forkvm::RateLimitError::NoReceiveDirection,
+            ))
+        })?;
+        *out = to_c_limit(rx);
+        Ok(())
+    })
+}
+
+/// `*limit` as forkvm's limit; NULL (and buckets of size 0) is no limit.
+///
+/// # Safety
+/// `limit` is NULL or points to a valid `forkvm_rate_limit` for the call.
+unsafe fn from_c_limit(limit: *const forkvm_rate_limit) -> forkvm::RateLimit {
+    // SAFETY: the caller's promise.
+    let limit = unsafe { limit.as_ref() }.copied().unwrap_or_default();
+    forkvm::RateLimit {
+        bytes: bucket(limit.bytes),
+        ops: bucket(limit.ops),
+    }
+}
+
+/// forkvm's limit as C's (a bucket of size 0 is none).
+fn to_c_limit(limit: forkvm::RateLimit) -> forkvm_rate_limit {
+    let to_c = |b: Option<forkvm::Bucket>| {
+        b.map_or_else(forkvm_bucket::default, |b| forkvm_bucket {
+            size: b.size,
+            one_time_burst: b.one_time_burst,
+            refill_ms: u64::try_from(b.refill_time.as_millis()).unwrap_or(u64::MAX),
+        })
+    };
+    forkvm_rate_limit {
+        bytes: to_c(limit.bytes),
+        ops: to_c(limit.ops),
+    }
 }
 
 /// One of a VM's virtio devices (`forkvm::DeviceInfo`).

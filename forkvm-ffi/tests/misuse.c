@@ -202,6 +202,9 @@ static void a_vm_that_ended(void)
     CHECK(strstr(forkvm_last_error(), "receive direction") != NULL);
     EXPECT(FORKVM_ERR_NO_DEVICE, forkvm_vm_set_rx_rate_limit(vm, 1, NULL));
     EXPECT(FORKVM_ERR_NULL_POINTER, forkvm_vm_set_rx_rate_limit(NULL, 0, NULL));
+    EXPECT(FORKVM_ERR_INVALID_ARGUMENT, forkvm_vm_rx_rate_limit(vm, 0, &limit));
+    EXPECT(FORKVM_ERR_NO_DEVICE, forkvm_vm_rx_rate_limit(vm, 1, &limit));
+    EXPECT(FORKVM_ERR_NULL_POINTER, forkvm_vm_rx_rate_limit(vm, 0, NULL));
 
     OK(forkvm_vm_start(vm));
     OK(forkvm_vm_wait(vm, &ended));

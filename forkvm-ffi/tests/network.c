@@ -116,9 +116,16 @@ int main(void)
         /* What the guest receives can be limited, apart from what it sends, and lifted. */
         forkvm_rate_limit rx = { .bytes = { .size = 1 << 20, .refill_ms = 1000 } };
         OK(forkvm_vm_set_rx_rate_limit(vm, i, &rx));
+        forkvm_rate_limit shown = { 0 };
+        OK(forkvm_vm_rx_rate_limit(vm, i, &shown));
+        CHECK(shown.bytes.size == 1 << 20 && shown.bytes.refill_ms == 1000 && shown.ops.size == 0);
+        OK(forkvm_vm_rate_limit(vm, i, &shown));
+        CHECK(shown.bytes.size == 0 && shown.ops.size == 0);
         rx.ops = (forkvm_bucket){ .size = 10, .refill_ms = 0 };
         EXPECT(FORKVM_ERR_INVALID_ARGUMENT, forkvm_vm_set_rx_rate_limit(vm, i, &rx));
         OK(forkvm_vm_set_rx_rate_limit(vm, i, NULL));
+        OK(forkvm_vm_rx_rate_limit(vm, i, &shown));
+        CHECK(shown.bytes.size == 0);
     }
     CHECK(nets == 1);
 

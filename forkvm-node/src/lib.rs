@@ -11,6 +11,7 @@ mod agent;
 mod console;
 mod convert;
 mod error;
+mod limits;
 mod network;
 mod process;
 mod task;
@@ -18,6 +19,9 @@ mod vm;
 
 use napi::Env;
 use napi_derive::napi;
+
+// The module's exported functions (reached from JS only, through napi's registration).
+pub use limits::{SeccompDenials, seccomp_denials, seccomp_policy, set_seccomp_policy};
 
 /// The forkvm version this binding was built from.
 #[napi]

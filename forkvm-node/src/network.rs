@@ -50,6 +50,8 @@ pub struct NetworkOptions {
     pub hosts: Option<HashMap<String, Vec<String>>>,
     /// Open host sockets to the host's loopback only, whatever the policy allows.
     pub loopback_only: Option<bool>,
+    /// A limit on what the guest transmits (a fork child keeps its parent's and ignores this).
+    pub rate_limit: Option<crate::limits::RateLimit>,
 }
 
 /// An IP address argument.
@@ -129,7 +131,10 @@ pub(crate) fn network(options: NetworkOptions) -> Outcome<Network> {
     if options.loopback_only.unwrap_or(false) {
         network = network.loopback_only();
     }
-    Ok(network)
+    Ok(network.rate_limit(crate::limits::rate_limit(
+        options.rate_limit,
+        "network.rateLimit",
+    )?))
 }
 
 /// Where `vm.publish` bound.

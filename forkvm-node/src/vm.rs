@@ -11,6 +11,7 @@ use napi_derive::napi;
 use crate::console;
 use crate::convert;
 use crate::error::{Failure, Outcome, sync};
+use crate::limits::{self, RateLimit, RestoreOptions};
 use crate::network::{self, NetworkOptions};
 use crate::task::{Blocking, blocking, run, spawn, spawn_run};
 
@@ -23,6 +24,8 @@ pub struct DiskOptions {
     pub read_only: Option<bool>,
     /// Open the image with `O_DIRECT`.
     pub direct_io: Option<bool>,
+    /// A limit on the guest's requests to it (`vm.setRateLimit` changes it while it runs).
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// A virtio console (the guest's `hvc0`, `hvc1`, ...).
@@ -83,6 +86,16 @@ pub struct VmOptions {
     pub kvm_device: Option<String>,
     /// A virtio-net device with forkvm's user-mode network (`{}` for the defaults).
     pub network: Option<NetworkOptions>,
+    /// A limit on what the guest sends through the vsock device.
+    pub vsock_rate_limit: Option<RateLimit>,
+    /// The seccomp policy of this VM's threads (default: the process-wide `seccompPolicy()`).
+    #[napi(ts_type = "'deny' | 'killThread' | 'killProcess' | 'off'")]
+    pub seccomp: Option<String>,
+    /// Kick vCPUs with `SIGRTMIN + kickSignalOffset` (default 2).
+    pub kick_signal_offset: Option<f64>,
+    /// Replace a handler the program installed for the kick signal (default: the build
+    /// rejects with `INVALID_ARGUMENT`).
+    pub replace_signal_handler: Option<bool>,
 }
 
 /// How a guest ended.
@@ -140,6 +153,8 @@ pub struct Device {
     pub irq: u32,
     /// The driver's status register.
     pub status: u32,
+    /// The rate limit in force (`vm.setRateLimit`).
+    pub rate_limit: RateLimit,
 }
 
 /// The balloon's state.
@@ -237,21 +252,36 @@ fn builder(env: Env, options: VmOptions) -> Outcome<forkvm::VmBuilder> {
     if let Some(vcpus) = options.vcpus {
         b = b.vcpus(convert::u32_arg(vcpus, "vcpus")?);
     }
+    if let Some(policy) = options.seccomp {
+        b = b.seccomp(limits::seccomp_policy_arg(&policy, "seccomp")?);
+    }
+    if let Some(offset) = options.kick_signal_offset {
+        b = b.kick_signal_offset(limits::kick_signal_offset(offset)?);
+    }
+    b = b.replace_signal_handler(options.replace_signal_handler.unwrap_or(false));
     if let Some(input) = console::input(options.console_input, "consoleInput")? {
         b = b.console_input(input);
     }
     if options.rng == Some(true) {
         b = b.rng();
     }
-    for disk in options.disks.unwrap_or_default() {
+    for (i, disk) in options.disks.unwrap_or_default().into_iter().enumerate() {
+        let limit = limits::rate_limit(disk.rate_limit, &format!("disks[{i}].rateLimit"))?;
         b = b.disk(
             forkvm::DiskConfig::new(disk.path)
                 .read_only(disk.read_only.unwrap_or(false))
-                .direct_io(disk.direct_io.unwrap_or(false)),
+                .direct_io(disk.direct_io.unwrap_or(false))
+                .rate_limit(limit),
         );
     }
+    if options.vsock_cid.is_none() && options.vsock_rate_limit.is_some() {
+        return Err(Failure::invalid("vsockRateLimit needs a vsockCid"));
+    }
     if let Some(cid) = options.vsock_cid {
-        let mut vsock = forkvm::VsockConfig::new(convert::u32_arg(cid, "vsockCid")?.into());
+        let mut vsock =
+            forkvm::VsockConfig::new(convert::u32_arg(cid, "vsockCid")?.into()).rate_limit(
+                limits::rate_limit(options.vsock_rate_limit, "vsockRateLimit")?,
+            );
         if let Some(path) = options.vsock_uds_path {
             vsock = vsock.uds_path(path);
         }
@@ -365,7 +395,9 @@ impl VM {
     }
 
     /// Starts a VM from the snapshot in `dir`, its host ends from `child` (a console sink or
-    /// `ChildOptions`; discarded output if omitted). The VM runs at once.
+    /// `ChildOptions`; discarded output if omitted), reading it as `options` say (with
+    /// `verifyData` or `copyMemory` the directory is loaded anew, even if kept ready). The VM
+    /// runs at once.
     #[napi(ts_return_type = "Promise<VM>")]
     pub fn restore(
         env: Env,
@@ -374,9 +406,19 @@ impl VM {
             ts_arg_type = "ConsoleBuffer | 'stdout' | string | null | ((chunk: Buffer) => void) | ChildOptions"
         )]
         child: Option<JsUnknown>,
+        options: Option<RestoreOptions>,
     ) -> napi::Result<AsyncTask<Blocking<forkvm::Vm, VM>>> {
         let c = sync(env, || self::child(env, child, "child"))?;
-        Ok(blocking(move || Ok(forkvm::Vm::restore(dir, c)?), wrap_vm))
+        let load = limits::load_options(options);
+        Ok(blocking(
+            move || {
+                Ok(match load {
+                    Some(load) => forkvm::Vm::restore_with(dir, c, load)?,
+                    None => forkvm::Vm::restore(dir, c)?,
+                })
+            },
+            wrap_vm,
+        ))
     }
 
     /// Keeps `n` children prepared for restores of the snapshot in `dir`: it stays loaded and
@@ -512,9 +554,27 @@ impl VM {
                         mmio_base: d.mmio_base as f64,
                         irq: d.irq,
                         status: d.status,
+                        rate_limit: limits::rate_limit_to_js(d.rate_limit),
                     })
                     .collect()
             })
+        })
+    }
+
+    /// Replaces the rate limit of device `device` (an index into `devices`) while the VM runs or
+    /// before it starts: its buckets start full; `null` lifts it. Fork children and snapshots
+    /// keep the limit in force. `NO_DEVICE` for an index out of range.
+    #[napi]
+    pub fn set_rate_limit(
+        &self,
+        env: Env,
+        device: f64,
+        limit: Option<RateLimit>,
+    ) -> napi::Result<()> {
+        sync(env, || {
+            let device = convert::usize_arg(device, "device")?;
+            let limit = limits::rate_limit(limit, "limit")?;
+            Ok(self.get()?.set_rate_limit(device, limit)?)
         })
     }
 

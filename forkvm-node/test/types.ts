@@ -1,5 +1,5 @@
 // Type check of index.d.ts / native.d.ts (compiled, never run): test.sh runs `tsc --noEmit --strict` on it.
-import { VM, ConsoleBuffer, NotRunningError, ForkvmError, Process, type Exit, type ExecResult, type ExitInfo, type ProcessEvent } from '..';
+import { VM, ConsoleBuffer, NotRunningError, ForkvmError, Process, type Exit, type ExecResult, type ExitInfo, type ProcessEvent, type RateLimit, type SeccompDenials, setSeccompPolicy, seccompPolicy, seccompDenials } from '..';
 async function main(): Promise<void> {
   const console_ = new ConsoleBuffer();
   const vm: VM = await VM.build({ kernel: 'k', memoryMib: 32, console: console_, disks: [{ path: 'x', readOnly: true }] });
@@ -33,6 +33,20 @@ async function main(): Promise<void> {
   const flows: number = netVm.networkStats().tcpFlowsOpen;
   const kids3 = await vm.fork([{ network: { denyAll: true } }]);
   void [sock, flows, kids3];
+  const limit: RateLimit = { bytes: { size: 65536, refillTimeMs: 1000 }, ops: { size: 10, refillTimeMs: 100, oneTimeBurst: 5 } };
+  const limited: VM = await VM.build({
+    kernel: 'k', disks: [{ path: 'x', rateLimit: limit }], vsockCid: 3, vsockRateLimit: limit, network: { rateLimit: limit },
+    seccomp: 'killProcess', kickSignalOffset: 5, replaceSignalHandler: true,
+  });
+  limited.setRateLimit(0, limit);
+  limited.setRateLimit(0, null);
+  const shown: RateLimit = limited.devices[0].rateLimit;
+  const restored: VM = await VM.restore('dir', null, { verifyData: true, copyMemory: false });
+  setSeccompPolicy('off');
+  const policy: 'deny' | 'killThread' | 'killProcess' | 'off' = seccompPolicy();
+  const denials: SeccompDenials = seccompDenials();
+  const last: number | null | undefined = denials.lastSyscall;
+  void [shown, restored, policy, denials.eventLoop, last];
   void [kids, kids2, exit, r, m, ok, vm.identity.generation, console_.text()];
 }
 void main;

@@ -9,7 +9,9 @@
 
 mod agent;
 mod console;
+mod devices;
 mod errors;
+mod limits;
 mod network;
 mod types;
 mod vm;
@@ -22,9 +24,12 @@ fn _forkvm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<vm::PyVm>()?;
     m.add_class::<console::PyConsoleBuffer>()?;
     m.add_class::<vm::PyChild>()?;
-    m.add_class::<vm::PyDisk>()?;
-    m.add_class::<vm::PyBalloon>()?;
-    m.add_class::<vm::PyBalloonHandle>()?;
+    m.add_class::<devices::PyDisk>()?;
+    m.add_class::<devices::PyBalloon>()?;
+    m.add_class::<devices::PyBalloonHandle>()?;
+    m.add_class::<limits::PyBucket>()?;
+    m.add_class::<limits::PyRateLimit>()?;
+    m.add_class::<limits::PySeccompDenials>()?;
     m.add_class::<network::PyNetwork>()?;
     m.add_class::<agent::PyAgent>()?;
     m.add_class::<agent::PyPty>()?;
@@ -38,6 +43,9 @@ fn _forkvm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<types::PyDirEntry>()?;
     m.add_function(wrap_pyfunction!(vm::stop_all, m)?)?;
     m.add_function(wrap_pyfunction!(vm::wait_for_releases, m)?)?;
+    m.add_function(wrap_pyfunction!(limits::set_seccomp_policy, m)?)?;
+    m.add_function(wrap_pyfunction!(limits::seccomp_policy, m)?)?;
+    m.add_function(wrap_pyfunction!(limits::seccomp_denials, m)?)?;
     errors::register(m)?;
     m.add("DEFAULT_MEMORY_MIB", forkvm::DEFAULT_MEMORY_MIB)?;
     m.add("IMAGE_CMDLINE", forkvm_agent_client::IMAGE_CMDLINE)?;

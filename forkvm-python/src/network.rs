@@ -12,6 +12,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::errors::{HostIoError, InvalidArgumentError, vm_error};
+use crate::limits::PyRateLimit;
 
 /// A VM's network: a virtio-net device with forkvm's user-mode network behind it (no
 /// privileges; the guest gets 10.0.2.15 by DHCP, the gateway 10.0.2.2 stands for the host).
@@ -24,7 +25,8 @@ use crate::errors::{HostIoError, InvalidArgumentError, vm_error};
 /// tcp/8080"`, `"10.0.0.0/8 udp/5000-5999"`, `"10.0.0.0/8 tcp"`, `"192.0.2.1 icmp"`); allow rules checked before deny rules, the first that matches
 /// deciding; `allow_domains` limits egress to those names and their subdomains. `hosts` answers
 /// names in the VM's DNS: `{"db": ["10.0.2.2"]}`. `loopback_only` lets it open host sockets to
-/// the host's loopback only, whatever the policy allows.
+/// the host's loopback only, whatever the policy allows. `rate_limit`: a `RateLimit` on what
+/// the guest transmits (a fork child keeps its parent's, whatever network it is given).
 #[pyclass(module = "forkvm", name = "Network", frozen)]
 pub(crate) struct PyNetwork {
     pub(crate) network: Network,
@@ -35,8 +37,9 @@ impl PyNetwork {
     #[new]
     #[pyo3(signature = (
         *, publish = None, allow = Vec::new(), deny = Vec::new(), allow_domains = Vec::new(),
-        deny_all = false, hosts = None, loopback_only = false
+        deny_all = false, hosts = None, loopback_only = false, rate_limit = None
     ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         publish: Option<&Bound<'_, PyDict>>,
         allow: Vec<String>,
@@ -45,8 +48,11 @@ impl PyNetwork {
         deny_all: bool,
         hosts: Option<HashMap<String, Vec<String>>>,
         loopback_only: bool,
+        rate_limit: Option<PyRateLimit>,
     ) -> PyResult<Self> {
-        let mut network = Network::user().policy(policy(&allow, &deny, &allow_domains, deny_all)?);
+        let mut network = Network::user()
+            .policy(policy(&allow, &deny, &allow_domains, deny_all)?)
+            .rate_limit(crate::limits::rate_limit(rate_limit.as_ref()));
         if loopback_only {
             network = network.loopback_only();
         }

@@ -8,6 +8,8 @@ use forkvm_agent_protocol::FileType;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+use crate::limits::PyRateLimit;
+
 /// How a guest ended (`VM.wait()`, `VM.stop()`, `VM.exit`).
 ///
 /// `kind` is one of `"powered_off"` (with `status` from the debug-exit port, if any),
@@ -117,6 +119,8 @@ pub(crate) struct PyDeviceInfo {
     irq: u32,
     /// The driver's status register.
     status: u32,
+    /// The rate limit in force (`VM.set_rate_limit`).
+    rate_limit: PyRateLimit,
 }
 
 impl From<DeviceInfo> for PyDeviceInfo {
@@ -126,6 +130,7 @@ impl From<DeviceInfo> for PyDeviceInfo {
             mmio_base: d.mmio_base,
             irq: d.irq,
             status: d.status,
+            rate_limit: d.rate_limit.into(),
         }
     }
 }
@@ -134,8 +139,12 @@ impl From<DeviceInfo> for PyDeviceInfo {
 impl PyDeviceInfo {
     fn __repr__(&self) -> String {
         format!(
-            "DeviceInfo(device_type={}, mmio_base={:#x}, irq={}, status={:#x})",
-            self.device_type, self.mmio_base, self.irq, self.status
+            "DeviceInfo(device_type={}, mmio_base={:#x}, irq={}, status={:#x}, rate_limit={})",
+            self.device_type,
+            self.mmio_base,
+            self.irq,
+            self.status,
+            self.rate_limit.__repr__()
         )
     }
 }

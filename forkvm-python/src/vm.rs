@@ -1,11 +1,11 @@
-//! `forkvm.VM` and what builds one: `Disk`, `Balloon`, `Child`; a VM's balloon handle.
+//! `forkvm.VM` and `Child`, how a fork child or restored VM reaches the host.
 
 use forkvm_agent_client::VmAgentExt;
 use std::os::fd::IntoRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use forkvm::{BalloonConfig, BalloonHandle, Child, DiskConfig, Vm, VmBuilder, VsockConfig};
+use forkvm::{BalloonConfig, Child, DiskConfig, LoadOptions, Vm, VmBuilder, VsockConfig};
 use forkvm_agent_client::DEFAULT_REQUEST_TIMEOUT;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -13,7 +13,9 @@ use pyo3::types::{PyBytes, PyDict, PyTuple};
 
 use crate::agent::{PyAgent, PyProcess, PyPty, duration};
 use crate::console::{ConsoleArg, console_input, console_output};
+use crate::devices::{PyBalloon, PyBalloonHandle, PyDisk};
 use crate::errors::{agent_error, closed, vm_error};
+use crate::limits::{PyRateLimit, rate_limit, seccomp_policy_arg};
 use crate::network::{self, PyNetwork};
 use crate::types::{PyDeviceInfo, PyDirEntry, PyExecResult, PyExit, PyFileStat, PyIdentity};
 
@@ -46,136 +48,6 @@ pub(crate) fn wait_for_releases(py: Python<'_>, timeout: f64) -> bool {
     let timeout = std::time::Duration::try_from_secs_f64(timeout.max(0.0))
         .unwrap_or(std::time::Duration::MAX);
     py.allow_threads(move || forkvm::wait_for_releases(timeout))
-}
-
-/// A virtio-blk disk over the raw image at `path` (`/dev/vda`, `/dev/vdb`, ... in order).
-#[pyclass(module = "forkvm", name = "Disk", frozen, get_all)]
-#[derive(Clone)]
-pub(crate) struct PyDisk {
-    path: PathBuf,
-    read_only: bool,
-    direct_io: bool,
-}
-
-#[pymethods]
-impl PyDisk {
-    #[new]
-    #[pyo3(signature = (path, *, read_only = false, direct_io = false))]
-    fn new(path: PathBuf, read_only: bool, direct_io: bool) -> Self {
-        Self {
-            path,
-            read_only,
-            direct_io,
-        }
-    }
-
-    fn __repr__(&self) -> String {
-        format!(
-            "Disk({:?}, read_only={}, direct_io={})",
-            self.path,
-            py_bool(self.read_only),
-            py_bool(self.direct_io)
-        )
-    }
-}
-
-fn py_bool(b: bool) -> &'static str {
-    if b { "True" } else { "False" }
-}
-
-/// A virtio-balloon device's options.
-#[pyclass(module = "forkvm", name = "Balloon", frozen, get_all)]
-#[derive(Clone)]
-pub(crate) struct PyBalloon {
-    deflate_on_oom: bool,
-    free_page_reporting: bool,
-}
-
-#[pymethods]
-impl PyBalloon {
-    #[new]
-    #[pyo3(signature = (*, deflate_on_oom = false, free_page_reporting = false))]
-    fn new(deflate_on_oom: bool, free_page_reporting: bool) -> Self {
-        Self {
-            deflate_on_oom,
-            free_page_reporting,
-        }
-    }
-}
-
-/// A VM's balloon (`VM.balloon`): set its target, read what the guest gave back.
-#[pyclass(module = "forkvm", name = "BalloonHandle", frozen)]
-pub(crate) struct PyBalloonHandle {
-    handle: BalloonHandle,
-}
-
-#[pymethods]
-impl PyBalloonHandle {
-    /// Asks the guest to give back `mib` MiB.
-    fn set_target_mib(&self, mib: u64) -> PyResult<()> {
-        self.handle
-            .set_target_mib(mib)
-            .map_err(|e| PyValueError::new_err(e.to_string()))
-    }
-
-    /// Asks the guest to give back `pages` 4 KiB pages.
-    fn set_target_pages(&self, pages: u64) -> PyResult<()> {
-        self.handle
-            .set_target_pages(pages)
-            .map_err(|e| PyValueError::new_err(e.to_string()))
-    }
-
-    /// The pages asked for.
-    #[getter]
-    fn target_pages(&self) -> u64 {
-        self.handle.target_pages()
-    }
-
-    /// The pages the guest gave.
-    #[getter]
-    fn actual_pages(&self) -> u64 {
-        self.handle.actual_pages()
-    }
-
-    /// Asks the guest for fresh memory statistics.
-    fn request_stats(&self) {
-        self.handle.request_stats();
-    }
-
-    /// The guest's latest memory statistics, by virtio tag, or `None` before any came.
-    fn stats(&self) -> Option<Vec<(u16, u64)>> {
-        self.handle.stats().map(|s| s.entries().to_vec())
-    }
-
-    /// How many statistics updates came.
-    #[getter]
-    fn stats_updates(&self) -> u64 {
-        self.handle.stats_updates()
-    }
-
-    /// Bytes the host reclaimed from inflation.
-    #[getter]
-    fn inflated_bytes(&self) -> u64 {
-        self.handle.inflated_bytes()
-    }
-
-    /// Bytes the guest took back.
-    #[getter]
-    fn deflated_bytes(&self) -> u64 {
-        self.handle.deflated_bytes()
-    }
-
-    /// Bytes reclaimed through free page reporting.
-    #[getter]
-    fn reported_bytes(&self) -> u64 {
-        self.handle.reported_bytes()
-    }
-
-    /// Guest requests the device refused.
-    #[getter]
-    fn rejected_requests(&self) -> u64 {
-        self.handle.rejected_requests()
-    }
 }
 
 /// How one child of a fork (or a restored VM) reaches the host: its serial console and input,
@@ -317,12 +189,18 @@ impl PyVm {
     /// `sys.unraisablehook`). `console_input`: `None`, `"stdin"`, an fd or an object with
     /// `fileno()`. `disks`: paths or `Disk`s. `virtio_consoles`: outputs or `(output, input)`
     /// pairs. `balloon`: `True` or a `Balloon`. `network`: a `Network` (a virtio-net device).
+    /// `vsock_rate_limit`: a `RateLimit` on what the guest sends through vsock. `seccomp`: the
+    /// policy of this VM's threads (`"deny"`, `"kill_thread"`, `"kill_process"`, `"off"`;
+    /// default: the process-wide `seccomp_policy()`). `kick_signal_offset`: kick vCPUs with
+    /// `SIGRTMIN + offset` (default 2); `replace_signal_handler`: replace a handler the program
+    /// installed for it (else the build raises `InvalidArgumentError`).
     #[new]
     #[pyo3(signature = (
         kernel, *, initrd = None, cmdline = None, memory_mib = forkvm::DEFAULT_MEMORY_MIB,
         vcpus = 1, console = ConsoleArg::stdout(), console_input = None, rng = false, disks = Vec::new(),
         virtio_consoles = Vec::new(), vsock_cid = None, vsock_uds_path = None, balloon = None,
-        debug_exit = false, kvm_device = None, network = None
+        debug_exit = false, kvm_device = None, network = None, vsock_rate_limit = None,
+        seccomp = None, kick_signal_offset = None, replace_signal_handler = false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -343,12 +221,23 @@ impl PyVm {
         debug_exit: bool,
         kvm_device: Option<PathBuf>,
         network: Option<PyRef<'_, PyNetwork>>,
+        vsock_rate_limit: Option<PyRateLimit>,
+        seccomp: Option<&str>,
+        kick_signal_offset: Option<i32>,
+        replace_signal_handler: bool,
     ) -> PyResult<Self> {
         let mut builder = VmBuilder::new()
             .kernel(kernel)
             .memory_mib(memory_mib)
             .vcpus(vcpus)
-            .debug_exit(debug_exit);
+            .debug_exit(debug_exit)
+            .replace_signal_handler(replace_signal_handler);
+        if let Some(policy) = seccomp {
+            builder = builder.seccomp(seccomp_policy_arg(policy)?);
+        }
+        if let Some(offset) = kick_signal_offset {
+            builder = builder.kick_signal_offset(offset);
+        }
         if let Some(initrd) = initrd {
             builder = builder.initrd(initrd);
         }
@@ -370,12 +259,14 @@ impl PyVm {
                         .map_err(|_| PyTypeError::new_err("a disk is a path or a forkvm.Disk"))?,
                     false,
                     false,
+                    None,
                 ),
             };
             builder = builder.disk(
                 DiskConfig::new(disk.path)
                     .read_only(disk.read_only)
-                    .direct_io(disk.direct_io),
+                    .direct_io(disk.direct_io)
+                    .rate_limit(rate_limit(disk.rate_limit.as_ref())),
             );
         }
         for spec in &virtio_consoles {
@@ -384,7 +275,8 @@ impl PyVm {
         }
         match (vsock_cid, vsock_uds_path) {
             (Some(cid), path) => {
-                let mut vsock = VsockConfig::new(cid);
+                let mut vsock =
+                    VsockConfig::new(cid).rate_limit(rate_limit(vsock_rate_limit.as_ref()));
                 if let Some(path) = path {
                     vsock = vsock.uds_path(path);
                 }
@@ -392,6 +284,9 @@ impl PyVm {
             }
             (None, Some(_)) => {
                 return Err(PyValueError::new_err("vsock_uds_path needs a vsock_cid"));
+            }
+            (None, None) if vsock_rate_limit.is_some() => {
+                return Err(PyValueError::new_err("vsock_rate_limit needs a vsock_cid"));
             }
             (None, None) => {}
         }
@@ -427,12 +322,34 @@ impl PyVm {
 
     /// Starts a new VM from the snapshot in `directory`, running, connected to the host as
     /// `console` says (a console output spelling or a `Child`; default: standard output).
+    /// `verify_data`: read the memory and disk files whole and check them against their
+    /// checksums (a damaged one raises `SnapshotError`); `copy_memory`: copy the memory rather
+    /// than map the file, so that nothing done to it later reaches the VM. Either loads the
+    /// directory anew, even if it is kept ready.
     #[staticmethod]
-    #[pyo3(signature = (directory, console = ChildArg(Child::new(forkvm::ConsoleOutput::Stdout))))]
-    fn restore(py: Python<'_>, directory: PathBuf, console: ChildArg) -> PyResult<Self> {
+    #[pyo3(signature = (
+        directory, console = ChildArg(Child::new(forkvm::ConsoleOutput::Stdout)), *,
+        verify_data = false, copy_memory = false
+    ))]
+    fn restore(
+        py: Python<'_>,
+        directory: PathBuf,
+        console: ChildArg,
+        verify_data: bool,
+        copy_memory: bool,
+    ) -> PyResult<Self> {
         let child = console.0;
         let vm = py
-            .allow_threads(move || Vm::restore(directory, child))
+            .allow_threads(move || {
+                if verify_data || copy_memory {
+                    let options = LoadOptions::new()
+                        .verify_data(verify_data)
+                        .copy_memory(copy_memory);
+                    Vm::restore_with(directory, child, options)
+                } else {
+                    Vm::restore(directory, child)
+                }
+            })
             .map_err(vm_error)?;
         Ok(Self::wrap(vm))
     }
@@ -517,6 +434,16 @@ impl PyVm {
     #[getter]
     fn devices(&self) -> PyResult<Vec<PyDeviceInfo>> {
         Ok(self.get()?.devices().into_iter().map(Into::into).collect())
+    }
+
+    /// Replaces the rate limit of device `device` (an index into `devices`) while the VM runs
+    /// or before it starts: a `RateLimit`, its buckets full, or `None` to lift it. Fork
+    /// children and snapshots keep the limit in force. `NoDeviceError` for an index out of
+    /// range.
+    fn set_rate_limit(&self, device: usize, limit: Option<PyRateLimit>) -> PyResult<()> {
+        self.get()?
+            .set_rate_limit(device, rate_limit(limit.as_ref()))
+            .map_err(vm_error)
     }
 
     /// Who this VM is (generation and id).

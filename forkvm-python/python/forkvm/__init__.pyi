@@ -43,6 +43,56 @@ def wait_for_releases(timeout: float = 60.0) -> bool:
     ended); False if `timeout` seconds pass first."""
     ...
 
+_SeccompPolicy = Literal["deny", "kill_thread", "kill_process", "off"]
+"""What a forkvm thread's system call outside its allowlist does (docs/seccomp.md)."""
+
+def set_seccomp_policy(policy: _SeccompPolicy) -> None:
+    """Sets the seccomp policy of the threads forkvm starts from now on for the whole process
+    and of VMs built without `seccomp=`."""
+
+def seccomp_policy() -> _SeccompPolicy:
+    """The process-wide seccomp policy."""
+
+def seccomp_denials() -> "SeccompDenials":
+    """The seccomp denials counted in this process so far."""
+
+@final
+class SeccompDenials:
+    """System calls of forkvm's threads outside their allowlist, each failed with EPERM."""
+
+    total: int
+    vcpu: int
+    event_loop: int
+    prepare: int
+    reaper: int
+    last_syscall: Optional[int]
+    install_failures: int
+
+@final
+class Bucket:
+    """A token bucket: `size` tokens refilled from empty in `refill_time` seconds, plus
+    `one_time_burst` tokens once."""
+
+    def __new__(cls, size: int, refill_time: float, *, one_time_burst: Optional[int] = None) -> "Bucket": ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def refill_time(self) -> float: ...
+    @property
+    def one_time_burst(self) -> int: ...
+
+@final
+class RateLimit:
+    """A device's rate limit: a bucket on bytes and one on requests (None: no limit)."""
+
+    def __new__(cls, *, bytes: Optional[Bucket] = None, ops: Optional[Bucket] = None) -> "RateLimit": ...
+    @property
+    def bytes(self) -> Optional[Bucket]: ...
+    @property
+    def ops(self) -> Optional[Bucket]: ...
+    @property
+    def unlimited(self) -> bool: ...
+
 class Error(Exception): ...
 class InvalidArgumentError(Error): ...
 class KvmError(Error): ...
@@ -77,7 +127,10 @@ class Disk:
     path: str
     read_only: bool
     direct_io: bool
-    def __new__(cls, path: _Path, *, read_only: bool = False, direct_io: bool = False) -> "Disk": ...
+    rate_limit: Optional[RateLimit]
+    def __new__(
+        cls, path: _Path, *, read_only: bool = False, direct_io: bool = False, rate_limit: Optional[RateLimit] = None
+    ) -> "Disk": ...
 
 @final
 class Balloon:
@@ -113,6 +166,7 @@ class Network:
         deny_all: bool = False,
         hosts: Optional[Mapping[str, Sequence[str]]] = None,
         loopback_only: bool = False,
+        rate_limit: Optional[RateLimit] = None,
     ) -> "Network": ...
 
 class _DnsStats(TypedDict):
@@ -173,6 +227,7 @@ class DeviceInfo:
     mmio_base: int
     irq: int
     status: int
+    rate_limit: RateLimit
 
 @final
 class ExitStatus:
@@ -356,9 +411,19 @@ class VM:
         debug_exit: bool = False,
         kvm_device: Optional[_Path] = None,
         network: Optional[Network] = None,
+        vsock_rate_limit: Optional[RateLimit] = None,
+        seccomp: Optional[_SeccompPolicy] = None,
+        kick_signal_offset: Optional[int] = None,
+        replace_signal_handler: bool = False,
     ) -> "VM": ...
     @staticmethod
-    def restore(directory: _Path, console: Union[_ConsoleOutput, Child] = ...) -> "VM": ...
+    def restore(
+        directory: _Path,
+        console: Union[_ConsoleOutput, Child] = ...,
+        *,
+        verify_data: bool = False,
+        copy_memory: bool = False,
+    ) -> "VM": ...
     @staticmethod
     def keep_restores_ready(directory: _Path, n: int) -> None: ...
     @staticmethod
@@ -384,6 +449,7 @@ class VM:
     @property
     def memory_size(self) -> int: ...
     def memory_allocated_bytes(self) -> int: ...
+    def set_rate_limit(self, device: int, limit: Optional[RateLimit]) -> None: ...
     @property
     def balloon(self) -> Optional[BalloonHandle]: ...
     def read_memory(self, addr: int, size: int) -> bytes: ...
@@ -454,7 +520,13 @@ class VM:
     async def fork_async(self, children: Union[int, Sequence[Union[_ConsoleOutput, Child]]]) -> List["VM"]: ...
     async def snapshot_async(self, directory: _Path) -> None: ...
     @staticmethod
-    async def restore_async(directory: _Path, console: Union[_ConsoleOutput, Child] = ...) -> "VM": ...
+    async def restore_async(
+        directory: _Path,
+        console: Union[_ConsoleOutput, Child] = ...,
+        *,
+        verify_data: bool = False,
+        copy_memory: bool = False,
+    ) -> "VM": ...
     async def agent_async(self, timeout: float = 60.0) -> Agent: ...
     async def exec_async(
         self,
@@ -496,6 +568,7 @@ __all__ = [
     "Balloon",
     "BalloonHandle",
     "BootError",
+    "Bucket",
     "Child",
     "ClosedError",
     "CommandNotFoundError",
@@ -520,10 +593,15 @@ __all__ = [
     "NotStartedError",
     "Process",
     "Pty",
+    "RateLimit",
+    "SeccompDenials",
     "SnapshotError",
     "TimedOutError",
     "UnsupportedError",
     "VsockError",
+    "seccomp_denials",
+    "seccomp_policy",
+    "set_seccomp_policy",
     "stop_all",
     "wait_for_releases",
 ]
