@@ -52,6 +52,8 @@ pub struct NetworkOptions {
     pub loopback_only: Option<bool>,
     /// A limit on what the guest transmits (a fork child keeps its parent's and ignores this).
     pub rate_limit: Option<crate::limits::RateLimit>,
+    /// A limit on what the guest receives (frames beyond it wait on the host side).
+    pub rx_rate_limit: Option<crate::limits::RateLimit>,
 }
 
 /// An IP address argument.
@@ -131,10 +133,15 @@ pub(crate) fn network(options: NetworkOptions) -> Outcome<Network> {
     if options.loopback_only.unwrap_or(false) {
         network = network.loopback_only();
     }
-    Ok(network.rate_limit(crate::limits::rate_limit(
-        options.rate_limit,
-        "network.rateLimit",
-    )?))
+    Ok(network
+        .rate_limit(crate::limits::rate_limit(
+            options.rate_limit,
+            "network.rateLimit",
+        )?)
+        .rx_rate_limit(crate::limits::rate_limit(
+            options.rx_rate_limit,
+            "network.rxRateLimit",
+        )?))
 }
 
 /// Where `vm.publish` bound.

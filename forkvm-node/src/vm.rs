@@ -88,6 +88,8 @@ pub struct VmOptions {
     pub network: Option<NetworkOptions>,
     /// A limit on what the guest sends through the vsock device.
     pub vsock_rate_limit: Option<RateLimit>,
+    /// A limit on what the host sends the guest through it (the rest waits in host sockets).
+    pub vsock_rx_rate_limit: Option<RateLimit>,
     /// The seccomp policy of this VM's threads (default: the process-wide `seccompPolicy()`).
     #[napi(ts_type = "'deny' | 'killThread' | 'killProcess' | 'off'")]
     pub seccomp: Option<String>,
@@ -155,6 +157,9 @@ pub struct Device {
     pub status: u32,
     /// The rate limit in force (`vm.setRateLimit`).
     pub rate_limit: RateLimit,
+    /// The limit on what a network or vsock device pushes to the guest (`vm.setRxRateLimit`);
+    /// absent for devices without a receive direction.
+    pub rx_rate_limit: Option<RateLimit>,
 }
 
 /// The balloon's state.
@@ -274,14 +279,23 @@ fn builder(env: Env, options: VmOptions) -> Outcome<forkvm::VmBuilder> {
                 .rate_limit(limit),
         );
     }
-    if options.vsock_cid.is_none() && options.vsock_rate_limit.is_some() {
-        return Err(Failure::invalid("vsockRateLimit needs a vsockCid"));
+    if options.vsock_cid.is_none()
+        && (options.vsock_rate_limit.is_some() || options.vsock_rx_rate_limit.is_some())
+    {
+        return Err(Failure::invalid(
+            "vsockRateLimit and vsockRxRateLimit need a vsockCid",
+        ));
     }
     if let Some(cid) = options.vsock_cid {
-        let mut vsock =
-            forkvm::VsockConfig::new(convert::u32_arg(cid, "vsockCid")?.into()).rate_limit(
-                limits::rate_limit(options.vsock_rate_limit, "vsockRateLimit")?,
-            );
+        let mut vsock = forkvm::VsockConfig::new(convert::u32_arg(cid, "vsockCid")?.into())
+            .rate_limit(limits::rate_limit(
+                options.vsock_rate_limit,
+                "vsockRateLimit",
+            )?)
+            .rx_rate_limit(limits::rate_limit(
+                options.vsock_rx_rate_limit,
+                "vsockRxRateLimit",
+            )?);
         if let Some(path) = options.vsock_uds_path {
             vsock = vsock.uds_path(path);
         }
@@ -555,6 +569,7 @@ impl VM {
                         irq: d.irq,
                         status: d.status,
                         rate_limit: limits::rate_limit_to_js(d.rate_limit),
+                        rx_rate_limit: d.rx_rate_limit.map(limits::rate_limit_to_js),
                     })
                     .collect()
             })
@@ -575,6 +590,24 @@ impl VM {
             let device = convert::usize_arg(device, "device")?;
             let limit = limits::rate_limit(limit, "limit")?;
             Ok(self.get()?.set_rate_limit(device, limit)?)
+        })
+    }
+
+    /// Replaces the limit on what device `device` (a network or vsock device) pushes to the
+    /// guest, apart from `setRateLimit`'s: `null` lifts it; data beyond it waits on the host
+    /// side. `INVALID_ARGUMENT` for a device without a receive direction, `NO_DEVICE` for an
+    /// index out of range.
+    #[napi]
+    pub fn set_rx_rate_limit(
+        &self,
+        env: Env,
+        device: f64,
+        limit: Option<RateLimit>,
+    ) -> napi::Result<()> {
+        sync(env, || {
+            let device = convert::usize_arg(device, "device")?;
+            let limit = limits::rate_limit(limit, "limit")?;
+            Ok(self.get()?.set_rx_rate_limit(device, limit)?)
         })
     }
 

@@ -68,14 +68,29 @@ test('vsock and network limits show in the device list', async () => {
   const net = { bytes: { size: 1 << 20, refillTimeMs: 1000, oneTimeBurst: 4096 } };
   const vm = await VM.build({
     kernel: guest, memoryMib: 32, cmdline: 'mode=spin', vsockCid: 3, vsockRateLimit: vsock,
-    network: { rateLimit: net },
+    vsockRxRateLimit: net, network: { rateLimit: net, rxRateLimit: vsock },
   });
   const byType = Object.fromEntries(vm.devices.map((d) => [d.deviceType, d.rateLimit]));
   assert.strictEqual(byType[19].ops.size, 100);
   assert.strictEqual(byType[19].ops.refillTimeMs, 500);
   assert.deepStrictEqual(byType[1].bytes, { size: 1 << 20, refillTimeMs: 1000, oneTimeBurst: 4096 });
+  // What the host pushes to the guest has a limit of its own, on net and vsock only.
+  const rx = Object.fromEntries(vm.devices.map((d) => [d.deviceType, d.rxRateLimit]));
+  assert.strictEqual(rx[1].ops.size, 100);
+  assert.deepStrictEqual(rx[19].bytes, { size: 1 << 20, refillTimeMs: 1000, oneTimeBurst: 4096 });
+  const nic = vm.devices.findIndex((d) => d.deviceType === 1);
+  vm.setRxRateLimit(nic, null);
+  assert.ok(vm.devices[nic].rxRateLimit.ops == null && vm.devices[nic].rxRateLimit.bytes == null);
+  assert.strictEqual(vm.devices[nic].rateLimit.bytes.size, 1 << 20);
+  assert.throws(() => vm.setRxRateLimit(99, null), { code: 'NO_DEVICE' });
   await vm.close();
   assert.throws(() => VM.build({ kernel: guest, vsockRateLimit: vsock }), { code: 'INVALID_ARGUMENT' });
+  assert.throws(() => VM.build({ kernel: guest, vsockRxRateLimit: vsock }), { code: 'INVALID_ARGUMENT' });
+  const plain = await VM.build({ kernel: guest, memoryMib: 32, cmdline: 'mode=spin', rng: true });
+  assert.ok(plain.devices[0].rxRateLimit == null);
+  assert.throws(() => plain.setRxRateLimit(0, vsock),
+    (e) => e.code === 'INVALID_ARGUMENT' && /receive direction/.test(e.message));
+  await plain.close();
 });
 
 test('invalid buckets are refused with a clear error', async () => {

@@ -35,12 +35,16 @@ async function main(): Promise<void> {
   void [sock, flows, kids3];
   const limit: RateLimit = { bytes: { size: 65536, refillTimeMs: 1000 }, ops: { size: 10, refillTimeMs: 100, oneTimeBurst: 5 } };
   const limited: VM = await VM.build({
-    kernel: 'k', disks: [{ path: 'x', rateLimit: limit }], vsockCid: 3, vsockRateLimit: limit, network: { rateLimit: limit },
+    kernel: 'k', disks: [{ path: 'x', rateLimit: limit }], vsockCid: 3, vsockRateLimit: limit, vsockRxRateLimit: limit,
+    network: { rateLimit: limit, rxRateLimit: limit },
     seccomp: 'killProcess', kickSignalOffset: 5, replaceSignalHandler: true,
   });
   limited.setRateLimit(0, limit);
   limited.setRateLimit(0, null);
   const shown: RateLimit = limited.devices[0].rateLimit;
+  limited.setRxRateLimit(0, limit);
+  const rxShown: RateLimit | undefined | null = limited.devices[0].rxRateLimit;
+  void rxShown;
   const restored: VM = await VM.restore('dir', null, { verifyData: true, copyMemory: false });
   setSeccompPolicy('off');
   const policy: 'deny' | 'killThread' | 'killProcess' | 'off' = seccompPolicy();

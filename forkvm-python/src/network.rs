@@ -26,7 +26,8 @@ use crate::limits::PyRateLimit;
 /// deciding; `allow_domains` limits egress to those names and their subdomains. `hosts` answers
 /// names in the VM's DNS: `{"db": ["10.0.2.2"]}`. `loopback_only` lets it open host sockets to
 /// the host's loopback only, whatever the policy allows. `rate_limit`: a `RateLimit` on what
-/// the guest transmits (a fork child keeps its parent's, whatever network it is given).
+/// the guest transmits, `rx_rate_limit` on what it receives (frames beyond it wait on the host
+/// side; a fork child keeps its parent's limits, whatever network it is given).
 #[pyclass(module = "forkvm", name = "Network", frozen)]
 pub(crate) struct PyNetwork {
     pub(crate) network: Network,
@@ -37,7 +38,8 @@ impl PyNetwork {
     #[new]
     #[pyo3(signature = (
         *, publish = None, allow = Vec::new(), deny = Vec::new(), allow_domains = Vec::new(),
-        deny_all = false, hosts = None, loopback_only = false, rate_limit = None
+        deny_all = false, hosts = None, loopback_only = false, rate_limit = None,
+        rx_rate_limit = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -49,10 +51,12 @@ impl PyNetwork {
         hosts: Option<HashMap<String, Vec<String>>>,
         loopback_only: bool,
         rate_limit: Option<PyRateLimit>,
+        rx_rate_limit: Option<PyRateLimit>,
     ) -> PyResult<Self> {
         let mut network = Network::user()
             .policy(policy(&allow, &deny, &allow_domains, deny_all)?)
-            .rate_limit(crate::limits::rate_limit(rate_limit.as_ref()));
+            .rate_limit(crate::limits::rate_limit(rate_limit.as_ref()))
+            .rx_rate_limit(crate::limits::rate_limit(rx_rate_limit.as_ref()));
         if loopback_only {
             network = network.loopback_only();
         }

@@ -121,6 +121,9 @@ pub(crate) struct PyDeviceInfo {
     status: u32,
     /// The rate limit in force (`VM.set_rate_limit`).
     rate_limit: PyRateLimit,
+    /// The limit on what a network or vsock device pushes to the guest
+    /// (`VM.set_rx_rate_limit`); `None` for devices without a receive direction.
+    rx_rate_limit: Option<PyRateLimit>,
 }
 
 impl From<DeviceInfo> for PyDeviceInfo {
@@ -131,6 +134,7 @@ impl From<DeviceInfo> for PyDeviceInfo {
             irq: d.irq,
             status: d.status,
             rate_limit: d.rate_limit.into(),
+            rx_rate_limit: d.rx_rate_limit.map(Into::into),
         }
     }
 }
@@ -139,12 +143,16 @@ impl From<DeviceInfo> for PyDeviceInfo {
 impl PyDeviceInfo {
     fn __repr__(&self) -> String {
         format!(
-            "DeviceInfo(device_type={}, mmio_base={:#x}, irq={}, status={:#x}, rate_limit={})",
+            "DeviceInfo(device_type={}, mmio_base={:#x}, irq={}, status={:#x}, rate_limit={}, \
+             rx_rate_limit={})",
             self.device_type,
             self.mmio_base,
             self.irq,
             self.status,
-            self.rate_limit.__repr__()
+            self.rate_limit.__repr__(),
+            self.rx_rate_limit
+                .as_ref()
+                .map_or_else(|| "None".to_owned(), PyRateLimit::__repr__)
         )
     }
 }

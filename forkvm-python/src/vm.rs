@@ -189,7 +189,8 @@ impl PyVm {
     /// `sys.unraisablehook`). `console_input`: `None`, `"stdin"`, an fd or an object with
     /// `fileno()`. `disks`: paths or `Disk`s. `virtio_consoles`: outputs or `(output, input)`
     /// pairs. `balloon`: `True` or a `Balloon`. `network`: a `Network` (a virtio-net device).
-    /// `vsock_rate_limit`: a `RateLimit` on what the guest sends through vsock. `seccomp`: the
+    /// `vsock_rate_limit`: a `RateLimit` on what the guest sends through vsock,
+    /// `vsock_rx_rate_limit` on what the host sends it (the rest waits in the host's sockets). `seccomp`: the
     /// policy of this VM's threads (`"deny"`, `"kill_thread"`, `"kill_process"`, `"off"`;
     /// default: the process-wide `seccomp_policy()`). `kick_signal_offset`: kick vCPUs with
     /// `SIGRTMIN + offset` (default 2); `replace_signal_handler`: replace a handler the program
@@ -200,7 +201,7 @@ impl PyVm {
         vcpus = 1, console = ConsoleArg::stdout(), console_input = None, rng = false, disks = Vec::new(),
         virtio_consoles = Vec::new(), vsock_cid = None, vsock_uds_path = None, balloon = None,
         debug_exit = false, kvm_device = None, network = None, vsock_rate_limit = None,
-        seccomp = None, kick_signal_offset = None, replace_signal_handler = false
+        vsock_rx_rate_limit = None, seccomp = None, kick_signal_offset = None, replace_signal_handler = false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -222,6 +223,7 @@ impl PyVm {
         kvm_device: Option<PathBuf>,
         network: Option<PyRef<'_, PyNetwork>>,
         vsock_rate_limit: Option<PyRateLimit>,
+        vsock_rx_rate_limit: Option<PyRateLimit>,
         seccomp: Option<&str>,
         kick_signal_offset: Option<i32>,
         replace_signal_handler: bool,
@@ -275,8 +277,9 @@ impl PyVm {
         }
         match (vsock_cid, vsock_uds_path) {
             (Some(cid), path) => {
-                let mut vsock =
-                    VsockConfig::new(cid).rate_limit(rate_limit(vsock_rate_limit.as_ref()));
+                let mut vsock = VsockConfig::new(cid)
+                    .rate_limit(rate_limit(vsock_rate_limit.as_ref()))
+                    .rx_rate_limit(rate_limit(vsock_rx_rate_limit.as_ref()));
                 if let Some(path) = path {
                     vsock = vsock.uds_path(path);
                 }
@@ -285,8 +288,10 @@ impl PyVm {
             (None, Some(_)) => {
                 return Err(PyValueError::new_err("vsock_uds_path needs a vsock_cid"));
             }
-            (None, None) if vsock_rate_limit.is_some() => {
-                return Err(PyValueError::new_err("vsock_rate_limit needs a vsock_cid"));
+            (None, None) if vsock_rate_limit.is_some() || vsock_rx_rate_limit.is_some() => {
+                return Err(PyValueError::new_err(
+                    "vsock_rate_limit and vsock_rx_rate_limit need a vsock_cid",
+                ));
             }
             (None, None) => {}
         }
@@ -443,6 +448,16 @@ impl PyVm {
     fn set_rate_limit(&self, device: usize, limit: Option<PyRateLimit>) -> PyResult<()> {
         self.get()?
             .set_rate_limit(device, rate_limit(limit.as_ref()))
+            .map_err(vm_error)
+    }
+
+    /// Replaces the limit on what device `device` (a network or vsock device) pushes to the
+    /// guest, apart from `set_rate_limit`'s: a `RateLimit`, or `None` to lift it. Data beyond it
+    /// waits on the host side. `InvalidArgumentError` for a device without a receive direction,
+    /// `NoDeviceError` for an index out of range.
+    fn set_rx_rate_limit(&self, device: usize, limit: Option<PyRateLimit>) -> PyResult<()> {
+        self.get()?
+            .set_rx_rate_limit(device, rate_limit(limit.as_ref()))
             .map_err(vm_error)
     }
 

@@ -82,13 +82,30 @@ def test_vsock_and_network_limits_show_in_the_device_list(guest: str) -> None:
         console=None,
         vsock_cid=3,
         vsock_rate_limit=vsock,
-        network=forkvm.Network(rate_limit=net),
+        vsock_rx_rate_limit=net,
+        network=forkvm.Network(rate_limit=net, rx_rate_limit=vsock),
     )
     limits = {d.device_type: d.rate_limit for d in vm.devices}
     assert limits[19] == vsock and limits[1] == net
+    # What the host pushes to the guest has a limit of its own, on net and vsock only.
+    rx = {d.device_type: d.rx_rate_limit for d in vm.devices}
+    assert rx[19] == net and rx[1] == vsock
+    (nic,) = [i for i, d in enumerate(vm.devices) if d.device_type == 1]
+    vm.set_rx_rate_limit(nic, None)
+    assert vm.devices[nic].rx_rate_limit == forkvm.RateLimit()
+    assert vm.devices[nic].rate_limit == net
+    assert "rx_rate_limit=RateLimit()" in repr(vm.devices[nic])
     vm.close()
     with pytest.raises(ValueError, match="vsock_cid"):
         forkvm.VM(kernel=guest, memory_mib=32, console=None, vsock_rate_limit=vsock)
+    with pytest.raises(ValueError, match="vsock_cid"):
+        forkvm.VM(kernel=guest, memory_mib=32, console=None, vsock_rx_rate_limit=vsock)
+    with forkvm.VM(kernel=guest, memory_mib=32, console=None, rng=True) as plain:
+        assert plain.devices[0].rx_rate_limit is None
+        with pytest.raises(forkvm.InvalidArgumentError, match="receive direction"):
+            plain.set_rx_rate_limit(0, vsock)
+        with pytest.raises(forkvm.NoDeviceError):
+            plain.set_rx_rate_limit(5, None)
 
 
 def test_invalid_buckets_are_refused_clearly() -> None:

@@ -167,6 +167,7 @@ class Network:
         hosts: Optional[Mapping[str, Sequence[str]]] = None,
         loopback_only: bool = False,
         rate_limit: Optional[RateLimit] = None,
+        rx_rate_limit: Optional[RateLimit] = None,
     ) -> "Network": ...
 
 class _DnsStats(TypedDict):
@@ -228,6 +229,7 @@ class DeviceInfo:
     irq: int
     status: int
     rate_limit: RateLimit
+    rx_rate_limit: Optional[RateLimit]
 
 @final
 class ExitStatus:
@@ -412,6 +414,7 @@ class VM:
         kvm_device: Optional[_Path] = None,
         network: Optional[Network] = None,
         vsock_rate_limit: Optional[RateLimit] = None,
+        vsock_rx_rate_limit: Optional[RateLimit] = None,
         seccomp: Optional[_SeccompPolicy] = None,
         kick_signal_offset: Optional[int] = None,
         replace_signal_handler: bool = False,
@@ -450,6 +453,7 @@ class VM:
     def memory_size(self) -> int: ...
     def memory_allocated_bytes(self) -> int: ...
     def set_rate_limit(self, device: int, limit: Optional[RateLimit]) -> None: ...
+    def set_rx_rate_limit(self, device: int, limit: Optional[RateLimit]) -> None: ...
     @property
     def balloon(self) -> Optional[BalloonHandle]: ...
     def read_memory(self, addr: int, size: int) -> bytes: ...
