@@ -190,6 +190,9 @@ impl ShellPool {
         }
         let (pool, shape) = (self.clone(), shape());
         let parent = seccomp::current();
+        // The VMs this pool makes may end on filtered threads: their exit hooks need a thread
+        // started from an unfiltered one (this, when the embedder keeps restores ready).
+        crate::vstate::run_state::start_hook_runner();
         let spawned = thread::Builder::new()
             .name("forkvm-prepare".into())
             .spawn(move || {

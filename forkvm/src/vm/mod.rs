@@ -350,10 +350,12 @@ impl Vm {
         Ok(())
     }
 
-    /// Runs `hook` once with the VM's exit when it ends — on the thread that ends it (a vCPU
-    /// thread, the event loop, or the caller of [`Vm::stop`] or of the drop), so keep it short
-    /// and never call back into this VM from it — or at once, here, if it has ended. Hooks are
-    /// kept until the VM ends: register one per VM, not one per request.
+    /// Runs `hook` once with the VM's exit when it ends — on the thread that ends it when that
+    /// is the caller of [`Vm::stop`] or of the drop, or on forkvm's exit-hooks thread when a
+    /// vCPU or the event loop ends it (hooks never run under forkvm's seccomp filters; one
+    /// thread runs them all, in turn), so keep it short and never call back into this VM from
+    /// it — or at once, here, if it has ended. Hooks are kept until the VM ends: register one
+    /// per VM, not one per request.
     pub fn on_exit(&self, hook: impl FnOnce(&GuestExit) + Send + 'static) {
         self.state.on_exit(Box::new(hook));
     }

@@ -15,7 +15,8 @@
 //! one.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::mpsc::{Sender, channel};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -27,8 +28,64 @@ use super::threads::set_policy;
 use crate::exit::GuestExit;
 use forkvm_devices::sync::lock;
 
-/// Called once with the VM's exit, on the thread that ends it ([`RunState::on_exit`]).
+/// Called once with the VM's exit ([`RunState::on_exit`]).
 pub type ExitHook = Box<dyn FnOnce(&GuestExit) + Send>;
+
+type HookJob = Box<dyn FnOnce() + Send>;
+
+/// The thread that runs the exit hooks of VMs ending on a filtered thread of forkvm's.
+static HOOK_RUNNER: OnceLock<Option<Sender<HookJob>>> = OnceLock::new();
+
+/// Starts the thread that runs exit hooks off forkvm's filtered threads, if this thread is not
+/// filtered itself (a VM build, a restore or the start of a pool calls this on the embedder's
+/// thread before any filtered thread exists); once per process.
+pub(crate) fn start_hook_runner() {
+    if crate::seccomp::current().is_some() {
+        return;
+    }
+    HOOK_RUNNER.get_or_init(|| {
+        let (sender, jobs) = channel::<HookJob>();
+        let started = std::thread::Builder::new()
+            .name("forkvm-exit-hooks".into())
+            .spawn(move || {
+                while let Ok(job) = jobs.recv() {
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                        log::error!("a VM's exit hook panicked");
+                    }
+                }
+            });
+        match started {
+            Ok(_) => Some(sender),
+            Err(e) => {
+                log::warn!("cannot start the exit hooks' thread: {e}");
+                None
+            }
+        }
+    });
+}
+
+/// Runs `hooks` with `exit`: here, unless this is a filtered thread of forkvm's (a vCPU or the
+/// event loop), whose filter the embedder's code must never run under; then on the hooks'
+/// thread ([`start_hook_runner`]), or here if it could not start.
+fn run_hooks(hooks: Vec<ExitHook>, exit: GuestExit) {
+    if hooks.is_empty() {
+        return;
+    }
+    let job: HookJob = Box::new(move || {
+        for hook in hooks {
+            hook(&exit);
+        }
+    });
+    let runner = HOOK_RUNNER.get().and_then(Option::as_ref);
+    match runner {
+        Some(runner) if crate::seccomp::current().is_some() => {
+            if let Err(unsent) = runner.send(job) {
+                (unsent.0)();
+            }
+        }
+        _ => job(),
+    }
+}
 
 /// Shared between the VM handle, its vCPU threads, its event loop and the devices that end it.
 pub struct RunState {
@@ -109,9 +166,7 @@ impl RunState {
         *lock(&self.exit) = Some(exit.clone());
         self.ended.notify_all();
         let hooks = lock(&self.exit_hooks).take().unwrap_or_default();
-        for hook in hooks {
-            hook(&exit);
-        }
+        run_hooks(hooks, exit);
     }
 
     /// Runs `hook` with the exit once the VM ends (at once, on this thread, if it has ended).
@@ -326,6 +381,41 @@ mod tests {
 
     use super::RunState;
     use crate::exit::GuestExit;
+
+    /// A VM that ends on a filtered thread of forkvm's (a vCPU, the event loop) runs its exit
+    /// hooks (the embedder's code) on the hooks' own thread, which is not filtered.
+    #[test]
+    fn exit_hooks_never_run_on_a_filtered_thread() {
+        super::start_hook_runner();
+        let state = Arc::new(
+            RunState::new(crate::vstate::ThreadSetup {
+                kick_signal: libc::SIGRTMIN(),
+                seccomp: crate::SeccompPolicy::Off,
+            })
+            .unwrap(),
+        );
+        let (sender, seen) = std::sync::mpsc::channel();
+        state.on_exit(Box::new(move |exit| {
+            let thread = std::thread::current().name().unwrap_or("").to_owned();
+            sender
+                .send((exit.clone(), thread, crate::seccomp::current()))
+                .unwrap();
+        }));
+        let ending = state.clone();
+        std::thread::spawn(move || {
+            crate::seccomp::enter(crate::ThreadKind::Vcpu, crate::SeccompPolicy::Deny, None)
+                .unwrap();
+            ending.finish(GuestExit::Reset);
+        })
+        .join()
+        .unwrap();
+        let (exit, thread, filter) = seen
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(exit, GuestExit::Reset);
+        assert_eq!(thread, "forkvm-exit-hooks");
+        assert_eq!(filter, None);
+    }
 
     #[test]
     fn exit_hooks_run_once_with_the_exit_and_late_ones_at_once() {
