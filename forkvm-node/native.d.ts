@@ -187,6 +187,8 @@ export interface NetworkOptions {
   loopbackOnly?: boolean
   /** A limit on what the guest transmits (a fork child keeps its parent's and ignores this). */
   rateLimit?: RateLimit
+  /** A limit on what the guest receives (frames beyond it wait on the host side). */
+  rxRateLimit?: RateLimit
 }
 /** Where `vm.publish` bound. */
 export interface Published {
@@ -310,6 +312,8 @@ export interface VmOptions {
   network?: NetworkOptions
   /** A limit on what the guest sends through the vsock device. */
   vsockRateLimit?: RateLimit
+  /** A limit on what the host sends the guest through it (the rest waits in host sockets). */
+  vsockRxRateLimit?: RateLimit
   /** The seccomp policy of this VM's threads (default: the process-wide `seccompPolicy()`). */
   seccomp?: 'deny' | 'killThread' | 'killProcess' | 'off'
   /** Kick vCPUs with `SIGRTMIN + kickSignalOffset` (default 2). */
@@ -350,6 +354,11 @@ export interface Device {
   status: number
   /** The rate limit in force (`vm.setRateLimit`). */
   rateLimit: RateLimit
+  /**
+   * The limit on what a network or vsock device pushes to the guest (`vm.setRxRateLimit`);
+   * absent for devices without a receive direction.
+   */
+  rxRateLimit?: RateLimit
 }
 /** The balloon's state. */
 export interface BalloonInfo {
@@ -600,6 +609,13 @@ export declare class Vm {
    * keep the limit in force. `NO_DEVICE` for an index out of range.
    */
   setRateLimit(device: number, limit?: RateLimit | undefined | null): void
+  /**
+   * Replaces the limit on what device `device` (a network or vsock device) pushes to the
+   * guest, apart from `setRateLimit`'s: `null` lifts it; data beyond it waits on the host
+   * side. `INVALID_ARGUMENT` for a device without a receive direction, `NO_DEVICE` for an
+   * index out of range.
+   */
+  setRxRateLimit(device: number, limit?: RateLimit | undefined | null): void
   /** Reads `length` bytes of guest-physical memory at `addr` (consistent while paused). */
   readMemory(addr: number, length: number): Buffer
   /** Writes `data` into guest-physical memory at `addr` (only this VM's copy). */

@@ -47,6 +47,7 @@ mod tap;
 
 pub use config::NetworkConfig;
 pub use handle::{DeniedFlow, GuestConnection, NetworkHandle, NetworkStats};
+pub use outside::end_threads_if_unused;
 pub use policy::{Cidr, DenyReason, NetworkPolicy, Protocol, RuleTarget, Verdict};
 pub use seams::{
     CONNECT_CALL_LIMIT, Connector, HostConnector, HostResolver, LoopbackOnly, Resolver, Seams,

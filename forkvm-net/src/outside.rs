@@ -6,9 +6,11 @@
 //! Why: forkvm puts its event loops under a seccomp filter (`docs/seccomp.md`) that allows
 //! neither reading files nor starting threads; embedder code must not run under it, and a
 //! resolver (the C library's reads `/etc/resolv.conf`) could not. The pool's threads are
-//! started by a spawner thread that the process's first network starts; forkvm makes a VM's
-//! first network on the thread building the VM (its embedder's, never filtered), and a fork
-//! child's only after its parent's, so the spawner, and every worker it starts, is unfiltered.
+//! started by a spawner thread that a network starts when no other network holds the pool
+//! ([`PoolUser`]); forkvm makes such a network on the thread building the VM (its embedder's,
+//! never filtered), and a fork child's only while its parent's holds the pool, so the spawner,
+//! and every worker it starts, is unfiltered. [`end_threads_if_unused`] ends them all once no
+//! network holds the pool.
 //!
 //! Workers wait for jobs and end after [`IDLE_LIMIT`] without one; at most [`MAX_WORKERS`] run
 //! at once (more jobs wait their turn). A job that never returns keeps its worker.
@@ -16,9 +18,9 @@
 use std::collections::VecDeque;
 use std::io;
 use std::sync::mpsc::{RecvTimeoutError, sync_channel};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
-use std::thread;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 /// Workers at most, in the whole process.
 pub const MAX_WORKERS: usize = 256;
@@ -45,46 +47,97 @@ struct State {
     workers: usize,
     /// Workers the spawner should start.
     wanted: usize,
+    /// Set by [`end_threads_if_unused`]: the spawner and idle workers end.
+    closing: bool,
 }
 
-static POOL: OnceLock<Option<Arc<Pool>>> = OnceLock::new();
+/// The pool while it runs, and how many networks need it.
+struct Service {
+    pool: Option<(Arc<Pool>, JoinHandle<()>)>,
+    users: usize,
+}
 
-/// The pool, started by the first call (see the module docs for which thread that must be);
-/// `None` if its spawner thread could not start.
-fn pool() -> Option<&'static Arc<Pool>> {
-    POOL.get_or_init(|| {
+static SERVICE: Mutex<Service> = Mutex::new(Service {
+    pool: None,
+    users: 0,
+});
+
+fn service() -> MutexGuard<'static, Service> {
+    SERVICE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A network's claim on the pool: while one is held, the pool runs.
+pub(crate) struct PoolUser(());
+
+impl Drop for PoolUser {
+    fn drop(&mut self) {
+        let mut service = service();
+        service.users = service.users.saturating_sub(1);
+    }
+}
+
+/// Claims the pool, starting it from this thread if it does not run (see the module docs for
+/// which thread that must be).
+pub(crate) fn user() -> io::Result<PoolUser> {
+    let mut service = service();
+    if service.pool.is_none() {
         let pool = Arc::new(Pool {
             state: Mutex::new(State::default()),
             work: Condvar::new(),
             spawn: Condvar::new(),
         });
         let spawner = pool.clone();
-        match thread::Builder::new()
+        let thread = thread::Builder::new()
             .name("forkvm-net-spawn".into())
-            .spawn(move || spawner.spawn_loop())
-        {
-            Ok(_) => Some(pool),
-            Err(e) => {
-                log::error!("forkvm-net: cannot start the seams' thread: {e}");
-                None
-            }
-        }
-    })
-    .as_ref()
+            .spawn(move || spawner.spawn_loop())?;
+        service.pool = Some((pool, thread));
+    }
+    service.users += 1;
+    Ok(PoolUser(()))
 }
 
-/// Starts the pool now, from this thread (a network's constructor calls it; see the module
-/// docs). Says whether it runs.
-pub(crate) fn start() -> bool {
-    pool().is_some()
+/// Ends the pool's threads if no network needs them (forkvm's `wait_for_releases` calls this,
+/// so that a process without VMs keeps no thread of forkvm's): the spawner and the idle workers
+/// end at once, busy workers when their job returns. Waits for them up to `timeout`; false if
+/// some did not end in time (a resolver that never returns keeps its worker). While a network
+/// needs them, they stay, and this is true.
+pub fn end_threads_if_unused(timeout: Duration) -> bool {
+    let taken = {
+        let mut service = service();
+        if service.users > 0 {
+            return true;
+        }
+        service.pool.take()
+    };
+    let Some((pool, spawner)) = taken else {
+        return true;
+    };
+    pool.lock().closing = true;
+    pool.work.notify_all();
+    pool.spawn.notify_all();
+    let _ = spawner.join();
+    let deadline = Instant::now() + timeout;
+    while pool.lock().workers > 0 {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_micros(500));
+    }
+    true
 }
 
 /// Runs `job` on a worker.
 pub(crate) fn submit(job: impl FnOnce() + Send + 'static) -> io::Result<()> {
-    let pool = pool().ok_or_else(|| io::Error::other("the network's worker threads are down"))?;
+    let pool = service()
+        .pool
+        .as_ref()
+        .map(|(pool, _)| pool.clone())
+        .ok_or_else(|| io::Error::other("the network's worker threads are down"))?;
     let mut state = pool.lock();
     state.jobs.push_back(Box::new(job));
-    if state.idle > state.jobs.len() - 1 {
+    if state.idle >= state.jobs.len() {
         pool.work.notify_one();
     } else if state.workers < MAX_WORKERS {
         state.workers += 1;
@@ -125,11 +178,17 @@ impl Pool {
     fn spawn_loop(self: Arc<Self>) {
         let mut state = self.lock();
         loop {
-            while state.wanted == 0 {
+            while state.wanted == 0 && !state.closing {
                 state = self
                     .spawn
                     .wait(state)
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
+            }
+            if state.closing {
+                // Workers asked for and never started are not alive.
+                state.workers -= state.wanted;
+                state.wanted = 0;
+                return;
             }
             state.wanted -= 1;
             drop(state);
@@ -157,6 +216,10 @@ impl Pool {
     fn work_loop(self: Arc<Self>) {
         let mut state = self.lock();
         loop {
+            if state.closing && state.jobs.is_empty() {
+                state.workers -= 1;
+                return;
+            }
             if let Some(job) = state.jobs.pop_front() {
                 drop(state);
                 let run = std::panic::AssertUnwindSafe(job);
@@ -173,7 +236,7 @@ impl Pool {
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             state = next;
             state.idle -= 1;
-            if timeout.timed_out() && state.jobs.is_empty() {
+            if (timeout.timed_out() || state.closing) && state.jobs.is_empty() {
                 state.workers -= 1;
                 return;
             }
@@ -184,7 +247,10 @@ impl Pool {
 /// The workers alive now (for tests).
 #[cfg(test)]
 pub(crate) fn workers() -> usize {
-    pool().map_or(0, |pool| pool.lock().workers)
+    service()
+        .pool
+        .as_ref()
+        .map_or(0, |(pool, _)| pool.lock().workers)
 }
 
 #[cfg(test)]
@@ -195,6 +261,7 @@ mod tests {
 
     #[test]
     fn jobs_run_on_other_threads_and_many_at_once() {
+        let _user = user().unwrap();
         let caller = thread::current().id();
         let ran = call(Duration::from_secs(10), move || thread::current().id()).unwrap();
         assert_ne!(ran, caller);
@@ -223,6 +290,7 @@ mod tests {
 
     #[test]
     fn a_call_past_its_limit_times_out_and_a_panic_is_contained() {
+        let _user = user().unwrap();
         let slow = call(Duration::from_millis(10), || {
             thread::sleep(Duration::from_millis(200))
         });

@@ -94,7 +94,7 @@ def test_vsock_and_network_limits_show_in_the_device_list(guest: str) -> None:
     vm.set_rx_rate_limit(nic, None)
     assert vm.devices[nic].rx_rate_limit == forkvm.RateLimit()
     assert vm.devices[nic].rate_limit == net
-    assert "rx_rate_limit=RateLimit()" in repr(vm.devices[nic])
+    assert "rx_rate_limit=RateLimit(bytes=None, ops=None)" in repr(vm.devices[nic])
     vm.close()
     with pytest.raises(ValueError, match="vsock_cid"):
         forkvm.VM(kernel=guest, memory_mib=32, console=None, vsock_rate_limit=vsock)

@@ -195,8 +195,10 @@ pub fn pending_releases() -> usize {
 }
 
 /// Waits until everything let go of so far is freed and the threads that freed it have ended
-/// (told to, once idle), or until `timeout` passes; says whether that was reached. For tests and
-/// shutdown paths that count threads or fds.
+/// (told to, once idle), or until `timeout` passes; says whether that was reached. With no VM
+/// left, forkvm's other threads end too (exit hooks, the network's workers), so that a process
+/// without VMs holds no thread of forkvm's. For tests and shutdown paths that count threads or
+/// fds.
 pub fn wait_for_releases(timeout: Duration) -> bool {
     let t0 = Instant::now();
     let waited = |done: &dyn Fn() -> bool| {
@@ -239,7 +241,9 @@ pub fn wait_for_releases(timeout: Duration) -> bool {
     for thread in ended {
         let _ = thread.join();
     }
-    true
+    // The services no VM needs any more end too: the exit hooks' thread, the network's workers.
+    let left = timeout.saturating_sub(t0.elapsed());
+    crate::vstate::run_state::end_hook_runner_if_unused() & forkvm_net::end_threads_if_unused(left)
 }
 
 /// Occupies every reaper thread until dropped, so that what is let go of meanwhile waits (tests

@@ -105,6 +105,9 @@ pub struct DnsForwarder {
     pending: HashMap<u64, Pending>,
     next_token: u64,
     stats: DnsStats,
+    /// The network's claim on the worker threads (`outside.rs`) that run the resolver and the
+    /// network's other seams and callbacks.
+    _workers: crate::outside::PoolUser,
 }
 
 impl DnsForwarder {
@@ -113,6 +116,8 @@ impl DnsForwarder {
         resolver: Arc<dyn Resolver>,
         hosts: HashMap<String, Vec<IpAddr>>,
     ) -> io::Result<Self> {
+        // The worker threads start from the first network's thread (`outside.rs`).
+        let workers = crate::outside::user()?;
         let event = Arc::new(EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?);
         let (sender, receiver) = channel();
         let hosts = hosts
@@ -128,6 +133,7 @@ impl DnsForwarder {
             pending: HashMap::new(),
             next_token: 0,
             stats: DnsStats::default(),
+            _workers: workers,
         })
     }
 

@@ -143,12 +143,6 @@ impl UserNetwork {
         seams: Seams,
     ) -> io::Result<(UserNetwork, NetworkHandle)> {
         validate(&config)?;
-        // The seams' worker threads start from the first network's thread (`outside.rs`).
-        if !crate::outside::start() {
-            return Err(io::Error::other(
-                "cannot start the network's worker threads",
-            ));
-        }
         let epoll = Arc::new(Epoll::new()?);
         let control = Arc::new(EventFd::new(EFD_NONBLOCK)?);
         let timer = TimerFd::new()?;

@@ -194,8 +194,6 @@ pub fn filter_this_thread_for_bench(kind: ThreadKind) -> Result<(), SeccompError
 /// every kind's filter and, for [`SeccompPolicy::Deny`], installs the SIGSYS handler. A VM
 /// build calls this, so that its threads only install what is ready.
 pub(crate) fn prepare(policy: SeccompPolicy) -> Result<(), SeccompError> {
-    // Exit hooks of VMs ending on filtered threads run on a thread started from here.
-    crate::vstate::run_state::start_hook_runner();
     if policy == SeccompPolicy::Deny {
         trap::install_handler()?;
     }

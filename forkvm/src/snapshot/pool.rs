@@ -192,10 +192,11 @@ impl ShellPool {
         let parent = seccomp::current();
         // The VMs this pool makes may end on filtered threads: their exit hooks need a thread
         // started from an unfiltered one (this, when the embedder keeps restores ready).
-        crate::vstate::run_state::start_hook_runner();
+        let hooks = crate::vstate::run_state::hook_user();
         let spawned = thread::Builder::new()
             .name("forkvm-prepare".into())
             .spawn(move || {
+                let _hooks = hooks;
                 seccomp::enter_or_log(ThreadKind::Prepare, shape.seccomp, parent);
                 pool.refill_loop(&kvm, shape);
             });

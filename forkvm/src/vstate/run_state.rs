@@ -16,7 +16,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Sender, channel};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -33,17 +33,29 @@ pub type ExitHook = Box<dyn FnOnce(&GuestExit) + Send>;
 
 type HookJob = Box<dyn FnOnce() + Send>;
 
-/// The thread that runs the exit hooks of VMs ending on a filtered thread of forkvm's.
-static HOOK_RUNNER: OnceLock<Option<Sender<HookJob>>> = OnceLock::new();
+/// The thread that runs the exit hooks of VMs ending on a filtered thread of forkvm's, and who
+/// needs it: it runs while any VM (or pool making VMs) holds a [`HookUser`], and
+/// [`end_hook_runner_if_unused`] ends it once none does.
+static HOOKS: Mutex<HookService> = Mutex::new(HookService {
+    runner: None,
+    users: 0,
+});
 
-/// Starts the thread that runs exit hooks off forkvm's filtered threads, if this thread is not
-/// filtered itself (a VM build, a restore or the start of a pool calls this on the embedder's
-/// thread before any filtered thread exists); once per process.
-pub(crate) fn start_hook_runner() {
-    if crate::seccomp::current().is_some() {
-        return;
-    }
-    HOOK_RUNNER.get_or_init(|| {
+struct HookService {
+    runner: Option<(Sender<HookJob>, JoinHandle<()>)>,
+    users: usize,
+}
+
+/// A claim on the exit hooks' thread, held by each [`RunState`] and by a pool making VMs.
+pub(crate) struct HookUser(());
+
+/// Claims the exit hooks' thread, starting it if this thread is not filtered (a VM build, a
+/// restore or a pool's start, on the embedder's thread; a fork child's or a pool's VM is made
+/// while a claim on it is held already).
+pub(crate) fn hook_user() -> HookUser {
+    let mut service = lock(&HOOKS);
+    service.users += 1;
+    if service.runner.is_none() && crate::seccomp::current().is_none() {
         let (sender, jobs) = channel::<HookJob>();
         let started = std::thread::Builder::new()
             .name("forkvm-exit-hooks".into())
@@ -55,18 +67,41 @@ pub(crate) fn start_hook_runner() {
                 }
             });
         match started {
-            Ok(_) => Some(sender),
-            Err(e) => {
-                log::warn!("cannot start the exit hooks' thread: {e}");
-                None
-            }
+            Ok(thread) => service.runner = Some((sender, thread)),
+            Err(e) => log::warn!("cannot start the exit hooks' thread: {e}"),
         }
-    });
+    }
+    HookUser(())
+}
+
+impl Drop for HookUser {
+    fn drop(&mut self) {
+        let mut service = lock(&HOOKS);
+        service.users = service.users.saturating_sub(1);
+    }
+}
+
+/// Ends the exit hooks' thread, once the hooks it was given ran, if no VM needs it
+/// ([`crate::wait_for_releases`] calls this, so that a process without VMs keeps no thread of
+/// forkvm's). Returns false only if it could not be joined.
+pub(crate) fn end_hook_runner_if_unused() -> bool {
+    let runner = {
+        let mut service = lock(&HOOKS);
+        if service.users > 0 {
+            return true;
+        }
+        service.runner.take()
+    };
+    if let Some((sender, thread)) = runner {
+        drop(sender);
+        return thread.join().is_ok();
+    }
+    true
 }
 
 /// Runs `hooks` with `exit`: here, unless this is a filtered thread of forkvm's (a vCPU or the
 /// event loop), whose filter the embedder's code must never run under; then on the hooks'
-/// thread ([`start_hook_runner`]), or here if it could not start.
+/// thread ([`hook_user`]), or here if it could not start.
 fn run_hooks(hooks: Vec<ExitHook>, exit: GuestExit) {
     if hooks.is_empty() {
         return;
@@ -76,19 +111,22 @@ fn run_hooks(hooks: Vec<ExitHook>, exit: GuestExit) {
             hook(&exit);
         }
     });
-    let runner = HOOK_RUNNER.get().and_then(Option::as_ref);
-    match runner {
-        Some(runner) if crate::seccomp::current().is_some() => {
-            if let Err(unsent) = runner.send(job) {
-                (unsent.0)();
-            }
-        }
-        _ => job(),
+    if crate::seccomp::current().is_none() {
+        return job();
+    }
+    let unsent = match &lock(&HOOKS).runner {
+        Some((runner, _)) => runner.send(job).err().map(|unsent| unsent.0),
+        None => Some(job),
+    };
+    if let Some(job) = unsent {
+        job();
     }
 }
 
 /// Shared between the VM handle, its vCPU threads, its event loop and the devices that end it.
 pub struct RunState {
+    /// Its claim on the thread that runs exit hooks off filtered threads.
+    _hooks: HookUser,
     exiting: AtomicBool,
     /// Run once when the VM ends; `None` once they ran.
     exit_hooks: Mutex<Option<Vec<ExitHook>>>,
@@ -127,6 +165,7 @@ impl RunState {
     /// State of a VM that has not ended, whose threads are set up as `setup` says.
     pub fn new(setup: ThreadSetup) -> std::io::Result<Self> {
         Ok(Self {
+            _hooks: hook_user(),
             exiting: AtomicBool::new(false),
             exit_hooks: Mutex::new(Some(Vec::new())),
             setup,
@@ -386,7 +425,6 @@ mod tests {
     /// hooks (the embedder's code) on the hooks' own thread, which is not filtered.
     #[test]
     fn exit_hooks_never_run_on_a_filtered_thread() {
-        super::start_hook_runner();
         let state = Arc::new(
             RunState::new(crate::vstate::ThreadSetup {
                 kick_signal: libc::SIGRTMIN(),
