@@ -427,11 +427,7 @@ pub unsafe extern "C" fn forkvm_vm_rate_limit(
 ) -> forkvm_status {
     ffi(|| {
         let out = out_arg(limit, "limit")?;
-        let devices = VMS.get(vm)?.devices();
-        let info = devices
-            .get(device)
-            .ok_or_else(|| Failure::from(forkvm::Error::NoSuchDevice(device)))?;
-        *out = to_c_limit(info.rate_limit);
+        *out = to_c_limit(device_info(vm, device)?.rate_limit);
         Ok(())
     })
 }
@@ -448,11 +444,7 @@ pub unsafe extern "C" fn forkvm_vm_rx_rate_limit(
 ) -> forkvm_status {
     ffi(|| {
         let out = out_arg(limit, "limit")?;
-        let devices = VMS.get(vm)?.devices();
-        let info = devices
-            .get(device)
-            .ok_or_else(|| Failure::from(forkvm::Error::NoSuchDevice(device)))?;
-        let rx = info.rx_rate_limit.ok_or_else(|| {
+        let rx = device_info(vm, device)?.rx_rate_limit.ok_or_else(|| {
             Failure::from(forkvm::Error::InvalidRateLimit(
                 forkvm::RateLimitError::NoReceiveDirection,
             ))
@@ -460,6 +452,15 @@ pub unsafe extern "C" fn forkvm_vm_rx_rate_limit(
         *out = to_c_limit(rx);
         Ok(())
     })
+}
+
+/// Device `device` of `vm` (`FORKVM_ERR_NO_DEVICE` for an index out of range).
+fn device_info(vm: *const forkvm_vm, device: usize) -> Result<forkvm::DeviceInfo, Failure> {
+    VMS.get(vm)?
+        .devices()
+        .into_iter()
+        .nth(device)
+        .ok_or_else(|| Failure::from(forkvm::Error::NoSuchDevice(device)))
 }
 
 /// `*limit` as forkvm's limit; NULL (and buckets of size 0) is no limit.
