@@ -2,6 +2,8 @@
 //! them: once none does, `end_threads_if_unused` ends them, and the next network starts them
 //! again. A binary of its own: it counts this process's threads.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -30,6 +30,7 @@ mod memory;
 pub mod network;
 mod phases;
 mod reaper;
+mod releases;
 mod seccomp;
 mod snapshot;
 #[cfg(test)]
@@ -58,7 +59,8 @@ pub use layout::{IDENTITY_PAGE_ADDR, ZERO_PAGE_ADDR};
 pub use memory::{MAX_MEMORY_MIB, MIN_MEMORY_MIB, MemoryError};
 pub use network::{Network, NetworkHandle, NetworkPolicy};
 pub use phases::take_phase_timings;
-pub use reaper::{pending_releases, wait_for_releases};
+pub use reaper::pending_releases;
+pub use releases::wait_for_releases;
 #[cfg(feature = "bench-utils")]
 #[doc(hidden)]
 pub use seccomp::filter_this_thread_for_bench;

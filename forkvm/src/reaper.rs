@@ -27,7 +27,7 @@ type Job = Box<dyn Send>;
 enum Work {
     /// A job to drop.
     Drop(Job),
-    /// End, unless there is work pending ([`wait_for_releases`]).
+    /// End, unless there is work pending ([`wait_for_reaper`]).
     Exit,
 }
 
@@ -36,7 +36,7 @@ const MAX_THREADS: usize = 16;
 /// A thread with nothing to drop for this long ends (a new one starts when there is work), so
 /// that an idle process holds no reaper thread. Long enough that a VM forked or dropped now and
 /// then does not start a thread each time (with many VMs in the process that costs ~0.6 ms:
-/// `vstate/threads.rs`); [`wait_for_releases`] ends idle threads at once.
+/// `vstate/threads.rs`); [`wait_for_reaper`] ends idle threads at once.
 const IDLE: Duration = Duration::from_secs(5);
 
 /// Queue slots reserved up front: queuing a dropped VM allocates nothing until this many wait.
@@ -95,7 +95,7 @@ fn reaper() -> &'static Queue {
 static PENDING: AtomicUsize = AtomicUsize::new(0);
 /// Reaper threads alive.
 static LIVE: AtomicUsize = AtomicUsize::new(0);
-/// The reaper threads started, to be joined by [`wait_for_releases`] once they have ended.
+/// The reaper threads started, to be joined by [`wait_for_reaper`] once they have ended.
 static THREADS: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new());
 
 /// Drops `value` on a reaper thread (or here, if none can start).
@@ -194,12 +194,10 @@ pub fn pending_releases() -> usize {
     PENDING.load(Ordering::SeqCst)
 }
 
-/// Waits until everything let go of so far is freed and the threads that freed it have ended
-/// (told to, once idle), or until `timeout` passes; says whether that was reached. With no VM
-/// left, forkvm's other threads end too (exit hooks, the network's workers), so that a process
-/// without VMs holds no thread of forkvm's. For tests and shutdown paths that count threads or
-/// fds.
-pub fn wait_for_releases(timeout: Duration) -> bool {
+/// Waits until everything let go of so far is freed and the reaper's threads have ended (told
+/// to, once idle), or until `timeout` passes; says whether that was reached
+/// ([`crate::wait_for_releases`] then ends forkvm's other idle threads).
+pub(crate) fn wait_for_reaper(timeout: Duration) -> bool {
     let t0 = Instant::now();
     let waited = |done: &dyn Fn() -> bool| {
         while !done() {
@@ -241,9 +239,7 @@ pub fn wait_for_releases(timeout: Duration) -> bool {
     for thread in ended {
         let _ = thread.join();
     }
-    // The services no VM needs any more end too: the exit hooks' thread, the network's workers.
-    let left = timeout.saturating_sub(t0.elapsed());
-    crate::vstate::run_state::end_hook_runner_if_unused() & forkvm_net::end_threads_if_unused(left)
+    true
 }
 
 /// Occupies every reaper thread until dropped, so that what is let go of meanwhile waits (tests
@@ -329,7 +325,7 @@ mod tests {
             t0.elapsed() < Duration::from_millis(40),
             "did not wait for the drop"
         );
-        assert!(wait_for_releases(Duration::from_secs(10)));
+        assert!(wait_for_reaper(Duration::from_secs(10)));
         assert!(dropped.load(Ordering::SeqCst));
     }
 
@@ -353,10 +349,10 @@ mod tests {
         });
         let mut waits = Vec::new();
         while !feeder.is_finished() {
-            waits.push(wait_for_releases(Duration::from_secs(3)));
+            waits.push(wait_for_reaper(Duration::from_secs(3)));
         }
         feeder.join().unwrap();
-        assert!(wait_for_releases(Duration::from_secs(3)));
+        assert!(wait_for_reaper(Duration::from_secs(3)));
         assert!(waits.iter().all(|&w| w), "{waits:?}");
     }
 }
