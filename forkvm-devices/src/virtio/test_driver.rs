@@ -125,10 +125,12 @@ impl Driver {
         self.serve_activation();
     }
 
-    /// Lets the "event loop" serve what going live signalled: every queue, once.
+    /// Lets the "event loop" serve what going live signalled: every queue, once. A queue may
+    /// also hold a signal from before a reset (work a turn left for the next one, which a real
+    /// event loop would have served by then): it is served with the activation's.
     pub fn serve_activation(&mut self) {
         for q in 0..self.transport.queue_events().len() {
-            assert_eq!(self.transport.queue_events()[q].read().unwrap(), 1);
+            assert!(self.transport.queue_events()[q].read().unwrap() >= 1);
             self.transport.process_queue(q);
         }
     }
@@ -208,10 +210,12 @@ impl Driver {
         }
     }
 
-    /// One turn of the "event loop" at the selected queue: takes its signal and serves it.
+    /// One turn of the "event loop" at the selected queue: takes its signal and serves it. The
+    /// signal may count several notifications (an eventfd adds them up: a turn at another queue
+    /// may have signalled this one too), served in one turn as the event loop does.
     pub fn serve_turn(&mut self) {
         let q = usize::from(self.queue);
-        assert_eq!(self.transport.queue_events()[q].read().unwrap(), 1);
+        assert!(self.transport.queue_events()[q].read().unwrap() >= 1);
         self.transport.process_queue(q);
     }
 
