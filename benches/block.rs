@@ -17,11 +17,11 @@ use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use forkvm::{Bucket, RateLimit, ThreadKind};
+use forkvm::{RateLimit, ThreadKind};
 use forkvm_devices::virtio::block::{Block, SECTOR_SIZE};
 use forkvm_devices::virtio::test_driver::{BUF, Driver};
 use forkvm_tests::TempFile;
-use forkvm_tests::rounds::{Worker, compare};
+use forkvm_tests::rounds::{Worker, compare, round_count, unbinding_limit};
 use vm_memory::{Bytes, GuestAddress};
 
 const IMAGE_SIZE: u64 = 64 << 20;
@@ -125,15 +125,6 @@ fn bench_block(c: &mut Criterion) {
     }
 }
 
-/// A rate limit that never binds here (1 TiB/s and 2^30 requests/s), so that only its
-/// bookkeeping is measured.
-fn unbinding_limit() -> RateLimit {
-    RateLimit {
-        bytes: Some(Bucket::new(1 << 40, Duration::from_secs(1))),
-        ops: Some(Bucket::new(1 << 30, Duration::from_secs(1))),
-    }
-}
-
 /// The costs of a rate limit and of the seccomp filter on the read path (see the module docs).
 fn overheads(image: &std::path::Path, offsets: &[u64]) {
     let reader = |limit: Option<RateLimit>| {
@@ -153,7 +144,7 @@ fn overheads(image: &std::path::Path, offsets: &[u64]) {
         };
         Worker::spawn(enter, move || read_batch(&mut driver))
     };
-    let rounds = forkvm_tests::env_u64("FORKVM_BENCH_ROUNDS", 201).max(21) as usize;
+    let rounds = round_count();
     let plain = worker(reader(None), false);
     let limited = worker(reader(Some(unbinding_limit())), false);
     compare(

@@ -13,11 +13,11 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use forkvm::{Bucket, RateLimit, ThreadKind};
+use forkvm::{RateLimit, ThreadKind};
 use forkvm_devices::virtio::test_driver::{Driver, QUEUE_SIZE};
 use forkvm_devices::virtio::vsock::packet::{HOST_CID, OP_CREDIT_UPDATE, OP_REQUEST, TYPE_STREAM};
 use forkvm_devices::virtio::vsock::{MAX_PACKET_DATA, RX_QUEUE, TX_QUEUE, Vsock};
-use forkvm_tests::rounds::{Worker, compare};
+use forkvm_tests::rounds::{Worker, compare, round_count, unbinding_limit};
 use virtio_vsock::packet::PKT_HEADER_SIZE;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -233,13 +233,9 @@ fn overheads() {
             stream.iteration();
         })
     };
-    let unbinding = RateLimit {
-        bytes: Some(Bucket::new(1 << 40, Duration::from_secs(1))),
-        ops: Some(Bucket::new(1 << 30, Duration::from_secs(1))),
-    };
-    let rounds = forkvm_tests::env_u64("FORKVM_BENCH_ROUNDS", 201).max(21) as usize;
+    let rounds = round_count();
     let plain = worker(Stream::new("a", None, false), false);
-    let limited = worker(Stream::new("b", Some(unbinding), false), false);
+    let limited = worker(Stream::new("b", Some(unbinding_limit()), false), false);
     compare(
         "vsock_512KiB_rate_limit",
         ("none", &plain),

@@ -7,7 +7,23 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use forkvm::{Bucket, RateLimit};
+
 use crate::report::{percentile_ns, print_percentiles_ns};
+
+/// A rate limit that never binds a bench's device (1 TiB/s and 2^30 requests/s), so that only
+/// its bookkeeping is measured.
+pub fn unbinding_limit() -> RateLimit {
+    RateLimit {
+        bytes: Some(Bucket::new(1 << 40, Duration::from_secs(1))),
+        ops: Some(Bucket::new(1 << 30, Duration::from_secs(1))),
+    }
+}
+
+/// How many rounds [`compare`] takes: `FORKVM_BENCH_ROUNDS`, 201 by default, at least 21.
+pub fn round_count() -> usize {
+    usize::try_from(crate::env_u64("FORKVM_BENCH_ROUNDS", 201).max(21)).unwrap_or(usize::MAX)
+}
 
 /// A thread that runs `batch` a number of times per round, on request.
 pub struct Worker {

@@ -255,7 +255,7 @@ fn kvm_ioctls(rules: &mut Rules) -> Result<(), BackendError> {
 /// took over could otherwise map any of the process's memory into its guest.
 fn guest_facing_kvm_ioctls(rules: &mut Rules) -> Result<(), BackendError> {
     let mut conditions = vec![kvm_type()?];
-    for request in vm_shaping() {
+    for &request in VM_SHAPING {
         conditions.push(SeccompCondition::new(
             1,
             SeccompCmpArgLen::Dword,
@@ -285,11 +285,11 @@ const IOW: u32 = 1;
 const IOWR: u32 = 3;
 
 /// What only the threads making VMs may ask of KVM (see [`guest_facing_kvm_ioctls`]).
-pub(super) fn vm_shaping() -> [u32; VM_SHAPING] {
+pub(super) const VM_SHAPING: &[u32] = {
     use kvm_bindings::{
         kvm_create_device, kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region,
     };
-    [
+    &[
         kvm_request(IO, 0x01, 0), // CREATE_VM
         kvm_request(IO, 0x41, 0), // CREATE_VCPU
         kvm_request(IO, 0x44, 0), // SET_NR_MMU_PAGES
@@ -302,10 +302,7 @@ pub(super) fn vm_shaping() -> [u32; VM_SHAPING] {
         kvm_request(IOW, 0xa3, size_of::<kvm_enable_cap>()), // ENABLE_CAP
         kvm_request(IOWR, 0xe0, size_of::<kvm_create_device>()), // CREATE_DEVICE
     ]
-}
-
-/// How many requests [`vm_shaping`] lists.
-pub(super) const VM_SHAPING: usize = 11;
+};
 
 /// `prctl(PR_SET_NO_NEW_PRIVS)`, which installing a filter does first.
 fn no_new_privs(rules: &mut Rules) -> Result<(), BackendError> {

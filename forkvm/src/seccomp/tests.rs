@@ -145,7 +145,7 @@ fn vcpu_and_event_loop_threads_read_no_files_and_start_no_threads() {
 /// fails with EBADF, a denied one with EPERM.
 #[test]
 fn guest_facing_threads_may_not_map_memory_into_a_vm() {
-    let shaping = rules::vm_shaping();
+    let shaping = rules::VM_SHAPING;
     // Checked against <linux/kvm.h>: KVM_SET_USER_MEMORY_REGION, KVM_CREATE_VCPU.
     assert_eq!(shaping[3], 0x4020_ae46);
     assert_eq!(shaping[1], 0xae41);
