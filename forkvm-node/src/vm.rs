@@ -219,6 +219,19 @@ impl VM {
         self.with(Arc::clone)
     }
 
+    /// `setRateLimit` and `setRxRateLimit`: checks the arguments, then `set`s the limit.
+    fn replace_limit(
+        &self,
+        device: f64,
+        limit: Option<RateLimit>,
+        set: fn(&forkvm::Vm, usize, forkvm::RateLimit) -> Result<(), forkvm::Error>,
+    ) -> Outcome<()> {
+        let device = convert::usize_arg(device, "device")?;
+        let limit = limits::rate_limit(limit, "limit")?;
+        let vm = self.get()?;
+        Ok(set(&vm, device, limit)?)
+    }
+
     /// Runs `f` on the VM; fails once closed.
     fn with<T>(&self, f: impl FnOnce(&Arc<forkvm::Vm>) -> T) -> Outcome<T> {
         let guard = self.vm.read().unwrap_or_else(|e| e.into_inner());
@@ -587,9 +600,7 @@ impl VM {
         limit: Option<RateLimit>,
     ) -> napi::Result<()> {
         sync(env, || {
-            let device = convert::usize_arg(device, "device")?;
-            let limit = limits::rate_limit(limit, "limit")?;
-            Ok(self.get()?.set_rate_limit(device, limit)?)
+            self.replace_limit(device, limit, forkvm::Vm::set_rate_limit)
         })
     }
 
@@ -605,9 +616,7 @@ impl VM {
         limit: Option<RateLimit>,
     ) -> napi::Result<()> {
         sync(env, || {
-            let device = convert::usize_arg(device, "device")?;
-            let limit = limits::rate_limit(limit, "limit")?;
-            Ok(self.get()?.set_rx_rate_limit(device, limit)?)
+            self.replace_limit(device, limit, forkvm::Vm::set_rx_rate_limit)
         })
     }
 
